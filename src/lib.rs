@@ -1,0 +1,1 @@
+//! lark-service: the library behind the `lark-service` binary.
