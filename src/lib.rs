@@ -1,1 +1,2 @@
 //! lark-service: the library behind the `lark-service` binary.
+pub mod storage;

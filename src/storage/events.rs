@@ -1,0 +1,48 @@
+//! Seen event ids, for de-duplicating redelivered events across restarts.
+
+use redb::ReadableTable;
+
+use super::tables::{SEEN_EVENTS, SEEN_EVENTS_EXPIRY};
+use super::{Error, Result, Store};
+
+impl Store {
+    /// Records a batch of event ids as seen until `forget_at` (unix ms) in one durable commit
+    /// (a group commit: one fsync for the whole batch). Returns, for each id in order, true if
+    /// it was new; an id repeated inside the batch is new only the first time.
+    pub fn mark_events_seen(&self, ids: &[&str], forget_at: u64) -> Result<Vec<bool>> {
+        if let Some(bad) = ids.iter().find(|id| id.is_empty() || id.len() > 512) {
+            return Err(Error::Invalid(format!(
+                "event id must be 1 to 512 bytes, got {}",
+                bad.len()
+            )));
+        }
+        let txn = self.begin_write()?;
+        let fresh = {
+            let mut seen = txn.open_table(SEEN_EVENTS).map_err(|e| self.err(e))?;
+            let mut expiry = txn
+                .open_table(SEEN_EVENTS_EXPIRY)
+                .map_err(|e| self.err(e))?;
+            let mut fresh = Vec::with_capacity(ids.len());
+            for id in ids {
+                let is_new = seen.get(*id).map_err(|e| self.err(e))?.is_none();
+                if is_new {
+                    seen.insert(*id, forget_at).map_err(|e| self.err(e))?;
+                    expiry
+                        .insert((forget_at, *id), ())
+                        .map_err(|e| self.err(e))?;
+                }
+                fresh.push(is_new);
+            }
+            fresh
+        };
+        self.commit(txn)?;
+        Ok(fresh)
+    }
+
+    /// True if the event id has been recorded and not yet forgotten.
+    pub fn event_seen(&self, id: &str) -> Result<bool> {
+        let txn = self.begin_read()?;
+        let seen = txn.open_table(SEEN_EVENTS).map_err(|e| self.err(e))?;
+        Ok(seen.get(id).map_err(|e| self.err(e))?.is_some())
+    }
+}

@@ -1,0 +1,218 @@
+//! Key status and online key rotation.
+//!
+//! Rotation re-seals every secret that is not under the active key, in small batches, each its
+//! own write transaction, so the service keeps serving while it runs. The key check record is
+//! re-sealed last; until then the store reports the rotation as pending. After it, the previous
+//! keys are no longer needed.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::envelope::{Place, Sealed};
+use super::records::{token_row, StoredSession, StoredToken, SESSIONS_TABLE, TOKENS_TABLE};
+use super::tables::{META, SESSIONS, TOKENS};
+use super::{key_check_place, Error, KeyId, Result, Store, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+
+/// Which keys seal what.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KeyStatus {
+    /// The configured active key.
+    pub active: String,
+    /// The key the store's key check is sealed under.
+    pub store_key: String,
+    /// Sealed fields per key id.
+    pub sealed_fields_by_key: BTreeMap<String, u64>,
+    /// True while some secret or the key check is not under the active key.
+    pub rotation_pending: bool,
+}
+
+/// What a rotation did.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct RotationReport {
+    /// Records read.
+    pub scanned: u64,
+    /// Records re-sealed.
+    pub resealed: u64,
+}
+
+impl Store {
+    /// Counts sealed fields per key id (reads every record; for the CLI, not a hot path).
+    pub fn key_status(&self) -> Result<KeyStatus> {
+        let txn = self.begin_read()?;
+        let mut by_key: BTreeMap<KeyId, u64> = BTreeMap::new();
+        let sessions = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        for row in sessions.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            for (_, s) in StoredSession::decode(v.value())?.sealed_fields() {
+                *by_key.entry(s.key_id).or_default() += 1;
+            }
+        }
+        let tokens = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
+        for row in tokens.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            for (_, s) in StoredToken::decode(v.value())?.sealed_fields() {
+                *by_key.entry(s.key_id).or_default() += 1;
+            }
+        }
+        drop(txn);
+        let active = self.active_key_id();
+        let store_key = self.store_key_id()?;
+        Ok(KeyStatus {
+            active: active.to_string(),
+            store_key: store_key.to_string(),
+            rotation_pending: store_key != active || by_key.keys().any(|k| *k != active),
+            sealed_fields_by_key: by_key
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect(),
+        })
+    }
+
+    /// True if the key check is not under the active key (a rotation is pending).
+    pub fn rotation_pending(&self) -> Result<bool> {
+        Ok(self.store_key_id()? != self.active_key_id())
+    }
+
+    /// Re-seals every secret under the active key, `batch` records per transaction, calling
+    /// `progress(done, total)` after each batch. Safe to run while the service serves.
+    pub fn rotate_keys(
+        &self,
+        batch: usize,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<RotationReport> {
+        let batch = batch.max(1);
+        let total = {
+            let txn = self.begin_read()?;
+            let s = txn.open_table(SESSIONS).map_err(|e| self.err(e))?.len();
+            let t = txn.open_table(TOKENS).map_err(|e| self.err(e))?.len();
+            s.map_err(|e| self.err(e))? + t.map_err(|e| self.err(e))?
+        };
+        let mut report = RotationReport::default();
+        let mut cursor: Option<u128> = None;
+        loop {
+            let (next, n) = self.rotate_sessions_batch(cursor, batch, &mut report)?;
+            progress(report.scanned, total);
+            if n < batch {
+                break;
+            }
+            cursor = next;
+        }
+        let mut cursor: Option<(String, String)> = None;
+        loop {
+            let (next, n) = self.rotate_tokens_batch(cursor.as_ref(), batch, &mut report)?;
+            progress(report.scanned, total);
+            if n < batch {
+                break;
+            }
+            cursor = next;
+        }
+        // Last: the key check, so an interrupted rotation still reads as pending.
+        let txn = self.begin_write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let sealed = self.ring().seal(KEY_CHECK_PLAINTEXT, &key_check_place());
+            meta.insert(KEY_CHECK, super::records::encode(1, &sealed).as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        self.commit(txn)?;
+        Ok(report)
+    }
+
+    fn reseal(&self, table: &'static str, row: &[u8], field: &str, s: &mut Sealed) -> Result<bool> {
+        if s.key_id == self.active_key_id() {
+            return Ok(false);
+        }
+        let place = Place { table, row, field };
+        let plain = self.ring().open(s, &place).map_err(|e| Error::Decrypt {
+            table,
+            detail: format!("field {field}: {e}"),
+        })?;
+        *s = self.ring().seal(&plain, &place);
+        Ok(true)
+    }
+
+    fn rotate_sessions_batch(
+        &self,
+        after: Option<u128>,
+        batch: usize,
+        report: &mut RotationReport,
+    ) -> Result<(Option<u128>, usize)> {
+        let txn = self.begin_write()?;
+        let (last, n) = {
+            let mut t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let rows: Vec<(u128, Vec<u8>)> = t
+                .range::<u128>((lower, Bound::Unbounded))
+                .map_err(|e| self.err(e))?
+                .take(batch)
+                .map(|r| {
+                    r.map(|(k, v)| (k.value(), v.value().to_vec()))
+                        .map_err(|e| self.err(e))
+                })
+                .collect::<Result<_>>()?;
+            for (id, bytes) in &rows {
+                let mut s = StoredSession::decode(bytes)?;
+                let row = id.to_be_bytes();
+                let mut changed = false;
+                for (field, sealed) in s.sealed_fields() {
+                    changed |= self.reseal(SESSIONS_TABLE, &row, field, sealed)?;
+                }
+                report.scanned += 1;
+                if changed {
+                    t.insert(*id, s.encode().as_slice())
+                        .map_err(|e| self.err(e))?;
+                    report.resealed += 1;
+                }
+            }
+            (rows.last().map(|r| r.0), rows.len())
+        };
+        self.commit(txn)?;
+        Ok((last, n))
+    }
+
+    fn rotate_tokens_batch(
+        &self,
+        after: Option<&(String, String)>,
+        batch: usize,
+        report: &mut RotationReport,
+    ) -> Result<(Option<(String, String)>, usize)> {
+        let txn = self.begin_write()?;
+        let (last, n) = {
+            let mut t = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
+            let lower = after.map_or(Bound::Unbounded, |(a, u)| {
+                Bound::Excluded((a.as_str(), u.as_str()))
+            });
+            let rows: Vec<((String, String), Vec<u8>)> = t
+                .range::<(&str, &str)>((lower, Bound::Unbounded))
+                .map_err(|e| self.err(e))?
+                .take(batch)
+                .map(|r| {
+                    r.map(|(k, v)| {
+                        let (a, u) = k.value();
+                        ((a.to_owned(), u.to_owned()), v.value().to_vec())
+                    })
+                    .map_err(|e| self.err(e))
+                })
+                .collect::<Result<_>>()?;
+            for ((app, user), bytes) in &rows {
+                let mut s = StoredToken::decode(bytes)?;
+                let row = token_row(app, user);
+                let mut changed = false;
+                for (field, sealed) in s.sealed_fields() {
+                    changed |= self.reseal(TOKENS_TABLE, &row, field, sealed)?;
+                }
+                report.scanned += 1;
+                if changed {
+                    t.insert((app.as_str(), user.as_str()), s.encode().as_slice())
+                        .map_err(|e| self.err(e))?;
+                    report.resealed += 1;
+                }
+            }
+            (rows.last().map(|r| r.0.clone()), rows.len())
+        };
+        self.commit(txn)?;
+        Ok((last, n))
+    }
+}

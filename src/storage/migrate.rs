@@ -1,0 +1,87 @@
+//! Schema creation and migration of older files.
+//!
+//! Schema 1 (the first layout) kept sessions in record version 1 and had no deadline or
+//! refresh-due indexes. Schema 2 adds both indexes; migrating rebuilds them from the records in
+//! the same transaction that bumps the version, so a crash leaves either the old or the new file.
+
+use redb::{ReadableTable, WriteTransaction};
+
+use super::records::{StoredSession, StoredToken};
+use super::sessions::deadline_of;
+use super::tables::{
+    CURSORS, META, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES,
+    TOKENS, TOKEN_REFRESH_DUE, USERS,
+};
+use super::tokens::refreshable;
+use super::{Error, Result, Store};
+
+/// Creates every table of the current schema.
+pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let e = |e| store.err(e);
+    txn.open_table(META).map_err(e)?;
+    txn.open_table(SESSIONS).map_err(e)?;
+    txn.open_table(SESSIONS_BY_USER).map_err(e)?;
+    txn.open_table(SESSION_DEADLINES).map_err(e)?;
+    txn.open_table(TOKENS).map_err(e)?;
+    txn.open_table(TOKEN_REFRESH_DUE).map_err(e)?;
+    txn.open_table(USERS).map_err(e)?;
+    txn.open_table(SEEN_EVENTS).map_err(e)?;
+    txn.open_table(SEEN_EVENTS_EXPIRY).map_err(e)?;
+    txn.open_table(CURSORS).map_err(e)?;
+    Ok(())
+}
+
+/// Brings a file from `from` up to the current schema inside `txn`.
+pub(crate) fn migrate(store: &Store, txn: &WriteTransaction, from: u32) -> Result<()> {
+    create_tables(store, txn)?;
+    if from < 2 {
+        v1_to_v2(store, txn)?;
+    }
+    if from == 0 {
+        return Err(Error::Corrupt {
+            path: store.path().to_owned(),
+            detail: "schema version 0".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn v1_to_v2(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let retention = store.retention_ms();
+    let mut sessions = txn.open_table(SESSIONS).map_err(|e| store.err(e))?;
+    let mut deadlines = txn
+        .open_table(SESSION_DEADLINES)
+        .map_err(|e| store.err(e))?;
+    let rows: Vec<(u128, Vec<u8>)> = sessions
+        .iter()
+        .map_err(|e| store.err(e))?
+        .map(|r| {
+            r.map(|(k, v)| (k.value(), v.value().to_vec()))
+                .map_err(|e| store.err(e))
+        })
+        .collect::<Result<_>>()?;
+    for (id, bytes) in rows {
+        let s = StoredSession::decode(&bytes)?;
+        let (due, kind) = deadline_of(&s, retention);
+        deadlines
+            .insert((due, id), kind)
+            .map_err(|e| store.err(e))?;
+        sessions
+            .insert(id, s.encode().as_slice())
+            .map_err(|e| store.err(e))?;
+    }
+    let tokens = txn.open_table(TOKENS).map_err(|e| store.err(e))?;
+    let mut due = txn
+        .open_table(TOKEN_REFRESH_DUE)
+        .map_err(|e| store.err(e))?;
+    for row in tokens.iter().map_err(|e| store.err(e))? {
+        let (k, v) = row.map_err(|e| store.err(e))?;
+        let t = StoredToken::decode(v.value())?;
+        if refreshable(&t) {
+            let (app, user) = k.value();
+            due.insert((t.refresh_due_at, app, user), ())
+                .map_err(|e| store.err(e))?;
+        }
+    }
+    Ok(())
+}

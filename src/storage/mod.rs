@@ -1,0 +1,387 @@
+//! The embedded store: one redb file holding sessions, tokens, users and seen event ids.
+//!
+//! This is the only module that imports `redb`. Every write that changes a session or a token
+//! commits durably (fsync) before it returns. Calls are blocking; async callers use
+//! [`Store::run`], which moves the work off the executor with `spawn_blocking`.
+//!
+//! Secrets are sealed by `envelope` before they reach a table; see `records` for the stored
+//! forms and `tables` for the schema.
+
+mod envelope;
+mod error;
+mod events;
+mod keys;
+mod migrate;
+mod records;
+mod sessions;
+mod sweep;
+pub mod tables;
+#[doc(hidden)]
+pub mod testing;
+mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+pub use envelope::{Key, KeyId, KeyParseError, Keyring};
+pub use error::{Error, Result};
+pub use keys::{KeyStatus, RotationReport};
+pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
+pub use sessions::SessionSummary;
+pub use sweep::SweepReport;
+
+use envelope::{Place, Sealed};
+use tables::{META, SCHEMA_VERSION};
+
+/// Tunables of the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// How long a terminal session is kept before the sweep deletes it.
+    pub terminal_retention: Duration,
+    /// Page cache size in bytes.
+    pub cache_size: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            terminal_retention: Duration::from_secs(30 * 24 * 3600),
+            cache_size: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The store handle. Cheap to clone; the file closes when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    ring: Keyring,
+    path: PathBuf,
+    pid_file: Option<PathBuf>,
+    opts: StoreOptions,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("active_key", &self.ring.active_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(p) = &self.pid_file {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+const KEY_CHECK: &str = "key_check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"lark-service key check";
+const SCHEMA_KEY: &str = "schema_version";
+const CREATED_KEY: &str = "created_at";
+
+fn key_check_place() -> Place<'static> {
+    Place {
+        table: "meta",
+        row: KEY_CHECK.as_bytes(),
+        field: "canary",
+    }
+}
+
+fn pid_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pid");
+    PathBuf::from(p)
+}
+
+pub(crate) fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(pid_path(path))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Current unix time in milliseconds.
+#[must_use]
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, checking the schema and the key.
+    pub fn open(path: &Path, ring: Keyring, opts: StoreOptions) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = Database::builder()
+            .set_cache_size(opts.cache_size)
+            .create(path)
+            .map_err(|e| Error::engine(path, e))?;
+        let pid_file = pid_path(path);
+        let pid_file = std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+            .ok()
+            .map(|()| pid_file);
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                ring,
+                path: path.to_owned(),
+                pid_file,
+                opts,
+            }),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// Opens a throw-away store in memory (tests and benchmarks).
+    pub fn open_in_memory(ring: Keyring, opts: StoreOptions) -> Result<Self> {
+        let path = PathBuf::from(":memory:");
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| Error::engine(&path, e))?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                ring,
+                path,
+                pid_file: None,
+                opts,
+            }),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// The file this store lives in.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The id new secrets are sealed under.
+    #[must_use]
+    pub fn active_key_id(&self) -> KeyId {
+        self.inner.ring.active_id()
+    }
+
+    /// Runs blocking store work off the async executor.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T> + Send + 'static,
+    {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+
+    fn db(&self) -> &Database {
+        &self.inner.db
+    }
+
+    fn ring(&self) -> &Keyring {
+        &self.inner.ring
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> Error {
+        Error::engine(&self.inner.path, e)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction> {
+        self.db().begin_write().map_err(|e| self.err(e))
+    }
+
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        self.db().begin_read().map_err(|e| self.err(e))
+    }
+
+    /// Schema check, migration, first-time setup and key check.
+    fn init(&self) -> Result<()> {
+        let txn = self.begin_write()?;
+        let (version, check) = {
+            let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let version = meta
+                .get(SCHEMA_KEY)
+                .map_err(|e| self.err(e))?
+                .map(|v| parse_u32(v.value()));
+            let check = meta
+                .get(KEY_CHECK)
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value().to_vec());
+            (version, check)
+        };
+        match version {
+            None => {
+                migrate::create_tables(self, &txn)?;
+                let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+                let sealed = self.ring().seal(KEY_CHECK_PLAINTEXT, &key_check_place());
+                meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+                meta.insert(KEY_CHECK, records::encode(1, &sealed).as_slice())
+                    .map_err(|e| self.err(e))?;
+                meta.insert(CREATED_KEY, now_ms().to_be_bytes().as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            Some(Some(v)) if v > SCHEMA_VERSION => {
+                return Err(Error::NewerSchema {
+                    path: self.inner.path.clone(),
+                    found: v,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Some(Some(v)) => {
+                self.check_key(check.as_deref())?;
+                if v < SCHEMA_VERSION {
+                    migrate::migrate(self, &txn, v)?;
+                    let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION.to_be_bytes().as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            Some(None) => {
+                return Err(Error::Corrupt {
+                    path: self.inner.path.clone(),
+                    detail: "schema_version is not a 4-byte number".to_owned(),
+                })
+            }
+        }
+        self.commit(txn)
+    }
+
+    fn check_key(&self, check: Option<&[u8]>) -> Result<()> {
+        let Some(bytes) = check else {
+            return Err(Error::Corrupt {
+                path: self.inner.path.clone(),
+                detail: "the key check record is missing".to_owned(),
+            });
+        };
+        let sealed: Sealed = decode_versioned("meta", bytes)?;
+        match self.ring().open(&sealed, &key_check_place()) {
+            Ok(p) if p.as_slice() == KEY_CHECK_PLAINTEXT => Ok(()),
+            _ => Err(Error::WrongKey {
+                store_key: sealed.key_id,
+                configured: self
+                    .ring()
+                    .ids()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// The key id the store's key check is sealed under (the store's "current" key).
+    pub fn store_key_id(&self) -> Result<KeyId> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let bytes = meta
+            .get(KEY_CHECK)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| Error::Corrupt {
+                path: self.inner.path.clone(),
+                detail: "the key check record is missing".to_owned(),
+            })?;
+        Ok(decode_versioned::<Sealed>("meta", &bytes)?.key_id)
+    }
+
+    /// The schema version stored in the file.
+    pub fn schema_version(&self) -> Result<u32> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let v = meta.get(SCHEMA_KEY).map_err(|e| self.err(e))?;
+        Ok(v.and_then(|v| parse_u32(v.value())).unwrap_or(0))
+    }
+
+    /// Reads a named cursor.
+    pub fn cursor(&self, name: &str) -> Result<Option<u64>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(tables::CURSORS).map_err(|e| self.err(e))?;
+        Ok(t.get(name).map_err(|e| self.err(e))?.map(|v| v.value()))
+    }
+
+    /// Writes a named cursor durably.
+    pub fn set_cursor(&self, name: &str, value: u64) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(tables::CURSORS).map_err(|e| self.err(e))?;
+            t.insert(name, value).map_err(|e| self.err(e))?;
+        }
+        self.commit(txn)
+    }
+
+    /// Row counts of the main tables: (sessions, tokens, users, seen events).
+    pub fn counts(&self) -> Result<StoreCounts> {
+        let txn = self.begin_read()?;
+        let n = |len: std::result::Result<u64, redb::StorageError>| len.map_err(|e| self.err(e));
+        Ok(StoreCounts {
+            sessions: n(txn
+                .open_table(tables::SESSIONS)
+                .map_err(|e| self.err(e))?
+                .len())?,
+            tokens: n(txn
+                .open_table(tables::TOKENS)
+                .map_err(|e| self.err(e))?
+                .len())?,
+            users: n(txn
+                .open_table(tables::USERS)
+                .map_err(|e| self.err(e))?
+                .len())?,
+            seen_events: n(txn
+                .open_table(tables::SEEN_EVENTS)
+                .map_err(|e| self.err(e))?
+                .len())?,
+        })
+    }
+}
+
+/// How many records each table holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCounts {
+    /// Auth sessions.
+    pub sessions: u64,
+    /// User tokens.
+    pub tokens: u64,
+    /// Users.
+    pub users: u64,
+    /// Seen event ids.
+    pub seen_events: u64,
+}
+
+fn parse_u32(b: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(b).ok().map(u32::from_be_bytes)
+}
+
+fn decode_versioned<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    bytes: &[u8],
+) -> Result<T> {
+    match bytes.split_first() {
+        Some((1, rest)) => records::decode(table, rest),
+        _ => Err(Error::Decode {
+            table,
+            detail: "unknown record version".to_owned(),
+        }),
+    }
+}

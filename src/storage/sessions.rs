@@ -1,0 +1,271 @@
+//! Session reads and writes, keeping the user index and the deadline index in step.
+
+use redb::{ReadableTable, Table};
+
+use super::records::{StoredSession, StoredToken};
+use super::tables::{
+    DEADLINE_EXPIRE, DEADLINE_PURGE, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS,
+    TOKEN_REFRESH_DUE,
+};
+use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToken};
+
+/// When a stored session next needs the sweep, and for what.
+pub(crate) fn deadline_of(s: &StoredSession, retention_ms: u64) -> (u64, u8) {
+    if s.state == SessionState::Pending {
+        (s.expires_at, DEADLINE_EXPIRE)
+    } else {
+        (s.updated_at.saturating_add(retention_ms), DEADLINE_PURGE)
+    }
+}
+
+pub(crate) struct SessionTables<'t> {
+    pub sessions: Table<'t, u128, &'static [u8]>,
+    pub by_user: Table<'t, (&'static str, &'static str, u128), ()>,
+    pub deadlines: Table<'t, (u64, u128), u8>,
+}
+
+impl Store {
+    pub(crate) fn retention_ms(&self) -> u64 {
+        u64::try_from(self.inner.opts.terminal_retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn open_session_tables<'t>(
+        &self,
+        txn: &'t redb::WriteTransaction,
+    ) -> Result<SessionTables<'t>> {
+        Ok(SessionTables {
+            sessions: txn.open_table(SESSIONS).map_err(|e| self.err(e))?,
+            by_user: txn.open_table(SESSIONS_BY_USER).map_err(|e| self.err(e))?,
+            deadlines: txn.open_table(SESSION_DEADLINES).map_err(|e| self.err(e))?,
+        })
+    }
+
+    /// Writes a stored session and its index entries, replacing the previous version.
+    pub(crate) fn write_stored_session(
+        &self,
+        t: &mut SessionTables<'_>,
+        id: SessionId,
+        new: &StoredSession,
+    ) -> Result<()> {
+        let retention = self.retention_ms();
+        let old = t
+            .sessions
+            .get(id.0)
+            .map_err(|e| self.err(e))?
+            .map(|v| StoredSession::decode(v.value()))
+            .transpose()?;
+        if let Some(old) = &old {
+            let (due, _) = deadline_of(old, retention);
+            t.deadlines.remove((due, id.0)).map_err(|e| self.err(e))?;
+            if old.app_id != new.app_id || old.user_id != new.user_id {
+                t.by_user
+                    .remove((old.app_id.as_str(), old.user_id.as_str(), id.0))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        t.sessions
+            .insert(id.0, new.encode().as_slice())
+            .map_err(|e| self.err(e))?;
+        t.by_user
+            .insert((new.app_id.as_str(), new.user_id.as_str(), id.0), ())
+            .map_err(|e| self.err(e))?;
+        let (due, kind) = deadline_of(new, retention);
+        t.deadlines
+            .insert((due, id.0), kind)
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Creates or replaces a session; durable when it returns.
+    pub fn put_session(&self, s: &AuthSession) -> Result<()> {
+        validate_ids(&s.app_id, &s.user_id)?;
+        let stored = StoredSession::seal(s, self.ring());
+        let txn = self.begin_write()?;
+        {
+            let mut t = self.open_session_tables(&txn)?;
+            self.write_stored_session(&mut t, s.session_id, &stored)?;
+        }
+        self.commit(txn)
+    }
+
+    /// Writes a completed session and the user's current token in one durable transaction.
+    pub fn complete_session(&self, s: &AuthSession, token: &UserToken) -> Result<()> {
+        validate_ids(&s.app_id, &s.user_id)?;
+        let stored = StoredSession::seal(s, self.ring());
+        let txn = self.begin_write()?;
+        {
+            let mut t = self.open_session_tables(&txn)?;
+            self.write_stored_session(&mut t, s.session_id, &stored)?;
+            self.write_token_in(&txn, token)?;
+        }
+        self.commit(txn)
+    }
+
+    /// Reads one session.
+    pub fn get_session(&self, id: SessionId) -> Result<Option<AuthSession>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let Some(v) = t.get(id.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        StoredSession::decode(v.value())?
+            .open(id, self.ring())
+            .map(Some)
+    }
+
+    /// Reads one session's summary without opening any secret.
+    pub fn get_session_summary(&self, id: SessionId) -> Result<Option<SessionSummary>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let Some(v) = t.get(id.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Ok(Some(SessionSummary::from_stored(
+            id,
+            &StoredSession::decode(v.value())?,
+        )))
+    }
+
+    /// The sessions of one user, oldest first.
+    pub fn sessions_for_user(&self, app_id: &str, user_id: &str) -> Result<Vec<AuthSession>> {
+        let txn = self.begin_read()?;
+        let idx = txn.open_table(SESSIONS_BY_USER).map_err(|e| self.err(e))?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in idx
+            .range((app_id, user_id, 0u128)..=(app_id, user_id, u128::MAX))
+            .map_err(|e| self.err(e))?
+        {
+            let (k, _) = row.map_err(|e| self.err(e))?;
+            let id = SessionId(k.value().2);
+            if let Some(v) = t.get(id.0).map_err(|e| self.err(e))? {
+                out.push(StoredSession::decode(v.value())?.open(id, self.ring())?);
+            }
+        }
+        out.sort_by_key(|s| s.created_at);
+        Ok(out)
+    }
+
+    /// Lists sessions (optionally of one state), newest first, at most `limit`.
+    /// Secrets are not opened: the listing carries none.
+    pub fn list_sessions(
+        &self,
+        state: Option<SessionState>,
+        limit: usize,
+    ) -> Result<Vec<SessionSummary>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let s = StoredSession::decode(v.value())?;
+            if state.is_some_and(|want| want != s.state) {
+                continue;
+            }
+            out.push(SessionSummary::from_stored(SessionId(k.value()), &s));
+        }
+        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Revokes a session: it becomes `revoked` and, if it produced the user's current token,
+    /// that token is deleted. Returns the updated session, or `None` if it does not exist.
+    pub fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>> {
+        let txn = self.begin_write()?;
+        let updated = {
+            let mut t = self.open_session_tables(&txn)?;
+            let Some(mut s) = t
+                .sessions
+                .get(id.0)
+                .map_err(|e| self.err(e))?
+                .map(|v| StoredSession::decode(v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            s.state = SessionState::Revoked;
+            s.updated_at = now;
+            s.access_token = None;
+            s.refresh_token = None;
+            s.pkce_verifier = None;
+            self.write_stored_session(&mut t, id, &s)?;
+            let mut tokens = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
+            let key = (s.app_id.as_str(), s.user_id.as_str());
+            let current = tokens
+                .get(key)
+                .map_err(|e| self.err(e))?
+                .map(|v| StoredToken::decode(v.value()))
+                .transpose()?;
+            if let Some(tok) = current.filter(|tok| tok.session_id == Some(id)) {
+                tokens.remove(key).map_err(|e| self.err(e))?;
+                let mut due = txn.open_table(TOKEN_REFRESH_DUE).map_err(|e| self.err(e))?;
+                due.remove((tok.refresh_due_at, key.0, key.1))
+                    .map_err(|e| self.err(e))?;
+            }
+            s
+        };
+        self.commit(txn)?;
+        updated.open(id, self.ring()).map(Some)
+    }
+}
+
+/// A session without secrets, for listings.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SessionSummary {
+    /// Id (hex).
+    pub session_id: String,
+    /// App.
+    pub app_id: String,
+    /// User.
+    pub user_id: String,
+    /// open_id.
+    pub open_id: Option<String>,
+    /// State.
+    pub state: &'static str,
+    /// Failure reason.
+    pub failure_reason: Option<&'static str>,
+    /// Created (ms).
+    pub created_at: u64,
+    /// Updated (ms).
+    pub updated_at: u64,
+    /// Expires (ms).
+    pub expires_at: u64,
+    /// Whether tokens are held.
+    pub has_tokens: bool,
+    /// Token expiry (ms).
+    pub token_expires_at: Option<u64>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+}
+
+impl SessionSummary {
+    fn from_stored(id: SessionId, s: &StoredSession) -> Self {
+        Self {
+            session_id: id.to_string(),
+            app_id: s.app_id.clone(),
+            user_id: s.user_id.clone(),
+            open_id: s.open_id.clone(),
+            state: s.state.as_str(),
+            failure_reason: s.failure_reason.map(|r| r.as_str()),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            expires_at: s.expires_at,
+            has_tokens: s.access_token.is_some(),
+            token_expires_at: s.token_expires_at,
+            scopes: s.scopes.clone(),
+        }
+    }
+}
+
+pub(crate) fn validate_ids(app_id: &str, user_id: &str) -> Result<()> {
+    for (name, v) in [("app_id", app_id), ("user_id", user_id)] {
+        if v.is_empty() || v.len() > 256 {
+            return Err(Error::Invalid(format!(
+                "{name} must be 1 to 256 bytes, got {}",
+                v.len()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Every table of the store, in one place, with the schema version.
+//!
+//! Keys are fixed-width integers or tuples (`redb` orders them by value). Values of record
+//! tables are a version byte followed by the bincode encoding of that version's stored form
+//! (see `records.rs`). Change a table's key or value type only with a new `SCHEMA_VERSION` and a
+//! migration step in `migrate.rs`.
+
+use redb::TableDefinition;
+
+/// The schema this build writes. Version 1 had no deadline indexes; 2 added them.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
+pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+
+/// Auth sessions by session id.
+pub const SESSIONS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("sessions");
+
+/// (app_id, user_id, session_id) → (): the sessions of a user, oldest id first.
+pub const SESSIONS_BY_USER: TableDefinition<'_, (&str, &str, u128), ()> =
+    TableDefinition::new("sessions_by_user");
+
+/// (due unix ms, session_id) → deadline kind: when a session must be expired or purged.
+/// Every session has exactly one entry, so a sweep reads only what is due.
+pub const SESSION_DEADLINES: TableDefinition<'_, (u64, u128), u8> =
+    TableDefinition::new("session_deadlines");
+
+/// Current user tokens by (app_id, user_id).
+pub const TOKENS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("tokens");
+
+/// (refresh due unix ms, app_id, user_id) → (): tokens in the order they need refreshing.
+pub const TOKEN_REFRESH_DUE: TableDefinition<'_, (u64, &str, &str), ()> =
+    TableDefinition::new("token_refresh_due");
+
+/// Users by (app_id, open_id).
+pub const USERS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("users");
+
+/// Seen event ids → forget-after unix ms, for de-duplication.
+pub const SEEN_EVENTS: TableDefinition<'_, &str, u64> = TableDefinition::new("seen_events");
+
+/// (forget-after unix ms, event_id) → (): the seen-event expiry index.
+pub const SEEN_EVENTS_EXPIRY: TableDefinition<'_, (u64, &str), ()> =
+    TableDefinition::new("seen_events_expiry");
+
+/// Named cursors (u64), e.g. export positions.
+pub const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursors");
+
+/// Deadline kind: a pending session to mark expired.
+pub const DEADLINE_EXPIRE: u8 = 1;
+/// Deadline kind: a terminal session to delete.
+pub const DEADLINE_PURGE: u8 = 2;
+
+/// Names of the tables whose values hold sealed secrets (for key status and rotation).
+pub const SEALED_TABLES: [&str; 2] = ["sessions", "tokens"];
