@@ -1,2 +1,4 @@
 //! lark-service: the library behind the `lark-service` binary.
+pub mod config;
+pub mod schedule;
 pub mod storage;

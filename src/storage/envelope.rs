@@ -45,13 +45,13 @@ impl std::fmt::Debug for Key {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyParseError {
     /// Not 64 hexadecimal characters.
-    #[error("expected 64 hexadecimal characters (32 bytes), got {len} characters")]
+    #[error("64 hexadecimal characters (32 bytes), got {len} characters")]
     BadLength {
         /// Characters seen (after trimming).
         len: usize,
     },
     /// Right length, but a character is not hexadecimal.
-    #[error("expected 64 hexadecimal characters (32 bytes), found a non-hex character")]
+    #[error("64 hexadecimal characters (32 bytes), found a non-hex character")]
     NotHex,
 }
 

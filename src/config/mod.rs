@@ -1,0 +1,739 @@
+//! Configuration: defaults < `config.toml` < systemd credentials < environment < `--set` flags.
+//!
+//! Owns reading, layering and validating every setting (see `settings.rs` for the catalogue).
+//! Errors name the key, where the value came from, the bad value (never a secret's) and what
+//! was expected; the binary exits with 64 (EX_USAGE) on any of them.
+
+mod secrets;
+pub mod settings;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+use crate::storage::{Key, Keyring};
+use settings::{Setting, SETTINGS};
+
+/// The packaged config path, used when `--config` is not given and the file exists.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lark-service/config.toml";
+
+/// Exit code for configuration errors (sysexits EX_USAGE).
+pub const EX_USAGE: i32 = 64;
+
+/// Reads environment variables. Tests pass a map instead of touching the process environment.
+pub trait Env {
+    /// The variable's value, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// Where a value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Built-in default.
+    Default,
+    /// The TOML file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A `--set` flag.
+    Flag,
+    /// A secret read from this file (named by `*_file`, `*_FILE` or a systemd credential).
+    SecretFile(PathBuf),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::File(p) => write!(f, "file {}", p.display()),
+            Self::Env(n) => write!(f, "environment {n}"),
+            Self::Flag => f.write_str("--set flag"),
+            Self::SecretFile(p) => write!(f, "secret file {}", p.display()),
+        }
+    }
+}
+
+/// A configuration error. Never carries a secret's value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value did not parse or is out of range.
+    #[error("config error: {key} ({origin}){}: expected {expected}", value.as_ref().map(|v| format!(" = {v:?}")).unwrap_or_default())]
+    Invalid {
+        /// The key as the user wrote it (TOML key or environment name).
+        key: String,
+        /// Where the value came from.
+        origin: Source,
+        /// The value, absent for secrets.
+        value: Option<String>,
+        /// What would have been accepted.
+        expected: String,
+    },
+    /// A required setting is not set anywhere.
+    #[error(
+        "config error: {key} is not set: {expected} (set `{key}` in the config file, or {env})"
+    )]
+    Missing {
+        /// TOML key.
+        key: String,
+        /// How to set it through the environment.
+        env: String,
+        /// What it must hold.
+        expected: String,
+    },
+    /// An unknown key in the TOML file.
+    #[error("config error: unknown key `{key}` in {file}; `lark-service config check --list` shows every key")]
+    UnknownKey {
+        /// The key.
+        key: String,
+        /// The file.
+        file: PathBuf,
+    },
+    /// The config or a secret file could not be read or parsed.
+    #[error("config error: cannot use {path}: {detail}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// A secret file is readable by group or others.
+    #[error("config error: secret file {path} for {key} is readable by group or others (mode {mode:04o}); run `chmod 600 {path}`")]
+    SecretFileMode {
+        /// The setting.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A secret set both inline and as a file at the same level.
+    #[error("config error: {key} is set both inline and as a file in {origin}; keep one")]
+    Conflict {
+        /// The setting.
+        key: String,
+        /// The layer.
+        origin: Source,
+    },
+}
+
+/// A resolved value and where it came from.
+#[derive(Clone, Debug)]
+pub(crate) enum Value {
+    Plain(String),
+    Secret(SecretString),
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// App id.
+    pub app_id: Option<String>,
+    /// App secret.
+    pub app_secret: Option<SecretString>,
+    /// `feishu`, `lark` or a base URL.
+    pub domain: String,
+    /// Token key (hex).
+    pub token_key: Option<SecretString>,
+    /// Older token keys (hex).
+    pub previous_keys: Vec<SecretString>,
+    /// Event encrypt key.
+    pub encrypt_key: Option<SecretString>,
+    /// Event verification token.
+    pub verification_token: Option<SecretString>,
+    /// Admin API bearer token.
+    pub admin_token: Option<SecretString>,
+    /// The store file.
+    pub storage_path: PathBuf,
+    /// Retention of finished sessions.
+    pub session_retention: Duration,
+    /// Sweep interval.
+    pub sweep_interval: Duration,
+    /// Long connection.
+    pub websocket: WebsocketConfig,
+    /// Authorization.
+    pub auth: AuthConfig,
+    /// User info sync.
+    pub user_info_sync: UserInfoSyncConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// `/metrics` listener.
+    pub metrics_addr: SocketAddr,
+    /// HTTP listener.
+    pub http_listen: SocketAddr,
+    /// Public base URL of the HTTP listener.
+    pub public_url: Option<Url>,
+    resolved: BTreeMap<&'static str, (Value, Source)>,
+}
+
+/// Long connection settings.
+#[derive(Debug, Clone)]
+pub struct WebsocketConfig {
+    /// Reconnect attempts before giving up; negative: no limit.
+    pub max_reconnect_retries: i64,
+    /// Ping interval until the server sends one.
+    pub heartbeat_interval: Duration,
+    /// Serve HTTP callbacks while the socket is down.
+    pub fallback_to_http: bool,
+}
+
+/// Authorization settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Pending session lifetime.
+    pub session_expiry: Duration,
+    /// Share of token lifetime after which to refresh.
+    pub token_refresh_threshold: f64,
+    /// Requests per user per window.
+    pub request_rate_limit: u32,
+    /// Rate-limit window.
+    pub rate_limit_window: Duration,
+    /// OAuth redirect URI.
+    pub redirect_uri: Option<Url>,
+}
+
+/// User info sync settings.
+#[derive(Debug, Clone)]
+pub struct UserInfoSyncConfig {
+    /// On or off.
+    pub enabled: bool,
+    /// Cron expression.
+    pub schedule: String,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Level or filter.
+    pub level: String,
+    /// JSON lines.
+    pub json: bool,
+}
+
+/// What to load.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// `--config`; when `None`, [`DEFAULT_CONFIG_PATH`] is read if it exists.
+    pub config_path: Option<PathBuf>,
+    /// `--set key=value` pairs (TOML keys), highest precedence.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Loads from the process environment and files.
+    pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
+        Self::load_with(opts, &ProcessEnv)
+    }
+
+    /// Loads with an explicit environment (tests).
+    pub fn load_with(opts: &LoadOptions, env: &dyn Env) -> Result<Self, ConfigError> {
+        let mut layers = Layers::default();
+        let path = match &opts.config_path {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+        };
+        if let Some(path) = path {
+            layers.read_toml(&path)?;
+        }
+        if let Some(dir) = env.var("CREDENTIALS_DIRECTORY") {
+            layers.read_credentials(Path::new(&dir))?;
+        }
+        layers.read_env(env)?;
+        layers.read_flags(&opts.overrides)?;
+        Self::from_resolved(layers.values)
+    }
+
+    fn from_resolved(
+        resolved: BTreeMap<&'static str, (Value, Source)>,
+    ) -> Result<Self, ConfigError> {
+        let r = Reader { r: &resolved };
+        let domain = r.plain("domain").unwrap_or_default();
+        r.check(
+            "domain",
+            &domain,
+            valid_domain,
+            "feishu, lark, or an http(s) URL",
+        )?;
+        let sync_schedule = r.plain("user_info_sync.schedule").unwrap_or_default();
+        r.check(
+            "user_info_sync.schedule",
+            &sync_schedule,
+            |s| crate::schedule::Schedule::parse(s).is_ok(),
+            "a 5-field cron expression such as \"0 2 * * *\"",
+        )?;
+        let previous_keys = r
+            .secret("token_encryption_previous_keys")
+            .map(|s| {
+                s.expose_secret()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(|k| SecretString::from(k.to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let cfg = Self {
+            app_id: r.plain("app_id").filter(|s| !s.is_empty()),
+            app_secret: r.secret("app_secret"),
+            domain,
+            token_key: r.secret("token_encryption_key"),
+            previous_keys,
+            encrypt_key: r.secret("encrypt_key"),
+            verification_token: r.secret("verification_token"),
+            admin_token: r.secret("admin_token"),
+            storage_path: PathBuf::from(r.plain("storage.path").unwrap_or_default()),
+            session_retention: r.secs("storage.session_retention_seconds", 1, 10 * 365 * 86400)?,
+            sweep_interval: r.secs("storage.sweep_interval_seconds", 1, 86400)?,
+            websocket: WebsocketConfig {
+                max_reconnect_retries: r.int(
+                    "websocket.max_reconnect_retries",
+                    -1,
+                    1_000_000,
+                    "a whole number, -1 for no limit",
+                )?,
+                heartbeat_interval: r.secs("websocket.heartbeat_interval", 1, 3600)?,
+                fallback_to_http: r.boolean("websocket.fallback_to_http")?,
+            },
+            auth: AuthConfig {
+                session_expiry: r.secs("auth.session_expiry_seconds", 10, 7 * 86400)?,
+                token_refresh_threshold: r.fraction("auth.token_refresh_threshold")?,
+                request_rate_limit: u32::try_from(r.int(
+                    "auth.request_rate_limit",
+                    1,
+                    100_000,
+                    "a whole number from 1 to 100000",
+                )?)
+                .unwrap_or(1),
+                rate_limit_window: r.secs("auth.rate_limit_window_seconds", 1, 86400)?,
+                redirect_uri: r.url("auth.redirect_uri")?,
+            },
+            user_info_sync: UserInfoSyncConfig {
+                enabled: r.boolean("user_info_sync.enabled")?,
+                schedule: sync_schedule,
+            },
+            log: LogConfig {
+                level: r.plain("log.level").unwrap_or_default(),
+                json: r.boolean("log.json_format")?,
+            },
+            metrics_addr: SocketAddr::new(
+                r.parse::<IpAddr>("metrics.bind", "an IP address such as 127.0.0.1")?,
+                u16::try_from(r.int("metrics.port", 0, 65535, "a port number from 0 to 65535")?)
+                    .unwrap_or(0),
+            ),
+            http_listen: r.parse("http.listen", "an address such as 127.0.0.1:8080")?,
+            public_url: r.url("http.public_url")?,
+            resolved: resolved.clone(),
+        };
+        r.check(
+            "log.level",
+            &cfg.log.level,
+            |l| tracing_subscriber::EnvFilter::try_new(l).is_ok(),
+            "error, warn, info, debug, trace or a tracing filter",
+        )?;
+        for (key, v) in [
+            ("config_encryption_key", r.secret("config_encryption_key")),
+            ("token_encryption_key", cfg.token_key.clone()),
+        ] {
+            if let Some(v) = v {
+                Key::from_hex(&v).map_err(|e| r.invalid(key, None, &e.to_string()))?;
+            }
+        }
+        for k in &cfg.previous_keys {
+            Key::from_hex(k).map_err(|e| {
+                r.invalid(
+                    "token_encryption_previous_keys",
+                    None,
+                    &format!("a comma-separated list of keys, each of {e}"),
+                )
+            })?;
+        }
+        Ok(cfg)
+    }
+
+    /// The key ring from the configured keys. Fails if no token key is set.
+    pub fn keyring(&self) -> Result<Keyring, ConfigError> {
+        let active = self
+            .token_key
+            .as_ref()
+            .ok_or_else(|| missing("token_encryption_key"))?;
+        let parse = |s: &SecretString| {
+            Key::from_hex(s).map_err(|e| ConfigError::Invalid {
+                key: "token_encryption_key".to_owned(),
+                origin: Source::Default,
+                value: None,
+                expected: e.to_string(),
+            })
+        };
+        let prev = self
+            .previous_keys
+            .iter()
+            .map(parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Keyring::new(parse(active)?, prev))
+    }
+
+    /// Checks that everything `serve` needs is present.
+    pub fn require_serve(&self) -> Result<(), ConfigError> {
+        if self.app_id.is_none() {
+            return Err(missing("app_id"));
+        }
+        if self.app_secret.is_none() {
+            return Err(missing("app_secret"));
+        }
+        self.keyring().map(drop)
+    }
+
+    /// The effective configuration as TOML-like lines, secrets redacted, each with its source.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for s in SETTINGS {
+            let line = match self.resolved.get(s.key) {
+                Some((Value::Plain(v), src)) => format!("{} = {:?}  # {src}", s.key, v),
+                Some((Value::Secret(v), src)) => format!(
+                    "{} = \"<redacted, {} characters>\"  # {src}",
+                    s.key,
+                    v.expose_secret().chars().count()
+                ),
+                None => format!("# {} is not set", s.key),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn missing(key: &str) -> ConfigError {
+    let s = settings::find(key);
+    ConfigError::Missing {
+        key: key.to_owned(),
+        env: s.map_or_else(String::new, |s| {
+            let mut e = s.env.join(" or ");
+            if s.secret {
+                e.push_str(&format!(
+                    ", {}_FILE, or the systemd credential `{}`",
+                    s.env[0],
+                    settings::credential_name(s)
+                ));
+            }
+            e
+        }),
+        expected: s.map_or("", |s| s.help).to_owned(),
+    }
+}
+
+fn valid_domain(d: &str) -> bool {
+    matches!(d, "feishu" | "lark")
+        || Url::parse(d).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
+/// Collects values layer by layer; later layers replace earlier ones.
+#[derive(Default)]
+struct Layers {
+    values: BTreeMap<&'static str, (Value, Source)>,
+}
+
+impl Layers {
+    fn set(&mut self, s: &'static Setting, v: Value, src: Source) {
+        self.values.insert(s.key, (v, src));
+    }
+
+    fn read_toml(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::File {
+                path: path.to_owned(),
+                detail: format!("not valid TOML: {}", e.message()),
+            })?;
+        let mut flat = Vec::new();
+        for (k, v) in table {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k2, v2) in t {
+                        flat.push((format!("{k}.{k2}"), v2));
+                    }
+                }
+                v => flat.push((k, v)),
+            }
+        }
+        let src = Source::File(path.to_owned());
+        let mut inline_secrets = Vec::new();
+        for (key, v) in flat {
+            let text = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                other => {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        origin: src,
+                        value: Some(other.to_string()),
+                        expected: "a string, number or boolean".to_owned(),
+                    })
+                }
+            };
+            if let Some(s) = settings::find(&key) {
+                if s.secret {
+                    inline_secrets.push(s.key);
+                    self.set(s, Value::Secret(SecretString::from(text)), src.clone());
+                } else {
+                    self.set(s, Value::Plain(text), src.clone());
+                }
+            } else if let Some(s) = key
+                .strip_suffix("_file")
+                .and_then(settings::find)
+                .filter(|s| s.secret)
+            {
+                if inline_secrets.contains(&s.key) {
+                    return Err(ConfigError::Conflict {
+                        key: s.key.to_owned(),
+                        origin: src,
+                    });
+                }
+                let (v, p) = secrets::read_secret_file(s.key, Path::new(&text))?;
+                self.set(s, Value::Secret(v), Source::SecretFile(p));
+            } else {
+                return Err(ConfigError::UnknownKey {
+                    key,
+                    file: path.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn read_credentials(&mut self, dir: &Path) -> Result<(), ConfigError> {
+        for s in SETTINGS.iter().filter(|s| s.secret) {
+            let p = dir.join(settings::credential_name(s));
+            if p.is_file() {
+                let (v, p) = secrets::read_secret_file(s.key, &p)?;
+                self.set(s, Value::Secret(v), Source::SecretFile(p));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        for s in SETTINGS {
+            // The first name wins over later aliases; so apply aliases first.
+            for name in s.env.iter().rev() {
+                let inline = env.var(name);
+                let file = if s.secret {
+                    env.var(&format!("{name}_FILE"))
+                } else {
+                    None
+                };
+                match (inline, file) {
+                    (Some(_), Some(_)) => {
+                        return Err(ConfigError::Conflict {
+                            key: (*name).to_owned(),
+                            origin: Source::Env(format!("{name} and {name}_FILE")),
+                        })
+                    }
+                    (Some(v), None) => {
+                        let v = if s.secret {
+                            Value::Secret(SecretString::from(v))
+                        } else {
+                            Value::Plain(v)
+                        };
+                        self.set(s, v, Source::Env((*name).to_owned()));
+                    }
+                    (None, Some(path)) => {
+                        let (v, p) = secrets::read_secret_file(name, Path::new(&path))?;
+                        self.set(s, Value::Secret(v), Source::SecretFile(p));
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_flags(&mut self, overrides: &[(String, String)]) -> Result<(), ConfigError> {
+        for (key, v) in overrides {
+            if let Some(s) = settings::find(key) {
+                if s.secret {
+                    return Err(ConfigError::Invalid {
+                        key: key.clone(),
+                        origin: Source::Flag,
+                        value: None,
+                        expected: format!("a file: a secret on the command line is visible to every user; use --set {key}_file=PATH"),
+                    });
+                }
+                self.set(s, Value::Plain(v.clone()), Source::Flag);
+            } else if let Some(s) = key
+                .strip_suffix("_file")
+                .and_then(settings::find)
+                .filter(|s| s.secret)
+            {
+                let (val, p) = secrets::read_secret_file(s.key, Path::new(v))?;
+                self.set(s, Value::Secret(val), Source::SecretFile(p));
+            } else {
+                return Err(ConfigError::Invalid {
+                    key: key.clone(),
+                    origin: Source::Flag,
+                    value: Some(v.clone()),
+                    expected: "a known key; `lark-service config check --list` shows every key"
+                        .to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Typed reads of resolved values, with errors that name the key and source.
+struct Reader<'a> {
+    r: &'a BTreeMap<&'static str, (Value, Source)>,
+}
+
+impl Reader<'_> {
+    fn source(&self, key: &str) -> Source {
+        self.r.get(key).map_or(Source::Default, |(_, s)| s.clone())
+    }
+
+    /// The name the user wrote: the env var name for env values, the TOML key otherwise.
+    fn shown_key(&self, key: &str) -> String {
+        match self.source(key) {
+            Source::Env(n) => n,
+            _ => key.to_owned(),
+        }
+    }
+
+    fn invalid(&self, key: &str, value: Option<&str>, expected: &str) -> ConfigError {
+        ConfigError::Invalid {
+            key: self.shown_key(key),
+            origin: self.source(key),
+            value: value.map(str::to_owned),
+            expected: expected.to_owned(),
+        }
+    }
+
+    fn plain(&self, key: &str) -> Option<String> {
+        match self.r.get(key) {
+            Some((Value::Plain(v), _)) => Some(v.clone()),
+            Some((Value::Secret(_), _)) => None,
+            None => settings::find(key)
+                .and_then(|s| s.default)
+                .map(str::to_owned),
+        }
+    }
+
+    fn secret(&self, key: &str) -> Option<SecretString> {
+        match self.r.get(key) {
+            Some((Value::Secret(v), _)) => {
+                Some(v.clone()).filter(|v| !v.expose_secret().trim().is_empty())
+            }
+            _ => None,
+        }
+    }
+
+    fn check(
+        &self,
+        key: &str,
+        v: &str,
+        ok: impl Fn(&str) -> bool,
+        expected: &str,
+    ) -> Result<(), ConfigError> {
+        if ok(v) {
+            Ok(())
+        } else {
+            Err(self.invalid(key, Some(v), expected))
+        }
+    }
+
+    fn int(&self, key: &str, min: i64, max: i64, expected: &str) -> Result<i64, ConfigError> {
+        let v = self.plain(key).unwrap_or_default();
+        v.trim()
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(|| self.invalid(key, Some(&v), expected))
+    }
+
+    fn secs(&self, key: &str, min: i64, max: i64) -> Result<Duration, ConfigError> {
+        let n = self.int(
+            key,
+            min,
+            max,
+            &format!("a whole number of seconds from {min} to {max}"),
+        )?;
+        Ok(Duration::from_secs(n.unsigned_abs()))
+    }
+
+    fn fraction(&self, key: &str) -> Result<f64, ConfigError> {
+        let v = self.plain(key).unwrap_or_default();
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|f| *f > 0.0 && *f < 1.0)
+            .ok_or_else(|| {
+                self.invalid(
+                    key,
+                    Some(&v),
+                    "a number between 0 and 1 (exclusive), such as 0.8",
+                )
+            })
+    }
+
+    fn boolean(&self, key: &str) -> Result<bool, ConfigError> {
+        let v = self.plain(key).unwrap_or_default();
+        match v.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(self.invalid(key, Some(&v), "true or false")),
+        }
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
+        let v = self.plain(key).unwrap_or_default();
+        v.trim()
+            .parse()
+            .map_err(|_| self.invalid(key, Some(&v), expected))
+    }
+
+    fn url(&self, key: &str) -> Result<Option<Url>, ConfigError> {
+        let Some(v) = self.plain(key).filter(|v| !v.trim().is_empty()) else {
+            return Ok(None);
+        };
+        Url::parse(v.trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .map(Some)
+            .ok_or_else(|| self.invalid(key, Some(&v), "an http(s) URL"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

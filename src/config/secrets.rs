@@ -1,0 +1,37 @@
+//! Reading secrets from files: `*_file` keys, `*_FILE` variables and systemd credentials.
+//! A file readable by group or others is refused.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+
+use super::ConfigError;
+
+/// Reads a secret file (trailing newline trimmed) after checking its mode.
+pub(crate) fn read_secret_file(
+    key: &str,
+    path: &Path,
+) -> Result<(SecretString, PathBuf), ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        detail: format!("secret file for {key}: {e}"),
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::SecretFileMode {
+                key: key.to_owned(),
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        detail: format!("secret file for {key}: {e}"),
+    })?;
+    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+    Ok((SecretString::from(text), path.to_owned()))
+}

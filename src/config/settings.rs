@@ -1,0 +1,69 @@
+//! The catalogue of settings: TOML key, environment names, default, whether it is a secret.
+//!
+//! This table is the single source of truth for `config check`, the environment overlay and
+//! the documented example config.
+
+/// One setting.
+#[derive(Debug)]
+pub struct Setting {
+    /// Dotted TOML key (`auth.session_expiry_seconds`).
+    pub key: &'static str,
+    /// Environment variable names, preferred first.
+    pub env: &'static [&'static str],
+    /// Default as text, if any.
+    pub default: Option<&'static str>,
+    /// A secret: never printed, may come from a file or systemd credential.
+    pub secret: bool,
+    /// One line for humans.
+    pub help: &'static str,
+}
+
+macro_rules! s {
+    ($key:literal, [$($env:literal),*], $default:expr, $secret:literal, $help:literal) => {
+        Setting { key: $key, env: &[$($env),*], default: $default, secret: $secret, help: $help }
+    };
+}
+
+/// Every setting the service reads.
+pub const SETTINGS: &[Setting] = &[
+    s!("app_id", ["APP_ID", "LARK_APP_ID"], None, false, "The Feishu/Lark app id (cli_...)."),
+    s!("app_secret", ["APP_SECRET", "LARK_APP_SECRET"], None, true, "The app secret."),
+    s!("domain", ["LARK_DOMAIN"], Some("feishu"), false, "feishu, lark, or a base URL (the sandbox or a proxy)."),
+    s!("token_encryption_key", ["LARK_TOKEN_ENCRYPTION_KEY"], None, true, "64 hex characters (32 bytes): seals tokens at rest."),
+    s!("token_encryption_previous_keys", ["LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS"], None, true, "Comma-separated older token keys, still accepted for reading until rotation completes."),
+    s!("config_encryption_key", ["LARK_CONFIG_ENCRYPTION_KEY"], None, true, "Accepted for compatibility with the Python deployment (64 hex characters); unused, the store seals everything with the token key."),
+    s!("encrypt_key", ["LARK_ENCRYPT_KEY"], None, true, "The app's event Encrypt Key, for HTTP callbacks."),
+    s!("verification_token", ["LARK_VERIFICATION_TOKEN"], None, true, "The app's Verification Token, for HTTP callbacks."),
+    s!("admin_token", ["LARK_SERVICE_ADMIN_TOKEN", "ADMIN_TOKEN"], None, true, "Bearer token for the admin API."),
+    s!("storage.path", ["STORAGE_PATH"], Some("./data/lark-service.redb"), false, "The redb store file."),
+    s!("storage.session_retention_seconds", ["SESSION_RETENTION_SECONDS"], Some("2592000"), false, "How long finished sessions are kept before the sweep deletes them."),
+    s!("storage.sweep_interval_seconds", ["SWEEP_INTERVAL_SECONDS"], Some("60"), false, "How often the TTL sweep runs."),
+    s!("websocket.max_reconnect_retries", ["WEBSOCKET_MAX_RECONNECT_RETRIES"], Some("10"), false, "Reconnect attempts before giving up (-1: no limit)."),
+    s!("websocket.heartbeat_interval", ["WEBSOCKET_HEARTBEAT_INTERVAL"], Some("30"), false, "Seconds between pings until the server sends its own interval."),
+    s!("websocket.fallback_to_http", ["WEBSOCKET_FALLBACK_TO_HTTP"], Some("true"), false, "Serve HTTP callbacks while the long connection is down."),
+    s!("auth.session_expiry_seconds", ["AUTH_SESSION_EXPIRY_SECONDS"], Some("600"), false, "How long a user has to answer an authorization card."),
+    s!("auth.token_refresh_threshold", ["AUTH_TOKEN_REFRESH_THRESHOLD"], Some("0.8"), false, "Share of a token's lifetime after which it is refreshed."),
+    s!("auth.request_rate_limit", ["AUTH_REQUEST_RATE_LIMIT"], Some("5"), false, "New authorization requests per user per window."),
+    s!("auth.rate_limit_window_seconds", ["AUTH_RATE_LIMIT_WINDOW_SECONDS"], Some("60"), false, "The rate-limit window."),
+    s!("auth.redirect_uri", ["AUTH_REDIRECT_URI"], None, false, "OAuth redirect URI registered with the app (default: http.public_url + /oauth/callback)."),
+    s!("user_info_sync.enabled", ["USER_INFO_SYNC_ENABLED"], Some("false"), false, "Refresh stored users' name, email and avatar on a schedule."),
+    s!("user_info_sync.schedule", ["USER_INFO_SYNC_SCHEDULE"], Some("0 2 * * *"), false, "Cron schedule (5 fields, UTC) of the user info sync."),
+    s!("log.level", ["LOG_LEVEL"], Some("info"), false, "error, warn, info, debug, trace, or a tracing filter."),
+    s!("log.json_format", ["LOG_JSON_FORMAT"], Some("false"), false, "JSON log lines."),
+    s!("metrics.port", ["PROMETHEUS_PORT"], Some("8000"), false, "Port of the /metrics listener."),
+    s!("metrics.bind", ["METRICS_BIND"], Some("127.0.0.1"), false, "Address of the /metrics listener."),
+    s!("http.listen", ["HTTP_LISTEN"], Some("127.0.0.1:8080"), false, "Address of the HTTP listener (callbacks, OAuth redirect, admin API)."),
+    s!("http.public_url", ["PUBLIC_URL"], None, false, "How users' browsers reach the HTTP listener (for the OAuth redirect)."),
+];
+
+/// Looks a setting up by its TOML key.
+#[must_use]
+pub fn find(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// The systemd credential name of a secret (`app_secret` → `app_secret`).
+#[must_use]
+pub fn credential_name(s: &Setting) -> &'static str {
+    s.key
+}

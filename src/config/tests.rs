@@ -1,0 +1,277 @@
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn opts(path: Option<&Path>) -> LoadOptions {
+    LoadOptions {
+        config_path: path.map(Path::to_owned),
+        overrides: vec![],
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
+#[test]
+fn defaults_match_the_python_deployment_guide() {
+    let c = Config::load_with(&opts(None), &env(&[("CREDENTIALS_DIRECTORY_UNUSED", "")])).unwrap();
+    assert_eq!(c.websocket.max_reconnect_retries, 10);
+    assert_eq!(c.websocket.heartbeat_interval, Duration::from_secs(30));
+    assert!(c.websocket.fallback_to_http);
+    assert_eq!(c.auth.session_expiry, Duration::from_secs(600));
+    assert!((c.auth.token_refresh_threshold - 0.8).abs() < f64::EPSILON);
+    assert_eq!(c.auth.request_rate_limit, 5);
+    assert!(!c.user_info_sync.enabled);
+    assert_eq!(c.user_info_sync.schedule, "0 2 * * *");
+    assert_eq!(c.metrics_addr.port(), 8000);
+    assert_eq!(c.domain, "feishu");
+    assert_eq!(c.storage_path, PathBuf::from("./data/lark-service.redb"));
+}
+
+#[test]
+fn env_overrides_file_and_flags_override_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "c.toml",
+        "app_id = \"cli_file\"\n[auth]\nrequest_rate_limit = 7\nsession_expiry_seconds = 120\n",
+        0o600,
+    );
+    let e = env(&[("APP_ID", "cli_env"), ("AUTH_REQUEST_RATE_LIMIT", "9")]);
+    let mut o = opts(Some(&p));
+    o.overrides = vec![("auth.request_rate_limit".into(), "11".into())];
+    let c = Config::load_with(&o, &e).unwrap();
+    assert_eq!(c.app_id.as_deref(), Some("cli_env"));
+    assert_eq!(c.auth.request_rate_limit, 11);
+    assert_eq!(c.auth.session_expiry, Duration::from_secs(120));
+}
+
+#[test]
+fn mcp_deployment_names_work_and_app_id_wins_over_lark_app_id() {
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("LARK_APP_ID", "cli_mcp"),
+            ("LARK_APP_SECRET", "s3cr3t-mcp"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.app_id.as_deref(), Some("cli_mcp"));
+    assert_eq!(c.app_secret.unwrap().expose_secret(), "s3cr3t-mcp");
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[("LARK_APP_ID", "cli_mcp"), ("APP_ID", "cli_main")]),
+    )
+    .unwrap();
+    assert_eq!(c.app_id.as_deref(), Some("cli_main"));
+}
+
+#[test]
+fn errors_name_key_source_value_and_expectation() {
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[("WEBSOCKET_HEARTBEAT_INTERVAL", "soon")]),
+    )
+    .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("WEBSOCKET_HEARTBEAT_INTERVAL"), "{m}");
+    assert!(m.contains("environment"), "{m}");
+    assert!(m.contains("\"soon\""), "{m}");
+    assert!(m.contains("whole number of seconds"), "{m}");
+
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[("AUTH_TOKEN_REFRESH_THRESHOLD", "1.5")]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("between 0 and 1"), "{e}");
+    let e = Config::load_with(&opts(None), &env(&[("LARK_DOMAIN", "ftp://x")])).unwrap_err();
+    assert!(
+        e.to_string().contains("feishu, lark, or an http(s) URL"),
+        "{e}"
+    );
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[("USER_INFO_SYNC_SCHEDULE", "every day")]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cron"), "{e}");
+}
+
+#[test]
+fn a_bad_secret_is_reported_without_its_value() {
+    let bad = "zz-not-hex-secret-value-zz";
+    let e =
+        Config::load_with(&opts(None), &env(&[("LARK_TOKEN_ENCRYPTION_KEY", bad)])).unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("LARK_TOKEN_ENCRYPTION_KEY"), "{m}");
+    assert!(m.contains("64 hexadecimal"), "{m}");
+    assert!(!m.contains(bad), "{m}");
+    assert!(!format!("{e:?}").contains(bad));
+}
+
+#[test]
+fn unknown_toml_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "c.toml",
+        "[auth]\nsesion_expiry_seconds = 5\n",
+        0o600,
+    );
+    let e = Config::load_with(&opts(Some(&p)), &env(&[])).unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::UnknownKey { key, .. } if key == "auth.sesion_expiry_seconds"),
+        "{e}"
+    );
+}
+
+#[test]
+fn secrets_from_files_env_files_and_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = write(dir.path(), "secret", "file-secret\n", 0o600);
+    let p = write(
+        dir.path(),
+        "c.toml",
+        &format!("app_secret_file = {:?}\n", sf.display().to_string()),
+        0o644,
+    );
+    let c = Config::load_with(&opts(Some(&p)), &env(&[])).unwrap();
+    assert_eq!(c.app_secret.unwrap().expose_secret(), "file-secret");
+
+    let kf = write(dir.path(), "key", &format!("{KEY}\n"), 0o400);
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[("LARK_TOKEN_ENCRYPTION_KEY_FILE", kf.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert!(c.keyring().is_ok());
+
+    let creds = tempfile::tempdir().unwrap();
+    write(creds.path(), "app_secret", "cred-secret", 0o400);
+    let c = Config::load_with(
+        &opts(Some(&p)),
+        &env(&[("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())]),
+    )
+    .unwrap();
+    assert_eq!(
+        c.app_secret.as_ref().unwrap().expose_secret(),
+        "cred-secret"
+    );
+    // The environment still wins over a credential.
+    let c = Config::load_with(
+        &opts(Some(&p)),
+        &env(&[
+            ("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap()),
+            ("APP_SECRET", "env-secret"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.app_secret.unwrap().expose_secret(), "env-secret");
+}
+
+#[test]
+fn a_secret_file_readable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = write(dir.path(), "secret", "leaky", 0o644);
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[("APP_SECRET_FILE", sf.to_str().unwrap())]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, ConfigError::SecretFileMode { mode: 0o644, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+    assert!(!e.to_string().contains("leaky"));
+}
+
+#[test]
+fn inline_and_file_at_once_is_a_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    let sf = write(dir.path(), "secret", "x", 0o600);
+    let p = write(
+        dir.path(),
+        "c.toml",
+        &format!(
+            "app_secret = \"inline\"\napp_secret_file = {:?}\n",
+            sf.display().to_string()
+        ),
+        0o600,
+    );
+    assert!(matches!(
+        Config::load_with(&opts(Some(&p)), &env(&[])).unwrap_err(),
+        ConfigError::Conflict { .. }
+    ));
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("APP_SECRET", "a"),
+            ("APP_SECRET_FILE", sf.to_str().unwrap()),
+        ]),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Conflict { .. }), "{e}");
+}
+
+#[test]
+fn secrets_on_the_command_line_are_refused() {
+    let mut o = opts(None);
+    o.overrides = vec![("app_secret".into(), "on-the-cmdline".into())];
+    let e = Config::load_with(&o, &env(&[])).unwrap_err();
+    assert!(e.to_string().contains("app_secret_file"), "{e}");
+    assert!(!e.to_string().contains("on-the-cmdline"));
+}
+
+#[test]
+fn render_redacts_every_secret() {
+    let e = env(&[
+        ("APP_ID", "cli_x"),
+        ("APP_SECRET", "very-secret-app"),
+        ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+        ("LARK_VERIFICATION_TOKEN", "vtok-secret"),
+    ]);
+    let c = Config::load_with(&opts(None), &e).unwrap();
+    c.require_serve().unwrap();
+    let out = c.render();
+    for s in ["very-secret-app", KEY, "vtok-secret"] {
+        assert!(!out.contains(s), "{out}");
+    }
+    assert!(
+        out.contains("app_id = \"cli_x\"  # environment APP_ID"),
+        "{out}"
+    );
+    assert!(
+        out.contains("app_secret = \"<redacted, 15 characters>\""),
+        "{out}"
+    );
+    assert!(!format!("{c:?}").contains("very-secret-app"));
+}
+
+#[test]
+fn serve_requires_credentials_and_a_key() {
+    let c = Config::load_with(&opts(None), &env(&[("APP_ID", "cli_x")])).unwrap();
+    let e = c.require_serve().unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Missing { key, .. } if key == "app_secret"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("APP_SECRET"), "{e}");
+}
