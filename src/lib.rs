@@ -1,4 +1,10 @@
-//! lark-service: the library behind the `lark-service` binary.
+//! lark-service: holds a Feishu/Lark app's long connection and its users' authorization, with
+//! an embedded encrypted store. The binary is a thin shell over this library.
+
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod schedule;
 pub mod storage;
+pub mod telemetry;

@@ -67,6 +67,7 @@ impl fmt::Display for Source {
         match self {
             Self::Default => f.write_str("default"),
             Self::File(p) => write!(f, "file {}", p.display()),
+            Self::Env(n) if n.is_empty() => f.write_str("environment"),
             Self::Env(n) => write!(f, "environment {n}"),
             Self::Flag => f.write_str("--set flag"),
             Self::SecretFile(p) => write!(f, "secret file {}", p.display()),
@@ -415,7 +416,10 @@ impl Config {
                     s.key,
                     v.expose_secret().chars().count()
                 ),
-                None => format!("# {} is not set", s.key),
+                None => match s.default {
+                    Some(d) => format!("{} = {:?}  # default", s.key, d),
+                    None => format!("# {} is not set", s.key),
+                },
             };
             out.push_str(&line);
             out.push('\n');
@@ -632,9 +636,13 @@ impl Reader<'_> {
     }
 
     fn invalid(&self, key: &str, value: Option<&str>, expected: &str) -> ConfigError {
+        let origin = match self.source(key) {
+            Source::Env(_) => Source::Env(String::new()),
+            other => other,
+        };
         ConfigError::Invalid {
             key: self.shown_key(key),
-            origin: self.source(key),
+            origin,
             value: value.map(str::to_owned),
             expected: expected.to_owned(),
         }

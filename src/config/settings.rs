@@ -67,3 +67,44 @@ pub fn find(key: &str) -> Option<&'static Setting> {
 pub fn credential_name(s: &Setting) -> &'static str {
     s.key
 }
+
+/// The documented example config (`packaging/config.example.toml`), generated from the
+/// catalogue so the two never drift apart. Secrets appear only as `*_file` comments.
+#[must_use]
+pub fn example_toml() -> String {
+    let mut out = String::from(
+        "# lark-service configuration: /etc/lark-service/config.toml\n\
+         #\n\
+         # Every key can also be set by the environment variable named beside it; the environment\n\
+         # wins over this file. Secrets never go in this file: give them as files (mode 0600)\n\
+         # with `<key>_file`, as `<ENV>_FILE`, or as systemd credentials (LoadCredential=) named\n\
+         # after the key. `lark-service config check` shows the effective configuration.\n",
+    );
+    let mut section = "";
+    for s in SETTINGS {
+        let (sec, name) = s.key.split_once('.').unwrap_or(("", s.key));
+        if sec != section {
+            out.push_str(&format!("\n[{sec}]\n"));
+            section = sec;
+        }
+        out.push_str(&format!("\n# {}\n# env: {}\n", s.help, s.env.join(", ")));
+        if s.secret {
+            out.push_str(&format!(
+                "# {name}_file = \"/etc/lark-service/secrets/{name}\"\n"
+            ));
+        } else {
+            let packaged = match s.key {
+                "storage.path" => Some("/var/lib/lark-service/lark-service.redb"),
+                _ => s.default,
+            };
+            match packaged {
+                Some(d) if d.parse::<f64>().is_ok() || d == "true" || d == "false" => {
+                    out.push_str(&format!("{name} = {d}\n"));
+                }
+                Some(d) => out.push_str(&format!("{name} = {d:?}\n")),
+                None => out.push_str(&format!("# {name} = \"\"\n")),
+            }
+        }
+    }
+    out
+}

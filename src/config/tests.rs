@@ -275,3 +275,19 @@ fn serve_requires_credentials_and_a_key() {
     );
     assert!(e.to_string().contains("APP_SECRET"), "{e}");
 }
+
+#[test]
+fn the_packaged_example_is_generated_from_the_catalogue_and_loads() {
+    let want = settings::example_toml();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/config.example.toml");
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        have == want,
+        "packaging/config.example.toml is out of date; regenerate it with `lark-service config example > packaging/config.example.toml`"
+    );
+    let c = Config::load_with(&opts(Some(&path)), &env(&[])).unwrap();
+    assert_eq!(
+        c.storage_path,
+        PathBuf::from("/var/lib/lark-service/lark-service.redb")
+    );
+}

@@ -127,10 +127,16 @@ impl Store {
                 source,
             })?;
         }
+        let existed = path.exists();
         let db = Database::builder()
             .set_cache_size(opts.cache_size)
             .create(path)
             .map_err(|e| Error::engine(path, e))?;
+        if !existed {
+            // The file holds only sealed secrets, but nobody else needs to read it.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         let pid_file = pid_path(path);
         let pid_file = std::fs::write(&pid_file, format!("{}\n", std::process::id()))
             .ok()

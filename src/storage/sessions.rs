@@ -164,7 +164,7 @@ impl Store {
             }
             out.push(SessionSummary::from_stored(SessionId(k.value()), &s));
         }
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        out.sort_by_key(|s| std::cmp::Reverse(s.created_at));
         out.truncate(limit);
         Ok(out)
     }

@@ -1,0 +1,379 @@
+//! The command line: `serve`, `config check`, `keys`, `sessions`.
+//!
+//! Commands that read the store open it directly; redb allows one process at a time, so while
+//! the service runs they fail with "store … is locked by pid N".
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::config::{Config, ConfigError, LoadOptions, EX_USAGE};
+use crate::storage::{self, now_ms, Key, SessionId, SessionState, Store, StoreOptions};
+
+/// lark-service: holds a Feishu/Lark app's long connection and its users' authorization.
+#[derive(Debug, Parser)]
+#[command(name = "lark-service", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Config file (default: /etc/lark-service/config.toml when it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Override a setting by its TOML key, e.g. `--set auth.request_rate_limit=10`.
+    /// Secrets only as `--set app_secret_file=PATH`.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub set: Vec<(String, String)>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Token encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Authorization sessions in the store (no secrets are printed).
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+}
+
+/// `serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Development mode with no Feishu account: a token key is generated into the data
+    /// directory and sandbox app credentials are used.
+    #[arg(long)]
+    pub sandbox: bool,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Validate and print the effective configuration, secrets redacted.
+    Check {
+        /// List every key with its environment names and meaning instead.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Print the documented example config file.
+    Example,
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Which key ids seal what, and whether a rotation is pending.
+    Status,
+    /// Re-seal every secret under the active key (LARK_TOKEN_ENCRYPTION_KEY), reading older
+    /// records with LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS.
+    Rotate {
+        /// Records per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Print a new random key (64 hex characters).
+    Generate {
+        /// Write it to this file (mode 0600) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `sessions` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// List sessions, newest first.
+    List {
+        /// Only this state (pending, completed, expired, failed, rejected, revoked).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one session (no secrets).
+    Show {
+        /// Session id (32 hex characters).
+        id: String,
+    },
+    /// Revoke a session and delete the token it produced.
+    Revoke {
+        /// Session id (32 hex characters).
+        id: String,
+    },
+    /// Run the TTL sweep once now.
+    Sweep,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+/// A failed command, with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad configuration (exit 64).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store refused (exit 65 for data problems, 75 for temporary ones).
+    #[error(transparent)]
+    Store(#[from] storage::Error),
+    /// Anything else (exit 1).
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl CliError {
+    /// sysexits-style exit code.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) => EX_USAGE,
+            Self::Store(e) if e.is_transient() => 75,
+            Self::Store(storage::Error::Invalid(_)) => EX_USAGE,
+            Self::Store(_) => 65,
+            Self::Other(_) => 1,
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    let opts = LoadOptions {
+        config_path: cli.config.clone(),
+        overrides: cli.set.clone(),
+    };
+    match cli.command {
+        Command::Serve(args) => crate::daemon::serve(&opts, &args),
+        Command::Config(ConfigCmd::Check { list }) => config_check(&opts, list),
+        Command::Config(ConfigCmd::Example) => {
+            print!("{}", crate::config::settings::example_toml());
+            Ok(())
+        }
+        Command::Keys(cmd) => keys(&opts, cmd),
+        Command::Sessions(cmd) => sessions(&opts, cmd),
+    }
+}
+
+fn config_check(opts: &LoadOptions, list: bool) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    if list {
+        for s in crate::config::settings::SETTINGS {
+            let env = if s.secret {
+                format!(
+                    "{} (or {}_FILE, or credential `{}`)",
+                    s.env.join(", "),
+                    s.env[0],
+                    s.key
+                )
+            } else {
+                s.env.join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "{}\n    env: {env}\n    default: {}\n    {}",
+                s.key,
+                s.default.unwrap_or("(none)"),
+                s.help
+            );
+        }
+        return Ok(());
+    }
+    let cfg = Config::load(opts)?;
+    let _ = write!(out, "{}", cfg.render());
+    cfg.require_serve()?;
+    let ring = cfg.keyring()?;
+    let _ = writeln!(
+        out,
+        "# token key ids: {}",
+        ring.ids()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(out, "# configuration is valid");
+    Ok(())
+}
+
+fn open_store(cfg: &Config) -> Result<Store, CliError> {
+    let ring = cfg.keyring()?;
+    Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?)
+}
+
+/// Store options from the configuration.
+#[must_use]
+pub fn store_options(cfg: &Config) -> StoreOptions {
+    StoreOptions {
+        terminal_retention: cfg.session_retention,
+        ..StoreOptions::default()
+    }
+}
+
+fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        KeysCmd::Generate { out: None } => {
+            let (_, text) = Key::generate();
+            let _ = writeln!(out, "{}", text.expose_secret());
+        }
+        KeysCmd::Generate { out: Some(path) } => {
+            let (key, text) = Key::generate();
+            write_private(&path, text.expose_secret())?;
+            let _ = writeln!(out, "wrote key id {} to {}", key.id(), path.display());
+        }
+        KeysCmd::Status => {
+            let cfg = Config::load(opts)?;
+            let store = open_store(&cfg)?;
+            let st = store.key_status()?;
+            let _ = writeln!(out, "active key id:      {}", st.active);
+            let _ = writeln!(out, "store key-check id: {}", st.store_key);
+            for (k, n) in &st.sealed_fields_by_key {
+                let _ = writeln!(out, "sealed fields under {k}: {n}");
+            }
+            let _ = writeln!(
+                out,
+                "rotation pending:   {}",
+                if st.rotation_pending {
+                    "yes (run `lark-service keys rotate`)"
+                } else {
+                    "no"
+                }
+            );
+        }
+        KeysCmd::Rotate { batch } => {
+            let cfg = Config::load(opts)?;
+            let store = open_store(&cfg)?;
+            let started = Instant::now();
+            let mut last = Instant::now();
+            let report = store.rotate_keys(batch, &mut |done, total| {
+                if last.elapsed().as_millis() >= 500 || done == total {
+                    eprintln!("rotating: {done}/{total} records");
+                    last = Instant::now();
+                }
+            })?;
+            let _ = writeln!(
+                out,
+                "rotation complete in {:.1}s: {} records read, {} re-sealed under key {}; the previous keys are no longer needed",
+                started.elapsed().as_secs_f64(),
+                report.scanned,
+                report.resealed,
+                store.active_key_id()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes `text` to a new file readable by its owner only.
+pub fn write_private(path: &std::path::Path, text: &str) -> Result<(), CliError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
+    writeln!(f, "{text}").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    f.sync_all()
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    Ok(())
+}
+
+fn fmt_ms(ms: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX)).map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
+}
+
+fn sessions(opts: &LoadOptions, cmd: SessionsCmd) -> Result<(), CliError> {
+    let cfg = Config::load(opts)?;
+    let store = open_store(&cfg)?;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        SessionsCmd::List { state, limit, json } => {
+            let state = state.map(|s| s.parse::<SessionState>()).transpose()?;
+            let rows = store.list_sessions(state, limit)?;
+            if json {
+                for r in rows {
+                    let _ = writeln!(out, "{}", serde_json::to_string(&r).unwrap_or_default());
+                }
+            } else {
+                let _ = writeln!(
+                    out,
+                    "{:<32}  {:<9}  {:<24}  {:<20}  {:<20}  TOKENS",
+                    "SESSION", "STATE", "USER", "CREATED", "EXPIRES"
+                );
+                for r in rows {
+                    let _ = writeln!(
+                        out,
+                        "{:<32}  {:<9}  {:<24}  {:<20}  {:<20}  {}",
+                        r.session_id,
+                        r.state,
+                        r.user_id,
+                        fmt_ms(r.created_at),
+                        fmt_ms(r.expires_at),
+                        if r.has_tokens { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+        SessionsCmd::Show { id } => {
+            let id: SessionId = id.parse()?;
+            match store.get_session_summary(id)? {
+                Some(s) => {
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string_pretty(&s).unwrap_or_default()
+                    );
+                }
+                None => return Err(anyhow::anyhow!("no session {id}").into()),
+            }
+        }
+        SessionsCmd::Revoke { id } => {
+            let id: SessionId = id.parse()?;
+            match store.revoke_session(id, now_ms())? {
+                Some(_) => {
+                    let _ = writeln!(
+                        out,
+                        "revoked session {id}; its token (if current) was deleted"
+                    );
+                }
+                None => return Err(anyhow::anyhow!("no session {id}").into()),
+            }
+        }
+        SessionsCmd::Sweep => {
+            let started = Instant::now();
+            let r = store.sweep(now_ms(), 10_000)?;
+            let _ = writeln!(
+                out,
+                "sweep: {} sessions expired, {} purged, {} event ids forgotten, {} index entries repaired in {:.3}s",
+                r.expired.len(),
+                r.purged,
+                r.events_forgotten,
+                r.repaired,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! The binary as an operator uses it: exit codes, redaction, store commands, lock reporting.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use lark_service::storage::{
+    AuthSession, Key, Keyring, SessionState, Store, StoreOptions, UserToken,
+};
+use secrecy::SecretString;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
+/// Secret values used below; none may appear in any output (CI also greps the test log).
+const APP_SECRET: &str = "sentinel-app-secret-6f1d2c";
+const KEY1: &str = "5e17e1f05e17e1f05e17e1f05e17e1f05e17e1f05e17e1f05e17e1f05e17e1f0";
+const KEY2: &str = "a11ce0b0a11ce0b0a11ce0b0a11ce0b0a11ce0b0a11ce0b0a11ce0b0a11ce0b0";
+const TOKEN: &str = "sentinel-user-access-token-93ab";
+
+fn cmd(dir: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("APP_ID", "cli_a0000000000000aa")
+        .env("APP_SECRET", APP_SECRET)
+        .env("LARK_TOKEN_ENCRYPTION_KEY", KEY1)
+        .env("STORAGE_PATH", dir.join("s.redb"));
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn assert_no_secrets(s: &str) {
+    for secret in [APP_SECRET, KEY1, KEY2, TOKEN] {
+        assert!(!s.contains(secret), "secret leaked into output:\n{s}");
+    }
+}
+
+#[test]
+fn config_check_prints_the_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cmd(dir.path()).args(["config", "check"]).output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("app_id = \"cli_a0000000000000aa\"  # environment APP_ID"),
+        "{t}"
+    );
+    assert!(
+        t.contains("auth.session_expiry_seconds = \"600\"  # default"),
+        "{t}"
+    );
+    assert!(t.contains("configuration is valid"), "{t}");
+    assert_no_secrets(&t);
+}
+
+#[test]
+fn config_errors_exit_64_and_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cmd(dir.path())
+        .env("AUTH_REQUEST_RATE_LIMIT", "lots")
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    let t = text(&o);
+    assert!(
+        t.contains("AUTH_REQUEST_RATE_LIMIT") && t.contains("\"lots\""),
+        "{t}"
+    );
+
+    let o = cmd(dir.path())
+        .env("LARK_TOKEN_ENCRYPTION_KEY", format!("{KEY1}00"))
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert_no_secrets(&text(&o));
+
+    let o = cmd(dir.path())
+        .env_remove("APP_SECRET")
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert!(text(&o).contains("app_secret is not set"), "{}", text(&o));
+}
+
+#[test]
+fn keys_generate_writes_a_private_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cmd(dir.path()).args(["keys", "generate"]).output().unwrap();
+    let k = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(k.trim().len(), 64);
+    assert!(k.trim().chars().all(|c| c.is_ascii_hexdigit()));
+    let f = dir.path().join("k");
+    let o = cmd(dir.path())
+        .args(["keys", "generate", "--out"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // And it is usable as a *_FILE secret.
+    let o = cmd(dir.path())
+        .env_remove("LARK_TOKEN_ENCRYPTION_KEY")
+        .env("LARK_TOKEN_ENCRYPTION_KEY_FILE", &f)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+fn seed(dir: &Path) -> Vec<AuthSession> {
+    let store = Store::open(
+        &dir.join("s.redb"),
+        Keyring::new(
+            Key::from_hex(&SecretString::from(KEY1.to_owned())).unwrap(),
+            vec![],
+        ),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for i in 0..3 {
+        let mut s = AuthSession::new_pending(
+            "cli_a0000000000000aa",
+            &format!("user{i}"),
+            vec!["offline_access".into()],
+            lark_service::storage::now_ms(),
+            600_000,
+        );
+        if i == 0 {
+            s.state = SessionState::Completed;
+            s.access_token = Some(SecretString::from(TOKEN.to_owned()));
+            let t = UserToken {
+                app_id: s.app_id.clone(),
+                user_id: s.user_id.clone(),
+                open_id: None,
+                access_token: SecretString::from(TOKEN.to_owned()),
+                refresh_token: None,
+                expires_at: u64::MAX / 2,
+                refresh_expires_at: None,
+                refresh_due_at: u64::MAX / 4,
+                scopes: vec![],
+                obtained_at: 0,
+                session_id: Some(s.session_id),
+                needs_reauth: false,
+            };
+            store.complete_session(&s, &t).unwrap();
+        } else {
+            store.put_session(&s).unwrap();
+        }
+        out.push(s);
+    }
+    out
+}
+
+#[test]
+fn sessions_list_show_revoke_and_sweep_print_no_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let sessions = seed(dir.path());
+    let o = cmd(dir.path()).args(["sessions", "list"]).output().unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    for s in &sessions {
+        assert!(t.contains(&s.session_id.to_string()), "{t}");
+    }
+    assert!(t.contains("completed") && t.contains("pending"), "{t}");
+    assert_no_secrets(&t);
+
+    let o = cmd(dir.path())
+        .args(["sessions", "list", "--state", "completed", "--json"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(t.lines().count(), 1, "{t}");
+    assert!(t.contains("\"has_tokens\":true"), "{t}");
+    assert_no_secrets(&t);
+
+    let id = sessions[0].session_id.to_string();
+    let o = cmd(dir.path())
+        .args(["sessions", "show", &id])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_no_secrets(&text(&o));
+    let o = cmd(dir.path())
+        .args(["sessions", "revoke", &id])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cmd(dir.path())
+        .args(["sessions", "show", &id])
+        .output()
+        .unwrap();
+    assert!(text(&o).contains("\"state\": \"revoked\""), "{}", text(&o));
+    let o = cmd(dir.path())
+        .args(["sessions", "show", "nothex"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    let o = cmd(dir.path())
+        .args(["sessions", "sweep"])
+        .output()
+        .unwrap();
+    assert!(
+        text(&o).contains("sweep: 0 sessions expired"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn wrong_key_is_reported_by_key_id_and_rotation_via_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    seed(dir.path());
+    let o = cmd(dir.path())
+        .env("LARK_TOKEN_ENCRYPTION_KEY", KEY2)
+        .args(["sessions", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(65));
+    let t = text(&o);
+    let id1 = Key::from_hex(&SecretString::from(KEY1.to_owned()))
+        .unwrap()
+        .id()
+        .to_string();
+    assert!(
+        t.contains(&format!("token key does not match the store: key id {id1}")),
+        "{t}"
+    );
+    assert_no_secrets(&t);
+
+    let rotate = |args: &[&str]| {
+        cmd(dir.path())
+            .env("LARK_TOKEN_ENCRYPTION_KEY", KEY2)
+            .env("LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS", KEY1)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let t = text(&rotate(&["keys", "status"]));
+    assert!(t.contains("rotation pending:   yes"), "{t}");
+    let o = rotate(&["keys", "rotate", "--batch", "1"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("rotating: ") && t.contains("rotation complete"),
+        "{t}"
+    );
+    assert_no_secrets(&t);
+    // The old key is no longer needed.
+    let o = cmd(dir.path())
+        .env("LARK_TOKEN_ENCRYPTION_KEY", KEY2)
+        .args(["keys", "status"])
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(
+        o.status.success() && t.contains("rotation pending:   no"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_running_service_holds_the_lock_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = cmd(dir.path())
+        .args(["serve", "--set", "http.listen=127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let ready = lines.next().unwrap().unwrap();
+    assert!(
+        ready.starts_with("lark-service ready: http://127.0.0.1:"),
+        "{ready}"
+    );
+
+    let o = cmd(dir.path()).args(["sessions", "list"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("locked by pid {}", serve.id())),
+        "{}",
+        text(&o)
+    );
+
+    let rc = std::process::Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    let out = serve.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{logs}");
+    assert!(logs.contains("Stopped."), "{logs}");
+    assert_no_secrets(&logs);
+    // The lock is released: the CLI reads the store now.
+    assert!(cmd(dir.path())
+        .args(["sessions", "list"])
+        .output()
+        .unwrap()
+        .status
+        .success());
+}
