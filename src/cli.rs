@@ -43,6 +43,42 @@ pub enum Command {
     /// Authorization sessions in the store (no secrets are printed).
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    /// Write a consistent, age-encrypted backup of the store. While the service runs, the
+    /// service itself takes it (through the admin API) and keeps serving.
+    Backup(BackupArgs),
+    /// Restore a backup into the store file (the service must be stopped).
+    Restore(RestoreArgs),
+}
+
+/// `backup` options.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Where to write the backup.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Encrypt to this age public key (age1…); repeatable. Default: backup.recipients.
+    #[arg(long = "recipient", value_name = "AGE_PUBKEY")]
+    pub recipients: Vec<String>,
+    /// Encrypt with the passphrase in this file instead. Default: backup.passphrase.
+    #[arg(long, value_name = "FILE", conflicts_with = "recipients")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// `restore` options.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup file.
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// age identity file (AGE-SECRET-KEY-1…) to decrypt with.
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Decrypt with the passphrase in this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Replace an existing store file (it is kept beside as `<file>.before-restore-<ms>`).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `serve` options.
@@ -131,6 +167,9 @@ pub enum CliError {
     /// The store refused (exit 65 for data problems, 75 for temporary ones).
     #[error(transparent)]
     Store(#[from] storage::Error),
+    /// A backup could not be written or restored.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// Anything else (exit 1).
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -145,6 +184,11 @@ impl CliError {
             Self::Store(e) if e.is_transient() => 75,
             Self::Store(storage::Error::Invalid(_)) => EX_USAGE,
             Self::Store(_) => 65,
+            Self::Backup(crate::backup::BackupError::Store(e)) => {
+                Self::Store(clone_kind(e)).exit_code()
+            }
+            Self::Backup(crate::backup::BackupError::Usage(_)) => EX_USAGE,
+            Self::Backup(_) => 65,
             Self::Other(_) => 1,
         }
     }
@@ -165,6 +209,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Keys(cmd) => keys(&opts, cmd),
         Command::Sessions(cmd) => sessions(&opts, cmd),
+        Command::Backup(args) => backup(&opts, &args),
+        Command::Restore(args) => restore(&opts, &args),
     }
 }
 
@@ -375,5 +421,155 @@ fn sessions(opts: &LoadOptions, cmd: SessionsCmd) -> Result<(), CliError> {
             );
         }
     }
+    Ok(())
+}
+
+fn clone_kind(e: &storage::Error) -> storage::Error {
+    match e {
+        storage::Error::Locked { path, pid } => storage::Error::Locked {
+            path: path.clone(),
+            pid: *pid,
+        },
+        storage::Error::DiskFull { path } => storage::Error::DiskFull { path: path.clone() },
+        storage::Error::Invalid(m) => storage::Error::Invalid(m.clone()),
+        other => storage::Error::Engine(other.to_string()),
+    }
+}
+
+fn backup_protection(
+    cfg: &Config,
+    recipients: &[String],
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<crate::backup::Protection, CliError> {
+    use crate::backup::Protection;
+    Ok(if let Some(f) = passphrase_file {
+        Protection::passphrase_file(f)?
+    } else if !recipients.is_empty() {
+        Protection::recipients(recipients)?
+    } else if !cfg.backup.recipients.is_empty() {
+        Protection::recipients(&cfg.backup.recipients)?
+    } else if let Some(p) = &cfg.backup.passphrase {
+        Protection::Passphrase(p.clone())
+    } else {
+        return Err(anyhow::anyhow!("say how to encrypt the backup: --recipient AGE_PUBKEY, --passphrase-file FILE, or backup.recipients / BACKUP_PASSPHRASE in the config").into());
+    })
+}
+
+fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
+    let cfg = Config::load(opts)?;
+    let prot = backup_protection(&cfg, &args.recipients, args.passphrase_file.as_deref())?;
+    let started = Instant::now();
+    let store = match open_store(&cfg) {
+        Ok(s) => s,
+        Err(CliError::Store(storage::Error::Locked { pid, .. })) => {
+            return backup_through_service(&cfg, args, pid);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut progress = crate::backup::progress_line("backup");
+    let h = crate::backup::write_backup(&store, &args.out, &prot, &mut progress)?;
+    println!(
+        "wrote {} in {:.1}s: {} records, {} sessions, {} tokens (schema {}, token key {}), {} bytes",
+        args.out.display(),
+        started.elapsed().as_secs_f64(),
+        h.total(),
+        h.counts.get("sessions").copied().unwrap_or(0),
+        h.counts.get("tokens").copied().unwrap_or(0),
+        h.schema_version,
+        h.store_key_id,
+        std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0)
+    );
+    Ok(())
+}
+
+/// The store is held by the running service: ask it to take the backup.
+fn backup_through_service(
+    cfg: &Config,
+    args: &BackupArgs,
+    pid: Option<u32>,
+) -> Result<(), CliError> {
+    let holder = pid.map_or_else(|| "another process".to_owned(), |p| format!("pid {p}"));
+    let Some(token) = cfg.admin_token.clone() else {
+        return Err(anyhow::anyhow!("the store is held by {holder} (the running service?); set admin_token so the CLI can ask the service for an online backup, or stop it").into());
+    };
+    if args.passphrase_file.is_some() {
+        return Err(anyhow::anyhow!("the service is running and takes the backup itself: use --recipient, or its configured backup.recipients / backup.passphrase").into());
+    }
+    let url = format!("http://{}/api/v1/backups", cfg.http_listen);
+    let body = serde_json::json!({ "recipients": args.recipients });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let resp: serde_json::Value = rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .bearer_auth(token.expose_secret())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("asking the service at {url}: {e}"))?;
+        let status = r.status();
+        let v: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the service's answer: {e}"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "the service refused the backup ({status}): {}",
+                v["error"].as_str().unwrap_or("no reason given")
+            );
+        }
+        Ok(v)
+    })?;
+    let path = PathBuf::from(resp["path"].as_str().unwrap_or_default());
+    std::fs::copy(&path, &args.out).map_err(|e| {
+        anyhow::anyhow!("copying {} to {}: {e}", path.display(), args.out.display())
+    })?;
+    println!(
+        "the running service ({holder}) wrote {}; copied to {}: {} records, {} sessions, {} tokens",
+        path.display(),
+        args.out.display(),
+        resp["records"].as_u64().unwrap_or(0),
+        resp["header"]["counts"]["sessions"].as_u64().unwrap_or(0),
+        resp["header"]["counts"]["tokens"].as_u64().unwrap_or(0)
+    );
+    Ok(())
+}
+
+fn restore(opts: &LoadOptions, args: &RestoreArgs) -> Result<(), CliError> {
+    use crate::backup::Protection;
+    let cfg = Config::load(opts)?;
+    let prot = match (&args.identity, &args.passphrase_file) {
+        (Some(i), _) => Protection::identity_file(i)?,
+        (None, Some(p)) => Protection::passphrase_file(p)?,
+        (None, None) => match &cfg.backup.passphrase {
+            Some(p) => Protection::Passphrase(p.clone()),
+            None => {
+                return Err(anyhow::anyhow!(
+                    "say how to decrypt the backup: --identity FILE or --passphrase-file FILE"
+                )
+                .into())
+            }
+        },
+    };
+    let started = Instant::now();
+    let mut progress = crate::backup::progress_line("restore");
+    let h = crate::backup::restore_backup(
+        &args.from,
+        &prot,
+        &cfg.storage_path,
+        cfg.keyring()?,
+        store_options(&cfg),
+        args.force,
+        &mut progress,
+    )?;
+    println!(
+        "restored {} records taken at {} into {} in {:.1}s",
+        h.total(),
+        fmt_ms(h.created_at),
+        cfg.storage_path.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

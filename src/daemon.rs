@@ -130,9 +130,19 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .context("reading the listener address")?;
+    if let Some(schedule) = cfg.backup.schedule.clone() {
+        tracker.spawn(backup_loop(
+            store.clone(),
+            cfg.backup.clone(),
+            schedule,
+            cancel.clone(),
+        ));
+    }
     let app = crate::http::router(crate::http::AppState {
         store: store.clone(),
         ready: ready.clone(),
+        admin_token: cfg.admin_token.clone(),
+        backup: Arc::new(cfg.backup.clone()),
     });
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
@@ -186,6 +196,54 @@ async fn sweep_loop(store: Store, every: Duration, cancel: CancellationToken) {
                 "Sweep finished."
             ),
             Err(e) => error!(error = %e, "Sweep failed; retrying at the next interval."),
+        }
+    }
+}
+
+async fn backup_loop(
+    store: Store,
+    cfg: crate::config::BackupConfig,
+    schedule: String,
+    cancel: CancellationToken,
+) {
+    let (Ok(sched), Some(dir)) = (crate::schedule::Schedule::parse(&schedule), cfg.dir.clone())
+    else {
+        error!("Scheduled backups are misconfigured; none will be taken.");
+        return;
+    };
+    loop {
+        let now = now_ms();
+        let Some(next) = sched.next_after(now) else {
+            return;
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))) => {}
+        }
+        let prot = if cfg.recipients.is_empty() {
+            cfg.passphrase
+                .clone()
+                .map(crate::backup::Protection::Passphrase)
+                .ok_or_else(|| "no backup.recipients or backup.passphrase".to_owned())
+        } else {
+            crate::backup::Protection::recipients(&cfg.recipients).map_err(|e| e.to_string())
+        };
+        let prot = match prot {
+            Ok(p) => p,
+            Err(e) => {
+                error!(error = %e, "Scheduled backup skipped.");
+                continue;
+            }
+        };
+        let (s, d, keep) = (store.clone(), dir.clone(), cfg.keep);
+        match tokio::task::spawn_blocking(move || crate::http::take_backup_now(&s, &d, &prot, keep))
+            .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "Scheduled backup failed; retrying at the next scheduled time.")
+            }
+            Err(e) => error!(error = %e, "Scheduled backup task failed."),
         }
     }
 }

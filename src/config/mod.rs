@@ -170,6 +170,8 @@ pub struct Config {
     pub session_retention: Duration,
     /// Sweep interval.
     pub sweep_interval: Duration,
+    /// Backups.
+    pub backup: BackupConfig,
     /// Long connection.
     pub websocket: WebsocketConfig,
     /// Authorization.
@@ -185,6 +187,21 @@ pub struct Config {
     /// Public base URL of the HTTP listener.
     pub public_url: Option<Url>,
     resolved: BTreeMap<&'static str, (Value, Source)>,
+}
+
+/// Backup settings.
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Directory of scheduled backups.
+    pub dir: Option<PathBuf>,
+    /// Cron schedule; `None`: no scheduled backups.
+    pub schedule: Option<String>,
+    /// Backups kept.
+    pub keep: usize,
+    /// age recipients.
+    pub recipients: Vec<String>,
+    /// Passphrase.
+    pub passphrase: Option<SecretString>,
 }
 
 /// Long connection settings.
@@ -305,6 +322,31 @@ impl Config {
             storage_path: PathBuf::from(r.plain("storage.path").unwrap_or_default()),
             session_retention: r.secs("storage.session_retention_seconds", 1, 10 * 365 * 86400)?,
             sweep_interval: r.secs("storage.sweep_interval_seconds", 1, 86400)?,
+            backup: BackupConfig {
+                dir: r
+                    .plain("backup.dir")
+                    .filter(|d| !d.trim().is_empty())
+                    .map(PathBuf::from),
+                schedule: r.plain("backup.schedule").filter(|d| !d.trim().is_empty()),
+                keep: usize::try_from(r.int(
+                    "backup.keep",
+                    1,
+                    10_000,
+                    "a whole number from 1 to 10000",
+                )?)
+                .unwrap_or(7),
+                recipients: r
+                    .plain("backup.recipients")
+                    .map(|l| {
+                        l.split(',')
+                            .map(str::trim)
+                            .filter(|x| !x.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                passphrase: r.secret("backup.passphrase"),
+            },
             websocket: WebsocketConfig {
                 max_reconnect_retries: r.int(
                     "websocket.max_reconnect_retries",

@@ -5,12 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
 
-use crate::storage::Store;
+use crate::config::BackupConfig;
+use crate::storage::{now_ms, Store};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone, Debug)]
@@ -19,6 +22,22 @@ pub struct AppState {
     pub store: Store,
     /// Set once start-up finished; cleared when shutdown begins.
     pub ready: Arc<AtomicBool>,
+    /// Bearer token of the admin API; `None` disables it.
+    pub admin_token: Option<SecretString>,
+    /// Where and how backups are written.
+    pub backup: Arc<BackupConfig>,
+}
+
+/// True if the request carries `Authorization: Bearer <token>` matching `want` (constant time).
+#[must_use]
+pub fn bearer_ok(headers: &HeaderMap, want: Option<&SecretString>) -> bool {
+    let Some(want) = want else { return false };
+    let got = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(got.as_bytes().ct_eq(want.expose_secret().as_bytes()))
 }
 
 /// The router.
@@ -27,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/", get(status))
+        .route("/api/v1/backups", post(take_backup))
         .with_state(state)
 }
 
@@ -61,4 +81,84 @@ async fn status(State(s): State<AppState>) -> impl IntoResponse {
             Json(serde_json::json!({ "error": e.to_string() })),
         ),
     }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct BackupRequest {
+    #[serde(default)]
+    recipients: Vec<String>,
+}
+
+fn json_error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<serde_json::Value>) {
+    (code, Json(serde_json::json!({ "error": msg.into() })))
+}
+
+/// `POST /api/v1/backups`: an online backup into `backup.dir` (admin bearer token).
+async fn take_backup(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Option<Json<BackupRequest>>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !bearer_ok(&headers, s.admin_token.as_ref()) {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin bearer token is required",
+        );
+    }
+    let Some(dir) = s.backup.dir.clone() else {
+        return json_error(StatusCode::CONFLICT, "backup.dir is not configured");
+    };
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let prot = if req.recipients.is_empty() {
+        if !s.backup.recipients.is_empty() {
+            crate::backup::Protection::recipients(&s.backup.recipients)
+        } else if let Some(p) = &s.backup.passphrase {
+            Ok(crate::backup::Protection::Passphrase(p.clone()))
+        } else {
+            return json_error(
+                StatusCode::CONFLICT,
+                "no backup.recipients or backup.passphrase configured",
+            );
+        }
+    } else {
+        crate::backup::Protection::recipients(&req.recipients)
+    };
+    let prot = match prot {
+        Ok(p) => p,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let store = s.store.clone();
+    let keep = s.backup.keep;
+    let res = tokio::task::spawn_blocking(move || take_backup_now(&store, &dir, &prot, keep)).await;
+    match res {
+        Ok(Ok((path, h))) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "path": path, "records": h.total(), "header": h })),
+        ),
+        Ok(Err(e)) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Writes one backup into `dir` and prunes to `keep`. Shared by the API and the scheduler.
+pub fn take_backup_now(
+    store: &Store,
+    dir: &std::path::Path,
+    prot: &crate::backup::Protection,
+    keep: usize,
+) -> Result<(std::path::PathBuf, crate::storage::SnapshotHeader), crate::backup::BackupError> {
+    std::fs::create_dir_all(dir).map_err(|source| crate::backup::BackupError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let path = dir.join(crate::backup::rotation::file_name(now_ms()));
+    let h = crate::backup::write_backup(store, &path, prot, &mut |_, _| {})?;
+    let pruned = crate::backup::rotation::prune(dir, keep).map_err(|source| {
+        crate::backup::BackupError::Io {
+            path: dir.to_owned(),
+            source,
+        }
+    })?;
+    tracing::info!(path = %path.display(), records = h.total(), pruned = pruned.len(), "Backup written.");
+    Ok((path, h))
 }

@@ -7,6 +7,7 @@
 //! Secrets are sealed by `envelope` before they reach a table; see `records` for the stored
 //! forms and `tables` for the schema.
 
+mod backup;
 mod envelope;
 mod error;
 mod events;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+pub use backup::{restore_snapshot, Progress, SnapshotHeader};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use keys::{KeyStatus, RotationReport};

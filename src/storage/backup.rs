@@ -1,0 +1,477 @@
+//! Consistent snapshots of the whole store into a byte stream, and restoring one.
+//!
+//! A snapshot is taken inside one read transaction, so writers keep committing while it runs
+//! and the snapshot is exactly the state at its start. Secrets stay sealed: the stream carries
+//! the stored bytes. Encryption of the stream (age) is the caller's business (`crate::backup`).
+//!
+//! Format: `LSBK1\n`, a JSON header line, then per table `T`, name, record count and
+//! length-prefixed key/value pairs in redb's own encoding, then `E` and the SHA-256 of every
+//! byte before it.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use redb::{
+    Database, Key, ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle, Value, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::tables::{
+    CURSORS, META, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_BY_USER,
+    SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+};
+use super::{now_ms, Error, Keyring, Result, Store, StoreOptions};
+
+const MAGIC: &[u8] = b"LSBK1\n";
+/// Most bytes one key or value may have in a snapshot (guards restore against garbage).
+const MAX_ITEM: u32 = 64 * 1024 * 1024;
+
+/// What a snapshot says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// Always `lark-service-backup`.
+    pub format: String,
+    /// Store schema version of the records.
+    pub schema_version: u32,
+    /// When it was taken (unix ms).
+    pub created_at: u64,
+    /// Key id of the store's key check: the token key needed to use it.
+    pub store_key_id: String,
+    /// Records per table.
+    pub counts: BTreeMap<String, u64>,
+    /// The lark-service version that wrote it.
+    pub writer_version: String,
+}
+
+impl SnapshotHeader {
+    /// Total records.
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+struct HashWriter<'a> {
+    inner: &'a mut dyn Write,
+    hash: Sha256,
+}
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct HashReader<'a> {
+    inner: &'a mut dyn Read,
+    hash: Sha256,
+}
+
+impl HashReader<'_> {
+    fn exact(&mut self, n: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0; n];
+        self.inner.read_exact(&mut buf).map_err(truncated)?;
+        self.hash.update(&buf);
+        Ok(buf)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.exact(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        let b = self.exact(8)?;
+        let mut a = [0; 8];
+        a.copy_from_slice(&b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn item(&mut self) -> Result<Vec<u8>> {
+        let n = self.u32()?;
+        if n > MAX_ITEM {
+            return Err(bad(format!("an item of {n} bytes")));
+        }
+        self.exact(n as usize)
+    }
+}
+
+fn truncated(e: std::io::Error) -> Error {
+    bad(format!("it ends early or could not be read ({e})"))
+}
+
+fn bad(detail: String) -> Error {
+    Error::Corrupt {
+        path: PathBuf::from("<backup>"),
+        detail: format!("the backup is damaged or was tampered with: {detail}"),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Progress callback: (records done, records total).
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+struct Dumper<'a, 'w> {
+    txn: &'a ReadTransaction,
+    w: HashWriter<'w>,
+    done: u64,
+    total: u64,
+    progress: Progress<'a>,
+}
+
+impl Dumper<'_, '_> {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        store: &Store,
+        def: TableDefinition<'_, K, V>,
+    ) -> Result<()> {
+        let t = self.txn.open_table(def).map_err(|e| store.err(e))?;
+        let name = def.name().to_owned();
+        let count = t.len().map_err(|e| store.err(e))?;
+        let w = &mut self.w;
+        let wio = |e| Error::Io {
+            path: PathBuf::from("<backup output>"),
+            source: e,
+        };
+        w.write_all(b"T").map_err(wio)?;
+        w.write_all(&(name.len() as u32).to_be_bytes())
+            .map_err(wio)?;
+        w.write_all(name.as_bytes()).map_err(wio)?;
+        w.write_all(&count.to_be_bytes()).map_err(wio)?;
+        for row in t.iter().map_err(|e| store.err(e))? {
+            let (k, v) = row.map_err(|e| store.err(e))?;
+            let kv = k.value();
+            let vv = v.value();
+            let kb = K::as_bytes(&kv);
+            let vb = V::as_bytes(&vv);
+            for part in [kb.as_ref(), vb.as_ref()] {
+                let w = &mut self.w;
+                w.write_all(&(part.len() as u32).to_be_bytes())
+                    .map_err(wio)?;
+                w.write_all(part).map_err(wio)?;
+            }
+            self.done += 1;
+            if self.done.is_multiple_of(65_536) {
+                (self.progress)(self.done, self.total);
+            }
+        }
+        Ok(())
+    }
+}
+
+macro_rules! for_each_table {
+    ($f:ident, $($arg:expr),*) => {{
+        $f($($arg,)* META)?;
+        $f($($arg,)* SESSIONS)?;
+        $f($($arg,)* SESSIONS_BY_USER)?;
+        $f($($arg,)* SESSION_DEADLINES)?;
+        $f($($arg,)* TOKENS)?;
+        $f($($arg,)* TOKEN_REFRESH_DUE)?;
+        $f($($arg,)* USERS)?;
+        $f($($arg,)* SEEN_EVENTS)?;
+        $f($($arg,)* SEEN_EVENTS_EXPIRY)?;
+        $f($($arg,)* CURSORS)?;
+    }};
+}
+
+fn count_table<K: Key + 'static, V: Value + 'static>(
+    store: &Store,
+    txn: &ReadTransaction,
+    counts: &mut BTreeMap<String, u64>,
+    def: TableDefinition<'_, K, V>,
+) -> Result<()> {
+    let n = txn
+        .open_table(def)
+        .map_err(|e| store.err(e))?
+        .len()
+        .map_err(|e| store.err(e))?;
+    counts.insert(def.name().to_owned(), n);
+    Ok(())
+}
+
+impl Store {
+    /// Writes a consistent snapshot of every table to `out`. Writers are not blocked.
+    pub fn write_snapshot(
+        &self,
+        out: &mut dyn Write,
+        progress: Progress<'_>,
+    ) -> Result<SnapshotHeader> {
+        let txn = self.begin_read()?;
+        let mut counts = BTreeMap::new();
+        for_each_table!(count_table, self, &txn, &mut counts);
+        let header = SnapshotHeader {
+            format: "lark-service-backup".to_owned(),
+            schema_version: SCHEMA_VERSION,
+            created_at: now_ms(),
+            store_key_id: self.store_key_id()?.to_string(),
+            counts,
+            writer_version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let total = header.total();
+        let mut d = Dumper {
+            txn: &txn,
+            w: HashWriter {
+                inner: out,
+                hash: Sha256::new(),
+            },
+            done: 0,
+            total,
+            progress,
+        };
+        let wio = |e| Error::Io {
+            path: PathBuf::from("<backup output>"),
+            source: e,
+        };
+        d.w.write_all(MAGIC).map_err(wio)?;
+        let line = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
+        d.w.write_all(&line).map_err(wio)?;
+        d.w.write_all(b"\n").map_err(wio)?;
+        macro_rules! dump_all {
+            ($($t:expr),*) => {{ $( d.table(self, $t)?; )* }};
+        }
+        dump_all!(
+            META,
+            SESSIONS,
+            SESSIONS_BY_USER,
+            SESSION_DEADLINES,
+            TOKENS,
+            TOKEN_REFRESH_DUE,
+            USERS,
+            SEEN_EVENTS,
+            SEEN_EVENTS_EXPIRY,
+            CURSORS
+        );
+        d.w.write_all(b"E").map_err(wio)?;
+        let digest = d.w.hash.clone().finalize();
+        d.w.inner.write_all(&digest).map_err(wio)?;
+        d.w.flush().map_err(wio)?;
+        (d.progress)(total, total);
+        Ok(header)
+    }
+}
+
+struct Loader<'a, 'r> {
+    txn: &'a WriteTransaction,
+    r: HashReader<'r>,
+    done: u64,
+    total: u64,
+    progress: Progress<'a>,
+    path: &'a Path,
+}
+
+impl Loader<'_, '_> {
+    fn rows<K: Key + 'static, V: Value + 'static>(
+        &mut self,
+        def: TableDefinition<'_, K, V>,
+        count: u64,
+    ) -> Result<()> {
+        load_rows(self, def, count)
+    }
+}
+
+fn load_rows<K: Key + 'static, V: Value + 'static>(
+    l: &mut Loader<'_, '_>,
+    def: TableDefinition<'_, K, V>,
+    count: u64,
+) -> Result<()> {
+    let path = l.path;
+    let mut t = l.txn.open_table(def).map_err(|e| Error::engine(path, e))?;
+    let r = &mut l.r;
+    for _ in 0..count {
+        let k = r.item()?;
+        let v = r.item()?;
+        if K::fixed_width().is_some_and(|w| w != k.len())
+            || V::fixed_width().is_some_and(|w| w != v.len())
+        {
+            return Err(bad(format!(
+                "a record of table {} has the wrong size",
+                def.name()
+            )));
+        }
+        t.insert(K::from_bytes(&k), V::from_bytes(&v))
+            .map_err(|e| Error::engine(path, e))?;
+        l.done += 1;
+        if l.done.is_multiple_of(65_536) {
+            (l.progress)(l.done, l.total);
+        }
+    }
+    Ok(())
+}
+
+/// Restores a snapshot read from `input` into a new store file at `target`.
+///
+/// The data is written beside the target, its checksum verified, the result opened with
+/// `ring` (so a wrong token key is caught before anything is replaced), fsynced and renamed
+/// over the target. An existing target is refused unless `force`; a target held by a running
+/// process is always refused. With `force`, the old file is kept as `<target>.before-restore-<ms>`.
+pub fn restore_snapshot(
+    input: &mut dyn Read,
+    target: &Path,
+    ring: Keyring,
+    opts: StoreOptions,
+    force: bool,
+    progress: Progress<'_>,
+) -> Result<SnapshotHeader> {
+    if target.exists() {
+        // Refuse a live store: redb's lock tells us if someone holds it.
+        match Database::open(target) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::Locked {
+                    path: target.to_owned(),
+                    pid: super::read_pid_file(target),
+                });
+            }
+            _ if !force => {
+                return Err(Error::Invalid(format!(
+                    "{} exists; pass --force to replace it (the old file is kept beside it)",
+                    target.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    let mut tmp = target.as_os_str().to_owned();
+    tmp.push(".restore-tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let result = restore_into(input, &tmp, progress);
+    let header = match result {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    // Open it as the service would: checks schema and key, migrates an older schema.
+    if let Err(e) = Store::open(&tmp, ring, opts).map(drop) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&tmp))?;
+    if target.exists() {
+        let mut old = target.as_os_str().to_owned();
+        old.push(format!(".before-restore-{}", now_ms()));
+        std::fs::rename(target, PathBuf::from(old)).map_err(io(target))?;
+    }
+    std::fs::rename(&tmp, target).map_err(io(target))?;
+    if let Some(dir) = target.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(header)
+}
+
+fn restore_into(
+    input: &mut dyn Read,
+    tmp: &Path,
+    progress: Progress<'_>,
+) -> Result<SnapshotHeader> {
+    let mut r = HashReader {
+        inner: input,
+        hash: Sha256::new(),
+    };
+    if r.exact(MAGIC.len())? != MAGIC {
+        return Err(bad("it is not a lark-service backup (bad magic)".to_owned()));
+    }
+    let mut line = Vec::new();
+    loop {
+        let b = r.exact(1)?;
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+        if line.len() > 1 << 20 {
+            return Err(bad("the header line is too long".to_owned()));
+        }
+    }
+    let header: SnapshotHeader =
+        serde_json::from_slice(&line).map_err(|e| bad(format!("bad header ({e})")))?;
+    if header.format != "lark-service-backup" {
+        return Err(bad(format!("unknown format {:?}", header.format)));
+    }
+    if header.schema_version > SCHEMA_VERSION {
+        return Err(Error::NewerSchema {
+            path: PathBuf::from("<backup>"),
+            found: header.schema_version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let db = Database::create(tmp).map_err(|e| Error::engine(tmp, e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o600));
+    }
+    let txn = db.begin_write().map_err(|e| Error::engine(tmp, e))?;
+    let total = header.total();
+    let mut l = Loader {
+        txn: &txn,
+        r,
+        done: 0,
+        total,
+        progress,
+        path: tmp,
+    };
+    for _ in 0..header.counts.len() {
+        if l.r.exact(1)? != b"T" {
+            return Err(bad("a table section is missing".to_owned()));
+        }
+        let n = l.r.u32()?;
+        if n > 256 {
+            return Err(bad("a table name is too long".to_owned()));
+        }
+        let name = String::from_utf8(l.r.exact(n as usize)?)
+            .map_err(|_| bad("a table name is not UTF-8".to_owned()))?;
+        let count = l.r.u64()?;
+        if header.counts.get(&name) != Some(&count) {
+            return Err(bad(format!("table {name} count does not match the header")));
+        }
+        match name.as_str() {
+            "meta" => l.rows(META, count)?,
+            "sessions" => l.rows(SESSIONS, count)?,
+            "sessions_by_user" => l.rows(SESSIONS_BY_USER, count)?,
+            "session_deadlines" => l.rows(SESSION_DEADLINES, count)?,
+            "tokens" => l.rows(TOKENS, count)?,
+            "token_refresh_due" => l.rows(TOKEN_REFRESH_DUE, count)?,
+            "users" => l.rows(USERS, count)?,
+            "seen_events" => l.rows(SEEN_EVENTS, count)?,
+            "seen_events_expiry" => l.rows(SEEN_EVENTS_EXPIRY, count)?,
+            "cursors" => l.rows(CURSORS, count)?,
+            other => return Err(bad(format!("unknown table {other}"))),
+        }
+    }
+    if l.r.exact(1)? != b"E" {
+        return Err(bad("the end marker is missing".to_owned()));
+    }
+    let want = l.r.hash.clone().finalize();
+    let mut got = [0u8; 32];
+    l.r.inner.read_exact(&mut got).map_err(truncated)?;
+    if got[..] != want[..] {
+        return Err(bad("checksum mismatch".to_owned()));
+    }
+    let mut extra = [0u8; 1];
+    if l.r.inner.read(&mut extra).map_err(truncated)? != 0 {
+        return Err(bad("bytes after the end".to_owned()));
+    }
+
+    txn.commit().map_err(|e| Error::engine(tmp, e))?;
+    drop(db);
+    progress(total, total);
+    Ok(header)
+}
