@@ -43,7 +43,17 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
                 cfg.http_listen
             )
         })?;
-        run(cfg, listener, shutdown_signal()).await
+        let metrics = TcpListener::bind(cfg.metrics_addr).await.with_context(|| {
+            format!(
+                "binding the metrics listener on {} (metrics.bind / PROMETHEUS_PORT)",
+                cfg.metrics_addr
+            )
+        })?;
+        let listeners = Listeners {
+            http: listener,
+            metrics: Some(metrics),
+        };
+        run(cfg, listeners, shutdown_signal()).await
     })
 }
 
@@ -94,10 +104,19 @@ pub async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Runs the service on `listener` until `shutdown` resolves.
+/// Listeners the service serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// HTTP: health, callbacks, OAuth redirect, admin API.
+    pub http: TcpListener,
+    /// `/metrics`; `None` disables it.
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs the service until `shutdown` resolves.
 pub async fn run(
     cfg: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CliError> {
     let started = Instant::now();
@@ -110,6 +129,8 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let workers = crate::workers::Workers::default();
+    crate::metrics::refresh_store_gauges(&store);
 
     if store.run(|s| s.rotation_pending()).await? {
         let s = store.clone();
@@ -121,47 +142,63 @@ pub async fn run(
             }
         });
     }
-    tracker.spawn(sweep_loop(
-        store.clone(),
-        cfg.sweep_interval,
+    workers.spawn(
+        &tracker,
         cancel.clone(),
-    ));
+        "ttl_sweep",
+        sweep_worker(store.clone(), cfg.sweep_interval),
+    );
+    if let Some(schedule) = cfg.backup.schedule.clone() {
+        let w = backup_worker(store.clone(), cfg.backup.clone(), &schedule)?;
+        workers.spawn(&tracker, cancel.clone(), "backup", w);
+    }
 
-    let addr = listener
+    let http_addr = listeners
+        .http
         .local_addr()
         .context("reading the listener address")?;
-    if let Some(schedule) = cfg.backup.schedule.clone() {
-        tracker.spawn(backup_loop(
-            store.clone(),
-            cfg.backup.clone(),
-            schedule,
-            cancel.clone(),
-        ));
-    }
     let app = crate::http::router(crate::http::AppState {
         store: store.clone(),
         ready: ready.clone(),
         admin_token: cfg.admin_token.clone(),
         backup: Arc::new(cfg.backup.clone()),
+        workers: workers.clone(),
     });
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(listeners.http, app)
             .with_graceful_shutdown(async move { server_cancel.cancelled().await })
             .await
     });
+    let metrics_addr = match listeners.metrics {
+        Some(l) => {
+            let addr = l.local_addr().ok();
+            let c = cancel.clone();
+            tracker.spawn(async move {
+                let _ = axum::serve(l, crate::metrics::router())
+                    .with_graceful_shutdown(async move { c.cancelled().await })
+                    .await;
+            });
+            addr
+        }
+        None => None,
+    };
+    tracker.spawn(watchdog(cancel.clone()));
     ready.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(
-        http = %addr,
+        http = %http_addr,
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         store = %store.path().display(),
         key = %store.active_key_id(),
         startup_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "Service ready."
     );
-    println!("lark-service ready: http://{addr}/ (health: http://{addr}/healthz)");
+    println!("lark-service ready: http://{http_addr}/ (health: http://{http_addr}/healthz)");
 
     shutdown.await;
     info!("Shutting down.");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     ready.store(false, Ordering::SeqCst);
     cancel.cancel();
     tracker.close();
@@ -178,72 +215,110 @@ pub async fn run(
     Ok(())
 }
 
-async fn sweep_loop(store: Store, every: Duration, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Pings the systemd watchdog at half its interval while the runtime is responsive.
+async fn watchdog(cancel: CancellationToken) {
+    let Some(every) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every / 2);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tick.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
         }
-        let started = Instant::now();
-        match store.run(|s| s.sweep(now_ms(), 10_000)).await {
-            Ok(r) => info!(
+    }
+}
+
+fn sweep_worker(store: Store, every: Duration) -> crate::workers::WorkerFn {
+    Box::new(move || {
+        let store = store.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let r = store
+                .run(|s| s.sweep(now_ms(), 10_000))
+                .await
+                .map_err(|e| e.to_string())?;
+            let m = crate::metrics::get();
+            let secs = started.elapsed().as_secs_f64();
+            m.sweep_runs.inc();
+            m.sweep_duration.observe(secs);
+            let kind = |k| crate::metrics::KindLabel { kind: k };
+            m.sweep_removed
+                .get_or_create(&kind("expired"))
+                .inc_by(r.expired.len() as u64);
+            m.sweep_removed
+                .get_or_create(&kind("purged"))
+                .inc_by(r.purged);
+            m.sweep_removed
+                .get_or_create(&kind("events"))
+                .inc_by(r.events_forgotten);
+            m.sweep_last_success
+                .set(i64::try_from(now_ms() / 1000).unwrap_or(0));
+            let s2 = store.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::metrics::refresh_store_gauges(&s2))
+                .await;
+            info!(
                 expired = r.expired.len(),
                 purged = r.purged,
                 events_forgotten = r.events_forgotten,
                 duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "Sweep finished."
-            ),
-            Err(e) => error!(error = %e, "Sweep failed; retrying at the next interval."),
-        }
-    }
+            );
+            Ok(every)
+        })
+    })
 }
 
-async fn backup_loop(
+fn backup_worker(
     store: Store,
     cfg: crate::config::BackupConfig,
-    schedule: String,
-    cancel: CancellationToken,
-) {
-    let (Ok(sched), Some(dir)) = (crate::schedule::Schedule::parse(&schedule), cfg.dir.clone())
-    else {
-        error!("Scheduled backups are misconfigured; none will be taken.");
-        return;
-    };
-    loop {
-        let now = now_ms();
-        let Some(next) = sched.next_after(now) else {
-            return;
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))) => {}
-        }
-        let prot = if cfg.recipients.is_empty() {
-            cfg.passphrase
-                .clone()
-                .map(crate::backup::Protection::Passphrase)
-                .ok_or_else(|| "no backup.recipients or backup.passphrase".to_owned())
-        } else {
-            crate::backup::Protection::recipients(&cfg.recipients).map_err(|e| e.to_string())
-        };
-        let prot = match prot {
-            Ok(p) => p,
-            Err(e) => {
-                error!(error = %e, "Scheduled backup skipped.");
-                continue;
-            }
-        };
-        let (s, d, keep) = (store.clone(), dir.clone(), cfg.keep);
-        match tokio::task::spawn_blocking(move || crate::http::take_backup_now(&s, &d, &prot, keep))
+    schedule: &str,
+) -> Result<crate::workers::WorkerFn, CliError> {
+    let sched = crate::schedule::Schedule::parse(schedule)
+        .map_err(|e| anyhow::anyhow!("backup.schedule: {e}"))?;
+    let dir = cfg
+        .dir
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("backup.schedule is set but backup.dir is not"))?;
+    Ok(Box::new(move || {
+        let (store, cfg, sched, dir) = (store.clone(), cfg.clone(), sched.clone(), dir.clone());
+        Box::pin(async move {
+            let now = now_ms();
+            let next = sched
+                .next_after(now)
+                .ok_or("the backup schedule never fires")?;
+            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))).await;
+            let prot = if cfg.recipients.is_empty() {
+                cfg.passphrase
+                    .clone()
+                    .map(crate::backup::Protection::Passphrase)
+                    .ok_or("no backup.recipients or backup.passphrase")?
+            } else {
+                crate::backup::Protection::recipients(&cfg.recipients).map_err(|e| e.to_string())?
+            };
+            let keep = cfg.keep;
+            let outcome = tokio::task::spawn_blocking(move || {
+                crate::http::take_backup_now(&store, &dir, &prot, keep)
+            })
             .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, "Scheduled backup failed; retrying at the next scheduled time.")
+            .map_err(|e| e.to_string())?;
+            let label = |o| crate::metrics::OutcomeLabel { outcome: o };
+            match outcome {
+                Ok(_) => {
+                    crate::metrics::get()
+                        .backups
+                        .get_or_create(&label("success"))
+                        .inc();
+                    Ok(Duration::ZERO)
+                }
+                Err(e) => {
+                    crate::metrics::get()
+                        .backups
+                        .get_or_create(&label("failure"))
+                        .inc();
+                    Err(e.to_string())
+                }
             }
-            Err(e) => error!(error = %e, "Scheduled backup task failed."),
-        }
-    }
+        })
+    }))
 }

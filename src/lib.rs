@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod metrics;
 pub mod schedule;
 pub mod storage;
 pub mod telemetry;
+pub mod workers;

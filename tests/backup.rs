@@ -318,6 +318,7 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
             .env("LARK_SERVICE_ADMIN_TOKEN", "admin-test-token")
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("BACKUP_DIR", dir.path().join("backups"))
+            .env("PROMETHEUS_PORT", "0")
             .env("BACKUP_RECIPIENTS", id.to_public().to_string())
             .env("STORAGE_PATH", dir.path().join("s.redb"));
         c

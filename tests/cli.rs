@@ -277,7 +277,13 @@ fn wrong_key_is_reported_by_key_id_and_rotation_via_cli() {
 fn a_running_service_holds_the_lock_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut serve = cmd(dir.path())
-        .args(["serve", "--set", "http.listen=127.0.0.1:0"])
+        .args([
+            "serve",
+            "--set",
+            "http.listen=127.0.0.1:0",
+            "--set",
+            "metrics.port=0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -26,6 +26,8 @@ pub struct AppState {
     pub admin_token: Option<SecretString>,
     /// Where and how backups are written.
     pub backup: Arc<BackupConfig>,
+    /// Background workers' status.
+    pub workers: crate::workers::Workers,
 }
 
 /// True if the request carries `Authorization: Bearer <token>` matching `want` (constant time).
@@ -47,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/", get(status))
         .route("/api/v1/backups", post(take_backup))
+        .route("/workers", get(workers))
         .with_state(state)
 }
 
@@ -161,4 +164,21 @@ pub fn take_backup_now(
     })?;
     tracing::info!(path = %path.display(), records = h.total(), pruned = pruned.len(), "Backup written.");
     Ok((path, h))
+}
+
+/// `GET /workers`: each background worker's state, last run and last error (admin bearer).
+async fn workers(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if !bearer_ok(&headers, s.admin_token.as_ref()) {
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin bearer token is required",
+        );
+    }
+    (
+        StatusCode::OK,
+        Json(serde_json::json!(s.workers.snapshot())),
+    )
 }

@@ -87,6 +87,13 @@ impl Drop for Inner {
     }
 }
 
+static COMMIT_OBSERVER: std::sync::OnceLock<fn(f64)> = std::sync::OnceLock::new();
+
+/// Installs a function told the duration (seconds) of every commit (metrics). First call wins.
+pub fn set_commit_observer(f: fn(f64)) {
+    let _ = COMMIT_OBSERVER.set(f);
+}
+
 const KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"lark-service key check";
 const SCHEMA_KEY: &str = "schema_version";
@@ -216,7 +223,12 @@ impl Store {
     }
 
     fn commit(&self, txn: redb::WriteTransaction) -> Result<()> {
-        txn.commit().map_err(|e| self.err(e))
+        let started = std::time::Instant::now();
+        let r = txn.commit().map_err(|e| self.err(e));
+        if let Some(observe) = COMMIT_OBSERVER.get() {
+            observe(started.elapsed().as_secs_f64());
+        }
+        r
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction> {

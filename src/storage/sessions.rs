@@ -169,6 +169,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Number of sessions in each state (reads every record; for gauges every sweep interval).
+    pub fn count_sessions_by_state(&self) -> Result<Vec<(SessionState, u64)>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let mut counts = [0u64; 6];
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            let s = StoredSession::decode(v.value())?;
+            if let Some(i) = SessionState::ALL.iter().position(|x| *x == s.state) {
+                counts[i] += 1;
+            }
+        }
+        Ok(SessionState::ALL.into_iter().zip(counts).collect())
+    }
+
     /// Revokes a session: it becomes `revoked` and, if it produced the user's current token,
     /// that token is deleted. Returns the updated session, or `None` if it does not exist.
     pub fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>> {

@@ -1,0 +1,342 @@
+//! Metrics: every `lark_service_*` family, registered once, served as OpenMetrics text on the
+//! separate `/metrics` listener (`PROMETHEUS_PORT`).
+//!
+//! Label sets are bounded: no user, session or event ids, only fixed vocabularies (reason,
+//! outcome, state, endpoint group) and the one app id.
+
+use std::sync::{LazyLock, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `{app_id}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    /// The Lark app id.
+    pub app_id: String,
+}
+
+/// `{reason}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A failure reason from the fixed list.
+    pub reason: &'static str,
+}
+
+/// `{outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// success, failure, reauth_required, …
+    pub outcome: &'static str,
+}
+
+/// `{state}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// A session state.
+    pub state: &'static str,
+}
+
+/// `{kind}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// A frame or event kind, or a sweep removal kind.
+    pub kind: &'static str,
+}
+
+/// `{source}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// websocket or http.
+    pub source: &'static str,
+}
+
+/// `{endpoint, outcome}` for Lark OpenAPI calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    /// Endpoint group: token, oauth, authen, contact, im, apaas, ws_endpoint.
+    pub endpoint: &'static str,
+    /// success, api_error, transport_error, rate_limited.
+    pub outcome: &'static str,
+}
+
+/// `{endpoint}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// Endpoint group.
+    pub endpoint: &'static str,
+}
+
+/// `{worker}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// Worker name.
+    pub worker: &'static str,
+}
+
+fn latency() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+fn slow() -> Histogram {
+    // 50 ms … ~27 min, for request → completion of an authorization.
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+/// Every metric of the service.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// 1 while the long connection is up.
+    pub ws_connection_status: Family<AppLabel, Gauge>,
+    /// Reconnect attempts.
+    pub ws_reconnects: Counter,
+    /// Frames received by kind (ping, pong, event, card, other).
+    pub ws_frames_received: Family<KindLabel, Counter>,
+    /// Events received by source.
+    pub events_received: Family<SourceLabel, Counter>,
+    /// Events dropped as duplicates.
+    pub events_deduplicated: Counter,
+    /// Event receipt → ACK sent.
+    pub event_ack_duration: Histogram,
+    /// Authorization requests accepted (card sent or reused).
+    pub auth_requests: Counter,
+    /// Authorization requests refused by the rate limit.
+    pub auth_rate_limited: Counter,
+    /// Completed authorizations.
+    pub auth_success: Counter,
+    /// Failed authorizations by reason.
+    pub auth_failure: Family<ReasonLabel, Counter>,
+    /// Request → completed.
+    pub auth_duration: Histogram,
+    /// Token refreshes by outcome.
+    pub token_refresh: Family<OutcomeLabel, Counter>,
+    /// Sessions by state (updated by the sweep).
+    pub sessions: Family<StateLabel, Gauge>,
+    /// Sweep runs.
+    pub sweep_runs: Counter,
+    /// Records the sweep removed or changed, by kind (expired, purged, events).
+    pub sweep_removed: Family<KindLabel, Counter>,
+    /// Sweep duration.
+    pub sweep_duration: Histogram,
+    /// Unix time of the last successful sweep.
+    pub sweep_last_success: Gauge,
+    /// Lark OpenAPI calls.
+    pub lark_api_requests: Family<ApiLabel, Counter>,
+    /// Lark OpenAPI latency.
+    pub lark_api_duration: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    /// Store file size.
+    pub store_size_bytes: Gauge,
+    /// Store commit latency.
+    pub store_commit_duration: Histogram,
+    /// Worker restarts after a failure or panic.
+    pub worker_restarts: Family<WorkerLabel, Counter>,
+    /// Backups by outcome.
+    pub backups: Family<OutcomeLabel, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("lark_service")),
+            ws_connection_status: Family::default(),
+            ws_reconnects: Counter::default(),
+            ws_frames_received: Family::default(),
+            events_received: Family::default(),
+            events_deduplicated: Counter::default(),
+            event_ack_duration: latency(),
+            auth_requests: Counter::default(),
+            auth_rate_limited: Counter::default(),
+            auth_success: Counter::default(),
+            auth_failure: Family::default(),
+            auth_duration: slow(),
+            token_refresh: Family::default(),
+            sessions: Family::default(),
+            sweep_runs: Counter::default(),
+            sweep_removed: Family::default(),
+            sweep_duration: latency(),
+            sweep_last_success: Gauge::default(),
+            lark_api_requests: Family::default(),
+            lark_api_duration: Family::new_with_constructor(latency),
+            store_size_bytes: Gauge::default(),
+            store_commit_duration: latency(),
+            worker_restarts: Family::default(),
+            backups: Family::default(),
+        };
+        {
+            let mut r = m
+                .registry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.register(
+                "websocket_connection_status",
+                "1 while the long connection is up",
+                m.ws_connection_status.clone(),
+            );
+            r.register(
+                "websocket_reconnects",
+                "Long connection reconnect attempts",
+                m.ws_reconnects.clone(),
+            );
+            r.register(
+                "websocket_frames_received",
+                "Frames received on the long connection, by kind",
+                m.ws_frames_received.clone(),
+            );
+            r.register(
+                "events_received",
+                "Events received, by source",
+                m.events_received.clone(),
+            );
+            r.register(
+                "events_deduplicated",
+                "Events dropped because their event id was already seen",
+                m.events_deduplicated.clone(),
+            );
+            r.register(
+                "event_ack_duration_seconds",
+                "From receiving an event frame to sending its ACK",
+                m.event_ack_duration.clone(),
+            );
+            r.register(
+                "auth_requests",
+                "Authorization requests accepted",
+                m.auth_requests.clone(),
+            );
+            r.register(
+                "auth_rate_limited",
+                "Authorization requests refused by the per-user rate limit",
+                m.auth_rate_limited.clone(),
+            );
+            r.register(
+                "auth_success",
+                "Authorizations completed",
+                m.auth_success.clone(),
+            );
+            r.register(
+                "auth_failure",
+                "Authorizations failed, by reason",
+                m.auth_failure.clone(),
+            );
+            r.register(
+                "auth_duration_seconds",
+                "From authorization request to completion",
+                m.auth_duration.clone(),
+            );
+            r.register(
+                "token_refresh",
+                "User token refreshes, by outcome",
+                m.token_refresh.clone(),
+            );
+            r.register(
+                "sessions",
+                "Sessions in the store, by state",
+                m.sessions.clone(),
+            );
+            r.register("sweep_runs", "TTL sweep runs", m.sweep_runs.clone());
+            r.register(
+                "sweep_removed",
+                "Records the sweep expired or deleted, by kind",
+                m.sweep_removed.clone(),
+            );
+            r.register(
+                "sweep_duration_seconds",
+                "TTL sweep duration",
+                m.sweep_duration.clone(),
+            );
+            r.register(
+                "sweep_last_success_timestamp_seconds",
+                "Unix time of the last successful sweep",
+                m.sweep_last_success.clone(),
+            );
+            r.register(
+                "lark_api_requests",
+                "Lark OpenAPI calls, by endpoint group and outcome",
+                m.lark_api_requests.clone(),
+            );
+            r.register(
+                "lark_api_duration_seconds",
+                "Lark OpenAPI call latency, by endpoint group",
+                m.lark_api_duration.clone(),
+            );
+            r.register(
+                "store_size_bytes",
+                "Size of the store file",
+                m.store_size_bytes.clone(),
+            );
+            r.register(
+                "store_commit_duration_seconds",
+                "Store write transaction commit latency",
+                m.store_commit_duration.clone(),
+            );
+            r.register(
+                "worker_restarts",
+                "Background worker restarts after a failure",
+                m.worker_restarts.clone(),
+            );
+            r.register("backups", "Backups taken, by outcome", m.backups.clone());
+        }
+        m
+    }
+
+    /// OpenMetrics text of every family.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let r = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let m = Metrics::new();
+    crate::storage::set_commit_observer(|secs| get().store_commit_duration.observe(secs));
+    m
+});
+
+/// The process-wide metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// Refreshes the gauges that are read from the store (sessions by state, file size).
+pub fn refresh_store_gauges(store: &crate::storage::Store) {
+    let m = get();
+    if let Ok(by_state) = store.count_sessions_by_state() {
+        for (state, n) in by_state {
+            m.sessions
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+    if let Ok(meta) = std::fs::metadata(store.path()) {
+        m.store_size_bytes
+            .set(i64::try_from(meta.len()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The `/metrics` router for the separate listener.
+pub fn router() -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                get().encode(),
+            )
+        }),
+    )
+}
