@@ -131,6 +131,14 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let workers = crate::workers::Workers::default();
     crate::metrics::refresh_store_gauges(&store);
+    if let Some(app_id) = &cfg.app_id {
+        let status = &crate::metrics::get().ws_connection_status;
+        status
+            .get_or_create(&crate::metrics::AppLabel {
+                app_id: app_id.clone(),
+            })
+            .set(0);
+    }
 
     if store.run(|s| s.rotation_pending()).await? {
         let s = store.clone();

@@ -280,7 +280,65 @@ impl Metrics {
             );
             r.register("backups", "Backups taken, by outcome", m.backups.clone());
         }
+        m.zero_known_labels();
         m
+    }
+
+    /// Creates every child of the fixed label vocabularies at zero, so each series exists
+    /// from the start and `rate()`/`increase()` see the first event.
+    fn zero_known_labels(&self) {
+        for kind in ["ping", "pong", "event", "card", "other"] {
+            let _ = self.ws_frames_received.get_or_create(&KindLabel { kind });
+        }
+        for source in ["websocket", "http"] {
+            let _ = self.events_received.get_or_create(&SourceLabel { source });
+        }
+        for r in crate::storage::FailureReason::ALL {
+            let _ = self
+                .auth_failure
+                .get_or_create(&ReasonLabel { reason: r.as_str() });
+        }
+        for outcome in ["success", "failure", "reauth_required"] {
+            let _ = self.token_refresh.get_or_create(&OutcomeLabel { outcome });
+        }
+        for s in crate::storage::SessionState::ALL {
+            let _ = self
+                .sessions
+                .get_or_create(&StateLabel { state: s.as_str() });
+        }
+        for kind in ["expired", "purged", "events"] {
+            let _ = self.sweep_removed.get_or_create(&KindLabel { kind });
+        }
+        for endpoint in [
+            "token",
+            "ws_endpoint",
+            "oauth",
+            "authen",
+            "contact",
+            "im",
+            "apaas",
+        ] {
+            let _ = self
+                .lark_api_duration
+                .get_or_create(&EndpointLabel { endpoint });
+            for outcome in ["success", "api_error", "transport_error", "rate_limited"] {
+                let _ = self
+                    .lark_api_requests
+                    .get_or_create(&ApiLabel { endpoint, outcome });
+            }
+        }
+        for worker in [
+            "ttl_sweep",
+            "token_refresh",
+            "user_sync",
+            "backup",
+            "long_connection",
+        ] {
+            let _ = self.worker_restarts.get_or_create(&WorkerLabel { worker });
+        }
+        for outcome in ["success", "failure"] {
+            let _ = self.backups.get_or_create(&OutcomeLabel { outcome });
+        }
     }
 
     /// OpenMetrics text of every family.
@@ -325,18 +383,153 @@ pub fn refresh_store_gauges(store: &crate::storage::Store) {
     }
 }
 
-/// The `/metrics` router for the separate listener.
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4, for scrapers and tools (such as
+/// `promtool check metrics`) that do not ask for OpenMetrics: counter families are named with
+/// their `_total` suffix and the `# EOF` line is dropped.
+#[must_use]
+pub fn openmetrics_to_text004(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The `/metrics` router for the separate listener: OpenMetrics when the scraper accepts it
+/// (Prometheus does), Prometheus text 0.0.4 otherwise.
 pub fn router() -> axum::Router {
     axum::Router::new().route(
         "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )],
-                get().encode(),
-            )
+        axum::routing::get(|headers: axum::http::HeaderMap| async move {
+            let wants_om = headers
+                .get(axum::http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if wants_om {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    get().encode(),
+                )
+            } else {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    openmetrics_to_text004(&get().encode()),
+                )
+            }
         }),
     )
+}
+
+/// The exported family names the alert rules and the dashboard rely on.
+pub const EXPORTED: &[&str] = &[
+    "lark_service_websocket_connection_status",
+    "lark_service_websocket_reconnects_total",
+    "lark_service_websocket_frames_received_total",
+    "lark_service_events_received_total",
+    "lark_service_events_deduplicated_total",
+    "lark_service_event_ack_duration_seconds",
+    "lark_service_auth_requests_total",
+    "lark_service_auth_rate_limited_total",
+    "lark_service_auth_success_total",
+    "lark_service_auth_failure_total",
+    "lark_service_auth_duration_seconds",
+    "lark_service_token_refresh_total",
+    "lark_service_sessions",
+    "lark_service_sweep_runs_total",
+    "lark_service_sweep_removed_total",
+    "lark_service_sweep_duration_seconds",
+    "lark_service_sweep_last_success_timestamp_seconds",
+    "lark_service_lark_api_requests_total",
+    "lark_service_lark_api_duration_seconds",
+    "lark_service_store_size_bytes",
+    "lark_service_store_commit_duration_seconds",
+    "lark_service_worker_restarts_total",
+    "lark_service_backups_total",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_family_is_exported_under_its_name() {
+        let m = get();
+        m.auth_failure
+            .get_or_create(&ReasonLabel {
+                reason: "code_expired",
+            })
+            .inc();
+        m.ws_connection_status
+            .get_or_create(&AppLabel {
+                app_id: "cli_x".into(),
+            })
+            .set(1);
+        let text = m.encode();
+        for name in EXPORTED {
+            let family = name.trim_end_matches("_total");
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} missing:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("lark_service_auth_failure_total{reason=\"code_expired\"} "),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let om =
+            "# HELP a_b Things.\n# TYPE a_b counter\na_b_total 3\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text004(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total 3\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
+    #[test]
+    fn the_monitoring_assets_use_only_exported_names() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/monitoring");
+        for f in ["alert-rules.yaml", "grafana-dashboard.json"] {
+            let text = std::fs::read_to_string(root.join(f)).unwrap();
+            let mut used = 0;
+            for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(rest) = word.strip_prefix("lark_service_") {
+                    used += 1;
+                    let base = ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .fold(word, |w, s| w.strip_suffix(s).unwrap_or(w));
+                    assert!(
+                        EXPORTED.contains(&base),
+                        "{f} uses {word} ({rest}), which is not exported"
+                    );
+                }
+            }
+            assert!(used > 5, "{f} uses too few metrics");
+        }
+    }
 }
