@@ -1,1 +1,3 @@
 //! lark-service: the library behind the `lark-service` binary.
+
+pub mod lark;

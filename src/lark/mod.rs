@@ -1,0 +1,18 @@
+//! Lark/Feishu OpenAPI client: app-identity tokens, user OAuth (v2), user
+//! info and directory lookups, IM messages and interactive cards, and aPaaS
+//! records, built to `docs/lark-protocol.md` §1, §4, §5 and §6.
+//!
+//! This module owns everything that speaks HTTP to the platform's OpenAPI
+//! and accounts hosts. It does not hold the long connection, store tokens or
+//! sessions, or decide authorization policy. Entry point: [`LarkClient::new`]
+//! with a [`LarkConfig`]; every endpoint is a method on [`LarkClient`].
+
+mod client;
+pub mod error;
+mod token;
+
+pub use client::{
+    Domain, LarkClient, LarkConfig, RetryPolicy, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TOKEN_REFRESH_SHARE,
+};
+pub use error::{Error, OAuthErrorKind};
