@@ -6,13 +6,21 @@
 //! and accounts hosts. It does not hold the long connection, store tokens or
 //! sessions, or decide authorization policy. Entry point: [`LarkClient::new`]
 //! with a [`LarkConfig`]; every endpoint is a method on [`LarkClient`].
+//!
+//! Layout: `client` (configuration, HTTP, retries), `token` (tenant/app
+//! token cache), `error`, `oauth`, `card` (authorize card builders), and
+//! `api::{authen, contact, im, apaas}`.
 
+pub mod card;
 mod client;
 pub mod error;
+pub mod oauth;
 mod token;
 
+pub use card::{AuthorizeCard, CardAction};
 pub use client::{
     Domain, LarkClient, LarkConfig, RetryPolicy, DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_TOKEN_REFRESH_SHARE,
 };
 pub use error::{Error, OAuthErrorKind};
+pub use oauth::{AuthCode, AuthorizeParams, Pkce, UserToken};
