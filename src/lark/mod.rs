@@ -11,12 +11,17 @@
 //! token cache), `error`, `oauth`, `card` (authorize card builders), and
 //! `api::{authen, contact, im, apaas}`.
 
+pub mod api;
 pub mod card;
 mod client;
 pub mod error;
 pub mod oauth;
 mod token;
 
+pub use api::apaas::{RecordPage, RecordQuery, TablePage, TableQuery};
+pub use api::authen::UserInfo;
+pub use api::contact::{ContactUser, ContactUserStatus, UserIdType};
+pub use api::im::{ReceiveIdType, Receiver, SentMessage};
 pub use card::{AuthorizeCard, CardAction};
 pub use client::{
     Domain, LarkClient, LarkConfig, RetryPolicy, DEFAULT_REQUEST_TIMEOUT,
