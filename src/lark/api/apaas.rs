@@ -18,10 +18,11 @@ use crate::lark::error::Error;
 
 /// Largest `page_size` the record query accepts.
 pub const MAX_PAGE_SIZE: u32 = 500;
+/// Most pages [`LarkClient::query_all_records`] fetches before giving up.
+pub const MAX_PAGES: usize = 1000;
 
 /// Body of `records/batch_query`. Unset fields are omitted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-#[non_exhaustive]
 pub struct RecordQuery {
     /// Field API names to return.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -90,7 +91,6 @@ pub struct RecordPage {
 /// Query parameters of the workspace table records list. Values are passed
 /// through as the platform expects them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct TableQuery {
     /// `page_size`.
     pub page_size: Option<u32>,
@@ -218,7 +218,8 @@ impl LarkClient {
 
     /// Runs [`query_records`](Self::query_records) with token paging until
     /// `has_more` is false, returning every record. Stops with an error if
-    /// the platform says `has_more` without a new page token.
+    /// the platform says `has_more` without a new page token, or after
+    /// [`MAX_PAGES`] pages.
     pub async fn query_all_records(
         &self,
         namespace: &str,
@@ -228,7 +229,7 @@ impl LarkClient {
         let mut query = query.clone();
         query.use_page_token = Some(true);
         let mut all = Vec::new();
-        loop {
+        for _ in 0..MAX_PAGES {
             let page = self.query_records(namespace, object, &query).await?;
             all.extend(page.items);
             if !page.has_more {
@@ -247,6 +248,11 @@ impl LarkClient {
                 }
             }
         }
+        Err(Error::Decode {
+            reason: format!("more than {MAX_PAGES} pages of records"),
+            status: 200,
+            log_id: None,
+        })
     }
 
     /// `POST …/records/{id}/query` with `{"select": […]}` (tenant token).
