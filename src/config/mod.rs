@@ -490,8 +490,7 @@ fn missing(key: &str) -> ConfigError {
 }
 
 fn valid_domain(d: &str) -> bool {
-    matches!(d, "feishu" | "lark")
-        || Url::parse(d).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+    d.parse::<crate::lark::Domain>().is_ok()
 }
 
 /// Collects values layer by layer; later layers replace earlier ones.
