@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod longconn;
 pub mod metrics;
 pub mod schedule;
 pub mod storage;
