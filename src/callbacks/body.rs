@@ -718,4 +718,32 @@ mod tests {
         let s = format!("{:?}", both());
         assert!(!s.contains(KEY) && !s.contains(TOKEN), "{s}");
     }
+
+    mod props {
+        use super::super::*;
+        use super::{both, headers, KEY};
+        use crate::callbacks::verify::signature_hex;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn arbitrary_bodies_never_panic(body in vec(any::<u8>(), 0..300)) {
+                let h = SignatureHeaders::default();
+                let _ = parse_callback(&body, &h, &both(), super::now());
+                let _ = parse_callback(&body, &h, &CallbackConfig::new(None, None), super::now());
+                let _ = parse_event_payload(&body);
+            }
+
+            #[test]
+            fn arbitrary_signed_encrypted_json_never_panics(inner in ".{0,200}") {
+                let enc = EventCipher::new(KEY).encrypt_with_iv(inner.as_bytes(), [1; 16]);
+                let body = serde_json::json!({ "encrypt": enc }).to_string();
+                let sig = signature_hex("1700000000", "n0nce", KEY, body.as_bytes());
+                if let Err(e) = parse_callback(body.as_bytes(), &headers(&sig), &both(), super::now()) {
+                    prop_assert!((400..500).contains(&e.status()));
+                }
+            }
+        }
+    }
 }

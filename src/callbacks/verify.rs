@@ -279,4 +279,28 @@ mod tests {
         assert_eq!(verify_token(Some("ab"), "abc"), Err(VerifyError::BadToken));
         assert_eq!(verify_token(None, "abc"), Err(VerifyError::BadToken));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn sign_then_verify(ts in "[0-9]{1,12}", nonce in ".{0,16}", key in ".{0,16}", body in vec(any::<u8>(), 0..100), extra in any::<u8>()) {
+                let sig = signature_hex(&ts, &nonce, &key, &body);
+                prop_assert!(verify_signature(&ts, &nonce, &key, &body, &sig).is_ok());
+                let mut longer = body.clone();
+                longer.push(extra);
+                prop_assert_eq!(verify_signature(&ts, &nonce, &key, &longer, &sig), Err(VerifyError::BadSignature));
+            }
+
+            #[test]
+            fn arbitrary_headers_never_panic(ts in ".{0,24}", sig in ".{0,70}", now in any::<u32>()) {
+                let now = UNIX_EPOCH + Duration::from_secs(u64::from(now));
+                let _ = check_timestamp(&ts, now, DEFAULT_TIMESTAMP_WINDOW);
+                let _ = verify_signature(&ts, "n", "k", b"{}", &sig);
+            }
+        }
+    }
 }

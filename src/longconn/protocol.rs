@@ -933,4 +933,79 @@ mod tests {
         assert!(!s.contains("schema"), "{s}");
         assert!(s.contains("payload_len"));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::option;
+        use proptest::prelude::*;
+
+        fn arb_header() -> impl Strategy<Value = Header> {
+            (".{0,12}", ".{0,12}").prop_map(|(key, value)| Header { key, value })
+        }
+
+        prop_compose! {
+            fn arb_frame()(
+                seq_id in any::<u64>(),
+                log_id in any::<u64>(),
+                service in any::<i32>(),
+                method in any::<i32>(),
+                headers in vec(arb_header(), 0..6),
+                payload_encoding in option::of(".{0,8}"),
+                payload_type in option::of(".{0,8}"),
+                payload in option::of(vec(any::<u8>(), 0..64)),
+                log_id_new in option::of(".{0,8}"),
+            ) -> Frame {
+                Frame {
+                    seq_id, log_id, service, method, headers,
+                    payload_encoding, payload_type, payload, log_id_new,
+                }
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn round_trip(f in arb_frame()) {
+                let bytes = f.to_bytes();
+                let back = Frame::decode_strict(&bytes).unwrap();
+                prop_assert_eq!(&back, &f);
+                prop_assert_eq!(back.to_bytes(), bytes);
+            }
+
+            #[test]
+            fn ack_round_trip(f in arb_frame(), ms in any::<u32>(), data in option::of(vec(any::<u8>(), 0..32))) {
+                let resp = data.map_or(AckResponse::Ok, AckResponse::OkWithData);
+                let ack = build_ack(&f, Duration::from_millis(u64::from(ms)), &resp);
+                let back = Frame::decode_strict(&ack.to_bytes()).unwrap();
+                prop_assert_eq!(back.seq_id, f.seq_id);
+                prop_assert_eq!(back.log_id, f.log_id);
+                prop_assert_eq!(&back.payload_type, &f.payload_type);
+                let rt = ms.to_string();
+                prop_assert_eq!(back.header(HEADER_BIZ_RT), Some(rt.as_str()));
+                prop_assert_eq!(back.payload, Some(resp.to_payload()));
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..256)) {
+                if let Ok(f) = Frame::decode_strict(&bytes) {
+                    // Whatever decodes strictly re-encodes to something that decodes equal.
+                    prop_assert_eq!(Frame::decode_strict(&f.to_bytes()).unwrap(), f);
+                }
+            }
+
+            #[test]
+            fn mutated_frames_never_panic(f in arb_frame(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+                let mut bytes = f.to_bytes();
+                let i = pos.index(bytes.len());
+                bytes[i] = byte;
+                let _ = Frame::decode_strict(&bytes);
+                let _ = Frame::decode_strict(&bytes[..i]);
+            }
+
+            #[test]
+            fn pong_config_never_panics(s in ".{0,64}") {
+                let _ = parse_pong_config(s.as_bytes());
+            }
+        }
+    }
 }

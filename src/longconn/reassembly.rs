@@ -569,4 +569,76 @@ mod tests {
             Err(ReassemblyError::Headers(DataHeaderError::NotANumber("seq")))
         ));
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use std::collections::HashSet;
+
+        proptest! {
+            #[test]
+            fn any_permutation_with_duplicates_reassembles(
+                payload in vec(any::<u8>(), 0..300),
+                sum in 1u32..10,
+                keys in vec(any::<u64>(), 10),
+                dups in vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..6),
+            ) {
+                let len = payload.len();
+                let n = sum as usize;
+                let chunk = |i: usize| &payload[i * len / n..(i + 1) * len / n];
+                let mut order: Vec<u32> = (0..sum).collect();
+                order.sort_by_key(|&i| keys[i as usize]);
+                for (at, which) in &dups {
+                    let seq = which.index(n) as u32;
+                    order.insert(at.index(order.len() + 1), seq);
+                }
+
+                let mut r = Reassembler::default();
+                let now = Instant::now();
+                let mut seen = HashSet::new();
+                let mut completions = 0;
+                for seq in order {
+                    let got = r.push("m", sum, seq, chunk(seq as usize), now).unwrap();
+                    if sum == 1 {
+                        prop_assert_eq!(got, Pushed::Complete(payload.clone()));
+                        completions += 1;
+                        continue;
+                    }
+                    if !seen.insert(seq) {
+                        prop_assert_eq!(got, Pushed::Duplicate);
+                    } else if seen.len() == n {
+                        prop_assert_eq!(got, Pushed::Complete(payload.clone()));
+                        seen.clear();
+                        completions += 1;
+                    } else {
+                        prop_assert_eq!(got, Pushed::Pending { received: seen.len() as u32, sum });
+                    }
+                }
+                prop_assert!(completions >= 1);
+                prop_assert_eq!(r.buffered_bytes(), r.partial.values().map(|p| p.bytes).sum::<usize>());
+            }
+
+            #[test]
+            fn bounds_always_hold(
+                pushes in vec((0u8..6, 1u32..5, any::<prop::sample::Index>(), 0usize..40, 0u64..20), 0..60),
+            ) {
+                let limits = ReassemblyLimits {
+                    max_total_bytes: 64,
+                    max_messages: 3,
+                    max_fragments: 4,
+                    ttl: Duration::from_secs(5),
+                };
+                let mut r = Reassembler::new(limits);
+                let t0 = Instant::now();
+                for (id, sum, seq, size, t) in pushes {
+                    let seq = seq.index(sum as usize) as u32;
+                    let _ = r.push(&id.to_string(), sum, seq, &vec![0; size], t0 + Duration::from_secs(t));
+                    prop_assert!(r.buffered_bytes() <= 64);
+                    prop_assert!(r.pending_messages() <= 3);
+                    prop_assert_eq!(r.buffered_bytes(), r.partial.values().map(|p| p.bytes).sum::<usize>());
+                }
+            }
+        }
+    }
 }
