@@ -58,22 +58,55 @@ fn every_fixture_decodes_to_the_manifest_and_reencodes_identically() {
 
         assert_eq!(f.seq_id, u64_of(&entry["seq_id"]), "{name} SeqID");
         assert_eq!(f.log_id, u64_of(&entry["log_id"]), "{name} LogID");
-        assert_eq!(i64::from(f.service), entry["service"].as_i64().unwrap(), "{name} service");
-        assert_eq!(i64::from(f.method), entry["method"].as_i64().unwrap(), "{name} method");
+        assert_eq!(
+            i64::from(f.service),
+            entry["service"].as_i64().unwrap(),
+            "{name} service"
+        );
+        assert_eq!(
+            i64::from(f.method),
+            entry["method"].as_i64().unwrap(),
+            "{name} method"
+        );
         let headers: Vec<(String, String)> = entry["headers"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|kv| (kv[0].as_str().unwrap().into(), kv[1].as_str().unwrap().into()))
+            .map(|kv| {
+                (
+                    kv[0].as_str().unwrap().into(),
+                    kv[1].as_str().unwrap().into(),
+                )
+            })
             .collect();
-        let got: Vec<(String, String)> =
-            f.headers.iter().map(|h| (h.key.clone(), h.value.clone())).collect();
+        let got: Vec<(String, String)> = f
+            .headers
+            .iter()
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect();
         assert_eq!(got, headers, "{name} headers");
-        assert_eq!(f.payload_encoding, opt_str(&entry["payload_encoding"]), "{name} field 6");
-        assert_eq!(f.payload_type, opt_str(&entry["payload_type"]), "{name} field 7");
-        assert_eq!(f.log_id_new, opt_str(&entry["log_id_new"]), "{name} field 9");
-        let payload = entry["payload_hex"].as_str().map(|h| hex::decode(h).unwrap());
-        assert_eq!(f.payload, payload, "{name} payload (field 8 presence included)");
+        assert_eq!(
+            f.payload_encoding,
+            opt_str(&entry["payload_encoding"]),
+            "{name} field 6"
+        );
+        assert_eq!(
+            f.payload_type,
+            opt_str(&entry["payload_type"]),
+            "{name} field 7"
+        );
+        assert_eq!(
+            f.log_id_new,
+            opt_str(&entry["log_id_new"]),
+            "{name} field 9"
+        );
+        let payload = entry["payload_hex"]
+            .as_str()
+            .map(|h| hex::decode(h).unwrap());
+        assert_eq!(
+            f.payload, payload,
+            "{name} payload (field 8 presence included)"
+        );
 
         let want_kind = match entry["kind"].as_str().unwrap() {
             "ping" => FrameKind::Ping,
@@ -82,14 +115,21 @@ fn every_fixture_decodes_to_the_manifest_and_reencodes_identically() {
             other => panic!("unknown kind {other}"),
         };
         assert_eq!(f.kind(), want_kind, "{name} kind");
-        assert_eq!(f.to_bytes(), bytes, "{name}: re-encoding must be byte-identical");
+        assert_eq!(
+            f.to_bytes(),
+            bytes,
+            "{name}: re-encoding must be byte-identical"
+        );
     }
 }
 
 #[test]
 fn ping_fixture_equals_our_ping() {
     let ping = frame_named("ping");
-    assert_eq!(lark_service::longconn::encode_ping(ping.service), read("ping.bin"));
+    assert_eq!(
+        lark_service::longconn::encode_ping(ping.service),
+        read("ping.bin")
+    );
 }
 
 #[test]
@@ -132,11 +172,17 @@ fn reassemble_all() -> Vec<(String, String)> {
         let want = hex::decode(msg["payload_hex"].as_str().unwrap()).unwrap();
         for (i, name) in delivery.iter().enumerate() {
             let f = frame_named(name);
-            let got = r.push_frame(&f, now).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = r
+                .push_frame(&f, now)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
             if i + 1 < delivery.len() {
                 assert!(matches!(got, Pushed::Pending { .. }), "{name}: {got:?}");
             } else {
-                assert_eq!(got, Pushed::Complete(want.clone()), "{id}: reassembled payload");
+                assert_eq!(
+                    got,
+                    Pushed::Complete(want.clone()),
+                    "{id}: reassembled payload"
+                );
                 completed_by.push((id.to_owned(), (*name).to_owned()));
             }
         }
@@ -237,14 +283,23 @@ fn our_acks_match_the_official_encoder() {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "check_ack.py rejected our ACKs:\n{log}");
+        assert!(
+            out.status.success(),
+            "check_ack.py rejected our ACKs:\n{log}"
+        );
         assert!(log.contains("ACKs accepted"), "{log}");
     }
 }
 
 #[test]
 fn truncated_fixtures_are_rejected_without_panicking() {
-    for name in ["ping", "pong_config", "event_plain", "optional_fields", "empty_payload"] {
+    for name in [
+        "ping",
+        "pong_config",
+        "event_plain",
+        "optional_fields",
+        "empty_payload",
+    ] {
         let bytes = read(&format!("{name}.bin"));
         for cut in 0..bytes.len() {
             // Any prefix either fails or decodes to something that re-encodes to that prefix
