@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
             let now = Instant::now();
             // Push it twice (duplicate) and once more after expiry.
             for t in [0, 0, 10] {
-                if let Ok(Pushed::Complete(payload)) = r.push_frame(&frame, now + Duration::from_secs(t)) {
+                if let Ok(Pushed::Complete(payload)) =
+                    r.push_frame(&frame, now + Duration::from_secs(t))
+                {
                     let _ = parse_event_payload(&payload);
                 }
             }
