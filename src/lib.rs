@@ -2,11 +2,13 @@
 //! an embedded encrypted store. The binary is a thin shell over this library.
 
 pub mod backup;
+pub mod callbacks;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod lark;
+pub mod longconn;
 pub mod metrics;
 pub mod schedule;
 pub mod storage;

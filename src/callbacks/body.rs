@@ -1,0 +1,749 @@
+//! Parsing and authenticating one HTTP callback request body (protocol doc §3.2–§3.8).
+//!
+//! Owns: the size limit, the `{"encrypt": …}` unwrapping, the `url_verification` challenge,
+//! the schema 2.0 and 1.0 event envelopes, the `card.action.trigger` callback, the order of
+//! the security checks (signature over the raw bytes, timestamp window, verification token),
+//! and the mapping of every failure to an HTTP 4xx status.
+//!
+//! Must not: do I/O, read the clock (`now` is a parameter), de-duplicate events or dispatch
+//! them (the routes and the event layer do that), or put body contents in error messages.
+//! The same envelope parser serves the long connection ([`parse_event_payload`]), whose
+//! payloads are plaintext and unauthenticated by design (§2.1).
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use super::decrypt::{DecryptError, EventCipher};
+use super::verify::{self, SignatureHeaders, VerifyError, DEFAULT_TIMESTAMP_WINDOW};
+
+/// Default maximum request body size: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// `header.event_type` of the new card callback.
+pub const CARD_ACTION_TRIGGER: &str = "card.action.trigger";
+
+/// The app's callback secrets and limits.
+pub struct CallbackConfig {
+    verification_token: Option<Zeroizing<String>>,
+    encrypt: Option<(Zeroizing<String>, EventCipher)>,
+    /// Larger bodies are rejected with 413 before anything else happens.
+    pub max_body_bytes: usize,
+    /// Accepted distance between `X-Lark-Request-Timestamp` and now for signed requests;
+    /// `None` disables the check (the SDKs do not check it).
+    pub timestamp_window: Option<Duration>,
+}
+
+impl std::fmt::Debug for CallbackConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackConfig")
+            .field(
+                "verification_token",
+                &self.verification_token.as_ref().map(|_| "***"),
+            )
+            .field("encrypt_key", &self.encrypt.as_ref().map(|_| "***"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("timestamp_window", &self.timestamp_window)
+            .finish()
+    }
+}
+
+impl CallbackConfig {
+    /// Builds the config from the app's Verification Token and Encrypt Key (empty strings
+    /// count as not configured), with the default size limit and timestamp window.
+    ///
+    /// With an Encrypt Key every request except `url_verification` must carry a valid
+    /// signature. With neither secret set, requests are not authenticated at all; the config
+    /// layer should refuse that outside tests.
+    pub fn new(verification_token: Option<&str>, encrypt_key: Option<&str>) -> Self {
+        let non_empty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
+        Self {
+            verification_token: non_empty(verification_token).map(Zeroizing::new),
+            encrypt: non_empty(encrypt_key).map(|k| {
+                let cipher = EventCipher::new(&k);
+                (Zeroizing::new(k), cipher)
+            }),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            timestamp_window: Some(DEFAULT_TIMESTAMP_WINDOW),
+        }
+    }
+
+    /// Whether an Encrypt Key is configured.
+    pub fn has_encrypt_key(&self) -> bool {
+        self.encrypt.is_some()
+    }
+
+    /// Whether a Verification Token is configured.
+    pub fn has_verification_token(&self) -> bool {
+        self.verification_token.is_some()
+    }
+
+    /// The cipher derived from the Encrypt Key, if configured.
+    pub fn cipher(&self) -> Option<&EventCipher> {
+        self.encrypt.as_ref().map(|(_, c)| c)
+    }
+}
+
+/// Event envelope schema (§3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// `{"schema":"2.0","header":{…},"event":{…}}`.
+    V2,
+    /// `{"ts","uuid","token","type":"event_callback","event":{"type":…}}`.
+    V1,
+}
+
+/// A parsed event (or schema 2.0 callback). `Debug` omits the body.
+#[derive(Clone, PartialEq)]
+pub struct EventEnvelope {
+    /// Which envelope shape it came in.
+    pub schema: Schema,
+    /// `header.event_id` (v2) or `uuid` (v1): the de-duplication key.
+    pub event_id: String,
+    /// `header.event_type` (v2) or `event.type` (v1).
+    pub event_type: String,
+    /// `header.create_time` (v2, ms as a string) or `ts` (v1), verbatim.
+    pub create_time: Option<String>,
+    /// The verification token carried by the payload, if any.
+    pub token: Option<String>,
+    /// `header.app_id` (v2) or `event.app_id` (v1).
+    pub app_id: Option<String>,
+    /// `header.tenant_key` (v2) or `event.tenant_key` (v1).
+    pub tenant_key: Option<String>,
+    /// The whole plaintext envelope.
+    pub json: Value,
+}
+
+impl std::fmt::Debug for EventEnvelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventEnvelope")
+            .field("schema", &self.schema)
+            .field("event_id", &self.event_id)
+            .field("event_type", &self.event_type)
+            .field("create_time", &self.create_time)
+            .field("app_id", &self.app_id)
+            .field("tenant_key", &self.tenant_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventEnvelope {
+    /// The `event` object.
+    pub fn event(&self) -> Option<&Value> {
+        self.json.get("event")
+    }
+}
+
+/// A `card.action.trigger` callback (§3.8) with its commonly used fields extracted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardAction {
+    /// The full envelope (`event` holds every field).
+    pub envelope: EventEnvelope,
+    /// `event.operator.open_id`.
+    pub operator_open_id: Option<String>,
+    /// `event.operator.user_id`.
+    pub operator_user_id: Option<String>,
+    /// `event.token`: the `c-…` token for a delayed card update (valid 30 min).
+    pub update_token: Option<String>,
+    /// `event.action.tag`, e.g. `button`.
+    pub action_tag: Option<String>,
+    /// `event.action.value`: an object, parsed from a JSON string when it arrives as one;
+    /// `Null` when absent.
+    pub action_value: Value,
+    /// `event.context.open_message_id`.
+    pub open_message_id: Option<String>,
+    /// `event.context.open_chat_id`.
+    pub open_chat_id: Option<String>,
+}
+
+impl CardAction {
+    /// The clicking user: `open_id`, falling back to `user_id` (some cards send only that).
+    pub fn operator_id(&self) -> Option<&str> {
+        self.operator_open_id
+            .as_deref()
+            .or(self.operator_user_id.as_deref())
+    }
+
+    fn from_envelope(envelope: EventEnvelope) -> Self {
+        let ev = envelope.json.get("event");
+        let s = |ptr: &str| {
+            ev.and_then(|e| e.pointer(ptr))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let action_value = match ev.and_then(|e| e.pointer("/action/value")) {
+            Some(Value::String(text)) => {
+                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
+            }
+            Some(v) => v.clone(),
+            None => Value::Null,
+        };
+        Self {
+            operator_open_id: s("/operator/open_id"),
+            operator_user_id: s("/operator/user_id"),
+            update_token: s("/token"),
+            action_tag: s("/action/tag"),
+            action_value,
+            open_message_id: s("/context/open_message_id"),
+            open_chat_id: s("/context/open_chat_id"),
+            envelope,
+        }
+    }
+}
+
+/// What a callback request turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Callback {
+    /// `url_verification`: answer 200 `{"challenge": …}` (see [`challenge_response`]).
+    UrlVerification {
+        /// The value to echo.
+        challenge: String,
+    },
+    /// Any event other than a card action: answer 200 after queueing it.
+    Event(EventEnvelope),
+    /// `card.action.trigger`: answer 200 with the callback response (toast / card) or `{}`.
+    CardAction(Box<CardAction>),
+}
+
+/// Why a callback body was rejected. Use [`BodyError::status`] for the HTTP status and do not
+/// echo the `Display` text to the peer beyond [`BodyError::public_message`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// The body exceeds the configured limit.
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The body (or decrypted body) is not a UTF-8 JSON object.
+    #[error("request body is not a JSON object")]
+    InvalidJson,
+    /// The body is `{"encrypt": …}` but no Encrypt Key is configured.
+    #[error("request body is encrypted but no encrypt key is configured")]
+    NoEncryptKey,
+    /// The `encrypt` value could not be decrypted.
+    #[error(transparent)]
+    Decrypt(#[from] DecryptError),
+    /// Signature, timestamp or verification-token check failed.
+    #[error(transparent)]
+    Unauthorized(#[from] VerifyError),
+    /// A required envelope field is missing or not a string.
+    #[error("envelope field {0} is missing")]
+    MissingField(&'static str),
+    /// Neither a challenge nor a schema 2.0/1.0 event (e.g. a legacy card callback).
+    #[error("unsupported callback payload")]
+    Unsupported,
+}
+
+impl BodyError {
+    /// The HTTP status to answer with: 413 too large, 401 authentication failures, 400
+    /// everything else. All decryption failures share 400 with malformed bodies, so a peer
+    /// cannot use the status as a padding oracle.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::TooLarge { .. } => 413,
+            Self::Unauthorized(_) => 401,
+            Self::InvalidJson
+            | Self::NoEncryptKey
+            | Self::Decrypt(_)
+            | Self::MissingField(_)
+            | Self::Unsupported => 400,
+        }
+    }
+
+    /// A short message safe to send to the peer (same for every variant with one status).
+    pub fn public_message(&self) -> &'static str {
+        match self.status() {
+            413 => "payload too large",
+            401 => "unauthorized",
+            _ => "bad request",
+        }
+    }
+}
+
+/// The JSON body answering a `url_verification` request: `{"challenge":"…"}`.
+pub fn challenge_response(challenge: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "challenge": challenge }))
+        .unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// Authenticates and parses one HTTP callback request.
+///
+/// Order of checks: size limit; signature over the raw bytes (when an Encrypt Key is
+/// configured) and timestamp window; JSON; decryption of `encrypt`; then:
+/// * `url_verification` is answered even without a valid signature (the SDKs skip it for
+///   this type), but its token must match when a Verification Token is configured;
+/// * everything else is rejected if the signature check failed, then the verification
+///   token is enforced when configured and either no Encrypt Key is configured or the
+///   payload carries a token (the Python SDK's rule).
+pub fn parse_callback(
+    raw: &[u8],
+    headers: &SignatureHeaders<'_>,
+    config: &CallbackConfig,
+    now: SystemTime,
+) -> Result<Callback, BodyError> {
+    if raw.len() > config.max_body_bytes {
+        return Err(BodyError::TooLarge {
+            limit: config.max_body_bytes,
+        });
+    }
+    let signature = match &config.encrypt {
+        Some((key, _)) => verify::verify_request(headers, key, raw, now, config.timestamp_window),
+        None => Ok(()),
+    };
+
+    let outer = parse_object(raw)?;
+    let plain = match outer.get("encrypt") {
+        Some(Value::String(enc)) => {
+            let cipher = config.cipher().ok_or(BodyError::NoEncryptKey)?;
+            parse_object(&cipher.decrypt(enc)?)?
+        }
+        Some(_) => return Err(BodyError::InvalidJson),
+        None => outer,
+    };
+
+    if is_url_verification(&plain) {
+        if let Some(expected) = &config.verification_token {
+            verify::verify_token(str_at(&plain, "/token"), expected)?;
+        }
+        let challenge = str_at(&plain, "/challenge").ok_or(BodyError::MissingField("challenge"))?;
+        return Ok(Callback::UrlVerification {
+            challenge: challenge.to_owned(),
+        });
+    }
+
+    signature?;
+    let callback = classify(plain)?;
+    if let Some(expected) = &config.verification_token {
+        let token = match &callback {
+            Callback::Event(e) => e.token.as_deref(),
+            Callback::CardAction(c) => c.envelope.token.as_deref(),
+            Callback::UrlVerification { .. } => None,
+        };
+        if !config.has_encrypt_key() || token.is_some() {
+            verify::verify_token(token, expected)?;
+        }
+    }
+    Ok(callback)
+}
+
+/// Parses a long-connection payload: the same plaintext envelope as HTTP mode, without
+/// encryption or authentication (§2.7). A `url_verification` here is [`BodyError::Unsupported`].
+pub fn parse_event_payload(json: &[u8]) -> Result<Callback, BodyError> {
+    let v = parse_object(json)?;
+    if is_url_verification(&v) {
+        return Err(BodyError::Unsupported);
+    }
+    classify(v)
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Value, BodyError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        _ => Err(BodyError::InvalidJson),
+    }
+}
+
+fn str_at<'a>(v: &'a Value, ptr: &str) -> Option<&'a str> {
+    v.pointer(ptr).and_then(Value::as_str)
+}
+
+fn owned_at(v: &Value, ptr: &str) -> Option<String> {
+    str_at(v, ptr).map(str::to_owned)
+}
+
+fn is_url_verification(v: &Value) -> bool {
+    v.get("schema").is_none() && str_at(v, "/type") == Some("url_verification")
+}
+
+/// Classifies a plaintext envelope: `schema` present → v2, else `uuid` present → v1.
+fn classify(v: Value) -> Result<Callback, BodyError> {
+    let envelope = if v.get("schema").is_some() {
+        let header = v.get("header").ok_or(BodyError::MissingField("header"))?;
+        let field = |name: &'static str| {
+            header
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or(BodyError::MissingField(name))
+        };
+        EventEnvelope {
+            schema: Schema::V2,
+            event_id: field("event_id")?,
+            event_type: field("event_type")?,
+            create_time: owned_at(header, "/create_time"),
+            token: owned_at(header, "/token"),
+            app_id: owned_at(header, "/app_id"),
+            tenant_key: owned_at(header, "/tenant_key"),
+            json: v,
+        }
+    } else if v.get("uuid").is_some() {
+        let event_id = owned_at(&v, "/uuid")
+            .filter(|s| !s.is_empty())
+            .ok_or(BodyError::MissingField("uuid"))?;
+        let event_type = owned_at(&v, "/event/type")
+            .filter(|s| !s.is_empty())
+            .ok_or(BodyError::MissingField("event.type"))?;
+        EventEnvelope {
+            schema: Schema::V1,
+            event_id,
+            event_type,
+            create_time: owned_at(&v, "/ts"),
+            token: owned_at(&v, "/token"),
+            app_id: owned_at(&v, "/event/app_id"),
+            tenant_key: owned_at(&v, "/event/tenant_key"),
+            json: v,
+        }
+    } else {
+        return Err(BodyError::Unsupported);
+    };
+    if envelope.schema == Schema::V2 && envelope.event_type == CARD_ACTION_TRIGGER {
+        Ok(Callback::CardAction(Box::new(CardAction::from_envelope(
+            envelope,
+        ))))
+    } else {
+        Ok(Callback::Event(envelope))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callbacks::verify::signature_hex;
+    use std::time::UNIX_EPOCH;
+
+    const KEY: &str = "test-encrypt-key";
+    const TOKEN: &str = "xxxxxx";
+    const IV: [u8; 16] = [7; 16];
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_010)
+    }
+
+    fn v2(event_type: &str, token: &str) -> String {
+        serde_json::json!({
+            "schema": "2.0",
+            "header": {
+                "event_id": "ev1", "event_type": event_type, "create_time": "1608725989000",
+                "token": token, "app_id": "cli_x", "tenant_key": "tk"
+            },
+            "event": {
+                "operator": {"open_id": "ou_1", "user_id": "u1"},
+                "token": "c-abc",
+                "action": {"tag": "button", "value": {"action": "auth_done", "flow": "f1"}},
+                "context": {"open_message_id": "om_1", "open_chat_id": "oc_1"}
+            }
+        })
+        .to_string()
+    }
+
+    fn encrypted(plain: &str) -> String {
+        let enc = EventCipher::new(KEY).encrypt_with_iv(plain.as_bytes(), IV);
+        serde_json::json!({ "encrypt": enc }).to_string()
+    }
+
+    /// Signs `body` with the spec's header values.
+    fn signed(body: &str) -> (String, String) {
+        (
+            body.to_owned(),
+            signature_hex("1700000000", "n0nce", KEY, body.as_bytes()),
+        )
+    }
+
+    fn headers(sig: &str) -> SignatureHeaders<'_> {
+        SignatureHeaders {
+            timestamp: Some("1700000000"),
+            nonce: Some("n0nce"),
+            signature: Some(sig),
+        }
+    }
+
+    fn both() -> CallbackConfig {
+        CallbackConfig::new(Some(TOKEN), Some(KEY))
+    }
+
+    #[test]
+    fn spec_vector_challenge_encrypted_without_signature() {
+        let body = r#"{"encrypt":"AAECAwQFBgcICQoLDA0OD/pXnuQjbBOjuCGc9CaoydhrmhJPFb/HVRvdR3Xe4bcGZ2OtDXZ6996piNoH3O63DgxYvaraqv9DZHekCWh2CHPtFRQF/8gWDPjseZ74u+un"}"#;
+        let got = parse_callback(
+            body.as_bytes(),
+            &SignatureHeaders::default(),
+            &both(),
+            now(),
+        );
+        assert_eq!(
+            got,
+            Ok(Callback::UrlVerification {
+                challenge: "ajls384kdjx98XX".into()
+            })
+        );
+        // And with the spec's signature.
+        let sig = "d9869fc968e6c03222dfb00e5b92d2c61f4dbb3b8e7ec82063f0158dfb8f862c";
+        assert!(parse_callback(body.as_bytes(), &headers(sig), &both(), now()).is_ok());
+        assert_eq!(
+            challenge_response("ajls384kdjx98XX"),
+            br#"{"challenge":"ajls384kdjx98XX"}"#
+        );
+    }
+
+    #[test]
+    fn plain_challenge_checks_token() {
+        let body = r#"{"challenge":"c1","token":"xxxxxx","type":"url_verification"}"#;
+        let cfg = CallbackConfig::new(Some(TOKEN), None);
+        let h = SignatureHeaders::default();
+        assert_eq!(
+            parse_callback(body.as_bytes(), &h, &cfg, now()),
+            Ok(Callback::UrlVerification {
+                challenge: "c1".into()
+            })
+        );
+        let wrong = body.replace("xxxxxx", "yyy");
+        let err = parse_callback(wrong.as_bytes(), &h, &cfg, now()).unwrap_err();
+        assert_eq!(err, BodyError::Unauthorized(VerifyError::BadToken));
+        assert_eq!(err.status(), 401);
+        let no_challenge = r#"{"token":"xxxxxx","type":"url_verification"}"#;
+        assert_eq!(
+            parse_callback(no_challenge.as_bytes(), &h, &cfg, now()),
+            Err(BodyError::MissingField("challenge"))
+        );
+    }
+
+    #[test]
+    fn encrypted_signed_v2_event() {
+        let (body, sig) = signed(&encrypted(&v2("im.message.receive_v1", TOKEN)));
+        let got = parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).unwrap();
+        let Callback::Event(e) = got else {
+            panic!("not an event: {got:?}")
+        };
+        assert_eq!(e.schema, Schema::V2);
+        assert_eq!(e.event_id, "ev1");
+        assert_eq!(e.event_type, "im.message.receive_v1");
+        assert_eq!(e.create_time.as_deref(), Some("1608725989000"));
+        assert_eq!(e.app_id.as_deref(), Some("cli_x"));
+        assert_eq!(e.tenant_key.as_deref(), Some("tk"));
+        assert!(e.event().is_some());
+        assert!(
+            !format!("{e:?}").contains("ou_1"),
+            "Debug must not print the body"
+        );
+    }
+
+    #[test]
+    fn signature_failures_reject_events() {
+        let (body, sig) = signed(&encrypted(&v2("im.message.receive_v1", TOKEN)));
+        let cfg = both();
+        let bad = "0".repeat(64);
+        let err = parse_callback(body.as_bytes(), &headers(&bad), &cfg, now()).unwrap_err();
+        assert_eq!(err, BodyError::Unauthorized(VerifyError::BadSignature));
+        let err =
+            parse_callback(body.as_bytes(), &SignatureHeaders::default(), &cfg, now()).unwrap_err();
+        assert!(matches!(
+            err,
+            BodyError::Unauthorized(VerifyError::MissingHeader(_))
+        ));
+        let late = UNIX_EPOCH + Duration::from_secs(1_700_001_000);
+        let err = parse_callback(body.as_bytes(), &headers(&sig), &cfg, late).unwrap_err();
+        assert!(matches!(
+            err,
+            BodyError::Unauthorized(VerifyError::StaleTimestamp { .. })
+        ));
+        assert_eq!(err.status(), 401);
+        assert_eq!(err.public_message(), "unauthorized");
+        let mut no_window = both();
+        no_window.timestamp_window = None;
+        assert!(parse_callback(body.as_bytes(), &headers(&sig), &no_window, late).is_ok());
+    }
+
+    #[test]
+    fn token_rules() {
+        let h = SignatureHeaders::default();
+        // Token only: enforced on every event.
+        let cfg = CallbackConfig::new(Some(TOKEN), None);
+        let ok = v2("x.y", TOKEN);
+        assert!(parse_callback(ok.as_bytes(), &h, &cfg, now()).is_ok());
+        let bad = v2("x.y", "nope");
+        assert_eq!(
+            parse_callback(bad.as_bytes(), &h, &cfg, now()),
+            Err(BodyError::Unauthorized(VerifyError::BadToken))
+        );
+        let mut missing: Value = serde_json::from_str(&ok).unwrap();
+        missing["header"].as_object_mut().unwrap().remove("token");
+        let missing = missing.to_string();
+        assert_eq!(
+            parse_callback(missing.as_bytes(), &h, &cfg, now()),
+            Err(BodyError::Unauthorized(VerifyError::BadToken))
+        );
+        // Encrypt key + token: a payload without a token passes on the signature alone, a
+        // payload with a wrong token fails.
+        let (body, sig) = signed(&missing);
+        assert!(parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).is_ok());
+        let (body, sig) = signed(&bad);
+        assert_eq!(
+            parse_callback(body.as_bytes(), &headers(&sig), &both(), now()),
+            Err(BodyError::Unauthorized(VerifyError::BadToken))
+        );
+        // Nothing configured: accepted.
+        let none = CallbackConfig::new(Some(""), None);
+        assert!(!none.has_verification_token());
+        assert!(parse_callback(bad.as_bytes(), &h, &none, now()).is_ok());
+    }
+
+    #[test]
+    fn card_action() {
+        let (body, sig) = signed(&encrypted(&v2(CARD_ACTION_TRIGGER, TOKEN)));
+        let got = parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).unwrap();
+        let Callback::CardAction(c) = got else {
+            panic!("not a card action: {got:?}")
+        };
+        assert_eq!(c.operator_id(), Some("ou_1"));
+        assert_eq!(c.operator_user_id.as_deref(), Some("u1"));
+        assert_eq!(c.update_token.as_deref(), Some("c-abc"));
+        assert_eq!(c.action_tag.as_deref(), Some("button"));
+        assert_eq!(c.action_value["flow"], "f1");
+        assert_eq!(c.open_message_id.as_deref(), Some("om_1"));
+        assert_eq!(c.open_chat_id.as_deref(), Some("oc_1"));
+        assert_eq!(c.envelope.event_id, "ev1");
+    }
+
+    #[test]
+    fn card_action_value_as_json_string_and_user_id_fallback() {
+        let mut v: Value = serde_json::from_str(&v2(CARD_ACTION_TRIGGER, TOKEN)).unwrap();
+        v["event"]["action"]["value"] = Value::String(r#"{"action":"auth_done"}"#.into());
+        v["event"]["operator"]
+            .as_object_mut()
+            .unwrap()
+            .remove("open_id");
+        let Ok(Callback::CardAction(c)) = parse_event_payload(v.to_string().as_bytes()) else {
+            panic!("not a card action")
+        };
+        assert_eq!(c.action_value["action"], "auth_done");
+        assert_eq!(c.operator_id(), Some("u1"));
+        v["event"]["action"]["value"] = Value::String("plain text".into());
+        let Ok(Callback::CardAction(c)) = parse_event_payload(v.to_string().as_bytes()) else {
+            panic!("not a card action")
+        };
+        assert_eq!(c.action_value, "plain text");
+    }
+
+    #[test]
+    fn v1_envelope() {
+        let body = r#"{"ts":"1502199207.7171419","uuid":"u-1","token":"xxxxxx","type":"event_callback","event":{"type":"message","app_id":"cli_x","tenant_key":"tk"}}"#;
+        let cfg = CallbackConfig::new(Some(TOKEN), None);
+        let got =
+            parse_callback(body.as_bytes(), &SignatureHeaders::default(), &cfg, now()).unwrap();
+        let Callback::Event(e) = got else {
+            panic!("not an event")
+        };
+        assert_eq!(e.schema, Schema::V1);
+        assert_eq!(e.event_id, "u-1");
+        assert_eq!(e.event_type, "message");
+        assert_eq!(e.create_time.as_deref(), Some("1502199207.7171419"));
+        assert_eq!(e.app_id.as_deref(), Some("cli_x"));
+    }
+
+    #[test]
+    fn malformed_bodies_map_to_4xx() {
+        let h = SignatureHeaders::default();
+        let cfg = CallbackConfig::new(Some(TOKEN), None);
+        let cases: &[(&[u8], BodyError)] = &[
+            (b"", BodyError::InvalidJson),
+            (b"[]", BodyError::InvalidJson),
+            (b"\xff", BodyError::InvalidJson),
+            (br#"{"encrypt":"abc"}"#, BodyError::NoEncryptKey),
+            (br#"{"schema":"2.0"}"#, BodyError::MissingField("header")),
+            (
+                br#"{"schema":"2.0","header":{"event_id":"e"}}"#,
+                BodyError::MissingField("event_type"),
+            ),
+            (
+                br#"{"schema":"2.0","header":{"event_id":"","event_type":"t"}}"#,
+                BodyError::MissingField("event_id"),
+            ),
+            (br#"{"uuid":"u"}"#, BodyError::MissingField("event.type")),
+            (
+                br#"{"open_message_id":"om","action":{}}"#,
+                BodyError::Unsupported,
+            ),
+        ];
+        for (body, want) in cases {
+            let got = parse_callback(body, &h, &cfg, now()).unwrap_err();
+            assert_eq!(&got, want, "{}", String::from_utf8_lossy(body));
+            assert_eq!(got.status(), 400);
+            assert_eq!(got.public_message(), "bad request");
+        }
+        let keyed = both();
+        assert_eq!(
+            parse_callback(br#"{"encrypt":5}"#, &h, &keyed, now()),
+            Err(BodyError::InvalidJson)
+        );
+        let e = parse_callback(br#"{"encrypt":"!!"}"#, &h, &keyed, now()).unwrap_err();
+        assert_eq!(
+            (e.clone(), e.status()),
+            (BodyError::Decrypt(DecryptError::Base64), 400)
+        );
+        // Decrypts to non-JSON.
+        let enc =
+            serde_json::json!({"encrypt": EventCipher::new(KEY).encrypt_with_iv(b"nope", IV)})
+                .to_string();
+        assert_eq!(
+            parse_callback(enc.as_bytes(), &h, &keyed, now()),
+            Err(BodyError::InvalidJson)
+        );
+    }
+
+    #[test]
+    fn size_limit() {
+        let mut cfg = CallbackConfig::new(Some(TOKEN), None);
+        cfg.max_body_bytes = 10;
+        let err =
+            parse_callback(&[b' '; 11], &SignatureHeaders::default(), &cfg, now()).unwrap_err();
+        assert_eq!(err, BodyError::TooLarge { limit: 10 });
+        assert_eq!(err.status(), 413);
+    }
+
+    #[test]
+    fn ws_payload_rejects_challenge() {
+        let body = br#"{"challenge":"c","token":"t","type":"url_verification"}"#;
+        assert_eq!(parse_event_payload(body), Err(BodyError::Unsupported));
+        assert!(matches!(
+            parse_event_payload(v2("im.message.receive_v1", "").as_bytes()),
+            Ok(Callback::Event(_))
+        ));
+    }
+
+    #[test]
+    fn config_debug_is_redacted() {
+        let s = format!("{:?}", both());
+        assert!(!s.contains(KEY) && !s.contains(TOKEN), "{s}");
+    }
+
+    mod props {
+        use super::super::*;
+        use super::{both, headers, KEY};
+        use crate::callbacks::verify::signature_hex;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn arbitrary_bodies_never_panic(body in vec(any::<u8>(), 0..300)) {
+                let h = SignatureHeaders::default();
+                let _ = parse_callback(&body, &h, &both(), super::now());
+                let _ = parse_callback(&body, &h, &CallbackConfig::new(None, None), super::now());
+                let _ = parse_event_payload(&body);
+            }
+
+            #[test]
+            fn arbitrary_signed_encrypted_json_never_panics(inner in ".{0,200}") {
+                let enc = EventCipher::new(KEY).encrypt_with_iv(inner.as_bytes(), [1; 16]);
+                let body = serde_json::json!({ "encrypt": enc }).to_string();
+                let sig = signature_hex("1700000000", "n0nce", KEY, body.as_bytes());
+                if let Err(e) = parse_callback(body.as_bytes(), &headers(&sig), &both(), super::now()) {
+                    prop_assert!((400..500).contains(&e.status()));
+                }
+            }
+        }
+    }
+}

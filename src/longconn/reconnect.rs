@@ -1,0 +1,668 @@
+//! Reconnect policy of the long connection (protocol doc §2.2, §2.3, §2.10).
+//!
+//! Owns: the backoff schedule (jittered first retry, exponential growth capped by the
+//! server's `ReconnectInterval` and our own cap, retry limit from the server's
+//! `ReconnectCount` and `WEBSOCKET_MAX_RECONNECT_RETRIES`, reset after a stable connection),
+//! the endpoint-discovery request body and response parsing, and the Retry/Fatal
+//! classification of discovery results and handshake rejections.
+//!
+//! Must not: sleep, read clocks, draw randomness itself or do any I/O. Time arrives as
+//! `now: Instant`, randomness as an injected `FnMut() -> f64` returning values in `[0, 1)`,
+//! so every decision is deterministic under test.
+
+use std::time::{Duration, Instant};
+
+use super::protocol::{ClientConfig, ClientConfigPatch};
+
+/// Discovery `code`: success.
+pub const CODE_OK: i64 = 0;
+/// Discovery `code`: "system busy" — retry.
+pub const CODE_SYSTEM_BUSY: i64 = 1;
+/// Discovery / handshake code: forbidden (app banned or not allowed) — fatal.
+pub const CODE_FORBIDDEN: i64 = 403;
+/// Handshake status: authentication failed — fatal only with [`CODE_EXCEED_CONN_LIMIT`].
+pub const CODE_AUTH_FAILED: i64 = 514;
+/// Discovery `code`: platform internal error — retry.
+pub const CODE_INTERNAL_ERROR: i64 = 1_000_040_343;
+/// Discovery `code`: no credential (the Python SDK raises it locally).
+pub const CODE_NO_CREDENTIAL: i64 = 1_000_040_344;
+/// Handshake auth sub-code: more than 50 connections for this app — fatal.
+pub const CODE_EXCEED_CONN_LIMIT: i64 = 1_000_040_350;
+
+/// Response header of a refused WebSocket upgrade: integer status code.
+pub const HEADER_HANDSHAKE_STATUS: &str = "Handshake-Status";
+/// Response header of a refused WebSocket upgrade: reason text.
+pub const HEADER_HANDSHAKE_MSG: &str = "Handshake-Msg";
+/// Response header of a refused WebSocket upgrade: auth sub-code (meaningful with 514).
+pub const HEADER_HANDSHAKE_AUTH_ERRCODE: &str = "Handshake-Autherrcode";
+
+/// Whether a failure is worth another attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Transient: wait per the backoff and try discovery + dial again.
+    Retry,
+    /// Permanent (bad credentials, banned app, connection limit): stop and report.
+    Fatal,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backoff
+// ---------------------------------------------------------------------------------------------
+
+/// Our own reconnect settings, combined with the server's [`ClientConfig`] at each decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    /// Delay of the second retry of an outage; doubles for each later retry.
+    pub initial_backoff: Duration,
+    /// Our ceiling on the backoff; the effective ceiling is the smaller of this and the
+    /// server's `ReconnectInterval`.
+    pub max_backoff: Duration,
+    /// Our retry limit per outage (`WEBSOCKET_MAX_RECONNECT_RETRIES`); `None` = unlimited.
+    /// The effective limit is the smaller of this and the server's `ReconnectCount`.
+    pub max_retries: Option<u32>,
+    /// A connection that stayed up at least this long resets the backoff growth when it
+    /// drops; a shorter one (flapping) keeps growing it.
+    pub stable_after: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    /// 1 s initial, 60 s cap, unlimited retries, stable after 60 s.
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            max_retries: None,
+            stable_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Maps the `WEBSOCKET_MAX_RECONNECT_RETRIES` setting to [`ReconnectPolicy::max_retries`]:
+/// negative means unlimited.
+pub fn max_retries_from_setting(value: i64) -> Option<u32> {
+    if value < 0 {
+        None
+    } else {
+        Some(u32::try_from(value).unwrap_or(u32::MAX))
+    }
+}
+
+/// The retry limit in force: the smaller of the server's `ReconnectCount` (`None` =
+/// unlimited) and ours (`None` = unlimited).
+pub fn effective_max_retries(server: Option<u32>, ours: Option<u32>) -> Option<u32> {
+    match (server, ours) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What to do before the next connection attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Wait this long, then run discovery and dial.
+    Wait(Duration),
+    /// The retry limit is reached: stop and report.
+    GiveUp {
+        /// Retries made in this outage.
+        retries: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Nothing tried yet: the first attempt is immediate.
+    Initial,
+    /// Connected since this instant.
+    Connected(Instant),
+    /// Not connected; `retries` attempts made since the outage began.
+    Down { retries: u32 },
+}
+
+/// Reconnect state machine. Call [`Reconnect::next_attempt`] before every connection
+/// attempt, [`Reconnect::on_connected`] after a successful handshake and
+/// [`Reconnect::on_disconnected`] when an established connection ends. A failed attempt
+/// needs no call: the next `next_attempt` counts it. Fatal failures bypass this type.
+///
+/// Schedule within one outage: retry 1 waits `uniform(0, ReconnectNonce)` (plus the
+/// carried-over backoff if the previous connection was not stable); retry *n* > 1 waits
+/// `min(initial_backoff · 2^(step−1), min(ReconnectInterval, max_backoff))`, where `step`
+/// grows with every retry and resets only after a stable connection.
+#[derive(Debug, Clone)]
+pub struct Reconnect {
+    policy: ReconnectPolicy,
+    state: State,
+    /// Backoff growth exponent; reset by a stable connection.
+    step: u32,
+}
+
+impl Reconnect {
+    /// A fresh state machine: the first attempt is immediate.
+    pub fn new(policy: ReconnectPolicy) -> Self {
+        Self {
+            policy,
+            state: State::Initial,
+            step: 0,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &ReconnectPolicy {
+        &self.policy
+    }
+
+    /// Retries made in the current outage (0 while connected or before the first attempt).
+    pub fn retries(&self) -> u32 {
+        match self.state {
+            State::Down { retries } => retries,
+            _ => 0,
+        }
+    }
+
+    /// Decides the wait before the next attempt, using the latest server config (from
+    /// discovery or a pong). `random` must return values in `[0, 1)`; values outside are
+    /// clamped.
+    pub fn next_attempt(
+        &mut self,
+        server: &ClientConfig,
+        random: &mut impl FnMut() -> f64,
+    ) -> Decision {
+        let retries = match self.state {
+            State::Initial => {
+                self.state = State::Down { retries: 0 };
+                return Decision::Wait(Duration::ZERO);
+            }
+            // Attempting while "connected" means the caller skipped on_disconnected.
+            State::Connected(_) => 0,
+            State::Down { retries } => retries,
+        };
+        if let Some(limit) = effective_max_retries(server.reconnect_count, self.policy.max_retries)
+        {
+            if retries >= limit {
+                self.state = State::Down { retries };
+                return Decision::GiveUp { retries };
+            }
+        }
+        let retries = retries.saturating_add(1);
+        self.state = State::Down { retries };
+
+        let jitter = if retries == 1 {
+            server.reconnect_nonce.mul_f64(random().clamp(0.0, 1.0))
+        } else {
+            Duration::ZERO
+        };
+        let backoff = self.backoff(self.step, server);
+        self.step = self.step.saturating_add(1);
+        Decision::Wait(jitter.saturating_add(backoff))
+    }
+
+    /// Records a successful handshake at `now`.
+    pub fn on_connected(&mut self, now: Instant) {
+        self.state = State::Connected(now);
+    }
+
+    /// Records that an established connection ended at `now`. If it had been up for at
+    /// least `stable_after`, the backoff growth resets.
+    pub fn on_disconnected(&mut self, now: Instant) {
+        if let State::Connected(since) = self.state {
+            if now.saturating_duration_since(since) >= self.policy.stable_after {
+                self.step = 0;
+            }
+        }
+        self.state = State::Down { retries: 0 };
+    }
+
+    /// Backoff for growth exponent `step`: 0 for step 0, else
+    /// `min(initial · 2^(step−1), cap)`.
+    fn backoff(&self, step: u32, server: &ClientConfig) -> Duration {
+        if step == 0 {
+            return Duration::ZERO;
+        }
+        let cap = self.policy.max_backoff.min(server.reconnect_interval);
+        let factor = 2u32.saturating_pow(step - 1);
+        self.policy
+            .initial_backoff
+            .checked_mul(factor)
+            .unwrap_or(Duration::MAX)
+            .min(cap)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoint discovery
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the discovery endpoint, appended to the OpenAPI base URL.
+pub const DISCOVERY_PATH: &str = "/callback/ws/endpoint";
+
+/// JSON body of the discovery POST (PascalCase keys, §2.2). Serialize it with serde.
+#[derive(Clone, serde::Serialize)]
+pub struct DiscoveryRequest<'a> {
+    /// `AppID`.
+    #[serde(rename = "AppID")]
+    pub app_id: &'a str,
+    /// `AppSecret`.
+    #[serde(rename = "AppSecret")]
+    pub app_secret: &'a str,
+}
+
+impl std::fmt::Debug for DiscoveryRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoveryRequest")
+            .field("app_id", &self.app_id)
+            .field("app_secret", &"***")
+            .finish()
+    }
+}
+
+/// A successful discovery: where to dial and the server's settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The WebSocket URL to dial verbatim (contains credentials: never log it whole).
+    pub url: String,
+    /// `data.ClientConfig`, to apply over the current [`ClientConfig`].
+    pub config: ClientConfigPatch,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The query carries access_key and ticket; print only scheme, host and path.
+        let shown = self.url.split('?').next().unwrap_or_default();
+        f.debug_struct("Endpoint")
+            .field("url", &shown)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// A failed discovery, classified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("endpoint discovery failed ({class:?}): {reason}")]
+pub struct DiscoveryError {
+    /// Retry or stop.
+    pub class: FailureClass,
+    /// HTTP status when it was not 200, else the body's `code`, if any.
+    pub code: Option<i64>,
+    /// Human-readable reason (the body's `msg` when there is one).
+    pub reason: String,
+}
+
+/// Classifies a discovery body `code` (§2.2): `None` for 0 (success); `1` and
+/// `1000040343` retry; every other code is fatal.
+pub fn classify_discovery_code(code: i64) -> Option<FailureClass> {
+    match code {
+        CODE_OK => None,
+        CODE_SYSTEM_BUSY | CODE_INTERNAL_ERROR => Some(FailureClass::Retry),
+        _ => Some(FailureClass::Fatal),
+    }
+}
+
+/// Parses the discovery response. Non-200 status, a body that is not the expected JSON,
+/// and `code=0` without `data.URL` are retryable (server trouble); a non-zero `code` is
+/// classified by [`classify_discovery_code`]. Transport errors never reach this function:
+/// the caller treats them as [`FailureClass::Retry`].
+pub fn parse_discovery_response(http_status: u16, body: &[u8]) -> Result<Endpoint, DiscoveryError> {
+    let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let msg = json
+        .as_ref()
+        .and_then(|v| v.get("msg"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    let retry = |code: Option<i64>, reason: String| DiscoveryError {
+        class: FailureClass::Retry,
+        code,
+        reason,
+    };
+    if http_status != 200 {
+        return Err(retry(
+            Some(i64::from(http_status)),
+            msg.unwrap_or_else(|| format!("HTTP status {http_status}")),
+        ));
+    }
+    let Some(json) = json else {
+        return Err(retry(None, "response body is not JSON".to_owned()));
+    };
+    let Some(code) = json.get("code").and_then(serde_json::Value::as_i64) else {
+        return Err(retry(None, "response has no integer code".to_owned()));
+    };
+    if let Some(class) = classify_discovery_code(code) {
+        return Err(DiscoveryError {
+            class,
+            code: Some(code),
+            reason: msg.unwrap_or_else(|| "no msg".to_owned()),
+        });
+    }
+    let data = json.get("data");
+    let url = data
+        .and_then(|d| d.get("URL"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|u| !u.is_empty());
+    let Some(url) = url else {
+        return Err(retry(Some(code), "response has no data.URL".to_owned()));
+    };
+    let config = data
+        .and_then(|d| d.get("ClientConfig"))
+        .and_then(|c| ClientConfigPatch::from_json_value(c).ok())
+        .unwrap_or_default();
+    Ok(Endpoint {
+        url: url.to_owned(),
+        config,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake rejection
+// ---------------------------------------------------------------------------------------------
+
+/// A refused WebSocket upgrade, classified (§2.3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "websocket handshake refused ({class:?}): status {status}, auth code {auth_code:?}: {message}"
+)]
+pub struct HandshakeRejection {
+    /// Retry or stop.
+    pub class: FailureClass,
+    /// `Handshake-Status` if present and numeric, else the HTTP status.
+    pub status: i64,
+    /// `Handshake-Autherrcode`, if present and numeric.
+    pub auth_code: Option<i64>,
+    /// `Handshake-Msg`, or empty.
+    pub message: String,
+}
+
+/// Classifies a refused upgrade from its HTTP status and response headers. `header` looks a
+/// header up by name; pass a case-insensitive lookup (e.g. `http::HeaderMap::get`).
+///
+/// `514` with auth code `1000040350` → fatal; other `514` → retry; `403` → fatal; anything
+/// else → retry. Without a numeric `Handshake-Status` the HTTP status is used instead (the
+/// newest Go SDK's rule), so a bare HTTP 403 is fatal.
+pub fn classify_handshake<'a>(
+    http_status: u16,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> HandshakeRejection {
+    let int = |name: &str| header(name).and_then(|v| v.trim().parse::<i64>().ok());
+    let status = int(HEADER_HANDSHAKE_STATUS).unwrap_or(i64::from(http_status));
+    let auth_code = int(HEADER_HANDSHAKE_AUTH_ERRCODE);
+    let class = match (status, auth_code) {
+        (CODE_AUTH_FAILED, Some(CODE_EXCEED_CONN_LIMIT)) | (CODE_FORBIDDEN, _) => {
+            FailureClass::Fatal
+        }
+        _ => FailureClass::Retry,
+    };
+    HandshakeRejection {
+        class,
+        status,
+        auth_code,
+        message: header(HEADER_HANDSHAKE_MSG).unwrap_or_default().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    fn server(count: Option<u32>, interval: u64, nonce: u64) -> ClientConfig {
+        ClientConfig {
+            reconnect_count: count,
+            reconnect_interval: secs(interval),
+            reconnect_nonce: secs(nonce),
+            ping_interval: secs(120),
+        }
+    }
+
+    fn half() -> impl FnMut() -> f64 {
+        || 0.5
+    }
+
+    fn waits(r: &mut Reconnect, cfg: &ClientConfig, n: usize) -> Vec<Decision> {
+        let mut rnd = half();
+        (0..n).map(|_| r.next_attempt(cfg, &mut rnd)).collect()
+    }
+
+    #[test]
+    fn first_attempt_is_immediate_then_jitter_then_exponential_with_cap() {
+        let cfg = server(None, 10, 30);
+        let mut r = Reconnect::new(ReconnectPolicy::default());
+        let got = waits(&mut r, &cfg, 7);
+        let want: Vec<Decision> = [0, 15, 1, 2, 4, 8, 10]
+            .into_iter()
+            .map(|s| Decision::Wait(secs(s)))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(r.retries(), 6);
+    }
+
+    #[test]
+    fn jitter_uses_injected_randomness_and_clamps_it() {
+        let cfg = server(None, 120, 30);
+        for (x, want) in [(0.0, 0), (0.1, 3), (0.999_999, 29), (7.0, 30), (-1.0, 0)] {
+            let mut r = Reconnect::new(ReconnectPolicy::default());
+            r.on_disconnected(Instant::now());
+            let d = r.next_attempt(&cfg, &mut || x);
+            match d {
+                Decision::Wait(w) => assert_eq!(w.as_secs(), want, "random {x}"),
+                Decision::GiveUp { .. } => panic!("gave up"),
+            }
+        }
+    }
+
+    #[test]
+    fn our_cap_is_lower_than_the_servers_interval() {
+        let cfg = server(None, 120, 0);
+        let policy = ReconnectPolicy {
+            max_backoff: secs(5),
+            ..ReconnectPolicy::default()
+        };
+        let mut r = Reconnect::new(policy);
+        let got = waits(&mut r, &cfg, 7);
+        let want: Vec<Decision> = [0, 0, 1, 2, 4, 5, 5]
+            .into_iter()
+            .map(|s| Decision::Wait(secs(s)))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn server_count_limits_retries_per_outage() {
+        let cfg = server(Some(2), 1, 0);
+        let mut r = Reconnect::new(ReconnectPolicy::default());
+        let got = waits(&mut r, &cfg, 4);
+        assert!(matches!(got[0], Decision::Wait(_)), "initial attempt");
+        assert!(matches!(got[1], Decision::Wait(_)));
+        assert!(matches!(got[2], Decision::Wait(_)));
+        assert_eq!(got[3], Decision::GiveUp { retries: 2 });
+        // A successful connection starts a new outage budget.
+        let t = Instant::now();
+        r.on_connected(t);
+        r.on_disconnected(t);
+        assert!(matches!(
+            r.next_attempt(&cfg, &mut half()),
+            Decision::Wait(_)
+        ));
+    }
+
+    #[test]
+    fn zero_count_means_no_retries() {
+        let cfg = server(Some(0), 1, 0);
+        let mut r = Reconnect::new(ReconnectPolicy::default());
+        r.on_connected(Instant::now());
+        r.on_disconnected(Instant::now());
+        assert_eq!(
+            r.next_attempt(&cfg, &mut half()),
+            Decision::GiveUp { retries: 0 }
+        );
+    }
+
+    #[test]
+    fn our_setting_caps_an_unlimited_server_and_vice_versa() {
+        assert_eq!(effective_max_retries(None, None), None);
+        assert_eq!(effective_max_retries(None, Some(5)), Some(5));
+        assert_eq!(effective_max_retries(Some(3), None), Some(3));
+        assert_eq!(effective_max_retries(Some(3), Some(5)), Some(3));
+        assert_eq!(effective_max_retries(Some(9), Some(5)), Some(5));
+        assert_eq!(max_retries_from_setting(-1), None);
+        assert_eq!(max_retries_from_setting(0), Some(0));
+        assert_eq!(max_retries_from_setting(7), Some(7));
+        assert_eq!(max_retries_from_setting(i64::MAX), Some(u32::MAX));
+
+        let cfg = server(None, 1, 0);
+        let policy = ReconnectPolicy {
+            max_retries: Some(1),
+            ..ReconnectPolicy::default()
+        };
+        let mut r = Reconnect::new(policy);
+        let got = waits(&mut r, &cfg, 3);
+        assert_eq!(got[2], Decision::GiveUp { retries: 1 });
+    }
+
+    #[test]
+    fn stable_connection_resets_backoff_but_flapping_does_not() {
+        let cfg = server(None, 60, 0);
+        let policy = ReconnectPolicy::default();
+        let t0 = Instant::now();
+        let mut r = Reconnect::new(policy);
+        waits(&mut r, &cfg, 5); // 0, 0, 1, 2, 4 → step = 4
+
+        // Flapping: up for 5 s only. The first retry carries the grown backoff.
+        r.on_connected(t0);
+        r.on_disconnected(t0 + secs(5));
+        assert_eq!(r.next_attempt(&cfg, &mut half()), Decision::Wait(secs(8)));
+
+        // Stable: up for 60 s. Growth resets.
+        r.on_connected(t0 + secs(10));
+        r.on_disconnected(t0 + secs(70));
+        let got = waits(&mut r, &cfg, 3);
+        assert_eq!(
+            got,
+            vec![
+                Decision::Wait(secs(0)),
+                Decision::Wait(secs(1)),
+                Decision::Wait(secs(2))
+            ]
+        );
+    }
+
+    #[test]
+    fn huge_steps_do_not_overflow() {
+        let cfg = server(None, 1_000_000_000, 0);
+        let policy = ReconnectPolicy {
+            max_backoff: Duration::MAX,
+            ..ReconnectPolicy::default()
+        };
+        let mut r = Reconnect::new(policy);
+        let mut rnd = half();
+        let mut last = Duration::ZERO;
+        for _ in 0..200 {
+            match r.next_attempt(&cfg, &mut rnd) {
+                Decision::Wait(w) => {
+                    assert!(w >= last);
+                    last = w;
+                }
+                Decision::GiveUp { .. } => panic!("unlimited"),
+            }
+        }
+        assert_eq!(last, secs(1_000_000_000));
+    }
+
+    #[test]
+    fn discovery_success() {
+        let body = br#"{"code":0,"msg":"ok","data":{"URL":"wss://h/ws/v2?device_id=d&service_id=1&ticket=t","ClientConfig":{"ReconnectCount":-1,"ReconnectInterval":120,"ReconnectNonce":30,"PingInterval":120}}}"#;
+        let ep = parse_discovery_response(200, body).unwrap();
+        assert_eq!(ep.url, "wss://h/ws/v2?device_id=d&service_id=1&ticket=t");
+        assert_eq!(ep.config.ping_interval, Some(120));
+        assert_eq!(ep.config.reconnect_count, Some(-1));
+        let shown = format!("{ep:?}");
+        assert!(!shown.contains("ticket"), "{shown}");
+
+        let no_cfg = br#"{"code":0,"data":{"URL":"wss://h/x"}}"#;
+        assert!(parse_discovery_response(200, no_cfg)
+            .unwrap()
+            .config
+            .is_empty());
+    }
+
+    #[test]
+    fn discovery_classification() {
+        let class =
+            |status: u16, body: &[u8]| parse_discovery_response(status, body).unwrap_err().class;
+        use FailureClass::{Fatal, Retry};
+        assert_eq!(class(500, br#"{"code":0}"#), Retry);
+        assert_eq!(class(403, b""), Retry);
+        assert_eq!(class(200, b"<html>"), Retry);
+        assert_eq!(class(200, br#"{"msg":"x"}"#), Retry);
+        assert_eq!(class(200, br#"{"code":0}"#), Retry);
+        assert_eq!(class(200, br#"{"code":0,"data":{"URL":""}}"#), Retry);
+        assert_eq!(class(200, br#"{"code":1,"msg":"busy"}"#), Retry);
+        assert_eq!(class(200, br#"{"code":1000040343}"#), Retry);
+        assert_eq!(class(200, br#"{"code":403}"#), Fatal);
+        assert_eq!(class(200, br#"{"code":514}"#), Fatal);
+        assert_eq!(class(200, br#"{"code":1000040350}"#), Fatal);
+        assert_eq!(
+            class(200, br#"{"code":10003,"msg":"invalid app_id"}"#),
+            Fatal
+        );
+        let e =
+            parse_discovery_response(200, br#"{"code":10003,"msg":"invalid app_id"}"#).unwrap_err();
+        assert_eq!((e.code, e.reason.as_str()), (Some(10003), "invalid app_id"));
+        assert_eq!(classify_discovery_code(0), None);
+    }
+
+    #[test]
+    fn discovery_request_uses_pascal_case_and_hides_the_secret() {
+        let req = DiscoveryRequest {
+            app_id: "cli_x",
+            app_secret: "s3cret",
+        };
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"AppID":"cli_x","AppSecret":"s3cret"}"#
+        );
+        assert!(!format!("{req:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn handshake_classification() {
+        use FailureClass::{Fatal, Retry};
+        fn lookup<'a>(h: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> + 'a {
+            move |name| {
+                h.iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| *v)
+            }
+        }
+        let c = |status: u16, h: &[(&str, &str)]| classify_handshake(status, lookup(h));
+
+        let r = c(
+            400,
+            &[
+                ("handshake-status", "514"),
+                ("handshake-msg", "auth"),
+                ("handshake-autherrcode", "1000040350"),
+            ],
+        );
+        assert_eq!(
+            (r.class, r.status, r.auth_code, r.message.as_str()),
+            (Fatal, 514, Some(1_000_040_350), "auth")
+        );
+        assert_eq!(
+            c(
+                400,
+                &[("Handshake-Status", "514"), ("Handshake-Autherrcode", "1")]
+            )
+            .class,
+            Retry
+        );
+        assert_eq!(c(400, &[("Handshake-Status", "514")]).class, Retry);
+        assert_eq!(c(400, &[("Handshake-Status", "403")]).class, Fatal);
+        assert_eq!(c(200, &[("Handshake-Status", "500")]).class, Retry);
+        // Header missing: the HTTP status decides.
+        assert_eq!(c(403, &[]).class, Fatal);
+        assert_eq!(c(502, &[]).class, Retry);
+        assert_eq!(c(403, &[("Handshake-Status", "junk")]).class, Fatal);
+        // Header wins over HTTP status.
+        assert_eq!(c(403, &[("Handshake-Status", "500")]).class, Retry);
+    }
+}
