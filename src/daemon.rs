@@ -60,6 +60,12 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
 /// Fills what a developer without a Feishu account lacks: sandbox app credentials and a token
 /// key kept beside the store (generated on first use, mode 0600).
 fn sandbox_defaults(cfg: &mut Config) -> Result<(), CliError> {
+    // Until the built-in platform imitation runs beside the service, point the client at a
+    // closed loopback port so nothing leaves the machine.
+    if cfg.domain == "feishu" {
+        cfg.domain = "http://127.0.0.1:9".to_owned();
+        cfg.websocket.enabled = false;
+    }
     if cfg.app_id.is_none() {
         cfg.app_id = Some("cli_a0000000000000aa".to_owned());
     }
@@ -156,6 +162,53 @@ pub async fn run(
         "ttl_sweep",
         sweep_worker(store.clone(), cfg.sweep_interval),
     );
+
+    let app_id = cfg.app_id.clone().unwrap_or_default();
+    let app_secret = cfg
+        .app_secret
+        .clone()
+        .unwrap_or_else(|| SecretString::from(String::new()));
+    let domain: crate::lark::Domain = cfg
+        .domain
+        .parse()
+        .map_err(|e| anyhow::anyhow!("domain: {e}"))?;
+    let lark = crate::lark::LarkClient::new(crate::lark::LarkConfig::new(
+        domain.clone(),
+        app_id.clone(),
+        app_secret.clone(),
+    ))
+    .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
+    let dispatcher =
+        crate::events::Dispatcher::new(store.clone(), crate::events::DispatchConfig::default());
+    dispatcher.set_handler(log_only_handler());
+    let conn_state = if cfg.websocket.enabled {
+        let conn = crate::longconn::LongConn::new(
+            crate::longconn::LongConnConfig {
+                base_url: domain.open_base(),
+                app_id: app_id.clone(),
+                app_secret: app_secret.clone(),
+                policy: crate::longconn::ReconnectPolicy {
+                    max_retries: crate::longconn::max_retries_from_setting(
+                        cfg.websocket.max_reconnect_retries,
+                    ),
+                    ..crate::longconn::ReconnectPolicy::default()
+                },
+                heartbeat: cfg.websocket.heartbeat_interval,
+                reassembly: crate::longconn::ReassemblyLimits::default(),
+            },
+            dispatcher.clone(),
+        );
+        let state = conn.state();
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            if let Err(e) = conn.run(c).await {
+                error!(error = %e, "The long connection stopped; events arrive only through HTTP callbacks if they are enabled.");
+            }
+        });
+        Some(state)
+    } else {
+        None
+    };
     if let Some(schedule) = cfg.backup.schedule.clone() {
         let w = backup_worker(store.clone(), cfg.backup.clone(), &schedule)?;
         workers.spawn(&tracker, cancel.clone(), "backup", w);
@@ -165,13 +218,27 @@ pub async fn run(
         .http
         .local_addr()
         .context("reading the listener address")?;
-    let app = crate::http::router(crate::http::AppState {
+    let mut app = crate::http::router(crate::http::AppState {
         store: store.clone(),
         ready: ready.clone(),
         admin_token: cfg.admin_token.clone(),
         backup: Arc::new(cfg.backup.clone()),
         workers: workers.clone(),
+        lark: Some(lark.clone()),
+        conn_state,
+        http_callbacks: cfg.websocket.fallback_to_http,
     });
+    if cfg.websocket.fallback_to_http {
+        let expose = |s: &Option<SecretString>| {
+            s.as_ref()
+                .map(|v| secrecy::ExposeSecret::expose_secret(v).to_owned())
+        };
+        let cb_cfg = crate::callbacks::CallbackConfig::new(
+            expose(&cfg.verification_token).as_deref(),
+            expose(&cfg.encrypt_key).as_deref(),
+        );
+        app = app.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
+    }
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(listeners.http, app)
@@ -329,4 +396,22 @@ fn backup_worker(
             }
         })
     }))
+}
+
+/// Until an application handler is installed: log the event and acknowledge it.
+fn log_only_handler() -> crate::events::Handler {
+    Arc::new(|cb| {
+        Box::pin(async move {
+            match &cb {
+                crate::callbacks::Callback::Event(e) => {
+                    info!(event_id = %e.event_id, event_type = %e.event_type, "Event received.")
+                }
+                crate::callbacks::Callback::CardAction(c) => {
+                    info!(event_id = %c.envelope.event_id, "Card action received.")
+                }
+                crate::callbacks::Callback::UrlVerification { .. } => {}
+            }
+            Ok(crate::events::HandlerReply::Done)
+        })
+    })
 }

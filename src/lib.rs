@@ -6,6 +6,7 @@ pub mod callbacks;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod http;
 pub mod lark;
 pub mod longconn;

@@ -313,6 +313,8 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
         c.current_dir(dir.path())
             .env_clear()
             .env("APP_ID", "cli_a0000000000000aa")
+            .env("LARK_DOMAIN", "http://127.0.0.1:9")
+            .env("WEBSOCKET_ENABLED", "false")
             .env("APP_SECRET", "x")
             .env("LARK_TOKEN_ENCRYPTION_KEY", "03".repeat(32))
             .env("LARK_SERVICE_ADMIN_TOKEN", "admin-test-token")

@@ -22,6 +22,8 @@ fn cmd(dir: &Path) -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("APP_ID", "cli_a0000000000000aa")
+        .env("LARK_DOMAIN", "http://127.0.0.1:9")
+        .env("WEBSOCKET_ENABLED", "false")
         .env("APP_SECRET", APP_SECRET)
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY1)
         .env("STORAGE_PATH", dir.join("s.redb"));

@@ -5,12 +5,12 @@
 //! (AES-256-CBC of the `encrypt` field) and [`body`] (size limit, challenge, event
 //! envelopes, card actions, and the HTTP status of every rejection).
 //!
-//! Must not (in these modules): do I/O or read the clock. The axum routes that read the raw
-//! body and headers, answer within the platform's deadlines and hand events to the event
-//! layer will live beside them.
+//! Must not (in these modules): do I/O or read the clock — except [`routes`], the axum shell
+//! that reads the raw body and headers and hands events to the dispatcher.
 
 pub mod body;
 pub mod decrypt;
+pub mod routes;
 pub mod verify;
 
 pub use body::{

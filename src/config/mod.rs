@@ -207,6 +207,8 @@ pub struct BackupConfig {
 /// Long connection settings.
 #[derive(Debug, Clone)]
 pub struct WebsocketConfig {
+    /// Hold the long connection at all.
+    pub enabled: bool,
     /// Reconnect attempts before giving up; negative: no limit.
     pub max_reconnect_retries: i64,
     /// Ping interval until the server sends one.
@@ -348,6 +350,7 @@ impl Config {
                 passphrase: r.secret("backup.passphrase"),
             },
             websocket: WebsocketConfig {
+                enabled: r.boolean("websocket.enabled")?,
                 max_reconnect_retries: r.int(
                     "websocket.max_reconnect_retries",
                     -1,

@@ -28,6 +28,12 @@ pub struct AppState {
     pub backup: Arc<BackupConfig>,
     /// Background workers' status.
     pub workers: crate::workers::Workers,
+    /// The Lark client (readiness checks that a tenant token is obtainable).
+    pub lark: Option<crate::lark::LarkClient>,
+    /// The long connection's state, when it is enabled.
+    pub conn_state: Option<tokio::sync::watch::Receiver<crate::longconn::ConnState>>,
+    /// HTTP callbacks are served.
+    pub http_callbacks: bool,
 }
 
 /// True if the request carries `Authorization: Bearer <token>` matching `want` (constant time).

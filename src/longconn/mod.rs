@@ -9,10 +9,12 @@
 //! that owns the socket, the timers and the event dispatch will live beside them and feed
 //! them bytes, `Instant`s and random numbers.
 
+pub mod conn;
 pub mod protocol;
 pub mod reassembly;
 pub mod reconnect;
 
+pub use conn::{ConnState, LongConn, LongConnConfig, LongConnError};
 pub use protocol::{
     build_ack, encode_ping, parse_pong_config, ping_frame, AckResponse, ClientConfig,
     ClientConfigPatch, ConfigPayloadError, ConnParams, ConnUrlError, DataHeaderError, DataHeaders,

@@ -1,0 +1,325 @@
+//! The one event dispatcher behind both the long connection and the HTTP callbacks.
+//!
+//! It de-duplicates on `header.event_id`, runs the handler off the ACK path, and records seen
+//! ids durably in group commits. Rules:
+//! - An id already seen (or being handled) is answered at once as a duplicate; the handler does
+//!   not run again.
+//! - The caller waits for the handler at most `ack_deadline`. A handler that fails inside the
+//!   deadline is answered with a failure (the platform redelivers); one that is still running at
+//!   the deadline is answered as accepted and finishes in the background.
+//! - An id is recorded as seen only once its handler succeeded, so a failed event can be
+//!   redelivered. Recording is batched by one writer thread into one write transaction per
+//!   batch (one fsync for many events) and never delays the answer.
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{debug, warn, Instrument};
+
+use crate::callbacks::Callback;
+use crate::storage::{now_ms, Store};
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventSource {
+    /// The long connection.
+    WebSocket,
+    /// An HTTP callback.
+    Http,
+}
+
+impl EventSource {
+    fn label(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// What a handler produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandlerReply {
+    /// Handled; nothing to send back.
+    Done,
+    /// Handled; this JSON goes back to the platform (card callback response).
+    Respond(serde_json::Value),
+}
+
+/// The answer the transport should give the platform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Handled within the deadline.
+    Handled(HandlerReply),
+    /// Seen before (or being handled now): acknowledge, do nothing.
+    Duplicate,
+    /// Still running at the deadline: acknowledge; it finishes in the background.
+    Accepted,
+    /// The handler failed: answer with a failure so the platform redelivers.
+    Failed,
+}
+
+/// A boxed future, for handlers.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The application's event handler.
+pub type Handler = Arc<dyn Fn(Callback) -> BoxFuture<Result<HandlerReply, String>> + Send + Sync>;
+
+/// Dispatcher settings.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// How long the transport waits for a handler before acknowledging anyway.
+    pub ack_deadline: Duration,
+    /// How long a seen id is remembered.
+    pub seen_ttl: Duration,
+    /// Ids remembered in memory (beyond this, the store answers).
+    pub memory_ids: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            ack_deadline: Duration::from_millis(2500),
+            seen_ttl: Duration::from_secs(24 * 3600),
+            memory_ids: 200_000,
+        }
+    }
+}
+
+/// The dispatcher (cheap to clone).
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    store: Store,
+    cfg: DispatchConfig,
+    handler: std::sync::RwLock<Option<Handler>>,
+    recent: Mutex<Recent>,
+    seen_tx: mpsc::UnboundedSender<SeenMsg>,
+}
+
+/// Messages to the seen-id writer.
+enum SeenMsg {
+    /// Record this id.
+    Id(String),
+    /// Answer once everything before this message is committed.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Ids seen or in flight, bounded, oldest evicted first.
+#[derive(Default)]
+struct Recent {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Recent {
+    fn insert(&mut self, id: &str, cap: usize) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        self.set.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        while self.order.len() > cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.set.remove(id);
+        // The order queue may keep a stale entry; it only bounds memory.
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `store`. Starts the seen-id writer thread; it stops when the last
+    /// clone is dropped.
+    #[must_use]
+    pub fn new(store: Store, cfg: DispatchConfig) -> Self {
+        let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        let ttl_ms = u64::try_from(cfg.seen_ttl.as_millis()).unwrap_or(u64::MAX);
+        let writer_store = store.clone();
+        let _ = std::thread::Builder::new()
+            .name("seen-ids".to_owned())
+            .spawn(move || seen_writer(&writer_store, seen_rx, ttl_ms));
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                cfg,
+                handler: std::sync::RwLock::new(None),
+                recent: Mutex::new(Recent::default()),
+                seen_tx,
+            }),
+        }
+    }
+
+    /// Installs the application's handler (events before this are answered as failed, so the
+    /// platform redelivers them).
+    pub fn set_handler(&self, h: Handler) {
+        *self
+            .inner
+            .handler
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h);
+    }
+
+    /// Handles one callback from `source` and says how to answer.
+    pub async fn dispatch(&self, cb: Callback, source: EventSource) -> Outcome {
+        let m = crate::metrics::get();
+        m.events_received
+            .get_or_create(&crate::metrics::SourceLabel {
+                source: source.label(),
+            })
+            .inc();
+        let (event_id, event_type) = match &cb {
+            Callback::Event(e) => (e.event_id.clone(), e.event_type.clone()),
+            Callback::CardAction(c) => (c.envelope.event_id.clone(), c.envelope.event_type.clone()),
+            Callback::UrlVerification { .. } => return Outcome::Handled(HandlerReply::Done),
+        };
+        let span = tracing::info_span!("event", event_id = %event_id, event_type = %event_type, source = source.label());
+        async move {
+            if !self.claim(&event_id).await {
+                m.events_deduplicated.inc();
+                debug!("Duplicate event ignored.");
+                return Outcome::Duplicate;
+            }
+            let handler = self
+                .inner
+                .handler
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let Some(handler) = handler else {
+                self.release(&event_id);
+                warn!("No handler installed yet; asking the platform to redeliver.");
+                return Outcome::Failed;
+            };
+            let me = self.clone();
+            let id = event_id.clone();
+            let task = tokio::spawn(
+                async move {
+                    let r = handler(cb).await;
+                    match &r {
+                        Ok(_) => me.record_seen(&id),
+                        Err(e) => {
+                            me.release(&id);
+                            warn!(error = %e, "Event handler failed.");
+                        }
+                    }
+                    r
+                }
+                .in_current_span(),
+            );
+            match tokio::time::timeout(self.inner.cfg.ack_deadline, task).await {
+                Ok(Ok(Ok(reply))) => Outcome::Handled(reply),
+                Ok(Ok(Err(_))) => Outcome::Failed,
+                Ok(Err(join)) => {
+                    self.release(&event_id);
+                    warn!(error = %join, "Event handler panicked.");
+                    Outcome::Failed
+                }
+                Err(_) => {
+                    warn!(
+                        deadline_ms = u64::try_from(self.inner.cfg.ack_deadline.as_millis())
+                            .unwrap_or(u64::MAX),
+                        "Event handler is slow; acknowledging and letting it finish."
+                    );
+                    Outcome::Accepted
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// True if `id` was neither seen nor in flight; marks it in flight.
+    async fn claim(&self, id: &str) -> bool {
+        let cap = self.inner.cfg.memory_ids;
+        if !self
+            .inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, cap)
+        {
+            return false;
+        }
+        let owned = id.to_owned();
+        match self.inner.store.run(move |s| s.event_seen(&owned)).await {
+            Ok(false) => true,
+            Ok(true) => false,
+            Err(e) => {
+                // The store cannot answer: handle it (at-least-once) rather than drop it.
+                warn!(error = %e, "Seen-id lookup failed; handling the event.");
+                true
+            }
+        }
+    }
+
+    fn release(&self, id: &str) {
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
+    }
+
+    fn record_seen(&self, id: &str) {
+        let _ = self.inner.seen_tx.send(SeenMsg::Id(id.to_owned()));
+    }
+
+    /// Waits until every id recorded so far is committed (tests, shutdown).
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.inner.seen_tx.send(SeenMsg::Flush(tx));
+        let _ = rx.await;
+    }
+}
+
+/// The writer thread: drains whatever ids are queued and commits them in one transaction.
+fn seen_writer(store: &Store, mut rx: mpsc::UnboundedReceiver<SeenMsg>, ttl_ms: u64) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut ids = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                SeenMsg::Id(id) => ids.push(id),
+                SeenMsg::Flush(tx) => flushes.push(tx),
+            }
+            if ids.len() < 4096 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !ids.is_empty() {
+            let started = Instant::now();
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            if let Err(e) = store.mark_events_seen(&refs, now_ms().saturating_add(ttl_ms)) {
+                warn!(error = %e, count = ids.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
+            }
+            debug!(
+                count = ids.len(),
+                commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "Seen ids committed."
+            );
+        }
+        for tx in flushes {
+            let _ = tx.send(());
+        }
+    }
+}
