@@ -285,6 +285,8 @@ pub async fn run(
     if drained.is_err() {
         warn!("Shutdown grace period passed with work still running.");
     }
+    // Commit the seen event ids still queued, then close the store.
+    dispatcher.flush().await;
     drop(store);
     info!("Stopped.");
     Ok(())

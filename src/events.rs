@@ -323,3 +323,176 @@ fn seen_writer(store: &Store, mut rx: mpsc::UnboundedReceiver<SeenMsg>, ttl_ms: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callbacks::parse_event_payload;
+    use crate::storage::{Key, Keyring, StoreOptions};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn event(id: &str) -> Callback {
+        let body = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": id, "event_type": "im.message.receive_v1", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+            "event": {}
+        });
+        parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+    }
+
+    fn store_at(path: &std::path::Path) -> Store {
+        Store::open(
+            path,
+            Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn counting(calls: Arc<AtomicU32>, fail_first: u32) -> Handler {
+        Arc::new(move |_cb| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n < fail_first {
+                    Err("boom".to_owned())
+                } else {
+                    Ok(HandlerReply::Done)
+                }
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn duplicates_are_dropped_and_failures_are_redeliverable() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig::default(),
+        );
+        let calls = Arc::new(AtomicU32::new(0));
+        d.set_handler(counting(calls.clone(), 1));
+        // First delivery fails: answered as failed, not remembered.
+        assert_eq!(
+            d.dispatch(event("e1"), EventSource::WebSocket).await,
+            Outcome::Failed
+        );
+        // Redelivery is handled.
+        assert_eq!(
+            d.dispatch(event("e1"), EventSource::Http).await,
+            Outcome::Handled(HandlerReply::Done)
+        );
+        // Any further copy, from either path, is a duplicate.
+        assert_eq!(
+            d.dispatch(event("e1"), EventSource::WebSocket).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            d.dispatch(event("e1"), EventSource::Http).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seen_ids_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let d = Dispatcher::new(store_at(&path), DispatchConfig::default());
+            d.set_handler(counting(Arc::new(AtomicU32::new(0)), 0));
+            for i in 0..50 {
+                assert_eq!(
+                    d.dispatch(event(&format!("ev{i}")), EventSource::WebSocket)
+                        .await,
+                    Outcome::Handled(HandlerReply::Done)
+                );
+            }
+            d.flush().await;
+        }
+        // Give the writer thread a moment to drop its store clone before reopening.
+        let mut store = None;
+        for _ in 0..200 {
+            match Store::open(
+                &path,
+                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
+                StoreOptions::default(),
+            ) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let d = Dispatcher::new(store.unwrap(), DispatchConfig::default());
+        let calls = Arc::new(AtomicU32::new(0));
+        d.set_handler(counting(calls.clone(), 0));
+        for i in 0..50 {
+            assert_eq!(
+                d.dispatch(event(&format!("ev{i}")), EventSource::WebSocket)
+                    .await,
+                Outcome::Duplicate
+            );
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_handler_is_acknowledged_at_the_deadline_and_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig {
+                ack_deadline: Duration::from_millis(100),
+                ..DispatchConfig::default()
+            },
+        );
+        let release = Arc::new(tokio::sync::Notify::new());
+        let done = Arc::new(AtomicU32::new(0));
+        let (r, dn) = (release.clone(), done.clone());
+        d.set_handler(Arc::new(move |_cb| {
+            let (r, dn) = (r.clone(), dn.clone());
+            Box::pin(async move {
+                r.notified().await;
+                dn.fetch_add(1, Ordering::SeqCst);
+                Ok(HandlerReply::Done)
+            })
+        }));
+        assert_eq!(
+            d.dispatch(event("slow"), EventSource::WebSocket).await,
+            Outcome::Accepted
+        );
+        // While it runs, a redelivery is not handled twice.
+        assert_eq!(
+            d.dispatch(event("slow"), EventSource::WebSocket).await,
+            Outcome::Duplicate
+        );
+        release.notify_one();
+        for _ in 0..200 {
+            if done.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        d.flush().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_a_handler_events_are_refused_for_redelivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig::default(),
+        );
+        assert_eq!(
+            d.dispatch(event("x"), EventSource::WebSocket).await,
+            Outcome::Failed
+        );
+        d.set_handler(counting(Arc::new(AtomicU32::new(0)), 0));
+        assert_eq!(
+            d.dispatch(event("x"), EventSource::WebSocket).await,
+            Outcome::Handled(HandlerReply::Done)
+        );
+    }
+}
