@@ -88,6 +88,20 @@ impl Store {
         self.commit(txn)
     }
 
+    /// Creates or replaces many sessions in one durable transaction (imports, benchmarks).
+    pub fn put_sessions(&self, sessions: &[AuthSession]) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = self.open_session_tables(&txn)?;
+            for s in sessions {
+                validate_ids(&s.app_id, &s.user_id)?;
+                let stored = StoredSession::seal(s, self.ring());
+                self.write_stored_session(&mut t, s.session_id, &stored)?;
+            }
+        }
+        self.commit(txn)
+    }
+
     /// Writes a completed session and the user's current token in one durable transaction.
     pub fn complete_session(&self, s: &AuthSession, token: &UserToken) -> Result<()> {
         validate_ids(&s.app_id, &s.user_id)?;

@@ -1,0 +1,171 @@
+//! Store benchmark: encrypted session writes vs raw redb writes of the same bytes, reads,
+//! the TTL sweep at 100 k and 1 M sessions, and backup time and size. Prints a table.
+//!
+//! `cargo bench --bench store` (set `STORE_BENCH_MAX=100000` to skip the 1 M run).
+
+use std::time::{Duration, Instant};
+
+use lark_service::backup::{write_backup, Protection};
+use lark_service::storage::{AuthSession, Key, Keyring, Store, StoreOptions};
+use redb::{Database, TableDefinition};
+use secrecy::SecretString;
+
+const RAW: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("raw");
+
+fn session(i: u64, now: u64) -> AuthSession {
+    let mut s = AuthSession::new_pending(
+        "cli_bench000000000",
+        &format!("user{}", i % 10_000),
+        vec!["contact:user.base:readonly".into(), "offline_access".into()],
+        now,
+        600_000,
+    );
+    s.access_token = Some(SecretString::from(format!("u-{:0>60}", i)));
+    s.refresh_token = Some(SecretString::from(format!("ur-{:0>60}", i)));
+    s.open_id = Some(format!("ou_{:0>32}", i));
+    s
+}
+
+fn rate(n: u64, d: Duration) -> String {
+    format!("{:.0}/s", n as f64 / d.as_secs_f64())
+}
+
+fn main() {
+    let max: u64 = std::env::var("STORE_BENCH_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let ring = || Keyring::new(Key::from_bytes(&[7; 32]), vec![]);
+    let now = 1_700_000_000_000u64;
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    // 1. Durable single-record writes: encrypted sessions vs raw redb of the same size.
+    let n = 2_000u64;
+    let store = Store::open(
+        &dir.path().join("enc.redb"),
+        ring(),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let sessions: Vec<AuthSession> = (0..n).map(|i| session(i, now)).collect();
+    let t = Instant::now();
+    for s in &sessions {
+        store.put_session(s).unwrap();
+    }
+    let enc = t.elapsed();
+    let raw_db = Database::create(dir.path().join("raw.redb")).unwrap();
+    let payload = vec![0x5au8; 420];
+    let t = Instant::now();
+    for i in 0..n {
+        let txn = raw_db.begin_write().unwrap();
+        {
+            let mut tb = txn.open_table(RAW).unwrap();
+            // Same index work as a session write: record + two index rows.
+            tb.insert(u128::from(i), payload.as_slice()).unwrap();
+            tb.insert(u128::from(i) | (1 << 100), [0u8; 1].as_slice())
+                .unwrap();
+            tb.insert(u128::from(i) | (1 << 101), [0u8; 1].as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let raw = t.elapsed();
+    rows.push((
+        "durable write, encrypted session (1 txn each)".into(),
+        rate(n, enc),
+        format!("{:.0} µs each", enc.as_micros() as f64 / n as f64),
+    ));
+    rows.push((
+        "durable write, raw redb same bytes".into(),
+        rate(n, raw),
+        format!(
+            "ratio encrypted/raw = {:.2}",
+            raw.as_secs_f64() / enc.as_secs_f64()
+        ),
+    ));
+
+    // 2. Batched writes (CPU cost of sealing + encoding + indexes), 10 000 per txn.
+    let t = Instant::now();
+    let batch: Vec<AuthSession> = (n..n + 50_000).map(|i| session(i, now)).collect();
+    for chunk in batch.chunks(10_000) {
+        store.put_sessions(chunk).unwrap();
+    }
+    let b = t.elapsed();
+    rows.push((
+        "batched write, encrypted session".into(),
+        rate(50_000, b),
+        String::new(),
+    ));
+
+    // 3. Reads (open + decrypt 3 fields).
+    let t = Instant::now();
+    for s in sessions.iter().take(2_000) {
+        store.get_session(s.session_id).unwrap().unwrap();
+    }
+    let r = t.elapsed();
+    rows.push((
+        "read + decrypt session".into(),
+        rate(2_000, r),
+        String::new(),
+    ));
+    drop(store);
+
+    // 4. TTL sweep of N pending sessions that are all due, and backup of the same store.
+    for total in [100_000u64, 1_000_000] {
+        if total > max {
+            continue;
+        }
+        let path = dir.path().join(format!("sweep{total}.redb"));
+        let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
+        let t = Instant::now();
+        let mut i = 0;
+        while i < total {
+            let chunk: Vec<AuthSession> = (i..(i + 20_000).min(total))
+                .map(|j| session(j, now))
+                .collect();
+            store.put_sessions(&chunk).unwrap();
+            i += 20_000;
+        }
+        let fill = t.elapsed();
+        let size = std::fs::metadata(&path).unwrap().len();
+        let out = dir.path().join(format!("b{total}.age"));
+        let id = age::x25519::Identity::generate();
+        let prot = Protection::recipients(&[id.to_public().to_string()]).unwrap();
+        let t = Instant::now();
+        write_backup(&store, &out, &prot, &mut |_, _| {}).unwrap();
+        let bk = t.elapsed();
+        let bsize = std::fs::metadata(&out).unwrap().len();
+        let t = Instant::now();
+        let rep = store.sweep(now + 600_001, 50_000).unwrap();
+        let sw = t.elapsed();
+        assert_eq!(rep.expired.len() as u64, total);
+        rows.push((
+            format!("fill {total} sessions (batched)"),
+            rate(total, fill),
+            format!("store {:.0} MiB", size as f64 / 1048576.0),
+        ));
+        rows.push((
+            format!("backup {total} sessions (age)"),
+            format!("{:.2} s", bk.as_secs_f64()),
+            format!("{:.0} MiB", bsize as f64 / 1048576.0),
+        ));
+        rows.push((
+            format!("TTL sweep, {total} due"),
+            format!("{:.2} s", sw.as_secs_f64()),
+            rate(total, sw),
+        ));
+        let t = Instant::now();
+        let rep = store.sweep(now + 600_002, 50_000).unwrap();
+        rows.push((
+            format!("TTL sweep, {total} stored, 0 due"),
+            format!("{:.4} s", t.elapsed().as_secs_f64()),
+            format!("{} expired", rep.expired.len()),
+        ));
+    }
+
+    println!("\n| store benchmark | result | note |\n|---|---|---|");
+    for (a, b, c) in rows {
+        println!("| {a} | {b} | {c} |");
+    }
+}
