@@ -543,6 +543,73 @@ fn revoke_marks_the_session_and_deletes_its_token() {
     assert!(store.revoke_session(SessionId(12345), 5).unwrap().is_none());
 }
 
+#[test]
+fn oauth_state_index_follows_the_session_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    let now = 1_000;
+    let mut s = full_session("u", now);
+    s.state_hash = Some([9; 32]);
+    store.put_session(&s).unwrap();
+    let mut other = full_session("v", now);
+    other.state_hash = Some([8; 32]);
+    other.state = SessionState::Completed;
+    store.put_session(&other).unwrap();
+    // Only pending sessions are reachable by their state.
+    assert_eq!(
+        store
+            .session_by_state_hash(&[9; 32])
+            .unwrap()
+            .map(|x| x.session_id),
+        Some(s.session_id)
+    );
+    assert!(store.session_by_state_hash(&[8; 32]).unwrap().is_none());
+    drop(store);
+    // Reopening as a schema-2 file rebuilds the index from the records.
+    storage::testing::set_schema_version(&path, 2).unwrap();
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    assert_eq!(
+        store.schema_version().unwrap(),
+        storage::tables::SCHEMA_VERSION
+    );
+    assert!(store.session_by_state_hash(&[9; 32]).unwrap().is_some());
+    assert!(store.session_by_state_hash(&[8; 32]).unwrap().is_none());
+
+    // A compare-and-set with the wrong expected hash loses and writes nothing.
+    let mut claimed = s.clone();
+    claimed.state_hash = None;
+    let lost = store
+        .update_if_pending(Some([1; 32]), &claimed, None)
+        .unwrap();
+    assert!(matches!(lost, storage::PendingUpdate::Lost(_)));
+    assert!(store.session_by_state_hash(&[9; 32]).unwrap().is_some());
+    // With the right one it wins, and the state is no longer reachable.
+    let won = store
+        .update_if_pending(Some([9; 32]), &claimed, None)
+        .unwrap();
+    assert!(matches!(won, storage::PendingUpdate::Written));
+    assert!(store.session_by_state_hash(&[9; 32]).unwrap().is_none());
+    // The sweep expires it first; completing afterwards loses and leaves it expired.
+    store.sweep(s.expires_at, 10).unwrap();
+    let mut done = claimed.clone();
+    done.state = SessionState::Completed;
+    match store
+        .update_if_pending(None, &done, Some(&token("u", now, Some(s.session_id))))
+        .unwrap()
+    {
+        storage::PendingUpdate::Lost(cur) => assert_eq!(cur.state, SessionState::Expired),
+        other => panic!("expected Lost, got {other:?}"),
+    }
+    assert!(store.get_token("cli_app", "u").unwrap().is_none());
+    assert!(matches!(
+        store
+            .update_if_pending(None, &full_session("w", now), None)
+            .unwrap(),
+        storage::PendingUpdate::Missing
+    ));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
     /// The deadline index returns exactly the pending sessions whose expiry is at or before

@@ -230,6 +230,12 @@ pub struct AuthConfig {
     pub rate_limit_window: Duration,
     /// OAuth redirect URI.
     pub redirect_uri: Option<Url>,
+    /// Scopes of a request a user starts with `/authorize`.
+    pub default_scopes: Vec<String>,
+    /// Tokens refreshed at once by the refresh worker.
+    pub refresh_concurrency: usize,
+    /// Send a new card when a refresh token is refused for good.
+    pub resend_card_on_reauth: bool,
 }
 
 /// User info sync settings.
@@ -372,6 +378,21 @@ impl Config {
                 .unwrap_or(1),
                 rate_limit_window: r.secs("auth.rate_limit_window_seconds", 1, 86400)?,
                 redirect_uri: r.url("auth.redirect_uri")?,
+                default_scopes: r
+                    .plain("auth.default_scopes")
+                    .unwrap_or_default()
+                    .split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|x| !x.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                refresh_concurrency: usize::try_from(r.int(
+                    "auth.refresh_concurrency",
+                    1,
+                    64,
+                    "a whole number from 1 to 64",
+                )?)
+                .unwrap_or(4),
+                resend_card_on_reauth: r.boolean("auth.resend_card_on_reauth")?,
             },
             user_info_sync: UserInfoSyncConfig {
                 enabled: r.boolean("user_info_sync.enabled")?,

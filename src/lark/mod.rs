@@ -20,7 +20,7 @@ mod token;
 
 pub use api::apaas::{RecordPage, RecordQuery, TablePage, TableQuery};
 pub use api::authen::UserInfo;
-pub use api::contact::{ContactUser, ContactUserStatus, UserIdType};
+pub use api::contact::{ContactAvatar, ContactUser, ContactUserStatus, UserIdType};
 pub use api::im::{ReceiveIdType, Receiver, SentMessage};
 pub use card::{AuthorizeCard, CardAction};
 pub use client::{

@@ -3,14 +3,15 @@
 //! Schema 1 (the first layout) kept sessions in record version 1 and had no deadline or
 //! refresh-due indexes. Schema 2 adds both indexes; migrating rebuilds them from the records in
 //! the same transaction that bumps the version, so a crash leaves either the old or the new file.
+//! Schema 3 adds the `oauth_states` index, rebuilt from the pending sessions' state hashes.
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::records::{StoredSession, StoredToken};
-use super::sessions::deadline_of;
+use super::sessions::{deadline_of, state_index_of};
 use super::tables::{
-    CURSORS, META, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES,
-    TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CURSORS, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_BY_USER,
+    SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use super::tokens::refreshable;
 use super::{Error, Result, Store};
@@ -28,6 +29,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(SEEN_EVENTS).map_err(e)?;
     txn.open_table(SEEN_EVENTS_EXPIRY).map_err(e)?;
     txn.open_table(CURSORS).map_err(e)?;
+    txn.open_table(OAUTH_STATES).map_err(e)?;
     Ok(())
 }
 
@@ -36,6 +38,9 @@ pub(crate) fn migrate(store: &Store, txn: &WriteTransaction, from: u32) -> Resul
     create_tables(store, txn)?;
     if from < 2 {
         v1_to_v2(store, txn)?;
+    }
+    if from < 3 {
+        v2_to_v3(store, txn)?;
     }
     if from == 0 {
         return Err(Error::Corrupt {
@@ -81,6 +86,18 @@ fn v1_to_v2(store: &Store, txn: &WriteTransaction) -> Result<()> {
             let (app, user) = k.value();
             due.insert((t.refresh_due_at, app, user), ())
                 .map_err(|e| store.err(e))?;
+        }
+    }
+    Ok(())
+}
+
+fn v2_to_v3(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let sessions = txn.open_table(SESSIONS).map_err(|e| store.err(e))?;
+    let mut states = txn.open_table(OAUTH_STATES).map_err(|e| store.err(e))?;
+    for row in sessions.iter().map_err(|e| store.err(e))? {
+        let (k, v) = row.map_err(|e| store.err(e))?;
+        if let Some(h) = state_index_of(&StoredSession::decode(v.value())?) {
+            states.insert(h, k.value()).map_err(|e| store.err(e))?;
         }
     }
     Ok(())

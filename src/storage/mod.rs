@@ -32,7 +32,7 @@ pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use keys::{KeyStatus, RotationReport};
 pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
-pub use sessions::SessionSummary;
+pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
 
 use envelope::{Place, Sealed};

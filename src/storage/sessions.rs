@@ -4,8 +4,8 @@ use redb::{ReadableTable, Table};
 
 use super::records::{StoredSession, StoredToken};
 use super::tables::{
-    DEADLINE_EXPIRE, DEADLINE_PURGE, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS,
-    TOKEN_REFRESH_DUE,
+    DEADLINE_EXPIRE, DEADLINE_PURGE, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES,
+    TOKENS, TOKEN_REFRESH_DUE,
 };
 use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToken};
 
@@ -18,10 +18,28 @@ pub(crate) fn deadline_of(s: &StoredSession, retention_ms: u64) -> (u64, u8) {
     }
 }
 
+/// The OAuth state index entry a stored session should have: only a pending session whose
+/// state has not been used yet is reachable by its state.
+pub(crate) fn state_index_of(s: &StoredSession) -> Option<[u8; 32]> {
+    s.state_hash.filter(|_| s.state == SessionState::Pending)
+}
+
 pub(crate) struct SessionTables<'t> {
     pub sessions: Table<'t, u128, &'static [u8]>,
     pub by_user: Table<'t, (&'static str, &'static str, u128), ()>,
     pub deadlines: Table<'t, (u64, u128), u8>,
+    pub states: Table<'t, [u8; 32], u128>,
+}
+
+/// What [`Store::update_if_pending`] did.
+#[derive(Clone, Debug)]
+pub enum PendingUpdate {
+    /// The session was pending with the expected state hash and is now written.
+    Written,
+    /// Nothing written: the session had moved on (another transition won). Its current form.
+    Lost(Box<AuthSession>),
+    /// Nothing written: no such session.
+    Missing,
 }
 
 impl Store {
@@ -37,6 +55,7 @@ impl Store {
             sessions: txn.open_table(SESSIONS).map_err(|e| self.err(e))?,
             by_user: txn.open_table(SESSIONS_BY_USER).map_err(|e| self.err(e))?,
             deadlines: txn.open_table(SESSION_DEADLINES).map_err(|e| self.err(e))?,
+            states: txn.open_table(OAUTH_STATES).map_err(|e| self.err(e))?,
         })
     }
 
@@ -57,6 +76,16 @@ impl Store {
         if let Some(old) = &old {
             let (due, _) = deadline_of(old, retention);
             t.deadlines.remove((due, id.0)).map_err(|e| self.err(e))?;
+            if let Some(h) = state_index_of(old) {
+                let points_here = t
+                    .states
+                    .get(h)
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|v| v.value() == id.0);
+                if points_here {
+                    t.states.remove(h).map_err(|e| self.err(e))?;
+                }
+            }
             if old.app_id != new.app_id || old.user_id != new.user_id {
                 t.by_user
                     .remove((old.app_id.as_str(), old.user_id.as_str(), id.0))
@@ -73,7 +102,74 @@ impl Store {
         t.deadlines
             .insert((due, id.0), kind)
             .map_err(|e| self.err(e))?;
+        if let Some(h) = state_index_of(new) {
+            t.states.insert(h, id.0).map_err(|e| self.err(e))?;
+        }
         Ok(())
+    }
+
+    /// Compare-and-set for the authorization flow: writes `s` (and `token`, if any) in one
+    /// durable transaction only if the stored session is still pending with state hash
+    /// `expect_hash`. Whichever transition commits first wins; the loser gets
+    /// [`PendingUpdate::Lost`] with the session as the winner left it.
+    pub fn update_if_pending(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+    ) -> Result<PendingUpdate> {
+        validate_ids(&s.app_id, &s.user_id)?;
+        let id = s.session_id;
+        let stored = StoredSession::seal(s, self.ring());
+        let txn = self.begin_write()?;
+        let lost = {
+            let mut t = self.open_session_tables(&txn)?;
+            let current = t
+                .sessions
+                .get(id.0)
+                .map_err(|e| self.err(e))?
+                .map(|v| StoredSession::decode(v.value()))
+                .transpose()?;
+            match current {
+                None => Some(PendingUpdate::Missing),
+                Some(cur)
+                    if cur.state != SessionState::Pending || cur.state_hash != expect_hash =>
+                {
+                    Some(PendingUpdate::Lost(Box::new(cur.open(id, self.ring())?)))
+                }
+                Some(_) => {
+                    self.write_stored_session(&mut t, id, &stored)?;
+                    if let Some(token) = token {
+                        self.write_token_in(&txn, token)?;
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(outcome) = lost {
+            txn.abort().map_err(|e| self.err(e))?;
+            return Ok(outcome);
+        }
+        self.commit(txn)?;
+        Ok(PendingUpdate::Written)
+    }
+
+    /// The pending session whose unused OAuth state hashes to `hash`, if any.
+    pub fn session_by_state_hash(&self, hash: &[u8; 32]) -> Result<Option<AuthSession>> {
+        let txn = self.begin_read()?;
+        let idx = txn.open_table(OAUTH_STATES).map_err(|e| self.err(e))?;
+        let Some(id) = idx.get(hash).map_err(|e| self.err(e))?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let Some(v) = t.get(id).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let s = StoredSession::decode(v.value())?;
+        if state_index_of(&s) != Some(*hash) {
+            return Ok(None);
+        }
+        s.open(SessionId(id), self.ring()).map(Some)
     }
 
     /// Creates or replaces a session; durable when it returns.

@@ -7,8 +7,9 @@
 
 use redb::TableDefinition;
 
-/// The schema this build writes. Version 1 had no deadline indexes; 2 added them.
-pub const SCHEMA_VERSION: u32 = 2;
+/// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
+/// `oauth_states`.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -24,6 +25,10 @@ pub const SESSIONS_BY_USER: TableDefinition<'_, (&str, &str, u128), ()> =
 /// Every session has exactly one entry, so a sweep reads only what is due.
 pub const SESSION_DEADLINES: TableDefinition<'_, (u64, u128), u8> =
     TableDefinition::new("session_deadlines");
+
+/// SHA-256 of an OAuth `state` → session id, for the pending sessions whose state is still
+/// unused. Written and deleted in the same transaction as the session (see `sessions.rs`).
+pub const OAUTH_STATES: TableDefinition<'_, [u8; 32], u128> = TableDefinition::new("oauth_states");
 
 /// Current user tokens by (app_id, user_id).
 pub const TOKENS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("tokens");

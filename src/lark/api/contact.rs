@@ -51,6 +51,21 @@ pub struct ContactUserStatus {
     pub is_unjoin: bool,
 }
 
+/// A directory user's avatar URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct ContactAvatar {
+    /// 72×72.
+    pub avatar_72: Option<String>,
+    /// 240×240.
+    pub avatar_240: Option<String>,
+    /// 640×640.
+    pub avatar_640: Option<String>,
+    /// Original size.
+    pub avatar_origin: Option<String>,
+}
+
 /// A directory user (subset of the contact v3 user object).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
@@ -72,6 +87,8 @@ pub struct ContactUser {
     pub enterprise_email: Option<String>,
     /// Employee number.
     pub employee_no: Option<String>,
+    /// Avatar URLs.
+    pub avatar: Option<ContactAvatar>,
     /// Department ids.
     pub department_ids: Vec<String>,
     /// Status flags.

@@ -1,0 +1,569 @@
+//! The authorization state machine: pure, no I/O.
+//!
+//! [`transition`] takes where a session is ([`Flow`]), what happened ([`Input`]) and the time,
+//! and returns where it is now and what the shell must do ([`Effect`]s, in order). The shell
+//! (`flow.rs`) persists every phase change with a compare-and-set on the stored session and
+//! carries out the effects.
+//!
+//! Rules:
+//! - The OAuth `state` is single use: the first redirect that carries it moves the session out
+//!   of [`Phase::AwaitingRedirect`]; any later redirect (a replay) is `state_mismatch` and
+//!   changes nothing.
+//! - A redirect at or after `expires_at` expires the session (`session_expired`).
+//! - Terminal phases are absorbing. The only exit is an operator's revoke of a completed session
+//!   (`Completed → Revoked`); `Revoked` is absorbing too.
+//! - **Expiry racing completion: the first terminal transition that commits wins.** Validity is
+//!   judged when the redirect arrives; once the code is being exchanged, only an expiry that
+//!   the sweep *committed* first can beat the completion. In the shell both writes are
+//!   compare-and-sets on "still pending", so if the sweep commits first the completion loses
+//!   (the tokens are discarded, the browser is told the request expired, nothing is counted
+//!   twice); if the completion commits first the sweep no longer sees a pending session. The
+//!   shell re-runs the losing input on the winner's phase, which yields only a response.
+//! - Late results (an exchange result or user info arriving for a terminal session) only answer
+//!   with the page of the phase the session is in.
+
+use crate::storage::{AuthSession, FailureReason, SessionState};
+
+/// Where a session is in the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Pending; the card is out and the OAuth `state` has not been used.
+    AwaitingRedirect,
+    /// Pending; a redirect with a code used the `state`; the code is being exchanged.
+    Exchanging,
+    /// Tokens obtained.
+    Completed,
+    /// Nobody finished in time.
+    Expired,
+    /// The user declined (card button or consent page).
+    Rejected,
+    /// Failed for the reason given.
+    Failed(FailureReason),
+    /// An operator revoked it.
+    Revoked,
+}
+
+impl Phase {
+    /// True for every phase but the two pending ones.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::AwaitingRedirect | Self::Exchanging)
+    }
+
+    /// The stored state and failure reason of this phase.
+    #[must_use]
+    pub fn stored(self) -> (SessionState, Option<FailureReason>) {
+        match self {
+            Self::AwaitingRedirect | Self::Exchanging => (SessionState::Pending, None),
+            Self::Completed => (SessionState::Completed, None),
+            Self::Expired => (SessionState::Expired, Some(FailureReason::SessionExpired)),
+            Self::Rejected => (SessionState::Rejected, Some(FailureReason::UserRejected)),
+            Self::Failed(r) => (SessionState::Failed, Some(r)),
+            Self::Revoked => (SessionState::Revoked, None),
+        }
+    }
+
+    /// The phase a stored session is in. A pending session whose state hash is gone has had
+    /// its state used by a redirect: it is exchanging.
+    #[must_use]
+    pub fn of(s: &AuthSession) -> Self {
+        match s.state {
+            SessionState::Pending if s.state_hash.is_some() => Self::AwaitingRedirect,
+            SessionState::Pending => Self::Exchanging,
+            SessionState::Completed => Self::Completed,
+            SessionState::Expired => Self::Expired,
+            SessionState::Rejected => Self::Rejected,
+            SessionState::Failed => {
+                Self::Failed(s.failure_reason.unwrap_or(FailureReason::UnknownError))
+            }
+            SessionState::Revoked => Self::Revoked,
+        }
+    }
+
+    /// What a browser (or a card click) is told about a session in this phase.
+    #[must_use]
+    pub fn page(self) -> Page {
+        match self {
+            Self::Completed => Page::Authorized,
+            Self::Expired => Page::Expired,
+            Self::Rejected => Page::Rejected,
+            Self::Failed(r) => Page::Failed(r),
+            // A used or revoked state is no longer valid.
+            Self::AwaitingRedirect | Self::Exchanging | Self::Revoked => {
+                Page::Failed(FailureReason::StateMismatch)
+            }
+        }
+    }
+}
+
+/// A session as the machine sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// Where it is.
+    pub phase: Phase,
+    /// When a pending session expires (unix ms).
+    pub expires_at: u64,
+}
+
+impl Flow {
+    /// The flow of a stored session.
+    #[must_use]
+    pub fn of(s: &AuthSession) -> Self {
+        Self {
+            phase: Phase::of(s),
+            expires_at: s.expires_at,
+        }
+    }
+}
+
+/// Who the exchanged token belongs to, compared with the user the card went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// The token's user is the card's user.
+    Matches,
+    /// Could not be checked (user info unavailable, or no comparable id): accepted.
+    Unknown,
+    /// Someone else completed the OAuth flow with this session's state.
+    Mismatch,
+}
+
+/// Why a code exchange failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExchangeError {
+    /// The code was older than its 5 minutes.
+    CodeExpired,
+    /// Anything else.
+    Other,
+}
+
+/// Something that happened to a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    /// The OAuth redirect arrived with this session's state and a code.
+    RedirectWithCode,
+    /// The OAuth redirect arrived with this session's state but no code and no error.
+    RedirectWithoutCode,
+    /// The OAuth redirect said `error=access_denied`.
+    RedirectDenied,
+    /// The OAuth redirect carried another `error`.
+    RedirectError,
+    /// The code was exchanged for tokens.
+    CodeExchanged,
+    /// The code exchange failed.
+    ExchangeFailed(ExchangeError),
+    /// The user info of the new token was read (or could not be).
+    UserIdentified(Identity),
+    /// The card's owner pressed "reject" (or "cancel").
+    CardRejected,
+    /// The sweep found the session past its expiry.
+    Expire,
+    /// An operator revoked the session.
+    Revoke,
+}
+
+/// Which final card replaces the authorize card.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CardKind {
+    /// Authorized.
+    Authorized,
+    /// Declined.
+    Rejected,
+    /// Expired (also used when an operator revokes a pending request).
+    Expired,
+    /// Failed for this reason.
+    Failed(FailureReason),
+}
+
+/// What the browser (or the card click) is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Page {
+    /// Authorization complete.
+    Authorized,
+    /// The request expired.
+    Expired,
+    /// The user declined.
+    Rejected,
+    /// Failed for this reason (`state_mismatch`: the link is not valid any more).
+    Failed(FailureReason),
+}
+
+/// Work for the shell, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Effect {
+    /// Exchange the redirect's code (with the PKCE verifier); answer with `CodeExchanged` or
+    /// `ExchangeFailed`.
+    ExchangeCode,
+    /// Read the new token's user; answer with `UserIdentified`.
+    FetchUserInfo,
+    /// Store the tokens and user info, in the same transaction as the `Completed` session.
+    StoreTokens,
+    /// Replace the card (or, for a card click, answer with this card).
+    PatchCard(CardKind),
+    /// `auth_success` + `auth_duration` (created → now).
+    CountSuccess,
+    /// `auth_failure{reason}`.
+    CountFailure(FailureReason),
+    /// Answer the browser (or the card click) with this page.
+    Respond(Page),
+}
+
+fn fail(r: FailureReason) -> (Phase, Vec<Effect>) {
+    (
+        Phase::Failed(r),
+        vec![
+            Effect::PatchCard(CardKind::Failed(r)),
+            Effect::CountFailure(r),
+            Effect::Respond(Page::Failed(r)),
+        ],
+    )
+}
+
+fn expire() -> (Phase, Vec<Effect>) {
+    (
+        Phase::Expired,
+        vec![
+            Effect::PatchCard(CardKind::Expired),
+            Effect::CountFailure(FailureReason::SessionExpired),
+            Effect::Respond(Page::Expired),
+        ],
+    )
+}
+
+fn reject() -> (Phase, Vec<Effect>) {
+    (
+        Phase::Rejected,
+        vec![
+            Effect::PatchCard(CardKind::Rejected),
+            Effect::CountFailure(FailureReason::UserRejected),
+            Effect::Respond(Page::Rejected),
+        ],
+    )
+}
+
+fn mismatch() -> Vec<Effect> {
+    vec![
+        Effect::CountFailure(FailureReason::StateMismatch),
+        Effect::Respond(Page::Failed(FailureReason::StateMismatch)),
+    ]
+}
+
+fn is_redirect(i: Input) -> bool {
+    matches!(
+        i,
+        Input::RedirectWithCode
+            | Input::RedirectWithoutCode
+            | Input::RedirectDenied
+            | Input::RedirectError
+    )
+}
+
+/// The transition function. `now` is unix ms.
+#[must_use]
+pub fn transition(flow: Flow, input: Input, now: u64) -> (Flow, Vec<Effect>) {
+    use Phase as P;
+    let (phase, effects) = match (flow.phase, input) {
+        // --- Terminal phases never change, except Completed → Revoked.
+        (P::Completed, Input::Revoke) => (P::Revoked, vec![]),
+        (p, i) if p.is_terminal() && is_redirect(i) => (p, mismatch()),
+        (p, Input::Expire | Input::Revoke) if p.is_terminal() => (p, vec![]),
+        (p, _) if p.is_terminal() => (p, vec![Effect::Respond(p.page())]),
+
+        // --- Either pending phase.
+        (_, Input::CardRejected) => reject(),
+        (_, Input::Expire) => {
+            let (p, mut e) = expire();
+            e.retain(|e| !matches!(e, Effect::Respond(_)));
+            (p, e)
+        }
+        (_, Input::Revoke) => (P::Revoked, vec![Effect::PatchCard(CardKind::Expired)]),
+
+        // --- Waiting for the redirect: the state is being used now.
+        (P::AwaitingRedirect, i) if is_redirect(i) && now >= flow.expires_at => expire(),
+        (P::AwaitingRedirect, Input::RedirectWithCode) => {
+            (P::Exchanging, vec![Effect::ExchangeCode])
+        }
+        (P::AwaitingRedirect, Input::RedirectWithoutCode) => fail(FailureReason::MissingCode),
+        (P::AwaitingRedirect, Input::RedirectDenied) => reject(),
+        (P::AwaitingRedirect, Input::RedirectError) => fail(FailureReason::UnknownError),
+        // Exchange results cannot arrive before a redirect: ignore.
+        (P::AwaitingRedirect, _) => (P::AwaitingRedirect, vec![]),
+
+        // --- Exchanging: the state is used up.
+        (P::Exchanging, i) if is_redirect(i) => (P::Exchanging, mismatch()),
+        (P::Exchanging, Input::CodeExchanged) => (P::Exchanging, vec![Effect::FetchUserInfo]),
+        (P::Exchanging, Input::ExchangeFailed(ExchangeError::CodeExpired)) => {
+            fail(FailureReason::CodeExpired)
+        }
+        (P::Exchanging, Input::ExchangeFailed(ExchangeError::Other)) => {
+            fail(FailureReason::UnknownError)
+        }
+        (P::Exchanging, Input::UserIdentified(Identity::Mismatch)) => {
+            fail(FailureReason::StateMismatch)
+        }
+        (P::Exchanging, Input::UserIdentified(Identity::Matches | Identity::Unknown)) => (
+            P::Completed,
+            vec![
+                Effect::StoreTokens,
+                Effect::PatchCard(CardKind::Authorized),
+                Effect::CountSuccess,
+                Effect::Respond(Page::Authorized),
+            ],
+        ),
+        // Every (pending phase, input) pair is covered above; this arm is unreachable but
+        // keeps the match total without listing pairs twice.
+        (p, _) => (p, vec![]),
+    };
+    (
+        Flow {
+            phase,
+            expires_at: flow.expires_at,
+        },
+        effects,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use FailureReason as R;
+
+    const EXP: u64 = 1_000;
+
+    fn flow(phase: Phase) -> Flow {
+        Flow {
+            phase,
+            expires_at: EXP,
+        }
+    }
+
+    fn fail_effects(r: FailureReason) -> Vec<Effect> {
+        vec![
+            Effect::PatchCard(CardKind::Failed(r)),
+            Effect::CountFailure(r),
+            Effect::Respond(Page::Failed(r)),
+        ]
+    }
+
+    fn mismatch_effects() -> Vec<Effect> {
+        vec![
+            Effect::CountFailure(R::StateMismatch),
+            Effect::Respond(Page::Failed(R::StateMismatch)),
+        ]
+    }
+
+    #[test]
+    fn every_transition_from_the_pending_phases() {
+        use Effect as E;
+        use Input as I;
+        use Phase as P;
+        let expired_page = vec![
+            E::PatchCard(CardKind::Expired),
+            E::CountFailure(R::SessionExpired),
+            E::Respond(Page::Expired),
+        ];
+        let rejected = vec![
+            E::PatchCard(CardKind::Rejected),
+            E::CountFailure(R::UserRejected),
+            E::Respond(Page::Rejected),
+        ];
+        let expired_sweep = vec![
+            E::PatchCard(CardKind::Expired),
+            E::CountFailure(R::SessionExpired),
+        ];
+        let completed = vec![
+            E::StoreTokens,
+            E::PatchCard(CardKind::Authorized),
+            E::CountSuccess,
+            E::Respond(Page::Authorized),
+        ];
+        #[rustfmt::skip]
+        let table: Vec<(Phase, Input, u64, Phase, Vec<Effect>)> = vec![
+            // Awaiting the redirect, in time.
+            (P::AwaitingRedirect, I::RedirectWithCode, 10, P::Exchanging, vec![E::ExchangeCode]),
+            (P::AwaitingRedirect, I::RedirectWithoutCode, 10, P::Failed(R::MissingCode), fail_effects(R::MissingCode)),
+            (P::AwaitingRedirect, I::RedirectDenied, 10, P::Rejected, rejected.clone()),
+            (P::AwaitingRedirect, I::RedirectError, 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
+            // Awaiting the redirect, too late (at and after expires_at).
+            (P::AwaitingRedirect, I::RedirectWithCode, EXP, P::Expired, expired_page.clone()),
+            (P::AwaitingRedirect, I::RedirectWithoutCode, EXP + 1, P::Expired, expired_page.clone()),
+            (P::AwaitingRedirect, I::RedirectDenied, EXP + 1, P::Expired, expired_page.clone()),
+            (P::AwaitingRedirect, I::RedirectError, EXP + 1, P::Expired, expired_page.clone()),
+            // Card, sweep, revoke.
+            (P::AwaitingRedirect, I::CardRejected, 10, P::Rejected, rejected.clone()),
+            (P::AwaitingRedirect, I::Expire, EXP, P::Expired, expired_sweep.clone()),
+            (P::AwaitingRedirect, I::Revoke, 10, P::Revoked, vec![E::PatchCard(CardKind::Expired)]),
+            // Stray results before any redirect change nothing.
+            (P::AwaitingRedirect, I::CodeExchanged, 10, P::AwaitingRedirect, vec![]),
+            (P::AwaitingRedirect, I::ExchangeFailed(ExchangeError::Other), 10, P::AwaitingRedirect, vec![]),
+            (P::AwaitingRedirect, I::UserIdentified(Identity::Matches), 10, P::AwaitingRedirect, vec![]),
+            // Exchanging: replays are state_mismatch, even after expiry.
+            (P::Exchanging, I::RedirectWithCode, 10, P::Exchanging, mismatch_effects()),
+            (P::Exchanging, I::RedirectWithoutCode, 10, P::Exchanging, mismatch_effects()),
+            (P::Exchanging, I::RedirectDenied, EXP + 5, P::Exchanging, mismatch_effects()),
+            (P::Exchanging, I::RedirectError, 10, P::Exchanging, mismatch_effects()),
+            (P::Exchanging, I::CodeExchanged, 10, P::Exchanging, vec![E::FetchUserInfo]),
+            // Validity was judged at the redirect: a completion after expires_at still completes.
+            (P::Exchanging, I::CodeExchanged, EXP + 5, P::Exchanging, vec![E::FetchUserInfo]),
+            (P::Exchanging, I::ExchangeFailed(ExchangeError::CodeExpired), 10, P::Failed(R::CodeExpired), fail_effects(R::CodeExpired)),
+            (P::Exchanging, I::ExchangeFailed(ExchangeError::Other), 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
+            (P::Exchanging, I::UserIdentified(Identity::Matches), 10, P::Completed, completed.clone()),
+            (P::Exchanging, I::UserIdentified(Identity::Unknown), EXP + 5, P::Completed, completed.clone()),
+            (P::Exchanging, I::UserIdentified(Identity::Mismatch), 10, P::Failed(R::StateMismatch), fail_effects(R::StateMismatch)),
+            (P::Exchanging, I::CardRejected, 10, P::Rejected, rejected.clone()),
+            (P::Exchanging, I::Expire, EXP, P::Expired, expired_sweep.clone()),
+            (P::Exchanging, I::Revoke, 10, P::Revoked, vec![E::PatchCard(CardKind::Expired)]),
+        ];
+        for (from, input, now, to, effects) in table {
+            let (got, eff) = transition(flow(from), input, now);
+            assert_eq!(
+                (got.phase, &eff),
+                (to, &effects),
+                "{from:?} --{input:?}@{now}-->"
+            );
+            assert_eq!(got.expires_at, EXP);
+        }
+    }
+
+    fn all_inputs() -> Vec<Input> {
+        vec![
+            Input::RedirectWithCode,
+            Input::RedirectWithoutCode,
+            Input::RedirectDenied,
+            Input::RedirectError,
+            Input::CodeExchanged,
+            Input::ExchangeFailed(ExchangeError::CodeExpired),
+            Input::ExchangeFailed(ExchangeError::Other),
+            Input::UserIdentified(Identity::Matches),
+            Input::UserIdentified(Identity::Unknown),
+            Input::UserIdentified(Identity::Mismatch),
+            Input::CardRejected,
+            Input::Expire,
+            Input::Revoke,
+        ]
+    }
+
+    fn terminal_phases() -> Vec<Phase> {
+        let mut v = vec![
+            Phase::Completed,
+            Phase::Expired,
+            Phase::Rejected,
+            Phase::Revoked,
+        ];
+        v.extend(FailureReason::ALL.map(Phase::Failed));
+        v
+    }
+
+    #[test]
+    fn every_transition_from_the_terminal_phases() {
+        for p in terminal_phases() {
+            for i in all_inputs() {
+                let (got, eff) = transition(flow(p), i, EXP + 100);
+                let want_phase = if p == Phase::Completed && i == Input::Revoke {
+                    Phase::Revoked
+                } else {
+                    p
+                };
+                assert_eq!(got.phase, want_phase, "{p:?} --{i:?}-->");
+                let want: Vec<Effect> = match i {
+                    // A replayed or late redirect: state_mismatch, the session untouched.
+                    _ if is_redirect(i) => mismatch_effects(),
+                    Input::Expire | Input::Revoke => vec![],
+                    // A late exchange result or card click: only the current page.
+                    _ => vec![Effect::Respond(p.page())],
+                };
+                assert_eq!(eff, want, "{p:?} --{i:?}-->");
+            }
+        }
+    }
+
+    /// The race of the issue, both orders: expiry commits first, then the completion's input
+    /// is re-run on the expired session; or the completion commits first and the sweep's
+    /// expiry comes after.
+    #[test]
+    fn expiry_racing_completion_first_terminal_transition_wins() {
+        // Expiry first.
+        let (f, _) = transition(flow(Phase::Exchanging), Input::Expire, EXP);
+        assert_eq!(f.phase, Phase::Expired);
+        let (f, eff) = transition(f, Input::UserIdentified(Identity::Matches), EXP + 1);
+        assert_eq!(f.phase, Phase::Expired);
+        assert_eq!(eff, vec![Effect::Respond(Page::Expired)]);
+        // Completion first.
+        let (f, eff) = transition(
+            flow(Phase::Exchanging),
+            Input::UserIdentified(Identity::Matches),
+            EXP + 1,
+        );
+        assert_eq!(f.phase, Phase::Completed);
+        assert!(eff.contains(&Effect::StoreTokens));
+        let (f, eff) = transition(f, Input::Expire, EXP + 2);
+        assert_eq!(f.phase, Phase::Completed);
+        assert!(eff.is_empty());
+    }
+
+    #[test]
+    fn phases_round_trip_through_stored_sessions() {
+        let mut s = AuthSession::new_pending("cli_a", "u", vec![], 0, 1_000);
+        s.state_hash = Some([1; 32]);
+        assert_eq!(Phase::of(&s), Phase::AwaitingRedirect);
+        s.state_hash = None;
+        assert_eq!(Phase::of(&s), Phase::Exchanging);
+        for p in terminal_phases() {
+            let (state, reason) = p.stored();
+            s.state = state;
+            s.failure_reason = reason;
+            assert_eq!(Phase::of(&s), p);
+        }
+    }
+
+    fn input_strategy() -> impl Strategy<Value = Input> {
+        proptest::sample::select(all_inputs())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// No sequence of inputs leaves a terminal phase (other than Completed → Revoked),
+        /// completes twice, or counts a session's outcome twice.
+        #[test]
+        fn no_sequence_leaves_a_terminal_phase_or_completes_twice(
+            steps in proptest::collection::vec((input_strategy(), 0u64..2 * EXP), 1..40)
+        ) {
+            let mut f = flow(Phase::AwaitingRedirect);
+            let mut first_terminal: Option<Phase> = None;
+            let mut stores = 0;
+            let mut successes = 0;
+            let mut outcomes = 0;
+            for (input, now) in steps {
+                let before = f.phase;
+                let (next, eff) = transition(f, input, now);
+                if before.is_terminal() {
+                    let allowed = next.phase == before
+                        || (before == Phase::Completed && next.phase == Phase::Revoked);
+                    prop_assert!(allowed, "{:?} left for {:?} on {:?}", before, next.phase, input);
+                    prop_assert!(!eff.iter().any(|e| matches!(e, Effect::StoreTokens | Effect::CountSuccess | Effect::PatchCard(_) | Effect::ExchangeCode | Effect::FetchUserInfo)));
+                }
+                if !before.is_terminal() && next.phase.is_terminal() {
+                    prop_assert!(first_terminal.is_none());
+                    first_terminal = Some(next.phase);
+                    outcomes += 1;
+                }
+                for e in &eff {
+                    match e {
+                        Effect::StoreTokens => {
+                            stores += 1;
+                            prop_assert_eq!(next.phase, Phase::Completed);
+                        }
+                        Effect::CountSuccess => successes += 1,
+                        _ => {}
+                    }
+                }
+                // The pending phases only move forward: a used state is never reusable.
+                prop_assert!(!(before == Phase::Exchanging && next.phase == Phase::AwaitingRedirect));
+                f = next;
+            }
+            prop_assert!(stores <= 1);
+            prop_assert!(successes <= 1);
+            prop_assert!(outcomes <= 1);
+        }
+    }
+}

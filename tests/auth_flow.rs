@@ -1,0 +1,1204 @@
+//! The authorization flow end to end against a wiremock stand-in for Lark: card, redirect,
+//! exchange, storage, card updates, refresh, rate limit, HTTP routes.
+//!
+//! Time is an injected clock (`AtomicU64`), never the wall clock. Metrics are process-global,
+//! so every test holds `SERIAL` and compares deltas.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use wiremock::matchers::{body_partial_json, header, method, path, path_regex};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+use lark_service::auth::state::Page;
+use lark_service::auth::{AuthError, AuthOptions, AuthRequest, AuthService, TokenError, UserRef};
+use lark_service::lark::{Domain, LarkClient, LarkConfig, RetryPolicy};
+use lark_service::metrics::{self, OutcomeLabel, ReasonLabel};
+use lark_service::storage::{
+    FailureReason, Key, Keyring, SessionState, Store, StoreOptions, UserInfo, UserToken,
+};
+
+const APP_ID: &str = "cli_a1b2c3d4e5f60718";
+const APP_SECRET: &str = "app-SECRET-9f3c2e";
+const TENANT_PATH: &str = "/open-apis/auth/v3/tenant_access_token/internal";
+const OAUTH_TOKEN_PATH: &str = "/open-apis/authen/v2/oauth/token";
+const MESSAGES_PATH: &str = "/open-apis/im/v1/messages";
+const USER_INFO_PATH: &str = "/open-apis/authen/v1/user_info";
+const ACCESS_1: &str = "eyJ-AUTH-ACCESS-SECRET-1";
+const REFRESH_1: &str = "eyJ-AUTH-REFRESH-SECRET-1";
+const ACCESS_2: &str = "eyJ-AUTH-ACCESS-SECRET-2";
+const REFRESH_2: &str = "eyJ-AUTH-REFRESH-SECRET-2";
+const CODE: &str = "AUTH-CODE-SECRET-42";
+const ADMIN: &str = "admin-AUTH-SECRET-7";
+const REDIRECT: &str = "https://svc.example.com/oauth/callback";
+const ALICE: &str = "ou_alice";
+const T0: u64 = 1_700_000_000_000;
+const EXPIRY_MS: u64 = 600_000;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn ring() -> Keyring {
+    Keyring::new(Key::from_bytes(&[0x42; 32]), vec![])
+}
+
+fn options() -> AuthOptions {
+    AuthOptions {
+        session_expiry: Duration::from_millis(EXPIRY_MS),
+        refresh_threshold: 0.8,
+        rate_limit: 3,
+        rate_limit_window: Duration::from_secs(60),
+        redirect_uri: REDIRECT.to_owned(),
+        default_scopes: vec!["contact:user.base:readonly".to_owned()],
+        admin_token: Some(SecretString::from(ADMIN)),
+        refresh_concurrency: 4,
+        refresh_jitter: Duration::ZERO,
+        resend_card_on_reauth: false,
+        user_info_sync: None,
+    }
+}
+
+struct H {
+    server: MockServer,
+    svc: AuthService,
+    store: Store,
+    clock: Arc<AtomicU64>,
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn client(server: &MockServer) -> LarkClient {
+    let mut cfg = LarkConfig::new(
+        server.uri().parse::<Domain>().unwrap(),
+        APP_ID,
+        SecretString::from(APP_SECRET),
+    );
+    cfg.retry = RetryPolicy::no_retry();
+    cfg.request_timeout = Duration::from_secs(10);
+    LarkClient::new(cfg).unwrap()
+}
+
+fn service(
+    server: &MockServer,
+    store: &Store,
+    clock: &Arc<AtomicU64>,
+    opts: AuthOptions,
+) -> AuthService {
+    let c = clock.clone();
+    AuthService::with_clock(
+        client(server),
+        store.clone(),
+        opts,
+        Arc::new(move || c.load(Ordering::SeqCst)),
+    )
+}
+
+async fn harness_with(opts: AuthOptions) -> H {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path(TENANT_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"code": 0, "msg": "ok", "tenant_access_token": "t-TENANT", "expire": 7200}),
+        ))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
+    let clock = Arc::new(AtomicU64::new(T0));
+    let svc = service(&server, &store, &clock, opts);
+    H {
+        server,
+        svc,
+        store,
+        clock,
+        _dir: dir,
+        path,
+    }
+}
+
+async fn harness() -> H {
+    harness_with(options()).await
+}
+
+impl H {
+    fn advance(&self, ms: u64) {
+        self.clock.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.load(Ordering::SeqCst)
+    }
+
+    async fn mount_send_card(&self, message_id: &str, times: u64) {
+        Mock::given(method("POST"))
+            .and(path(MESSAGES_PATH))
+            .and(body_partial_json(json!({"msg_type": "interactive"})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "code": 0, "msg": "success",
+                "data": {"message_id": message_id, "chat_id": "oc_1", "msg_type": "interactive"}
+            })))
+            .expect(times)
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn mount_patch(&self) {
+        Mock::given(method("PATCH"))
+            .and(path_regex(r"^/open-apis/im/v1/messages/om_.*$"))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"code": 0, "msg": "success"})),
+            )
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn mount_exchange(&self, times: u64) {
+        Mock::given(method("POST"))
+            .and(path(OAUTH_TOKEN_PATH))
+            .and(body_partial_json(
+                json!({"grant_type": "authorization_code", "code": CODE}),
+            ))
+            .respond_with(ResponseTemplate::new(200).set_body_json(token_body(ACCESS_1, REFRESH_1)))
+            .expect(times)
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn mount_user_info(&self, open_id: &str) {
+        Mock::given(method("GET"))
+            .and(path(USER_INFO_PATH))
+            .and(header(
+                "authorization",
+                format!("Bearer {ACCESS_1}").as_str(),
+            ))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "code": 0, "msg": "success",
+                "data": {"open_id": open_id, "union_id": "on_alice", "name": "Alice",
+                         "email": "alice@example.com", "avatar_url": "https://a.example/alice.png"}
+            })))
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn requests(&self, m: &str, p: &str) -> Vec<Request> {
+        self.server
+            .received_requests()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.method.as_str() == m && r.url.path().starts_with(p))
+            .collect()
+    }
+
+    /// The cards sent so far, parsed from the message `content` strings.
+    async fn sent_cards(&self) -> Vec<Value> {
+        self.requests("POST", MESSAGES_PATH)
+            .await
+            .iter()
+            .map(body)
+            .filter(|b| b["msg_type"] == "interactive")
+            .map(|b| serde_json::from_str(b["content"].as_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    async fn patched_cards(&self) -> Vec<Value> {
+        self.requests("PATCH", MESSAGES_PATH)
+            .await
+            .iter()
+            .map(|r| serde_json::from_str(body(r)["content"].as_str().unwrap()).unwrap())
+            .collect()
+    }
+
+    async fn request_alice(&self) -> lark_service::auth::RequestOutcome {
+        self.svc
+            .request(AuthRequest {
+                user: UserRef::OpenId(ALICE.into()),
+                scopes: vec!["contact:user.base:readonly".into()],
+            })
+            .await
+            .unwrap()
+    }
+}
+
+fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn token_body(access: &str, refresh: &str) -> Value {
+    json!({"code": 0, "access_token": access, "expires_in": 7200, "refresh_token": refresh,
+           "refresh_token_expires_in": 604_800,
+           "scope": "contact:user.base:readonly offline_access", "token_type": "Bearer"})
+}
+
+/// The authorize URL of a card.
+fn authorize_url(card: &Value) -> url::Url {
+    url::Url::parse(
+        card["body"]["elements"][1]["behaviors"][0]["default_url"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn query_param(u: &url::Url, k: &str) -> Option<String> {
+    u.query_pairs()
+        .find(|(n, _)| n == k)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn state_of(card: &Value) -> String {
+    query_param(&authorize_url(card), "state").unwrap()
+}
+
+fn success() -> u64 {
+    metrics::get().auth_success.get()
+}
+
+fn failures(r: FailureReason) -> u64 {
+    metrics::get()
+        .auth_failure
+        .get_or_create(&ReasonLabel { reason: r.as_str() })
+        .get()
+}
+
+fn refreshes(outcome: &'static str) -> u64 {
+    metrics::get()
+        .token_refresh
+        .get_or_create(&OutcomeLabel { outcome })
+        .get()
+}
+
+fn duration_count() -> u64 {
+    metrics::get()
+        .encode()
+        .lines()
+        .find(|l| l.starts_with("lark_service_auth_duration_seconds_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn page_title(html: &str) -> &str {
+    let start = html.find("<h1>").unwrap() + 4;
+    let end = html.find("</h1>").unwrap();
+    &html[start..end]
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_card_callback_stores_encrypted_tokens_and_patches_the_card() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info(ALICE).await;
+    let (ok0, req0, dur0) = (
+        success(),
+        metrics::get().auth_requests.get(),
+        duration_count(),
+    );
+
+    let out = h.request_alice().await;
+    assert!(!out.reused);
+    assert_eq!(metrics::get().auth_requests.get(), req0 + 1);
+
+    // The card: to Alice by open_id, the documented shape, an authorize URL with PKCE.
+    let sends = h.requests("POST", MESSAGES_PATH).await;
+    assert_eq!(sends[0].url.query(), Some("receive_id_type=open_id"));
+    assert_eq!(body(&sends[0])["receive_id"], ALICE);
+    let card = &h.sent_cards().await[0];
+    assert_eq!(card["schema"], "2.0");
+    assert_eq!(card["config"]["update_multi"], true);
+    assert_eq!(card["header"]["title"]["content"], "Authorization required");
+    let els = card["body"]["elements"].as_array().unwrap();
+    assert_eq!(els[0]["tag"], "markdown");
+    assert!(els[0]["content"]
+        .as_str()
+        .unwrap()
+        .contains("`contact:user.base:readonly`"));
+    assert_eq!(els[1]["behaviors"][0]["type"], "open_url");
+    assert_eq!(
+        els[2]["behaviors"][0]["value"],
+        json!({"action": "reject", "session_id": out.session_id.to_string()})
+    );
+    let url = authorize_url(card);
+    assert_eq!(url.path(), "/open-apis/authen/v1/authorize");
+    assert_eq!(query_param(&url, "client_id").as_deref(), Some(APP_ID));
+    assert_eq!(query_param(&url, "redirect_uri").as_deref(), Some(REDIRECT));
+    assert_eq!(
+        query_param(&url, "scope").as_deref(),
+        Some("contact:user.base:readonly offline_access")
+    );
+    assert_eq!(
+        query_param(&url, "code_challenge_method").as_deref(),
+        Some("S256")
+    );
+    let challenge = query_param(&url, "code_challenge").unwrap();
+    let state = state_of(card);
+    assert!(state.len() >= 22);
+
+    // The session stores only the state's hash, and the card's message id.
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.state, SessionState::Pending);
+    assert_eq!(s.card_message_id.as_deref(), Some("om_1"));
+    assert_eq!(
+        s.state_hash,
+        Some(<[u8; 32]>::from(Sha256::digest(state.as_bytes())))
+    );
+
+    h.advance(30_000);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page_title(&html.0), "Authorization complete");
+    assert!(!html.0.contains(ACCESS_1) && !html.0.contains(CODE));
+
+    // The exchange carried the PKCE verifier matching the challenge and the same redirect URI.
+    let ex = body(&h.requests("POST", OAUTH_TOKEN_PATH).await[0]);
+    assert_eq!(ex["redirect_uri"], REDIRECT);
+    let verifier = ex["code_verifier"].as_str().unwrap();
+    assert_eq!(base64_url(&Sha256::digest(verifier.as_bytes())), challenge);
+
+    // Tokens stored, readable through the store, sealed in the file.
+    let now = h.now();
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_1);
+    assert_eq!(
+        tok.refresh_token.as_ref().unwrap().expose_secret(),
+        REFRESH_1
+    );
+    assert_eq!(tok.expires_at, now + 7_200_000);
+    assert_eq!(tok.refresh_due_at, now + 5_760_000);
+    assert_eq!(tok.session_id, Some(out.session_id));
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.state, SessionState::Completed);
+    assert_eq!(s.user_name.as_deref(), Some("Alice"));
+    assert_eq!(s.user_email.as_deref(), Some("alice@example.com"));
+    assert!(s.pkce_verifier.is_none() && s.state_hash.is_none());
+    let user = h.store.get_user(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(user.name.as_deref(), Some("Alice"));
+    let raw = std::fs::read(&h.path).unwrap();
+    for secret in [ACCESS_1, REFRESH_1, verifier] {
+        assert!(
+            !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a secret is stored in clear"
+        );
+    }
+
+    // The card became the authorized card.
+    let patches = h.patched_cards().await;
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0]["header"]["template"], "green");
+    assert!(
+        h.requests("PATCH", "/open-apis/im/v1/messages/om_1")
+            .await
+            .len()
+            == 1
+    );
+
+    assert_eq!(success(), ok0 + 1);
+    assert_eq!(duration_count(), dur0 + 1);
+
+    // Replaying the redirect: state_mismatch, the completed session untouched, no 2nd exchange.
+    let sm = failures(FailureReason::StateMismatch);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    assert_eq!(failures(FailureReason::StateMismatch), sm + 1);
+    assert_eq!(
+        h.store.get_session(out.session_id).unwrap().unwrap().state,
+        SessionState::Completed
+    );
+    assert_eq!(success(), ok0 + 1);
+}
+
+fn base64_url(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_state_is_state_mismatch() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_exchange(0).await;
+    let out = h.request_alice().await;
+    let sm = failures(FailureReason::StateMismatch);
+    for q in [
+        format!("code={CODE}&state=not-the-state"),
+        format!("code={CODE}"),
+        String::new(),
+    ] {
+        let (status, html) = h.svc.oauth_callback(&q).await;
+        assert_eq!(status, 400);
+        assert!(html.0.contains("no longer valid"));
+    }
+    assert_eq!(failures(FailureReason::StateMismatch), sm + 3);
+    assert_eq!(
+        h.store.get_session(out.session_id).unwrap().unwrap().state,
+        SessionState::Pending
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_code_and_access_denied_end_the_session() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 2).await;
+    h.mount_patch().await;
+    h.mount_exchange(0).await;
+
+    let a = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let mc = failures(FailureReason::MissingCode);
+    let (status, html) = h.svc.oauth_callback(&format!("state={state}")).await;
+    assert_eq!(status, 400);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    let s = h.store.get_session(a.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Failed, Some(FailureReason::MissingCode))
+    );
+    assert_eq!(failures(FailureReason::MissingCode), mc + 1);
+
+    let b = h
+        .svc
+        .request(AuthRequest {
+            user: UserRef::OpenId(ALICE.into()),
+            scopes: vec!["other:scope".into()],
+        })
+        .await
+        .unwrap();
+    let state = state_of(&h.sent_cards().await[1]);
+    let ur = failures(FailureReason::UserRejected);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("error=access_denied&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(page_title(&html.0), "Authorization declined");
+    let s = h.store.get_session(b.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Rejected, Some(FailureReason::UserRejected))
+    );
+    assert_eq!(failures(FailureReason::UserRejected), ur + 1);
+    let patches = h.patched_cards().await;
+    assert_eq!(patches.len(), 2);
+    assert_eq!(
+        patches[0]["header"]["title"]["content"],
+        "Authorization failed"
+    );
+    assert_eq!(patches[1]["header"]["template"], "grey");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_expired_at_the_token_endpoint_fails_the_session() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "code": 20004, "error": "invalid_grant", "error_description": "code expired"
+        })))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let ce = failures(FailureReason::CodeExpired);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    assert!(html.0.contains("took too long"));
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Failed, Some(FailureReason::CodeExpired))
+    );
+    assert_eq!(failures(FailureReason::CodeExpired), ce + 1);
+    assert!(h.store.get_token(APP_ID, ALICE).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_by_the_card_owner_returns_the_rejected_card() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    let out = h.request_alice().await;
+    let value = json!({"action": "reject", "session_id": out.session_id.to_string()});
+    let ur = failures(FailureReason::UserRejected);
+
+    // Not ours: None. Someone else's click: refused, nothing changes.
+    assert!(h
+        .svc
+        .card_action(&json!({"action": "other", "session_id": "x"}), ALICE)
+        .await
+        .unwrap()
+        .is_none());
+    let r = h
+        .svc
+        .card_action(&value, "ou_mallory")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r["toast"]["type"], "error");
+    assert!(r.get("card").is_none());
+    assert_eq!(
+        h.store.get_session(out.session_id).unwrap().unwrap().state,
+        SessionState::Pending
+    );
+
+    // The owner, with the value as a JSON string (§2.9).
+    let r = h
+        .svc
+        .card_action(&Value::String(value.to_string()), ALICE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r["toast"]["type"], "info");
+    assert_eq!(r["card"]["type"], "raw");
+    assert_eq!(r["card"]["data"]["header"]["template"], "grey");
+    assert_eq!(r["card"]["data"]["config"]["update_multi"], true);
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Rejected, Some(FailureReason::UserRejected))
+    );
+    assert_eq!(failures(FailureReason::UserRejected), ur + 1);
+    // The card is answered in the callback response, not PATCHed.
+    assert!(h.patched_cards().await.is_empty());
+
+    // A second click (cancel) changes nothing and counts nothing.
+    let again = json!({"action": "cancel", "session_id": out.session_id.to_string()});
+    let r = h.svc.card_action(&again, ALICE).await.unwrap().unwrap();
+    assert!(r["toast"]["content"].as_str().unwrap().contains("rejected"));
+    assert_eq!(failures(FailureReason::UserRejected), ur + 1);
+
+    // The redirect after the rejection is refused.
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweep_expiry_patches_cards_and_later_redirects_are_refused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(0).await;
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let se = failures(FailureReason::SessionExpired);
+
+    h.advance(EXPIRY_MS);
+    let report = h.store.sweep(h.now(), 100).unwrap();
+    assert_eq!(
+        report.expired,
+        vec![(out.session_id, Some("om_1".to_owned()))]
+    );
+    h.svc.on_sweep_expired(report.expired).await;
+    assert_eq!(failures(FailureReason::SessionExpired), se + 1);
+    let patches = h.patched_cards().await;
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0]["header"]["template"], "orange");
+
+    let sm = failures(FailureReason::StateMismatch);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(failures(FailureReason::StateMismatch), sm + 1);
+    assert_eq!(failures(FailureReason::SessionExpired), se + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_after_expiry_but_before_the_sweep_expires_the_session() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(0).await;
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let se = failures(FailureReason::SessionExpired);
+    h.advance(EXPIRY_MS + 1);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 410);
+    assert_eq!(page_title(&html.0), "Authorization request expired");
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Expired, Some(FailureReason::SessionExpired))
+    );
+    assert_eq!(failures(FailureReason::SessionExpired), se + 1);
+    // The sweep finds nothing left to expire: counted once.
+    assert!(h.store.sweep(h.now(), 100).unwrap().expired.is_empty());
+    assert_eq!(h.patched_cards().await.len(), 1);
+}
+
+/// Expiry committed by the sweep while the code is being exchanged wins; the completion is
+/// dropped. The other order (completion first) leaves nothing for the sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_racing_completion_first_commit_wins_both_orders() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 2).await;
+    h.mount_patch().await;
+    h.mount_user_info(ALICE).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body(ACCESS_1, REFRESH_1))
+                .set_delay(Duration::from_millis(1500)),
+        )
+        .expect(2)
+        .mount(&h.server)
+        .await;
+
+    // Order 1: the redirect is in time; the sweep expires the session during the exchange.
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let ok0 = success();
+    let se = failures(FailureReason::SessionExpired);
+    h.advance(EXPIRY_MS - 1);
+    let svc = h.svc.clone();
+    let q = format!("code={CODE}&state={state}");
+    let cb = tokio::spawn(async move { svc.oauth_callback(&q).await });
+    while h.requests("POST", OAUTH_TOKEN_PATH).await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.advance(10);
+    let report = h.store.sweep(h.now(), 100).unwrap();
+    assert_eq!(report.expired.len(), 1);
+    h.svc.on_sweep_expired(report.expired).await;
+    let (status, html) = cb.await.unwrap();
+    assert_eq!(status, 410);
+    assert_eq!(page_title(&html.0), "Authorization request expired");
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.state, SessionState::Expired);
+    assert!(h.store.get_token(APP_ID, ALICE).unwrap().is_none());
+    assert_eq!(success(), ok0);
+    assert_eq!(failures(FailureReason::SessionExpired), se + 1);
+
+    // Order 2: the completion commits first; the sweep afterwards expires nothing.
+    let out2 = h
+        .svc
+        .request(AuthRequest {
+            user: UserRef::OpenId(ALICE.into()),
+            scopes: vec!["contact:user.base:readonly".into()],
+        })
+        .await
+        .unwrap();
+    assert!(!out2.reused);
+    let state = state_of(&h.sent_cards().await[1]);
+    h.advance(EXPIRY_MS - 1);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    h.advance(10);
+    assert!(h.store.sweep(h.now(), 100).unwrap().expired.is_empty());
+    assert_eq!(
+        h.store.get_session(out2.session_id).unwrap().unwrap().state,
+        SessionState::Completed
+    );
+    assert_eq!(success(), ok0 + 1);
+    assert_eq!(failures(FailureReason::SessionExpired), se + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn someone_else_completing_the_flow_is_refused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info("ou_mallory").await;
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(
+        (s.state, s.failure_reason),
+        (SessionState::Failed, Some(FailureReason::StateMismatch))
+    );
+    assert!(h.store.get_token(APP_ID, ALICE).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_refuses_the_n_plus_first_request_without_a_card() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    // Three cards within the window, then one more after it slides.
+    h.mount_send_card("om_1", 4).await;
+    let rl = metrics::get().auth_rate_limited.get();
+    for i in 0..3 {
+        h.advance(1_000);
+        let o = h
+            .svc
+            .request(AuthRequest {
+                user: UserRef::OpenId(ALICE.into()),
+                scopes: vec![format!("scope:{i}")],
+            })
+            .await
+            .unwrap();
+        assert!(!o.reused);
+    }
+    let err = h
+        .svc
+        .request(AuthRequest {
+            user: UserRef::OpenId(ALICE.into()),
+            scopes: vec!["scope:3".into()],
+        })
+        .await
+        .unwrap_err();
+    match err {
+        // The oldest request was at T0+1s; the window is 60 s; now is T0+3s.
+        AuthError::RateLimited { retry_after } => {
+            assert_eq!(retry_after, Duration::from_secs(58));
+        }
+        other => panic!("expected RateLimited, got {other:?}"),
+    }
+    assert_eq!(metrics::get().auth_rate_limited.get(), rl + 1);
+    assert_eq!(h.sent_cards().await.len(), 3);
+    // Once the oldest request leaves the window, the next one is accepted.
+    h.advance(58_000);
+    h.svc
+        .request(AuthRequest {
+            user: UserRef::OpenId(ALICE.into()),
+            scopes: vec!["scope:3".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.sent_cards().await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_session_for_the_same_scopes_is_reused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    let a = h.request_alice().await;
+    h.advance(1_000);
+    let b = h
+        .svc
+        .request(AuthRequest {
+            user: UserRef::OpenId(ALICE.into()),
+            // Same set, other order, offline_access spelled out.
+            scopes: vec!["offline_access".into(), "contact:user.base:readonly".into()],
+        })
+        .await
+        .unwrap();
+    assert!(b.reused);
+    assert_eq!(a.session_id, b.session_id);
+    assert_eq!(h.sent_cards().await.len(), 1);
+}
+
+async fn put_due_token(h: &H, user: &str) {
+    let now = h.now();
+    h.store
+        .put_token(&UserToken {
+            app_id: APP_ID.into(),
+            user_id: user.into(),
+            open_id: Some(user.into()),
+            access_token: SecretString::from(ACCESS_1),
+            refresh_token: Some(SecretString::from(REFRESH_1)),
+            expires_at: now + 1_000_000,
+            refresh_expires_at: Some(now + 100_000_000),
+            refresh_due_at: now - 1,
+            scopes: vec!["offline_access".into()],
+            obtained_at: now - 6_000_000,
+            session_id: None,
+            needs_reauth: false,
+        })
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_due_token_is_refreshed_exactly_once_under_concurrent_callers() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .and(body_partial_json(
+            json!({"grant_type": "refresh_token", "refresh_token": REFRESH_1}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body(ACCESS_2, REFRESH_2))
+                .set_delay(Duration::from_millis(200)),
+        )
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let ok = refreshes("success");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let svc = h.svc.clone();
+        tasks.push(tokio::spawn(async move {
+            svc.user_token(UserRef::OpenId(ALICE.into())).await
+        }));
+    }
+    let worker = h.svc.refresh_due_tokens();
+    let (next, results) = tokio::join!(worker, futures_join(tasks));
+    next.unwrap();
+    for r in results {
+        assert_eq!(r.unwrap().expose_secret(), ACCESS_2);
+    }
+    assert_eq!(refreshes("success"), ok + 1);
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.refresh_token.unwrap().expose_secret(), REFRESH_2);
+    assert_eq!(tok.refresh_due_at, h.now() + 5_760_000);
+    // Nothing is due any more.
+    assert!(h.store.tokens_due(h.now(), 10).unwrap().is_empty());
+}
+
+async fn futures_join(
+    tasks: Vec<tokio::task::JoinHandle<Result<SecretString, TokenError>>>,
+) -> Vec<Result<SecretString, TokenError>> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn serve(h: &H) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = h.svc.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_grant_marks_the_token_for_reauthorization_and_the_api_says_409() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "code": 20064, "error": "invalid_grant", "error_description": "revoked"
+        })))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let reauth = refreshes("reauth_required");
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(refreshes("reauth_required"), reauth + 1);
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert!(tok.needs_reauth);
+    assert!(h.store.tokens_due(u64::MAX - 1, 10).unwrap().is_empty());
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::NeedsReauth { .. })
+    ));
+
+    let base = serve(&h).await;
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{base}/api/v1/users/{ALICE}/token"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["reason"], "needs_reauthorization");
+    let r = http
+        .get(format!("{base}/api/v1/users/ou_nobody/token"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(format!("{base}/api/v1/users/{ALICE}/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_request_session_callback_and_token() {
+    let _s = SERIAL.lock().await;
+    let h = harness_with(AuthOptions {
+        rate_limit: 2,
+        ..options()
+    })
+    .await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info(ALICE).await;
+    let base = serve(&h).await;
+    let http = reqwest::Client::new();
+    let post = |b: Value| {
+        http.post(format!("{base}/api/v1/auth/requests"))
+            .bearer_auth(ADMIN)
+            .json(&b)
+    };
+
+    let r = http
+        .post(format!("{base}/api/v1/auth/requests"))
+        .json(&json!({"open_id": ALICE}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for (b, field) in [
+        (json!({}), "user_id"),
+        (json!({"open_id": 5}), "open_id"),
+        (json!({"open_id": ALICE, "user_id": "u1"}), "user_id"),
+        (json!({"open_id": ALICE, "scopes": 3}), "scopes"),
+        (json!({"open_id": ALICE, "scopes": ["a b"]}), "scopes"),
+        (json!([1]), "body"),
+    ] {
+        let r = post(b).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["field"], field);
+    }
+
+    let r = post(json!({"open_id": ALICE})).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    let id = v["session_id"].as_str().unwrap().to_owned();
+    let r = post(json!({"open_id": ALICE, "scopes": "contact:user.base:readonly"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["reused"], true);
+    let r = post(json!({"open_id": ALICE})).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "60");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "rate_limited");
+
+    let session = |id: String| {
+        http.get(format!("{base}/api/v1/auth/sessions/{id}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let v: Value = session(id.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(v["state"], "pending");
+    assert_eq!(session("nope".into()).await.unwrap().status(), 400);
+    assert_eq!(session("0".repeat(32)).await.unwrap().status(), 404);
+
+    let state = state_of(&h.sent_cards().await[0]);
+    let r = http
+        .get(format!("{base}/oauth/callback?code={CODE}&state={state}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert!(r.text().await.unwrap().contains("Authorization complete"));
+
+    let r = session(id).await.unwrap();
+    let text = r.text().await.unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["state"], "completed");
+    assert_eq!(v["has_tokens"], true);
+    assert!(!text.contains(ACCESS_1) && !text.contains(REFRESH_1));
+
+    let r = http
+        .get(format!("{base}/api/v1/users/{ALICE}/token"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["access_token"], ACCESS_1);
+    assert_eq!(v["expires_at"], h.now() + 7_200_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_flow_survives_a_restart() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info(ALICE).await;
+    let out = h.request_alice().await;
+    let state = state_of(&h.sent_cards().await[0]);
+
+    let H {
+        server,
+        svc,
+        store,
+        clock,
+        _dir,
+        path,
+    } = h;
+    drop(svc);
+    drop(store);
+    let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
+    let svc = service(&server, &store, &clock, options());
+    let (status, _) = svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        store.get_session(out.session_id).unwrap().unwrap().state,
+        SessionState::Completed
+    );
+    assert_eq!(
+        store
+            .get_token(APP_ID, ALICE)
+            .unwrap()
+            .unwrap()
+            .access_token
+            .expose_secret(),
+        ACCESS_1
+    );
+}
+
+fn message_event(chat_type: &str, text: &str) -> Value {
+    json!({
+        "schema": "2.0",
+        "header": {"event_type": "im.message.receive_v1", "app_id": APP_ID},
+        "event": {
+            "sender": {"sender_id": {"open_id": ALICE, "user_id": "u_alice"}, "sender_type": "user"},
+            "message": {"chat_type": chat_type, "message_type": "text",
+                        "content": json!({"text": text}).to_string(), "chat_id": "oc_1"}
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorize_command_in_a_p2p_chat_starts_a_request() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 1).await;
+    assert!(h
+        .svc
+        .message_command(&message_event("group", "/authorize"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(h
+        .svc
+        .message_command(&message_event("p2p", "hello"))
+        .await
+        .unwrap()
+        .is_none());
+    let out = h
+        .svc
+        .message_command(&message_event("p2p", " /authorize "))
+        .await
+        .unwrap()
+        .unwrap();
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.user_id, ALICE);
+    assert_eq!(
+        s.scopes,
+        vec!["contact:user.base:readonly", "offline_access"]
+    );
+    let sends = h.requests("POST", MESSAGES_PATH).await;
+    assert_eq!(body(&sends[0])["receive_id"], ALICE);
+    // "authorize" without the slash reuses the pending request.
+    let again = h
+        .svc
+        .message_command(&message_event("p2p", "Authorize"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.reused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_info_sync_refreshes_names_and_avatars() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.store
+        .put_user(&UserInfo {
+            app_id: APP_ID.into(),
+            open_id: ALICE.into(),
+            user_id: None,
+            union_id: None,
+            name: Some("Old Name".into()),
+            email: None,
+            avatar_url: None,
+            updated_at: 1,
+        })
+        .unwrap();
+    Mock::given(method("GET"))
+        .and(path(format!("/open-apis/contact/v3/users/{ALICE}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "code": 0, "msg": "success",
+            "data": {"user": {"open_id": ALICE, "user_id": "u_alice", "name": "Alice",
+                              "email": "alice@example.com",
+                              "avatar": {"avatar_240": "https://a.example/240.png"}}}
+        })))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let r = h.svc.sync_user_info().await.unwrap();
+    assert_eq!((r.updated, r.failed), (1, 0));
+    let u = h.store.get_user(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(u.name.as_deref(), Some("Alice"));
+    assert_eq!(u.user_id.as_deref(), Some("u_alice"));
+    assert_eq!(u.avatar_url.as_deref(), Some("https://a.example/240.png"));
+    assert_eq!(u.updated_at, h.now());
+}
+
+#[test]
+fn page_kinds_have_distinct_titles() {
+    use lark_service::auth::flow::page_html;
+    let titles: Vec<String> = [
+        Page::Authorized,
+        Page::Rejected,
+        Page::Expired,
+        Page::Failed(FailureReason::CodeExpired),
+    ]
+    .into_iter()
+    .map(|p| page_title(&page_html(p).1 .0).to_owned())
+    .collect();
+    assert_eq!(
+        titles,
+        [
+            "Authorization complete",
+            "Authorization declined",
+            "Authorization request expired",
+            "Authorization failed"
+        ]
+    );
+}
