@@ -156,13 +156,6 @@ pub async fn run(
             }
         });
     }
-    workers.spawn(
-        &tracker,
-        cancel.clone(),
-        "ttl_sweep",
-        sweep_worker(store.clone(), cfg.sweep_interval),
-    );
-
     let app_id = cfg.app_id.clone().unwrap_or_default();
     let app_secret = cfg
         .app_secret
@@ -180,7 +173,27 @@ pub async fn run(
     .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
     let dispatcher =
         crate::events::Dispatcher::new(store.clone(), crate::events::DispatchConfig::default());
-    dispatcher.set_handler(log_only_handler());
+    let auth = crate::auth::AuthService::new(
+        lark.clone(),
+        store.clone(),
+        crate::auth::AuthOptions::from_config(&cfg),
+    );
+    dispatcher.set_handler(app_handler(auth.clone()));
+    workers.spawn(
+        &tracker,
+        cancel.clone(),
+        "ttl_sweep",
+        sweep_worker(store.clone(), Some(auth.clone()), cfg.sweep_interval),
+    );
+    workers.spawn(
+        &tracker,
+        cancel.clone(),
+        "token_refresh",
+        auth.refresh_worker(),
+    );
+    if let Some(w) = auth.user_info_sync_worker() {
+        workers.spawn(&tracker, cancel.clone(), "user_sync", w);
+    }
     let conn_state = if cfg.websocket.enabled {
         let conn = crate::longconn::LongConn::new(
             crate::longconn::LongConnConfig {
@@ -239,6 +252,7 @@ pub async fn run(
         );
         app = app.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
     }
+    app = app.merge(auth.clone().router());
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(listeners.http, app)
@@ -306,9 +320,14 @@ async fn watchdog(cancel: CancellationToken) {
     }
 }
 
-fn sweep_worker(store: Store, every: Duration) -> crate::workers::WorkerFn {
+fn sweep_worker(
+    store: Store,
+    auth: Option<crate::auth::AuthService>,
+    every: Duration,
+) -> crate::workers::WorkerFn {
     Box::new(move || {
         let store = store.clone();
+        let auth = auth.clone();
         Box::pin(async move {
             let started = Instant::now();
             let r = store
@@ -331,6 +350,9 @@ fn sweep_worker(store: Store, every: Duration) -> crate::workers::WorkerFn {
                 .inc_by(r.events_forgotten);
             m.sweep_last_success
                 .set(i64::try_from(now_ms() / 1000).unwrap_or(0));
+            if let Some(auth) = &auth {
+                auth.on_sweep_expired(r.expired.clone()).await;
+            }
             let s2 = store.clone();
             let _ = tokio::task::spawn_blocking(move || crate::metrics::refresh_store_gauges(&s2))
                 .await;
@@ -400,20 +422,43 @@ fn backup_worker(
     }))
 }
 
-/// Until an application handler is installed: log the event and acknowledge it.
-fn log_only_handler() -> crate::events::Handler {
-    Arc::new(|cb| {
+/// The application's event handler: card actions and message commands go to the
+/// authorization flow; other events are logged and acknowledged.
+fn app_handler(auth: crate::auth::AuthService) -> crate::events::Handler {
+    Arc::new(move |cb| {
+        let auth = auth.clone();
         Box::pin(async move {
-            match &cb {
-                crate::callbacks::Callback::Event(e) => {
-                    info!(event_id = %e.event_id, event_type = %e.event_type, "Event received.")
-                }
+            match cb {
                 crate::callbacks::Callback::CardAction(c) => {
-                    info!(event_id = %c.envelope.event_id, "Card action received.")
+                    let operator = c.operator_id().unwrap_or_default().to_owned();
+                    match auth.card_action(&c.action_value, &operator).await {
+                        Ok(Some(resp)) => Ok(crate::events::HandlerReply::Respond(resp)),
+                        Ok(None) => Ok(crate::events::HandlerReply::Done),
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
-                crate::callbacks::Callback::UrlVerification { .. } => {}
+                crate::callbacks::Callback::Event(e) if e.event_type == "im.message.receive_v1" => {
+                    match auth.message_command(&e.json).await {
+                        Ok(_) => Ok(crate::events::HandlerReply::Done),
+                        // A redelivery would be refused the same way: acknowledge it.
+                        Err(
+                            err @ (crate::auth::AuthError::RateLimited { .. }
+                            | crate::auth::AuthError::Invalid { .. }),
+                        ) => {
+                            info!(error = %err, "Authorization command refused.");
+                            Ok(crate::events::HandlerReply::Done)
+                        }
+                        Err(err) => Err(err.to_string()),
+                    }
+                }
+                crate::callbacks::Callback::Event(e) => {
+                    info!(event_id = %e.event_id, event_type = %e.event_type, "Event received; no handler for its type.");
+                    Ok(crate::events::HandlerReply::Done)
+                }
+                crate::callbacks::Callback::UrlVerification { .. } => {
+                    Ok(crate::events::HandlerReply::Done)
+                }
             }
-            Ok(crate::events::HandlerReply::Done)
         })
     })
 }
