@@ -49,6 +49,15 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
                 cfg.metrics_addr
             )
         })?;
+        let mut cfg = cfg;
+        let _sandbox = if args.sandbox {
+            let http = listener
+                .local_addr()
+                .context("reading the listener address")?;
+            Some(start_sandbox(&mut cfg, http).await?)
+        } else {
+            None
+        };
         let listeners = Listeners {
             http: listener,
             metrics: Some(metrics),
@@ -57,21 +66,42 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
     })
 }
 
+/// Starts the platform imitation beside the service and points the service at it.
+async fn start_sandbox(
+    cfg: &mut Config,
+    http: std::net::SocketAddr,
+) -> Result<crate::sandbox::Sandbox, CliError> {
+    let admin = cfg.admin_token.clone().unwrap_or_else(|| {
+        let (_, t) = crate::storage::Key::generate();
+        t
+    });
+    cfg.admin_token = Some(admin.clone());
+    let sandbox = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
+        request_auth_url: Some(format!("http://{http}/api/v1/auth/requests")),
+        admin_token: Some(secrecy::ExposeSecret::expose_secret(&admin).to_owned()),
+        ..crate::sandbox::SandboxOptions::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    cfg.domain = sandbox.base_url();
+    cfg.app_id = Some(crate::sandbox::APP_ID.to_owned());
+    cfg.app_secret = Some(SecretString::from(crate::sandbox::APP_SECRET.to_owned()));
+    if cfg.public_url.is_none() && cfg.auth.redirect_uri.is_none() {
+        cfg.auth.redirect_uri = url::Url::parse(&format!("http://{http}/oauth/callback")).ok();
+    }
+    println!(
+        "sandbox: a local imitation of Feishu runs at {0}/ — open it in a browser, press \"Ask … to authorize\", then the card's Authorize button, and approve",
+        sandbox.base_url()
+    );
+    Ok(sandbox)
+}
+
 /// Fills what a developer without a Feishu account lacks: sandbox app credentials and a token
 /// key kept beside the store (generated on first use, mode 0600).
 fn sandbox_defaults(cfg: &mut Config) -> Result<(), CliError> {
-    // Until the built-in platform imitation runs beside the service, point the client at a
-    // closed loopback port so nothing leaves the machine.
-    if cfg.domain == "feishu" {
-        cfg.domain = "http://127.0.0.1:9".to_owned();
-        cfg.websocket.enabled = false;
-    }
-    if cfg.app_id.is_none() {
-        cfg.app_id = Some("cli_a0000000000000aa".to_owned());
-    }
-    if cfg.app_secret.is_none() {
-        cfg.app_secret = Some(SecretString::from("sandbox-app-secret".to_owned()));
-    }
+    // The sandbox platform (started once the listener is bound) supplies the app identity.
+    cfg.app_id = Some(crate::sandbox::APP_ID.to_owned());
+    cfg.app_secret = Some(SecretString::from(crate::sandbox::APP_SECRET.to_owned()));
     if cfg.token_key.is_none() {
         let dir = cfg.storage_path.parent().unwrap_or(Path::new("."));
         let key_path = dir.join("sandbox-token.key");

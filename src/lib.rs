@@ -12,6 +12,7 @@ pub mod http;
 pub mod lark;
 pub mod longconn;
 pub mod metrics;
+pub mod sandbox;
 pub mod schedule;
 pub mod storage;
 pub mod telemetry;

@@ -1,0 +1,600 @@
+//! The sandbox's OpenAPI endpoints: tokens, discovery, OAuth, user info, contact, IM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, patch, post};
+use axum::{Form, Json, Router};
+use base64::Engine;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{SandboxError, SentMessage, Shared, APP_ID, APP_SECRET};
+
+/// A sandbox user.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SandboxUser {
+    /// open_id (`ou_…`).
+    pub open_id: String,
+    /// user_id.
+    pub user_id: String,
+    /// union_id (`on_…`).
+    pub union_id: String,
+    /// Display name.
+    pub name: String,
+    /// Email.
+    pub email: String,
+    /// Avatar URL.
+    pub avatar_url: String,
+}
+
+pub(crate) fn default_users() -> Vec<SandboxUser> {
+    ["alice", "bob", "carol"]
+        .iter()
+        .map(|n| SandboxUser {
+            open_id: format!("ou_sandbox_{n}"),
+            user_id: format!("sandbox_{n}"),
+            union_id: format!("on_sandbox_{n}"),
+            name: format!("{}{} (sandbox)", n[..1].to_uppercase(), &n[1..]),
+            email: format!("{n}@sandbox.example"),
+            avatar_url: format!("https://sandbox.example/avatar/{n}.png"),
+        })
+        .collect()
+}
+
+pub(crate) struct CodeGrant {
+    pub open_id: String,
+    pub challenge: Option<String>,
+    pub redirect_uri: String,
+    pub scope: String,
+    pub issued: Instant,
+    pub used: bool,
+}
+
+pub(crate) fn router(s: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/open-apis/auth/v3/tenant_access_token/internal",
+            post(tenant_token),
+        )
+        .route(
+            "/open-apis/auth/v3/app_access_token/internal",
+            post(app_token),
+        )
+        .route("/callback/ws/endpoint", post(discovery))
+        .route("/open-apis/authen/v1/authorize", get(authorize_page))
+        .route("/sandbox/authorize", post(authorize_decide))
+        .route("/open-apis/authen/v2/oauth/token", post(oauth_token))
+        .route("/open-apis/authen/v1/user_info", get(user_info))
+        .route("/open-apis/contact/v3/users/{id}", get(contact_user))
+        .route("/open-apis/im/v1/messages", post(send_message))
+        .route("/open-apis/im/v1/messages/{id}", patch(patch_message))
+        .route("/open-apis/interactive/v1/card/update", post(delay_update))
+        .with_state(s)
+}
+
+/// Counts a hit and applies an injected failure, if any.
+fn hit(s: &Shared, group: &'static str) -> Option<Response> {
+    let mut g = s.lock();
+    *g.hits.entry(group).or_default() += 1;
+    if let Some((status, n)) = g.fail_next.get_mut(group) {
+        if *n > 0 {
+            *n -= 1;
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut resp = (
+                status,
+                Json(json!({"code": 99991400, "msg": "sandbox injected failure"})),
+            )
+                .into_response();
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                resp.headers_mut().insert(
+                    "x-ogw-ratelimit-reset",
+                    axum::http::HeaderValue::from_static("1"),
+                );
+            }
+            return Some(resp);
+        }
+    }
+    None
+}
+
+fn creds_ok(body: &Value, id_key: &str, secret_key: &str) -> bool {
+    body[id_key].as_str() == Some(APP_ID) && body[secret_key].as_str() == Some(APP_SECRET)
+}
+
+fn issue_tenant(s: &Shared) -> String {
+    let t = s.next_id("t-sandbox-");
+    s.lock().tenant_tokens.push(t.clone());
+    t
+}
+
+async fn tenant_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    if let Some(r) = hit(&s, "tenant_token") {
+        return r;
+    }
+    if !creds_ok(&body, "app_id", "app_secret") {
+        return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
+    }
+    Json(json!({"code": 0, "msg": "ok", "tenant_access_token": issue_tenant(&s), "expire": 7200}))
+        .into_response()
+}
+
+async fn app_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    if let Some(r) = hit(&s, "app_token") {
+        return r;
+    }
+    if !creds_ok(&body, "app_id", "app_secret") {
+        return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
+    }
+    let t = issue_tenant(&s);
+    Json(json!({"code": 0, "msg": "ok", "app_access_token": s.next_id("a-sandbox-"), "tenant_access_token": t, "expire": 7200})).into_response()
+}
+
+async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    if let Some(r) = hit(&s, "ws_endpoint") {
+        return r;
+    }
+    if let Some(code) = s.lock().discovery_error {
+        return Json(json!({"code": code, "msg": "sandbox discovery error"})).into_response();
+    }
+    if !creds_ok(&body, "AppID", "AppSecret") {
+        return Json(json!({"code": 514, "msg": "auth failed: app secret invalid"}))
+            .into_response();
+    }
+    let device = s.next_id("sbx-");
+    let url = format!(
+        "ws://{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={}",
+        s.addr,
+        s.next_id("ak"),
+        s.next_id("tk")
+    );
+    Json(json!({
+        "code": 0, "msg": "ok",
+        "data": {"URL": url, "ClientConfig": {"ReconnectCount": -1, "ReconnectInterval": 5, "ReconnectNonce": 1, "PingInterval": 30}}
+    }))
+    .into_response()
+}
+
+fn bearer(h: &HeaderMap) -> Option<String> {
+    h.get("authorization")?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_owned)
+}
+
+fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
+    bearer(h).is_some_and(|t| s.lock().tenant_tokens.contains(&t))
+}
+
+fn unauthorized() -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"code": 99991663, "msg": "Invalid access token for authorization. Please make a request with token attached."}))).into_response()
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The authorize page: who are you, approve or reject.
+async fn authorize_page(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Response {
+    let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+    if get("client_id").as_deref() != Some(APP_ID) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Html("<h1>Unknown app</h1><p>client_id is not the sandbox app.</p>".to_owned()),
+        )
+            .into_response();
+    }
+    let hidden: String = q
+        .iter()
+        .filter(|(k, _)| k != "sandbox_user")
+        .map(|(k, v)| {
+            format!(
+                "<input type=hidden name=\"{}\" value=\"{}\">",
+                esc(k),
+                esc(v)
+            )
+        })
+        .collect();
+    let chosen = get("sandbox_user");
+    let users = s.lock().users.clone();
+    let mut options = String::new();
+    for u in &users {
+        let sel = if chosen.as_deref() == Some(u.open_id.as_str()) {
+            " selected"
+        } else {
+            ""
+        };
+        options.push_str(&format!(
+            "<option value=\"{}\"{sel}>{}</option>",
+            esc(&u.open_id),
+            esc(&u.name)
+        ));
+    }
+    let scope = get("scope").unwrap_or_default();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>Sandbox · Authorize</title>{css}</head><body>\
+         <div class=card><h1>Authorize the app?</h1><p>The app <b>{APP_ID}</b> asks for: <code>{}</code></p>\
+         <form method=post action=\"/sandbox/authorize\">{hidden}<p>Signed in as <select name=sandbox_user>{options}</select></p>\
+         <button name=decision value=approve class=ok>Approve</button> <button name=decision value=reject class=no>Reject</button></form></div></body></html>",
+        esc(&scope),
+        css = super::page::CSS
+    ))
+    .into_response()
+}
+
+async fn authorize_decide(
+    State(s): State<Arc<Shared>>,
+    Form(f): Form<Vec<(String, String)>>,
+) -> Response {
+    let get = |k: &str| {
+        f.iter()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let approve = get("decision") == "approve";
+    let mut url = match url::Url::parse("http://x/open-apis/authen/v1/authorize") {
+        Ok(u) => u,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    {
+        let mut qp = url.query_pairs_mut();
+        for (k, v) in &f {
+            if k != "decision" && k != "sandbox_user" {
+                qp.append_pair(k, v);
+            }
+        }
+    }
+    match decide(&s, url.as_str(), &get("sandbox_user"), approve) {
+        Ok(to) => Redirect::to(&to).into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Html(format!("<p>{}</p>", esc(&e.to_string()))),
+        )
+            .into_response(),
+    }
+}
+
+/// Carries out an approve/reject for `authorize_url` as `open_id`; returns the redirect URL.
+pub(crate) fn decide(
+    s: &Shared,
+    authorize_url: &str,
+    open_id: &str,
+    approve: bool,
+) -> Result<String, SandboxError> {
+    let url = url::Url::parse(authorize_url)
+        .map_err(|e| SandboxError::Control(format!("bad authorize URL: {e}")))?;
+    let get = |k: &str| {
+        url.query_pairs()
+            .find(|(a, _)| a == k)
+            .map(|(_, v)| v.into_owned())
+    };
+    if get("client_id").as_deref() != Some(APP_ID) {
+        return Err(SandboxError::Control(
+            "client_id is not the sandbox app".to_owned(),
+        ));
+    }
+    let redirect =
+        get("redirect_uri").ok_or_else(|| SandboxError::Control("no redirect_uri".to_owned()))?;
+    if !s.lock().users.iter().any(|u| u.open_id == open_id) {
+        return Err(SandboxError::Control(format!("no sandbox user {open_id}")));
+    }
+    let mut to = url::Url::parse(&redirect)
+        .map_err(|e| SandboxError::Control(format!("bad redirect_uri: {e}")))?;
+    {
+        let mut qp = to.query_pairs_mut();
+        if approve {
+            let code = s.next_id("sbxcode");
+            s.lock().codes.insert(
+                code.clone(),
+                CodeGrant {
+                    open_id: open_id.to_owned(),
+                    challenge: get("code_challenge"),
+                    redirect_uri: redirect.clone(),
+                    scope: get("scope").unwrap_or_default(),
+                    issued: Instant::now(),
+                    used: false,
+                },
+            );
+            qp.append_pair("code", &code);
+        } else {
+            qp.append_pair("error", "access_denied");
+        }
+        if let Some(state) = get("state") {
+            qp.append_pair("state", &state);
+        }
+    }
+    Ok(to.to_string())
+}
+
+fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"code": code, "error": error, "error_description": desc})),
+    )
+        .into_response()
+}
+
+fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
+    let access = s.next_id("eyJsandbox.access.");
+    let ttl = s.opts.user_token_ttl;
+    let mut g = s.lock();
+    g.access.insert(
+        access.clone(),
+        (
+            open_id.to_owned(),
+            Instant::now() + Duration::from_secs(ttl),
+        ),
+    );
+    let mut body = json!({"code": 0, "access_token": access, "expires_in": ttl, "token_type": "Bearer", "scope": scope});
+    if scope.split(' ').any(|x| x == "offline_access") {
+        drop(g);
+        let refresh = s.next_id("eyJsandbox.refresh.");
+        s.lock().refresh.insert(refresh.clone(), open_id.to_owned());
+        body["refresh_token"] = json!(refresh);
+        body["refresh_token_expires_in"] = json!(604_800);
+    }
+    body
+}
+
+async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Response {
+    if let Some(r) = hit(&s, "oauth_token") {
+        return r;
+    }
+    if b["client_id"].as_str() != Some(APP_ID) || b["client_secret"].as_str() != Some(APP_SECRET) {
+        return oauth_error(20002, "invalid_client", "client secret invalid");
+    }
+    match b["grant_type"].as_str() {
+        Some("authorization_code") => {
+            let code = b["code"].as_str().unwrap_or_default().to_owned();
+            let grant = {
+                let mut g = s.lock();
+                match g.codes.get_mut(&code) {
+                    None => {
+                        return oauth_error(20003, "invalid_grant", "authorization code not found")
+                    }
+                    Some(c) if c.used => {
+                        return oauth_error(
+                            20003,
+                            "invalid_grant",
+                            "authorization code already used",
+                        )
+                    }
+                    Some(c) if c.issued.elapsed() > Duration::from_secs(300) => {
+                        return oauth_error(20004, "invalid_grant", "authorization code expired")
+                    }
+                    Some(c) => {
+                        c.used = true;
+                        (
+                            c.open_id.clone(),
+                            c.challenge.clone(),
+                            c.redirect_uri.clone(),
+                            c.scope.clone(),
+                        )
+                    }
+                }
+            };
+            let (open_id, challenge, redirect, scope) = grant;
+            if b["redirect_uri"].as_str() != Some(redirect.as_str()) {
+                return oauth_error(20071, "invalid_grant", "redirect_uri mismatch");
+            }
+            if let Some(ch) = challenge {
+                let verifier = b["code_verifier"].as_str().unwrap_or_default();
+                let got = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(Sha256::digest(verifier.as_bytes()));
+                if got != ch {
+                    return oauth_error(20049, "invalid_grant", "PKCE verification failed");
+                }
+            }
+            Json(issue_user_tokens(&s, &open_id, &scope)).into_response()
+        }
+        Some("refresh_token") => {
+            let rt = b["refresh_token"].as_str().unwrap_or_default().to_owned();
+            let owner = s.lock().refresh.remove(&rt);
+            match owner {
+                Some(open_id) => {
+                    Json(issue_user_tokens(&s, &open_id, "offline_access")).into_response()
+                }
+                None => oauth_error(
+                    20064,
+                    "invalid_grant",
+                    "refresh token revoked or already used",
+                ),
+            }
+        }
+        _ => oauth_error(20001, "unsupported_grant_type", "grant_type"),
+    }
+}
+
+fn user_json(u: &super::SandboxUser) -> Value {
+    json!({"open_id": u.open_id, "union_id": u.union_id, "user_id": u.user_id, "name": u.name, "en_name": u.name, "email": u.email,
+           "avatar_url": u.avatar_url, "avatar_thumb": u.avatar_url, "avatar_middle": u.avatar_url, "avatar_big": u.avatar_url, "tenant_key": "sandbox"})
+}
+
+async fn user_info(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
+    if let Some(r) = hit(&s, "user_info") {
+        return r;
+    }
+    let Some(tok) = bearer(&h) else {
+        return unauthorized();
+    };
+    let g = s.lock();
+    let owner = g
+        .access
+        .get(&tok)
+        .filter(|(_, exp)| Instant::now() < *exp)
+        .map(|(o, _)| o.clone());
+    let Some(open_id) = owner else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 99991668, "msg": "user access token invalid or expired"})),
+        )
+            .into_response();
+    };
+    let u = g.users.iter().find(|u| u.open_id == open_id).cloned();
+    drop(g);
+    match u {
+        Some(u) => {
+            Json(json!({"code": 0, "msg": "success", "data": user_json(&u)})).into_response()
+        }
+        None => Json(json!({"code": 41050, "msg": "no user"})).into_response(),
+    }
+}
+
+fn find_user(s: &Shared, id: &str) -> Option<super::SandboxUser> {
+    s.lock()
+        .users
+        .iter()
+        .find(|u| u.open_id == id || u.user_id == id || u.union_id == id || u.email == id)
+        .cloned()
+}
+
+async fn contact_user(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Some(r) = hit(&s, "contact") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    match find_user(&s, &id) {
+        Some(u) => {
+            let mut uj = user_json(&u);
+            uj["avatar"] = json!({"avatar_72": u.avatar_url, "avatar_240": u.avatar_url, "avatar_640": u.avatar_url, "avatar_origin": u.avatar_url});
+            Json(json!({"code": 0, "msg": "success", "data": {"user": uj}})).into_response()
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 41050, "msg": "no user authority error"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn send_message(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = hit(&s, "im") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    let id_type = q
+        .iter()
+        .find(|(k, _)| k == "receive_id_type")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let receive_id = b["receive_id"].as_str().unwrap_or_default().to_owned();
+    if find_user(&s, &receive_id).is_none() && id_type != "chat_id" {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 230013, "msg": "Bot has NO availability to this user."})),
+        )
+            .into_response();
+    }
+    let content: Value = b["content"]
+        .as_str()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(Value::Null);
+    if content.is_null() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 230001, "msg": "content is not a JSON string"})),
+        )
+            .into_response();
+    }
+    let message_id = s.next_id("om_sandbox_");
+    let msg = SentMessage {
+        message_id: message_id.clone(),
+        receive_id,
+        receive_id_type: id_type,
+        msg_type: b["msg_type"].as_str().unwrap_or_default().to_owned(),
+        content,
+        history: vec![],
+    };
+    s.lock().messages.push(msg);
+    Json(json!({"code": 0, "msg": "success", "data": {"message_id": message_id, "chat_id": "oc_sandbox", "msg_type": b["msg_type"]}})).into_response()
+}
+
+pub(crate) fn update_message(s: &Shared, message_id: &str, content: Value) -> bool {
+    let mut g = s.lock();
+    match g.messages.iter_mut().find(|m| m.message_id == message_id) {
+        Some(m) => {
+            let old = std::mem::replace(&mut m.content, content);
+            m.history.push(old);
+            true
+        }
+        None => false,
+    }
+}
+
+async fn patch_message(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = hit(&s, "im") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    let content: Value = b["content"]
+        .as_str()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(Value::Null);
+    if update_message(&s, &id, content) {
+        Json(json!({"code": 0, "msg": "success", "data": {}})).into_response()
+    } else {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 230002, "msg": "message not found"})),
+        )
+            .into_response()
+    }
+}
+
+async fn delay_update(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Json(_b): Json<Value>,
+) -> Response {
+    if let Some(r) = hit(&s, "im") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    Json(json!({"code": 0, "msg": "success"})).into_response()
+}
+
+/// Messages addressed to a user by any of their ids.
+pub(crate) fn messages_for(s: &Shared, open_id: &str) -> Vec<SentMessage> {
+    let Some(u) = find_user(s, open_id) else {
+        return vec![];
+    };
+    s.lock()
+        .messages
+        .iter()
+        .filter(|m| [&u.open_id, &u.user_id, &u.union_id, &u.email].contains(&&m.receive_id))
+        .cloned()
+        .collect()
+}

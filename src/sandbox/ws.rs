@@ -1,0 +1,274 @@
+//! The sandbox's long-connection server: pushes events as `pbbp2` frames, answers pings,
+//! records ACKs, redelivers what is not acknowledged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AckRecord, Pending, PushOpts, SandboxError, Shared, APP_ID};
+use crate::longconn::protocol::{Frame, FrameKind, Header, METHOD_CONTROL, METHOD_DATA};
+
+/// What the server side of a connection is told to do.
+#[derive(Debug, Clone)]
+pub(crate) enum Out {
+    /// Send these bytes as a binary message.
+    Bytes(Vec<u8>),
+    /// Drop the connection without a close frame.
+    Drop,
+}
+
+pub(crate) fn router(s: Arc<Shared>) -> Router {
+    Router::new().route("/ws", get(upgrade)).with_state(s)
+}
+
+async fn upgrade(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<Vec<(String, String)>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !q.iter().any(|(k, _)| k == "access_key") || !q.iter().any(|(k, _)| k == "service_id") {
+        let mut r = (axum::http::StatusCode::FORBIDDEN, "missing credentials").into_response();
+        r.headers_mut().insert(
+            "Handshake-Status",
+            axum::http::HeaderValue::from_static("403"),
+        );
+        return r;
+    }
+    ws.on_upgrade(move |socket| serve(s, socket))
+}
+
+async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    s.clients
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(tx);
+    // Anything still waiting for an ACK goes to the new connection too.
+    let waiting: Vec<Vec<u8>> = s
+        .lock()
+        .pending
+        .values()
+        .flat_map(|p| p.frames.clone())
+        .collect();
+    for f in waiting {
+        if socket.send(Message::Binary(f.into())).await.is_err() {
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(Out::Bytes(b)) => { if socket.send(Message::Binary(b.into())).await.is_err() { return; } }
+                Some(Out::Drop) | None => return,
+            },
+            msg = socket.recv() => {
+                let Some(Ok(msg)) = msg else { return };
+                let Message::Binary(bytes) = msg else { continue };
+                let Ok(frame) = Frame::decode_strict(&bytes) else { continue };
+                match frame.kind() {
+                    FrameKind::Ping => {
+                        if s.lock().stall_pongs {
+                            continue;
+                        }
+                        let pong = Frame {
+                            service: frame.service,
+                            method: METHOD_CONTROL,
+                            headers: vec![Header::new("type", "pong")],
+                            payload: Some(br#"{"PingInterval":30,"ReconnectCount":-1,"ReconnectInterval":5,"ReconnectNonce":1}"#.to_vec()),
+                            ..Frame::default()
+                        };
+                        if socket.send(Message::Binary(pong.to_bytes().into())).await.is_err() { return; }
+                    }
+                    FrameKind::Event => record_ack(&s, &frame),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn record_ack(s: &Shared, frame: &Frame) {
+    let message_id = frame.header("message_id").unwrap_or_default().to_owned();
+    let payload: Value = serde_json::from_slice(frame.payload_bytes()).unwrap_or(Value::Null);
+    let data = payload["data"]
+        .as_str()
+        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let code = payload["code"].as_i64().unwrap_or(0);
+    let card_message = {
+        let mut g = s.lock();
+        g.acks.push(AckRecord {
+            message_id: message_id.clone(),
+            code,
+            data: data.clone(),
+            biz_rt: frame.header("biz_rt").map(str::to_owned),
+        });
+        if code == 200 {
+            g.pending.remove(&message_id).and_then(|p| p.card_message)
+        } else {
+            None
+        }
+    };
+    // A card callback answered with a card: the user's client shows it.
+    if let (Some(open_message_id), Some(d)) = (card_message, data) {
+        if d["card"]["type"] == "raw" {
+            super::platform::update_message(s, &open_message_id, d["card"]["data"].clone());
+        }
+    }
+}
+
+pub(crate) fn broadcast(s: &Shared, out: Out) {
+    let mut c = s
+        .clients
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    c.retain(|tx| tx.send(out.clone()).is_ok());
+}
+
+fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<Vec<u8>> {
+    let parts = parts.max(1) as usize;
+    let chunk = payload.len().div_ceil(parts).max(1);
+    let pieces: Vec<&[u8]> = if payload.is_empty() {
+        vec![payload]
+    } else {
+        payload.chunks(chunk).collect()
+    };
+    let sum = pieces.len();
+    let trace = s.next_id("trace");
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(seq, p)| {
+            Frame {
+                seq_id: rand::random::<u32>().into(),
+                log_id: rand::random::<u32>().into(),
+                service: 42,
+                method: METHOD_DATA,
+                headers: vec![
+                    Header::new("type", "event"),
+                    Header::new("message_id", message_id),
+                    Header::new("sum", sum.to_string()),
+                    Header::new("seq", seq.to_string()),
+                    Header::new("trace_id", trace.clone()),
+                ],
+                payload: Some(p.to_vec()),
+                ..Frame::default()
+            }
+            .to_bytes()
+        })
+        .collect()
+}
+
+fn push(
+    s: &Shared,
+    event_type: &str,
+    event: Value,
+    opts: PushOpts,
+    card_message: Option<String>,
+) -> Result<String, SandboxError> {
+    let event_id = s.next_id("ev_sandbox_");
+    let envelope = json!({
+        "schema": "2.0",
+        "header": {"event_id": event_id, "event_type": event_type, "create_time": crate::storage::now_ms().to_string(),
+                   "token": "sandbox-verification-token", "app_id": APP_ID, "tenant_key": "sandbox"},
+        "event": event,
+    });
+    let payload =
+        serde_json::to_vec(&envelope).map_err(|e| SandboxError::Control(e.to_string()))?;
+    let message_id = s.next_id("msg_");
+    let frames = frames_for(s, &message_id, &payload, opts.fragments);
+    s.lock().pending.insert(
+        message_id.clone(),
+        Pending {
+            frames: frames.clone(),
+            pushed_at: Instant::now(),
+            deliveries: 1,
+            card_message,
+        },
+    );
+    let mut order = frames;
+    if opts.out_of_order {
+        order.reverse();
+    }
+    let copies = if opts.duplicate { 2 } else { 1 };
+    for _ in 0..copies {
+        for f in &order {
+            broadcast(s, Out::Bytes(f.clone()));
+        }
+    }
+    Ok(message_id)
+}
+
+pub(crate) fn push_event(
+    s: &Shared,
+    event_type: &str,
+    event: Value,
+    opts: PushOpts,
+) -> Result<String, SandboxError> {
+    push(s, event_type, event, opts, None)
+}
+
+pub(crate) fn click(
+    s: &Shared,
+    open_message_id: &str,
+    operator_open_id: &str,
+    value: Value,
+) -> Result<String, SandboxError> {
+    let u = s
+        .lock()
+        .users
+        .iter()
+        .find(|u| u.open_id == operator_open_id)
+        .cloned()
+        .ok_or_else(|| SandboxError::Control(format!("no sandbox user {operator_open_id}")))?;
+    let event = json!({
+        "operator": {"open_id": u.open_id, "user_id": u.user_id, "union_id": u.union_id, "tenant_key": "sandbox"},
+        "token": s.next_id("c-sandbox-"),
+        "action": {"tag": "button", "value": value},
+        "host": "im_message",
+        "context": {"open_message_id": open_message_id, "open_chat_id": "oc_sandbox"},
+    });
+    push(
+        s,
+        "card.action.trigger",
+        event,
+        PushOpts::default(),
+        Some(open_message_id.to_owned()),
+    )
+}
+
+/// Re-sends every event not acknowledged within `redeliver_after`.
+pub(crate) async fn redeliver_loop(s: Arc<Shared>, cancel: CancellationToken) {
+    let every = (s.opts.redeliver_after / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let due: Vec<Vec<u8>> = {
+            let mut g = s.lock();
+            let after = s.opts.redeliver_after;
+            g.pending
+                .values_mut()
+                .filter(|p| p.pushed_at.elapsed() >= after)
+                .flat_map(|p| {
+                    p.pushed_at = Instant::now();
+                    p.deliveries += 1;
+                    p.frames.clone()
+                })
+                .collect()
+        };
+        for f in due {
+            broadcast(&s, Out::Bytes(f));
+        }
+    }
+}
