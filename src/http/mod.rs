@@ -59,19 +59,36 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `/readyz`: the store answers, a tenant token is obtainable, and events can arrive (the long
+/// connection is up, or HTTP callbacks are served).
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let not_ready = |why: String| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    };
     if !s.ready.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: starting or stopping\n".to_owned(),
-        );
+        return not_ready("starting or stopping".to_owned());
     }
-    match s.store.run(|st| st.counts()).await {
-        Ok(_) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: store: {e}\n"),
-        ),
+    if let Err(e) = s.store.run(|st| st.counts()).await {
+        return not_ready(format!("store: {e}"));
+    }
+    if let Some(lark) = &s.lark {
+        if let Err(e) = lark.tenant_token().await {
+            return not_ready(format!("tenant token: {e}"));
+        }
+    }
+    let ws = s.conn_state.as_ref().map(|rx| rx.borrow().clone());
+    match ws {
+        Some(crate::longconn::ConnState::Up) => {
+            (StatusCode::OK, "ready: long connection up\n".to_owned())
+        }
+        _ if s.http_callbacks => (StatusCode::OK, "ready: serving HTTP callbacks\n".to_owned()),
+        Some(state) => not_ready(format!(
+            "long connection {state:?} and HTTP callbacks are off"
+        )),
+        None => not_ready("no event channel: websocket and HTTP callbacks are both off".to_owned()),
     }
 }
 

@@ -1,0 +1,518 @@
+//! End to end: the service (in-process) against the sandbox platform.
+//! Covers the long connection (connect, ACK, fragments, duplicates, drop → reconnect, bad
+//! credentials), authorization by card (approve, reject), HTTP callbacks (signed, encrypted,
+//! forged) and that the metrics families exist and move.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lark_service::config::{Config, LoadOptions};
+use lark_service::daemon::{run, Listeners};
+use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const ADMIN: &str = "e2e-admin-token";
+const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de";
+const ENCRYPT_KEY: &str = "e2e-encrypt-key";
+const VTOKEN: &str = "e2e-verification-token";
+
+struct Service {
+    http: SocketAddr,
+    metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+    client: reqwest::Client,
+}
+
+impl Service {
+    async fn start(domain: &str, extra: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let cfg_file = dir.path().join("config.toml");
+        std::fs::write(&cfg_file, "").unwrap();
+        let mut env: HashMap<String, String> = [
+            ("APP_ID", APP_ID),
+            ("APP_SECRET", APP_SECRET),
+            ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+            ("LARK_SERVICE_ADMIN_TOKEN", ADMIN),
+            ("LARK_ENCRYPT_KEY", ENCRYPT_KEY),
+            ("LARK_VERIFICATION_TOKEN", VTOKEN),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        env.insert("LARK_DOMAIN".into(), domain.to_owned());
+        env.insert(
+            "STORAGE_PATH".into(),
+            dir.path().join("s.redb").display().to_string(),
+        );
+        env.insert(
+            "AUTH_REDIRECT_URI".into(),
+            format!("http://{ha}/oauth/callback"),
+        );
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let cfg = Config::load_with(
+            &LoadOptions {
+                config_path: Some(cfg_file),
+                overrides: vec![],
+            },
+            &env,
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(
+                cfg,
+                Listeners {
+                    http,
+                    metrics: Some(metrics),
+                },
+                async move {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let s = Self {
+            http: ha,
+            metrics: ma,
+            stop: Some(tx),
+            task,
+            _dir: dir,
+            client: reqwest::Client::new(),
+        };
+        s.wait_for(|| async {
+            s.client
+                .get(format!("http://{}/healthz", s.http))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+        s
+    }
+
+    async fn wait_for<F, Fut>(&self, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        for _ in 0..400 {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("condition not reached in time");
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("http://{}{path}", self.http))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("http://{}{path}", self.http))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn scrape(&self) -> String {
+        self.client
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(25), &mut self.task)
+            .await
+            .expect("service stops within the grace period")
+            .unwrap();
+    }
+}
+
+/// Sum of every series of `name` (optionally only those whose labels contain `filter`).
+fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            (base == name && series.contains(filter))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+fn find_string<'a>(v: &'a Value, pred: &dyn Fn(&str) -> bool) -> Option<&'a str> {
+    match v {
+        Value::String(s) if pred(s) => Some(s),
+        Value::Object(m) => m.values().find_map(|x| find_string(x, pred)),
+        Value::Array(a) => a.iter().find_map(|x| find_string(x, pred)),
+        _ => None,
+    }
+}
+
+fn find_callback_value(v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(m) => {
+            if m.get("type").and_then(Value::as_str) == Some("callback") {
+                return m.get("value").cloned();
+            }
+            m.values().find_map(find_callback_value)
+        }
+        Value::Array(a) => a.iter().find_map(find_callback_value),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_by_card_over_the_long_connection() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        redeliver_after: Duration::from_millis(800),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+        .await;
+    let before = svc.scrape().await;
+
+    // Request → card.
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let session = body["session_id"].as_str().unwrap().to_owned();
+    let cards = sandbox.messages_for("ou_sandbox_alice");
+    assert_eq!(cards.len(), 1);
+    assert_eq!(cards[0].msg_type, "interactive");
+    let authorize = find_string(&cards[0].content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .unwrap()
+    .to_owned();
+
+    // The user approves; the browser follows the redirect to the service.
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    let page = svc.client.get(&redirect).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("Authorization complete"));
+    let (_, s) = svc.get(&format!("/api/v1/auth/sessions/{session}")).await;
+    let s: Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(s["state"], "completed", "{s}");
+    assert!(
+        !s.to_string().contains("eyJsandbox"),
+        "session status must not show tokens"
+    );
+    let (code, tok) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+    assert_eq!(code, 200, "{tok}");
+    assert!(tok.contains("eyJsandbox.access."), "{tok}");
+    svc.wait_for(|| async { sandbox.messages_for("ou_sandbox_alice")[0].history.len() == 1 })
+        .await;
+    // Replaying the same redirect is refused and changes nothing.
+    let replay = svc.client.get(&redirect).send().await.unwrap();
+    assert!(replay.status().is_client_error());
+
+    // Bob rejects with the card's button: a card.action.trigger over the long connection.
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_bob"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let bob_session = body["session_id"].as_str().unwrap().to_owned();
+    let card = sandbox.messages_for("ou_sandbox_bob").remove(0);
+    let value = find_callback_value(&card.content).expect("the card has a reject button");
+    let frame_id = sandbox
+        .click_card_button(&card.message_id, "ou_sandbox_bob", value)
+        .unwrap();
+    svc.wait_for(|| async { sandbox.acks().iter().any(|a| a.message_id == frame_id) })
+        .await;
+    let ack = sandbox
+        .acks()
+        .into_iter()
+        .find(|a| a.message_id == frame_id)
+        .unwrap();
+    assert_eq!(ack.code, 200);
+    assert!(
+        ack.data.is_some(),
+        "the card callback answers with a response"
+    );
+    assert!(ack.biz_rt.is_some());
+    let (_, s) = svc
+        .get(&format!("/api/v1/auth/sessions/{bob_session}"))
+        .await;
+    assert!(s.contains("\"state\":\"rejected\""), "{s}");
+    assert!(s.contains("user_rejected"), "{s}");
+
+    // Carol asks by message; the event is fragmented, out of order and delivered twice.
+    let msg_event = json!({
+        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
+        "message": {"message_id": "om_in_1", "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
+    });
+    let fid = sandbox
+        .push_event(
+            "im.message.receive_v1",
+            msg_event,
+            PushOpts {
+                fragments: 3,
+                out_of_order: true,
+                duplicate: true,
+            },
+        )
+        .unwrap();
+    svc.wait_for(|| async { sandbox.messages_for("ou_sandbox_carol").len() == 1 })
+        .await;
+    svc.wait_for(|| async {
+        sandbox
+            .acks()
+            .iter()
+            .filter(|a| a.message_id == fid)
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(sandbox
+        .acks()
+        .iter()
+        .filter(|a| a.message_id == fid)
+        .all(|a| a.code == 200));
+    assert_eq!(
+        sandbox.messages_for("ou_sandbox_carol").len(),
+        1,
+        "the duplicate was not handled twice"
+    );
+
+    // The platform drops the socket: the service reconnects by itself.
+    sandbox.close_ws_abruptly();
+    svc.wait_for(|| async { sandbox.connections() == 0 }).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    // And a garbage frame does not kill it.
+    sandbox.send_garbage_frame();
+    let fid = sandbox
+        .push_event(
+            "contact.user.updated_v3",
+            json!({"object": {}}),
+            PushOpts::default(),
+        )
+        .unwrap();
+    svc.wait_for(|| async { sandbox.acks().iter().any(|a| a.message_id == fid) })
+        .await;
+    assert_eq!(sandbox.unacked(), 0);
+
+    // Every documented family is exported, and the ones this run exercised moved.
+    let after = svc.scrape().await;
+    for name in lark_service::metrics::EXPORTED {
+        let family = name.trim_end_matches("_total");
+        assert!(
+            after.contains(&format!("# TYPE {name} "))
+                || after.contains(&format!("# TYPE {family} ")),
+            "{name} missing"
+        );
+    }
+    let moved =
+        |name: &str, filter: &str| metric(&after, name, filter) - metric(&before, name, filter);
+    assert!(moved("lark_service_auth_requests_total", "") >= 3.0);
+    assert!(moved("lark_service_auth_success_total", "") >= 1.0);
+    assert!(moved("lark_service_auth_failure_total", "user_rejected") >= 1.0);
+    assert!(moved("lark_service_auth_duration_seconds_count", "") >= 1.0);
+    assert!(moved("lark_service_events_received_total", "websocket") >= 3.0);
+    assert!(moved("lark_service_events_deduplicated_total", "") >= 1.0);
+    assert!(moved("lark_service_event_ack_duration_seconds_count", "") >= 3.0);
+    assert!(moved("lark_service_websocket_frames_received_total", "event") >= 3.0);
+    assert!(moved("lark_service_websocket_reconnects_total", "") >= 1.0);
+    assert!(moved("lark_service_lark_api_requests_total", "ws_endpoint") >= 1.0);
+    assert!(moved("lark_service_store_commit_duration_seconds_count", "") >= 3.0);
+    assert_eq!(
+        metric(&after, "lark_service_websocket_connection_status", APP_ID),
+        1.0
+    );
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_stop_the_long_connection_with_a_clear_state() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(
+        &sandbox.base_url(),
+        &[
+            ("APP_SECRET", "wrong-secret"),
+            ("WEBSOCKET_FALLBACK_TO_HTTP", "false"),
+        ],
+    )
+    .await;
+    svc.wait_for(|| async { sandbox.hits("ws_endpoint") >= 1 })
+        .await;
+    // Discovery refuses the credentials: the service does not retry.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sandbox.hits("ws_endpoint"), 1);
+    assert_eq!(sandbox.connections(), 0);
+    let (code, body) = svc.get("/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.starts_with("not ready"), "{body}");
+    svc.stop().await;
+}
+
+fn signed(body: &[u8], ts: &str) -> Vec<(&'static str, String)> {
+    let nonce = "n0nce";
+    vec![
+        ("X-Lark-Request-Timestamp", ts.to_owned()),
+        ("X-Lark-Request-Nonce", nonce.to_owned()),
+        (
+            "X-Lark-Signature",
+            lark_service::callbacks::signature_hex(ts, nonce, ENCRYPT_KEY, body),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_callbacks_are_verified_decrypted_and_deduplicated() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox.base_url(), &[("WEBSOCKET_ENABLED", "false")]).await;
+    let url = format!("http://{}/callbacks/event", svc.http);
+    let cipher = lark_service::callbacks::EventCipher::new(ENCRYPT_KEY);
+    let mut rng = rand::rng();
+    let now = (lark_service::storage::now_ms() / 1000).to_string();
+    let send = |body: Vec<u8>, headers: Vec<(&'static str, String)>| {
+        let mut r = svc
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+
+    // url_verification (encrypted) answers the challenge.
+    let plain = json!({"challenge": "ch-123", "token": VTOKEN, "type": "url_verification"});
+    let body = serde_json::to_vec(
+        &json!({"encrypt": cipher.encrypt(&serde_json::to_vec(&plain).unwrap(), &mut rng)}),
+    )
+    .unwrap();
+    let r = send(body, vec![]).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["challenge"], "ch-123");
+
+    // A signed, encrypted event is accepted; the same event again is a duplicate (still 200).
+    let event = json!({"schema": "2.0", "header": {"event_id": "http-ev-1", "event_type": "contact.user.updated_v3", "create_time": "1", "token": VTOKEN, "app_id": APP_ID, "tenant_key": "t"}, "event": {}});
+    let body = serde_json::to_vec(
+        &json!({"encrypt": cipher.encrypt(&serde_json::to_vec(&event).unwrap(), &mut rng)}),
+    )
+    .unwrap();
+    let before = svc.scrape().await;
+    // Forged signature: 401 and no side effect.
+    let mut forged = signed(&body, &now);
+    forged[2].1 = "00".repeat(32);
+    assert_eq!(
+        send(body.clone(), forged).await.unwrap().status().as_u16(),
+        401
+    );
+    // Stale timestamp: 401.
+    assert_eq!(
+        send(body.clone(), signed(&body, "1000000000"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    // Malformed and oversize bodies.
+    assert_eq!(
+        send(b"{not json".to_vec(), signed(b"{not json", &now))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    assert_eq!(
+        send(big.clone(), signed(&big, &now))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        413
+    );
+    let mid = svc.scrape().await;
+    assert_eq!(
+        metric(&mid, "lark_service_events_received_total", "http"),
+        metric(&before, "lark_service_events_received_total", "http"),
+        "rejected bodies must not reach the dispatcher"
+    );
+    // Valid: handled, then a duplicate.
+    assert_eq!(
+        send(body.clone(), signed(&body, &now))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        send(body.clone(), signed(&body, &now))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let after = svc.scrape().await;
+    assert_eq!(
+        metric(&after, "lark_service_events_received_total", "http")
+            - metric(&before, "lark_service_events_received_total", "http"),
+        2.0
+    );
+    assert!(
+        metric(&after, "lark_service_events_deduplicated_total", "")
+            - metric(&before, "lark_service_events_deduplicated_total", "")
+            >= 1.0
+    );
+    // With the socket off, HTTP callbacks keep the service ready.
+    let (code, body) = svc.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("HTTP callbacks"), "{body}");
+    svc.stop().await;
+}
