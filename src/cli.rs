@@ -48,6 +48,12 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a backup into the store file (the service must be stopped).
     Restore(RestoreArgs),
+    /// Run only the local imitation of the Feishu platform (for tests and demos).
+    Sandbox {
+        /// Port on 127.0.0.1 (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
 }
 
 /// `backup` options.
@@ -211,6 +217,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sessions(cmd) => sessions(&opts, cmd),
         Command::Backup(args) => backup(&opts, &args),
         Command::Restore(args) => restore(&opts, &args),
+        Command::Sandbox { port } => sandbox(port),
     }
 }
 
@@ -572,4 +579,28 @@ fn restore(opts: &LoadOptions, args: &RestoreArgs) -> Result<(), CliError> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn sandbox(port: u16) -> Result<(), CliError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    rt.block_on(async {
+        let sb = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
+            port,
+            ..crate::sandbox::SandboxOptions::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!("sandbox platform: {}/", sb.base_url());
+        println!(
+            "  LARK_DOMAIN={} APP_ID={} APP_SECRET={}",
+            sb.base_url(),
+            crate::sandbox::APP_ID,
+            crate::sandbox::APP_SECRET
+        );
+        crate::daemon::shutdown_signal().await;
+        Ok::<(), CliError>(())
+    })
 }

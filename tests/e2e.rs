@@ -29,7 +29,10 @@ struct Service {
 
 impl Service {
     async fn start(domain: &str, extra: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), domain, extra).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, domain: &str, extra: &[(&str, &str)]) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -148,7 +151,12 @@ impl Service {
             .unwrap()
     }
 
-    async fn stop(mut self) {
+    async fn stop(self) {
+        drop(self.stop_keep_dir().await);
+    }
+
+    /// Stops the service and hands back its data directory (for a restart).
+    async fn stop_keep_dir(mut self) -> tempfile::TempDir {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -156,6 +164,9 @@ impl Service {
             .await
             .expect("service stops within the grace period")
             .unwrap();
+        // The seen-id writer thread lets go of the store file just after.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self._dir
     }
 }
 
@@ -514,5 +525,150 @@ async fn http_callbacks_are_verified_decrypted_and_deduplicated() {
     let (code, body) = svc.get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("HTTP callbacks"), "{body}");
+    svc.stop().await;
+}
+
+fn authorize_url(sandbox: &Sandbox, open_id: &str) -> String {
+    let cards = sandbox.messages_for(open_id);
+    let card = cards.last().expect("a card was sent");
+    find_string(&card.content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .unwrap()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        user_token_ttl: 10,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let extra = [
+        ("AUTH_REQUEST_RATE_LIMIT", "3"),
+        ("AUTH_SESSION_EXPIRY_SECONDS", "10"),
+        ("SWEEP_INTERVAL_SECONDS", "1"),
+    ];
+    let svc = Service::start(&sandbox.base_url(), &extra).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    let before = svc.scrape().await;
+
+    // Rate limit: the same pending session is reused, and the 4th request in the window is
+    // refused with 429 and sends no card.
+    let (s1, b1) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(s1, 201, "{b1}");
+    let (s2, b2) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!((s2, b2["reused"].as_bool()), (200, Some(true)), "{b2}");
+    assert_eq!(b2["session_id"], b1["session_id"]);
+    svc.post(
+        "/api/v1/auth/requests",
+        json!({"open_id": "ou_sandbox_alice"}),
+    )
+    .await;
+    let (s4, b4) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(s4, 429, "{b4}");
+    assert_eq!(sandbox.messages_for("ou_sandbox_alice").len(), 1);
+    let alice_session = b1["session_id"].as_str().unwrap().to_owned();
+
+    // Restart in the middle of the pending flow: the new process completes it.
+    let url = authorize_url(&sandbox, "ou_sandbox_alice");
+    let old_addr = svc.http.to_string();
+    let dir = svc.stop_keep_dir().await;
+    let redirect_uri = format!("http://{old_addr}/oauth/callback");
+    let mut extra2 = extra.to_vec();
+    extra2.push(("AUTH_REDIRECT_URI", redirect_uri.as_str()));
+    let svc = Service::start_in(dir, &sandbox.base_url(), &extra2).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    // A real deployment keeps its public address; here the new process got a new port, so the
+    // browser's request is sent to it while the registered redirect URI stays the same.
+    let redirect = sandbox
+        .approve(&url, "ou_sandbox_alice")
+        .unwrap()
+        .replace(&old_addr, &svc.http.to_string());
+    let page = svc.client.get(&redirect).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let (_, s) = svc
+        .get(&format!("/api/v1/auth/sessions/{alice_session}"))
+        .await;
+    assert!(s.contains("\"state\":\"completed\""), "{s}");
+    let (_, t1) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+    let t1: Value = serde_json::from_str(&t1).unwrap();
+
+    // Bob never answers: the sweep expires his session and patches the card.
+    let (_, bb) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_bob"}),
+        )
+        .await;
+    let bob_session = bb["session_id"].as_str().unwrap().to_owned();
+    let bob_url = authorize_url(&sandbox, "ou_sandbox_bob");
+
+    // The refresh worker refreshes Alice's 10-second token once 80 % of it has passed.
+    let refreshes = sandbox.hits("oauth_token");
+    for _ in 0..120 {
+        if sandbox.hits("oauth_token") > refreshes {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        sandbox.hits("oauth_token") > refreshes,
+        "the worker did not refresh the token"
+    );
+    svc.wait_for(|| async {
+        let (_, t2) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+        serde_json::from_str::<Value>(&t2)
+            .map(|t2| t2["access_token"] != t1["access_token"])
+            .unwrap_or(false)
+    })
+    .await;
+
+    svc.wait_for(|| async {
+        let (_, s) = svc
+            .get(&format!("/api/v1/auth/sessions/{bob_session}"))
+            .await;
+        s.contains("\"state\":\"expired\"")
+    })
+    .await;
+    svc.wait_for(|| async { !sandbox.messages_for("ou_sandbox_bob")[0].history.is_empty() })
+        .await;
+    // Approving after expiry does not complete it.
+    let redirect = sandbox
+        .approve(&bob_url, "ou_sandbox_bob")
+        .unwrap()
+        .replace(&old_addr, &svc.http.to_string());
+    let page = svc.client.get(&redirect).send().await.unwrap();
+    assert!(!page.status().is_success());
+    let (_, s) = svc
+        .get(&format!("/api/v1/auth/sessions/{bob_session}"))
+        .await;
+    assert!(s.contains("session_expired"), "{s}");
+
+    let after = svc.scrape().await;
+    let moved =
+        |name: &str, filter: &str| metric(&after, name, filter) - metric(&before, name, filter);
+    assert!(moved("lark_service_auth_rate_limited_total", "") >= 1.0);
+    assert!(moved("lark_service_token_refresh_total", "success") >= 1.0);
+    assert!(moved("lark_service_auth_failure_total", "session_expired") >= 1.0);
+    assert!(moved("lark_service_sweep_runs_total", "") >= 1.0);
+    assert!(moved("lark_service_sweep_removed_total", "expired") >= 1.0);
     svc.stop().await;
 }

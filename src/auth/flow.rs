@@ -51,6 +51,8 @@ pub const OFFLINE_ACCESS: &str = lark::oauth::OFFLINE_ACCESS;
 const REFRESH_RETRY: Duration = Duration::from_secs(60);
 /// Most tokens one refresh run reads.
 const REFRESH_BATCH: usize = 512;
+/// Longest wait of the refresh worker between two looks at the due index.
+const REFRESH_IDLE: Duration = Duration::from_secs(10);
 /// Most scopes one request may name (the authorize page's limit).
 const MAX_SCOPES: usize = 50;
 
@@ -1338,9 +1340,11 @@ impl AuthService {
             .await?
             .first()
             .map(|(_, _, at)| Duration::from_millis(at.saturating_sub(now)));
+        // Look again at least every 10 s: tokens stored since this run (new authorizations)
+        // are found without a wake-up channel, and the look costs one read of the due index.
         Ok(next
-            .unwrap_or(Duration::from_secs(60))
-            .clamp(Duration::from_secs(1), Duration::from_secs(60)))
+            .unwrap_or(REFRESH_IDLE)
+            .clamp(Duration::from_secs(1), REFRESH_IDLE))
     }
 
     /// The token refresh worker, for `Workers::spawn`.
