@@ -226,7 +226,10 @@ impl Dispatcher {
                 .in_current_span(),
             );
             match tokio::time::timeout(self.inner.cfg.ack_deadline, task).await {
-                Ok(Ok(Ok(reply))) => Outcome::Handled(reply),
+                Ok(Ok(Ok(reply))) => {
+                    debug!("Event handled.");
+                    Outcome::Handled(reply)
+                }
                 Ok(Ok(Err(_))) => Outcome::Failed,
                 Ok(Err(join)) => {
                     self.release(&event_id);
