@@ -5,16 +5,18 @@
 //! error codes and `pbbp2` frames: app tokens, long-connection discovery and a WebSocket server
 //! that pushes events (fragmented on request) and redelivers unacknowledged ones, the OAuth
 //! authorize page with a user who approves or rejects, the v2 token endpoint with PKCE and
-//! rotating refresh tokens, user info, contact lookup, IM send/patch and delayed card update.
+//! rotating refresh tokens, user info, contact lookup, IM send/patch and delayed card update,
+//! and a small in-memory aPaaS store (object records, workspace table records).
 //! A small HTML page at `/` shows each sandbox user's messages and lets a person click.
 //!
 //! State is in memory. Nothing here is used by the service in production.
 
+mod apaas;
 mod page;
 mod platform;
 mod ws;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,6 +87,18 @@ pub struct AckRecord {
     pub data: Option<Value>,
     /// `biz_rt` header.
     pub biz_rt: Option<String>,
+    /// Time from the (latest) push of this message to its ACK; `None` for an ACK of a
+    /// message the sandbox did not push or had already seen acknowledged.
+    pub since_push: Option<Duration>,
+}
+
+/// How an injected failure answers (see [`Sandbox::fail_next`], [`Sandbox::fail_next_code`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// This HTTP status with the platform's body for it.
+    Status(u16),
+    /// HTTP 200 (400 on the OAuth token endpoint) with this business `code`.
+    Code(i64),
 }
 
 /// How to push an event.
@@ -99,6 +113,7 @@ pub struct PushOpts {
 }
 
 pub(crate) struct Pending {
+    pub event_type: String,
     pub frames: Vec<Vec<u8>>,
     pub pushed_at: std::time::Instant,
     pub deliveries: u32,
@@ -109,15 +124,33 @@ pub(crate) struct Pending {
 #[derive(Default)]
 pub(crate) struct Inner {
     pub users: Vec<SandboxUser>,
+    /// Every tenant token issued and still valid.
     pub tenant_tokens: Vec<String>,
+    /// The token `tenant_access_token/internal` hands out while it has ≥ 30 min left.
+    pub current_tenant: Option<(String, std::time::Instant)>,
     pub codes: HashMap<String, platform::CodeGrant>,
     pub access: HashMap<String, (String, std::time::Instant)>,
-    pub refresh: HashMap<String, String>,
+    /// Live refresh token → (open_id, scope).
+    pub refresh: HashMap<String, (String, String)>,
+    /// Refresh tokens already rotated away (reuse → 20073).
+    pub used_refresh: HashSet<String>,
+    /// Card callback `c-…` tokens → (message, issued, uses left) for delayed updates.
+    pub card_tokens: HashMap<String, (String, std::time::Instant, u32)>,
+    /// `uuid` of each send → message_id (the platform de-duplicates sends for an hour).
+    pub send_uuids: HashMap<String, String>,
+    /// Discovery tickets not yet used for a handshake.
+    pub tickets: HashSet<String>,
     pub messages: Vec<SentMessage>,
     pub pending: HashMap<String, Pending>,
+    /// Frame message_id → deliveries so far (kept after the ACK).
+    pub deliveries: HashMap<String, u32>,
     pub acks: Vec<AckRecord>,
     pub hits: HashMap<&'static str, u64>,
-    pub fail_next: HashMap<&'static str, (u16, u32)>,
+    pub fail_next: HashMap<&'static str, (Failure, u32)>,
+    /// aPaaS object records: (namespace, object) → id → record.
+    pub objects: HashMap<(String, String), BTreeMap<u64, Value>>,
+    /// aPaaS workspace tables: (workspace, table) → rows.
+    pub tables: HashMap<(String, String), Vec<Value>>,
     pub discovery_error: Option<i64>,
     pub stall_pongs: bool,
     pub next_id: u64,
@@ -211,6 +244,7 @@ impl Sandbox {
         });
         let cancel = CancellationToken::new();
         let app = platform::router(shared.clone())
+            .merge(apaas::router(shared.clone()))
             .merge(page::router(shared.clone()))
             .merge(ws::router(shared.clone()));
         let c = cancel.clone();
@@ -227,6 +261,18 @@ impl Sandbox {
     #[must_use]
     pub fn base_url(&self) -> String {
         self.shared.base_url()
+    }
+
+    /// The sandbox app's id ([`APP_ID`]).
+    #[must_use]
+    pub fn app_id(&self) -> &'static str {
+        APP_ID
+    }
+
+    /// The sandbox app's secret ([`APP_SECRET`]).
+    #[must_use]
+    pub fn app_secret(&self) -> &'static str {
+        APP_SECRET
     }
 
     /// The sandbox users.
@@ -248,7 +294,8 @@ impl Sandbox {
     }
 
     /// What the browser does when `as_open_id` approves on the authorize page at `url`:
-    /// returns the redirect URL (with `code` and `state`).
+    /// returns the redirect URL (with `code` and `state`). The page's own Approve button
+    /// (`POST /sandbox/authorize`) does the same and answers with this URL as `Location`.
     pub fn approve(&self, authorize_url: &str, as_open_id: &str) -> Result<String, SandboxError> {
         platform::decide(&self.shared, authorize_url, as_open_id, true)
     }
@@ -290,10 +337,66 @@ impl Sandbox {
         self.shared.lock().pending.len()
     }
 
-    /// How often each endpoint group was hit (`tenant_token`, `ws_endpoint`, `oauth_token`, …).
+    /// How many times the event pushed as frame `message_id` went out (1 + redeliveries).
+    #[must_use]
+    pub fn deliveries(&self, message_id: &str) -> u32 {
+        self.shared
+            .lock()
+            .deliveries
+            .get(message_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Sends every unacknowledged event again now, as the redelivery timer would.
+    pub fn redeliver_now(&self) {
+        ws::redeliver(&self.shared, true);
+    }
+
+    /// How often each endpoint group was hit: `tenant_token`, `app_token`, `ws_endpoint`,
+    /// `ws_connect`, `ws_ping`, `authorize`, `oauth_token`, `user_info`, `contact`, `im`, `card_update`,
+    /// `apaas`.
     #[must_use]
     pub fn hits(&self, group: &str) -> u64 {
         self.shared.lock().hits.get(group).copied().unwrap_or(0)
+    }
+
+    /// Every group's hit count.
+    #[must_use]
+    pub fn hit_counts(&self) -> HashMap<String, u64> {
+        self.shared
+            .lock()
+            .hits
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect()
+    }
+
+    /// Invalidates every tenant/app token issued so far: the next API call with one gets
+    /// 99991663, as after a platform-side expiry.
+    pub fn expire_tenant_tokens(&self) {
+        let mut g = self.shared.lock();
+        g.tenant_tokens.clear();
+        g.current_tenant = None;
+    }
+
+    /// Adds aPaaS object records (`namespace`, `object`); returns their ids.
+    pub fn seed_records(&self, namespace: &str, object: &str, records: Vec<Value>) -> Vec<String> {
+        apaas::seed(&self.shared, namespace, object, records)
+    }
+
+    /// The aPaaS object records stored for (`namespace`, `object`), in id order, with `_id`.
+    #[must_use]
+    pub fn records(&self, namespace: &str, object: &str) -> Vec<Value> {
+        apaas::all(&self.shared, namespace, object)
+    }
+
+    /// Replaces the rows of a workspace data table (read with a user token, §6.4).
+    pub fn seed_table(&self, workspace: &str, table: &str, rows: Vec<Value>) {
+        self.shared
+            .lock()
+            .tables
+            .insert((workspace.to_owned(), table.to_owned()), rows);
     }
 
     /// Open long connections.
@@ -326,9 +429,23 @@ impl Sandbox {
         self.shared.lock().stall_pongs = stall;
     }
 
-    /// The next `n` calls to an endpoint group fail with HTTP `status`.
+    /// The next `n` calls to an endpoint group (see [`Sandbox::hits`]) fail with HTTP
+    /// `status` and the platform's body for it (429: code 99991400 and
+    /// `x-ogw-ratelimit-reset`; the OAuth token endpoint: 20050 / 20072).
     pub fn fail_next(&self, group: &'static str, status: u16, n: u32) {
-        self.shared.lock().fail_next.insert(group, (status, n));
+        self.shared
+            .lock()
+            .fail_next
+            .insert(group, (Failure::Status(status), n));
+    }
+
+    /// The next `n` calls to an endpoint group answer with business `code` (HTTP 200, or
+    /// 400 with `error` on the OAuth token endpoint), e.g. 99991400 or 1000040343.
+    pub fn fail_next_code(&self, group: &'static str, code: i64, n: u32) {
+        self.shared
+            .lock()
+            .fail_next
+            .insert(group, (Failure::Code(code), n));
     }
 
     /// Discovery answers with this business code from now on (`None`: normal).

@@ -95,9 +95,9 @@ async fn index(State(s): State<Arc<Shared>>) -> Html<String> {
     let users = s.lock().users.clone();
     let notes = s.lock().page_notes.clone();
     let mut out = format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=3><title>lark-service sandbox</title>{CSS}</head><body>\
+        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>lark-service sandbox</title>{CSS}</head><body>\
          <h1>Feishu sandbox</h1><p class=muted>A local imitation of the Feishu platform at <code>{}</code>. App <code>{}</code>. \
-         This page shows what each sandbox user's Feishu client would show; it refreshes every 3 s.</p>",
+         This page shows what each sandbox user's Feishu client would show; it refreshes every 2 s.</p>",
         esc(&s.base_url()),
         super::APP_ID
     );
@@ -176,6 +176,9 @@ async fn click(State(s): State<Arc<Shared>>, Form(f): Form<ClickForm>) -> Respon
     Redirect::to("/").into_response()
 }
 
+/// Scopes the page's "Ask … to authorize" form requests.
+const REQUEST_SCOPES: [&str; 2] = ["contact:user.base:readonly", "offline_access"];
+
 #[derive(serde::Deserialize)]
 struct RequestForm {
     open_id: String,
@@ -185,10 +188,10 @@ async fn request(State(s): State<Arc<Shared>>, Form(f): Form<RequestForm>) -> Re
     let Some(url) = s.opts.request_auth_url.clone() else {
         return Redirect::to("/").into_response();
     };
-    let mut req = s
-        .http
-        .post(&url)
-        .json(&serde_json::json!({ "open_id": f.open_id }));
+    let mut req = s.http.post(&url).json(&serde_json::json!({
+        "open_id": f.open_id,
+        "scopes": REQUEST_SCOPES,
+    }));
     if let Some(t) = &s.opts.admin_token {
         req = req.bearer_auth(t);
     }

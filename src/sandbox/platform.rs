@@ -12,7 +12,19 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{SandboxError, SentMessage, Shared, APP_ID, APP_SECRET};
+use super::{Failure, SandboxError, SentMessage, Shared, APP_ID, APP_SECRET};
+
+/// Lifetime of tenant/app tokens (seconds).
+const TENANT_TTL: u64 = 7200;
+/// A token request with less than this left gets a new token (§4.1).
+const TENANT_RENEW_WITHIN: u64 = 1800;
+/// Authorization codes are valid this long (§4.2).
+const CODE_TTL: Duration = Duration::from_secs(300);
+/// Refresh tokens' announced lifetime (seconds).
+const REFRESH_TTL: u64 = 604_800;
+/// Card callback tokens: valid 30 min, 2 delayed updates (§5.3).
+const CARD_TOKEN_TTL: Duration = Duration::from_secs(1800);
+pub(crate) const CARD_TOKEN_USES: u32 = 2;
 
 /// A sandbox user.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -45,9 +57,16 @@ pub(crate) fn default_users() -> Vec<SandboxUser> {
         .collect()
 }
 
+/// A PKCE challenge from the authorize URL.
+#[derive(Clone)]
+pub(crate) enum Challenge {
+    Plain(String),
+    S256(String),
+}
+
 pub(crate) struct CodeGrant {
     pub open_id: String,
-    pub challenge: Option<String>,
+    pub challenge: Option<Challenge>,
     pub redirect_uri: String,
     pub scope: String,
     pub issued: Instant,
@@ -77,38 +96,70 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
 }
 
 /// Counts a hit and applies an injected failure, if any.
-fn hit(s: &Shared, group: &'static str) -> Option<Response> {
+pub(crate) fn hit(s: &Shared, group: &'static str) -> Option<Response> {
     let mut g = s.lock();
     *g.hits.entry(group).or_default() += 1;
-    if let Some((status, n)) = g.fail_next.get_mut(group) {
-        if *n > 0 {
-            *n -= 1;
-            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let mut resp = (
-                status,
-                Json(json!({"code": 99991400, "msg": "sandbox injected failure"})),
-            )
-                .into_response();
+    let (failure, n) = g.fail_next.get_mut(group)?;
+    if *n == 0 {
+        return None;
+    }
+    *n -= 1;
+    let failure = *failure;
+    drop(g);
+    let oauth = group == "oauth_token";
+    Some(match failure {
+        Failure::Code(code) if oauth => {
+            oauth_error(code, "invalid_request", "sandbox injected failure")
+        }
+        Failure::Code(code) => {
+            Json(json!({"code": code, "msg": "sandbox injected failure"})).into_response()
+        }
+        Failure::Status(status) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let body = match (status.as_u16(), oauth) {
+                (429, _) => {
+                    json!({"code": 99991400, "msg": "request trigger frequency limit"})
+                }
+                (503, true) => json!({"code": 20072, "error": "temporarily_unavailable",
+                                      "error_description": "sandbox injected failure"}),
+                (_, true) => json!({"code": 20050, "error": "server_error",
+                                    "error_description": "sandbox injected failure"}),
+                _ => json!({"code": 1_000_040_343, "msg": "sandbox injected failure"}),
+            };
+            let mut resp = (status, Json(body)).into_response();
             if status == StatusCode::TOO_MANY_REQUESTS {
-                resp.headers_mut().insert(
+                let h = resp.headers_mut();
+                h.insert(
+                    "x-ogw-ratelimit-limit",
+                    axum::http::HeaderValue::from_static("50"),
+                );
+                h.insert(
                     "x-ogw-ratelimit-reset",
                     axum::http::HeaderValue::from_static("1"),
                 );
             }
-            return Some(resp);
+            resp
         }
-    }
-    None
+    })
 }
 
 fn creds_ok(body: &Value, id_key: &str, secret_key: &str) -> bool {
     body[id_key].as_str() == Some(APP_ID) && body[secret_key].as_str() == Some(APP_SECRET)
 }
 
-fn issue_tenant(s: &Shared) -> String {
-    let t = s.next_id("t-sandbox-");
-    s.lock().tenant_tokens.push(t.clone());
-    t
+/// The current tenant token and its remaining seconds; a new one when < 30 min remain (§4.1).
+fn issue_tenant(s: &Shared) -> (String, u64) {
+    let fresh = s.next_id("t-sandbox-");
+    let mut g = s.lock();
+    if let Some((t, issued)) = &g.current_tenant {
+        let left = TENANT_TTL.saturating_sub(issued.elapsed().as_secs());
+        if left >= TENANT_RENEW_WITHIN {
+            return (t.clone(), left);
+        }
+    }
+    g.current_tenant = Some((fresh.clone(), Instant::now()));
+    g.tenant_tokens.push(fresh.clone());
+    (fresh, TENANT_TTL)
 }
 
 async fn tenant_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
@@ -118,7 +169,8 @@ async fn tenant_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> 
     if !creds_ok(&body, "app_id", "app_secret") {
         return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
     }
-    Json(json!({"code": 0, "msg": "ok", "tenant_access_token": issue_tenant(&s), "expire": 7200}))
+    let (t, expire) = issue_tenant(&s);
+    Json(json!({"code": 0, "msg": "ok", "tenant_access_token": t, "expire": expire}))
         .into_response()
 }
 
@@ -129,8 +181,9 @@ async fn app_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     if !creds_ok(&body, "app_id", "app_secret") {
         return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
     }
-    let t = issue_tenant(&s);
-    Json(json!({"code": 0, "msg": "ok", "app_access_token": s.next_id("a-sandbox-"), "tenant_access_token": t, "expire": 7200})).into_response()
+    // The app token is accepted wherever the tenant token is (one bot identity here).
+    let (t, expire) = issue_tenant(&s);
+    Json(json!({"code": 0, "msg": "ok", "app_access_token": t, "tenant_access_token": t, "expire": expire})).into_response()
 }
 
 async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
@@ -145,11 +198,12 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
             .into_response();
     }
     let device = s.next_id("sbx-");
+    let ticket = s.next_id("tk");
+    s.lock().tickets.insert(ticket.clone());
     let url = format!(
-        "ws://{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={}",
+        "ws://{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={ticket}",
         s.addr,
         s.next_id("ak"),
-        s.next_id("tk")
     );
     Json(json!({
         "code": 0, "msg": "ok",
@@ -158,7 +212,7 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     .into_response()
 }
 
-fn bearer(h: &HeaderMap) -> Option<String> {
+pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
     h.get("authorization")?
         .to_str()
         .ok()?
@@ -166,11 +220,11 @@ fn bearer(h: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
+pub(crate) fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
     bearer(h).is_some_and(|t| s.lock().tenant_tokens.contains(&t))
 }
 
-fn unauthorized() -> Response {
+pub(crate) fn unauthorized() -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"code": 99991663, "msg": "Invalid access token for authorization. Please make a request with token attached."}))).into_response()
 }
 
@@ -187,6 +241,9 @@ async fn authorize_page(
     Query(q): Query<Vec<(String, String)>>,
 ) -> Response {
     let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+    if let Some(r) = hit(&s, "authorize") {
+        return r;
+    }
     if get("client_id").as_deref() != Some(APP_ID) {
         return (
             StatusCode::BAD_REQUEST,
@@ -205,7 +262,11 @@ async fn authorize_page(
             )
         })
         .collect();
-    let chosen = get("sandbox_user");
+    // The signed-in user: `sandbox_user` (the page's links) or `login_hint`, by any id.
+    let chosen = get("sandbox_user")
+        .or_else(|| get("login_hint"))
+        .and_then(|id| find_user(&s, &id))
+        .map(|u| u.open_id);
     let users = s.lock().users.clone();
     let mut options = String::new();
     for u in &users {
@@ -286,9 +347,27 @@ pub(crate) fn decide(
     }
     let redirect =
         get("redirect_uri").ok_or_else(|| SandboxError::Control("no redirect_uri".to_owned()))?;
-    if !s.lock().users.iter().any(|u| u.open_id == open_id) {
-        return Err(SandboxError::Control(format!("no sandbox user {open_id}")));
+    if get("response_type").as_deref() != Some("code") {
+        return Err(SandboxError::Control(
+            "response_type must be `code`".to_owned(),
+        ));
     }
+    let Some(open_id) = find_user(s, open_id).map(|u| u.open_id) else {
+        return Err(SandboxError::Control(format!("no sandbox user {open_id}")));
+    };
+    let challenge = match (
+        get("code_challenge"),
+        get("code_challenge_method").as_deref(),
+    ) {
+        (None, _) => None,
+        (Some(c), None | Some("plain")) => Some(Challenge::Plain(c)),
+        (Some(c), Some("S256")) => Some(Challenge::S256(c)),
+        (Some(_), Some(m)) => {
+            return Err(SandboxError::Control(format!(
+                "unknown code_challenge_method {m}"
+            )))
+        }
+    };
     let mut to = url::Url::parse(&redirect)
         .map_err(|e| SandboxError::Control(format!("bad redirect_uri: {e}")))?;
     {
@@ -298,8 +377,8 @@ pub(crate) fn decide(
             s.lock().codes.insert(
                 code.clone(),
                 CodeGrant {
-                    open_id: open_id.to_owned(),
-                    challenge: get("code_challenge"),
+                    open_id: open_id.clone(),
+                    challenge,
                     redirect_uri: redirect.clone(),
                     scope: get("scope").unwrap_or_default(),
                     issued: Instant::now(),
@@ -337,12 +416,14 @@ fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
         ),
     );
     let mut body = json!({"code": 0, "access_token": access, "expires_in": ttl, "token_type": "Bearer", "scope": scope});
-    if scope.split(' ').any(|x| x == "offline_access") {
+    if scope.split_whitespace().any(|x| x == "offline_access") {
         drop(g);
         let refresh = s.next_id("eyJsandbox.refresh.");
-        s.lock().refresh.insert(refresh.clone(), open_id.to_owned());
+        s.lock()
+            .refresh
+            .insert(refresh.clone(), (open_id.to_owned(), scope.to_owned()));
         body["refresh_token"] = json!(refresh);
-        body["refresh_token_expires_in"] = json!(604_800);
+        body["refresh_token_expires_in"] = json!(REFRESH_TTL);
     }
     body
 }
@@ -351,7 +432,10 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
     if let Some(r) = hit(&s, "oauth_token") {
         return r;
     }
-    if b["client_id"].as_str() != Some(APP_ID) || b["client_secret"].as_str() != Some(APP_SECRET) {
+    if b["client_id"].as_str() != Some(APP_ID) {
+        return oauth_error(20048, "invalid_client", "app does not exist");
+    }
+    if b["client_secret"].as_str() != Some(APP_SECRET) {
         return oauth_error(20002, "invalid_client", "client secret invalid");
     }
     match b["grant_type"].as_str() {
@@ -365,15 +449,16 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
                     }
                     Some(c) if c.used => {
                         return oauth_error(
-                            20003,
+                            20065,
                             "invalid_grant",
                             "authorization code already used",
                         )
                     }
-                    Some(c) if c.issued.elapsed() > Duration::from_secs(300) => {
+                    Some(c) if c.issued.elapsed() > CODE_TTL => {
                         return oauth_error(20004, "invalid_grant", "authorization code expired")
                     }
                     Some(c) => {
+                        // Single use, whether or not the exchange below succeeds.
                         c.used = true;
                         (
                             c.open_id.clone(),
@@ -389,30 +474,48 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
                 return oauth_error(20071, "invalid_grant", "redirect_uri mismatch");
             }
             if let Some(ch) = challenge {
-                let verifier = b["code_verifier"].as_str().unwrap_or_default();
-                let got = base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .encode(Sha256::digest(verifier.as_bytes()));
-                if got != ch {
+                let Some(verifier) = b["code_verifier"].as_str() else {
+                    return oauth_error(20001, "invalid_request", "code_verifier is required");
+                };
+                let ok = match ch {
+                    Challenge::S256(c) => {
+                        base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .encode(Sha256::digest(verifier.as_bytes()))
+                            == c
+                    }
+                    Challenge::Plain(c) => verifier == c,
+                };
+                if !ok {
                     return oauth_error(20049, "invalid_grant", "PKCE verification failed");
                 }
             }
             Json(issue_user_tokens(&s, &open_id, &scope)).into_response()
         }
         Some("refresh_token") => {
-            let rt = b["refresh_token"].as_str().unwrap_or_default().to_owned();
-            let owner = s.lock().refresh.remove(&rt);
-            match owner {
-                Some(open_id) => {
-                    Json(issue_user_tokens(&s, &open_id, "offline_access")).into_response()
+            let Some(rt) = b["refresh_token"].as_str().map(str::to_owned) else {
+                return oauth_error(20001, "invalid_request", "refresh_token is required");
+            };
+            let owner = {
+                let mut g = s.lock();
+                let owner = g.refresh.remove(&rt);
+                if owner.is_some() {
+                    g.used_refresh.insert(rt);
+                    owner
+                } else if g.used_refresh.contains(&rt) {
+                    return oauth_error(20073, "invalid_grant", "refresh token already used");
+                } else {
+                    return oauth_error(20026, "invalid_grant", "refresh token invalid");
                 }
-                None => oauth_error(
-                    20064,
-                    "invalid_grant",
-                    "refresh token revoked or already used",
-                ),
+            };
+            match owner {
+                Some((open_id, scope)) => {
+                    Json(issue_user_tokens(&s, &open_id, &scope)).into_response()
+                }
+                None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
             }
         }
-        _ => oauth_error(20001, "unsupported_grant_type", "grant_type"),
+        Some(_) => oauth_error(20036, "unsupported_grant_type", "unsupported grant_type"),
+        None => oauth_error(20001, "invalid_request", "grant_type is required"),
     }
 }
 
@@ -428,19 +531,11 @@ async fn user_info(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
     let Some(tok) = bearer(&h) else {
         return unauthorized();
     };
-    let g = s.lock();
-    let owner = g
-        .access
-        .get(&tok)
-        .filter(|(_, exp)| Instant::now() < *exp)
-        .map(|(o, _)| o.clone());
-    let Some(open_id) = owner else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"code": 99991668, "msg": "user access token invalid or expired"})),
-        )
-            .into_response();
+    let open_id = match user_token_owner(&s, &tok) {
+        Ok(o) => o,
+        Err(r) => return *r,
     };
+    let g = s.lock();
     let u = g.users.iter().find(|u| u.open_id == open_id).cloned();
     drop(g);
     match u {
@@ -451,7 +546,25 @@ async fn user_info(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
     }
 }
 
-fn find_user(s: &Shared, id: &str) -> Option<super::SandboxUser> {
+/// The open_id a user access token belongs to, or the platform's error (99991668 unknown,
+/// 99991677 expired).
+pub(crate) fn user_token_owner(s: &Shared, tok: &str) -> Result<String, Box<Response>> {
+    let g = s.lock();
+    let (code, msg) = match g.access.get(tok) {
+        Some((o, exp)) if Instant::now() < *exp => return Ok(o.clone()),
+        Some(_) => (99_991_677, "user access token expired"),
+        None => (99_991_668, "user access token invalid"),
+    };
+    Err(Box::new(
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": code, "msg": msg})),
+        )
+            .into_response(),
+    ))
+}
+
+pub(crate) fn find_user(s: &Shared, id: &str) -> Option<super::SandboxUser> {
     s.lock()
         .users
         .iter()
@@ -520,7 +633,20 @@ async fn send_message(
         )
             .into_response();
     }
+    let uuid = b["uuid"]
+        .as_str()
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned);
+    if let Some(u) = &uuid {
+        if let Some(id) = s.lock().send_uuids.get(u) {
+            // A retried send with the same uuid: the same message, not a second one.
+            return Json(json!({"code": 0, "msg": "success", "data": {"message_id": id, "chat_id": "oc_sandbox", "msg_type": b["msg_type"]}})).into_response();
+        }
+    }
     let message_id = s.next_id("om_sandbox_");
+    if let Some(u) = uuid {
+        s.lock().send_uuids.insert(u, message_id.clone());
+    }
     let msg = SentMessage {
         message_id: message_id.clone(),
         receive_id,
@@ -572,18 +698,48 @@ async fn patch_message(
     }
 }
 
+/// Delayed card update (§5.3): `{"token": "c-…", "card": {…}}` replaces the card of the
+/// message whose callback carried the token; 30 min, 2 uses.
 async fn delay_update(
     State(s): State<Arc<Shared>>,
     h: HeaderMap,
-    Json(_b): Json<Value>,
+    Json(b): Json<Value>,
 ) -> Response {
-    if let Some(r) = hit(&s, "im") {
+    if let Some(r) = hit(&s, "card_update") {
         return r;
     }
     if !tenant_ok(&s, &h) {
         return unauthorized();
     }
-    Json(json!({"code": 0, "msg": "success"})).into_response()
+    let token = b["token"].as_str().unwrap_or_default();
+    let card = b["card"].clone();
+    if !card.is_object() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 200_830, "msg": "card is not a JSON object"})),
+        )
+            .into_response();
+    }
+    let target = {
+        let mut g = s.lock();
+        match g.card_tokens.get_mut(token) {
+            Some((msg, issued, uses)) if *uses > 0 && issued.elapsed() < CARD_TOKEN_TTL => {
+                *uses -= 1;
+                Some(msg.clone())
+            }
+            _ => None,
+        }
+    };
+    match target {
+        Some(msg) if update_message(&s, &msg, card) => {
+            Json(json!({"code": 0, "msg": "success"})).into_response()
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 200_750, "msg": "card token invalid, expired or used up"})),
+        )
+            .into_response(),
+    }
 }
 
 /// Messages addressed to a user by any of their ids.

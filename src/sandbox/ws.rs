@@ -1,5 +1,9 @@
 //! The sandbox's long-connection server: pushes events as `pbbp2` frames, answers pings,
 //! records ACKs, redelivers what is not acknowledged.
+//!
+//! Like the platform (§2.1) it delivers each message to one connected client (cluster
+//! mode, not broadcast), accepts a discovery ticket once, and allows at most
+//! [`MAX_CONNECTIONS`] connections.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +19,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{AckRecord, Pending, PushOpts, SandboxError, Shared, APP_ID};
+use crate::longconn::reconnect::{
+    CODE_AUTH_FAILED, CODE_EXCEED_CONN_LIMIT, HEADER_HANDSHAKE_AUTH_ERRCODE, HEADER_HANDSHAKE_MSG,
+    HEADER_HANDSHAKE_STATUS,
+};
+
+/// Connections per app (§2.1).
+pub(crate) const MAX_CONNECTIONS: usize = 50;
+/// `Handshake-Autherrcode` for a ticket that was not issued or already used (sandbox's
+/// choice; any sub-code but 1000040350 is retryable, §2.3).
+const AUTHERR_BAD_TICKET: i64 = 1_000_040_351;
 use crate::longconn::protocol::{Frame, FrameKind, Header, METHOD_CONTROL, METHOD_DATA};
 
 /// What the server side of a connection is told to do.
@@ -35,15 +49,62 @@ async fn upgrade(
     Query(q): Query<Vec<(String, String)>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !q.iter().any(|(k, _)| k == "access_key") || !q.iter().any(|(k, _)| k == "service_id") {
-        let mut r = (axum::http::StatusCode::FORBIDDEN, "missing credentials").into_response();
-        r.headers_mut().insert(
-            "Handshake-Status",
-            axum::http::HeaderValue::from_static("403"),
-        );
+    if let Some(r) = super::platform::hit(&s, "ws_connect") {
         return r;
     }
+    let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+    if get("access_key").is_none() || get("service_id").is_none() {
+        return rejection(403, "missing credentials", None);
+    }
+    // The ticket from discovery is single-use.
+    if !get("ticket").is_some_and(|t| s.lock().tickets.remove(t)) {
+        return rejection(
+            CODE_AUTH_FAILED,
+            "ticket invalid or already used",
+            Some(AUTHERR_BAD_TICKET),
+        );
+    }
+    if live_clients(&s) >= MAX_CONNECTIONS {
+        return rejection(
+            CODE_AUTH_FAILED,
+            "exceed connection limit",
+            Some(CODE_EXCEED_CONN_LIMIT),
+        );
+    }
     ws.on_upgrade(move |socket| serve(s, socket))
+}
+
+/// A refused upgrade with the `Handshake-*` headers (§2.3).
+fn rejection(status: i64, msg: &'static str, autherr: Option<i64>) -> Response {
+    let http = if status == 403 {
+        axum::http::StatusCode::FORBIDDEN
+    } else {
+        axum::http::StatusCode::UNAUTHORIZED
+    };
+    let mut r = (http, msg).into_response();
+    let h = r.headers_mut();
+    let val = |v: String| {
+        axum::http::HeaderValue::from_str(&v)
+            .unwrap_or_else(|_| axum::http::HeaderValue::from_static("0"))
+    };
+    h.insert(HEADER_HANDSHAKE_STATUS, val(status.to_string()));
+    h.insert(
+        HEADER_HANDSHAKE_MSG,
+        axum::http::HeaderValue::from_static(msg),
+    );
+    if let Some(code) = autherr {
+        h.insert(HEADER_HANDSHAKE_AUTH_ERRCODE, val(code.to_string()));
+    }
+    r
+}
+
+fn live_clients(s: &Shared) -> usize {
+    let mut c = s
+        .clients
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    c.retain(|tx| !tx.is_closed());
+    c.len()
 }
 
 async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
@@ -76,7 +137,12 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
                 let Ok(frame) = Frame::decode_strict(&bytes) else { continue };
                 match frame.kind() {
                     FrameKind::Ping => {
-                        if s.lock().stall_pongs {
+                        let stalled = {
+                            let mut g = s.lock();
+                            *g.hits.entry("ws_ping").or_default() += 1;
+                            g.stall_pongs
+                        };
+                        if stalled {
                             continue;
                         }
                         let pong = Frame {
@@ -99,6 +165,7 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
 fn record_ack(s: &Shared, frame: &Frame) {
     let message_id = frame.header("message_id").unwrap_or_default().to_owned();
     let payload: Value = serde_json::from_slice(frame.payload_bytes()).unwrap_or(Value::Null);
+    let now = Instant::now();
     let data = payload["data"]
         .as_str()
         .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
@@ -106,11 +173,16 @@ fn record_ack(s: &Shared, frame: &Frame) {
     let code = payload["code"].as_i64().unwrap_or(0);
     let card_message = {
         let mut g = s.lock();
+        let since_push = g
+            .pending
+            .get(&message_id)
+            .map(|p| now.saturating_duration_since(p.pushed_at));
         g.acks.push(AckRecord {
             message_id: message_id.clone(),
             code,
             data: data.clone(),
             biz_rt: frame.header("biz_rt").map(str::to_owned),
+            since_push,
         });
         if code == 200 {
             g.pending.remove(&message_id).and_then(|p| p.card_message)
@@ -132,6 +204,27 @@ pub(crate) fn broadcast(s: &Shared, out: Out) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     c.retain(|tx| tx.send(out.clone()).is_ok());
+}
+
+/// Sends a message's frames to one connected client, chosen at random (cluster mode, §2.1).
+/// With no client connected nothing is sent; the redelivery timer or the next connection
+/// picks the message up.
+fn deliver(s: &Shared, frames: &[Vec<u8>]) {
+    let mut c = s
+        .clients
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    c.retain(|tx| !tx.is_closed());
+    while !c.is_empty() {
+        let i = rand::random_range(0..c.len());
+        if frames
+            .iter()
+            .all(|f| c[i].send(Out::Bytes(f.clone())).is_ok())
+        {
+            return;
+        }
+        c.swap_remove(i);
+    }
 }
 
 fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<Vec<u8>> {
@@ -176,9 +269,10 @@ fn push(
     card_message: Option<String>,
 ) -> Result<String, SandboxError> {
     let event_id = s.next_id("ev_sandbox_");
+    let create_time = crate::storage::now_ms().to_string();
     let envelope = json!({
         "schema": "2.0",
-        "header": {"event_id": event_id, "event_type": event_type, "create_time": crate::storage::now_ms().to_string(),
+        "header": {"event_id": event_id, "event_type": event_type, "create_time": create_time,
                    "token": "sandbox-verification-token", "app_id": APP_ID, "tenant_key": "sandbox"},
         "event": event,
     });
@@ -186,24 +280,27 @@ fn push(
         serde_json::to_vec(&envelope).map_err(|e| SandboxError::Control(e.to_string()))?;
     let message_id = s.next_id("msg_");
     let frames = frames_for(s, &message_id, &payload, opts.fragments);
-    s.lock().pending.insert(
-        message_id.clone(),
-        Pending {
-            frames: frames.clone(),
-            pushed_at: Instant::now(),
-            deliveries: 1,
-            card_message,
-        },
-    );
+    {
+        let mut g = s.lock();
+        g.pending.insert(
+            message_id.clone(),
+            Pending {
+                event_type: event_type.to_owned(),
+                frames: frames.clone(),
+                pushed_at: Instant::now(),
+                deliveries: 1,
+                card_message,
+            },
+        );
+        g.deliveries.insert(message_id.clone(), 1);
+    }
     let mut order = frames;
     if opts.out_of_order {
         order.reverse();
     }
     let copies = if opts.duplicate { 2 } else { 1 };
     for _ in 0..copies {
-        for f in &order {
-            broadcast(s, Out::Bytes(f.clone()));
-        }
+        deliver(s, &order);
     }
     Ok(message_id)
 }
@@ -230,9 +327,28 @@ pub(crate) fn click(
         .find(|u| u.open_id == operator_open_id)
         .cloned()
         .ok_or_else(|| SandboxError::Control(format!("no sandbox user {operator_open_id}")))?;
+    if !s
+        .lock()
+        .messages
+        .iter()
+        .any(|m| m.message_id == open_message_id)
+    {
+        return Err(SandboxError::Control(format!(
+            "no message {open_message_id}"
+        )));
+    }
+    let token = s.next_id("c-sandbox-");
+    s.lock().card_tokens.insert(
+        token.clone(),
+        (
+            open_message_id.to_owned(),
+            Instant::now(),
+            super::platform::CARD_TOKEN_USES,
+        ),
+    );
     let event = json!({
         "operator": {"open_id": u.open_id, "user_id": u.user_id, "union_id": u.union_id, "tenant_key": "sandbox"},
-        "token": s.next_id("c-sandbox-"),
+        "token": token,
         "action": {"tag": "button", "value": value},
         "host": "im_message",
         "context": {"open_message_id": open_message_id, "open_chat_id": "oc_sandbox"},
@@ -254,21 +370,33 @@ pub(crate) async fn redeliver_loop(s: Arc<Shared>, cancel: CancellationToken) {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let due: Vec<Vec<u8>> = {
-            let mut g = s.lock();
-            let after = s.opts.redeliver_after;
-            g.pending
-                .values_mut()
-                .filter(|p| p.pushed_at.elapsed() >= after)
-                .flat_map(|p| {
-                    p.pushed_at = Instant::now();
-                    p.deliveries += 1;
-                    p.frames.clone()
-                })
-                .collect()
-        };
-        for f in due {
-            broadcast(&s, Out::Bytes(f));
+        redeliver(&s, false);
+    }
+}
+
+/// Re-sends unacknowledged events: those due (`redeliver_after` since their last push), or
+/// all of them with `force`.
+pub(crate) fn redeliver(s: &Shared, force: bool) {
+    let due: Vec<Vec<Vec<u8>>> = {
+        let mut g = s.lock();
+        let after = s.opts.redeliver_after;
+        let mut ids = Vec::new();
+        let mut out = Vec::new();
+        for (id, p) in &mut g.pending {
+            if force || p.pushed_at.elapsed() >= after {
+                p.pushed_at = Instant::now();
+                p.deliveries += 1;
+                tracing::debug!(message_id = %id, event_type = %p.event_type, deliveries = p.deliveries, "sandbox: redelivering");
+                ids.push((id.clone(), p.deliveries));
+                out.push(p.frames.clone());
+            }
         }
+        for (id, n) in ids {
+            g.deliveries.insert(id, n);
+        }
+        out
+    };
+    for frames in due {
+        deliver(s, &frames);
     }
 }
