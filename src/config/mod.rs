@@ -606,7 +606,7 @@ impl Layers {
         for s in SETTINGS.iter().filter(|s| s.secret) {
             let p = dir.join(settings::credential_name(s));
             if p.is_file() {
-                let (v, p) = secrets::read_secret_file(s.key, &p)?;
+                let (v, p) = secrets::read_credential(s.key, &p)?;
                 self.set(s, Value::Secret(v), Source::SecretFile(p));
             }
         }

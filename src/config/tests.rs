@@ -291,3 +291,26 @@ fn the_packaged_example_is_generated_from_the_catalogue_and_loads() {
         PathBuf::from("/var/lib/lark-service/lark-service.redb")
     );
 }
+
+#[test]
+fn systemd_credentials_are_read_whatever_their_acl_mode_shows() {
+    // systemd grants the service user an ACL on its credentials, which shows as 0440.
+    let creds = tempfile::tempdir().unwrap();
+    write(creds.path(), "app_secret", "cred-secret", 0o440);
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[("CREDENTIALS_DIRECTORY", creds.path().to_str().unwrap())]),
+    )
+    .unwrap();
+    assert_eq!(c.app_secret.unwrap().expose_secret(), "cred-secret");
+    // A *_FILE secret with the same mode is still refused.
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[(
+            "APP_SECRET_FILE",
+            creds.path().join("app_secret").to_str().unwrap(),
+        )]),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::SecretFileMode { .. }), "{e}");
+}
