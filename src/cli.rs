@@ -1,4 +1,4 @@
-//! The command line: `serve`, `config check`, `keys`, `sessions`.
+//! The command line: `serve`, `config check`, `keys`, `sessions`, `mcp --stdio`.
 //!
 //! Commands that read the store open it directly; redb allows one process at a time, so while
 //! the service runs they fail with "store … is locked by pid N".
@@ -48,6 +48,13 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a backup into the store file (the service must be stopped).
     Restore(RestoreArgs),
+    /// Serve the MCP tools (send messages and cards, users, aPaaS records, authorization) to
+    /// one client over standard input/output. Opens the store, so the service must be stopped.
+    Mcp {
+        /// Use the stdio transport (the only one here; the service serves HTTP at /mcp).
+        #[arg(long, required = true)]
+        stdio: bool,
+    },
     /// Run only the local imitation of the Feishu platform (for tests and demos).
     Sandbox {
         /// Port on 127.0.0.1 (0: any free port).
@@ -217,6 +224,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sessions(cmd) => sessions(&opts, cmd),
         Command::Backup(args) => backup(&opts, &args),
         Command::Restore(args) => restore(&opts, &args),
+        Command::Mcp { stdio: _ } => mcp_stdio(&opts),
         Command::Sandbox { port } => sandbox(port),
     }
 }
@@ -601,6 +609,39 @@ fn sandbox(port: u16) -> Result<(), CliError> {
             crate::sandbox::APP_SECRET
         );
         crate::daemon::shutdown_signal().await;
+        Ok::<(), CliError>(())
+    })
+}
+
+/// `mcp --stdio`: the MCP server over standard input/output (logs go to stderr).
+fn mcp_stdio(opts: &LoadOptions) -> Result<(), CliError> {
+    let cfg = Config::load(opts)?;
+    crate::telemetry::init(&cfg.log);
+    cfg.require_serve()?;
+    let store = open_store(&cfg)?;
+    let domain: crate::lark::Domain = cfg
+        .domain
+        .parse()
+        .map_err(|e| anyhow::anyhow!("domain: {e}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    rt.block_on(async move {
+        let lark = crate::lark::LarkClient::new(crate::lark::LarkConfig::new(
+            domain,
+            cfg.app_id.clone().unwrap_or_default(),
+            cfg.app_secret
+                .clone()
+                .unwrap_or_else(|| secrecy::SecretString::from(String::new())),
+        ))
+        .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
+        let auth = crate::auth::AuthService::new(
+            lark.clone(),
+            store.clone(),
+            crate::auth::AuthOptions::from_config(&cfg),
+        );
+        crate::mcp::serve_stdio(crate::mcp::McpServer::new(lark, auth, store)).await?;
         Ok::<(), CliError>(())
     })
 }

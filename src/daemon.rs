@@ -283,6 +283,14 @@ pub async fn run(
         app = app.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
     }
     app = app.merge(auth.clone().router());
+    if let Some(token) = cfg.mcp_token.clone() {
+        let server = crate::mcp::McpServer::new(lark.clone(), auth.clone(), store.clone());
+        app = app.merge(crate::mcp::router_with_shutdown(
+            server,
+            token,
+            cancel.child_token(),
+        ));
+    }
     let server_cancel = cancel.clone();
     let server = tokio::spawn(async move {
         axum::serve(listeners.http, app)

@@ -11,6 +11,7 @@ pub mod events;
 pub mod http;
 pub mod lark;
 pub mod longconn;
+pub mod mcp;
 pub mod metrics;
 pub mod sandbox;
 pub mod schedule;

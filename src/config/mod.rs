@@ -164,6 +164,8 @@ pub struct Config {
     pub verification_token: Option<SecretString>,
     /// Admin API bearer token.
     pub admin_token: Option<SecretString>,
+    /// MCP endpoint bearer token; `None` disables `/mcp`.
+    pub mcp_token: Option<SecretString>,
     /// The store file.
     pub storage_path: PathBuf,
     /// Retention of finished sessions.
@@ -327,6 +329,7 @@ impl Config {
             encrypt_key: r.secret("encrypt_key"),
             verification_token: r.secret("verification_token"),
             admin_token: r.secret("admin_token"),
+            mcp_token: r.secret("mcp_token"),
             storage_path: PathBuf::from(r.plain("storage.path").unwrap_or_default()),
             session_retention: r.secs("storage.session_retention_seconds", 1, 10 * 365 * 86400)?,
             sweep_interval: r.secs("storage.sweep_interval_seconds", 1, 86400)?,

@@ -35,6 +35,7 @@ pub const SETTINGS: &[Setting] = &[
     s!("encrypt_key", ["LARK_ENCRYPT_KEY"], None, true, "The app's event Encrypt Key, for HTTP callbacks."),
     s!("verification_token", ["LARK_VERIFICATION_TOKEN"], None, true, "The app's Verification Token, for HTTP callbacks."),
     s!("admin_token", ["LARK_SERVICE_ADMIN_TOKEN", "ADMIN_TOKEN"], None, true, "Bearer token for the admin API."),
+    s!("mcp_token", ["LARK_SERVICE_MCP_TOKEN"], None, true, "Bearer token of the MCP endpoint at /mcp; unset: no MCP endpoint."),
     s!("storage.path", ["STORAGE_PATH"], Some("./data/lark-service.redb"), false, "The redb store file."),
     s!("storage.session_retention_seconds", ["SESSION_RETENTION_SECONDS"], Some("2592000"), false, "How long finished sessions are kept before the sweep deletes them."),
     s!("storage.sweep_interval_seconds", ["SWEEP_INTERVAL_SECONDS"], Some("60"), false, "How often the TTL sweep runs."),

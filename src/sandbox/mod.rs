@@ -155,6 +155,8 @@ pub(crate) struct Inner {
     pub stall_pongs: bool,
     pub next_id: u64,
     pub page_notes: Vec<String>,
+    /// aPaaS object records by (namespace, object), in creation order: (id, fields).
+    pub apaas: HashMap<(String, String), Vec<(String, serde_json::Map<String, Value>)>>,
 }
 
 pub(crate) struct Shared {

@@ -1,4 +1,6 @@
-//! The sandbox's OpenAPI endpoints: tokens, discovery, OAuth, user info, contact, IM.
+//! The sandbox's OpenAPI endpoints: tokens, discovery, OAuth, user info, contact, IM, and a
+//! minimal in-memory aPaaS object records store (create, get, patch, batch_query with page
+//! tokens; filters are not evaluated).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,6 +94,19 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
         .route("/open-apis/im/v1/messages", post(send_message))
         .route("/open-apis/im/v1/messages/{id}", patch(patch_message))
         .route("/open-apis/interactive/v1/card/update", post(delay_update))
+        .route(APAAS_RECORDS, post(apaas_create))
+        .route(
+            "/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records/batch_query",
+            post(apaas_batch_query),
+        )
+        .route(
+            "/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records/{id}/query",
+            post(apaas_get),
+        )
+        .route(
+            "/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records/{id}",
+            patch(apaas_patch),
+        )
         .with_state(s)
 }
 
@@ -753,4 +768,185 @@ pub(crate) fn messages_for(s: &Shared, open_id: &str) -> Vec<SentMessage> {
         .filter(|m| [&u.open_id, &u.user_id, &u.union_id, &u.email].contains(&&m.receive_id))
         .cloned()
         .collect()
+}
+
+const APAAS_RECORDS: &str = "/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records";
+/// Sandbox code for an unknown aPaaS record (the real platform's code is not documented).
+const APAAS_NOT_FOUND: i64 = 2_300_404;
+
+fn apaas_error(code: i64, msg: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"code": code, "msg": msg})),
+    )
+        .into_response()
+}
+
+/// Counts the hit (applying injected failures) and checks the tenant token.
+fn apaas_guard(s: &Shared, h: &HeaderMap) -> Option<Response> {
+    if let Some(r) = hit(s, "apaas") {
+        return Some(r);
+    }
+    (!tenant_ok(s, h)).then(unauthorized)
+}
+
+fn apaas_record(b: &Value) -> Result<serde_json::Map<String, Value>, Response> {
+    match b["record"]
+        .as_str()
+        .and_then(|r| serde_json::from_str::<Value>(r).ok())
+    {
+        Some(Value::Object(m)) => Ok(m),
+        _ => Err(apaas_error(
+            1_000_002,
+            "record must be a JSON string holding an object",
+        )),
+    }
+}
+
+fn apaas_view(id: &str, fields: &serde_json::Map<String, Value>, select: &[String]) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("_id".to_owned(), json!(id));
+    for (k, v) in fields {
+        if select.is_empty() || select.iter().any(|f| f == k) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+fn select_of(b: &Value) -> Vec<String> {
+    b["select"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn apaas_create(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path((ns, obj)): Path<(String, String)>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = apaas_guard(&s, &h) {
+        return r;
+    }
+    let fields = match apaas_record(&b) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let id = s.next_id("");
+    s.lock()
+        .apaas
+        .entry((ns, obj))
+        .or_default()
+        .push((id.clone(), fields));
+    Json(json!({"code": 0, "msg": "success", "data": {"id": id}})).into_response()
+}
+
+async fn apaas_get(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path((ns, obj, id)): Path<(String, String, String)>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = apaas_guard(&s, &h) {
+        return r;
+    }
+    let select = select_of(&b);
+    let g = s.lock();
+    let found = g
+        .apaas
+        .get(&(ns, obj))
+        .and_then(|rs| rs.iter().find(|(rid, _)| *rid == id))
+        .map(|(rid, f)| apaas_view(rid, f, &select));
+    drop(g);
+    match found {
+        Some(item) => {
+            Json(json!({"code": 0, "msg": "success", "data": {"item": item.to_string()}}))
+                .into_response()
+        }
+        None => apaas_error(APAAS_NOT_FOUND, "record not found"),
+    }
+}
+
+async fn apaas_patch(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path((ns, obj, id)): Path<(String, String, String)>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = apaas_guard(&s, &h) {
+        return r;
+    }
+    let fields = match apaas_record(&b) {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    let mut g = s.lock();
+    let rec = g
+        .apaas
+        .get_mut(&(ns, obj))
+        .and_then(|rs| rs.iter_mut().find(|(rid, _)| *rid == id));
+    match rec {
+        Some((_, f)) => {
+            f.extend(fields);
+            drop(g);
+            Json(json!({"code": 0, "msg": "success", "data": {}})).into_response()
+        }
+        None => {
+            drop(g);
+            apaas_error(APAAS_NOT_FOUND, "record not found")
+        }
+    }
+}
+
+/// Token paging: the page token is the offset of the next record.
+async fn apaas_batch_query(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Path((ns, obj)): Path<(String, String)>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = apaas_guard(&s, &h) {
+        return r;
+    }
+    let select = select_of(&b);
+    let page_size = b["page_size"].as_u64().unwrap_or(100).clamp(1, 500);
+    let start = match b["page_token"].as_str() {
+        None | Some("") => 0,
+        Some(t) => match t.strip_prefix("pt_").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => return apaas_error(1_000_002, "invalid page_token"),
+        },
+    };
+    let g = s.lock();
+    let all = g.apaas.get(&(ns, obj)).map(Vec::as_slice).unwrap_or(&[]);
+    let total = all.len();
+    let end = start
+        .saturating_add(usize::try_from(page_size).unwrap_or(500))
+        .min(total);
+    let items: Vec<Value> = all
+        .get(start.min(total)..end)
+        .unwrap_or(&[])
+        .iter()
+        .map(|(id, f)| apaas_view(id, f, &select))
+        .collect();
+    drop(g);
+    let has_more = end < total;
+    let next = if has_more {
+        format!("pt_{end}")
+    } else {
+        String::new()
+    };
+    Json(json!({"code": 0, "msg": "success", "data": {
+        "items": Value::Array(items).to_string(),
+        "total": total,
+        "has_more": has_more,
+        "next_page_token": next,
+    }}))
+    .into_response()
 }

@@ -1,0 +1,744 @@
+//! MCP endpoint (issue 10): the service's Lark operations as Model Context Protocol tools,
+//! built on the official Rust SDK `rmcp`.
+//!
+//! [`McpServer`] is the `rmcp` server handler; its tools send messages and cards, look users
+//! up, read and write aPaaS records, and start / inspect card authorization. It is served
+//! over streamable HTTP at `/mcp` by [`router`] (behind a bearer token, checked before any
+//! MCP handling) and over stdio by `lark-service mcp --stdio`.
+//!
+//! Every failure a tool meets is returned as a tool error (`isError: true`) whose text is a
+//! JSON object with `error` and, for platform errors, the Lark `code` and `log_id`. Inputs are
+//! validated before any call and a bad one is named in the error. No token or secret is ever
+//! put into a result.
+
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, AuthRequest, AuthService, TokenError, UserRef};
+use crate::lark::{self, LarkClient, ReceiveIdType, Receiver, RecordQuery, UserIdType};
+use crate::storage::{SessionId, Store};
+
+/// Longest id (receive id, user id, namespace, object, record id) a tool accepts, in chars.
+pub const MAX_ID_CHARS: usize = 256;
+/// Largest message text a tool accepts, in bytes.
+pub const MAX_TEXT_BYTES: usize = 150 * 1024;
+/// Most fields an aPaaS `select` may name.
+const MAX_SELECT: usize = 200;
+
+/// The MCP server: the service's Lark client, authorization service and store.
+#[derive(Clone)]
+pub struct McpServer {
+    lark: LarkClient,
+    auth: AuthService,
+    store: Store,
+    tool_router: ToolRouter<Self>,
+}
+
+impl std::fmt::Debug for McpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpServer")
+            .field("app_id", &self.lark.app_id())
+            .finish_non_exhaustive()
+    }
+}
+
+type ToolResult = Result<CallToolResult, ErrorData>;
+
+/// A tool failure, rendered as a tool error.
+struct Failure(Value);
+
+impl Failure {
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        Self(json!({
+            "error": format!("invalid {field}: {reason}"),
+            "field": field,
+        }))
+    }
+
+    fn lark(op: &str, e: &lark::Error) -> Self {
+        let mut v = json!({ "error": format!("{op} failed: {e}") });
+        if let Some(code) = e.code() {
+            v["code"] = json!(code);
+        }
+        if let Some(msg) = e.msg() {
+            v["msg"] = json!(msg);
+        }
+        if let Some(log_id) = e.log_id() {
+            v["log_id"] = json!(log_id);
+        }
+        Self(v)
+    }
+
+    fn other(msg: impl Into<String>) -> Self {
+        Self(json!({ "error": msg.into() }))
+    }
+}
+
+fn ok(v: &Value) -> ToolResult {
+    Ok(CallToolResult::success(vec![ContentBlock::text(
+        v.to_string(),
+    )]))
+}
+
+fn finish(r: Result<Value, Failure>) -> ToolResult {
+    match r {
+        Ok(v) => ok(&v),
+        Err(Failure(v)) => Ok(CallToolResult::error(vec![ContentBlock::text(
+            v.to_string(),
+        )])),
+    }
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), Failure> {
+    if v.trim().is_empty() {
+        return Err(Failure::invalid(field, "must not be empty"));
+    }
+    if v.chars().count() > MAX_ID_CHARS {
+        return Err(Failure::invalid(
+            field,
+            format!("longer than {MAX_ID_CHARS} characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_object(field: &str, v: &Value) -> Result<(), Failure> {
+    if v.is_object() {
+        Ok(())
+    } else {
+        Err(Failure::invalid(field, "must be a JSON object"))
+    }
+}
+
+fn receive_id_type(v: &str) -> Result<ReceiveIdType, Failure> {
+    Ok(match v {
+        "open_id" => ReceiveIdType::OpenId,
+        "user_id" => ReceiveIdType::UserId,
+        "union_id" => ReceiveIdType::UnionId,
+        "email" => ReceiveIdType::Email,
+        "chat_id" => ReceiveIdType::ChatId,
+        _ => {
+            return Err(Failure::invalid(
+                "receive_id_type",
+                "one of open_id, user_id, union_id, email, chat_id",
+            ))
+        }
+    })
+}
+
+fn receiver(id_type: &str, id: &str) -> Result<Receiver, Failure> {
+    let id_type = receive_id_type(id_type)?;
+    check_id("receive_id", id)?;
+    Ok(Receiver {
+        id_type,
+        id: id.to_owned(),
+    })
+}
+
+fn user_ref(field: &str, id_type: &str, id: &str) -> Result<UserRef, Failure> {
+    check_id("id", id)?;
+    match id_type {
+        "open_id" => Ok(UserRef::OpenId(id.to_owned())),
+        "user_id" => Ok(UserRef::UserId(id.to_owned())),
+        _ => Err(Failure::invalid(field, "one of open_id, user_id")),
+    }
+}
+
+fn check_select(select: &[String]) -> Result<(), Failure> {
+    if select.len() > MAX_SELECT {
+        return Err(Failure::invalid(
+            "select",
+            format!("at most {MAX_SELECT} fields"),
+        ));
+    }
+    for f in select {
+        check_id("select", f)?;
+    }
+    Ok(())
+}
+
+fn check_object_ref(namespace: &str, object: &str) -> Result<(), Failure> {
+    check_id("namespace", namespace)?;
+    check_id("object", object)
+}
+
+fn sent(m: &lark::SentMessage) -> Value {
+    json!({
+        "message_id": m.message_id,
+        "chat_id": m.chat_id,
+        "msg_type": m.msg_type,
+        "create_time": m.create_time,
+    })
+}
+
+fn default_open_id() -> String {
+    "open_id".to_owned()
+}
+
+/// `send_message` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SendMessageParams {
+    /// Kind of `receive_id`: open_id, user_id, union_id, email or chat_id.
+    pub receive_id_type: String,
+    /// The user's or chat's id (at most 256 characters).
+    pub receive_id: String,
+    /// The message text (at most 150 KB).
+    pub text: String,
+}
+
+/// `send_card` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct SendCardParams {
+    /// Kind of `receive_id`: open_id, user_id, union_id, email or chat_id.
+    pub receive_id_type: String,
+    /// The user's or chat's id (at most 256 characters).
+    pub receive_id: String,
+    /// The interactive card JSON (an object; at most 30 KB serialised).
+    pub card: Value,
+}
+
+/// `get_user` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct GetUserParams {
+    /// The user's id.
+    pub id: String,
+    /// Kind of `id`: open_id (default), user_id or union_id. With `as_user`, open_id or user_id.
+    #[serde(default = "default_open_id")]
+    pub id_type: String,
+    /// Read the user's own profile with their authorized token instead of the directory.
+    #[serde(default)]
+    pub as_user: bool,
+}
+
+/// `apaas_query_records` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ApaasQueryParams {
+    /// The aPaaS application namespace.
+    pub namespace: String,
+    /// The object API name.
+    pub object: String,
+    /// Field API names to return.
+    #[serde(default)]
+    pub select: Vec<String>,
+    /// Filter object (`{"conditions": [...], "logic_expression": ...}`), as documented.
+    #[serde(default)]
+    pub filter: Option<Value>,
+    /// Page size (at most 500; default 100).
+    #[serde(default)]
+    pub page_size: Option<u32>,
+    /// `next_page_token` of the previous page.
+    #[serde(default)]
+    pub page_token: Option<String>,
+}
+
+/// `apaas_get_record` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ApaasGetParams {
+    /// The aPaaS application namespace.
+    pub namespace: String,
+    /// The object API name.
+    pub object: String,
+    /// The record id.
+    pub id: String,
+    /// Field API names to return.
+    #[serde(default)]
+    pub select: Vec<String>,
+}
+
+/// `apaas_create_record` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ApaasCreateParams {
+    /// The aPaaS application namespace.
+    pub namespace: String,
+    /// The object API name.
+    pub object: String,
+    /// The record: an object of field API name to value.
+    pub record: Value,
+}
+
+/// `apaas_update_record` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ApaasUpdateParams {
+    /// The aPaaS application namespace.
+    pub namespace: String,
+    /// The object API name.
+    pub object: String,
+    /// The record id.
+    pub id: String,
+    /// Fields to change: an object of field API name to value.
+    pub record: Value,
+}
+
+/// `request_user_authorization` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct RequestAuthorizationParams {
+    /// The user's id.
+    pub id: String,
+    /// Kind of `id`: open_id (default) or user_id.
+    #[serde(default = "default_open_id")]
+    pub id_type: String,
+    /// Scopes to ask for (offline_access is always added).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// `authorization_status` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct AuthorizationStatusParams {
+    /// Session id returned by request_user_authorization (32 hex characters).
+    pub session_id: String,
+}
+
+impl McpServer {
+    /// A server over the service's client, authorization service and store.
+    #[must_use]
+    pub fn new(lark: LarkClient, auth: AuthService, store: Store) -> Self {
+        Self {
+            lark,
+            auth,
+            store,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    async fn do_get_user(&self, p: GetUserParams) -> Result<Value, Failure> {
+        if p.as_user {
+            let user = user_ref("id_type", &p.id_type, &p.id)?;
+            let token = match self.auth.user_token(user.clone()).await {
+                Ok(t) => t,
+                Err(e) => return Err(self.not_authorized(&user, e).await),
+            };
+            let u = self
+                .lark
+                .user_info(&token)
+                .await
+                .map_err(|e| Failure::lark("user_info", &e))?;
+            return Ok(json!({
+                "source": "user_token",
+                "open_id": u.open_id,
+                "union_id": u.union_id,
+                "user_id": u.user_id,
+                "tenant_key": u.tenant_key,
+                "name": u.name,
+                "en_name": u.en_name,
+                "email": u.email,
+                "enterprise_email": u.enterprise_email,
+                "mobile": u.mobile,
+                "employee_no": u.employee_no,
+                "avatar_url": u.avatar_url,
+            }));
+        }
+        check_id("id", &p.id)?;
+        let id_type = match p.id_type.as_str() {
+            "open_id" => UserIdType::OpenId,
+            "user_id" => UserIdType::UserId,
+            "union_id" => UserIdType::UnionId,
+            _ => {
+                return Err(Failure::invalid(
+                    "id_type",
+                    "one of open_id, user_id, union_id",
+                ))
+            }
+        };
+        let u = self
+            .lark
+            .contact_user(&p.id, id_type)
+            .await
+            .map_err(|e| Failure::lark("contact_user", &e))?;
+        Ok(json!({
+            "source": "directory",
+            "open_id": u.open_id,
+            "union_id": u.union_id,
+            "user_id": u.user_id,
+            "name": u.name,
+            "en_name": u.en_name,
+            "email": u.email,
+            "enterprise_email": u.enterprise_email,
+            "employee_no": u.employee_no,
+            "department_ids": u.department_ids,
+            "avatar_url": u.avatar.as_ref().and_then(|a| a.avatar_240.clone()),
+            "status": u.status.as_ref().map(|s| json!({
+                "is_frozen": s.is_frozen,
+                "is_resigned": s.is_resigned,
+                "is_activated": s.is_activated,
+                "is_exited": s.is_exited,
+                "is_unjoin": s.is_unjoin,
+            })),
+        }))
+    }
+
+    /// "user has not authorized: session …", naming the user's latest session and its state.
+    async fn not_authorized(&self, user: &UserRef, e: TokenError) -> Failure {
+        let latest = {
+            let app = self.lark.app_id().to_owned();
+            let id = user.id().to_owned();
+            self.store
+                .run(move |s| s.sessions_for_user(&app, &id))
+                .await
+                .ok()
+                .and_then(|v| v.last().map(|s| s.session_id))
+        };
+        let latest = match latest {
+            Some(id) => self
+                .store
+                .run(move |s| s.get_session_summary(id))
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        match e {
+            TokenError::NotFound | TokenError::NeedsReauth { .. } => {
+                let session = match &latest {
+                    Some(s) => format!("{} ({})", s.session_id, s.state),
+                    None => "none".to_owned(),
+                };
+                let why = if matches!(e, TokenError::NeedsReauth { .. }) {
+                    "; the user must authorize again"
+                } else {
+                    ""
+                };
+                Failure(json!({
+                    "error": format!("user has not authorized: session {session}{why}; call request_user_authorization"),
+                    "session_id": latest.as_ref().map(|s| s.session_id.clone()),
+                    "state": latest.as_ref().map(|s| s.state),
+                }))
+            }
+            TokenError::Refresh(e) => Failure::lark("refreshing the user token", &e),
+            TokenError::Store(e) => Failure::other(format!("store: {e}")),
+        }
+    }
+}
+
+#[tool_router]
+impl McpServer {
+    /// Sends a text message as the bot.
+    #[tool(description = "Send a text message as the bot to a user or a chat.")]
+    pub async fn send_message(&self, Parameters(p): Parameters<SendMessageParams>) -> ToolResult {
+        finish(
+            async {
+                let to = receiver(&p.receive_id_type, &p.receive_id)?;
+                if p.text.is_empty() {
+                    return Err(Failure::invalid("text", "must not be empty"));
+                }
+                if p.text.len() > MAX_TEXT_BYTES {
+                    return Err(Failure::invalid(
+                        "text",
+                        format!("longer than {MAX_TEXT_BYTES} bytes"),
+                    ));
+                }
+                let m = self
+                    .lark
+                    .send_text(&to, &p.text)
+                    .await
+                    .map_err(|e| Failure::lark("send_message", &e))?;
+                Ok(sent(&m))
+            }
+            .await,
+        )
+    }
+
+    /// Sends an interactive card as the bot.
+    #[tool(
+        description = "Send an interactive card (card JSON object) as the bot to a user or a chat."
+    )]
+    pub async fn send_card(&self, Parameters(p): Parameters<SendCardParams>) -> ToolResult {
+        finish(
+            async {
+                let to = receiver(&p.receive_id_type, &p.receive_id)?;
+                check_object("card", &p.card)?;
+                let m = self
+                    .lark
+                    .send_card(&to, &p.card)
+                    .await
+                    .map_err(|e| match e {
+                        lark::Error::Config(reason) => Failure::invalid("card", reason),
+                        e => Failure::lark("send_card", &e),
+                    })?;
+                Ok(sent(&m))
+            }
+            .await,
+        )
+    }
+
+    /// Looks a user up.
+    #[tool(
+        description = "Look a user up in the tenant directory by open_id, user_id or union_id; with as_user, read the user's own profile with their authorized token."
+    )]
+    pub async fn get_user(&self, Parameters(p): Parameters<GetUserParams>) -> ToolResult {
+        finish(self.do_get_user(p).await)
+    }
+
+    /// One page of aPaaS object records.
+    #[tool(
+        description = "Query one page of aPaaS object records (select, filter, page_size, page_token). Returns items, has_more and next_page_token."
+    )]
+    pub async fn apaas_query_records(
+        &self,
+        Parameters(p): Parameters<ApaasQueryParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                check_object_ref(&p.namespace, &p.object)?;
+                check_select(&p.select)?;
+                if let Some(f) = &p.filter {
+                    check_object("filter", f)?;
+                }
+                let page_size = match p.page_size {
+                    None => 100,
+                    Some(n @ 1..=lark::api::apaas::MAX_PAGE_SIZE) => n,
+                    Some(_) => {
+                        return Err(Failure::invalid(
+                            "page_size",
+                            format!("between 1 and {}", lark::api::apaas::MAX_PAGE_SIZE),
+                        ))
+                    }
+                };
+                if let Some(t) = &p.page_token {
+                    check_id("page_token", t)?;
+                }
+                let mut q = RecordQuery::select(p.select, page_size);
+                q.filter = p.filter;
+                q.page_token = p.page_token;
+                let page = self
+                    .lark
+                    .query_records(&p.namespace, &p.object, &q)
+                    .await
+                    .map_err(|e| Failure::lark("apaas_query_records", &e))?;
+                Ok(json!({
+                    "items": page.items,
+                    "total": page.total,
+                    "has_more": page.has_more,
+                    "next_page_token": page.next_page_token,
+                }))
+            }
+            .await,
+        )
+    }
+
+    /// One aPaaS record by id.
+    #[tool(description = "Get one aPaaS object record by id.")]
+    pub async fn apaas_get_record(&self, Parameters(p): Parameters<ApaasGetParams>) -> ToolResult {
+        finish(
+            async {
+                check_object_ref(&p.namespace, &p.object)?;
+                check_id("id", &p.id)?;
+                check_select(&p.select)?;
+                let select: Vec<&str> = p.select.iter().map(String::as_str).collect();
+                let item = self
+                    .lark
+                    .get_record(&p.namespace, &p.object, &p.id, &select)
+                    .await
+                    .map_err(|e| Failure::lark("apaas_get_record", &e))?;
+                Ok(json!({ "found": item.is_some(), "item": item }))
+            }
+            .await,
+        )
+    }
+
+    /// Creates an aPaaS record.
+    #[tool(description = "Create an aPaaS object record. Returns its id.")]
+    pub async fn apaas_create_record(
+        &self,
+        Parameters(p): Parameters<ApaasCreateParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                check_object_ref(&p.namespace, &p.object)?;
+                check_object("record", &p.record)?;
+                let id = self
+                    .lark
+                    .create_record(&p.namespace, &p.object, &p.record)
+                    .await
+                    .map_err(|e| Failure::lark("apaas_create_record", &e))?;
+                Ok(json!({ "id": id }))
+            }
+            .await,
+        )
+    }
+
+    /// Updates fields of an aPaaS record.
+    #[tool(description = "Update fields of an aPaaS object record by id.")]
+    pub async fn apaas_update_record(
+        &self,
+        Parameters(p): Parameters<ApaasUpdateParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                check_object_ref(&p.namespace, &p.object)?;
+                check_id("id", &p.id)?;
+                check_object("record", &p.record)?;
+                self.lark
+                    .patch_record(&p.namespace, &p.object, &p.id, &p.record)
+                    .await
+                    .map_err(|e| Failure::lark("apaas_update_record", &e))?;
+                Ok(json!({ "id": p.id, "updated": true }))
+            }
+            .await,
+        )
+    }
+
+    /// Sends the user an authorization card.
+    #[tool(
+        description = "Ask a user to authorize the app: sends them an Authorize card and returns the session id (a pending session for the same scopes is reused)."
+    )]
+    pub async fn request_user_authorization(
+        &self,
+        Parameters(p): Parameters<RequestAuthorizationParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                let user = user_ref("id_type", &p.id_type, &p.id)?;
+                for s in &p.scopes {
+                    check_id("scopes", s)?;
+                }
+                match self
+                    .auth
+                    .request(AuthRequest {
+                        user,
+                        scopes: p.scopes,
+                    })
+                    .await
+                {
+                    Ok(o) => Ok(json!({
+                        "session_id": o.session_id.to_string(),
+                        "reused": o.reused,
+                    })),
+                    Err(AuthError::Invalid { field, reason }) => {
+                        Err(Failure::invalid(field, reason))
+                    }
+                    Err(AuthError::Lark(e)) => Err(Failure::lark("request_user_authorization", &e)),
+                    Err(e) => Err(Failure::other(e.to_string())),
+                }
+            }
+            .await,
+        )
+    }
+
+    /// A session's state, without secrets.
+    #[tool(
+        description = "State of an authorization session (pending, completed, expired, failed, rejected, revoked). No secrets."
+    )]
+    pub async fn authorization_status(
+        &self,
+        Parameters(p): Parameters<AuthorizationStatusParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                let id: SessionId = p.session_id.trim().parse().map_err(|_| {
+                    Failure::invalid("session_id", "a session id is 32 hex characters")
+                })?;
+                let s = self
+                    .store
+                    .run(move |s| s.get_session_summary(id))
+                    .await
+                    .map_err(|e| Failure::other(format!("store: {e}")))?;
+                match s {
+                    Some(s) if s.app_id == self.lark.app_id() => Ok(json!({
+                        "session_id": s.session_id,
+                        "state": s.state,
+                        "failure_reason": s.failure_reason,
+                        "user_id": s.user_id,
+                        "open_id": s.open_id,
+                        "scopes": s.scopes,
+                        "has_tokens": s.has_tokens,
+                        "created_at": s.created_at,
+                        "updated_at": s.updated_at,
+                        "expires_at": s.expires_at,
+                        "token_expires_at": s.token_expires_at,
+                    })),
+                    _ => Err(Failure::invalid("session_id", "no such session")),
+                }
+            }
+            .await,
+        )
+    }
+}
+
+#[tool_handler(
+    router = self.tool_router,
+    name = "lark-service",
+    instructions = "Feishu/Lark tools of lark-service: send messages and cards as the bot, look users up, read and write aPaaS records, and ask users to authorize the app."
+)]
+impl ServerHandler for McpServer {}
+
+/// `/mcp` (streamable HTTP) behind `Authorization: Bearer <token>`.
+pub fn router(server: McpServer, token: SecretString) -> Router {
+    router_with_shutdown(server, token, CancellationToken::new())
+}
+
+/// [`router`], whose open MCP sessions and streams end when `shutdown` is cancelled.
+pub fn router_with_shutdown(
+    server: McpServer,
+    token: SecretString,
+    shutdown: CancellationToken,
+) -> Router {
+    let config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown)
+        // The bearer token, not the Host header, is what keeps other sites out (a DNS-rebinding
+        // page cannot attach it); the service usually sits behind a proxy with its own hostname.
+        .disable_allowed_hosts();
+    let service: StreamableHttpService<McpServer, LocalSessionManager> = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let token = Arc::new(token);
+    Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let token = token.clone();
+                async move {
+                    if crate::http::bearer_ok(req.headers(), Some(&token)) {
+                        next.run(req).await
+                    } else {
+                        unauthorized()
+                    }
+                }
+            },
+        ))
+}
+
+fn unauthorized() -> Response {
+    let mut r = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(json!({"error": "unauthorized", "message": "missing or wrong bearer token"})),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// Serves `server` over stdin/stdout until the client disconnects.
+pub async fn serve_stdio(server: McpServer) -> anyhow::Result<()> {
+    use rmcp::ServiceExt as _;
+    let running = server
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the MCP stdio server: {e}"))?;
+    running
+        .waiting()
+        .await
+        .map_err(|e| anyhow::anyhow!("MCP stdio server: {e}"))?;
+    Ok(())
+}

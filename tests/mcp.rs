@@ -1,0 +1,574 @@
+//! The MCP endpoint (issue 10): the service in-process against the sandbox platform, driven by
+//! the official `rmcp` client over streamable HTTP with a bearer token.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lark_service::config::{Config, LoadOptions};
+use lark_service::daemon::{run, Listeners};
+use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use rmcp::model::{CallToolRequestParams, CallToolResult, ClientConfig};
+use rmcp::service::RunningService;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const ADMIN: &str = "mcp-admin-token";
+const MCP_TOKEN: &str = "mcp-test-token-0123456789";
+const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de";
+
+const TOOLS: &[&str] = &[
+    "send_message",
+    "send_card",
+    "get_user",
+    "apaas_query_records",
+    "apaas_get_record",
+    "apaas_create_record",
+    "apaas_update_record",
+    "request_user_authorization",
+    "authorization_status",
+];
+
+struct Service {
+    http: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(domain: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ha = http.local_addr().unwrap();
+        let cfg_file = dir.path().join("config.toml");
+        std::fs::write(&cfg_file, "").unwrap();
+        let mut env: HashMap<String, String> = [
+            ("APP_ID", APP_ID),
+            ("APP_SECRET", APP_SECRET),
+            ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+            ("LARK_SERVICE_ADMIN_TOKEN", ADMIN),
+            ("LARK_SERVICE_MCP_TOKEN", MCP_TOKEN),
+            ("WEBSOCKET_ENABLED", "false"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        env.insert("LARK_DOMAIN".into(), domain.to_owned());
+        env.insert(
+            "STORAGE_PATH".into(),
+            dir.path().join("s.redb").display().to_string(),
+        );
+        env.insert(
+            "AUTH_REDIRECT_URI".into(),
+            format!("http://{ha}/oauth/callback"),
+        );
+        let cfg = Config::load_with(
+            &LoadOptions {
+                config_path: Some(cfg_file),
+                overrides: vec![],
+            },
+            &env,
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(
+                cfg,
+                Listeners {
+                    http,
+                    metrics: None,
+                },
+                async move {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let client = reqwest::Client::new();
+        for _ in 0..400 {
+            if client
+                .get(format!("http://{ha}/healthz"))
+                .send()
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Self {
+            http: ha,
+            stop: Some(tx),
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn mcp_url(&self) -> String {
+        format!("http://{}/mcp", self.http)
+    }
+
+    async fn connect(&self) -> RunningService<RoleClient, ClientConfig> {
+        let transport = StreamableHttpClientTransport::from_config(
+            StreamableHttpClientTransportConfig::with_uri(self.mcp_url()).auth_header(MCP_TOKEN),
+        );
+        ClientConfig::default().serve(transport).await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(25), &mut self.task)
+            .await
+            .expect("service stops within the grace period")
+            .unwrap();
+    }
+}
+
+async fn call(
+    client: &RunningService<RoleClient, ClientConfig>,
+    name: &str,
+    args: Value,
+) -> CallToolResult {
+    let Value::Object(args) = args else {
+        panic!("arguments must be an object")
+    };
+    client
+        .call_tool(CallToolRequestParams::new(name.to_owned()).with_arguments(args))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn text(r: &CallToolResult) -> Value {
+    let t = r
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .expect("text content");
+    serde_json::from_str(&t).unwrap_or_else(|_| panic!("not JSON: {t}"))
+}
+
+/// Calls a tool that must succeed and returns its JSON result.
+async fn ok(client: &RunningService<RoleClient, ClientConfig>, name: &str, args: Value) -> Value {
+    let r = call(client, name, args).await;
+    assert_ne!(r.is_error, Some(true), "{name} failed: {:?}", text(&r));
+    text(&r)
+}
+
+/// Calls a tool that must fail and returns its JSON error.
+async fn err(client: &RunningService<RoleClient, ClientConfig>, name: &str, args: Value) -> Value {
+    let r = call(client, name, args).await;
+    assert_eq!(r.is_error, Some(true), "{name} should fail: {:?}", text(&r));
+    text(&r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_tools_against_the_sandbox() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox.base_url()).await;
+    let client = svc.connect().await;
+
+    // Every tool is listed with an object input schema naming its properties.
+    let tools = client.list_all_tools().await.unwrap();
+    for name in TOOLS {
+        let t = tools
+            .iter()
+            .find(|t| t.name == *name)
+            .unwrap_or_else(|| panic!("tool {name} listed"));
+        assert_eq!(t.input_schema.get("type"), Some(&json!("object")), "{name}");
+        assert!(t.input_schema.get("properties").is_some(), "{name}");
+        assert!(t.description.is_some(), "{name}");
+    }
+    let send = tools.iter().find(|t| t.name == "send_message").unwrap();
+    let props = send.input_schema["properties"].as_object().unwrap();
+    for p in ["receive_id_type", "receive_id", "text"] {
+        assert!(props.contains_key(p), "send_message has {p}");
+    }
+
+    // send_message: the sandbox records the text.
+    let r = ok(
+        &client,
+        "send_message",
+        json!({"receive_id_type": "open_id", "receive_id": "ou_sandbox_alice", "text": "hello from mcp"}),
+    )
+    .await;
+    assert!(r["message_id"].as_str().unwrap().starts_with("om_"));
+    let msgs = sandbox.messages_for("ou_sandbox_alice");
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].msg_type, "text");
+    assert_eq!(msgs[0].content["text"], "hello from mcp");
+
+    // send_card.
+    let card = json!({"header": {"title": {"tag": "plain_text", "content": "Hi"}}, "elements": []});
+    let r = ok(
+        &client,
+        "send_card",
+        json!({"receive_id_type": "email", "receive_id": "bob@sandbox.example", "card": card}),
+    )
+    .await;
+    assert!(r["message_id"].is_string());
+    let msgs = sandbox.messages_for("ou_sandbox_bob");
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].msg_type, "interactive");
+    assert_eq!(msgs[0].content, card);
+
+    // A platform error is a tool error with the Lark code.
+    let e = err(
+        &client,
+        "send_message",
+        json!({"receive_id_type": "open_id", "receive_id": "ou_nobody", "text": "x"}),
+    )
+    .await;
+    assert_eq!(e["code"], 230013, "{e}");
+
+    // get_user from the directory, by open_id and user_id.
+    let u = ok(&client, "get_user", json!({"id": "ou_sandbox_carol"})).await;
+    assert_eq!(u["user_id"], "sandbox_carol");
+    assert_eq!(u["email"], "carol@sandbox.example");
+    let u = ok(
+        &client,
+        "get_user",
+        json!({"id": "sandbox_bob", "id_type": "user_id"}),
+    )
+    .await;
+    assert_eq!(u["open_id"], "ou_sandbox_bob");
+    let e = err(&client, "get_user", json!({"id": "ou_nobody"})).await;
+    assert_eq!(e["code"], 41050, "{e}");
+
+    // as_user before authorizing: a clear tool error.
+    let e = err(
+        &client,
+        "get_user",
+        json!({"id": "ou_sandbox_carol", "as_user": true}),
+    )
+    .await;
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with("user has not authorized: session none"),
+        "{msg}"
+    );
+
+    // request_user_authorization sends a card; authorization_status says pending.
+    let before = sandbox.messages_for("ou_sandbox_carol").len();
+    let r = ok(
+        &client,
+        "request_user_authorization",
+        json!({"id": "ou_sandbox_carol", "scopes": ["contact:user.base:readonly"]}),
+    )
+    .await;
+    let session = r["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(session.len(), 32);
+    assert_eq!(r["reused"], false);
+    let cards = sandbox.messages_for("ou_sandbox_carol");
+    assert_eq!(cards.len(), before + 1);
+    assert_eq!(cards.last().unwrap().msg_type, "interactive");
+    let st = ok(
+        &client,
+        "authorization_status",
+        json!({"session_id": session}),
+    )
+    .await;
+    assert_eq!(st["state"], "pending");
+    assert_eq!(st["user_id"], "ou_sandbox_carol");
+    let dump = st.to_string();
+    assert!(!dump.contains("token\":\""), "no secrets: {dump}");
+    // The pending session is named when the user is not yet authorized.
+    let e = err(
+        &client,
+        "get_user",
+        json!({"id": "ou_sandbox_carol", "as_user": true}),
+    )
+    .await;
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with(&format!(
+            "user has not authorized: session {session} (pending)"
+        )),
+        "{msg}"
+    );
+    let e = err(
+        &client,
+        "authorization_status",
+        json!({"session_id": "nope"}),
+    )
+    .await;
+    assert_eq!(e["field"], "session_id");
+
+    // aPaaS: create, get, update, query with page tokens.
+    let (ns, obj) = ("package_sandbox__c", "object_ticket");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = ok(
+            &client,
+            "apaas_create_record",
+            json!({"namespace": ns, "object": obj, "record": {"title": format!("t{i}"), "n": i}}),
+        )
+        .await;
+        ids.push(r["id"].as_str().unwrap().to_owned());
+    }
+    let r = ok(
+        &client,
+        "apaas_get_record",
+        json!({"namespace": ns, "object": obj, "id": ids[1], "select": ["title"]}),
+    )
+    .await;
+    assert_eq!(r["found"], true);
+    assert_eq!(r["item"]["title"], "t1");
+    assert!(r["item"].get("n").is_none(), "select applies: {r}");
+    ok(
+        &client,
+        "apaas_update_record",
+        json!({"namespace": ns, "object": obj, "id": ids[1], "record": {"title": "changed"}}),
+    )
+    .await;
+    let r = ok(
+        &client,
+        "apaas_get_record",
+        json!({"namespace": ns, "object": obj, "id": ids[1]}),
+    )
+    .await;
+    assert_eq!(r["item"]["title"], "changed");
+    assert_eq!(r["item"]["n"], 1);
+    let p1 = ok(
+        &client,
+        "apaas_query_records",
+        json!({"namespace": ns, "object": obj, "select": ["title"], "page_size": 2}),
+    )
+    .await;
+    assert_eq!(p1["items"].as_array().unwrap().len(), 2);
+    assert_eq!(p1["has_more"], true);
+    let token = p1["next_page_token"].as_str().unwrap();
+    let p2 = ok(
+        &client,
+        "apaas_query_records",
+        json!({"namespace": ns, "object": obj, "page_size": 2, "page_token": token}),
+    )
+    .await;
+    assert_eq!(p2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(p2["has_more"], false);
+    assert_eq!(p2["items"][0]["title"], "t2");
+    let e = err(
+        &client,
+        "apaas_get_record",
+        json!({"namespace": ns, "object": obj, "id": "missing"}),
+    )
+    .await;
+    assert!(e["code"].is_i64(), "lark code carried: {e}");
+    assert!(e["error"]
+        .as_str()
+        .unwrap()
+        .contains("apaas_get_record failed"));
+
+    client.cancel().await.unwrap();
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_rejects_bad_params_naming_the_field() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox.base_url()).await;
+    let client = svc.connect().await;
+
+    let long = "x".repeat(257);
+    let big = "x".repeat(150 * 1024 + 1);
+    let cases = [
+        (
+            "send_message",
+            json!({"receive_id_type": "open_id", "receive_id": "", "text": "hi"}),
+            "receive_id",
+        ),
+        (
+            "send_message",
+            json!({"receive_id_type": "open_id", "receive_id": long, "text": "hi"}),
+            "receive_id",
+        ),
+        (
+            "send_message",
+            json!({"receive_id_type": "phone", "receive_id": "ou_sandbox_alice", "text": "hi"}),
+            "receive_id_type",
+        ),
+        (
+            "send_message",
+            json!({"receive_id_type": "open_id", "receive_id": "ou_sandbox_alice", "text": big}),
+            "text",
+        ),
+        (
+            "send_card",
+            json!({"receive_id_type": "open_id", "receive_id": "ou_sandbox_alice", "card": [1, 2]}),
+            "card",
+        ),
+        (
+            "send_card",
+            json!({"receive_id_type": "open_id", "receive_id": "ou_sandbox_alice", "card": "{}"}),
+            "card",
+        ),
+        ("get_user", json!({"id": " "}), "id"),
+        (
+            "get_user",
+            json!({"id": "ou_x", "id_type": "email", "as_user": true}),
+            "id_type",
+        ),
+        (
+            "apaas_create_record",
+            json!({"namespace": "", "object": "o", "record": {}}),
+            "namespace",
+        ),
+        (
+            "apaas_update_record",
+            json!({"namespace": "n", "object": "o", "id": "1", "record": 5}),
+            "record",
+        ),
+        (
+            "apaas_query_records",
+            json!({"namespace": "n", "object": "o", "page_size": 0}),
+            "page_size",
+        ),
+        (
+            "request_user_authorization",
+            json!({"id": "ou_sandbox_alice", "id_type": "chat_id"}),
+            "id_type",
+        ),
+        (
+            "authorization_status",
+            json!({"session_id": ""}),
+            "session_id",
+        ),
+    ];
+    for (tool, args, field) in cases {
+        let e = err(&client, tool, args).await;
+        assert_eq!(e["field"], field, "{tool}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(field), "{tool}: {e}");
+    }
+    // Nothing reached the platform.
+    assert!(sandbox.messages_for("ou_sandbox_alice").is_empty());
+
+    client.cancel().await.unwrap();
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_requires_the_bearer_token() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox.base_url()).await;
+    let http = reqwest::Client::new();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    for auth in [None, Some("Bearer wrong"), Some(MCP_TOKEN), Some("Bearer ")] {
+        let mut req = http
+            .post(svc.mcp_url())
+            .header("accept", "application/json, text/event-stream")
+            .json(&init);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{auth:?}");
+        assert_eq!(
+            r.headers()
+                .get("www-authenticate")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "Bearer"
+        );
+    }
+    // The right token gets through to MCP.
+    let r = http
+        .post(svc.mcp_url())
+        .header("accept", "application/json, text/event-stream")
+        .bearer_auth(MCP_TOKEN)
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The rest of the service is not behind the MCP token.
+    let r = http
+        .get(format!("http://{}/healthz", svc.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // An rmcp client with a wrong token cannot connect.
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(svc.mcp_url()).auth_header("wrong"),
+    );
+    assert!(ClientConfig::default().serve(transport).await.is_err());
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_mcp_endpoint_without_a_token() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ha = http.local_addr().unwrap();
+    let cfg_file = dir.path().join("config.toml");
+    std::fs::write(&cfg_file, "").unwrap();
+    let env: HashMap<String, String> = [
+        ("APP_ID", APP_ID.to_owned()),
+        ("APP_SECRET", APP_SECRET.to_owned()),
+        ("LARK_TOKEN_ENCRYPTION_KEY", KEY.to_owned()),
+        ("WEBSOCKET_ENABLED", "false".to_owned()),
+        ("LARK_DOMAIN", sandbox.base_url()),
+        (
+            "STORAGE_PATH",
+            dir.path().join("s.redb").display().to_string(),
+        ),
+        ("AUTH_REDIRECT_URI", format!("http://{ha}/oauth/callback")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let cfg = Config::load_with(
+        &LoadOptions {
+            config_path: Some(cfg_file),
+            overrides: vec![],
+        },
+        &env,
+    )
+    .unwrap();
+    assert!(cfg.mcp_token.is_none());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        run(
+            cfg,
+            Listeners {
+                http,
+                metrics: None,
+            },
+            async move {
+                let _ = rx.await;
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let client = reqwest::Client::new();
+    let mut status = 0;
+    for _ in 0..400 {
+        if let Ok(r) = client
+            .post(format!("http://{ha}/mcp"))
+            .body("{}")
+            .send()
+            .await
+        {
+            status = r.status().as_u16();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 404);
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(25), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
