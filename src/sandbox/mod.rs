@@ -156,7 +156,7 @@ pub(crate) struct Inner {
     pub next_id: u64,
     pub page_notes: Vec<String>,
     /// aPaaS object records by (namespace, object), in creation order: (id, fields).
-    pub apaas: HashMap<(String, String), Vec<(String, serde_json::Map<String, Value>)>>,
+    pub apaas: HashMap<(String, String), Vec<platform::ApaasRecord>>,
 }
 
 pub(crate) struct Shared {

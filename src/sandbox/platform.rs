@@ -770,6 +770,9 @@ pub(crate) fn messages_for(s: &Shared, open_id: &str) -> Vec<SentMessage> {
         .collect()
 }
 
+/// One sandbox aPaaS record: its id and fields.
+pub(crate) type ApaasRecord = (String, serde_json::Map<String, Value>);
+
 const APAAS_RECORDS: &str = "/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records";
 /// Sandbox code for an unknown aPaaS record (the real platform's code is not documented).
 const APAAS_NOT_FOUND: i64 = 2_300_404;
@@ -790,16 +793,16 @@ fn apaas_guard(s: &Shared, h: &HeaderMap) -> Option<Response> {
     (!tenant_ok(s, h)).then(unauthorized)
 }
 
-fn apaas_record(b: &Value) -> Result<serde_json::Map<String, Value>, Response> {
+fn apaas_record(b: &Value) -> Result<serde_json::Map<String, Value>, Box<Response>> {
     match b["record"]
         .as_str()
         .and_then(|r| serde_json::from_str::<Value>(r).ok())
     {
         Some(Value::Object(m)) => Ok(m),
-        _ => Err(apaas_error(
+        _ => Err(Box::new(apaas_error(
             1_000_002,
             "record must be a JSON string holding an object",
-        )),
+        ))),
     }
 }
 
@@ -836,7 +839,7 @@ async fn apaas_create(
     }
     let fields = match apaas_record(&b) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let id = s.next_id("");
     s.lock()
@@ -884,7 +887,7 @@ async fn apaas_patch(
     }
     let fields = match apaas_record(&b) {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut g = s.lock();
     let rec = g
