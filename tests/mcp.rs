@@ -572,3 +572,71 @@ async fn no_mcp_endpoint_without_a_token() {
         .unwrap()
         .unwrap();
 }
+
+/// `lark-service mcp --stdio`: the same tools over standard input/output of the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_over_stdio() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_file = dir.path().join("config.toml");
+    std::fs::write(&cfg_file, "").unwrap();
+    // std::process with the pipes wrapped as tokio files (the tokio `process` feature is off).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
+        .args(["--config", cfg_file.to_str().unwrap(), "mcp", "--stdio"])
+        .env_clear()
+        .env("APP_ID", APP_ID)
+        .env("APP_SECRET", APP_SECRET)
+        .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
+        .env("LARK_DOMAIN", sandbox.base_url())
+        .env("STORAGE_PATH", dir.path().join("s.redb"))
+        .env("AUTH_REDIRECT_URI", "http://127.0.0.1:9/oauth/callback")
+        .env("LOG_LEVEL", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(
+        child.stdin.take().unwrap(),
+    )));
+    let stdout = tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(
+        child.stdout.take().unwrap(),
+    )));
+    let client = tokio::time::timeout(
+        Duration::from_secs(30),
+        ClientConfig::default().serve((stdout, stdin)),
+    )
+    .await
+    .expect("stdio server answers initialize")
+    .unwrap();
+    let tools = client.list_all_tools().await.unwrap();
+    for name in TOOLS {
+        assert!(tools.iter().any(|t| t.name == *name), "{name} over stdio");
+    }
+    ok(
+        &client,
+        "send_message",
+        json!({"receive_id_type": "chat_id", "receive_id": "oc_sandbox", "text": "over stdio"}),
+    )
+    .await;
+    assert!(sandbox
+        .messages()
+        .iter()
+        .any(|m| m.receive_id == "oc_sandbox" && m.content["text"] == "over stdio"));
+    client.cancel().await.unwrap();
+    // Closing stdin ends the server.
+    let mut status = None;
+    for _ in 0..400 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    match status {
+        Some(s) => assert!(s.success(), "{s}"),
+        None => {
+            let _ = child.kill();
+            panic!("the stdio server did not exit when its client went");
+        }
+    }
+}
