@@ -239,6 +239,20 @@ async fn mcp_tools_against_the_sandbox() {
     )
     .await;
     assert_eq!(u["open_id"], "ou_sandbox_bob");
+    let u = ok(
+        &client,
+        "get_user",
+        json!({"id": "alice@sandbox.example", "id_type": "email"}),
+    )
+    .await;
+    assert_eq!(u["open_id"], "ou_sandbox_alice");
+    let e = err(
+        &client,
+        "get_user",
+        json!({"id": "nobody@sandbox.example", "id_type": "email"}),
+    )
+    .await;
+    assert_eq!(e["field"], "id", "{e}");
     let e = err(&client, "get_user", json!({"id": "ou_nobody"})).await;
     assert_eq!(e["code"], 41050, "{e}");
 

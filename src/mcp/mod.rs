@@ -218,7 +218,8 @@ pub struct SendCardParams {
 pub struct GetUserParams {
     /// The user's id.
     pub id: String,
-    /// Kind of `id`: open_id (default), user_id or union_id. With `as_user`, open_id or user_id.
+    /// Kind of `id`: open_id (default), user_id, union_id or email. With `as_user`, open_id or
+    /// user_id.
     #[serde(default = "default_open_id")]
     pub id_type: String,
     /// Read the user's own profile with their authorized token instead of the directory.
@@ -345,20 +346,36 @@ impl McpServer {
             }));
         }
         check_id("id", &p.id)?;
-        let id_type = match p.id_type.as_str() {
-            "open_id" => UserIdType::OpenId,
-            "user_id" => UserIdType::UserId,
-            "union_id" => UserIdType::UnionId,
+        let (id, id_type) = match p.id_type.as_str() {
+            "open_id" => (p.id.clone(), UserIdType::OpenId),
+            "user_id" => (p.id.clone(), UserIdType::UserId),
+            "union_id" => (p.id.clone(), UserIdType::UnionId),
+            "email" => {
+                let found = self
+                    .lark
+                    .user_id_by_email(&p.id, UserIdType::OpenId)
+                    .await
+                    .map_err(|e| Failure::lark("contact batch_get_id", &e))?;
+                match found {
+                    Some(open_id) => (open_id, UserIdType::OpenId),
+                    None => {
+                        return Err(Failure(json!({
+                            "error": "no user with this email in the directory (or the app cannot see them)",
+                            "field": "id",
+                        })))
+                    }
+                }
+            }
             _ => {
                 return Err(Failure::invalid(
                     "id_type",
-                    "one of open_id, user_id, union_id",
+                    "one of open_id, user_id, union_id, email",
                 ))
             }
         };
         let u = self
             .lark
-            .contact_user(&p.id, id_type)
+            .contact_user(&id, id_type)
             .await
             .map_err(|e| Failure::lark("contact_user", &e))?;
         Ok(json!({
@@ -479,7 +496,7 @@ impl McpServer {
 
     /// Looks a user up.
     #[tool(
-        description = "Look a user up in the tenant directory by open_id, user_id or union_id; with as_user, read the user's own profile with their authorized token."
+        description = "Look a user up in the tenant directory by open_id, user_id, union_id or email; with as_user, read the user's own profile with their authorized token."
     )]
     pub async fn get_user(&self, Parameters(p): Parameters<GetUserParams>) -> ToolResult {
         finish(self.do_get_user(p).await)

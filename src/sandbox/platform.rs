@@ -91,6 +91,10 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
         .route("/open-apis/authen/v2/oauth/token", post(oauth_token))
         .route("/open-apis/authen/v1/user_info", get(user_info))
         .route("/open-apis/contact/v3/users/{id}", get(contact_user))
+        .route(
+            "/open-apis/contact/v3/users/batch_get_id",
+            post(contact_batch_get_id),
+        )
         .route("/open-apis/im/v1/messages", post(send_message))
         .route("/open-apis/im/v1/messages/{id}", patch(patch_message))
         .route("/open-apis/interactive/v1/card/update", post(delay_update))
@@ -610,6 +614,45 @@ async fn contact_user(
         )
             .into_response(),
     }
+}
+
+async fn contact_batch_get_id(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    Query(q): Query<Vec<(String, String)>>,
+    Json(b): Json<Value>,
+) -> Response {
+    if let Some(r) = hit(&s, "contact") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    let id_type = q
+        .iter()
+        .find(|(k, _)| k == "user_id_type")
+        .map_or("open_id", |(_, v)| v.as_str());
+    let users = s.lock().users.clone();
+    let list: Vec<Value> = b["emails"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(
+            |email| match users.iter().find(|u| u.email.eq_ignore_ascii_case(email)) {
+                Some(u) => {
+                    let id = match id_type {
+                        "user_id" => &u.user_id,
+                        "union_id" => &u.union_id,
+                        _ => &u.open_id,
+                    };
+                    json!({"user_id": id, "email": email})
+                }
+                None => json!({"email": email}),
+            },
+        )
+        .collect();
+    Json(json!({"code": 0, "msg": "success", "data": {"user_list": list}})).into_response()
 }
 
 async fn send_message(

@@ -1,7 +1,9 @@
 //! `contact` API: look a user up in the tenant directory with the tenant
 //! token (`GET /open-apis/contact/v3/users/{user_id}`).
 //!
-//! The protocol notes do not document this endpoint; path, query and field
+//! Also resolves emails to user ids (`POST /open-apis/contact/v3/users/batch_get_id`).
+//!
+//! The protocol notes do not document these endpoints; path, query and field
 //! names follow the platform's public contact v3 reference. Only the fields
 //! the service needs are decoded.
 
@@ -100,6 +102,20 @@ struct UserData {
     user: ContactUser,
 }
 
+#[derive(Deserialize)]
+struct IdEntry {
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdList {
+    #[serde(default)]
+    user_list: Vec<IdEntry>,
+}
+
 impl LarkClient {
     /// `GET /open-apis/contact/v3/users/{user_id}?user_id_type=…` with the tenant token.
     pub async fn contact_user(
@@ -115,5 +131,32 @@ impl LarkClient {
         .query("user_id_type", id_type.as_str());
         let data: UserData = self.execute(&req, decode_data).await?;
         Ok(data.user)
+    }
+
+    /// `POST /open-apis/contact/v3/users/batch_get_id?user_id_type=…` with the tenant token:
+    /// the id (of kind `id_type`) of the user with this email, or `None` if there is none.
+    pub async fn user_id_by_email(
+        &self,
+        email: &str,
+        id_type: UserIdType,
+    ) -> Result<Option<String>, Error> {
+        let req = ApiRequest::new(
+            Method::POST,
+            "/open-apis/contact/v3/users/batch_get_id".to_owned(),
+            Auth::Tenant,
+        )
+        .query("user_id_type", id_type.as_str())
+        .json(serde_json::json!({ "emails": [email] }));
+        let data: IdList = self.execute(&req, decode_data).await?;
+        Ok(data
+            .user_list
+            .into_iter()
+            .find(|e| {
+                e.email
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(email))
+            })
+            .and_then(|e| e.user_id)
+            .filter(|id| !id.is_empty()))
     }
 }
