@@ -889,6 +889,56 @@ async fn contact_user_uses_the_tenant_token() {
     server.verify().await;
 }
 
+#[tokio::test]
+async fn user_id_by_email_posts_batch_get_id() {
+    let server = MockServer::start().await;
+    mount_tenant_token(&server, TENANT_TOKEN).await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/contact/v3/users/batch_get_id"))
+        .and(query_param("user_id_type", "open_id"))
+        .and(header(
+            "authorization",
+            format!("Bearer {TENANT_TOKEN}").as_str(),
+        ))
+        .and(wiremock::matchers::body_json(
+            json!({"emails": ["ada@example.com"]}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "code": 0, "msg": "success",
+            "data": {"user_list": [{"user_id": "ou_ada", "email": "ada@example.com"}]}
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/open-apis/contact/v3/users/batch_get_id"))
+        .and(wiremock::matchers::body_json(
+            json!({"emails": ["nobody@example.com"]}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "code": 0, "msg": "success",
+            "data": {"user_list": [{"email": "nobody@example.com"}]}
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let c = client(&server);
+    assert_eq!(
+        c.user_id_by_email("ada@example.com", UserIdType::OpenId)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("ou_ada")
+    );
+    assert_eq!(
+        c.user_id_by_email("nobody@example.com", UserIdType::OpenId)
+            .await
+            .unwrap(),
+        None
+    );
+    server.verify().await;
+}
+
 // ---------------------------------------------------------------------------
 // IM: cards
 // ---------------------------------------------------------------------------
