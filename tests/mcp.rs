@@ -307,6 +307,34 @@ async fn mcp_tools_against_the_sandbox() {
         )),
         "{msg}"
     );
+    // The user approves; then the session is completed and as_user reads their own profile.
+    let authorize = find_string(&cards.last().unwrap().content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .expect("the card carries the authorize URL")
+    .to_owned();
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_carol").unwrap();
+    let page = reqwest::get(&redirect).await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let st = ok(
+        &client,
+        "authorization_status",
+        json!({"session_id": session}),
+    )
+    .await;
+    assert_eq!(st["state"], "completed", "{st}");
+    assert_eq!(st["has_tokens"], true);
+    assert!(!st.to_string().contains("eyJsandbox"), "no tokens: {st}");
+    let me = ok(
+        &client,
+        "get_user",
+        json!({"id": "ou_sandbox_carol", "as_user": true}),
+    )
+    .await;
+    assert_eq!(me["source"], "user_token");
+    assert_eq!(me["open_id"], "ou_sandbox_carol");
+    assert_eq!(me["name"], "Carol (sandbox)");
+    assert!(!me.to_string().contains("eyJsandbox"), "no tokens: {me}");
     let e = err(
         &client,
         "authorization_status",
@@ -652,5 +680,14 @@ async fn mcp_over_stdio() {
             let _ = child.kill();
             panic!("the stdio server did not exit when its client went");
         }
+    }
+}
+
+fn find_string<'a>(v: &'a Value, pred: &dyn Fn(&str) -> bool) -> Option<&'a str> {
+    match v {
+        Value::String(s) if pred(s) => Some(s),
+        Value::Object(m) => m.values().find_map(|x| find_string(x, pred)),
+        Value::Array(a) => a.iter().find_map(|x| find_string(x, pred)),
+        _ => None,
     }
 }
