@@ -155,8 +155,6 @@ pub(crate) struct Inner {
     pub stall_pongs: bool,
     pub next_id: u64,
     pub page_notes: Vec<String>,
-    /// aPaaS object records by (namespace, object), in creation order: (id, fields).
-    pub apaas: HashMap<(String, String), Vec<platform::ApaasRecord>>,
 }
 
 pub(crate) struct Shared {
