@@ -700,11 +700,59 @@ pub fn router(server: McpServer, token: SecretString) -> Router {
     router_with_shutdown(server, token, CancellationToken::new())
 }
 
+/// Requests one MCP client (one `Mcp-Session-Id`) may make per minute.
+pub const CLIENT_REQUESTS_PER_MINUTE: usize = 600;
+
+/// Per-client sliding-window limit, keyed by the MCP session id (requests without one, i.e.
+/// session set-up, share one key).
+#[derive(Default)]
+struct ClientLimiter {
+    seen: std::sync::Mutex<
+        std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
+    >,
+}
+
+impl ClientLimiter {
+    /// `None` if allowed, else how long to wait.
+    fn check(&self, key: &str, limit: usize) -> Option<std::time::Duration> {
+        let window = std::time::Duration::from_secs(60);
+        let now = std::time::Instant::now();
+        let mut g = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if g.len() > 10_000 {
+            g.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        let q = g.entry(key.to_owned()).or_default();
+        while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            q.pop_front();
+        }
+        if q.len() >= limit {
+            return q
+                .front()
+                .map(|t| window.saturating_sub(now.duration_since(*t)));
+        }
+        q.push_back(now);
+        None
+    }
+}
+
 /// [`router`], whose open MCP sessions and streams end when `shutdown` is cancelled.
 pub fn router_with_shutdown(
     server: McpServer,
     token: SecretString,
     shutdown: CancellationToken,
+) -> Router {
+    router_with_limit(server, token, shutdown, CLIENT_REQUESTS_PER_MINUTE)
+}
+
+/// [`router_with_shutdown`] with a chosen per-client limit (requests per minute).
+pub fn router_with_limit(
+    server: McpServer,
+    token: SecretString,
+    shutdown: CancellationToken,
+    per_minute: usize,
 ) -> Router {
     let config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown)
@@ -717,20 +765,43 @@ pub fn router_with_shutdown(
         config,
     );
     let token = Arc::new(token);
+    let limiter = Arc::new(ClientLimiter::default());
     Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
                 let token = token.clone();
+                let limiter = limiter.clone();
                 async move {
-                    if crate::http::bearer_ok(req.headers(), Some(&token)) {
-                        next.run(req).await
-                    } else {
-                        unauthorized()
+                    if !crate::http::bearer_ok(req.headers(), Some(&token)) {
+                        return unauthorized();
                     }
+                    let client = req
+                        .headers()
+                        .get("mcp-session-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    if let Some(wait) = limiter.check(&client, per_minute) {
+                        return rate_limited(wait);
+                    }
+                    next.run(req).await
                 }
             },
         ))
+}
+
+fn rate_limited(wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs().max(1);
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(json!({"error": "rate_limited", "message": format!("too many requests from this MCP client; retry in {secs} s")})),
+    )
+        .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 fn unauthorized() -> Response {
@@ -758,4 +829,22 @@ pub async fn serve_stdio(server: McpServer) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("MCP stdio server: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::ClientLimiter;
+
+    #[test]
+    fn each_client_gets_its_own_window() {
+        let l = ClientLimiter::default();
+        for _ in 0..5 {
+            assert!(l.check("a", 5).is_none());
+        }
+        assert!(
+            l.check("a", 5).is_some(),
+            "the 6th request in the window is refused"
+        );
+        assert!(l.check("b", 5).is_none(), "another client is not affected");
+    }
 }
