@@ -45,6 +45,10 @@ pub struct SandboxOptions {
     pub request_auth_url: Option<String>,
     /// Bearer token for `request_auth_url`.
     pub admin_token: Option<String>,
+    /// `PingInterval` (seconds) the sandbox tells clients, in discovery and in pongs.
+    pub ping_interval: u64,
+    /// Users beyond Alice, Bob and Carol (`ou_sandbox_user0000`, …), for load tests.
+    pub extra_users: usize,
 }
 
 impl Default for SandboxOptions {
@@ -55,6 +59,8 @@ impl Default for SandboxOptions {
             user_token_ttl: 7200,
             request_auth_url: None,
             admin_token: None,
+            ping_interval: 30,
+            extra_users: 0,
         }
     }
 }
@@ -234,7 +240,7 @@ impl Sandbox {
         })?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
-                users: platform::default_users(),
+                users: platform::default_users(opts.extra_users),
                 ..Inner::default()
             }),
             clients: Mutex::new(Vec::new()),
@@ -414,6 +420,11 @@ impl Sandbox {
     /// Closes every long connection without a close frame.
     pub fn close_ws_abruptly(&self) {
         ws::broadcast(&self.shared, ws::Out::Drop);
+    }
+
+    /// Sends these bytes as one binary message on every long connection.
+    pub fn send_raw(&self, bytes: Vec<u8>) {
+        ws::broadcast(&self.shared, ws::Out::Bytes(bytes));
     }
 
     /// Sends bytes that are not a frame on every long connection.

@@ -44,8 +44,13 @@ pub struct SandboxUser {
     pub avatar_url: String,
 }
 
-pub(crate) fn default_users() -> Vec<SandboxUser> {
-    ["alice", "bob", "carol"]
+pub(crate) fn default_users(extra: usize) -> Vec<SandboxUser> {
+    let names: Vec<String> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|n| (*n).to_owned())
+        .chain((0..extra).map(|i| format!("user{i:04}")))
+        .collect();
+    names
         .iter()
         .map(|n| SandboxUser {
             open_id: format!("ou_sandbox_{n}"),
@@ -212,7 +217,7 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     );
     Json(json!({
         "code": 0, "msg": "ok",
-        "data": {"URL": url, "ClientConfig": {"ReconnectCount": -1, "ReconnectInterval": 5, "ReconnectNonce": 1, "PingInterval": 30}}
+        "data": {"URL": url, "ClientConfig": {"ReconnectCount": -1, "ReconnectInterval": 5, "ReconnectNonce": 1, "PingInterval": s.opts.ping_interval}}
     }))
     .into_response()
 }

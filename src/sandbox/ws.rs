@@ -149,7 +149,7 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
                             service: frame.service,
                             method: METHOD_CONTROL,
                             headers: vec![Header::new("type", "pong")],
-                            payload: Some(br#"{"PingInterval":30,"ReconnectCount":-1,"ReconnectInterval":5,"ReconnectNonce":1}"#.to_vec()),
+                            payload: Some(format!(r#"{{"PingInterval":{},"ReconnectCount":-1,"ReconnectInterval":5,"ReconnectNonce":1}}"#, s.opts.ping_interval).into_bytes()),
                             ..Frame::default()
                         };
                         if socket.send(Message::Binary(pong.to_bytes().into())).await.is_err() { return; }

@@ -1,0 +1,205 @@
+//! Test support shared by the integration tests: the service in-process against the sandbox.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lark_service::config::{Config, LoadOptions};
+use lark_service::daemon::{run, Listeners};
+use lark_service::sandbox::{APP_ID, APP_SECRET};
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+pub const ADMIN: &str = "e2e-admin-token";
+pub const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de";
+pub const ENCRYPT_KEY: &str = "e2e-encrypt-key";
+pub const VTOKEN: &str = "e2e-verification-token";
+
+pub struct Service {
+    pub http: SocketAddr,
+    pub metrics: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+}
+
+impl Service {
+    pub async fn start(domain: &str, extra: &[(&str, &str)]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), domain, extra).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, domain: &str, extra: &[(&str, &str)]) -> Self {
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let cfg_file = dir.path().join("config.toml");
+        std::fs::write(&cfg_file, "").unwrap();
+        let mut env: HashMap<String, String> = [
+            ("APP_ID", APP_ID),
+            ("APP_SECRET", APP_SECRET),
+            ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+            ("LARK_SERVICE_ADMIN_TOKEN", ADMIN),
+            ("LARK_ENCRYPT_KEY", ENCRYPT_KEY),
+            ("LARK_VERIFICATION_TOKEN", VTOKEN),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        env.insert("LARK_DOMAIN".into(), domain.to_owned());
+        env.insert(
+            "STORAGE_PATH".into(),
+            dir.path().join("s.redb").display().to_string(),
+        );
+        env.insert(
+            "AUTH_REDIRECT_URI".into(),
+            format!("http://{ha}/oauth/callback"),
+        );
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let cfg = Config::load_with(
+            &LoadOptions {
+                config_path: Some(cfg_file),
+                overrides: vec![],
+            },
+            &env,
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            run(
+                cfg,
+                Listeners {
+                    http,
+                    metrics: Some(metrics),
+                },
+                async move {
+                    let _ = rx.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let s = Self {
+            http: ha,
+            metrics: ma,
+            stop: Some(tx),
+            task,
+            _dir: dir,
+            client: reqwest::Client::new(),
+        };
+        s.wait_for(|| async {
+            s.client
+                .get(format!("http://{}/healthz", s.http))
+                .send()
+                .await
+                .is_ok()
+        })
+        .await;
+        s
+    }
+
+    pub async fn wait_for<F, Fut>(&self, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        for _ in 0..400 {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("condition not reached in time");
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
+            .get(format!("http://{}{path}", self.http))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(format!("http://{}{path}", self.http))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn scrape(&self) -> String {
+        self.client
+            .get(format!("http://{}/metrics", self.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(self) {
+        drop(self.stop_keep_dir().await);
+    }
+
+    /// Stops the service and hands back its data directory (for a restart).
+    pub async fn stop_keep_dir(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(25), &mut self.task)
+            .await
+            .expect("service stops within the grace period")
+            .unwrap();
+        // The seen-id writer thread lets go of the store file just after.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self._dir
+    }
+}
+
+/// Sum of every series of `name` (optionally only those whose labels contain `filter`).
+pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let base = series.split('{').next()?;
+            (base == name && series.contains(filter))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+pub fn find_string<'a>(v: &'a Value, pred: &dyn Fn(&str) -> bool) -> Option<&'a str> {
+    match v {
+        Value::String(s) if pred(s) => Some(s),
+        Value::Object(m) => m.values().find_map(|x| find_string(x, pred)),
+        Value::Array(a) => a.iter().find_map(|x| find_string(x, pred)),
+        _ => None,
+    }
+}
+
+pub fn find_callback_value(v: &Value) -> Option<Value> {
+    match v {
+        Value::Object(m) => {
+            if m.get("type").and_then(Value::as_str) == Some("callback") {
+                return m.get("value").cloned();
+            }
+            m.values().find_map(find_callback_value)
+        }
+        Value::Array(a) => a.iter().find_map(find_callback_value),
+        _ => None,
+    }
+}

@@ -1,0 +1,236 @@
+//! Reliability under faults and load (issue 11, the parts that run in CI): 5xx/429 storms on
+//! token and API endpoints, stalled pongs, malformed frames and callback bodies, and 1 000
+//! concurrent authorization requests across 200 users.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::*;
+use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions};
+use rand::{Rng, RngCore};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_api_error_storms_are_ridden_out() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    // The first tenant-token calls fail with 503, then the IM API rate-limits twice.
+    sandbox.fail_next("tenant_token", 503, 2);
+    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+        .await;
+    sandbox.fail_next("im", 429, 2);
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        sandbox.messages_for("ou_sandbox_alice").len(),
+        1,
+        "exactly one card despite the retries"
+    );
+    assert!(sandbox.hits("im") >= 3);
+    // A 5xx storm longer than the retry budget: the request fails cleanly, the service stays up.
+    sandbox.fail_next("im", 500, 50);
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_bob"}),
+        )
+        .await;
+    assert!(status >= 500, "{status} {body}");
+    assert!(body.to_string().len() < 2000 && !body.to_string().contains("sandbox-app-secret"));
+    sandbox.fail_next("im", 500, 0);
+    assert_eq!(svc.get("/healthz").await.0, 200);
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_pongs_lead_to_a_reconnect() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        ping_interval: 1,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    let discoveries = sandbox.hits("ws_endpoint");
+    sandbox.stall_pongs(true);
+    // No pong and no frame for two ping intervals (+5 s slack): the service redials.
+    for _ in 0..60 {
+        if sandbox.hits("ws_endpoint") > discoveries {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        sandbox.hits("ws_endpoint") > discoveries,
+        "the service did not notice the dead link"
+    );
+    sandbox.stall_pongs(false);
+    svc.wait_for(|| async { sandbox.connections() >= 1 }).await;
+    let fid = sandbox
+        .push_event("contact.user.updated_v3", json!({}), PushOpts::default())
+        .unwrap();
+    svc.wait_for(|| async { sandbox.acks().iter().any(|a| a.message_id == fid) })
+        .await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_malformed_frames_and_bodies_are_rejected_without_harm() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    let mut rng = rand::rng();
+    // Frames: random bytes, and valid frames with broken headers or payloads.
+    for i in 0..1000 {
+        let len = rng.random_range(0..300);
+        let mut b = vec![0u8; len];
+        rng.fill_bytes(&mut b);
+        if i % 3 == 0 {
+            let f = lark_service::longconn::protocol::Frame {
+                method: 1,
+                headers: vec![
+                    lark_service::longconn::protocol::Header::new("type", "event"),
+                    lark_service::longconn::protocol::Header::new(
+                        "sum",
+                        if i % 2 == 0 { "0" } else { "x" },
+                    ),
+                    lark_service::longconn::protocol::Header::new("seq", "7"),
+                ],
+                payload: Some(b.clone()),
+                ..Default::default()
+            };
+            b = f.to_bytes();
+        }
+        sandbox.send_raw(b);
+    }
+    // Callback bodies: random bytes, truncated JSON, wrong types, unsigned.
+    let url = format!("http://{}/callbacks/event", svc.http);
+    let mut codes: HashMap<u16, u32> = HashMap::new();
+    for i in 0..1000 {
+        let body: Vec<u8> = match i % 4 {
+            0 => {
+                let mut b = vec![0u8; rng.random_range(0..200)];
+                rng.fill_bytes(&mut b);
+                b
+            }
+            1 => br#"{"schema":"2.0","header":{"event_id":"#.to_vec(),
+            2 => serde_json::to_vec(&json!({"encrypt": 42})).unwrap(),
+            _ => serde_json::to_vec(&json!({"schema": "2.0", "header": {"event_id": format!("x{i}"), "event_type": "t"}, "event": {}})).unwrap(),
+        };
+        let r = svc.client.post(&url).body(body).send().await.unwrap();
+        *codes.entry(r.status().as_u16()).or_default() += 1;
+    }
+    assert!(
+        codes.keys().all(|c| (400..500).contains(c)),
+        "every malformed body gets a 4xx: {codes:?}"
+    );
+    // Still alive and still working on both paths.
+    assert_eq!(svc.get("/healthz").await.0, 200);
+    let fid = sandbox
+        .push_event(
+            "contact.user.updated_v3",
+            json!({}),
+            PushOpts {
+                fragments: 2,
+                ..PushOpts::default()
+            },
+        )
+        .unwrap();
+    svc.wait_for(|| async { sandbox.acks().iter().any(|a| a.message_id == fid) })
+        .await;
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_across_200_users_keep_the_limits_and_lose_nothing() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        extra_users: 200,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let svc = Service::start(&sandbox.base_url(), &[("AUTH_REQUEST_RATE_LIMIT", "3")]).await;
+    let url = format!("http://{}/api/v1/auth/requests", svc.http);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (client, url) = (svc.client.clone(), url.clone());
+        // 5 requests per user, alternating between two scope sets so reuse and new sessions mix.
+        let user = format!("ou_sandbox_user{:04}", i % 200);
+        let scopes = if (i / 200) % 2 == 0 {
+            json!(["offline_access"])
+        } else {
+            json!(["contact:user.base:readonly"])
+        };
+        tasks.spawn(async move {
+            let r = client
+                .post(&url)
+                .bearer_auth(ADMIN)
+                .json(&json!({"open_id": user, "scopes": scopes}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (
+                user_of(i),
+                status,
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        });
+    }
+    let mut by_status: HashMap<u16, u32> = HashMap::new();
+    let mut accepted_per_user: HashMap<String, u32> = HashMap::new();
+    let mut sessions = BTreeSet::new();
+    while let Some(r) = tasks.join_next().await {
+        let (user, status, body) = r.unwrap();
+        *by_status.entry(status).or_default() += 1;
+        if status == 200 || status == 201 {
+            *accepted_per_user.entry(user).or_default() += 1;
+            sessions.insert(body["session_id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(by_status.values().sum::<u32>(), 1000);
+    assert!(
+        by_status.keys().all(|s| [200, 201, 429].contains(s)),
+        "{by_status:?}"
+    );
+    // The per-user limit held for every user, and every user got at least one through.
+    assert_eq!(accepted_per_user.len(), 200, "{by_status:?}");
+    assert!(
+        accepted_per_user.values().all(|n| (1..=3).contains(n)),
+        "{accepted_per_user:?}"
+    );
+    assert_eq!(
+        by_status.get(&429).copied().unwrap_or(0),
+        1000 - accepted_per_user.values().sum::<u32>()
+    );
+    // No lost session: every id the API returned exists, and each new session sent one card.
+    for id in &sessions {
+        let (code, _) = svc.get(&format!("/api/v1/auth/sessions/{id}")).await;
+        assert_eq!(code, 200, "session {id} was acknowledged but is missing");
+    }
+    let cards: usize = (0..200)
+        .map(|u| {
+            sandbox
+                .messages_for(&format!("ou_sandbox_user{u:04}"))
+                .len()
+        })
+        .sum();
+    assert_eq!(
+        cards,
+        sessions.len(),
+        "one card per session, none for reused or refused requests"
+    );
+    svc.stop().await;
+}
+
+fn user_of(i: usize) -> String {
+    format!("ou_sandbox_user{:04}", i % 200)
+}
