@@ -359,6 +359,16 @@ impl Sandbox {
         ws::redeliver(&self.shared, true);
     }
 
+    /// The open_id a user access token was issued to (any token ever issued, expired or not).
+    #[must_use]
+    pub fn token_owner(&self, access_token: &str) -> Option<String> {
+        self.shared
+            .lock()
+            .access
+            .get(access_token)
+            .map(|(o, _)| o.clone())
+    }
+
     /// How often each endpoint group was hit: `tenant_token`, `app_token`, `ws_endpoint`,
     /// `ws_connect`, `ws_ping`, `authorize`, `oauth_token`, `user_info`, `contact`, `im`, `card_update`,
     /// `apaas`.
