@@ -48,6 +48,12 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a backup into the store file (the service must be stopped).
     Restore(RestoreArgs),
+    /// Export sessions to an external database (tokens stay sealed).
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Import sessions from an external database into the store (the service must be stopped).
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Serve the MCP tools (send messages and cards, users, aPaaS records, authorization) to
     /// one client over standard input/output. Opens the store, so the service must be stopped.
     Mcp {
@@ -60,6 +66,30 @@ pub enum Command {
         /// Port on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 0)]
         port: u16,
+    },
+}
+
+/// `export` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// One-shot full export of every session to PostgreSQL (table user_auth_sessions), then
+    /// sets the continuous export's cursor so EXPORT_POSTGRES_URL resumes from there.
+    Postgres {
+        /// postgres://user:password@host:port/db (NoTls: use a private network).
+        #[arg(long, value_name = "URL")]
+        url: String,
+    },
+}
+
+/// `import` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImportCmd {
+    /// Import every row of PostgreSQL's user_auth_sessions (this service's export, or the
+    /// Python service's table with plaintext tokens), sealing tokens under the store's key.
+    Postgres {
+        /// postgres://user:password@host:port/db.
+        #[arg(long, value_name = "URL")]
+        url: String,
     },
 }
 
@@ -224,6 +254,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sessions(cmd) => sessions(&opts, cmd),
         Command::Backup(args) => backup(&opts, &args),
         Command::Restore(args) => restore(&opts, &args),
+        Command::Export(ExportCmd::Postgres { url }) => pg_export(&opts, &url, false),
+        Command::Import(ImportCmd::Postgres { url }) => pg_export(&opts, &url, true),
         Command::Mcp { stdio: _ } => mcp_stdio(&opts),
         Command::Sandbox { port } => sandbox(port),
     }
@@ -267,6 +299,31 @@ fn config_check(opts: &LoadOptions, list: bool) -> Result<(), CliError> {
             .join(", ")
     );
     let _ = writeln!(out, "# configuration is valid");
+    Ok(())
+}
+
+fn pg_export(opts: &LoadOptions, url: &str, import: bool) -> Result<(), CliError> {
+    let cfg = Config::load(opts)?;
+    let store = open_store(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let started = Instant::now();
+    let n = rt
+        .block_on(async {
+            if import {
+                crate::export::postgres::import_all(&store, url).await
+            } else {
+                crate::export::postgres::export_all(&store, url).await
+            }
+        })
+        .map_err(anyhow::Error::from)?;
+    let verb = if import { "imported" } else { "exported" };
+    println!(
+        "{verb} {n} sessions in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

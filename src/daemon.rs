@@ -221,6 +221,14 @@ pub async fn run(
         "token_refresh",
         auth.refresh_worker(),
     );
+    if let Some(url) = cfg.export_postgres_url.clone() {
+        workers.spawn(
+            &tracker,
+            cancel.clone(),
+            "export_postgres",
+            crate::export::postgres::worker(store.clone(), url, std::time::Duration::from_secs(1)),
+        );
+    }
     if let Some(w) = auth.user_info_sync_worker() {
         workers.spawn(&tracker, cancel.clone(), "user_sync", w);
     }

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod export;
 pub mod http;
 pub mod lark;
 pub mod longconn;

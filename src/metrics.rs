@@ -137,6 +137,12 @@ pub struct Metrics {
     pub worker_restarts: Family<WorkerLabel, Counter>,
     /// Backups by outcome.
     pub backups: Family<OutcomeLabel, Counter>,
+    /// Session rows upserted or deleted in PostgreSQL by the export.
+    pub export_rows: Counter,
+    /// Failed export batches (PostgreSQL unreachable or refusing).
+    pub export_errors: Counter,
+    /// Changes not yet exported (last change seq minus the export cursor).
+    pub export_lag: Gauge,
 }
 
 impl Metrics {
@@ -166,6 +172,9 @@ impl Metrics {
             store_commit_duration: latency(),
             worker_restarts: Family::default(),
             backups: Family::default(),
+            export_rows: Counter::default(),
+            export_errors: Counter::default(),
+            export_lag: Gauge::default(),
         };
         {
             let mut r = m
@@ -279,6 +288,21 @@ impl Metrics {
                 m.worker_restarts.clone(),
             );
             r.register("backups", "Backups taken, by outcome", m.backups.clone());
+            r.register(
+                "export_rows",
+                "Session rows exported to PostgreSQL (upserts and deletes)",
+                m.export_rows.clone(),
+            );
+            r.register(
+                "export_errors",
+                "Failed PostgreSQL export batches",
+                m.export_errors.clone(),
+            );
+            r.register(
+                "export_lag",
+                "Session changes not yet exported to PostgreSQL",
+                m.export_lag.clone(),
+            );
         }
         m.zero_known_labels();
         m
@@ -467,6 +491,9 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_store_commit_duration_seconds",
     "lark_service_worker_restarts_total",
     "lark_service_backups_total",
+    "lark_service_export_rows_total",
+    "lark_service_export_errors_total",
+    "lark_service_export_lag",
 ];
 
 #[cfg(test)]

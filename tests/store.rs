@@ -646,3 +646,51 @@ proptest! {
         prop_assert!(store.pending_expired(now).unwrap().is_empty());
     }
 }
+
+#[test]
+fn change_feed_records_writes_purges_and_migration_seeds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let now = 1_700_000_000_000;
+    let mut a = full_session("a", now);
+    a.state = SessionState::Completed;
+    a.state_hash = None;
+    a.pkce_verifier = None;
+    let mut b = full_session("b", now);
+    b.state = SessionState::Completed;
+    b.state_hash = None;
+    b.pkce_verifier = None;
+    storage::testing::write_schema_v1(&path, &ring(1), &[a.clone(), b.clone()]).unwrap();
+    let opts = StoreOptions {
+        terminal_retention: std::time::Duration::from_secs(1),
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&path, ring(1), opts).unwrap();
+    // Migration seeds one upsert per session.
+    let seeded = store.changes_after(0, 100).unwrap();
+    assert_eq!(seeded.len(), 2);
+    assert!(seeded
+        .iter()
+        .all(|(_, k, _)| *k == storage::ChangeKind::Upsert));
+    assert_eq!(store.last_change_seq().unwrap(), 2);
+    // A write appends.
+    store.put_session(&a).unwrap();
+    let c = store.changes_after(2, 100).unwrap();
+    assert_eq!(c, vec![(3, storage::ChangeKind::Upsert, a.session_id)]);
+    // The export row carries the sealed bytes, not the token.
+    let e = store.export_row(a.session_id).unwrap().unwrap();
+    let ct = e.access_token.unwrap();
+    assert_eq!(ct.key_id, store.active_key_id().to_string());
+    assert!(ct.bytes.len() > 24 + 16);
+    // The sweep's purge appends tombstones.
+    store.sweep(now + 10_000_000, 100).unwrap();
+    let c = store.changes_after(3, 100).unwrap();
+    assert_eq!(c.len(), 2);
+    assert!(c.iter().all(|(_, k, _)| *k == storage::ChangeKind::Delete));
+    assert!(store.export_row(a.session_id).unwrap().is_none());
+    // Pruning never makes a seq come back.
+    assert_eq!(store.prune_changes(5).unwrap(), 5);
+    assert!(store.changes_after(0, 100).unwrap().is_empty());
+    store.put_session(&b).unwrap();
+    assert_eq!(store.changes_after(0, 100).unwrap()[0].0, 6);
+}

@@ -166,6 +166,8 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     /// MCP endpoint bearer token; `None` disables `/mcp`.
     pub mcp_token: Option<SecretString>,
+    /// PostgreSQL URL of the continuous session export; `None`: no export.
+    pub export_postgres_url: Option<SecretString>,
     /// The store file.
     pub storage_path: PathBuf,
     /// Retention of finished sessions.
@@ -330,6 +332,7 @@ impl Config {
             verification_token: r.secret("verification_token"),
             admin_token: r.secret("admin_token"),
             mcp_token: r.secret("mcp_token"),
+            export_postgres_url: r.secret("export.postgres_url"),
             storage_path: PathBuf::from(r.plain("storage.path").unwrap_or_default()),
             session_retention: r.secs("storage.session_retention_seconds", 1, 10 * 365 * 86400)?,
             sweep_interval: r.secs("storage.sweep_interval_seconds", 1, 86400)?,

@@ -44,6 +44,7 @@ pub const SETTINGS: &[Setting] = &[
     s!("backup.keep", ["BACKUP_KEEP"], Some("7"), false, "How many scheduled backups to keep."),
     s!("backup.recipients", ["BACKUP_RECIPIENTS"], None, false, "Comma-separated age X25519 public keys (age1...) backups are encrypted to."),
     s!("backup.passphrase", ["BACKUP_PASSPHRASE"], None, true, "Passphrase backups are encrypted with, when no recipient is set."),
+    s!("export.postgres_url", ["EXPORT_POSTGRES_URL"], None, true, "postgres://… URL: export sessions continuously to PostgreSQL (table user_auth_sessions, tokens still sealed); unset: no export."),
     s!("websocket.enabled", ["WEBSOCKET_ENABLED"], Some("true"), false, "Hold the long connection (false: HTTP callbacks only)."),
     s!("websocket.max_reconnect_retries", ["WEBSOCKET_MAX_RECONNECT_RETRIES"], Some("10"), false, "Reconnect attempts before giving up (-1: no limit)."),
     s!("websocket.heartbeat_interval", ["WEBSOCKET_HEARTBEAT_INTERVAL"], Some("30"), false, "Seconds between pings until the server sends its own interval."),

@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::tables::{
-    CURSORS, META, OAUTH_STATES, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS,
-    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CHANGES, CURSORS, META, OAUTH_STATES, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
+    SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use super::{now_ms, Error, Keyring, Result, Store, StoreOptions};
 
@@ -183,6 +183,7 @@ macro_rules! for_each_table {
         $f($($arg,)* SEEN_EVENTS_EXPIRY)?;
         $f($($arg,)* CURSORS)?;
         $f($($arg,)* OAUTH_STATES)?;
+        $f($($arg,)* CHANGES)?;
     }};
 }
 
@@ -252,7 +253,8 @@ impl Store {
             SEEN_EVENTS,
             SEEN_EVENTS_EXPIRY,
             CURSORS,
-            OAUTH_STATES
+            OAUTH_STATES,
+            CHANGES
         );
         d.w.write_all(b"E").map_err(wio)?;
         let digest = d.w.hash.clone().finalize();
@@ -456,6 +458,7 @@ fn restore_into(
             "seen_events_expiry" => l.rows(SEEN_EVENTS_EXPIRY, count)?,
             "cursors" => l.rows(CURSORS, count)?,
             "oauth_states" => l.rows(OAUTH_STATES, count)?,
+            "changes" => l.rows(CHANGES, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

@@ -13,7 +13,9 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use super::envelope::{Place, Sealed};
 use super::records::{token_row, StoredSession, StoredToken, SESSIONS_TABLE, TOKENS_TABLE};
 use super::tables::{META, SESSIONS, TOKENS};
-use super::{key_check_place, Error, KeyId, Result, Store, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+use super::{
+    key_check_place, Error, KeyId, Result, SessionId, Store, KEY_CHECK, KEY_CHECK_PLAINTEXT,
+};
 
 /// Which keys seal what.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -141,9 +143,10 @@ impl Store {
     ) -> Result<(Option<u128>, usize)> {
         let txn = self.begin_write()?;
         let (last, n) = {
-            let mut t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+            let mut t = self.open_session_tables(&txn)?;
             let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
             let rows: Vec<(u128, Vec<u8>)> = t
+                .sessions
                 .range::<u128>((lower, Bound::Unbounded))
                 .map_err(|e| self.err(e))?
                 .take(batch)
@@ -161,8 +164,11 @@ impl Store {
                 }
                 report.scanned += 1;
                 if changed {
-                    t.insert(*id, s.encode().as_slice())
+                    t.sessions
+                        .insert(*id, s.encode().as_slice())
                         .map_err(|e| self.err(e))?;
+                    // The sealed columns changed (new key id): exporters re-export the row.
+                    self.append_change(&mut t, super::tables::CHANGE_UPSERT, SessionId(*id))?;
                     report.resealed += 1;
                 }
             }

@@ -4,14 +4,15 @@
 //! refresh-due indexes. Schema 2 adds both indexes; migrating rebuilds them from the records in
 //! the same transaction that bumps the version, so a crash leaves either the old or the new file.
 //! Schema 3 adds the `oauth_states` index, rebuilt from the pending sessions' state hashes.
+//! Schema 4 adds the `changes` feed, seeded with one upsert per existing session.
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::records::{StoredSession, StoredToken};
 use super::sessions::{deadline_of, state_index_of};
 use super::tables::{
-    CURSORS, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_BY_USER,
-    SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CHANGES, CHANGE_UPSERT, CURSORS, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS,
+    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use super::tokens::refreshable;
 use super::{Error, Result, Store};
@@ -30,6 +31,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(SEEN_EVENTS_EXPIRY).map_err(e)?;
     txn.open_table(CURSORS).map_err(e)?;
     txn.open_table(OAUTH_STATES).map_err(e)?;
+    txn.open_table(CHANGES).map_err(e)?;
     Ok(())
 }
 
@@ -41,6 +43,9 @@ pub(crate) fn migrate(store: &Store, txn: &WriteTransaction, from: u32) -> Resul
     }
     if from < 3 {
         v2_to_v3(store, txn)?;
+    }
+    if from < 4 {
+        v3_to_v4(store, txn)?;
     }
     if from == 0 {
         return Err(Error::Corrupt {
@@ -101,4 +106,20 @@ fn v2_to_v3(store: &Store, txn: &WriteTransaction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn v3_to_v4(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let mut seq = super::changes::last_seq_in(store, txn)?;
+    {
+        let sessions = txn.open_table(SESSIONS).map_err(|e| store.err(e))?;
+        let mut changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+        for row in sessions.iter().map_err(|e| store.err(e))? {
+            let (k, _) = row.map_err(|e| store.err(e))?;
+            seq += 1;
+            changes
+                .insert(seq, super::changes::encode_change(CHANGE_UPSERT, k.value()))
+                .map_err(|e| store.err(e))?;
+        }
+    }
+    super::changes::set_last_seq_in(store, txn, seq)
 }

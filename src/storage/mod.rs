@@ -8,6 +8,7 @@
 //! forms and `tables` for the schema.
 
 mod backup;
+mod changes;
 mod envelope;
 mod error;
 mod events;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 pub use backup::{restore_snapshot, Progress, SnapshotHeader};
+pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use keys::{KeyStatus, RotationReport};

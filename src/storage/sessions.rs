@@ -4,8 +4,8 @@ use redb::{ReadableTable, Table};
 
 use super::records::{StoredSession, StoredToken};
 use super::tables::{
-    DEADLINE_EXPIRE, DEADLINE_PURGE, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES,
-    TOKENS, TOKEN_REFRESH_DUE,
+    CHANGES, CHANGE_UPSERT, DEADLINE_EXPIRE, DEADLINE_PURGE, META, OAUTH_STATES, SESSIONS,
+    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
 };
 use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToken};
 
@@ -29,6 +29,10 @@ pub(crate) struct SessionTables<'t> {
     pub by_user: Table<'t, (&'static str, &'static str, u128), ()>,
     pub deadlines: Table<'t, (u64, u128), u8>,
     pub states: Table<'t, [u8; 32], u128>,
+    pub changes: Table<'t, u64, [u8; 17]>,
+    pub meta: Table<'t, &'static str, &'static [u8]>,
+    /// The last change seq, read on first use in this transaction.
+    pub last_seq: Option<u64>,
 }
 
 /// What [`Store::update_if_pending`] did.
@@ -56,6 +60,9 @@ impl Store {
             by_user: txn.open_table(SESSIONS_BY_USER).map_err(|e| self.err(e))?,
             deadlines: txn.open_table(SESSION_DEADLINES).map_err(|e| self.err(e))?,
             states: txn.open_table(OAUTH_STATES).map_err(|e| self.err(e))?,
+            changes: txn.open_table(CHANGES).map_err(|e| self.err(e))?,
+            meta: txn.open_table(META).map_err(|e| self.err(e))?,
+            last_seq: None,
         })
     }
 
@@ -105,7 +112,7 @@ impl Store {
         if let Some(h) = state_index_of(new) {
             t.states.insert(h, id.0).map_err(|e| self.err(e))?;
         }
-        Ok(())
+        self.append_change(t, CHANGE_UPSERT, id)
     }
 
     /// Compare-and-set for the authorization flow: writes `s` (and `token`, if any) in one

@@ -6,7 +6,9 @@ use redb::ReadableTable;
 
 use super::records::StoredSession;
 use super::sessions::deadline_of;
-use super::tables::{DEADLINE_EXPIRE, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSION_DEADLINES};
+use super::tables::{
+    CHANGE_DELETE, DEADLINE_EXPIRE, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSION_DEADLINES,
+};
 use super::{FailureReason, Result, SessionId, SessionState, Store};
 
 /// What one sweep did.
@@ -103,6 +105,7 @@ impl Store {
                     t.by_user
                         .remove((s.app_id.as_str(), s.user_id.as_str(), *id))
                         .map_err(|e| self.err(e))?;
+                    self.append_change(&mut t, CHANGE_DELETE, SessionId(*id))?;
                     report.purged += 1;
                 }
             }

@@ -8,8 +8,8 @@
 use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
-/// `oauth_states`.
-pub const SCHEMA_VERSION: u32 = 3;
+/// `oauth_states`; 4 added the `changes` feed.
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -49,6 +49,16 @@ pub const SEEN_EVENTS_EXPIRY: TableDefinition<'_, (u64, &str), ()> =
 
 /// Named cursors (u64), e.g. export positions.
 pub const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursors");
+
+/// The session change feed: seq → 1 kind byte ([`CHANGE_UPSERT`] or [`CHANGE_DELETE`]) and the
+/// 16 big-endian bytes of the session id. Appended in the transaction that writes or purges the
+/// session (see `changes.rs`); exporters read it after their cursor.
+pub const CHANGES: TableDefinition<'_, u64, [u8; 17]> = TableDefinition::new("changes");
+
+/// Change kind: the session was written.
+pub const CHANGE_UPSERT: u8 = 1;
+/// Change kind: the session was deleted (tombstone).
+pub const CHANGE_DELETE: u8 = 2;
 
 /// Deadline kind: a pending session to mark expired.
 pub const DEADLINE_EXPIRE: u8 = 1;

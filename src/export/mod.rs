@@ -1,0 +1,3 @@
+//! Exports of the store to external databases. Only PostgreSQL for now (`postgres`).
+
+pub mod postgres;

@@ -1,0 +1,359 @@
+//! The session change feed, for exporters (`crate::export`).
+//!
+//! Every session write (`write_stored_session`) and every sweep purge appends one entry to
+//! `changes` in the same write transaction, under a sequence number that only grows (the last
+//! one is kept in `meta`, so pruning the feed never reuses a number). An exporter reads the
+//! entries after its cursor, exports the sessions' current rows and then advances its cursor:
+//! at-least-once, and idempotent because the export is an upsert of the current row.
+//!
+//! Export rows carry the token fields sealed, exactly as stored (`nonce || ct` and the key id);
+//! nothing here opens a secret, except [`Store::open_imported_token`] on import.
+
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use secrecy::SecretString;
+
+use super::envelope::{KeyId, Place, Sealed};
+use super::records::{StoredSession, SESSIONS_TABLE};
+use super::sessions::SessionTables;
+use super::tables::{CHANGES, CHANGE_DELETE, META, SESSIONS};
+use super::{Error, FailureReason, Result, SessionId, SessionState, Store};
+
+/// `meta` key of the last change sequence number (u64 BE).
+const LAST_SEQ_KEY: &str = "last_change_seq";
+
+/// What happened to a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Written (created or updated): export its current row.
+    Upsert,
+    /// Deleted by the sweep: delete it downstream.
+    Delete,
+}
+
+pub(crate) fn encode_change(kind: u8, id: u128) -> [u8; 17] {
+    let mut v = [0u8; 17];
+    v[0] = kind;
+    v[1..].copy_from_slice(&id.to_be_bytes());
+    v
+}
+
+fn decode_change(v: [u8; 17]) -> (ChangeKind, SessionId) {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&v[1..]);
+    let kind = if v[0] == CHANGE_DELETE {
+        ChangeKind::Delete
+    } else {
+        ChangeKind::Upsert
+    };
+    (kind, SessionId(u128::from_be_bytes(id)))
+}
+
+fn parse_u64(b: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(b).map_or(0, u64::from_be_bytes)
+}
+
+/// The last change seq as of `txn` (0: none yet).
+pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> {
+    let meta = txn.open_table(META).map_err(|e| store.err(e))?;
+    let changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+    let stored = meta
+        .get(LAST_SEQ_KEY)
+        .map_err(|e| store.err(e))?
+        .map_or(0, |v| parse_u64(v.value()));
+    let last = changes
+        .last()
+        .map_err(|e| store.err(e))?
+        .map_or(0, |(k, _)| k.value());
+    Ok(stored.max(last))
+}
+
+pub(crate) fn set_last_seq_in(store: &Store, txn: &WriteTransaction, seq: u64) -> Result<()> {
+    let mut meta = txn.open_table(META).map_err(|e| store.err(e))?;
+    meta.insert(LAST_SEQ_KEY, seq.to_be_bytes().as_slice())
+        .map_err(|e| store.err(e))?;
+    Ok(())
+}
+
+/// A sealed token column as exported: the key id and `nonce || ct`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportToken {
+    /// The key that sealed it (8 hex characters).
+    pub key_id: String,
+    /// The 24-byte nonce followed by the ciphertext and its tag.
+    pub bytes: Vec<u8>,
+}
+
+/// A token column brought back by an import.
+pub enum ImportToken {
+    /// Sealed as exported ([`ExportToken`]): opened with the store's key ring, then re-sealed.
+    Sealed(ExportToken),
+    /// Plaintext (the Python service's table): sealed on import.
+    Plain(SecretString),
+}
+
+/// One session as exported: every column of the record, tokens still sealed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportRow {
+    /// Session id.
+    pub session_id: SessionId,
+    /// App.
+    pub app_id: String,
+    /// User.
+    pub user_id: String,
+    /// open_id.
+    pub open_id: Option<String>,
+    /// union_id.
+    pub union_id: Option<String>,
+    /// State.
+    pub state: SessionState,
+    /// Failure reason.
+    pub failure_reason: Option<FailureReason>,
+    /// Card message id.
+    pub card_message_id: Option<String>,
+    /// Created (ms).
+    pub created_at: u64,
+    /// Updated (ms).
+    pub updated_at: u64,
+    /// Expires (ms).
+    pub expires_at: u64,
+    /// Access token, sealed.
+    pub access_token: Option<ExportToken>,
+    /// Refresh token, sealed.
+    pub refresh_token: Option<ExportToken>,
+    /// Access token expiry (ms).
+    pub token_expires_at: Option<u64>,
+    /// Refresh token expiry (ms).
+    pub refresh_token_expires_at: Option<u64>,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// Display name.
+    pub user_name: Option<String>,
+    /// Email.
+    pub user_email: Option<String>,
+    /// Avatar URL.
+    pub avatar_url: Option<String>,
+}
+
+fn export_token(s: &Option<Sealed>) -> Option<ExportToken> {
+    s.as_ref().map(|s| {
+        let mut bytes = Vec::with_capacity(s.nonce.len() + s.ct.len());
+        bytes.extend_from_slice(&s.nonce);
+        bytes.extend_from_slice(&s.ct);
+        ExportToken {
+            key_id: s.key_id.to_string(),
+            bytes,
+        }
+    })
+}
+
+impl ExportRow {
+    fn from_stored(id: SessionId, s: &StoredSession) -> Self {
+        Self {
+            session_id: id,
+            app_id: s.app_id.clone(),
+            user_id: s.user_id.clone(),
+            open_id: s.open_id.clone(),
+            union_id: s.union_id.clone(),
+            state: s.state,
+            failure_reason: s.failure_reason,
+            card_message_id: s.card_message_id.clone(),
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            expires_at: s.expires_at,
+            access_token: export_token(&s.access_token),
+            refresh_token: export_token(&s.refresh_token),
+            token_expires_at: s.token_expires_at,
+            refresh_token_expires_at: s.refresh_token_expires_at,
+            scopes: s.scopes.clone(),
+            user_name: s.user_name.clone(),
+            user_email: s.user_email.clone(),
+            avatar_url: s.avatar_url.clone(),
+        }
+    }
+}
+
+impl Store {
+    /// Appends one change to the feed inside the caller's transaction.
+    pub(crate) fn append_change(
+        &self,
+        t: &mut SessionTables<'_>,
+        kind: u8,
+        id: SessionId,
+    ) -> Result<()> {
+        let last = match t.last_seq {
+            Some(s) => s,
+            None => {
+                let stored = t
+                    .meta
+                    .get(LAST_SEQ_KEY)
+                    .map_err(|e| self.err(e))?
+                    .map_or(0, |v| parse_u64(v.value()));
+                let last = t
+                    .changes
+                    .last()
+                    .map_err(|e| self.err(e))?
+                    .map_or(0, |(k, _)| k.value());
+                stored.max(last)
+            }
+        };
+        let seq = last + 1;
+        t.changes
+            .insert(seq, encode_change(kind, id.0))
+            .map_err(|e| self.err(e))?;
+        t.meta
+            .insert(LAST_SEQ_KEY, seq.to_be_bytes().as_slice())
+            .map_err(|e| self.err(e))?;
+        t.last_seq = Some(seq);
+        Ok(())
+    }
+
+    /// Up to `limit` changes with a seq greater than `seq`, oldest first.
+    pub fn changes_after(
+        &self,
+        seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, ChangeKind, SessionId)>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(CHANGES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t
+            .range(seq.saturating_add(1)..)
+            .map_err(|e| self.err(e))?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let (kind, id) = decode_change(v.value());
+            out.push((k.value(), kind, id));
+        }
+        Ok(out)
+    }
+
+    /// The seq of the last change ever appended (0: none).
+    pub fn last_change_seq(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let t = txn.open_table(CHANGES).map_err(|e| self.err(e))?;
+        let stored = meta
+            .get(LAST_SEQ_KEY)
+            .map_err(|e| self.err(e))?
+            .map_or(0, |v| parse_u64(v.value()));
+        let last = t
+            .last()
+            .map_err(|e| self.err(e))?
+            .map_or(0, |(k, _)| k.value());
+        Ok(stored.max(last))
+    }
+
+    /// Deletes the changes with seq ≤ `upto` (those every exporter has passed). Returns how many.
+    pub fn prune_changes(&self, upto: u64) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let txn = self.begin_write()?;
+            let n = {
+                let mut t = txn.open_table(CHANGES).map_err(|e| self.err(e))?;
+                let keys: Vec<u64> = t
+                    .range(..=upto)
+                    .map_err(|e| self.err(e))?
+                    .take(10_000)
+                    .map(|r| r.map(|(k, _)| k.value()).map_err(|e| self.err(e)))
+                    .collect::<Result<_>>()?;
+                for k in &keys {
+                    t.remove(*k).map_err(|e| self.err(e))?;
+                }
+                keys.len()
+            };
+            self.commit(txn)?;
+            total += n as u64;
+            if n < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The export row of one session, or `None` if it no longer exists. Opens no secret.
+    pub fn export_row(&self, id: SessionId) -> Result<Option<ExportRow>> {
+        Ok(self.export_rows(&[id])?.pop().flatten())
+    }
+
+    /// The export rows of many sessions in one read transaction (`None` for deleted ones).
+    pub fn export_rows(&self, ids: &[SessionId]) -> Result<Vec<Option<ExportRow>>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        ids.iter()
+            .map(|id| {
+                t.get(id.0)
+                    .map_err(|e| self.err(e))?
+                    .map(|v| {
+                        StoredSession::decode(v.value()).map(|s| ExportRow::from_stored(*id, &s))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Up to `limit` export rows with an id greater than `after` (all sessions, by id).
+    pub fn export_rows_after(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<Vec<ExportRow>> {
+        let txn = self.db().begin_read().map_err(|e| self.err(e))?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let range = match after {
+            Some(a) if a.0 == u128::MAX => return Ok(Vec::new()),
+            Some(a) => t.range(a.0 + 1..),
+            None => t.range(0u128..),
+        }
+        .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in range.take(limit) {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push(ExportRow::from_stored(
+                SessionId(k.value()),
+                &StoredSession::decode(v.value())?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Opens an imported token column for session `id` (`field`: `access_token` or
+    /// `refresh_token`): a sealed one with this store's key ring, a plaintext one as is.
+    pub fn open_imported_token(
+        &self,
+        id: SessionId,
+        field: &str,
+        token: ImportToken,
+    ) -> Result<SecretString> {
+        let sealed = match token {
+            ImportToken::Plain(s) => return Ok(s),
+            ImportToken::Sealed(t) => t,
+        };
+        let bad = |detail: String| Error::Invalid(format!("session {id} {field}: {detail}"));
+        let key_id = u32::from_str_radix(&sealed.key_id, 16)
+            .map_err(|_| bad(format!("bad key id {:?}", sealed.key_id)))?;
+        if sealed.bytes.len() < 24 + 16 {
+            return Err(bad("sealed value too short".to_owned()));
+        }
+        let mut nonce = [0u8; 24];
+        nonce.copy_from_slice(&sealed.bytes[..24]);
+        let s = Sealed {
+            key_id: KeyId(key_id),
+            nonce,
+            ct: sealed.bytes[24..].to_vec(),
+        };
+        let row = id.to_bytes();
+        self.ring()
+            .open_str(
+                &s,
+                &Place {
+                    table: SESSIONS_TABLE,
+                    row: &row,
+                    field,
+                },
+            )
+            .map_err(|e| Error::Decrypt {
+                table: SESSIONS_TABLE,
+                detail: format!("session {id} field {field}: {e}"),
+            })
+    }
+}

@@ -1,0 +1,449 @@
+//! PostgreSQL export and import against a real PostgreSQL server (`apt-get install postgresql`).
+//! Without `initdb` these tests fail: they never pass silently.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lark_service::export::postgres;
+use lark_service::storage::{
+    AuthSession, Key, Keyring, SessionId, SessionState, Store, StoreOptions,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+
+fn key(b: u8) -> Key {
+    Key::from_bytes(&[b; 32])
+}
+
+fn ring() -> Keyring {
+    Keyring::new(key(7), vec![])
+}
+
+/// A throw-away PostgreSQL cluster in a temp dir, on a free port.
+struct Pg {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_nobody: bool,
+    _dir: tempfile::TempDir,
+}
+
+fn find_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    found.sort();
+    if let Some(b) = found.pop() {
+        return b;
+    }
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+    {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !p.is_empty() {
+            return Path::new(&p).parent().unwrap().to_owned();
+        }
+    }
+    panic!(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin \
+         or on PATH: install them with `apt-get install -y postgresql` (CI does, in .ci/run)"
+    );
+}
+
+impl Pg {
+    fn start() -> Self {
+        let bin = find_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let as_nobody = unsafe_is_root();
+        let data = dir.path().join("data");
+        if as_nobody {
+            // initdb refuses to run as root: the cluster belongs to `nobody`.
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self {
+            bin,
+            data,
+            port,
+            as_nobody,
+            _dir: dir,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.start_server();
+        pg
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let out = if self.as_nobody {
+            Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(&exe)
+                .args(args)
+                .current_dir("/")
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start_server(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.data.to_str().unwrap()
+        );
+        let log = self.data.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    fn stop_immediate(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let args = ["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"];
+        let _ = if self.as_nobody {
+            Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // No libc call needed: /proc/self/status tells the effective uid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn session(i: u64) -> AuthSession {
+    let now = 1_700_000_000_123 + i;
+    let mut s = AuthSession::new_pending(
+        "cli_app",
+        &format!("user{}", i % 997),
+        vec!["offline_access".into(), "contact:read".into()],
+        now,
+        600_000,
+    );
+    s.open_id = Some(format!("ou_{i}"));
+    if i.is_multiple_of(3) {
+        s.state = SessionState::Completed;
+        s.access_token = Some(SecretString::from(format!("u-access-{i}")));
+        s.refresh_token = Some(SecretString::from(format!("ur-refresh-{i}")));
+        s.token_expires_at = Some(now + 7_200_000);
+        s.refresh_token_expires_at = Some(now + 2_592_000_000);
+        s.user_name = Some(format!("User {i}"));
+    }
+    s
+}
+
+async fn pg_client(url: &str) -> tokio_postgres::Client {
+    postgres::connect(url).await.unwrap()
+}
+
+async fn count(url: &str) -> i64 {
+    match postgres::connect(url).await {
+        Ok(c) => c
+            .query_one("SELECT count(*) FROM user_auth_sessions", &[])
+            .await
+            .map_or(-1, |r| r.get(0)),
+        Err(_) => -1,
+    }
+}
+
+async fn check_matches_store(store: &Store, url: &str, want: usize) {
+    let c = pg_client(url).await;
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT session_id) FROM user_auth_sessions",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(n as usize, want, "row count");
+    assert_eq!(distinct, n, "duplicates");
+    let rows = c
+        .query(
+            "SELECT session_id, app_id, user_id, open_id, state,
+                    (extract(epoch from created_at) * 1000)::bigint,
+                    (extract(epoch from token_expires_at) * 1000)::bigint,
+                    access_token_ct, refresh_token_ct, token_key_id, scopes, user_name
+             FROM user_auth_sessions",
+            &[],
+        )
+        .await
+        .unwrap();
+    for r in rows {
+        let id: SessionId = r.get::<_, String>(0).parse().unwrap();
+        let e = store
+            .export_row(id)
+            .unwrap()
+            .expect("row of a live session");
+        assert_eq!(r.get::<_, String>(1), e.app_id);
+        assert_eq!(r.get::<_, String>(2), e.user_id);
+        assert_eq!(r.get::<_, Option<String>>(3), e.open_id);
+        assert_eq!(r.get::<_, String>(4), e.state.as_str());
+        assert_eq!(r.get::<_, i64>(5) as u64, e.created_at);
+        assert_eq!(
+            r.get::<_, Option<i64>>(6).map(|v| v as u64),
+            e.token_expires_at
+        );
+        assert_eq!(
+            r.get::<_, Option<Vec<u8>>>(7),
+            e.access_token.as_ref().map(|t| t.bytes.clone())
+        );
+        assert_eq!(
+            r.get::<_, Option<Vec<u8>>>(8),
+            e.refresh_token.as_ref().map(|t| t.bytes.clone())
+        );
+        assert_eq!(
+            r.get::<_, Option<String>>(9),
+            e.access_token.as_ref().map(|t| t.key_id.clone())
+        );
+        assert_eq!(r.get::<_, Vec<String>>(10), e.scopes);
+        assert_eq!(r.get::<_, Option<String>>(11), e.user_name);
+        // Never plaintext.
+        if let Some(ct) = r.get::<_, Option<Vec<u8>>>(7) {
+            assert!(!String::from_utf8_lossy(&ct).contains("u-access-"));
+        }
+    }
+    let idx: Vec<String> = c
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'user_auth_sessions'
+             ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for want in [
+        "idx_auth_session_open_id",
+        "idx_auth_session_token_expires",
+        "idx_auth_session_user",
+    ] {
+        assert!(
+            idx.iter().any(|i| i == want),
+            "index {want} missing: {idx:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn continuous_export_survives_a_postgres_crash_exactly_once() {
+    let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
+    let url = pg.url("postgres");
+    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let all: Vec<AuthSession> = (0..10_000).map(session).collect();
+    for chunk in all[..6_000].chunks(1_000) {
+        store.put_sessions(chunk).unwrap();
+    }
+    let cancel = CancellationToken::new();
+    let exporter = tokio::spawn(postgres::run_continuous(
+        store.clone(),
+        SecretString::from(url.clone()),
+        Duration::from_millis(50),
+        Duration::from_millis(200),
+        cancel.clone(),
+    ));
+    // Mid-way: some rows are in, not all.
+    let t0 = Instant::now();
+    loop {
+        let n = count(&url).await;
+        if n >= 500 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "export never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pg_ref = &pg;
+    tokio::task::block_in_place(|| pg_ref.stop_immediate());
+    // The auth path keeps writing while PostgreSQL is down.
+    let started = Instant::now();
+    for chunk in all[6_000..].chunks(1_000) {
+        store.put_sessions(chunk).unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        store.cursor(postgres::CURSOR).unwrap().unwrap_or(0) < store.last_change_seq().unwrap(),
+        "the export cannot have finished while PostgreSQL was down"
+    );
+    tokio::task::block_in_place(|| pg_ref.start_server());
+    let t0 = Instant::now();
+    loop {
+        let done =
+            store.cursor(postgres::CURSOR).unwrap() == Some(store.last_change_seq().unwrap());
+        if done && count(&url).await == 10_000 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "export did not catch up: {} rows, cursor {:?} of {}",
+            count(&url).await,
+            store.cursor(postgres::CURSOR).unwrap(),
+            store.last_change_seq().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    exporter.await.unwrap();
+    check_matches_store(&store, &url, 10_000).await;
+    let metrics = lark_service::metrics::get().encode();
+    assert!(
+        metrics.contains("lark_service_export_errors_total"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_shot_export_and_import_round_trip() {
+    let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
+    let url = pg.url("postgres");
+    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let all: Vec<AuthSession> = (0..1_234).map(session).collect();
+    store.put_sessions(&all).unwrap();
+    assert_eq!(postgres::export_all(&store, &url).await.unwrap(), 1_234);
+    assert_eq!(
+        store.cursor(postgres::CURSOR).unwrap(),
+        Some(store.last_change_seq().unwrap())
+    );
+    // Idempotent: a second export changes nothing.
+    assert_eq!(postgres::export_all(&store, &url).await.unwrap(), 1_234);
+    check_matches_store(&store, &url, 1_234).await;
+
+    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    assert_eq!(postgres::import_all(&fresh, &url).await.unwrap(), 1_234);
+    for s in all.iter().step_by(7) {
+        let got = fresh.get_session(s.session_id).unwrap().unwrap();
+        assert_eq!(got.app_id, s.app_id);
+        assert_eq!(got.state, s.state);
+        assert_eq!(got.created_at, s.created_at);
+        assert_eq!(got.scopes, s.scopes);
+        assert_eq!(
+            got.access_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            s.access_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned())
+        );
+        assert_eq!(
+            got.refresh_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            s.refresh_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned())
+        );
+    }
+
+    // The Python service's table: plaintext tokens, sealed on import.
+    let c = pg_client(&url).await;
+    c.batch_execute("CREATE DATABASE python_svc;")
+        .await
+        .unwrap();
+    let py_url = pg.url("python_svc");
+    let py = pg_client(&py_url).await;
+    py.batch_execute(
+        "CREATE TABLE user_auth_sessions (
+            session_id varchar(64) PRIMARY KEY, app_id varchar(64), user_id varchar(64),
+            open_id varchar(64), union_id varchar(64), state varchar(32),
+            failure_reason varchar(64), card_message_id varchar(64),
+            created_at timestamp, updated_at timestamp, expires_at timestamp,
+            access_token text, refresh_token text, token_expires_at timestamp,
+            refresh_token_expires_at timestamp, scopes text, user_name varchar(128),
+            user_email varchar(128), avatar_url text);
+         INSERT INTO user_auth_sessions VALUES
+           ('0b9e6a1c-2f3d-4e5f-8a9b-0c1d2e3f4a5b', 'cli_app', 'u1', 'ou_1', NULL, 'COMPLETED',
+            NULL, 'om_1', '2024-01-01 00:00:00', '2024-01-01 00:01:00', '2024-01-01 00:10:00',
+            'plain-access', 'plain-refresh', '2024-01-01 02:00:00', NULL,
+            '[\"offline_access\"]', 'Ann', NULL, NULL);",
+    )
+    .await
+    .unwrap();
+    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    assert_eq!(postgres::import_all(&fresh, &py_url).await.unwrap(), 1);
+    let id: SessionId = "0b9e6a1c2f3d4e5f8a9b0c1d2e3f4a5b".parse().unwrap();
+    let got = fresh.get_session(id).unwrap().unwrap();
+    assert_eq!(got.state, SessionState::Completed);
+    assert_eq!(got.access_token.unwrap().expose_secret(), "plain-access");
+    assert_eq!(got.scopes, vec!["offline_access".to_owned()]);
+    assert_eq!(got.created_at, 1_704_067_200_000);
+    let e = fresh.export_row(id).unwrap().unwrap();
+    assert!(!String::from_utf8_lossy(&e.access_token.unwrap().bytes).contains("plain-access"));
+}
