@@ -117,27 +117,38 @@ fn sandbox_defaults(cfg: &mut Config) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+///
+/// The handlers are installed when this is called, not when the future is first polled: the
+/// service polls it only after READY, and a SIGTERM in between must stop it cleanly rather than
+/// kill it with the default action. Must be called inside the runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "Cannot listen for SIGTERM; only Ctrl-C stops the service.");
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = int.recv() => {},
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
+                (term, int) => {
+                    if let Some(e) = term.as_ref().err().or(int.as_ref().err()) {
+                        warn!(error = %e, "Cannot listen for SIGTERM/SIGINT; falling back to Ctrl-C only.");
+                    }
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Listeners the service serves on.

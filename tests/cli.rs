@@ -323,3 +323,50 @@ fn a_running_service_holds_the_lock_and_stops_cleanly_on_sigterm() {
         .status
         .success());
 }
+
+/// systemd may stop the service the instant it says READY=1; the SIGTERM handler must already be
+/// installed by then, so the stop is clean (exit 0), not a kill by the default signal action.
+#[test]
+fn sigterm_right_after_ready_is_a_clean_stop() {
+    use std::os::unix::net::UnixDatagram;
+    for round in 0..40 {
+        let dir = tempfile::tempdir().unwrap();
+        let sock_path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut serve = cmd(dir.path())
+            .env("NOTIFY_SOCKET", &sock_path)
+            .args([
+                "serve",
+                "--set",
+                "http.listen=127.0.0.1:0",
+                "--set",
+                "metrics.port=0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                break;
+            }
+        }
+        let killed = Command::new("kill")
+            .args(["-TERM", &serve.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = serve.wait().unwrap();
+        assert!(
+            status.success(),
+            "round {round}: SIGTERM right after READY=1 ended the service with {status}"
+        );
+    }
+}
