@@ -1,119 +1,524 @@
-//! Long-connection benchmark: the sandbox pushes 1 KiB events over the long connection with up
-//! to 64 unacknowledged, the service (in-process, real dispatcher with durable de-duplication)
-//! ACKs them; prints events/s and ACK latency p50/p99 as the platform side sees it.
+//! Long-connection benchmark: lark-service against the official Python and Node SDK clients.
 //!
-//! `cargo bench --bench longconn` (`LONGCONN_BENCH_EVENTS`, default 20 000). Both sides share
-//! the machine's cores, as the official SDKs would in the same setup. The comparison with the
-//! official Python and Node clients is still to be written (issue 11).
+//! One sandbox in this process serves three clients in turn, each a separate OS process on the
+//! same machine: lark-service (this build's release binary, `serve`, configured from the
+//! environment, a temporary store, its durable de-duplication on), the official Python client
+//! (`lark_oapi.ws.Client`, `bench/sdk/python_client.py`) and the official Node client
+//! (`WSClient`, `bench/sdk/node/client.js`), the SDKs with a no-op handler. For each, the sandbox
+//! pushes a warm-up, then N events of about 1 KiB (every 10th in 2 fragments) keeping at most
+//! 64 unacknowledged, and records when each ACK arrives. Printed: events/s, ACK latency
+//! p50/p99 as the sandbox sees it (push to ACK), the client's CPU time over the N events and
+//! its peak RSS (VmHWM), then the ratios.
+//!
+//! `cargo bench --bench longconn`; `bench/sdk/setup.sh` prints the two variables it needs for
+//! the SDK rows:
+//! - `LONGCONN_BENCH_PYTHON`: a python with lark-oapi installed (the venv setup.sh makes);
+//! - `LONGCONN_BENCH_NODE_DIR`: a directory with `node_modules/@larksuiteoapi/node-sdk`
+//!   (`bench/sdk/node` after `npm ci`); `node` comes from `PATH`;
+//! - `LONGCONN_BENCH_EVENTS` (default 20 000) and `LONGCONN_BENCH_WARMUP` (default 500).
+//!
+//! A client whose variable is not set gets a "not run" row. A client that does not connect,
+//! exits, ACKs with a code other than 200 or stops ACKing is reported with the tail of its
+//! output, the other clients still run, and the bench exits with status 1 at the end.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lark_service::config::{Config, LoadOptions};
-use lark_service::daemon::{run, Listeners};
 use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRET};
 use serde_json::json;
 
-fn main() {
-    let n: usize = std::env::var("LONGCONN_BENCH_EVENTS")
+const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
+const EVENT_TYPE: &str = "bench.event_v1";
+/// Events pushed and not yet acknowledged, at most.
+const WINDOW: usize = 64;
+/// Every this many events, one is sent in 2 fragments.
+const FRAGMENT_EVERY: usize = 10;
+/// Hang guards, not measurements: a client that takes longer than this to connect, or that
+/// acknowledges nothing for this long, has failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(default)
+}
+
+/// What one client run measured over the N events after the warm-up.
+struct Measured {
+    events: usize,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+    cpu: Duration,
+    peak_rss_kb: u64,
+}
+
+enum Outcome {
+    Ran(Measured),
+    NotRun(String),
+    Failed(String),
+}
+
+/// A client as a command to start, or why it cannot be run.
+struct ClientSpec {
+    name: String,
+    launch: Result<Command, Outcome>,
+}
+
+fn main() {
+    let n = env_or("LONGCONN_BENCH_EVENTS", 20_000).max(1);
+    let warmup = env_or("LONGCONN_BENCH_WARMUP", 500);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async move {
-        let sandbox = Sandbox::start(SandboxOptions {
-            redeliver_after: Duration::from_secs(60),
+    let sandbox = rt
+        .block_on(Sandbox::start(SandboxOptions {
+            // Redelivery would blur the latencies; a client that does not ACK fails instead.
+            redeliver_after: Duration::from_secs(600),
             ..SandboxOptions::default()
-        })
-        .await
+        }))
         .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let cfg_file = dir.path().join("c.toml");
-        std::fs::write(&cfg_file, "").unwrap();
-        let env: HashMap<String, String> = [
-            ("APP_ID", APP_ID.to_owned()),
-            ("APP_SECRET", APP_SECRET.to_owned()),
-            ("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32)),
-            ("LARK_DOMAIN", sandbox.base_url()),
-            (
-                "STORAGE_PATH",
-                dir.path().join("s.redb").display().to_string(),
-            ),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        let cfg = Config::load_with(
-            &LoadOptions {
-                config_path: Some(cfg_file),
-                overrides: vec![],
-            },
-            &env,
-        )
-        .unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let svc = tokio::spawn(async move {
-            let _ = run(
-                cfg,
-                Listeners {
-                    http,
-                    metrics: None,
-                },
-                async move {
-                    let _ = stop_rx.await;
-                },
-            )
-            .await;
-        });
-        while sandbox.connections() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let body = "x".repeat(900);
-        let started = Instant::now();
-        let mut pushed = 0;
-        while pushed < n {
-            while pushed < n && sandbox.unacked() < 64 {
-                sandbox
-                    .push_event(
-                        "bench.event_v1",
-                        json!({ "i": pushed, "pad": body }),
-                        PushOpts::default(),
-                    )
-                    .unwrap();
-                pushed += 1;
+    let base = sandbox.base_url();
+    let work = tempfile::tempdir().unwrap();
+
+    let clients = [
+        lark_service_client(&base, work.path()),
+        python_client(&base),
+        node_client(&base),
+    ];
+    let mut results: Vec<(String, Outcome)> = Vec::new();
+    for spec in clients {
+        let outcome = match spec.launch {
+            Err(o) => o,
+            Ok(cmd) => {
+                eprintln!("longconn: {} ...", spec.name);
+                let log = work.path().join(format!("client-{}.log", results.len()));
+                match run_client(&sandbox, cmd, &log, n, warmup) {
+                    Ok(m) => Outcome::Ran(m),
+                    Err(why) => {
+                        let tail = tail(&log, 20);
+                        eprintln!(
+                            "longconn: {} FAILED: {why}\n--- its output (last 20 lines) ---\n{tail}\n---",
+                            spec.name
+                        );
+                        Outcome::Failed(why)
+                    }
+                }
             }
-            tokio::task::yield_now().await;
-        }
-        while sandbox.unacked() > 0 {
-            tokio::task::yield_now().await;
-        }
-        let elapsed = started.elapsed();
-        let mut lat: Vec<Duration> = sandbox.acks().iter().filter_map(|a| a.since_push).collect();
-        lat.sort();
-        let pct = |p: f64| {
-            lat.get(((lat.len() as f64 - 1.0) * p) as usize)
-                .copied()
-                .unwrap_or_default()
         };
-        println!(
-            "\n| long connection (lark-service, 1 KiB events, 64 in flight) | result |\n|---|---|"
-        );
-        println!("| events | {n} |");
-        println!("| events/s | {:.0} |", n as f64 / elapsed.as_secs_f64());
-        println!(
-            "| ACK latency p50 | {:.2} ms |",
-            pct(0.50).as_secs_f64() * 1000.0
-        );
-        println!(
-            "| ACK latency p99 | {:.2} ms |",
-            pct(0.99).as_secs_f64() * 1000.0
-        );
-        let _ = stop_tx.send(());
-        let _ = svc.await;
-    });
+        results.push((spec.name, outcome));
+    }
+    drop(sandbox);
+
+    println!(
+        "\n{n} events per client after {warmup} warm-up events; each event about 1 KiB of JSON, \
+         every {FRAGMENT_EVERY}th in 2 fragments; at most {WINDOW} unacknowledged. One sandbox \
+         (in the bench process) serves the clients in turn, each a separate process on the same \
+         cores. Latency is push to ACK as the sandbox sees it; CPU is the client's user+system \
+         time over the {n} events; peak RSS is its VmHWM. Load average at start: {load}.\n"
+    );
+    println!(
+        "| client | events/s | ACK p50 | ACK p99 | CPU s | peak RSS |\n|---|---|---|---|---|---|"
+    );
+    for (name, o) in &results {
+        match o {
+            Outcome::Ran(m) => println!(
+                "| {name} | {:.0} | {} | {} | {:.2} | {:.1} MB |",
+                m.events as f64 / m.elapsed.as_secs_f64(),
+                ms(m.p50),
+                ms(m.p99),
+                m.cpu.as_secs_f64(),
+                m.peak_rss_kb as f64 / 1000.0
+            ),
+            Outcome::NotRun(why) => println!("| {name} | not run: {why} | | | | |"),
+            Outcome::Failed(why) => println!("| {name} | **failed**: {why} | | | | |"),
+        }
+    }
+    println!();
+    let ours = match &results[0].1 {
+        Outcome::Ran(m) => Some(m),
+        _ => None,
+    };
+    for (short, (_, o)) in ["Python", "Node"].iter().zip(&results[1..]) {
+        match (ours, o) {
+            (Some(a), Outcome::Ran(b)) => {
+                let rate = |m: &Measured| m.events as f64 / m.elapsed.as_secs_f64();
+                println!(
+                    "- lark-service / {short} events/s = {:.1}×, p99 = {:.2}× ({} vs {}), CPU = {:.2}×, peak RSS = {:.2}×",
+                    rate(a) / rate(b),
+                    a.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9),
+                    ms(a.p99),
+                    ms(b.p99),
+                    a.cpu.as_secs_f64() / b.cpu.as_secs_f64().max(1e-9),
+                    a.peak_rss_kb as f64 / (b.peak_rss_kb as f64).max(1.0),
+                );
+            }
+            _ => println!("- lark-service / {short}: no ratio (a row above did not run)"),
+        }
+    }
+    if results.iter().any(|(_, o)| matches!(o, Outcome::Failed(_))) {
+        std::process::exit(1);
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The SDK clients' environment: the sandbox and its app, `PATH`, nothing else (no proxy
+/// variables: both SDKs' HTTP clients would honour them).
+fn sdk_command(program: impl AsRef<std::ffi::OsStr>, base: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LARK_DOMAIN", base)
+        .env("APP_ID", APP_ID)
+        .env("APP_SECRET", APP_SECRET);
+    c
+}
+
+/// This build's service, started as in production: `serve`, configuration from the
+/// environment, its own store (durable de-duplication of event ids on).
+fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
+    let dir = work.join("lark-service");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = Command::new(BIN);
+    c.current_dir(&dir)
+        .env_clear()
+        .env("APP_ID", APP_ID)
+        .env("APP_SECRET", APP_SECRET)
+        .env("LARK_DOMAIN", base)
+        .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
+        .env("STORAGE_PATH", dir.join("s.redb"))
+        .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("PROMETHEUS_PORT", "0")
+        .env("LOG_LEVEL", "warn")
+        .arg("serve");
+    ClientSpec {
+        name: "lark-service (this build, release)".into(),
+        launch: Ok(c),
+    }
+}
+
+fn python_client(base: &str) -> ClientSpec {
+    let Some(python) = std::env::var_os("LONGCONN_BENCH_PYTHON") else {
+        return ClientSpec {
+            name: "Python lark-oapi".into(),
+            launch: Err(Outcome::NotRun(
+                "set LONGCONN_BENCH_PYTHON (bench/sdk/setup.sh)".into(),
+            )),
+        };
+    };
+    let version = sdk_command(&python, base)
+        .args([
+            "-c",
+            "from lark_oapi.core.const import VERSION; print(VERSION)",
+        ])
+        .output();
+    let version = match version {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        Ok(o) => {
+            return ClientSpec {
+                name: "Python lark-oapi".into(),
+                launch: Err(Outcome::Failed(format!(
+                    "LONGCONN_BENCH_PYTHON={} cannot import lark_oapi: {}",
+                    python.to_string_lossy(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))),
+            }
+        }
+        Err(e) => {
+            return ClientSpec {
+                name: "Python lark-oapi".into(),
+                launch: Err(Outcome::Failed(format!(
+                    "LONGCONN_BENCH_PYTHON={}: {e}",
+                    python.to_string_lossy()
+                ))),
+            }
+        }
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sdk/python_client.py");
+    let mut c = sdk_command(&python, base);
+    c.arg(script).arg(EVENT_TYPE);
+    ClientSpec {
+        name: format!("Python lark-oapi {version}"),
+        launch: Ok(c),
+    }
+}
+
+fn node_client(base: &str) -> ClientSpec {
+    let Some(dir) = std::env::var_os("LONGCONN_BENCH_NODE_DIR").map(PathBuf::from) else {
+        return ClientSpec {
+            name: "Node @larksuiteoapi/node-sdk".into(),
+            launch: Err(Outcome::NotRun(
+                "set LONGCONN_BENCH_NODE_DIR (bench/sdk/setup.sh)".into(),
+            )),
+        };
+    };
+    let modules = dir.join("node_modules");
+    let manifest = modules.join("@larksuiteoapi/node-sdk/package.json");
+    let version = std::fs::read(&manifest)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned));
+    let Some(version) = version else {
+        return ClientSpec {
+            name: "Node @larksuiteoapi/node-sdk".into(),
+            launch: Err(Outcome::Failed(format!(
+                "no {} (run bench/sdk/setup.sh)",
+                manifest.display()
+            ))),
+        };
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sdk/node/client.js");
+    let mut c = sdk_command("node", base);
+    c.current_dir(&dir)
+        .env("NODE_PATH", &modules)
+        .arg(script)
+        .arg(EVENT_TYPE);
+    ClientSpec {
+        name: format!("Node @larksuiteoapi/node-sdk {version}"),
+        launch: Ok(c),
+    }
+}
+
+/// Starts the client, waits for its long connection, runs the warm-up and the measured
+/// events, stops it.
+fn run_client(
+    sandbox: &Sandbox,
+    mut cmd: Command,
+    log: &Path,
+    n: usize,
+    warmup: usize,
+) -> Result<Measured, String> {
+    wait_for(Duration::from_secs(10), || sandbox.connections() == 0)
+        .map_err(|()| "the previous client's connection is still open".to_owned())?;
+    let out = std::fs::File::create(log).unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .map_err(|e| format!("cannot start it: {e}"))?;
+    let result = measure(sandbox, &mut child, n, warmup);
+    stop(&mut child);
+    result
+}
+
+fn measure(
+    sandbox: &Sandbox,
+    child: &mut Child,
+    n: usize,
+    warmup: usize,
+) -> Result<Measured, String> {
+    let pid = child.id();
+    let t = Instant::now();
+    while sandbox.connections() == 0 {
+        exited(child)?;
+        if t.elapsed() > CONNECT_TIMEOUT {
+            return Err(format!(
+                "no long connection within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    push_all(sandbox, child, warmup, 0).map_err(|e| format!("warm-up: {e}"))?;
+
+    let acks_before = sandbox.acks().len();
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let ids = push_all(sandbox, child, n, warmup)?;
+    let elapsed = started.elapsed();
+    let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let peak_rss_kb = status_kb(pid, "VmHWM");
+
+    let acks = sandbox.acks();
+    let mut seen = HashSet::new();
+    let mut lat = Vec::with_capacity(n);
+    let mut bad = 0;
+    for a in &acks[acks_before..] {
+        if !ids.contains(&a.message_id) {
+            continue;
+        }
+        if a.code != 200 {
+            bad += 1;
+        } else if let Some(d) = a.since_push {
+            if seen.insert(a.message_id.as_str()) {
+                lat.push(d);
+            }
+        }
+    }
+    if bad > 0 || lat.len() != n {
+        return Err(format!(
+            "{} of {n} events acknowledged with code 200 ({bad} ACKs with another code)",
+            lat.len()
+        ));
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    Ok(Measured {
+        events: n,
+        elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        cpu,
+        peak_rss_kb,
+    })
+}
+
+/// Pushes `count` events (numbered from `first`) keeping at most [`WINDOW`] unacknowledged, and
+/// returns when all are acknowledged. Returns the frame message ids pushed.
+fn push_all(
+    sandbox: &Sandbox,
+    child: &mut Child,
+    count: usize,
+    first: usize,
+) -> Result<HashSet<String>, String> {
+    let pad = "x".repeat(900);
+    let mut ids = HashSet::with_capacity(count);
+    let mut pushed = 0;
+    let mut last_unacked = usize::MAX;
+    let mut last_progress = Instant::now();
+    let mut last_check = Instant::now();
+    loop {
+        let mut unacked = sandbox.unacked();
+        while pushed < count && unacked < WINDOW {
+            let i = first + pushed;
+            let opts = PushOpts {
+                fragments: if i.is_multiple_of(FRAGMENT_EVERY) {
+                    2
+                } else {
+                    1
+                },
+                ..PushOpts::default()
+            };
+            let id = sandbox
+                .push_event(EVENT_TYPE, json!({ "i": i, "pad": pad }), opts)
+                .map_err(|e| e.to_string())?;
+            ids.insert(id);
+            pushed += 1;
+            unacked += 1;
+        }
+        if pushed == count && unacked == 0 {
+            return Ok(ids);
+        }
+        if unacked != last_unacked {
+            last_unacked = unacked;
+            last_progress = Instant::now();
+        }
+        if last_check.elapsed() > Duration::from_millis(100) {
+            last_check = Instant::now();
+            exited(child)?;
+            if last_progress.elapsed() > STALL_TIMEOUT {
+                let non_200 = sandbox.acks().iter().filter(|a| a.code != 200).count();
+                return Err(format!(
+                    "stopped acknowledging: {unacked} events unacknowledged for {} s \
+                     ({pushed} of {count} pushed; {non_200} ACKs so far with a code other than 200)",
+                    STALL_TIMEOUT.as_secs()
+                ));
+            }
+        }
+        // Short enough that the window never runs dry while the client works through it.
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn exited(child: &mut Child) -> Result<(), String> {
+    match child.try_wait() {
+        Ok(Some(status)) => Err(format!("the client exited ({status})")),
+        Ok(None) => Ok(()),
+        Err(e) => Err(format!("cannot wait for the client: {e}")),
+    }
+}
+
+fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> Result<(), ()> {
+    let t = Instant::now();
+    while !done() {
+        if t.elapsed() > timeout {
+            return Err(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL if it has not exited within 10 s.
+fn stop(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    if wait_for(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    })
+    .is_err()
+    {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// User + system CPU time of the process (all its threads), from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after "(comm)": state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// A field of /proc/PID/status in kB.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The last `lines` lines of a file.
+fn tail(path: &Path, lines: usize) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut s);
+    }
+    let all: Vec<&str> = s.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
