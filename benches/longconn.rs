@@ -56,6 +56,10 @@ struct Measured {
     p99: Duration,
     cpu: Duration,
     peak_rss_kb: u64,
+    /// CPU time of this process (the sandbox and the pushing thread) over the N events.
+    bench_cpu: Duration,
+    /// CPU time of the whole machine (all cores) over the N events.
+    machine_cpu: Duration,
 }
 
 enum Outcome {
@@ -145,6 +149,20 @@ fn main() {
         }
     }
     println!();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    for (name, o) in &results {
+        if let Outcome::Ran(m) = o {
+            let per = |d: Duration| d.as_secs_f64() / m.elapsed.as_secs_f64();
+            let other = m.machine_cpu.saturating_sub(m.cpu + m.bench_cpu);
+            println!(
+                "- CPU during the {name} run, in cores busy on average (of {cores}): client {:.2}, \
+                 sandbox and bench {:.2}, other processes {:.2}",
+                per(m.cpu),
+                per(m.bench_cpu),
+                per(other)
+            );
+        }
+    }
     let ours = match &results[0].1 {
         Outcome::Ran(m) => Some(m),
         _ => None,
@@ -345,10 +363,14 @@ fn measure(
 
     let acks_before = sandbox.acks().len();
     let cpu_before = cpu_time(pid);
+    let bench_before = cpu_time(std::process::id());
+    let machine_before = machine_busy();
     let started = Instant::now();
     let ids = push_all(sandbox, child, n, warmup)?;
     let elapsed = started.elapsed();
     let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let bench_cpu = cpu_time(std::process::id()).saturating_sub(bench_before);
+    let machine_cpu = machine_busy().saturating_sub(machine_before);
     let peak_rss_kb = status_kb(pid, "VmHWM");
 
     let acks = sandbox.acks();
@@ -382,6 +404,8 @@ fn measure(
         p99: pct(0.99),
         cpu,
         peak_rss_kb,
+        bench_cpu,
+        machine_cpu,
     })
 }
 
@@ -488,6 +512,23 @@ fn cpu_time(pid: u32) -> Duration {
     let ticks: u64 = [11, 12]
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
+}
+
+/// Busy CPU time of the machine, all cores (user, nice, system, irq, softirq, steal), from
+/// /proc/stat.
+fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
         .sum();
     Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
 }
