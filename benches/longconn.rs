@@ -6,16 +6,19 @@
 //! (`lark_oapi.ws.Client`, `bench/sdk/python_client.py`) and the official Node client
 //! (`WSClient`, `bench/sdk/node/client.js`), the SDKs with a no-op handler. For each, the sandbox
 //! pushes a warm-up, then N events of about 1 KiB (every 10th in 2 fragments) keeping at most
-//! 64 unacknowledged, and records when each ACK arrives. Printed: events/s, ACK latency
-//! p50/p99 as the sandbox sees it (push to ACK), the client's CPU time over the N events and
-//! its peak RSS (VmHWM), then the ratios.
+//! 64 unacknowledged, and records when each ACK arrives. This repeats for a few rounds, each
+//! client in turn and in a fresh process, so that load coming and going on the machine falls on
+//! all of them alike. Printed, as medians over the rounds: events/s, ACK latency p50/p99 as the
+//! sandbox sees it (push to ACK), the client's CPU time over the N events; its peak RSS
+//! (VmHWM); where the machine's CPU went in each round; the ratios.
 //!
 //! `cargo bench --bench longconn`; `bench/sdk/setup.sh` prints the two variables it needs for
 //! the SDK rows:
 //! - `LONGCONN_BENCH_PYTHON`: a python with lark-oapi installed (the venv setup.sh makes);
 //! - `LONGCONN_BENCH_NODE_DIR`: a directory with `node_modules/@larksuiteoapi/node-sdk`
 //!   (`bench/sdk/node` after `npm ci`); `node` comes from `PATH`;
-//! - `LONGCONN_BENCH_EVENTS` (default 20 000) and `LONGCONN_BENCH_WARMUP` (default 500).
+//! - `LONGCONN_BENCH_EVENTS` (default 20 000), `LONGCONN_BENCH_WARMUP` (default 500),
+//!   `LONGCONN_BENCH_ROUNDS` (default 3).
 //!
 //! A client whose variable is not set gets a "not run" row. A client that does not connect,
 //! exits, ACKs with a code other than 200 or stops ACKing is reported with the tail of its
@@ -62,21 +65,54 @@ struct Measured {
     machine_cpu: Duration,
 }
 
-enum Outcome {
-    Ran(Measured),
+/// A client that cannot be run, or failed.
+enum Skip {
     NotRun(String),
     Failed(String),
 }
 
-/// A client as a command to start, or why it cannot be run.
+/// A client: how to start it for a round, or why it cannot be run.
 struct ClientSpec {
     name: String,
-    launch: Result<Command, Outcome>,
+    launch: Result<Box<dyn Fn(usize) -> Command>, Skip>,
+}
+
+/// The median over the rounds of each number (the maximum for peak RSS).
+struct Summary {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu: Duration,
+    peak_rss_kb: u64,
+}
+
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+impl Summary {
+    fn of(runs: &[Measured]) -> Self {
+        Self {
+            rate: median(runs.iter().map(Measured::rate).collect()),
+            p50: median(runs.iter().map(|m| m.p50).collect()),
+            p99: median(runs.iter().map(|m| m.p99).collect()),
+            cpu: median(runs.iter().map(|m| m.cpu).collect()),
+            peak_rss_kb: runs.iter().map(|m| m.peak_rss_kb).max().unwrap_or(0),
+        }
+    }
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
 }
 
 fn main() {
     let n = env_or("LONGCONN_BENCH_EVENTS", 20_000).max(1);
     let warmup = env_or("LONGCONN_BENCH_WARMUP", 500);
+    let rounds = env_or("LONGCONN_BENCH_ROUNDS", 3).max(1);
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into());
@@ -95,96 +131,105 @@ fn main() {
     let base = sandbox.base_url();
     let work = tempfile::tempdir().unwrap();
 
-    let clients = [
+    let mut clients = [
         lark_service_client(&base, work.path()),
         python_client(&base),
         node_client(&base),
     ];
-    let mut results: Vec<(String, Outcome)> = Vec::new();
-    for spec in clients {
-        let outcome = match spec.launch {
-            Err(o) => o,
-            Ok(cmd) => {
-                eprintln!("longconn: {} ...", spec.name);
-                let log = work.path().join(format!("client-{}.log", results.len()));
-                match run_client(&sandbox, cmd, &log, n, warmup) {
-                    Ok(m) => Outcome::Ran(m),
-                    Err(why) => {
-                        let tail = tail(&log, 20);
-                        eprintln!(
-                            "longconn: {} FAILED: {why}\n--- its output (last 20 lines) ---\n{tail}\n---",
-                            spec.name
-                        );
-                        Outcome::Failed(why)
-                    }
+    let mut runs: Vec<Vec<Measured>> = clients.iter().map(|_| Vec::new()).collect();
+    // Rounds, each client in turn within a round, so that load that comes and goes on the
+    // machine falls on every client alike.
+    for round in 0..rounds {
+        for (i, spec) in clients.iter_mut().enumerate() {
+            let Ok(launch) = &spec.launch else { continue };
+            eprintln!("longconn: round {}/{rounds}: {} ...", round + 1, spec.name);
+            let log = work.path().join(format!("client-{i}-{round}.log"));
+            match run_client(&sandbox, launch(round), &log, n, warmup) {
+                Ok(m) => runs[i].push(m),
+                Err(why) => {
+                    let tail = tail(&log, 20);
+                    eprintln!(
+                        "longconn: {} FAILED: {why}\n--- its output (last 20 lines) ---\n{tail}\n---",
+                        spec.name
+                    );
+                    spec.launch = Err(Skip::Failed(why));
                 }
             }
-        };
-        results.push((spec.name, outcome));
+        }
     }
     drop(sandbox);
 
     println!(
-        "\n{n} events per client after {warmup} warm-up events; each event about 1 KiB of JSON, \
-         every {FRAGMENT_EVERY}th in 2 fragments; at most {WINDOW} unacknowledged. One sandbox \
-         (in the bench process) serves the clients in turn, each a separate process on the same \
-         cores. Latency is push to ACK as the sandbox sees it; CPU is the client's user+system \
-         time over the {n} events; peak RSS is its VmHWM. Load average at start: {load}.\n"
+        "\n{n} events per client and round after {warmup} warm-up events, {rounds} rounds (each \
+         client in turn, a fresh process each round); each event about 1 KiB of JSON, every \
+         {FRAGMENT_EVERY}th in 2 fragments; at most {WINDOW} unacknowledged. One sandbox (in the \
+         bench process) serves the clients, each a separate process on the same cores. Medians \
+         over the rounds: events/s, ACK latency from push to ACK as the sandbox sees it, the \
+         client's user+system CPU time over the {n} events; peak RSS is the highest VmHWM. Load \
+         average at start: {load}.\n"
     );
     println!(
         "| client | events/s | ACK p50 | ACK p99 | CPU s | peak RSS |\n|---|---|---|---|---|---|"
     );
-    for (name, o) in &results {
-        match o {
-            Outcome::Ran(m) => println!(
-                "| {name} | {:.0} | {} | {} | {:.2} | {:.1} MB |",
-                m.events as f64 / m.elapsed.as_secs_f64(),
-                ms(m.p50),
-                ms(m.p99),
-                m.cpu.as_secs_f64(),
-                m.peak_rss_kb as f64 / 1000.0
-            ),
-            Outcome::NotRun(why) => println!("| {name} | not run: {why} | | | | |"),
-            Outcome::Failed(why) => println!("| {name} | **failed**: {why} | | | | |"),
+    let mut summaries: Vec<Option<Summary>> = Vec::new();
+    for (spec, r) in clients.iter().zip(&runs) {
+        let name = &spec.name;
+        summaries.push(None);
+        match &spec.launch {
+            Ok(_) => {
+                let s = Summary::of(r);
+                println!(
+                    "| {name} | {:.0} | {} | {} | {:.2} | {:.1} MB |",
+                    s.rate,
+                    ms(s.p50),
+                    ms(s.p99),
+                    s.cpu.as_secs_f64(),
+                    s.peak_rss_kb as f64 / 1000.0
+                );
+                *summaries.last_mut().unwrap() = Some(s);
+            }
+            Err(Skip::NotRun(why)) => println!("| {name} | not run: {why} | | | | |"),
+            Err(Skip::Failed(why)) => println!("| {name} | **failed**: {why} | | | | |"),
         }
     }
     println!();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    for (name, o) in &results {
-        if let Outcome::Ran(m) = o {
-            let per = |d: Duration| d.as_secs_f64() / m.elapsed.as_secs_f64();
-            let other = m.machine_cpu.saturating_sub(m.cpu + m.bench_cpu);
-            println!(
-                "- CPU during the {name} run, in cores busy on average (of {cores}): client {:.2}, \
-                 sandbox and bench {:.2}, other processes {:.2}",
-                per(m.cpu),
-                per(m.bench_cpu),
-                per(other)
-            );
+    for (spec, r) in clients.iter().zip(&runs) {
+        if r.is_empty() || spec.launch.is_err() {
+            continue;
         }
+        let by_round =
+            |f: &dyn Fn(&Measured) -> String| r.iter().map(f).collect::<Vec<_>>().join(" / ");
+        let cores_of =
+            |m: &Measured, d: Duration| format!("{:.2}", d.as_secs_f64() / m.elapsed.as_secs_f64());
+        println!(
+            "- {} by round: events/s {}; CPU in cores busy on average (of {cores}): client {}, \
+             sandbox and bench {}, other processes {}",
+            spec.name,
+            by_round(&|m| format!("{:.0}", m.rate())),
+            by_round(&|m| cores_of(m, m.cpu)),
+            by_round(&|m| cores_of(m, m.bench_cpu)),
+            by_round(&|m| cores_of(m, m.machine_cpu.saturating_sub(m.cpu + m.bench_cpu))),
+        );
     }
-    let ours = match &results[0].1 {
-        Outcome::Ran(m) => Some(m),
-        _ => None,
-    };
-    for (short, (_, o)) in ["Python", "Node"].iter().zip(&results[1..]) {
-        match (ours, o) {
-            (Some(a), Outcome::Ran(b)) => {
-                let rate = |m: &Measured| m.events as f64 / m.elapsed.as_secs_f64();
-                println!(
-                    "- lark-service / {short} events/s = {:.1}×, p99 = {:.2}× ({} vs {}), CPU = {:.2}×, peak RSS = {:.2}×",
-                    rate(a) / rate(b),
-                    a.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9),
-                    ms(a.p99),
-                    ms(b.p99),
-                    a.cpu.as_secs_f64() / b.cpu.as_secs_f64().max(1e-9),
-                    a.peak_rss_kb as f64 / (b.peak_rss_kb as f64).max(1.0),
-                );
-            }
+    for (short, b) in ["Python", "Node"].iter().zip(&summaries[1..]) {
+        match (&summaries[0], b) {
+            (Some(a), Some(b)) => println!(
+                "- lark-service / {short} events/s = {:.1}×, p99 = {:.2}× ({} vs {}), CPU = {:.2}×, peak RSS = {:.2}×",
+                a.rate / b.rate,
+                a.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9),
+                ms(a.p99),
+                ms(b.p99),
+                a.cpu.as_secs_f64() / b.cpu.as_secs_f64().max(1e-9),
+                a.peak_rss_kb as f64 / (b.peak_rss_kb as f64).max(1.0),
+            ),
             _ => println!("- lark-service / {short}: no ratio (a row above did not run)"),
         }
     }
-    if results.iter().any(|(_, o)| matches!(o, Outcome::Failed(_))) {
+    if clients
+        .iter()
+        .any(|c| matches!(c.launch, Err(Skip::Failed(_))))
+    {
         std::process::exit(1);
     }
 }
@@ -214,25 +259,29 @@ fn sdk_command(program: impl AsRef<std::ffi::OsStr>, base: &str) -> Command {
 }
 
 /// This build's service, started as in production: `serve`, configuration from the
-/// environment, its own store (durable de-duplication of event ids on).
+/// environment, a new store each round (durable de-duplication of event ids on).
 fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
-    let dir = work.join("lark-service");
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut c = Command::new(BIN);
-    c.current_dir(&dir)
-        .env_clear()
-        .env("APP_ID", APP_ID)
-        .env("APP_SECRET", APP_SECRET)
-        .env("LARK_DOMAIN", base)
-        .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
-        .env("STORAGE_PATH", dir.join("s.redb"))
-        .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("PROMETHEUS_PORT", "0")
-        .env("LOG_LEVEL", "warn")
-        .arg("serve");
+    let (base, work) = (base.to_owned(), work.to_owned());
+    let launch = move |round: usize| {
+        let dir = work.join(format!("lark-service-{round}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Command::new(BIN);
+        c.current_dir(&dir)
+            .env_clear()
+            .env("APP_ID", APP_ID)
+            .env("APP_SECRET", APP_SECRET)
+            .env("LARK_DOMAIN", &base)
+            .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
+            .env("STORAGE_PATH", dir.join("s.redb"))
+            .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("PROMETHEUS_PORT", "0")
+            .env("LOG_LEVEL", "warn")
+            .arg("serve");
+        c
+    };
     ClientSpec {
         name: "lark-service (this build, release)".into(),
-        launch: Ok(c),
+        launch: Ok(Box::new(launch)),
     }
 }
 
@@ -240,7 +289,7 @@ fn python_client(base: &str) -> ClientSpec {
     let Some(python) = std::env::var_os("LONGCONN_BENCH_PYTHON") else {
         return ClientSpec {
             name: "Python lark-oapi".into(),
-            launch: Err(Outcome::NotRun(
+            launch: Err(Skip::NotRun(
                 "set LONGCONN_BENCH_PYTHON (bench/sdk/setup.sh)".into(),
             )),
         };
@@ -256,7 +305,7 @@ fn python_client(base: &str) -> ClientSpec {
         Ok(o) => {
             return ClientSpec {
                 name: "Python lark-oapi".into(),
-                launch: Err(Outcome::Failed(format!(
+                launch: Err(Skip::Failed(format!(
                     "LONGCONN_BENCH_PYTHON={} cannot import lark_oapi: {}",
                     python.to_string_lossy(),
                     String::from_utf8_lossy(&o.stderr).trim()
@@ -266,7 +315,7 @@ fn python_client(base: &str) -> ClientSpec {
         Err(e) => {
             return ClientSpec {
                 name: "Python lark-oapi".into(),
-                launch: Err(Outcome::Failed(format!(
+                launch: Err(Skip::Failed(format!(
                     "LONGCONN_BENCH_PYTHON={}: {e}",
                     python.to_string_lossy()
                 ))),
@@ -274,11 +323,15 @@ fn python_client(base: &str) -> ClientSpec {
         }
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sdk/python_client.py");
-    let mut c = sdk_command(&python, base);
-    c.arg(script).arg(EVENT_TYPE);
+    let base = base.to_owned();
+    let launch = move |_round: usize| {
+        let mut c = sdk_command(&python, &base);
+        c.arg(&script).arg(EVENT_TYPE);
+        c
+    };
     ClientSpec {
         name: format!("Python lark-oapi {version}"),
-        launch: Ok(c),
+        launch: Ok(Box::new(launch)),
     }
 }
 
@@ -286,7 +339,7 @@ fn node_client(base: &str) -> ClientSpec {
     let Some(dir) = std::env::var_os("LONGCONN_BENCH_NODE_DIR").map(PathBuf::from) else {
         return ClientSpec {
             name: "Node @larksuiteoapi/node-sdk".into(),
-            launch: Err(Outcome::NotRun(
+            launch: Err(Skip::NotRun(
                 "set LONGCONN_BENCH_NODE_DIR (bench/sdk/setup.sh)".into(),
             )),
         };
@@ -300,21 +353,25 @@ fn node_client(base: &str) -> ClientSpec {
     let Some(version) = version else {
         return ClientSpec {
             name: "Node @larksuiteoapi/node-sdk".into(),
-            launch: Err(Outcome::Failed(format!(
+            launch: Err(Skip::Failed(format!(
                 "no {} (run bench/sdk/setup.sh)",
                 manifest.display()
             ))),
         };
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/sdk/node/client.js");
-    let mut c = sdk_command("node", base);
-    c.current_dir(&dir)
-        .env("NODE_PATH", &modules)
-        .arg(script)
-        .arg(EVENT_TYPE);
+    let base = base.to_owned();
+    let launch = move |_round: usize| {
+        let mut c = sdk_command("node", &base);
+        c.current_dir(&dir)
+            .env("NODE_PATH", &modules)
+            .arg(&script)
+            .arg(EVENT_TYPE);
+        c
+    };
     ClientSpec {
         name: format!("Node @larksuiteoapi/node-sdk {version}"),
-        launch: Ok(c),
+        launch: Ok(Box::new(launch)),
     }
 }
 
