@@ -234,3 +234,37 @@ async fn a_thousand_concurrent_requests_across_200_users_keep_the_limits_and_los
 fn user_of(i: usize) -> String {
     format!("ou_sandbox_user{:04}", i % 200)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_long_connection_down_and_back_up() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    // Without HTTP callbacks the long connection is the only way events arrive.
+    let svc = Service::start(
+        &sandbox.base_url(),
+        &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")],
+    )
+    .await;
+    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+        .await;
+    let discoveries = sandbox.hits("ws_endpoint");
+    // The platform drops the socket and its discovery endpoint fails (retryable) for a while.
+    sandbox.set_discovery_error(Some(1_000_040_343));
+    sandbox.close_ws_abruptly();
+    svc.wait_for(|| async { sandbox.hits("ws_endpoint") > discoveries })
+        .await;
+    let (code, body) = svc.get("/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("long connection"), "{body}");
+    assert_eq!(svc.get("/healthz").await.0, 200, "alive though not ready");
+    // The platform recovers: the service reconnects by itself and is ready again.
+    sandbox.set_discovery_error(None);
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+        .await;
+    let fid = sandbox
+        .push_event("contact.user.updated_v3", json!({}), PushOpts::default())
+        .unwrap();
+    svc.wait_for(|| async { sandbox.acks().iter().any(|a| a.message_id == fid) })
+        .await;
+    svc.stop().await;
+}

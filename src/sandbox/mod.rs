@@ -159,6 +159,10 @@ pub(crate) struct Inner {
     pub tables: HashMap<(String, String), Vec<Value>>,
     pub discovery_error: Option<i64>,
     pub stall_pongs: bool,
+    /// Requests waiting in a hold, per endpoint group.
+    pub held: HashMap<&'static str, u64>,
+    /// Frame message_id → header.event_id of every pushed event.
+    pub event_ids: HashMap<String, String>,
     pub next_id: u64,
     pub page_notes: Vec<String>,
 }
@@ -169,6 +173,8 @@ pub(crate) struct Shared {
     pub opts: SandboxOptions,
     pub addr: SocketAddr,
     pub http: reqwest::Client,
+    /// Endpoint groups whose requests are held (not answered) until released.
+    pub holds: tokio::sync::watch::Sender<HashSet<&'static str>>,
 }
 
 impl Shared {
@@ -247,6 +253,7 @@ impl Sandbox {
             opts,
             addr,
             http: reqwest::Client::new(),
+            holds: tokio::sync::watch::Sender::new(HashSet::new()),
         });
         let cancel = CancellationToken::new();
         let app = platform::router(shared.clone())
@@ -319,6 +326,25 @@ impl Sandbox {
         opts: PushOpts,
     ) -> Result<String, SandboxError> {
         ws::push_event(&self.shared, event_type, event, opts)
+    }
+
+    /// Pushes an event with a given `event_id`: the platform delivering an event it already
+    /// delivered (as it does when it did not take the ACK). Returns the frame `message_id`.
+    pub fn push_event_as(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        event: Value,
+        opts: PushOpts,
+    ) -> Result<String, SandboxError> {
+        ws::push_event_as(&self.shared, event_id, event_type, event, opts)
+    }
+
+    /// The `header.event_id` of the event pushed as frame `message_id` (while unacknowledged,
+    /// or any time for events pushed by [`Sandbox::push_event`]).
+    #[must_use]
+    pub fn event_id_of(&self, message_id: &str) -> Option<String> {
+        self.shared.lock().event_ids.get(message_id).cloned()
     }
 
     /// The user clicks a callback button on a message: sends `card.action.trigger`.
@@ -443,6 +469,28 @@ impl Sandbox {
             &self.shared,
             ws::Out::Bytes(vec![0xff, 0x01, 0x02, 0x8f, 0x00]),
         );
+    }
+
+    /// Holds every request to an endpoint group (only `im`, the message send, supports it)
+    /// without answering until [`Sandbox::release`]: a platform that hangs, so a handler that
+    /// calls it runs past the ACK deadline.
+    pub fn hold(&self, group: &'static str) {
+        self.shared.holds.send_modify(|h| {
+            h.insert(group);
+        });
+    }
+
+    /// Lets held requests of `group` (and later ones) through.
+    pub fn release(&self, group: &'static str) {
+        self.shared.holds.send_modify(|h| {
+            h.remove(group);
+        });
+    }
+
+    /// Requests of `group` being held right now.
+    #[must_use]
+    pub fn held(&self, group: &str) -> u64 {
+        self.shared.lock().held.get(group).copied().unwrap_or(0)
     }
 
     /// Stops (or resumes) answering pings.

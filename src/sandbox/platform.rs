@@ -106,6 +106,19 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
 }
 
 /// Counts a hit and applies an injected failure, if any.
+/// Waits while `group` is held ([`super::Sandbox::hold`]), counted in `held`.
+async fn wait_if_held(s: &Shared, group: &'static str) {
+    let mut rx = s.holds.subscribe();
+    if !rx.borrow_and_update().contains(group) {
+        return;
+    }
+    *s.lock().held.entry(group).or_default() += 1;
+    let _ = rx.wait_for(|h| !h.contains(group)).await;
+    if let Some(n) = s.lock().held.get_mut(group) {
+        *n = n.saturating_sub(1);
+    }
+}
+
 pub(crate) fn hit(s: &Shared, group: &'static str) -> Option<Response> {
     let mut g = s.lock();
     *g.hits.entry(group).or_default() += 1;
@@ -655,6 +668,7 @@ async fn send_message(
     if let Some(r) = hit(&s, "im") {
         return r;
     }
+    wait_if_held(&s, "im").await;
     if !tenant_ok(&s, &h) {
         return unauthorized();
     }

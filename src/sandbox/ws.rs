@@ -267,8 +267,9 @@ fn push(
     event: Value,
     opts: PushOpts,
     card_message: Option<String>,
+    event_id: Option<&str>,
 ) -> Result<String, SandboxError> {
-    let event_id = s.next_id("ev_sandbox_");
+    let event_id = event_id.map_or_else(|| s.next_id("ev_sandbox_"), str::to_owned);
     let create_time = crate::storage::now_ms().to_string();
     let envelope = json!({
         "schema": "2.0",
@@ -293,6 +294,7 @@ fn push(
             },
         );
         g.deliveries.insert(message_id.clone(), 1);
+        g.event_ids.insert(message_id.clone(), event_id);
     }
     let mut order = frames;
     if opts.out_of_order {
@@ -311,7 +313,17 @@ pub(crate) fn push_event(
     event: Value,
     opts: PushOpts,
 ) -> Result<String, SandboxError> {
-    push(s, event_type, event, opts, None)
+    push(s, event_type, event, opts, None, None)
+}
+
+pub(crate) fn push_event_as(
+    s: &Shared,
+    event_id: &str,
+    event_type: &str,
+    event: Value,
+    opts: PushOpts,
+) -> Result<String, SandboxError> {
+    push(s, event_type, event, opts, None, Some(event_id))
 }
 
 pub(crate) fn click(
@@ -359,6 +371,7 @@ pub(crate) fn click(
         event,
         PushOpts::default(),
         Some(open_message_id.to_owned()),
+        None,
     )
 }
 
