@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cli::{store_options, write_private, CliError, ServeArgs};
 use crate::config::{Config, LoadOptions};
@@ -509,7 +509,7 @@ fn app_handler(auth: crate::auth::AuthService) -> crate::events::Handler {
                     }
                 }
                 crate::callbacks::Callback::Event(e) => {
-                    info!(event_id = %e.event_id, event_type = %e.event_type, "Event received; no handler for its type.");
+                    debug!(event_id = %e.event_id, event_type = %e.event_type, "Event received; no handler for its type.");
                     Ok(crate::events::HandlerReply::Done)
                 }
                 crate::callbacks::Callback::UrlVerification { .. } => {

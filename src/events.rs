@@ -211,7 +211,7 @@ impl Dispatcher {
             };
             let me = self.clone();
             let id = event_id.clone();
-            let task = tokio::spawn(
+            let mut work: BoxFuture<Result<HandlerReply, String>> = Box::pin(
                 async move {
                     let r = handler(cb).await;
                     match &r {
@@ -225,6 +225,25 @@ impl Dispatcher {
                 }
                 .in_current_span(),
             );
+            // Most handlers finish without waiting on anything: one poll, no task, no timer.
+            // One that is not done goes to its own task, so it never holds the ACK path.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                futures_util::FutureExt::now_or_never(&mut work)
+            }));
+            match polled {
+                Ok(Some(Ok(reply))) => {
+                    debug!("Event handled.");
+                    return Outcome::Handled(reply);
+                }
+                Ok(Some(Err(_))) => return Outcome::Failed,
+                Err(_) => {
+                    self.release(&event_id);
+                    warn!("Event handler panicked.");
+                    return Outcome::Failed;
+                }
+                Ok(None) => {}
+            }
+            let task = tokio::spawn(work);
             match tokio::time::timeout(self.inner.cfg.ack_deadline, task).await {
                 Ok(Ok(Ok(reply))) => {
                     debug!("Event handled.");
@@ -262,8 +281,9 @@ impl Dispatcher {
         {
             return false;
         }
-        let owned = id.to_owned();
-        match self.inner.store.run(move |s| s.event_seen(&owned)).await {
+        // A read of one key in a hot B-tree (redb readers never wait for the writer): cheaper
+        // inline than a hop to the blocking pool, which cost more than the lookup itself.
+        match self.inner.store.event_seen(id) {
             Ok(false) => true,
             Ok(true) => false,
             Err(e) => {
@@ -394,6 +414,44 @@ mod tests {
             Outcome::Duplicate
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_handler_fails_the_event_and_leaves_it_redeliverable() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig::default(),
+        );
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        // Call 0 panics on its first poll (the inline path), call 1 after a yield (the task
+        // path), call 2 succeeds.
+        d.set_handler(Arc::new(move |_cb| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 1 {
+                    tokio::task::yield_now().await;
+                }
+                assert!(n >= 2, "handler panic {n}");
+                Ok(HandlerReply::Done)
+            })
+        }));
+        for _ in 0..2 {
+            assert_eq!(
+                d.dispatch(event("p1"), EventSource::WebSocket).await,
+                Outcome::Failed
+            );
+        }
+        assert_eq!(
+            d.dispatch(event("p1"), EventSource::WebSocket).await,
+            Outcome::Handled(HandlerReply::Done)
+        );
+        assert_eq!(
+            d.dispatch(event("p1"), EventSource::WebSocket).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

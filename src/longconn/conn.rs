@@ -27,6 +27,9 @@ use crate::callbacks::parse_event_payload;
 use crate::events::{Dispatcher, EventSource, HandlerReply, Outcome};
 use crate::metrics;
 
+/// At most this many ACKs go out in one write.
+const ACK_BATCH: usize = 64;
+
 /// Settings of the long connection.
 #[derive(Clone)]
 pub struct LongConnConfig {
@@ -261,7 +264,9 @@ impl LongConn {
         server.apply(&endpoint.config);
         let params = ConnParams::from_url(&endpoint.url)
             .map_err(|e| AttemptError::Retry(format!("discovered URL: {e}")))?;
-        match tokio_tungstenite::connect_async(endpoint.url.as_str()).await {
+        // Nagle off: ACKs are small and must leave at once (the 3 s window is the platform's).
+        match tokio_tungstenite::connect_async_with_config(endpoint.url.as_str(), None, true).await
+        {
             Ok((ws, _)) => Ok((ws, params)),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
@@ -313,11 +318,23 @@ impl LongConn {
                 () = tokio::time::sleep_until(dead_at) => {
                     return SessionEnd::Dropped("no pong or frame within two ping intervals".to_owned());
                 }
-                Some((ack, received)) = ack_rx.recv() => {
-                    if let Err(e) = sink.send(Message::Binary(ack.to_bytes().into())).await {
+                Some(first) = ack_rx.recv() => {
+                    // Every ACK ready now goes out in one write (feed each, flush once).
+                    let mut next = Some(first);
+                    let mut batched = 0;
+                    while let Some((ack, received)) = next.take() {
+                        if let Err(e) = sink.feed(Message::Binary(ack.to_bytes().into())).await {
+                            return SessionEnd::Dropped(format!("sending ACK: {e}"));
+                        }
+                        m.event_ack_duration.observe(received.elapsed().as_secs_f64());
+                        batched += 1;
+                        if batched < ACK_BATCH {
+                            next = ack_rx.try_recv().ok();
+                        }
+                    }
+                    if let Err(e) = sink.flush().await {
                         return SessionEnd::Dropped(format!("sending ACK: {e}"));
                     }
-                    m.event_ack_duration.observe(received.elapsed().as_secs_f64());
                 }
                 msg = stream.next() => {
                     let Some(msg) = msg else { return SessionEnd::Dropped("server closed the stream".to_owned()) };
