@@ -5,7 +5,9 @@
 //! wants. Nothing here measures time: the test checks the order of what happens. The ACK for
 //! the blocked event arrives while the handler is still blocked, other events keep being
 //! acknowledged, `/readyz` stays 200, the handler completes once released, and the platform
-//! delivering the same event again (before and after a restart) does not run it again.
+//! delivering the same event again (before and after a restart) does not run it again; its id,
+//! and those of the events handled meanwhile, end up recorded as seen in the store. The handler
+//! is kept blocked past 3 s (a sleep that sets up the scenario; nothing asserts on time).
 //!
 //! Its own test binary, so the process-wide metrics counters move only because of this test.
 
@@ -14,6 +16,7 @@ mod common;
 use common::*;
 use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions};
 use serde_json::json;
+use std::time::Duration;
 
 fn authorize_message() -> serde_json::Value {
     json!({
@@ -57,6 +60,7 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
         .unwrap();
     // The handler is inside the card send, blocked.
     svc.wait_for(|| async { sandbox.held("im") == 1 }).await;
+    let blocked_since = std::time::Instant::now();
     // The event is acknowledged (accepted) although its handler has not finished.
     svc.wait_for(|| async { acked(&sandbox, &slow).is_some() })
         .await;
@@ -88,6 +92,13 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
     );
     assert_eq!(svc.get("/readyz").await.0, 200);
     assert_eq!(svc.get("/healthz").await.0, 200);
+
+    // Keep it blocked past the platform's 3 s window (a condition of the scenario, not an
+    // assertion): still blocked, still ready, nothing sent.
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(blocked_since.elapsed())).await;
+    assert_eq!(sandbox.held("im"), 1);
+    assert!(sandbox.messages_for("ou_sandbox_carol").is_empty());
+    assert_eq!(svc.get("/readyz").await.0, 200);
 
     // Released, the handler finishes: Carol gets exactly one card.
     sandbox.release("im");
@@ -140,5 +151,18 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
         "not handled again after the restart"
     );
     assert_eq!(sandbox.messages_for("ou_sandbox_carol").len(), 1);
-    svc.stop().await;
+
+    // The store holds the slow event's id as seen, and those of the events handled meanwhile
+    // (ids are recorded only when a handler succeeds); an id never sent is not there.
+    let dir = svc.stop_keep_dir().await;
+    let store = open_store(dir.path());
+    assert!(
+        store.event_seen(&event_id).unwrap(),
+        "{event_id} not recorded"
+    );
+    for m in &others {
+        let id = sandbox.event_id_of(m).expect("the pushed event's id");
+        assert!(store.event_seen(&id).unwrap(), "{id} ({m}) not recorded");
+    }
+    assert!(!store.event_seen("ev_never_sent").unwrap());
 }

@@ -115,6 +115,23 @@ impl Service {
         panic!("condition not reached in time");
     }
 
+    /// Polls `f` until it holds; `guard` only keeps a broken run from hanging (conditions that
+    /// wait out reconnect backoff need more than [`Service::wait_for`]'s guard).
+    pub async fn wait_for_within<F, Fut>(&self, guard: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + guard;
+        while tokio::time::Instant::now() < deadline {
+            if f().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("condition not reached within {guard:?}");
+    }
+
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
             .client
@@ -202,4 +219,16 @@ pub fn find_callback_value(v: &Value) -> Option<Value> {
         Value::Array(a) => a.iter().find_map(find_callback_value),
         _ => None,
     }
+}
+
+/// Opens the store a stopped service left in `dir` (the helper's key and file name).
+pub fn open_store(dir: &std::path::Path) -> lark_service::storage::Store {
+    use lark_service::storage::{Key, Keyring, Store, StoreOptions};
+    let key = Key::from_hex(&secrecy::SecretString::from(KEY.to_owned())).unwrap();
+    Store::open(
+        &dir.join("s.redb"),
+        Keyring::new(key, vec![]),
+        StoreOptions::default(),
+    )
+    .unwrap()
 }
