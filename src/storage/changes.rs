@@ -180,7 +180,20 @@ impl Store {
         kind: u8,
         id: SessionId,
     ) -> Result<()> {
-        let last = match t.last_seq {
+        self.append_changes(t, &[(kind, id)])
+    }
+
+    /// Appends changes to the feed, in order, inside the caller's transaction; the last seq is
+    /// written to `meta` once for all of them.
+    pub(crate) fn append_changes(
+        &self,
+        t: &mut SessionTables<'_>,
+        changes: &[(u8, SessionId)],
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut seq = match t.last_seq {
             Some(s) => s,
             None => {
                 let stored = t
@@ -196,10 +209,19 @@ impl Store {
                 stored.max(last)
             }
         };
-        let seq = last + 1;
-        t.changes
-            .insert(seq, encode_change(kind, id.0))
+        // Every new seq is above every key in the table, so one cursor at the end takes them
+        // all as one run (packed into full leaves, no descent per change).
+        let mut cursor = t
+            .changes
+            .lower_bound_mut(std::ops::Bound::Included(seq + 1))
             .map_err(|e| self.err(e))?;
+        for (kind, id) in changes {
+            seq += 1;
+            cursor
+                .insert_before(seq, encode_change(*kind, id.0))
+                .map_err(|e| self.err(e))?;
+        }
+        cursor.close().map_err(|e| self.err(e))?;
         t.meta
             .insert(LAST_SEQ_KEY, seq.to_be_bytes().as_slice())
             .map_err(|e| self.err(e))?;

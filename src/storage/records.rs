@@ -358,8 +358,9 @@ fn open_err(table: &'static str, field: &str, e: &OpenError) -> Error {
     }
 }
 
-/// Session as stored, version 2 (current).
-#[derive(Clone, Serialize, Deserialize)]
+/// Session as stored, version 2 (current). (`Debug` shows sealed fields only as key id and
+/// length.)
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct StoredSession {
     pub app_id: String,
     pub user_id: String,
@@ -532,6 +533,15 @@ impl StoredSession {
         })
     }
 
+    /// What the sweep does to a pending session whose time is up.
+    #[cfg(test)]
+    pub(crate) fn expire(&mut self, now: u64) {
+        self.state = SessionState::Expired;
+        self.failure_reason = Some(FailureReason::SessionExpired);
+        self.updated_at = now;
+        self.pkce_verifier = None;
+    }
+
     /// Mutable references to every sealed field with its field name.
     pub(crate) fn sealed_fields(&mut self) -> Vec<(&'static str, &mut Sealed)> {
         let mut out = Vec::new();
@@ -545,6 +555,148 @@ impl StoredSession {
             out.push(("pkce_verifier", s));
         }
         out
+    }
+}
+
+/// The leading fields of a version-2 session record, borrowed from its bytes.
+#[derive(Deserialize)]
+struct SessionIds<'a> {
+    app_id: &'a str,
+    user_id: &'a str,
+    _open_id: Option<&'a str>,
+    _union_id: Option<&'a str>,
+}
+
+/// The status fields that follow [`SessionIds`]; what expiring a session rewrites.
+#[derive(Serialize, Deserialize)]
+struct SessionStatus<'a> {
+    state: SessionState,
+    failure_reason: Option<FailureReason>,
+    card_message_id: Option<&'a str>,
+    created_at: u64,
+    updated_at: u64,
+    expires_at: u64,
+}
+
+/// A sealed field, borrowed: its bytes are carried over as they are.
+#[derive(Deserialize)]
+struct SealedRef<'a> {
+    _key_id: u32,
+    _nonce: [u8; 24],
+    _ct: &'a [u8],
+}
+
+/// The fields after [`SessionStatus`] up to the PKCE verifier, which is last.
+#[derive(Deserialize)]
+struct SessionMiddle<'a> {
+    #[serde(borrow)]
+    _access_token: Option<SealedRef<'a>>,
+    #[serde(borrow)]
+    _refresh_token: Option<SealedRef<'a>>,
+    _token_expires_at: Option<u64>,
+    _refresh_token_expires_at: Option<u64>,
+    _scopes: SkipStrs,
+    _user_name: Option<&'a str>,
+    _user_email: Option<&'a str>,
+    _avatar_url: Option<&'a str>,
+    state_hash: Option<[u8; 32]>,
+}
+
+/// A sequence of strings, read past without keeping (or allocating) anything.
+struct SkipStrs;
+
+impl<'de> Deserialize<'de> for SkipStrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = SkipStrs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sequence of strings")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<SkipStrs, A::Error> {
+                while seq.next_element::<&'de str>()?.is_some() {}
+                Ok(SkipStrs)
+            }
+        }
+        d.deserialize_seq(Visit)
+    }
+}
+
+fn borrow_part<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<(T, usize)> {
+    bincode::serde::borrow_decode_from_slice(bytes, bincode_cfg()).map_err(|e| Error::Decode {
+        table: SESSIONS_TABLE,
+        detail: e.to_string(),
+    })
+}
+
+/// What the sweep reads of a stored session, found in its bytes without decoding (allocating)
+/// the rest of it. Sealed fields are never opened: [`SessionPeek::expired`] copies their bytes.
+pub(crate) struct SessionPeek<'a> {
+    bytes: &'a [u8],
+    pub app_id: &'a str,
+    pub user_id: &'a str,
+    pub state: SessionState,
+    pub card_message_id: Option<&'a str>,
+    pub updated_at: u64,
+    pub expires_at: u64,
+    pub state_hash: Option<[u8; 32]>,
+    status: SessionStatus<'a>,
+    /// Where the status fields start and end, and where the PKCE verifier starts.
+    status_at: usize,
+    middle_at: usize,
+    pkce_at: usize,
+}
+
+impl<'a> SessionPeek<'a> {
+    /// Reads a stored session record; `None` if it is not of the current version (the caller
+    /// then decodes it in full).
+    pub(crate) fn new(bytes: &'a [u8]) -> Result<Option<Self>> {
+        let (v, _) = split_version(SESSIONS_TABLE, bytes)?;
+        if v != SESSION_VERSION {
+            return Ok(None);
+        }
+        let status_at = 1;
+        let (ids, n) = borrow_part::<SessionIds<'a>>(&bytes[status_at..])?;
+        let status_at = status_at + n;
+        let (status, n) = borrow_part::<SessionStatus<'a>>(&bytes[status_at..])?;
+        let middle_at = status_at + n;
+        let (middle, n) = borrow_part::<SessionMiddle<'a>>(&bytes[middle_at..])?;
+        let pkce_at = middle_at + n;
+        Ok(Some(Self {
+            bytes,
+            app_id: ids.app_id,
+            user_id: ids.user_id,
+            state: status.state,
+            card_message_id: status.card_message_id,
+            updated_at: status.updated_at,
+            expires_at: status.expires_at,
+            state_hash: middle.state_hash,
+            status,
+            status_at,
+            middle_at,
+            pkce_at,
+        }))
+    }
+
+    /// Appends to `out` the record as [`StoredSession::expire`] would leave it, built from
+    /// these bytes: the status fields re-encoded, the PKCE verifier dropped, everything else
+    /// copied.
+    pub(crate) fn expire_into(&self, now: u64, out: &mut Vec<u8>) {
+        let status = SessionStatus {
+            state: SessionState::Expired,
+            failure_reason: Some(FailureReason::SessionExpired),
+            updated_at: now,
+            ..self.status
+        };
+        out.reserve(self.pkce_at + 1);
+        out.extend_from_slice(&self.bytes[..self.status_at]);
+        // Serialising a plain struct into a Vec cannot fail.
+        let _ = bincode::serde::encode_into_std_write(&status, out, bincode_cfg());
+        out.extend_from_slice(&self.bytes[self.middle_at..self.pkce_at]);
+        out.push(0); // pkce_verifier: None
     }
 }
 
@@ -670,5 +822,146 @@ impl UserInfo {
                 detail: format!("unknown record version {other}"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::storage::envelope::KeyId;
+
+    fn sealed() -> impl Strategy<Value = Option<Sealed>> {
+        proptest::option::of(
+            (
+                any::<u32>(),
+                any::<[u8; 24]>(),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            )
+                .prop_map(|(k, nonce, ct)| Sealed {
+                    key_id: KeyId(k),
+                    nonce,
+                    ct,
+                }),
+        )
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        // Lengths around bincode's one-byte varint limit (250) too.
+        prop_oneof!["[a-z_0-9]{0,12}", "\\PC{0,40}", "[a-z]{249,253}"]
+    }
+
+    /// Numbers on both sides of bincode's varint size steps.
+    fn number() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..300,
+            Just(250u64),
+            Just(251u64),
+            Just(u64::from(u16::MAX)),
+            Just(u64::from(u16::MAX) + 1),
+            Just(u64::from(u32::MAX)),
+            Just(u64::from(u32::MAX) + 1),
+            Just(u64::MAX),
+            any::<u64>(),
+        ]
+    }
+
+    fn state() -> impl Strategy<Value = SessionState> {
+        proptest::sample::select(SessionState::ALL.to_vec())
+    }
+
+    prop_compose! {
+        fn stored()(
+            ids in (text(), text(), proptest::option::of(text()), proptest::option::of(text())),
+            status in (state(), proptest::option::of(proptest::sample::select(FailureReason::ALL.to_vec())),
+                proptest::option::of(text()), number(), number(), number()),
+            tokens in (sealed(), sealed(), proptest::option::of(number()), proptest::option::of(number())),
+            rest in (proptest::collection::vec(text(), 0..4), proptest::option::of(text()),
+                proptest::option::of(text()), proptest::option::of(text()),
+                proptest::option::of(any::<[u8; 32]>()), sealed()),
+        ) -> StoredSession {
+            StoredSession {
+                app_id: ids.0,
+                user_id: ids.1,
+                open_id: ids.2,
+                union_id: ids.3,
+                state: status.0,
+                failure_reason: status.1,
+                card_message_id: status.2,
+                created_at: status.3,
+                updated_at: status.4,
+                expires_at: status.5,
+                access_token: tokens.0,
+                refresh_token: tokens.1,
+                token_expires_at: tokens.2,
+                refresh_token_expires_at: tokens.3,
+                scopes: rest.0,
+                user_name: rest.1,
+                user_email: rest.2,
+                avatar_url: rest.3,
+                state_hash: rest.4,
+                pkce_verifier: rest.5,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// The sweep's view of a record reads the same fields a full decode does, and its
+        /// expired copy is byte for byte what decoding, expiring and encoding again gives.
+        #[test]
+        fn peek_and_expire_agree_with_a_full_decode(s in stored(), now in number()) {
+            let bytes = s.encode();
+            let peek = SessionPeek::new(&bytes).unwrap().unwrap();
+            prop_assert_eq!(peek.app_id, s.app_id.as_str());
+            prop_assert_eq!(peek.user_id, s.user_id.as_str());
+            prop_assert_eq!(peek.state, s.state);
+            prop_assert_eq!(peek.card_message_id, s.card_message_id.as_deref());
+            prop_assert_eq!(peek.updated_at, s.updated_at);
+            prop_assert_eq!(peek.expires_at, s.expires_at);
+            prop_assert_eq!(peek.state_hash, s.state_hash);
+            let mut fast = Vec::new();
+            peek.expire_into(now, &mut fast);
+            let mut slow = s.clone();
+            slow.expire(now);
+            prop_assert_eq!(&fast, &slow.encode());
+            let back = StoredSession::decode(&fast).unwrap();
+            prop_assert_eq!(back.state, SessionState::Expired);
+            prop_assert!(back.pkce_verifier.is_none());
+            prop_assert_eq!(back.access_token, s.access_token);
+        }
+    }
+
+    #[test]
+    fn peek_leaves_older_versions_to_the_full_decoder() {
+        let v1 = encode(
+            1,
+            &StoredSessionV1 {
+                app_id: "a".into(),
+                user_id: "u".into(),
+                open_id: None,
+                union_id: None,
+                state: SessionState::Pending,
+                failure_reason: None,
+                card_message_id: None,
+                created_at: 1,
+                updated_at: 1,
+                expires_at: 2,
+                access_token: None,
+                refresh_token: None,
+                token_expires_at: None,
+                refresh_token_expires_at: None,
+                scopes: vec![],
+                user_name: None,
+                user_email: None,
+                avatar_url: None,
+            },
+        );
+        assert!(SessionPeek::new(&v1).unwrap().is_none());
+        // A damaged current record is an error, not a panic.
+        let mut bad = StoredSession::decode(&v1).unwrap().encode();
+        bad.truncate(bad.len() / 2);
+        assert!(SessionPeek::new(&bad).is_err());
     }
 }

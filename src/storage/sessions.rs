@@ -11,10 +11,20 @@ use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToke
 
 /// When a stored session next needs the sweep, and for what.
 pub(crate) fn deadline_of(s: &StoredSession, retention_ms: u64) -> (u64, u8) {
-    if s.state == SessionState::Pending {
-        (s.expires_at, DEADLINE_EXPIRE)
+    deadline_for(s.state, s.updated_at, s.expires_at, retention_ms)
+}
+
+/// [`deadline_of`] from the fields it depends on.
+pub(crate) fn deadline_for(
+    state: SessionState,
+    updated_at: u64,
+    expires_at: u64,
+    retention_ms: u64,
+) -> (u64, u8) {
+    if state == SessionState::Pending {
+        (expires_at, DEADLINE_EXPIRE)
     } else {
-        (s.updated_at.saturating_add(retention_ms), DEADLINE_PURGE)
+        (updated_at.saturating_add(retention_ms), DEADLINE_PURGE)
     }
 }
 
