@@ -125,6 +125,9 @@ fn main() {
         .block_on(Sandbox::start(SandboxOptions {
             // Redelivery would blur the latencies; a client that does not ACK fails instead.
             redeliver_after: Duration::from_secs(600),
+            // Plain ws://: the official SDK clients run here with their default trust, and the
+            // comparison is of the frame path. (TLS costs every client the same per byte.)
+            tls: false,
             ..SandboxOptions::default()
         }))
         .unwrap();

@@ -25,6 +25,9 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The sandbox's CA file (the sandbox serves TLS, as the platform does).
+static SANDBOX_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// The service as systemd would start it: `serve`, config from the environment, a notify socket.
 fn spawn(dir: &Path, sandbox: &str, port: u16, websocket: bool) -> (Child, UnixDatagram) {
     let sock_path = dir.join("notify.sock");
@@ -39,6 +42,7 @@ fn spawn(dir: &Path, sandbox: &str, port: u16, websocket: bool) -> (Child, UnixD
         .env("APP_ID", APP_ID)
         .env("APP_SECRET", APP_SECRET)
         .env("LARK_DOMAIN", sandbox)
+        .env("TLS_CA_FILE", SANDBOX_CA.get().expect("sandbox started"))
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .env("STORAGE_PATH", dir.join("s.redb"))
@@ -163,6 +167,10 @@ fn main() {
         }))
         .unwrap();
     let base = sandbox.base_url();
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca_dir.path().join("sandbox-ca.pem");
+    std::fs::write(&ca_path, sandbox.ca_pem().expect("the sandbox serves TLS")).unwrap();
+    SANDBOX_CA.set(ca_path).unwrap();
 
     // 2. Cold start to READY: a new store (created on first start), then an existing one.
     for (label, fresh) in [("new store", true), ("existing store", false)] {

@@ -4,7 +4,7 @@
 //! the service runs they fail with "store … is locked by pid N".
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -66,6 +66,12 @@ pub enum Command {
         /// Port on 127.0.0.1 (0: any free port).
         #[arg(long, default_value_t = 0)]
         port: u16,
+        /// Serve plain HTTP and ws:// instead of HTTPS and wss://.
+        #[arg(long)]
+        plain: bool,
+        /// Where to write the sandbox's CA certificate (PEM) for a service's tls.ca_file.
+        #[arg(long, default_value = "sandbox-ca.pem")]
+        ca_out: PathBuf,
     },
 }
 
@@ -131,6 +137,10 @@ pub struct ServeArgs {
     /// directory and sandbox app credentials are used.
     #[arg(long)]
     pub sandbox: bool,
+    /// With --sandbox: serve the sandbox over plain HTTP and ws:// instead of HTTPS and wss://
+    /// with a generated CA (which the service trusts through tls.ca_file).
+    #[arg(long, requires = "sandbox")]
+    pub plain: bool,
 }
 
 /// `config` subcommands.
@@ -257,7 +267,11 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Export(ExportCmd::Postgres { url }) => pg_export(&opts, &url, false),
         Command::Import(ImportCmd::Postgres { url }) => pg_export(&opts, &url, true),
         Command::Mcp { stdio: _ } => mcp_stdio(&opts),
-        Command::Sandbox { port } => sandbox(port),
+        Command::Sandbox {
+            port,
+            plain,
+            ca_out,
+        } => sandbox(port, plain, &ca_out),
     }
 }
 
@@ -309,13 +323,15 @@ fn pg_export(opts: &LoadOptions, url: &str, import: bool) -> Result<(), CliError
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)?;
+    let net =
+        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let started = Instant::now();
     let n = rt
         .block_on(async {
             if import {
-                crate::export::postgres::import_all(&store, url).await
+                crate::export::postgres::import_all(&store, url, &net).await
             } else {
-                crate::export::postgres::export_all(&store, url).await
+                crate::export::postgres::export_all(&store, url, &net).await
             }
         })
         .map_err(anyhow::Error::from)?;
@@ -574,7 +590,11 @@ fn backup_through_service(
         .build()
         .map_err(anyhow::Error::from)?;
     let resp: serde_json::Value = rt.block_on(async {
-        let r = reqwest::Client::new()
+        // The service on loopback: never through a proxy.
+        let r = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?
             .post(&url)
             .bearer_auth(token.expose_secret())
             .json(&body)
@@ -646,7 +666,7 @@ fn restore(opts: &LoadOptions, args: &RestoreArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn sandbox(port: u16) -> Result<(), CliError> {
+fn sandbox(port: u16, plain: bool, ca_out: &Path) -> Result<(), CliError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -654,13 +674,22 @@ fn sandbox(port: u16) -> Result<(), CliError> {
     rt.block_on(async {
         let sb = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
             port,
+            tls: !plain,
             ..crate::sandbox::SandboxOptions::default()
         })
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         println!("sandbox platform: {}/", sb.base_url());
+        let trust = match sb.ca_pem() {
+            Some(pem) => {
+                std::fs::write(ca_out, pem)
+                    .map_err(|e| anyhow::anyhow!("writing {}: {e}", ca_out.display()))?;
+                format!(" TLS_CA_FILE={}", ca_out.display())
+            }
+            None => String::new(),
+        };
         println!(
-            "  LARK_DOMAIN={} APP_ID={} APP_SECRET={}",
+            "  LARK_DOMAIN={} APP_ID={} APP_SECRET={}{trust}",
             sb.base_url(),
             crate::sandbox::APP_ID,
             crate::sandbox::APP_SECRET
@@ -685,14 +714,18 @@ fn mcp_stdio(opts: &LoadOptions) -> Result<(), CliError> {
         .build()
         .map_err(anyhow::Error::from)?;
     rt.block_on(async move {
-        let lark = crate::lark::LarkClient::new(crate::lark::LarkConfig::new(
+        let net =
+            crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut lark_cfg = crate::lark::LarkConfig::new(
             domain,
             cfg.app_id.clone().unwrap_or_default(),
             cfg.app_secret
                 .clone()
                 .unwrap_or_else(|| secrecy::SecretString::from(String::new())),
-        ))
-        .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
+        );
+        lark_cfg.net = Some(net);
+        let lark = crate::lark::LarkClient::new(lark_cfg)
+            .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
         let auth = crate::auth::AuthService::new(
             lark.clone(),
             store.clone(),

@@ -54,7 +54,7 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
             let http = listener
                 .local_addr()
                 .context("reading the listener address")?;
-            Some(start_sandbox(&mut cfg, http).await?)
+            Some(start_sandbox(&mut cfg, http, !args.plain).await?)
         } else {
             None
         };
@@ -70,6 +70,7 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
 async fn start_sandbox(
     cfg: &mut Config,
     http: std::net::SocketAddr,
+    tls: bool,
 ) -> Result<crate::sandbox::Sandbox, CliError> {
     let admin = cfg.admin_token.clone().unwrap_or_else(|| {
         let (_, t) = crate::storage::Key::generate();
@@ -79,10 +80,21 @@ async fn start_sandbox(
     let sandbox = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
         request_auth_url: Some(format!("http://{http}/api/v1/auth/requests")),
         admin_token: Some(secrecy::ExposeSecret::expose_secret(&admin).to_owned()),
+        tls,
         ..crate::sandbox::SandboxOptions::default()
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(pem) = sandbox.ca_pem() {
+        // Trusted the way a company CA is: through tls.ca_file, not a bypass.
+        let dir = cfg.storage_path.parent().unwrap_or(Path::new("."));
+        let ca_path = dir.join("sandbox-ca.pem");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(&ca_path, pem)
+            .with_context(|| format!("writing the sandbox CA to {}", ca_path.display()))?;
+        info!(path = %ca_path.display(), "The sandbox serves HTTPS and WSS; its CA is trusted through tls.ca_file.");
+        cfg.network.ca_file = Some(ca_path);
+    }
     cfg.domain = sandbox.base_url();
     cfg.app_id = Some(crate::sandbox::APP_ID.to_owned());
     cfg.app_secret = Some(SecretString::from(crate::sandbox::APP_SECRET.to_owned()));
@@ -206,12 +218,22 @@ pub async fn run(
         .domain
         .parse()
         .map_err(|e| anyhow::anyhow!("domain: {e}"))?;
-    let lark = crate::lark::LarkClient::new(crate::lark::LarkConfig::new(
-        domain.clone(),
-        app_id.clone(),
-        app_secret.clone(),
-    ))
-    .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
+    let net =
+        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(p) = net.proxy() {
+        info!(proxy = %p.display(), "Outgoing connections go through the proxy (except NO_PROXY hosts).");
+    }
+    if net.extra_cas() > 0 {
+        info!(
+            extra_cas = net.extra_cas(),
+            "Trusting extra CA certificates besides the built-in roots."
+        );
+    }
+    let mut lark_cfg =
+        crate::lark::LarkConfig::new(domain.clone(), app_id.clone(), app_secret.clone());
+    lark_cfg.net = Some(net.clone());
+    let lark = crate::lark::LarkClient::new(lark_cfg)
+        .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
     let dispatcher =
         crate::events::Dispatcher::new(store.clone(), crate::events::DispatchConfig::default());
     let auth = crate::auth::AuthService::new(
@@ -237,7 +259,12 @@ pub async fn run(
             &tracker,
             cancel.clone(),
             "export_postgres",
-            crate::export::postgres::worker(store.clone(), url, std::time::Duration::from_secs(1)),
+            crate::export::postgres::worker(
+                store.clone(),
+                url,
+                net.clone(),
+                std::time::Duration::from_secs(1),
+            ),
         );
     }
     if let Some(w) = auth.user_info_sync_worker() {
@@ -257,6 +284,7 @@ pub async fn run(
                 },
                 heartbeat: cfg.websocket.heartbeat_interval,
                 reassembly: crate::longconn::ReassemblyLimits::default(),
+                net: net.clone(),
             },
             dispatcher.clone(),
         );

@@ -14,6 +14,7 @@ pub mod lark;
 pub mod longconn;
 pub mod mcp;
 pub mod metrics;
+pub mod net;
 pub mod sandbox;
 pub mod schedule;
 pub mod storage;

@@ -19,7 +19,7 @@ async fn authorization_by_card_over_the_long_connection() {
     })
     .await
     .unwrap();
-    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
@@ -190,7 +190,7 @@ async fn authorization_by_card_over_the_long_connection() {
 async fn bad_credentials_stop_the_long_connection_with_a_clear_state() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(
-        &sandbox.base_url(),
+        &sandbox,
         &[
             ("APP_SECRET", "wrong-secret"),
             ("WEBSOCKET_FALLBACK_TO_HTTP", "false"),
@@ -224,7 +224,7 @@ fn signed(body: &[u8], ts: &str) -> Vec<(&'static str, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_callbacks_are_verified_decrypted_and_deduplicated() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url(), &[("WEBSOCKET_ENABLED", "false")]).await;
+    let svc = Service::start(&sandbox, &[("WEBSOCKET_ENABLED", "false")]).await;
     let url = format!("http://{}/callbacks/event", svc.http);
     let cipher = lark_service::callbacks::EventCipher::new(ENCRYPT_KEY);
     let mut rng = rand::rng();
@@ -356,7 +356,7 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
         ("AUTH_SESSION_EXPIRY_SECONDS", "10"),
         ("SWEEP_INTERVAL_SECONDS", "1"),
     ];
-    let svc = Service::start(&sandbox.base_url(), &extra).await;
+    let svc = Service::start(&sandbox, &extra).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     let before = svc.scrape().await;
 
@@ -399,7 +399,7 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
     let redirect_uri = format!("http://{old_addr}/oauth/callback");
     let mut extra2 = extra.to_vec();
     extra2.push(("AUTH_REDIRECT_URI", redirect_uri.as_str()));
-    let svc = Service::start_in(dir, &sandbox.base_url(), &extra2).await;
+    let svc = Service::start_in(dir, &sandbox, &extra2).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     // A real deployment keeps its public address; here the new process got a new port, so the
     // browser's request is sent to it while the registered redirect URI stays the same.

@@ -20,7 +20,7 @@ async fn token_and_api_error_storms_are_ridden_out() {
     // A tenant-token storm longer than the retry budget from the start: the service is alive
     // and its long connection up, but not ready, and `/readyz` says why.
     sandbox.fail_next("tenant_token", 503, 10_000);
-    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     let (code, body) = svc.get("/readyz").await;
     assert_eq!(code, 503, "{body}");
@@ -90,11 +90,7 @@ async fn stalled_pongs_lead_to_a_reconnect() {
     .await
     .unwrap();
     // HTTP callbacks off: `/readyz` is 200 only while the long connection is up.
-    let svc = Service::start(
-        &sandbox.base_url(),
-        &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")],
-    )
-    .await;
+    let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
@@ -137,11 +133,7 @@ async fn stalled_pongs_lead_to_a_reconnect() {
 async fn garbage_frames_leave_the_link_up_and_ready() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // HTTP callbacks off: `/readyz` is 200 only while the long connection is up.
-    let svc = Service::start(
-        &sandbox.base_url(),
-        &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")],
-    )
-    .await;
+    let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
@@ -179,7 +171,7 @@ async fn a_thousand_concurrent_requests_across_200_users_keep_the_limits_and_los
     })
     .await
     .unwrap();
-    let svc = Service::start(&sandbox.base_url(), &[("AUTH_REQUEST_RATE_LIMIT", "3")]).await;
+    let svc = Service::start(&sandbox, &[("AUTH_REQUEST_RATE_LIMIT", "3")]).await;
     let url = format!("http://{}/api/v1/auth/requests", svc.http);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1000 {
@@ -268,11 +260,7 @@ fn acked_ok(sandbox: &Sandbox, message_id: &str) -> bool {
 async fn readyz_follows_the_long_connection_down_and_back_up() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // Without HTTP callbacks the long connection is the only way events arrive.
-    let svc = Service::start(
-        &sandbox.base_url(),
-        &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")],
-    )
-    .await;
+    let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
     let discoveries = sandbox.hits("ws_endpoint");
@@ -287,7 +275,11 @@ async fn readyz_follows_the_long_connection_down_and_back_up() {
     assert_eq!(svc.get("/healthz").await.0, 200, "alive though not ready");
     // The platform recovers: the service reconnects by itself and is ready again.
     sandbox.set_discovery_error(None);
-    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    // The guard covers the reconnect backoff (jittered up to the server's ReconnectInterval).
+    svc.wait_for_within(Duration::from_secs(60), || async {
+        sandbox.connections() == 1
+    })
+    .await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
     let fid = sandbox

@@ -30,6 +30,7 @@ fn spawn(dir: &std::path::Path, sandbox: &str, port: u16) -> Child {
         .env("APP_ID", APP_ID)
         .env("APP_SECRET", APP_SECRET)
         .env("LARK_DOMAIN", sandbox)
+        .env("TLS_CA_FILE", dir.join("sandbox-ca.pem"))
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .env("STORAGE_PATH", dir.join("s.redb"))
@@ -55,6 +56,7 @@ async fn acknowledged_completions_survive_50_kills() {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sandbox-ca.pem"), sandbox.ca_pem().unwrap()).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -54,8 +54,11 @@ async fn a_whole_authorization_logs_no_secret() {
                 .to_owned();
         }
     }
+    // The sandbox serves HTTPS with the CA `serve --sandbox` wrote beside its store.
+    let ca = std::fs::read(dir.path().join("data/sandbox-ca.pem")).unwrap();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap();
 

@@ -152,7 +152,7 @@ async fn a_thousand_malformed_frames_and_bodies_are_rejected_without_harm() {
     eprintln!("MALFORMED_INPUTS_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;

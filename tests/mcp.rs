@@ -40,7 +40,8 @@ struct Service {
 }
 
 impl Service {
-    async fn start(domain: &str) -> Self {
+    async fn start(sandbox: &Sandbox) -> Self {
+        let domain = sandbox.base_url();
         let dir = tempfile::tempdir().unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ha = http.local_addr().unwrap();
@@ -57,7 +58,12 @@ impl Service {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-        env.insert("LARK_DOMAIN".into(), domain.to_owned());
+        env.insert("LARK_DOMAIN".into(), domain.clone());
+        if let Some(pem) = sandbox.ca_pem() {
+            let ca = dir.path().join("sandbox-ca.pem");
+            std::fs::write(&ca, pem).unwrap();
+            env.insert("TLS_CA_FILE".into(), ca.display().to_string());
+        }
         env.insert(
             "STORAGE_PATH".into(),
             dir.path().join("s.redb").display().to_string(),
@@ -172,7 +178,7 @@ async fn err(client: &RunningService<RoleClient, ClientConfig>, name: &str, args
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mcp_tools_against_the_sandbox() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url()).await;
+    let svc = Service::start(&sandbox).await;
     let client = svc.connect().await;
 
     // Every tool is listed with an object input schema naming its properties.
@@ -415,7 +421,7 @@ async fn mcp_tools_against_the_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mcp_rejects_bad_params_naming_the_field() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url()).await;
+    let svc = Service::start(&sandbox).await;
     let client = svc.connect().await;
 
     let long = "x".repeat(257);
@@ -498,7 +504,7 @@ async fn mcp_rejects_bad_params_naming_the_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mcp_requires_the_bearer_token() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url()).await;
+    let svc = Service::start(&sandbox).await;
     let http = reqwest::Client::new();
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
@@ -630,6 +636,11 @@ async fn mcp_over_stdio() {
         .env("APP_SECRET", APP_SECRET)
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
         .env("LARK_DOMAIN", sandbox.base_url())
+        .env("TLS_CA_FILE", {
+            let ca = dir.path().join("sandbox-ca.pem");
+            std::fs::write(&ca, sandbox.ca_pem().unwrap()).unwrap();
+            ca
+        })
         .env("STORAGE_PATH", dir.path().join("s.redb"))
         .env("AUTH_REDIRECT_URI", "http://127.0.0.1:9/oauth/callback")
         .env("LOG_LEVEL", "warn")

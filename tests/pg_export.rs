@@ -16,6 +16,12 @@ fn key(b: u8) -> Key {
     Key::from_bytes(&[b; 32])
 }
 
+/// Built-in roots, no proxy: these servers speak plain TCP (sslmode's default, prefer, finds
+/// no TLS offered).
+fn net() -> lark_service::net::Net {
+    lark_service::net::Net::new(&lark_service::net::NetOptions::default()).unwrap()
+}
+
 fn ring() -> Keyring {
     Keyring::new(key(7), vec![])
 }
@@ -26,6 +32,8 @@ struct Pg {
     data: PathBuf,
     port: u16,
     as_nobody: bool,
+    /// Serve TLS with `server.crt` / `server.key` in the data directory.
+    ssl: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -58,6 +66,15 @@ fn find_bin() -> PathBuf {
 
 impl Pg {
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A cluster that serves TLS with this certificate and key (PEM).
+    fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
         let bin = find_bin();
         let dir = tempfile::tempdir().unwrap();
         let as_nobody = unsafe_is_root();
@@ -76,6 +93,7 @@ impl Pg {
             data,
             port,
             as_nobody,
+            ssl: tls.is_some(),
             _dir: dir,
         };
         pg.run(
@@ -91,6 +109,17 @@ impl Pg {
                 "UTF8",
             ],
         );
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+                let p = pg.data.join(name);
+                std::fs::write(&p, text).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+                if pg.as_nobody {
+                    std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+                }
+            }
+        }
         pg.start_server();
         pg
     }
@@ -117,11 +146,14 @@ impl Pg {
     }
 
     fn start_server(&self) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
             self.port,
             self.data.to_str().unwrap()
         );
+        if self.ssl {
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         let log = self.data.join("server.log");
         self.run(
             "pg_ctl",
@@ -207,11 +239,11 @@ fn session(i: u64) -> AuthSession {
 }
 
 async fn pg_client(url: &str) -> tokio_postgres::Client {
-    postgres::connect(url).await.unwrap()
+    postgres::connect(url, &net()).await.unwrap()
 }
 
 async fn count(url: &str) -> i64 {
-    match postgres::connect(url).await {
+    match postgres::connect(url, &net()).await {
         Ok(c) => c
             .query_one("SELECT count(*) FROM user_auth_sessions", &[])
             .await
@@ -313,6 +345,7 @@ async fn continuous_export_survives_a_postgres_crash_exactly_once() {
     let exporter = tokio::spawn(postgres::run_continuous(
         store.clone(),
         SecretString::from(url.clone()),
+        net(),
         Duration::from_millis(50),
         Duration::from_millis(200),
         cancel.clone(),
@@ -377,17 +410,26 @@ async fn one_shot_export_and_import_round_trip() {
     let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
     let all: Vec<AuthSession> = (0..1_234).map(session).collect();
     store.put_sessions(&all).unwrap();
-    assert_eq!(postgres::export_all(&store, &url).await.unwrap(), 1_234);
+    assert_eq!(
+        postgres::export_all(&store, &url, &net()).await.unwrap(),
+        1_234
+    );
     assert_eq!(
         store.cursor(postgres::CURSOR).unwrap(),
         Some(store.last_change_seq().unwrap())
     );
     // Idempotent: a second export changes nothing.
-    assert_eq!(postgres::export_all(&store, &url).await.unwrap(), 1_234);
+    assert_eq!(
+        postgres::export_all(&store, &url, &net()).await.unwrap(),
+        1_234
+    );
     check_matches_store(&store, &url, 1_234).await;
 
     let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
-    assert_eq!(postgres::import_all(&fresh, &url).await.unwrap(), 1_234);
+    assert_eq!(
+        postgres::import_all(&fresh, &url, &net()).await.unwrap(),
+        1_234
+    );
     for s in all.iter().step_by(7) {
         let got = fresh.get_session(s.session_id).unwrap().unwrap();
         assert_eq!(got.app_id, s.app_id);
@@ -437,7 +479,10 @@ async fn one_shot_export_and_import_round_trip() {
     .await
     .unwrap();
     let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
-    assert_eq!(postgres::import_all(&fresh, &py_url).await.unwrap(), 1);
+    assert_eq!(
+        postgres::import_all(&fresh, &py_url, &net()).await.unwrap(),
+        1
+    );
     let id: SessionId = "0b9e6a1c2f3d4e5f8a9b0c1d2e3f4a5b".parse().unwrap();
     let got = fresh.get_session(id).unwrap().unwrap();
     assert_eq!(got.state, SessionState::Completed);
@@ -446,4 +491,91 @@ async fn one_shot_export_and_import_round_trip() {
     assert_eq!(got.created_at, 1_704_067_200_000);
     let e = fresh.export_row(id).unwrap().unwrap();
     assert!(!String::from_utf8_lossy(&e.access_token.unwrap().bytes).contains("plain-access"));
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, cert PEM, key PEM).
+fn test_ca_and_server_cert() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+}
+
+fn net_trusting(ca_pem: &str, dir: &Path) -> lark_service::net::Net {
+    let f = dir.join("company-ca.pem");
+    std::fs::write(&f, ca_pem).unwrap();
+    lark_service::net::Net::new(&lark_service::net::NetOptions {
+        trust: lark_service::net::TrustOptions {
+            ca_files: vec![f],
+            ca_dirs: vec![],
+        },
+        ..lark_service::net::NetOptions::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn export_over_tls_verifies_the_server_certificate_and_honours_sslmode() {
+    let (ca, cert, key) = test_ca_and_server_cert();
+    let pg = Pg::start_tls(&cert, &key);
+    let scratch = tempfile::tempdir().unwrap();
+    let trusted = net_trusting(&ca, scratch.path());
+    let url = |mode: &str| format!("{}?sslmode={mode}", pg.url("postgres"));
+
+    // require (and libpq's verify-full) with the CA trusted: the session is encrypted.
+    for mode in ["require", "verify-full", "prefer"] {
+        let c = postgres::connect(&url(mode), &trusted).await.unwrap();
+        let ssl: bool = c
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(ssl, "sslmode={mode} uses TLS when the server offers it");
+    }
+
+    // The CA not trusted: refused with words that name the host and how to add a CA.
+    let err = postgres::connect(&url("require"), &net())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("not trusted") && msg.contains("127.0.0.1") && msg.contains("tls.ca_file"),
+        "{msg}"
+    );
+    // `prefer` does not fall back to plain text when the certificate is bad.
+    assert!(postgres::connect(&url("prefer"), &net()).await.is_err());
+
+    // A whole export over TLS.
+    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let all: Vec<AuthSession> = (0..50).map(session).collect();
+    store.put_sessions(&all).unwrap();
+    assert_eq!(
+        postgres::export_all(&store, &url("require"), &trusted)
+            .await
+            .unwrap(),
+        50
+    );
+
+    // sslmode=disable on a TLS server: plain, as asked.
+    let c = postgres::connect(&url("disable"), &net()).await.unwrap();
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!ssl);
 }

@@ -41,6 +41,29 @@ async fn sandbox_with(opts: SandboxOptions) -> Sandbox {
     Sandbox::start(opts).await.expect("sandbox starts")
 }
 
+/// The sandbox's CA trusted the way an operator trusts a company CA (a CA file).
+fn net(sb: &Sandbox) -> lark_service::net::Net {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), sb.ca_pem().expect("the sandbox serves TLS")).unwrap();
+    lark_service::net::Net::new(&lark_service::net::NetOptions {
+        trust: lark_service::net::TrustOptions {
+            ca_files: vec![f.path().to_owned()],
+            ca_dirs: vec![],
+        },
+        ..lark_service::net::NetOptions::default()
+    })
+    .unwrap()
+}
+
+/// A plain HTTP client (no redirects followed) that trusts the sandbox.
+fn http(sb: &Sandbox) -> reqwest::Client {
+    net(sb)
+        .http_client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
 fn client_with(sb: &Sandbox, secret: &str, retry: RetryPolicy) -> LarkClient {
     let mut cfg = LarkConfig::new(
         Domain::Custom(sb.base_url().parse().unwrap()),
@@ -48,6 +71,7 @@ fn client_with(sb: &Sandbox, secret: &str, retry: RetryPolicy) -> LarkClient {
         SecretString::from(secret.to_owned()),
     );
     cfg.retry = retry;
+    cfg.net = Some(net(sb));
     LarkClient::new(cfg).unwrap()
 }
 
@@ -93,11 +117,8 @@ fn query_of(url: &str) -> String {
 
 /// What a browser does on the authorize page: GET it, submit its form with the chosen user
 /// and button, and return the `Location` the sandbox redirects to.
-async fn browser_decide(authorize_url: &str, user: &str, decision: &str) -> String {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+async fn browser_decide(sb: &Sandbox, authorize_url: &str, user: &str, decision: &str) -> String {
+    let http = http(sb);
     let page = http
         .get(authorize_url)
         .send()
@@ -194,7 +215,7 @@ async fn tenant_token_is_cached_and_a_wrong_secret_is_refused() {
 #[tokio::test]
 async fn discovery_returns_a_dialable_url_and_fatal_codes_for_bad_credentials() {
     let sb = sandbox().await;
-    let http = reqwest::Client::new();
+    let http = http(&sb);
     let discover = |secret: &'static str| {
         http.post(format!("{}/callback/ws/endpoint", sb.base_url()))
             .json(&json!({"AppID": APP_ID, "AppSecret": secret}))
@@ -203,9 +224,13 @@ async fn discovery_returns_a_dialable_url_and_fatal_codes_for_bad_credentials() 
     let resp = discover(APP_SECRET).await.unwrap();
     let ep = parse_discovery_response(resp.status().as_u16(), &resp.bytes().await.unwrap())
         .expect("discovery succeeds");
-    assert!(ep
-        .url
-        .starts_with(&format!("ws://{}/ws?", &sb.base_url()[7..])));
+    // TLS like the platform, on a second host name (as msg-frontier is beside open).
+    let port = sb.base_url().rsplit(':').next().unwrap().to_owned();
+    assert!(
+        ep.url.starts_with(&format!("wss://localhost:{port}/ws?")),
+        "{}",
+        ep.url
+    );
     let params = ConnParams::from_url(&ep.url).unwrap();
     assert!(params.device_id.is_some());
     for key in ["access_key=", "ticket=", "service_id="] {
@@ -277,7 +302,7 @@ async fn oauth_approve_exchange_user_info_refresh_rotation() {
     let (url, pkce) = authorize(&c, "state-1");
 
     // Through the HTML page, as a browser would.
-    let redirect = browser_decide(&url, ALICE, "approve").await;
+    let redirect = browser_decide(&sb, &url, ALICE, "approve").await;
     assert!(redirect.starts_with(REDIRECT), "{redirect}");
     let code = parse_redirect_query(&query_of(&redirect)).unwrap();
     assert_eq!(code.state, "state-1");
@@ -341,7 +366,7 @@ async fn oauth_pkce_mismatch_reject_and_login_hint() {
     assert_eq!(err.code(), Some(20049));
 
     let (url, _) = authorize(&c, "state-3");
-    let redirect = browser_decide(&url, BOB, "reject").await;
+    let redirect = browser_decide(&sb, &url, BOB, "reject").await;
     let q = query_of(&redirect);
     assert!(
         q.contains("error=access_denied") && q.contains("state=state-3"),
@@ -355,7 +380,9 @@ async fn oauth_pkce_mismatch_reject_and_login_hint() {
         .contains("error=access_denied"));
 
     // `login_hint` preselects the user on the page.
-    let page = reqwest::get(format!("{url}&login_hint={BOB}"))
+    let page = http(&sb)
+        .get(format!("{url}&login_hint={BOB}"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -546,7 +573,7 @@ struct RawClient {
 
 impl RawClient {
     async fn connect(sb: &Sandbox) -> (Self, String) {
-        let resp = reqwest::Client::new()
+        let resp = http(sb)
             .post(format!("{}/callback/ws/endpoint", sb.base_url()))
             .json(&json!({"AppID": APP_ID, "AppSecret": APP_SECRET}))
             .send()
@@ -555,7 +582,7 @@ impl RawClient {
         let ep =
             parse_discovery_response(resp.status().as_u16(), &resp.bytes().await.unwrap()).unwrap();
         let params = ConnParams::from_url(&ep.url).unwrap();
-        let (ws, _) = tokio_tungstenite::connect_async(ep.url.as_str())
+        let (ws, _) = lark_service::net::dial_websocket(&net(sb), ep.url.as_str())
             .await
             .unwrap();
         let client = Self {
@@ -628,11 +655,17 @@ async fn fragmented_event_is_reassembled_acked_and_not_redelivered() {
     assert!(!cfg.is_empty());
 
     // The ticket was single-use: dialing the same URL again is refused (§2.3).
-    let err = tokio_tungstenite::connect_async(url.as_str())
+    let err = lark_service::net::dial_websocket(&net(&sb), url.as_str())
         .await
+        .map(|_| ())
         .unwrap_err();
     match err {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+        lark_service::net::DialError::Handshake(e)
+            if matches!(*e, tokio_tungstenite::tungstenite::Error::Http(_)) =>
+        {
+            let tokio_tungstenite::tungstenite::Error::Http(resp) = *e else {
+                unreachable!()
+            };
             assert_eq!(resp.headers()["handshake-status"], "514");
         }
         other => panic!("expected a refused handshake, got {other}"),
@@ -850,10 +883,7 @@ async fn the_page_lists_users_and_messages_and_its_button_sends_a_card_action() 
         .send_card(&Receiver::open_id(ALICE), &card("Authorize"))
         .await
         .unwrap();
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = http(&sb);
     let page = http
         .get(format!("{}/", sb.base_url()))
         .send()

@@ -44,7 +44,7 @@ async fn deduplicated(svc: &Service) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twice() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
-    let svc = Service::start(&sandbox.base_url(), &[]).await;
+    let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
         .await;
@@ -130,7 +130,7 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
 
     // And after a restart, from the durable record of seen ids.
     let dir = svc.stop_keep_dir().await;
-    let svc = Service::start_in(dir, &sandbox.base_url(), &[]).await;
+    let svc = Service::start_in(dir, &sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
     let before = deduplicated(&svc).await;
     let third = sandbox

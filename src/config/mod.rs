@@ -190,7 +190,44 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Public base URL of the HTTP listener.
     pub public_url: Option<Url>,
+    /// Trust and proxy for outgoing connections.
+    pub network: NetworkConfig,
     resolved: BTreeMap<&'static str, (Value, Source)>,
+}
+
+/// Trust and proxy settings for outgoing connections (see [`crate::net`]).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// `tls.ca_file`.
+    pub ca_file: Option<PathBuf>,
+    /// `SSL_CERT_FILE`.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// `SSL_CERT_DIR` entries.
+    pub ssl_cert_dirs: Vec<PathBuf>,
+    /// Proxy URL (may hold credentials).
+    pub proxy: Option<SecretString>,
+    /// `NO_PROXY`.
+    pub no_proxy: Option<String>,
+}
+
+impl NetworkConfig {
+    /// The options [`crate::net::Net::new`] takes.
+    #[must_use]
+    pub fn net_options(&self) -> crate::net::NetOptions {
+        crate::net::NetOptions {
+            trust: crate::net::TrustOptions {
+                ca_files: self
+                    .ca_file
+                    .iter()
+                    .chain(self.ssl_cert_file.iter())
+                    .cloned()
+                    .collect(),
+                ca_dirs: self.ssl_cert_dirs.clone(),
+            },
+            proxy: self.proxy.clone(),
+            no_proxy: self.no_proxy.clone(),
+        }
+    }
 }
 
 /// Backup settings.
@@ -415,6 +452,22 @@ impl Config {
             ),
             http_listen: r.parse("http.listen", "an address such as 127.0.0.1:8080")?,
             public_url: r.url("http.public_url")?,
+            network: NetworkConfig {
+                ca_file: r.path("tls.ca_file"),
+                ssl_cert_file: r.path("tls.ssl_cert_file"),
+                ssl_cert_dirs: r
+                    .plain("tls.ssl_cert_dir")
+                    .map(|d| {
+                        d.split(':')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(PathBuf::from)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                proxy: r.secret("network.proxy"),
+                no_proxy: r.plain("network.no_proxy").filter(|s| !s.trim().is_empty()),
+            },
             resolved: resolved.clone(),
         };
         r.check(
@@ -800,6 +853,12 @@ impl Reader<'_> {
         v.trim()
             .parse()
             .map_err(|_| self.invalid(key, Some(&v), expected))
+    }
+
+    fn path(&self, key: &str) -> Option<PathBuf> {
+        self.plain(key)
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| PathBuf::from(v.trim()))
     }
 
     fn url(&self, key: &str) -> Result<Option<Url>, ConfigError> {

@@ -63,6 +63,11 @@ pub const SETTINGS: &[Setting] = &[
     s!("log.json_format", ["LOG_JSON_FORMAT"], Some("false"), false, "JSON log lines."),
     s!("metrics.port", ["PROMETHEUS_PORT"], Some("8000"), false, "Port of the /metrics listener."),
     s!("metrics.bind", ["METRICS_BIND"], Some("127.0.0.1"), false, "Address of the /metrics listener."),
+    s!("tls.ca_file", ["TLS_CA_FILE"], None, false, "PEM file of extra CAs to trust (a company CA that re-signs TLS); added to the built-in Mozilla roots."),
+    s!("tls.ssl_cert_file", ["SSL_CERT_FILE"], None, false, "The OpenSSL/curl convention: a PEM file of extra CAs, added like tls.ca_file."),
+    s!("tls.ssl_cert_dir", ["SSL_CERT_DIR"], None, false, "The OpenSSL/curl convention: colon-separated directories of PEM CA files, added to the trusted roots."),
+    s!("network.proxy", ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"], None, true, "HTTP proxy for every outgoing connection (OpenAPI and the long connection, by CONNECT): http://[user:password@]host:port."),
+    s!("network.no_proxy", ["no_proxy", "NO_PROXY"], None, false, "Hosts that bypass the proxy, by curl's rules: host names (and their subdomains), IPs, CIDR networks, or *."),
     s!("http.listen", ["HTTP_LISTEN"], Some("127.0.0.1:8080"), false, "Address of the HTTP listener (callbacks, OAuth redirect, admin API)."),
     s!("http.public_url", ["PUBLIC_URL"], None, false, "How users' browsers reach the HTTP listener (for the OAuth redirect)."),
 ];

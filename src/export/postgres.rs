@@ -8,14 +8,19 @@
 //! by `session_id`. The auth path never waits for PostgreSQL: it only appends to the feed.
 //!
 //! Token columns hold the sealed bytes (`nonce || ciphertext`) and the key id, never plaintext.
-//! TLS: connections use `NoTls`; put PostgreSQL on a private network or behind a TLS-terminating
-//! proxy (a TLS connector is future work).
+//! TLS: connections go through rustls with the service's trust (`crate::net`), honouring the
+//! URL's `sslmode`: `disable` (plain), `prefer` (the default: TLS when the server offers it),
+//! `require`; libpq's `verify-ca` and `verify-full` are taken as `require`. Whenever TLS is used
+//! the certificate chain and host name are verified: there is no mode that accepts any
+//! certificate.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::net::Net;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage::{
@@ -39,6 +44,9 @@ pub enum ExportError {
     /// A row could not be imported.
     #[error("import: {0}")]
     Import(String),
+    /// The URL or the TLS setup cannot be used (never contains the URL's password).
+    #[error("postgresql: {0}")]
+    Connect(String),
 }
 
 type Result<T> = std::result::Result<T, ExportError>;
@@ -74,15 +82,39 @@ const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE INDEX IF NOT EXISTS idx_auth_session_open_id ON user_auth_sessions (open_id);",
 )];
 
-/// Connects (NoTls) and drives the connection on a task.
-pub async fn connect(url: &str) -> Result<Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+/// Connects (TLS per the URL's `sslmode`, verified with `net`'s trust) and drives the
+/// connection on a task.
+pub async fn connect(url: &str, net: &Net) -> Result<Client> {
+    let cfg = pg_config(url)?;
+    let tls = net
+        .postgres_tls()
+        .map_err(|e| ExportError::Connect(e.to_string()))?;
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "the server".to_owned(),
+    };
+    let (client, conn) = cfg.connect(tls).await.map_err(|e| {
+        match crate::net::tls::untrusted_certificate(&e, &host) {
+            Some(msg) => ExportError::Connect(msg),
+            None => ExportError::Pg(e),
+        }
+    })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgresql connection ended");
         }
     });
     Ok(client)
+}
+
+/// Parses a `postgres://` URL or key-value string, mapping libpq's `sslmode=verify-ca` /
+/// `verify-full` to `require` (rustls always verifies the chain and the host name).
+pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
+    let text = url
+        .replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require");
+    text.parse::<tokio_postgres::Config>()
+        .map_err(|e| ExportError::Connect(format!("the connection URL cannot be used: {e}")))
 }
 
 /// Applies the embedded migrations not yet applied (under an advisory lock).
@@ -209,8 +241,8 @@ pub async fn write_batch(
 /// One-shot export of every session; then the cursor is set to the last change seq seen
 /// before the copy began (so a continuous export resumes without missing anything).
 /// Returns the number of rows written.
-pub async fn export_all(store: &Store, url: &str) -> Result<u64> {
-    let mut client = connect(url).await?;
+pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
+    let mut client = connect(url, net).await?;
     migrate(&mut client).await?;
     let start_seq = store.run(|s| s.last_change_seq()).await?;
     let mut after = None;
@@ -280,11 +312,16 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
 
 /// One step of the continuous export: (re)connects and migrates if needed, then exports one
 /// batch. On error the connection is dropped (the next step reconnects) and the error counted.
-pub async fn step(store: &Store, url: &SecretString, client: &mut Option<Client>) -> Result<usize> {
+pub async fn step(
+    store: &Store,
+    url: &SecretString,
+    net: &Net,
+    client: &mut Option<Client>,
+) -> Result<usize> {
     use secrecy::ExposeSecret;
     let r = async {
         if client.as_ref().is_none_or(Client::is_closed) {
-            let mut c = connect(url.expose_secret()).await?;
+            let mut c = connect(url.expose_secret(), net).await?;
             migrate(&mut c).await?;
             *client = Some(c);
         }
@@ -304,13 +341,18 @@ pub async fn step(store: &Store, url: &SecretString, client: &mut Option<Client>
 /// The continuous export as a supervised worker (`crate::workers`): each run exports one batch;
 /// a failed run (PostgreSQL down) makes the supervisor back off and retry. `idle` is the poll
 /// interval once caught up.
-pub fn worker(store: Store, url: SecretString, idle: Duration) -> crate::workers::WorkerFn {
+pub fn worker(
+    store: Store,
+    url: SecretString,
+    net: Net,
+    idle: Duration,
+) -> crate::workers::WorkerFn {
     let state = std::sync::Arc::new(tokio::sync::Mutex::new(None::<Client>));
     Box::new(move || {
-        let (store, url, state) = (store.clone(), url.clone(), state.clone());
+        let (store, url, net, state) = (store.clone(), url.clone(), net.clone(), state.clone());
         Box::pin(async move {
             let mut client = state.lock().await;
-            match step(&store, &url, &mut client).await {
+            match step(&store, &url, &net, &mut client).await {
                 Ok(0) => Ok(idle),
                 Ok(_) => Ok(Duration::ZERO),
                 Err(e) => Err(format!("postgresql export paused: {e}")),
@@ -324,6 +366,7 @@ pub fn worker(store: Store, url: SecretString, idle: Duration) -> crate::workers
 pub async fn run_continuous(
     store: Store,
     url: SecretString,
+    net: Net,
     idle: Duration,
     first_backoff: Duration,
     cancel: CancellationToken,
@@ -331,7 +374,7 @@ pub async fn run_continuous(
     let mut backoff = first_backoff;
     let mut client: Option<Client> = None;
     while !cancel.is_cancelled() {
-        let wait = match step(&store, &url, &mut client).await {
+        let wait = match step(&store, &url, &net, &mut client).await {
             Ok(0) => {
                 backoff = first_backoff;
                 idle
@@ -358,8 +401,8 @@ pub async fn run_continuous(
 /// export's shape) are opened with the store's key ring and re-sealed under its active key;
 /// plaintext `access_token` / `refresh_token` columns (the Python service's shape) are sealed.
 /// Returns the number of sessions imported.
-pub async fn import_all(store: &Store, url: &str) -> Result<u64> {
-    let client = connect(url).await?;
+pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
+    let client = connect(url, net).await?;
     let cols: Vec<String> = client
         .query(
             "SELECT column_name::text FROM information_schema.columns

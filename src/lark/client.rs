@@ -215,6 +215,8 @@ pub struct LarkConfig {
     pub token_refresh_share: f64,
     /// Retry policy for transient failures.
     pub retry: RetryPolicy,
+    /// Trust and proxy; `None`: the built-in roots and no proxy.
+    pub net: Option<crate::net::Net>,
 }
 
 impl LarkConfig {
@@ -228,6 +230,7 @@ impl LarkConfig {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             token_refresh_share: DEFAULT_TOKEN_REFRESH_SHARE,
             retry: RetryPolicy::default(),
+            net: None,
         }
     }
 }
@@ -454,8 +457,13 @@ impl LarkClient {
                 "retry.max_attempts must be at least 1".to_owned(),
             ));
         }
-        let http = reqwest::Client::builder()
-            .use_rustls_tls()
+        let net = match config.net {
+            Some(n) => n,
+            None => crate::net::Net::new(&crate::net::NetOptions::default())
+                .map_err(|e| Error::Config(e.to_string()))?,
+        };
+        let http = net
+            .http_client_builder()
             .user_agent(concat!("lark-service/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.request_timeout)
             .redirect(reqwest::redirect::Policy::none())

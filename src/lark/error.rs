@@ -189,6 +189,10 @@ pub enum Error {
         /// Whether the per-request timeout fired.
         timeout: bool,
     },
+    /// The server's TLS certificate is not trusted: the message names the host and how to add a
+    /// CA. Not transient: retrying cannot help until the operator adds the CA.
+    #[error("lark request refused: {0}")]
+    Untrusted(String),
     /// A success response whose body did not have the documented shape.
     #[error(
         "lark response could not be decoded: {reason} (http {status}{})",
@@ -209,6 +213,13 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn transport(err: reqwest::Error) -> Self {
+        let host = err
+            .url()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_else(|| "the server".to_owned());
+        if let Some(msg) = crate::net::tls::untrusted_certificate(&err, &host) {
+            return Self::Untrusted(msg);
+        }
         let timeout = err.is_timeout();
         Self::Transport {
             source: Arc::new(err),
@@ -244,7 +255,7 @@ impl Error {
             }
             Self::OAuth { status, .. } => *status,
             Self::Transport { source, .. } => source.status().map(|s| s.as_u16()),
-            Self::Config(_) => None,
+            Self::Config(_) | Self::Untrusted(_) => None,
         }
     }
 
@@ -256,7 +267,7 @@ impl Error {
             | Self::OAuth { log_id, .. }
             | Self::Http { log_id, .. }
             | Self::Decode { log_id, .. } => log_id.as_deref(),
-            Self::Transport { .. } | Self::Config(_) => None,
+            Self::Transport { .. } | Self::Config(_) | Self::Untrusted(_) => None,
         }
     }
 
@@ -295,7 +306,7 @@ impl Error {
                 )
             }
             Self::Http { status, .. } => *status == 429 || *status >= 500,
-            Self::Decode { .. } | Self::Config(_) => false,
+            Self::Decode { .. } | Self::Config(_) | Self::Untrusted(_) => false,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct LongConnConfig {
     pub heartbeat: Duration,
     /// Fragment reassembly limits.
     pub reassembly: ReassemblyLimits,
+    /// Trust and proxy (shared with the OpenAPI client).
+    pub net: crate::net::Net,
 }
 
 impl std::fmt::Debug for LongConnConfig {
@@ -101,7 +103,9 @@ impl LongConn {
     /// A connection that hands events to `dispatcher`.
     #[must_use]
     pub fn new(cfg: LongConnConfig, dispatcher: Dispatcher) -> Self {
-        let http = reqwest::Client::builder()
+        let http = cfg
+            .net
+            .http_client_builder()
             .timeout(Duration::from_secs(15))
             .build()
             .unwrap_or_default();
@@ -242,7 +246,7 @@ impl LongConn {
                     .inc();
                 return Err(AttemptError::Retry(format!(
                     "endpoint discovery: {}",
-                    e.without_url()
+                    crate::net::describe_http_error(&e)
                 )));
             }
         };
@@ -264,20 +268,24 @@ impl LongConn {
         server.apply(&endpoint.config);
         let params = ConnParams::from_url(&endpoint.url)
             .map_err(|e| AttemptError::Retry(format!("discovered URL: {e}")))?;
-        // Nagle off: ACKs are small and must leave at once (the 3 s window is the platform's).
-        match tokio_tungstenite::connect_async_with_config(endpoint.url.as_str(), None, true).await
-        {
+        // TLS with the shared trust, through the proxy when one applies; Nagle off (ACKs are
+        // small and must leave at once: the 3 s window is the platform's).
+        match crate::net::dial_websocket(&self.cfg.net, endpoint.url.as_str()).await {
             Ok((ws, _)) => Ok((ws, params)),
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let h = resp.headers().clone();
-                let rej =
-                    classify_handshake(status, |name| h.get(name).and_then(|v| v.to_str().ok()));
-                Err(match rej.class {
-                    FailureClass::Fatal => AttemptError::Fatal(rej.to_string()),
-                    FailureClass::Retry => AttemptError::Retry(rej.to_string()),
-                })
-            }
+            Err(crate::net::DialError::Handshake(e)) => match *e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let status = resp.status().as_u16();
+                    let h = resp.headers().clone();
+                    let rej = classify_handshake(status, |name| {
+                        h.get(name).and_then(|v| v.to_str().ok())
+                    });
+                    Err(match rej.class {
+                        FailureClass::Fatal => AttemptError::Fatal(rej.to_string()),
+                        FailureClass::Retry => AttemptError::Retry(rej.to_string()),
+                    })
+                }
+                other => Err(AttemptError::Retry(format!("websocket handshake: {other}"))),
+            },
             Err(e) => Err(AttemptError::Retry(format!("websocket dial: {e}"))),
         }
     }

@@ -14,6 +14,7 @@
 mod apaas;
 mod page;
 mod platform;
+mod tls;
 mod ws;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -49,6 +50,9 @@ pub struct SandboxOptions {
     pub ping_interval: u64,
     /// Users beyond Alice, Bob and Carol (`ou_sandbox_user0000`, …), for load tests.
     pub extra_users: usize,
+    /// Serve HTTPS and WSS with a CA generated at start, as the platform serves TLS (the
+    /// default); `false`: plain HTTP and `ws://`, for local benchmarks and plain-mode tests.
+    pub tls: bool,
 }
 
 impl Default for SandboxOptions {
@@ -61,6 +65,7 @@ impl Default for SandboxOptions {
             admin_token: None,
             ping_interval: 30,
             extra_users: 0,
+            tls: true,
         }
     }
 }
@@ -175,6 +180,8 @@ pub(crate) struct Shared {
     pub http: reqwest::Client,
     /// Endpoint groups whose requests are held (not answered) until released.
     pub holds: tokio::sync::watch::Sender<HashSet<&'static str>>,
+    /// The CA of the sandbox's certificate (PEM), when it serves TLS.
+    pub ca_pem: Option<String>,
 }
 
 impl Shared {
@@ -191,7 +198,23 @@ impl Shared {
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The long connection's URL prefix. Under TLS it names the host `localhost` (the OpenAPI
+    /// base names `127.0.0.1`): two host names, as the platform has (`open.feishu.cn`,
+    /// `msg-frontier.feishu.cn`), so a proxy sees a tunnel to each.
+    pub fn ws_base(&self) -> String {
+        if self.ca_pem.is_some() {
+            format!("wss://localhost:{}", self.addr.port())
+        } else {
+            format!("ws://{}", self.addr)
+        }
     }
 }
 
@@ -229,6 +252,9 @@ pub enum SandboxError {
     /// A control call could not be carried out.
     #[error("sandbox: {0}")]
     Control(String),
+    /// The TLS certificates could not be made.
+    #[error("sandbox: {0}")]
+    Tls(String),
 }
 
 impl Sandbox {
@@ -244,7 +270,14 @@ impl Sandbox {
             port: opts.port,
             source,
         })?;
+        let tls = if opts.tls {
+            Some(tls::generate().map_err(SandboxError::Tls)?)
+        } else {
+            None
+        };
+        let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let shared = Arc::new(Shared {
+            ca_pem,
             inner: Mutex::new(Inner {
                 users: platform::default_users(opts.extra_users),
                 ..Inner::default()
@@ -261,11 +294,24 @@ impl Sandbox {
             .merge(page::router(shared.clone()))
             .merge(ws::router(shared.clone()));
         let c = cancel.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { c.cancelled().await })
-                .await;
-        });
+        match tls {
+            Some(t) => {
+                let listener = tls::TlsListener::new(listener, t.acceptor, cancel.clone())
+                    .map_err(|source| SandboxError::Bind { port: 0, source })?;
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { c.cancelled().await })
+                        .await;
+                });
+            }
+            None => {
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { c.cancelled().await })
+                        .await;
+                });
+            }
+        }
         tokio::spawn(ws::redeliver_loop(shared.clone(), cancel.clone()));
         Ok(Self { shared, cancel })
     }
@@ -274,6 +320,13 @@ impl Sandbox {
     #[must_use]
     pub fn base_url(&self) -> String {
         self.shared.base_url()
+    }
+
+    /// The CA that signed the sandbox's certificate (PEM), for `tls.ca_file`; `None` in plain
+    /// mode.
+    #[must_use]
+    pub fn ca_pem(&self) -> Option<String> {
+        self.shared.ca_pem.clone()
     }
 
     /// The sandbox app's id ([`APP_ID`]).

@@ -224,8 +224,8 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     let ticket = s.next_id("tk");
     s.lock().tickets.insert(ticket.clone());
     let url = format!(
-        "ws://{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={ticket}",
-        s.addr,
+        "{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={ticket}",
+        s.ws_base(),
         s.next_id("ak"),
     );
     Json(json!({

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use lark_service::config::{Config, LoadOptions};
 use lark_service::daemon::{run, Listeners};
-use lark_service::sandbox::{APP_ID, APP_SECRET};
+use lark_service::sandbox::{Sandbox, APP_ID, APP_SECRET};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
@@ -26,11 +26,31 @@ pub struct Service {
 }
 
 impl Service {
-    pub async fn start(domain: &str, extra: &[(&str, &str)]) -> Self {
-        Self::start_in(tempfile::tempdir().unwrap(), domain, extra).await
+    /// The service against `sandbox`, trusting the sandbox's CA through `TLS_CA_FILE` (as an
+    /// operator trusts a company CA).
+    pub async fn start(sandbox: &Sandbox, extra: &[(&str, &str)]) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), sandbox, extra).await
     }
 
-    pub async fn start_in(dir: tempfile::TempDir, domain: &str, extra: &[(&str, &str)]) -> Self {
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        sandbox: &Sandbox,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let mut with_ca: Vec<(&str, &str)> = Vec::new();
+        let ca_path = dir.path().join("sandbox-ca.pem");
+        let ca_text;
+        if let Some(pem) = sandbox.ca_pem() {
+            std::fs::write(&ca_path, pem).unwrap();
+            ca_text = ca_path.display().to_string();
+            with_ca.push(("TLS_CA_FILE", &ca_text));
+        }
+        with_ca.extend_from_slice(extra);
+        Self::start_with(dir, &sandbox.base_url(), &with_ca).await
+    }
+
+    /// The service against any platform at `domain`, with exactly the settings given.
+    pub async fn start_with(dir: tempfile::TempDir, domain: &str, extra: &[(&str, &str)]) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
