@@ -15,6 +15,13 @@ h1{font-size:22px}h2{font-size:17px;margin:18px 0 6px}.card{background:#fff;bord
 .title{font-weight:600;margin-bottom:6px}.muted{color:#8f959e;font-size:12px}button,.btn{display:inline-block;border:1px solid #3370ff;background:#3370ff;color:#fff;border-radius:6px;padding:5px 12px;margin:4px 6px 0 0;text-decoration:none;font-size:14px;cursor:pointer}\
 .no{background:#fff;color:#f54a45;border-color:#f54a45}.status{font-size:14px;margin:6px 0}.token-stored{color:#2ea121}.token-none{color:#8f959e}.ok{background:#34c724;border-color:#34c724}form{display:inline}code{background:#eff0f1;padding:1px 4px;border-radius:4px}</style>";
 
+/// Reloads the page every 2 s, except once a button or link was pressed (a reload then would
+/// cancel the navigation it started) or while the tab is hidden.
+const RELOAD: &str = "<noscript><meta http-equiv=refresh content=2></noscript><script>\
+let leaving=false;addEventListener('submit',()=>leaving=true);\
+addEventListener('click',e=>{if(e.target.closest('a'))leaving=true});\
+setInterval(()=>{if(!leaving&&!document.hidden)location.reload()},2000)</script>";
+
 pub(crate) fn router(s: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(index))
@@ -295,7 +302,7 @@ async fn index(State(s): State<Arc<Shared>>) -> Html<String> {
     let users = s.lock().users.clone();
     let notes = s.lock().page_notes.clone();
     let mut out = format!(
-        "<!doctype html><html><head><meta charset=utf-8><meta http-equiv=refresh content=2><title>lark-service sandbox</title>{CSS}</head><body>\
+        "<!doctype html><html><head><meta charset=utf-8><title>lark-service sandbox</title>{CSS}{RELOAD}</head><body>\
          <h1>Feishu sandbox</h1><p class=muted>A local imitation of the Feishu platform at <code>{}</code>. App <code>{}</code>. \
          This page shows what each sandbox user's Feishu client would show; it refreshes every 2 s.</p>",
         esc(&s.base_url()),
