@@ -374,14 +374,10 @@ async fn a_browser_authorizes_alice_through_the_sandbox_page() {
     svc.stop().await;
 }
 
-/// [`trust_ca`] on a CA generated here: certutil then validates the CA as one that may issue
-/// TLS server certificates, and a database without it does not know it.
-#[test]
-fn trust_ca_puts_a_generated_ca_in_a_fresh_nss_database() {
-    if !browser_tools() {
-        return;
-    }
-    let key = rcgen::KeyPair::generate().unwrap();
+/// A CA generated here: its PEM, and a server certificate for 127.0.0.1 it issued (DER) with
+/// that certificate's key (PKCS#8 DER).
+fn test_ca() -> (String, Vec<u8>, Vec<u8>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params
@@ -391,10 +387,90 @@ fn trust_ca_puts_a_generated_ca_in_a_fresh_nss_database() {
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
     ];
-    let ca = params.self_signed(&key).unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(params, &ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "127.0.0.1");
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    (ca.pem(), leaf.der().to_vec(), leaf_key.serialize_der())
+}
+
+/// Serves one small HTML page over HTTPS on 127.0.0.1 with `cert`; returns its URL.
+async fn https_page(cert: Vec<u8>, key: Vec<u8>) -> String {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from(cert)],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "<!doctype html><title>trusted</title><p id=ok>served over TLS</p>";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+/// What Chromium with `HOME=home` shows at `url`: the page's title.
+async fn title_at(home: &Path, url: &str) -> String {
+    let browser = Browser::start(home).await;
+    let mut title = String::new();
+    browser
+        .steps("tls-trust", async {
+            browser.c().goto(url).await.unwrap();
+            title = browser.c().title().await.unwrap();
+        })
+        .await;
+    browser.quit().await;
+    title
+}
+
+/// [`trust_ca`] on a CA generated here: certutil validates it as a CA for TLS servers, and
+/// Chromium opens an HTTPS page whose certificate it issued, while a Chromium whose `HOME`
+/// lacks it refuses the same page (certificate errors are never ignored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_ca_makes_chromium_trust_a_generated_ca_and_only_then() {
+    if !browser_tools() {
+        return;
+    }
+    let (ca_pem, cert, key) = test_ca();
+    let url = https_page(cert, key).await;
 
     let home = tempfile::tempdir().unwrap();
-    trust_ca(home.path(), &ca.pem()).unwrap();
+    trust_ca(home.path(), &ca_pem).unwrap();
     let db = format!("sql:{}", home.path().join(".pki/nssdb").display());
     let listed = run_certutil(&["-L", "-d", &db]).unwrap();
     let line = listed
@@ -404,9 +480,14 @@ fn trust_ca_puts_a_generated_ca_in_a_fresh_nss_database() {
     assert!(line.trim_end().ends_with("C,,"), "{line}");
     let valid = run_certutil(&["-V", "-d", &db, "-n", "lark-sandbox", "-u", "L"]).unwrap();
     assert!(valid.contains("certificate is valid"), "{valid}");
+    assert_eq!(title_at(home.path(), &url).await, "trusted");
 
-    let other = tempfile::tempdir().unwrap();
-    let other_db = format!("sql:{}", other.path().display());
-    run_certutil(&["-N", "-d", &other_db, "--empty-password"]).unwrap();
-    assert!(run_certutil(&["-L", "-d", &other_db, "-n", "lark-sandbox"]).is_err());
+    // The same page in a Chromium whose HOME does not hold the CA: an error page, not ours.
+    let untrusted = tempfile::tempdir().unwrap();
+    let title = title_at(untrusted.path(), &url).await;
+    eprintln!("Chromium without the CA shows: {title:?}");
+    assert_ne!(
+        title, "trusted",
+        "Chromium accepted a certificate from an unknown CA"
+    );
 }
