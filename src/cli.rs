@@ -17,7 +17,8 @@ use crate::storage::{self, now_ms, Key, SessionId, SessionState, Store, StoreOpt
 #[derive(Debug, Parser)]
 #[command(name = "lark-service", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Config file (default: /etc/lark-service/config.toml when it exists).
+    /// Config file (default: /etc/lark-service/config.toml when it exists; `serve --sandbox`
+    /// reads no default file, only one named here).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Override a setting by its TOML key, e.g. `--set auth.request_rate_limit=10`.
@@ -133,8 +134,10 @@ pub struct RestoreArgs {
 /// `serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Development mode with no Feishu account: a token key is generated into the data
-    /// directory and sandbox app credentials are used.
+    /// Development mode with no Feishu account: runs a local imitation of Feishu beside the
+    /// service. Reads no default config file (only an explicit --config, the environment and
+    /// --set), keeps the store in ./data/lark-service.redb and generates a token key
+    /// (./data/sandbox-token.key) and an admin token (./data/sandbox-admin-token), mode 0600.
     #[arg(long)]
     pub sandbox: bool,
     /// With --sandbox: serve the sandbox over plain HTTP and ws:// instead of HTTPS and wss://

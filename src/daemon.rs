@@ -4,7 +4,7 @@
 //! `run` takes the listener and the shutdown future from its caller so tests can inject both.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,11 +25,19 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// `lark-service serve`.
 pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
-    let mut cfg = Config::load(opts)?;
+    let default_config = Path::new(crate::config::DEFAULT_CONFIG_PATH);
+    let mut cfg = serve_config(
+        opts,
+        args.sandbox,
+        &crate::config::ProcessEnv,
+        default_config,
+    )?;
     crate::telemetry::init(&cfg.log);
-    if args.sandbox {
-        sandbox_defaults(&mut cfg)?;
-    }
+    let files = if args.sandbox {
+        sandbox_defaults(&mut cfg)?
+    } else {
+        SandboxFiles::default()
+    };
     cfg.require_serve()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -54,7 +62,7 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
             let http = listener
                 .local_addr()
                 .context("reading the listener address")?;
-            Some(start_sandbox(&mut cfg, http, !args.plain).await?)
+            Some(start_sandbox(&mut cfg, http, files, !args.plain).await?)
         } else {
             None
         };
@@ -66,20 +74,38 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
     })
 }
 
+/// The configuration `serve` runs with. With `sandbox` the default config file
+/// (`default_config`, the packaged `/etc/lark-service/config.toml`) is not read, so the
+/// sandbox never picks up a production store, key or token: settings come from the built-in
+/// defaults (store `./data/lark-service.redb`, loopback listeners), an explicit `--config`,
+/// the environment and `--set` flags.
+pub fn serve_config(
+    opts: &LoadOptions,
+    sandbox: bool,
+    env: &dyn crate::config::Env,
+    default_config: &Path,
+) -> Result<Config, CliError> {
+    let default_config = (!sandbox).then_some(default_config);
+    Ok(Config::load_with_default(opts, env, default_config)?)
+}
+
 /// Starts the platform imitation beside the service and points the service at it.
 async fn start_sandbox(
     cfg: &mut Config,
     http: std::net::SocketAddr,
+    files: SandboxFiles,
     tls: bool,
 ) -> Result<crate::sandbox::Sandbox, CliError> {
-    let admin = cfg.admin_token.clone().unwrap_or_else(|| {
-        let (_, t) = crate::storage::Key::generate();
-        t
-    });
-    cfg.admin_token = Some(admin.clone());
+    let admin = cfg
+        .admin_token
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the sandbox has no admin token"))?;
+    let service = format!("http://{http}");
     let sandbox = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
-        request_auth_url: Some(format!("http://{http}/api/v1/auth/requests")),
+        request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
+        service_url: Some(service.clone()),
         admin_token: Some(secrecy::ExposeSecret::expose_secret(&admin).to_owned()),
+        admin_token_file: files.admin_token_file.as_deref().map(absolute),
         tls,
         ..crate::sandbox::SandboxOptions::default()
     })
@@ -99,34 +125,79 @@ async fn start_sandbox(
     cfg.app_id = Some(crate::sandbox::APP_ID.to_owned());
     cfg.app_secret = Some(SecretString::from(crate::sandbox::APP_SECRET.to_owned()));
     if cfg.public_url.is_none() && cfg.auth.redirect_uri.is_none() {
-        cfg.auth.redirect_uri = url::Url::parse(&format!("http://{http}/oauth/callback")).ok();
+        cfg.auth.redirect_uri = url::Url::parse(&format!("{service}/oauth/callback")).ok();
     }
     println!(
         "sandbox: a local imitation of Feishu runs at {0}/ — open it in a browser, press \"Ask … to authorize\", then the card's Authorize button, and approve",
         sandbox.base_url()
     );
+    if let Some(path) = &files.admin_token_file {
+        println!(
+            "sandbox: the admin token (bearer for {service}/api/v1/…) is in {}",
+            absolute(path).display()
+        );
+    }
     Ok(sandbox)
 }
 
-/// Fills what a developer without a Feishu account lacks: sandbox app credentials and a token
-/// key kept beside the store (generated on first use, mode 0600).
-fn sandbox_defaults(cfg: &mut Config) -> Result<(), CliError> {
+/// `path` made absolute against the working directory (as it is, if that cannot be read).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// Files `serve --sandbox` keeps beside the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxFiles {
+    /// The file holding the generated admin token; `None` when `admin_token` was configured.
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Fills what a developer without a Feishu account lacks: sandbox app credentials, a token key
+/// and an admin token kept beside the store (each generated on first use, mode 0600). Settings
+/// given explicitly are kept.
+pub fn sandbox_defaults(cfg: &mut Config) -> Result<SandboxFiles, CliError> {
     // The sandbox platform (started once the listener is bound) supplies the app identity.
     cfg.app_id = Some(crate::sandbox::APP_ID.to_owned());
     cfg.app_secret = Some(SecretString::from(crate::sandbox::APP_SECRET.to_owned()));
+    let dir = cfg
+        .storage_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_owned();
     if cfg.token_key.is_none() {
-        let dir = cfg.storage_path.parent().unwrap_or(Path::new("."));
-        let key_path = dir.join("sandbox-token.key");
-        if !key_path.exists() {
-            let (_, text) = crate::storage::Key::generate();
-            write_private(&key_path, secrecy::ExposeSecret::expose_secret(&text))?;
-            info!(path = %key_path.display(), "Generated a sandbox token key.");
-        }
-        let text = std::fs::read_to_string(&key_path)
-            .with_context(|| format!("reading {}", key_path.display()))?;
-        cfg.token_key = Some(SecretString::from(text.trim().to_owned()));
+        cfg.token_key = Some(generated_secret(
+            &dir.join("sandbox-token.key"),
+            "token key",
+        )?);
     }
-    Ok(())
+    let mut files = SandboxFiles::default();
+    if cfg.admin_token.is_none() {
+        let path = dir.join("sandbox-admin-token");
+        cfg.admin_token = Some(generated_secret(&path, "admin token")?);
+        files.admin_token_file = Some(path);
+    }
+    Ok(files)
+}
+
+/// Reads the secret in `path`, generating it (mode 0600) first if the file does not exist.
+fn generated_secret(path: &Path, what: &str) -> Result<SecretString, CliError> {
+    if !path.exists() {
+        let (_, text) = crate::storage::Key::generate();
+        write_private(path, secrecy::ExposeSecret::expose_secret(&text))?;
+        info!(path = %path.display(), "Generated a sandbox {what}.");
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(anyhow::anyhow!(
+            "{} is empty; delete it to generate a new {what}",
+            path.display()
+        )
+        .into());
+    }
+    Ok(SecretString::from(text.to_owned()))
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).
@@ -546,4 +617,106 @@ fn app_handler(auth: crate::auth::AuthService) -> crate::events::Handler {
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A config file at the default path that would point `serve` at a production store.
+    fn poisoned_default(dir: &Path) -> PathBuf {
+        let p = dir.join("config.toml");
+        std::fs::write(
+            &p,
+            "[storage]\npath = \"/var/lib/lark-service/poisoned.redb\"\n",
+        )
+        .unwrap();
+        p
+    }
+
+    #[test]
+    fn sandbox_serve_reads_no_default_config_but_plain_serve_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = poisoned_default(dir.path());
+        let env: HashMap<String, String> = HashMap::new();
+        let opts = LoadOptions::default();
+
+        let plain = serve_config(&opts, false, &env, &default).unwrap();
+        assert_eq!(
+            plain.storage_path,
+            PathBuf::from("/var/lib/lark-service/poisoned.redb"),
+            "plain serve reads the default config file"
+        );
+        let sandbox = serve_config(&opts, true, &env, &default).unwrap();
+        assert_eq!(
+            sandbox.storage_path,
+            PathBuf::from("./data/lark-service.redb")
+        );
+        assert_eq!(sandbox.http_listen.ip(), std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(sandbox.metrics_addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+        assert!(sandbox.admin_token.is_none() && sandbox.token_key.is_none());
+
+        // An explicit --config and the environment are still honoured.
+        let explicit = LoadOptions {
+            config_path: Some(default.clone()),
+            overrides: vec![],
+        };
+        let c = serve_config(&explicit, true, &env, &default).unwrap();
+        assert_eq!(
+            c.storage_path,
+            PathBuf::from("/var/lib/lark-service/poisoned.redb")
+        );
+        let env: HashMap<String, String> =
+            [("STORAGE_PATH".to_owned(), "/tmp/x/s.redb".to_owned())].into();
+        let c = serve_config(&opts, true, &env, &default).unwrap();
+        assert_eq!(c.storage_path, PathBuf::from("/tmp/x/s.redb"));
+    }
+
+    #[test]
+    fn sandbox_defaults_generate_private_key_and_admin_token_files_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let env: HashMap<String, String> = [(
+            "STORAGE_PATH".to_owned(),
+            dir.path().join("data/s.redb").display().to_string(),
+        )]
+        .into();
+        let load = || Config::load_with_default(&LoadOptions::default(), &env, None).unwrap();
+        let mut cfg = load();
+        let files = sandbox_defaults(&mut cfg).unwrap();
+        let token_file = dir.path().join("data/sandbox-admin-token");
+        assert_eq!(
+            files.admin_token_file.as_deref(),
+            Some(token_file.as_path())
+        );
+        for f in [&token_file, &dir.path().join("data/sandbox-token.key")] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+        let token =
+            secrecy::ExposeSecret::expose_secret(cfg.admin_token.as_ref().unwrap()).to_owned();
+        assert_eq!(std::fs::read_to_string(&token_file).unwrap().trim(), token);
+        assert!(cfg.keyring().is_ok());
+
+        // A restart reuses both.
+        let mut again = load();
+        sandbox_defaults(&mut again).unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(again.admin_token.as_ref().unwrap()),
+            token
+        );
+
+        // A configured admin token is kept and no file is named for it.
+        let mut env2 = env.clone();
+        env2.insert("LARK_SERVICE_ADMIN_TOKEN".into(), "configured".into());
+        let mut c = Config::load_with_default(&LoadOptions::default(), &env2, None).unwrap();
+        let files = sandbox_defaults(&mut c).unwrap();
+        assert_eq!(files.admin_token_file, None);
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(c.admin_token.as_ref().unwrap()),
+            "configured"
+        );
+    }
 }

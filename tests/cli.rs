@@ -370,3 +370,105 @@ fn sigterm_right_after_ready_is_a_clean_stop() {
         );
     }
 }
+
+/// `serve --sandbox` from an empty working directory with nothing configured: everything it
+/// keeps is under `./data/` (store, generated token key and admin token, both mode 0600), its
+/// listeners are on loopback, and the admin token in the file it names opens the admin API.
+/// (The packaged default config path is fixed at /etc/lark-service/config.toml, so that
+/// sandbox mode does not read it is tested at the function level in `daemon::tests`.)
+#[test]
+fn sandbox_serve_keeps_everything_under_data_and_names_the_admin_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Command::new(BIN)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", dir.path())
+        .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("PROMETHEUS_PORT", "0")
+        .args(["serve", "--sandbox"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let ready = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the service stopped before it was ready: {seen:?}"))
+            .unwrap();
+        if line.starts_with("lark-service ready: ") {
+            break line;
+        }
+        seen.push(line);
+    };
+    let data = dir.path().join("data");
+    let token_file = data.join("sandbox-admin-token");
+    let canonical = std::fs::canonicalize(&token_file).unwrap();
+    assert!(
+        seen.iter().any(|l| l.contains("admin token")
+            && (l.contains(&token_file.display().to_string())
+                || l.contains(&canonical.display().to_string()))),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("sandbox: a local imitation of Feishu runs at https://127.0.0.1:")),
+        "{seen:?}"
+    );
+    assert!(data.join("lark-service.redb").exists());
+    // The sandbox's CA is written beside the store and is what the service trusts it by.
+    assert!(std::fs::read_to_string(data.join("sandbox-ca.pem"))
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    for f in [&token_file, &data.join("sandbox-token.key")] {
+        let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    let service = ready
+        .strip_prefix("lark-service ready: ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    assert!(service.starts_with("http://127.0.0.1:"), "{ready}");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = |bearer: &str| {
+        rt.block_on(async {
+            reqwest::Client::new()
+                .get(format!("{service}/api/v1/users/ou_sandbox_alice/token"))
+                .bearer_auth(bearer.trim())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    assert_eq!(get(&token), 404, "the file's admin token opens the API");
+    assert_eq!(get("wrong"), 401);
+
+    let rc = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    let out = serve.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing outside ./data/ (and no config file) was created in the working directory.
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(entries, ["data"], "{entries:?}");
+}

@@ -477,3 +477,127 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
     assert!(moved("lark_service_sweep_removed_total", "expired") >= 1.0);
     svc.stop().await;
 }
+
+/// The sandbox page as a newcomer sees it beside the service: how to call the token API and
+/// where the admin token is, each user's session state and stored token (from the service's
+/// admin API), and the card rendered (markdown as HTML, never raw `**`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_file() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = format!("http://{}", listener.local_addr().unwrap());
+    let token_file = std::path::PathBuf::from("/srv/dev/data/sandbox-admin-token");
+    let sandbox = Sandbox::start(SandboxOptions {
+        request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
+        service_url: Some(service.clone()),
+        admin_token: Some(ADMIN.to_owned()),
+        admin_token_file: Some(token_file.clone()),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sandbox-ca.pem");
+    let pem = sandbox.ca_pem().expect("the sandbox serves HTTPS");
+    std::fs::write(&ca, &pem).unwrap();
+    let ca = ca.display().to_string();
+    let svc = Service::start_on(dir, listener, &sandbox.base_url(), &[("TLS_CA_FILE", &ca)]).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let page_url = format!("{}/", sandbox.base_url());
+    let page = || async {
+        http.get(&page_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let alice = |p: &str| -> String {
+        let start = p
+            .find("id=\"status-ou_sandbox_alice\"")
+            .expect("Alice's status");
+        p[start..start + p[start..].find("</div></div>").unwrap()].to_owned()
+    };
+
+    let p = page().await;
+    assert!(
+        p.contains(&format!(
+            "<code id=admin-token-file>{}</code>",
+            token_file.display()
+        )),
+        "{p}"
+    );
+    assert!(
+        p.contains(&format!(
+            "curl -H \"Authorization: Bearer $(cat {})\" {service}/api/v1/users/ou_sandbox_alice/token",
+            token_file.display()
+        )),
+        "{p}"
+    );
+    assert!(!p.contains(ADMIN), "the page names the file, not the token");
+    assert!(alice(&p).contains("no token stored"), "{}", alice(&p));
+
+    // "Ask Alice to authorize": the page asks the service, which sends the card.
+    let r = http
+        .post(format!("{}/sandbox/request", sandbox.base_url()))
+        .form(&[("open_id", "ou_sandbox_alice")])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection());
+    let p = page().await;
+    let a = alice(&p);
+    let session = a
+        .split("session <code>")
+        .nth(1)
+        .and_then(|x| x.split("</code>").next())
+        .expect("the page shows the session it started")
+        .to_owned();
+    assert!(a.contains("<b class=state>pending</b>"), "{a}");
+    assert!(a.contains("no token stored"), "{a}");
+    assert!(
+        p.contains("<div class=title>Authorization required</div>"),
+        "{p}"
+    );
+    assert!(p.contains("<b>Permissions:</b>"), "{p}");
+    assert!(!p.contains("**"), "raw markdown on the page: {p}");
+    let (code, s) = svc.get(&format!("/api/v1/auth/sessions/{session}")).await;
+    assert_eq!(code, 200, "{s}");
+
+    // The card's Authorize link, then Approve: the session completes and a token is stored.
+    let card = sandbox.messages_for("ou_sandbox_alice");
+    let authorize = find_string(&card[0].content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .unwrap()
+    .to_owned();
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    assert_eq!(http.get(&redirect).send().await.unwrap().status(), 200);
+    let p = page().await;
+    let a = alice(&p);
+    assert!(a.contains("<b class=state>completed</b>"), "{a}");
+    let (code, t) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+    assert_eq!(code, 200, "{t}");
+    let t: Value = serde_json::from_str(&t).unwrap();
+    let expires = chrono::DateTime::from_timestamp_millis(t["expires_at"].as_i64().unwrap())
+        .unwrap()
+        .format("%Y-%m-%d %H:%M:%S UTC")
+        .to_string();
+    assert!(
+        a.contains(&format!("token stored</b>, expires {expires}")),
+        "{a} vs {expires}"
+    );
+    assert!(
+        !p.contains(t["access_token"].as_str().unwrap()),
+        "no token on the page"
+    );
+    assert!(
+        p.contains("<div class=title>Authorization complete</div>"),
+        "{p}"
+    );
+    svc.stop().await;
+}

@@ -1,4 +1,5 @@
-//! `kill -9` of the service, 50 times, while users complete authorizations and the worker
+//! `kill -9` of the service, at least 50 times (more on a slow machine, until at least 20
+//! acknowledged completions were exercised), while users complete authorizations and the worker
 //! refreshes tokens: every completion the service acknowledged (the browser saw "Authorization
 //! complete") is present after the restart, and every token the API hands out belongs to the
 //! right user (nothing decrypts wrong or crosses users).
@@ -46,6 +47,75 @@ fn spawn(dir: &std::path::Path, sandbox: &str, port: u16) -> Child {
         .unwrap()
 }
 
+/// Waits (bounded) until the restarted service answers `/healthz`.
+async fn wait_up(http: &reqwest::Client, base: &str, round: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "round {round}: the service did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every acknowledged completion is a completed session, and the token API hands out a token
+/// of the right user (or says plainly that the user must authorize again). Returns how many
+/// tokens were checked and how many answered `needs_reauthorization`.
+async fn check_acknowledged(
+    http: &reqwest::Client,
+    base: &str,
+    sandbox: &Sandbox,
+    acknowledged: &[(String, String)],
+    round: usize,
+) -> (usize, usize) {
+    let (mut tokens, mut reauth) = (0, 0);
+    for (session, user) in acknowledged {
+        let r = http
+            .get(format!("{base}/api/v1/auth/sessions/{session}"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let s: Value = r.json().await.unwrap();
+        assert_eq!(
+            s["state"], "completed",
+            "round {round}: acknowledged session {session} is {s}"
+        );
+        let r = http
+            .get(format!("{base}/api/v1/users/{user}/token"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => {
+                let t: Value = r.json().await.unwrap();
+                let owner = sandbox.token_owner(t["access_token"].as_str().unwrap());
+                assert_eq!(
+                    owner.as_deref(),
+                    Some(user.as_str()),
+                    "round {round}: a token of the wrong user"
+                );
+                tokens += 1;
+            }
+            // A refresh token rotated by the platform just before a kill is lost with it:
+            // the user must authorize again, which the API says plainly.
+            409 => reauth += 1,
+            other => panic!("round {round}: token API answered {other} for {user}"),
+        }
+    }
+    (tokens, reauth)
+}
+
+/// At least this many kill -9 restarts, whatever the machine's speed.
+const MIN_KILLS: usize = 50;
+/// At least this many acknowledged completions must have been exercised (checked after a kill).
+const TARGET_COMPLETIONS: usize = 20;
+/// Guards so that a broken service fails the test instead of looping forever.
+const MAX_ROUNDS: usize = 200;
+const MAX_TOTAL: Duration = Duration::from_secs(300);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_completions_survive_50_kills() {
     let sandbox = Sandbox::start(SandboxOptions {
@@ -67,55 +137,34 @@ async fn acknowledged_completions_survive_50_kills() {
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
+    let started_at = std::time::Instant::now();
     let mut acknowledged: Vec<(String, String)> = Vec::new();
     let mut rng = rand::rng();
-    for round in 0..50 {
+    // The kill lands at a random point in 0..window after the completions start. The window
+    // follows the machine's speed: it widens while rounds end before any completion was
+    // acknowledged and narrows while every completion finishes before the kill, so kills keep
+    // landing in the middle of the load on fast and slow machines alike.
+    let mut window_ms: u64 = 60;
+    let (mut rounds, mut tokens_checked, mut reauth_needed) = (0usize, 0usize, 0usize);
+    let mut cut_short = 0usize;
+    while rounds < MIN_KILLS || acknowledged.len() < TARGET_COMPLETIONS {
+        assert!(
+            rounds < MAX_ROUNDS && started_at.elapsed() < MAX_TOTAL,
+            "kill9 gave up after {rounds} rounds in {:?} with {} acknowledged completions \
+             (needs {MIN_KILLS} kills and {TARGET_COMPLETIONS} completions; kill window {window_ms} ms): \
+             the service completes too few authorizations",
+            started_at.elapsed(),
+            acknowledged.len()
+        );
+        let round = rounds;
+        rounds += 1;
         let mut child = spawn(dir.path(), &sandbox.base_url(), port);
-        let mut up = false;
-        for _ in 0..400 {
-            if http.get(format!("{base}/healthz")).send().await.is_ok() {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(up, "round {round}: the service did not come back");
+        wait_up(&http, &base, round).await;
 
         // Everything acknowledged so far is there, and tokens belong to the right user.
-        for (session, user) in &acknowledged {
-            let r = http
-                .get(format!("{base}/api/v1/auth/sessions/{session}"))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap();
-            let s: Value = r.json().await.unwrap();
-            assert_eq!(
-                s["state"], "completed",
-                "round {round}: acknowledged session {session} is {s}"
-            );
-            let r = http
-                .get(format!("{base}/api/v1/users/{user}/token"))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .unwrap();
-            match r.status().as_u16() {
-                200 => {
-                    let t: Value = r.json().await.unwrap();
-                    let owner = sandbox.token_owner(t["access_token"].as_str().unwrap());
-                    assert_eq!(
-                        owner.as_deref(),
-                        Some(user.as_str()),
-                        "round {round}: a token of the wrong user"
-                    );
-                }
-                // A refresh token rotated by the platform just before a kill is lost with it:
-                // the user must authorize again, which the API says plainly.
-                409 => {}
-                other => panic!("round {round}: token API answered {other} for {user}"),
-            }
-        }
+        let (ok, reauth) = check_acknowledged(&http, &base, &sandbox, &acknowledged, round).await;
+        tokens_checked += ok;
+        reauth_needed += reauth;
 
         // Load: concurrent completions while the refresh worker runs; kill at a random point.
         let mut tasks = tokio::task::JoinSet::new();
@@ -162,26 +211,52 @@ async fn acknowledged_completions_survive_50_kills() {
                 ok.then_some((session, user))
             });
         }
-        let kill_after = Duration::from_millis(rng.random_range(0..60));
+        let in_flight = completions.len();
+        let kill_after = Duration::from_millis(rng.random_range(0..window_ms));
         let killer = tokio::spawn(async move {
             tokio::time::sleep(kill_after).await;
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
         });
+        let mut done_here = 0usize;
         while let Some(r) = completions.join_next().await {
             if let Ok(Some(done)) = r {
                 acknowledged.push(done);
+                done_here += 1;
             }
         }
         killer.await.unwrap();
+        if in_flight > 0 && done_here == 0 {
+            window_ms = (window_ms * 2).min(5_000);
+        } else if done_here == in_flight {
+            window_ms = (window_ms * 3 / 4).max(20);
+        }
+        if done_here < in_flight {
+            cut_short += 1;
+        }
     }
+    // The last round's completions are checked after one more restart.
+    let mut child = spawn(dir.path(), &sandbox.base_url(), port);
+    wait_up(&http, &base, rounds).await;
+    let (ok, reauth) = check_acknowledged(&http, &base, &sandbox, &acknowledged, rounds).await;
+    tokens_checked += ok;
+    reauth_needed += reauth;
+    child.kill().unwrap();
+    child.wait().unwrap();
     assert!(
-        acknowledged.len() >= 20,
-        "too few completions were exercised: {}",
+        acknowledged.len() >= TARGET_COMPLETIONS && rounds >= MIN_KILLS,
+        "too few completions were exercised: {} in {rounds} rounds",
         acknowledged.len()
     );
+    assert!(
+        cut_short > 0,
+        "no kill landed while completions were in flight in {rounds} rounds"
+    );
     eprintln!(
-        "kill9: {} acknowledged completions checked across 50 kill -9 restarts",
-        acknowledged.len()
+        "kill9: {} acknowledged completions checked across {rounds} kill -9 restarts \
+         ({cut_short} kills cut completions short; token API: {tokens_checked} right-owner tokens, \
+         {reauth_needed} needs_reauthorization; final kill window {window_ms} ms; {:.1} s)",
+        acknowledged.len(),
+        started_at.elapsed().as_secs_f64()
     );
 }

@@ -893,6 +893,7 @@ async fn the_page_lists_users_and_messages_and_its_button_sends_a_card_action() 
         .await
         .unwrap();
     assert!(page.contains("http-equiv=refresh content=2"));
+    assert!(page.contains("location.reload()},2000)"));
     for u in sb.users() {
         assert!(page.contains(&u.open_id), "{}", u.open_id);
     }

@@ -314,10 +314,21 @@ impl Config {
 
     /// Loads with an explicit environment (tests).
     pub fn load_with(opts: &LoadOptions, env: &dyn Env) -> Result<Self, ConfigError> {
+        Self::load_with_default(opts, env, Some(Path::new(DEFAULT_CONFIG_PATH)))
+    }
+
+    /// Loads with an explicit environment and default config file: `default_config` is read
+    /// when `--config` is not given and it exists; `None` reads no file unless `--config` names
+    /// one (`serve --sandbox` keeps away from the production config this way).
+    pub fn load_with_default(
+        opts: &LoadOptions,
+        env: &dyn Env,
+        default_config: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
         let mut layers = Layers::default();
         let path = match &opts.config_path {
             Some(p) => Some(p.clone()),
-            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
+            None => default_config.map(Path::to_owned).filter(|p| p.exists()),
         };
         if let Some(path) = path {
             layers.read_toml(&path)?;

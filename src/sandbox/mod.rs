@@ -44,8 +44,13 @@ pub struct SandboxOptions {
     pub user_token_ttl: u64,
     /// Where the page's "ask to authorize" form posts (the service's admin endpoint).
     pub request_auth_url: Option<String>,
-    /// Bearer token for `request_auth_url`.
+    /// Bearer token for `request_auth_url` and `service_url`'s admin API.
     pub admin_token: Option<String>,
+    /// The service's base URL (`http://127.0.0.1:8080`): the page asks its admin API for each
+    /// user's session state and token, and shows how to call it.
+    pub service_url: Option<String>,
+    /// The file holding `admin_token`, shown on the page instead of the token itself.
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// `PingInterval` (seconds) the sandbox tells clients, in discovery and in pongs.
     pub ping_interval: u64,
     /// Users beyond Alice, Bob and Carol (`ou_sandbox_user0000`, …), for load tests.
@@ -63,6 +68,8 @@ impl Default for SandboxOptions {
             user_token_ttl: 7200,
             request_auth_url: None,
             admin_token: None,
+            service_url: None,
+            admin_token_file: None,
             ping_interval: 30,
             extra_users: 0,
             tls: true,
@@ -170,6 +177,8 @@ pub(crate) struct Inner {
     pub event_ids: HashMap<String, String>,
     pub next_id: u64,
     pub page_notes: Vec<String>,
+    /// open_id → the last session the page's "Ask … to authorize" started for that user.
+    pub page_sessions: HashMap<String, String>,
 }
 
 pub(crate) struct Shared {

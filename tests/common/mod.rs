@@ -52,6 +52,16 @@ impl Service {
     /// The service against any platform at `domain`, with exactly the settings given.
     pub async fn start_with(dir: tempfile::TempDir, domain: &str, extra: &[(&str, &str)]) -> Self {
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(dir, http, domain, extra).await
+    }
+
+    /// Starts on a listener bound beforehand (when the sandbox must know the service's address).
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        http: TcpListener,
+        domain: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
         let cfg_file = dir.path().join("config.toml");
