@@ -65,9 +65,13 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
             metrics: Some(metrics),
         };
         // In sandbox mode the sandbox's identity and address survive a reload.
-        let pinned = args
-            .sandbox
-            .then(|| (cfg.app_id.clone(), cfg.app_secret.clone(), cfg.domain.clone()));
+        let pinned = args.sandbox.then(|| {
+            (
+                cfg.app_id.clone(),
+                cfg.app_secret.clone(),
+                cfg.domain.clone(),
+            )
+        });
         let reloads = sighup_reloads(opts.clone(), move |c: &mut Config| {
             if let Some((id, secret, domain)) = &pinned {
                 c.app_id.clone_from(id);
@@ -107,7 +111,9 @@ pub fn sighup_reloads(
                             Ok(Err(e)) => {
                                 error!(error = %e, "SIGHUP: the configuration does not load; keeping the current one.");
                             }
-                            Err(e) => error!(error = %e, "SIGHUP: reading the configuration failed."),
+                            Err(e) => {
+                                error!(error = %e, "SIGHUP: reading the configuration failed.")
+                            }
                         }
                     }
                 });
@@ -375,7 +381,8 @@ pub async fn run_with_reloads(
                 }
             }
         });
-    }    if let Some(schedule) = cfg.backup.schedule.clone() {
+    }
+    if let Some(schedule) = cfg.backup.schedule.clone() {
         let w = backup_worker(store.clone(), cfg.backup.clone(), &schedule)?;
         workers.spawn(&tracker, cancel.clone(), "backup", w);
     }

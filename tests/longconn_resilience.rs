@@ -137,7 +137,11 @@ async fn a_panic_in_the_connection_task_is_restarted_and_events_flow_again() {
     // The task panics on the next message it reads: this event.
     lark_service::longconn::conn::fault::panic_on_next_message(&sandbox.base_url());
     let lost = sandbox
-        .push_event("contact.user.updated_v3", json!({"n": 1}), PushOpts::default())
+        .push_event(
+            "contact.user.updated_v3",
+            json!({"n": 1}),
+            PushOpts::default(),
+        )
         .unwrap();
     svc.wait_for_within(BACKOFF_GUARD, || async {
         long_connection_worker(&svc).await["restarts"] == 1
@@ -159,7 +163,11 @@ async fn a_panic_in_the_connection_task_is_restarted_and_events_flow_again() {
     svc.wait_for_within(BACKOFF_GUARD, || async { acked_ok(&sandbox, &lost) })
         .await;
     let fid = sandbox
-        .push_event("contact.user.updated_v3", json!({"n": 2}), PushOpts::default())
+        .push_event(
+            "contact.user.updated_v3",
+            json!({"n": 2}),
+            PushOpts::default(),
+        )
         .unwrap();
     svc.wait_for(|| async { acked_ok(&sandbox, &fid) }).await;
     assert_eq!(long_connection_worker(&svc).await["restarts"], 1);
@@ -274,10 +282,8 @@ async fn readyz_counts_only_signed_callbacks_and_never_fetches_a_token() {
     )
     .await;
     // Wait for the token to be held, then ask only for the event path's verdict.
-    svc.wait_for(|| async {
-        !svc.get("/readyz").await.1.contains("tenant token")
-    })
-    .await;
+    svc.wait_for(|| async { !svc.get("/readyz").await.1.contains("tenant token") })
+        .await;
     let (code, body) = svc.get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("no event channel"), "{body}");
@@ -388,10 +394,8 @@ async fn a_flood_of_slow_handlers_stays_within_the_handler_bound() {
     // Redeliveries while the slots are full are refused again, not queued.
     sandbox.redeliver_now();
     let refused = gauge(&svc, "lark_service_events_overloaded_total").await;
-    svc.wait_for(|| async {
-        gauge(&svc, "lark_service_events_overloaded_total").await > refused
-    })
-    .await;
+    svc.wait_for(|| async { gauge(&svc, "lark_service_events_overloaded_total").await > refused })
+        .await;
     assert_eq!(sandbox.held("im"), LIMIT as u64);
     assert_eq!(
         gauge(&svc, "lark_service_event_handlers_inflight").await,
@@ -409,9 +413,7 @@ async fn a_flood_of_slow_handlers_stays_within_the_handler_bound() {
     for u in &users {
         assert_eq!(sandbox.messages_for(u).len(), 1, "{u}");
     }
-    svc.wait_for(|| async {
-        gauge(&svc, "lark_service_event_handlers_inflight").await == 0.0
-    })
-    .await;
+    svc.wait_for(|| async { gauge(&svc, "lark_service_event_handlers_inflight").await == 0.0 })
+        .await;
     svc.stop().await;
 }

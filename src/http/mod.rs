@@ -77,7 +77,10 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
         (StatusCode::SERVICE_UNAVAILABLE, body)
     };
     if !s.ready.load(Ordering::SeqCst) {
-        return not_ready("starting or stopping", "the service is not serving yet or any more");
+        return not_ready(
+            "starting or stopping",
+            "the service is not serving yet or any more",
+        );
     }
     if let Err(e) = s.store.run(|st| st.schema_version()).await {
         return not_ready("store", &e.to_string());

@@ -372,7 +372,11 @@ impl ClientConfig {
             self.reconnect_count = if c < 0 {
                 None
             } else {
-                Some(u32::try_from(c).unwrap_or(u32::MAX).min(MAX_RECONNECT_COUNT))
+                Some(
+                    u32::try_from(c)
+                        .unwrap_or(u32::MAX)
+                        .min(MAX_RECONNECT_COUNT),
+                )
             };
         }
         if let Some(s) = patch.reconnect_interval.and_then(secs) {
@@ -1065,7 +1069,7 @@ mod tests {
                 prop_assert!((MIN_RECONNECT_INTERVAL..=MAX_RECONNECT_INTERVAL).contains(&cfg.reconnect_interval));
                 prop_assert!(cfg.reconnect_nonce <= MAX_RECONNECT_NONCE);
                 prop_assert!(cfg.reconnect_count.is_none_or(|c| c <= MAX_RECONNECT_COUNT));
-                prop_assert_eq!(cfg.reconnect_count.is_none(), count.map_or(true, |c| c < 0));
+                prop_assert_eq!(cfg.reconnect_count.is_none(), count.is_none_or(|c| c < 0));
                 // The liveness deadline the session computes from it cannot overflow.
                 let _ = tokio::time::Instant::now() + cfg.ping_interval * 2 + Duration::from_secs(5);
                 // In-range values are taken as they are.

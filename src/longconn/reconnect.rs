@@ -513,9 +513,14 @@ mod tests {
             max_backoff: secs(8),
             ..ReconnectPolicy::default()
         };
-        for (x, want) in [(0.0, [500, 1000, 2000, 4000, 4000]), (1.0, [1000, 2000, 4000, 8000, 8000])] {
+        for (x, want) in [
+            (0.0, [500, 1000, 2000, 4000, 4000]),
+            (1.0, [1000, 2000, 4000, 8000, 8000]),
+        ] {
             let mut r = Reconnect::new(policy);
-            let got: Vec<Duration> = (0..7).map(|_| r.next_attempt(&cfg, &mut || x).wait()).collect();
+            let got: Vec<Duration> = (0..7)
+                .map(|_| r.next_attempt(&cfg, &mut || x).wait())
+                .collect();
             let want: Vec<Duration> = [0, 0]
                 .into_iter()
                 .chain(want)
