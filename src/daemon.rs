@@ -1,7 +1,9 @@
 //! The running service: opens the store, binds the listener, runs background work, and shuts
 //! down in order on SIGTERM / Ctrl-C.
 //!
-//! `run` takes the listener and the shutdown future from its caller so tests can inject both.
+//! `run` takes the listener and the shutdown future from its caller so tests can inject both;
+//! [`run_with_reloads`] also takes the stream of reloaded configurations (`SIGHUP` in
+//! production, see [`sighup_reloads`]).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -70,7 +72,22 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
             http: listener,
             metrics: Some(metrics),
         };
-        run(cfg, listeners, shutdown_signal()).await
+        // In sandbox mode the sandbox's identity and address survive a reload.
+        let pinned = args.sandbox.then(|| {
+            (
+                cfg.app_id.clone(),
+                cfg.app_secret.clone(),
+                cfg.domain.clone(),
+            )
+        });
+        let reloads = sighup_reloads(opts.clone(), move |c: &mut Config| {
+            if let Some((id, secret, domain)) = &pinned {
+                c.app_id.clone_from(id);
+                c.app_secret.clone_from(secret);
+                c.domain.clone_from(domain);
+            }
+        });
+        run_with_reloads(cfg, listeners, shutdown_signal(), reloads).await
     })
 }
 
@@ -87,6 +104,51 @@ pub fn serve_config(
 ) -> Result<Config, CliError> {
     let default_config = (!sandbox).then_some(default_config);
     Ok(Config::load_with_default(opts, env, default_config)?)
+}
+
+/// Re-reads the configuration on every `SIGHUP` and sends it (after `adjust`) on the returned
+/// channel. A configuration that fails to load is logged and skipped. Must be called inside the
+/// runtime.
+pub fn sighup_reloads(
+    opts: LoadOptions,
+    adjust: impl Fn(&mut Config) + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Config> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let opts = opts.clone();
+                        let loaded = tokio::task::spawn_blocking(move || Config::load(&opts)).await;
+                        match loaded {
+                            Ok(Ok(mut cfg)) => {
+                                adjust(&mut cfg);
+                                info!("SIGHUP: configuration re-read.");
+                                if tx.send(cfg).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Err(e)) => {
+                                error!(error = %e, "SIGHUP: the configuration does not load; keeping the current one.");
+                            }
+                            Err(e) => {
+                                error!(error = %e, "SIGHUP: reading the configuration failed.")
+                            }
+                        }
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "Cannot listen for SIGHUP; configuration reloads are off."),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (opts, adjust, &tx);
+    }
+    rx
 }
 
 /// Starts the platform imitation beside the service and points the service at it.
@@ -243,11 +305,25 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
 }
 
-/// Runs the service until `shutdown` resolves.
+/// Runs the service until `shutdown` resolves (no configuration reloads).
 pub async fn run(
     cfg: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), CliError> {
+    let (_tx, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(cfg, listeners, shutdown, reloads).await
+}
+
+/// Runs the service until `shutdown` resolves. Each configuration received on `reloads`
+/// (`SIGHUP`) hands its app credentials to the long connection, which redials at once if it
+/// is waiting (backoff, or paused on refused credentials). Other settings take effect on
+/// restart.
+pub async fn run_with_reloads(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), CliError> {
     let started = Instant::now();
     let ring = cfg.keyring()?;
@@ -262,12 +338,13 @@ pub async fn run(
     let workers = crate::workers::Workers::default();
     crate::metrics::refresh_store_gauges(&store);
     if let Some(app_id) = &cfg.app_id {
-        let status = &crate::metrics::get().ws_connection_status;
-        status
-            .get_or_create(&crate::metrics::AppLabel {
-                app_id: app_id.clone(),
-            })
-            .set(0);
+        let m = crate::metrics::get();
+        let label = crate::metrics::AppLabel {
+            app_id: app_id.clone(),
+        };
+        m.ws_connection_status.get_or_create(&label).set(0);
+        m.ws_degraded.get_or_create(&label).set(0);
+        m.ws_credentials_rejected.get_or_create(&label).set(0);
     }
 
     if store.run(|s| s.rotation_pending()).await? {
@@ -305,8 +382,13 @@ pub async fn run(
     lark_cfg.net = Some(net.clone());
     let lark = crate::lark::LarkClient::new(lark_cfg)
         .map_err(|e| anyhow::anyhow!("building the Lark client: {e}"))?;
-    let dispatcher =
-        crate::events::Dispatcher::new(store.clone(), crate::events::DispatchConfig::default());
+    let dispatcher = crate::events::Dispatcher::new(
+        store.clone(),
+        crate::events::DispatchConfig {
+            max_concurrent_handlers: cfg.websocket.max_concurrent_handlers,
+            ..crate::events::DispatchConfig::default()
+        },
+    );
     let auth = crate::auth::AuthService::new(
         lark.clone(),
         store.clone(),
@@ -325,6 +407,14 @@ pub async fn run(
         "token_refresh",
         auth.refresh_worker(),
     );
+    // Keeps the tenant token warm, so `/readyz` can read its state instead of fetching.
+    workers.spawn_with_backoff(
+        &tracker,
+        cancel.clone(),
+        "tenant_token",
+        TENANT_TOKEN_RETRY_CAP,
+        tenant_token_worker(lark.clone()),
+    );
     if let Some(url) = cfg.export_postgres_url.clone() {
         workers.spawn(
             &tracker,
@@ -341,8 +431,8 @@ pub async fn run(
     if let Some(w) = auth.user_info_sync_worker() {
         workers.spawn(&tracker, cancel.clone(), "user_sync", w);
     }
-    let conn_state = if cfg.websocket.enabled {
-        let conn = crate::longconn::LongConn::new(
+    let conn = if cfg.websocket.enabled {
+        let conn = Arc::new(crate::longconn::LongConn::new(
             crate::longconn::LongConnConfig {
                 base_url: domain.open_base(),
                 app_id: app_id.clone(),
@@ -356,20 +446,41 @@ pub async fn run(
                 heartbeat: cfg.websocket.heartbeat_interval,
                 reassembly: crate::longconn::ReassemblyLimits::default(),
                 net: net.clone(),
+                credential_retry: cfg.websocket.credential_retry,
             },
             dispatcher.clone(),
+        ));
+        workers.spawn(
+            &tracker,
+            cancel.clone(),
+            "long_connection",
+            long_connection_worker(conn.clone(), cancel.clone()),
         );
-        let state = conn.state();
-        let c = cancel.clone();
-        tracker.spawn(async move {
-            if let Err(e) = conn.run(c).await {
-                error!(error = %e, "The long connection stopped; events arrive only through HTTP callbacks if they are enabled.");
-            }
-        });
-        Some(state)
+        Some(conn)
     } else {
         None
     };
+    let conn_state = conn.as_ref().map(|c| c.state());
+    {
+        let conn = conn.clone();
+        let c = cancel.clone();
+        tracker.spawn(async move {
+            loop {
+                let new = tokio::select! {
+                    () = c.cancelled() => return,
+                    r = reloads.recv() => match r { Some(new) => new, None => return },
+                };
+                match (&conn, new.app_id, new.app_secret) {
+                    (Some(conn), Some(id), Some(secret)) => {
+                        info!("Configuration reloaded: the long connection uses the re-read app credentials.");
+                        conn.reload_credentials(id, secret);
+                    }
+                    (Some(_), _, _) => warn!("Configuration reloaded without app_id/app_secret; keeping the current credentials."),
+                    (None, _, _) => info!("Configuration reloaded; the long connection is off, nothing to apply."),
+                }
+            }
+        });
+    }
     if let Some(schedule) = cfg.backup.schedule.clone() {
         let w = backup_worker(store.clone(), cfg.backup.clone(), &schedule)?;
         workers.spawn(&tracker, cancel.clone(), "backup", w);
@@ -387,7 +498,8 @@ pub async fn run(
         workers: workers.clone(),
         lark: Some(lark.clone()),
         conn_state,
-        http_callbacks: cfg.websocket.fallback_to_http,
+        // Unsigned callbacks could be forged: only signed ones count as an event path.
+        http_callbacks: cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some(),
     });
     if cfg.websocket.fallback_to_http {
         let expose = |s: &Option<SecretString>| {
@@ -460,6 +572,43 @@ pub async fn run(
     drop(store);
     info!("Stopped.");
     Ok(())
+}
+
+/// Longest wait between tenant-token fetch attempts while they fail.
+const TENANT_TOKEN_RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// Runs the long connection; it only ends when cancelled, so any other end (or a panic,
+/// which the supervisor catches) is a failure the supervisor restarts with backoff.
+fn long_connection_worker(
+    conn: Arc<crate::longconn::LongConn>,
+    cancel: CancellationToken,
+) -> crate::workers::WorkerFn {
+    Box::new(move || {
+        let (conn, cancel) = (conn.clone(), cancel.clone());
+        Box::pin(async move {
+            conn.run(cancel.clone()).await;
+            if cancel.is_cancelled() {
+                Ok(Duration::ZERO)
+            } else {
+                Err("the long connection task ended unexpectedly".to_owned())
+            }
+        })
+    })
+}
+
+/// Fetches (or keeps) the tenant token: the cache answers from memory until the token is due
+/// for refresh, so a run is cheap. Failures are retried by the supervisor (1 s doubling to
+/// [`TENANT_TOKEN_RETRY_CAP`]); their outcome is what `/readyz` reports.
+fn tenant_token_worker(lark: crate::lark::LarkClient) -> crate::workers::WorkerFn {
+    Box::new(move || {
+        let lark = lark.clone();
+        Box::pin(async move {
+            match lark.tenant_token().await {
+                Ok(_) => Ok(Duration::from_secs(30)),
+                Err(e) => Err(format!("tenant token: {e}")),
+            }
+        })
+    })
 }
 
 /// Pings the systemd watchdog at half its interval while the runtime is responsive.

@@ -1,9 +1,13 @@
 //! The one event dispatcher behind both the long connection and the HTTP callbacks.
 //!
-//! It de-duplicates on `header.event_id`, runs the handler off the ACK path, and records seen
-//! ids durably in group commits. Rules:
+//! It de-duplicates on `header.event_id` and, for `im.message.receive_v1`, also on the
+//! message's `message_id` (the platform sometimes redelivers a message under a new event id),
+//! runs the handler off the ACK path, and records seen ids durably in group commits. Rules:
 //! - An id already seen (or being handled) is answered at once as a duplicate; the handler does
 //!   not run again.
+//! - At most `max_concurrent_handlers` handlers run at once (including slow ones finishing in
+//!   the background); an event beyond that is answered as failed so the platform redelivers it
+//!   later.
 //! - The caller waits for the handler at most `ack_deadline`. A handler that fails inside the
 //!   deadline is answered with a failure (the platform redelivers); one that is still running at
 //!   the deadline is answered as accepted and finishes in the background.
@@ -17,7 +21,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn, Instrument};
 
 use crate::callbacks::Callback;
@@ -78,14 +82,26 @@ pub struct DispatchConfig {
     pub seen_ttl: Duration,
     /// Ids remembered in memory (beyond this, the store answers).
     pub memory_ids: usize,
+    /// Handlers allowed to run at once; beyond this, events are answered as failed.
+    pub max_concurrent_handlers: usize,
 }
 
+/// Seen-id records queued for the writer thread; a full queue makes handlers wait.
+const SEEN_QUEUE: usize = 16_384;
+
+/// Prefix of the de-duplication key made from a message's `message_id` (event ids never
+/// start with it).
+const MESSAGE_KEY_PREFIX: &str = "msg:";
+
 impl Default for DispatchConfig {
+    /// 2.5 s ACK deadline; seen ids kept 24 h (the platform's redelivery ladder spans about
+    /// 6 h, so this leaves ample margin); 200 000 ids in memory; 256 concurrent handlers.
     fn default() -> Self {
         Self {
             ack_deadline: Duration::from_millis(2500),
             seen_ttl: Duration::from_secs(24 * 3600),
             memory_ids: 200_000,
+            max_concurrent_handlers: 256,
         }
     }
 }
@@ -107,7 +123,26 @@ struct Inner {
     cfg: DispatchConfig,
     handler: std::sync::RwLock<Option<Handler>>,
     recent: Mutex<Recent>,
-    seen_tx: mpsc::UnboundedSender<SeenMsg>,
+    seen_tx: mpsc::Sender<SeenMsg>,
+    handlers: Arc<Semaphore>,
+}
+
+/// A handler slot; counted in the in-flight gauge until dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        crate::metrics::get().event_handlers_inflight.inc();
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        crate::metrics::get().event_handlers_inflight.dec();
+    }
 }
 
 /// Messages to the seen-id writer.
@@ -151,7 +186,10 @@ impl Dispatcher {
     /// clone is dropped.
     #[must_use]
     pub fn new(store: Store, cfg: DispatchConfig) -> Self {
-        let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        let (seen_tx, seen_rx) = mpsc::channel(SEEN_QUEUE);
+        let handlers = Arc::new(Semaphore::new(
+            cfg.max_concurrent_handlers.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         let ttl_ms = u64::try_from(cfg.seen_ttl.as_millis()).unwrap_or(u64::MAX);
         let writer_store = store.clone();
         let _ = std::thread::Builder::new()
@@ -164,6 +202,7 @@ impl Dispatcher {
                 handler: std::sync::RwLock::new(None),
                 recent: Mutex::new(Recent::default()),
                 seen_tx,
+                handlers,
             }),
         }
     }
@@ -186,18 +225,44 @@ impl Dispatcher {
                 source: source.label(),
             })
             .inc();
-        let (event_id, event_type) = match &cb {
-            Callback::Event(e) => (e.event_id.clone(), e.event_type.clone()),
-            Callback::CardAction(c) => (c.envelope.event_id.clone(), c.envelope.event_type.clone()),
+        let (event_id, event_type, message_key) = match &cb {
+            Callback::Event(e) => (e.event_id.clone(), e.event_type.clone(), message_key(e)),
+            Callback::CardAction(c) => (
+                c.envelope.event_id.clone(),
+                c.envelope.event_type.clone(),
+                None,
+            ),
             Callback::UrlVerification { .. } => return Outcome::Handled(HandlerReply::Done),
         };
         let span = tracing::info_span!("event", event_id = %event_id, event_type = %event_type, source = source.label());
         async move {
-            if !self.claim(&event_id).await {
+            // Every key of this event: its event id, and its message's id when it has one.
+            let keys: Vec<String> = std::iter::once(event_id.clone())
+                .chain(message_key)
+                .collect();
+            if !self.claim(&keys[0]).await {
                 m.events_deduplicated.inc();
                 debug!("Duplicate event ignored.");
                 return Outcome::Duplicate;
             }
+            if let Some(k) = keys.get(1) {
+                if !self.claim(k).await {
+                    self.release(&keys[..1]);
+                    m.events_deduplicated.inc();
+                    debug!("Redelivered message ignored (same message_id, new event_id).");
+                    return Outcome::Duplicate;
+                }
+            }
+            let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
+                self.release(&keys);
+                m.events_overloaded.inc();
+                warn!(
+                    limit = self.inner.cfg.max_concurrent_handlers,
+                    "Too many event handlers running; asking the platform to redeliver."
+                );
+                return Outcome::Failed;
+            };
+            let slot = Slot::new(permit);
             let handler = self
                 .inner
                 .handler
@@ -205,19 +270,21 @@ impl Dispatcher {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
             let Some(handler) = handler else {
-                self.release(&event_id);
+                self.release(&keys);
                 warn!("No handler installed yet; asking the platform to redeliver.");
                 return Outcome::Failed;
             };
             let me = self.clone();
-            let id = event_id.clone();
+            let ids = keys.clone();
             let mut work: BoxFuture<Result<HandlerReply, String>> = Box::pin(
                 async move {
+                    // The slot is held until the handler is done, even past the ACK deadline.
+                    let _slot = slot;
                     let r = handler(cb).await;
                     match &r {
-                        Ok(_) => me.record_seen(&id),
+                        Ok(_) => me.record_seen(ids).await,
                         Err(e) => {
-                            me.release(&id);
+                            me.release(&ids);
                             warn!(error = %e, "Event handler failed.");
                         }
                     }
@@ -237,7 +304,7 @@ impl Dispatcher {
                 }
                 Ok(Some(Err(_))) => return Outcome::Failed,
                 Err(_) => {
-                    self.release(&event_id);
+                    self.release(&keys);
                     warn!("Event handler panicked.");
                     return Outcome::Failed;
                 }
@@ -251,7 +318,7 @@ impl Dispatcher {
                 }
                 Ok(Ok(Err(_))) => Outcome::Failed,
                 Ok(Err(join)) => {
-                    self.release(&event_id);
+                    self.release(&keys);
                     warn!(error = %join, "Event handler panicked.");
                     Outcome::Failed
                 }
@@ -294,28 +361,47 @@ impl Dispatcher {
         }
     }
 
-    fn release(&self, id: &str) {
-        self.inner
+    fn release(&self, ids: &[String]) {
+        let mut recent = self
+            .inner
             .recent
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in ids {
+            recent.remove(id);
+        }
     }
 
-    fn record_seen(&self, id: &str) {
-        let _ = self.inner.seen_tx.send(SeenMsg::Id(id.to_owned()));
+    async fn record_seen(&self, ids: Vec<String>) {
+        for id in ids {
+            let _ = self.inner.seen_tx.send(SeenMsg::Id(id)).await;
+        }
     }
 
     /// Waits until every id recorded so far is committed (tests, shutdown).
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let _ = self.inner.seen_tx.send(SeenMsg::Flush(tx));
-        let _ = rx.await;
+        if self.inner.seen_tx.send(SeenMsg::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
+/// The extra de-duplication key of an `im.message.receive_v1` event: its
+/// `event.message.message_id`, prefixed so it cannot collide with an event id.
+fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
+    if e.event_type != "im.message.receive_v1" {
+        return None;
+    }
+    e.json
+        .pointer("/event/message/message_id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| !id.is_empty())
+        .map(|id| format!("{MESSAGE_KEY_PREFIX}{id}"))
+}
+
 /// The writer thread: drains whatever ids are queued and commits them in one transaction.
-fn seen_writer(store: &Store, mut rx: mpsc::UnboundedReceiver<SeenMsg>, ttl_ms: u64) {
+fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
     while let Some(first) = rx.blocking_recv() {
         let mut ids = Vec::new();
         let mut flushes = Vec::new();
@@ -555,5 +641,167 @@ mod tests {
             d.dispatch(event("x"), EventSource::WebSocket).await,
             Outcome::Handled(HandlerReply::Done)
         );
+    }
+
+    fn message(event_id: &str, message_id: &str) -> Callback {
+        let body = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": event_id, "event_type": "im.message.receive_v1", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+            "event": {"message": {"message_id": message_id, "message_type": "text"}}
+        });
+        parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_redelivered_under_a_new_event_id_is_a_duplicate_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let calls = Arc::new(AtomicU32::new(0));
+        {
+            let d = Dispatcher::new(store_at(&path), DispatchConfig::default());
+            d.set_handler(counting(calls.clone(), 0));
+            assert_eq!(
+                d.dispatch(message("ev-a", "om_1"), EventSource::WebSocket)
+                    .await,
+                Outcome::Handled(HandlerReply::Done)
+            );
+            assert_eq!(
+                d.dispatch(message("ev-b", "om_1"), EventSource::Http).await,
+                Outcome::Duplicate
+            );
+            // A different message under a fresh event id is handled.
+            assert_eq!(
+                d.dispatch(message("ev-c", "om_2"), EventSource::WebSocket)
+                    .await,
+                Outcome::Handled(HandlerReply::Done)
+            );
+            // The refused copy did not burn its event id: a later event with that id but
+            // another message is handled.
+            assert_eq!(
+                d.dispatch(message("ev-b", "om_3"), EventSource::WebSocket)
+                    .await,
+                Outcome::Handled(HandlerReply::Done)
+            );
+            d.flush().await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // A fresh dispatcher (memory empty) still knows the message id from the store.
+        let mut store = None;
+        for _ in 0..200 {
+            match Store::open(
+                &path,
+                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
+                StoreOptions::default(),
+            ) {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        let d = Dispatcher::new(store.unwrap(), DispatchConfig::default());
+        d.set_handler(counting(calls.clone(), 0));
+        assert_eq!(
+            d.dispatch(message("ev-z", "om_1"), EventSource::WebSocket)
+                .await,
+            Outcome::Duplicate
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_message_stays_redeliverable_under_either_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig::default(),
+        );
+        let calls = Arc::new(AtomicU32::new(0));
+        d.set_handler(counting(calls.clone(), 1));
+        assert_eq!(
+            d.dispatch(message("ev-1", "om_9"), EventSource::WebSocket)
+                .await,
+            Outcome::Failed
+        );
+        assert_eq!(
+            d.dispatch(message("ev-2", "om_9"), EventSource::WebSocket)
+                .await,
+            Outcome::Handled(HandlerReply::Done)
+        );
+        assert_eq!(
+            d.dispatch(message("ev-1", "om_9"), EventSource::WebSocket)
+                .await,
+            Outcome::Duplicate
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handlers_beyond_the_limit_are_refused_for_redelivery_until_a_slot_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig {
+                ack_deadline: Duration::from_millis(20),
+                max_concurrent_handlers: 3,
+                ..DispatchConfig::default()
+            },
+        );
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let running = Arc::new(AtomicU32::new(0));
+        let peak = Arc::new(AtomicU32::new(0));
+        let (r, run, pk) = (release.clone(), running.clone(), peak.clone());
+        d.set_handler(Arc::new(move |_cb| {
+            let (r, run, pk) = (r.clone(), run.clone(), pk.clone());
+            Box::pin(async move {
+                let now = run.fetch_add(1, Ordering::SeqCst) + 1;
+                pk.fetch_max(now, Ordering::SeqCst);
+                let _ = r.acquire().await.map(|p| p.forget());
+                run.fetch_sub(1, Ordering::SeqCst);
+                Ok(HandlerReply::Done)
+            })
+        }));
+        let mut outcomes = Vec::new();
+        for i in 0..20 {
+            outcomes.push(
+                d.dispatch(event(&format!("slow{i}")), EventSource::WebSocket)
+                    .await,
+            );
+        }
+        // Three run past their deadline (accepted); the other 17 are refused.
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == Outcome::Accepted).count(),
+            3
+        );
+        assert_eq!(
+            outcomes.iter().filter(|o| **o == Outcome::Failed).count(),
+            17
+        );
+        assert_eq!(peak.load(Ordering::SeqCst), 3);
+        // A refused event is not remembered: once the slow ones finish, its redelivery runs.
+        release.add_permits(3);
+        for _ in 0..400 {
+            if running.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 0);
+        release.add_permits(1);
+        let mut handled = false;
+        for _ in 0..400 {
+            match d.dispatch(event("slow19"), EventSource::WebSocket).await {
+                Outcome::Handled(_) => {
+                    handled = true;
+                    break;
+                }
+                // The slots free just after the handlers return.
+                Outcome::Failed => tokio::time::sleep(Duration::from_millis(5)).await,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(handled);
+        assert!(peak.load(Ordering::SeqCst) <= 3);
     }
 }

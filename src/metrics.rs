@@ -95,6 +95,15 @@ pub struct Metrics {
     pub ws_connection_status: Family<AppLabel, Gauge>,
     /// Reconnect attempts.
     pub ws_reconnects: Counter,
+    /// 1 while the long connection is degraded (more failures in a row than the retry limit;
+    /// still redialing).
+    pub ws_degraded: Family<AppLabel, Gauge>,
+    /// 1 while the platform refuses the app credentials (dialing paused).
+    pub ws_credentials_rejected: Family<AppLabel, Gauge>,
+    /// Event handlers running now (bounded by `websocket.max_concurrent_handlers`).
+    pub event_handlers_inflight: Gauge,
+    /// Events answered as failed (for redelivery) because the handler limit was reached.
+    pub events_overloaded: Counter,
     /// Frames received by kind (ping, pong, event, card, other).
     pub ws_frames_received: Family<KindLabel, Counter>,
     /// Events received by source.
@@ -151,6 +160,10 @@ impl Metrics {
             registry: Mutex::new(Registry::with_prefix("lark_service")),
             ws_connection_status: Family::default(),
             ws_reconnects: Counter::default(),
+            ws_degraded: Family::default(),
+            ws_credentials_rejected: Family::default(),
+            event_handlers_inflight: Gauge::default(),
+            events_overloaded: Counter::default(),
             ws_frames_received: Family::default(),
             events_received: Family::default(),
             events_deduplicated: Counter::default(),
@@ -190,6 +203,26 @@ impl Metrics {
                 "websocket_reconnects",
                 "Long connection reconnect attempts",
                 m.ws_reconnects.clone(),
+            );
+            r.register(
+                "websocket_degraded",
+                "1 while the long connection has failed more often in a row than the retry limit (it keeps redialing)",
+                m.ws_degraded.clone(),
+            );
+            r.register(
+                "websocket_credentials_rejected",
+                "1 while the platform refuses the app credentials and dialing is paused",
+                m.ws_credentials_rejected.clone(),
+            );
+            r.register(
+                "event_handlers_inflight",
+                "Event handlers running now",
+                m.event_handlers_inflight.clone(),
+            );
+            r.register(
+                "events_overloaded",
+                "Events answered as failed (the platform redelivers) because the handler limit was reached",
+                m.events_overloaded.clone(),
             );
             r.register(
                 "websocket_frames_received",
@@ -470,6 +503,10 @@ pub fn router() -> axum::Router {
 pub const EXPORTED: &[&str] = &[
     "lark_service_websocket_connection_status",
     "lark_service_websocket_reconnects_total",
+    "lark_service_websocket_degraded",
+    "lark_service_websocket_credentials_rejected",
+    "lark_service_event_handlers_inflight",
+    "lark_service_events_overloaded_total",
     "lark_service_websocket_frames_received_total",
     "lark_service_events_received_total",
     "lark_service_events_deduplicated_total",
@@ -508,11 +545,12 @@ mod tests {
                 reason: "code_expired",
             })
             .inc();
-        m.ws_connection_status
-            .get_or_create(&AppLabel {
-                app_id: "cli_x".into(),
-            })
-            .set(1);
+        let app = AppLabel {
+            app_id: "cli_x".into(),
+        };
+        m.ws_connection_status.get_or_create(&app).set(1);
+        m.ws_degraded.get_or_create(&app).set(0);
+        m.ws_credentials_rejected.get_or_create(&app).set(0);
         let text = m.encode();
         for name in EXPORTED {
             let family = name.trim_end_matches("_total");

@@ -67,14 +67,28 @@ impl Workers {
         f(g.entry(name).or_default());
     }
 
-    /// Starts `work` under supervision on `tracker` until `cancel`.
+    /// Starts `work` under supervision on `tracker` until `cancel`. A failed or panicking
+    /// run is retried after 1 s, doubling up to 300 s.
     pub fn spawn(
         &self,
         tracker: &TaskTracker,
         cancel: CancellationToken,
         name: &'static str,
+        work: WorkerFn,
+    ) {
+        self.spawn_with_backoff(tracker, cancel, name, Duration::from_secs(300), work);
+    }
+
+    /// Like [`Workers::spawn`], with the retry backoff capped at `max_backoff` (at least 1 s).
+    pub fn spawn_with_backoff(
+        &self,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+        name: &'static str,
+        max_backoff: Duration,
         mut work: WorkerFn,
     ) {
+        let max_backoff = max_backoff.max(Duration::from_secs(1));
         let me = self.clone();
         me.update(name, |w| w.state = "idle");
         tracker.spawn(async move {
@@ -116,7 +130,7 @@ impl Workers {
                             w.last_error = Some(msg);
                         });
                         let b = backoff;
-                        backoff = (backoff * 2).min(Duration::from_secs(300));
+                        backoff = backoff.saturating_mul(2).min(max_backoff);
                         b
                     }
                 };

@@ -256,6 +256,10 @@ pub struct WebsocketConfig {
     pub heartbeat_interval: Duration,
     /// Serve HTTP callbacks while the socket is down.
     pub fallback_to_http: bool,
+    /// While the platform refuses the credentials, dial again this often.
+    pub credential_retry: Duration,
+    /// Event handlers allowed to run at once.
+    pub max_concurrent_handlers: usize,
 }
 
 /// Authorization settings.
@@ -419,6 +423,14 @@ impl Config {
                 )?,
                 heartbeat_interval: r.secs("websocket.heartbeat_interval", 1, 3600)?,
                 fallback_to_http: r.boolean("websocket.fallback_to_http")?,
+                credential_retry: r.secs("websocket.credential_retry_seconds", 1, 86_400)?,
+                max_concurrent_handlers: usize::try_from(r.int(
+                    "websocket.max_concurrent_handlers",
+                    1,
+                    100_000,
+                    "a whole number from 1 to 100000",
+                )?)
+                .unwrap_or(256),
             },
             auth: AuthConfig {
                 session_expiry: r.secs("auth.session_expiry_seconds", 10, 7 * 86400)?,

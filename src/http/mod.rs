@@ -28,11 +28,12 @@ pub struct AppState {
     pub backup: Arc<BackupConfig>,
     /// Background workers' status.
     pub workers: crate::workers::Workers,
-    /// The Lark client (readiness checks that a tenant token is obtainable).
+    /// The Lark client (readiness reads its cached tenant-token status; it never fetches).
     pub lark: Option<crate::lark::LarkClient>,
     /// The long connection's state, when it is enabled.
     pub conn_state: Option<tokio::sync::watch::Receiver<crate::longconn::ConnState>>,
-    /// HTTP callbacks are served.
+    /// Signed HTTP callbacks are served (callbacks on and an encrypt key set): events can
+    /// arrive while the long connection is down.
     pub http_callbacks: bool,
 }
 
@@ -59,24 +60,38 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `/readyz`: the store answers, a tenant token is obtainable, and events can arrive (the long
-/// connection is up, or HTTP callbacks are served).
-async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    let not_ready = |why: String| {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {why}\n"),
-        )
+/// `/readyz`: the store answers, a tenant token is held, and events can arrive (the long
+/// connection is up, or signed HTTP callbacks are served).
+///
+/// Cheap: it reads cached state only (one key of the store, the token cache's last outcome,
+/// the connection state); it never fetches a token and never scans the store. Anonymous
+/// callers get a short reason; the admin bearer token also gets the internal detail.
+async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let detail = bearer_ok(&headers, s.admin_token.as_ref());
+    let not_ready = |reason: &str, why: &str| {
+        let body = if detail {
+            format!("not ready: {reason}: {why}\n")
+        } else {
+            format!("not ready: {reason}\n")
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, body)
     };
     if !s.ready.load(Ordering::SeqCst) {
-        return not_ready("starting or stopping".to_owned());
+        return not_ready(
+            "starting or stopping",
+            "the service is not serving yet or any more",
+        );
     }
-    if let Err(e) = s.store.run(|st| st.counts()).await {
-        return not_ready(format!("store: {e}"));
+    if let Err(e) = s.store.run(|st| st.schema_version()).await {
+        return not_ready("store", &e.to_string());
     }
     if let Some(lark) = &s.lark {
-        if let Err(e) = lark.tenant_token().await {
-            return not_ready(format!("tenant token: {e}"));
+        match lark.tenant_token_status() {
+            crate::lark::TokenStatus::Valid => {}
+            crate::lark::TokenStatus::Unknown => {
+                return not_ready("tenant token", "not obtained yet");
+            }
+            crate::lark::TokenStatus::Failed(e) => return not_ready("tenant token", &e),
         }
     }
     let ws = s.conn_state.as_ref().map(|rx| rx.borrow().clone());
@@ -84,11 +99,18 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         Some(crate::longconn::ConnState::Up) => {
             (StatusCode::OK, "ready: long connection up\n".to_owned())
         }
-        _ if s.http_callbacks => (StatusCode::OK, "ready: serving HTTP callbacks\n".to_owned()),
-        Some(state) => not_ready(format!(
-            "long connection {state:?} and HTTP callbacks are off"
-        )),
-        None => not_ready("no event channel: websocket and HTTP callbacks are both off".to_owned()),
+        _ if s.http_callbacks => (
+            StatusCode::OK,
+            "ready: serving signed HTTP callbacks\n".to_owned(),
+        ),
+        Some(state) => not_ready(
+            &format!("long connection {}", state.word()),
+            &format!("long connection {state:?} and no signed HTTP callbacks"),
+        ),
+        None => not_ready(
+            "no event channel",
+            "the long connection is off and no signed HTTP callbacks are served",
+        ),
     }
 }
 

@@ -29,3 +29,4 @@ pub use client::{
 };
 pub use error::{Error, OAuthErrorKind};
 pub use oauth::{AuthCode, AuthorizeParams, Pkce, UserToken};
+pub use token::TokenStatus;

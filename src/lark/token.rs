@@ -27,6 +27,17 @@ use super::error::Error;
 /// Longest safety margin taken off a token's lifetime before it counts as expired.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
+/// What a token cache knows about its token, without fetching (for readiness probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenStatus {
+    /// No fetch has finished yet.
+    Unknown,
+    /// A token is cached and not expired.
+    Valid,
+    /// No usable token: the last fetch failed, with this error.
+    Failed(String),
+}
+
 /// Which app-identity token a cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TokenKind {
@@ -172,6 +183,23 @@ impl TokenCache {
         self.fetch_locked(fetch).await
     }
 
+    /// The cached token's status, from memory only (never fetches).
+    pub(crate) fn status(&self) -> TokenStatus {
+        let state = self.state();
+        if state
+            .current
+            .as_ref()
+            .is_some_and(|c| Instant::now() < c.expires_at)
+        {
+            return TokenStatus::Valid;
+        }
+        match &state.last_failure {
+            Some(e) => TokenStatus::Failed(e.to_string()),
+            // Never fetched, or the token expired / was invalidated and not fetched again yet.
+            None => TokenStatus::Unknown,
+        }
+    }
+
     /// The cached token if it is before its refresh point.
     fn fresh(&self) -> Option<Issued> {
         let state = self.state();
@@ -249,6 +277,13 @@ impl LarkClient {
     /// The current `tenant_access_token`, fetched or refreshed as needed.
     pub async fn tenant_token(&self) -> Result<SecretString, Error> {
         Ok(self.cached_token(TokenKind::Tenant).await?.token)
+    }
+
+    /// What the tenant-token cache knows right now: never fetches, so it is cheap enough for a
+    /// readiness probe. The outcome of the last fetch is kept until the next one.
+    #[must_use]
+    pub fn tenant_token_status(&self) -> TokenStatus {
+        self.cache(TokenKind::Tenant).status()
     }
 
     /// The current `app_access_token`, fetched or refreshed as needed.

@@ -2,9 +2,14 @@
 //!
 //! This is the I/O shell around the pure cores (`protocol`, `reassembly`, `reconnect`). Each
 //! event frame is handed to the [`Dispatcher`] on its own task; ACKs come back through a
-//! channel, so a slow handler never holds the read loop or other ACKs.
+//! bounded channel, so a slow handler never holds the read loop or other ACKs.
+//!
+//! The task never stops for good on its own: an outage longer than the retry limit is
+//! reported as [`ConnState::Degraded`] while redialing goes on at the capped backoff, and
+//! credentials the platform refuses pause dialing ([`ConnState::CredentialsRejected`]) until
+//! the credential retry timer fires or [`LongConn::reload_credentials`] is called.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -29,6 +34,8 @@ use crate::metrics;
 
 /// At most this many ACKs go out in one write.
 const ACK_BATCH: usize = 64;
+/// ACKs waiting for the session loop; a full queue makes handlers wait (back-pressure).
+const ACK_QUEUE: usize = 1024;
 
 /// Settings of the long connection.
 #[derive(Clone)]
@@ -47,6 +54,9 @@ pub struct LongConnConfig {
     pub reassembly: ReassemblyLimits,
     /// Trust and proxy (shared with the OpenAPI client).
     pub net: crate::net::Net,
+    /// While the platform refuses the credentials, dial again this often (and at once on
+    /// [`LongConn::reload_credentials`]).
+    pub credential_retry: Duration,
 }
 
 impl std::fmt::Debug for LongConnConfig {
@@ -58,35 +68,80 @@ impl std::fmt::Debug for LongConnConfig {
     }
 }
 
-/// Connection state, published for `/readyz` and the fallback.
+/// Connection state, published for `/readyz` and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnState {
     /// Not connected yet, or reconnecting.
     Connecting,
     /// Connected.
     Up,
-    /// Stopped for good (fatal error or retries exhausted); the reason.
-    Stopped(String),
+    /// More failures in a row than the retry limit; still redialing at the capped backoff.
+    /// The last failure.
+    Degraded(String),
+    /// The platform refuses the credentials; dialing is paused until the credential retry
+    /// timer or a reload. The refusal.
+    CredentialsRejected(String),
 }
 
-/// Why the connection task stopped.
-#[derive(Debug, thiserror::Error)]
+impl ConnState {
+    /// One word for the state, safe to show anyone (no internal error text).
+    #[must_use]
+    pub fn word(&self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Up => "up",
+            Self::Degraded(_) => "degraded",
+            Self::CredentialsRejected(_) => "credentials_rejected",
+        }
+    }
+}
+
+/// Why a connection attempt failed (what the run loop logs and keeps as the reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LongConnError {
-    /// The platform refused us in a way retrying cannot fix (bad credentials, banned app…).
-    #[error("long connection stopped: {0}")]
+    /// The platform refused us in a way fast retries cannot fix (bad credentials, banned
+    /// app…).
+    #[error("credentials refused: {0}")]
     Fatal(String),
-    /// `WEBSOCKET_MAX_RECONNECT_RETRIES` (or the server's ReconnectCount) ran out.
-    #[error("long connection gave up after {0} reconnect attempts")]
-    GaveUp(u32),
+    /// A transient failure; the backoff schedule retries it.
+    #[error("{0}")]
+    Retry(String),
+}
+
+/// The app credentials the connection dials with (replaceable on reload).
+struct Credentials {
+    app_id: String,
+    app_secret: SecretString,
 }
 
 /// The long connection.
-#[derive(Debug)]
 pub struct LongConn {
     cfg: LongConnConfig,
     http: reqwest::Client,
     dispatcher: Dispatcher,
     state: watch::Sender<ConnState>,
+    creds: RwLock<Credentials>,
+    /// Bumped by [`LongConn::reload_credentials`]; waits end early when it changes.
+    reloads: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for LongConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LongConn")
+            .field("cfg", &self.cfg)
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets the state back to `Connecting` when the run loop ends in any way (cancel, panic), so
+/// a dead task never shows as up.
+struct StateGuard<'a>(&'a LongConn);
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set_state(ConnState::Connecting);
+    }
 }
 
 enum SessionEnd {
@@ -94,10 +149,7 @@ enum SessionEnd {
     Dropped(String),
 }
 
-enum AttemptError {
-    Retry(String),
-    Fatal(String),
-}
+type AttemptError = LongConnError;
 
 impl LongConn {
     /// A connection that hands events to `dispatcher`.
@@ -110,12 +162,40 @@ impl LongConn {
             .build()
             .unwrap_or_default();
         let (state, _) = watch::channel(ConnState::Connecting);
+        let creds = RwLock::new(Credentials {
+            app_id: cfg.app_id.clone(),
+            app_secret: cfg.app_secret.clone(),
+        });
         Self {
             cfg,
             http,
             dispatcher,
             state,
+            creds,
+            reloads: watch::Sender::new(0),
         }
+    }
+
+    /// Replaces the credentials the next dial uses and redials now if the connection is
+    /// waiting (backoff or a credential pause). An established connection is kept.
+    pub fn reload_credentials(&self, app_id: String, app_secret: SecretString) {
+        {
+            let mut c = self
+                .creds
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            c.app_id = app_id;
+            c.app_secret = app_secret;
+        }
+        self.reloads.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    fn credentials(&self) -> (String, SecretString) {
+        let c = self
+            .creds
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (c.app_id.clone(), c.app_secret.clone())
     }
 
     /// Subscribe to state changes.
@@ -125,59 +205,102 @@ impl LongConn {
     }
 
     fn set_state(&self, s: ConnState) {
-        let up = i64::from(s == ConnState::Up);
-        metrics::get()
-            .ws_connection_status
-            .get_or_create(&metrics::AppLabel {
-                app_id: self.cfg.app_id.clone(),
-            })
-            .set(up);
+        let m = metrics::get();
+        let label = metrics::AppLabel {
+            app_id: self.cfg.app_id.clone(),
+        };
+        m.ws_connection_status
+            .get_or_create(&label)
+            .set(i64::from(s == ConnState::Up));
+        m.ws_degraded
+            .get_or_create(&label)
+            .set(i64::from(matches!(s, ConnState::Degraded(_))));
+        m.ws_credentials_rejected
+            .get_or_create(&label)
+            .set(i64::from(matches!(s, ConnState::CredentialsRejected(_))));
         self.state.send_replace(s);
     }
 
-    /// Runs until cancelled (Ok) or stopped for good (Err).
-    pub async fn run(&self, cancel: CancellationToken) -> Result<(), LongConnError> {
+    /// Runs until cancelled. Outages and refused credentials never end it (see the module
+    /// doc); run it under the worker supervisor so a panic restarts it.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let _guard = StateGuard(self);
+        self.set_state(ConnState::Connecting);
         let mut reconnect = Reconnect::new(self.cfg.policy);
         let mut server = ClientConfig {
             ping_interval: self.cfg.heartbeat,
             ..ClientConfig::default()
-        };
+        }
+        .clamped();
+        let mut reloads = self.reloads.subscribe();
+        reloads.borrow_and_update();
         let mut first = true;
+        // Dial without a backoff wait (after a credential pause, which was the wait).
+        let mut immediate = false;
+        let mut last_failure = String::new();
         loop {
-            match reconnect.next_attempt(&server, &mut || rand::random::<f64>()) {
-                Decision::Wait(d) => {
-                    if !first {
-                        metrics::get().ws_reconnects.inc();
-                        info!(
-                            wait_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-                            "Reconnecting to the long connection."
+            if !immediate {
+                let decision = reconnect.next_attempt(&server, &mut || rand::random::<f64>());
+                if let Decision::Degraded { retries, .. } = decision {
+                    if !matches!(*self.state.borrow(), ConnState::Degraded(_)) {
+                        warn!(
+                            retries,
+                            reason = %last_failure,
+                            "The long connection is degraded: more failures in a row than the retry limit. Still redialing."
                         );
                     }
-                    first = false;
-                    tokio::select! {
-                        () = cancel.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(d) => {}
-                    }
+                    self.set_state(ConnState::Degraded(last_failure.clone()));
                 }
-                Decision::GiveUp { retries } => {
-                    let e = LongConnError::GaveUp(retries);
-                    self.set_state(ConnState::Stopped(e.to_string()));
-                    return Err(e);
+                let d = decision.wait();
+                if !first {
+                    metrics::get().ws_reconnects.inc();
+                    info!(
+                        wait_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                        "Reconnecting to the long connection."
+                    );
+                }
+                first = false;
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(d) => {}
+                    _ = reloads.changed() => info!("Configuration reloaded; redialing now."),
                 }
             }
+            immediate = false;
             let ws = match self.connect(&mut server).await {
                 Ok(ws) => ws,
-                Err(AttemptError::Retry(why)) => {
+                Err(LongConnError::Retry(why)) => {
                     warn!(reason = %why, "Long connection attempt failed; will retry.");
+                    if matches!(*self.state.borrow(), ConnState::CredentialsRejected(_)) {
+                        self.set_state(ConnState::Connecting);
+                    }
+                    last_failure = why;
                     continue;
                 }
-                Err(AttemptError::Fatal(why)) => {
-                    self.set_state(ConnState::Stopped(why.clone()));
-                    return Err(LongConnError::Fatal(why));
+                Err(LongConnError::Fatal(why)) => {
+                    let pause = self.cfg.credential_retry;
+                    warn!(
+                        reason = %why,
+                        retry_in_s = pause.as_secs(),
+                        "The platform refuses the app credentials; the long connection pauses (reload the configuration with SIGHUP to retry now)."
+                    );
+                    self.set_state(ConnState::CredentialsRejected(why.clone()));
+                    last_failure = why;
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                        _ = reloads.changed() => info!("Configuration reloaded; redialing now."),
+                    }
+                    immediate = true;
+                    continue;
                 }
             };
             let (socket, params) = ws;
             reconnect.on_connected(std::time::Instant::now());
+            reloads.borrow_and_update();
+            if matches!(*self.state.borrow(), ConnState::Degraded(_)) {
+                info!("The long connection is back after a degraded period.");
+            }
             self.set_state(ConnState::Up);
             let conn_id = params.device_id.clone().unwrap_or_default();
             let span = tracing::info_span!("connection", conn_id = %conn_id);
@@ -187,13 +310,11 @@ impl LongConn {
                 .await;
             reconnect.on_disconnected(std::time::Instant::now());
             match end {
-                SessionEnd::Cancelled => {
-                    self.set_state(ConnState::Connecting);
-                    return Ok(());
-                }
+                SessionEnd::Cancelled => return,
                 SessionEnd::Dropped(why) => {
                     warn!(reason = %why, "Long connection dropped.");
                     self.set_state(ConnState::Connecting);
+                    last_failure = why;
                 }
             }
         }
@@ -216,9 +337,10 @@ impl LongConn {
             "{}{DISCOVERY_PATH}",
             self.cfg.base_url.trim_end_matches('/')
         );
+        let (app_id, app_secret) = self.credentials();
         let body = DiscoveryRequest {
-            app_id: &self.cfg.app_id,
-            app_secret: self.cfg.app_secret.expose_secret(),
+            app_id: &app_id,
+            app_secret: app_secret.expose_secret(),
         };
         let started = std::time::Instant::now();
         let resp = self
@@ -301,7 +423,7 @@ impl LongConn {
         cancel: &CancellationToken,
     ) -> SessionEnd {
         let (mut sink, mut stream) = socket.split();
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(Frame, Instant)>();
+        let (ack_tx, mut ack_rx) = mpsc::channel::<(Frame, Instant)>(ACK_QUEUE);
         let mut reasm = Reassembler::new(self.cfg.reassembly);
         let mut last_heard = Instant::now();
         let mut next_ping = Instant::now();
@@ -351,6 +473,10 @@ impl LongConn {
                         Err(e) => return SessionEnd::Dropped(format!("read: {e}")),
                     };
                     last_heard = Instant::now();
+                    #[cfg(feature = "fault-injection")]
+                    if fault::take(&self.cfg.base_url) {
+                        panic!("injected fault: the connection task panics");
+                    }
                     let bytes = match msg {
                         Message::Binary(b) => b,
                         Message::Close(_) => return SessionEnd::Dropped("server sent close".to_owned()),
@@ -406,7 +532,7 @@ impl LongConn {
         frame: Frame,
         payload: Vec<u8>,
         received: Instant,
-        acks: mpsc::UnboundedSender<(Frame, Instant)>,
+        acks: mpsc::Sender<(Frame, Instant)>,
     ) {
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
@@ -428,10 +554,44 @@ impl LongConn {
                 }
             };
             let ack = build_ack(&frame, started.elapsed(), &response);
-            let _ = acks.send((ack, received));
+            // The session may have ended: then the platform redelivers the event.
+            let _ = acks.send((ack, received)).await;
         });
     }
 }
 
 /// Shares a connection's state with HTTP handlers.
 pub type SharedState = Arc<watch::Receiver<ConnState>>;
+
+/// Test-only fault injection (cargo feature `fault-injection`, enabled only by this crate's
+/// dev-dependency on itself): production builds do not contain it.
+#[cfg(feature = "fault-injection")]
+#[doc(hidden)]
+pub mod fault {
+    use std::sync::Mutex;
+
+    static ARMED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    /// The connection task whose base URL starts with `base_url` panics when it next reads a
+    /// message from its socket (once).
+    pub fn panic_on_next_message(base_url: &str) {
+        ARMED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(base_url.to_owned());
+    }
+
+    /// Whether a panic is armed for `base_url`; disarms it.
+    pub(crate) fn take(base_url: &str) -> bool {
+        let mut armed = ARMED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match armed.iter().position(|a| base_url.starts_with(a.as_str())) {
+            Some(i) => {
+                armed.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}

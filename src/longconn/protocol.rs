@@ -346,16 +346,37 @@ pub fn parse_pong_config(payload: &[u8]) -> Result<ClientConfigPatch, ConfigPayl
     ClientConfigPatch::from_json_value(&v)
 }
 
+/// Smallest `PingInterval` honoured; a smaller one from the server is raised to this.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `PingInterval` honoured; a larger one from the server is lowered to this.
+pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(600);
+/// Smallest `ReconnectInterval` honoured (it caps the backoff; zero would mean a tight loop).
+pub const MIN_RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `ReconnectInterval` honoured.
+pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Largest `ReconnectNonce` honoured (the random wait before the first retry).
+pub const MAX_RECONNECT_NONCE: Duration = Duration::from_secs(600);
+/// Largest `ReconnectCount` honoured; larger counts are as good as unlimited.
+pub const MAX_RECONNECT_COUNT: u32 = 1_000_000;
+
 impl ClientConfig {
-    /// Applies a patch, keeping the previous value of every key that is absent or out of
-    /// range: negative intervals/nonce are ignored, and a `PingInterval` ≤ 0 is ignored (it
-    /// would make the client ping in a tight loop). `ReconnectCount` < 0 means unlimited.
+    /// Applies a patch, keeping the previous value of every key that is absent or negative,
+    /// and clamping the rest to sane ranges: `PingInterval` to
+    /// [`MIN_PING_INTERVAL`]..=[`MAX_PING_INTERVAL`] (≤ 0 is ignored: it would make the client
+    /// ping in a tight loop), `ReconnectInterval` to
+    /// [`MIN_RECONNECT_INTERVAL`]..=[`MAX_RECONNECT_INTERVAL`], `ReconnectNonce` to
+    /// 0..=[`MAX_RECONNECT_NONCE`], `ReconnectCount` to 0..=[`MAX_RECONNECT_COUNT`]
+    /// (< 0 means unlimited).
     pub fn apply(&mut self, patch: &ClientConfigPatch) {
         if let Some(c) = patch.reconnect_count {
             self.reconnect_count = if c < 0 {
                 None
             } else {
-                Some(u32::try_from(c).unwrap_or(u32::MAX))
+                Some(
+                    u32::try_from(c)
+                        .unwrap_or(u32::MAX)
+                        .min(MAX_RECONNECT_COUNT),
+                )
             };
         }
         if let Some(s) = patch.reconnect_interval.and_then(secs) {
@@ -366,6 +387,22 @@ impl ClientConfig {
         }
         if let Some(s) = patch.ping_interval.and_then(secs).filter(|d| !d.is_zero()) {
             self.ping_interval = s;
+        }
+        *self = self.clamped();
+    }
+
+    /// A copy with every value inside its sane range (see [`ClientConfig::apply`]).
+    #[must_use]
+    pub fn clamped(self) -> Self {
+        Self {
+            reconnect_count: self.reconnect_count.map(|c| c.min(MAX_RECONNECT_COUNT)),
+            reconnect_interval: self
+                .reconnect_interval
+                .clamp(MIN_RECONNECT_INTERVAL, MAX_RECONNECT_INTERVAL),
+            reconnect_nonce: self.reconnect_nonce.min(MAX_RECONNECT_NONCE),
+            ping_interval: self
+                .ping_interval
+                .clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL),
         }
     }
 
@@ -1005,6 +1042,40 @@ mod tests {
             #[test]
             fn pong_config_never_panics(s in ".{0,64}") {
                 let _ = parse_pong_config(s.as_bytes());
+            }
+
+            #[test]
+            fn applied_config_is_always_in_range(
+                count in option::of(any::<i64>()),
+                interval in option::of(any::<i64>()),
+                nonce in option::of(any::<i64>()),
+                ping in option::of(any::<i64>()),
+                start_ping in any::<u64>(),
+                start_interval in any::<u64>(),
+            ) {
+                let mut cfg = ClientConfig {
+                    ping_interval: Duration::from_secs(start_ping),
+                    reconnect_interval: Duration::from_secs(start_interval),
+                    ..ClientConfig::default()
+                };
+                let patch = ClientConfigPatch {
+                    reconnect_count: count,
+                    reconnect_interval: interval,
+                    reconnect_nonce: nonce,
+                    ping_interval: ping,
+                };
+                cfg.apply(&patch);
+                prop_assert!((MIN_PING_INTERVAL..=MAX_PING_INTERVAL).contains(&cfg.ping_interval));
+                prop_assert!((MIN_RECONNECT_INTERVAL..=MAX_RECONNECT_INTERVAL).contains(&cfg.reconnect_interval));
+                prop_assert!(cfg.reconnect_nonce <= MAX_RECONNECT_NONCE);
+                prop_assert!(cfg.reconnect_count.is_none_or(|c| c <= MAX_RECONNECT_COUNT));
+                prop_assert_eq!(cfg.reconnect_count.is_none(), count.is_none_or(|c| c < 0));
+                // The liveness deadline the session computes from it cannot overflow.
+                let _ = tokio::time::Instant::now() + cfg.ping_interval * 2 + Duration::from_secs(5);
+                // In-range values are taken as they are.
+                if let Some(p) = ping.filter(|p| (1..=600).contains(p)) {
+                    prop_assert_eq!(cfg.ping_interval, Duration::from_secs(p.unsigned_abs()));
+                }
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Reconnect policy of the long connection (protocol doc §2.2, §2.3, §2.10).
 //!
-//! Owns: the backoff schedule (jittered first retry, exponential growth capped by the
-//! server's `ReconnectInterval` and our own cap, retry limit from the server's
-//! `ReconnectCount` and `WEBSOCKET_MAX_RECONNECT_RETRIES`, reset after a stable connection),
+//! Owns: the backoff schedule (every retry jittered, exponential growth capped by the
+//! server's `ReconnectInterval` and our own cap, a degraded report once the retry limit from
+//! the server's `ReconnectCount` and `WEBSOCKET_MAX_RECONNECT_RETRIES` is reached — retrying
+//! never stops — and a reset after a stable connection),
 //! the endpoint-discovery request body and response parsing, and the Retry/Fatal
 //! classification of discovery results and handshake rejections.
 //!
@@ -41,7 +42,8 @@ pub const HEADER_HANDSHAKE_AUTH_ERRCODE: &str = "Handshake-Autherrcode";
 pub enum FailureClass {
     /// Transient: wait per the backoff and try discovery + dial again.
     Retry,
-    /// Permanent (bad credentials, banned app, connection limit): stop and report.
+    /// The platform refuses our credentials (bad credentials, banned app, connection
+    /// limit): fast retries cannot help; pause dialing and report.
     Fatal,
 }
 
@@ -58,7 +60,8 @@ pub struct ReconnectPolicy {
     /// server's `ReconnectInterval`.
     pub max_backoff: Duration,
     /// Our retry limit per outage (`WEBSOCKET_MAX_RECONNECT_RETRIES`); `None` = unlimited.
-    /// The effective limit is the smaller of this and the server's `ReconnectCount`.
+    /// The effective limit is the smaller of this and the server's `ReconnectCount`. Past it
+    /// the connection is reported degraded, and retries go on at the capped backoff.
     pub max_retries: Option<u32>,
     /// A connection that stayed up at least this long resets the backoff growth when it
     /// drops; a shorter one (flapping) keeps growing it.
@@ -101,11 +104,24 @@ pub fn effective_max_retries(server: Option<u32>, ours: Option<u32>) -> Option<u
 pub enum Decision {
     /// Wait this long, then run discovery and dial.
     Wait(Duration),
-    /// The retry limit is reached: stop and report.
-    GiveUp {
-        /// Retries made in this outage.
+    /// The retry limit is reached: report the connection degraded, and still wait this long
+    /// and try again (an outage never stops the connection for good).
+    Degraded {
+        /// The wait before the next attempt.
+        wait: Duration,
+        /// Retries in this outage, counting this one (more than the limit).
         retries: u32,
     },
+}
+
+impl Decision {
+    /// The wait before the next attempt.
+    #[must_use]
+    pub fn wait(&self) -> Duration {
+        match *self {
+            Self::Wait(w) | Self::Degraded { wait: w, .. } => w,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +140,12 @@ enum State {
 /// needs no call: the next `next_attempt` counts it. Fatal failures bypass this type.
 ///
 /// Schedule within one outage: retry 1 waits `uniform(0, ReconnectNonce)` (plus the
-/// carried-over backoff if the previous connection was not stable); retry *n* > 1 waits
-/// `min(initial_backoff · 2^(step−1), min(ReconnectInterval, max_backoff))`, where `step`
-/// grows with every retry and resets only after a stable connection.
+/// carried-over backoff, jittered, if the previous connection was not stable); retry *n* > 1
+/// waits `b/2 + uniform(0, b/2)` with `b = min(initial_backoff · 2^(step−1),
+/// min(ReconnectInterval, max_backoff))`, where `step` grows with every retry and resets
+/// only after a stable connection. Every wait is jittered and none exceeds the cap (plus the
+/// nonce for retry 1). Past the retry limit the decision is [`Decision::Degraded`], with the
+/// same schedule.
 #[derive(Debug, Clone)]
 pub struct Reconnect {
     policy: ReconnectPolicy,
@@ -175,24 +194,27 @@ impl Reconnect {
             State::Connected(_) => 0,
             State::Down { retries } => retries,
         };
-        if let Some(limit) = effective_max_retries(server.reconnect_count, self.policy.max_retries)
-        {
-            if retries >= limit {
-                self.state = State::Down { retries };
-                return Decision::GiveUp { retries };
-            }
-        }
+        let degraded = effective_max_retries(server.reconnect_count, self.policy.max_retries)
+            .is_some_and(|limit| retries >= limit);
         let retries = retries.saturating_add(1);
         self.state = State::Down { retries };
 
         let jitter = if retries == 1 {
-            server.reconnect_nonce.mul_f64(random().clamp(0.0, 1.0))
+            server.reconnect_nonce.mul_f64(unit(random()))
         } else {
             Duration::ZERO
         };
         let backoff = self.backoff(self.step, server);
         self.step = self.step.saturating_add(1);
-        Decision::Wait(jitter.saturating_add(backoff))
+        // Equal jitter: half the backoff, plus a random share of the other half.
+        let half = backoff / 2;
+        let backoff = half.saturating_add((backoff - half).mul_f64(unit(random())));
+        let wait = jitter.saturating_add(backoff);
+        if degraded {
+            Decision::Degraded { wait, retries }
+        } else {
+            Decision::Wait(wait)
+        }
     }
 
     /// Records a successful handshake at `now`.
@@ -224,6 +246,16 @@ impl Reconnect {
             .checked_mul(factor)
             .unwrap_or(Duration::MAX)
             .min(cap)
+    }
+}
+
+/// A random draw made safe for `Duration::mul_f64`: NaN becomes 0, the rest is clamped to
+/// `[0, 1]`.
+fn unit(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(0.0, 1.0)
     }
 }
 
@@ -427,9 +459,10 @@ mod tests {
         let cfg = server(None, 10, 30);
         let mut r = Reconnect::new(ReconnectPolicy::default());
         let got = waits(&mut r, &cfg, 7);
-        let want: Vec<Decision> = [0, 15, 1, 2, 4, 8, 10]
+        // Retry 1: half the nonce (random 0.5); then ¾ of 1, 2, 4, 8 s and of the 10 s cap.
+        let want: Vec<Decision> = [0, 15_000, 750, 1500, 3000, 6000, 7500]
             .into_iter()
-            .map(|s| Decision::Wait(secs(s)))
+            .map(|ms| Decision::Wait(Duration::from_millis(ms)))
             .collect();
         assert_eq!(got, want);
         assert_eq!(r.retries(), 6);
@@ -438,13 +471,21 @@ mod tests {
     #[test]
     fn jitter_uses_injected_randomness_and_clamps_it() {
         let cfg = server(None, 120, 30);
-        for (x, want) in [(0.0, 0), (0.1, 3), (0.999_999, 29), (7.0, 30), (-1.0, 0)] {
+        for (x, want) in [
+            (0.0, 0),
+            (0.1, 3),
+            (0.999_999, 29),
+            (7.0, 30),
+            (-1.0, 0),
+            (f64::NAN, 0),
+            (f64::INFINITY, 30),
+        ] {
             let mut r = Reconnect::new(ReconnectPolicy::default());
             r.on_disconnected(Instant::now());
             let d = r.next_attempt(&cfg, &mut || x);
             match d {
                 Decision::Wait(w) => assert_eq!(w.as_secs(), want, "random {x}"),
-                Decision::GiveUp { .. } => panic!("gave up"),
+                Decision::Degraded { .. } => panic!("no limit"),
             }
         }
     }
@@ -458,11 +499,35 @@ mod tests {
         };
         let mut r = Reconnect::new(policy);
         let got = waits(&mut r, &cfg, 7);
-        let want: Vec<Decision> = [0, 0, 1, 2, 4, 5, 5]
+        let want: Vec<Decision> = [0, 0, 750, 1500, 3000, 3750, 3750]
             .into_iter()
-            .map(|s| Decision::Wait(secs(s)))
+            .map(|ms| Decision::Wait(Duration::from_millis(ms)))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn every_retry_after_the_first_is_jittered_within_half_and_the_whole_backoff() {
+        let cfg = server(None, 120, 0);
+        let policy = ReconnectPolicy {
+            max_backoff: secs(8),
+            ..ReconnectPolicy::default()
+        };
+        for (x, want) in [
+            (0.0, [500, 1000, 2000, 4000, 4000]),
+            (1.0, [1000, 2000, 4000, 8000, 8000]),
+        ] {
+            let mut r = Reconnect::new(policy);
+            let got: Vec<Duration> = (0..7)
+                .map(|_| r.next_attempt(&cfg, &mut || x).wait())
+                .collect();
+            let want: Vec<Duration> = [0, 0]
+                .into_iter()
+                .chain(want)
+                .map(Duration::from_millis)
+                .collect();
+            assert_eq!(got, want, "random {x}");
+        }
     }
 
     #[test]
@@ -473,7 +538,19 @@ mod tests {
         assert!(matches!(got[0], Decision::Wait(_)), "initial attempt");
         assert!(matches!(got[1], Decision::Wait(_)));
         assert!(matches!(got[2], Decision::Wait(_)));
-        assert_eq!(got[3], Decision::GiveUp { retries: 2 });
+        // Past the limit: degraded, but the schedule goes on (capped at 1 s here).
+        assert_eq!(
+            got[3],
+            Decision::Degraded {
+                wait: Duration::from_millis(750),
+                retries: 3
+            }
+        );
+        for _ in 0..100 {
+            let d = r.next_attempt(&cfg, &mut half());
+            assert!(matches!(d, Decision::Degraded { .. }), "{d:?}");
+            assert!(d.wait() <= secs(1), "{d:?}");
+        }
         // A successful connection starts a new outage budget.
         let t = Instant::now();
         r.on_connected(t);
@@ -492,7 +569,10 @@ mod tests {
         r.on_disconnected(Instant::now());
         assert_eq!(
             r.next_attempt(&cfg, &mut half()),
-            Decision::GiveUp { retries: 0 }
+            Decision::Degraded {
+                wait: Duration::ZERO,
+                retries: 1
+            }
         );
     }
 
@@ -515,7 +595,10 @@ mod tests {
         };
         let mut r = Reconnect::new(policy);
         let got = waits(&mut r, &cfg, 3);
-        assert_eq!(got[2], Decision::GiveUp { retries: 1 });
+        assert!(
+            matches!(got[2], Decision::Degraded { retries: 2, .. }),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -529,7 +612,7 @@ mod tests {
         // Flapping: up for 5 s only. The first retry carries the grown backoff.
         r.on_connected(t0);
         r.on_disconnected(t0 + secs(5));
-        assert_eq!(r.next_attempt(&cfg, &mut half()), Decision::Wait(secs(8)));
+        assert_eq!(r.next_attempt(&cfg, &mut half()), Decision::Wait(secs(6)));
 
         // Stable: up for 60 s. Growth resets.
         r.on_connected(t0 + secs(10));
@@ -539,8 +622,8 @@ mod tests {
             got,
             vec![
                 Decision::Wait(secs(0)),
-                Decision::Wait(secs(1)),
-                Decision::Wait(secs(2))
+                Decision::Wait(Duration::from_millis(750)),
+                Decision::Wait(Duration::from_millis(1500))
             ]
         );
     }
@@ -561,10 +644,10 @@ mod tests {
                     assert!(w >= last);
                     last = w;
                 }
-                Decision::GiveUp { .. } => panic!("unlimited"),
+                Decision::Degraded { .. } => panic!("unlimited"),
             }
         }
-        assert_eq!(last, secs(1_000_000_000));
+        assert_eq!(last, secs(750_000_000));
     }
 
     #[test]
@@ -664,5 +747,57 @@ mod tests {
         assert_eq!(c(403, &[("Handshake-Status", "junk")]).class, Fatal);
         // Header wins over HTTP status.
         assert_eq!(c(403, &[("Handshake-Status", "500")]).class, Retry);
+    }
+
+    mod props {
+        use super::super::*;
+        use crate::longconn::protocol::ClientConfigPatch;
+        use proptest::option;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_server_values_and_randomness_give_a_bounded_wait_without_panicking(
+                count in option::of(any::<i64>()),
+                interval in option::of(any::<i64>()),
+                nonce in option::of(any::<i64>()),
+                ping in option::of(any::<i64>()),
+                initial_ms in any::<u64>(),
+                max_ms in any::<u64>(),
+                ours in option::of(any::<u32>()),
+                draws in proptest::collection::vec(any::<f64>(), 1..40),
+                connect_every in 1usize..10,
+            ) {
+                let mut cfg = ClientConfig::default();
+                cfg.apply(&ClientConfigPatch {
+                    reconnect_count: count,
+                    reconnect_interval: interval,
+                    reconnect_nonce: nonce,
+                    ping_interval: ping,
+                });
+                let policy = ReconnectPolicy {
+                    initial_backoff: Duration::from_millis(initial_ms),
+                    max_backoff: Duration::from_millis(max_ms),
+                    max_retries: ours,
+                    stable_after: Duration::from_secs(60),
+                };
+                let cap = policy.max_backoff.min(cfg.reconnect_interval);
+                let mut r = Reconnect::new(policy);
+                let t = Instant::now();
+                let mut i = 0;
+                for (n, x) in draws.iter().enumerate() {
+                    let d = r.next_attempt(&cfg, &mut || { i += 1; draws[i % draws.len()] * x });
+                    prop_assert!(d.wait() <= cap.saturating_add(cfg.reconnect_nonce), "{:?}", d);
+                    if let Decision::Degraded { retries, .. } = d {
+                        let limit = effective_max_retries(cfg.reconnect_count, ours);
+                        prop_assert!(limit.is_some_and(|l| retries > l));
+                    }
+                    if n % connect_every == 0 {
+                        r.on_connected(t);
+                        r.on_disconnected(t);
+                    }
+                }
+            }
+        }
     }
 }

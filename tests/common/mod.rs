@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lark_service::config::{Config, LoadOptions};
-use lark_service::daemon::{run, Listeners};
+use lark_service::daemon::{run_with_reloads, Listeners};
 use lark_service::sandbox::{Sandbox, APP_ID, APP_SECRET};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -23,6 +23,9 @@ pub struct Service {
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    env: HashMap<String, String>,
+    cfg_file: std::path::PathBuf,
+    reloads: tokio::sync::mpsc::Sender<Config>,
 }
 
 impl Service {
@@ -91,15 +94,16 @@ impl Service {
         }
         let cfg = Config::load_with(
             &LoadOptions {
-                config_path: Some(cfg_file),
+                config_path: Some(cfg_file.clone()),
                 overrides: vec![],
             },
             &env,
         )
         .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (reloads, reload_rx) = tokio::sync::mpsc::channel(4);
         let task = tokio::spawn(async move {
-            run(
+            run_with_reloads(
                 cfg,
                 Listeners {
                     http,
@@ -108,6 +112,7 @@ impl Service {
                 async move {
                     let _ = rx.await;
                 },
+                reload_rx,
             )
             .await
             .unwrap();
@@ -119,6 +124,9 @@ impl Service {
             task,
             _dir: dir,
             client: reqwest::Client::new(),
+            env,
+            cfg_file,
+            reloads,
         };
         s.wait_for(|| async {
             s.client
@@ -129,6 +137,24 @@ impl Service {
         })
         .await;
         s
+    }
+
+    /// What `SIGHUP` does: the configuration is re-read (the start-up settings with `changes`
+    /// over them) and handed to the running service.
+    pub async fn reload(&self, changes: &[(&str, &str)]) {
+        let mut env = self.env.clone();
+        for (k, v) in changes {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let cfg = Config::load_with(
+            &LoadOptions {
+                config_path: Some(self.cfg_file.clone()),
+                overrides: vec![],
+            },
+            &env,
+        )
+        .unwrap();
+        self.reloads.send(cfg).await.unwrap();
     }
 
     pub async fn wait_for<F, Fut>(&self, mut f: F)
