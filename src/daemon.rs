@@ -501,7 +501,10 @@ pub async fn run_with_reloads(
         // Unsigned callbacks could be forged: only signed ones count as an event path.
         http_callbacks: cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some(),
     });
-    if cfg.websocket.fallback_to_http {
+    if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_none() {
+        warn!("HTTP callbacks are not served: no encrypt_key (LARK_ENCRYPT_KEY) is set, and without it a callback cannot be authenticated (a verification token alone proves nothing).");
+    }
+    if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some() {
         let expose = |s: &Option<SecretString>| {
             s.as_ref()
                 .map(|v| secrecy::ExposeSecret::expose_secret(v).to_owned())

@@ -82,6 +82,8 @@ pub struct DispatchConfig {
     pub seen_ttl: Duration,
     /// Ids remembered in memory (beyond this, the store answers).
     pub memory_ids: usize,
+    /// Bytes the in-memory ids may take, whatever their count (see [`Recent`]).
+    pub memory_bytes: usize,
     /// Handlers allowed to run at once; beyond this, events are answered as failed.
     pub max_concurrent_handlers: usize,
 }
@@ -101,6 +103,7 @@ impl Default for DispatchConfig {
             ack_deadline: Duration::from_millis(2500),
             seen_ttl: Duration::from_secs(24 * 3600),
             memory_ids: 200_000,
+            memory_bytes: 32 * 1024 * 1024,
             max_concurrent_handlers: 256,
         }
     }
@@ -153,22 +156,32 @@ enum SeenMsg {
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Ids seen or in flight, bounded, oldest evicted first.
+/// Ids seen or in flight, bounded in count and in bytes, oldest evicted first.
 #[derive(Default)]
 struct Recent {
     set: HashSet<String>,
     order: VecDeque<String>,
+    /// Estimated bytes held by `set` and `order` (see [`Recent::cost`]).
+    bytes: usize,
 }
 
 impl Recent {
-    fn insert(&mut self, id: &str, cap: usize) -> bool {
+    /// What one id costs: its bytes twice (set and queue) plus the two `String` headers and
+    /// the hash table's slot.
+    fn cost(id: &str) -> usize {
+        2 * id.len() + 2 * std::mem::size_of::<String>() + 16
+    }
+
+    fn insert(&mut self, id: &str, cap: usize, max_bytes: usize) -> bool {
         if self.set.contains(id) {
             return false;
         }
         self.set.insert(id.to_owned());
         self.order.push_back(id.to_owned());
-        while self.order.len() > cap {
+        self.bytes += Self::cost(id);
+        while self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1) {
             if let Some(old) = self.order.pop_front() {
+                self.bytes = self.bytes.saturating_sub(Self::cost(&old));
                 self.set.remove(&old);
             }
         }
@@ -338,13 +351,13 @@ impl Dispatcher {
 
     /// True if `id` was neither seen nor in flight; marks it in flight.
     async fn claim(&self, id: &str) -> bool {
-        let cap = self.inner.cfg.memory_ids;
+        let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
         if !self
             .inner
             .recent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, cap)
+            .insert(id, cap, max_bytes)
         {
             return false;
         }
@@ -400,6 +413,29 @@ fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
         .map(|id| format!("{MESSAGE_KEY_PREFIX}{id}"))
 }
 
+/// Records `ids` as seen in one transaction. An id the store would refuse is skipped (and
+/// logged by length only), so one bad id never costs the others their record.
+fn commit_seen(store: &Store, ids: &[String], forget_at: u64) {
+    let refs: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| crate::storage::valid_event_key(id))
+        .collect();
+    if refs.len() < ids.len() {
+        warn!(
+            skipped = ids.len() - refs.len(),
+            "Seen ids the store cannot key were skipped (empty or over {} bytes).",
+            crate::storage::MAX_EVENT_KEY_BYTES
+        );
+    }
+    if refs.is_empty() {
+        return;
+    }
+    if let Err(e) = store.mark_events_seen(&refs, forget_at) {
+        warn!(error = %e, count = refs.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
+    }
+}
+
 /// The writer thread: drains whatever ids are queued and commits them in one transaction.
 fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
     while let Some(first) = rx.blocking_recv() {
@@ -417,10 +453,7 @@ fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
         }
         if !ids.is_empty() {
             let started = Instant::now();
-            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            if let Err(e) = store.mark_events_seen(&refs, now_ms().saturating_add(ttl_ms)) {
-                warn!(error = %e, count = ids.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
-            }
+            commit_seen(store, &ids, now_ms().saturating_add(ttl_ms));
             debug!(
                 count = ids.len(),
                 commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -437,6 +470,45 @@ fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
 mod tests {
     use super::*;
     use crate::callbacks::parse_event_payload;
+
+    #[test]
+    fn one_bad_id_never_spoils_a_group_commit() {
+        let store = Store::open_in_memory(
+            crate::storage::Keyring::new(crate::storage::Key::from_bytes(&[3; 32]), vec![]),
+            crate::storage::StoreOptions::default(),
+        )
+        .unwrap();
+        let ids = vec![
+            "ev-good-1".to_owned(),
+            "x".repeat(crate::storage::MAX_EVENT_KEY_BYTES + 1),
+            String::new(),
+            "ev-good-2".to_owned(),
+        ];
+        commit_seen(&store, &ids, now_ms() + 60_000);
+        assert!(store.event_seen("ev-good-1").unwrap());
+        assert!(store.event_seen("ev-good-2").unwrap());
+    }
+
+    #[test]
+    fn recent_ids_are_bounded_in_bytes_not_only_in_count() {
+        let mut r = Recent::default();
+        let max_bytes = 10_000;
+        for i in 0..1_000 {
+            let id = format!("{i:0>120}");
+            assert!(r.insert(&id, 1_000_000, max_bytes));
+            assert!(r.bytes <= max_bytes, "{} bytes after {i}", r.bytes);
+        }
+        assert!(r.set.len() < 100 && r.order.len() == r.set.len());
+        // The newest ids are the ones kept.
+        assert!(!r.insert(&format!("{:0>120}", 999), 1_000_000, max_bytes));
+        assert!(r.insert(&format!("{:0>120}", 0), 1_000_000, max_bytes));
+        // The count bound still holds on its own.
+        let mut r = Recent::default();
+        for i in 0..50 {
+            r.insert(&i.to_string(), 10, usize::MAX);
+        }
+        assert_eq!(r.set.len(), 10);
+    }
     use crate::storage::{Key, Keyring, StoreOptions};
     use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -53,9 +53,9 @@ impl CallbackConfig {
     /// Builds the config from the app's Verification Token and Encrypt Key (empty strings
     /// count as not configured), with the default size limit and timestamp window.
     ///
-    /// With an Encrypt Key every request except `url_verification` must carry a valid
-    /// signature. With neither secret set, requests are not authenticated at all; the config
-    /// layer should refuse that outside tests.
+    /// Without an Encrypt Key nothing can be authenticated and [`parse_callback`] refuses every
+    /// request (the service does not even mount the routes): a Verification Token alone is
+    /// sent in the body and proves nothing.
     pub fn new(verification_token: Option<&str>, encrypt_key: Option<&str>) -> Self {
         let non_empty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
         Self {
@@ -219,9 +219,13 @@ pub enum BodyError {
     /// The body (or decrypted body) is not a UTF-8 JSON object.
     #[error("request body is not a JSON object")]
     InvalidJson,
-    /// The body is `{"encrypt": …}` but no Encrypt Key is configured.
-    #[error("request body is encrypted but no encrypt key is configured")]
+    /// No Encrypt Key is configured, so no request can be authenticated.
+    #[error("no encrypt key is configured: HTTP callbacks cannot be authenticated")]
     NoEncryptKey,
+    /// An event or message id is empty, longer than [`MAX_ID_LEN`] or outside the safe
+    /// character set (see [`valid_id`]).
+    #[error("{0} is not a valid id")]
+    InvalidId(&'static str),
     /// The `encrypt` value could not be decrypted.
     #[error(transparent)]
     Decrypt(#[from] DecryptError),
@@ -237,17 +241,18 @@ pub enum BodyError {
 }
 
 impl BodyError {
-    /// The HTTP status to answer with: 413 too large, 401 authentication failures, 400
-    /// everything else. All decryption failures share 400 with malformed bodies, so a peer
-    /// cannot use the status as a padding oracle.
+    /// The HTTP status to answer with: 413 too large, 401 for every authentication failure
+    /// (also an unsigned body whose decryption fails: it is refused for the signature before
+    /// its decryption can say anything, so the status is no padding oracle), 400 for a
+    /// correctly signed body that is malformed.
     pub fn status(&self) -> u16 {
         match self {
             Self::TooLarge { .. } => 413,
-            Self::Unauthorized(_) => 401,
+            Self::Unauthorized(_) | Self::NoEncryptKey => 401,
             Self::InvalidJson
-            | Self::NoEncryptKey
             | Self::Decrypt(_)
             | Self::MissingField(_)
+            | Self::InvalidId(_)
             | Self::Unsupported => 400,
         }
     }
@@ -268,15 +273,34 @@ pub fn challenge_response(challenge: &str) -> Vec<u8> {
         .unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// Authenticates and parses one HTTP callback request.
+/// Longest event or message id accepted (the platform's are 32–64 characters).
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `id` is a usable event or message id: 1 to [`MAX_ID_LEN`] bytes of ASCII letters,
+/// digits, `-`, `_`, `.` and `:`. Ids become store keys and log fields; anything else is
+/// refused when the payload is parsed, on both paths.
+#[must_use]
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Authenticates and parses one HTTP callback request. Fails closed: without an Encrypt Key
+/// every request is refused.
 ///
-/// Order of checks: size limit; signature over the raw bytes (when an Encrypt Key is
-/// configured) and timestamp window; JSON; decryption of `encrypt`; then:
-/// * `url_verification` is answered even without a valid signature (the SDKs skip it for
-///   this type), but its token must match when a Verification Token is configured;
-/// * everything else is rejected if the signature check failed, then the verification
-///   token is enforced when configured and either no Encrypt Key is configured or the
-///   payload carries a token (the Python SDK's rule).
+/// Order of checks: size limit; the signature over the raw bytes and the timestamp window,
+/// **before** anything is decrypted or parsed; then JSON, decryption of `encrypt`, and:
+/// * a signed `url_verification` is answered (its token must match when a Verification Token
+///   is configured);
+/// * a signed event is classified, then the verification token is enforced when configured
+///   and the payload carries one (the Python SDK's rule with an Encrypt Key);
+/// * an unsigned request is refused, with one exception: the platform's `url_verification`
+///   challenge, which it sends unsigned (the SDKs accept it so). It is answered only when it
+///   decrypts under our Encrypt Key and carries our Verification Token, and all it gets is its
+///   challenge echoed. Every other unsigned body gets 401, whatever is wrong with it.
 pub fn parse_callback(
     raw: &[u8],
     headers: &SignatureHeaders<'_>,
@@ -288,17 +312,22 @@ pub fn parse_callback(
             limit: config.max_body_bytes,
         });
     }
-    let signature = match &config.encrypt {
-        Some((key, _)) => verify::verify_request(headers, key, raw, now, config.timestamp_window),
-        None => Ok(()),
+    let Some((key, cipher)) = &config.encrypt else {
+        return Err(BodyError::NoEncryptKey);
     };
+    if let Err(unsigned) = verify::verify_request(headers, key, raw, now, config.timestamp_window) {
+        return unsigned_challenge(
+            raw,
+            cipher,
+            config.verification_token.as_deref().map(String::as_str),
+        )
+        .map(|challenge| Callback::UrlVerification { challenge })
+        .ok_or(BodyError::Unauthorized(unsigned));
+    }
 
     let outer = parse_object(raw)?;
     let plain = match outer.get("encrypt") {
-        Some(Value::String(enc)) => {
-            let cipher = config.cipher().ok_or(BodyError::NoEncryptKey)?;
-            parse_object(&cipher.decrypt(enc)?)?
-        }
+        Some(Value::String(enc)) => parse_object(&cipher.decrypt(enc)?)?,
         Some(_) => return Err(BodyError::InvalidJson),
         None => outer,
     };
@@ -313,7 +342,6 @@ pub fn parse_callback(
         });
     }
 
-    signature?;
     let callback = classify(plain)?;
     if let Some(expected) = &config.verification_token {
         let token = match &callback {
@@ -321,11 +349,25 @@ pub fn parse_callback(
             Callback::CardAction(c) => c.envelope.token.as_deref(),
             Callback::UrlVerification { .. } => None,
         };
-        if !config.has_encrypt_key() || token.is_some() {
+        if token.is_some() {
             verify::verify_token(token, expected)?;
         }
     }
     Ok(callback)
+}
+
+/// The challenge of an unsigned `url_verification`, if it decrypts under our key and carries
+/// our Verification Token; `None` for anything else (and always without a token configured).
+fn unsigned_challenge(raw: &[u8], cipher: &EventCipher, token: Option<&str>) -> Option<String> {
+    let expected = token?;
+    let outer = parse_object(raw).ok()?;
+    let enc = outer.get("encrypt")?.as_str()?;
+    let plain = parse_object(&cipher.decrypt(enc).ok()?).ok()?;
+    if !is_url_verification(&plain) {
+        return None;
+    }
+    verify::verify_token(str_at(&plain, "/token"), expected).ok()?;
+    str_at(&plain, "/challenge").map(str::to_owned)
 }
 
 /// Parses a long-connection payload: the same plaintext envelope as HTTP mode, without
@@ -399,6 +441,14 @@ fn classify(v: Value) -> Result<Callback, BodyError> {
     } else {
         return Err(BodyError::Unsupported);
     };
+    if !valid_id(&envelope.event_id) {
+        return Err(BodyError::InvalidId("event_id"));
+    }
+    if let Some(message_id) = envelope.json.pointer("/event/message/message_id") {
+        if !message_id.as_str().is_some_and(valid_id) {
+            return Err(BodyError::InvalidId("message_id"));
+        }
+    }
     if envelope.schema == Schema::V2 && envelope.event_type == CARD_ACTION_TRIGGER {
         Ok(Callback::CardAction(Box::new(CardAction::from_envelope(
             envelope,
@@ -489,24 +539,110 @@ mod tests {
     }
 
     #[test]
-    fn plain_challenge_checks_token() {
-        let body = r#"{"challenge":"c1","token":"xxxxxx","type":"url_verification"}"#;
+    fn without_an_encrypt_key_every_callback_is_refused_even_with_the_right_token() {
+        // A verification token travels in the body: anyone who has seen one callback can forge
+        // the next. Without an encrypt key nothing is authenticated, so nothing is accepted.
         let cfg = CallbackConfig::new(Some(TOKEN), None);
         let h = SignatureHeaders::default();
+        let challenge = r#"{"challenge":"c1","token":"xxxxxx","type":"url_verification"}"#;
+        let forged = v2("im.message.receive_v1", TOKEN);
+        for body in [challenge, forged.as_str(), "", "{}"] {
+            let err = parse_callback(body.as_bytes(), &h, &cfg, now()).unwrap_err();
+            assert_eq!(err, BodyError::NoEncryptKey, "{body}");
+            assert_eq!(err.status(), 401);
+            assert_eq!(err.public_message(), "unauthorized");
+        }
+        let none = CallbackConfig::new(Some(""), None);
+        assert!(!none.has_verification_token() && !none.has_encrypt_key());
         assert_eq!(
-            parse_callback(body.as_bytes(), &h, &cfg, now()),
+            parse_callback(forged.as_bytes(), &h, &none, now()),
+            Err(BodyError::NoEncryptKey)
+        );
+    }
+
+    #[test]
+    fn an_unsigned_body_gets_only_the_challenge_and_only_with_our_key_and_token() {
+        let h = SignatureHeaders::default();
+        let challenge = |token: &str| {
+            encrypted(
+                &serde_json::json!({"challenge": "c1", "token": token, "type": "url_verification"})
+                    .to_string(),
+            )
+        };
+        assert_eq!(
+            parse_callback(challenge(TOKEN).as_bytes(), &h, &both(), now()),
             Ok(Callback::UrlVerification {
                 challenge: "c1".into()
             })
         );
-        let wrong = body.replace("xxxxxx", "yyy");
-        let err = parse_callback(wrong.as_bytes(), &h, &cfg, now()).unwrap_err();
-        assert_eq!(err, BodyError::Unauthorized(VerifyError::BadToken));
-        assert_eq!(err.status(), 401);
-        let no_challenge = r#"{"token":"xxxxxx","type":"url_verification"}"#;
+        // Every other unsigned body gets the same 401, whatever is wrong with it.
+        let wrong_token = challenge("yyy");
+        let plain_challenge = r#"{"challenge":"c1","token":"xxxxxx","type":"url_verification"}"#;
+        let unsigned_event = encrypted(&v2("im.message.receive_v1", TOKEN));
+        let other_key = serde_json::json!({
+            "encrypt": EventCipher::new("another-key").encrypt_with_iv(
+                br#"{"challenge":"c1","token":"xxxxxx","type":"url_verification"}"#, IV)
+        })
+        .to_string();
+        for body in [
+            wrong_token.as_str(),
+            plain_challenge,
+            unsigned_event.as_str(),
+            other_key.as_str(),
+            r#"{"encrypt":"!!"}"#,
+            "not json",
+        ] {
+            let err = parse_callback(body.as_bytes(), &h, &both(), now()).unwrap_err();
+            assert!(
+                matches!(err, BodyError::Unauthorized(VerifyError::MissingHeader(_))),
+                "{body}: {err:?}"
+            );
+            assert_eq!(err.status(), 401);
+        }
+        // Without a verification token even a correct challenge cannot be told from a replay.
+        let key_only = CallbackConfig::new(None, Some(KEY));
+        assert!(parse_callback(challenge(TOKEN).as_bytes(), &h, &key_only, now()).is_err());
+    }
+
+    #[test]
+    fn ids_are_bounded_and_safe_on_both_paths() {
+        assert!(valid_id("5e3702a84e847582be8db7fb73283c02"));
+        assert!(valid_id("om_dc13264520392913993dd051dba21dcf"));
+        assert!(valid_id(&"a".repeat(MAX_ID_LEN)));
+        for bad in [
+            String::new(),
+            "a".repeat(MAX_ID_LEN + 1),
+            "ev 1".into(),
+            "ev/../1".into(),
+            "ev\n1".into(),
+            "é".into(),
+        ] {
+            assert!(!valid_id(&bad), "{bad:?}");
+            let mut v: Value = serde_json::from_str(&v2("x.y", TOKEN)).unwrap();
+            v["header"]["event_id"] = Value::String(bad.clone());
+            // An empty id is a missing field; every other bad id is an invalid one.
+            let want = if bad.is_empty() {
+                BodyError::MissingField("event_id")
+            } else {
+                BodyError::InvalidId("event_id")
+            };
+            let ws = parse_event_payload(v.to_string().as_bytes());
+            assert_eq!(ws, Err(want.clone()), "{bad:?}");
+            let (body, sig) = signed(&v.to_string());
+            let http = parse_callback(body.as_bytes(), &headers(&sig), &both(), now());
+            assert_eq!(http, Err(want.clone()), "{bad:?}");
+            assert_eq!(want.status(), 400);
+        }
+        let mut v: Value = serde_json::from_str(&v2("im.message.receive_v1", TOKEN)).unwrap();
+        v["event"]["message"] = serde_json::json!({"message_id": "om_1/../x"});
         assert_eq!(
-            parse_callback(no_challenge.as_bytes(), &h, &cfg, now()),
-            Err(BodyError::MissingField("challenge"))
+            parse_event_payload(v.to_string().as_bytes()),
+            Err(BodyError::InvalidId("message_id"))
+        );
+        v["event"]["message"] = serde_json::json!({"message_id": 7});
+        assert_eq!(
+            parse_event_payload(v.to_string().as_bytes()),
+            Err(BodyError::InvalidId("message_id"))
         );
     }
 
@@ -558,25 +694,15 @@ mod tests {
 
     #[test]
     fn token_rules() {
-        let h = SignatureHeaders::default();
-        // Token only: enforced on every event.
-        let cfg = CallbackConfig::new(Some(TOKEN), None);
         let ok = v2("x.y", TOKEN);
-        assert!(parse_callback(ok.as_bytes(), &h, &cfg, now()).is_ok());
         let bad = v2("x.y", "nope");
-        assert_eq!(
-            parse_callback(bad.as_bytes(), &h, &cfg, now()),
-            Err(BodyError::Unauthorized(VerifyError::BadToken))
-        );
         let mut missing: Value = serde_json::from_str(&ok).unwrap();
         missing["header"].as_object_mut().unwrap().remove("token");
         let missing = missing.to_string();
-        assert_eq!(
-            parse_callback(missing.as_bytes(), &h, &cfg, now()),
-            Err(BodyError::Unauthorized(VerifyError::BadToken))
-        );
-        // Encrypt key + token: a payload without a token passes on the signature alone, a
-        // payload with a wrong token fails.
+        // Encrypt key + token: a signed payload without a token passes on the signature alone,
+        // a signed payload with a wrong token fails.
+        let (body, sig) = signed(&ok);
+        assert!(parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).is_ok());
         let (body, sig) = signed(&missing);
         assert!(parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).is_ok());
         let (body, sig) = signed(&bad);
@@ -584,10 +710,9 @@ mod tests {
             parse_callback(body.as_bytes(), &headers(&sig), &both(), now()),
             Err(BodyError::Unauthorized(VerifyError::BadToken))
         );
-        // Nothing configured: accepted.
-        let none = CallbackConfig::new(Some(""), None);
-        assert!(!none.has_verification_token());
-        assert!(parse_callback(bad.as_bytes(), &h, &none, now()).is_ok());
+        // Encrypt key alone: the signature is what counts.
+        let key_only = CallbackConfig::new(None, Some(KEY));
+        assert!(parse_callback(body.as_bytes(), &headers(&sig), &key_only, now()).is_ok());
     }
 
     #[test]
@@ -630,9 +755,8 @@ mod tests {
     #[test]
     fn v1_envelope() {
         let body = r#"{"ts":"1502199207.7171419","uuid":"u-1","token":"xxxxxx","type":"event_callback","event":{"type":"message","app_id":"cli_x","tenant_key":"tk"}}"#;
-        let cfg = CallbackConfig::new(Some(TOKEN), None);
-        let got =
-            parse_callback(body.as_bytes(), &SignatureHeaders::default(), &cfg, now()).unwrap();
+        let (body, sig) = signed(body);
+        let got = parse_callback(body.as_bytes(), &headers(&sig), &both(), now()).unwrap();
         let Callback::Event(e) = got else {
             panic!("not an event")
         };
@@ -646,12 +770,16 @@ mod tests {
     #[test]
     fn malformed_bodies_map_to_4xx() {
         let h = SignatureHeaders::default();
-        let cfg = CallbackConfig::new(Some(TOKEN), None);
+        let cfg = both();
+        // Signed but malformed: 400 (only the platform can sign, so this is no oracle).
         let cases: &[(&[u8], BodyError)] = &[
             (b"", BodyError::InvalidJson),
             (b"[]", BodyError::InvalidJson),
             (b"\xff", BodyError::InvalidJson),
-            (br#"{"encrypt":"abc"}"#, BodyError::NoEncryptKey),
+            (
+                br#"{"encrypt":"abc"}"#,
+                BodyError::Decrypt(DecryptError::Base64),
+            ),
             (br#"{"schema":"2.0"}"#, BodyError::MissingField("header")),
             (
                 br#"{"schema":"2.0","header":{"event_id":"e"}}"#,
@@ -668,17 +796,22 @@ mod tests {
             ),
         ];
         for (body, want) in cases {
-            let got = parse_callback(body, &h, &cfg, now()).unwrap_err();
+            let sig = signature_hex("1700000000", "n0nce", KEY, body);
+            let got = parse_callback(body, &headers(&sig), &cfg, now()).unwrap_err();
             assert_eq!(&got, want, "{}", String::from_utf8_lossy(body));
             assert_eq!(got.status(), 400);
             assert_eq!(got.public_message(), "bad request");
         }
         let keyed = both();
+        let signed_parse = |body: &[u8]| {
+            let sig = signature_hex("1700000000", "n0nce", KEY, body);
+            parse_callback(body, &headers(&sig), &keyed, now())
+        };
         assert_eq!(
-            parse_callback(br#"{"encrypt":5}"#, &h, &keyed, now()),
+            signed_parse(br#"{"encrypt":5}"#),
             Err(BodyError::InvalidJson)
         );
-        let e = parse_callback(br#"{"encrypt":"!!"}"#, &h, &keyed, now()).unwrap_err();
+        let e = signed_parse(br#"{"encrypt":"!!"}"#).unwrap_err();
         assert_eq!(
             (e.clone(), e.status()),
             (BodyError::Decrypt(DecryptError::Base64), 400)
@@ -687,10 +820,16 @@ mod tests {
         let enc =
             serde_json::json!({"encrypt": EventCipher::new(KEY).encrypt_with_iv(b"nope", IV)})
                 .to_string();
-        assert_eq!(
-            parse_callback(enc.as_bytes(), &h, &keyed, now()),
-            Err(BodyError::InvalidJson)
-        );
+        assert_eq!(signed_parse(enc.as_bytes()), Err(BodyError::InvalidJson));
+        // The same bodies unsigned: all one 401.
+        for body in [&br#"{"encrypt":"!!"}"#[..], enc.as_bytes(), b"[]"] {
+            assert_eq!(
+                parse_callback(body, &h, &keyed, now())
+                    .unwrap_err()
+                    .status(),
+                401
+            );
+        }
     }
 
     #[test]

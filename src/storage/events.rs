@@ -9,8 +9,9 @@ impl Store {
     /// Records a batch of event ids as seen until `forget_at` (unix ms) in one durable commit
     /// (a group commit: one fsync for the whole batch). Returns, for each id in order, true if
     /// it was new; an id repeated inside the batch is new only the first time.
+    /// Refuses the whole batch if any id fails [`valid_event_key`]: callers filter first.
     pub fn mark_events_seen(&self, ids: &[&str], forget_at: u64) -> Result<Vec<bool>> {
-        if let Some(bad) = ids.iter().find(|id| id.is_empty() || id.len() > 512) {
+        if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
             return Err(Error::Invalid(format!(
                 "event id must be 1 to 512 bytes, got {}",
                 bad.len()
@@ -45,4 +46,13 @@ impl Store {
         let seen = txn.open_table(SEEN_EVENTS).map_err(|e| self.err(e))?;
         Ok(seen.get(id).map_err(|e| self.err(e))?.is_some())
     }
+}
+
+/// Longest seen-event key the store accepts.
+pub const MAX_EVENT_KEY_BYTES: usize = 512;
+
+/// Whether the store accepts `id` as a seen-event key (1 to [`MAX_EVENT_KEY_BYTES`] bytes).
+#[must_use]
+pub fn valid_event_key(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_EVENT_KEY_BYTES
 }
