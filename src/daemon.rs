@@ -31,6 +31,11 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
         sandbox_defaults(&mut cfg)?;
     }
     cfg.require_serve()?;
+    if !args.sandbox {
+        for w in cfg.require_public_redirect()? {
+            warn!("{w}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lark-service")
