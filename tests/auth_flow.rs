@@ -756,6 +756,169 @@ async fn someone_else_completing_the_flow_is_refused() {
     assert!(h.store.get_token(APP_ID, ALICE).unwrap().is_none());
 }
 
+const CONTACT_ALICE_PATH: &str = "/open-apis/contact/v3/users/u_alice";
+
+impl H {
+    /// The directory knows `u_alice` as Alice (`ou_alice`).
+    async fn mount_contact_alice(&self) {
+        Mock::given(method("GET"))
+            .and(path(CONTACT_ALICE_PATH))
+            .and(wiremock::matchers::query_param("user_id_type", "user_id"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "code": 0, "msg": "success",
+                "data": {"user": {"open_id": ALICE, "user_id": "u_alice", "name": "Alice"}}
+            })))
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn request_u_alice(&self) -> Result<lark_service::auth::RequestOutcome, AuthError> {
+        self.svc
+            .request(AuthRequest {
+                user: UserRef::UserId("u_alice".into()),
+                scopes: vec!["contact:user.base:readonly".into()],
+            })
+            .await
+    }
+
+    /// The session failed for `reason`, no token is stored for the card's user by either id,
+    /// and the card became the "Authorization failed" card.
+    async fn assert_failed_without_token(
+        &self,
+        id: lark_service::storage::SessionId,
+        reason: FailureReason,
+    ) {
+        let s = self.store.get_session(id).unwrap().unwrap();
+        assert_eq!(
+            (s.state, s.failure_reason),
+            (SessionState::Failed, Some(reason))
+        );
+        assert!(s.access_token.is_none() && s.refresh_token.is_none());
+        assert!(self.store.get_token(APP_ID, "u_alice").unwrap().is_none());
+        assert!(self.store.get_token(APP_ID, ALICE).unwrap().is_none());
+        let patches = self.patched_cards().await;
+        assert_eq!(patches.len(), 1);
+        assert_eq!(
+            patches[0]["header"]["title"]["content"],
+            "Authorization failed"
+        );
+    }
+}
+
+/// Issue 16 (fail closed): a request by user_id, approved on the consent page by someone else
+/// whose user info carries no user_id (the app may not read user_ids), fails as
+/// `state_mismatch`: the user_id was resolved to Alice's open_id when the card went out, and
+/// the open_ids differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_approved_by_another_user_fails() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info("ou_mallory").await;
+    let (ok0, sm0) = (success(), failures(FailureReason::StateMismatch));
+    let out = h.request_u_alice().await.unwrap();
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    h.assert_failed_without_token(out.session_id, FailureReason::StateMismatch)
+        .await;
+    assert_eq!(success(), ok0);
+    assert_eq!(failures(FailureReason::StateMismatch), sm0 + 1);
+}
+
+/// The same request approved by Alice herself completes (her open_id matches), and the token
+/// is kept under the user_id it was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_approved_by_its_user_completes() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info(ALICE).await;
+    let out = h.request_u_alice().await.unwrap();
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.open_id.as_deref(), Some(ALICE));
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    let tok = h.store.get_token(APP_ID, "u_alice").unwrap().unwrap();
+    assert_eq!(tok.open_id.as_deref(), Some(ALICE));
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_1);
+}
+
+/// A user_id the directory cannot resolve is refused at once: no session is left pending and
+/// no card goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_that_cannot_be_resolved_is_refused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    Mock::given(method("GET"))
+        .and(path(CONTACT_ALICE_PATH))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 41050, "msg": "no user authority error"})),
+        )
+        .mount(&h.server)
+        .await;
+    h.mount_send_card("om_1", 0).await;
+    let err = h.request_u_alice().await.unwrap_err();
+    assert!(
+        matches!(&err, AuthError::UnresolvedUser { user_id, .. } if user_id == "u_alice"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("u_alice"), "{err}");
+    assert!(h.sent_cards().await.is_empty());
+    assert!(h
+        .store
+        .sessions_for_user(APP_ID, "u_alice")
+        .unwrap()
+        .iter()
+        .all(|s| s.state != SessionState::Pending));
+}
+
+/// Issue 16 (fail closed): when the new token's user info cannot be read, who completed the
+/// flow is unknown: the session fails (`unknown_error`), no token is stored, the card says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_info_failing_fails_the_session_and_stores_no_token() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .respond_with(ResponseTemplate::new(500).set_body_string("upstream broke"))
+        .mount(&h.server)
+        .await;
+    let (ok0, ue0) = (success(), failures(FailureReason::UnknownError));
+    let out = h.request_u_alice().await.unwrap();
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 502);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    assert!(!h.requests("GET", USER_INFO_PATH).await.is_empty());
+    h.assert_failed_without_token(out.session_id, FailureReason::UnknownError)
+        .await;
+    assert_eq!(success(), ok0);
+    assert_eq!(failures(FailureReason::UnknownError), ue0 + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_refuses_the_n_plus_first_request_without_a_card() {
     let _s = SERIAL.lock().await;

@@ -133,6 +133,16 @@ pub enum AuthError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A request by `user_id` whose user could not be resolved to an open_id in the directory
+    /// (no such user, or the app may not read it). Without the open_id the service could not
+    /// check who completes the authorization, so it refuses the request.
+    #[error("cannot resolve user_id {user_id:?} to an open_id: {reason}")]
+    UnresolvedUser {
+        /// The user_id asked for.
+        user_id: String,
+        /// Why it could not be resolved.
+        reason: String,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] storage::Error),
@@ -494,6 +504,26 @@ fn error_page() -> (StatusCode, Html<String>) {
     (StatusCode::INTERNAL_SERVER_ERROR, html)
 }
 
+/// Who completed the flow, compared with the user the session was asked for.
+///
+/// Every session made by [`AuthService::request`] knows the open_id of its user (a user_id is
+/// resolved when the request is made), and the user info of the new token always names its
+/// open_id: they must be equal. A session asked for by user_id also requires the user info's
+/// user_id, when it has one, to be that user_id. A session stored by an older version with no
+/// open_id is identified by user_id alone; if the user info has none (the app may not read
+/// user_ids) the identity is unknown, and the completion is refused.
+fn identify(s: &AuthSession, info: &lark::UserInfo) -> Identity {
+    let by_user_id = s.open_id.as_deref() != Some(s.user_id.as_str());
+    match (&s.open_id, &info.user_id) {
+        (Some(o), _) if *o != info.open_id => Identity::Mismatch,
+        (Some(_), Some(u)) if by_user_id && *u != s.user_id => Identity::Mismatch,
+        (Some(_), _) => Identity::Matches,
+        (None, Some(u)) if *u == s.user_id => Identity::Matches,
+        (None, Some(_)) => Identity::Mismatch,
+        (None, None) => Identity::Unknown,
+    }
+}
+
 fn toast(kind: &str, content: &str) -> Value {
     json!({ "type": kind, "content": content })
 }
@@ -596,6 +626,7 @@ impl AuthService {
             metrics::get().auth_rate_limited.inc();
             return Err(AuthError::RateLimited { retry_after });
         }
+        let open_id = self.resolve_open_id(&req.user).await?;
         let _guard = self.inner.request_locks.lock(&key).await;
         let app = self.inner.app_id.clone();
         let k = key.clone();
@@ -624,9 +655,7 @@ impl AuthService {
             now,
             ms(opts.session_expiry),
         );
-        if let UserRef::OpenId(o) = &req.user {
-            session.open_id = Some(o.clone());
-        }
+        session.open_id = Some(open_id);
         session.state_hash = Some(hash);
         session.pkce_verifier = Some(pkce.verifier.clone());
         let s2 = session.clone();
@@ -676,6 +705,32 @@ impl AuthService {
                 count_failure(FailureReason::UnknownError);
                 Err(AuthError::Lark(e))
             }
+        }
+    }
+
+    /// The open_id of the user a request is for: an open_id as given; a user_id looked up in
+    /// the directory (tenant token). The completion compares it with the open_id of the user
+    /// who authorized, so a request whose user cannot be resolved is refused: transient
+    /// failures as [`AuthError::Lark`], anything else as [`AuthError::UnresolvedUser`].
+    async fn resolve_open_id(&self, user: &UserRef) -> Result<String, AuthError> {
+        let user_id = match user {
+            UserRef::OpenId(o) => return Ok(o.clone()),
+            UserRef::UserId(u) => u,
+        };
+        let unresolved = |reason: String| AuthError::UnresolvedUser {
+            user_id: user_id.clone(),
+            reason,
+        };
+        match self.lark().contact_user(user_id, UserIdType::UserId).await {
+            Ok(c) => match c.open_id.filter(|o| !o.is_empty()) {
+                Some(o) if c.user_id.as_deref().is_none_or(|u| u == user_id) => Ok(o),
+                Some(_) => Err(unresolved(
+                    "the directory answered with another user".to_owned(),
+                )),
+                None => Err(unresolved("the directory entry has no open_id".to_owned())),
+            },
+            Err(e) if e.is_transient() => Err(AuthError::Lark(e)),
+            Err(e) => Err(unresolved(e.to_string())),
         }
     }
 
@@ -835,22 +890,15 @@ impl AuthService {
                 };
                 let identity = match self.lark().user_info(&t.access_token).await {
                     Ok(info) => {
-                        let s = &run.session;
-                        let id = match (&s.open_id, &info.user_id) {
-                            (Some(o), _) if *o == info.open_id => Identity::Matches,
-                            (Some(_), _) => Identity::Mismatch,
-                            (None, Some(u)) if *u == s.user_id => Identity::Matches,
-                            (None, Some(_)) => Identity::Mismatch,
-                            (None, None) => Identity::Unknown,
-                        };
+                        let id = identify(&run.session, &info);
                         if id == Identity::Mismatch {
-                            warn!(session = %s.session_id, "The authorization was completed by another user than the card's; refused.");
+                            warn!(session = %run.session.session_id, "The authorization was completed by another user than the card's; refused.");
                         }
                         run.info = Some(info);
                         id
                     }
                     Err(e) => {
-                        warn!(session = %run.session.session_id, error = %e, "Reading the new token's user failed; completing without it.");
+                        warn!(session = %run.session.session_id, error = %e, "Reading the new token's user failed; the authorization is refused (who completed it is unknown).");
                         Identity::Unknown
                     }
                 };
@@ -1544,6 +1592,11 @@ async fn http_request(State(svc): State<AuthService>, headers: HeaderMap, body: 
             resp
         }
         Err(AuthError::Invalid { field, reason }) => bad_field(field, reason),
+        Err(e @ AuthError::UnresolvedUser { .. }) => api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unresolved_user",
+            e.to_string(),
+        ),
         Err(e @ AuthError::Lark(_)) => {
             api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
         }
