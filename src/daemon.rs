@@ -247,6 +247,8 @@ pub async fn run(
         crate::auth::AuthOptions::from_config(&cfg),
     );
     dispatcher.set_handler(app_handler(auth.clone()));
+    // Shutdown waits for token refreshes in flight (a rotated refresh token must be stored).
+    let auth_refreshes = auth.clone();
     workers.spawn(
         &tracker,
         cancel.clone(),
@@ -384,6 +386,7 @@ pub async fn run(
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = server.await;
         tracker.wait().await;
+        auth_refreshes.finish_refreshes().await;
     })
     .await;
     if drained.is_err() {

@@ -1004,6 +1004,7 @@ async fn put_due_token(h: &H, user: &str) {
             obtained_at: now - 6_000_000,
             session_id: None,
             needs_reauth: false,
+            refresh_in_doubt_since: None,
         })
         .unwrap();
 }
@@ -1364,4 +1365,157 @@ fn page_kinds_have_distinct_titles() {
             "Authorization failed"
         ]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: a refresh whose answer is lost.
+
+async fn mount_refresh_lost(h: &H, times: Option<u64>) {
+    let mut m = Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .and(body_partial_json(
+            json!({"grant_type": "refresh_token", "refresh_token": REFRESH_1}),
+        ))
+        .respond_with(ResponseTemplate::new(503).set_body_json(
+            json!({"code": 20072, "error": "temporarily_unavailable", "error_description": "busy"}),
+        ))
+        .with_priority(1);
+    if let Some(n) = times {
+        m = m.up_to_n_times(n);
+    }
+    m.mount(&h.server).await;
+}
+
+/// The paths of the token endpoint and user info calls, in the order they were made.
+async fn refresh_and_probe_calls(h: &H) -> Vec<String> {
+    h.server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.url.path().to_owned())
+        .filter(|p| p == OAUTH_TOKEN_PATH || p == USER_INFO_PATH)
+        .collect()
+}
+
+/// A lost answer puts the refresh in doubt: persisted on the token, no token handed out, the
+/// refresh token not presented again. After the grace, the old access token is refused by the
+/// platform: the refresh took effect and its result is lost, so the user must authorize again,
+/// and the spent refresh token was presented exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_is_not_presented_again_when_the_old_token_shows_it_took_effect() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, None).await;
+
+    h.svc.refresh_due_tokens().await.unwrap();
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert!(
+        tok.refresh_in_doubt_since.is_some(),
+        "the doubt is persisted"
+    );
+    assert!(!tok.needs_reauth);
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::RefreshInDoubt { .. })
+    ));
+    // Before the check can tell anything, nothing is sent again.
+    h.advance(60_000);
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(refresh_and_probe_calls(&h).await, vec![OAUTH_TOKEN_PATH]);
+
+    // Past the grace: the old access token is refused although it has not expired.
+    h.advance(61_000);
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_1}").as_str(),
+        ))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 99991668, "msg": "user access token invalid"})),
+        )
+        .mount(&h.server)
+        .await;
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(
+        refresh_and_probe_calls(&h).await,
+        vec![OAUTH_TOKEN_PATH, USER_INFO_PATH],
+        "checked with the old access token; the refresh token is not presented twice"
+    );
+    assert!(
+        h.store
+            .get_token(APP_ID, ALICE)
+            .unwrap()
+            .unwrap()
+            .needs_reauth
+    );
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::NeedsReauth { .. })
+    ));
+}
+
+/// The old access token still works past the grace: the lost refresh did not take effect, so
+/// the refresh token is presented again (after the check) and the user has a working token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_is_retried_once_the_old_token_shows_it_did_not_take_effect() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, Some(1)).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body(ACCESS_2, REFRESH_2)))
+        .mount(&h.server)
+        .await;
+    h.mount_user_info(ALICE).await;
+
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert!(h
+        .store
+        .get_token(APP_ID, ALICE)
+        .unwrap()
+        .unwrap()
+        .refresh_in_doubt_since
+        .is_some());
+    h.advance(121_000);
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(
+        refresh_and_probe_calls(&h).await,
+        vec![OAUTH_TOKEN_PATH, USER_INFO_PATH, OAUTH_TOKEN_PATH]
+    );
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_2);
+    assert_eq!(tok.refresh_token.unwrap().expose_secret(), REFRESH_2);
+    assert!(tok.refresh_in_doubt_since.is_none() && !tok.needs_reauth);
+    assert_eq!(
+        h.svc
+            .user_token(UserRef::OpenId(ALICE.into()))
+            .await
+            .unwrap()
+            .expose_secret(),
+        ACCESS_2
+    );
+}
+
+/// When the old access token expires before the check can run, the check cannot tell what
+/// happened: fail closed (authorize again), without presenting the refresh token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_that_cannot_be_checked_fails_closed() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, None).await;
+    h.mount_user_info(ALICE).await;
+    h.svc.refresh_due_tokens().await.unwrap();
+    // The old access token expires (put_due_token: in 1000 s) before anyone looks again.
+    h.advance(1_000_000);
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::NeedsReauth { .. })
+    ));
+    assert_eq!(refresh_and_probe_calls(&h).await, vec![OAUTH_TOKEN_PATH]);
 }

@@ -159,6 +159,7 @@ fn seed(dir: &Path) -> Vec<AuthSession> {
                 obtained_at: 0,
                 session_id: Some(s.session_id),
                 needs_reauth: false,
+                refresh_in_doubt_since: None,
             };
             store.complete_session(&s, &t).unwrap();
         } else {

@@ -186,6 +186,13 @@ impl Service {
             .unwrap()
     }
 
+    /// Sends the shutdown signal without waiting; [`Service::stop_keep_dir`] then waits.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
     pub async fn stop(self) {
         drop(self.stop_keep_dir().await);
     }
