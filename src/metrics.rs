@@ -30,7 +30,7 @@ pub struct ReasonLabel {
 /// `{outcome}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
-    /// success, failure, reauth_required, …
+    /// success, failure, reauth_required, unknown (the answer to a refresh was lost), …
     pub outcome: &'static str,
 }
 
@@ -322,7 +322,7 @@ impl Metrics {
                 .auth_failure
                 .get_or_create(&ReasonLabel { reason: r.as_str() });
         }
-        for outcome in ["success", "failure", "reauth_required"] {
+        for outcome in ["success", "failure", "reauth_required", "unknown"] {
             let _ = self.token_refresh.get_or_create(&OutcomeLabel { outcome });
         }
         for s in crate::storage::SessionState::ALL {
