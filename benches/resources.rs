@@ -47,6 +47,7 @@ fn spawn(dir: &Path, sandbox: &str, port: u16, websocket: bool) -> (Child, UnixD
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .env("STORAGE_PATH", dir.join("s.redb"))
         .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PUBLIC_URL", format!("http://127.0.0.1:{port}"))
         .env("PROMETHEUS_PORT", "0")
         .env(
             "WEBSOCKET_ENABLED",

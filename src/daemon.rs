@@ -41,6 +41,11 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
         SandboxFiles::default()
     };
     cfg.require_serve()?;
+    if !args.sandbox {
+        for w in cfg.require_public_redirect()? {
+            warn!("{w}");
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lark-service")
@@ -395,6 +400,8 @@ pub async fn run_with_reloads(
         crate::auth::AuthOptions::from_config(&cfg),
     );
     dispatcher.set_handler(app_handler(auth.clone()));
+    // Shutdown waits for token refreshes in flight (a rotated refresh token must be stored).
+    let auth_refreshes = auth.clone();
     workers.spawn(
         &tracker,
         cancel.clone(),
@@ -565,6 +572,7 @@ pub async fn run_with_reloads(
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = server.await;
         tracker.wait().await;
+        auth_refreshes.finish_refreshes().await;
     })
     .await;
     if drained.is_err() {

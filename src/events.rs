@@ -298,6 +298,7 @@ impl Dispatcher {
                         Ok(_) => me.record_seen(ids).await,
                         Err(e) => {
                             me.release(&ids);
+                            crate::metrics::get().event_handler_failures.inc();
                             warn!(error = %e, "Event handler failed.");
                         }
                     }

@@ -30,7 +30,7 @@ pub struct ReasonLabel {
 /// `{outcome}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
-    /// success, failure, reauth_required, …
+    /// success, failure, reauth_required, unknown (the answer to a refresh was lost), …
     pub outcome: &'static str,
 }
 
@@ -104,6 +104,8 @@ pub struct Metrics {
     pub event_handlers_inflight: Gauge,
     /// Events answered as failed (for redelivery) because the handler limit was reached.
     pub events_overloaded: Counter,
+    /// Handler failures (within the ACK window: redelivered; after it: lost, logged).
+    pub event_handler_failures: Counter,
     /// Frames received by kind (ping, pong, event, card, other).
     pub ws_frames_received: Family<KindLabel, Counter>,
     /// Events received by source.
@@ -164,6 +166,7 @@ impl Metrics {
             ws_credentials_rejected: Family::default(),
             event_handlers_inflight: Gauge::default(),
             events_overloaded: Counter::default(),
+            event_handler_failures: Counter::default(),
             ws_frames_received: Family::default(),
             events_received: Family::default(),
             events_deduplicated: Counter::default(),
@@ -223,6 +226,11 @@ impl Metrics {
                 "events_overloaded",
                 "Events answered as failed (the platform redelivers) because the handler limit was reached",
                 m.events_overloaded.clone(),
+            );
+            r.register(
+                "event_handler_failures",
+                "Event handler failures (inside the ACK window the platform redelivers; after it the event is logged and counted here only)",
+                m.event_handler_failures.clone(),
             );
             r.register(
                 "websocket_frames_received",
@@ -355,7 +363,7 @@ impl Metrics {
                 .auth_failure
                 .get_or_create(&ReasonLabel { reason: r.as_str() });
         }
-        for outcome in ["success", "failure", "reauth_required"] {
+        for outcome in ["success", "failure", "reauth_required", "unknown"] {
             let _ = self.token_refresh.get_or_create(&OutcomeLabel { outcome });
         }
         for s in crate::storage::SessionState::ALL {
@@ -507,6 +515,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_websocket_credentials_rejected",
     "lark_service_event_handlers_inflight",
     "lark_service_events_overloaded_total",
+    "lark_service_event_handler_failures_total",
     "lark_service_websocket_frames_received_total",
     "lark_service_events_received_total",
     "lark_service_events_deduplicated_total",

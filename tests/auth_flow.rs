@@ -756,6 +756,169 @@ async fn someone_else_completing_the_flow_is_refused() {
     assert!(h.store.get_token(APP_ID, ALICE).unwrap().is_none());
 }
 
+const CONTACT_ALICE_PATH: &str = "/open-apis/contact/v3/users/u_alice";
+
+impl H {
+    /// The directory knows `u_alice` as Alice (`ou_alice`).
+    async fn mount_contact_alice(&self) {
+        Mock::given(method("GET"))
+            .and(path(CONTACT_ALICE_PATH))
+            .and(wiremock::matchers::query_param("user_id_type", "user_id"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "code": 0, "msg": "success",
+                "data": {"user": {"open_id": ALICE, "user_id": "u_alice", "name": "Alice"}}
+            })))
+            .mount(&self.server)
+            .await;
+    }
+
+    async fn request_u_alice(&self) -> Result<lark_service::auth::RequestOutcome, AuthError> {
+        self.svc
+            .request(AuthRequest {
+                user: UserRef::UserId("u_alice".into()),
+                scopes: vec!["contact:user.base:readonly".into()],
+            })
+            .await
+    }
+
+    /// The session failed for `reason`, no token is stored for the card's user by either id,
+    /// and the card became the "Authorization failed" card.
+    async fn assert_failed_without_token(
+        &self,
+        id: lark_service::storage::SessionId,
+        reason: FailureReason,
+    ) {
+        let s = self.store.get_session(id).unwrap().unwrap();
+        assert_eq!(
+            (s.state, s.failure_reason),
+            (SessionState::Failed, Some(reason))
+        );
+        assert!(s.access_token.is_none() && s.refresh_token.is_none());
+        assert!(self.store.get_token(APP_ID, "u_alice").unwrap().is_none());
+        assert!(self.store.get_token(APP_ID, ALICE).unwrap().is_none());
+        let patches = self.patched_cards().await;
+        assert_eq!(patches.len(), 1);
+        assert_eq!(
+            patches[0]["header"]["title"]["content"],
+            "Authorization failed"
+        );
+    }
+}
+
+/// Issue 16 (fail closed): a request by user_id, approved on the consent page by someone else
+/// whose user info carries no user_id (the app may not read user_ids), fails as
+/// `state_mismatch`: the user_id was resolved to Alice's open_id when the card went out, and
+/// the open_ids differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_approved_by_another_user_fails() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info("ou_mallory").await;
+    let (ok0, sm0) = (success(), failures(FailureReason::StateMismatch));
+    let out = h.request_u_alice().await.unwrap();
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    h.assert_failed_without_token(out.session_id, FailureReason::StateMismatch)
+        .await;
+    assert_eq!(success(), ok0);
+    assert_eq!(failures(FailureReason::StateMismatch), sm0 + 1);
+}
+
+/// The same request approved by Alice herself completes (her open_id matches), and the token
+/// is kept under the user_id it was asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_approved_by_its_user_completes() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    h.mount_user_info(ALICE).await;
+    let out = h.request_u_alice().await.unwrap();
+    let s = h.store.get_session(out.session_id).unwrap().unwrap();
+    assert_eq!(s.open_id.as_deref(), Some(ALICE));
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, _) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 200);
+    let tok = h.store.get_token(APP_ID, "u_alice").unwrap().unwrap();
+    assert_eq!(tok.open_id.as_deref(), Some(ALICE));
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_1);
+}
+
+/// A user_id the directory cannot resolve is refused at once: no session is left pending and
+/// no card goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_id_request_that_cannot_be_resolved_is_refused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    Mock::given(method("GET"))
+        .and(path(CONTACT_ALICE_PATH))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 41050, "msg": "no user authority error"})),
+        )
+        .mount(&h.server)
+        .await;
+    h.mount_send_card("om_1", 0).await;
+    let err = h.request_u_alice().await.unwrap_err();
+    assert!(
+        matches!(&err, AuthError::UnresolvedUser { user_id, .. } if user_id == "u_alice"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("u_alice"), "{err}");
+    assert!(h.sent_cards().await.is_empty());
+    assert!(h
+        .store
+        .sessions_for_user(APP_ID, "u_alice")
+        .unwrap()
+        .iter()
+        .all(|s| s.state != SessionState::Pending));
+}
+
+/// Issue 16 (fail closed): when the new token's user info cannot be read, who completed the
+/// flow is unknown: the session fails (`unknown_error`), no token is stored, the card says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_info_failing_fails_the_session_and_stores_no_token() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_contact_alice().await;
+    h.mount_send_card("om_1", 1).await;
+    h.mount_patch().await;
+    h.mount_exchange(1).await;
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .respond_with(ResponseTemplate::new(500).set_body_string("upstream broke"))
+        .mount(&h.server)
+        .await;
+    let (ok0, ue0) = (success(), failures(FailureReason::UnknownError));
+    let out = h.request_u_alice().await.unwrap();
+    let state = state_of(&h.sent_cards().await[0]);
+    let (status, html) = h
+        .svc
+        .oauth_callback(&format!("code={CODE}&state={state}"))
+        .await;
+    assert_eq!(status, 502);
+    assert_eq!(page_title(&html.0), "Authorization failed");
+    assert!(!h.requests("GET", USER_INFO_PATH).await.is_empty());
+    h.assert_failed_without_token(out.session_id, FailureReason::UnknownError)
+        .await;
+    assert_eq!(success(), ok0);
+    assert_eq!(failures(FailureReason::UnknownError), ue0 + 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_refuses_the_n_plus_first_request_without_a_card() {
     let _s = SERIAL.lock().await;
@@ -841,6 +1004,7 @@ async fn put_due_token(h: &H, user: &str) {
             obtained_at: now - 6_000_000,
             session_id: None,
             needs_reauth: false,
+            refresh_in_doubt_since: None,
         })
         .unwrap();
 }
@@ -1201,4 +1365,157 @@ fn page_kinds_have_distinct_titles() {
             "Authorization failed"
         ]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: a refresh whose answer is lost.
+
+async fn mount_refresh_lost(h: &H, times: Option<u64>) {
+    let mut m = Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .and(body_partial_json(
+            json!({"grant_type": "refresh_token", "refresh_token": REFRESH_1}),
+        ))
+        .respond_with(ResponseTemplate::new(503).set_body_json(
+            json!({"code": 20072, "error": "temporarily_unavailable", "error_description": "busy"}),
+        ))
+        .with_priority(1);
+    if let Some(n) = times {
+        m = m.up_to_n_times(n);
+    }
+    m.mount(&h.server).await;
+}
+
+/// The paths of the token endpoint and user info calls, in the order they were made.
+async fn refresh_and_probe_calls(h: &H) -> Vec<String> {
+    h.server
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.url.path().to_owned())
+        .filter(|p| p == OAUTH_TOKEN_PATH || p == USER_INFO_PATH)
+        .collect()
+}
+
+/// A lost answer puts the refresh in doubt: persisted on the token, no token handed out, the
+/// refresh token not presented again. After the grace, the old access token is refused by the
+/// platform: the refresh took effect and its result is lost, so the user must authorize again,
+/// and the spent refresh token was presented exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_is_not_presented_again_when_the_old_token_shows_it_took_effect() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, None).await;
+
+    h.svc.refresh_due_tokens().await.unwrap();
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert!(
+        tok.refresh_in_doubt_since.is_some(),
+        "the doubt is persisted"
+    );
+    assert!(!tok.needs_reauth);
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::RefreshInDoubt { .. })
+    ));
+    // Before the check can tell anything, nothing is sent again.
+    h.advance(60_000);
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(refresh_and_probe_calls(&h).await, vec![OAUTH_TOKEN_PATH]);
+
+    // Past the grace: the old access token is refused although it has not expired.
+    h.advance(61_000);
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_1}").as_str(),
+        ))
+        .respond_with(
+            ResponseTemplate::new(400)
+                .set_body_json(json!({"code": 99991668, "msg": "user access token invalid"})),
+        )
+        .mount(&h.server)
+        .await;
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(
+        refresh_and_probe_calls(&h).await,
+        vec![OAUTH_TOKEN_PATH, USER_INFO_PATH],
+        "checked with the old access token; the refresh token is not presented twice"
+    );
+    assert!(
+        h.store
+            .get_token(APP_ID, ALICE)
+            .unwrap()
+            .unwrap()
+            .needs_reauth
+    );
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::NeedsReauth { .. })
+    ));
+}
+
+/// The old access token still works past the grace: the lost refresh did not take effect, so
+/// the refresh token is presented again (after the check) and the user has a working token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_is_retried_once_the_old_token_shows_it_did_not_take_effect() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, Some(1)).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body(ACCESS_2, REFRESH_2)))
+        .mount(&h.server)
+        .await;
+    h.mount_user_info(ALICE).await;
+
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert!(h
+        .store
+        .get_token(APP_ID, ALICE)
+        .unwrap()
+        .unwrap()
+        .refresh_in_doubt_since
+        .is_some());
+    h.advance(121_000);
+    h.svc.refresh_due_tokens().await.unwrap();
+    assert_eq!(
+        refresh_and_probe_calls(&h).await,
+        vec![OAUTH_TOKEN_PATH, USER_INFO_PATH, OAUTH_TOKEN_PATH]
+    );
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_2);
+    assert_eq!(tok.refresh_token.unwrap().expose_secret(), REFRESH_2);
+    assert!(tok.refresh_in_doubt_since.is_none() && !tok.needs_reauth);
+    assert_eq!(
+        h.svc
+            .user_token(UserRef::OpenId(ALICE.into()))
+            .await
+            .unwrap()
+            .expose_secret(),
+        ACCESS_2
+    );
+}
+
+/// When the old access token expires before the check can run, the check cannot tell what
+/// happened: fail closed (authorize again), without presenting the refresh token again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_refresh_that_cannot_be_checked_fails_closed() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    mount_refresh_lost(&h, None).await;
+    h.mount_user_info(ALICE).await;
+    h.svc.refresh_due_tokens().await.unwrap();
+    // The old access token expires (put_due_token: in 1000 s) before anyone looks again.
+    h.advance(1_000_000);
+    assert!(matches!(
+        h.svc.user_token(UserRef::OpenId(ALICE.into())).await,
+        Err(TokenError::NeedsReauth { .. })
+    ));
+    assert_eq!(refresh_and_probe_calls(&h).await, vec![OAUTH_TOKEN_PATH]);
 }

@@ -316,6 +316,7 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
             .env("LARK_DOMAIN", "http://127.0.0.1:9")
             .env("WEBSOCKET_ENABLED", "false")
             .env("APP_SECRET", "x")
+            .env("PUBLIC_URL", "https://svc.example.com")
             .env("LARK_TOKEN_ENCRYPTION_KEY", "03".repeat(32))
             .env("LARK_SERVICE_ADMIN_TOKEN", "admin-test-token")
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))

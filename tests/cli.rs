@@ -25,6 +25,7 @@ fn cmd(dir: &Path) -> Command {
         .env("LARK_DOMAIN", "http://127.0.0.1:9")
         .env("WEBSOCKET_ENABLED", "false")
         .env("APP_SECRET", APP_SECRET)
+        .env("PUBLIC_URL", "https://svc.example.com")
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY1)
         .env("STORAGE_PATH", dir.join("s.redb"));
     c
@@ -158,6 +159,7 @@ fn seed(dir: &Path) -> Vec<AuthSession> {
                 obtained_at: 0,
                 session_id: Some(s.session_id),
                 needs_reauth: false,
+                refresh_in_doubt_since: None,
             };
             store.complete_session(&s, &t).unwrap();
         } else {
@@ -471,4 +473,30 @@ fn sandbox_serve_keeps_everything_under_data_and_names_the_admin_token_file() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(entries, ["data"], "{entries:?}");
+}
+
+/// Issue 16: `serve` of a real app refuses to start without a redirect users' browsers reach,
+/// naming both settings; the sandbox needs none.
+#[test]
+fn serve_without_a_public_url_or_redirect_uri_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = cmd(dir.path())
+        .env_remove("PUBLIC_URL")
+        .args([
+            "serve",
+            "--set",
+            "http.listen=127.0.0.1:0",
+            "--set",
+            "metrics.port=0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(64), "{t}");
+    assert!(
+        t.contains("PUBLIC_URL") && t.contains("AUTH_REDIRECT_URI"),
+        "{t}"
+    );
+    assert_no_secrets(&t);
 }

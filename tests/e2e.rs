@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorization_by_card_over_the_long_connection() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions {
         redeliver_after: Duration::from_millis(800),
         ..SandboxOptions::default()
@@ -188,6 +189,7 @@ async fn authorization_by_card_over_the_long_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_stop_the_long_connection_with_a_clear_state() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(
         &sandbox,
@@ -223,6 +225,7 @@ fn signed(body: &[u8], ts: &str) -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_callbacks_are_verified_decrypted_and_deduplicated() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(&sandbox, &[("WEBSOCKET_ENABLED", "false")]).await;
     let url = format!("http://{}/callbacks/event", svc.http);
@@ -345,6 +348,7 @@ fn authorize_url(sandbox: &Sandbox, open_id: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions {
         user_token_ttl: 10,
         ..SandboxOptions::default()
@@ -483,6 +487,7 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
 /// admin API), and the card rendered (markdown as HTML, never raw `**`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_file() {
+    let _serial = METRICS_SERIAL.lock().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let service = format!("http://{}", listener.local_addr().unwrap());
     let token_file = std::path::PathBuf::from("/srv/dev/data/sandbox-admin-token");
@@ -600,4 +605,83 @@ async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_fil
         "{p}"
     );
     svc.stop().await;
+}
+
+/// Issue 16: graceful shutdown lets a token refresh in flight finish and store its result. The
+/// sandbox carries the refresh out (rotating the refresh token) and holds its answer; the
+/// service is told to stop; then the answer is released. The stored refresh token must be the
+/// new, live one: a service that dropped the refresh would keep the spent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_refresh_in_flight_store_the_rotated_token() {
+    let _serial = METRICS_SERIAL.lock().await;
+    let sandbox = Sandbox::start(SandboxOptions {
+        // Due for refresh 1.6 s after it is issued.
+        user_token_ttl: 2,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut svc = Service::start(&sandbox, &[("WEBSOCKET_ENABLED", "false")]).await;
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let cards = sandbox.messages_for("ou_sandbox_alice");
+    let authorize = find_string(&cards[0].content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .unwrap()
+    .to_owned();
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    let page = svc.client.get(&redirect).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+
+    // The refresh worker's next refresh reaches the platform, which rotates the token and
+    // holds the answer.
+    sandbox.hold("oauth_token");
+    svc.wait_for_within(Duration::from_secs(60), || async {
+        sandbox.held("oauth_token") == 1
+    })
+    .await;
+
+    // Shutdown begins (the HTTP listener stops answering) while the answer is held.
+    svc.begin_stop();
+    let probe = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let http = svc.http;
+    svc.wait_for(|| {
+        let probe = probe.clone();
+        async move {
+            !matches!(
+                probe.get(format!("http://{http}/healthz")).send().await,
+                Ok(r) if r.status().is_success()
+            )
+        }
+    })
+    .await;
+    sandbox.release("oauth_token");
+    let dir = svc.stop_keep_dir().await;
+
+    let store = open_store(dir.path());
+    let tok = store
+        .get_token(APP_ID, "ou_sandbox_alice")
+        .unwrap()
+        .unwrap();
+    let refresh = tok.refresh_token.as_ref().unwrap();
+    assert!(
+        sandbox.refresh_token_live(secrecy::ExposeSecret::expose_secret(refresh)),
+        "the stored refresh token is spent: the refresh in flight was dropped at shutdown"
+    );
+    assert_eq!(
+        sandbox
+            .token_owner(secrecy::ExposeSecret::expose_secret(&tok.access_token))
+            .as_deref(),
+        Some("ou_sandbox_alice")
+    );
+    assert!(tok.refresh_in_doubt_since.is_none() && !tok.needs_reauth);
 }

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_and_api_error_storms_are_ridden_out() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // A tenant-token storm longer than the retry budget from the start: the service is alive
     // and its long connection up, but not ready, and `/readyz` says why.
@@ -83,6 +84,7 @@ async fn token_and_api_error_storms_are_ridden_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_pongs_lead_to_a_reconnect() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions {
         ping_interval: 1,
         ..SandboxOptions::default()
@@ -131,6 +133,7 @@ async fn stalled_pongs_lead_to_a_reconnect() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_leave_the_link_up_and_ready() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // HTTP callbacks off: `/readyz` is 200 only while the long connection is up.
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
@@ -165,6 +168,7 @@ async fn garbage_frames_leave_the_link_up_and_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_requests_across_200_users_keep_the_limits_and_lose_nothing() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions {
         extra_users: 200,
         ..SandboxOptions::default()
@@ -258,6 +262,7 @@ fn acked_ok(sandbox: &Sandbox, message_id: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_follows_the_long_connection_down_and_back_up() {
+    let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // Without HTTP callbacks the long connection is the only way events arrive.
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;

@@ -30,6 +30,7 @@ fn spawn(dir: &std::path::Path, sandbox: &str, port: u16) -> Child {
         .env_clear()
         .env("APP_ID", APP_ID)
         .env("APP_SECRET", APP_SECRET)
+        .env("PUBLIC_URL", format!("http://127.0.0.1:{port}"))
         .env("LARK_DOMAIN", sandbox)
         .env("TLS_CA_FILE", dir.join("sandbox-ca.pem"))
         .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)

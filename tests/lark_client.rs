@@ -668,13 +668,15 @@ async fn code_exchange_errors_are_typed() {
             body: json!({"code": 20050, "error": "server_error", "error_description": "internal"}),
             want: OAuthErrorKind::Transient,
             want_code: 20050,
-            attempts: 3,
+            // Issue 16: the code may have been used up; a one-time grant is not re-sent.
+            attempts: 1,
         },
         OAuthCase {
             status: 429,
             body: json!({"code": 99_991_400, "msg": "request trigger frequency limit", "error": {"log_id": "RL-LOG"}}),
             want: OAuthErrorKind::RateLimited,
             want_code: 99_991_400,
+            // Refused by the gateway before it was handled: retried.
             attempts: 3,
         },
     ];
@@ -722,8 +724,11 @@ fn denied_consent_is_user_rejected() {
     );
 }
 
+/// Issue 16: one-time grants are never retried blindly. A 503 (20072) from the token endpoint
+/// may come after the code was used up: the exchange is sent once and its outcome reported as
+/// unknown. (This replaces a test that asserted the retry.)
 #[tokio::test]
-async fn code_exchange_retries_a_temporarily_unavailable_endpoint() {
+async fn code_exchange_is_not_retried_after_a_5xx() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
@@ -738,23 +743,75 @@ async fn code_exchange_retries_a_temporarily_unavailable_endpoint() {
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
         .respond_with(ResponseTemplate::new(200).set_body_json(user_token_body(USER_ACCESS, None)))
-        .expect(1)
+        .expect(0)
         .mount(&server)
         .await;
-    let token = client(&server)
+    let err = client(&server)
         .exchange_code(
             &SecretString::from(AUTH_CODE),
             "https://svc.example/cb",
             None,
         )
         .await
-        .unwrap();
-    assert_eq!(token.access_token.expose_secret(), USER_ACCESS);
-    assert!(
-        token.refresh_token.is_none(),
-        "no offline_access, no refresh token"
-    );
+        .unwrap_err();
+    assert!(err.outcome_unknown(), "{err}");
+    assert_eq!(requests_to(&server, OAUTH_TOKEN_PATH).await.len(), 1);
     server.verify().await;
+}
+
+/// Issue 16: a refresh grant is sent once, whether its answer is a 5xx or never comes (the
+/// request timeout): the refresh token may have been rotated, so re-sending it is the caller's
+/// decision, after a check.
+#[tokio::test]
+async fn refresh_grant_is_not_retried_after_a_5xx_or_a_timeout() {
+    for lost in [
+        ResponseTemplate::new(500).set_body_json(json!({"code": 20050, "error": "server_error"})),
+        ResponseTemplate::new(200)
+            .set_body_json(user_token_body(USER_ACCESS, Some("eyJ-NEXT")))
+            .set_delay(Duration::from_secs(5)),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(OAUTH_TOKEN_PATH))
+            .and(body_partial_json(
+                json!({"grant_type": "refresh_token", "refresh_token": USER_REFRESH}),
+            ))
+            .respond_with(lost)
+            .mount(&server)
+            .await;
+        let mut cfg = config(&server.uri());
+        cfg.request_timeout = Duration::from_millis(300);
+        let err = LarkClient::new(cfg)
+            .unwrap()
+            .refresh_user_token(&SecretString::from(USER_REFRESH))
+            .await
+            .unwrap_err();
+        assert!(err.outcome_unknown(), "{err}");
+        assert_eq!(
+            requests_to(&server, OAUTH_TOKEN_PATH).await.len(),
+            1,
+            "the refresh token was presented more than once"
+        );
+    }
+}
+
+/// Issue 16: a record create that got a 5xx may have created the record; it is not re-sent.
+#[tokio::test]
+async fn record_create_is_not_retried_after_a_5xx() {
+    let server = MockServer::start().await;
+    mount_tenant_token(&server, TENANT_TOKEN).await;
+    let base = "/open-apis/apaas/v1/applications/package_x__c/objects/task__c/records";
+    Mock::given(method("POST"))
+        .and(path(base))
+        .respond_with(ResponseTemplate::new(502).set_body_string("bad gateway"))
+        .mount(&server)
+        .await;
+    let err = client(&server)
+        .create_record("package_x__c", "task__c", &json!({"name": "x"}))
+        .await
+        .unwrap_err();
+    assert!(err.outcome_unknown(), "{err}");
+    assert_eq!(requests_to(&server, base).await.len(), 1);
 }
 
 #[tokio::test]

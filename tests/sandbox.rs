@@ -918,3 +918,104 @@ async fn the_page_lists_users_and_messages_and_its_button_sends_a_card_action() 
     assert_eq!(env["header"]["event_type"], "card.action.trigger");
     assert_eq!(env["event"]["action"]["value"], json!({"action": "reject"}));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: a refresh whose answer is lost, end to end against the sandbox
+// ---------------------------------------------------------------------------------------------
+
+/// The platform carries a refresh out (rotating the refresh token, retiring the old access
+/// token at once) but its answer is lost: a 500 after the work was done. The service, with the
+/// client's default retry policy, never presents the spent refresh token again: it holds the
+/// refresh in doubt, and once the grace is over the old access token is refused, so the user
+/// must authorize again. The service's clock is injected; the sandbox's grace is zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_answer_is_lost_never_presents_the_refresh_token_twice() {
+    use lark_service::auth::{AuthOptions, AuthService, TokenError, UserRef};
+    use lark_service::storage::{Key, Keyring, Store, StoreOptions, UserToken};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let sb = sandbox().await;
+    sb.set_superseded_access_grace(Duration::ZERO);
+    let c = client(&sb);
+    let t = alice_token(&sb, &c).await;
+    let old_refresh = t.refresh_token.as_ref().unwrap().expose_secret().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        &dir.path().join("s.redb"),
+        Keyring::new(Key::from_bytes(&[7; 32]), vec![]),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    let t0: u64 = 1_700_000_000_000;
+    store
+        .put_token(&UserToken {
+            app_id: APP_ID.into(),
+            user_id: ALICE.into(),
+            open_id: Some(ALICE.into()),
+            access_token: t.access_token.clone(),
+            refresh_token: t.refresh_token.clone(),
+            expires_at: t0 + 7_200_000,
+            refresh_expires_at: None,
+            refresh_due_at: t0,
+            scopes: vec![OFFLINE_ACCESS.into()],
+            obtained_at: t0,
+            session_id: None,
+            needs_reauth: false,
+            refresh_in_doubt_since: None,
+        })
+        .unwrap();
+    let clock = Arc::new(AtomicU64::new(t0));
+    let c2 = clock.clone();
+    let svc = AuthService::with_clock(
+        c.clone(),
+        store.clone(),
+        AuthOptions {
+            session_expiry: Duration::from_secs(600),
+            refresh_threshold: 0.8,
+            rate_limit: 10,
+            rate_limit_window: Duration::from_secs(60),
+            redirect_uri: REDIRECT.into(),
+            default_scopes: vec![],
+            admin_token: None,
+            refresh_concurrency: 1,
+            refresh_jitter: Duration::ZERO,
+            resend_card_on_reauth: false,
+            user_info_sync: None,
+        },
+        Arc::new(move || c2.load(Ordering::SeqCst)),
+    );
+    let alice = || UserRef::OpenId(ALICE.into());
+    let grants_before = sb.hits("oauth_token");
+
+    sb.fail_next_after_processing("oauth_token", 500, 1);
+    let r = svc.user_token(alice()).await;
+    assert!(matches!(r, Err(TokenError::RefreshInDoubt { .. })), "{r:?}");
+    assert!(
+        !sb.refresh_token_live(&old_refresh),
+        "the platform rotated it"
+    );
+    assert_eq!(sb.hits("oauth_token"), grants_before + 1, "presented once");
+
+    // Asking again before the grace is over changes nothing and sends nothing.
+    let r = svc.user_token(alice()).await;
+    assert!(matches!(r, Err(TokenError::RefreshInDoubt { .. })), "{r:?}");
+    assert_eq!(sb.hits("oauth_token"), grants_before + 1);
+
+    clock.fetch_add(121_000, Ordering::SeqCst);
+    let r = svc.user_token(alice()).await;
+    assert!(matches!(r, Err(TokenError::NeedsReauth { .. })), "{r:?}");
+    assert_eq!(sb.hits("oauth_token"), grants_before + 1);
+    assert_eq!(
+        sb.refresh_token_reuses(),
+        0,
+        "the spent refresh token was presented again"
+    );
+    assert!(
+        store
+            .get_token(APP_ID, ALICE)
+            .unwrap()
+            .unwrap()
+            .needs_reauth
+    );
+}

@@ -59,6 +59,7 @@ fn token(user: &str, now: u64, session: Option<SessionId>) -> UserToken {
         obtained_at: now,
         session_id: session,
         needs_reauth: false,
+        refresh_in_doubt_since: None,
     }
 }
 

@@ -9,6 +9,28 @@
 //!
 //! Tokens are refreshed under a per-user async lock shared by the refresh worker and
 //! [`AuthService::user_token`], so one refresh token (they rotate) is never used twice.
+//!
+//! **A refresh whose answer is lost** (a timeout or dropped connection after the request went
+//! out, a 5xx: [`lark::Error::outcome_unknown`]) may have rotated the refresh token on the
+//! platform, so the one we hold may be spent and its successor lost. Refresh tokens are single
+//! use and are never re-sent blindly (the client does not retry grants), so the service:
+//! 1. persists the doubt on the token record (`refresh_in_doubt_since`) and hands out no
+//!    token for this user until it is settled ([`TokenError::RefreshInDoubt`]);
+//! 2. once the platform's grace for a superseded access token is over (it keeps working about
+//!    a minute after a refresh; we wait [`REFRESH_PROBE_AFTER`]), asks user info with the
+//!    **old access token**:
+//!    - it is still accepted: no refresh took effect, so the refresh token was not used and
+//!      is presented again (once, under the same rules);
+//!    - it is refused as invalid while it had not expired yet: the refresh took effect and its
+//!      result is lost; the user must authorize again (`needs_reauth`), without presenting the
+//!      spent refresh token a second time;
+//!    - the old access token expired by itself before the check could run, or it now belongs
+//!      to someone else: the check cannot tell, and the service fails closed (`needs_reauth`);
+//!    - the check itself fails (user info unreachable): still in doubt, checked again later.
+//!
+//! Each refresh (from presenting the refresh token to storing its result) runs in a task that
+//! outlives its caller: cancelling a caller or the refresh worker (shutdown) does not drop a
+//! rotated token on the floor. [`AuthService::finish_refreshes`] waits for those tasks.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -49,6 +71,10 @@ pub const CALLBACK_PATH: &str = "/oauth/callback";
 pub const OFFLINE_ACCESS: &str = lark::oauth::OFFLINE_ACCESS;
 /// After a refresh failed for a transient reason, the next attempt waits this long.
 const REFRESH_RETRY: Duration = Duration::from_secs(60);
+/// After a refresh whose answer was lost, the old access token is checked no earlier than
+/// this: the platform keeps a superseded access token working about a minute after a refresh,
+/// so only a check after that grace tells whether the refresh took effect.
+pub const REFRESH_PROBE_AFTER: Duration = Duration::from_secs(120);
 /// Most tokens one refresh run reads.
 const REFRESH_BATCH: usize = 512;
 /// Longest wait of the refresh worker between two looks at the due index.
@@ -133,6 +159,16 @@ pub enum AuthError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A request by `user_id` whose user could not be resolved to an open_id in the directory
+    /// (no such user, or the app may not read it). Without the open_id the service could not
+    /// check who completes the authorization, so it refuses the request.
+    #[error("cannot resolve user_id {user_id:?} to an open_id: {reason}")]
+    UnresolvedUser {
+        /// The user_id asked for.
+        user_id: String,
+        /// Why it could not be resolved.
+        reason: String,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] storage::Error),
@@ -156,6 +192,16 @@ pub enum TokenError {
     /// The token is expired and refreshing it failed for a reason that may pass.
     #[error("refreshing the token failed: {0}")]
     Refresh(lark::Error),
+    /// The answer to the last refresh was lost and whether it took effect is not settled yet:
+    /// no token is handed out until a check decides (see the module documentation).
+    #[error("the outcome of the last token refresh is being checked; retry in {} s", ceil_secs(*retry_after))]
+    RefreshInDoubt {
+        /// When to ask again.
+        retry_after: Duration,
+    },
+    /// The refresh task ended without a result (it panicked or the runtime is stopping).
+    #[error("the token refresh was interrupted: {0}")]
+    Interrupted(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] storage::Error),
@@ -275,6 +321,8 @@ struct Inner {
     rate: Mutex<HashMap<String, VecDeque<u64>>>,
     token_locks: KeyedLocks,
     request_locks: KeyedLocks,
+    /// Refreshes in flight, each in its own task (see [`AuthService::finish_refreshes`]).
+    refreshes: tokio_util::task::TaskTracker,
 }
 
 /// The authorization service. Cheap to clone.
@@ -494,6 +542,26 @@ fn error_page() -> (StatusCode, Html<String>) {
     (StatusCode::INTERNAL_SERVER_ERROR, html)
 }
 
+/// Who completed the flow, compared with the user the session was asked for.
+///
+/// Every session made by [`AuthService::request`] knows the open_id of its user (a user_id is
+/// resolved when the request is made), and the user info of the new token always names its
+/// open_id: they must be equal. A session asked for by user_id also requires the user info's
+/// user_id, when it has one, to be that user_id. A session stored by an older version with no
+/// open_id is identified by user_id alone; if the user info has none (the app may not read
+/// user_ids) the identity is unknown, and the completion is refused.
+fn identify(s: &AuthSession, info: &lark::UserInfo) -> Identity {
+    let by_user_id = s.open_id.as_deref() != Some(s.user_id.as_str());
+    match (&s.open_id, &info.user_id) {
+        (Some(o), _) if *o != info.open_id => Identity::Mismatch,
+        (Some(_), Some(u)) if by_user_id && *u != s.user_id => Identity::Mismatch,
+        (Some(_), _) => Identity::Matches,
+        (None, Some(u)) if *u == s.user_id => Identity::Matches,
+        (None, Some(_)) => Identity::Mismatch,
+        (None, None) => Identity::Unknown,
+    }
+}
+
 fn toast(kind: &str, content: &str) -> Value {
     json!({ "type": kind, "content": content })
 }
@@ -521,6 +589,7 @@ impl AuthService {
                 rate: Mutex::new(HashMap::new()),
                 token_locks: KeyedLocks::default(),
                 request_locks: KeyedLocks::default(),
+                refreshes: tokio_util::task::TaskTracker::new(),
             }),
         }
     }
@@ -596,6 +665,7 @@ impl AuthService {
             metrics::get().auth_rate_limited.inc();
             return Err(AuthError::RateLimited { retry_after });
         }
+        let open_id = self.resolve_open_id(&req.user).await?;
         let _guard = self.inner.request_locks.lock(&key).await;
         let app = self.inner.app_id.clone();
         let k = key.clone();
@@ -624,9 +694,7 @@ impl AuthService {
             now,
             ms(opts.session_expiry),
         );
-        if let UserRef::OpenId(o) = &req.user {
-            session.open_id = Some(o.clone());
-        }
+        session.open_id = Some(open_id);
         session.state_hash = Some(hash);
         session.pkce_verifier = Some(pkce.verifier.clone());
         let s2 = session.clone();
@@ -676,6 +744,32 @@ impl AuthService {
                 count_failure(FailureReason::UnknownError);
                 Err(AuthError::Lark(e))
             }
+        }
+    }
+
+    /// The open_id of the user a request is for: an open_id as given; a user_id looked up in
+    /// the directory (tenant token). The completion compares it with the open_id of the user
+    /// who authorized, so a request whose user cannot be resolved is refused: transient
+    /// failures as [`AuthError::Lark`], anything else as [`AuthError::UnresolvedUser`].
+    async fn resolve_open_id(&self, user: &UserRef) -> Result<String, AuthError> {
+        let user_id = match user {
+            UserRef::OpenId(o) => return Ok(o.clone()),
+            UserRef::UserId(u) => u,
+        };
+        let unresolved = |reason: String| AuthError::UnresolvedUser {
+            user_id: user_id.clone(),
+            reason,
+        };
+        match self.lark().contact_user(user_id, UserIdType::UserId).await {
+            Ok(c) => match c.open_id.filter(|o| !o.is_empty()) {
+                Some(o) if c.user_id.as_deref().is_none_or(|u| u == user_id) => Ok(o),
+                Some(_) => Err(unresolved(
+                    "the directory answered with another user".to_owned(),
+                )),
+                None => Err(unresolved("the directory entry has no open_id".to_owned())),
+            },
+            Err(e) if e.is_transient() => Err(AuthError::Lark(e)),
+            Err(e) => Err(unresolved(e.to_string())),
         }
     }
 
@@ -793,6 +887,7 @@ impl AuthService {
             obtained_at: now,
             session_id: Some(n.session_id),
             needs_reauth: false,
+            refresh_in_doubt_since: None,
         };
         (n, Some(token))
     }
@@ -835,22 +930,15 @@ impl AuthService {
                 };
                 let identity = match self.lark().user_info(&t.access_token).await {
                     Ok(info) => {
-                        let s = &run.session;
-                        let id = match (&s.open_id, &info.user_id) {
-                            (Some(o), _) if *o == info.open_id => Identity::Matches,
-                            (Some(_), _) => Identity::Mismatch,
-                            (None, Some(u)) if *u == s.user_id => Identity::Matches,
-                            (None, Some(_)) => Identity::Mismatch,
-                            (None, None) => Identity::Unknown,
-                        };
+                        let id = identify(&run.session, &info);
                         if id == Identity::Mismatch {
-                            warn!(session = %s.session_id, "The authorization was completed by another user than the card's; refused.");
+                            warn!(session = %run.session.session_id, "The authorization was completed by another user than the card's; refused.");
                         }
                         run.info = Some(info);
                         id
                     }
                     Err(e) => {
-                        warn!(session = %run.session.session_id, error = %e, "Reading the new token's user failed; completing without it.");
+                        warn!(session = %run.session.session_id, error = %e, "Reading the new token's user failed; the authorization is refused (who completed it is unknown).");
                         Identity::Unknown
                     }
                 };
@@ -1187,7 +1275,8 @@ impl AuthService {
             });
         }
         let now = self.now();
-        if now < tok.refresh_due_at && now < tok.expires_at {
+        if tok.refresh_in_doubt_since.is_none() && now < tok.refresh_due_at && now < tok.expires_at
+        {
             return Ok(AccessToken {
                 access_token: tok.access_token,
                 expires_at: tok.expires_at,
@@ -1201,17 +1290,54 @@ impl AuthService {
     }
 
     /// Under the user's lock: re-reads the token and refreshes it if it is still due. A
-    /// transient failure leaves a still-valid token usable and retries after a minute.
+    /// failure that surely left the platform untouched leaves a still-valid token usable and
+    /// retries after a minute; a lost answer puts the refresh in doubt (module documentation).
+    ///
+    /// The work runs in a task of its own holding the user's lock, tracked for
+    /// [`Self::finish_refreshes`]: if this future is dropped (a cancelled caller, the refresh
+    /// worker stopped at shutdown) the refresh still completes and its result is stored.
     async fn refresh_if_due(&self, key: &str) -> Result<UserToken, TokenError> {
-        let _guard = self.inner.token_locks.lock(key).await;
-        let tok = self.load_token(key).await?.ok_or(TokenError::NotFound)?;
+        let guard = self.inner.token_locks.lock(key).await;
+        let me = self.clone();
+        let key = key.to_owned();
+        let task = self.inner.refreshes.spawn(async move {
+            let r = me.refresh_locked(&key).await;
+            drop(guard);
+            r
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(TokenError::Interrupted(e.to_string())),
+        }
+    }
+
+    /// Waits until every refresh in flight has stored its result. Call at shutdown once the
+    /// workers and the HTTP server have stopped (refreshes started later are still tracked).
+    pub async fn finish_refreshes(&self) {
+        self.inner.refreshes.close();
+        self.inner.refreshes.wait().await;
+    }
+
+    async fn refresh_locked(&self, key: &str) -> Result<UserToken, TokenError> {
+        let mut tok = self.load_token(key).await?.ok_or(TokenError::NotFound)?;
         if tok.needs_reauth {
             return Err(TokenError::NeedsReauth {
                 session: tok.session_id,
             });
         }
         let now = self.now();
-        if now < tok.refresh_due_at && now < tok.expires_at {
+        if let Some(since) = tok.refresh_in_doubt_since {
+            let probe_at = since.saturating_add(ms(REFRESH_PROBE_AFTER));
+            if now < probe_at {
+                return Err(TokenError::RefreshInDoubt {
+                    retry_after: Duration::from_millis(probe_at - now),
+                });
+            }
+            match self.settle_doubt(tok).await? {
+                Ok(settled) => tok = settled,
+                Err(e) => return Err(e),
+            }
+        } else if now < tok.refresh_due_at && now < tok.expires_at {
             return Ok(tok);
         }
         let Some(refresh) = tok.refresh_token.clone() else {
@@ -1224,6 +1350,7 @@ impl AuthService {
             count_refresh("reauth_required");
             return Err(self.needs_reauth(tok).await);
         }
+        let sent_at = self.now();
         match self.lark().refresh_user_token(&refresh).await {
             Ok(t) => {
                 let now = self.now();
@@ -1244,6 +1371,7 @@ impl AuthService {
                     },
                     obtained_at: now,
                     needs_reauth: false,
+                    refresh_in_doubt_since: None,
                     ..tok
                 };
                 let n2 = new.clone();
@@ -1261,6 +1389,17 @@ impl AuthService {
                 count_refresh("reauth_required");
                 Err(self.needs_reauth(tok).await)
             }
+            Err(e) if e.outcome_unknown() => {
+                warn!(error = %e, "The answer to a token refresh was lost; the refresh token will not be presented again until a check shows whether the refresh took effect.");
+                count_refresh("unknown");
+                let mut doubt = tok;
+                doubt.refresh_in_doubt_since = Some(sent_at);
+                doubt.refresh_due_at = sent_at.saturating_add(ms(REFRESH_PROBE_AFTER));
+                self.store().run(move |s| s.put_token(&doubt)).await?;
+                Err(TokenError::RefreshInDoubt {
+                    retry_after: REFRESH_PROBE_AFTER,
+                })
+            }
             Err(e) => {
                 warn!(error = %e, "Refreshing a user token failed; retrying later.");
                 count_refresh("failure");
@@ -1272,6 +1411,48 @@ impl AuthService {
                 } else {
                     Err(TokenError::Refresh(e))
                 }
+            }
+        }
+    }
+
+    /// Settles a refresh in doubt by asking user info with the old access token (the rule is
+    /// in the module documentation). `Ok(Ok(token))`: the refresh did not take effect and the
+    /// refresh token may be presented again (the doubt is cleared in the returned token, and
+    /// stored only with the next refresh's outcome); `Ok(Err(_))`: what to answer instead.
+    async fn settle_doubt(
+        &self,
+        mut tok: UserToken,
+    ) -> Result<Result<UserToken, TokenError>, TokenError> {
+        let now = self.now();
+        if now >= tok.expires_at {
+            warn!("A refresh in doubt cannot be checked: the old access token has expired. Failing closed; the user must authorize again.");
+            count_refresh("reauth_required");
+            return Ok(Err(self.needs_reauth(tok).await));
+        }
+        match self.lark().user_info(&tok.access_token).await {
+            Ok(info) if tok.open_id.as_deref().is_none_or(|o| o == info.open_id) => {
+                info!("The old access token still works past the refresh grace: the lost refresh did not take effect; refreshing again.");
+                tok.refresh_in_doubt_since = None;
+                Ok(Ok(tok))
+            }
+            Ok(_) => {
+                warn!("The old access token now names another user; failing closed: the user must authorize again.");
+                count_refresh("reauth_required");
+                Ok(Err(self.needs_reauth(tok).await))
+            }
+            Err(e) if e.is_user_token_invalid() => {
+                warn!(error = %e, "The old access token was revoked before its expiry: the lost refresh took effect and its tokens are gone; the user must authorize again.");
+                count_refresh("reauth_required");
+                Ok(Err(self.needs_reauth(tok).await))
+            }
+            Err(e) => {
+                warn!(error = %e, "Checking a refresh in doubt failed; checking again later.");
+                let mut later = tok;
+                later.refresh_due_at = now.saturating_add(ms(REFRESH_RETRY));
+                self.store().run(move |s| s.put_token(&later)).await?;
+                Ok(Err(TokenError::RefreshInDoubt {
+                    retry_after: REFRESH_RETRY,
+                }))
             }
         }
     }
@@ -1327,7 +1508,12 @@ impl AuthService {
                     return;
                 };
                 match me.refresh_if_due(&user).await {
-                    Ok(_) | Err(TokenError::NeedsReauth { .. } | TokenError::NotFound) => {}
+                    Ok(_)
+                    | Err(
+                        TokenError::NeedsReauth { .. }
+                        | TokenError::NotFound
+                        | TokenError::RefreshInDoubt { .. },
+                    ) => {}
                     Err(e) => warn!(error = %e, "Token refresh failed."),
                 }
             });
@@ -1544,6 +1730,11 @@ async fn http_request(State(svc): State<AuthService>, headers: HeaderMap, body: 
             resp
         }
         Err(AuthError::Invalid { field, reason }) => bad_field(field, reason),
+        Err(e @ AuthError::UnresolvedUser { .. }) => api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unresolved_user",
+            e.to_string(),
+        ),
         Err(e @ AuthError::Lark(_)) => {
             api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
         }
@@ -1624,7 +1815,22 @@ async fn http_token(
             })),
         )
             .into_response(),
-        Err(e @ TokenError::Refresh(_)) => {
+        Err(e @ TokenError::RefreshInDoubt { retry_after }) => {
+            let secs = ceil_secs(retry_after);
+            let mut resp = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": "refresh_in_doubt",
+                    "message": e.to_string(),
+                    "retry_after_seconds": secs,
+                })),
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
+        Err(e @ (TokenError::Refresh(_) | TokenError::Interrupted(_))) => {
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
         Err(e @ TokenError::Store(_)) => api_error(

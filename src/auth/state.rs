@@ -21,6 +21,9 @@
 //!   shell re-runs the losing input on the winner's phase, which yields only a response.
 //! - Late results (an exchange result or user info arriving for a terminal session) only answer
 //!   with the page of the phase the session is in.
+//! - **Only a proven identity completes.** Tokens are stored only after the user info of the new
+//!   token showed the card's user ([`Identity::Matches`]); someone else is `state_mismatch`, and
+//!   an identity that cannot be established is `unknown_error`.
 
 use crate::storage::{AuthSession, FailureReason, SessionState};
 
@@ -121,7 +124,8 @@ impl Flow {
 pub enum Identity {
     /// The token's user is the card's user.
     Matches,
-    /// Could not be checked (user info unavailable, or no comparable id): accepted.
+    /// Could not be established (user info unavailable, or no comparable id). Fail closed: the
+    /// session fails (`unknown_error`) and no token is stored.
     Unknown,
     /// Someone else completed the OAuth flow with this session's state.
     Mismatch,
@@ -300,7 +304,12 @@ pub fn transition(flow: Flow, input: Input, now: u64) -> (Flow, Vec<Effect>) {
         (P::Exchanging, Input::UserIdentified(Identity::Mismatch)) => {
             fail(FailureReason::StateMismatch)
         }
-        (P::Exchanging, Input::UserIdentified(Identity::Matches | Identity::Unknown)) => (
+        // Who completed the flow is not known: refuse rather than hand the card's user a token
+        // that may be someone else's.
+        (P::Exchanging, Input::UserIdentified(Identity::Unknown)) => {
+            fail(FailureReason::UnknownError)
+        }
+        (P::Exchanging, Input::UserIdentified(Identity::Matches)) => (
             P::Completed,
             vec![
                 Effect::StoreTokens,
@@ -408,7 +417,8 @@ mod tests {
             (P::Exchanging, I::ExchangeFailed(ExchangeError::CodeExpired), 10, P::Failed(R::CodeExpired), fail_effects(R::CodeExpired)),
             (P::Exchanging, I::ExchangeFailed(ExchangeError::Other), 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
             (P::Exchanging, I::UserIdentified(Identity::Matches), 10, P::Completed, completed.clone()),
-            (P::Exchanging, I::UserIdentified(Identity::Unknown), EXP + 5, P::Completed, completed.clone()),
+            (P::Exchanging, I::UserIdentified(Identity::Matches), EXP + 5, P::Completed, completed.clone()),
+            (P::Exchanging, I::UserIdentified(Identity::Unknown), 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
             (P::Exchanging, I::UserIdentified(Identity::Mismatch), 10, P::Failed(R::StateMismatch), fail_effects(R::StateMismatch)),
             (P::Exchanging, I::CardRejected, 10, P::Rejected, rejected.clone()),
             (P::Exchanging, I::Expire, EXP, P::Expired, expired_sweep.clone()),
@@ -552,6 +562,8 @@ mod tests {
                         Effect::StoreTokens => {
                             stores += 1;
                             prop_assert_eq!(next.phase, Phase::Completed);
+                            // Fail closed: only a proven identity stores tokens.
+                            prop_assert_eq!(input, Input::UserIdentified(Identity::Matches));
                         }
                         Effect::CountSuccess => successes += 1,
                         _ => {}

@@ -552,6 +552,38 @@ impl Config {
         self.keyring().map(drop)
     }
 
+    /// What `serve` of a real app (not the sandbox) needs beyond [`Self::require_serve`]: the
+    /// OAuth redirect must be one users' browsers can reach, so `http.public_url` or
+    /// `auth.redirect_uri` must be set (the listener's own address is only right on the
+    /// operator's machine). Returns the warnings to log: a redirect that is not `https://`
+    /// carries the authorization code in clear.
+    pub fn require_public_redirect(&self) -> Result<Vec<String>, ConfigError> {
+        let effective = match (&self.auth.redirect_uri, &self.public_url) {
+            (Some(u), _) => ("auth.redirect_uri", u),
+            (None, Some(u)) => ("http.public_url", u),
+            (None, None) => {
+                return Err(ConfigError::Missing {
+                    key: "http.public_url".to_owned(),
+                    env: "`PUBLIC_URL`, or set `auth.redirect_uri` / `AUTH_REDIRECT_URI`"
+                        .to_owned(),
+                    expected: "the https:// URL users' browsers reach this service at (the \
+                               OAuth redirect is built from it); required by `serve` unless \
+                               --sandbox"
+                        .to_owned(),
+                });
+            }
+        };
+        let mut warnings = Vec::new();
+        if effective.1.scheme() != "https" {
+            warnings.push(format!(
+                "{} is {}, not https://: the OAuth authorization code crosses the network in \
+                 clear; use an https:// URL (a TLS-terminating proxy in front of the listener)",
+                effective.0, effective.1
+            ));
+        }
+        Ok(warnings)
+    }
+
     /// The effective configuration as TOML-like lines, secrets redacted, each with its source.
     #[must_use]
     pub fn render(&self) -> String {

@@ -314,3 +314,50 @@ fn systemd_credentials_are_read_whatever_their_acl_mode_shows() {
     .unwrap_err();
     assert!(matches!(e, ConfigError::SecretFileMode { .. }), "{e}");
 }
+
+/// Issue 16: `serve` of a real app needs a redirect users' browsers reach, and says so when it
+/// is not https://.
+#[test]
+fn serve_requires_a_public_redirect_and_warns_when_it_is_not_https() {
+    let base = [
+        ("APP_ID", "cli_x"),
+        ("APP_SECRET", "s"),
+        ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+    ];
+    let c = Config::load_with(&opts(None), &env(&base)).unwrap();
+    c.require_serve().unwrap();
+    let e = c.require_public_redirect().unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Missing { key, .. } if key == "http.public_url"),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("PUBLIC_URL") && text.contains("AUTH_REDIRECT_URI"),
+        "{text}"
+    );
+
+    for (k, v, warned) in [
+        ("PUBLIC_URL", "https://svc.example.com", false),
+        ("PUBLIC_URL", "http://svc.example.com", true),
+        (
+            "AUTH_REDIRECT_URI",
+            "https://svc.example.com/oauth/callback",
+            false,
+        ),
+        (
+            "AUTH_REDIRECT_URI",
+            "http://10.0.0.1:8080/oauth/callback",
+            true,
+        ),
+    ] {
+        let mut pairs = base.to_vec();
+        pairs.push((k, v));
+        let c = Config::load_with(&opts(None), &env(&pairs)).unwrap();
+        let w = c.require_public_redirect().unwrap();
+        assert_eq!(!w.is_empty(), warned, "{k}={v}: {w:?}");
+        if warned {
+            assert!(w[0].contains("https://"), "{w:?}");
+        }
+    }
+}

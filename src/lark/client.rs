@@ -254,6 +254,8 @@ pub(crate) struct ApiRequest<'a> {
     pub(crate) query: Vec<(&'static str, String)>,
     pub(crate) body: Option<serde_json::Value>,
     pub(crate) auth: Auth<'a>,
+    /// A one-time request (see [`ApiRequest::one_time`]).
+    pub(crate) one_time: bool,
 }
 
 impl<'a> ApiRequest<'a> {
@@ -264,7 +266,20 @@ impl<'a> ApiRequest<'a> {
             query: Vec::new(),
             body: None,
             auth,
+            one_time: false,
         }
+    }
+
+    /// Marks a request that must not be sent twice blindly: an authorization-code exchange,
+    /// a refresh grant (refresh tokens are single use), a record create. [`LarkClient::execute`]
+    /// retries it only after a failure that surely left the server untouched
+    /// ([`Error::surely_not_processed`]: no connection, rate limited) or after the platform
+    /// refused the app's cached token; after anything else (a timeout, a lost connection, a
+    /// 5xx) the error is returned, and [`Error::outcome_unknown`] tells the caller that the
+    /// request may have been carried out.
+    pub(crate) fn one_time(mut self) -> Self {
+        self.one_time = true;
+        self
     }
 
     pub(crate) fn query(mut self, key: &'static str, value: impl Into<String>) -> Self {
@@ -540,6 +555,16 @@ impl LarkClient {
             }
             failures += 1;
             if !err.is_transient() || failures >= policy.max_attempts {
+                return Err(err);
+            }
+            if req.one_time && !err.surely_not_processed() {
+                tracing::warn!(
+                    path = %req.path,
+                    status = err.status(),
+                    code = err.code(),
+                    log_id = err.log_id(),
+                    "A one-time request failed in a way that may have reached the server; not retried."
+                );
                 return Err(err);
             }
             let Some(delay) = policy.delay(failures, hint) else {

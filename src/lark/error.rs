@@ -341,6 +341,37 @@ impl Error {
         )
     }
 
+    /// Whether the request surely never reached the server: the connection could not be
+    /// made, or the platform's gateway refused it by rate limit before handling it. Only
+    /// such failures of a one-time request (a grant, a record create) are retried.
+    #[must_use]
+    pub fn surely_not_processed(&self) -> bool {
+        match self {
+            Self::Transport { source, timeout } => source.is_connect() && !*timeout,
+            _ => self.is_rate_limited(),
+        }
+    }
+
+    /// Whether the server may have carried the request out although no usable answer came
+    /// back: a timeout or a connection lost after sending, a 5xx (or the OAuth endpoint's
+    /// 20050/20072), or a success status whose body could not be read. For a one-time grant
+    /// this means its outcome is **unknown**: the grant may be spent and its result lost.
+    #[must_use]
+    pub fn outcome_unknown(&self) -> bool {
+        if self.surely_not_processed() {
+            return false;
+        }
+        match self {
+            Self::Transport { .. } => true,
+            Self::Api { status, .. } | Self::Http { status, .. } => *status >= 500,
+            Self::OAuth { kind, status, .. } => {
+                *kind == OAuthErrorKind::Transient || status.is_some_and(|s| s >= 500)
+            }
+            Self::Decode { status, .. } => (200..300).contains(status) || *status >= 500,
+            Self::Config(_) | Self::Untrusted(_) => false,
+        }
+    }
+
     /// Whether the user has not granted a scope the call needs (99991679):
     /// send the user through authorization again for the missing scope.
     #[must_use]

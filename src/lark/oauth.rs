@@ -318,6 +318,9 @@ impl LarkClient {
     /// Exchanges an authorization code for a user token (v2,
     /// `grant_type=authorization_code`). Pass the PKCE verifier if the
     /// authorize URL carried a challenge, and the exact `redirect_uri` used there.
+    ///
+    /// The code is single use: the request is never re-sent after it may have reached the
+    /// platform (see `ApiRequest::one_time`).
     pub async fn exchange_code(
         &self,
         code: &SecretString,
@@ -331,13 +334,19 @@ impl LarkClient {
             body.insert("code_verifier".into(), json!(verifier.expose_secret()));
         }
         let req = ApiRequest::new(Method::POST, TOKEN_PATH.to_owned(), Auth::None)
-            .json(Value::Object(body));
+            .json(Value::Object(body))
+            .one_time();
         self.execute(&req, decode_token_response).await
     }
 
     /// Refreshes a user token (v2, `grant_type=refresh_token`). Refresh
     /// tokens rotate: persist the returned `refresh_token`. If the platform
     /// returns none, the old one is carried over (protocol notes §4.4).
+    ///
+    /// The refresh token is single use: the request is never re-sent after it may have reached
+    /// the platform. When [`Error::outcome_unknown`] holds for the error, the platform may have
+    /// rotated the token and the new pair is lost; the caller must find out before presenting
+    /// the same refresh token again (see `auth::flow`).
     pub async fn refresh_user_token(
         &self,
         refresh_token: &SecretString,
@@ -345,7 +354,8 @@ impl LarkClient {
         let mut body = self.client_credentials("refresh_token");
         body.insert("refresh_token".into(), json!(refresh_token.expose_secret()));
         let req = ApiRequest::new(Method::POST, TOKEN_PATH.to_owned(), Auth::None)
-            .json(Value::Object(body));
+            .json(Value::Object(body))
+            .one_time();
         let mut token = self.execute(&req, decode_token_response).await?;
         if token.refresh_token.is_none() {
             token.refresh_token = Some(refresh_token.clone());

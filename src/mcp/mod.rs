@@ -438,6 +438,9 @@ impl McpServer {
                 }))
             }
             TokenError::Refresh(e) => Failure::lark("refreshing the user token", &e),
+            e @ (TokenError::RefreshInDoubt { .. } | TokenError::Interrupted(_)) => {
+                Failure::other(e.to_string())
+            }
             TokenError::Store(e) => Failure::other(format!("store: {e}")),
         }
     }

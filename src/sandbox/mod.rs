@@ -148,10 +148,17 @@ pub(crate) struct Inner {
     pub current_tenant: Option<(String, std::time::Instant)>,
     pub codes: HashMap<String, platform::CodeGrant>,
     pub access: HashMap<String, (String, std::time::Instant)>,
-    /// Live refresh token → (open_id, scope).
-    pub refresh: HashMap<String, (String, String)>,
+    /// Live refresh token → (open_id, scope, the access token issued with it).
+    pub refresh: HashMap<String, (String, String, String)>,
     /// Refresh tokens already rotated away (reuse → 20073).
     pub used_refresh: HashSet<String>,
+    /// How often a refresh token already rotated away was presented again.
+    pub refresh_reuses: u64,
+    /// How long an access token keeps working after the refresh that superseded it
+    /// (`None`: 60 s, as the platform).
+    pub superseded_access_grace: Option<Duration>,
+    /// Per group: the next `n` requests are carried out, then answered with this status.
+    pub lost_answers: HashMap<&'static str, (u16, u32)>,
     /// Card callback `c-…` tokens → (message, issued, uses left) for delayed updates.
     pub card_tokens: HashMap<String, (String, std::time::Instant, u32)>,
     /// `uuid` of each send → message_id (the platform de-duplicates sends for an hour).
@@ -533,9 +540,11 @@ impl Sandbox {
         );
     }
 
-    /// Holds every request to an endpoint group (only `im`, the message send, supports it)
-    /// without answering until [`Sandbox::release`]: a platform that hangs, so a handler that
-    /// calls it runs past the ACK deadline.
+    /// Holds every request to an endpoint group without answering until [`Sandbox::release`]:
+    /// a platform that hangs. Supported groups: `im` (the message send: held before it is
+    /// carried out, so a handler that calls it runs past the ACK deadline) and `oauth_token`
+    /// (the grant is carried out at once and only its answer is held, as when the platform
+    /// did the work and the response is still on its way: a client that gives up has lost it).
     pub fn hold(&self, group: &'static str) {
         self.shared.holds.send_modify(|h| {
             h.insert(group);
@@ -577,6 +586,34 @@ impl Sandbox {
             .lock()
             .fail_next
             .insert(group, (Failure::Code(code), n));
+    }
+
+    /// The next `n` requests to `group` are **carried out, then answered** with HTTP `status`
+    /// (the platform's body for it): the work is done but its answer is lost, as after a
+    /// timeout or a connection dropped once the request was sent. Only `oauth_token` supports
+    /// it: the code is used up, or the refresh token rotated, and the new tokens never reach
+    /// the client.
+    pub fn fail_next_after_processing(&self, group: &'static str, status: u16, n: u32) {
+        self.shared.lock().lost_answers.insert(group, (status, n));
+    }
+
+    /// How long an access token keeps working after a refresh superseded it (the platform:
+    /// about a minute, the default here). Zero: it stops working at once.
+    pub fn set_superseded_access_grace(&self, grace: Duration) {
+        self.shared.lock().superseded_access_grace = Some(grace);
+    }
+
+    /// Whether `refresh_token` is live: issued and not yet rotated away.
+    #[must_use]
+    pub fn refresh_token_live(&self, refresh_token: &str) -> bool {
+        self.shared.lock().refresh.contains_key(refresh_token)
+    }
+
+    /// How many times a refresh token that was already used was presented again (each got
+    /// 20073).
+    #[must_use]
+    pub fn refresh_token_reuses(&self) -> u64 {
+        self.shared.lock().refresh_reuses
     }
 
     /// Discovery answers with this business code from now on (`None`: normal).

@@ -129,8 +129,28 @@ pub(crate) fn hit(s: &Shared, group: &'static str) -> Option<Response> {
     *n -= 1;
     let failure = *failure;
     drop(g);
-    let oauth = group == "oauth_token";
-    Some(match failure {
+    Some(failure_response(failure, group == "oauth_token"))
+}
+
+/// The answer of a request carried out whose answer is lost
+/// ([`super::Sandbox::fail_next_after_processing`]), if one is due.
+fn lost_answer(s: &Shared, group: &'static str) -> Option<Response> {
+    let mut g = s.lock();
+    let (status, n) = g.lost_answers.get_mut(group)?;
+    if *n == 0 {
+        return None;
+    }
+    *n -= 1;
+    let status = *status;
+    drop(g);
+    Some(failure_response(
+        Failure::Status(status),
+        group == "oauth_token",
+    ))
+}
+
+fn failure_response(failure: Failure, oauth: bool) -> Response {
+    match failure {
         Failure::Code(code) if oauth => {
             oauth_error(code, "invalid_request", "sandbox injected failure")
         }
@@ -163,7 +183,7 @@ pub(crate) fn hit(s: &Shared, group: &'static str) -> Option<Response> {
             }
             resp
         }
-    })
+    }
 }
 
 fn creds_ok(body: &Value, id_key: &str, secret_key: &str) -> bool {
@@ -442,19 +462,30 @@ fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
     if scope.split_whitespace().any(|x| x == "offline_access") {
         drop(g);
         let refresh = s.next_id("eyJsandbox.refresh.");
-        s.lock()
-            .refresh
-            .insert(refresh.clone(), (open_id.to_owned(), scope.to_owned()));
+        s.lock().refresh.insert(
+            refresh.clone(),
+            (open_id.to_owned(), scope.to_owned(), access.clone()),
+        );
         body["refresh_token"] = json!(refresh);
         body["refresh_token_expires_in"] = json!(REFRESH_TTL);
     }
     body
 }
 
+/// The v2 token endpoint. The grant is carried out first; then the answer may be held
+/// ([`super::Sandbox::hold`]) or replaced by a failure
+/// ([`super::Sandbox::fail_next_after_processing`]): either way the work is done.
 async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Response {
     if let Some(r) = hit(&s, "oauth_token") {
         return r;
     }
+    let answer = oauth_grant(&s, &b);
+    let lost = lost_answer(&s, "oauth_token");
+    wait_if_held(&s, "oauth_token").await;
+    lost.unwrap_or(answer)
+}
+
+fn oauth_grant(s: &Shared, b: &Value) -> Response {
     if b["client_id"].as_str() != Some(APP_ID) {
         return oauth_error(20048, "invalid_client", "app does not exist");
     }
@@ -512,7 +543,7 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
                     return oauth_error(20049, "invalid_grant", "PKCE verification failed");
                 }
             }
-            Json(issue_user_tokens(&s, &open_id, &scope)).into_response()
+            Json(issue_user_tokens(s, &open_id, &scope)).into_response()
         }
         Some("refresh_token") => {
             let Some(rt) = b["refresh_token"].as_str().map(str::to_owned) else {
@@ -521,18 +552,24 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
             let owner = {
                 let mut g = s.lock();
                 let owner = g.refresh.remove(&rt);
-                if owner.is_some() {
+                if let Some((_, _, old_access)) = &owner {
                     g.used_refresh.insert(rt);
+                    // The superseded access token keeps working for the grace, then stops.
+                    let grace = g.superseded_access_grace.unwrap_or(Duration::from_secs(60));
+                    if let Some((_, exp)) = g.access.get_mut(old_access) {
+                        *exp = (*exp).min(Instant::now() + grace);
+                    }
                     owner
                 } else if g.used_refresh.contains(&rt) {
+                    g.refresh_reuses += 1;
                     return oauth_error(20073, "invalid_grant", "refresh token already used");
                 } else {
                     return oauth_error(20026, "invalid_grant", "refresh token invalid");
                 }
             };
             match owner {
-                Some((open_id, scope)) => {
-                    Json(issue_user_tokens(&s, &open_id, &scope)).into_response()
+                Some((open_id, scope, _)) => {
+                    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
                 }
                 None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
             }

@@ -285,6 +285,11 @@ pub struct UserToken {
     pub session_id: Option<SessionId>,
     /// Refresh failed for good: the user must authorize again.
     pub needs_reauth: bool,
+    /// Set (to when it was sent, unix ms) when a refresh of this token went out and its answer
+    /// was lost (timeout, dropped connection, 5xx): the platform may have rotated the refresh
+    /// token. While set, the refresh token must not be presented again until a check decides
+    /// what happened (see `auth::flow`). `None`: the last refresh's outcome is known.
+    pub refresh_in_doubt_since: Option<u64>,
 }
 
 /// What the service knows of a user (no secrets).
@@ -700,7 +705,7 @@ impl<'a> SessionPeek<'a> {
     }
 }
 
-/// Token as stored (version 1).
+/// Token as stored (version 2: version 1 and `refresh_in_doubt_since`).
 #[derive(Clone, Serialize, Deserialize)]
 pub(crate) struct StoredToken {
     pub open_id: Option<String>,
@@ -713,9 +718,43 @@ pub(crate) struct StoredToken {
     pub obtained_at: u64,
     pub session_id: Option<SessionId>,
     pub needs_reauth: bool,
+    pub refresh_in_doubt_since: Option<u64>,
 }
 
-pub(crate) const TOKEN_VERSION: u8 = 1;
+/// Token as stored by version 1 (read only).
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct StoredTokenV1 {
+    pub open_id: Option<String>,
+    pub access_token: Sealed,
+    pub refresh_token: Option<Sealed>,
+    pub expires_at: u64,
+    pub refresh_expires_at: Option<u64>,
+    pub refresh_due_at: u64,
+    pub scopes: Vec<String>,
+    pub obtained_at: u64,
+    pub session_id: Option<SessionId>,
+    pub needs_reauth: bool,
+}
+
+impl From<StoredTokenV1> for StoredToken {
+    fn from(v: StoredTokenV1) -> Self {
+        Self {
+            open_id: v.open_id,
+            access_token: v.access_token,
+            refresh_token: v.refresh_token,
+            expires_at: v.expires_at,
+            refresh_expires_at: v.refresh_expires_at,
+            refresh_due_at: v.refresh_due_at,
+            scopes: v.scopes,
+            obtained_at: v.obtained_at,
+            session_id: v.session_id,
+            needs_reauth: v.needs_reauth,
+            refresh_in_doubt_since: None,
+        }
+    }
+}
+
+pub(crate) const TOKEN_VERSION: u8 = 2;
 pub(crate) const TOKENS_TABLE: &str = "tokens";
 
 /// The row key of a token: app id and user id, length-prefixed.
@@ -731,7 +770,8 @@ impl StoredToken {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self> {
         let (v, rest) = split_version(TOKENS_TABLE, bytes)?;
         match v {
-            1 => decode(TOKENS_TABLE, rest),
+            1 => decode::<StoredTokenV1>(TOKENS_TABLE, rest).map(Into::into),
+            2 => decode(TOKENS_TABLE, rest),
             other => Err(Error::Decode {
                 table: TOKENS_TABLE,
                 detail: format!("unknown record version {other}"),
@@ -764,6 +804,7 @@ impl StoredToken {
             obtained_at: t.obtained_at,
             session_id: t.session_id,
             needs_reauth: t.needs_reauth,
+            refresh_in_doubt_since: t.refresh_in_doubt_since,
         }
     }
 
@@ -797,6 +838,7 @@ impl StoredToken {
             obtained_at: self.obtained_at,
             session_id: self.session_id,
             needs_reauth: self.needs_reauth,
+            refresh_in_doubt_since: self.refresh_in_doubt_since,
         })
     }
 

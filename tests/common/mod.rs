@@ -16,6 +16,11 @@ pub const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7
 pub const ENCRYPT_KEY: &str = "e2e-encrypt-key";
 pub const VTOKEN: &str = "e2e-verification-token";
 
+/// The metrics registry is process-wide: tests that assert on metric values (or whose service
+/// sets a gauge another test reads, such as the connection status of the one sandbox app id)
+/// take this lock so the tests of one binary do not move each other's numbers.
+pub static METRICS_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct Service {
     pub http: SocketAddr,
     pub metrics: SocketAddr,
@@ -222,6 +227,13 @@ impl Service {
             .unwrap()
     }
 
+    /// Sends the shutdown signal without waiting; [`Service::stop_keep_dir`] then waits.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
     pub async fn stop(self) {
         drop(self.stop_keep_dir().await);
     }
@@ -235,8 +247,14 @@ impl Service {
             .await
             .expect("service stops within the grace period")
             .unwrap();
-        // The seen-id writer thread lets go of the store file just after.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The seen-id writer thread lets go of the store file just after `run` returns: wait
+        // until the store can be opened (bounded), rather than for a fixed time.
+        let path = self._dir.path().to_owned();
+        if path.join("s.redb").exists() {
+            tokio::task::spawn_blocking(move || drop(open_store(&path)))
+                .await
+                .unwrap();
+        }
         self._dir
     }
 }
@@ -278,13 +296,19 @@ pub fn find_callback_value(v: &Value) -> Option<Value> {
 }
 
 /// Opens the store a stopped service left in `dir` (the helper's key and file name).
+/// Waits (bounded) while the stopping service's threads still hold the file's lock.
 pub fn open_store(dir: &std::path::Path) -> lark_service::storage::Store {
-    use lark_service::storage::{Key, Keyring, Store, StoreOptions};
-    let key = Key::from_hex(&secrecy::SecretString::from(KEY.to_owned())).unwrap();
-    Store::open(
-        &dir.join("s.redb"),
-        Keyring::new(key, vec![]),
-        StoreOptions::default(),
-    )
-    .unwrap()
+    use lark_service::storage::{Error, Key, Keyring, Store, StoreOptions};
+    let key = || Key::from_hex(&secrecy::SecretString::from(KEY.to_owned())).unwrap();
+    for _ in 0..400 {
+        match Store::open(
+            &dir.join("s.redb"),
+            Keyring::new(key(), vec![]),
+            StoreOptions::default(),
+        ) {
+            Err(Error::Locked { .. }) => std::thread::sleep(Duration::from_millis(25)),
+            other => return other.unwrap(),
+        }
+    }
+    panic!("the store at {} stayed locked", dir.display());
 }

@@ -282,6 +282,9 @@ impl LarkClient {
 
     /// `POST …/records` with `{"record": "<JSON string>"}` (tenant token).
     /// Returns the new record's `id` (as a string, whatever its JSON type).
+    ///
+    /// Not idempotent: never re-sent after it may have reached the platform (a second send
+    /// could create a second record); on [`Error::outcome_unknown`] the record may exist.
     pub async fn create_record(
         &self,
         namespace: &str,
@@ -289,7 +292,8 @@ impl LarkClient {
         record: &Value,
     ) -> Result<String, Error> {
         let req = ApiRequest::new(Method::POST, records_base(namespace, object), Auth::Tenant)
-            .json(json!({ "record": record_string(record)? }));
+            .json(json!({ "record": record_string(record)? }))
+            .one_time();
         self.execute(&req, |raw| {
             let data: CreatedData = decode_data(raw)?;
             match data.id {
