@@ -82,9 +82,11 @@ pub enum ExportCmd {
     /// One-shot full export of every session to PostgreSQL (table user_auth_sessions), then
     /// sets the continuous export's cursor so EXPORT_POSTGRES_URL resumes from there.
     Postgres {
-        /// postgres://user:password@host:port/db (NoTls: use a private network).
-        #[arg(long, value_name = "URL")]
-        url: String,
+        /// A file (mode 0600) holding the postgres://… URL; default: export.postgres_url
+        /// (EXPORT_POSTGRES_URL, EXPORT_POSTGRES_URL_FILE or a systemd credential). Never
+        /// given on the command line: a password there is visible to every local user.
+        #[arg(long, value_name = "PATH")]
+        url_file: Option<PathBuf>,
     },
 }
 
@@ -94,9 +96,10 @@ pub enum ImportCmd {
     /// Import every row of PostgreSQL's user_auth_sessions (this service's export, or the
     /// Python service's table with plaintext tokens), sealing tokens under the store's key.
     Postgres {
-        /// postgres://user:password@host:port/db.
-        #[arg(long, value_name = "URL")]
-        url: String,
+        /// A file (mode 0600) holding the postgres://… URL; default: export.postgres_url
+        /// (EXPORT_POSTGRES_URL, EXPORT_POSTGRES_URL_FILE or a systemd credential).
+        #[arg(long, value_name = "PATH")]
+        url_file: Option<PathBuf>,
     },
 }
 
@@ -267,8 +270,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sessions(cmd) => sessions(&opts, cmd),
         Command::Backup(args) => backup(&opts, &args),
         Command::Restore(args) => restore(&opts, &args),
-        Command::Export(ExportCmd::Postgres { url }) => pg_export(&opts, &url, false),
-        Command::Import(ImportCmd::Postgres { url }) => pg_export(&opts, &url, true),
+        Command::Export(ExportCmd::Postgres { url_file }) => {
+            pg_export(&opts, url_file.as_deref(), false)
+        }
+        Command::Import(ImportCmd::Postgres { url_file }) => {
+            pg_export(&opts, url_file.as_deref(), true)
+        }
         Command::Mcp { stdio: _ } => mcp_stdio(&opts),
         Command::Sandbox {
             port,
@@ -319,8 +326,15 @@ fn config_check(opts: &LoadOptions, list: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn pg_export(opts: &LoadOptions, url: &str, import: bool) -> Result<(), CliError> {
+fn pg_export(opts: &LoadOptions, url_file: Option<&Path>, import: bool) -> Result<(), CliError> {
     let cfg = Config::load(opts)?;
+    let url = match url_file {
+        Some(p) => crate::config::read_secret_file("export.postgres_url", p)?.0,
+        None => cfg.export_postgres_url.clone().ok_or_else(|| {
+            anyhow::anyhow!("no PostgreSQL URL: give --url-file PATH, or set export.postgres_url (EXPORT_POSTGRES_URL / EXPORT_POSTGRES_URL_FILE)")
+        })?,
+    };
+    let url = secrecy::ExposeSecret::expose_secret(&url);
     let store = open_store(&cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -500,3 +500,40 @@ fn serve_without_a_public_url_or_redirect_uri_exits_64() {
     );
     assert_no_secrets(&t);
 }
+
+/// Issue 16: the PostgreSQL URL (with its password) never goes on the command line, where every
+/// local user can read it: `--url` is gone; the URL comes from a private file or the config.
+#[test]
+fn export_and_import_take_no_database_url_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for verb in ["export", "import"] {
+        let o = cmd(dir.path())
+            .args([
+                verb,
+                "postgres",
+                "--url",
+                "postgres://u:pw-on-argv@127.0.0.1:9/db",
+            ])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{verb} took --url");
+        let o = cmd(dir.path()).args([verb, "postgres"]).output().unwrap();
+        let t = text(&o);
+        assert!(!o.status.success());
+        assert!(
+            t.contains("--url-file") && t.contains("EXPORT_POSTGRES_URL"),
+            "{t}"
+        );
+        // A URL file readable by others is refused like any secret file.
+        let f = dir.path().join("pg-url");
+        std::fs::write(&f, "postgres://u:pw-in-file@127.0.0.1:9/db\n").unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let o = cmd(dir.path())
+            .args([verb, "postgres", "--url-file", f.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(64), "{t}");
+        assert!(t.contains("chmod 600") && !t.contains("pw-in-file"), "{t}");
+    }
+}

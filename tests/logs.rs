@@ -219,3 +219,70 @@ async fn a_whole_authorization_logs_no_secret() {
     }
     assert!(logs.contains("event_id"), "events are logged with their id");
 }
+
+/// At `LOG_LEVEL=trace` the long connection's handshake URL (it carries `ticket` and
+/// `access_key`) is never logged: the WebSocket library logs the whole request at trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_never_show_the_websocket_handshake_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LOG_LEVEL", "trace")
+        .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("PROMETHEUS_PORT", "0")
+        .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
+        .args(["serve", "--sandbox"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Trace output is large: drain it on a thread so the service never blocks on the pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = stderr.read_to_end(&mut all);
+        all
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let service = loop {
+        let l = lines.next().unwrap().unwrap();
+        if let Some(rest) = l.strip_prefix("lark-service ready: ") {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches('/')
+                .to_owned();
+        }
+    };
+    let http = reqwest::Client::new();
+    let mut up = false;
+    for _ in 0..400 {
+        let r = http
+            .get(format!("{service}/readyz"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if r.text()
+                .await
+                .unwrap_or_default()
+                .contains("long connection up")
+            {
+                up = true;
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(up, "the long connection came up");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = String::from_utf8_lossy(&drain.join().unwrap()).into_owned();
+    assert!(log.contains("TRACE"), "trace logging was on");
+    for secret in ["ticket=", "access_key="] {
+        assert!(!log.contains(secret), "{secret} appears in the trace log");
+    }
+}

@@ -5,6 +5,7 @@
 //! was expected; the binary exits with 64 (EX_USAGE) on any of them.
 
 mod secrets;
+pub(crate) use secrets::read_secret_file;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap};
@@ -124,6 +125,16 @@ pub enum ConfigError {
         /// The setting.
         key: String,
         /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The config file holds a secret inline and is readable by group or others.
+    #[error("config error: {path} holds {key} inline and is readable by group or others (mode {mode:04o}); move the secret to {key}_file (a file of mode 0600) or run `chmod 600 {path}`")]
+    ConfigFileMode {
+        /// The first secret found inline.
+        key: String,
+        /// The config file.
         path: PathBuf,
         /// Its permission bits.
         mode: u32,
@@ -710,6 +721,25 @@ impl Layers {
                 return Err(ConfigError::UnknownKey {
                     key,
                     file: path.to_owned(),
+                });
+            }
+        }
+        #[cfg(unix)]
+        if let Some(key) = inline_secrets.first() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
+                .map_err(|e| ConfigError::File {
+                    path: path.to_owned(),
+                    detail: e.to_string(),
+                })?
+                .permissions()
+                .mode()
+                & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(ConfigError::ConfigFileMode {
+                    key: (*key).to_owned(),
+                    path: path.to_owned(),
+                    mode,
                 });
             }
         }

@@ -47,10 +47,14 @@ fn read_secret(
             });
         }
     }
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.to_owned(),
-        detail: format!("secret file for {key}: {e}"),
-    })?;
-    let text = text.trim_end_matches(['\n', '\r']).to_owned();
-    Ok((SecretString::from(text), path.to_owned()))
+    // The file's bytes are wiped from memory once the secret has its own copy.
+    let text =
+        zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                detail: format!("secret file for {key}: {e}"),
+            })?,
+        );
+    let secret = text.trim_end_matches(['\n', '\r']).to_owned();
+    Ok((SecretString::from(secret), path.to_owned()))
 }

@@ -361,3 +361,22 @@ fn serve_requires_a_public_redirect_and_warns_when_it_is_not_https() {
         }
     }
 }
+
+#[test]
+fn a_config_file_with_an_inline_secret_readable_by_others_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "app_id = \"cli_x\"\napp_secret = \"inline-leaky-secret\"\n";
+    let loose = write(dir.path(), "loose.toml", text, 0o644);
+    let e = Config::load_with(&opts(Some(&loose)), &env(&[])).unwrap_err();
+    assert!(
+        matches!(e, ConfigError::ConfigFileMode { mode: 0o644, ref key, .. } if key == "app_secret"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("app_secret_file"), "{e}");
+    assert!(!e.to_string().contains("inline-leaky-secret"));
+    // Private, it loads; loose without an inline secret, it loads.
+    let private = write(dir.path(), "private.toml", text, 0o600);
+    assert!(Config::load_with(&opts(Some(&private)), &env(&[])).is_ok());
+    let plain = write(dir.path(), "plain.toml", "app_id = \"cli_x\"\n", 0o644);
+    assert!(Config::load_with(&opts(Some(&plain)), &env(&[])).is_ok());
+}
