@@ -4,9 +4,13 @@
 //! and the snapshot is exactly the state at its start. Secrets stay sealed: the stream carries
 //! the stored bytes. Encryption of the stream (age) is the caller's business (`crate::backup`).
 //!
-//! Format: `LSBK1\n`, a JSON header line, then per table `T`, name, record count and
-//! length-prefixed key/value pairs in redb's own encoding, then `E` and the SHA-256 of every
-//! byte before it.
+//! Format: `LSBK2\n`, a JSON header line, then per table `T`, name, record count and
+//! length-prefixed key/value pairs in redb's own encoding, then `E`, the SHA-256 of every byte
+//! before it, and that digest sealed (XChaCha20-Poly1305, the store's own envelope) under the
+//! store's active token key: a MAC only a holder of the token key can make. Restore verifies
+//! the digest and opens the seal with the configured keys before anything replaces the store,
+//! so a file made by someone who has only the backup recipients' public keys is refused.
+//! Format 1 (`LSBK1`, checksum only) is refused.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -25,7 +29,15 @@ use super::tables::{
 };
 use super::{now_ms, Error, Keyring, Result, Store, StoreOptions};
 
-const MAGIC: &[u8] = b"LSBK1\n";
+const MAGIC: &[u8] = b"LSBK2\n";
+/// The unauthenticated format of earlier versions.
+const MAGIC_V1: &[u8] = b"LSBK1\n";
+/// Where the backup MAC is sealed (its associated data).
+const MAC_PLACE: super::envelope::Place<'static> = super::envelope::Place {
+    table: "backup",
+    row: b"snapshot",
+    field: "mac",
+};
 /// Most bytes one key or value may have in a snapshot (guards restore against garbage).
 const MAX_ITEM: u32 = 64 * 1024 * 1024;
 
@@ -259,6 +271,14 @@ impl Store {
         d.w.write_all(b"E").map_err(wio)?;
         let digest = d.w.hash.clone().finalize();
         d.w.inner.write_all(&digest).map_err(wio)?;
+        let mac = bincode::serde::encode_to_vec(
+            self.inner.ring.seal(&digest, &MAC_PLACE),
+            bincode::config::standard(),
+        )
+        .map_err(|e| Error::Invalid(format!("encoding the backup MAC: {e}")))?;
+        let len = u32::try_from(mac.len()).map_err(|_| Error::Invalid("MAC too long".into()))?;
+        d.w.inner.write_all(&len.to_be_bytes()).map_err(wio)?;
+        d.w.inner.write_all(&mac).map_err(wio)?;
         d.w.flush().map_err(wio)?;
         (d.progress)(total, total);
         Ok(header)
@@ -349,7 +369,7 @@ pub fn restore_snapshot(
     tmp.push(".restore-tmp");
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    let result = restore_into(input, &tmp, progress);
+    let result = restore_into(input, &tmp, &ring, progress);
     let header = match result {
         Ok(h) => h,
         Err(e) => {
@@ -382,13 +402,18 @@ pub fn restore_snapshot(
 fn restore_into(
     input: &mut dyn Read,
     tmp: &Path,
+    ring: &Keyring,
     progress: Progress<'_>,
 ) -> Result<SnapshotHeader> {
     let mut r = HashReader {
         inner: input,
         hash: Sha256::new(),
     };
-    if r.exact(MAGIC.len())? != MAGIC {
+    let magic = r.exact(MAGIC.len())?;
+    if magic == MAGIC_V1 {
+        return Err(bad("it is a format-1 backup, which is checksummed but not authenticated; restore it with the lark-service version that wrote it, or take a new backup".to_owned()));
+    }
+    if magic != MAGIC {
         return Err(bad("it is not a lark-service backup (bad magic)".to_owned()));
     }
     let mut line = Vec::new();
@@ -471,6 +496,38 @@ fn restore_into(
     if got[..] != want[..] {
         return Err(bad("checksum mismatch".to_owned()));
     }
+    let mut len = [0u8; 4];
+    l.r.inner.read_exact(&mut len).map_err(truncated)?;
+    let len = u32::from_be_bytes(len);
+    if len > 1024 {
+        return Err(bad("the MAC is too long".to_owned()));
+    }
+    let mut mac = vec![0u8; len as usize];
+    l.r.inner.read_exact(&mut mac).map_err(truncated)?;
+    let (sealed, _): (super::envelope::Sealed, usize) =
+        bincode::serde::decode_from_slice(&mac, bincode::config::standard())
+            .map_err(|_| bad("the MAC is malformed".to_owned()))?;
+    let key_id = sealed.key_id;
+    match ring.open(&sealed, &MAC_PLACE) {
+        Ok(d) if d[..] == want[..] => {}
+        Err(super::envelope::OpenError::UnknownKey(_)) => {
+            // The backup was made under a token key that is not configured.
+            return Err(Error::WrongKey {
+                store_key: key_id,
+                configured: ring
+                    .ids()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            });
+        }
+        _ => {
+            return Err(bad(
+                "its MAC does not verify: it was not made with this store's token key, or it was altered".to_owned(),
+            ));
+        }
+    }
     let mut extra = [0u8; 1];
     if l.r.inner.read(&mut extra).map_err(truncated)? != 0 {
         return Err(bad("bytes after the end".to_owned()));
@@ -480,4 +537,91 @@ fn restore_into(
     drop(db);
     progress(total, total);
     Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{AuthSession, Key};
+
+    fn store(key: u8) -> Store {
+        let s = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[key; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let sessions: Vec<AuthSession> = (0..5)
+            .map(|i| AuthSession::new_pending("cli_app", &format!("u{i}"), vec![], 1_000, 600_000))
+            .collect();
+        s.put_sessions(&sessions).unwrap();
+        s
+    }
+
+    fn snapshot(s: &Store) -> Vec<u8> {
+        let mut out = Vec::new();
+        s.write_snapshot(&mut out, &mut |_, _| {}).unwrap();
+        out
+    }
+
+    fn restore(bytes: &[u8], key: u8) -> Result<SnapshotHeader> {
+        let dir = tempfile::tempdir().unwrap();
+        restore_snapshot(
+            &mut &bytes[..],
+            &dir.path().join("r.redb"),
+            Keyring::new(Key::from_bytes(&[key; 32]), vec![]),
+            StoreOptions::default(),
+            false,
+            &mut |_, _| {},
+        )
+    }
+
+    /// Where the body ends: `E`, the 32-byte digest, a 4-byte length and the sealed MAC follow.
+    fn body_len(bytes: &[u8]) -> usize {
+        // The MAC's length is the 4 bytes before it: find the one that matches.
+        (1..=1024usize)
+            .find(|&n| {
+                bytes.len() > n + 4 + 32
+                    && u32::from_be_bytes(
+                        bytes[bytes.len() - n - 4..bytes.len() - n]
+                            .try_into()
+                            .unwrap(),
+                    ) as usize
+                        == n
+            })
+            .map(|n| bytes.len() - n - 4 - 32)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_backup_is_authenticated_not_only_checksummed() {
+        let s = store(7);
+        let good = snapshot(&s);
+        assert!(restore(&good, 7).unwrap().total() >= 5);
+
+        // Someone without the token key edits the body and fixes up the SHA-256: refused.
+        let body = body_len(&good);
+        let mut forged = good[..body].to_vec();
+        let marker = b"\"writer_version\":\"";
+        let at = forged
+            .windows(marker.len())
+            .position(|w| w == marker)
+            .unwrap()
+            + marker.len();
+        forged[at] = if forged[at] == b'9' { b'8' } else { b'9' };
+        let digest = Sha256::digest(&forged);
+        forged.extend_from_slice(&digest);
+        forged.extend_from_slice(&good[body + 32..]);
+        let err = restore(&forged, 7).unwrap_err().to_string();
+        assert!(err.contains("MAC does not verify"), "{err}");
+
+        // Restored with a ring that lacks the key that made it: refused as a wrong key.
+        let err = restore(&good, 8).unwrap_err();
+        assert!(matches!(err, Error::WrongKey { .. }), "{err}");
+
+        // Format 1 (checksum only) is refused.
+        let mut v1 = good.clone();
+        v1[..MAGIC_V1.len()].copy_from_slice(MAGIC_V1);
+        let err = restore(&v1, 7).unwrap_err().to_string();
+        assert!(err.contains("not authenticated"), "{err}");
+    }
 }
