@@ -10,5 +10,5 @@ pub mod state;
 
 pub use flow::{
     AccessToken, AuthError, AuthOptions, AuthRequest, AuthService, Clock, RequestOutcome,
-    SyncReport, TokenError, UserRef,
+    Revoked, SyncReport, TokenError, UserRef,
 };
