@@ -277,6 +277,7 @@ fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
             .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
             .env("STORAGE_PATH", dir.join("s.redb"))
             .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("PROMETHEUS_PORT", "0")
             .env("LOG_LEVEL", "warn")
             .arg("serve");

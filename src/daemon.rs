@@ -540,8 +540,8 @@ pub async fn run_with_reloads(
     let throttle = Arc::new(crate::http::bearer::Throttle::default());
     let guard =
         crate::http::bearer::BearerGuard::new(cfg.admin_token.clone(), "admin", throttle.clone());
-    let admin = crate::http::admin_router(state, guard.clone())
-        .merge(auth.clone().admin_router(guard));
+    let admin =
+        crate::http::admin_router(state, guard.clone()).merge(auth.clone().admin_router(guard));
     let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
         let server = crate::mcp::McpServer::new(lark.clone(), auth.clone(), store.clone());
@@ -572,7 +572,12 @@ pub async fn run_with_reloads(
                 crate::metrics::router(),
                 limits.request_timeout,
             );
-            tracker.spawn(crate::http::serve::serve(l, metrics, limits, cancel.clone()));
+            tracker.spawn(crate::http::serve::serve(
+                l,
+                metrics,
+                limits,
+                cancel.clone(),
+            ));
             addr
         }
         None => None,

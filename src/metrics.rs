@@ -420,8 +420,12 @@ impl Metrics {
             let _ = self.backups.get_or_create(&OutcomeLabel { outcome });
         }
         for surface in ["admin", "mcp"] {
-            let _ = self.bearer_failures.get_or_create(&SurfaceLabel { surface });
-            let _ = self.bearer_throttled.get_or_create(&SurfaceLabel { surface });
+            let _ = self
+                .bearer_failures
+                .get_or_create(&SurfaceLabel { surface });
+            let _ = self
+                .bearer_throttled
+                .get_or_create(&SurfaceLabel { surface });
         }
     }
 

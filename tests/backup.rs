@@ -322,7 +322,10 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
             .env("WEBSOCKET_ENABLED", "false")
             .env("APP_SECRET", "x")
             .env("LARK_TOKEN_ENCRYPTION_KEY", "03".repeat(32))
-            .env("LARK_SERVICE_ADMIN_TOKEN", "admin-test-token-0123456789abcdef")
+            .env(
+                "LARK_SERVICE_ADMIN_TOKEN",
+                "admin-test-token-0123456789abcdef",
+            )
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
             .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("BACKUP_DIR", dir.path().join("backups"))
@@ -366,7 +369,10 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
     );
     // Wrong admin token: refused.
     let o = cmd()
-        .env("LARK_SERVICE_ADMIN_TOKEN", "nope-nope-nope-nope-nope-nope-nope")
+        .env(
+            "LARK_SERVICE_ADMIN_TOKEN",
+            "nope-nope-nope-nope-nope-nope-nope",
+        )
         .args(["backup", "--out"])
         .arg(dir.path().join("x.age"))
         .output()

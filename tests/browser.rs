@@ -299,7 +299,14 @@ async fn sandbox_and_service() -> (Sandbox, Service) {
     let ca = dir.path().join("sandbox-ca.pem");
     std::fs::write(&ca, sandbox.ca_pem().expect("the sandbox serves HTTPS")).unwrap();
     let ca = ca.display().to_string();
-    let svc = Service::start_on_both(dir, listener, admin, &sandbox.base_url(), &[("TLS_CA_FILE", &ca)]).await;
+    let svc = Service::start_on_both(
+        dir,
+        listener,
+        admin,
+        &sandbox.base_url(),
+        &[("TLS_CA_FILE", &ca)],
+    )
+    .await;
     (sandbox, svc)
 }
 

@@ -502,7 +502,14 @@ async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_fil
     let pem = sandbox.ca_pem().expect("the sandbox serves HTTPS");
     std::fs::write(&ca, &pem).unwrap();
     let ca = ca.display().to_string();
-    let svc = Service::start_on_both(dir, listener, admin, &sandbox.base_url(), &[("TLS_CA_FILE", &ca)]).await;
+    let svc = Service::start_on_both(
+        dir,
+        listener,
+        admin,
+        &sandbox.base_url(),
+        &[("TLS_CA_FILE", &ca)],
+    )
+    .await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())

@@ -272,7 +272,11 @@ async fn readyz_follows_the_long_connection_down_and_back_up() {
     let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("long connection"), "{body}");
-    assert_eq!(svc.public_get("/healthz").await.0, 200, "alive though not ready");
+    assert_eq!(
+        svc.public_get("/healthz").await.0,
+        200,
+        "alive though not ready"
+    );
     // The platform recovers: the service reconnects by itself and is ready again.
     sandbox.set_discovery_error(None);
     // The guard covers the reconnect backoff (jittered up to the server's ReconnectInterval).

@@ -79,7 +79,9 @@ async fn connections_beyond_the_cap_are_not_served_until_one_is_released() {
     for _ in 0..2 {
         let mut c = TcpStream::connect(svc.admin).await.unwrap();
         c.write_all(admin_get("/workers").as_bytes()).await.unwrap();
-        let head = tokio::time::timeout(GUARD, read_head(&mut c)).await.unwrap();
+        let head = tokio::time::timeout(GUARD, read_head(&mut c))
+            .await
+            .unwrap();
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         held.push(c);
     }
@@ -234,7 +236,11 @@ async fn repeated_wrong_bearers_from_one_peer_are_throttled_and_counted() {
     }
     let r = wrong("wrong-token").await.unwrap();
     assert_eq!(r.status().as_u16(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     // Now even the right token is refused from this peer, on the admin API and on /mcp.
     assert_eq!(svc.get("/workers").await.0, 429);
@@ -243,9 +249,11 @@ async fn repeated_wrong_bearers_from_one_peer_are_throttled_and_counted() {
         .post(format!("http://{}/mcp", svc.admin))
         .header("accept", "application/json, text/event-stream")
         .bearer_auth(mcp_token)
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-03-26", "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"}}}))
+            "clientInfo": {"name": "t", "version": "1"}}}),
+        )
         .send()
         .await
         .unwrap();
@@ -264,8 +272,7 @@ async fn repeated_wrong_bearers_from_one_peer_are_throttled_and_counted() {
     assert_eq!(r.status().as_u16(), 200);
     let after = svc.scrape().await;
     assert!(
-        failures(&after) - failures(&before)
-            >= lark_service::http::bearer::FAILURES_ALLOWED as f64,
+        failures(&after) - failures(&before) >= lark_service::http::bearer::FAILURES_ALLOWED as f64,
         "{after}"
     );
     assert!(throttled(&after) - throttled(&before) >= 2.0, "{after}");
@@ -342,7 +349,10 @@ async fn revoke_while_running_deletes_our_copy_of_the_tokens() {
         .await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["state"], "revoked", "{v}");
-    assert_eq!(svc.get(&format!("/api/v1/users/{alice}/token")).await.0, 404);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{alice}/token")).await.0,
+        404
+    );
     // Neither the refresh worker nor a restart brings the token back: it is gone from the store.
     let dir = svc.stop_keep_dir().await;
     let store = open_store(dir.path());

@@ -87,7 +87,11 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         (code, body.as_str()),
         (503, "not ready: long connection degraded\n")
     );
-    assert_eq!(svc.public_get("/healthz").await.0, 200, "alive though not ready");
+    assert_eq!(
+        svc.public_get("/healthz").await.0,
+        200,
+        "alive though not ready"
+    );
 
     // Degraded is not stopped: it keeps redialing past the limit.
     let during = sandbox.hits("ws_endpoint");

@@ -467,8 +467,14 @@ async fn mcp_tools_against_the_sandbox() {
     for (field, args) in [
         ("id", json!({"namespace": ns, "object": obj, "id": ".."})),
         ("id", json!({"namespace": ns, "object": obj, "id": "."})),
-        ("object", json!({"namespace": ns, "object": "..", "id": ids[0]})),
-        ("namespace", json!({"namespace": "..", "object": obj, "id": ids[0]})),
+        (
+            "object",
+            json!({"namespace": ns, "object": "..", "id": ids[0]}),
+        ),
+        (
+            "namespace",
+            json!({"namespace": "..", "object": obj, "id": ids[0]}),
+        ),
     ] {
         let e = err(&client, "apaas_get_record", args).await;
         assert!(
@@ -648,12 +654,7 @@ async fn mcp_rate_limit_follows_the_client_not_its_sessions() {
     for _ in 0..2 {
         let r = post(&one, &init, None).await.unwrap();
         assert_eq!(r.status().as_u16(), 200);
-        sessions.push(
-            r.headers()["mcp-session-id"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
+        sessions.push(r.headers()["mcp-session-id"].to_str().unwrap().to_owned());
     }
     // ... and uses the first (requests 3 and 4).
     for _ in 0..2 {

@@ -1466,7 +1466,9 @@ impl AuthService {
                 s.get_session_summary(id)
             })
             .await
-            .inspect(|_| info!(session = %id, "Session revoked; its token (if current) was deleted."))
+            .inspect(
+                |_| info!(session = %id, "Session revoked; its token (if current) was deleted."),
+            )
     }
 
     /// Revokes `user`'s authorization: deletes the stored access and refresh tokens and marks
@@ -1653,14 +1655,14 @@ struct TokenQuery {
 }
 
 /// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
-/// prefix means an open_id.
-fn path_user(id: String, id_type: Option<&str>) -> Result<UserRef, Response> {
+/// prefix means an open_id. `None` for an unknown `id_type`.
+fn path_user(id: String, id_type: Option<&str>) -> Option<UserRef> {
     match id_type {
-        Some("open_id") => Ok(UserRef::OpenId(id)),
-        Some("user_id") => Ok(UserRef::UserId(id)),
-        None if id.starts_with("ou_") => Ok(UserRef::OpenId(id)),
-        None => Ok(UserRef::UserId(id)),
-        Some(_) => Err(bad_field("id_type", "id_type is open_id or user_id")),
+        Some("open_id") => Some(UserRef::OpenId(id)),
+        Some("user_id") => Some(UserRef::UserId(id)),
+        None if id.starts_with("ou_") => Some(UserRef::OpenId(id)),
+        None => Some(UserRef::UserId(id)),
+        Some(_) => None,
     }
 }
 
@@ -1669,9 +1671,8 @@ async fn http_token(
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
 ) -> Response {
-    let user = match path_user(id, q.id_type.as_deref()) {
-        Ok(u) => u,
-        Err(r) => return r,
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
     };
     match svc.access_token(user).await {
         Ok(t) => (
@@ -1730,9 +1731,8 @@ async fn http_revoke_user(
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
 ) -> Response {
-    let user = match path_user(id, q.id_type.as_deref()) {
-        Ok(u) => u,
-        Err(r) => return r,
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
     };
     match svc.revoke_user(user).await {
         Ok(Some(r)) => (
@@ -1744,11 +1744,7 @@ async fn http_revoke_user(
             })),
         )
             .into_response(),
-        Ok(None) => api_error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "this user has no token",
-        ),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
         Err(e) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store_error",

@@ -552,7 +552,10 @@ impl Config {
                 Key::from_hex(&v).map_err(|e| r.invalid(key, None, &e.to_string()))?;
             }
         }
-        for (key, v) in [("admin_token", &cfg.admin_token), ("mcp_token", &cfg.mcp_token)] {
+        for (key, v) in [
+            ("admin_token", &cfg.admin_token),
+            ("mcp_token", &cfg.mcp_token),
+        ] {
             if let Some(v) = v {
                 if v.expose_secret().len() < MIN_BEARER_BYTES {
                     return Err(r.invalid(

@@ -49,10 +49,9 @@ impl Throttle {
             return None;
         }
         (q.len() >= FAILURES_ALLOWED).then(|| {
-            q.front()
-                .map_or(FAILURE_WINDOW, |t| {
-                    FAILURE_WINDOW.saturating_sub(now.duration_since(*t))
-                })
+            q.front().map_or(FAILURE_WINDOW, |t| {
+                FAILURE_WINDOW.saturating_sub(now.duration_since(*t))
+            })
         })
     }
 
@@ -84,7 +83,11 @@ impl BearerGuard {
     /// A check of `token` (`None`: every request is refused) for `surface`, counting failures
     /// in `throttle`.
     #[must_use]
-    pub fn new(token: Option<SecretString>, surface: &'static str, throttle: Arc<Throttle>) -> Self {
+    pub fn new(
+        token: Option<SecretString>,
+        surface: &'static str,
+        throttle: Arc<Throttle>,
+    ) -> Self {
         Self {
             token: token.map(Arc::new),
             surface,

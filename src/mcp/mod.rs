@@ -824,20 +824,22 @@ pub fn router(
         config,
     );
     let limiter = Arc::new(ClientLimiter::default());
-    let limited = Router::new().nest_service("/mcp", service).layer(
-        axum::middleware::from_fn(move |req: Request, next: Next| {
-            let limiter = limiter.clone();
-            async move {
-                if let Some(wait) = limiter.check(&client_key(&req), limits.client_per_minute) {
-                    return rate_limited(wait, "this MCP client");
+    let limited = Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| {
+                let limiter = limiter.clone();
+                async move {
+                    if let Some(wait) = limiter.check(&client_key(&req), limits.client_per_minute) {
+                        return rate_limited(wait, "this MCP client");
+                    }
+                    if let Some(wait) = limiter.check("", limits.global_per_minute) {
+                        return rate_limited(wait, "all MCP clients together");
+                    }
+                    next.run(req).await
                 }
-                if let Some(wait) = limiter.check("", limits.global_per_minute) {
-                    return rate_limited(wait, "all MCP clients together");
-                }
-                next.run(req).await
-            }
-        }),
-    );
+            },
+        ));
     guard.protect(limited)
 }
 
