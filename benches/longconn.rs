@@ -279,6 +279,7 @@ fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
             .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
             // A real app needs a redirect URI (no OAuth happens in this bench).
             .env("PUBLIC_URL", "https://lark-service.example")
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("PROMETHEUS_PORT", "0")
             .env("LOG_LEVEL", "warn")
             .arg("serve");

@@ -15,7 +15,7 @@ use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRE
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
-const ADMIN: &str = "resources-bench-admin";
+const ADMIN: &str = "resources-bench-admin-0123456789abcdef";
 const KEY: &str = "5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c";
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -29,7 +29,13 @@ fn env_or(name: &str, default: usize) -> usize {
 static SANDBOX_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 /// The service as systemd would start it: `serve`, config from the environment, a notify socket.
-fn spawn(dir: &Path, sandbox: &str, port: u16, websocket: bool) -> (Child, UnixDatagram) {
+fn spawn(
+    dir: &Path,
+    sandbox: &str,
+    port: u16,
+    admin_port: u16,
+    websocket: bool,
+) -> (Child, UnixDatagram) {
     let sock_path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&sock_path);
     let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -48,6 +54,7 @@ fn spawn(dir: &Path, sandbox: &str, port: u16, websocket: bool) -> (Child, UnixD
         .env("STORAGE_PATH", dir.join("s.redb"))
         .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
         .env("PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("PROMETHEUS_PORT", "0")
         .env(
             "WEBSOCKET_ENABLED",
@@ -181,7 +188,7 @@ fn main() {
             let fresh_dir = tempfile::tempdir().unwrap();
             let dir = if fresh { fresh_dir.path() } else { kept.path() };
             let t = Instant::now();
-            let (child, sock) = spawn(dir, &base, free_port(), true);
+            let (child, sock) = spawn(dir, &base, free_port(), free_port(), true);
             wait_ready(&sock);
             times.push(t.elapsed());
             stop(child);
@@ -197,7 +204,9 @@ fn main() {
     // 3. Idle RSS: started, long connection up, nothing to do.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let (child, sock) = spawn(dir.path(), &base, port, true);
+    // The admin API (authorization requests) is on the admin listener.
+    let admin_port = free_port();
+    let (child, sock) = spawn(dir.path(), &base, port, admin_port, true);
     wait_ready(&sock);
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -222,7 +231,7 @@ fn main() {
     // requests across 200 users arrive on the API.
     let sampled_peak = rt.block_on(async {
         let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}/api/v1/auth/requests");
+        let url = format!("http://127.0.0.1:{admin_port}/api/v1/auth/requests");
         let api = tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
             for i in 0..1000 {

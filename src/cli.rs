@@ -600,7 +600,7 @@ fn backup_through_service(
     if args.passphrase_file.is_some() {
         return Err(anyhow::anyhow!("the service is running and takes the backup itself: use --recipient, or its configured backup.recipients / backup.passphrase").into());
     }
-    let url = format!("http://{}/api/v1/backups", cfg.http_listen);
+    let url = format!("http://{}/api/v1/backups", cfg.admin_listen);
     let body = serde_json::json!({ "recipients": args.recipients });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

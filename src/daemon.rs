@@ -64,17 +64,27 @@ pub fn serve(opts: &LoadOptions, args: &ServeArgs) -> Result<(), CliError> {
                 cfg.metrics_addr
             )
         })?;
+        let admin = TcpListener::bind(cfg.admin_listen).await.with_context(|| {
+            format!(
+                "binding the admin listener on {} (admin.listen / ADMIN_LISTEN)",
+                cfg.admin_listen
+            )
+        })?;
         let mut cfg = cfg;
         let _sandbox = if args.sandbox {
             let http = listener
                 .local_addr()
                 .context("reading the listener address")?;
-            Some(start_sandbox(&mut cfg, http, files, !args.plain).await?)
+            let admin = admin
+                .local_addr()
+                .context("reading the admin listener address")?;
+            Some(start_sandbox(&mut cfg, http, admin, files, !args.plain).await?)
         } else {
             None
         };
         let listeners = Listeners {
             http: listener,
+            admin,
             metrics: Some(metrics),
         };
         // In sandbox mode the sandbox's identity and address survive a reload.
@@ -160,6 +170,7 @@ pub fn sighup_reloads(
 async fn start_sandbox(
     cfg: &mut Config,
     http: std::net::SocketAddr,
+    admin_addr: std::net::SocketAddr,
     files: SandboxFiles,
     tls: bool,
 ) -> Result<crate::sandbox::Sandbox, CliError> {
@@ -168,9 +179,11 @@ async fn start_sandbox(
         .clone()
         .ok_or_else(|| anyhow::anyhow!("the sandbox has no admin token"))?;
     let service = format!("http://{http}");
+    // The sandbox page calls the admin API, which is on the admin listener.
+    let admin_url = format!("http://{admin_addr}");
     let sandbox = crate::sandbox::Sandbox::start(crate::sandbox::SandboxOptions {
-        request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
-        service_url: Some(service.clone()),
+        request_auth_url: Some(format!("{admin_url}/api/v1/auth/requests")),
+        service_url: Some(admin_url.clone()),
         admin_token: Some(secrecy::ExposeSecret::expose_secret(&admin).to_owned()),
         admin_token_file: files.admin_token_file.as_deref().map(absolute),
         tls,
@@ -200,7 +213,7 @@ async fn start_sandbox(
     );
     if let Some(path) = &files.admin_token_file {
         println!(
-            "sandbox: the admin token (bearer for {service}/api/v1/…) is in {}",
+            "sandbox: the admin token (bearer for {admin_url}/api/v1/…) is in {}",
             absolute(path).display()
         );
     }
@@ -304,8 +317,10 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
 /// Listeners the service serves on.
 #[derive(Debug)]
 pub struct Listeners {
-    /// HTTP: health, callbacks, OAuth redirect, admin API.
+    /// Public HTTP: health, readiness, HTTP callbacks, OAuth redirect.
     pub http: TcpListener,
+    /// Admin: the admin API (behind the admin token) and `/mcp` (behind the MCP token).
+    pub admin: TcpListener,
     /// `/metrics`; `None` disables it.
     pub metrics: Option<TcpListener>,
 }
@@ -497,7 +512,12 @@ pub async fn run_with_reloads(
         .http
         .local_addr()
         .context("reading the listener address")?;
-    let mut app = crate::http::router(crate::http::AppState {
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .context("reading the admin listener address")?;
+    let limits = cfg.http_limits;
+    let state = crate::http::AppState {
         store: store.clone(),
         ready: ready.clone(),
         admin_token: cfg.admin_token.clone(),
@@ -507,7 +527,9 @@ pub async fn run_with_reloads(
         conn_state,
         // Unsigned callbacks could be forged: only signed ones count as an event path.
         http_callbacks: cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some(),
-    });
+    };
+    // Public: what Feishu and users' browsers reach.
+    let mut public = crate::http::public_router(state.clone()).merge(auth.clone().public_router());
     if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_none() {
         warn!("HTTP callbacks are not served: no encrypt_key (LARK_ENCRYPT_KEY) is set, and without it a callback cannot be authenticated (a verification token alone proves nothing).");
     }
@@ -520,32 +542,52 @@ pub async fn run_with_reloads(
             expose(&cfg.verification_token).as_deref(),
             expose(&cfg.encrypt_key).as_deref(),
         );
-        app = app.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
+        public = public.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
     }
-    app = app.merge(auth.clone().router());
+    let public = crate::http::serve::with_request_timeout(public, limits.request_timeout);
+    // Admin: the admin API behind the admin token, and /mcp behind the MCP token; one
+    // throttle of failed bearer attempts per peer for both.
+    let throttle = Arc::new(crate::http::bearer::Throttle::default());
+    let guard =
+        crate::http::bearer::BearerGuard::new(cfg.admin_token.clone(), "admin", throttle.clone());
+    let admin =
+        crate::http::admin_router(state, guard.clone()).merge(auth.clone().admin_router(guard));
+    let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
         let server = crate::mcp::McpServer::new(lark.clone(), auth.clone(), store.clone());
-        app = app.merge(crate::mcp::router_with_shutdown(
+        // No request timeout: MCP responses stream (SSE) for as long as the client listens.
+        admin = admin.merge(crate::mcp::router(
             server,
-            token,
+            crate::http::bearer::BearerGuard::new(Some(token), "mcp", throttle),
             cancel.child_token(),
+            cfg.mcp_limits,
         ));
     }
-    let server_cancel = cancel.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listeners.http, app)
-            .with_graceful_shutdown(async move { server_cancel.cancelled().await })
-            .await
-    });
+    let server = tokio::spawn(crate::http::serve::serve(
+        listeners.http,
+        public,
+        limits,
+        cancel.clone(),
+    ));
+    tracker.spawn(crate::http::serve::serve(
+        listeners.admin,
+        admin,
+        limits,
+        cancel.clone(),
+    ));
     let metrics_addr = match listeners.metrics {
         Some(l) => {
             let addr = l.local_addr().ok();
-            let c = cancel.clone();
-            tracker.spawn(async move {
-                let _ = axum::serve(l, crate::metrics::router())
-                    .with_graceful_shutdown(async move { c.cancelled().await })
-                    .await;
-            });
+            let metrics = crate::http::serve::with_request_timeout(
+                crate::metrics::router(),
+                limits.request_timeout,
+            );
+            tracker.spawn(crate::http::serve::serve(
+                l,
+                metrics,
+                limits,
+                cancel.clone(),
+            ));
             addr
         }
         None => None,
@@ -555,13 +597,16 @@ pub async fn run_with_reloads(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     info!(
         http = %http_addr,
+        admin = %admin_addr,
         metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         store = %store.path().display(),
         key = %store.active_key_id(),
         startup_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "Service ready."
     );
-    println!("lark-service ready: http://{http_addr}/ (health: http://{http_addr}/healthz)");
+    println!(
+        "lark-service ready: http://{http_addr}/ (health: http://{http_addr}/healthz) admin API: http://{admin_addr}/"
+    );
 
     shutdown.await;
     info!("Shutting down.");
@@ -816,6 +861,7 @@ mod tests {
             PathBuf::from("./data/lark-service.redb")
         );
         assert_eq!(sandbox.http_listen.ip(), std::net::Ipv4Addr::LOCALHOST);
+        assert_eq!(sandbox.admin_listen.ip(), std::net::Ipv4Addr::LOCALHOST);
         assert_eq!(sandbox.metrics_addr.ip(), std::net::Ipv4Addr::LOCALHOST);
         assert!(sandbox.admin_token.is_none() && sandbox.token_key.is_none());
 
@@ -870,13 +916,16 @@ mod tests {
 
         // A configured admin token is kept and no file is named for it.
         let mut env2 = env.clone();
-        env2.insert("LARK_SERVICE_ADMIN_TOKEN".into(), "configured".into());
+        env2.insert(
+            "LARK_SERVICE_ADMIN_TOKEN".into(),
+            "configured-admin-token-of-32-bytes!".into(),
+        );
         let mut c = Config::load_with_default(&LoadOptions::default(), &env2, None).unwrap();
         let files = sandbox_defaults(&mut c).unwrap();
         assert_eq!(files.admin_token_file, None);
         assert_eq!(
             secrecy::ExposeSecret::expose_secret(c.admin_token.as_ref().unwrap()),
-            "configured"
+            "configured-admin-token-of-32-bytes!"
         );
     }
 }

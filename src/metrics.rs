@@ -48,6 +48,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// `{surface}`: which bearer-protected surface a request was for.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SurfaceLabel {
+    /// admin or mcp.
+    pub surface: &'static str,
+}
+
 /// `{source}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
@@ -148,6 +155,10 @@ pub struct Metrics {
     pub worker_restarts: Family<WorkerLabel, Counter>,
     /// Backups by outcome.
     pub backups: Family<OutcomeLabel, Counter>,
+    /// Requests refused for a missing or wrong bearer token, by surface.
+    pub bearer_failures: Family<SurfaceLabel, Counter>,
+    /// Requests refused because their peer failed the bearer check too often, by surface.
+    pub bearer_throttled: Family<SurfaceLabel, Counter>,
     /// Session rows upserted or deleted in PostgreSQL by the export.
     pub export_rows: Counter,
     /// Failed export batches (PostgreSQL unreachable or refusing).
@@ -188,6 +199,8 @@ impl Metrics {
             store_commit_duration: latency(),
             worker_restarts: Family::default(),
             backups: Family::default(),
+            bearer_failures: Family::default(),
+            bearer_throttled: Family::default(),
             export_rows: Counter::default(),
             export_errors: Counter::default(),
             export_lag: Gauge::default(),
@@ -330,6 +343,16 @@ impl Metrics {
             );
             r.register("backups", "Backups taken, by outcome", m.backups.clone());
             r.register(
+                "auth_bearer_failures",
+                "Requests refused for a missing or wrong bearer token, by surface",
+                m.bearer_failures.clone(),
+            );
+            r.register(
+                "auth_bearer_throttled",
+                "Requests refused 429 because their peer failed the bearer check too often",
+                m.bearer_throttled.clone(),
+            );
+            r.register(
                 "export_rows",
                 "Session rows exported to PostgreSQL (upserts and deletes)",
                 m.export_rows.clone(),
@@ -403,6 +426,14 @@ impl Metrics {
         }
         for outcome in ["success", "failure"] {
             let _ = self.backups.get_or_create(&OutcomeLabel { outcome });
+        }
+        for surface in ["admin", "mcp"] {
+            let _ = self
+                .bearer_failures
+                .get_or_create(&SurfaceLabel { surface });
+            let _ = self
+                .bearer_throttled
+                .get_or_create(&SurfaceLabel { surface });
         }
     }
 

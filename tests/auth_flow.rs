@@ -1062,8 +1062,22 @@ async fn futures_join(
 async fn serve(h: &H) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = h.svc.clone().router();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let guard = lark_service::http::bearer::BearerGuard::new(
+        Some(SecretString::from(ADMIN)),
+        "admin",
+        std::sync::Arc::default(),
+    );
+    let app = h
+        .svc
+        .clone()
+        .public_router()
+        .merge(h.svc.clone().admin_router(guard));
+    tokio::spawn(lark_service::http::serve::serve(
+        listener,
+        app,
+        lark_service::http::serve::Limits::default(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     format!("http://{addr}")
 }
 

@@ -308,6 +308,11 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
+    // The CLI asks the running service through its admin listener.
+    let admin_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
     let cmd = || {
         let mut c = Command::new(BIN);
         c.current_dir(dir.path())
@@ -318,8 +323,12 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
             .env("APP_SECRET", "x")
             .env("PUBLIC_URL", "https://svc.example.com")
             .env("LARK_TOKEN_ENCRYPTION_KEY", "03".repeat(32))
-            .env("LARK_SERVICE_ADMIN_TOKEN", "admin-test-token")
+            .env(
+                "LARK_SERVICE_ADMIN_TOKEN",
+                "admin-test-token-0123456789abcdef",
+            )
             .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("BACKUP_DIR", dir.path().join("backups"))
             .env("PROMETHEUS_PORT", "0")
             .env("BACKUP_RECIPIENTS", id.to_public().to_string())
@@ -361,7 +370,10 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
     );
     // Wrong admin token: refused.
     let o = cmd()
-        .env("LARK_SERVICE_ADMIN_TOKEN", "nope")
+        .env(
+            "LARK_SERVICE_ADMIN_TOKEN",
+            "nope-nope-nope-nope-nope-nope-nope",
+        )
         .args(["backup", "--out"])
         .arg(dir.path().join("x.age"))
         .output()

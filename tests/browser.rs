@@ -284,7 +284,9 @@ impl Drop for Browser {
 /// The sandbox (with its page wired to the service's admin API) and the service beside it.
 async fn sandbox_and_service() -> (Sandbox, Service) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let service = format!("http://{}", listener.local_addr().unwrap());
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The page calls the admin API, on the admin listener.
+    let service = format!("http://{}", admin.local_addr().unwrap());
     let sandbox = Sandbox::start(SandboxOptions {
         request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
         service_url: Some(service.clone()),
@@ -297,7 +299,14 @@ async fn sandbox_and_service() -> (Sandbox, Service) {
     let ca = dir.path().join("sandbox-ca.pem");
     std::fs::write(&ca, sandbox.ca_pem().expect("the sandbox serves HTTPS")).unwrap();
     let ca = ca.display().to_string();
-    let svc = Service::start_on(dir, listener, &sandbox.base_url(), &[("TLS_CA_FILE", &ca)]).await;
+    let svc = Service::start_on_both(
+        dir,
+        listener,
+        admin,
+        &sandbox.base_url(),
+        &[("TLS_CA_FILE", &ca)],
+    )
+    .await;
     (sandbox, svc)
 }
 

@@ -388,6 +388,7 @@ fn sandbox_serve_keeps_everything_under_data_and_names_the_admin_token_file() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", dir.path())
         .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
         .env("PROMETHEUS_PORT", "0")
         .args(["serve", "--sandbox"])
         .stdout(Stdio::piped())
@@ -429,10 +430,12 @@ fn sandbox_serve_keeps_everything_under_data_and_names_the_admin_token_file() {
         let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", f.display());
     }
+    // The admin API is on the admin listener.
     let service = ready
-        .strip_prefix("lark-service ready: ")
-        .and_then(|r| r.split_whitespace().next())
+        .split("admin API: ")
+        .nth(1)
         .unwrap()
+        .trim()
         .trim_end_matches('/')
         .to_owned();
     assert!(service.starts_with("http://127.0.0.1:"), "{ready}");

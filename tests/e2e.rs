@@ -22,7 +22,7 @@ async fn authorization_by_card_over_the_long_connection() {
     .unwrap();
     let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let before = svc.scrape().await;
 
@@ -205,7 +205,7 @@ async fn bad_credentials_stop_the_long_connection_with_a_clear_state() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(sandbox.hits("ws_endpoint"), 1);
     assert_eq!(sandbox.connections(), 0);
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503);
     assert!(body.starts_with("not ready"), "{body}");
     svc.stop().await;
@@ -330,7 +330,7 @@ async fn http_callbacks_are_verified_decrypted_and_deduplicated() {
             >= 1.0
     );
     // With the socket off, HTTP callbacks keep the service ready.
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("HTTP callbacks"), "{body}");
     svc.stop().await;
@@ -489,7 +489,9 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
 async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_file() {
     let _serial = METRICS_SERIAL.lock().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let service = format!("http://{}", listener.local_addr().unwrap());
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The page calls the admin API, on the admin listener.
+    let service = format!("http://{}", admin.local_addr().unwrap());
     let token_file = std::path::PathBuf::from("/srv/dev/data/sandbox-admin-token");
     let sandbox = Sandbox::start(SandboxOptions {
         request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
@@ -505,7 +507,14 @@ async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_fil
     let pem = sandbox.ca_pem().expect("the sandbox serves HTTPS");
     std::fs::write(&ca, &pem).unwrap();
     let ca = ca.display().to_string();
-    let svc = Service::start_on(dir, listener, &sandbox.base_url(), &[("TLS_CA_FILE", &ca)]).await;
+    let svc = Service::start_on_both(
+        dir,
+        listener,
+        admin,
+        &sandbox.base_url(),
+        &[("TLS_CA_FILE", &ca)],
+    )
+    .await;
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).unwrap())

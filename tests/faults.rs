@@ -23,19 +23,19 @@ async fn token_and_api_error_storms_are_ridden_out() {
     sandbox.fail_next("tenant_token", 503, 10_000);
     let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("tenant token"), "{body}");
     // Now rate-limited instead: still not ready.
     sandbox.fail_next("tenant_token", 429, 10_000);
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("tenant token"), "{body}");
-    assert_eq!(svc.get("/healthz").await.0, 200);
+    assert_eq!(svc.public_get("/healthz").await.0, 200);
     // A short storm (within the retry budget) is ridden out: ready again.
     let hits = sandbox.hits("tenant_token");
     sandbox.fail_next("tenant_token", 503, 2);
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     assert!(
         sandbox.hits("tenant_token") >= hits + 3,
@@ -67,10 +67,10 @@ async fn token_and_api_error_storms_are_ridden_out() {
     assert!(status >= 500, "{status} {body}");
     assert!(body.to_string().len() < 2000 && !body.to_string().contains("sandbox-app-secret"));
     // An IM outage does not make the service unready: tokens and events still flow.
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     sandbox.fail_next("im", 500, 0);
-    assert_eq!(svc.get("/healthz").await.0, 200);
+    assert_eq!(svc.public_get("/healthz").await.0, 200);
     // Recovered: the same request goes through now.
     let (status, body) = svc
         .post(
@@ -94,7 +94,7 @@ async fn stalled_pongs_lead_to_a_reconnect() {
     // HTTP callbacks off: `/readyz` is 200 only while the long connection is up.
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let discoveries = sandbox.hits("ws_endpoint");
     sandbox.stall_pongs(true);
@@ -112,14 +112,14 @@ async fn stalled_pongs_lead_to_a_reconnect() {
         "the service did not notice the dead link"
     );
     // It noticed, dropped the dead socket and cannot redial: not ready.
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("long connection Connecting"), "{body}");
     svc.wait_for(|| async { sandbox.connections() == 0 }).await;
     sandbox.stall_pongs(false);
     sandbox.fail_next("ws_endpoint", 503, 0);
     svc.wait_for_within(Duration::from_secs(90), || async {
-        svc.get("/readyz").await.0 == 200
+        svc.public_get("/readyz").await.0 == 200
     })
     .await;
     assert_eq!(sandbox.connections(), 1);
@@ -138,7 +138,7 @@ async fn garbage_frames_leave_the_link_up_and_ready() {
     // HTTP callbacks off: `/readyz` is 200 only while the long connection is up.
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let discoveries = sandbox.hits("ws_endpoint");
 
@@ -161,7 +161,7 @@ async fn garbage_frames_leave_the_link_up_and_ready() {
         discoveries,
         "garbage caused a redial"
     );
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     svc.stop().await;
 }
@@ -176,7 +176,7 @@ async fn a_thousand_concurrent_requests_across_200_users_keep_the_limits_and_los
     .await
     .unwrap();
     let svc = Service::start(&sandbox, &[("AUTH_REQUEST_RATE_LIMIT", "3")]).await;
-    let url = format!("http://{}/api/v1/auth/requests", svc.http);
+    let url = format!("http://{}/api/v1/auth/requests", svc.admin);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..1000 {
         let (client, url) = (svc.client.clone(), url.clone());
@@ -266,7 +266,7 @@ async fn readyz_follows_the_long_connection_down_and_back_up() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // Without HTTP callbacks the long connection is the only way events arrive.
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let discoveries = sandbox.hits("ws_endpoint");
     // The platform drops the socket and its discovery endpoint fails (retryable) for a while.
@@ -274,10 +274,14 @@ async fn readyz_follows_the_long_connection_down_and_back_up() {
     sandbox.close_ws_abruptly();
     svc.wait_for(|| async { sandbox.hits("ws_endpoint") > discoveries })
         .await;
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("long connection"), "{body}");
-    assert_eq!(svc.get("/healthz").await.0, 200, "alive though not ready");
+    assert_eq!(
+        svc.public_get("/healthz").await.0,
+        200,
+        "alive though not ready"
+    );
     // The platform recovers: the service reconnects by itself and is ready again.
     sandbox.set_discovery_error(None);
     // The guard covers the reconnect backoff (jittered up to the server's ReconnectInterval).
@@ -285,7 +289,7 @@ async fn readyz_follows_the_long_connection_down_and_back_up() {
         sandbox.connections() == 1
     })
     .await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let fid = sandbox
         .push_event("contact.user.updated_v3", json!({}), PushOpts::default())

@@ -12,7 +12,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
-const ADMIN: &str = "kill9-admin-token";
+const ADMIN: &str = "kill9-admin-token-0123456789abcdef";
 const KEY: &str = "9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a9a";
 
 fn find_authorize(v: &Value) -> Option<String> {
@@ -24,7 +24,7 @@ fn find_authorize(v: &Value) -> Option<String> {
     }
 }
 
-fn spawn(dir: &std::path::Path, sandbox: &str, port: u16) -> Child {
+fn spawn(dir: &std::path::Path, sandbox: &str, port: u16, admin_port: u16) -> Child {
     Command::new(BIN)
         .current_dir(dir)
         .env_clear()
@@ -37,6 +37,7 @@ fn spawn(dir: &std::path::Path, sandbox: &str, port: u16) -> Child {
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .env("STORAGE_PATH", dir.join("s.redb"))
         .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
         .env("PROMETHEUS_PORT", "0")
         .env("WEBSOCKET_ENABLED", "false")
         .env("AUTH_REQUEST_RATE_LIMIT", "100000")
@@ -133,7 +134,14 @@ async fn acknowledged_completions_survive_50_kills() {
         .local_addr()
         .unwrap()
         .port();
-    let base = format!("http://127.0.0.1:{port}");
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let public = format!("http://127.0.0.1:{port}");
+    // The admin API, on the admin listener.
+    let base = format!("http://127.0.0.1:{admin_port}");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -159,8 +167,8 @@ async fn acknowledged_completions_survive_50_kills() {
         );
         let round = rounds;
         rounds += 1;
-        let mut child = spawn(dir.path(), &sandbox.base_url(), port);
-        wait_up(&http, &base, round).await;
+        let mut child = spawn(dir.path(), &sandbox.base_url(), port, admin_port);
+        wait_up(&http, &public, round).await;
 
         // Everything acknowledged so far is there, and tokens belong to the right user.
         let (ok, reauth) = check_acknowledged(&http, &base, &sandbox, &acknowledged, round).await;
@@ -237,8 +245,8 @@ async fn acknowledged_completions_survive_50_kills() {
         }
     }
     // The last round's completions are checked after one more restart.
-    let mut child = spawn(dir.path(), &sandbox.base_url(), port);
-    wait_up(&http, &base, rounds).await;
+    let mut child = spawn(dir.path(), &sandbox.base_url(), port, admin_port);
+    wait_up(&http, &public, rounds).await;
     let (ok, reauth) = check_acknowledged(&http, &base, &sandbox, &acknowledged, rounds).await;
     tokens_checked += ok;
     reauth_needed += reauth;

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
-const ADMIN: &str = "logs-test-admin-token-4471";
+const ADMIN: &str = "logs-test-admin-token-4471-0123456789";
 
 fn unescape(s: &str) -> String {
     s.replace("&amp;", "&")
@@ -25,6 +25,7 @@ async fn a_whole_authorization_logs_no_secret() {
         .env("LOG_LEVEL", "debug")
         .env("LOG_JSON_FORMAT", "true")
         .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
         .env("PROMETHEUS_PORT", "0")
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .args(["serve", "--sandbox"])
@@ -35,6 +36,7 @@ async fn a_whole_authorization_logs_no_secret() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut sandbox = String::new();
     let mut service = String::new();
+    let mut public = String::new();
     while service.is_empty() {
         let l = lines.next().unwrap().unwrap();
         if let Some(rest) = l.strip_prefix("sandbox: a local imitation of Feishu runs at ") {
@@ -46,10 +48,18 @@ async fn a_whole_authorization_logs_no_secret() {
                 .to_owned();
         }
         if let Some(rest) = l.strip_prefix("lark-service ready: ") {
-            service = rest
+            public = rest
                 .split_whitespace()
                 .next()
                 .unwrap()
+                .trim_end_matches('/')
+                .to_owned();
+            // The admin API is on the admin listener.
+            service = rest
+                .split("admin API: ")
+                .nth(1)
+                .unwrap()
+                .trim()
                 .trim_end_matches('/')
                 .to_owned();
         }
@@ -65,7 +75,7 @@ async fn a_whole_authorization_logs_no_secret() {
     // Wait for the long connection, then ask Alice and Bob to authorize.
     for _ in 0..200 {
         if http
-            .get(format!("{service}/readyz"))
+            .get(format!("{public}/readyz"))
             .send()
             .await
             .unwrap()
@@ -231,6 +241,7 @@ async fn trace_logs_never_show_the_websocket_handshake_url() {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("LOG_LEVEL", "trace")
         .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
         .env("PROMETHEUS_PORT", "0")
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .args(["serve", "--sandbox"])

@@ -62,7 +62,7 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         ],
     )
     .await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     assert_eq!(gauge(&svc, "lark_service_websocket_degraded").await, 0.0);
     let discoveries = sandbox.hits("ws_endpoint");
@@ -78,7 +78,7 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         sandbox.hits("ws_endpoint") >= discoveries + 2,
         "degraded only after the retry limit of failed attempts"
     );
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("long connection degraded"), "{body}");
     // Anonymous callers get the reason word, not the internal error text.
@@ -87,7 +87,11 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         (code, body.as_str()),
         (503, "not ready: long connection degraded\n")
     );
-    assert_eq!(svc.get("/healthz").await.0, 200, "alive though not ready");
+    assert_eq!(
+        svc.public_get("/healthz").await.0,
+        200,
+        "alive though not ready"
+    );
 
     // Degraded is not stopped: it keeps redialing past the limit.
     let during = sandbox.hits("ws_endpoint");
@@ -96,13 +100,13 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
     })
     .await;
     assert_eq!(sandbox.connections(), 0);
-    assert_eq!(svc.get("/readyz").await.0, 503);
+    assert_eq!(svc.public_get("/readyz").await.0, 503);
 
     // The platform comes back: the service reconnects by itself, and handles events.
     sandbox.set_discovery_error(None);
     svc.wait_for_within(BACKOFF_GUARD, || async { sandbox.connections() == 1 })
         .await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     assert_eq!(gauge(&svc, "lark_service_websocket_degraded").await, 0.0);
     assert_eq!(
@@ -125,7 +129,7 @@ async fn a_panic_in_the_connection_task_is_restarted_and_events_flow_again() {
     let _serial = SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(&sandbox, &[("WEBSOCKET_FALLBACK_TO_HTTP", "false")]).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     assert_eq!(long_connection_worker(&svc).await["restarts"], 0);
     let discoveries = sandbox.hits("ws_endpoint");
@@ -152,7 +156,7 @@ async fn a_panic_in_the_connection_task_is_restarted_and_events_flow_again() {
     );
     // Restarted: it redials, and the event it dropped is redelivered on the new connection.
     svc.wait_for_within(BACKOFF_GUARD, || async {
-        sandbox.connections() == 1 && svc.get("/readyz").await.0 == 200
+        sandbox.connections() == 1 && svc.public_get("/readyz").await.0 == 200
     })
     .await;
     assert!(sandbox.hits("ws_endpoint") > discoveries);
@@ -183,7 +187,7 @@ async fn refused_credentials_pause_dialing_until_a_reload_redials() {
         ],
     )
     .await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
 
     // The platform starts refusing the app (a fatal discovery code) and drops the socket.
@@ -200,7 +204,7 @@ async fn refused_credentials_pause_dialing_until_a_reload_redials() {
         (503, "not ready: long connection credentials_rejected\n")
     );
     // The service keeps serving meanwhile.
-    assert_eq!(svc.get("/healthz").await.0, 200);
+    assert_eq!(svc.public_get("/healthz").await.0, 200);
     let (status, body) = svc
         .post(
             "/api/v1/auth/requests",
@@ -214,7 +218,7 @@ async fn refused_credentials_pause_dialing_until_a_reload_redials() {
     sandbox.set_discovery_error(None);
     svc.reload(&[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     assert_eq!(
         sandbox.hits("ws_endpoint"),
@@ -250,7 +254,7 @@ async fn a_reload_with_corrected_credentials_connects() {
     })
     .await;
     assert_eq!(sandbox.hits("ws_endpoint"), 1);
-    assert_eq!(svc.get("/readyz").await.0, 503);
+    assert_eq!(svc.public_get("/readyz").await.0, 503);
     // The operator fixes the secret and sends SIGHUP.
     svc.reload(&[("APP_SECRET", lark_service::sandbox::APP_SECRET)])
         .await;
@@ -278,9 +282,9 @@ async fn readyz_counts_only_signed_callbacks_and_never_fetches_a_token() {
     )
     .await;
     // Wait for the token to be held, then ask only for the event path's verdict.
-    svc.wait_for(|| async { !svc.get("/readyz").await.1.contains("tenant token") })
+    svc.wait_for(|| async { !svc.public_get("/readyz").await.1.contains("tenant token") })
         .await;
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("no event channel"), "{body}");
     assert_eq!(
@@ -298,7 +302,7 @@ async fn readyz_counts_only_signed_callbacks_and_never_fetches_a_token() {
         ],
     )
     .await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     // Probes read cached state: a hundred of them fetch no token.
     let tokens = sandbox.hits("tenant_token");
@@ -336,7 +340,7 @@ async fn a_flood_of_slow_handlers_stays_within_the_handler_bound() {
     .await
     .unwrap();
     let svc = Service::start(&sandbox, &[("WEBSOCKET_MAX_CONCURRENT_HANDLERS", "4")]).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let overloaded_before = gauge(&svc, "lark_service_events_overloaded_total").await;
 

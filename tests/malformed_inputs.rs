@@ -154,7 +154,7 @@ async fn a_thousand_malformed_frames_and_bodies_are_rejected_without_harm() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
     let discoveries = sandbox.hits("ws_endpoint");
     let before = svc.scrape().await;
@@ -256,7 +256,7 @@ async fn a_thousand_malformed_frames_and_bodies_are_rejected_without_harm() {
     assert_eq!(received("http"), 0.0);
     assert_eq!(sandbox.hits("ws_endpoint"), discoveries, "the link dropped");
     assert_eq!(sandbox.connections(), 1);
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("long connection up"), "{body}");
     // Still working on both paths: an `/authorize` message over the long connection and one
@@ -292,7 +292,7 @@ async fn a_thousand_malformed_frames_and_bodies_are_rejected_without_harm() {
             && sandbox.messages_for("ou_sandbox_bob").len() == 1
     })
     .await;
-    assert_eq!(svc.get("/readyz").await.0, 200);
+    assert_eq!(svc.public_get("/readyz").await.0, 200);
     println!(
         "seed {seed}: frames {from_corpus} from the corpus + {} mutations ({decodable} decodable); \
          bodies {bodies_from_corpus} from the corpus + {} mutations; answers {codes:?}",

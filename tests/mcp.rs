@@ -16,8 +16,8 @@ use rmcp::{RoleClient, ServiceExt};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-const ADMIN: &str = "mcp-admin-token";
-const MCP_TOKEN: &str = "mcp-test-token-0123456789";
+const ADMIN: &str = "mcp-admin-token-0123456789abcdef0123";
+const MCP_TOKEN: &str = "mcp-test-token-0123456789abcdef012345";
 const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de";
 
 const TOOLS: &[&str] = &[
@@ -30,10 +30,12 @@ const TOOLS: &[&str] = &[
     "apaas_update_record",
     "request_user_authorization",
     "authorization_status",
+    "revoke_user_token",
 ];
 
 struct Service {
     http: SocketAddr,
+    admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -41,10 +43,16 @@ struct Service {
 
 impl Service {
     async fn start(sandbox: &Sandbox) -> Self {
+        Self::start_with(sandbox, &[]).await
+    }
+
+    async fn start_with(sandbox: &Sandbox, extra: &[(&str, &str)]) -> Self {
         let domain = sandbox.base_url();
         let dir = tempfile::tempdir().unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ha = http.local_addr().unwrap();
+        let aa = admin.local_addr().unwrap();
         let cfg_file = dir.path().join("config.toml");
         std::fs::write(&cfg_file, "").unwrap();
         let mut env: HashMap<String, String> = [
@@ -72,6 +80,9 @@ impl Service {
             "AUTH_REDIRECT_URI".into(),
             format!("http://{ha}/oauth/callback"),
         );
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
         let cfg = Config::load_with(
             &LoadOptions {
                 config_path: Some(cfg_file),
@@ -86,6 +97,7 @@ impl Service {
                 cfg,
                 Listeners {
                     http,
+                    admin,
                     metrics: None,
                 },
                 async move {
@@ -109,14 +121,16 @@ impl Service {
         }
         Self {
             http: ha,
+            admin: aa,
             stop: Some(tx),
             task,
             _dir: dir,
         }
     }
 
+    /// `/mcp` is on the admin listener.
     fn mcp_url(&self) -> String {
-        format!("http://{}/mcp", self.http)
+        format!("http://{}/mcp", self.admin)
     }
 
     async fn connect(&self) -> RunningService<RoleClient, ClientConfig> {
@@ -349,6 +363,42 @@ async fn mcp_tools_against_the_sandbox() {
     .await;
     assert_eq!(e["field"], "session_id");
 
+    // revoke_user_token deletes our copy of Carol's tokens: the session shows revoked, her
+    // token can no longer be used, and a second revoke finds nothing.
+    let r = ok(
+        &client,
+        "revoke_user_token",
+        json!({"id": "ou_sandbox_carol"}),
+    )
+    .await;
+    assert_eq!(r["revoked"], true, "{r}");
+    assert_eq!(r["session_id"], session.as_str(), "{r}");
+    let st = ok(
+        &client,
+        "authorization_status",
+        json!({"session_id": session}),
+    )
+    .await;
+    assert_eq!(st["state"], "revoked", "{st}");
+    assert_eq!(st["has_tokens"], false, "{st}");
+    let e = err(
+        &client,
+        "get_user",
+        json!({"id": "ou_sandbox_carol", "as_user": true}),
+    )
+    .await;
+    assert!(
+        e["error"].as_str().unwrap().contains("not authorized"),
+        "{e}"
+    );
+    let e = err(
+        &client,
+        "revoke_user_token",
+        json!({"id": "ou_sandbox_carol"}),
+    )
+    .await;
+    assert_eq!(e["field"], "id", "{e}");
+
     // aPaaS: create, get, update, query with page tokens.
     let (ns, obj) = ("package_sandbox__c", "object_ticket");
     let mut ids = Vec::new();
@@ -413,6 +463,25 @@ async fn mcp_tools_against_the_sandbox() {
         .as_str()
         .unwrap()
         .contains("apaas_get_record failed"));
+    // Ids that are dot segments cannot move the request to another path.
+    for (field, args) in [
+        ("id", json!({"namespace": ns, "object": obj, "id": ".."})),
+        ("id", json!({"namespace": ns, "object": obj, "id": "."})),
+        (
+            "object",
+            json!({"namespace": ns, "object": "..", "id": ids[0]}),
+        ),
+        (
+            "namespace",
+            json!({"namespace": "..", "object": obj, "id": ids[0]}),
+        ),
+    ] {
+        let e = err(&client, "apaas_get_record", args).await;
+        assert!(
+            e["error"].as_str().unwrap().contains("not a valid id"),
+            "{field}: {e}"
+        );
+    }
 
     client.cancel().await.unwrap();
     svc.stop().await;
@@ -552,12 +621,80 @@ async fn mcp_requires_the_bearer_token() {
     svc.stop().await;
 }
 
+/// The MCP rate limit is keyed by bearer token and peer address, not by the MCP session id a
+/// client chooses: opening new sessions does not escape it. A global cap bounds all clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_rate_limit_follows_the_client_not_its_sessions() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start_with(
+        &sandbox,
+        &[
+            ("MCP_CLIENT_REQUESTS_PER_MINUTE", "4"),
+            ("MCP_GLOBAL_REQUESTS_PER_MINUTE", "6"),
+        ],
+    )
+    .await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let post = |client: &reqwest::Client, body: &Value, session: Option<&str>| {
+        let mut r = client
+            .post(svc.mcp_url())
+            .header("accept", "application/json, text/event-stream")
+            .bearer_auth(MCP_TOKEN)
+            .json(body);
+        if let Some(s) = session {
+            r = r.header("mcp-session-id", s);
+        }
+        r.send()
+    };
+    let one = reqwest::Client::new();
+    // One client opens two sessions (requests 1 and 2) ...
+    let mut sessions = Vec::new();
+    for _ in 0..2 {
+        let r = post(&one, &init, None).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        sessions.push(r.headers()["mcp-session-id"].to_str().unwrap().to_owned());
+    }
+    // ... and uses the first (requests 3 and 4).
+    for _ in 0..2 {
+        let r = post(&one, &initialized, Some(&sessions[0])).await.unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    // Its 5th request is refused, though it names a session that has made one request.
+    let r = post(&one, &initialized, Some(&sessions[1])).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = post(&one, &init, None).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429, "a new session does not escape it");
+
+    // Another client (another address) has its own allowance, up to the global cap (6).
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let r = post(&other, &init, None).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let r = post(&other, &init, None).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["message"].as_str().unwrap().contains("all MCP clients"),
+        "{v}"
+    );
+    svc.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_mcp_endpoint_without_a_token() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ha = http.local_addr().unwrap();
+    let aa = admin.local_addr().unwrap();
     let cfg_file = dir.path().join("config.toml");
     std::fs::write(&cfg_file, "").unwrap();
     let env: HashMap<String, String> = [
@@ -590,6 +727,7 @@ async fn no_mcp_endpoint_without_a_token() {
             cfg,
             Listeners {
                 http,
+                admin,
                 metrics: None,
             },
             async move {
@@ -600,20 +738,22 @@ async fn no_mcp_endpoint_without_a_token() {
         .unwrap();
     });
     let client = reqwest::Client::new();
-    let mut status = 0;
-    for _ in 0..400 {
-        if let Ok(r) = client
-            .post(format!("http://{ha}/mcp"))
-            .body("{}")
-            .send()
-            .await
-        {
-            status = r.status().as_u16();
-            break;
+    for addr in [aa, ha] {
+        let mut status = 0;
+        for _ in 0..400 {
+            if let Ok(r) = client
+                .post(format!("http://{addr}/mcp"))
+                .body("{}")
+                .send()
+                .await
+            {
+                status = r.status().as_u16();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert_eq!(status, 404, "{addr}");
     }
-    assert_eq!(status, 404);
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(25), task)
         .await

@@ -46,7 +46,7 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let svc = Service::start(&sandbox, &[]).await;
     svc.wait_for(|| async { sandbox.connections() == 1 }).await;
-    svc.wait_for(|| async { svc.get("/readyz").await.0 == 200 })
+    svc.wait_for(|| async { svc.public_get("/readyz").await.0 == 200 })
         .await;
 
     // The platform's IM API hangs; Carol asks to authorize by message.
@@ -90,15 +90,15 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
         1,
         "still blocked while the others went through"
     );
-    assert_eq!(svc.get("/readyz").await.0, 200);
-    assert_eq!(svc.get("/healthz").await.0, 200);
+    assert_eq!(svc.public_get("/readyz").await.0, 200);
+    assert_eq!(svc.public_get("/healthz").await.0, 200);
 
     // Keep it blocked past the platform's 3 s window (a condition of the scenario, not an
     // assertion): still blocked, still ready, nothing sent.
     tokio::time::sleep(Duration::from_millis(3500).saturating_sub(blocked_since.elapsed())).await;
     assert_eq!(sandbox.held("im"), 1);
     assert!(sandbox.messages_for("ou_sandbox_carol").is_empty());
-    assert_eq!(svc.get("/readyz").await.0, 200);
+    assert_eq!(svc.public_get("/readyz").await.0, 200);
 
     // Released, the handler finishes: Carol gets exactly one card.
     sandbox.release("im");

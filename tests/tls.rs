@@ -92,6 +92,7 @@ async fn the_release_binary_dials_wss_on_the_tls_sandbox_and_handles_an_event() 
         .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
         .env("STORAGE_PATH", dir.path().join("s.redb"))
         .env("HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
         .env(
             "AUTH_REDIRECT_URI",
             format!("http://127.0.0.1:{port}/oauth/callback"),
@@ -160,7 +161,7 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_and_readyz_says_why() {
     poll("readyz names the untrusted certificate", || {
         let (svc, last) = (&svc, last.clone());
         async move {
-            let (code, body) = svc.get("/readyz").await;
+            let (code, body) = svc.public_get("/readyz").await;
             let hit = code == 503 && body.contains("not trusted");
             *last.lock().unwrap() = body;
             hit
@@ -380,7 +381,7 @@ async fn no_proxy_exempts_a_host_and_wrong_proxy_credentials_are_refused() {
     .await;
     svc.wait_for(|| async { *proxy.refused.lock().unwrap() > 0 })
         .await;
-    let (code, body) = svc.get("/readyz").await;
+    let (code, body) = svc.public_get("/readyz").await;
     assert_eq!(code, 503, "{body}");
     assert!(!body.contains("not-the-password"), "{body}");
     assert_eq!(sandbox.hits("tenant_token"), hits_before);

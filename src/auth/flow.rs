@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -214,6 +214,15 @@ pub struct AccessToken {
     pub access_token: SecretString,
     /// When it expires (unix ms).
     pub expires_at: u64,
+}
+
+/// What [`AuthService::revoke_user`] deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    /// The store key (user id or open id) the token was kept under.
+    pub user_id: String,
+    /// The session that produced the token, now revoked.
+    pub session_id: Option<SessionId>,
 }
 
 /// What a user-info sync did.
@@ -1614,17 +1623,96 @@ impl AuthService {
     }
 
     // -----------------------------------------------------------------------------------------
+    // Revoke.
+    //
+    // Feishu has no public API to revoke a user's grant: revoking deletes our copy of the
+    // access and refresh tokens (the refresh token is forgotten, so nothing can renew the
+    // grant from here) and marks the session revoked. Under the user's token lock, so a refresh
+    // in flight finishes first and none starts from a deleted token.
+
+    /// Revokes the authorization session `id` of this app: it becomes `revoked` and the token
+    /// it produced (if still current) is deleted. `None` if there is no such session.
+    pub async fn revoke_session(
+        &self,
+        id: SessionId,
+    ) -> Result<Option<storage::SessionSummary>, storage::Error> {
+        let Some(summary) = self
+            .store()
+            .run(move |s| s.get_session_summary(id))
+            .await?
+            .filter(|s| s.app_id == self.inner.app_id)
+        else {
+            return Ok(None);
+        };
+        let _guard = self.inner.token_locks.lock(&summary.user_id).await;
+        let now = self.now();
+        self.store()
+            .run(move |s| {
+                s.revoke_session(id, now)?;
+                s.get_session_summary(id)
+            })
+            .await
+            .inspect(
+                |_| info!(session = %id, "Session revoked; its token (if current) was deleted."),
+            )
+    }
+
+    /// Revokes `user`'s authorization: deletes the stored access and refresh tokens and marks
+    /// the session that produced them revoked. `None` if the user has no token.
+    pub async fn revoke_user(&self, user: UserRef) -> Result<Option<Revoked>, storage::Error> {
+        let Some(key) = self.token_key(&user).await? else {
+            return Ok(None);
+        };
+        let _guard = self.inner.token_locks.lock(&key).await;
+        let app = self.inner.app_id.clone();
+        let now = self.now();
+        let k = key.clone();
+        let revoked = self
+            .store()
+            .run(move |s| {
+                let Some(tok) = s.get_token(&app, &k)? else {
+                    return Ok(None);
+                };
+                if let Some(id) = tok.session_id {
+                    s.revoke_session(id, now)?;
+                }
+                s.delete_token(&app, &k)?;
+                Ok(Some(Revoked {
+                    user_id: k,
+                    session_id: tok.session_id,
+                }))
+            })
+            .await?;
+        if revoked.is_some() {
+            info!(user = %key, "User's tokens revoked (deleted from the store).");
+        }
+        Ok(revoked)
+    }
+
+    // -----------------------------------------------------------------------------------------
     // HTTP.
 
-    /// The flow's routes: `POST /api/v1/auth/requests`, `GET /api/v1/auth/sessions/{id}`,
-    /// `GET /api/v1/users/{id}/token` (admin bearer token) and `GET /oauth/callback`.
-    pub fn router(self) -> Router {
+    /// The flow's public route: `GET /oauth/callback`.
+    pub fn public_router(self) -> Router {
         Router::new()
-            .route("/api/v1/auth/requests", post(http_request))
-            .route("/api/v1/auth/sessions/{id}", get(http_session))
-            .route("/api/v1/users/{id}/token", get(http_token))
             .route(CALLBACK_PATH, get(http_callback))
             .with_state(self)
+    }
+
+    /// The flow's admin routes behind `guard` (the admin bearer check):
+    /// `POST /api/v1/auth/requests`, `GET /api/v1/auth/sessions/{id}`,
+    /// `POST /api/v1/sessions/{id}/revoke`, `GET` and `DELETE /api/v1/users/{id}/token`.
+    pub fn admin_router(self, guard: crate::http::bearer::BearerGuard) -> Router {
+        let routes = Router::new()
+            .route("/api/v1/auth/requests", post(http_request))
+            .route("/api/v1/auth/sessions/{id}", get(http_session))
+            .route("/api/v1/sessions/{id}/revoke", post(http_revoke_session))
+            .route(
+                "/api/v1/users/{id}/token",
+                get(http_token).delete(http_revoke_user),
+            )
+            .with_state(self);
+        guard.protect(routes)
     }
 }
 
@@ -1634,14 +1722,6 @@ fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
         Json(json!({ "error": code, "message": message.into() })),
     )
         .into_response()
-}
-
-fn unauthorized() -> Response {
-    api_error(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "a valid admin bearer token is required",
-    )
 }
 
 fn bad_field(field: &str, message: impl Into<String>) -> Response {
@@ -1692,10 +1772,7 @@ fn parse_request_body(
     Ok(AuthRequest { user, scopes })
 }
 
-async fn http_request(State(svc): State<AuthService>, headers: HeaderMap, body: Bytes) -> Response {
-    if !crate::http::bearer_ok(&headers, svc.inner.opts.admin_token.as_ref()) {
-        return unauthorized();
-    }
+async fn http_request(State(svc): State<AuthService>, body: Bytes) -> Response {
     let req = match parse_request_body(&body, &svc.inner.opts.default_scopes) {
         Ok(r) => r,
         Err((field, message)) => return bad_field(field, message),
@@ -1746,14 +1823,7 @@ async fn http_request(State(svc): State<AuthService>, headers: HeaderMap, body: 
     }
 }
 
-async fn http_session(
-    State(svc): State<AuthService>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if !crate::http::bearer_ok(&headers, svc.inner.opts.admin_token.as_ref()) {
-        return unauthorized();
-    }
+async fn http_session(State(svc): State<AuthService>, Path(id): Path<String>) -> Response {
     let Ok(id) = id.parse::<SessionId>() else {
         return bad_field("id", "a session id is 32 hex characters");
     };
@@ -1775,21 +1845,25 @@ struct TokenQuery {
     id_type: Option<String>,
 }
 
+/// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
+/// prefix means an open_id. `None` for an unknown `id_type`.
+fn path_user(id: String, id_type: Option<&str>) -> Option<UserRef> {
+    match id_type {
+        Some("open_id") => Some(UserRef::OpenId(id)),
+        Some("user_id") => Some(UserRef::UserId(id)),
+        None if id.starts_with("ou_") => Some(UserRef::OpenId(id)),
+        None => Some(UserRef::UserId(id)),
+        Some(_) => None,
+    }
+}
+
 async fn http_token(
     State(svc): State<AuthService>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
 ) -> Response {
-    if !crate::http::bearer_ok(&headers, svc.inner.opts.admin_token.as_ref()) {
-        return unauthorized();
-    }
-    let user = match q.id_type.as_deref() {
-        Some("open_id") => UserRef::OpenId(id),
-        Some("user_id") => UserRef::UserId(id),
-        None if id.starts_with("ou_") => UserRef::OpenId(id),
-        None => UserRef::UserId(id),
-        Some(_) => return bad_field("id_type", "id_type is open_id or user_id"),
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
     };
     match svc.access_token(user).await {
         Ok(t) => (
@@ -1834,6 +1908,50 @@ async fn http_token(
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
         Err(e @ TokenError::Store(_)) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `POST /api/v1/sessions/{id}/revoke`.
+async fn http_revoke_session(State(svc): State<AuthService>, Path(id): Path<String>) -> Response {
+    let Ok(id) = id.parse::<SessionId>() else {
+        return bad_field("id", "a session id is 32 hex characters");
+    };
+    match svc.revoke_session(id).await {
+        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+        Err(e) => api_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            e.to_string(),
+        ),
+    }
+}
+
+/// `DELETE /api/v1/users/{id}/token`.
+async fn http_revoke_user(
+    State(svc): State<AuthService>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
+    };
+    match svc.revoke_user(user).await {
+        Ok(Some(r)) => (
+            StatusCode::OK,
+            Json(json!({
+                "revoked": true,
+                "user_id": r.user_id,
+                "session_id": r.session_id.map(|s| s.to_string()),
+            })),
+        )
+            .into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
+        Err(e) => api_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "store_error",
             e.to_string(),

@@ -9,6 +9,6 @@ pub mod flow;
 pub mod state;
 
 pub use flow::{
-    AccessToken, AuthError, AuthOptions, AuthRequest, AuthService, Clock, RequestOutcome,
+    AccessToken, AuthError, AuthOptions, AuthRequest, AuthService, Clock, RequestOutcome, Revoked,
     SyncReport, TokenError, UserRef,
 };

@@ -26,6 +26,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/lark-service/config.toml";
 /// Exit code for configuration errors (sysexits EX_USAGE).
 pub const EX_USAGE: i32 = 64;
 
+/// Shortest `admin_token` / `mcp_token` accepted, in bytes: a bearer token guards tokens and
+/// messaging, so it must not be guessable.
+pub const MIN_BEARER_BYTES: usize = 32;
+
 /// Reads environment variables. Tests pass a map instead of touching the process environment.
 pub trait Env {
     /// The variable's value, if set.
@@ -197,8 +201,14 @@ pub struct Config {
     pub log: LogConfig,
     /// `/metrics` listener.
     pub metrics_addr: SocketAddr,
-    /// HTTP listener.
+    /// Public HTTP listener (OAuth redirect, callbacks, health).
     pub http_listen: SocketAddr,
+    /// Admin listener (admin API, `/mcp`).
+    pub admin_listen: SocketAddr,
+    /// Bounds of every listener.
+    pub http_limits: crate::http::serve::Limits,
+    /// Request limits of `/mcp`.
+    pub mcp_limits: crate::mcp::McpLimits,
     /// Public base URL of the HTTP listener.
     pub public_url: Option<Url>,
     /// Trust and proxy for outgoing connections.
@@ -485,6 +495,41 @@ impl Config {
                     .unwrap_or(0),
             ),
             http_listen: r.parse("http.listen", "an address such as 127.0.0.1:8080")?,
+            admin_listen: r.parse("admin.listen", "an address such as 127.0.0.1:8081")?,
+            mcp_limits: crate::mcp::McpLimits {
+                client_per_minute: usize::try_from(r.int(
+                    "mcp.client_requests_per_minute",
+                    1,
+                    1_000_000,
+                    "a whole number from 1 to 1000000",
+                )?)
+                .unwrap_or(crate::mcp::CLIENT_REQUESTS_PER_MINUTE),
+                global_per_minute: usize::try_from(r.int(
+                    "mcp.global_requests_per_minute",
+                    1,
+                    10_000_000,
+                    "a whole number from 1 to 10000000",
+                )?)
+                .unwrap_or(crate::mcp::GLOBAL_REQUESTS_PER_MINUTE),
+            },
+            http_limits: crate::http::serve::Limits {
+                max_connections: usize::try_from(r.int(
+                    "http.max_connections",
+                    1,
+                    1_000_000,
+                    "a whole number from 1 to 1000000",
+                )?)
+                .unwrap_or(1024),
+                header_read_timeout: r.secs("http.header_read_timeout_seconds", 1, 3600)?,
+                request_timeout: r.secs("http.request_timeout_seconds", 1, 3600)?,
+                max_body_bytes: usize::try_from(r.int(
+                    "http.max_body_bytes",
+                    1024,
+                    1 << 30,
+                    "a whole number of bytes from 1024 to 1073741824",
+                )?)
+                .unwrap_or(1 << 20),
+            },
             public_url: r.url("http.public_url")?,
             network: NetworkConfig {
                 ca_file: r.path("tls.ca_file"),
@@ -516,6 +561,23 @@ impl Config {
         ] {
             if let Some(v) = v {
                 Key::from_hex(&v).map_err(|e| r.invalid(key, None, &e.to_string()))?;
+            }
+        }
+        for (key, v) in [
+            ("admin_token", &cfg.admin_token),
+            ("mcp_token", &cfg.mcp_token),
+        ] {
+            if let Some(v) = v {
+                if v.expose_secret().len() < MIN_BEARER_BYTES {
+                    return Err(r.invalid(
+                        key,
+                        None,
+                        &format!(
+                            "a bearer token of at least {MIN_BEARER_BYTES} bytes (it is {} bytes); generate one with `openssl rand -hex 32`",
+                            v.expose_secret().len()
+                        ),
+                    ));
+                }
             }
         }
         for k in &cfg.previous_keys {

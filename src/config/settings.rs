@@ -34,8 +34,8 @@ pub const SETTINGS: &[Setting] = &[
     s!("config_encryption_key", ["LARK_CONFIG_ENCRYPTION_KEY"], None, true, "Accepted for compatibility with the Python deployment (64 hex characters); unused, the store seals everything with the token key."),
     s!("encrypt_key", ["LARK_ENCRYPT_KEY"], None, true, "The app's event Encrypt Key, for HTTP callbacks."),
     s!("verification_token", ["LARK_VERIFICATION_TOKEN"], None, true, "The app's Verification Token, for HTTP callbacks."),
-    s!("admin_token", ["LARK_SERVICE_ADMIN_TOKEN", "ADMIN_TOKEN"], None, true, "Bearer token for the admin API."),
-    s!("mcp_token", ["LARK_SERVICE_MCP_TOKEN"], None, true, "Bearer token of the MCP endpoint at /mcp; unset: no MCP endpoint."),
+    s!("admin_token", ["LARK_SERVICE_ADMIN_TOKEN", "ADMIN_TOKEN"], None, true, "Bearer token for the admin API (at least 32 bytes)."),
+    s!("mcp_token", ["LARK_SERVICE_MCP_TOKEN"], None, true, "Bearer token of the MCP endpoint at /mcp on the admin listener (at least 32 bytes); unset: no MCP endpoint."),
     s!("storage.path", ["STORAGE_PATH"], Some("./data/lark-service.redb"), false, "The redb store file."),
     s!("storage.session_retention_seconds", ["SESSION_RETENTION_SECONDS"], Some("2592000"), false, "How long finished sessions are kept before the sweep deletes them."),
     s!("storage.sweep_interval_seconds", ["SWEEP_INTERVAL_SECONDS"], Some("60"), false, "How often the TTL sweep runs."),
@@ -70,8 +70,15 @@ pub const SETTINGS: &[Setting] = &[
     s!("tls.ssl_cert_dir", ["SSL_CERT_DIR"], None, false, "The OpenSSL/curl convention: colon-separated directories of PEM CA files, added to the trusted roots."),
     s!("network.proxy", ["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"], None, true, "HTTP proxy for every outgoing connection (OpenAPI and the long connection, by CONNECT): http://[user:password@]host:port."),
     s!("network.no_proxy", ["no_proxy", "NO_PROXY"], None, false, "Hosts that bypass the proxy, by curl's rules: host names (and their subdomains), IPs, CIDR networks, or *."),
-    s!("http.listen", ["HTTP_LISTEN"], Some("127.0.0.1:8080"), false, "Address of the HTTP listener (callbacks, OAuth redirect, admin API)."),
+    s!("http.listen", ["HTTP_LISTEN"], Some("127.0.0.1:8080"), false, "Address of the public HTTP listener (OAuth redirect, HTTP callbacks, /healthz, /readyz)."),
     s!("http.public_url", ["PUBLIC_URL"], None, false, "How users' browsers reach the HTTP listener (for the OAuth redirect)."),
+    s!("http.max_connections", ["HTTP_MAX_CONNECTIONS"], Some("1024"), false, "Connections each listener (public, admin, metrics) serves at once; more wait in the kernel's backlog."),
+    s!("http.header_read_timeout_seconds", ["HTTP_HEADER_READ_TIMEOUT_SECONDS"], Some("10"), false, "A connection that does not send a request's headers within this time is closed; also the longest a keep-alive connection may sit idle."),
+    s!("http.request_timeout_seconds", ["HTTP_REQUEST_TIMEOUT_SECONDS"], Some("30"), false, "Longest a request may take before it is answered 408 (not applied to /mcp, whose responses stream)."),
+    s!("http.max_body_bytes", ["HTTP_MAX_BODY_BYTES"], Some("1048576"), false, "Largest request body accepted on any listener; larger ones are answered 413."),
+    s!("mcp.client_requests_per_minute", ["MCP_CLIENT_REQUESTS_PER_MINUTE"], Some("600"), false, "Requests per minute to /mcp from one client (one bearer token from one address, however many MCP sessions it opens)."),
+    s!("mcp.global_requests_per_minute", ["MCP_GLOBAL_REQUESTS_PER_MINUTE"], Some("3000"), false, "Requests per minute to /mcp from all clients together."),
+    s!("admin.listen", ["ADMIN_LISTEN"], Some("127.0.0.1:8081"), false, "Address of the admin listener: the admin API (tokens, sessions, revoke, backups, workers, GET /) and /mcp. Keep it private."),
 ];
 
 /// Looks a setting up by its TOML key.

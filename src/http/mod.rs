@@ -1,5 +1,11 @@
-//! The HTTP listener: health, readiness and a small status page. Later issues add the OAuth
-//! redirect, callbacks and the admin API to the same router.
+//! The HTTP surfaces. The public listener ([`public_router`]) carries health and readiness
+//! (plus the OAuth redirect and callbacks, added by their modules); the admin listener
+//! ([`admin_router`], behind [`bearer::BearerGuard`]) carries the status page, backups and
+//! workers (plus the authorization API and `/mcp`). Every listener is served by
+//! [`serve::serve`].
+
+pub mod bearer;
+pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -49,15 +55,23 @@ pub fn bearer_ok(headers: &HeaderMap, want: Option<&SecretString>) -> bool {
     bool::from(got.as_bytes().ct_eq(want.expose_secret().as_bytes()))
 }
 
-/// The router.
-pub fn router(state: AppState) -> Router {
+/// The public listener's own routes: `/healthz` and `/readyz`.
+pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The admin listener's own routes behind `guard` (the admin bearer check): `GET /`
+/// (status), `POST /api/v1/backups` and `GET /workers`.
+pub fn admin_router(state: AppState, guard: bearer::BearerGuard) -> Router {
+    let routes = Router::new()
         .route("/", get(status))
         .route("/api/v1/backups", post(take_backup))
         .route("/workers", get(workers))
-        .with_state(state)
+        .with_state(state);
+    guard.protect(routes)
 }
 
 /// `/readyz`: the store answers, a tenant token is held, and events can arrive (the long
@@ -114,6 +128,7 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
     }
 }
 
+/// `GET /` on the admin listener (behind the admin bearer): version and store counts.
 async fn status(State(s): State<AppState>) -> impl IntoResponse {
     match s.store.run(|st| st.counts()).await {
         Ok(c) => (
@@ -141,18 +156,11 @@ fn json_error(code: StatusCode, msg: impl Into<String>) -> (StatusCode, Json<ser
     (code, Json(serde_json::json!({ "error": msg.into() })))
 }
 
-/// `POST /api/v1/backups`: an online backup into `backup.dir` (admin bearer token).
+/// `POST /api/v1/backups`: an online backup into `backup.dir` (behind the admin bearer).
 async fn take_backup(
     State(s): State<AppState>,
-    headers: HeaderMap,
     body: Option<Json<BackupRequest>>,
 ) -> (StatusCode, Json<serde_json::Value>) {
-    if !bearer_ok(&headers, s.admin_token.as_ref()) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "a valid admin bearer token is required",
-        );
-    }
     let Some(dir) = s.backup.dir.clone() else {
         return json_error(StatusCode::CONFLICT, "backup.dir is not configured");
     };
@@ -211,17 +219,9 @@ pub fn take_backup_now(
     Ok((path, h))
 }
 
-/// `GET /workers`: each background worker's state, last run and last error (admin bearer).
-async fn workers(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-) -> (StatusCode, Json<serde_json::Value>) {
-    if !bearer_ok(&headers, s.admin_token.as_ref()) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "a valid admin bearer token is required",
-        );
-    }
+/// `GET /workers`: each background worker's state, last run and last error (behind the
+/// admin bearer).
+async fn workers(State(s): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     (
         StatusCode::OK,
         Json(serde_json::json!(s.workers.snapshot())),

@@ -405,8 +405,16 @@ pub(crate) fn decode_top_level<T: DeserializeOwned>(raw: &RawResponse) -> Result
     })
 }
 
-/// Percent-encodes one path segment (everything but RFC 3986 unreserved).
-pub(crate) fn seg(s: &str) -> String {
+/// Percent-encodes one path segment (everything but RFC 3986 unreserved) of a caller-supplied
+/// id. An empty id, `.` or `..` is refused rather than escaped: URL parsers (WHATWG, the `url`
+/// crate under reqwest) treat `%2E` and `%2E%2E` as dot segments too, so no escaping keeps
+/// them from changing the path.
+pub(crate) fn seg(s: &str) -> Result<String, Error> {
+    if matches!(s, "" | "." | "..") {
+        return Err(Error::Config(format!(
+            "{s:?} is not a valid id (it would change the request path)"
+        )));
+    }
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -415,7 +423,7 @@ pub(crate) fn seg(s: &str) -> String {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    out
+    Ok(out)
 }
 
 pub(crate) struct Inner {
@@ -701,9 +709,28 @@ mod tests {
 
     #[test]
     fn path_segments_are_escaped() {
-        assert_eq!(seg("om_abc-1.2~"), "om_abc-1.2~");
-        assert_eq!(seg("a/b c"), "a%2Fb%20c");
-        assert_eq!(seg("?#%"), "%3F%23%25");
+        assert_eq!(seg("om_abc-1.2~").unwrap(), "om_abc-1.2~");
+        assert_eq!(seg("a/b c").unwrap(), "a%2Fb%20c");
+        assert_eq!(seg("?#%").unwrap(), "%3F%23%25");
+        assert_eq!(seg("...").unwrap(), "...");
+        assert_eq!(seg(".%2e").unwrap(), ".%252e");
+    }
+
+    #[test]
+    fn dot_segment_ids_cannot_change_the_path() {
+        for id in ["", ".", ".."] {
+            assert!(matches!(seg(id), Err(Error::Config(_))), "{id:?}");
+        }
+        // Why they are refused, not escaped: an escaped dot segment is still one to the URL
+        // parser that reqwest uses.
+        let u = Url::parse("https://open.feishu.cn/open-apis/contact/v3/users/%2E%2E").unwrap();
+        assert_eq!(u.path(), "/open-apis/contact/v3/");
+        // Every id that passes stays one segment under its parent.
+        for id in ["...", ".a", "a.", "%2e%2e", ".%2E", "a/../b"] {
+            let path = format!("/open-apis/contact/v3/users/{}", seg(id).unwrap());
+            let u = Url::parse(&format!("https://open.feishu.cn{path}")).unwrap();
+            assert_eq!(u.path(), path, "{id:?}");
+        }
     }
 
     fn raw(status: u16, body: &str) -> RawResponse {

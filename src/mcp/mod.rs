@@ -24,7 +24,6 @@ use rmcp::model::{CallToolResult, ContentBlock};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler};
-use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -297,6 +296,16 @@ pub struct RequestAuthorizationParams {
     /// Scopes to ask for (offline_access is always added).
     #[serde(default)]
     pub scopes: Vec<String>,
+}
+
+/// `revoke_user_token` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct RevokeUserTokenParams {
+    /// The user's id.
+    pub id: String,
+    /// Kind of `id`: open_id (default) or user_id.
+    #[serde(default = "default_open_id")]
+    pub id_type: String,
 }
 
 /// `authorization_status` arguments.
@@ -651,6 +660,31 @@ impl McpServer {
         )
     }
 
+    /// Deletes the user's stored tokens.
+    #[tool(
+        description = "Revoke a user's authorization here: deletes the service's copy of their access and refresh tokens and marks the session revoked (Feishu has no public API to revoke the grant itself). The user must authorize again."
+    )]
+    pub async fn revoke_user_token(
+        &self,
+        Parameters(p): Parameters<RevokeUserTokenParams>,
+    ) -> ToolResult {
+        finish(
+            async {
+                let user = user_ref("id_type", &p.id_type, &p.id)?;
+                match self.auth.revoke_user(user).await {
+                    Ok(Some(r)) => Ok(json!({
+                        "revoked": true,
+                        "user_id": r.user_id,
+                        "session_id": r.session_id.map(|s| s.to_string()),
+                    })),
+                    Ok(None) => Err(Failure::invalid("id", "this user has no token")),
+                    Err(e) => Err(Failure::other(format!("store: {e}"))),
+                }
+            }
+            .await,
+        )
+    }
+
     /// A session's state, without secrets.
     #[tool(
         description = "State of an authorization session (pending, completed, expired, failed, rejected, revoked). No secrets."
@@ -698,16 +732,31 @@ impl McpServer {
 )]
 impl ServerHandler for McpServer {}
 
-/// `/mcp` (streamable HTTP) behind `Authorization: Bearer <token>`.
-pub fn router(server: McpServer, token: SecretString) -> Router {
-    router_with_shutdown(server, token, CancellationToken::new())
+/// Request limits of `/mcp` (`mcp.*` settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct McpLimits {
+    /// Requests per minute from one client: one bearer token from one peer address, however
+    /// many MCP sessions it opens.
+    pub client_per_minute: usize,
+    /// Requests per minute from everyone together.
+    pub global_per_minute: usize,
 }
 
-/// Requests one MCP client (one `Mcp-Session-Id`) may make per minute.
-pub const CLIENT_REQUESTS_PER_MINUTE: usize = 600;
+impl Default for McpLimits {
+    fn default() -> Self {
+        Self {
+            client_per_minute: CLIENT_REQUESTS_PER_MINUTE,
+            global_per_minute: GLOBAL_REQUESTS_PER_MINUTE,
+        }
+    }
+}
 
-/// Per-client sliding-window limit, keyed by the MCP session id (requests without one, i.e.
-/// session set-up, share one key).
+/// Default requests per minute of one MCP client (bearer token and peer address).
+pub const CLIENT_REQUESTS_PER_MINUTE: usize = 600;
+/// Default requests per minute to `/mcp` from everyone together.
+pub const GLOBAL_REQUESTS_PER_MINUTE: usize = 3000;
+
+/// Sliding-window request counts per key.
 #[derive(Default)]
 struct ClientLimiter {
     seen: std::sync::Mutex<
@@ -741,21 +790,31 @@ impl ClientLimiter {
     }
 }
 
-/// [`router`], whose open MCP sessions and streams end when `shutdown` is cancelled.
-pub fn router_with_shutdown(
-    server: McpServer,
-    token: SecretString,
-    shutdown: CancellationToken,
-) -> Router {
-    router_with_limit(server, token, shutdown, CLIENT_REQUESTS_PER_MINUTE)
+/// The rate-limit key of a request: a digest of its bearer token and its peer's address (the
+/// MCP session id is chosen by the client, so a client opening new sessions would escape a
+/// limit keyed by it).
+fn client_key(req: &Request) -> String {
+    use sha2::Digest as _;
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(axum::http::HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let digest = sha2::Sha256::digest(bearer);
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |c| c.0.ip().to_string());
+    format!("{}@{peer}", hex::encode(&digest[..8]))
 }
 
-/// [`router_with_shutdown`] with a chosen per-client limit (requests per minute).
-pub fn router_with_limit(
+/// `/mcp` (streamable HTTP) behind `guard` (the MCP bearer token), limited per client and
+/// globally by `limits`; open MCP sessions and streams end when `shutdown` is cancelled.
+pub fn router(
     server: McpServer,
-    token: SecretString,
+    guard: crate::http::bearer::BearerGuard,
     shutdown: CancellationToken,
-    per_minute: usize,
+    limits: McpLimits,
 ) -> Router {
     let config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown)
@@ -767,56 +826,36 @@ pub fn router_with_limit(
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let token = Arc::new(token);
     let limiter = Arc::new(ClientLimiter::default());
-    Router::new()
+    let limited = Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
-                let token = token.clone();
                 let limiter = limiter.clone();
                 async move {
-                    if !crate::http::bearer_ok(req.headers(), Some(&token)) {
-                        return unauthorized();
+                    if let Some(wait) = limiter.check(&client_key(&req), limits.client_per_minute) {
+                        return rate_limited(wait, "this MCP client");
                     }
-                    let client = req
-                        .headers()
-                        .get("mcp-session-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    if let Some(wait) = limiter.check(&client, per_minute) {
-                        return rate_limited(wait);
+                    if let Some(wait) = limiter.check("", limits.global_per_minute) {
+                        return rate_limited(wait, "all MCP clients together");
                     }
                     next.run(req).await
                 }
             },
-        ))
+        ));
+    guard.protect(limited)
 }
 
-fn rate_limited(wait: std::time::Duration) -> Response {
+fn rate_limited(wait: std::time::Duration, whom: &str) -> Response {
     let secs = wait.as_secs().max(1);
     let mut r = (
         StatusCode::TOO_MANY_REQUESTS,
-        axum::Json(json!({"error": "rate_limited", "message": format!("too many requests from this MCP client; retry in {secs} s")})),
+        axum::Json(json!({"error": "rate_limited", "message": format!("too many requests from {whom}; retry in {secs} s")})),
     )
         .into_response();
     if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
         r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
     }
-    r
-}
-
-fn unauthorized() -> Response {
-    let mut r = (
-        StatusCode::UNAUTHORIZED,
-        axum::Json(json!({"error": "unauthorized", "message": "missing or wrong bearer token"})),
-    )
-        .into_response();
-    r.headers_mut().insert(
-        axum::http::header::WWW_AUTHENTICATE,
-        axum::http::HeaderValue::from_static("Bearer"),
-    );
     r
 }
 

@@ -46,7 +46,7 @@ pub struct SandboxOptions {
     pub request_auth_url: Option<String>,
     /// Bearer token for `request_auth_url` and `service_url`'s admin API.
     pub admin_token: Option<String>,
-    /// The service's base URL (`http://127.0.0.1:8080`): the page asks its admin API for each
+    /// The base URL of the service's admin listener (`http://127.0.0.1:8081`): the page asks its admin API for each
     /// user's session state and token, and shows how to call it.
     pub service_url: Option<String>,
     /// The file holding `admin_token`, shown on the page instead of the token itself.

@@ -11,7 +11,7 @@ use lark_service::sandbox::{Sandbox, APP_ID, APP_SECRET};
 use serde_json::Value;
 use tokio::net::TcpListener;
 
-pub const ADMIN: &str = "e2e-admin-token";
+pub const ADMIN: &str = "e2e-admin-token-0123456789abcdef0123";
 pub const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de";
 pub const ENCRYPT_KEY: &str = "e2e-encrypt-key";
 pub const VTOKEN: &str = "e2e-verification-token";
@@ -22,7 +22,10 @@ pub const VTOKEN: &str = "e2e-verification-token";
 pub static METRICS_SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub struct Service {
+    /// The public listener (OAuth redirect, callbacks, health).
     pub http: SocketAddr,
+    /// The admin listener (admin API, `/mcp`); `get`/`post` call it with [`ADMIN`].
+    pub admin: SocketAddr,
     pub metrics: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
@@ -70,8 +73,22 @@ impl Service {
         domain: &str,
         extra: &[(&str, &str)],
     ) -> Self {
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on_both(dir, http, admin, domain, extra).await
+    }
+
+    /// Starts on public and admin listeners bound beforehand (the sandbox page must know the
+    /// admin API's address).
+    pub async fn start_on_both(
+        dir: tempfile::TempDir,
+        http: TcpListener,
+        admin: TcpListener,
+        domain: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (ha, ma) = (http.local_addr().unwrap(), metrics.local_addr().unwrap());
+        let aa = admin.local_addr().unwrap();
         let cfg_file = dir.path().join("config.toml");
         std::fs::write(&cfg_file, "").unwrap();
         let mut env: HashMap<String, String> = [
@@ -112,6 +129,7 @@ impl Service {
                 cfg,
                 Listeners {
                     http,
+                    admin,
                     metrics: Some(metrics),
                 },
                 async move {
@@ -124,6 +142,7 @@ impl Service {
         });
         let s = Self {
             http: ha,
+            admin: aa,
             metrics: ma,
             stop: Some(tx),
             task,
@@ -196,6 +215,19 @@ impl Service {
     pub async fn get(&self, path: &str) -> (u16, String) {
         let r = self
             .client
+            .get(format!("http://{}{path}", self.admin))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// GET on the public listener (health, readiness), with [`ADMIN`] so `/readyz` shows
+    /// its detail.
+    pub async fn public_get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .client
             .get(format!("http://{}{path}", self.http))
             .bearer_auth(ADMIN)
             .send()
@@ -207,7 +239,7 @@ impl Service {
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .client
-            .post(format!("http://{}{path}", self.http))
+            .post(format!("http://{}{path}", self.admin))
             .bearer_auth(ADMIN)
             .json(&body)
             .send()

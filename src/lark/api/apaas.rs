@@ -174,12 +174,12 @@ fn non_empty(s: Option<String>) -> Option<String> {
     s.filter(|t| !t.is_empty())
 }
 
-fn records_base(namespace: &str, object: &str) -> String {
-    format!(
+fn records_base(namespace: &str, object: &str) -> Result<String, Error> {
+    Ok(format!(
         "/open-apis/apaas/v1/applications/{}/objects/{}/records",
-        seg(namespace),
-        seg(object)
-    )
+        seg(namespace)?,
+        seg(object)?
+    ))
 }
 
 fn record_string(record: &Value) -> Result<String, Error> {
@@ -200,7 +200,7 @@ impl LarkClient {
             .map_err(|e| Error::Config(format!("cannot serialize query: {e}")))?;
         let req = ApiRequest::new(
             Method::POST,
-            format!("{}/batch_query", records_base(namespace, object)),
+            format!("{}/batch_query", records_base(namespace, object)?),
             Auth::Tenant,
         )
         .json(body);
@@ -266,7 +266,7 @@ impl LarkClient {
     ) -> Result<Option<Value>, Error> {
         let req = ApiRequest::new(
             Method::POST,
-            format!("{}/{}/query", records_base(namespace, object), seg(id)),
+            format!("{}/{}/query", records_base(namespace, object)?, seg(id)?),
             Auth::Tenant,
         )
         .json(json!({ "select": select }));
@@ -291,7 +291,7 @@ impl LarkClient {
         object: &str,
         record: &Value,
     ) -> Result<String, Error> {
-        let req = ApiRequest::new(Method::POST, records_base(namespace, object), Auth::Tenant)
+        let req = ApiRequest::new(Method::POST, records_base(namespace, object)?, Auth::Tenant)
             .json(json!({ "record": record_string(record)? }))
             .one_time();
         self.execute(&req, |raw| {
@@ -319,7 +319,7 @@ impl LarkClient {
     ) -> Result<(), Error> {
         let req = ApiRequest::new(
             Method::PATCH,
-            format!("{}/{}", records_base(namespace, object), seg(id)),
+            format!("{}/{}", records_base(namespace, object)?, seg(id)?),
             Auth::Tenant,
         )
         .json(json!({ "record": record_string(record)? }));
@@ -335,7 +335,7 @@ impl LarkClient {
     ) -> Result<(), Error> {
         let req = ApiRequest::new(
             Method::DELETE,
-            format!("{}/{}", records_base(namespace, object), seg(id)),
+            format!("{}/{}", records_base(namespace, object)?, seg(id)?),
             Auth::Tenant,
         );
         self.execute(&req, decode_unit).await
@@ -354,8 +354,8 @@ impl LarkClient {
             Method::GET,
             format!(
                 "/open-apis/apaas/v1/workspaces/{}/tables/{}/records",
-                seg(workspace_id),
-                seg(table)
+                seg(workspace_id)?,
+                seg(table)?
             ),
             Auth::User(user_token),
         );

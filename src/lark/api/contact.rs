@@ -125,7 +125,7 @@ impl LarkClient {
     ) -> Result<ContactUser, Error> {
         let req = ApiRequest::new(
             Method::GET,
-            format!("/open-apis/contact/v3/users/{}", seg(user_id)),
+            format!("/open-apis/contact/v3/users/{}", seg(user_id)?),
             Auth::Tenant,
         )
         .query("user_id_type", id_type.as_str());

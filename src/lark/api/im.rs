@@ -172,7 +172,7 @@ impl LarkClient {
     pub async fn patch_card(&self, message_id: &str, card: &Value) -> Result<(), Error> {
         let req = ApiRequest::new(
             Method::PATCH,
-            format!("/open-apis/im/v1/messages/{}", seg(message_id)),
+            format!("/open-apis/im/v1/messages/{}", seg(message_id)?),
             Auth::Tenant,
         )
         .json(json!({ "content": card_string(card)? }));
