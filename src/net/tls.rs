@@ -41,6 +41,9 @@ impl Trust {
         let mut roots = RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         let mut extra = 0;
+        // An OpenSSL hashed directory links each certificate twice (`<hash>.0` and its
+        // `.pem`): read each real file once.
+        let mut read = std::collections::HashSet::new();
         for f in &opts.ca_files {
             extra += add_pem_file(&mut roots, f, true)?;
         }
@@ -53,6 +56,9 @@ impl Trust {
                 entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             files.sort();
             for f in files.iter().filter(|f| f.is_file()) {
+                if !read.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())) {
+                    continue;
+                }
                 // An OpenSSL hashed directory also holds CRLs and other files: skip what holds
                 // no certificate, but a certificate that does not parse is an error.
                 extra += add_pem_file(&mut roots, f, false)?;
