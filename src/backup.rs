@@ -243,6 +243,22 @@ pub mod rotation {
         format!("{PREFIX}{}{SUFFIX}", t.format("%Y%m%dT%H%M%S%.3fZ"))
     }
 
+    /// A path in `dir` for a backup taken at `ms` that no file has yet: the time, then `-1`,
+    /// `-2`… when another backup already took that millisecond.
+    #[must_use]
+    pub fn unused_name(dir: &Path, ms: u64) -> PathBuf {
+        let first = dir.join(file_name(ms));
+        if !first.exists() {
+            return first;
+        }
+        let base = file_name(ms);
+        let stem = base.strip_suffix(SUFFIX).unwrap_or(&base);
+        (1u32..)
+            .map(|n| dir.join(format!("{stem}-{n}{SUFFIX}")))
+            .find(|p| !p.exists())
+            .unwrap_or(first)
+    }
+
     /// Our backups in `dir`, oldest first (names sort by time).
     pub fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(dir)?

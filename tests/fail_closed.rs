@@ -75,3 +75,53 @@ async fn an_unsigned_forged_callback_with_an_encrypt_key_is_refused_with_401() {
     assert!(sandbox.messages_for("ou_sandbox_alice").is_empty());
     svc.stop().await;
 }
+
+/// A caller of the backup API chooses the recipients, so the backups it asks for must not
+/// rotate the operator's own backups away; backups are serialized and never share a name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backup_api_cannot_prune_the_operators_backups() {
+    use lark_service::backup::rotation;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let bdir = scratch.path().join("backups");
+    std::fs::create_dir_all(&bdir).unwrap();
+    // Two scheduled backups the operator keeps.
+    let operators: Vec<_> = [1_600_000_000_000u64, 1_600_000_001_000]
+        .iter()
+        .map(|ms| {
+            let p = bdir.join(rotation::file_name(*ms));
+            std::fs::write(&p, b"the operator's backup").unwrap();
+            p
+        })
+        .collect();
+    let bdir_text = bdir.display().to_string();
+    let svc = Service::start(
+        &sandbox,
+        &[
+            ("WEBSOCKET_ENABLED", "false"),
+            ("BACKUP_DIR", &bdir_text),
+            ("BACKUP_KEEP", "2"),
+            ("BACKUP_PASSPHRASE", "fail-closed-backup-passphrase"),
+        ],
+    )
+    .await;
+    let stranger = age::x25519::Identity::generate().to_public().to_string();
+    // Asked for together: each answers with a file of its own.
+    let asks = (0..3).map(|_| svc.post("/api/v1/backups", json!({"recipients": [stranger]})));
+    let answers = futures_util::future::join_all(asks).await;
+    let mut paths = std::collections::HashSet::new();
+    for (code, body) in answers {
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            paths.insert(body["path"].as_str().unwrap().to_owned()),
+            "{body}"
+        );
+    }
+    for p in &operators {
+        assert!(p.exists(), "{} was pruned by an API request", p.display());
+    }
+    // The requested ones are rotated among themselves.
+    let requested = rotation::list(&bdir.join("requested")).unwrap();
+    assert_eq!(requested.len(), 2, "{requested:?}");
+    svc.stop().await;
+}

@@ -185,6 +185,9 @@ async fn take_backup(
     };
     let store = s.store.clone();
     let keep = s.backup.keep;
+    // Backups asked for through the API live apart from the scheduled ones, so no caller (who
+    // may choose the recipients) can rotate the operator's own backups away.
+    let dir = dir.join(REQUESTED_SUBDIR);
     let res = tokio::task::spawn_blocking(move || take_backup_now(&store, &dir, &prot, keep)).await;
     match res {
         Ok(Ok((path, h))) => (
@@ -196,18 +199,30 @@ async fn take_backup(
     }
 }
 
+/// The subdirectory of `backup.dir` that backups requested through the API go to (pruned to
+/// `backup.keep` on their own).
+pub const REQUESTED_SUBDIR: &str = "requested";
+
+/// One backup at a time in this process: each gets a name of its own and prunes what it saw.
+static BACKUP_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Writes one backup into `dir` and prunes to `keep`. Shared by the API and the scheduler.
+/// Backups are serialized and never share a name (a counter follows the time when two fall in
+/// the same millisecond).
 pub fn take_backup_now(
     store: &Store,
     dir: &std::path::Path,
     prot: &crate::backup::Protection,
     keep: usize,
 ) -> Result<(std::path::PathBuf, crate::storage::SnapshotHeader), crate::backup::BackupError> {
+    let _one_at_a_time = BACKUP_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     std::fs::create_dir_all(dir).map_err(|source| crate::backup::BackupError::Io {
         path: dir.to_owned(),
         source,
     })?;
-    let path = dir.join(crate::backup::rotation::file_name(now_ms()));
+    let path = crate::backup::rotation::unused_name(dir, now_ms());
     let h = crate::backup::write_backup(store, &path, prot, &mut |_, _| {})?;
     let pruned = crate::backup::rotation::prune(dir, keep).map_err(|source| {
         crate::backup::BackupError::Io {
