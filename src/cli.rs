@@ -361,8 +361,39 @@ fn pg_export(opts: &LoadOptions, url_file: Option<&Path>, import: bool) -> Resul
 }
 
 fn open_store(cfg: &Config) -> Result<Store, CliError> {
+    refuse_root_on_foreign_store(&cfg.storage_path)?;
     let ring = cfg.keyring()?;
     Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?)
+}
+
+/// The effective user id, from `/proc/self/status` (no `unsafe` call needed).
+fn effective_uid() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Uid:"))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+/// Store commands run as root on a store another user owns would leave root-owned files
+/// beside it (the pid file, a restored or rotated file) that lock the service out: refuse.
+fn refuse_root_on_foreign_store(path: &Path) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    if effective_uid() != Some(0) {
+        return Ok(());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.uid() != 0 => Err(anyhow::anyhow!(
+            "refusing to use {} as root: it belongs to uid {}; run the command as its owner (e.g. `sudo -u lark-service lark-service …`)",
+            path.display(),
+            m.uid()
+        )
+        .into()),
+        _ => Ok(()),
+    }
 }
 
 /// Store options from the configuration.

@@ -427,3 +427,42 @@ fn the_cli_backs_up_a_running_service_online_and_restores_offline() {
     .unwrap();
     assert_eq!(r.counts().unwrap().sessions, 30);
 }
+
+/// Issue 16: a restore (run as root, as operators do) gives the restored store the old file's
+/// owner and mode, so the service can still open it.
+#[test]
+fn restore_keeps_the_previous_files_owner_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (enc, dec) = keys();
+    let out = small_backup(dir.path(), &enc);
+    let target = dir.path().join("t.redb");
+    drop(Store::open(&target, ring(), StoreOptions::default()).unwrap());
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let am_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let owner = if am_root {
+        65534
+    } else {
+        std::fs::metadata(&target).unwrap().uid()
+    };
+    if am_root {
+        std::os::unix::fs::chown(&target, Some(owner), Some(owner)).unwrap();
+    }
+    restore_backup(
+        &out,
+        &dec,
+        &target,
+        ring(),
+        StoreOptions::default(),
+        true,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let m = std::fs::metadata(&target).unwrap();
+    assert_eq!(m.mode() & 0o777, 0o640);
+    assert_eq!(m.uid(), owner);
+    assert_eq!(m.gid(), if am_root { owner } else { m.gid() });
+}

@@ -540,3 +540,24 @@ fn export_and_import_take_no_database_url_on_the_command_line() {
         assert!(t.contains("chmod 600") && !t.contains("pw-in-file"), "{t}");
     }
 }
+
+/// Issue 16: store commands run as root refuse a store another user owns (files root would
+/// create beside it lock the service out). Run as root in CI.
+#[test]
+fn store_commands_as_root_refuse_a_store_another_user_owns() {
+    let am_root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    assert!(am_root, "this test needs root (CI runs as root)");
+    let dir = tempfile::tempdir().unwrap();
+    let o = cmd(dir.path()).args(["sessions", "list"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let store = dir.path().join("s.redb");
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+    let o = cmd(dir.path()).args(["sessions", "list"]).output().unwrap();
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("uid 65534") && t.contains("sudo -u"), "{t}");
+    assert!(!dir.path().join("s.redb.pid").exists());
+}

@@ -695,3 +695,26 @@ fn change_feed_records_writes_purges_and_migration_seeds_it() {
     store.put_session(&b).unwrap();
     assert_eq!(store.changes_after(0, 100).unwrap()[0].0, 6);
 }
+
+/// Issue 16: the pid file is created without following a symlink planted at its path (which
+/// would make a store command overwrite another file).
+#[test]
+fn the_pid_file_never_follows_a_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let path = dir.path().join("s.redb");
+    std::os::unix::fs::symlink(&victim, dir.path().join("s.redb.pid")).unwrap();
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let pid = dir.path().join("s.redb.pid");
+    assert!(!std::fs::symlink_metadata(&pid)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(&pid).unwrap().trim(),
+        std::process::id().to_string()
+    );
+    drop(store);
+}

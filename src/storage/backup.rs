@@ -347,8 +347,10 @@ pub fn restore_snapshot(
     force: bool,
     progress: Progress<'_>,
 ) -> Result<SnapshotHeader> {
+    // Refuse a live store (redb's lock tells us if someone holds it), and keep holding the old
+    // file's lock until the new one is in place, so no service opens it in between.
+    let mut _held = None;
     if target.exists() {
-        // Refuse a live store: redb's lock tells us if someone holds it.
         match Database::open(target) {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(Error::Locked {
@@ -362,9 +364,13 @@ pub fn restore_snapshot(
                     target.display()
                 )));
             }
-            _ => {}
+            Ok(db) => _held = Some(db),
+            Err(_) => {}
         }
     }
+    // The restored file takes the old one's owner and mode (a restore run as root must not
+    // leave the service a file it cannot open).
+    let previous = std::fs::metadata(target).ok();
     let mut tmp = target.as_os_str().to_owned();
     tmp.push(".restore-tmp");
     let tmp = PathBuf::from(tmp);
@@ -381,6 +387,12 @@ pub fn restore_snapshot(
     if let Err(e) = Store::open(&tmp, ring, opts).map(drop) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
+    }
+    if let Some(m) = &previous {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid())).map_err(io(&tmp))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+            .map_err(io(&tmp))?;
     }
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())

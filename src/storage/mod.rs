@@ -110,6 +110,24 @@ fn key_check_place() -> Place<'static> {
     }
 }
 
+/// Writes this process's id beside the store, which it now holds locked. Whatever is at that
+/// path (a stale pid file, or a symlink someone planted to make us overwrite another file) is
+/// removed, never followed, and the new file is created exclusively with `O_NOFOLLOW`.
+fn write_pid_file(p: &Path) -> Option<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(p);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)
+        .ok()?;
+    writeln!(f, "{}", std::process::id()).ok()?;
+    Some(p.to_owned())
+}
+
 fn pid_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".pid");
@@ -149,10 +167,7 @@ impl Store {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        let pid_file = pid_path(path);
-        let pid_file = std::fs::write(&pid_file, format!("{}\n", std::process::id()))
-            .ok()
-            .map(|()| pid_file);
+        let pid_file = write_pid_file(&pid_path(path));
         let store = Self {
             inner: Arc::new(Inner {
                 db,
