@@ -415,6 +415,7 @@ pub async fn run_with_reloads(
         crate::auth::AuthOptions::from_config(&cfg),
     );
     dispatcher.set_handler(app_handler(auth.clone()));
+    dispatcher.set_late_failure_hook(late_failure_notice(lark.clone()));
     // Shutdown waits for token refreshes in flight (a rotated refresh token must be stored).
     let auth_refreshes = auth.clone();
     workers.spawn(
@@ -781,6 +782,32 @@ fn backup_worker(
             }
         })
     }))
+}
+
+/// What the person hears when their message or click was acknowledged but its work failed
+/// afterwards (the platform will not redeliver it): a short text asking them to try again.
+fn late_failure_notice(lark: crate::lark::LarkClient) -> crate::events::LateFailureHook {
+    Arc::new(move |open_id, event_type| {
+        let lark = lark.clone();
+        Box::pin(async move {
+            let Some(open_id) = open_id else {
+                warn!(event_type = %event_type, "An acknowledged event failed afterwards; it has no sender to tell.");
+                return;
+            };
+            let text = "抱歉，刚才的请求没有完成，请稍后再试一次。Sorry, your last request could not be completed; please try again.";
+            match lark
+                .send_text(&crate::lark::Receiver::open_id(&open_id), text)
+                .await
+            {
+                Ok(_) => {
+                    info!(event_type = %event_type, "Told the sender that their acknowledged request failed.")
+                }
+                Err(e) => {
+                    warn!(error = %e, event_type = %event_type, "An acknowledged event failed afterwards and its sender could not be told.")
+                }
+            }
+        })
+    })
 }
 
 /// The application's event handler: card actions and message commands go to the

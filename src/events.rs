@@ -121,10 +121,16 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// Told about a handler that failed after its event was already acknowledged as accepted
+/// (the platform will not redeliver it): the open_id of the person who sent it, if known, and
+/// the event type. The service sends that person a message, so the failure is not silent.
+pub type LateFailureHook = Arc<dyn Fn(Option<String>, String) -> BoxFuture<()> + Send + Sync>;
+
 struct Inner {
     store: Store,
     cfg: DispatchConfig,
     handler: std::sync::RwLock<Option<Handler>>,
+    late_failure: std::sync::RwLock<Option<LateFailureHook>>,
     recent: Mutex<Recent>,
     seen_tx: mpsc::Sender<SeenMsg>,
     handlers: Arc<Semaphore>,
@@ -213,11 +219,21 @@ impl Dispatcher {
                 store,
                 cfg,
                 handler: std::sync::RwLock::new(None),
+                late_failure: std::sync::RwLock::new(None),
                 recent: Mutex::new(Recent::default()),
                 seen_tx,
                 handlers,
             }),
         }
+    }
+
+    /// Installs the hook told about failures after an "accepted" answer.
+    pub fn set_late_failure_hook(&self, h: LateFailureHook) {
+        *self
+            .inner
+            .late_failure
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(h);
     }
 
     /// Installs the application's handler (events before this are answered as failed, so the
@@ -238,6 +254,15 @@ impl Dispatcher {
                 source: source.label(),
             })
             .inc();
+        let sender = match &cb {
+            Callback::Event(e) => e
+                .json
+                .pointer("/event/sender/sender_id/open_id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
+            Callback::CardAction(c) => c.operator_id().map(str::to_owned),
+            Callback::UrlVerification { .. } => None,
+        };
         let (event_id, event_type, message_key) = match &cb {
             Callback::Event(e) => (e.event_id.clone(), e.event_type.clone(), message_key(e)),
             Callback::CardAction(c) => (
@@ -289,6 +314,10 @@ impl Dispatcher {
             };
             let me = self.clone();
             let ids = keys.clone();
+            // Set once the event has been answered "accepted": a failure after that is late.
+            let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let late = answered.clone();
+            let late_type = event_type.clone();
             let mut work: BoxFuture<Result<HandlerReply, String>> = Box::pin(
                 async move {
                     // The slot is held until the handler is done, even past the ACK deadline.
@@ -300,6 +329,9 @@ impl Dispatcher {
                             me.release(&ids);
                             crate::metrics::get().event_handler_failures.inc();
                             warn!(error = %e, "Event handler failed.");
+                            if late.load(std::sync::atomic::Ordering::SeqCst) {
+                                me.late_failure(sender, late_type).await;
+                            }
                         }
                     }
                     r
@@ -337,6 +369,7 @@ impl Dispatcher {
                     Outcome::Failed
                 }
                 Err(_) => {
+                    answered.store(true, std::sync::atomic::Ordering::SeqCst);
                     warn!(
                         deadline_ms = u64::try_from(self.inner.cfg.ack_deadline.as_millis())
                             .unwrap_or(u64::MAX),
@@ -348,6 +381,23 @@ impl Dispatcher {
         }
         .instrument(span)
         .await
+    }
+
+    /// A handler failed after its event was answered "accepted": the platform will not send it
+    /// again, so tell the person (through the hook), or at least say so in the log.
+    async fn late_failure(&self, sender: Option<String>, event_type: String) {
+        let hook = self
+            .inner
+            .late_failure
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match hook {
+            Some(h) => h(sender, event_type).await,
+            None => {
+                warn!(event_type = %event_type, "An event acknowledged as accepted failed afterwards and nobody can be told.")
+            }
+        }
     }
 
     /// True if `id` was neither seen nor in flight; marks it in flight.

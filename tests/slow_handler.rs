@@ -166,3 +166,46 @@ async fn a_handler_blocked_past_the_ack_window_does_not_hold_the_ack_or_run_twic
     }
     assert!(!store.event_seen("ev_never_sent").unwrap());
 }
+
+/// Issue 16: an event answered "accepted" at the deadline whose handler then fails is not lost
+/// silently: the platform will not redeliver it, so the person who sent it is told to try again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_fails_after_its_event_was_accepted_tells_the_sender() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox, &[]).await;
+    svc.wait_for(|| async { sandbox.connections() == 1 }).await;
+    sandbox.hold("im");
+    let slow = sandbox
+        .push_event(
+            "im.message.receive_v1",
+            authorize_message(),
+            PushOpts::default(),
+        )
+        .unwrap();
+    svc.wait_for(|| async { sandbox.held("im") == 1 }).await;
+    svc.wait_for_within(Duration::from_secs(20), || async {
+        acked(&sandbox, &slow).is_some()
+    })
+    .await;
+    assert_eq!(
+        acked(&sandbox, &slow),
+        Some(200),
+        "accepted at the deadline"
+    );
+    // The IM API comes back failing: the card send fails on every attempt.
+    sandbox.fail_next("im", 500, 4);
+    sandbox.release("im");
+    svc.wait_for_within(Duration::from_secs(30), || async {
+        !sandbox.messages_for("ou_sandbox_carol").is_empty()
+    })
+    .await;
+    let msgs = sandbox.messages_for("ou_sandbox_carol");
+    assert_eq!(msgs.len(), 1, "no card, one notice");
+    assert_eq!(msgs[0].msg_type, "text");
+    assert!(
+        msgs[0].content.to_string().contains("try again"),
+        "{:?}",
+        msgs[0].content
+    );
+    svc.stop().await;
+}

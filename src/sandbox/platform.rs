@@ -702,10 +702,12 @@ async fn send_message(
     Query(q): Query<Vec<(String, String)>>,
     Json(b): Json<Value>,
 ) -> Response {
+    // Held first, then the injected failure: a request released from a hold can still fail,
+    // as a platform that hangs and then errors does.
+    wait_if_held(&s, "im").await;
     if let Some(r) = hit(&s, "im") {
         return r;
     }
-    wait_if_held(&s, "im").await;
     if !tenant_ok(&s, &h) {
         return unauthorized();
     }
