@@ -454,11 +454,19 @@ fn restore_into(
     if let Some(dir) = tmp.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    let db = Database::create(tmp).map_err(|e| Error::engine(tmp, e))?;
+    // Create the file ourselves, exclusively and without following a symlink planted at its
+    // path; redb then initializes the empty file.
     {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o600));
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(tmp)
+            .map_err(io(tmp))?;
     }
+    let db = Database::create(tmp).map_err(|e| Error::engine(tmp, e))?;
     let txn = db.begin_write().map_err(|e| Error::engine(tmp, e))?;
     let total = header.total();
     let mut l = Loader {
