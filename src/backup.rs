@@ -93,7 +93,8 @@ impl Protection {
 
     /// Reads X25519 identities from an age identity file.
     pub fn identity_file(path: &Path) -> Result<Self, BackupError> {
-        let text = std::fs::read_to_string(path).map_err(ioe(path))?;
+        // Wiped from memory once parsed.
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(ioe(path))?);
         let identities = text
             .lines()
             .map(str::trim)
@@ -115,7 +116,7 @@ impl Protection {
 
     /// Reads a passphrase from a file (first line).
     pub fn passphrase_file(path: &Path) -> Result<Self, BackupError> {
-        let text = std::fs::read_to_string(path).map_err(ioe(path))?;
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(ioe(path))?);
         let line = text.lines().next().unwrap_or("").to_owned();
         if line.is_empty() {
             return Err(BackupError::Usage(format!("{} is empty", path.display())));

@@ -267,8 +267,9 @@ fn generated_secret(path: &Path, what: &str) -> Result<SecretString, CliError> {
         write_private(path, secrecy::ExposeSecret::expose_secret(&text))?;
         info!(path = %path.display(), "Generated a sandbox {what}.");
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
     let text = text.trim();
     if text.is_empty() {
         return Err(anyhow::anyhow!(

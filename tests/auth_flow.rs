@@ -28,6 +28,7 @@ const TENANT_PATH: &str = "/open-apis/auth/v3/tenant_access_token/internal";
 const OAUTH_TOKEN_PATH: &str = "/open-apis/authen/v2/oauth/token";
 const MESSAGES_PATH: &str = "/open-apis/im/v1/messages";
 const USER_INFO_PATH: &str = "/open-apis/authen/v1/user_info";
+const TENANT_KEY: &str = "tenant-of-the-app";
 const ACCESS_1: &str = "eyJ-AUTH-ACCESS-SECRET-1";
 const REFRESH_1: &str = "eyJ-AUTH-REFRESH-SECRET-1";
 const ACCESS_2: &str = "eyJ-AUTH-ACCESS-SECRET-2";
@@ -105,6 +106,14 @@ async fn harness_with(opts: AuthOptions) -> H {
         ))
         .mount(&server)
         .await;
+    // The app's own tenant: completing users must belong to it.
+    Mock::given(method("GET"))
+        .and(path("/open-apis/tenant/v2/tenant/query"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"code": 0, "msg": "success", "data": {"tenant": {"name": "T", "tenant_key": TENANT_KEY}}}),
+        ))
+        .mount(&server)
+        .await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");
     let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
@@ -169,6 +178,10 @@ impl H {
     }
 
     async fn mount_user_info(&self, open_id: &str) {
+        self.mount_user_info_in(open_id, TENANT_KEY).await;
+    }
+
+    async fn mount_user_info_in(&self, open_id: &str, tenant_key: &str) {
         Mock::given(method("GET"))
             .and(path(USER_INFO_PATH))
             .and(header(
@@ -177,7 +190,7 @@ impl H {
             ))
             .respond_with(ResponseTemplate::new(200).set_body_json(json!({
                 "code": 0, "msg": "success",
-                "data": {"open_id": open_id, "union_id": "on_alice", "name": "Alice",
+                "data": {"open_id": open_id, "union_id": "on_alice", "name": "Alice", "tenant_key": tenant_key,
                          "email": "alice@example.com", "avatar_url": "https://a.example/alice.png"}
             })))
             .mount(&self.server)
@@ -917,6 +930,33 @@ async fn user_info_failing_fails_the_session_and_stores_no_token() {
         .await;
     assert_eq!(success(), ok0);
     assert_eq!(failures(FailureReason::UnknownError), ue0 + 1);
+}
+
+/// Issue 16: the completing user must belong to the app's own tenant; a user info that names
+/// another tenant (or none) fails the session and stores no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_completed_by_a_user_of_another_tenant_fails() {
+    let _s = SERIAL.lock().await;
+    for (tenant, reason, status) in [
+        ("another-company", FailureReason::StateMismatch, 400),
+        ("", FailureReason::UnknownError, 502),
+    ] {
+        let h = harness().await;
+        h.mount_contact_alice().await;
+        h.mount_send_card("om_1", 1).await;
+        h.mount_patch().await;
+        h.mount_exchange(1).await;
+        h.mount_user_info_in(ALICE, tenant).await;
+        let out = h.request_u_alice().await.unwrap();
+        let state = state_of(&h.sent_cards().await[0]);
+        let (got, html) = h
+            .svc
+            .oauth_callback(&format!("code={CODE}&state={state}"))
+            .await;
+        assert_eq!(got, status, "tenant {tenant:?}");
+        assert_eq!(page_title(&html.0), "Authorization failed");
+        h.assert_failed_without_token(out.session_id, reason).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,3 +125,34 @@ async fn the_backup_api_cannot_prune_the_operators_backups() {
     assert_eq!(requested.len(), 2, "{requested:?}");
     svc.stop().await;
 }
+
+/// Issue 16, end to end: Alice's account at another company (another tenant) approves the card
+/// the app sent to its own Alice: the session fails and no token is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_of_another_tenant_cannot_complete_the_authorization() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox, &[("WEBSOCKET_ENABLED", "false")]).await;
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let session = body["session_id"].as_str().unwrap().to_owned();
+    let card = sandbox.messages_for("ou_sandbox_alice").remove(0);
+    let authorize = find_string(&card.content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .unwrap()
+    .to_owned();
+    sandbox.set_user_tenant("ou_sandbox_alice", "another-company");
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    let page = svc.client.get(&redirect).send().await.unwrap();
+    assert!(page.status().is_client_error(), "{}", page.status());
+    let (_, s) = svc.get(&format!("/api/v1/auth/sessions/{session}")).await;
+    assert!(s.contains("state_mismatch"), "{s}");
+    let (code, _) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+    assert_eq!(code, 404);
+    svc.stop().await;
+}

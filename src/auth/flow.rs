@@ -332,6 +332,8 @@ struct Inner {
     request_locks: KeyedLocks,
     /// Refreshes in flight, each in its own task (see [`AuthService::finish_refreshes`]).
     refreshes: tokio_util::task::TaskTracker,
+    /// The app's own `tenant_key`, once read (see [`AuthService::app_tenant`]).
+    tenant: tokio::sync::OnceCell<String>,
 }
 
 /// The authorization service. Cheap to clone.
@@ -599,7 +601,38 @@ impl AuthService {
                 token_locks: KeyedLocks::default(),
                 request_locks: KeyedLocks::default(),
                 refreshes: tokio_util::task::TaskTracker::new(),
+                tenant: tokio::sync::OnceCell::new(),
             }),
+        }
+    }
+
+    /// The app's own `tenant_key` (read once from the tenant query, then kept).
+    async fn app_tenant(&self) -> Result<String, lark::Error> {
+        self.inner
+            .tenant
+            .get_or_try_init(|| self.lark().app_tenant_key())
+            .await
+            .cloned()
+    }
+
+    /// The completing user must belong to the app's own tenant: a user of another company with
+    /// the same open_id (open_ids are per app) is not the card's user. Unknown when either
+    /// tenant cannot be read: the completion is refused.
+    async fn same_tenant(&self, s: &AuthSession, info: &lark::UserInfo) -> Identity {
+        let Some(theirs) = info.tenant_key.as_deref().filter(|t| !t.is_empty()) else {
+            warn!(session = %s.session_id, "The new token's user info names no tenant; the authorization is refused.");
+            return Identity::Unknown;
+        };
+        match self.app_tenant().await {
+            Ok(ours) if ours == theirs => Identity::Matches,
+            Ok(_) => {
+                warn!(session = %s.session_id, "The authorization was completed by a user of another tenant; refused.");
+                Identity::Mismatch
+            }
+            Err(e) => {
+                warn!(session = %s.session_id, error = %e, "The app's tenant could not be read; the authorization is refused.");
+                Identity::Unknown
+            }
         }
     }
 
@@ -939,9 +972,12 @@ impl AuthService {
                 };
                 let identity = match self.lark().user_info(&t.access_token).await {
                     Ok(info) => {
-                        let id = identify(&run.session, &info);
+                        let mut id = identify(&run.session, &info);
                         if id == Identity::Mismatch {
                             warn!(session = %run.session.session_id, "The authorization was completed by another user than the card's; refused.");
+                        }
+                        if id == Identity::Matches {
+                            id = self.same_tenant(&run.session, &info).await;
                         }
                         run.info = Some(info);
                         id

@@ -184,6 +184,8 @@ pub(crate) struct Inner {
     pub event_ids: HashMap<String, String>,
     pub next_id: u64,
     pub page_notes: Vec<String>,
+    /// Users whose user info names another tenant than `sandbox`.
+    pub user_tenants: HashMap<String, String>,
     /// open_id → the last session the page's "Ask … to authorize" started for that user.
     pub page_sessions: HashMap<String, String>,
 }
@@ -562,6 +564,15 @@ impl Sandbox {
     #[must_use]
     pub fn held(&self, group: &str) -> u64 {
         self.shared.lock().held.get(group).copied().unwrap_or(0)
+    }
+
+    /// From now on, the user info of `open_id` names `tenant_key` (a user of another company;
+    /// the sandbox app's own tenant is `sandbox`).
+    pub fn set_user_tenant(&self, open_id: &str, tenant_key: &str) {
+        self.shared
+            .lock()
+            .user_tenants
+            .insert(open_id.to_owned(), tenant_key.to_owned());
     }
 
     /// Stops (or resumes) answering pings.

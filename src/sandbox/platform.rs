@@ -94,6 +94,7 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
         .route("/sandbox/authorize", post(authorize_decide))
         .route("/open-apis/authen/v2/oauth/token", post(oauth_token))
         .route("/open-apis/authen/v1/user_info", get(user_info))
+        .route("/open-apis/tenant/v2/tenant/query", get(tenant_query))
         .route("/open-apis/contact/v3/users/{id}", get(contact_user))
         .route(
             "/open-apis/contact/v3/users/batch_get_id",
@@ -600,10 +601,30 @@ async fn user_info(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
     drop(g);
     match u {
         Some(u) => {
-            Json(json!({"code": 0, "msg": "success", "data": user_json(&u)})).into_response()
+            let mut data = user_json(&u);
+            // A user moved to another tenant (`Sandbox::set_user_tenant`) says so.
+            if let Some(t) = s.lock().user_tenants.get(&u.open_id) {
+                data["tenant_key"] = Value::String(t.clone());
+            }
+            Json(json!({"code": 0, "msg": "success", "data": data})).into_response()
         }
         None => Json(json!({"code": 41050, "msg": "no user"})).into_response(),
     }
+}
+
+/// `GET /open-apis/tenant/v2/tenant/query`: the app's tenant (the sandbox's own).
+async fn tenant_query(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
+    if let Some(r) = hit(&s, "tenant_query") {
+        return r;
+    }
+    if !tenant_ok(&s, &h) {
+        return unauthorized();
+    }
+    Json(json!({"code": 0, "msg": "success", "data": {"tenant": {
+        "name": "Sandbox", "display_id": "F000000001", "tenant_tag": 0, "tenant_key": "sandbox",
+        "avatar": {}
+    }}}))
+    .into_response()
 }
 
 /// The open_id a user access token belongs to, or the platform's error (99991668 unknown,

@@ -49,7 +49,39 @@ pub struct UserInfo {
     pub employee_no: Option<String>,
 }
 
+#[derive(Deserialize)]
+struct TenantData {
+    tenant: TenantInfo,
+}
+
+#[derive(Deserialize)]
+struct TenantInfo {
+    tenant_key: String,
+}
+
 impl LarkClient {
+    /// `GET /open-apis/tenant/v2/tenant/query`: the `tenant_key` of the tenant this app's
+    /// tenant token belongs to (the company whose users may authorize it).
+    pub async fn app_tenant_key(&self) -> Result<String, Error> {
+        let req = ApiRequest::new(
+            Method::GET,
+            "/open-apis/tenant/v2/tenant/query".to_owned(),
+            Auth::Tenant,
+        );
+        self.execute(&req, |raw| {
+            let d: TenantData = decode_data(raw)?;
+            if d.tenant.tenant_key.is_empty() {
+                return Err(Error::Decode {
+                    reason: "tenant query has no `tenant_key`".to_owned(),
+                    status: raw.status,
+                    log_id: raw.header_log_id(),
+                });
+            }
+            Ok(d.tenant.tenant_key)
+        })
+        .await
+    }
+
     /// `GET /open-apis/authen/v1/user_info` with the user's access token.
     pub async fn user_info(&self, user_token: &SecretString) -> Result<UserInfo, Error> {
         let req = ApiRequest::new(
