@@ -78,11 +78,6 @@ impl CallbackConfig {
     pub fn has_verification_token(&self) -> bool {
         self.verification_token.is_some()
     }
-
-    /// The cipher derived from the Encrypt Key, if configured.
-    pub fn cipher(&self) -> Option<&EventCipher> {
-        self.encrypt.as_ref().map(|(_, c)| c)
-    }
 }
 
 /// Event envelope schema (§3.6).

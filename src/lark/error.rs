@@ -213,11 +213,7 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn transport(err: reqwest::Error) -> Self {
-        let host = err
-            .url()
-            .and_then(|u| u.host_str().map(str::to_owned))
-            .unwrap_or_else(|| "the server".to_owned());
-        if let Some(msg) = crate::net::tls::untrusted_certificate(&err, &host) {
+        if let Some(msg) = crate::net::untrusted_http_error(&err) {
             return Self::Untrusted(msg);
         }
         let timeout = err.is_timeout();

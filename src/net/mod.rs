@@ -124,12 +124,6 @@ impl Net {
         self.inner.proxy.as_ref()
     }
 
-    /// The root store (for PostgreSQL's TLS).
-    #[must_use]
-    pub fn trust(&self) -> &Trust {
-        &self.inner.trust
-    }
-
     /// A reqwest builder on this trust and proxy (callers add timeouts and the like).
     pub fn http_client_builder(&self) -> reqwest::ClientBuilder {
         let b = reqwest::Client::builder()
@@ -157,18 +151,26 @@ impl Net {
     }
 }
 
-/// Words for a failed HTTP request to `url`: an untrusted certificate names the host and how to
-/// add a CA; anything else is reqwest's message without the URL (it may carry query secrets).
+/// If reqwest failed because the server's certificate is not trusted: words naming its host and
+/// how to add a CA.
 #[must_use]
-pub fn describe_http_error(e: &reqwest::Error) -> String {
+pub fn untrusted_http_error(e: &reqwest::Error) -> Option<String> {
     let host = e
         .url()
         .and_then(|u| u.host_str().map(str::to_owned))
         .unwrap_or_else(|| "the server".to_owned());
-    tls::untrusted_certificate(e, &host).unwrap_or_else(|| {
+    tls::untrusted_certificate(e, &host)
+}
+
+/// Words for a failed HTTP request: an untrusted certificate names the host and how to add a
+/// CA; anything else is reqwest's message with the URL (it may carry query secrets) replaced by
+/// its host.
+#[must_use]
+pub fn describe_http_error(e: &reqwest::Error) -> String {
+    untrusted_http_error(e).unwrap_or_else(|| {
         let mut msg = e.to_string();
         if let Some(u) = e.url() {
-            msg = msg.replace(u.as_str(), &host);
+            msg = msg.replace(u.as_str(), u.host_str().unwrap_or("the server"));
         }
         let mut src = std::error::Error::source(e);
         while let Some(s) = src {

@@ -70,17 +70,6 @@ impl Trust {
         })
     }
 
-    /// Only the built-in roots.
-    #[must_use]
-    pub fn builtin() -> Self {
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        Self {
-            roots: Arc::new(roots),
-            extra: 0,
-        }
-    }
-
     /// A client configuration on these roots, advertising `alpn`.
     pub(crate) fn client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, NetError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
