@@ -581,6 +581,22 @@ mod tests {
         .unwrap()
     }
 
+    /// Reopens the store at `path` once the previous dispatcher's writer thread has let go of
+    /// it (bounded wait).
+    async fn reopen(path: &std::path::Path) -> Store {
+        for _ in 0..200 {
+            if let Ok(s) = Store::open(
+                path,
+                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
+                StoreOptions::default(),
+            ) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the store at {} stayed locked", path.display());
+    }
+
     fn counting(calls: Arc<AtomicU32>, fail_first: u32) -> Handler {
         Arc::new(move |_cb| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -679,22 +695,8 @@ mod tests {
             }
             d.flush().await;
         }
-        // Give the writer thread a moment to drop its store clone before reopening.
-        let mut store = None;
-        for _ in 0..200 {
-            match Store::open(
-                &path,
-                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
-                StoreOptions::default(),
-            ) {
-                Ok(s) => {
-                    store = Some(s);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-        let d = Dispatcher::new(store.unwrap(), DispatchConfig::default());
+        let store = reopen(&path).await;
+        let d = Dispatcher::new(store, DispatchConfig::default());
         let calls = Arc::new(AtomicU32::new(0));
         d.set_handler(counting(calls.clone(), 0));
         for i in 0..50 {
@@ -808,22 +810,8 @@ mod tests {
             d.flush().await;
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
-        // A fresh dispatcher (memory empty) still knows the message id from the store.
-        let mut store = None;
-        for _ in 0..200 {
-            match Store::open(
-                &path,
-                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
-                StoreOptions::default(),
-            ) {
-                Ok(s) => {
-                    store = Some(s);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-        let d = Dispatcher::new(store.unwrap(), DispatchConfig::default());
+        let store = reopen(&path).await;
+        let d = Dispatcher::new(store, DispatchConfig::default());
         d.set_handler(counting(calls.clone(), 0));
         assert_eq!(
             d.dispatch(message("ev-z", "om_1"), EventSource::WebSocket)

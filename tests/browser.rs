@@ -296,9 +296,7 @@ async fn sandbox_and_service() -> (Sandbox, Service) {
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("sandbox-ca.pem");
-    std::fs::write(&ca, sandbox.ca_pem().expect("the sandbox serves HTTPS")).unwrap();
-    let ca = ca.display().to_string();
+    let ca = trust_sandbox(dir.path(), &sandbox).expect("the sandbox serves HTTPS");
     let svc = Service::start_on_both(
         dir,
         listener,

@@ -503,10 +503,8 @@ async fn the_sandbox_page_shows_the_card_session_state_token_and_admin_token_fil
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("sandbox-ca.pem");
     let pem = sandbox.ca_pem().expect("the sandbox serves HTTPS");
-    std::fs::write(&ca, &pem).unwrap();
-    let ca = ca.display().to_string();
+    let ca = trust_sandbox(dir.path(), &sandbox).expect("the sandbox serves HTTPS");
     let svc = Service::start_on_both(
         dir,
         listener,

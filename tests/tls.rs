@@ -364,16 +364,10 @@ async fn no_proxy_exempts_a_host_and_wrong_proxy_credentials_are_refused() {
 
     // Wrong credentials: the proxy refuses, nothing reaches the platform, readyz says so.
     let bad = format!("http://lark:not-the-password@{}", proxy.addr);
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("sandbox-ca.pem");
-    std::fs::write(&ca, sandbox.ca_pem().unwrap()).unwrap();
-    let ca_text = ca.display().to_string();
     let hits_before = sandbox.hits("tenant_token");
-    let svc = Service::start_with(
-        dir,
-        &sandbox.base_url(),
+    let svc = Service::start(
+        &sandbox,
         &[
-            ("TLS_CA_FILE", &ca_text),
             ("HTTPS_PROXY", &bad),
             ("WEBSOCKET_FALLBACK_TO_HTTP", "false"),
         ],

@@ -16,6 +16,15 @@ pub const KEY: &str = "7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7e57c0de7
 pub const ENCRYPT_KEY: &str = "e2e-encrypt-key";
 pub const VTOKEN: &str = "e2e-verification-token";
 
+/// Writes the sandbox's CA into `dir` and returns its path for `TLS_CA_FILE` (an operator
+/// trusting a company CA); `None` when the sandbox serves plain HTTP.
+pub fn trust_sandbox(dir: &std::path::Path, sandbox: &Sandbox) -> Option<String> {
+    let pem = sandbox.ca_pem()?;
+    let path = dir.join("sandbox-ca.pem");
+    std::fs::write(&path, pem).unwrap();
+    Some(path.display().to_string())
+}
+
 /// The metrics registry is process-wide: tests that assert on metric values (or whose service
 /// sets a gauge another test reads, such as the connection status of the one sandbox app id)
 /// take this lock so the tests of one binary do not move each other's numbers.
@@ -48,14 +57,9 @@ impl Service {
         sandbox: &Sandbox,
         extra: &[(&str, &str)],
     ) -> Self {
-        let mut with_ca: Vec<(&str, &str)> = Vec::new();
-        let ca_path = dir.path().join("sandbox-ca.pem");
-        let ca_text;
-        if let Some(pem) = sandbox.ca_pem() {
-            std::fs::write(&ca_path, pem).unwrap();
-            ca_text = ca_path.display().to_string();
-            with_ca.push(("TLS_CA_FILE", &ca_text));
-        }
+        let ca = trust_sandbox(dir.path(), sandbox);
+        let mut with_ca: Vec<(&str, &str)> =
+            ca.iter().map(|c| ("TLS_CA_FILE", c.as_str())).collect();
         with_ca.extend_from_slice(extra);
         Self::start_with(dir, &sandbox.base_url(), &with_ca).await
     }
