@@ -4,6 +4,7 @@
 //! Errors name the key, where the value came from, the bad value (never a secret's) and what
 //! was expected; the binary exits with 64 (EX_USAGE) on any of them.
 
+pub mod fernet;
 mod secrets;
 pub(crate) use secrets::read_secret_file;
 pub mod settings;
