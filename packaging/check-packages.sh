@@ -18,14 +18,20 @@ PKG=lark-service
 BIN=/usr/bin/lark-service
 CONFIG=/etc/lark-service/config.toml
 UNIT=/usr/lib/systemd/system/lark-service.service
-# Every path the packages ship (files only), sorted.
+# Every path the packages ship (files only), sorted; the man pages are added once they are
+# generated (one per command, from the binary's own command line).
 EXPECTED_FILES="/etc/lark-service/config.toml
 /usr/bin/lark-service
 /usr/lib/systemd/system/lark-service.service
 /usr/lib/sysusers.d/lark-service.conf
 /usr/lib/tmpfiles.d/lark-service.conf
+/usr/share/bash-completion/completions/lark-service
 /usr/share/doc/lark-service/README.md
-/usr/share/doc/lark-service/config.example.toml"
+/usr/share/doc/lark-service/config.example.toml
+/usr/share/fish/vendor_completions.d/lark-service.fish
+/usr/share/lark-service/monitoring/alert-rules.yaml
+/usr/share/lark-service/monitoring/grafana-dashboard.json
+/usr/share/zsh/vendor-completions/_lark-service"
 
 started=$SECONDS
 passed=0
@@ -93,6 +99,9 @@ apt_install() {
 missing=()
 command -v rpm >/dev/null 2>&1 || missing+=(rpm)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+command -v rpmlint >/dev/null 2>&1 || missing+=(rpmlint)
+command -v man >/dev/null 2>&1 || missing+=(man-db)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}" || abort "apt-get install ${missing[*]}"
 fi
@@ -110,12 +119,22 @@ cargo_tool cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION" ||
 pass "tools: rpm $(rpm --version | awk '{print $3}'), $(systemd-analyze --version | head -1), cargo-deb $CARGO_DEB_VERSION, cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"
 
 step "build"
-cargo deb --output "$OUT/" || abort "cargo deb"
+cargo build --release || abort "cargo build --release"
+# The man pages and completions come from the release binary's own command line; both
+# package formats take them from target/assets (see Cargo.toml's asset lists).
+ASSETS="$PWD/target/assets"
+rm -rf "$ASSETS"
+"$TARGET_DIR/release/lark-service" manual --out "$ASSETS" || abort "lark-service manual --out $ASSETS"
+mkdir -p "$ASSETS/man1"
+mv "$ASSETS"/*.1 "$ASSETS/man1/" && gzip -9n "$ASSETS"/man1/*.1 || abort "compress the man pages"
+MAN_PAGES=$(cd "$ASSETS/man1" && ls ./*.1.gz | sed 's#^\./#/usr/share/man/man1/#')
+[ -n "$MAN_PAGES" ] || abort "no man page generated"
+EXPECTED_FILES=$(printf '%s\n%s\n' "$EXPECTED_FILES" "$MAN_PAGES" | sort)
+pass "manual: $(echo "$MAN_PAGES" | wc -l) man pages, bash/zsh/fish completions"
+cargo deb --no-build --output "$OUT/" || abort "cargo deb"
 DEB=$(find "$OUT" -maxdepth 1 -name "*.deb" | head -1)
 [ -n "$DEB" ] || abort "cargo deb wrote no .deb into $OUT"
 pass "cargo deb: $(basename "$DEB")"
-# cargo-generate-rpm packages what is in target/release; it does not build.
-cargo build --release || abort "cargo build --release"
 cargo generate-rpm --output "$OUT/" || abort "cargo generate-rpm"
 RPM=$(find "$OUT" -maxdepth 1 -name "*.rpm" | head -1)
 [ -n "$RPM" ] || abort "cargo generate-rpm wrote no .rpm into $OUT"
@@ -130,7 +149,7 @@ dpkg-deb -c "$DEB" | awk '$1 !~ /^d/ {sub(/^\./, "", $6); print $6}' |
 # The deb also has the copyright file Debian requires, a lintian override and the binary's
 # symbols split off by cargo-deb (separate-debug-symbols).
 check "deb ships exactly the expected files" diff -u \
-  <(printf '%s\n' "$EXPECTED_FILES" /usr/share/doc/lark-service/copyright \
+  <(printf '%s\n' "$EXPECTED_FILES" /usr/share/doc/lark-service/copyright /usr/share/doc/lark-service/changelog.Debian.gz \
     /usr/share/lintian/overrides/lark-service /usr/lib/debug/.build-id/ID.debug | sort) "$WORK/deb.files"
 dpkg-deb -e "$DEB" "$WORK/deb-control"
 check "deb conffiles lists $CONFIG" grep -qx "$CONFIG" "$WORK/deb-control/conffiles"
@@ -161,6 +180,14 @@ check "binary runs (--version)" sh -c "'$BIN' --version | grep -q '^lark-service
 check "config $CONFIG 0640 root:lark-service" has_stat "$CONFIG" 640 root lark-service
 check "config is the shipped example" cmp -s "$CONFIG" packaging/config.example.toml
 check "doc config.example.toml installed" cmp -s /usr/share/doc/lark-service/config.example.toml packaging/config.example.toml
+check "monitoring files installed under /usr/share/lark-service/monitoring" sh -c \
+  'for f in alert-rules.yaml grafana-dashboard.json; do cmp -s /usr/share/lark-service/monitoring/$f packaging/monitoring/$f || exit 1; done'
+check "man lark-service renders (NAME and SUBCOMMANDS)" sh -c \
+  "MANWIDTH=80 man -P cat lark-service 2>/dev/null | grep -q 'lark-service-serve(1)'"
+check "man lark-service-serve documents --sandbox" sh -c \
+  "MANWIDTH=80 man -P cat lark-service-serve 2>/dev/null | grep -q -- '--sandbox'"
+check "bash completion completes the subcommands" bash -c \
+  'source /usr/share/bash-completion/completions/lark-service; COMP_WORDS=(lark-service se); COMP_CWORD=1; _lark__service lark-service se lark-service; printf "%s\n" "${COMPREPLY[@]}" | grep -qx serve'
 check "unit $UNIT 0644 root:root, same as systemd/lark-service.service" \
   sh -c "cmp -s '$UNIT' systemd/lark-service.service && stat -c '%a %U' '$UNIT' | grep -qx '644 root'"
 check "sysusers.d and tmpfiles.d entries installed" \
@@ -300,9 +327,13 @@ check "after rpm -e: changed config kept as $CONFIG.rpmsave" test -f "$CONFIG.rp
 check "after rpm -e: state dir kept (rpm has no purge)" test -d /var/lib/lark-service
 rm -rf /etc/lark-service /var/lib/lark-service
 
-if command -v lintian >/dev/null 2>&1; then
-  step "lintian (information only)"
-  lintian --tag-display-limit 0 "$DEB" 2>&1 | sed 's/^/  | /' || true
-fi
+step "lintian and rpmlint"
+# Errors fail the check; warnings and notes are shown for the maintainers.
+lintian --tag-display-limit 0 "$DEB" >"$WORK/lintian.out" 2>&1
+sed 's/^/  | /' "$WORK/lintian.out"
+check "lintian: no errors ($(grep -c '^E:' "$WORK/lintian.out") E: lines)" sh -c "! grep -q '^E:' '$WORK/lintian.out'"
+rpmlint --config packaging/rpm/rpmlint.toml "$RPM" >"$WORK/rpmlint.out" 2>&1
+sed 's/^/  | /' "$WORK/rpmlint.out"
+check "rpmlint: no errors ($(grep -c ': E: ' "$WORK/rpmlint.out") errors)" sh -c "! grep -q ': E: ' '$WORK/rpmlint.out'"
 
 finish

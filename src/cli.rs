@@ -74,6 +74,13 @@ pub enum Command {
         #[arg(long, default_value = "sandbox-ca.pem")]
         ca_out: PathBuf,
     },
+    /// Write the man pages and the bash, zsh and fish completions (the package build runs it).
+    #[command(hide = true)]
+    Manual {
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 /// `export` subcommands.
@@ -282,6 +289,18 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             plain,
             ca_out,
         } => sandbox(port, plain, &ca_out),
+        Command::Manual { out } => {
+            use clap::CommandFactory as _;
+            let w = crate::manual::write(Cli::command(), &out)
+                .map_err(|e| anyhow::anyhow!("writing the manual: {e}"))?;
+            println!(
+                "wrote {} man pages and {} completion scripts into {}",
+                w.pages.len(),
+                w.completions.len(),
+                out.display()
+            );
+            Ok(())
+        }
     }
 }
 

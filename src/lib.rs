@@ -12,6 +12,7 @@ pub mod export;
 pub mod http;
 pub mod lark;
 pub mod longconn;
+pub mod manual;
 pub mod mcp;
 pub mod metrics;
 pub mod net;
