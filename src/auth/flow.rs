@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::Value;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::error::AuthError;
@@ -68,8 +69,6 @@ pub(super) struct Inner {
     pub(super) rate: Mutex<HashMap<String, VecDeque<u64>>>,
     pub(super) token_locks: KeyedLocks,
     pub(super) request_locks: KeyedLocks,
-    /// Refreshes in flight, each in its own task (see [`AuthService::finish_refreshes`]).
-    pub(super) refreshes: tokio_util::task::TaskTracker,
     /// The app's own `tenant_key`, once read (see [`AuthService::app_tenant`]).
     pub(super) tenant: tokio::sync::OnceCell<String>,
 }
@@ -78,6 +77,10 @@ pub(super) struct Inner {
 #[derive(Clone)]
 pub struct AuthService {
     pub(super) inner: Arc<Inner>,
+    /// Every task the service spawns: refreshes (each in its own task, see
+    /// [`AuthService::finish_refreshes`]), the refresh worker's per-token tasks and card
+    /// re-sends. Owned by whoever waits for them at shutdown ([`AuthService::with_tasks`]).
+    pub(super) tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -154,10 +157,25 @@ impl AuthService {
                 rate: Mutex::new(HashMap::new()),
                 token_locks: KeyedLocks::default(),
                 request_locks: KeyedLocks::default(),
-                refreshes: tokio_util::task::TaskTracker::new(),
                 tenant: tokio::sync::OnceCell::new(),
             }),
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// The service with its tasks spawned on `tasks` (by default a tracker of its own), so
+    /// the owner of `tasks` (the daemon's supervisor) can wait for them at shutdown. Set it
+    /// before the service is cloned: a clone keeps the tracker it was cloned with.
+    #[must_use]
+    pub fn with_tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
+    }
+
+    /// The tracker of the tasks the service spawns.
+    #[must_use]
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     /// The options in force.

@@ -67,7 +67,7 @@ impl AuthService {
         let guard = self.inner.token_locks.lock(key).await;
         let me = self.clone();
         let key = key.to_owned();
-        let task = self.inner.refreshes.spawn(async move {
+        let task = self.tasks.spawn(async move {
             let r = me.refresh_locked(&key).await;
             drop(guard);
             r
@@ -78,11 +78,13 @@ impl AuthService {
         }
     }
 
-    /// Waits until every refresh in flight has stored its result. Call at shutdown once the
-    /// workers and the HTTP server have stopped (refreshes started later are still tracked).
+    /// Waits until every refresh in flight has stored its result (and every other task of
+    /// the service has ended): closes the service's tracker and waits for it. Call at shutdown
+    /// once the workers and the HTTP server have stopped (refreshes started later are still
+    /// tracked).
     pub async fn finish_refreshes(&self) {
-        self.inner.refreshes.close();
-        self.inner.refreshes.wait().await;
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     pub(super) async fn refresh_locked(&self, key: &str) -> Result<UserToken, TokenError> {
@@ -238,7 +240,7 @@ impl AuthService {
                 user: UserRef::of_stored(&tok.user_id, tok.open_id.as_deref()),
                 scopes: tok.scopes.clone(),
             };
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 if let Err(e) = me.request(req).await {
                     warn!(error = %e, "Sending a new authorization card failed.");
                 }
@@ -258,6 +260,9 @@ impl AuthService {
         let sem = Arc::new(tokio::sync::Semaphore::new(
             self.inner.opts.refresh_concurrency.max(1),
         ));
+        // A JoinSet, so stopping the worker drops the waits that have not started a refresh;
+        // each task is also tracked by the service's tracker (a refresh that started runs in
+        // a task of its own and completes anyway, see `refresh_if_due`).
         let mut tasks = tokio::task::JoinSet::new();
         for (app, user, _) in due {
             if app != self.inner.app_id {
@@ -266,7 +271,7 @@ impl AuthService {
             let me = self.clone();
             let sem = sem.clone();
             let jitter = self.inner.opts.refresh_jitter;
-            tasks.spawn(async move {
+            tasks.spawn(self.tasks.track_future(async move {
                 if !jitter.is_zero() {
                     let wait = rand::rng().random_range(0..=ms(jitter));
                     tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -283,7 +288,7 @@ impl AuthService {
                     ) => {}
                     Err(e) => warn!(error = %e, "Token refresh failed."),
                 }
-            });
+            }));
         }
         while tasks.join_next().await.is_some() {}
         let now = self.now();
