@@ -15,6 +15,7 @@ pub mod longconn;
 pub mod mcp;
 pub mod metrics;
 pub mod net;
+pub mod ratelimit;
 pub mod sandbox;
 pub mod schedule;
 pub mod storage;

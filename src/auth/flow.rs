@@ -31,6 +31,7 @@ use super::render::final_card;
 use super::state::{enter, transition, Effect, Flow, Input, Page, Phase};
 use crate::lark::{self, LarkClient};
 use crate::metrics::{self, ReasonLabel};
+use crate::ratelimit::RateLimiter;
 use crate::storage::{now_ms, AuthSession, FailureReason, PendingUpdate, Store, UserToken};
 
 pub use super::render::page_html;
@@ -66,7 +67,8 @@ pub(super) struct Inner {
     pub(super) opts: AuthOptions,
     pub(super) clock: Clock,
     pub(super) app_id: String,
-    pub(super) rate: Mutex<HashMap<String, VecDeque<u64>>>,
+    /// Authorization requests per user (`auth.request_rate_limit` per window).
+    pub(super) rate: RateLimiter<String>,
     pub(super) token_locks: KeyedLocks,
     pub(super) request_locks: KeyedLocks,
     /// The app's own `tenant_key`, once read (see [`AuthService::app_tenant`]).
@@ -152,9 +154,9 @@ impl AuthService {
                 app_id: lark.app_id().to_owned(),
                 lark,
                 store,
+                rate: RateLimiter::new(opts.rate_limit_window),
                 opts,
                 clock,
-                rate: Mutex::new(HashMap::new()),
                 token_locks: KeyedLocks::default(),
                 request_locks: KeyedLocks::default(),
                 tenant: tokio::sync::OnceCell::new(),

@@ -132,28 +132,10 @@ pub(super) fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, AuthErr
 impl AuthService {
     /// Sliding-window rate limit per user: `Err(retry_after)` when over.
     pub(super) fn check_rate(&self, key: &str, now: u64) -> Result<(), Duration> {
-        let window = ms(self.inner.opts.rate_limit_window);
-        let limit = self.inner.opts.rate_limit.max(1) as usize;
-        let mut m = self
-            .inner
+        let limit = usize::try_from(self.inner.opts.rate_limit).unwrap_or(usize::MAX);
+        self.inner
             .rate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if m.len() > 10_000 {
-            m.retain(|_, q| q.back().is_some_and(|t| t.saturating_add(window) > now));
-        }
-        let q = m.entry(key.to_owned()).or_default();
-        while q.front().is_some_and(|t| t.saturating_add(window) <= now) {
-            q.pop_front();
-        }
-        if q.len() >= limit {
-            let oldest = q.front().copied().unwrap_or(now);
-            return Err(Duration::from_millis(
-                oldest.saturating_add(window).saturating_sub(now).max(1),
-            ));
-        }
-        q.push_back(now);
-        Ok(())
+            .acquire(&key.to_owned(), limit, Duration::from_millis(now))
     }
 
     /// Asks a user to authorize: sends the Authorize card, or reuses the user's pending

@@ -15,8 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
 use axum::Router;
-use secrecy::{ExposeSecret, SecretString};
-use subtle::ConstantTimeEq;
+use secrecy::SecretString;
 
 use crate::config::BackupConfig;
 use crate::storage::{now_ms, Store};
@@ -41,18 +40,6 @@ pub struct AppState {
     /// Signed HTTP callbacks are served (callbacks on and an encrypt key set): events can
     /// arrive while the long connection is down.
     pub http_callbacks: bool,
-}
-
-/// True if the request carries `Authorization: Bearer <token>` matching `want` (constant time).
-#[must_use]
-pub fn bearer_ok(headers: &HeaderMap, want: Option<&SecretString>) -> bool {
-    let Some(want) = want else { return false };
-    let got = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(got.as_bytes().ct_eq(want.expose_secret().as_bytes()))
 }
 
 /// The public listener's own routes: `/healthz` and `/readyz`.
@@ -81,7 +68,7 @@ pub fn admin_router(state: AppState, guard: bearer::BearerGuard) -> Router {
 /// the connection state); it never fetches a token and never scans the store. Anonymous
 /// callers get a short reason; the admin bearer token also gets the internal detail.
 async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let detail = bearer_ok(&headers, s.admin_token.as_ref());
+    let detail = bearer::matches(&headers, s.admin_token.as_ref());
     let not_ready = |reason: &str, why: &str| {
         let body = if detail {
             format!("not ready: {reason}: {why}\n")

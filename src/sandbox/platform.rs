@@ -257,11 +257,7 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
 }
 
 pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
-    h.get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
+    crate::http::bearer::presented(h).map(str::to_owned)
 }
 
 pub(crate) fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
