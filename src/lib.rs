@@ -2,6 +2,7 @@
 //! an embedded encrypted store. The binary is a thin shell over this library.
 
 pub mod auth;
+pub mod backoff;
 pub mod backup;
 pub mod callbacks;
 pub mod cli;

@@ -175,11 +175,8 @@ impl RetryPolicy {
             let jitter_ms = u64::try_from(self.base.as_millis()).unwrap_or(u64::MAX);
             return Some(hint + Duration::from_millis(rng.random_range(0..=jitter_ms)));
         }
-        let exp = 2u32.saturating_pow(retry.saturating_sub(1).min(30));
-        let delay = self.base.saturating_mul(exp).min(self.cap);
-        let half = delay / 2;
-        let spread = u64::try_from((delay - half).as_micros()).unwrap_or(u64::MAX);
-        Some(half + Duration::from_micros(rng.random_range(0..=spread)))
+        let unit: f64 = rng.random_range(0.0..=1.0);
+        Some(crate::backoff::Backoff::new(self.base, self.cap).jittered(retry.max(1), unit))
     }
 }
 
