@@ -328,7 +328,7 @@ async fn authorize_page(
          <form method=post action=\"/sandbox/authorize\">{hidden}<p>Signed in as <select name=sandbox_user>{options}</select></p>\
          <button name=decision value=approve class=ok>Approve</button> <button name=decision value=reject class=no>Reject</button></form></div></body></html>",
         esc(&scope),
-        css = super::page::CSS
+        css = super::assets::CSS
     ))
     .into_response()
 }
