@@ -5,6 +5,7 @@
 //! [`serve::serve`].
 
 pub mod bearer;
+pub mod callbacks;
 pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
