@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::flow::ceil_secs;
+use super::time::ceil_secs;
 use crate::lark::{self};
 use crate::storage::{self, SessionId};
 

@@ -29,6 +29,7 @@ use super::error::AuthError;
 use super::options::AuthOptions;
 use super::render::final_card;
 use super::state::{enter, transition, Effect, Flow, Input, Page, Phase};
+use super::time::ms;
 use crate::lark::{self, LarkClient};
 use crate::metrics::{self, ReasonLabel};
 use crate::ratelimit::RateLimiter;
@@ -118,18 +119,6 @@ impl Run {
             page: None,
         }
     }
-}
-
-pub(super) fn ceil_secs(d: Duration) -> u64 {
-    d.as_millis()
-        .div_ceil(1000)
-        .max(1)
-        .try_into()
-        .unwrap_or(u64::MAX)
-}
-
-pub(super) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub(super) fn count_failure(r: FailureReason) {

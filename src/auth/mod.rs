@@ -23,6 +23,7 @@ mod routes;
 mod serve;
 pub mod state;
 mod sync;
+mod time;
 
 pub use error::{AuthError, TokenError};
 pub use flow::{AuthService, Clock};

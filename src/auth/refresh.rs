@@ -30,8 +30,9 @@ use rand::Rng as _;
 use tracing::{info, warn};
 
 use super::error::{AuthError, TokenError};
-use super::flow::{ms, AuthService};
+use super::flow::AuthService;
 use super::request::{AuthRequest, UserRef};
+use super::time::ms;
 use crate::lark::OAuthErrorKind;
 use crate::metrics::{self, OutcomeLabel};
 use crate::storage::UserToken;

@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::error::AuthError;
-use super::flow::{ceil_secs, count_failure, ms, AuthService};
+use super::flow::{count_failure, AuthService};
 use super::render::{authorize_body, CARD_TITLE};
 use super::state::{enter, Phase};
+use super::time::{ceil_secs, ms};
 use crate::lark::{self, card, AuthorizeParams, Pkce, ReceiveIdType, Receiver, UserIdType};
 use crate::metrics;
 use crate::storage::{AuthSession, FailureReason, SessionId};

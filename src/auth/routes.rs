@@ -10,9 +10,10 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Value};
 
 use super::error::{AuthError, TokenError};
-use super::flow::{ceil_secs, AuthService};
+use super::flow::AuthService;
 use super::options::CALLBACK_PATH;
 use super::request::{AuthRequest, UserRef};
+use super::time::ceil_secs;
 use crate::storage::SessionId;
 
 pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
