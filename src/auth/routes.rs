@@ -14,6 +14,7 @@ use super::flow::AuthService;
 use super::options::CALLBACK_PATH;
 use super::request::{AuthRequest, UserRef};
 use super::time::ceil_secs;
+use crate::http::retry_later;
 use crate::storage::SessionId;
 
 pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -22,6 +23,15 @@ pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<Strin
         Json(json!({ "error": code, "message": message.into() })),
     )
         .into_response()
+}
+
+/// `500 store_error`.
+pub(super) fn store_error(e: &dyn std::fmt::Display) -> Response {
+    api_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "store_error",
+        e.to_string(),
+    )
 }
 
 pub(super) fn bad_field(field: &str, message: impl Into<String>) -> Response {
@@ -93,18 +103,15 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
             .into_response(),
         Err(AuthError::RateLimited { retry_after }) => {
             let secs = ceil_secs(retry_after);
-            let mut resp = (
+            retry_later(
                 StatusCode::TOO_MANY_REQUESTS,
-                Json(json!({
+                json!({
                     "error": "rate_limited",
                     "message": format!("too many authorization requests for this user; retry in {secs} s"),
                     "retry_after_seconds": secs,
-                })),
+                }),
+                secs,
             )
-                .into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            resp
         }
         Err(AuthError::Invalid { field, reason }) => bad_field(field, reason),
         Err(e @ AuthError::UnresolvedUser { .. }) => api_error(
@@ -115,11 +122,7 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
         Err(e @ AuthError::Lark(_)) => {
             api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
         }
-        Err(e @ AuthError::Store(_)) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            e.to_string(),
-        ),
+        Err(e @ AuthError::Store(_)) => store_error(&e),
     }
 }
 
@@ -135,11 +138,7 @@ pub(super) async fn http_session(
             (StatusCode::OK, Json(json!(s))).into_response()
         }
         Ok(_) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            e.to_string(),
-        ),
+        Err(e) => store_error(&e),
     }
 }
 
@@ -194,27 +193,20 @@ pub(super) async fn http_token(
             .into_response(),
         Err(e @ TokenError::RefreshInDoubt { retry_after }) => {
             let secs = ceil_secs(retry_after);
-            let mut resp = (
+            retry_later(
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({
+                json!({
                     "error": "refresh_in_doubt",
                     "message": e.to_string(),
                     "retry_after_seconds": secs,
-                })),
+                }),
+                secs,
             )
-                .into_response();
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            resp
         }
         Err(e @ (TokenError::Refresh(_) | TokenError::Interrupted(_))) => {
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
-        Err(e @ TokenError::Store(_)) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            e.to_string(),
-        ),
+        Err(e @ TokenError::Store(_)) => store_error(&e),
     }
 }
 
@@ -229,11 +221,7 @@ pub(super) async fn http_revoke_session(
     match svc.revoke_session(id).await {
         Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
         Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            e.to_string(),
-        ),
+        Err(e) => store_error(&e),
     }
 }
 
@@ -257,11 +245,7 @@ pub(super) async fn http_revoke_user(
         )
             .into_response(),
         Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
-        Err(e) => api_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            e.to_string(),
-        ),
+        Err(e) => store_error(&e),
     }
 }
 

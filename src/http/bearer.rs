@@ -148,18 +148,15 @@ fn unauthorized(surface: &str) -> Response {
 
 fn throttled(wait: Duration) -> Response {
     let secs = wait.as_secs().max(1);
-    let mut r = (
+    super::retry_later(
         StatusCode::TOO_MANY_REQUESTS,
-        Json(json!({
+        json!({
             "error": "rate_limited",
             "message": format!("too many failed bearer attempts from this address; retry in {secs} s"),
             "retry_after_seconds": secs,
-        })),
+        }),
+        secs,
     )
-        .into_response();
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    r
 }
 
 #[cfg(test)]

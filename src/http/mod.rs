@@ -43,6 +43,21 @@ pub struct AppState {
     pub http_callbacks: bool,
 }
 
+/// `status` with the JSON `body` and `Retry-After: secs`: every "retry later" answer of the
+/// service (rate limits, the bearer throttle, a refresh in doubt).
+pub fn retry_later(
+    status: StatusCode,
+    body: serde_json::Value,
+    secs: u64,
+) -> axum::response::Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(secs),
+    );
+    r
+}
+
 /// The public listener's own routes: `/healthz` and `/readyz`.
 pub fn public_router(state: AppState) -> Router {
     Router::new()

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -824,15 +824,11 @@ pub fn router(
 
 fn rate_limited(wait: std::time::Duration, whom: &str) -> Response {
     let secs = wait.as_secs().max(1);
-    let mut r = (
+    crate::http::retry_later(
         StatusCode::TOO_MANY_REQUESTS,
-        axum::Json(json!({"error": "rate_limited", "message": format!("too many requests from {whom}; retry in {secs} s")})),
+        json!({"error": "rate_limited", "message": format!("too many requests from {whom}; retry in {secs} s")}),
+        secs,
     )
-        .into_response();
-    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
-        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-    }
-    r
 }
 
 /// Serves `server` over stdin/stdout until the client disconnects.
