@@ -544,7 +544,7 @@ pub async fn run_with_reloads(
             expose(&cfg.verification_token).as_deref(),
             expose(&cfg.encrypt_key).as_deref(),
         );
-        public = public.merge(crate::callbacks::routes::router(cb_cfg, dispatcher.clone()));
+        public = public.merge(crate::http::callbacks::router(cb_cfg, dispatcher.clone()));
     }
     let public = crate::http::serve::with_request_timeout(public, limits.request_timeout);
     // Admin: the admin API behind the admin token, and /mcp behind the MCP token; one

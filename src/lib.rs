@@ -2,6 +2,7 @@
 //! an embedded encrypted store. The binary is a thin shell over this library.
 
 pub mod auth;
+pub mod backoff;
 pub mod backup;
 pub mod callbacks;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod manual;
 pub mod mcp;
 pub mod metrics;
 pub mod net;
+pub mod ratelimit;
 pub mod sandbox;
 pub mod schedule;
 pub mod storage;

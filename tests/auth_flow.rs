@@ -1089,6 +1089,44 @@ async fn a_due_token_is_refreshed_exactly_once_under_concurrent_callers() {
     assert!(h.store.tokens_due(h.now(), 10).unwrap().is_empty());
 }
 
+/// A refresh runs on the tracker the service was given: when its caller is dropped, the
+/// tracker still holds it, and waiting for the tracker (what the daemon's supervisor does at
+/// shutdown) waits until the rotated token is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_runs_on_the_given_tracker_and_is_stored_after_its_caller_is_dropped() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE).await;
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .and(body_partial_json(
+            json!({"grant_type": "refresh_token", "refresh_token": REFRESH_1}),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(token_body(ACCESS_2, REFRESH_2))
+                .set_delay(Duration::from_millis(300)),
+        )
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let svc = h.svc.clone().with_tasks(tracker.clone());
+    assert!(tracker.is_empty());
+    let caller = tokio::spawn(async move { svc.user_token(UserRef::OpenId(ALICE.into())).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(tracker.len(), 1, "the refresh runs on the given tracker");
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .unwrap();
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_2);
+    assert_eq!(tok.refresh_token.unwrap().expose_secret(), REFRESH_2);
+}
+
 async fn futures_join(
     tasks: Vec<tokio::task::JoinHandle<Result<SecretString, TokenError>>>,
 ) -> Vec<Result<SecretString, TokenError>> {

@@ -331,10 +331,29 @@ pub fn transition(flow: Flow, input: Input, now: u64) -> (Flow, Vec<Effect>) {
     )
 }
 
+/// Moves a stored session into `phase` at `now`: its stored state and failure reason, and
+/// drops what the phase no longer needs (the OAuth state hash once a redirect used it, the PKCE
+/// verifier once the session is over). The shell writes every phase change through this, so
+/// [`Phase::of`] of the result is `phase` (for [`Phase::AwaitingRedirect`]: if the session
+/// still has its state hash).
+pub fn enter(s: &mut AuthSession, phase: Phase, now: u64) {
+    let (state, reason) = phase.stored();
+    s.state = state;
+    s.failure_reason = reason;
+    s.updated_at = now;
+    if phase != Phase::AwaitingRedirect {
+        s.state_hash = None;
+    }
+    if phase.is_terminal() {
+        s.pkce_verifier = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use secrecy::SecretString;
     use FailureReason as R;
 
     const EXP: u64 = 1_000;
@@ -576,6 +595,65 @@ mod tests {
             prop_assert!(stores <= 1);
             prop_assert!(successes <= 1);
             prop_assert!(outcomes <= 1);
+        }
+    }
+
+    fn all_phases() -> Vec<Phase> {
+        let mut v = vec![Phase::AwaitingRedirect, Phase::Exchanging];
+        v.extend(terminal_phases());
+        v
+    }
+
+    fn pending_session() -> AuthSession {
+        let mut s = AuthSession::new_pending("cli_a", "u", vec![], 0, EXP);
+        s.state_hash = Some([1; 32]);
+        s.pkce_verifier = Some(SecretString::from("verifier"));
+        s
+    }
+
+    #[test]
+    fn entering_a_phase_stores_it_and_drops_what_it_no_longer_needs() {
+        for p in all_phases() {
+            let mut s = pending_session();
+            enter(&mut s, p, 7);
+            assert_eq!(Phase::of(&s), p, "{p:?}");
+            assert_eq!(s.updated_at, 7);
+            assert_eq!(
+                s.state_hash.is_some(),
+                p == Phase::AwaitingRedirect,
+                "{p:?}"
+            );
+            assert_eq!(s.pkce_verifier.is_some(), !p.is_terminal(), "{p:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A stored session moved with [`enter`] on every phase change of the machine is always
+        /// read back in the machine's phase; a used state hash never comes back, and a session
+        /// that ended keeps no PKCE verifier.
+        #[test]
+        fn stored_sessions_follow_the_machine(
+            steps in proptest::collection::vec((input_strategy(), 0u64..2 * EXP), 1..40)
+        ) {
+            let mut s = pending_session();
+            let mut f = Flow::of(&s);
+            prop_assert_eq!(f.phase, Phase::AwaitingRedirect);
+            for (input, now) in steps {
+                let (next, _) = transition(f, input, now);
+                if next.phase != f.phase {
+                    let had_hash = s.state_hash.is_some();
+                    enter(&mut s, next.phase, now);
+                    prop_assert!(had_hash || s.state_hash.is_none());
+                }
+                prop_assert_eq!(Phase::of(&s), next.phase);
+                prop_assert_eq!(Flow::of(&s), next);
+                if next.phase.is_terminal() {
+                    prop_assert!(s.pkce_verifier.is_none());
+                    prop_assert!(s.state_hash.is_none());
+                }
+                f = next;
+            }
         }
     }
 }

@@ -1,16 +1,15 @@
 //! HTTP callback mode ("send events to developer server"), protocol doc §3.
 //!
-//! Owns: the pure request-processing core the HTTP routes will call —
+//! Owns: the pure request-processing core the HTTP routes (`http::callbacks`) call —
 //! [`verify`] (signature, timestamp window, verification token), [`decrypt`]
 //! (AES-256-CBC of the `encrypt` field) and [`body`] (size limit, challenge, event
 //! envelopes, card actions, and the HTTP status of every rejection).
 //!
-//! Must not (in these modules): do I/O or read the clock — except [`routes`], the axum shell
-//! that reads the raw body and headers and hands events to the dispatcher.
+//! Must not: do I/O or read the clock, or depend on the event dispatcher (`events` depends on
+//! this module; the axum shell that hands events to the dispatcher is `http::callbacks`).
 
 pub mod body;
 pub mod decrypt;
-pub mod routes;
 pub mod verify;
 
 pub use body::{

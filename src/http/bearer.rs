@@ -6,69 +6,69 @@
 //! [`FAILURES_ALLOWED`] times within [`FAILURE_WINDOW`] is refused `429` with `Retry-After`,
 //! even with the right token, until its oldest failure leaves the window.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::ratelimit::{monotonic_now, RateLimiter};
 
 /// Failed bearer attempts a peer may make within [`FAILURE_WINDOW`].
 pub const FAILURES_ALLOWED: usize = 10;
 /// The window failed attempts are counted in.
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Peers tracked before stale entries are dropped.
-const MAX_TRACKED_PEERS: usize = 10_000;
-
 /// Failed bearer attempts per peer IP, shared by every surface (a peer guessing the admin
 /// token is throttled on `/mcp` too).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Throttle {
-    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
+    failures: RateLimiter<IpAddr>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self {
+            failures: RateLimiter::new(FAILURE_WINDOW),
+        }
+    }
 }
 
 impl Throttle {
     /// `Some(wait)` while `ip` has failed [`FAILURES_ALLOWED`] times within the window.
-    fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let mut g = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let q = g.get_mut(&ip)?;
-        while q
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= FAILURE_WINDOW)
-        {
-            q.pop_front();
-        }
-        if q.is_empty() {
-            g.remove(&ip);
-            return None;
-        }
-        (q.len() >= FAILURES_ALLOWED).then(|| {
-            q.front().map_or(FAILURE_WINDOW, |t| {
-                FAILURE_WINDOW.saturating_sub(now.duration_since(*t))
-            })
-        })
+    fn blocked(&self, ip: IpAddr, now: Duration) -> Option<Duration> {
+        self.failures.blocked(&ip, FAILURES_ALLOWED, now)
     }
 
-    fn record_failure(&self, ip: IpAddr, now: Instant) {
-        let mut g = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        if g.len() >= MAX_TRACKED_PEERS {
-            g.retain(|_, q| {
-                q.back()
-                    .is_some_and(|t| now.duration_since(*t) < FAILURE_WINDOW)
-            });
-        }
-        let q = g.entry(ip).or_default();
-        q.push_back(now);
-        while q.len() > FAILURES_ALLOWED {
-            q.pop_front();
-        }
+    fn record_failure(&self, ip: IpAddr, now: Duration) {
+        self.failures.record(&ip, FAILURES_ALLOWED, now);
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if the request has one. The one
+/// place the header is read (the check below, the readiness detail, the `/mcp` client key).
+#[must_use]
+pub fn presented(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// True if the request carries `Authorization: Bearer <token>` matching `want` (constant
+/// time); never with `want` `None`.
+#[must_use]
+pub fn matches(headers: &HeaderMap, want: Option<&SecretString>) -> bool {
+    let Some(want) = want else { return false };
+    let got = presented(headers).unwrap_or("");
+    bool::from(got.as_bytes().ct_eq(want.expose_secret().as_bytes()))
 }
 
 /// A bearer-token check for one surface (`admin`, `mcp`).
@@ -110,7 +110,7 @@ async fn check(State(g): State<BearerGuard>, req: Request, next: Next) -> Respon
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
-    let now = Instant::now();
+    let now = monotonic_now();
     let label = crate::metrics::SurfaceLabel { surface: g.surface };
     if let Some(wait) = g.throttle.blocked(ip, now) {
         crate::metrics::get()
@@ -119,7 +119,7 @@ async fn check(State(g): State<BearerGuard>, req: Request, next: Next) -> Respon
             .inc();
         return throttled(wait);
     }
-    if super::bearer_ok(req.headers(), g.token.as_deref()) {
+    if matches(req.headers(), g.token.as_deref()) {
         return next.run(req).await;
     }
     g.throttle.record_failure(ip, now);
@@ -148,18 +148,15 @@ fn unauthorized(surface: &str) -> Response {
 
 fn throttled(wait: Duration) -> Response {
     let secs = wait.as_secs().max(1);
-    let mut r = (
+    super::retry_later(
         StatusCode::TOO_MANY_REQUESTS,
-        Json(json!({
+        json!({
             "error": "rate_limited",
             "message": format!("too many failed bearer attempts from this address; retry in {secs} s"),
             "retry_after_seconds": secs,
-        })),
+        }),
+        secs,
     )
-        .into_response();
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    r
 }
 
 #[cfg(test)]
@@ -171,7 +168,7 @@ mod tests {
         let t = Throttle::default();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let other: IpAddr = "192.0.2.2".parse().unwrap();
-        let start = Instant::now();
+        let start = Duration::from_secs(1_000);
         for _ in 0..FAILURES_ALLOWED - 1 {
             t.record_failure(ip, start);
         }
@@ -180,5 +177,42 @@ mod tests {
         assert!(t.blocked(ip, start).is_some());
         assert!(t.blocked(other, start).is_none());
         assert!(t.blocked(ip, start + FAILURE_WINDOW).is_none());
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_bearer_token_matches() {
+        let want = SecretString::from("a".repeat(32));
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let right = with(&format!("Bearer {}", "a".repeat(32)));
+        assert!(matches(&right, Some(&want)));
+        assert_eq!(presented(&right), Some("a".repeat(32).as_str()));
+        assert!(
+            !matches(&right, None),
+            "no token configured: nothing matches"
+        );
+        assert!(!matches(
+            &with(&format!("bearer {}", "a".repeat(32))),
+            Some(&want)
+        ));
+        assert!(!matches(
+            &with(&format!("Bearer {}", "a".repeat(31))),
+            Some(&want)
+        ));
+        assert!(!matches(
+            &with(&format!("Bearer {}b", "a".repeat(32))),
+            Some(&want)
+        ));
+        assert!(!matches(&with("Basic abc"), Some(&want)));
+        assert_eq!(presented(&with("Basic abc")), None);
+        assert!(!matches(&HeaderMap::new(), Some(&want)));
     }
 }

@@ -5,6 +5,7 @@
 //! [`serve::serve`].
 
 pub mod bearer;
+pub mod callbacks;
 pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json};
 use axum::routing::{get, post};
 use axum::Router;
-use secrecy::{ExposeSecret, SecretString};
-use subtle::ConstantTimeEq;
+use secrecy::SecretString;
 
 use crate::config::BackupConfig;
 use crate::storage::{now_ms, Store};
@@ -43,16 +43,19 @@ pub struct AppState {
     pub http_callbacks: bool,
 }
 
-/// True if the request carries `Authorization: Bearer <token>` matching `want` (constant time).
-#[must_use]
-pub fn bearer_ok(headers: &HeaderMap, want: Option<&SecretString>) -> bool {
-    let Some(want) = want else { return false };
-    let got = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(got.as_bytes().ct_eq(want.expose_secret().as_bytes()))
+/// `status` with the JSON `body` and `Retry-After: secs`: every "retry later" answer of the
+/// service (rate limits, the bearer throttle, a refresh in doubt).
+pub fn retry_later(
+    status: StatusCode,
+    body: serde_json::Value,
+    secs: u64,
+) -> axum::response::Response {
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(secs),
+    );
+    r
 }
 
 /// The public listener's own routes: `/healthz` and `/readyz`.
@@ -81,7 +84,7 @@ pub fn admin_router(state: AppState, guard: bearer::BearerGuard) -> Router {
 /// the connection state); it never fetches a token and never scans the store. Anonymous
 /// callers get a short reason; the admin bearer token also gets the internal detail.
 async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
-    let detail = bearer_ok(&headers, s.admin_token.as_ref());
+    let detail = bearer::matches(&headers, s.admin_token.as_ref());
     let not_ready = |reason: &str, why: &str| {
         let body = if detail {
             format!("not ready: {reason}: {why}\n")

@@ -11,6 +11,8 @@
 //! secrets. Endpoint methods live in `api/*` and `oauth.rs`.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +23,11 @@ use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::json;
 use url::Url;
 
 use super::error::Error;
-use super::token::{TokenCache, TokenKind};
+use super::token::{Issued, TokenCache, TokenKind, TokenStatus};
 
 /// Default per-request timeout.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -175,11 +178,8 @@ impl RetryPolicy {
             let jitter_ms = u64::try_from(self.base.as_millis()).unwrap_or(u64::MAX);
             return Some(hint + Duration::from_millis(rng.random_range(0..=jitter_ms)));
         }
-        let exp = 2u32.saturating_pow(retry.saturating_sub(1).min(30));
-        let delay = self.base.saturating_mul(exp).min(self.cap);
-        let half = delay / 2;
-        let spread = u64::try_from((delay - half).as_micros()).unwrap_or(u64::MAX);
-        Some(half + Duration::from_micros(rng.random_range(0..=spread)))
+        let unit: f64 = rng.random_range(0.0..=1.0);
+        Some(crate::backoff::Backoff::new(self.base, self.cap).jittered(retry.max(1), unit))
     }
 }
 
@@ -639,6 +639,95 @@ impl LarkClient {
             headers,
             body,
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// App-identity tokens: fetched here, cached by `token::TokenCache`.
+
+/// Body of the internal token endpoints (not wrapped in `data`).
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    tenant_access_token: Option<String>,
+    #[serde(default)]
+    app_access_token: Option<String>,
+    #[serde(default)]
+    expire: Option<i64>,
+}
+
+impl LarkClient {
+    /// The current `tenant_access_token`, fetched or refreshed as needed.
+    pub async fn tenant_token(&self) -> Result<SecretString, Error> {
+        Ok(self.cached_token(TokenKind::Tenant).await?.token)
+    }
+
+    /// What the tenant-token cache knows right now: never fetches, so it is cheap enough for a
+    /// readiness probe. The outcome of the last fetch is kept until the next one.
+    #[must_use]
+    pub fn tenant_token_status(&self) -> TokenStatus {
+        self.cache(TokenKind::Tenant).status()
+    }
+
+    /// The current `app_access_token`, fetched or refreshed as needed.
+    pub async fn app_token(&self) -> Result<SecretString, Error> {
+        Ok(self.cached_token(TokenKind::App).await?.token)
+    }
+
+    pub(crate) fn cache(&self, kind: TokenKind) -> &TokenCache {
+        match kind {
+            TokenKind::Tenant => &self.inner.tenant_token,
+            TokenKind::App => &self.inner.app_token,
+        }
+    }
+
+    /// The cached token of `kind`, fetched if needed.
+    ///
+    /// Returns a boxed `Send` future: fetching goes through `execute`, which
+    /// itself awaits `cached_token` for authenticated calls, and naming the
+    /// type here breaks that type-level cycle (the fetch is unauthenticated,
+    /// so there is no recursion at run time).
+    pub(crate) fn cached_token(
+        &self,
+        kind: TokenKind,
+    ) -> Pin<Box<dyn Future<Output = Result<Issued, Error>> + Send + '_>> {
+        Box::pin(async move {
+            self.cache(kind)
+                .get(|| self.fetch_app_identity_token(kind))
+                .await
+        })
+    }
+
+    async fn fetch_app_identity_token(
+        &self,
+        kind: TokenKind,
+    ) -> Result<(SecretString, Duration), Error> {
+        let req = ApiRequest::new(Method::POST, kind.path().to_owned(), Auth::None).json(json!({
+            "app_id": self.inner.app_id,
+            "app_secret": self.inner.app_secret.expose_secret(),
+        }));
+        self.execute(&req, |raw| {
+            let body: TokenResponse = decode_top_level(raw)?;
+            let token = match kind {
+                TokenKind::Tenant => body.tenant_access_token,
+                TokenKind::App => body.app_access_token,
+            };
+            let bad = |reason: &str| Error::Decode {
+                reason: format!("{}: {reason}", kind.name()),
+                status: raw.status,
+                log_id: raw.header_log_id(),
+            };
+            let token = token
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| bad("missing token"))?;
+            let expire = body
+                .expire
+                .and_then(|e| u64::try_from(e).ok())
+                .filter(|e| *e > 0)
+                .ok_or_else(|| bad("missing or non-positive `expire`"))?;
+            Ok((SecretString::from(token), Duration::from_secs(expire)))
+        })
+        .await
     }
 }
 

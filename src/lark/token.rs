@@ -9,19 +9,17 @@
 //! rejected is dropped by generation so a newer one is never discarded.
 //! Expiry uses `tokio::time::Instant` so tests can pause the clock.
 //! User tokens are not cached here; the auth feature owns them.
+//!
+//! The cache knows nothing of HTTP: [`TokenCache::get`] takes the fetch as an argument (the
+//! client's call to the token endpoint), so this module depends on no other of the client.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use reqwest::Method;
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use serde_json::json;
+use secrecy::SecretString;
 use tokio::time::Instant;
 
-use super::client::{decode_top_level, ApiRequest, Auth, LarkClient};
 use super::error::Error;
 
 /// Longest safety margin taken off a token's lifetime before it counts as expired.
@@ -55,7 +53,7 @@ impl TokenKind {
         }
     }
 
-    fn path(self) -> &'static str {
+    pub(crate) fn path(self) -> &'static str {
         match self {
             Self::Tenant => "/open-apis/auth/v3/tenant_access_token/internal",
             Self::App => "/open-apis/auth/v3/app_access_token/internal",
@@ -262,95 +260,10 @@ impl TokenCache {
     }
 }
 
-/// Body of the internal token endpoints (not wrapped in `data`).
-#[derive(Deserialize)]
-struct TokenResponse {
-    #[serde(default)]
-    tenant_access_token: Option<String>,
-    #[serde(default)]
-    app_access_token: Option<String>,
-    #[serde(default)]
-    expire: Option<i64>,
-}
-
-impl LarkClient {
-    /// The current `tenant_access_token`, fetched or refreshed as needed.
-    pub async fn tenant_token(&self) -> Result<SecretString, Error> {
-        Ok(self.cached_token(TokenKind::Tenant).await?.token)
-    }
-
-    /// What the tenant-token cache knows right now: never fetches, so it is cheap enough for a
-    /// readiness probe. The outcome of the last fetch is kept until the next one.
-    #[must_use]
-    pub fn tenant_token_status(&self) -> TokenStatus {
-        self.cache(TokenKind::Tenant).status()
-    }
-
-    /// The current `app_access_token`, fetched or refreshed as needed.
-    pub async fn app_token(&self) -> Result<SecretString, Error> {
-        Ok(self.cached_token(TokenKind::App).await?.token)
-    }
-
-    pub(crate) fn cache(&self, kind: TokenKind) -> &TokenCache {
-        match kind {
-            TokenKind::Tenant => &self.inner.tenant_token,
-            TokenKind::App => &self.inner.app_token,
-        }
-    }
-
-    /// The cached token of `kind`, fetched if needed.
-    ///
-    /// Returns a boxed `Send` future: fetching goes through `execute`, which
-    /// itself awaits `cached_token` for authenticated calls, and naming the
-    /// type here breaks that type-level cycle (the fetch is unauthenticated,
-    /// so there is no recursion at run time).
-    pub(crate) fn cached_token(
-        &self,
-        kind: TokenKind,
-    ) -> Pin<Box<dyn Future<Output = Result<Issued, Error>> + Send + '_>> {
-        Box::pin(async move {
-            self.cache(kind)
-                .get(|| self.fetch_app_identity_token(kind))
-                .await
-        })
-    }
-
-    async fn fetch_app_identity_token(
-        &self,
-        kind: TokenKind,
-    ) -> Result<(SecretString, Duration), Error> {
-        let req = ApiRequest::new(Method::POST, kind.path().to_owned(), Auth::None).json(json!({
-            "app_id": self.inner.app_id,
-            "app_secret": self.inner.app_secret.expose_secret(),
-        }));
-        self.execute(&req, |raw| {
-            let body: TokenResponse = decode_top_level(raw)?;
-            let token = match kind {
-                TokenKind::Tenant => body.tenant_access_token,
-                TokenKind::App => body.app_access_token,
-            };
-            let bad = |reason: &str| Error::Decode {
-                reason: format!("{}: {reason}", kind.name()),
-                status: raw.status,
-                log_id: raw.header_log_id(),
-            };
-            let token = token
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| bad("missing token"))?;
-            let expire = body
-                .expire
-                .and_then(|e| u64::try_from(e).ok())
-                .filter(|e| *e > 0)
-                .ok_or_else(|| bad("missing or non-positive `expire`"))?;
-            Ok((SecretString::from(token), Duration::from_secs(expire)))
-        })
-        .await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 

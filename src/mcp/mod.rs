@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Router;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -756,38 +756,16 @@ pub const CLIENT_REQUESTS_PER_MINUTE: usize = 600;
 /// Default requests per minute to `/mcp` from everyone together.
 pub const GLOBAL_REQUESTS_PER_MINUTE: usize = 3000;
 
-/// Sliding-window request counts per key.
-#[derive(Default)]
-struct ClientLimiter {
-    seen: std::sync::Mutex<
-        std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>,
-    >,
-}
+/// The window of the `/mcp` limits.
+const LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
-impl ClientLimiter {
-    /// `None` if allowed, else how long to wait.
-    fn check(&self, key: &str, limit: usize) -> Option<std::time::Duration> {
-        let window = std::time::Duration::from_secs(60);
-        let now = std::time::Instant::now();
-        let mut g = self
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if g.len() > 10_000 {
-            g.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < window));
-        }
-        let q = g.entry(key.to_owned()).or_default();
-        while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
-            q.pop_front();
-        }
-        if q.len() >= limit {
-            return q
-                .front()
-                .map(|t| window.saturating_sub(now.duration_since(*t)));
-        }
-        q.push_back(now);
-        None
-    }
+/// Requests per client key (and `""`: everyone together) within [`LIMIT_WINDOW`].
+type ClientLimiter = crate::ratelimit::RateLimiter<String>;
+
+/// `None` if a request of `key` is allowed (and counted), else how long to wait.
+fn over_limit(l: &ClientLimiter, key: &str, limit: usize) -> Option<std::time::Duration> {
+    l.acquire(&key.to_owned(), limit, crate::ratelimit::monotonic_now())
+        .err()
 }
 
 /// The rate-limit key of a request: a digest of its bearer token and its peer's address (the
@@ -795,12 +773,8 @@ impl ClientLimiter {
 /// limit keyed by it).
 fn client_key(req: &Request) -> String {
     use sha2::Digest as _;
-    let bearer = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .map(axum::http::HeaderValue::as_bytes)
-        .unwrap_or_default();
-    let digest = sha2::Sha256::digest(bearer);
+    let bearer = crate::http::bearer::presented(req.headers()).unwrap_or_default();
+    let digest = sha2::Sha256::digest(bearer.as_bytes());
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -826,17 +800,19 @@ pub fn router(
         Arc::new(LocalSessionManager::default()),
         config,
     );
-    let limiter = Arc::new(ClientLimiter::default());
+    let limiter = Arc::new(ClientLimiter::new(LIMIT_WINDOW));
     let limited = Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| {
                 let limiter = limiter.clone();
                 async move {
-                    if let Some(wait) = limiter.check(&client_key(&req), limits.client_per_minute) {
+                    if let Some(wait) =
+                        over_limit(&limiter, &client_key(&req), limits.client_per_minute)
+                    {
                         return rate_limited(wait, "this MCP client");
                     }
-                    if let Some(wait) = limiter.check("", limits.global_per_minute) {
+                    if let Some(wait) = over_limit(&limiter, "", limits.global_per_minute) {
                         return rate_limited(wait, "all MCP clients together");
                     }
                     next.run(req).await
@@ -848,15 +824,11 @@ pub fn router(
 
 fn rate_limited(wait: std::time::Duration, whom: &str) -> Response {
     let secs = wait.as_secs().max(1);
-    let mut r = (
+    crate::http::retry_later(
         StatusCode::TOO_MANY_REQUESTS,
-        axum::Json(json!({"error": "rate_limited", "message": format!("too many requests from {whom}; retry in {secs} s")})),
+        json!({"error": "rate_limited", "message": format!("too many requests from {whom}; retry in {secs} s")}),
+        secs,
     )
-        .into_response();
-    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
-        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
-    }
-    r
 }
 
 /// Serves `server` over stdin/stdout until the client disconnects.
@@ -875,18 +847,21 @@ pub async fn serve_stdio(server: McpServer) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod limiter_tests {
-    use super::ClientLimiter;
+    use super::{over_limit, ClientLimiter, LIMIT_WINDOW};
 
     #[test]
     fn each_client_gets_its_own_window() {
-        let l = ClientLimiter::default();
+        let l = ClientLimiter::new(LIMIT_WINDOW);
         for _ in 0..5 {
-            assert!(l.check("a", 5).is_none());
+            assert!(over_limit(&l, "a", 5).is_none());
         }
         assert!(
-            l.check("a", 5).is_some(),
+            over_limit(&l, "a", 5).is_some(),
             "the 6th request in the window is refused"
         );
-        assert!(l.check("b", 5).is_none(), "another client is not affected");
+        assert!(
+            over_limit(&l, "b", 5).is_none(),
+            "another client is not affected"
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! State is in memory. Nothing here is used by the service in production.
 
 mod apaas;
+mod assets;
 mod page;
 mod platform;
 mod tls;

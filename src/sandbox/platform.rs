@@ -257,11 +257,7 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
 }
 
 pub(crate) fn bearer(h: &HeaderMap) -> Option<String> {
-    h.get("authorization")?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
+    crate::http::bearer::presented(h).map(str::to_owned)
 }
 
 pub(crate) fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
@@ -332,7 +328,7 @@ async fn authorize_page(
          <form method=post action=\"/sandbox/authorize\">{hidden}<p>Signed in as <select name=sandbox_user>{options}</select></p>\
          <button name=decision value=approve class=ok>Approve</button> <button name=decision value=reject class=no>Reject</button></form></div></body></html>",
         esc(&scope),
-        css = super::page::CSS
+        css = super::assets::CSS
     ))
     .into_response()
 }

@@ -1,4 +1,6 @@
-//! HTTP callback routes (the fallback when the long connection cannot be held).
+//! HTTP callback routes (the fallback when the long connection cannot be held): the axum
+//! shell over the pure core in [`crate::callbacks`]. It lives with the HTTP surfaces, not in
+//! `callbacks`, so the arrows go one way: `http::callbacks` → `events` → `callbacks`.
 //!
 //! `POST /callbacks/event` (also `/callbacks/card`): verify and decrypt the raw body, answer
 //! `url_verification`, and hand events and card actions to the same dispatcher the long
@@ -14,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 
-use super::{challenge_response, parse_callback, Callback, CallbackConfig, SignatureHeaders};
+use crate::callbacks::{
+    challenge_response, parse_callback, Callback, CallbackConfig, SignatureHeaders,
+};
 use crate::events::{Dispatcher, EventSource, HandlerReply, Outcome};
 
 #[derive(Clone)]

@@ -1,0 +1,290 @@
+//! The flow's HTTP routes: the public OAuth redirect and the admin API.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use secrecy::ExposeSecret;
+use serde_json::{json, Value};
+
+use super::error::{AuthError, TokenError};
+use super::flow::AuthService;
+use super::options::CALLBACK_PATH;
+use super::request::{AuthRequest, UserRef};
+use super::time::ceil_secs;
+use crate::http::retry_later;
+use crate::storage::SessionId;
+
+pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+/// `500 store_error`.
+pub(super) fn store_error(e: &dyn std::fmt::Display) -> Response {
+    api_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "store_error",
+        e.to_string(),
+    )
+}
+
+pub(super) fn bad_field(field: &str, message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": "invalid_request", "field": field, "message": message.into() })),
+    )
+        .into_response()
+}
+
+pub(super) fn parse_request_body(
+    body: &[u8],
+    defaults: &[String],
+) -> Result<AuthRequest, (&'static str, String)> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| ("body", format!("the body is not JSON: {e}")))?;
+    let Some(obj) = v.as_object() else {
+        return Err(("body", "the body must be a JSON object".to_owned()));
+    };
+    let text = |k: &'static str| match obj.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err((k, format!("{k} must be a string"))),
+    };
+    let user = match (text("user_id")?, text("open_id")?) {
+        (Some(u), None) => UserRef::UserId(u),
+        (None, Some(o)) => UserRef::OpenId(o),
+        (Some(_), Some(_)) => {
+            return Err(("user_id", "give user_id or open_id, not both".to_owned()));
+        }
+        (None, None) => return Err(("user_id", "user_id or open_id is required".to_owned())),
+    };
+    let scopes = match obj.get("scopes") {
+        None | Some(Value::Null) => defaults.to_vec(),
+        Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ("scopes", "scopes must be an array of strings".to_owned()))?,
+        Some(_) => {
+            return Err((
+                "scopes",
+                "scopes must be an array of strings or a space-separated string".to_owned(),
+            ))
+        }
+    };
+    Ok(AuthRequest { user, scopes })
+}
+
+pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) -> Response {
+    let req = match parse_request_body(&body, &svc.inner.opts.default_scopes) {
+        Ok(r) => r,
+        Err((field, message)) => return bad_field(field, message),
+    };
+    match svc.request(req).await {
+        Ok(o) => (
+            if o.reused {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            },
+            Json(json!({
+                "session_id": o.session_id.to_string(),
+                "reused": o.reused,
+                "state": "pending",
+            })),
+        )
+            .into_response(),
+        Err(AuthError::RateLimited { retry_after }) => {
+            let secs = ceil_secs(retry_after);
+            retry_later(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({
+                    "error": "rate_limited",
+                    "message": format!("too many authorization requests for this user; retry in {secs} s"),
+                    "retry_after_seconds": secs,
+                }),
+                secs,
+            )
+        }
+        Err(AuthError::Invalid { field, reason }) => bad_field(field, reason),
+        Err(e @ AuthError::UnresolvedUser { .. }) => api_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unresolved_user",
+            e.to_string(),
+        ),
+        Err(e @ AuthError::Lark(_)) => {
+            api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
+        }
+        Err(e @ AuthError::Store(_)) => store_error(&e),
+    }
+}
+
+pub(super) async fn http_session(
+    State(svc): State<AuthService>,
+    Path(id): Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<SessionId>() else {
+        return bad_field("id", "a session id is 32 hex characters");
+    };
+    match svc.store().run(move |s| s.get_session_summary(id)).await {
+        Ok(Some(s)) if s.app_id == svc.inner.app_id => {
+            (StatusCode::OK, Json(json!(s))).into_response()
+        }
+        Ok(_) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+        Err(e) => store_error(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct TokenQuery {
+    id_type: Option<String>,
+}
+
+/// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
+/// prefix means an open_id. `None` for an unknown `id_type`.
+pub(super) fn path_user(id: String, id_type: Option<&str>) -> Option<UserRef> {
+    match id_type {
+        Some("open_id") => Some(UserRef::OpenId(id)),
+        Some("user_id") => Some(UserRef::UserId(id)),
+        None if id.starts_with("ou_") => Some(UserRef::OpenId(id)),
+        None => Some(UserRef::UserId(id)),
+        Some(_) => None,
+    }
+}
+
+pub(super) async fn http_token(
+    State(svc): State<AuthService>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
+    };
+    match svc.access_token(user).await {
+        Ok(t) => (
+            StatusCode::OK,
+            Json(json!({
+                "access_token": t.access_token.expose_secret(),
+                "expires_at": t.expires_at,
+            })),
+        )
+            .into_response(),
+        Err(TokenError::NotFound) => api_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this user has no token; request an authorization first",
+        ),
+        Err(TokenError::NeedsReauth { session }) => (
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": "needs_reauthorization",
+                "reason": "needs_reauthorization",
+                "message": "the user's authorization is no longer accepted; request a new one",
+                "session_id": session.map(|s| s.to_string()),
+            })),
+        )
+            .into_response(),
+        Err(e @ TokenError::RefreshInDoubt { retry_after }) => {
+            let secs = ceil_secs(retry_after);
+            retry_later(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({
+                    "error": "refresh_in_doubt",
+                    "message": e.to_string(),
+                    "retry_after_seconds": secs,
+                }),
+                secs,
+            )
+        }
+        Err(e @ (TokenError::Refresh(_) | TokenError::Interrupted(_))) => {
+            api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
+        }
+        Err(e @ TokenError::Store(_)) => store_error(&e),
+    }
+}
+
+/// `POST /api/v1/sessions/{id}/revoke`.
+pub(super) async fn http_revoke_session(
+    State(svc): State<AuthService>,
+    Path(id): Path<String>,
+) -> Response {
+    let Ok(id) = id.parse::<SessionId>() else {
+        return bad_field("id", "a session id is 32 hex characters");
+    };
+    match svc.revoke_session(id).await {
+        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+        Err(e) => store_error(&e),
+    }
+}
+
+/// `DELETE /api/v1/users/{id}/token`.
+pub(super) async fn http_revoke_user(
+    State(svc): State<AuthService>,
+    Path(id): Path<String>,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    let Some(user) = path_user(id, q.id_type.as_deref()) else {
+        return bad_field("id_type", "id_type is open_id or user_id");
+    };
+    match svc.revoke_user(user).await {
+        Ok(Some(r)) => (
+            StatusCode::OK,
+            Json(json!({
+                "revoked": true,
+                "user_id": r.user_id,
+                "session_id": r.session_id.map(|s| s.to_string()),
+            })),
+        )
+            .into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
+        Err(e) => store_error(&e),
+    }
+}
+
+pub(super) async fn http_callback(
+    State(svc): State<AuthService>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let (status, html) = svc.oauth_callback(q.as_deref().unwrap_or("")).await;
+    let mut resp = (status, html).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+impl AuthService {
+    /// The flow's public route: `GET /oauth/callback`.
+    pub fn public_router(self) -> Router {
+        Router::new()
+            .route(CALLBACK_PATH, get(http_callback))
+            .with_state(self)
+    }
+
+    /// The flow's admin routes behind `guard` (the admin bearer check):
+    /// `POST /api/v1/auth/requests`, `GET /api/v1/auth/sessions/{id}`,
+    /// `POST /api/v1/sessions/{id}/revoke`, `GET` and `DELETE /api/v1/users/{id}/token`.
+    pub fn admin_router(self, guard: crate::http::bearer::BearerGuard) -> Router {
+        let routes = Router::new()
+            .route("/api/v1/auth/requests", post(http_request))
+            .route("/api/v1/auth/sessions/{id}", get(http_session))
+            .route("/api/v1/sessions/{id}/revoke", post(http_revoke_session))
+            .route(
+                "/api/v1/users/{id}/token",
+                get(http_token).delete(http_revoke_user),
+            )
+            .with_state(self);
+        guard.protect(routes)
+    }
+}
