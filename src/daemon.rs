@@ -15,12 +15,12 @@ use anyhow::Context;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::cli::{store_options, write_private, CliError, ServeArgs};
 use crate::config::{Config, LoadOptions};
 use crate::storage::{now_ms, Store};
+use crate::workers::FnWorker;
 
 /// How long shutdown waits for in-flight work.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -354,9 +354,10 @@ pub async fn run_with_reloads(
         .await
         .map_err(|e| anyhow::anyhow!("store open task failed: {e}"))??;
     let ready = Arc::new(AtomicBool::new(false));
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let workers = crate::workers::Workers::default();
+    let sup = crate::workers::Supervisor::default();
+    let cancel = sup.cancellation();
+    let tracker = sup.tracker();
+    let workers = sup.workers();
     crate::metrics::refresh_store_gauges(&store);
     if let Some(app_id) = &cfg.app_id {
         let m = crate::metrics::get();
@@ -419,30 +420,18 @@ pub async fn run_with_reloads(
     dispatcher.set_late_failure_hook(late_failure_notice(lark.clone()));
     // Shutdown waits for token refreshes in flight (a rotated refresh token must be stored).
     let auth_refreshes = auth.clone();
-    workers.spawn(
-        &tracker,
-        cancel.clone(),
+    sup.start(FnWorker::new(
         "ttl_sweep",
         sweep_worker(store.clone(), Some(auth.clone()), cfg.sweep_interval),
-    );
-    workers.spawn(
-        &tracker,
-        cancel.clone(),
-        "token_refresh",
-        auth.refresh_worker(),
-    );
+    ));
+    sup.start(FnWorker::new("token_refresh", auth.refresh_worker()));
     // Keeps the tenant token warm, so `/readyz` can read its state instead of fetching.
-    workers.spawn_with_backoff(
-        &tracker,
-        cancel.clone(),
-        "tenant_token",
+    sup.start_with_backoff(
+        FnWorker::new("tenant_token", tenant_token_worker(lark.clone())),
         TENANT_TOKEN_RETRY_CAP,
-        tenant_token_worker(lark.clone()),
     );
     if let Some(url) = cfg.export_postgres_url.clone() {
-        workers.spawn(
-            &tracker,
-            cancel.clone(),
+        sup.start(FnWorker::new(
             "export_postgres",
             crate::export::postgres::worker(
                 store.clone(),
@@ -450,10 +439,10 @@ pub async fn run_with_reloads(
                 net.clone(),
                 std::time::Duration::from_secs(1),
             ),
-        );
+        ));
     }
     if let Some(w) = auth.user_info_sync_worker() {
-        workers.spawn(&tracker, cancel.clone(), "user_sync", w);
+        sup.start(FnWorker::new("user_sync", w));
     }
     let conn = if cfg.websocket.enabled {
         let conn = Arc::new(crate::longconn::LongConn::new(
@@ -474,12 +463,10 @@ pub async fn run_with_reloads(
             },
             dispatcher.clone(),
         ));
-        workers.spawn(
-            &tracker,
-            cancel.clone(),
+        sup.start(FnWorker::new(
             "long_connection",
             long_connection_worker(conn.clone(), cancel.clone()),
-        );
+        ));
         Some(conn)
     } else {
         None
@@ -507,7 +494,7 @@ pub async fn run_with_reloads(
     }
     if let Some(schedule) = cfg.backup.schedule.clone() {
         let w = backup_worker(store.clone(), cfg.backup.clone(), &schedule)?;
-        workers.spawn(&tracker, cancel.clone(), "backup", w);
+        sup.start(FnWorker::new("backup", w));
     }
 
     let http_addr = listeners
