@@ -7,19 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{find_string, open_store, trust_sandbox, ADMIN, KEY};
+use common::{find_string, free_port, open_store, trust_sandbox, ADMIN, KEY};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Issue 16 / 17: SIGTERM while a token refresh is in flight. The sandbox (over TLS, trusted
 /// through `TLS_CA_FILE`) carries the refresh out — rotating the refresh token — and holds its

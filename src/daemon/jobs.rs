@@ -422,17 +422,22 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn the_backup_waits_for_the_next_scheduled_time_on_the_injected_clock() {
-        // 2024-01-01T01:59:00Z; the schedule fires at 02:00 UTC.
-        let clock = Arc::new(ManualClock::at(1_704_074_340_000));
-        let cfg = crate::config::BackupConfig {
+    /// Backups at 02:00 UTC, without protection or a usable directory.
+    fn daily_at_two() -> crate::config::BackupConfig {
+        crate::config::BackupConfig {
             dir: Some("/nonexistent".into()),
             schedule: Some("0 2 * * *".into()),
             keep: 1,
             recipients: vec![],
             passphrase: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_backup_waits_for_the_next_scheduled_time_on_the_injected_clock() {
+        // 2024-01-01T01:59:00Z; the schedule fires at 02:00 UTC.
+        let clock = Arc::new(ManualClock::at(1_704_074_340_000));
+        let cfg = daily_at_two();
         let w = BackupWorker::new(store(), cfg.clone(), "0 2 * * *", clock.clone()).unwrap();
         assert_eq!(w.until_next().unwrap(), Duration::from_secs(60));
         clock.advance(Duration::from_secs(60));
@@ -453,13 +458,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_during_the_wait_for_the_next_backup_ends_the_worker_at_once() {
         let clock = Arc::new(ManualClock::at(1_704_074_340_000));
-        let cfg = crate::config::BackupConfig {
-            dir: Some("/nonexistent".into()),
-            schedule: Some("0 2 * * *".into()),
-            keep: 1,
-            recipients: vec![],
-            passphrase: None,
-        };
+        let cfg = daily_at_two();
         let sup = crate::workers::Supervisor::new(clock.clone());
         sup.start(BackupWorker::new(store(), cfg, "0 2 * * *", clock).unwrap());
         tokio::time::sleep(Duration::from_secs(30)).await;

@@ -288,6 +288,16 @@ impl Service {
     }
 }
 
+/// A loopback port nobody listens on right now (for a process that must be told its
+/// address before it binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Sum of every series of `name` (optionally only those whose labels contain `filter`).
 pub fn metric(text: &str, name: &str, filter: &str) -> f64 {
     text.lines()
