@@ -183,3 +183,87 @@ async fn sigterm_during_a_token_refresh_stores_the_refreshed_token() {
     assert_eq!(sandbox.hits("oauth_token"), 2);
     assert_eq!(sandbox.refresh_token_reuses(), 0);
 }
+
+/// The real binary under `SIGHUP` then `SIGTERM`: the reload is read by the supervised reload
+/// worker (the process lives on), and the stop is clean with the store lock released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_then_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_lark-service"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("APP_ID", APP_ID)
+        .env("APP_SECRET", APP_SECRET)
+        .env("LARK_DOMAIN", "http://127.0.0.1:9")
+        .env("WEBSOCKET_ENABLED", "false")
+        .env("PUBLIC_URL", "https://svc.example.com")
+        .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
+        .env("STORAGE_PATH", dir.path().join("s.redb"))
+        .env("HTTP_LISTEN", "127.0.0.1:0")
+        .env("ADMIN_LISTEN", "127.0.0.1:0")
+        .arg("--config")
+        .arg(&config)
+        .args(["serve", "--set", "metrics.port=0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = serve.stdout.take().unwrap();
+    let stderr = serve.stderr.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().next().unwrap().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(ready.starts_with("lark-service ready: "), "{ready}");
+    // Every log line, as it comes.
+    let (tx, mut logs) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let pid = serve.id().to_string();
+    let signal = |sig: &str| {
+        let rc = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(rc.success());
+    };
+    signal("-HUP");
+    wait_for_line(&mut logs, &mut seen, "SIGHUP: configuration re-read.").await;
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "SIGHUP ended the service"
+    );
+    signal("-TERM");
+    wait_for_line(&mut logs, &mut seen, "Stopped.").await;
+    let status = tokio::task::spawn_blocking(move || serve.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    reader.join().unwrap();
+    drop(open_store(dir.path()));
+}
+
+/// Reads log lines (keeping them in `seen`) until one contains `needle`; fails after 20 s.
+async fn wait_for_line(
+    logs: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    seen: &mut Vec<String>,
+    needle: &str,
+) {
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = logs.recv().await {
+            let hit = l.contains(needle);
+            seen.push(l);
+            if hit {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no {needle:?} in {seen:#?}");
+}

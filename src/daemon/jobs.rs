@@ -263,30 +263,48 @@ impl Worker for BackupWorker {
 }
 
 /// Where reloaded configurations come from.
-pub enum Reloads {
-    /// Configurations sent on a channel (tests, embedders); a closed channel ends reloads.
-    Channel(tokio::sync::mpsc::Receiver<Config>),
-    /// `SIGHUP`: the configuration is re-read from `opts`, then `adjust` is applied.
-    Sighup {
-        /// How the configuration is loaded.
-        opts: LoadOptions,
-        /// Applied to each re-read configuration.
-        adjust: Box<dyn Fn(&mut Config) + Send + Sync>,
-    },
-}
+pub struct Reloads(ReloadSource);
 
-impl std::fmt::Debug for Reloads {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Channel(_) => f.write_str("Reloads::Channel"),
-            Self::Sighup { .. } => f.write_str("Reloads::Sighup"),
+impl Reloads {
+    /// `SIGHUP`: the configuration is re-read from `opts`, then `adjust` is applied. The
+    /// handler is installed now (a `SIGHUP` from here on never kills the process); if it
+    /// cannot be, reloads are off (logged). Must be called inside the runtime.
+    #[must_use]
+    pub fn sighup(opts: LoadOptions, adjust: Box<dyn Fn(&mut Config) + Send + Sync>) -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::hangup()) {
+                Ok(hup) => Self(ReloadSource::Sighup { hup, opts, adjust }),
+                Err(e) => {
+                    warn!(error = %e, "Cannot listen for SIGHUP; configuration reloads are off.");
+                    Self(ReloadSource::Off)
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (opts, adjust);
+            Self(ReloadSource::Off)
         }
     }
 }
 
+impl std::fmt::Debug for Reloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match &self.0 {
+            ReloadSource::Channel(_) => "Reloads::Channel",
+            #[cfg(unix)]
+            ReloadSource::Sighup { .. } => "Reloads::Sighup",
+            ReloadSource::Off => "Reloads::Off",
+        })
+    }
+}
+
+/// Configurations sent on a channel (tests, embedders); a closed channel ends reloads.
 impl From<tokio::sync::mpsc::Receiver<Config>> for Reloads {
     fn from(rx: tokio::sync::mpsc::Receiver<Config>) -> Self {
-        Self::Channel(rx)
+        Self(ReloadSource::Channel(rx))
     }
 }
 
@@ -299,6 +317,7 @@ enum ReloadSource {
         opts: LoadOptions,
         adjust: Box<dyn Fn(&mut Config) + Send + Sync>,
     },
+    Off,
 }
 
 /// Hands each reloaded configuration's app credentials to the long connection, which redials
@@ -309,32 +328,19 @@ pub struct ReloadWorker {
 }
 
 impl ReloadWorker {
-    /// Reloads from `reloads` applied to `conn`; `None` when reloads cannot be received
-    /// (`SIGHUP` cannot be listened for: logged).
+    /// Reloads from `reloads` applied to `conn`; `None` when reloads are off.
     pub fn new(reloads: Reloads, conn: Option<Arc<crate::longconn::LongConn>>) -> Option<Self> {
-        let source = match reloads {
-            Reloads::Channel(rx) => ReloadSource::Channel(rx),
-            #[cfg(unix)]
-            Reloads::Sighup { opts, adjust } => {
-                use tokio::signal::unix::{signal, SignalKind};
-                match signal(SignalKind::hangup()) {
-                    Ok(hup) => ReloadSource::Sighup { hup, opts, adjust },
-                    Err(e) => {
-                        warn!(error = %e, "Cannot listen for SIGHUP; configuration reloads are off.");
-                        return None;
-                    }
-                }
-            }
-            #[cfg(not(unix))]
-            Reloads::Sighup { .. } => return None,
-        };
-        Some(Self { source, conn })
+        match reloads.0 {
+            ReloadSource::Off => None,
+            source => Some(Self { source, conn }),
+        }
     }
 
     /// The next configuration; `None` when no more can come.
     async fn next(&mut self) -> Option<Config> {
         match &mut self.source {
             ReloadSource::Channel(rx) => rx.recv().await,
+            ReloadSource::Off => None,
             #[cfg(unix)]
             ReloadSource::Sighup { hup, opts, adjust } => loop {
                 hup.recv().await?;

@@ -102,16 +102,16 @@ pub fn serve(opts: &LoadOptions, serve: ServeOptions) -> Result<(), DaemonError>
                 cfg.domain.clone(),
             )
         });
-        let reloads = Reloads::Sighup {
-            opts: opts.clone(),
-            adjust: Box::new(move |c: &mut Config| {
+        let reloads = Reloads::sighup(
+            opts.clone(),
+            Box::new(move |c: &mut Config| {
                 if let Some((id, secret, domain)) = &pinned {
                     c.app_id.clone_from(id);
                     c.app_secret.clone_from(secret);
                     c.domain.clone_from(domain);
                 }
             }),
-        };
+        );
         run_with_reloads(cfg, listeners, shutdown_signal(), reloads).await
     })
 }

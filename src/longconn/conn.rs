@@ -536,7 +536,7 @@ impl LongConn {
     ) {
         let dispatcher = self.dispatcher.clone();
         // On the supervisor's tracker (through the dispatcher): shutdown waits for it.
-        self.dispatcher.clone().spawn(async move {
+        self.dispatcher.spawn(async move {
             let started = Instant::now();
             let response = match parse_event_payload(&payload) {
                 Ok(cb) => match dispatcher.dispatch(cb, EventSource::WebSocket).await {
