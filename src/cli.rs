@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::config::{Config, ConfigError, LoadOptions, EX_USAGE};
-use crate::storage::{self, now_ms, Key, SessionId, SessionState, Store, StoreOptions};
+use crate::daemon::store_options;
+use crate::storage::{self, now_ms, Key, SessionId, SessionState, Store};
 
 /// lark-service: holds a Feishu/Lark app's long connection and its users' authorization.
 #[derive(Debug, Parser)]
@@ -156,6 +157,15 @@ pub struct ServeArgs {
     pub plain: bool,
 }
 
+impl From<&ServeArgs> for crate::daemon::ServeOptions {
+    fn from(a: &ServeArgs) -> Self {
+        Self {
+            sandbox: a.sandbox,
+            sandbox_tls: !a.plain,
+        }
+    }
+}
+
 /// `config` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {
@@ -236,6 +246,9 @@ pub enum CliError {
     /// A backup could not be written or restored.
     #[error(transparent)]
     Backup(#[from] crate::backup::BackupError),
+    /// The service did not start or stopped with an error.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
     /// Anything else (exit 1).
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -247,14 +260,13 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             Self::Config(_) => EX_USAGE,
-            Self::Store(e) if e.is_transient() => 75,
-            Self::Store(storage::Error::Invalid(_)) => EX_USAGE,
-            Self::Store(_) => 65,
+            Self::Store(e) => crate::daemon::store_exit_code(e),
             Self::Backup(crate::backup::BackupError::Store(e)) => {
                 Self::Store(clone_kind(e)).exit_code()
             }
             Self::Backup(crate::backup::BackupError::Usage(_)) => EX_USAGE,
             Self::Backup(_) => 65,
+            Self::Daemon(e) => e.exit_code(),
             Self::Other(_) => 1,
         }
     }
@@ -267,7 +279,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         overrides: cli.set.clone(),
     };
     match cli.command {
-        Command::Serve(args) => crate::daemon::serve(&opts, &args),
+        Command::Serve(args) => Ok(crate::daemon::serve(&opts, (&args).into())?),
         Command::Config(ConfigCmd::Check { list }) => config_check(&opts, list),
         Command::Config(ConfigCmd::Example) => {
             print!("{}", crate::config::settings::example_toml());
@@ -415,15 +427,6 @@ fn refuse_root_on_foreign_store(path: &Path) -> Result<(), CliError> {
     }
 }
 
-/// Store options from the configuration.
-#[must_use]
-pub fn store_options(cfg: &Config) -> StoreOptions {
-    StoreOptions {
-        terminal_retention: cfg.session_retention,
-        ..StoreOptions::default()
-    }
-}
-
 fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     match cmd {
@@ -433,7 +436,8 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
         }
         KeysCmd::Generate { out: Some(path) } => {
             let (key, text) = Key::generate();
-            write_private(&path, text.expose_secret())?;
+            crate::fsutil::write_private(&path, text.expose_secret())
+                .map_err(anyhow::Error::from)?;
             let _ = writeln!(out, "wrote key id {} to {}", key.id(), path.display());
         }
         KeysCmd::Status => {
@@ -476,25 +480,6 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
             );
         }
     }
-    Ok(())
-}
-
-/// Writes `text` to a new file readable by its owner only.
-pub fn write_private(path: &std::path::Path, text: &str) -> Result<(), CliError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}", path.display()))?;
-    writeln!(f, "{text}").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-    f.sync_all()
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }
 

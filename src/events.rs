@@ -14,6 +14,10 @@
 //! - An id is recorded as seen only once its handler succeeded, so a failed event can be
 //!   redelivered. Recording is batched by one writer thread into one write transaction per
 //!   batch (one fsync for many events) and never delays the answer.
+//!
+//! Every task the dispatcher starts belongs to the [`Supervisor`] it is built with: slow
+//! handlers run on its tracker (drained at shutdown), and the writer is one of its writers,
+//! which [`Dispatcher::close`] tells to commit what is queued and let go of the store.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
@@ -22,10 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::callbacks::Callback;
 use crate::storage::{now_ms, Store};
+use crate::workers::Supervisor;
 
 /// Where an event came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +140,10 @@ struct Inner {
     recent: Mutex<Recent>,
     seen_tx: mpsc::Sender<SeenMsg>,
     handlers: Arc<Semaphore>,
+    /// Where slow handlers (and the long connection's dispatches) run.
+    tasks: TaskTracker,
+    /// The writer, until [`Dispatcher::close`] joins it.
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A handler slot; counted in the in-flight gauge until dropped.
@@ -160,6 +170,8 @@ enum SeenMsg {
     Id(String),
     /// Answer once everything before this message is committed.
     Flush(tokio::sync::oneshot::Sender<()>),
+    /// Commit everything before this message, then stop.
+    Close,
 }
 
 /// Ids seen or in flight, bounded in count and in bytes, oldest evicted first.
@@ -201,19 +213,17 @@ impl Recent {
 }
 
 impl Dispatcher {
-    /// A dispatcher over `store`. Starts the seen-id writer thread; it stops when the last
-    /// clone is dropped.
+    /// A dispatcher over `store`, its tasks owned by `sup`. Starts the seen-id writer (one of
+    /// `sup`'s writers); it stops at [`Dispatcher::close`] or when the last clone is dropped.
     #[must_use]
-    pub fn new(store: Store, cfg: DispatchConfig) -> Self {
+    pub fn new(store: Store, cfg: DispatchConfig, sup: &Supervisor) -> Self {
         let (seen_tx, seen_rx) = mpsc::channel(SEEN_QUEUE);
         let handlers = Arc::new(Semaphore::new(
             cfg.max_concurrent_handlers.clamp(1, Semaphore::MAX_PERMITS),
         ));
         let ttl_ms = u64::try_from(cfg.seen_ttl.as_millis()).unwrap_or(u64::MAX);
         let writer_store = store.clone();
-        let _ = std::thread::Builder::new()
-            .name("seen-ids".to_owned())
-            .spawn(move || seen_writer(&writer_store, seen_rx, ttl_ms));
+        let writer = sup.spawn_writer(move || seen_writer(&writer_store, seen_rx, ttl_ms));
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -223,6 +233,8 @@ impl Dispatcher {
                 recent: Mutex::new(Recent::default()),
                 seen_tx,
                 handlers,
+                tasks: sup.tracker(),
+                writer: Mutex::new(Some(writer)),
             }),
         }
     }
@@ -356,7 +368,7 @@ impl Dispatcher {
                 }
                 Ok(None) => {}
             }
-            let task = tokio::spawn(work);
+            let task = self.inner.tasks.spawn(work);
             match tokio::time::timeout(self.inner.cfg.ack_deadline, task).await {
                 Ok(Ok(Ok(reply))) => {
                     debug!("Event handled.");
@@ -442,6 +454,32 @@ impl Dispatcher {
         }
     }
 
+    /// Runs `task` on the supervisor's tracker (drained at shutdown).
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(task);
+    }
+
+    /// Commits every id recorded so far, stops the writer and waits until it has let go of
+    /// the store. Ids recorded afterwards are not kept (their events may be handled again
+    /// after a restart: at-least-once). Call once the handlers are done (shutdown).
+    pub async fn close(&self) {
+        let _ = self.inner.seen_tx.send(SeenMsg::Close).await;
+        let writer = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(w) = writer {
+            if let Err(e) = w.await {
+                warn!(error = %e, "The seen-id writer failed.");
+            }
+        }
+    }
+
     /// Waits until every id recorded so far is committed (tests, shutdown).
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -489,7 +527,11 @@ fn commit_seen(store: &Store, ids: &[String], forget_at: u64) {
 
 /// The writer thread: drains whatever ids are queued and commits them in one transaction.
 fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
-    while let Some(first) = rx.blocking_recv() {
+    let mut open = true;
+    while open {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut ids = Vec::new();
         let mut flushes = Vec::new();
         let mut next = Some(first);
@@ -497,8 +539,9 @@ fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64) {
             match m {
                 SeenMsg::Id(id) => ids.push(id),
                 SeenMsg::Flush(tx) => flushes.push(tx),
+                SeenMsg::Close => open = false,
             }
-            if ids.len() < 4096 {
+            if open && ids.len() < 4096 {
                 next = rx.try_recv().ok();
             }
         }
@@ -581,22 +624,6 @@ mod tests {
         .unwrap()
     }
 
-    /// Reopens the store at `path` once the previous dispatcher's writer thread has let go of
-    /// it (bounded wait).
-    async fn reopen(path: &std::path::Path) -> Store {
-        for _ in 0..200 {
-            if let Ok(s) = Store::open(
-                path,
-                Keyring::new(Key::from_bytes(&[1; 32]), vec![]),
-                StoreOptions::default(),
-            ) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the store at {} stayed locked", path.display());
-    }
-
     fn counting(calls: Arc<AtomicU32>, fail_first: u32) -> Handler {
         Arc::new(move |_cb| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -616,6 +643,7 @@ mod tests {
         let d = Dispatcher::new(
             store_at(&dir.path().join("s.redb")),
             DispatchConfig::default(),
+            &Supervisor::default(),
         );
         let calls = Arc::new(AtomicU32::new(0));
         d.set_handler(counting(calls.clone(), 1));
@@ -647,6 +675,7 @@ mod tests {
         let d = Dispatcher::new(
             store_at(&dir.path().join("s.redb")),
             DispatchConfig::default(),
+            &Supervisor::default(),
         );
         let calls = Arc::new(AtomicU32::new(0));
         let c = calls.clone();
@@ -684,7 +713,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let d = Dispatcher::new(store_at(&path), DispatchConfig::default());
+            let d = Dispatcher::new(
+                store_at(&path),
+                DispatchConfig::default(),
+                &Supervisor::default(),
+            );
             d.set_handler(counting(Arc::new(AtomicU32::new(0)), 0));
             for i in 0..50 {
                 assert_eq!(
@@ -694,9 +727,11 @@ mod tests {
                 );
             }
             d.flush().await;
+            // Closing joins the writer: once `d` is gone, nothing holds the store.
+            d.close().await;
         }
-        let store = reopen(&path).await;
-        let d = Dispatcher::new(store, DispatchConfig::default());
+        let store = store_at(&path);
+        let d = Dispatcher::new(store, DispatchConfig::default(), &Supervisor::default());
         let calls = Arc::new(AtomicU32::new(0));
         d.set_handler(counting(calls.clone(), 0));
         for i in 0..50 {
@@ -718,6 +753,7 @@ mod tests {
                 ack_deadline: Duration::from_millis(100),
                 ..DispatchConfig::default()
             },
+            &Supervisor::default(),
         );
         let release = Arc::new(tokio::sync::Notify::new());
         let done = Arc::new(AtomicU32::new(0));
@@ -756,6 +792,7 @@ mod tests {
         let d = Dispatcher::new(
             store_at(&dir.path().join("s.redb")),
             DispatchConfig::default(),
+            &Supervisor::default(),
         );
         assert_eq!(
             d.dispatch(event("x"), EventSource::WebSocket).await,
@@ -783,7 +820,11 @@ mod tests {
         let path = dir.path().join("s.redb");
         let calls = Arc::new(AtomicU32::new(0));
         {
-            let d = Dispatcher::new(store_at(&path), DispatchConfig::default());
+            let d = Dispatcher::new(
+                store_at(&path),
+                DispatchConfig::default(),
+                &Supervisor::default(),
+            );
             d.set_handler(counting(calls.clone(), 0));
             assert_eq!(
                 d.dispatch(message("ev-a", "om_1"), EventSource::WebSocket)
@@ -808,10 +849,11 @@ mod tests {
                 Outcome::Handled(HandlerReply::Done)
             );
             d.flush().await;
+            d.close().await;
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
-        let store = reopen(&path).await;
-        let d = Dispatcher::new(store, DispatchConfig::default());
+        let store = store_at(&path);
+        let d = Dispatcher::new(store, DispatchConfig::default(), &Supervisor::default());
         d.set_handler(counting(calls.clone(), 0));
         assert_eq!(
             d.dispatch(message("ev-z", "om_1"), EventSource::WebSocket)
@@ -827,6 +869,7 @@ mod tests {
         let d = Dispatcher::new(
             store_at(&dir.path().join("s.redb")),
             DispatchConfig::default(),
+            &Supervisor::default(),
         );
         let calls = Arc::new(AtomicU32::new(0));
         d.set_handler(counting(calls.clone(), 1));
@@ -858,6 +901,7 @@ mod tests {
                 max_concurrent_handlers: 3,
                 ..DispatchConfig::default()
             },
+            &Supervisor::default(),
         );
         let release = Arc::new(tokio::sync::Semaphore::new(0));
         let running = Arc::new(AtomicU32::new(0));

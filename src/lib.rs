@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod events;
 pub mod export;
+pub mod fsutil;
 pub mod http;
 pub mod lark;
 pub mod longconn;

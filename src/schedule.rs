@@ -4,6 +4,17 @@ use std::str::FromStr;
 
 use chrono::{TimeZone, Utc};
 
+/// Why a schedule does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    /// Not five fields.
+    #[error("expected 5 fields, got {0}")]
+    Fields(usize),
+    /// A field the parser refuses.
+    #[error("{0}")]
+    Cron(#[from] croner::errors::CronError),
+}
+
 /// A parsed 5-field cron schedule.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -12,14 +23,14 @@ pub struct Schedule {
 
 impl Schedule {
     /// Parses `minute hour day-of-month month day-of-week`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ScheduleError> {
         let fields = text.split_whitespace().count();
         if fields != 5 {
-            return Err(format!("expected 5 fields, got {fields}"));
+            return Err(ScheduleError::Fields(fields));
         }
-        croner::Cron::from_str(text)
-            .map(|cron| Self { cron })
-            .map_err(|e| e.to_string())
+        Ok(Self {
+            cron: croner::Cron::from_str(text)?,
+        })
     }
 
     /// The first time strictly after `after_ms` (unix ms) that matches, in unix ms.

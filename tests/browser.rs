@@ -120,14 +120,6 @@ fn trust_ca(home: &Path, ca_pem: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Headless Chromium under chromedriver, with its own `HOME` and profile.
 struct Browser {
     client: Option<Client>,

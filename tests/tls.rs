@@ -27,14 +27,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
 /// The proxy's password: a sentinel CI greps the test log for.
 const PROXY_PASSWORD: &str = "proxy-pw-5e171ne1";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A CA nobody configured: certificates from it must be refused.
 fn stranger_ca_pem() -> String {
     let key = rcgen::KeyPair::generate().unwrap();

@@ -535,7 +535,8 @@ impl LongConn {
         acks: mpsc::Sender<(Frame, Instant)>,
     ) {
         let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
+        // On the supervisor's tracker (through the dispatcher): shutdown waits for it.
+        self.dispatcher.spawn(async move {
             let started = Instant::now();
             let response = match parse_event_payload(&payload) {
                 Ok(cb) => match dispatcher.dispatch(cb, EventSource::WebSocket).await {

@@ -283,16 +283,19 @@ impl Service {
             .await
             .expect("service stops within the grace period")
             .unwrap();
-        // The seen-id writer thread lets go of the store file just after `run` returns: wait
-        // until the store can be opened (bounded), rather than for a fixed time.
-        let path = self._dir.path().to_owned();
-        if path.join("s.redb").exists() {
-            tokio::task::spawn_blocking(move || drop(open_store(&path)))
-                .await
-                .unwrap();
-        }
+        // `run` closes the store before it returns: it can be opened at once.
         self._dir
     }
+}
+
+/// A loopback port nobody listens on right now (for a process that must be told its
+/// address before it binds).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Sum of every series of `name` (optionally only those whose labels contain `filter`).
@@ -331,20 +334,15 @@ pub fn find_callback_value(v: &Value) -> Option<Value> {
     }
 }
 
-/// Opens the store a stopped service left in `dir` (the helper's key and file name).
-/// Waits (bounded) while the stopping service's threads still hold the file's lock.
+/// Opens the store a stopped service left in `dir` (the helper's key and file name). The
+/// service closed it before `run` returned, so it opens at once: no waiting for a lock.
 pub fn open_store(dir: &std::path::Path) -> lark_service::storage::Store {
-    use lark_service::storage::{Error, Key, Keyring, Store, StoreOptions};
-    let key = || Key::from_hex(&secrecy::SecretString::from(KEY.to_owned())).unwrap();
-    for _ in 0..400 {
-        match Store::open(
-            &dir.join("s.redb"),
-            Keyring::new(key(), vec![]),
-            StoreOptions::default(),
-        ) {
-            Err(Error::Locked { .. }) => std::thread::sleep(Duration::from_millis(25)),
-            other => return other.unwrap(),
-        }
-    }
-    panic!("the store at {} stayed locked", dir.display());
+    use lark_service::storage::{Key, Keyring, Store, StoreOptions};
+    let key = Key::from_hex(&secrecy::SecretString::from(KEY.to_owned())).unwrap();
+    Store::open(
+        &dir.join("s.redb"),
+        Keyring::new(key, vec![]),
+        StoreOptions::default(),
+    )
+    .unwrap()
 }
