@@ -5,6 +5,8 @@
 //! was expected; the binary exits with 64 (EX_USAGE) on any of them.
 
 pub mod fernet;
+mod limits;
+pub use limits::{HttpLimits, McpLimits, CLIENT_REQUESTS_PER_MINUTE, GLOBAL_REQUESTS_PER_MINUTE};
 mod secrets;
 pub(crate) use secrets::read_secret_file;
 pub mod settings;
@@ -207,9 +209,9 @@ pub struct Config {
     /// Admin listener (admin API, `/mcp`).
     pub admin_listen: SocketAddr,
     /// Bounds of every listener.
-    pub http_limits: crate::http::serve::Limits,
+    pub http_limits: HttpLimits,
     /// Request limits of `/mcp`.
-    pub mcp_limits: crate::mcp::McpLimits,
+    pub mcp_limits: McpLimits,
     /// Public base URL of the HTTP listener.
     pub public_url: Option<Url>,
     /// Trust and proxy for outgoing connections.
@@ -497,23 +499,23 @@ impl Config {
             ),
             http_listen: r.parse("http.listen", "an address such as 127.0.0.1:8080")?,
             admin_listen: r.parse("admin.listen", "an address such as 127.0.0.1:8081")?,
-            mcp_limits: crate::mcp::McpLimits {
+            mcp_limits: McpLimits {
                 client_per_minute: usize::try_from(r.int(
                     "mcp.client_requests_per_minute",
                     1,
                     1_000_000,
                     "a whole number from 1 to 1000000",
                 )?)
-                .unwrap_or(crate::mcp::CLIENT_REQUESTS_PER_MINUTE),
+                .unwrap_or(CLIENT_REQUESTS_PER_MINUTE),
                 global_per_minute: usize::try_from(r.int(
                     "mcp.global_requests_per_minute",
                     1,
                     10_000_000,
                     "a whole number from 1 to 10000000",
                 )?)
-                .unwrap_or(crate::mcp::GLOBAL_REQUESTS_PER_MINUTE),
+                .unwrap_or(GLOBAL_REQUESTS_PER_MINUTE),
             },
-            http_limits: crate::http::serve::Limits {
+            http_limits: HttpLimits {
                 max_connections: usize::try_from(r.int(
                     "http.max_connections",
                     1,

@@ -23,31 +23,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tracing::{debug, warn};
 
-/// Bounds every listener is served with (`http.*` settings).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Connections served at once per listener; more wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// Time a connection has to send a request's headers: from its start, and from the end of
-    /// the previous response on a keep-alive connection (so it is also the idle limit).
-    pub header_read_timeout: Duration,
-    /// Time a request may take (routes that apply [`with_request_timeout`]); also the longest
-    /// gap between the frames of a request body.
-    pub request_timeout: Duration,
-    /// Largest request body, in bytes.
-    pub max_body_bytes: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 1024,
-            header_read_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(30),
-            max_body_bytes: 1 << 20,
-        }
-    }
-}
+pub use crate::config::HttpLimits as Limits;
 
 /// `router` with every request answered `408 Request Timeout` once it takes longer than
 /// `timeout`. Not for routes whose responses stream for long (SSE).

@@ -732,29 +732,7 @@ impl McpServer {
 )]
 impl ServerHandler for McpServer {}
 
-/// Request limits of `/mcp` (`mcp.*` settings).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct McpLimits {
-    /// Requests per minute from one client: one bearer token from one peer address, however
-    /// many MCP sessions it opens.
-    pub client_per_minute: usize,
-    /// Requests per minute from everyone together.
-    pub global_per_minute: usize,
-}
-
-impl Default for McpLimits {
-    fn default() -> Self {
-        Self {
-            client_per_minute: CLIENT_REQUESTS_PER_MINUTE,
-            global_per_minute: GLOBAL_REQUESTS_PER_MINUTE,
-        }
-    }
-}
-
-/// Default requests per minute of one MCP client (bearer token and peer address).
-pub const CLIENT_REQUESTS_PER_MINUTE: usize = 600;
-/// Default requests per minute to `/mcp` from everyone together.
-pub const GLOBAL_REQUESTS_PER_MINUTE: usize = 3000;
+pub use crate::config::{McpLimits, CLIENT_REQUESTS_PER_MINUTE, GLOBAL_REQUESTS_PER_MINUTE};
 
 /// The window of the `/mcp` limits.
 const LIMIT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
