@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
+use crate::backoff::Backoff;
+
 /// Any error a worker's unit reports; the runner names the worker it came from.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -364,7 +366,9 @@ struct Runner {
 impl Runner {
     async fn run<W: Worker>(self, mut worker: W) {
         let name = worker.name();
-        let mut backoff = FIRST_BACKOFF;
+        let schedule = Backoff::new(FIRST_BACKOFF, self.max_backoff);
+        // Failed units in a row; the wait after the n-th is `schedule.delay(n)`.
+        let mut failures: u32 = 0;
         while !self.cancel.is_cancelled() {
             self.table.update(name, |w| w.state = "running");
             let unit = std::panic::AssertUnwindSafe(worker.work(&self.cancel))
@@ -374,7 +378,7 @@ impl Runner {
             let status = worker.status();
             let next = match unit {
                 Ok(Ok(state)) => {
-                    backoff = FIRST_BACKOFF;
+                    failures = 0;
                     self.table.update(name, |w| {
                         w.state = "idle";
                         w.runs += 1;
@@ -386,15 +390,21 @@ impl Runner {
                     state
                 }
                 Ok(Err(e)) => {
-                    let wait = self.failed(name, Failure::Error(e), backoff, now, status);
-                    backoff = backoff.saturating_mul(2).min(self.max_backoff);
-                    WorkerState::Throttled(wait)
+                    failures = failures.saturating_add(1);
+                    let backoff = schedule.delay(failures);
+                    WorkerState::Throttled(self.failed(
+                        name,
+                        Failure::Error(e),
+                        backoff,
+                        now,
+                        status,
+                    ))
                 }
                 Err(p) => {
+                    failures = failures.saturating_add(1);
                     let failure = Failure::Panicked(panic_message(p.as_ref()));
-                    let wait = self.failed(name, failure, backoff, now, status);
-                    backoff = backoff.saturating_mul(2).min(self.max_backoff);
-                    WorkerState::Throttled(wait)
+                    let backoff = schedule.delay(failures);
+                    WorkerState::Throttled(self.failed(name, failure, backoff, now, status))
                 }
             };
             match next {

@@ -14,6 +14,7 @@
 use std::time::{Duration, Instant};
 
 use super::protocol::{ClientConfig, ClientConfigPatch};
+use crate::backoff::Backoff;
 
 /// Discovery `code`: success.
 pub const CODE_OK: i64 = 0;
@@ -204,11 +205,14 @@ impl Reconnect {
         } else {
             Duration::ZERO
         };
-        let backoff = self.backoff(self.step, server);
+        // The service's one backoff schedule, capped by the server's reconnect interval, with
+        // equal jitter (half the backoff, plus a random share of the other half).
+        let schedule = Backoff::new(
+            self.policy.initial_backoff,
+            self.policy.max_backoff.min(server.reconnect_interval),
+        );
+        let backoff = schedule.jittered(self.step, unit(random()));
         self.step = self.step.saturating_add(1);
-        // Equal jitter: half the backoff, plus a random share of the other half.
-        let half = backoff / 2;
-        let backoff = half.saturating_add((backoff - half).mul_f64(unit(random())));
         let wait = jitter.saturating_add(backoff);
         if degraded {
             Decision::Degraded { wait, retries }
@@ -231,21 +235,6 @@ impl Reconnect {
             }
         }
         self.state = State::Down { retries: 0 };
-    }
-
-    /// Backoff for growth exponent `step`: 0 for step 0, else
-    /// `min(initial · 2^(step−1), cap)`.
-    fn backoff(&self, step: u32, server: &ClientConfig) -> Duration {
-        if step == 0 {
-            return Duration::ZERO;
-        }
-        let cap = self.policy.max_backoff.min(server.reconnect_interval);
-        let factor = 2u32.saturating_pow(step - 1);
-        self.policy
-            .initial_backoff
-            .checked_mul(factor)
-            .unwrap_or(Duration::MAX)
-            .min(cap)
     }
 }
 
