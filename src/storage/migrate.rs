@@ -5,14 +5,15 @@
 //! the same transaction that bumps the version, so a crash leaves either the old or the new file.
 //! Schema 3 adds the `oauth_states` index, rebuilt from the pending sessions' state hashes.
 //! Schema 4 adds the `changes` feed, seeded with one upsert per existing session.
+//! Schema 5 adds the (empty) `leases` table.
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::records::{StoredSession, StoredToken};
 use super::sessions::{deadline_of, state_index_of};
 use super::tables::{
-    CHANGES, CHANGE_UPSERT, CURSORS, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS,
-    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CHANGES, CHANGE_UPSERT, CURSORS, LEASES, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
+    SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use super::tokens::refreshable;
 use super::{Error, Result, Store};
@@ -32,6 +33,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(CURSORS).map_err(e)?;
     txn.open_table(OAUTH_STATES).map_err(e)?;
     txn.open_table(CHANGES).map_err(e)?;
+    txn.open_table(LEASES).map_err(e)?;
     Ok(())
 }
 

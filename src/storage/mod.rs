@@ -13,6 +13,7 @@ mod envelope;
 mod error;
 mod events;
 mod keys;
+mod leases;
 mod migrate;
 mod records;
 mod sessions;
@@ -21,6 +22,7 @@ pub mod tables;
 #[doc(hidden)]
 pub mod testing;
 mod tokens;
+pub mod traits;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +39,7 @@ pub use keys::{KeyStatus, RotationReport};
 pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
 pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
+pub use traits::{Backend, ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
 
 use envelope::{Place, Sealed};
 use tables::{META, SCHEMA_VERSION};

@@ -8,8 +8,8 @@
 use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
-/// `oauth_states`; 4 added the `changes` feed.
-pub const SCHEMA_VERSION: u32 = 4;
+/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`.
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -54,6 +54,9 @@ pub const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursor
 /// 16 big-endian bytes of the session id. Appended in the transaction that writes or purges the
 /// session (see `changes.rs`); exporters read it after their cursor.
 pub const CHANGES: TableDefinition<'_, u64, [u8; 17]> = TableDefinition::new("changes");
+
+/// Named leases: name → version byte and the bincode of (holder, expires at unix ms).
+pub const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;
