@@ -1,5 +1,8 @@
 //! Raw access for tests: tampering, legacy files. Not part of the service's behaviour; kept
-//! here so that `redb` stays imported by this module alone.
+//! here so that `redb` stays imported by this module alone. [`conformance`] is the suite every
+//! backend of the store traits must pass.
+
+pub mod conformance;
 
 use std::path::Path;
 
