@@ -25,7 +25,8 @@ use sha2::{Digest, Sha256};
 
 use super::tables::{
     CHANGES, CURSORS, LEASES, META, OAUTH_STATES, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
-    SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    SESSIONS, SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
+    USERS,
 };
 use super::{now_ms, Error, Keyring, Result, Store, StoreOptions};
 
@@ -197,6 +198,7 @@ macro_rules! for_each_table {
         $f($($arg,)* OAUTH_STATES)?;
         $f($($arg,)* CHANGES)?;
         $f($($arg,)* LEASES)?;
+        $f($($arg,)* SESSION_COUNTS)?;
     }};
 }
 
@@ -498,6 +500,7 @@ fn restore_into(
             "oauth_states" => l.rows(OAUTH_STATES, count)?,
             "changes" => l.rows(CHANGES, count)?,
             "leases" => l.rows(LEASES, count)?,
+            "session_counts" => l.rows(SESSION_COUNTS, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

@@ -9,6 +9,7 @@
 
 mod backup;
 mod changes;
+mod counts;
 mod envelope;
 mod error;
 mod events;

@@ -25,6 +25,7 @@ use std::ops::Bound;
 
 use redb::{ReadableTable, ReadableTableMetadata, Table};
 
+use super::counts::CountDelta;
 use super::records::{SessionPeek, StoredSession, SESSIONS_TABLE};
 use super::sessions::deadline_for;
 use super::tables::{
@@ -112,6 +113,7 @@ struct Effects<'r> {
     by_user_gone: Vec<(String, String, u128)>,
     states_gone: Vec<([u8; 32], u128)>,
     changes: Vec<(u8, SessionId)>,
+    counts: CountDelta,
     /// The new record of the last [`Fate::Rewrite`].
     scratch: Vec<u8>,
 }
@@ -126,6 +128,7 @@ impl<'r> Effects<'r> {
             by_user_gone: Vec::new(),
             states_gone: Vec::new(),
             changes: Vec::with_capacity(capacity),
+            counts: CountDelta::default(),
             scratch: Vec::new(),
         }
     }
@@ -167,6 +170,8 @@ impl<'r> Effects<'r> {
             );
             self.new_deadlines.push(((next_at, id), next_kind));
             self.changes.push((CHANGE_UPSERT, SessionId(id)));
+            self.counts
+                .moved(Some(SessionState::Pending), SessionState::Expired);
             self.report
                 .expired
                 .push((SessionId(id), s.card_message_id.map(str::to_owned)));
@@ -177,6 +182,7 @@ impl<'r> Effects<'r> {
             self.by_user_gone
                 .push((s.app_id.to_owned(), s.user_id.to_owned(), id));
             self.changes.push((CHANGE_DELETE, SessionId(id)));
+            self.counts.remove(s.state);
             self.report.purged += 1;
             Ok(Fate::Delete)
         }
@@ -330,6 +336,7 @@ impl Store {
             fx.new_deadlines.sort_unstable();
             insert_runs(&mut t.deadlines, &fx.new_deadlines).map_err(|e| self.err(e))?;
             self.append_changes(&mut t, &fx.changes)?;
+            self.apply_counts(&mut t.counts, &fx.counts)?;
         }
         self.commit(txn)
     }
