@@ -401,6 +401,8 @@ fn refuse_root_on_foreign_store(path: &Path) -> Result<(), CliError> {
 pub fn store_options(cfg: &Config) -> StoreOptions {
     StoreOptions {
         terminal_retention: cfg.session_retention,
+        // Only an exporter reads the change feed: without one, nothing is appended to it.
+        change_feed: cfg.export_postgres_url.is_some(),
         ..StoreOptions::default()
     }
 }

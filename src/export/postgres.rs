@@ -244,6 +244,12 @@ pub async fn write_batch(
 pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let mut client = connect(url, net).await?;
     migrate(&mut client).await?;
+    copy_all(store, &mut client).await
+}
+
+/// Copies every session, then moves the cursor to the last change seq seen before the copy
+/// began (never back). Returns the number of rows written.
+async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
     let start_seq = store.run(|s| s.last_change_seq()).await?;
     let mut after = None;
     let mut n = 0u64;
@@ -253,7 +259,7 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
             .await?;
         let Some(last) = rows.last() else { break };
         after = Some(last.session_id);
-        write_batch(&mut client, &rows, &[]).await?;
+        write_batch(client, &rows, &[]).await?;
         n += rows.len() as u64;
     }
     let cur = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
@@ -267,6 +273,13 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
 /// cursor. Returns how many changes it handled (0: caught up).
 pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<usize> {
     let cursor = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
+    let complete_from = store.run(|s| s.change_feed_complete_from()).await?;
+    if cursor < complete_from {
+        // The feed was off for a while (no exporter configured): what changed then is not in
+        // it. Copy every session once; the cursor then starts where the copy did.
+        let n = copy_all(store, client).await?;
+        return Ok(usize::try_from(n).unwrap_or(usize::MAX).max(1));
+    }
     let changes = store.run(move |s| s.changes_after(cursor, BATCH)).await?;
     let Some(&(last_seq, _, _)) = changes.last() else {
         let last = store.run(|s| s.last_change_seq()).await?;

@@ -51,6 +51,8 @@ pub struct SweepReport {
     pub events_forgotten: u64,
     /// Index entries that no longer matched their record and were repaired.
     pub repaired: u64,
+    /// Change-feed entries deleted (see [`Store::prune_feed`]).
+    pub changes_pruned: u64,
 }
 
 /// One due deadline entry.
@@ -244,6 +246,7 @@ impl Store {
             }
         }
         while self.sweep_events_batch(now, batch, &mut report)? {}
+        report.changes_pruned = self.prune_feed()?;
         Ok(report)
     }
 

@@ -142,6 +142,11 @@ pub trait ChangeFeed {
     /// Deletes the changes with seq ≤ `upto`; returns how many. Later seqs are untouched.
     fn prune_changes(&self, upto: u64) -> Result<u64>;
 
+    /// The seq after which the feed holds every change (0: all). Appending can be switched
+    /// off (no exporter configured); an exporter whose cursor is below this missed changes and
+    /// must copy every session before following the feed.
+    fn change_feed_complete_from(&self) -> Result<u64>;
+
     /// A named cursor (an exporter's position), or `None` if never set.
     fn cursor(&self, name: &str) -> Result<Option<u64>>;
 
@@ -290,6 +295,9 @@ impl ChangeFeed for Store {
     }
     fn prune_changes(&self, upto: u64) -> Result<u64> {
         Store::prune_changes(self, upto)
+    }
+    fn change_feed_complete_from(&self) -> Result<u64> {
+        Store::change_feed_complete_from(self)
     }
     fn cursor(&self, name: &str) -> Result<Option<u64>> {
         Store::cursor(self, name)

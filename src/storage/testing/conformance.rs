@@ -628,6 +628,11 @@ fn seen_events_dedup_and_expiry<B: Backend>(b: &B) -> Result<()> {
 
 fn change_feed_order_and_prune<B: Backend>(b: &B) -> Result<()> {
     assert_eq!(b.last_change_seq()?, 0);
+    assert_eq!(
+        b.change_feed_complete_from()?,
+        0,
+        "a new store's feed is complete"
+    );
     let s: Vec<AuthSession> = (0..4).map(|i| session(&format!("s{i}"), T0)).collect();
     for x in &s {
         b.put_session(x)?;
