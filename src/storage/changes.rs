@@ -13,7 +13,7 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use secrecy::SecretString;
 
 use super::envelope::{KeyId, Place, Sealed};
-use super::records::{StoredSession, SESSIONS_TABLE};
+use super::records::{session_from, StoredSession, SESSIONS_TABLE};
 use super::sessions::SessionTables;
 use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS};
 use super::{Error, FailureReason, Result, SessionId, SessionState, Store};
@@ -177,27 +177,11 @@ fn export_token(s: &Option<Sealed>) -> Option<ExportToken> {
 
 impl ExportRow {
     fn from_stored(id: SessionId, s: &StoredSession) -> Self {
-        Self {
+        session_from!(ExportRow {
             session_id: id,
-            app_id: s.app_id.clone(),
-            user_id: s.user_id.clone(),
-            open_id: s.open_id.clone(),
-            union_id: s.union_id.clone(),
-            state: s.state,
-            failure_reason: s.failure_reason,
-            card_message_id: s.card_message_id.clone(),
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-            expires_at: s.expires_at,
             access_token: export_token(&s.access_token),
             refresh_token: export_token(&s.refresh_token),
-            token_expires_at: s.token_expires_at,
-            refresh_token_expires_at: s.refresh_token_expires_at,
-            scopes: s.scopes.clone(),
-            user_name: s.user_name.clone(),
-            user_email: s.user_email.clone(),
-            avatar_url: s.avatar_url.clone(),
-        }
+        } from s)
     }
 }
 

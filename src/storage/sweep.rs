@@ -536,7 +536,7 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::storage::records::{encode, StoredSessionV1};
+    use crate::storage::records::{encode, session_from, StoredSessionV1};
     use crate::storage::sessions::deadline_of;
     use crate::storage::tables::{CHANGES, META, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER};
     use crate::storage::{AuthSession, FailureReason, Key, Keyring, StoreOptions};
@@ -737,26 +737,10 @@ mod tests {
                 sessions.remove(id).unwrap();
             } else if v1 {
                 let s = StoredSession::decode(sessions.get(id).unwrap().unwrap().value()).unwrap();
-                let old = StoredSessionV1 {
-                    app_id: s.app_id,
-                    user_id: s.user_id,
-                    open_id: s.open_id,
-                    union_id: s.union_id,
-                    state: s.state,
-                    failure_reason: s.failure_reason,
-                    card_message_id: s.card_message_id,
-                    created_at: s.created_at,
-                    updated_at: s.updated_at,
-                    expires_at: s.expires_at,
-                    access_token: s.access_token,
-                    refresh_token: s.refresh_token,
-                    token_expires_at: s.token_expires_at,
-                    refresh_token_expires_at: s.refresh_token_expires_at,
-                    scopes: s.scopes,
-                    user_name: s.user_name,
-                    user_email: s.user_email,
-                    avatar_url: s.avatar_url,
-                };
+                let old = session_from!(StoredSessionV1 {
+                    access_token: s.access_token.clone(),
+                    refresh_token: s.refresh_token.clone(),
+                } from s);
                 sessions.insert(id, encode(1, &old).as_slice()).unwrap();
             }
         }
