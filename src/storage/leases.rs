@@ -7,6 +7,7 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::records::{decode, encode};
+use super::sessions::validate_key_parts;
 use super::tables::LEASES;
 use super::{Error, Result, Store};
 
@@ -30,15 +31,7 @@ fn decode_lease(bytes: &[u8]) -> Result<StoredLease> {
 }
 
 fn validate(name: &str, holder: &str) -> Result<()> {
-    for (what, v) in [("lease name", name), ("lease holder", holder)] {
-        if v.is_empty() || v.len() > 256 {
-            return Err(Error::Invalid(format!(
-                "{what} must be 1 to 256 bytes, got {}",
-                v.len()
-            )));
-        }
-    }
-    Ok(())
+    validate_key_parts([("lease name", name), ("lease holder", holder)])
 }
 
 impl Store {

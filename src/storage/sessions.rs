@@ -394,7 +394,12 @@ impl SessionSummary {
 }
 
 pub(crate) fn validate_ids(app_id: &str, user_id: &str) -> Result<()> {
-    for (name, v) in [("app_id", app_id), ("user_id", user_id)] {
+    validate_key_parts([("app_id", app_id), ("user_id", user_id)])
+}
+
+/// Refuses a key part (named, for the message) that is empty or longer than 256 bytes.
+pub(crate) fn validate_key_parts(parts: [(&str, &str); 2]) -> Result<()> {
+    for (name, v) in parts {
         if v.is_empty() || v.len() > 256 {
             return Err(Error::Invalid(format!(
                 "{name} must be 1 to 256 bytes, got {}",
