@@ -1,6 +1,8 @@
-//! The TTL sweep: expires pending sessions, purges old terminal ones and forgets old event ids.
+//! The TTL sweep: expires pending sessions, purges old terminal ones, forgets old event ids and
+//! prunes the change feed as far as no exporter needs it (`Store::prune_feed`).
 //!
-//! It reads only the due part of the deadline indexes, so its cost is O(due), not O(all).
+//! It reads only the due part of the deadline indexes, so its cost is O(due), not O(all); the
+//! per-state session counts change with each expiry and purge in the same batch transaction.
 //!
 //! A large sweep is bound by how many B-tree pages it copies and writes (redb copies every page
 //! a transaction changes) and by how many times it descends a tree, so it is arranged to touch
