@@ -461,7 +461,8 @@ pub fn get() -> &'static Metrics {
     &METRICS
 }
 
-/// Refreshes the gauges that are read from the store (sessions by state, file size).
+/// Refreshes the gauges that are read from the store (sessions by state, file size). Cheap on
+/// any store size: the per-state counts are kept by the store as it writes (no session is read).
 pub fn refresh_store_gauges(store: &crate::storage::Store) {
     let m = get();
     if let Ok(by_state) = store.count_sessions_by_state() {

@@ -493,6 +493,96 @@ async fn one_shot_export_and_import_round_trip() {
     assert!(!String::from_utf8_lossy(&e.access_token.unwrap().bytes).contains("plain-access"));
 }
 
+/// A store that ran without an exporter (change feed off) has a gap in its feed: the
+/// continuous export, once configured, copies every session first, then follows the feed.
+/// And an import never panics on a bad row: it names the row and the column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exporter_after_a_feed_gap_copies_everything_and_bad_rows_are_named() {
+    let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
+    let url = pg.url("postgres");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let opts = |change_feed| StoreOptions {
+        change_feed,
+        ..StoreOptions::default()
+    };
+    let all: Vec<AuthSession> = (0..30).map(session).collect();
+    {
+        let store = Store::open(&path, ring(), opts(true)).unwrap();
+        store.put_sessions(&all[..10]).unwrap();
+    }
+    {
+        let store = Store::open(&path, ring(), opts(false)).unwrap();
+        store.put_sessions(&all[10..25]).unwrap();
+        store.sweep(0, 100).unwrap();
+        assert!(store.changes_after(0, 100).unwrap().is_empty());
+    }
+    let store = Store::open(&path, ring(), opts(true)).unwrap();
+    store.put_sessions(&all[25..]).unwrap();
+    let mut client = pg_client(&url).await;
+    postgres::migrate(&mut client).await.unwrap();
+    while postgres::export_changes_once(&store, &mut client)
+        .await
+        .unwrap()
+        > 0
+    {}
+    assert_eq!(
+        store.cursor(postgres::CURSOR).unwrap(),
+        Some(store.last_change_seq().unwrap())
+    );
+    check_matches_store(&store, &url, 30).await;
+    // Caught up: the feed is pruned up to the exporter's cursor.
+    store.put_session(&all[0]).unwrap();
+    assert!(
+        postgres::export_changes_once(&store, &mut client)
+            .await
+            .unwrap()
+            > 0
+    );
+    assert!(store.sweep(0, 100).unwrap().changes_pruned > 0);
+    assert!(store
+        .changes_after(0, 100)
+        .unwrap()
+        .iter()
+        .all(|c| Some(c.0) > store.cursor(postgres::CURSOR).unwrap()));
+
+    // A table of another shape, with a NULL where a value is required.
+    client
+        .batch_execute("CREATE DATABASE bad_rows;")
+        .await
+        .unwrap();
+    let bad_url = pg.url("bad_rows");
+    let bad = pg_client(&bad_url).await;
+    bad.batch_execute(
+        "CREATE TABLE user_auth_sessions (session_id text, app_id text, user_id text, state text);
+         INSERT INTO user_auth_sessions VALUES
+           ('0b9e6a1c2f3d4e5f8a9b0c1d2e3f4a5b', NULL, 'u1', 'pending');",
+    )
+    .await
+    .unwrap();
+    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let err = postgres::import_all(&fresh, &bad_url, &net())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, postgres::ExportError::BadColumn { row, column: "app_id", .. }
+            if row == "session 0b9e6a1c2f3d4e5f8a9b0c1d2e3f4a5b"),
+        "{msg}"
+    );
+    bad.batch_execute("UPDATE user_auth_sessions SET app_id = 'cli_app', session_id = NULL;")
+        .await
+        .unwrap();
+    let err = postgres::import_all(&fresh, &bad_url, &net())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, postgres::ExportError::BadColumn { row, column: "session_id", .. }
+            if row == "row 1"),
+        "{err}"
+    );
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, cert PEM, key PEM).
 fn test_ca_and_server_cert() -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();

@@ -418,6 +418,45 @@ fn a_schema_1_file_is_migrated_and_keeps_its_records() {
     );
 }
 
+/// Migrating a schema-1 file to the current schema also counts its sessions per state (the
+/// gauges read the counts, not the records) and gives it the leases table.
+#[test]
+fn a_schema_1_file_gets_state_counts_and_leases_on_migration() {
+    use lark_service::storage::SessionStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.redb");
+    let now = 1_000_000;
+    let mut sessions = Vec::new();
+    for (i, state) in [
+        SessionState::Pending,
+        SessionState::Pending,
+        SessionState::Completed,
+        SessionState::Revoked,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = full_session(&format!("u{i}"), now);
+        s.state = state;
+        s.state_hash = None;
+        s.pkce_verifier = None;
+        sessions.push(s);
+    }
+    storage::testing::write_schema_v1(&path, &ring(1), &sessions).unwrap();
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    let counts = SessionStore::count_sessions_by_state(&store).unwrap();
+    let n = |st: SessionState| counts.iter().find(|c| c.0 == st).map(|c| c.1);
+    assert_eq!(n(SessionState::Pending), Some(2));
+    assert_eq!(n(SessionState::Completed), Some(1));
+    assert_eq!(n(SessionState::Revoked), Some(1));
+    assert_eq!(n(SessionState::Expired), Some(0));
+    assert!(store.try_acquire_lease("sweep", "me", 1000, now).unwrap());
+    assert_eq!(
+        store.lease_holder("sweep", now).unwrap(),
+        Some("me".to_owned())
+    );
+}
+
 #[test]
 fn a_locked_store_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();

@@ -53,6 +53,8 @@ pub struct ServeOptions {
 pub fn store_options(cfg: &Config) -> StoreOptions {
     StoreOptions {
         terminal_retention: cfg.session_retention,
+        // Only an exporter reads the change feed: without one, nothing is appended to it.
+        change_feed: cfg.export_postgres_url.is_some(),
         ..StoreOptions::default()
     }
 }

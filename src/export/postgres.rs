@@ -44,6 +44,17 @@ pub enum ExportError {
     /// A row could not be imported.
     #[error("import: {0}")]
     Import(String),
+    /// A column of an imported row is missing, NULL where a value is required, or of a type
+    /// that cannot be read.
+    #[error("import: {row}: column {column}: {detail}")]
+    BadColumn {
+        /// The row: `session <id>` once the id is read, else `row <n>` (from 1).
+        row: String,
+        /// The column.
+        column: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
     /// The URL or the TLS setup cannot be used (never contains the URL's password).
     #[error("postgresql: {0}")]
     Connect(String),
@@ -51,36 +62,145 @@ pub enum ExportError {
 
 type Result<T> = std::result::Result<T, ExportError>;
 
-/// Embedded migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS user_auth_sessions (
-        session_id text PRIMARY KEY,
-        app_id text NOT NULL,
-        user_id text NOT NULL,
-        open_id text,
-        union_id text,
-        state text NOT NULL,
-        failure_reason text,
-        card_message_id text,
-        created_at timestamptz NOT NULL,
-        updated_at timestamptz NOT NULL,
-        expires_at timestamptz NOT NULL,
-        access_token_ct bytea,
-        refresh_token_ct bytea,
-        token_key_id text,
-        token_expires_at timestamptz,
-        refresh_token_expires_at timestamptz,
-        scopes text[] NOT NULL DEFAULT '{}',
-        user_name text,
-        user_email text,
-        avatar_url text,
-        exported_at timestamptz NOT NULL DEFAULT now()
-    );
+/// A value bound to a statement parameter.
+type Param = Box<dyn tokio_postgres::types::ToSql + Sync + Send>;
+
+/// How a column is written and read back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `text`: bound as is, read as `::text`.
+    Text,
+    /// `timestamptz`: bound as unix ms, read back as unix ms.
+    Time,
+    /// `bytea`.
+    Bytes,
+    /// `text[]`: read back as text (the Python service's table may hold JSON or words).
+    Scopes,
+}
+
+/// One column of `user_auth_sessions`.
+struct Column {
+    name: &'static str,
+    /// Its type and constraints in the table.
+    ddl: &'static str,
+    kind: Kind,
+    /// Its value in an export row.
+    value: fn(&ExportRow) -> Param,
+}
+
+/// The key id of a row's sealed tokens (both are sealed under the same key).
+fn token_key_id(r: &ExportRow) -> Option<String> {
+    r.access_token
+        .as_ref()
+        .or(r.refresh_token.as_ref())
+        .map(|t| t.key_id.clone())
+}
+
+const fn col(
+    name: &'static str,
+    ddl: &'static str,
+    kind: Kind,
+    value: fn(&ExportRow) -> Param,
+) -> Column {
+    Column {
+        name,
+        ddl,
+        kind,
+        value,
+    }
+}
+
+/// The columns of `user_auth_sessions`, in table order: the one list from which the table,
+/// the upsert and the import's query are written. (`exported_at`, which is not a session
+/// field, follows them.)
+const COLUMNS: &[Column] = &[
+    col("session_id", "text PRIMARY KEY", Kind::Text, |r| {
+        Box::new(r.session_id.to_string())
+    }),
+    col("app_id", "text NOT NULL", Kind::Text, |r| {
+        Box::new(r.app_id.clone())
+    }),
+    col("user_id", "text NOT NULL", Kind::Text, |r| {
+        Box::new(r.user_id.clone())
+    }),
+    col("open_id", "text", Kind::Text, |r| {
+        Box::new(r.open_id.clone())
+    }),
+    col("union_id", "text", Kind::Text, |r| {
+        Box::new(r.union_id.clone())
+    }),
+    col("state", "text NOT NULL", Kind::Text, |r| {
+        Box::new(r.state.as_str())
+    }),
+    col("failure_reason", "text", Kind::Text, |r| {
+        Box::new(r.failure_reason.map(FailureReason::as_str))
+    }),
+    col("card_message_id", "text", Kind::Text, |r| {
+        Box::new(r.card_message_id.clone())
+    }),
+    col("created_at", "timestamptz NOT NULL", Kind::Time, |r| {
+        Box::new(ms(r.created_at))
+    }),
+    col("updated_at", "timestamptz NOT NULL", Kind::Time, |r| {
+        Box::new(ms(r.updated_at))
+    }),
+    col("expires_at", "timestamptz NOT NULL", Kind::Time, |r| {
+        Box::new(ms(r.expires_at))
+    }),
+    col("access_token_ct", "bytea", Kind::Bytes, |r| {
+        Box::new(r.access_token.as_ref().map(|t| t.bytes.clone()))
+    }),
+    col("refresh_token_ct", "bytea", Kind::Bytes, |r| {
+        Box::new(r.refresh_token.as_ref().map(|t| t.bytes.clone()))
+    }),
+    col("token_key_id", "text", Kind::Text, |r| {
+        Box::new(token_key_id(r))
+    }),
+    col("token_expires_at", "timestamptz", Kind::Time, |r| {
+        Box::new(r.token_expires_at.map(ms))
+    }),
+    col("refresh_token_expires_at", "timestamptz", Kind::Time, |r| {
+        Box::new(r.refresh_token_expires_at.map(ms))
+    }),
+    col(
+        "scopes",
+        "text[] NOT NULL DEFAULT '{}'",
+        Kind::Scopes,
+        |r| Box::new(r.scopes.clone()),
+    ),
+    col("user_name", "text", Kind::Text, |r| {
+        Box::new(r.user_name.clone())
+    }),
+    col("user_email", "text", Kind::Text, |r| {
+        Box::new(r.user_email.clone())
+    }),
+    col("avatar_url", "text", Kind::Text, |r| {
+        Box::new(r.avatar_url.clone())
+    }),
+];
+
+/// The plaintext token columns of the Python service's table, read by the import only.
+const PLAIN_TOKEN_COLUMNS: [&str; 2] = ["access_token", "refresh_token"];
+
+/// Migration 1: the table and its indexes.
+fn create_table_sql() -> String {
+    let cols: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| format!("        {} {},\n", c.name, c.ddl))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS user_auth_sessions (\n{}        exported_at timestamptz NOT NULL DEFAULT now()\n    );
     CREATE INDEX IF NOT EXISTS idx_auth_session_user ON user_auth_sessions (app_id, user_id);
     CREATE INDEX IF NOT EXISTS idx_auth_session_token_expires ON user_auth_sessions (token_expires_at);
     CREATE INDEX IF NOT EXISTS idx_auth_session_open_id ON user_auth_sessions (open_id);",
-)];
+        cols.concat()
+    )
+}
+
+/// Embedded migrations, applied in order, each once.
+fn migrations() -> Vec<(i32, String)> {
+    vec![(1, create_table_sql())]
+}
 
 /// Connects (TLS per the URL's `sslmode`, verified with `net`'s trust) and drives the
 /// connection on a task.
@@ -127,19 +247,19 @@ pub async fn migrate(client: &mut Client) -> Result<()> {
             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    for (version, sql) in MIGRATIONS {
+    for (version, sql) in migrations() {
         let done = tx
             .query_opt(
                 "SELECT 1 FROM lark_service_migrations WHERE version = $1",
-                &[version],
+                &[&version],
             )
             .await?
             .is_some();
         if !done {
-            tx.batch_execute(sql).await?;
+            tx.batch_execute(&sql).await?;
             tx.execute(
                 "INSERT INTO lark_service_migrations (version) VALUES ($1)",
-                &[version],
+                &[&version],
             )
             .await?;
         }
@@ -152,30 +272,29 @@ fn ms(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-const UPSERT: &str = "INSERT INTO user_auth_sessions (
-    session_id, app_id, user_id, open_id, union_id, state, failure_reason, card_message_id,
-    created_at, updated_at, expires_at, access_token_ct, refresh_token_ct, token_key_id,
-    token_expires_at, refresh_token_expires_at, scopes, user_name, user_email, avatar_url,
-    exported_at)
-  VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-    'epoch'::timestamptz + $9::bigint * interval '1 millisecond',
-    'epoch'::timestamptz + $10::bigint * interval '1 millisecond',
-    'epoch'::timestamptz + $11::bigint * interval '1 millisecond',
-    $12, $13, $14,
-    'epoch'::timestamptz + $15::bigint * interval '1 millisecond',
-    'epoch'::timestamptz + $16::bigint * interval '1 millisecond',
-    $17, $18, $19, $20, now())
-  ON CONFLICT (session_id) DO UPDATE SET
-    app_id = EXCLUDED.app_id, user_id = EXCLUDED.user_id, open_id = EXCLUDED.open_id,
-    union_id = EXCLUDED.union_id, state = EXCLUDED.state,
-    failure_reason = EXCLUDED.failure_reason, card_message_id = EXCLUDED.card_message_id,
-    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-    expires_at = EXCLUDED.expires_at, access_token_ct = EXCLUDED.access_token_ct,
-    refresh_token_ct = EXCLUDED.refresh_token_ct, token_key_id = EXCLUDED.token_key_id,
-    token_expires_at = EXCLUDED.token_expires_at,
-    refresh_token_expires_at = EXCLUDED.refresh_token_expires_at, scopes = EXCLUDED.scopes,
-    user_name = EXCLUDED.user_name, user_email = EXCLUDED.user_email,
-    avatar_url = EXCLUDED.avatar_url, exported_at = now()";
+/// The upsert of one export row: every column of [`COLUMNS`], in order, as `$1`, `$2`, ….
+fn upsert_sql() -> String {
+    let names: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
+    let values: Vec<String> = (1..)
+        .zip(COLUMNS)
+        .map(|(i, c)| match c.kind {
+            Kind::Time => format!("'epoch'::timestamptz + ${i}::bigint * interval '1 millisecond'"),
+            Kind::Text | Kind::Bytes | Kind::Scopes => format!("${i}"),
+        })
+        .collect();
+    let updates: Vec<String> = COLUMNS
+        .iter()
+        .filter(|c| c.name != "session_id")
+        .map(|c| format!("{0} = EXCLUDED.{0}", c.name))
+        .collect();
+    format!(
+        "INSERT INTO user_auth_sessions ({}, exported_at) VALUES ({}, now()) \
+         ON CONFLICT (session_id) DO UPDATE SET {}, exported_at = now()",
+        names.join(", "),
+        values.join(", "),
+        updates.join(", ")
+    )
+}
 
 /// Upserts `rows` and deletes `deleted` in one transaction. Idempotent.
 pub async fn write_batch(
@@ -184,36 +303,10 @@ pub async fn write_batch(
     deleted: &[SessionId],
 ) -> Result<()> {
     let tx = client.transaction().await?;
-    let upsert = tx.prepare(UPSERT).await?;
+    let upsert = tx.prepare(&upsert_sql()).await?;
     let mut futs = Vec::with_capacity(rows.len());
     for r in rows {
-        let key_id = r
-            .access_token
-            .as_ref()
-            .or(r.refresh_token.as_ref())
-            .map(|t| t.key_id.clone());
-        let params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = vec![
-            Box::new(r.session_id.to_string()),
-            Box::new(r.app_id.clone()),
-            Box::new(r.user_id.clone()),
-            Box::new(r.open_id.clone()),
-            Box::new(r.union_id.clone()),
-            Box::new(r.state.as_str()),
-            Box::new(r.failure_reason.map(FailureReason::as_str)),
-            Box::new(r.card_message_id.clone()),
-            Box::new(ms(r.created_at)),
-            Box::new(ms(r.updated_at)),
-            Box::new(ms(r.expires_at)),
-            Box::new(r.access_token.as_ref().map(|t| t.bytes.clone())),
-            Box::new(r.refresh_token.as_ref().map(|t| t.bytes.clone())),
-            Box::new(key_id),
-            Box::new(r.token_expires_at.map(ms)),
-            Box::new(r.refresh_token_expires_at.map(ms)),
-            Box::new(r.scopes.clone()),
-            Box::new(r.user_name.clone()),
-            Box::new(r.user_email.clone()),
-            Box::new(r.avatar_url.clone()),
-        ];
+        let params: Vec<Param> = COLUMNS.iter().map(|c| (c.value)(r)).collect();
         let tx = &tx;
         let upsert = &upsert;
         futs.push(async move {
@@ -244,6 +337,12 @@ pub async fn write_batch(
 pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let mut client = connect(url, net).await?;
     migrate(&mut client).await?;
+    copy_all(store, &mut client).await
+}
+
+/// Copies every session, then moves the cursor to the last change seq seen before the copy
+/// began (never back). Returns the number of rows written.
+async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
     let start_seq = store.run(|s| s.last_change_seq()).await?;
     let mut after = None;
     let mut n = 0u64;
@@ -253,7 +352,7 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
             .await?;
         let Some(last) = rows.last() else { break };
         after = Some(last.session_id);
-        write_batch(&mut client, &rows, &[]).await?;
+        write_batch(client, &rows, &[]).await?;
         n += rows.len() as u64;
     }
     let cur = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
@@ -267,6 +366,13 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
 /// cursor. Returns how many changes it handled (0: caught up).
 pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<usize> {
     let cursor = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
+    let complete_from = store.run(|s| s.change_feed_complete_from()).await?;
+    if cursor < complete_from {
+        // The feed was off for a while (no exporter configured): what changed then is not in
+        // it. Copy every session once; the cursor then starts where the copy did.
+        let n = copy_all(store, client).await?;
+        return Ok(usize::try_from(n).unwrap_or(usize::MAX).max(1));
+    }
     let changes = store.run(move |s| s.changes_after(cursor, BATCH)).await?;
     let Some(&(last_seq, _, _)) = changes.last() else {
         let last = store.run(|s| s.last_change_seq()).await?;
@@ -403,7 +509,7 @@ pub async fn run_continuous(
 /// Returns the number of sessions imported.
 pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let client = connect(url, net).await?;
-    let cols: Vec<String> = client
+    let cols = client
         .query(
             "SELECT column_name::text FROM information_schema.columns
              WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
@@ -411,74 +517,133 @@ pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
         )
         .await?
         .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<String>, _>>()?;
     if cols.is_empty() {
         return Err(ExportError::Import(
             "no table user_auth_sessions in the current schema".to_owned(),
         ));
     }
-    let has = |c: &str| cols.iter().any(|x| x == c);
-    let text = |c: &str| {
-        if has(c) {
-            format!("{c}::text")
-        } else {
-            "NULL::text".to_owned()
-        }
-    };
-    let time = |c: &str| {
-        if has(c) {
-            format!("(extract(epoch from {c}) * 1000)::bigint")
-        } else {
-            "NULL::bigint".to_owned()
-        }
-    };
-    let bytes = |c: &str| {
-        if has(c) {
-            c.to_owned()
-        } else {
-            "NULL::bytea".to_owned()
-        }
-    };
-    let scopes = if has("scopes") {
-        // text[] here; the Python table may hold a JSON or space-separated text.
-        "scopes::text".to_owned()
-    } else {
-        "NULL::text".to_owned()
-    };
-    let sql = format!(
-        "SELECT session_id::text, app_id::text, user_id::text, {}, {}, state::text, {}, {}, \
-         {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}",
-        text("open_id"),
-        text("union_id"),
-        text("failure_reason"),
-        text("card_message_id"),
-        time("created_at"),
-        time("updated_at"),
-        time("expires_at"),
-        bytes("access_token_ct"),
-        bytes("refresh_token_ct"),
-        text("token_key_id"),
-        text("access_token"),
-        text("refresh_token"),
-        time("token_expires_at"),
-        time("refresh_token_expires_at"),
-        scopes,
-        text("user_name"),
-        text("user_email"),
-        text("avatar_url"),
-    ) + " FROM user_auth_sessions";
-    let rows = client.query(sql.as_str(), &[]).await?;
+    let rows = client.query(import_sql(&cols).as_str(), &[]).await?;
     let mut batch = Vec::with_capacity(BATCH);
     let mut n = 0u64;
-    for r in &rows {
-        batch.push(import_row(store, r)?);
+    for (i, r) in rows.iter().enumerate() {
+        let fields = ImportFields::read(r, i + 1)?;
+        batch.push(import_session(store, fields)?);
         if batch.len() == BATCH {
             n += flush(store, &mut batch).await?;
         }
     }
     n += flush(store, &mut batch).await?;
     Ok(n)
+}
+
+/// The import's query over a table that has the columns `present`: every column of
+/// [`COLUMNS`] and the plaintext token columns, each under its own name, `NULL` when absent.
+fn import_sql(present: &[String]) -> String {
+    let has = |c: &str| present.iter().any(|x| x == c);
+    let mut exprs: Vec<String> = COLUMNS
+        .iter()
+        .map(|c| {
+            let expr = match (has(c.name), c.kind) {
+                (false, Kind::Time) => "NULL::bigint".to_owned(),
+                (false, Kind::Bytes) => "NULL::bytea".to_owned(),
+                (false, Kind::Text | Kind::Scopes) => "NULL::text".to_owned(),
+                (true, Kind::Time) => format!("(extract(epoch from {}) * 1000)::bigint", c.name),
+                (true, Kind::Bytes) => c.name.to_owned(),
+                // text[] here; the Python table may hold a JSON or space-separated text.
+                (true, Kind::Text | Kind::Scopes) => format!("{}::text", c.name),
+            };
+            format!("{expr} AS {}", c.name)
+        })
+        .collect();
+    for c in PLAIN_TOKEN_COLUMNS {
+        let expr = if has(c) {
+            format!("{c}::text")
+        } else {
+            "NULL::text".to_owned()
+        };
+        exprs.push(format!("{expr} AS {c}"));
+    }
+    format!("SELECT {} FROM user_auth_sessions", exprs.join(", "))
+}
+
+/// Reads one column of an imported row by name; a value of the wrong type is an error naming
+/// the row and the column (never a panic).
+fn column<'r, T: tokio_postgres::types::FromSql<'r>>(
+    r: &'r tokio_postgres::Row,
+    row: &str,
+    name: &'static str,
+) -> Result<T> {
+    r.try_get(name).map_err(|e| ExportError::BadColumn {
+        row: row.to_owned(),
+        column: name,
+        detail: e.to_string(),
+    })
+}
+
+/// The columns of one imported row, as read from PostgreSQL (nothing decided yet).
+#[derive(Debug, Default)]
+struct ImportFields {
+    /// `row <n>` (from 1), for errors before the session id is known.
+    row: String,
+    session_id: Option<String>,
+    app_id: Option<String>,
+    user_id: Option<String>,
+    open_id: Option<String>,
+    union_id: Option<String>,
+    state: Option<String>,
+    failure_reason: Option<String>,
+    card_message_id: Option<String>,
+    created_at: Option<i64>,
+    updated_at: Option<i64>,
+    expires_at: Option<i64>,
+    access_token_ct: Option<Vec<u8>>,
+    refresh_token_ct: Option<Vec<u8>>,
+    token_key_id: Option<String>,
+    token_expires_at: Option<i64>,
+    refresh_token_expires_at: Option<i64>,
+    scopes: Option<String>,
+    user_name: Option<String>,
+    user_email: Option<String>,
+    avatar_url: Option<String>,
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+}
+
+impl ImportFields {
+    /// Reads row number `n` (from 1) of the import query ([`import_sql`]).
+    fn read(r: &tokio_postgres::Row, n: usize) -> Result<Self> {
+        let row = format!("row {n}");
+        let c = |name| column::<Option<String>>(r, &row, name);
+        let t = |name| column::<Option<i64>>(r, &row, name);
+        let b = |name| column::<Option<Vec<u8>>>(r, &row, name);
+        Ok(Self {
+            session_id: c("session_id")?,
+            app_id: c("app_id")?,
+            user_id: c("user_id")?,
+            open_id: c("open_id")?,
+            union_id: c("union_id")?,
+            state: c("state")?,
+            failure_reason: c("failure_reason")?,
+            card_message_id: c("card_message_id")?,
+            created_at: t("created_at")?,
+            updated_at: t("updated_at")?,
+            expires_at: t("expires_at")?,
+            access_token_ct: b("access_token_ct")?,
+            refresh_token_ct: b("refresh_token_ct")?,
+            token_key_id: c("token_key_id")?,
+            token_expires_at: t("token_expires_at")?,
+            refresh_token_expires_at: t("refresh_token_expires_at")?,
+            scopes: c("scopes")?,
+            user_name: c("user_name")?,
+            user_email: c("user_email")?,
+            avatar_url: c("avatar_url")?,
+            access_token: c("access_token")?,
+            refresh_token: c("refresh_token")?,
+            row,
+        })
+    }
 }
 
 async fn flush(store: &Store, batch: &mut Vec<crate::storage::AuthSession>) -> Result<u64> {
@@ -503,34 +668,53 @@ fn parse_scopes(s: Option<String>) -> Vec<String> {
         .collect()
 }
 
-fn import_row(store: &Store, r: &tokio_postgres::Row) -> Result<crate::storage::AuthSession> {
-    let bad = |m: String| ExportError::Import(m);
-    let raw_id: String = r.get(0);
+/// A required column's value, or an error naming the row and the column.
+fn required(v: Option<String>, row: &str, column: &'static str) -> Result<String> {
+    v.ok_or_else(|| ExportError::BadColumn {
+        row: row.to_owned(),
+        column,
+        detail: "missing or NULL, and it is required".to_owned(),
+    })
+}
+
+/// The session of one imported row: a pure conversion (no PostgreSQL), apart from opening
+/// sealed token columns with the store's keys.
+fn import_session(store: &Store, f: ImportFields) -> Result<crate::storage::AuthSession> {
+    let raw_id = required(f.session_id, &f.row, "session_id")?;
     let id: SessionId = raw_id
         .replace('-', "")
         .to_ascii_lowercase()
         .parse()
-        .map_err(|e| bad(format!("session id {raw_id:?}: {e}")))?;
-    let state_s: String = r.get(5);
-    let state: SessionState = state_s
-        .to_ascii_lowercase()
-        .parse()
-        .map_err(|e| bad(format!("session {id}: {e}")))?;
-    let failure_reason = r.get::<_, Option<String>>(6).and_then(|f| {
-        let f = f.to_ascii_lowercase();
-        FailureReason::ALL.into_iter().find(|x| x.as_str() == f)
+        .map_err(|e| ExportError::BadColumn {
+            row: f.row.clone(),
+            column: "session_id",
+            detail: format!("{raw_id:?}: {e}"),
+        })?;
+    let row = format!("session {id}");
+    let state_s = required(f.state, &row, "state")?;
+    let state: SessionState =
+        state_s
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(|e: crate::storage::Error| ExportError::BadColumn {
+                row: row.clone(),
+                column: "state",
+                detail: e.to_string(),
+            })?;
+    let failure_reason = f.failure_reason.and_then(|r| {
+        let r = r.to_ascii_lowercase();
+        FailureReason::ALL.into_iter().find(|x| x.as_str() == r)
     });
-    let t = |i: usize| {
-        r.get::<_, Option<i64>>(i)
-            .map(|v| u64::try_from(v).unwrap_or(0))
-    };
-    let key_id: Option<String> = r.get(13);
-    let token = |field: &str, ct: Option<Vec<u8>>, plain: Option<String>| -> Result<_> {
+    let t = |v: Option<i64>| v.map(|v| u64::try_from(v).unwrap_or(0));
+    let key_id = f.token_key_id;
+    let token = |field: &'static str, ct: Option<Vec<u8>>, plain: Option<String>| -> Result<_> {
         let it = match (ct, plain) {
             (Some(bytes), _) => ImportToken::Sealed(ExportToken {
-                key_id: key_id
-                    .clone()
-                    .ok_or_else(|| bad(format!("session {id}: {field} without token_key_id")))?,
+                key_id: key_id.clone().ok_or_else(|| ExportError::BadColumn {
+                    row: row.clone(),
+                    column: "token_key_id",
+                    detail: format!("NULL while {field}_ct is set"),
+                })?,
                 bytes,
             }),
             (None, Some(p)) if !p.is_empty() => ImportToken::Plain(SecretString::from(p)),
@@ -538,30 +722,268 @@ fn import_row(store: &Store, r: &tokio_postgres::Row) -> Result<crate::storage::
         };
         Ok(Some(store.open_imported_token(id, field, it)?))
     };
-    let access_token = token("access_token", r.get(11), r.get(14))?;
-    let refresh_token = token("refresh_token", r.get(12), r.get(15))?;
-    let created_at = t(8).unwrap_or(0);
+    let access_token = token("access_token", f.access_token_ct, f.access_token)?;
+    let refresh_token = token("refresh_token", f.refresh_token_ct, f.refresh_token)?;
+    let created_at = t(f.created_at).unwrap_or(0);
     Ok(crate::storage::AuthSession {
         session_id: id,
-        app_id: r.get(1),
-        user_id: r.get(2),
-        open_id: r.get(3),
-        union_id: r.get(4),
+        app_id: required(f.app_id, &row, "app_id")?,
+        user_id: required(f.user_id, &row, "user_id")?,
+        open_id: f.open_id,
+        union_id: f.union_id,
         state,
         failure_reason,
-        card_message_id: r.get(7),
+        card_message_id: f.card_message_id,
         created_at,
-        updated_at: t(9).unwrap_or(created_at),
-        expires_at: t(10).unwrap_or(created_at),
+        updated_at: t(f.updated_at).unwrap_or(created_at),
+        expires_at: t(f.expires_at).unwrap_or(created_at),
         access_token,
         refresh_token,
-        token_expires_at: t(16),
-        refresh_token_expires_at: t(17),
-        scopes: parse_scopes(r.get(18)),
-        user_name: r.get(19),
-        user_email: r.get(20),
-        avatar_url: r.get(21),
+        token_expires_at: t(f.token_expires_at),
+        refresh_token_expires_at: t(f.refresh_token_expires_at),
+        scopes: parse_scopes(f.scopes),
+        user_name: f.user_name,
+        user_email: f.user_email,
+        avatar_url: f.avatar_url,
         state_hash: None,
         pkce_verifier: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Key, Keyring, StoreOptions};
+
+    /// The table as migration 1 created it in every released version: generating it from
+    /// [`COLUMNS`] must not change it (it runs once per database).
+    const RELEASED_MIGRATION_1: &str = "CREATE TABLE IF NOT EXISTS user_auth_sessions (
+        session_id text PRIMARY KEY,
+        app_id text NOT NULL,
+        user_id text NOT NULL,
+        open_id text,
+        union_id text,
+        state text NOT NULL,
+        failure_reason text,
+        card_message_id text,
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        access_token_ct bytea,
+        refresh_token_ct bytea,
+        token_key_id text,
+        token_expires_at timestamptz,
+        refresh_token_expires_at timestamptz,
+        scopes text[] NOT NULL DEFAULT '{}',
+        user_name text,
+        user_email text,
+        avatar_url text,
+        exported_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS idx_auth_session_user ON user_auth_sessions (app_id, user_id);
+    CREATE INDEX IF NOT EXISTS idx_auth_session_token_expires ON user_auth_sessions (token_expires_at);
+    CREATE INDEX IF NOT EXISTS idx_auth_session_open_id ON user_auth_sessions (open_id);";
+
+    #[test]
+    fn the_generated_table_is_the_released_migration_1() {
+        assert_eq!(create_table_sql(), RELEASED_MIGRATION_1);
+    }
+
+    #[test]
+    fn the_upsert_binds_every_column_once_in_order() {
+        let sql = upsert_sql();
+        for (i, c) in (1..).zip(COLUMNS) {
+            assert!(
+                sql.contains(&format!("${i}")),
+                "{} has no parameter",
+                c.name
+            );
+            if c.name != "session_id" {
+                assert!(
+                    sql.contains(&format!("{0} = EXCLUDED.{0}", c.name)),
+                    "{}",
+                    c.name
+                );
+            }
+        }
+        assert!(!sql.contains(&format!("${}", COLUMNS.len() + 1)));
+        let row = ExportRow {
+            session_id: SessionId(1),
+            app_id: "a".into(),
+            user_id: "u".into(),
+            open_id: None,
+            union_id: None,
+            state: SessionState::Pending,
+            failure_reason: None,
+            card_message_id: None,
+            created_at: 1,
+            updated_at: 2,
+            expires_at: 3,
+            access_token: None,
+            refresh_token: None,
+            token_expires_at: None,
+            refresh_token_expires_at: None,
+            scopes: vec![],
+            user_name: None,
+            user_email: None,
+            avatar_url: None,
+        };
+        let bound: Vec<(&str, String)> = COLUMNS
+            .iter()
+            .map(|c| (c.name, format!("{:?}", (c.value)(&row))))
+            .collect();
+        assert_eq!(bound.len(), 20);
+        for (name, want) in [
+            ("session_id", "\"00000000000000000000000000000001\""),
+            ("app_id", "\"a\""),
+            ("user_id", "\"u\""),
+            ("state", "\"pending\""),
+            ("created_at", "1"),
+            ("updated_at", "2"),
+            ("expires_at", "3"),
+            ("access_token_ct", "None"),
+            ("token_key_id", "None"),
+            ("scopes", "[]"),
+        ] {
+            assert!(
+                bound.contains(&(name, want.to_owned())),
+                "{name}: {bound:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_import_query_names_every_column_and_nulls_the_absent_ones() {
+        let sql = import_sql(&[
+            "session_id".into(),
+            "created_at".into(),
+            "access_token".into(),
+        ]);
+        assert!(sql.contains("session_id::text AS session_id"));
+        assert!(sql.contains("(extract(epoch from created_at) * 1000)::bigint AS created_at"));
+        assert!(sql.contains("NULL::bytea AS access_token_ct"));
+        assert!(sql.contains("access_token::text AS access_token"));
+        assert!(sql.contains("NULL::text AS refresh_token"));
+        for c in COLUMNS {
+            assert!(sql.contains(&format!(" AS {}", c.name)), "{}", c.name);
+        }
+    }
+
+    fn store() -> Store {
+        Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[2; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn fields() -> ImportFields {
+        ImportFields {
+            row: "row 3".into(),
+            session_id: Some("0123456789abcdef0123456789ABCDEF".into()),
+            app_id: Some("cli_a".into()),
+            user_id: Some("u1".into()),
+            state: Some("COMPLETED".into()),
+            created_at: Some(5),
+            scopes: Some("{a,b}".into()),
+            access_token: Some("plain-token".into()),
+            ..ImportFields::default()
+        }
+    }
+
+    fn bad_column(e: ExportError) -> (String, &'static str) {
+        match e {
+            ExportError::BadColumn { row, column, .. } => (row, column),
+            other => (format!("not a BadColumn: {other}"), ""),
+        }
+    }
+
+    #[test]
+    fn an_imported_row_becomes_a_session() {
+        let s = import_session(&store(), fields()).unwrap();
+        assert_eq!(s.session_id.to_string(), "0123456789abcdef0123456789abcdef");
+        assert_eq!((s.app_id.as_str(), s.user_id.as_str()), ("cli_a", "u1"));
+        assert_eq!(s.state, SessionState::Completed);
+        assert_eq!((s.created_at, s.updated_at, s.expires_at), (5, 5, 5));
+        assert_eq!(s.scopes, vec!["a", "b"]);
+        use secrecy::ExposeSecret;
+        assert_eq!(
+            s.access_token.as_ref().map(|t| t.expose_secret()),
+            Some("plain-token")
+        );
+    }
+
+    #[test]
+    fn a_bad_imported_row_names_the_row_and_the_column() {
+        let st = store();
+        let e = import_session(
+            &st,
+            ImportFields {
+                session_id: None,
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), ("row 3".into(), "session_id"));
+        let e = import_session(
+            &st,
+            ImportFields {
+                session_id: Some("nope".into()),
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), ("row 3".into(), "session_id"));
+        let id = "session 0123456789abcdef0123456789abcdef".to_owned();
+        let e = import_session(
+            &st,
+            ImportFields {
+                app_id: None,
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), (id.clone(), "app_id"));
+        let e = import_session(
+            &st,
+            ImportFields {
+                user_id: None,
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), (id.clone(), "user_id"));
+        let e = import_session(
+            &st,
+            ImportFields {
+                state: Some("sleeping".into()),
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), (id.clone(), "state"));
+        let e = import_session(
+            &st,
+            ImportFields {
+                access_token_ct: Some(vec![0; 64]),
+                token_key_id: None,
+                ..fields()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(bad_column(e), (id, "token_key_id"));
+        let msg = import_session(
+            &st,
+            ImportFields {
+                app_id: None,
+                ..fields()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("session 0123456789abcdef0123456789abcdef") && msg.contains("app_id"),
+            "{msg}"
+        );
+    }
 }

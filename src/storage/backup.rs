@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::tables::{
-    CHANGES, CURSORS, META, OAUTH_STATES, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
-    SESSIONS, SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CHANGES, CURSORS, LEASES, META, OAUTH_STATES, SCHEMA_VERSION, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
+    SESSIONS, SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
+    USERS,
 };
 use super::{now_ms, Error, Keyring, Result, Store, StoreOptions};
 
@@ -196,6 +197,8 @@ macro_rules! for_each_table {
         $f($($arg,)* CURSORS)?;
         $f($($arg,)* OAUTH_STATES)?;
         $f($($arg,)* CHANGES)?;
+        $f($($arg,)* LEASES)?;
+        $f($($arg,)* SESSION_COUNTS)?;
     }};
 }
 
@@ -251,23 +254,7 @@ impl Store {
         let line = serde_json::to_vec(&header).map_err(|e| Error::Invalid(e.to_string()))?;
         d.w.write_all(&line).map_err(wio)?;
         d.w.write_all(b"\n").map_err(wio)?;
-        macro_rules! dump_all {
-            ($($t:expr),*) => {{ $( d.table(self, $t)?; )* }};
-        }
-        dump_all!(
-            META,
-            SESSIONS,
-            SESSIONS_BY_USER,
-            SESSION_DEADLINES,
-            TOKENS,
-            TOKEN_REFRESH_DUE,
-            USERS,
-            SEEN_EVENTS,
-            SEEN_EVENTS_EXPIRY,
-            CURSORS,
-            OAUTH_STATES,
-            CHANGES
-        );
+        for_each_table!(dump_table, &mut d, self);
         d.w.write_all(b"E").map_err(wio)?;
         let digest = d.w.hash.clone().finalize();
         d.w.inner.write_all(&digest).map_err(wio)?;
@@ -283,6 +270,14 @@ impl Store {
         (d.progress)(total, total);
         Ok(header)
     }
+}
+
+fn dump_table<K: Key + 'static, V: Value + 'static>(
+    d: &mut Dumper<'_, '_>,
+    store: &Store,
+    def: TableDefinition<'_, K, V>,
+) -> Result<()> {
+    d.table(store, def)
 }
 
 struct Loader<'a, 'r> {
@@ -504,6 +499,8 @@ fn restore_into(
             "cursors" => l.rows(CURSORS, count)?,
             "oauth_states" => l.rows(OAUTH_STATES, count)?,
             "changes" => l.rows(CHANGES, count)?,
+            "leases" => l.rows(LEASES, count)?,
+            "session_counts" => l.rows(SESSION_COUNTS, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

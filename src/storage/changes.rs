@@ -13,13 +13,42 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use secrecy::SecretString;
 
 use super::envelope::{KeyId, Place, Sealed};
-use super::records::{StoredSession, SESSIONS_TABLE};
+use super::records::{session_from, StoredSession, SESSIONS_TABLE};
 use super::sessions::SessionTables;
-use super::tables::{CHANGES, CHANGE_DELETE, META, SESSIONS};
+use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS};
 use super::{Error, FailureReason, Result, SessionId, SessionState, Store};
 
 /// `meta` key of the last change sequence number (u64 BE).
 const LAST_SEQ_KEY: &str = "last_change_seq";
+/// `meta` key present while the store is (or was last) open with the feed off: changes made
+/// then are missing from the feed.
+const FEED_OFF_KEY: &str = "change_feed_off";
+/// `meta` key of the seq after which the feed is complete (u64 BE; absent: from the start).
+const FEED_FROM_KEY: &str = "change_feed_complete_from";
+/// The prefix of exporters' cursor names: the sweep prunes the feed up to the lowest of them.
+pub const EXPORT_CURSOR_PREFIX: &str = "export.";
+
+/// Records at open whether the feed is on: opened with it off, the store notes the gap; opened
+/// with it on after that, the feed is complete only after the last seq as of now.
+pub(crate) fn note_feed_mode(store: &Store, txn: &WriteTransaction, on: bool) -> Result<()> {
+    let was_off = {
+        let meta = txn.open_table(META).map_err(|e| store.err(e))?;
+        let off = meta.get(FEED_OFF_KEY).map_err(|e| store.err(e))?.is_some();
+        off
+    };
+    if on && was_off {
+        let from = last_seq_in(store, txn)?;
+        let mut meta = txn.open_table(META).map_err(|e| store.err(e))?;
+        meta.insert(FEED_FROM_KEY, from.to_be_bytes().as_slice())
+            .map_err(|e| store.err(e))?;
+        meta.remove(FEED_OFF_KEY).map_err(|e| store.err(e))?;
+    } else if !on && !was_off {
+        let mut meta = txn.open_table(META).map_err(|e| store.err(e))?;
+        meta.insert(FEED_OFF_KEY, [1u8].as_slice())
+            .map_err(|e| store.err(e))?;
+    }
+    Ok(())
+}
 
 /// What happened to a session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,27 +177,11 @@ fn export_token(s: &Option<Sealed>) -> Option<ExportToken> {
 
 impl ExportRow {
     fn from_stored(id: SessionId, s: &StoredSession) -> Self {
-        Self {
+        session_from!(ExportRow {
             session_id: id,
-            app_id: s.app_id.clone(),
-            user_id: s.user_id.clone(),
-            open_id: s.open_id.clone(),
-            union_id: s.union_id.clone(),
-            state: s.state,
-            failure_reason: s.failure_reason,
-            card_message_id: s.card_message_id.clone(),
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-            expires_at: s.expires_at,
             access_token: export_token(&s.access_token),
             refresh_token: export_token(&s.refresh_token),
-            token_expires_at: s.token_expires_at,
-            refresh_token_expires_at: s.refresh_token_expires_at,
-            scopes: s.scopes.clone(),
-            user_name: s.user_name.clone(),
-            user_email: s.user_email.clone(),
-            avatar_url: s.avatar_url.clone(),
-        }
+        } from s)
     }
 }
 
@@ -190,7 +203,7 @@ impl Store {
         t: &mut SessionTables<'_>,
         changes: &[(u8, SessionId)],
     ) -> Result<()> {
-        if changes.is_empty() {
+        if changes.is_empty() || !self.inner.opts.change_feed {
             return Ok(());
         }
         let mut seq = match t.last_seq {
@@ -284,11 +297,54 @@ impl Store {
                 }
                 keys.len()
             };
+            if n == 0 {
+                txn.abort().map_err(|e| self.err(e))?;
+                return Ok(total);
+            }
             self.commit(txn)?;
             total += n as u64;
             if n < 10_000 {
                 return Ok(total);
             }
+        }
+    }
+
+    /// The seq after which the change feed holds every change (0: all of them). An exporter
+    /// whose cursor is below it missed changes made while the feed was off, and must copy
+    /// every session before following the feed again.
+    pub fn change_feed_complete_from(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META).map_err(|e| self.err(e))?;
+        let v = meta.get(FEED_FROM_KEY).map_err(|e| self.err(e))?;
+        Ok(v.map_or(0, |v| parse_u64(v.value())))
+    }
+
+    /// The lowest exporter cursor (the cursors named `export.*`), or `None` if no exporter has
+    /// stored one yet.
+    pub fn slowest_export_cursor(&self) -> Result<Option<u64>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(CURSORS).map_err(|e| self.err(e))?;
+        let mut lowest: Option<u64> = None;
+        for row in t.range(EXPORT_CURSOR_PREFIX..).map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            if !k.value().starts_with(EXPORT_CURSOR_PREFIX) {
+                break;
+            }
+            lowest = Some(lowest.map_or(v.value(), |l| l.min(v.value())));
+        }
+        Ok(lowest)
+    }
+
+    /// Prunes the feed as far as nobody needs it: with the feed off, all of it; with it on, up
+    /// to the slowest exporter's cursor (nothing while no exporter has a cursor: one that has
+    /// not run yet starts from the beginning). Returns how many changes were deleted.
+    pub fn prune_feed(&self) -> Result<u64> {
+        if !self.inner.opts.change_feed {
+            return self.prune_changes(u64::MAX);
+        }
+        match self.slowest_export_cursor()? {
+            Some(upto) => self.prune_changes(upto),
+            None => Ok(0),
         }
     }
 
@@ -377,5 +433,95 @@ impl Store {
                 table: SESSIONS_TABLE,
                 detail: format!("session {id} field {field}: {e}"),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::{AuthSession, Key, Keyring, Store, StoreOptions};
+
+    fn ring() -> Keyring {
+        Keyring::new(Key::from_bytes(&[5; 32]), vec![])
+    }
+
+    fn open(path: &std::path::Path, change_feed: bool) -> Store {
+        let opts = StoreOptions {
+            change_feed,
+            ..StoreOptions::default()
+        };
+        Store::open(path, ring(), opts).unwrap()
+    }
+
+    fn write(store: &Store, n: usize) {
+        for i in 0..n {
+            let s = AuthSession::new_pending("cli_app", &format!("u{i}"), vec![], 0, 1_000_000);
+            store.put_session(&s).unwrap();
+        }
+    }
+
+    fn seqs(store: &Store) -> Vec<u64> {
+        store
+            .changes_after(0, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.0)
+            .collect()
+    }
+
+    #[test]
+    fn the_sweep_prunes_up_to_the_slowest_exporter_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("s.redb"), true);
+        write(&store, 8);
+        // No exporter has a cursor yet: nothing is pruned (it will start from the beginning).
+        store.set_cursor("not-an-exporter", 0).unwrap();
+        assert_eq!(store.sweep(1, 100).unwrap().changes_pruned, 0);
+        assert_eq!(seqs(&store), (1..=8).collect::<Vec<_>>());
+        store.set_cursor("export.fast", 6).unwrap();
+        store.set_cursor("export.slow", 3).unwrap();
+        assert_eq!(store.slowest_export_cursor().unwrap(), Some(3));
+        assert_eq!(store.sweep(1, 100).unwrap().changes_pruned, 3);
+        assert_eq!(
+            seqs(&store),
+            (4..=8).collect::<Vec<_>>(),
+            "all after the slowest kept"
+        );
+        store.set_cursor("export.slow", 8).unwrap();
+        assert_eq!(store.sweep(1, 100).unwrap().changes_pruned, 3);
+        assert_eq!(seqs(&store), vec![7, 8]);
+        assert_eq!(store.last_change_seq().unwrap(), 8);
+        assert_eq!(store.change_feed_complete_from().unwrap(), 0);
+    }
+
+    #[test]
+    fn without_an_exporter_nothing_accumulates_and_a_later_exporter_knows_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let store = open(&path, true);
+            write(&store, 3);
+            assert_eq!(seqs(&store), vec![1, 2, 3]);
+        }
+        {
+            // The feed off: writes append nothing, and the sweep clears what was there.
+            let store = open(&path, false);
+            write(&store, 5);
+            assert_eq!(seqs(&store), vec![1, 2, 3]);
+            assert_eq!(store.sweep(1, 100).unwrap().changes_pruned, 3);
+            assert!(seqs(&store).is_empty());
+            write(&store, 2);
+            assert!(seqs(&store).is_empty());
+            assert_eq!(store.last_change_seq().unwrap(), 3);
+            assert_eq!(store.counts().unwrap().sessions, 10);
+        }
+        // Back on: complete only after the gap, and appending again.
+        let store = open(&path, true);
+        assert_eq!(store.change_feed_complete_from().unwrap(), 3);
+        write(&store, 1);
+        assert_eq!(seqs(&store), vec![4]);
+        drop(store);
+        // Reopening with the feed on keeps the mark (the gap is still there for a cursor below it).
+        let store = open(&path, true);
+        assert_eq!(store.change_feed_complete_from().unwrap(), 3);
     }
 }

@@ -5,14 +5,18 @@
 //! the same transaction that bumps the version, so a crash leaves either the old or the new file.
 //! Schema 3 adds the `oauth_states` index, rebuilt from the pending sessions' state hashes.
 //! Schema 4 adds the `changes` feed, seeded with one upsert per existing session.
+//! Schema 5 adds the (empty) `leases` table.
+//! Schema 6 adds `session_counts`, counted once from the records (the only time opening a store
+//! decodes every session).
 
 use redb::{ReadableTable, WriteTransaction};
 
 use super::records::{StoredSession, StoredToken};
 use super::sessions::{deadline_of, state_index_of};
 use super::tables::{
-    CHANGES, CHANGE_UPSERT, CURSORS, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS,
-    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    CHANGES, CHANGE_UPSERT, CURSORS, LEASES, META, OAUTH_STATES, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
+    SESSIONS, SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
+    USERS,
 };
 use super::tokens::refreshable;
 use super::{Error, Result, Store};
@@ -32,6 +36,8 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(CURSORS).map_err(e)?;
     txn.open_table(OAUTH_STATES).map_err(e)?;
     txn.open_table(CHANGES).map_err(e)?;
+    txn.open_table(LEASES).map_err(e)?;
+    txn.open_table(SESSION_COUNTS).map_err(e)?;
     Ok(())
 }
 
@@ -46,6 +52,9 @@ pub(crate) fn migrate(store: &Store, txn: &WriteTransaction, from: u32) -> Resul
     }
     if from < 4 {
         v3_to_v4(store, txn)?;
+    }
+    if from < 6 {
+        store.rebuild_counts_in(txn)?;
     }
     if from == 0 {
         return Err(Error::Corrupt {

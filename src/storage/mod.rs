@@ -9,10 +9,12 @@
 
 mod backup;
 mod changes;
+mod counts;
 mod envelope;
 mod error;
 mod events;
 mod keys;
+mod leases;
 mod migrate;
 mod records;
 mod sessions;
@@ -21,6 +23,7 @@ pub mod tables;
 #[doc(hidden)]
 pub mod testing;
 mod tokens;
+pub mod traits;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +32,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 pub use backup::{restore_snapshot, Progress, SnapshotHeader};
-pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken};
+pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken, EXPORT_CURSOR_PREFIX};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use events::{valid_event_key, MAX_EVENT_KEY_BYTES};
@@ -37,6 +40,7 @@ pub use keys::{KeyStatus, RotationReport};
 pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
 pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
+pub use traits::{Backend, ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
 
 use envelope::{Place, Sealed};
 use tables::{META, SCHEMA_VERSION};
@@ -48,6 +52,13 @@ pub struct StoreOptions {
     pub terminal_retention: Duration,
     /// Page cache size in bytes.
     pub cache_size: usize,
+    /// Whether session writes append to the change feed (`changes`), which only an exporter
+    /// reads. Off (no exporter configured): nothing is appended and the sweep empties the
+    /// feed, so it never grows; the store remembers that the feed has a gap, and when it is
+    /// next opened with the feed on, [`Store::change_feed_complete_from`] tells an exporter
+    /// behind the gap to copy every session first. On: the sweep prunes the feed up to the
+    /// slowest exporter's cursor (the cursors named `export.*`).
+    pub change_feed: bool,
 }
 
 impl Default for StoreOptions {
@@ -55,6 +66,7 @@ impl Default for StoreOptions {
         Self {
             terminal_retention: Duration::from_secs(30 * 24 * 3600),
             cache_size: 16 * 1024 * 1024,
+            change_feed: true,
         }
     }
 }
@@ -303,6 +315,7 @@ impl Store {
                 })
             }
         }
+        changes::note_feed_mode(self, &txn, self.inner.opts.change_feed)?;
         self.commit(txn)
     }
 

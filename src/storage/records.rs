@@ -363,6 +363,37 @@ fn open_err(table: &'static str, field: &str, e: &OpenError) -> Error {
     }
 }
 
+/// Builds one form of a session record from another. The fields every form holds as they are
+/// (no secret, nothing derived) are listed here once and copied; the caller gives the others
+/// (`{ field: value, … }`). A form missing one of them, or with a field neither listed here
+/// nor given, does not compile: the caller's [`AuthSession`], the stored versions and the
+/// export row (`changes::ExportRow`) cannot drift apart. `from` is read, never moved.
+macro_rules! session_from {
+    ($target:ident { $($field:ident: $value:expr),* $(,)? } from $src:expr) => {{
+        let src = &$src;
+        $target {
+            app_id: src.app_id.clone(),
+            user_id: src.user_id.clone(),
+            open_id: src.open_id.clone(),
+            union_id: src.union_id.clone(),
+            state: src.state,
+            failure_reason: src.failure_reason,
+            card_message_id: src.card_message_id.clone(),
+            created_at: src.created_at,
+            updated_at: src.updated_at,
+            expires_at: src.expires_at,
+            token_expires_at: src.token_expires_at,
+            refresh_token_expires_at: src.refresh_token_expires_at,
+            scopes: src.scopes.clone(),
+            user_name: src.user_name.clone(),
+            user_email: src.user_email.clone(),
+            avatar_url: src.avatar_url.clone(),
+            $($field: $value,)*
+        }
+    }};
+}
+pub(crate) use session_from;
+
 /// Session as stored, version 2 (current). (`Debug` shows sealed fields only as key id and
 /// length.)
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -414,28 +445,12 @@ pub(crate) struct StoredSessionV1 {
 
 impl From<StoredSessionV1> for StoredSession {
     fn from(v: StoredSessionV1) -> Self {
-        Self {
-            app_id: v.app_id,
-            user_id: v.user_id,
-            open_id: v.open_id,
-            union_id: v.union_id,
-            state: v.state,
-            failure_reason: v.failure_reason,
-            card_message_id: v.card_message_id,
-            created_at: v.created_at,
-            updated_at: v.updated_at,
-            expires_at: v.expires_at,
-            access_token: v.access_token,
-            refresh_token: v.refresh_token,
-            token_expires_at: v.token_expires_at,
-            refresh_token_expires_at: v.refresh_token_expires_at,
-            scopes: v.scopes,
-            user_name: v.user_name,
-            user_email: v.user_email,
-            avatar_url: v.avatar_url,
+        session_from!(StoredSession {
+            access_token: v.access_token.clone(),
+            refresh_token: v.refresh_token.clone(),
             state_hash: None,
             pkce_verifier: None,
-        }
+        } from v)
     }
 }
 
@@ -473,69 +488,38 @@ impl StoredSession {
                 )
             })
         };
-        Self {
-            app_id: s.app_id.clone(),
-            user_id: s.user_id.clone(),
-            open_id: s.open_id.clone(),
-            union_id: s.union_id.clone(),
-            state: s.state,
-            failure_reason: s.failure_reason,
-            card_message_id: s.card_message_id.clone(),
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-            expires_at: s.expires_at,
+        session_from!(StoredSession {
             access_token: seal("access_token", &s.access_token),
             refresh_token: seal("refresh_token", &s.refresh_token),
-            token_expires_at: s.token_expires_at,
-            refresh_token_expires_at: s.refresh_token_expires_at,
-            scopes: s.scopes.clone(),
-            user_name: s.user_name.clone(),
-            user_email: s.user_email.clone(),
-            avatar_url: s.avatar_url.clone(),
             state_hash: s.state_hash,
             pkce_verifier: seal("pkce_verifier", &s.pkce_verifier),
-        }
+        } from s)
     }
 
     pub(crate) fn open(self, id: SessionId, ring: &Keyring) -> Result<AuthSession> {
         let row = id.to_bytes();
-        let open = |field: &str, v: Option<Sealed>| {
-            v.map(|t| {
-                ring.open_str(
-                    &t,
-                    &Place {
-                        table: SESSIONS_TABLE,
-                        row: &row,
-                        field,
-                    },
-                )
-                .map_err(|e| open_err(SESSIONS_TABLE, field, &e))
-            })
-            .transpose()
+        let open = |field: &str, v: &Option<Sealed>| {
+            v.as_ref()
+                .map(|t| {
+                    ring.open_str(
+                        t,
+                        &Place {
+                            table: SESSIONS_TABLE,
+                            row: &row,
+                            field,
+                        },
+                    )
+                    .map_err(|e| open_err(SESSIONS_TABLE, field, &e))
+                })
+                .transpose()
         };
-        Ok(AuthSession {
+        Ok(session_from!(AuthSession {
             session_id: id,
-            access_token: open("access_token", self.access_token)?,
-            refresh_token: open("refresh_token", self.refresh_token)?,
-            pkce_verifier: open("pkce_verifier", self.pkce_verifier)?,
-            app_id: self.app_id,
-            user_id: self.user_id,
-            open_id: self.open_id,
-            union_id: self.union_id,
-            state: self.state,
-            failure_reason: self.failure_reason,
-            card_message_id: self.card_message_id,
-            created_at: self.created_at,
-            updated_at: self.updated_at,
-            expires_at: self.expires_at,
-            token_expires_at: self.token_expires_at,
-            refresh_token_expires_at: self.refresh_token_expires_at,
-            scopes: self.scopes,
-            user_name: self.user_name,
-            user_email: self.user_email,
-            avatar_url: self.avatar_url,
+            access_token: open("access_token", &self.access_token)?,
+            refresh_token: open("refresh_token", &self.refresh_token)?,
+            pkce_verifier: open("pkce_verifier", &self.pkce_verifier)?,
             state_hash: self.state_hash,
-        })
+        } from self))
     }
 
     /// What the sweep does to a pending session whose time is up.

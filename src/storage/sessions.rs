@@ -2,10 +2,11 @@
 
 use redb::{ReadableTable, Table};
 
+use super::counts::CountDelta;
 use super::records::{StoredSession, StoredToken};
 use super::tables::{
     CHANGES, CHANGE_UPSERT, DEADLINE_EXPIRE, DEADLINE_PURGE, META, OAUTH_STATES, SESSIONS,
-    SESSIONS_BY_USER, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
+    SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
 };
 use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToken};
 
@@ -41,6 +42,7 @@ pub(crate) struct SessionTables<'t> {
     pub states: Table<'t, [u8; 32], u128>,
     pub changes: Table<'t, u64, [u8; 17]>,
     pub meta: Table<'t, &'static str, &'static [u8]>,
+    pub counts: Table<'t, u8, u64>,
     /// The last change seq, read on first use in this transaction.
     pub last_seq: Option<u64>,
 }
@@ -72,6 +74,7 @@ impl Store {
             states: txn.open_table(OAUTH_STATES).map_err(|e| self.err(e))?,
             changes: txn.open_table(CHANGES).map_err(|e| self.err(e))?,
             meta: txn.open_table(META).map_err(|e| self.err(e))?,
+            counts: txn.open_table(SESSION_COUNTS).map_err(|e| self.err(e))?,
             last_seq: None,
         })
     }
@@ -108,6 +111,11 @@ impl Store {
                     .remove((old.app_id.as_str(), old.user_id.as_str(), id.0))
                     .map_err(|e| self.err(e))?;
             }
+        }
+        let mut delta = CountDelta::default();
+        delta.moved(old.as_ref().map(|o| o.state), new.state);
+        if !delta.is_empty() {
+            self.apply_counts(&mut t.counts, &delta)?;
         }
         t.sessions
             .insert(id.0, new.encode().as_slice())
@@ -296,21 +304,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Number of sessions in each state (reads every record; for gauges every sweep interval).
-    pub fn count_sessions_by_state(&self) -> Result<Vec<(SessionState, u64)>> {
-        let txn = self.begin_read()?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-        let mut counts = [0u64; 6];
-        for row in t.iter().map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            let s = StoredSession::decode(v.value())?;
-            if let Some(i) = SessionState::ALL.iter().position(|x| *x == s.state) {
-                counts[i] += 1;
-            }
-        }
-        Ok(SessionState::ALL.into_iter().zip(counts).collect())
-    }
-
     /// Revokes a session: it becomes `revoked` and, if it produced the user's current token,
     /// that token is deleted. Returns the updated session, or `None` if it does not exist.
     pub fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>> {
@@ -401,7 +394,12 @@ impl SessionSummary {
 }
 
 pub(crate) fn validate_ids(app_id: &str, user_id: &str) -> Result<()> {
-    for (name, v) in [("app_id", app_id), ("user_id", user_id)] {
+    validate_key_parts([("app_id", app_id), ("user_id", user_id)])
+}
+
+/// Refuses a key part (named, for the message) that is empty or longer than 256 bytes.
+pub(crate) fn validate_key_parts(parts: [(&str, &str); 2]) -> Result<()> {
+    for (name, v) in parts {
         if v.is_empty() || v.len() > 256 {
             return Err(Error::Invalid(format!(
                 "{name} must be 1 to 256 bytes, got {}",

@@ -1,6 +1,8 @@
-//! The TTL sweep: expires pending sessions, purges old terminal ones and forgets old event ids.
+//! The TTL sweep: expires pending sessions, purges old terminal ones, forgets old event ids and
+//! prunes the change feed as far as no exporter needs it (`Store::prune_feed`).
 //!
-//! It reads only the due part of the deadline indexes, so its cost is O(due), not O(all).
+//! It reads only the due part of the deadline indexes, so its cost is O(due), not O(all); the
+//! per-state session counts change with each expiry and purge in the same batch transaction.
 //!
 //! A large sweep is bound by how many B-tree pages it copies and writes (redb copies every page
 //! a transaction changes) and by how many times it descends a tree, so it is arranged to touch
@@ -25,6 +27,7 @@ use std::ops::Bound;
 
 use redb::{ReadableTable, ReadableTableMetadata, Table};
 
+use super::counts::CountDelta;
 use super::records::{SessionPeek, StoredSession, SESSIONS_TABLE};
 use super::sessions::deadline_for;
 use super::tables::{
@@ -50,6 +53,8 @@ pub struct SweepReport {
     pub events_forgotten: u64,
     /// Index entries that no longer matched their record and were repaired.
     pub repaired: u64,
+    /// Change-feed entries deleted (see [`Store::prune_feed`]).
+    pub changes_pruned: u64,
 }
 
 /// One due deadline entry.
@@ -112,6 +117,7 @@ struct Effects<'r> {
     by_user_gone: Vec<(String, String, u128)>,
     states_gone: Vec<([u8; 32], u128)>,
     changes: Vec<(u8, SessionId)>,
+    counts: CountDelta,
     /// The new record of the last [`Fate::Rewrite`].
     scratch: Vec<u8>,
 }
@@ -126,6 +132,7 @@ impl<'r> Effects<'r> {
             by_user_gone: Vec::new(),
             states_gone: Vec::new(),
             changes: Vec::with_capacity(capacity),
+            counts: CountDelta::default(),
             scratch: Vec::new(),
         }
     }
@@ -167,6 +174,8 @@ impl<'r> Effects<'r> {
             );
             self.new_deadlines.push(((next_at, id), next_kind));
             self.changes.push((CHANGE_UPSERT, SessionId(id)));
+            self.counts
+                .moved(Some(SessionState::Pending), SessionState::Expired);
             self.report
                 .expired
                 .push((SessionId(id), s.card_message_id.map(str::to_owned)));
@@ -177,6 +186,7 @@ impl<'r> Effects<'r> {
             self.by_user_gone
                 .push((s.app_id.to_owned(), s.user_id.to_owned(), id));
             self.changes.push((CHANGE_DELETE, SessionId(id)));
+            self.counts.remove(s.state);
             self.report.purged += 1;
             Ok(Fate::Delete)
         }
@@ -238,6 +248,7 @@ impl Store {
             }
         }
         while self.sweep_events_batch(now, batch, &mut report)? {}
+        report.changes_pruned = self.prune_feed()?;
         Ok(report)
     }
 
@@ -330,6 +341,7 @@ impl Store {
             fx.new_deadlines.sort_unstable();
             insert_runs(&mut t.deadlines, &fx.new_deadlines).map_err(|e| self.err(e))?;
             self.append_changes(&mut t, &fx.changes)?;
+            self.apply_counts(&mut t.counts, &fx.counts)?;
         }
         self.commit(txn)
     }
@@ -526,7 +538,7 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::storage::records::{encode, StoredSessionV1};
+    use crate::storage::records::{encode, session_from, StoredSessionV1};
     use crate::storage::sessions::deadline_of;
     use crate::storage::tables::{CHANGES, META, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER};
     use crate::storage::{AuthSession, FailureReason, Key, Keyring, StoreOptions};
@@ -727,26 +739,10 @@ mod tests {
                 sessions.remove(id).unwrap();
             } else if v1 {
                 let s = StoredSession::decode(sessions.get(id).unwrap().unwrap().value()).unwrap();
-                let old = StoredSessionV1 {
-                    app_id: s.app_id,
-                    user_id: s.user_id,
-                    open_id: s.open_id,
-                    union_id: s.union_id,
-                    state: s.state,
-                    failure_reason: s.failure_reason,
-                    card_message_id: s.card_message_id,
-                    created_at: s.created_at,
-                    updated_at: s.updated_at,
-                    expires_at: s.expires_at,
-                    access_token: s.access_token,
-                    refresh_token: s.refresh_token,
-                    token_expires_at: s.token_expires_at,
-                    refresh_token_expires_at: s.refresh_token_expires_at,
-                    scopes: s.scopes,
-                    user_name: s.user_name,
-                    user_email: s.user_email,
-                    avatar_url: s.avatar_url,
-                };
+                let old = session_from!(StoredSessionV1 {
+                    access_token: s.access_token.clone(),
+                    refresh_token: s.refresh_token.clone(),
+                } from s);
                 sessions.insert(id, encode(1, &old).as_slice()).unwrap();
             }
         }

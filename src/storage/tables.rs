@@ -8,8 +8,8 @@
 use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
-/// `oauth_states`; 4 added the `changes` feed.
-pub const SCHEMA_VERSION: u32 = 4;
+/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`.
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -29,6 +29,10 @@ pub const SESSION_DEADLINES: TableDefinition<'_, (u64, u128), u8> =
 /// SHA-256 of an OAuth `state` → session id, for the pending sessions whose state is still
 /// unused. Written and deleted in the same transaction as the session (see `sessions.rs`).
 pub const OAUTH_STATES: TableDefinition<'_, [u8; 32], u128> = TableDefinition::new("oauth_states");
+
+/// Sessions per state: state key (`counts::state_key`) → how many. Changed in the transaction
+/// of every session write, expiry and purge (see `counts.rs`).
+pub const SESSION_COUNTS: TableDefinition<'_, u8, u64> = TableDefinition::new("session_counts");
 
 /// Current user tokens by (app_id, user_id).
 pub const TOKENS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("tokens");
@@ -54,6 +58,9 @@ pub const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursor
 /// 16 big-endian bytes of the session id. Appended in the transaction that writes or purges the
 /// session (see `changes.rs`); exporters read it after their cursor.
 pub const CHANGES: TableDefinition<'_, u64, [u8; 17]> = TableDefinition::new("changes");
+
+/// Named leases: name → version byte and the bincode of (holder, expires at unix ms).
+pub const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;

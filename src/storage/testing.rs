@@ -1,12 +1,15 @@
 //! Raw access for tests: tampering, legacy files. Not part of the service's behaviour; kept
-//! here so that `redb` stays imported by this module alone.
+//! here so that `redb` stays imported by this module alone. [`conformance`] is the suite every
+//! backend of the store traits must pass.
+
+pub mod conformance;
 
 use std::path::Path;
 
 use redb::{Database, ReadableTable};
 
 use super::envelope::{Keyring, Place};
-use super::records::{encode, StoredSessionV1, SESSIONS_TABLE};
+use super::records::{encode, session_from, StoredSessionV1, SESSIONS_TABLE};
 use super::tables::{META, SESSIONS, SESSIONS_BY_USER, TOKENS};
 use super::{
     key_check_place, AuthSession, Result, SessionId, Store, KEY_CHECK, KEY_CHECK_PLAINTEXT,
@@ -92,26 +95,10 @@ pub fn write_schema_v1(path: &Path, ring: &Keyring, sessions: &[AuthSession]) ->
                     )
                 })
             };
-            let v1 = StoredSessionV1 {
-                app_id: s.app_id.clone(),
-                user_id: s.user_id.clone(),
-                open_id: s.open_id.clone(),
-                union_id: s.union_id.clone(),
-                state: s.state,
-                failure_reason: s.failure_reason,
-                card_message_id: s.card_message_id.clone(),
-                created_at: s.created_at,
-                updated_at: s.updated_at,
-                expires_at: s.expires_at,
+            let v1 = session_from!(StoredSessionV1 {
                 access_token: seal("access_token", &s.access_token),
                 refresh_token: seal("refresh_token", &s.refresh_token),
-                token_expires_at: s.token_expires_at,
-                refresh_token_expires_at: s.refresh_token_expires_at,
-                scopes: s.scopes.clone(),
-                user_name: s.user_name.clone(),
-                user_email: s.user_email.clone(),
-                avatar_url: s.avatar_url.clone(),
-            };
+            } from s);
             t.insert(s.session_id.0, encode(1, &v1).as_slice())
                 .map_err(|e| err(e.into()))?;
             idx.insert((s.app_id.as_str(), s.user_id.as_str(), s.session_id.0), ())
