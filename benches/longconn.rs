@@ -24,6 +24,8 @@
 //! exits, ACKs with a code other than 200 or stops ACKing is reported with the tail of its
 //! output, the other clients still run, and the bench exits with status 1 at the end.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
+
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -113,9 +115,10 @@ fn main() {
     let n = env_or("LONGCONN_BENCH_EVENTS", 20_000).max(1);
     let warmup = env_or("LONGCONN_BENCH_WARMUP", 500);
     let rounds = env_or("LONGCONN_BENCH_ROUNDS", 3).max(1);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into());
+    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -459,6 +462,8 @@ fn measure(
         ));
     }
     lat.sort();
+    // An index into the sorted latencies: p in [0, 1], so the product is in [0, len - 1].
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
     Ok(Measured {
         events: n,

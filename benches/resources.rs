@@ -6,6 +6,8 @@
 //! `cargo bench --bench resources` (`RESOURCES_BENCH_STARTS`, default 20 starts per case;
 //! `RESOURCES_BENCH_EVENTS`, default 30 000 events under load).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -114,6 +116,8 @@ fn free_port() -> u16 {
         .port()
 }
 
+// p in [0, 1], so the index is in [0, len - 1].
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted
         .get(((sorted.len() as f64 - 1.0) * p).round() as usize)

@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench store` (set `STORE_BENCH_MAX=100000` to skip the 1 M run).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
+
 use std::time::{Duration, Instant};
 
 use lark_service::backup::{write_backup, Protection};
@@ -20,9 +22,9 @@ fn session(i: u64, now: u64) -> AuthSession {
         now,
         600_000,
     );
-    s.access_token = Some(SecretString::from(format!("u-{:0>60}", i)));
-    s.refresh_token = Some(SecretString::from(format!("ur-{:0>60}", i)));
-    s.open_id = Some(format!("ou_{:0>32}", i));
+    s.access_token = Some(SecretString::from(format!("u-{i:0>60}")));
+    s.refresh_token = Some(SecretString::from(format!("ur-{i:0>60}")));
+    s.open_id = Some(format!("ou_{i:0>32}"));
     s
 }
 

@@ -49,7 +49,8 @@ impl Backoff {
         } else {
             unit.clamp(0.0, 1.0)
         };
-        half.saturating_add((delay - half).mul_f64(unit)).min(delay)
+        half.saturating_add(delay.saturating_sub(half).mul_f64(unit))
+            .min(delay)
     }
 }
 

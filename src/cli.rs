@@ -617,7 +617,7 @@ fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
         h.counts.get("tokens").copied().unwrap_or(0),
         h.schema_version,
         h.store_key_id,
-        std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(&args.out).map_or(0, |m| m.len())
     );
     Ok(())
 }

@@ -290,13 +290,13 @@ impl Dispatcher {
             let keys: Vec<String> = std::iter::once(event_id.clone())
                 .chain(message_key)
                 .collect();
-            if !self.claim(&keys[0]).await {
+            if !self.claim(&keys[0]) {
                 m.events_deduplicated.inc();
                 debug!("Duplicate event ignored.");
                 return Outcome::Duplicate;
             }
             if let Some(k) = keys.get(1) {
-                if !self.claim(k).await {
+                if !self.claim(k) {
                     self.release(&keys[..1]);
                     m.events_deduplicated.inc();
                     debug!("Redelivered message ignored (same message_id, new event_id).");
@@ -407,13 +407,13 @@ impl Dispatcher {
         match hook {
             Some(h) => h(sender, event_type).await,
             None => {
-                warn!(event_type = %event_type, "An event acknowledged as accepted failed afterwards and nobody can be told.")
+                warn!(event_type = %event_type, "An event acknowledged as accepted failed afterwards and nobody can be told.");
             }
         }
     }
 
     /// True if `id` was neither seen nor in flight; marks it in flight.
-    async fn claim(&self, id: &str) -> bool {
+    fn claim(&self, id: &str) -> bool {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
         if !self
             .inner
@@ -912,7 +912,7 @@ mod tests {
             Box::pin(async move {
                 let now = run.fetch_add(1, Ordering::SeqCst) + 1;
                 pk.fetch_max(now, Ordering::SeqCst);
-                let _ = r.acquire().await.map(|p| p.forget());
+                let _ = r.acquire().await.map(tokio::sync::SemaphorePermit::forget);
                 run.fetch_sub(1, Ordering::SeqCst);
                 Ok(HandlerReply::Done)
             })

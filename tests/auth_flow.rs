@@ -4,6 +4,8 @@
 //! Time is an injected clock (`AtomicU64`), never the wall clock. Metrics are process-global,
 //! so every test holds `SERIAL` and compares deltas.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1028,7 +1030,7 @@ async fn a_pending_session_for_the_same_scopes_is_reused() {
     assert_eq!(h.sent_cards().await.len(), 1);
 }
 
-async fn put_due_token(h: &H, user: &str) {
+fn put_due_token(h: &H, user: &str) {
     let now = h.now();
     h.store
         .put_token(&UserToken {
@@ -1053,7 +1055,7 @@ async fn put_due_token(h: &H, user: &str) {
 async fn a_due_token_is_refreshed_exactly_once_under_concurrent_callers() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
         .and(body_partial_json(
@@ -1096,7 +1098,7 @@ async fn a_due_token_is_refreshed_exactly_once_under_concurrent_callers() {
 async fn a_refresh_runs_on_the_given_tracker_and_is_stored_after_its_caller_is_dropped() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
         .and(body_partial_json(
@@ -1163,7 +1165,7 @@ async fn serve(h: &H) -> String {
 async fn invalid_grant_marks_the_token_for_reauthorization_and_the_api_says_409() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
         .respond_with(ResponseTemplate::new(400).set_body_json(json!({
@@ -1498,7 +1500,7 @@ async fn refresh_and_probe_calls(h: &H) -> Vec<String> {
 async fn a_lost_refresh_is_not_presented_again_when_the_old_token_shows_it_took_effect() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     mount_refresh_lost(&h, None).await;
 
     h.svc.refresh_due_tokens().await.unwrap();
@@ -1556,7 +1558,7 @@ async fn a_lost_refresh_is_not_presented_again_when_the_old_token_shows_it_took_
 async fn a_lost_refresh_is_retried_once_the_old_token_shows_it_did_not_take_effect() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     mount_refresh_lost(&h, Some(1)).await;
     Mock::given(method("POST"))
         .and(path(OAUTH_TOKEN_PATH))
@@ -1599,7 +1601,7 @@ async fn a_lost_refresh_is_retried_once_the_old_token_shows_it_did_not_take_effe
 async fn a_lost_refresh_that_cannot_be_checked_fails_closed() {
     let _s = SERIAL.lock().await;
     let h = harness().await;
-    put_due_token(&h, ALICE).await;
+    put_due_token(&h, ALICE);
     mount_refresh_lost(&h, None).await;
     h.mount_user_info(ALICE).await;
     h.svc.refresh_due_tokens().await.unwrap();

@@ -11,6 +11,8 @@
 //! `HOME` whose NSS database (`$HOME/.pki/nssdb`) holds the CA ([`trust_ca`]); no flag that
 //! ignores certificate errors is ever passed, and the session asks `acceptInsecureCerts: false`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::future::Future;
@@ -215,8 +217,7 @@ impl Browser {
             let _ = std::fs::create_dir_all(&dir);
             let stamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
+                .map_or(0, |d| d.as_millis());
             let base = dir.join(format!("{name}-{stamp}"));
             if let Ok(png) = self.c().screenshot().await {
                 let _ = std::fs::write(base.with_extension("png"), png);

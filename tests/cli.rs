@@ -1,5 +1,7 @@
 //! The binary as an operator uses it: exit codes, redaction, store commands, lock reporting.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

@@ -10,6 +10,8 @@
 //!
 //! Our ACKs are written to `$LARK_ACK_DIR` or `<target tmp>/ack-fixtures/`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

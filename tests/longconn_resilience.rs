@@ -8,6 +8,8 @@
 //! guards. The metrics are process-wide and every sandbox app has the same id, so the tests of
 //! this binary run one at a time (`SERIAL`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::time::Duration;

@@ -7,6 +7,8 @@
 //!
 //! Its own test binary, so the process-wide metrics counters move only because of this test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::collections::HashMap;
@@ -62,7 +64,7 @@ fn mutate(input: &[u8], rng: &mut impl Rng) -> Vec<u8> {
             }
             _ => {
                 b[i] = [b'"', b'{', b'}', b',', b':', b'\\', 0, 0x0a, 0x12, 0xff]
-                    [rng.random_range(0..10)]
+                    [rng.random_range(0..10)];
             }
         }
     }

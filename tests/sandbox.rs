@@ -5,6 +5,8 @@
 //!
 //! Waits are bounded polls on sandbox state; nothing asserts on wall-clock durations.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};

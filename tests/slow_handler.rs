@@ -11,6 +11,8 @@
 //!
 //! Its own test binary, so the process-wide metrics counters move only because of this test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use common::*;

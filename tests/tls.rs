@@ -8,6 +8,8 @@
 //!   and one to the long-connection host, and an authorization completes; `NO_PROXY` exempts;
 //! - plain `http://` / `ws://` still works when asked for explicitly.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
 mod common;
 
 use std::collections::HashMap;

@@ -21,10 +21,10 @@ pub(super) fn late_failure_notice(lark: crate::lark::LarkClient) -> crate::event
                 .await
             {
                 Ok(_) => {
-                    info!(event_type = %event_type, "Told the sender that their acknowledged request failed.")
+                    info!(event_type = %event_type, "Told the sender that their acknowledged request failed.");
                 }
                 Err(e) => {
-                    warn!(error = %e, event_type = %event_type, "An acknowledged event failed afterwards and its sender could not be told.")
+                    warn!(error = %e, event_type = %event_type, "An acknowledged event failed afterwards and its sender could not be told.");
                 }
             }
         })

@@ -387,7 +387,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
 /// Re-seals the store under the active key in the background, when records are sealed under
 /// older keys.
 async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonError> {
-    if !store.run(|s| s.rotation_pending()).await? {
+    if !store.run(super::storage::Store::rotation_pending).await? {
         return Ok(());
     }
     let s = store.clone();

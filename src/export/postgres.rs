@@ -20,6 +20,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tokio_postgres::Client;
 
+use crate::backoff::Backoff;
 use crate::net::Net;
 use tokio_util::sync::CancellationToken;
 
@@ -343,7 +344,9 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
 /// Copies every session, then moves the cursor to the last change seq seen before the copy
 /// began (never back). Returns the number of rows written.
 async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
-    let start_seq = store.run(|s| s.last_change_seq()).await?;
+    let start_seq = store
+        .run(super::super::storage::Store::last_change_seq)
+        .await?;
     let mut after = None;
     let mut n = 0u64;
     loop {
@@ -366,7 +369,9 @@ async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
 /// cursor. Returns how many changes it handled (0: caught up).
 pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<usize> {
     let cursor = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
-    let complete_from = store.run(|s| s.change_feed_complete_from()).await?;
+    let complete_from = store
+        .run(super::super::storage::Store::change_feed_complete_from)
+        .await?;
     if cursor < complete_from {
         // The feed was off for a while (no exporter configured): what changed then is not in
         // it. Copy every session once; the cursor then starts where the copy did.
@@ -375,7 +380,9 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
     }
     let changes = store.run(move |s| s.changes_after(cursor, BATCH)).await?;
     let Some(&(last_seq, _, _)) = changes.last() else {
-        let last = store.run(|s| s.last_change_seq()).await?;
+        let last = store
+            .run(super::super::storage::Store::last_change_seq)
+            .await?;
         crate::metrics::get()
             .export_lag
             .set(i64::try_from(last.saturating_sub(cursor)).unwrap_or(i64::MAX));
@@ -410,7 +417,9 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
     store.run(move |s| s.set_cursor(CURSOR, last_seq)).await?;
     let m = crate::metrics::get();
     m.export_rows.inc_by((present.len() + deleted.len()) as u64);
-    let last = store.run(|s| s.last_change_seq()).await?;
+    let last = store
+        .run(super::super::storage::Store::last_change_seq)
+        .await?;
     m.export_lag
         .set(i64::try_from(last.saturating_sub(last_seq)).unwrap_or(i64::MAX));
     Ok(changes.len())
@@ -477,23 +486,24 @@ pub async fn run_continuous(
     first_backoff: Duration,
     cancel: CancellationToken,
 ) {
-    let mut backoff = first_backoff;
+    let schedule = Backoff::new(first_backoff, Duration::from_secs(60));
+    let mut failures: u32 = 0;
     let mut client: Option<Client> = None;
     while !cancel.is_cancelled() {
         let wait = match step(&store, &url, &net, &mut client).await {
             Ok(0) => {
-                backoff = first_backoff;
+                failures = 0;
                 idle
             }
             Ok(_) => {
-                backoff = first_backoff;
+                failures = 0;
                 continue;
             }
             Err(e) => {
+                failures = failures.saturating_add(1);
+                let backoff = schedule.delay(failures);
                 tracing::warn!(error = %e, retry_in = ?backoff, "postgresql export paused");
-                let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(60));
-                w
+                backoff
             }
         };
         tokio::select! {
@@ -906,9 +916,10 @@ mod tests {
         assert_eq!(s.state, SessionState::Completed);
         assert_eq!((s.created_at, s.updated_at, s.expires_at), (5, 5, 5));
         assert_eq!(s.scopes, vec!["a", "b"]);
-        use secrecy::ExposeSecret;
         assert_eq!(
-            s.access_token.as_ref().map(|t| t.expose_secret()),
+            s.access_token
+                .as_ref()
+                .map(secrecy::ExposeSecret::expose_secret),
             Some("plain-token")
         );
     }

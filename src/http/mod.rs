@@ -99,7 +99,7 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
             "the service is not serving yet or any more",
         );
     }
-    if let Err(e) = s.store.run(|st| st.schema_version()).await {
+    if let Err(e) = s.store.run(super::storage::Store::schema_version).await {
         return not_ready("store", &e.to_string());
     }
     if let Some(lark) = &s.lark {
@@ -133,7 +133,7 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
 
 /// `GET /` on the admin listener (behind the admin bearer): version and store counts.
 async fn status(State(s): State<AppState>) -> impl IntoResponse {
-    match s.store.run(|st| st.counts()).await {
+    match s.store.run(super::storage::Store::counts).await {
         Ok(c) => (
             StatusCode::OK,
             Json(serde_json::json!({

@@ -221,7 +221,7 @@ impl TokenCache {
         match result {
             Ok((token, lifetime)) => {
                 let margin = EXPIRY_MARGIN.min(lifetime / 10);
-                let expires_at = now + (lifetime - margin);
+                let expires_at = now + lifetime.saturating_sub(margin);
                 let refresh_at = (now + lifetime.mul_f64(self.refresh_share)).min(expires_at);
                 state.next_generation += 1;
                 let cached = Cached {

@@ -474,6 +474,7 @@ impl LongConn {
                     };
                     last_heard = Instant::now();
                     #[cfg(feature = "fault-injection")]
+                    #[allow(clippy::panic, reason = "the test-only fault is a panic on purpose")]
                     if fault::take(&self.cfg.base_url) {
                         panic!("injected fault: the connection task panics");
                     }

@@ -632,13 +632,21 @@ fn check_required(bytes: &[u8]) -> Result<(), FrameError> {
     let mut present = [false; 4];
     let mut header_index = 0usize;
     walk_fields(bytes, |field, wire, value| {
-        if (1..=4).contains(&field) {
-            present[(field - 1) as usize] = true;
+        if let Some(seen) = usize::try_from(field)
+            .ok()
+            .and_then(|f| f.checked_sub(1))
+            .and_then(|i| present.get_mut(i))
+        {
+            *seen = true;
         } else if field == 5 && wire == WIRE_LEN {
             let mut kv = [false; 2];
             walk_fields(value, |f, _, _| {
-                if f == 1 || f == 2 {
-                    kv[(f - 1) as usize] = true;
+                if let Some(seen) = usize::try_from(f)
+                    .ok()
+                    .and_then(|f| f.checked_sub(1))
+                    .and_then(|i| kv.get_mut(i))
+                {
+                    *seen = true;
                 }
                 Ok(())
             })?;

@@ -588,9 +588,9 @@ mod tests {
                 let n = sum as usize;
                 let chunk = |i: usize| &payload[i * len / n..(i + 1) * len / n];
                 let mut order: Vec<u32> = (0..sum).collect();
-                order.sort_by_key(|&i| keys[i as usize]);
+                order.sort_by_key(|&i| keys[usize::try_from(i).unwrap()]);
                 for (at, which) in &dups {
-                    let seq = which.index(n) as u32;
+                    let seq = u32::try_from(which.index(n)).unwrap();
                     order.insert(at.index(order.len() + 1), seq);
                 }
 
@@ -612,7 +612,7 @@ mod tests {
                         seen.clear();
                         completions += 1;
                     } else {
-                        prop_assert_eq!(got, Pushed::Pending { received: seen.len() as u32, sum });
+                        prop_assert_eq!(got, Pushed::Pending { received: u32::try_from(seen.len()).unwrap(), sum });
                     }
                 }
                 prop_assert!(completions >= 1);
@@ -632,7 +632,7 @@ mod tests {
                 let mut r = Reassembler::new(limits);
                 let t0 = Instant::now();
                 for (id, sum, seq, size, t) in pushes {
-                    let seq = seq.index(sum as usize) as u32;
+                    let seq = u32::try_from(seq.index(sum as usize)).unwrap();
                     let _ = r.push(&id.to_string(), sum, seq, &vec![0; size], t0 + Duration::from_secs(t));
                     prop_assert!(r.buffered_bytes() <= 64);
                     prop_assert!(r.pending_messages() <= 3);

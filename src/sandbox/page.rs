@@ -70,7 +70,7 @@ fn walk(v: &Value, texts: &mut Vec<String>, buttons: &mut Vec<Button>) {
                                 b.get("default_url")
                                     .and_then(Value::as_str)
                                     .map(str::to_owned)
-                            })
+                            });
                         }
                         Some("callback") => value = value.or_else(|| b.get("value").cloned()),
                         _ => {}

@@ -291,17 +291,19 @@ async fn authorize_page(
         )
             .into_response();
     }
-    let hidden: String = q
-        .iter()
-        .filter(|(k, _)| k != "sandbox_user")
-        .map(|(k, v)| {
-            format!(
-                "<input type=hidden name=\"{}\" value=\"{}\">",
-                esc(k),
-                esc(v)
-            )
-        })
-        .collect();
+    let hidden =
+        q.iter()
+            .filter(|(k, _)| k != "sandbox_user")
+            .fold(String::new(), |mut out, (k, v)| {
+                use std::fmt::Write as _;
+                let _ = write!(
+                    out,
+                    "<input type=hidden name=\"{}\" value=\"{}\">",
+                    esc(k),
+                    esc(v)
+                );
+                out
+            });
     // The signed-in user: `sandbox_user` (the page's links) or `login_hint`, by any id.
     let chosen = get("sandbox_user")
         .or_else(|| get("login_hint"))
@@ -344,9 +346,8 @@ async fn authorize_decide(
             .unwrap_or_default()
     };
     let approve = get("decision") == "approve";
-    let mut url = match url::Url::parse("http://x/open-apis/authen/v1/authorize") {
-        Ok(u) => u,
-        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    let Ok(mut url) = url::Url::parse("http://x/open-apis/authen/v1/authorize") else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     {
         let mut qp = url.query_pairs_mut();

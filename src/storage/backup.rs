@@ -114,6 +114,14 @@ impl HashReader<'_> {
     }
 }
 
+/// A length as the 4-byte big-endian prefix the format uses; a part of 4 GiB or more (which no
+/// table holds) is refused rather than written with a wrapped length.
+fn len_prefix(len: usize) -> std::io::Result<[u8; 4]> {
+    u32::try_from(len)
+        .map(u32::to_be_bytes)
+        .map_err(|_| std::io::Error::other(format!("a record part of {len} bytes is too long")))
+}
+
 fn truncated(e: std::io::Error) -> Error {
     bad(format!("it ends early or could not be read ({e})"))
 }
@@ -158,7 +166,7 @@ impl Dumper<'_, '_> {
             source: e,
         };
         w.write_all(b"T").map_err(wio)?;
-        w.write_all(&(name.len() as u32).to_be_bytes())
+        w.write_all(&len_prefix(name.len()).map_err(wio)?)
             .map_err(wio)?;
         w.write_all(name.as_bytes()).map_err(wio)?;
         w.write_all(&count.to_be_bytes()).map_err(wio)?;
@@ -170,7 +178,7 @@ impl Dumper<'_, '_> {
             let vb = V::as_bytes(&vv);
             for part in [kb.as_ref(), vb.as_ref()] {
                 let w = &mut self.w;
-                w.write_all(&(part.len() as u32).to_be_bytes())
+                w.write_all(&len_prefix(part.len()).map_err(wio)?)
                     .map_err(wio)?;
                 w.write_all(part).map_err(wio)?;
             }

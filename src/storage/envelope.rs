@@ -208,7 +208,8 @@ impl Place<'_> {
         let mut aad = Vec::with_capacity(AAD_PREFIX.len() + self.table.len() + self.row.len() + 32);
         aad.extend_from_slice(AAD_PREFIX);
         for part in [self.table.as_bytes(), self.row, self.field.as_bytes()] {
-            aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            // No part comes near 4 GiB (names and row keys); saturating keeps the cast honest.
+            aad.extend_from_slice(&u32::try_from(part.len()).unwrap_or(u32::MAX).to_be_bytes());
             aad.extend_from_slice(part);
         }
         aad.extend_from_slice(&key_id.0.to_be_bytes());

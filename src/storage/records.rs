@@ -744,7 +744,12 @@ pub(crate) const TOKENS_TABLE: &str = "tokens";
 /// The row key of a token: app id and user id, length-prefixed.
 pub(crate) fn token_row(app_id: &str, user_id: &str) -> Vec<u8> {
     let mut row = Vec::with_capacity(app_id.len() + user_id.len() + 8);
-    row.extend_from_slice(&(app_id.len() as u32).to_be_bytes());
+    // App ids are short (validated at the API); saturating keeps the cast honest.
+    row.extend_from_slice(
+        &u32::try_from(app_id.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
     row.extend_from_slice(app_id.as_bytes());
     row.extend_from_slice(user_id.as_bytes());
     row

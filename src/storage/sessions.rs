@@ -382,7 +382,7 @@ impl SessionSummary {
             user_id: s.user_id.clone(),
             open_id: s.open_id.clone(),
             state: s.state.as_str(),
-            failure_reason: s.failure_reason.map(|r| r.as_str()),
+            failure_reason: s.failure_reason.map(super::records::FailureReason::as_str),
             created_at: s.created_at,
             updated_at: s.updated_at,
             expires_at: s.expires_at,

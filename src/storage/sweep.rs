@@ -820,7 +820,14 @@ mod tests {
                 s.card_message_id = Some(format!("om_{}", sp.id % 1000));
             }
             if sp.secrets && !sp.v1 {
-                s.state_hash = Some((sp.id as u64).to_be_bytes().repeat(4).try_into().unwrap());
+                s.state_hash = Some(
+                    u64::try_from(sp.id & u128::from(u64::MAX))
+                        .unwrap()
+                        .to_be_bytes()
+                        .repeat(4)
+                        .try_into()
+                        .unwrap(),
+                );
                 s.pkce_verifier = Some(SecretString::from("verifier".to_owned()));
                 s.access_token = Some(SecretString::from("u-token".to_owned()));
             }
