@@ -77,7 +77,12 @@ pub enum Outcome {
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// The application's event handler.
-pub type Handler = Arc<dyn Fn(Callback) -> BoxFuture<Result<HandlerReply, String>> + Send + Sync>;
+pub type Handler =
+    Arc<dyn Fn(Callback) -> BoxFuture<Result<HandlerReply, HandlerError>> + Send + Sync>;
+
+/// Why a handler failed: the handler's own typed error, boxed (the dispatcher only logs it and
+/// answers "failed" so that the platform redelivers).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Dispatcher settings.
 #[derive(Debug, Clone)]
@@ -330,7 +335,7 @@ impl Dispatcher {
             let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let late = answered.clone();
             let late_type = event_type.clone();
-            let mut work: BoxFuture<Result<HandlerReply, String>> = Box::pin(
+            let mut work: BoxFuture<Result<HandlerReply, HandlerError>> = Box::pin(
                 async move {
                     // The slot is held until the handler is done, even past the ACK deadline.
                     let _slot = slot;
@@ -629,7 +634,7 @@ mod tests {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 if n < fail_first {
-                    Err("boom".to_owned())
+                    Err("boom".into())
                 } else {
                     Ok(HandlerReply::Done)
                 }

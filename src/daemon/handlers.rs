@@ -43,7 +43,7 @@ pub(super) fn app_handler(auth: crate::auth::AuthService) -> crate::events::Hand
                     match auth.card_action(&c.action_value, &operator).await {
                         Ok(Some(resp)) => Ok(crate::events::HandlerReply::Respond(resp)),
                         Ok(None) => Ok(crate::events::HandlerReply::Done),
-                        Err(e) => Err(e.to_string()),
+                        Err(e) => Err(e.into()),
                     }
                 }
                 crate::callbacks::Callback::Event(e) if e.event_type == "im.message.receive_v1" => {
@@ -57,7 +57,7 @@ pub(super) fn app_handler(auth: crate::auth::AuthService) -> crate::events::Hand
                             info!(error = %err, "Authorization command refused.");
                             Ok(crate::events::HandlerReply::Done)
                         }
-                        Err(err) => Err(err.to_string()),
+                        Err(err) => Err(err.into()),
                     }
                 }
                 crate::callbacks::Callback::Event(e) => {
