@@ -497,7 +497,7 @@ impl Config {
                 u16::try_from(r.int("metrics.port", 0, 65535, "a port number from 0 to 65535")?)
                     .unwrap_or(0),
             ),
-            http_listen: r.parse("http.listen", "an address such as 127.0.0.1:8080")?,
+            http_listen: http_listen(&r)?,
             admin_listen: r.parse("admin.listen", "an address such as 127.0.0.1:8081")?,
             mcp_limits: McpLimits {
                 client_per_minute: usize::try_from(r.int(
@@ -892,6 +892,25 @@ impl Layers {
 }
 
 /// Typed reads of resolved values, with errors that name the key and source.
+/// `http.listen`, or, when it is not set, the Python deployment's `CALLBACK_SERVER_HOST` and
+/// `CALLBACK_SERVER_PORT` over the default's host and port.
+fn http_listen(r: &Reader<'_>) -> Result<SocketAddr, ConfigError> {
+    let listen: SocketAddr = r.parse("http.listen", "an address such as 127.0.0.1:8080")?;
+    if r.source("http.listen") != Source::Default {
+        return Ok(listen);
+    }
+    let ip = match r.plain("http.callback_host") {
+        Some(_) => r.parse::<IpAddr>("http.callback_host", "an IP address such as 0.0.0.0")?,
+        None => listen.ip(),
+    };
+    let port = match r.plain("http.callback_port") {
+        Some(_) => u16::try_from(r.int("http.callback_port", 0, 65535, "a port number")?)
+            .unwrap_or(listen.port()),
+        None => listen.port(),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
 struct Reader<'a> {
     r: &'a BTreeMap<&'static str, (Value, Source)>,
 }

@@ -380,3 +380,52 @@ fn a_config_file_with_an_inline_secret_readable_by_others_is_refused() {
     let plain = write(dir.path(), "plain.toml", "app_id = \"cli_x\"\n", 0o644);
     assert!(Config::load_with(&opts(Some(&plain)), &env(&[])).is_ok());
 }
+
+#[test]
+fn the_python_deployments_names_are_read() {
+    let e = env(&[
+        (
+            "OAUTH_REDIRECT_URI",
+            "https://auth.example.com/oauth/callback",
+        ),
+        ("FEISHU_API_BASE_URL", "https://open.example.com"),
+        ("METRICS_PORT", "9100"),
+        ("CALLBACK_SERVER_ENABLED", "false"),
+        ("CALLBACK_SERVER_HOST", "0.0.0.0"),
+        ("CALLBACK_SERVER_PORT", "9000"),
+        ("LARK_VERIFICATION_TOKEN", "vt-python"),
+        ("LARK_ENCRYPT_KEY", "ek-python"),
+    ]);
+    let c = Config::load_with(&opts(None), &e).unwrap();
+    assert_eq!(
+        c.auth.redirect_uri.as_ref().map(url::Url::as_str),
+        Some("https://auth.example.com/oauth/callback")
+    );
+    assert_eq!(c.domain, "https://open.example.com");
+    assert_eq!(c.metrics_addr.port(), 9100);
+    assert!(!c.websocket.fallback_to_http);
+    assert_eq!(c.http_listen, "0.0.0.0:9000".parse().unwrap());
+    assert_eq!(
+        c.verification_token
+            .as_ref()
+            .map(|s| s.expose_secret().to_owned()),
+        Some("vt-python".to_owned())
+    );
+    assert!(c.encrypt_key.is_some());
+    // Only the port: the default host stays; and HTTP_LISTEN, when set, wins over both.
+    let c = Config::load_with(&opts(None), &env(&[("CALLBACK_SERVER_PORT", "9001")])).unwrap();
+    assert_eq!(c.http_listen, "127.0.0.1:9001".parse().unwrap());
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("CALLBACK_SERVER_PORT", "9001"),
+            ("HTTP_LISTEN", "127.0.0.1:7000"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.http_listen, "127.0.0.1:7000".parse().unwrap());
+    let err = Config::load_with(&opts(None), &env(&[("CALLBACK_SERVER_HOST", "nowhere")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("CALLBACK_SERVER_HOST"), "{err}");
+}
