@@ -689,6 +689,110 @@ async fn mcp_rate_limit_follows_the_client_not_its_sessions() {
     svc.stop().await;
 }
 
+/// The official Python MCP SDK (PyPI `mcp`, run from `LARK_MCP_PYTHON`, which `.ci/run` sets
+/// up) initializes, lists the tools, calls one and ends its session without a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_mcp_sdk_client_works_end_to_end() {
+    let Some(python) = std::env::var_os("LARK_MCP_PYTHON") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set LARK_MCP_PYTHON (a Python with the `mcp` package)"
+        );
+        eprintln!("LARK_MCP_PYTHON is not set: the Python MCP SDK check did not run");
+        return;
+    };
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mcp/python_client.py");
+    let url = svc.mcp_url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .arg(url)
+            .arg(MCP_TOKEN)
+            .arg("ou_sandbox_alice")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python_client.py failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["server"], "lark-service");
+    let tools: Vec<&str> = v["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    for t in ["send_message", "get_user", "request_user_authorization"] {
+        assert!(tools.contains(&t), "{t} missing from {tools:?}");
+    }
+    assert_eq!(v["get_user_error"], false, "{v}");
+    assert!(
+        v["get_user"].to_string().contains("ou_sandbox_alice"),
+        "{v}"
+    );
+    assert_eq!(v["warnings"], json!([]), "the SDK logged warnings: {v}");
+    svc.stop().await;
+}
+
+/// Ending a session with DELETE answers 204 (the Python MCP SDK expects 200 or 204), and the
+/// session is gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mcp_session_termination_answers_no_content() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox).await;
+    let client = reqwest::Client::new();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let r = client
+        .post(svc.mcp_url())
+        .header("accept", "application/json, text/event-stream")
+        .bearer_auth(MCP_TOKEN)
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let session = r.headers()["mcp-session-id"].to_str().unwrap().to_owned();
+    let delete = || {
+        client
+            .delete(svc.mcp_url())
+            .bearer_auth(MCP_TOKEN)
+            .header("mcp-session-id", &session)
+            .send()
+    };
+    let r = delete().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    // The session no longer exists: using it again is refused.
+    let r = client
+        .post(svc.mcp_url())
+        .header("accept", "application/json, text/event-stream")
+        .bearer_auth(MCP_TOKEN)
+        .header("mcp-session-id", &session)
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    // Without the bearer token, DELETE is refused like every other request.
+    let r = client
+        .delete(svc.mcp_url())
+        .header("mcp-session-id", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    svc.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_mcp_endpoint_without_a_token() {
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();

@@ -793,7 +793,15 @@ pub fn router(
                     if let Some(wait) = over_limit(&limiter, "", limits.global_per_minute) {
                         return rate_limited(wait, "all MCP clients together");
                     }
-                    next.run(req).await
+                    let terminating = req.method() == axum::http::Method::DELETE;
+                    let mut response = next.run(req).await;
+                    // A session ended by DELETE: the transport answers 202, where clients (the
+                    // official Python SDK among them) expect 200 or 204 and log a failure
+                    // otherwise. Nothing follows, so 204.
+                    if terminating && response.status() == StatusCode::ACCEPTED {
+                        *response.status_mut() = StatusCode::NO_CONTENT;
+                    }
+                    response
                 }
             },
         ));
