@@ -33,6 +33,8 @@ const TOOLS: &[&str] = &[
     "request_user_authorization",
     "authorization_status",
     "revoke_user_token",
+    "get_user_info",
+    "health_check",
 ];
 
 struct Service {
@@ -686,6 +688,78 @@ async fn mcp_rate_limit_follows_the_client_not_its_sessions() {
         v["message"].as_str().unwrap().contains("all MCP clients"),
         "{v}"
     );
+    svc.stop().await;
+}
+
+/// Agents written for the earlier MCP deployment call `send_message(receive_id, msg_type,
+/// content, receive_id_type)`, `get_user_info` and `health_check`: they work here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_earlier_deployments_tool_names_work() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox).await;
+    let client = svc.connect().await;
+    // content as the JSON text of a text message, as that deployment sent it.
+    let r = ok(
+        &client,
+        "send_message",
+        json!({"receive_id": "ou_sandbox_alice", "receive_id_type": "open_id",
+               "msg_type": "text", "content": "{\"text\":\"hello from an old agent\"}"}),
+    )
+    .await;
+    assert!(r["message_id"].as_str().unwrap().starts_with("om_"));
+    // content as plain text, msg_type left to its default.
+    ok(
+        &client,
+        "send_message",
+        json!({"receive_id": "ou_sandbox_alice", "receive_id_type": "open_id", "content": "plain"}),
+    )
+    .await;
+    let msgs = sandbox.messages_for("ou_sandbox_alice");
+    assert_eq!(msgs.len(), 2, "{msgs:?}");
+    assert_eq!(msgs[0].msg_type, "text");
+    assert_eq!(msgs[0].content["text"], "hello from an old agent");
+    assert_eq!(msgs[1].content["text"], "plain");
+    // An interactive card through content.
+    ok(
+        &client,
+        "send_message",
+        json!({"receive_id": "ou_sandbox_alice", "receive_id_type": "open_id", "msg_type": "interactive",
+               "content": {"elements": [{"tag": "markdown", "content": "a card"}]}}),
+    )
+    .await;
+    let msgs = sandbox.messages_for("ou_sandbox_alice");
+    assert_eq!(msgs.len(), 3);
+    assert_eq!(msgs[2].msg_type, "interactive");
+    assert!(msgs[2].content.to_string().contains("a card"), "{msgs:?}");
+    // Bad combinations name the field.
+    let e = err(
+        &client,
+        "send_message",
+        json!({"receive_id": "ou_sandbox_alice", "receive_id_type": "open_id", "msg_type": "image", "content": "x"}),
+    )
+    .await;
+    assert!(e.to_string().contains("msg_type"), "{e}");
+    let e = err(
+        &client,
+        "send_message",
+        json!({"receive_id": "ou_sandbox_alice", "receive_id_type": "open_id", "text": "a", "content": "b"}),
+    )
+    .await;
+    assert!(e.to_string().contains("content"), "{e}");
+
+    let u = ok(
+        &client,
+        "get_user_info",
+        json!({"open_id": "ou_sandbox_alice"}),
+    )
+    .await;
+    assert_eq!(u["open_id"], "ou_sandbox_alice", "{u}");
+    let e = err(&client, "get_user_info", json!({})).await;
+    assert!(e.to_string().contains("exactly one"), "{e}");
+
+    let h = ok(&client, "health_check", json!({})).await;
+    assert_eq!(h["status"], "ok", "{h}");
+    assert!(h["store_schema_version"].as_u64().unwrap() >= 1, "{h}");
     svc.stop().await;
 }
 

@@ -193,12 +193,110 @@ fn default_open_id() -> String {
 /// `send_message` arguments.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct SendMessageParams {
-    /// Kind of `receive_id`: open_id, user_id, union_id, email or chat_id.
+    /// Kind of `receive_id`: open_id, user_id, union_id, email or chat_id (default chat_id, as
+    /// the earlier MCP deployment's tool).
+    #[serde(default = "default_chat_id")]
     pub receive_id_type: String,
     /// The user's or chat's id (at most 256 characters).
     pub receive_id: String,
-    /// The message text (at most 150 KB).
-    pub text: String,
+    /// The message text (at most 150 KB). Or, as the earlier MCP deployment's tool:
+    /// `msg_type` and `content`.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// With `content`: text (default), post or interactive.
+    #[serde(default)]
+    pub msg_type: Option<String>,
+    /// With `msg_type`: for text, the text or its JSON `{"text": …}`; for post and interactive,
+    /// the JSON object (or its JSON text).
+    #[serde(default)]
+    pub content: Option<Value>,
+}
+
+fn default_chat_id() -> String {
+    "chat_id".to_owned()
+}
+
+/// `get_user_info` arguments (the earlier MCP deployment's tool): one of the ids.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct GetUserInfoParams {
+    /// The user's open_id.
+    #[serde(default)]
+    pub open_id: Option<String>,
+    /// The user's user_id.
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// The user's union_id.
+    #[serde(default)]
+    pub union_id: Option<String>,
+    /// The user's email.
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+/// What `send_message` sends, from its arguments.
+#[derive(Debug, PartialEq)]
+enum Outgoing {
+    Text(String),
+    Post(Value),
+    Card(Value),
+}
+
+/// Reads `send_message`'s arguments: `text`, or `msg_type` + `content`.
+fn outgoing(p: &SendMessageParams) -> Result<Outgoing, Failure> {
+    let text = |t: &str| {
+        if t.is_empty() {
+            return Err(Failure::invalid("text", "must not be empty"));
+        }
+        if t.len() > MAX_TEXT_BYTES {
+            return Err(Failure::invalid(
+                "text",
+                format!("longer than {MAX_TEXT_BYTES} bytes"),
+            ));
+        }
+        Ok(Outgoing::Text(t.to_owned()))
+    };
+    let object = |field: &str, v: &Value| -> Result<Value, Failure> {
+        let v = match v {
+            Value::String(s) => serde_json::from_str(s)
+                .map_err(|_| Failure::invalid(field, "must be a JSON object (or its text)"))?,
+            v => v.clone(),
+        };
+        check_object(field, &v)?;
+        Ok(v)
+    };
+    match (&p.text, &p.content) {
+        (Some(_), Some(_)) => Err(Failure::invalid(
+            "content",
+            "give text or content, not both",
+        )),
+        (Some(t), None) => text(t),
+        (None, None) => Err(Failure::invalid("text", "must not be empty")),
+        (None, Some(c)) => match p.msg_type.as_deref().unwrap_or("text") {
+            "text" => match c {
+                Value::String(s) => match serde_json::from_str::<Value>(s) {
+                    Ok(Value::Object(o)) => match o.get("text") {
+                        Some(Value::String(t)) => text(t),
+                        _ => Err(Failure::invalid(
+                            "content",
+                            "a text message's JSON has a \"text\" string",
+                        )),
+                    },
+                    _ => text(s),
+                },
+                Value::Object(o) => match o.get("text") {
+                    Some(Value::String(t)) => text(t),
+                    _ => Err(Failure::invalid(
+                        "content",
+                        "a text message's JSON has a \"text\" string",
+                    )),
+                },
+                _ => Err(Failure::invalid("content", "the text, or {\"text\": …}")),
+            },
+            "post" => Ok(Outgoing::Post(object("content", c)?)),
+            "interactive" => Ok(Outgoing::Card(object("content", c)?)),
+            _ => Err(Failure::invalid("msg_type", "text, post or interactive")),
+        },
+    }
 }
 
 /// `send_card` arguments.
@@ -458,26 +556,76 @@ impl McpServer {
 #[tool_router]
 impl McpServer {
     /// Sends a text message as the bot.
-    #[tool(description = "Send a text message as the bot to a user or a chat.")]
+    #[tool(
+        description = "Send a message as the bot to a user or a chat: `text`, or `msg_type` (text, post, interactive) with `content`, as the earlier MCP deployment's tool."
+    )]
     pub async fn send_message(&self, Parameters(p): Parameters<SendMessageParams>) -> ToolResult {
         finish(
             async {
                 let to = receiver(&p.receive_id_type, &p.receive_id)?;
-                if p.text.is_empty() {
-                    return Err(Failure::invalid("text", "must not be empty"));
-                }
-                if p.text.len() > MAX_TEXT_BYTES {
-                    return Err(Failure::invalid(
-                        "text",
-                        format!("longer than {MAX_TEXT_BYTES} bytes"),
-                    ));
-                }
-                let m = self
-                    .lark
-                    .send_text(&to, &p.text)
-                    .await
-                    .map_err(|e| Failure::lark("send_message", &e))?;
+                let sent_message = match outgoing(&p)? {
+                    Outgoing::Text(t) => self.lark.send_text(&to, &t).await,
+                    Outgoing::Post(v) => self.lark.send_post(&to, &v).await,
+                    Outgoing::Card(v) => self.lark.send_card(&to, &v).await,
+                };
+                let m = sent_message.map_err(|e| match e {
+                    lark::Error::Config(reason) => Failure::invalid("content", reason),
+                    e => Failure::lark("send_message", &e),
+                })?;
                 Ok(sent(&m))
+            }
+            .await,
+        )
+    }
+
+    /// The earlier MCP deployment's name for `get_user`.
+    #[tool(
+        description = "Look a user up in the tenant directory by open_id, user_id, union_id or email (give one); the earlier MCP deployment's name for get_user."
+    )]
+    pub async fn get_user_info(&self, Parameters(p): Parameters<GetUserInfoParams>) -> ToolResult {
+        let given: Vec<(&str, String)> = [
+            ("open_id", p.open_id),
+            ("user_id", p.user_id),
+            ("union_id", p.union_id),
+            ("email", p.email),
+        ]
+        .into_iter()
+        .filter_map(|(kind, v)| v.map(|v| (kind, v)))
+        .collect();
+        let [(id_type, id)] = given.as_slice() else {
+            return finish(Err(Failure::invalid(
+                "open_id",
+                "give exactly one of open_id, user_id, union_id, email",
+            )));
+        };
+        finish(
+            self.do_get_user(GetUserParams {
+                id: id.clone(),
+                id_type: (*id_type).to_owned(),
+                as_user: false,
+            })
+            .await,
+        )
+    }
+
+    /// Whether the service can serve: its store answers and it knows its app.
+    #[tool(
+        description = "Whether lark-service is up: the store answers, the app id, the version. No secrets."
+    )]
+    pub async fn health_check(&self) -> ToolResult {
+        finish(
+            async {
+                let schema = self
+                    .store
+                    .run(|s| s.schema_version())
+                    .await
+                    .map_err(|e| Failure::other(format!("store: {e}")))?;
+                Ok(json!({
+                    "status": "ok",
+                    "app_id": self.lark.app_id(),
+                    "store_schema_version": schema,
+                    "version": env!("CARGO_PKG_VERSION"),
+                }))
             }
             .await,
         )
