@@ -617,7 +617,7 @@ impl McpServer {
             async {
                 let schema = self
                     .store
-                    .run(|s| s.schema_version())
+                    .run(Store::schema_version)
                     .await
                     .map_err(|e| Failure::other(format!("store: {e}")))?;
                 Ok(json!({
