@@ -17,7 +17,9 @@ use wiremock::matchers::{body_partial_json, header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 use lark_service::auth::state::Page;
-use lark_service::auth::{AuthError, AuthOptions, AuthRequest, AuthService, TokenError, UserRef};
+use lark_service::auth::{
+    AuthError, AuthOptions, AuthRequest, AuthService, CardStyle, Locale, TokenError, UserRef,
+};
 use lark_service::lark::{Domain, LarkClient, LarkConfig, RetryPolicy};
 use lark_service::metrics::{self, OutcomeLabel, ReasonLabel};
 use lark_service::storage::{
@@ -61,6 +63,11 @@ fn options() -> AuthOptions {
         refresh_jitter: Duration::ZERO,
         resend_card_on_reauth: false,
         user_info_sync: None,
+        // These tests read the English texts; the Chinese default has tests of its own.
+        card: CardStyle {
+            locale: Locale::En,
+            ..CardStyle::default()
+        },
     }
 }
 

@@ -984,6 +984,7 @@ async fn a_refresh_whose_answer_is_lost_never_presents_the_refresh_token_twice()
             refresh_jitter: Duration::ZERO,
             resend_card_on_reauth: false,
             user_info_sync: None,
+            card: lark_service::auth::CardStyle::default(),
         },
         Arc::new(move || c2.load(Ordering::SeqCst)),
     );

@@ -5,7 +5,7 @@ use tracing::warn;
 
 use super::error::AuthError;
 use super::flow::{AuthService, Run};
-use super::render::final_card;
+use super::render::{final_card, rejected_toast};
 use super::state::{CardKind, Input, Phase};
 use crate::lark::{card, UserIdType};
 use crate::storage::{AuthSession, SessionId};
@@ -55,7 +55,7 @@ impl AuthService {
         let phase = Phase::of(&run.session);
         let mut reply = match (run.reply_card.take(), phase) {
             (Some(card), _) => json!({
-                "toast": toast("info", "Authorization declined."),
+                "toast": toast("info", rejected_toast(self.inner.opts.card.locale)),
                 "card": { "type": "raw", "data": card },
             }),
             (None, Phase::Completed) => json!({
@@ -73,7 +73,7 @@ impl AuthService {
                 Phase::Failed(r) => Some(CardKind::Failed(r)),
                 _ => None,
             } {
-                reply["card"] = json!({ "type": "raw", "data": final_card(kind, &run.session) });
+                reply["card"] = json!({ "type": "raw", "data": final_card(&self.inner.opts.card, kind, &run.session) });
             }
         }
         Ok(Some(reply))

@@ -23,7 +23,10 @@ impl AuthService {
                         if let Some(mid) = &card_message_id {
                             let mut s = AuthSession::new_pending("", "", vec![], 0, 0);
                             s.session_id = id;
-                            if let Err(e) = self.lark().patch_card(mid, &final_card(kind, &s)).await
+                            if let Err(e) = self
+                                .lark()
+                                .patch_card(mid, &final_card(&self.inner.opts.card, kind, &s))
+                                .await
                             {
                                 warn!(session = %id, error = %e, "Updating an expired card failed.");
                             }

@@ -323,7 +323,7 @@ impl AuthService {
                 Ok(None)
             }
             Effect::PatchCard(kind) => {
-                let card = final_card(kind, &run.session);
+                let card = final_card(&self.inner.opts.card, kind, &run.session);
                 if run.card_reply {
                     run.reply_card = Some(card);
                 } else if let Some(mid) = run.session.card_message_id.clone() {

@@ -29,7 +29,7 @@ pub use error::{AuthError, TokenError};
 pub use flow::{AuthService, Clock};
 pub use options::{redirect_uri, AuthOptions, CALLBACK_PATH};
 pub use refresh::REFRESH_PROBE_AFTER;
-pub use render::page_html;
+pub use render::{page_html, CardStyle, Locale};
 pub use request::{state_hash, AuthRequest, RequestOutcome, UserRef, OFFLINE_ACCESS};
 pub use revoke::Revoked;
 pub use serve::AccessToken;

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
+use super::render::CardStyle;
 use crate::config::Config;
 use crate::schedule::Schedule;
 
@@ -35,6 +36,8 @@ pub struct AuthOptions {
     pub resend_card_on_reauth: bool,
     /// Schedule of the user-info sync; `None`: off.
     pub user_info_sync: Option<Schedule>,
+    /// How the cards look.
+    pub card: CardStyle,
 }
 
 impl AuthOptions {
@@ -57,6 +60,17 @@ impl AuthOptions {
                 .enabled
                 .then(|| Schedule::parse(&cfg.user_info_sync.schedule).ok())
                 .flatten(),
+            card: CardStyle {
+                locale: cfg.auth.card.locale,
+                include_description: cfg.auth.card.include_description,
+                privacy_policy_url: cfg
+                    .auth
+                    .card
+                    .privacy_policy_url
+                    .as_ref()
+                    .map(ToString::to_string),
+                template_id: cfg.auth.card.template_id.clone(),
+            },
         }
     }
 }

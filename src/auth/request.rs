@@ -12,10 +12,10 @@ use tracing::{info, warn};
 
 use super::error::AuthError;
 use super::flow::{count_failure, AuthService};
-use super::render::{authorize_body, CARD_TITLE};
+use super::render::authorize_card;
 use super::state::{enter, Phase};
 use super::time::{ceil_secs, ms};
-use crate::lark::{self, card, AuthorizeParams, Pkce, ReceiveIdType, Receiver, UserIdType};
+use crate::lark::{self, AuthorizeParams, Pkce, ReceiveIdType, Receiver, UserIdType};
 use crate::metrics;
 use crate::storage::{AuthSession, FailureReason, SessionId};
 
@@ -200,8 +200,7 @@ impl AuthService {
                 force_consent: false,
             })?;
             let sid = session.session_id.to_string();
-            let body = authorize_body(&scopes, opts.session_expiry);
-            let card = card::AuthorizeCard::new(CARD_TITLE, &body, url.as_str(), &sid).to_json();
+            let card = authorize_card(&opts.card, &scopes, opts.session_expiry, url.as_str(), &sid);
             self.lark().send_card(&req.user.receiver(), &card).await
         }
         .await;

@@ -305,6 +305,46 @@ pub struct AuthConfig {
     pub refresh_concurrency: usize,
     /// Send a new card when a refresh token is refused for good.
     pub resend_card_on_reauth: bool,
+    /// How the cards look.
+    pub card: CardConfig,
+}
+
+/// The language of the cards users get (`card.locale`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CardLocale {
+    /// 简体中文 (the default, as the Python deployment's cards).
+    #[default]
+    Zh,
+    /// English.
+    En,
+}
+
+impl CardLocale {
+    /// `zh` (also `zh-CN`, `zh_cn`) or `en` (also `en-US`, …); `None` for anything else.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim().to_ascii_lowercase();
+        if t == "zh" || t.starts_with("zh-") || t.starts_with("zh_") {
+            Some(Self::Zh)
+        } else if t == "en" || t.starts_with("en-") || t.starts_with("en_") {
+            Some(Self::En)
+        } else {
+            None
+        }
+    }
+}
+
+/// Card settings (`card.*`).
+#[derive(Debug, Clone)]
+pub struct CardConfig {
+    /// Language of every card.
+    pub locale: CardLocale,
+    /// Detailed (true) or short description on the Authorize card.
+    pub include_description: bool,
+    /// Privacy-policy link on the Authorize card.
+    pub privacy_policy_url: Option<Url>,
+    /// Card template id for the Authorize card.
+    pub template_id: Option<String>,
 }
 
 /// User info sync settings.
@@ -483,6 +523,19 @@ impl Config {
                 )?)
                 .unwrap_or(4),
                 resend_card_on_reauth: r.boolean("auth.resend_card_on_reauth")?,
+                card: CardConfig {
+                    locale: {
+                        let text = r.plain("card.locale").unwrap_or_default();
+                        CardLocale::parse(&text)
+                            .ok_or_else(|| r.invalid("card.locale", Some(&text), "zh or en"))?
+                    },
+                    include_description: r.boolean("card.include_description")?,
+                    privacy_policy_url: r.url("card.privacy_policy_url")?,
+                    template_id: r
+                        .plain("card.template_id")
+                        .map(|t| t.trim().to_owned())
+                        .filter(|t| !t.is_empty()),
+                },
             },
             user_info_sync: UserInfoSyncConfig {
                 enabled: r.boolean("user_info_sync.enabled")?,

@@ -429,3 +429,42 @@ fn the_python_deployments_names_are_read() {
         .to_string();
     assert!(err.contains("CALLBACK_SERVER_HOST"), "{err}");
 }
+
+#[test]
+fn cards_default_to_chinese_with_the_detailed_description() {
+    let c = Config::load_with(&opts(None), &env(&[])).unwrap();
+    assert_eq!(c.auth.card.locale, CardLocale::Zh);
+    assert!(c.auth.card.include_description);
+    assert!(c.auth.card.privacy_policy_url.is_none() && c.auth.card.template_id.is_none());
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("CARD_LOCALE", "en-US"),
+            ("AUTH_CARD_INCLUDE_DESCRIPTION", "false"),
+            ("AUTH_CARD_TEMPLATE_ID", "AAqk1234"),
+            (
+                "AUTH_CARD_PRIVACY_POLICY_URL",
+                "https://example.com/privacy",
+            ),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.auth.card.locale, CardLocale::En);
+    assert!(!c.auth.card.include_description);
+    assert_eq!(c.auth.card.template_id.as_deref(), Some("AAqk1234"));
+    assert_eq!(
+        c.auth
+            .card
+            .privacy_policy_url
+            .as_ref()
+            .map(url::Url::as_str),
+        Some("https://example.com/privacy")
+    );
+    let err = Config::load_with(&opts(None), &env(&[("CARD_LOCALE", "fr")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CARD_LOCALE") && err.contains("zh or en"),
+        "{err}"
+    );
+}

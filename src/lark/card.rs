@@ -86,6 +86,18 @@ impl<'a> AuthorizeCard<'a> {
     }
 }
 
+/// A card built in the Feishu card builder, sent by its id with its variables (the `content`
+/// of an `interactive` message). The template's buttons carry the variables (the authorize URL,
+/// and the reject callback's `{"action":"reject","session_id":…}`) as the template author binds
+/// them.
+#[must_use]
+pub fn template_card(template_id: &str, variables: &Value) -> Value {
+    json!({
+        "type": "template",
+        "data": { "template_id": template_id, "template_variable": variables },
+    })
+}
+
 /// The `value` of the reject button's callback behaviour.
 #[must_use]
 pub fn reject_value(session_id: &str) -> Value {

@@ -102,6 +102,8 @@ impl Service {
             ("LARK_SERVICE_ADMIN_TOKEN", ADMIN),
             ("LARK_ENCRYPT_KEY", ENCRYPT_KEY),
             ("LARK_VERIFICATION_TOKEN", VTOKEN),
+            // The tests read the cards' English texts; Chinese (the default) has its own tests.
+            ("CARD_LOCALE", "en"),
         ]
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
