@@ -163,7 +163,7 @@ fn latency() -> Histogram {
 pub const AUTH_DURATION_BUCKETS: [f64; 7] = [1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0];
 
 fn auth_duration() -> Histogram {
-    Histogram::new(AUTH_DURATION_BUCKETS.into_iter())
+    Histogram::new(AUTH_DURATION_BUCKETS)
 }
 
 /// Every metric of the service.
