@@ -29,6 +29,7 @@ EXPECTED_FILES="/etc/lark-service/config.toml
 /usr/share/doc/lark-service/README.md
 /usr/share/doc/lark-service/config.example.toml
 /usr/share/fish/vendor_completions.d/lark-service.fish
+/usr/share/lark-service/monitoring/alert-rules.test.yaml
 /usr/share/lark-service/monitoring/alert-rules.yaml
 /usr/share/lark-service/monitoring/grafana-dashboard.json
 /usr/share/zsh/vendor-completions/_lark-service"
@@ -181,7 +182,7 @@ check "config $CONFIG 0640 root:lark-service" has_stat "$CONFIG" 640 root lark-s
 check "config is the shipped example" cmp -s "$CONFIG" packaging/config.example.toml
 check "doc config.example.toml installed" cmp -s /usr/share/doc/lark-service/config.example.toml packaging/config.example.toml
 check "monitoring files installed under /usr/share/lark-service/monitoring" sh -c \
-  'for f in alert-rules.yaml grafana-dashboard.json; do cmp -s /usr/share/lark-service/monitoring/$f packaging/monitoring/$f || exit 1; done'
+  'for f in alert-rules.yaml alert-rules.test.yaml grafana-dashboard.json; do cmp -s /usr/share/lark-service/monitoring/$f packaging/monitoring/$f || exit 1; done'
 check "man lark-service renders (NAME and SUBCOMMANDS)" sh -c \
   "MANWIDTH=80 man -P cat lark-service 2>/dev/null | grep -q 'lark-service-serve(1)'"
 check "man lark-service-serve documents --sandbox" sh -c \

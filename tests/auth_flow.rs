@@ -21,7 +21,7 @@ use lark_service::auth::{
     AuthError, AuthOptions, AuthRequest, AuthService, CardStyle, Locale, TokenError, UserRef,
 };
 use lark_service::lark::{Domain, LarkClient, LarkConfig, RetryPolicy};
-use lark_service::metrics::{self, OutcomeLabel, ReasonLabel};
+use lark_service::metrics::{self, AppOutcomeLabel, AuthFailureLabel, AuthLabel};
 use lark_service::storage::{
     FailureReason, Key, Keyring, SessionState, Store, StoreOptions, UserInfo, UserToken,
 };
@@ -277,20 +277,30 @@ fn state_of(card: &Value) -> String {
 }
 
 fn success() -> u64 {
-    metrics::get().auth_success.get()
+    metrics::get()
+        .auth_success
+        .get_or_create(&AuthLabel::card(APP_ID))
+        .get()
+}
+
+fn sessions_created() -> u64 {
+    metrics::get()
+        .auth_session
+        .get_or_create(&AuthLabel::card(APP_ID))
+        .get()
 }
 
 fn failures(r: FailureReason) -> u64 {
     metrics::get()
         .auth_failure
-        .get_or_create(&ReasonLabel { reason: r.as_str() })
+        .get_or_create(&AuthFailureLabel::card(APP_ID, r.as_str()))
         .get()
 }
 
 fn refreshes(outcome: &'static str) -> u64 {
     metrics::get()
         .token_refresh
-        .get_or_create(&OutcomeLabel { outcome })
+        .get_or_create(&AppOutcomeLabel::new(APP_ID, outcome))
         .get()
 }
 
@@ -298,7 +308,11 @@ fn duration_count() -> u64 {
     metrics::get()
         .encode()
         .lines()
-        .find(|l| l.starts_with("lark_service_auth_duration_seconds_count"))
+        .find(|l| {
+            l.starts_with(&format!(
+                "lark_service_auth_duration_seconds_count{{app_id=\"{APP_ID}\",auth_method=\"websocket_card\"}} "
+            ))
+        })
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -320,15 +334,17 @@ async fn request_card_callback_stores_encrypted_tokens_and_patches_the_card() {
     h.mount_patch().await;
     h.mount_exchange(1).await;
     h.mount_user_info(ALICE).await;
-    let (ok0, req0, dur0) = (
+    let (ok0, req0, dur0, ses0) = (
         success(),
         metrics::get().auth_requests.get(),
         duration_count(),
+        sessions_created(),
     );
 
     let out = h.request_alice().await;
     assert!(!out.reused);
     assert_eq!(metrics::get().auth_requests.get(), req0 + 1);
+    assert_eq!(sessions_created(), ses0 + 1);
 
     // The card: to Alice by open_id, the documented shape, an authorize URL with PKCE.
     let sends = h.requests("POST", MESSAGES_PATH).await;
@@ -1022,6 +1038,7 @@ async fn a_pending_session_for_the_same_scopes_is_reused() {
     let h = harness().await;
     h.mount_send_card("om_1", 1).await;
     let a = h.request_alice().await;
+    let created = sessions_created();
     h.advance(1_000);
     let b = h
         .svc
@@ -1035,6 +1052,8 @@ async fn a_pending_session_for_the_same_scopes_is_reused() {
     assert!(b.reused);
     assert_eq!(a.session_id, b.session_id);
     assert_eq!(h.sent_cards().await.len(), 1);
+    // A reused session is no new session.
+    assert_eq!(sessions_created(), created);
 }
 
 fn put_due_token(h: &H, user: &str) {

@@ -185,6 +185,19 @@ async fn authorization_by_card_over_the_long_connection() {
     assert!(moved("lark_service_event_ack_duration_seconds_count", "") >= 3.0);
     assert!(moved("lark_service_websocket_frames_received_total", "event") >= 3.0);
     assert!(moved("lark_service_websocket_reconnects_total", "") >= 1.0);
+    // The Python deployment's reconnect family: the redial started and its handshake completed.
+    assert!(
+        moved(
+            "lark_service_websocket_reconnect_total",
+            "outcome=\"attempt\""
+        ) >= 1.0
+    );
+    assert!(
+        moved(
+            "lark_service_websocket_reconnect_total",
+            "outcome=\"success\""
+        ) >= 1.0
+    );
     assert!(moved("lark_service_lark_api_requests_total", "ws_endpoint") >= 1.0);
     assert!(moved("lark_service_store_commit_duration_seconds_count", "") >= 3.0);
     assert_eq!(
@@ -427,6 +440,32 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
     let (_, t1) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
     let t1: Value = serde_json::from_str(&t1).unwrap();
 
+    // One authorization, in the Python deployment's families and label sets: one session (the
+    // reused and refused requests sent no card), one success, one duration observation.
+    let mid = svc.scrape().await;
+    let card = format!("{{app_id=\"{APP_ID}\",auth_method=\"websocket_card\"}}");
+    let moved_mid =
+        |name: &str, filter: &str| metric(&mid, name, filter) - metric(&before, name, filter);
+    assert_eq!(moved_mid("lark_service_auth_session_total", &card), 1.0);
+    assert_eq!(moved_mid("lark_service_auth_success_total", &card), 1.0);
+    assert_eq!(
+        moved_mid("lark_service_auth_duration_seconds_count", &card),
+        1.0
+    );
+    let bucket = |text: &str, le: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("lark_service_auth_duration_seconds_bucket{")
+                    && l.contains(&format!("app_id=\"{APP_ID}\""))
+                    && l.contains("auth_method=\"websocket_card\"")
+                    && l.contains(&format!("le=\"{le}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect()
+    };
+    assert_eq!(bucket(&mid, "15.0").len(), 1, "no le=15 bucket:\n{mid}");
+    assert_eq!(bucket(&mid, "60.0")[0] - bucket(&before, "60.0")[0], 1.0);
+
     // Bob never answers: the sweep expires his session and patches the card.
     let (_, bb) = svc
         .post(
@@ -484,6 +523,32 @@ async fn rate_limit_restart_refresh_and_expiry_on_the_sandbox() {
     assert!(moved("lark_service_auth_failure_total", "session_expired") >= 1.0);
     assert!(moved("lark_service_sweep_runs_total", "") >= 1.0);
     assert!(moved("lark_service_sweep_removed_total", "expired") >= 1.0);
+    // Bob's card was the second session; his is the one the sweep expired.
+    let app = format!("{{app_id=\"{APP_ID}\"}}");
+    assert_eq!(moved("lark_service_auth_session_total", &card), 2.0);
+    assert_eq!(moved("lark_service_auth_success_total", &card), 1.0);
+    assert_eq!(moved("lark_service_auth_session_expired_total", &app), 1.0);
+    assert!(
+        moved(
+            "lark_service_token_refresh_total",
+            &format!("{{app_id=\"{APP_ID}\",outcome=\"success\"}}")
+        ) >= 1.0
+    );
+    assert!(
+        moved(
+            "lark_service_auth_failure_total",
+            &format!(
+                "{{app_id=\"{APP_ID}\",auth_method=\"websocket_card\",reason=\"session_expired\"}}"
+            )
+        ) >= 1.0
+    );
+    // The store gauges (set after each sweep): nothing pending, Alice's token kept fresh.
+    svc.wait_for(|| async {
+        let now = svc.scrape().await;
+        metric(&now, "lark_service_auth_session_active", &app) == 0.0
+            && metric(&now, "lark_service_token_active_count", &app) == 1.0
+    })
+    .await;
     svc.stop().await;
 }
 

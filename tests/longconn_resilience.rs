@@ -68,6 +68,7 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         .await;
     assert_eq!(gauge(&svc, "lark_service_websocket_degraded").await, 0.0);
     let discoveries = sandbox.hits("ws_endpoint");
+    let before = svc.scrape().await;
 
     // The platform goes down: the socket drops and discovery fails (retryable).
     sandbox.set_discovery_error(Some(1_000_040_343));
@@ -115,6 +116,17 @@ async fn an_outage_past_the_retry_limit_degrades_then_recovers_by_itself() {
         gauge(&svc, "lark_service_websocket_connection_status").await,
         1.0
     );
+    // websocket_reconnect_total: the failed redials of the outage, the one that came back, and
+    // every attempt ended as one or the other.
+    let after = svc.scrape().await;
+    let moved = |outcome: &str| {
+        let filter = format!("outcome=\"{outcome}\"");
+        metric(&after, "lark_service_websocket_reconnect_total", &filter)
+            - metric(&before, "lark_service_websocket_reconnect_total", &filter)
+    };
+    assert!(moved("failure") >= 4.0, "{after}");
+    assert_eq!(moved("success"), 1.0);
+    assert_eq!(moved("attempt"), moved("success") + moved("failure"));
     let fid = sandbox
         .push_event("contact.user.updated_v3", json!({}), PushOpts::default())
         .unwrap();

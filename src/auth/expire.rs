@@ -2,7 +2,7 @@
 
 use tracing::warn;
 
-use super::flow::{count_failure, AuthService};
+use super::flow::AuthService;
 use super::render::final_card;
 use super::state::{transition, Effect, Flow, Input, Phase};
 use crate::storage::{AuthSession, SessionId};
@@ -32,7 +32,7 @@ impl AuthService {
                             }
                         }
                     }
-                    Effect::CountFailure(r) => count_failure(r),
+                    Effect::CountFailure(r) => self.count_failure(r),
                     _ => {}
                 }
             }

@@ -31,7 +31,7 @@ use super::render::final_card;
 use super::state::{enter, transition, Effect, Flow, Input, Page, Phase};
 use super::time::ms;
 use crate::lark::{self, LarkClient};
-use crate::metrics::{self, ReasonLabel};
+use crate::metrics::{self, AuthFailureLabel, AuthLabel};
 use crate::ratelimit::RateLimiter;
 use crate::storage::{now_ms, AuthSession, FailureReason, PendingUpdate, Store, UserToken};
 
@@ -121,14 +121,15 @@ impl Run {
     }
 }
 
-pub(super) fn count_failure(r: FailureReason) {
-    metrics::get()
-        .auth_failure
-        .get_or_create(&ReasonLabel { reason: r.as_str() })
-        .inc();
-}
-
 impl AuthService {
+    /// `auth_failure{app_id, auth_method, reason}` of this app's card flow.
+    pub(super) fn count_failure(&self, r: FailureReason) {
+        metrics::get()
+            .auth_failure
+            .get_or_create(&AuthFailureLabel::card(&self.inner.app_id, r.as_str()))
+            .inc();
+    }
+
     /// A service on the wall clock.
     #[must_use]
     pub fn new(lark: LarkClient, store: Store, opts: AuthOptions) -> Self {
@@ -236,7 +237,7 @@ impl AuthService {
                     }
                     PendingUpdate::Missing => {
                         run.page = Some(Page::Failed(FailureReason::StateMismatch));
-                        count_failure(FailureReason::StateMismatch);
+                        self.count_failure(FailureReason::StateMismatch);
                         return Ok(());
                     }
                 }
@@ -335,15 +336,17 @@ impl AuthService {
             }
             Effect::CountSuccess => {
                 let m = metrics::get();
-                m.auth_success.inc();
+                let label = AuthLabel::card(&self.inner.app_id);
+                m.auth_success.get_or_create(&label).inc();
                 #[allow(clippy::cast_precision_loss)]
                 m.auth_duration
+                    .get_or_create(&label)
                     .observe(now.saturating_sub(run.session.created_at) as f64 / 1000.0);
                 info!(session = %run.session.session_id, "Authorization complete.");
                 Ok(None)
             }
             Effect::CountFailure(r) => {
-                count_failure(r);
+                self.count_failure(r);
                 Ok(None)
             }
             Effect::Respond(p) => {

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use tracing::warn;
 
 use super::error::AuthError;
-use super::flow::{count_failure, AuthService, Run};
+use super::flow::{AuthService, Run};
 use super::render::{error_page, page_html};
 use super::request::state_hash;
 use super::state::{ExchangeError, Identity, Input, Page, Phase};
@@ -91,7 +91,7 @@ impl AuthService {
             }
         }
         let mismatch = || {
-            count_failure(FailureReason::StateMismatch);
+            self.count_failure(FailureReason::StateMismatch);
             Ok(Page::Failed(FailureReason::StateMismatch))
         };
         let Some(state) = state.filter(|s| !s.is_empty() && s.len() <= 512) else {

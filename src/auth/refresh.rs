@@ -34,7 +34,7 @@ use super::flow::AuthService;
 use super::request::{AuthRequest, UserRef};
 use super::time::ms;
 use crate::lark::OAuthErrorKind;
-use crate::metrics::{self, OutcomeLabel};
+use crate::metrics::{self, AppOutcomeLabel};
 use crate::storage::UserToken;
 use crate::workers::WorkerFn;
 
@@ -49,11 +49,14 @@ pub(super) const REFRESH_BATCH: usize = 512;
 /// Longest wait of the refresh worker between two looks at the due index.
 pub(super) const REFRESH_IDLE: Duration = Duration::from_secs(10);
 
-pub(super) fn count_refresh(outcome: &'static str) {
-    metrics::get()
-        .token_refresh
-        .get_or_create(&OutcomeLabel { outcome })
-        .inc();
+impl AuthService {
+    /// `token_refresh{app_id, outcome}` ([`metrics::REFRESH_OUTCOMES`]).
+    pub(super) fn count_refresh(&self, outcome: &'static str) {
+        metrics::get()
+            .token_refresh
+            .get_or_create(&AppOutcomeLabel::new(&self.inner.app_id, outcome))
+            .inc();
+    }
 }
 
 impl AuthService {
@@ -117,7 +120,7 @@ impl AuthService {
             return Err(self.needs_reauth(tok).await);
         };
         if tok.refresh_expires_at.is_some_and(|e| e <= now) {
-            count_refresh("reauth_required");
+            self.count_refresh("reauth_required");
             return Err(self.needs_reauth(tok).await);
         }
         let sent_at = self.now();
@@ -146,7 +149,7 @@ impl AuthService {
                 };
                 let n2 = new.clone();
                 self.store().run(move |s| s.put_token(&n2)).await?;
-                count_refresh("success");
+                self.count_refresh("success");
                 Ok(new)
             }
             Err(e)
@@ -156,12 +159,12 @@ impl AuthService {
                 ) =>
             {
                 warn!(error = %e, "The refresh token was refused; the user must authorize again.");
-                count_refresh("reauth_required");
+                self.count_refresh("reauth_required");
                 Err(self.needs_reauth(tok).await)
             }
             Err(e) if e.outcome_unknown() => {
                 warn!(error = %e, "The answer to a token refresh was lost; the refresh token will not be presented again until a check shows whether the refresh took effect.");
-                count_refresh("unknown");
+                self.count_refresh("unknown");
                 let mut doubt = tok;
                 doubt.refresh_in_doubt_since = Some(sent_at);
                 doubt.refresh_due_at = sent_at.saturating_add(ms(REFRESH_PROBE_AFTER));
@@ -172,7 +175,7 @@ impl AuthService {
             }
             Err(e) => {
                 warn!(error = %e, "Refreshing a user token failed; retrying later.");
-                count_refresh("failure");
+                self.count_refresh("failure");
                 let mut later = tok.clone();
                 later.refresh_due_at = now.saturating_add(ms(REFRESH_RETRY));
                 self.store().run(move |s| s.put_token(&later)).await?;
@@ -196,7 +199,7 @@ impl AuthService {
         let now = self.now();
         if now >= tok.expires_at {
             warn!("A refresh in doubt cannot be checked: the old access token has expired. Failing closed; the user must authorize again.");
-            count_refresh("reauth_required");
+            self.count_refresh("reauth_required");
             return Ok(Err(self.needs_reauth(tok).await));
         }
         match self.lark().user_info(&tok.access_token).await {
@@ -207,12 +210,12 @@ impl AuthService {
             }
             Ok(_) => {
                 warn!("The old access token now names another user; failing closed: the user must authorize again.");
-                count_refresh("reauth_required");
+                self.count_refresh("reauth_required");
                 Ok(Err(self.needs_reauth(tok).await))
             }
             Err(e) if e.is_user_token_invalid() => {
                 warn!(error = %e, "The old access token was revoked before its expiry: the lost refresh took effect and its tokens are gone; the user must authorize again.");
-                count_refresh("reauth_required");
+                self.count_refresh("reauth_required");
                 Ok(Err(self.needs_reauth(tok).await))
             }
             Err(e) => {

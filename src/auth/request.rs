@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::error::AuthError;
-use super::flow::{count_failure, AuthService};
+use super::flow::AuthService;
 use super::render::authorize_card;
 use super::state::{enter, Phase};
 use super::time::{ceil_secs, ms};
@@ -211,7 +211,11 @@ impl AuthService {
                 self.store()
                     .run(move |s| s.update_if_pending(Some(hash), &with_card, None))
                     .await?;
-                metrics::get().auth_requests.inc();
+                let m = metrics::get();
+                m.auth_requests.inc();
+                m.auth_session
+                    .get_or_create(&metrics::AuthLabel::card(&self.inner.app_id))
+                    .inc();
                 info!(session = %session.session_id, "Authorization card sent.");
                 Ok(RequestOutcome {
                     session_id: session.session_id,
@@ -229,7 +233,7 @@ impl AuthService {
                 self.store()
                     .run(move |s| s.update_if_pending(Some(hash), &failed, None))
                     .await?;
-                count_failure(FailureReason::UnknownError);
+                self.count_failure(FailureReason::UnknownError);
                 Err(AuthError::Lark(e))
             }
         }

@@ -15,21 +15,26 @@ use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 /// Removes expired sessions, purges old ones and forgets old event ids, every `every`.
 pub struct SweepWorker {
     store: Store,
+    /// The configured app: the label of the expiry count and the store gauges (none if empty).
+    app_id: String,
     auth: Option<crate::auth::AuthService>,
     every: Duration,
     clock: SharedClock,
 }
 
 impl SweepWorker {
-    /// Sweeps `store` (telling `auth` about the sessions that expired) every `every`.
+    /// Sweeps `store` (telling `auth` about the sessions that expired, counted for `app_id`)
+    /// every `every`.
     pub fn new(
         store: Store,
+        app_id: String,
         auth: Option<crate::auth::AuthService>,
         every: Duration,
         clock: SharedClock,
     ) -> Self {
         Self {
             store,
+            app_id,
             auth,
             every,
             clock,
@@ -53,6 +58,13 @@ impl Worker for SweepWorker {
         m.sweep_removed
             .get_or_create(&kind("expired"))
             .inc_by(r.expired.len() as u64);
+        if !self.app_id.is_empty() {
+            m.auth_session_expired
+                .get_or_create(&crate::metrics::AppLabel {
+                    app_id: self.app_id.clone(),
+                })
+                .inc_by(r.expired.len() as u64);
+        }
         m.sweep_removed
             .get_or_create(&kind("purged"))
             .inc_by(r.purged);
@@ -65,9 +77,12 @@ impl Worker for SweepWorker {
             auth.on_sweep_expired(r.expired.clone()).await;
         }
         let store = self.store.clone();
-        // The gauges count every record: off the async threads, awaited within this unit.
-        let _ =
-            tokio::task::spawn_blocking(move || crate::metrics::refresh_store_gauges(&store)).await;
+        let app_id = self.app_id.clone();
+        // The gauges read the store: off the async threads, awaited within this unit.
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::metrics::refresh_store_gauges(&store, &app_id);
+        })
+        .await;
         info!(
             expired = r.expired.len(),
             purged = r.purged,
@@ -480,6 +495,7 @@ mod tests {
         let sup = crate::workers::Supervisor::new(clock.clone());
         sup.start(SweepWorker::new(
             store(),
+            String::new(),
             None,
             Duration::from_secs(60),
             clock.clone(),

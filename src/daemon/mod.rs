@@ -257,7 +257,7 @@ async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
     let path = cfg.storage_path.clone();
     let opts = store_options(cfg);
     let store = tokio::task::spawn_blocking(move || Store::open(&path, ring, opts)).await??;
-    crate::metrics::refresh_store_gauges(&store);
+    crate::metrics::refresh_store_gauges(&store, cfg.app_id.as_deref().unwrap_or_default());
     Ok(store)
 }
 
@@ -334,6 +334,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
         m.ws_connection_status.get_or_create(&label).set(0);
         m.ws_degraded.get_or_create(&label).set(0);
         m.ws_credentials_rejected.get_or_create(&label).set(0);
+        m.zero_app(&app_id);
     }
     let domain: crate::lark::Domain = cfg
         .domain
@@ -412,6 +413,7 @@ fn start_workers(
 ) -> Option<Arc<crate::longconn::LongConn>> {
     sup.start(jobs::SweepWorker::new(
         store.clone(),
+        app.app_id.clone(),
         Some(app.auth.clone()),
         cfg.sweep_interval,
         sup.clock(),

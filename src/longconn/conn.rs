@@ -221,6 +221,14 @@ impl LongConn {
         self.state.send_replace(s);
     }
 
+    /// `websocket_reconnect_total{app_id, outcome}`.
+    fn count_reconnect(&self, outcome: &'static str) {
+        metrics::get()
+            .ws_reconnect
+            .get_or_create(&metrics::AppOutcomeLabel::new(&self.cfg.app_id, outcome))
+            .inc();
+    }
+
     /// Runs until cancelled. Outages and refused credentials never end it (see the module
     /// doc); run it under the worker supervisor so a panic restarts it.
     pub async fn run(&self, cancel: CancellationToken) {
@@ -238,6 +246,8 @@ impl LongConn {
         // Dial without a backoff wait (after a credential pause, which was the wait).
         let mut immediate = false;
         let mut last_failure = String::new();
+        // Every dial after the first one of this run is a reconnect.
+        let mut redial = false;
         loop {
             if !immediate {
                 let decision = reconnect.next_attempt(&server, &mut || rand::random::<f64>());
@@ -267,7 +277,15 @@ impl LongConn {
                 }
             }
             immediate = false;
-            let ws = match self.connect(&mut server).await {
+            if redial {
+                self.count_reconnect("attempt");
+            }
+            let dialed = self.connect(&mut server).await;
+            if redial {
+                self.count_reconnect(if dialed.is_ok() { "success" } else { "failure" });
+            }
+            redial = true;
+            let ws = match dialed {
                 Ok(ws) => ws,
                 Err(LongConnError::Retry(why)) => {
                     warn!(reason = %why, "Long connection attempt failed; will retry.");

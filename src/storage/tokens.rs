@@ -1,6 +1,6 @@
 //! User tokens (with their refresh-due index) and user records.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::records::{encode, StoredToken, USER_VERSION};
 use super::sessions::validate_ids;
@@ -92,6 +92,15 @@ impl Store {
         Ok(out)
     }
 
+    /// Users whose token the service keeps fresh: with a refresh token and not needing a new
+    /// authorization. That is the length of the refresh-due index, which redb keeps in the
+    /// table's header: no token is read.
+    pub fn count_active_tokens(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let due = txn.open_table(TOKEN_REFRESH_DUE).map_err(|e| self.err(e))?;
+        due.len().map_err(|e| self.err(e))
+    }
+
     /// Creates or replaces a user record.
     pub fn put_user(&self, user: &UserInfo) -> Result<()> {
         validate_ids(&user.app_id, &user.open_id)?;
@@ -135,4 +144,51 @@ impl Store {
 
 pub(crate) fn refreshable(t: &StoredToken) -> bool {
     t.refresh_token.is_some() && !t.needs_reauth
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::storage::{Key, Keyring, Store, StoreOptions, UserToken};
+
+    fn token(user: &str, refresh: bool, needs_reauth: bool) -> UserToken {
+        UserToken {
+            app_id: "cli_app".into(),
+            user_id: user.into(),
+            open_id: None,
+            access_token: "at".to_owned().into(),
+            refresh_token: refresh.then(|| "rt".to_owned().into()),
+            expires_at: 10,
+            refresh_expires_at: None,
+            refresh_due_at: 5,
+            scopes: vec![],
+            obtained_at: 1,
+            session_id: None,
+            needs_reauth,
+            refresh_in_doubt_since: None,
+        }
+    }
+
+    /// The active-token count follows writes, re-writes (a token that now needs a new
+    /// authorization stops counting) and deletes, and leaves out tokens without a refresh token.
+    #[test]
+    fn active_tokens_are_the_refreshable_ones() {
+        let store = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[4; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(store.count_active_tokens().unwrap(), 0);
+        store.put_token(&token("a", true, false)).unwrap();
+        store.put_token(&token("b", true, false)).unwrap();
+        store.put_token(&token("c", false, false)).unwrap();
+        store.put_token(&token("d", true, true)).unwrap();
+        assert_eq!(store.count_active_tokens().unwrap(), 2);
+        // Rewriting a token does not count it twice.
+        store.put_token(&token("a", true, false)).unwrap();
+        assert_eq!(store.count_active_tokens().unwrap(), 2);
+        store.put_token(&token("b", true, true)).unwrap();
+        assert_eq!(store.count_active_tokens().unwrap(), 1);
+        assert!(store.delete_token("cli_app", "a").unwrap());
+        assert_eq!(store.count_active_tokens().unwrap(), 0);
+    }
 }
