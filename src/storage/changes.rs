@@ -13,10 +13,10 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use secrecy::SecretString;
 
 use super::envelope::{KeyId, Place, Sealed};
-use super::records::{session_from, StoredSession, SESSIONS_TABLE};
+use super::records::{session_from, SessionRecord, StoredSession, SESSIONS_TABLE};
 use super::sessions::SessionTables;
 use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS};
-use super::{Error, FailureReason, Result, SessionId, SessionState, Store};
+use super::{Error, Result, SessionId, Store};
 
 /// `meta` key of the last change sequence number (u64 BE).
 const LAST_SEQ_KEY: &str = "last_change_seq";
@@ -120,48 +120,10 @@ pub enum ImportToken {
     Plain(SecretString),
 }
 
-/// One session as exported: every column of the record, tokens still sealed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportRow {
-    /// Session id.
-    pub session_id: SessionId,
-    /// App.
-    pub app_id: String,
-    /// User.
-    pub user_id: String,
-    /// open_id.
-    pub open_id: Option<String>,
-    /// union_id.
-    pub union_id: Option<String>,
-    /// State.
-    pub state: SessionState,
-    /// Failure reason.
-    pub failure_reason: Option<FailureReason>,
-    /// Card message id.
-    pub card_message_id: Option<String>,
-    /// Created (ms).
-    pub created_at: u64,
-    /// Updated (ms).
-    pub updated_at: u64,
-    /// Expires (ms).
-    pub expires_at: u64,
-    /// Access token, sealed.
-    pub access_token: Option<ExportToken>,
-    /// Refresh token, sealed.
-    pub refresh_token: Option<ExportToken>,
-    /// Access token expiry (ms).
-    pub token_expires_at: Option<u64>,
-    /// Refresh token expiry (ms).
-    pub refresh_token_expires_at: Option<u64>,
-    /// Scopes.
-    pub scopes: Vec<String>,
-    /// Display name.
-    pub user_name: Option<String>,
-    /// Email.
-    pub user_email: Option<String>,
-    /// Avatar URL.
-    pub avatar_url: Option<String>,
-}
+/// One session as exported: every column of the record, tokens still sealed. The OAuth
+/// binding of a pending session stays in the store: `state_hash` and `pkce_verifier` are
+/// always `None` here.
+pub type ExportRow = SessionRecord<ExportToken>;
 
 fn export_token(s: &Option<Sealed>) -> Option<ExportToken> {
     s.as_ref().map(|s| {
@@ -181,6 +143,8 @@ impl ExportRow {
             session_id: id,
             access_token: export_token(&s.access_token),
             refresh_token: export_token(&s.refresh_token),
+            state_hash: None,
+            pkce_verifier: None,
         } from s)
     }
 }

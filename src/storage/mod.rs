@@ -37,7 +37,9 @@ pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use events::{valid_event_key, MAX_EVENT_KEY_BYTES};
 pub use keys::{KeyStatus, RotationReport};
-pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
+pub use records::{
+    AuthSession, FailureReason, SessionId, SessionRecord, SessionState, UserInfo, UserToken,
+};
 pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
 pub use traits::{Backend, ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
