@@ -77,6 +77,15 @@ fn record_arg(b: &Value) -> Option<Map<String, Value>> {
 const BAD_RECORD: &str = "record must be a JSON object string";
 const BAD_ID: &str = "record id must be a number";
 
+/// The preamble of the handlers that address one record: the guard, then the record id from
+/// the path. `Err` is the answer to send instead.
+fn record_id(s: &Shared, h: &HeaderMap, id: &str) -> Result<u64, Response> {
+    if let Some(r) = guard(s, h) {
+        return Err(r);
+    }
+    id.parse::<u64>().map_err(|_| param_invalid(BAD_ID))
+}
+
 fn with_id(id: u64, rec: &Value) -> Value {
     let mut v = rec.clone();
     if let Value::Object(m) = &mut v {
@@ -148,22 +157,17 @@ async fn update(
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
     Json(b): Json<Value>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+) -> Result<Response, Response> {
+    let id = record_id(&s, &h, &id)?;
     let Some(patch) = record_arg(&b) else {
-        return param_invalid(BAD_RECORD);
+        return Ok(param_invalid(BAD_RECORD));
     };
     let mut g = s.lock();
     let rec = g
         .objects
         .get_mut(&(namespace, object))
         .and_then(|m| m.get_mut(&id));
-    match rec {
+    Ok(match rec {
         Some(Value::Object(m)) => {
             for (k, v) in patch {
                 m.insert(k, v);
@@ -172,29 +176,24 @@ async fn update(
             ok(json!({}))
         }
         _ => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn remove(
     State(s): State<Arc<Shared>>,
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+) -> Result<Response, Response> {
+    let id = record_id(&s, &h, &id)?;
     let removed = s
         .lock()
         .objects
         .get_mut(&(namespace, object))
         .and_then(|m| m.remove(&id));
-    match removed {
+    Ok(match removed {
         Some(_) => ok(json!({})),
         None => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn get_one(
@@ -202,13 +201,8 @@ async fn get_one(
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
     Json(b): Json<Value>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+) -> Result<Response, Response> {
+    let id = record_id(&s, &h, &id)?;
     let select = select_arg(&b);
     let item = s
         .lock()
@@ -216,10 +210,10 @@ async fn get_one(
         .get(&(namespace, object))
         .and_then(|m| m.get(&id))
         .map(|r| selected(id, r, &select));
-    match item {
+    Ok(match item {
         Some(item) => ok(json!({"item": item.to_string()})),
         None => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn batch_query(
