@@ -15,7 +15,7 @@ use super::options::CALLBACK_PATH;
 use super::request::{AuthRequest, UserRef};
 use super::time::ceil_secs;
 use crate::http::retry_later;
-use crate::storage::SessionId;
+use crate::storage::{SessionId, SessionSummary};
 
 pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -126,20 +126,31 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
     }
 }
 
+/// The session id a `/api/v1/sessions/{id}…` path names; `Err` is the answer to a bad one.
+fn path_session(id: &str) -> Result<SessionId, Response> {
+    id.parse::<SessionId>()
+        .map_err(|_| bad_field("id", "a session id is 32 hex characters"))
+}
+
+/// The answer naming one session: its summary, 404 when there is none, or the store's error.
+fn session_answer(found: crate::storage::Result<Option<SessionSummary>>) -> Response {
+    match found {
+        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+        Err(e) => store_error(&e),
+    }
+}
+
 pub(super) async fn http_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Response {
-    let Ok(id) = id.parse::<SessionId>() else {
-        return bad_field("id", "a session id is 32 hex characters");
-    };
-    match svc.store().run(move |s| s.get_session_summary(id)).await {
-        Ok(Some(s)) if s.app_id == svc.inner.app_id => {
-            (StatusCode::OK, Json(json!(s))).into_response()
-        }
-        Ok(_) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => store_error(&e),
-    }
+) -> Result<Response, Response> {
+    let id = path_session(&id)?;
+    let found = svc.store().run(move |s| s.get_session_summary(id)).await;
+    // Another app's session is not there for this one.
+    Ok(session_answer(found.map(|s| {
+        s.filter(|s| s.app_id == svc.inner.app_id)
+    })))
 }
 
 #[derive(serde::Deserialize)]
@@ -214,15 +225,9 @@ pub(super) async fn http_token(
 pub(super) async fn http_revoke_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Response {
-    let Ok(id) = id.parse::<SessionId>() else {
-        return bad_field("id", "a session id is 32 hex characters");
-    };
-    match svc.revoke_session(id).await {
-        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
-        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => store_error(&e),
-    }
+) -> Result<Response, Response> {
+    let id = path_session(&id)?;
+    Ok(session_answer(svc.revoke_session(id).await))
 }
 
 /// `DELETE /api/v1/users/{id}/token`.
