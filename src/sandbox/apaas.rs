@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -55,12 +55,33 @@ fn ok(data: Value) -> Response {
     Json(json!({"code": 0, "msg": "success", "data": data})).into_response()
 }
 
-/// Counts the hit and checks the tenant token: `Some` is the refusal to send.
-fn guard(s: &Shared, h: &HeaderMap) -> Option<Response> {
+/// Counts the hit and checks the tenant token: `Err` is the refusal to send.
+fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
     if let Some(r) = hit(s, "apaas") {
-        return Some(r);
+        return Err(r);
     }
-    (!tenant_ok(s, h)).then(unauthorized)
+    if tenant_ok(s, h) {
+        Ok(())
+    } else {
+        Err(unauthorized())
+    }
+}
+
+/// The JSON body of an object-record call the [`guard`] lets through. The body is read first
+/// and the guard runs last, as a handler's first lines would after its extractors.
+struct Guarded(Value);
+
+impl FromRequest<Arc<Shared>> for Guarded {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, s: &Arc<Shared>) -> Result<Self, Response> {
+        let h = req.headers().clone();
+        let Json(b) = Json::<Value>::from_request(req, s)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        guard(s, &h)?;
+        Ok(Self(b))
+    }
 }
 
 /// Decodes `{"record": "<JSON object string>"}`.
@@ -77,12 +98,8 @@ fn record_arg(b: &Value) -> Option<Map<String, Value>> {
 const BAD_RECORD: &str = "record must be a JSON object string";
 const BAD_ID: &str = "record id must be a number";
 
-/// The preamble of the handlers that address one record: the guard, then the record id from
-/// the path. `Err` is the answer to send instead.
-fn record_id(s: &Shared, h: &HeaderMap, id: &str) -> Result<u64, Response> {
-    if let Some(r) = guard(s, h) {
-        return Err(r);
-    }
+/// The record id from the path; `Err` is the answer to a bad one.
+fn record_id(id: &str) -> Result<u64, Response> {
     id.parse::<u64>().map_err(|_| param_invalid(BAD_ID))
 }
 
@@ -138,13 +155,9 @@ fn insert(s: &Shared, namespace: &str, object: &str, rec: Map<String, Value>) ->
 
 async fn create(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
     let Some(rec) = record_arg(&b) else {
         return param_invalid(BAD_RECORD);
     };
@@ -154,11 +167,10 @@ async fn create(
 
 async fn update(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Result<Response, Response> {
-    let id = record_id(&s, &h, &id)?;
+    let id = record_id(&id)?;
     let Some(patch) = record_arg(&b) else {
         return Ok(param_invalid(BAD_RECORD));
     };
@@ -184,7 +196,8 @@ async fn remove(
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
 ) -> Result<Response, Response> {
-    let id = record_id(&s, &h, &id)?;
+    guard(&s, &h)?;
+    let id = record_id(&id)?;
     let removed = s
         .lock()
         .objects
@@ -198,11 +211,10 @@ async fn remove(
 
 async fn get_one(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Result<Response, Response> {
-    let id = record_id(&s, &h, &id)?;
+    let id = record_id(&id)?;
     let select = select_arg(&b);
     let item = s
         .lock()
@@ -218,13 +230,9 @@ async fn get_one(
 
 async fn batch_query(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
     let size = b["page_size"].as_u64().unwrap_or(DEFAULT_PAGE_SIZE);
     if size == 0 || size > MAX_PAGE_SIZE {
         return param_invalid("page_size must be 1..=500");
