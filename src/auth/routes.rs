@@ -159,14 +159,14 @@ pub(super) struct TokenQuery {
 }
 
 /// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
-/// prefix means an open_id. `None` for an unknown `id_type`.
-pub(super) fn path_user(id: String, id_type: Option<&str>) -> Option<UserRef> {
+/// prefix means an open_id. `Err` is the answer to an unknown `id_type`.
+pub(super) fn path_user(id: String, id_type: Option<&str>) -> Result<UserRef, Response> {
     match id_type {
-        Some("open_id") => Some(UserRef::OpenId(id)),
-        Some("user_id") => Some(UserRef::UserId(id)),
-        None if id.starts_with("ou_") => Some(UserRef::OpenId(id)),
-        None => Some(UserRef::UserId(id)),
-        Some(_) => None,
+        Some("open_id") => Ok(UserRef::OpenId(id)),
+        Some("user_id") => Ok(UserRef::UserId(id)),
+        None if id.starts_with("ou_") => Ok(UserRef::OpenId(id)),
+        None => Ok(UserRef::UserId(id)),
+        Some(_) => Err(bad_field("id_type", "id_type is open_id or user_id")),
     }
 }
 
@@ -174,11 +174,9 @@ pub(super) async fn http_token(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Response {
-    let Some(user) = path_user(id, q.id_type.as_deref()) else {
-        return bad_field("id_type", "id_type is open_id or user_id");
-    };
-    match svc.access_token(user).await {
+) -> Result<Response, Response> {
+    let user = path_user(id, q.id_type.as_deref())?;
+    Ok(match svc.access_token(user).await {
         Ok(t) => (
             StatusCode::OK,
             Json(json!({
@@ -218,7 +216,7 @@ pub(super) async fn http_token(
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
         Err(e @ TokenError::Store(_)) => store_error(&e),
-    }
+    })
 }
 
 /// `POST /api/v1/sessions/{id}/revoke`.
@@ -235,11 +233,9 @@ pub(super) async fn http_revoke_user(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Response {
-    let Some(user) = path_user(id, q.id_type.as_deref()) else {
-        return bad_field("id_type", "id_type is open_id or user_id");
-    };
-    match svc.revoke_user(user).await {
+) -> Result<Response, Response> {
+    let user = path_user(id, q.id_type.as_deref())?;
+    Ok(match svc.revoke_user(user).await {
         Ok(Some(r)) => (
             StatusCode::OK,
             Json(json!({
@@ -251,7 +247,7 @@ pub(super) async fn http_revoke_user(
             .into_response(),
         Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
         Err(e) => store_error(&e),
-    }
+    })
 }
 
 pub(super) async fn http_callback(
