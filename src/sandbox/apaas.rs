@@ -16,7 +16,7 @@ use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::platform::{bearer, hit, tenant_ok, unauthorized, user_token_owner};
+use super::platform::{bearer, hit, tenant_call, unauthorized, user_token_owner};
 use super::Shared;
 
 /// Largest `page_size` (§6.2).
@@ -57,14 +57,7 @@ fn ok(data: Value) -> Response {
 
 /// Counts the hit and checks the tenant token: `Err` is the refusal to send.
 fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
-    if let Some(r) = hit(s, "apaas") {
-        return Err(r);
-    }
-    if tenant_ok(s, h) {
-        Ok(())
-    } else {
-        Err(unauthorized())
-    }
+    tenant_call(s, h, "apaas")
 }
 
 /// The JSON body of an object-record call the [`guard`] lets through. The body is read first
