@@ -148,9 +148,9 @@ pub(super) async fn http_session(
     let id = path_session(&id)?;
     let found = svc.store().run(move |s| s.get_session_summary(id)).await;
     // Another app's session is not there for this one.
-    Ok(session_answer(found.map(|s| {
-        s.filter(|s| s.app_id == svc.inner.app_id)
-    })))
+    Ok(session_answer(
+        found.map(|s| s.filter(|s| s.app_id == svc.inner.app_id)),
+    ))
 }
 
 #[derive(serde::Deserialize)]
