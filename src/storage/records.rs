@@ -954,6 +954,51 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The stored form encodes no session id (it is the row key) and keeps the schema-1
+        /// field order: its body is a version-1 body followed by the two fields version 2
+        /// added. The caller's form, sealed and opened again, is the same session.
+        #[test]
+        fn the_stored_form_is_the_version_1_layout_plus_the_oauth_binding(s in stored()) {
+            let v1 = session_from!(StoredSessionV1 {
+                access_token: s.access_token.clone(),
+                refresh_token: s.refresh_token.clone(),
+            } from s);
+            let mut want = encode(SESSION_VERSION, &v1);
+            want.extend(bincode::serde::encode_to_vec(s.state_hash, bincode_cfg()).unwrap());
+            want.extend(bincode::serde::encode_to_vec(&s.pkce_verifier, bincode_cfg()).unwrap());
+            prop_assert_eq!(s.encode(), want);
+        }
+    }
+
+    #[test]
+    fn a_session_sealed_and_opened_is_the_same_session() {
+        use secrecy::ExposeSecret;
+        let ring = Keyring::new(crate::storage::envelope::Key::generate().0, Vec::new());
+        let mut a = AuthSession::new_pending("app", "u", vec!["s".into()], 10, 5);
+        a.access_token = Some("at".into());
+        a.refresh_token = Some("rt".into());
+        a.pkce_verifier = Some("pv".into());
+        a.state_hash = Some([7; 32]);
+        let stored = StoredSession::seal(&a, &ring);
+        let back = StoredSession::decode(&stored.encode())
+            .unwrap()
+            .open(a.session_id, &ring)
+            .unwrap();
+        assert_eq!(back.session_id, a.session_id);
+        assert_eq!(back.app_id, "app");
+        assert_eq!(back.expires_at, 15);
+        assert_eq!(back.state_hash, Some([7; 32]));
+        let secret = |v: &Option<SecretString>| v.as_ref().map(|s| s.expose_secret().to_owned());
+        assert_eq!(secret(&back.access_token).as_deref(), Some("at"));
+        assert_eq!(secret(&back.refresh_token).as_deref(), Some("rt"));
+        assert_eq!(secret(&back.pkce_verifier).as_deref(), Some("pv"));
+        // Opened under another id, the sealed fields do not open.
+        assert!(StoredSession::seal(&a, &ring)
+            .open(SessionId(a.session_id.0 ^ 1), &ring)
+            .is_err());
+    }
+
     #[test]
     fn peek_leaves_older_versions_to_the_full_decoder() {
         let v1 = encode(
