@@ -126,10 +126,24 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
     }
 }
 
-/// The session id a `/api/v1/sessions/{id}…` path names; `Err` is the answer to a bad one.
-fn path_session(id: &str) -> Result<SessionId, Response> {
-    id.parse::<SessionId>()
-        .map_err(|_| bad_field("id", "a session id is 32 hex characters"))
+/// A path or query value the admin API refuses: answered 400 `invalid_request`, naming it.
+pub(super) struct BadField {
+    field: &'static str,
+    message: &'static str,
+}
+
+impl IntoResponse for BadField {
+    fn into_response(self) -> Response {
+        bad_field(self.field, self.message)
+    }
+}
+
+/// The session id a `/api/v1/sessions/{id}…` path names.
+fn path_session(id: &str) -> Result<SessionId, BadField> {
+    id.parse::<SessionId>().map_err(|_| BadField {
+        field: "id",
+        message: "a session id is 32 hex characters",
+    })
 }
 
 /// The answer naming one session: its summary, 404 when there is none, or the store's error.
@@ -144,7 +158,7 @@ fn session_answer(found: crate::storage::Result<Option<SessionSummary>>) -> Resp
 pub(super) async fn http_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Result<Response, Response> {
+) -> Result<Response, BadField> {
     let id = path_session(&id)?;
     let found = svc.store().run(move |s| s.get_session_summary(id)).await;
     // Another app's session is not there for this one.
@@ -159,14 +173,17 @@ pub(super) struct TokenQuery {
 }
 
 /// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
-/// prefix means an open_id. `Err` is the answer to an unknown `id_type`.
-pub(super) fn path_user(id: String, id_type: Option<&str>) -> Result<UserRef, Response> {
+/// prefix means an open_id; an unknown `id_type` is refused.
+pub(super) fn path_user(id: String, id_type: Option<&str>) -> Result<UserRef, BadField> {
     match id_type {
         Some("open_id") => Ok(UserRef::OpenId(id)),
         Some("user_id") => Ok(UserRef::UserId(id)),
         None if id.starts_with("ou_") => Ok(UserRef::OpenId(id)),
         None => Ok(UserRef::UserId(id)),
-        Some(_) => Err(bad_field("id_type", "id_type is open_id or user_id")),
+        Some(_) => Err(BadField {
+            field: "id_type",
+            message: "id_type is open_id or user_id",
+        }),
     }
 }
 
@@ -174,7 +191,7 @@ pub(super) async fn http_token(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Result<Response, Response> {
+) -> Result<Response, BadField> {
     let user = path_user(id, q.id_type.as_deref())?;
     Ok(match svc.access_token(user).await {
         Ok(t) => (
@@ -223,7 +240,7 @@ pub(super) async fn http_token(
 pub(super) async fn http_revoke_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Result<Response, Response> {
+) -> Result<Response, BadField> {
     let id = path_session(&id)?;
     Ok(session_answer(svc.revoke_session(id).await))
 }
@@ -233,7 +250,7 @@ pub(super) async fn http_revoke_user(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Result<Response, Response> {
+) -> Result<Response, BadField> {
     let user = path_user(id, q.id_type.as_deref())?;
     Ok(match svc.revoke_user(user).await {
         Ok(Some(r)) => (

@@ -16,7 +16,7 @@ use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::platform::{bearer, hit, tenant_call, unauthorized, user_token_owner};
+use super::platform::{bearer, hit, tenant_call, unauthorized, user_token_owner, Refusal};
 use super::Shared;
 
 /// Largest `page_size` (§6.2).
@@ -56,7 +56,7 @@ fn ok(data: Value) -> Response {
 }
 
 /// Counts the hit and checks the tenant token: `Err` is the refusal to send.
-fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
+fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Refusal> {
     tenant_call(s, h, "apaas")
 }
 
@@ -65,13 +65,13 @@ fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Response> {
 struct Guarded(Value);
 
 impl FromRequest<Arc<Shared>> for Guarded {
-    type Rejection = Response;
+    type Rejection = Refusal;
 
-    async fn from_request(req: Request, s: &Arc<Shared>) -> Result<Self, Response> {
+    async fn from_request(req: Request, s: &Arc<Shared>) -> Result<Self, Refusal> {
         let h = req.headers().clone();
         let Json(b) = Json::<Value>::from_request(req, s)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|e| Refusal::from(e.into_response()))?;
         guard(s, &h)?;
         Ok(Self(b))
     }
@@ -92,8 +92,8 @@ const BAD_RECORD: &str = "record must be a JSON object string";
 const BAD_ID: &str = "record id must be a number";
 
 /// The record id from the path; `Err` is the answer to a bad one.
-fn record_id(id: &str) -> Result<u64, Response> {
-    id.parse::<u64>().map_err(|_| param_invalid(BAD_ID))
+fn record_id(id: &str) -> Result<u64, Refusal> {
+    id.parse::<u64>().map_err(|_| param_invalid(BAD_ID).into())
 }
 
 fn with_id(id: u64, rec: &Value) -> Value {
@@ -162,7 +162,7 @@ async fn update(
     State(s): State<Arc<Shared>>,
     Path((namespace, object, id)): Path<(String, String, String)>,
     Guarded(b): Guarded,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let id = record_id(&id)?;
     let Some(patch) = record_arg(&b) else {
         return Ok(param_invalid(BAD_RECORD));
@@ -188,7 +188,7 @@ async fn remove(
     State(s): State<Arc<Shared>>,
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     guard(&s, &h)?;
     let id = record_id(&id)?;
     let removed = s
@@ -206,7 +206,7 @@ async fn get_one(
     State(s): State<Arc<Shared>>,
     Path((namespace, object, id)): Path<(String, String, String)>,
     Guarded(b): Guarded,
-) -> Result<Response, Response> {
+) -> Result<Response, Refusal> {
     let id = record_id(&id)?;
     let select = select_arg(&b);
     let item = s
