@@ -81,10 +81,13 @@ fn parse_u64(b: &[u8]) -> u64 {
     <[u8; 8]>::try_from(b).map_or(0, u64::from_be_bytes)
 }
 
-/// The last change seq as of `txn` (0: none yet).
-pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> {
-    let meta = txn.open_table(META).map_err(|e| store.err(e))?;
-    let changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+/// The last change seq (0: none yet): the one noted in `meta`, or the feed's last key if
+/// that is higher.
+fn last_seq_of(
+    store: &Store,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    changes: &impl ReadableTable<u64, [u8; 17]>,
+) -> Result<u64> {
     let stored = meta
         .get(LAST_SEQ_KEY)
         .map_err(|e| store.err(e))?
@@ -94,6 +97,13 @@ pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> 
         .map_err(|e| store.err(e))?
         .map_or(0, |(k, _)| k.value());
     Ok(stored.max(last))
+}
+
+/// The last change seq as of `txn` (0: none yet).
+pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> {
+    let meta = txn.open_table(META).map_err(|e| store.err(e))?;
+    let changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+    last_seq_of(store, &meta, &changes)
 }
 
 pub(crate) fn set_last_seq_in(store: &Store, txn: &WriteTransaction, seq: u64) -> Result<()> {
@@ -172,19 +182,7 @@ impl Store {
         }
         let mut seq = match t.last_seq {
             Some(s) => s,
-            None => {
-                let stored = t
-                    .meta
-                    .get(LAST_SEQ_KEY)
-                    .map_err(|e| self.err(e))?
-                    .map_or(0, |v| parse_u64(v.value()));
-                let last = t
-                    .changes
-                    .last()
-                    .map_err(|e| self.err(e))?
-                    .map_or(0, |(k, _)| k.value());
-                stored.max(last)
-            }
+            None => last_seq_of(self, &t.meta, &t.changes)?,
         };
         // Every new seq is above every key in the table, so one cursor at the end takes them
         // all as one run (packed into full leaves, no descent per change).
@@ -232,15 +230,7 @@ impl Store {
         let txn = self.begin_read()?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let t = txn.open_table(CHANGES).map_err(|e| self.err(e))?;
-        let stored = meta
-            .get(LAST_SEQ_KEY)
-            .map_err(|e| self.err(e))?
-            .map_or(0, |v| parse_u64(v.value()));
-        let last = t
-            .last()
-            .map_err(|e| self.err(e))?
-            .map_or(0, |(k, _)| k.value());
-        Ok(stored.max(last))
+        last_seq_of(self, &meta, &t)
     }
 
     /// Deletes the changes with seq ≤ `upto` (those every exporter has passed). Returns how many.
