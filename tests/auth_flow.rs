@@ -1237,6 +1237,70 @@ async fn invalid_grant_marks_the_token_for_reauthorization_and_the_api_says_409(
     assert_eq!(r.status(), 401);
 }
 
+/// The admin routes that name a session or a user refuse a malformed name as a 400 naming the
+/// field, and answer 404 for a session that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_refuse_bad_ids_and_answer_missing_sessions() {
+    let h = harness().await;
+    let base = serve(&h).await;
+    let http = reqwest::Client::new();
+    let call = |m: reqwest::Method, path: &str| {
+        http.request(m, format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let missing = "0123456789abcdef0123456789abcdef";
+    for (m, path, status, field) in [
+        (
+            reqwest::Method::GET,
+            "/api/v1/auth/sessions/xyz".to_owned(),
+            400,
+            Some("id"),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/v1/sessions/xyz/revoke".to_owned(),
+            400,
+            Some("id"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/v1/auth/sessions/{missing}"),
+            404,
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/api/v1/sessions/{missing}/revoke"),
+            404,
+            None,
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/api/v1/users/{ALICE}/token?id_type=email"),
+            400,
+            Some("id_type"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/api/v1/users/{ALICE}/token?id_type=email"),
+            400,
+            Some("id_type"),
+        ),
+    ] {
+        let r = call(m.clone(), &path).await.unwrap();
+        assert_eq!(r.status(), status, "{m} {path}");
+        let v: Value = r.json().await.unwrap();
+        match field {
+            Some(f) => {
+                assert_eq!(v["error"], "invalid_request", "{m} {path}: {v}");
+                assert_eq!(v["field"], f, "{m} {path}: {v}");
+            }
+            None => assert_eq!(v["error"], "not_found", "{m} {path}: {v}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_routes_request_session_callback_and_token() {
     let _s = SERIAL.lock().await;

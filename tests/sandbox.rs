@@ -478,6 +478,81 @@ async fn im_send_patch_and_uuid_dedup_are_recorded() {
 // aPaaS
 // ---------------------------------------------------------------------------------------------
 
+/// The record calls' preamble, in its order: the hit is counted (an injected failure answers
+/// first), then the tenant token is checked, then the record id is read.
+#[tokio::test]
+async fn apaas_record_calls_count_the_hit_then_check_the_token_then_the_id() {
+    let sb = sandbox().await;
+    let c = client(&sb);
+    let (ns, obj) = ("package_sandbox__c", "task");
+    let id = c
+        .create_record(ns, obj, &json!({"name": "t"}))
+        .await
+        .unwrap();
+    let token = c.tenant_token().await.unwrap();
+    let records = format!(
+        "{}/open-apis/apaas/v1/applications/{ns}/objects/{obj}/records",
+        sb.base_url()
+    );
+    let http = http(&sb);
+    let patch = |id: &str, bearer: Option<&str>| {
+        let r = http
+            .patch(format!("{records}/{id}"))
+            .json(&json!({"record": "{\"done\": true}"}));
+        match bearer {
+            Some(b) => r.bearer_auth(b),
+            None => r,
+        }
+    };
+    let answer = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap())
+    };
+    let hits = sb.hits("apaas");
+
+    // No token: refused as unauthorized, before the (bad) id is looked at.
+    let (status, v) = answer(patch("not-a-number", None).send().await.unwrap()).await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(99_991_663)), "{v}");
+    assert_eq!(sb.hits("apaas"), hits + 1, "the refused call is counted");
+
+    // An injected failure answers before the token is checked.
+    sb.fail_next("apaas", 503, 1);
+    let (status, _) = answer(patch(&id, None).send().await.unwrap()).await;
+    assert_eq!(status, 503);
+
+    // With the token, a bad id is a parameter error; a good one patches.
+    let (status, v) = answer(
+        patch("not-a-number", Some(token.expose_secret()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(2_320_001)), "{v}");
+    assert_eq!(v["msg"], "record id must be a number");
+    assert_eq!(sb.records(ns, obj)[0].get("done"), None);
+    let (status, v) = answer(
+        patch(&id, Some(token.expose_secret()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, v["code"].as_i64()), (200, Some(0)), "{v}");
+    assert_eq!(sb.records(ns, obj)[0]["done"], true);
+
+    // A create without the token is refused and stores nothing.
+    let r = http
+        .post(&records)
+        .json(&json!({"record": "{\"name\": \"x\"}"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = answer(r).await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(99_991_663)), "{v}");
+    assert_eq!(sb.records(ns, obj).len(), 1);
+}
+
 #[tokio::test]
 async fn apaas_records_create_get_patch_query_with_paging() {
     let sb = sandbox().await;

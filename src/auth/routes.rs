@@ -15,7 +15,7 @@ use super::options::CALLBACK_PATH;
 use super::request::{AuthRequest, UserRef};
 use super::time::ceil_secs;
 use crate::http::retry_later;
-use crate::storage::SessionId;
+use crate::storage::{SessionId, SessionSummary};
 
 pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
@@ -126,20 +126,45 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
     }
 }
 
+/// A path or query value the admin API refuses: answered 400 `invalid_request`, naming it.
+pub(super) struct BadField {
+    field: &'static str,
+    message: &'static str,
+}
+
+impl IntoResponse for BadField {
+    fn into_response(self) -> Response {
+        bad_field(self.field, self.message)
+    }
+}
+
+/// The session id a `/api/v1/sessions/{id}…` path names.
+fn path_session(id: &str) -> Result<SessionId, BadField> {
+    id.parse::<SessionId>().map_err(|_| BadField {
+        field: "id",
+        message: "a session id is 32 hex characters",
+    })
+}
+
+/// The answer naming one session: its summary, 404 when there is none, or the store's error.
+fn session_answer(found: crate::storage::Result<Option<SessionSummary>>) -> Response {
+    match found {
+        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
+        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
+        Err(e) => store_error(&e),
+    }
+}
+
 pub(super) async fn http_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Response {
-    let Ok(id) = id.parse::<SessionId>() else {
-        return bad_field("id", "a session id is 32 hex characters");
-    };
-    match svc.store().run(move |s| s.get_session_summary(id)).await {
-        Ok(Some(s)) if s.app_id == svc.inner.app_id => {
-            (StatusCode::OK, Json(json!(s))).into_response()
-        }
-        Ok(_) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => store_error(&e),
-    }
+) -> Result<Response, BadField> {
+    let id = path_session(&id)?;
+    let found = svc.store().run(move |s| s.get_session_summary(id)).await;
+    // Another app's session is not there for this one.
+    Ok(session_answer(
+        found.map(|s| s.filter(|s| s.app_id == svc.inner.app_id)),
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -148,14 +173,17 @@ pub(super) struct TokenQuery {
 }
 
 /// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
-/// prefix means an open_id. `None` for an unknown `id_type`.
-pub(super) fn path_user(id: String, id_type: Option<&str>) -> Option<UserRef> {
+/// prefix means an open_id; an unknown `id_type` is refused.
+pub(super) fn path_user(id: String, id_type: Option<&str>) -> Result<UserRef, BadField> {
     match id_type {
-        Some("open_id") => Some(UserRef::OpenId(id)),
-        Some("user_id") => Some(UserRef::UserId(id)),
-        None if id.starts_with("ou_") => Some(UserRef::OpenId(id)),
-        None => Some(UserRef::UserId(id)),
-        Some(_) => None,
+        Some("open_id") => Ok(UserRef::OpenId(id)),
+        Some("user_id") => Ok(UserRef::UserId(id)),
+        None if id.starts_with("ou_") => Ok(UserRef::OpenId(id)),
+        None => Ok(UserRef::UserId(id)),
+        Some(_) => Err(BadField {
+            field: "id_type",
+            message: "id_type is open_id or user_id",
+        }),
     }
 }
 
@@ -163,11 +191,9 @@ pub(super) async fn http_token(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Response {
-    let Some(user) = path_user(id, q.id_type.as_deref()) else {
-        return bad_field("id_type", "id_type is open_id or user_id");
-    };
-    match svc.access_token(user).await {
+) -> Result<Response, BadField> {
+    let user = path_user(id, q.id_type.as_deref())?;
+    Ok(match svc.access_token(user).await {
         Ok(t) => (
             StatusCode::OK,
             Json(json!({
@@ -207,22 +233,16 @@ pub(super) async fn http_token(
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
         Err(e @ TokenError::Store(_)) => store_error(&e),
-    }
+    })
 }
 
 /// `POST /api/v1/sessions/{id}/revoke`.
 pub(super) async fn http_revoke_session(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
-) -> Response {
-    let Ok(id) = id.parse::<SessionId>() else {
-        return bad_field("id", "a session id is 32 hex characters");
-    };
-    match svc.revoke_session(id).await {
-        Ok(Some(s)) => (StatusCode::OK, Json(json!(s))).into_response(),
-        Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "no such session"),
-        Err(e) => store_error(&e),
-    }
+) -> Result<Response, BadField> {
+    let id = path_session(&id)?;
+    Ok(session_answer(svc.revoke_session(id).await))
 }
 
 /// `DELETE /api/v1/users/{id}/token`.
@@ -230,11 +250,9 @@ pub(super) async fn http_revoke_user(
     State(svc): State<AuthService>,
     Path(id): Path<String>,
     Query(q): Query<TokenQuery>,
-) -> Response {
-    let Some(user) = path_user(id, q.id_type.as_deref()) else {
-        return bad_field("id_type", "id_type is open_id or user_id");
-    };
-    match svc.revoke_user(user).await {
+) -> Result<Response, BadField> {
+    let user = path_user(id, q.id_type.as_deref())?;
+    Ok(match svc.revoke_user(user).await {
         Ok(Some(r)) => (
             StatusCode::OK,
             Json(json!({
@@ -246,7 +264,7 @@ pub(super) async fn http_revoke_user(
             .into_response(),
         Ok(None) => api_error(StatusCode::NOT_FOUND, "not_found", "this user has no token"),
         Err(e) => store_error(&e),
-    }
+    })
 }
 
 pub(super) async fn http_callback(

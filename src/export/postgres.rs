@@ -837,6 +837,8 @@ mod tests {
             user_name: None,
             user_email: None,
             avatar_url: None,
+            state_hash: None,
+            pkce_verifier: None,
         };
         let bound: Vec<(&str, String)> = COLUMNS
             .iter()

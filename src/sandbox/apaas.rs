@@ -9,14 +9,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
-use super::platform::{bearer, hit, tenant_ok, unauthorized, user_token_owner};
+use super::platform::{bearer, hit, tenant_call, unauthorized, user_token_owner, Refusal};
 use super::Shared;
 
 /// Largest `page_size` (§6.2).
@@ -55,12 +55,26 @@ fn ok(data: Value) -> Response {
     Json(json!({"code": 0, "msg": "success", "data": data})).into_response()
 }
 
-/// Counts the hit and checks the tenant token: `Some` is the refusal to send.
-fn guard(s: &Shared, h: &HeaderMap) -> Option<Response> {
-    if let Some(r) = hit(s, "apaas") {
-        return Some(r);
+/// Counts the hit and checks the tenant token: `Err` is the refusal to send.
+fn guard(s: &Shared, h: &HeaderMap) -> Result<(), Refusal> {
+    tenant_call(s, h, "apaas")
+}
+
+/// The JSON body of an object-record call the [`guard`] lets through. The body is read first
+/// and the guard runs last, as a handler's first lines would after its extractors.
+struct Guarded(Value);
+
+impl FromRequest<Arc<Shared>> for Guarded {
+    type Rejection = Refusal;
+
+    async fn from_request(req: Request, s: &Arc<Shared>) -> Result<Self, Refusal> {
+        let h = req.headers().clone();
+        let Json(b) = Json::<Value>::from_request(req, s)
+            .await
+            .map_err(|e| Refusal::from(e.into_response()))?;
+        guard(s, &h)?;
+        Ok(Self(b))
     }
-    (!tenant_ok(s, h)).then(unauthorized)
 }
 
 /// Decodes `{"record": "<JSON object string>"}`.
@@ -76,6 +90,11 @@ fn record_arg(b: &Value) -> Option<Map<String, Value>> {
 
 const BAD_RECORD: &str = "record must be a JSON object string";
 const BAD_ID: &str = "record id must be a number";
+
+/// The record id from the path; `Err` is the answer to a bad one.
+fn record_id(id: &str) -> Result<u64, Refusal> {
+    id.parse::<u64>().map_err(|_| param_invalid(BAD_ID).into())
+}
 
 fn with_id(id: u64, rec: &Value) -> Value {
     let mut v = rec.clone();
@@ -129,13 +148,9 @@ fn insert(s: &Shared, namespace: &str, object: &str, rec: Map<String, Value>) ->
 
 async fn create(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
     let Some(rec) = record_arg(&b) else {
         return param_invalid(BAD_RECORD);
     };
@@ -145,25 +160,19 @@ async fn create(
 
 async fn update(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-    Json(b): Json<Value>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+    Guarded(b): Guarded,
+) -> Result<Response, Refusal> {
+    let id = record_id(&id)?;
     let Some(patch) = record_arg(&b) else {
-        return param_invalid(BAD_RECORD);
+        return Ok(param_invalid(BAD_RECORD));
     };
     let mut g = s.lock();
     let rec = g
         .objects
         .get_mut(&(namespace, object))
         .and_then(|m| m.get_mut(&id));
-    match rec {
+    Ok(match rec {
         Some(Value::Object(m)) => {
             for (k, v) in patch {
                 m.insert(k, v);
@@ -172,43 +181,33 @@ async fn update(
             ok(json!({}))
         }
         _ => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn remove(
     State(s): State<Arc<Shared>>,
     h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+) -> Result<Response, Refusal> {
+    guard(&s, &h)?;
+    let id = record_id(&id)?;
     let removed = s
         .lock()
         .objects
         .get_mut(&(namespace, object))
         .and_then(|m| m.remove(&id));
-    match removed {
+    Ok(match removed {
         Some(_) => ok(json!({})),
         None => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn get_one(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object, id)): Path<(String, String, String)>,
-    Json(b): Json<Value>,
-) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
-    let Ok(id) = id.parse::<u64>() else {
-        return param_invalid(BAD_ID);
-    };
+    Guarded(b): Guarded,
+) -> Result<Response, Refusal> {
+    let id = record_id(&id)?;
     let select = select_arg(&b);
     let item = s
         .lock()
@@ -216,21 +215,17 @@ async fn get_one(
         .get(&(namespace, object))
         .and_then(|m| m.get(&id))
         .map(|r| selected(id, r, &select));
-    match item {
+    Ok(match item {
         Some(item) => ok(json!({"item": item.to_string()})),
         None => param_invalid("record not found"),
-    }
+    })
 }
 
 async fn batch_query(
     State(s): State<Arc<Shared>>,
-    h: HeaderMap,
     Path((namespace, object)): Path<(String, String)>,
-    Json(b): Json<Value>,
+    Guarded(b): Guarded,
 ) -> Response {
-    if let Some(r) = guard(&s, &h) {
-        return r;
-    }
     let size = b["page_size"].as_u64().unwrap_or(DEFAULT_PAGE_SIZE);
     if size == 0 || size > MAX_PAGE_SIZE {
         return param_invalid("page_size must be 1..=500");

@@ -264,6 +264,35 @@ pub(crate) fn tenant_ok(s: &Shared, h: &HeaderMap) -> bool {
     bearer(h).is_some_and(|t| s.lock().tenant_tokens.contains(&t))
 }
 
+/// An answer sent instead of the one asked for (an injected failure, a bad token, a bad
+/// parameter), boxed so that a `Result` carrying it stays small.
+pub(crate) struct Refusal(Box<Response>);
+
+impl From<Response> for Refusal {
+    fn from(r: Response) -> Self {
+        Self(Box::new(r))
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+/// The preamble of a call made with the tenant token: counts the hit on `group` (which may
+/// inject a failure), then checks the token. `Err` is the answer to send instead.
+pub(crate) fn tenant_call(s: &Shared, h: &HeaderMap, group: &'static str) -> Result<(), Refusal> {
+    if let Some(r) = hit(s, group) {
+        return Err(r.into());
+    }
+    if tenant_ok(s, h) {
+        Ok(())
+    } else {
+        Err(unauthorized().into())
+    }
+}
+
 pub(crate) fn unauthorized() -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"code": 99991663, "msg": "Invalid access token for authorization. Please make a request with token attached."}))).into_response()
 }
@@ -611,11 +640,8 @@ async fn user_info(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
 
 /// `GET /open-apis/tenant/v2/tenant/query`: the app's tenant (the sandbox's own).
 async fn tenant_query(State(s): State<Arc<Shared>>, h: HeaderMap) -> Response {
-    if let Some(r) = hit(&s, "tenant_query") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "tenant_query") {
+        return r.into_response();
     }
     Json(json!({"code": 0, "msg": "success", "data": {"tenant": {
         "name": "Sandbox", "display_id": "F000000001", "tenant_tag": 0, "tenant_key": "sandbox",
@@ -655,11 +681,8 @@ async fn contact_user(
     h: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Some(r) = hit(&s, "contact") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "contact") {
+        return r.into_response();
     }
     match find_user(&s, &id) {
         Some(u) => {
@@ -681,11 +704,8 @@ async fn contact_batch_get_id(
     Query(q): Query<Vec<(String, String)>>,
     Json(b): Json<Value>,
 ) -> Response {
-    if let Some(r) = hit(&s, "contact") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "contact") {
+        return r.into_response();
     }
     let id_type = q
         .iter()
@@ -723,11 +743,8 @@ async fn send_message(
     // Held first, then the injected failure: a request released from a hold can still fail,
     // as a platform that hangs and then errors does.
     wait_if_held(&s, "im").await;
-    if let Some(r) = hit(&s, "im") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "im") {
+        return r.into_response();
     }
     let id_type = q
         .iter()
@@ -797,11 +814,8 @@ async fn patch_message(
     Path(id): Path<String>,
     Json(b): Json<Value>,
 ) -> Response {
-    if let Some(r) = hit(&s, "im") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "im") {
+        return r.into_response();
     }
     let content: Value = b["content"]
         .as_str()
@@ -825,11 +839,8 @@ async fn delay_update(
     h: HeaderMap,
     Json(b): Json<Value>,
 ) -> Response {
-    if let Some(r) = hit(&s, "card_update") {
-        return r;
-    }
-    if !tenant_ok(&s, &h) {
-        return unauthorized();
+    if let Err(r) = tenant_call(&s, &h, "card_update") {
+        return r.into_response();
     }
     let token = b["token"].as_str().unwrap_or_default();
     let card = b["card"].clone();

@@ -13,10 +13,10 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use secrecy::SecretString;
 
 use super::envelope::{KeyId, Place, Sealed};
-use super::records::{session_from, StoredSession, SESSIONS_TABLE};
+use super::records::{session_from, SessionRecord, StoredSession, SESSIONS_TABLE};
 use super::sessions::SessionTables;
 use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS};
-use super::{Error, FailureReason, Result, SessionId, SessionState, Store};
+use super::{Error, Result, SessionId, Store};
 
 /// `meta` key of the last change sequence number (u64 BE).
 const LAST_SEQ_KEY: &str = "last_change_seq";
@@ -81,10 +81,13 @@ fn parse_u64(b: &[u8]) -> u64 {
     <[u8; 8]>::try_from(b).map_or(0, u64::from_be_bytes)
 }
 
-/// The last change seq as of `txn` (0: none yet).
-pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> {
-    let meta = txn.open_table(META).map_err(|e| store.err(e))?;
-    let changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+/// The last change seq (0: none yet): the one noted in `meta`, or the feed's last key if
+/// that is higher.
+fn last_seq_of(
+    store: &Store,
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    changes: &impl ReadableTable<u64, [u8; 17]>,
+) -> Result<u64> {
     let stored = meta
         .get(LAST_SEQ_KEY)
         .map_err(|e| store.err(e))?
@@ -94,6 +97,13 @@ pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> 
         .map_err(|e| store.err(e))?
         .map_or(0, |(k, _)| k.value());
     Ok(stored.max(last))
+}
+
+/// The last change seq as of `txn` (0: none yet).
+pub(crate) fn last_seq_in(store: &Store, txn: &WriteTransaction) -> Result<u64> {
+    let meta = txn.open_table(META).map_err(|e| store.err(e))?;
+    let changes = txn.open_table(CHANGES).map_err(|e| store.err(e))?;
+    last_seq_of(store, &meta, &changes)
 }
 
 pub(crate) fn set_last_seq_in(store: &Store, txn: &WriteTransaction, seq: u64) -> Result<()> {
@@ -120,48 +130,10 @@ pub enum ImportToken {
     Plain(SecretString),
 }
 
-/// One session as exported: every column of the record, tokens still sealed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExportRow {
-    /// Session id.
-    pub session_id: SessionId,
-    /// App.
-    pub app_id: String,
-    /// User.
-    pub user_id: String,
-    /// open_id.
-    pub open_id: Option<String>,
-    /// union_id.
-    pub union_id: Option<String>,
-    /// State.
-    pub state: SessionState,
-    /// Failure reason.
-    pub failure_reason: Option<FailureReason>,
-    /// Card message id.
-    pub card_message_id: Option<String>,
-    /// Created (ms).
-    pub created_at: u64,
-    /// Updated (ms).
-    pub updated_at: u64,
-    /// Expires (ms).
-    pub expires_at: u64,
-    /// Access token, sealed.
-    pub access_token: Option<ExportToken>,
-    /// Refresh token, sealed.
-    pub refresh_token: Option<ExportToken>,
-    /// Access token expiry (ms).
-    pub token_expires_at: Option<u64>,
-    /// Refresh token expiry (ms).
-    pub refresh_token_expires_at: Option<u64>,
-    /// Scopes.
-    pub scopes: Vec<String>,
-    /// Display name.
-    pub user_name: Option<String>,
-    /// Email.
-    pub user_email: Option<String>,
-    /// Avatar URL.
-    pub avatar_url: Option<String>,
-}
+/// One session as exported: every column of the record, tokens still sealed. The OAuth
+/// binding of a pending session stays in the store: `state_hash` and `pkce_verifier` are
+/// always `None` here.
+pub type ExportRow = SessionRecord<ExportToken>;
 
 fn export_token(s: &Option<Sealed>) -> Option<ExportToken> {
     s.as_ref().map(|s| {
@@ -181,6 +153,8 @@ impl ExportRow {
             session_id: id,
             access_token: export_token(&s.access_token),
             refresh_token: export_token(&s.refresh_token),
+            state_hash: None,
+            pkce_verifier: None,
         } from s)
     }
 }
@@ -208,19 +182,7 @@ impl Store {
         }
         let mut seq = match t.last_seq {
             Some(s) => s,
-            None => {
-                let stored = t
-                    .meta
-                    .get(LAST_SEQ_KEY)
-                    .map_err(|e| self.err(e))?
-                    .map_or(0, |v| parse_u64(v.value()));
-                let last = t
-                    .changes
-                    .last()
-                    .map_err(|e| self.err(e))?
-                    .map_or(0, |(k, _)| k.value());
-                stored.max(last)
-            }
+            None => last_seq_of(self, &t.meta, &t.changes)?,
         };
         // Every new seq is above every key in the table, so one cursor at the end takes them
         // all as one run (packed into full leaves, no descent per change).
@@ -268,15 +230,7 @@ impl Store {
         let txn = self.begin_read()?;
         let meta = txn.open_table(META).map_err(|e| self.err(e))?;
         let t = txn.open_table(CHANGES).map_err(|e| self.err(e))?;
-        let stored = meta
-            .get(LAST_SEQ_KEY)
-            .map_err(|e| self.err(e))?
-            .map_or(0, |v| parse_u64(v.value()));
-        let last = t
-            .last()
-            .map_err(|e| self.err(e))?
-            .map_or(0, |(k, _)| k.value());
-        Ok(stored.max(last))
+        last_seq_of(self, &meta, &t)
     }
 
     /// Deletes the changes with seq ≤ `upto` (those every exporter has passed). Returns how many.

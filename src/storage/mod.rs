@@ -37,7 +37,9 @@ pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use events::{valid_event_key, MAX_EVENT_KEY_BYTES};
 pub use keys::{KeyStatus, RotationReport};
-pub use records::{AuthSession, FailureReason, SessionId, SessionState, UserInfo, UserToken};
+pub use records::{
+    AuthSession, FailureReason, SessionId, SessionRecord, SessionState, UserInfo, UserToken,
+};
 pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
 pub use traits::{Backend, ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
@@ -382,27 +384,26 @@ impl Store {
         self.commit(txn)
     }
 
+    /// The number of rows in one table as of `txn`.
+    fn table_len<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        txn: &redb::ReadTransaction,
+        def: redb::TableDefinition<'_, K, V>,
+    ) -> Result<u64> {
+        txn.open_table(def)
+            .map_err(|e| self.err(e))?
+            .len()
+            .map_err(|e| self.err(e))
+    }
+
     /// Row counts of the main tables: (sessions, tokens, users, seen events).
     pub fn counts(&self) -> Result<StoreCounts> {
         let txn = self.begin_read()?;
-        let n = |len: std::result::Result<u64, redb::StorageError>| len.map_err(|e| self.err(e));
         Ok(StoreCounts {
-            sessions: n(txn
-                .open_table(tables::SESSIONS)
-                .map_err(|e| self.err(e))?
-                .len())?,
-            tokens: n(txn
-                .open_table(tables::TOKENS)
-                .map_err(|e| self.err(e))?
-                .len())?,
-            users: n(txn
-                .open_table(tables::USERS)
-                .map_err(|e| self.err(e))?
-                .len())?,
-            seen_events: n(txn
-                .open_table(tables::SEEN_EVENTS)
-                .map_err(|e| self.err(e))?
-                .len())?,
+            sessions: self.table_len(&txn, tables::SESSIONS)?,
+            tokens: self.table_len(&txn, tables::TOKENS)?,
+            users: self.table_len(&txn, tables::USERS)?,
+            seen_events: self.table_len(&txn, tables::SEEN_EVENTS)?,
         })
     }
 }

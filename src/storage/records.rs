@@ -174,12 +174,18 @@ impl fmt::Display for FailureReason {
     }
 }
 
-/// One authorization session (the fields of the Python service's `user_auth_sessions`).
-/// Times are unix milliseconds.
-#[derive(Clone, Debug)]
-pub struct AuthSession {
+/// One authorization session (the fields of the Python service's `user_auth_sessions`), in
+/// any of its forms: the one field list every form shares. Times are unix milliseconds.
+///
+/// `S` is how a secret is held: [`SecretString`] in the caller's [`AuthSession`], `Sealed` in
+/// the stored form, `ExportToken` in an export row (`changes::ExportRow`). `K` is the session
+/// id: [`SessionId`], or `()` in the stored form, whose id is its row key (never encoded: the
+/// stored bytes hold the other fields in this order).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord<S, K = SessionId> {
     /// Random 128-bit id.
-    pub session_id: SessionId,
+    #[serde(skip)]
+    pub session_id: K,
     /// The Lark app.
     pub app_id: String,
     /// The user the card went to (user_id, or open_id when only that is known).
@@ -201,9 +207,9 @@ pub struct AuthSession {
     /// A pending session expires at (ms).
     pub expires_at: u64,
     /// Access token obtained on completion.
-    pub access_token: Option<SecretString>,
+    pub access_token: Option<S>,
     /// Refresh token obtained on completion.
-    pub refresh_token: Option<SecretString>,
+    pub refresh_token: Option<S>,
     /// Access token expiry (ms).
     pub token_expires_at: Option<u64>,
     /// Refresh token expiry (ms).
@@ -219,8 +225,11 @@ pub struct AuthSession {
     /// SHA-256 of the OAuth `state` bound to this session (the state itself is never stored).
     pub state_hash: Option<[u8; 32]>,
     /// PKCE code verifier for the OAuth exchange.
-    pub pkce_verifier: Option<SecretString>,
+    pub pkce_verifier: Option<S>,
 }
+
+/// One authorization session as callers see it: secrets in the clear (`Debug` redacts them).
+pub type AuthSession = SessionRecord<SecretString>;
 
 impl AuthSession {
     /// A new pending session with nothing else known.
@@ -363,11 +372,11 @@ fn open_err(table: &'static str, field: &str, e: &OpenError) -> Error {
     }
 }
 
-/// Builds one form of a session record from another. The fields every form holds as they are
-/// (no secret, nothing derived) are listed here once and copied; the caller gives the others
-/// (`{ field: value, … }`). A form missing one of them, or with a field neither listed here
-/// nor given, does not compile: the caller's [`AuthSession`], the stored versions and the
-/// export row (`changes::ExportRow`) cannot drift apart. `from` is read, never moved.
+/// Builds one form of a session record from another (a [`SessionRecord`], or the frozen
+/// [`StoredSessionV1`]). The fields that carry over as they are (no secret, nothing derived)
+/// are copied; the caller gives the others (`{ field: value, … }`): the id, the secrets and
+/// the OAuth binding. A field neither copied nor given does not compile. `from` is read,
+/// never moved.
 macro_rules! session_from {
     ($target:ident { $($field:ident: $value:expr),* $(,)? } from $src:expr) => {{
         let src = &$src;
@@ -394,31 +403,9 @@ macro_rules! session_from {
 }
 pub(crate) use session_from;
 
-/// Session as stored, version 2 (current). (`Debug` shows sealed fields only as key id and
-/// length.)
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct StoredSession {
-    pub app_id: String,
-    pub user_id: String,
-    pub open_id: Option<String>,
-    pub union_id: Option<String>,
-    pub state: SessionState,
-    pub failure_reason: Option<FailureReason>,
-    pub card_message_id: Option<String>,
-    pub created_at: u64,
-    pub updated_at: u64,
-    pub expires_at: u64,
-    pub access_token: Option<Sealed>,
-    pub refresh_token: Option<Sealed>,
-    pub token_expires_at: Option<u64>,
-    pub refresh_token_expires_at: Option<u64>,
-    pub scopes: Vec<String>,
-    pub user_name: Option<String>,
-    pub user_email: Option<String>,
-    pub avatar_url: Option<String>,
-    pub state_hash: Option<[u8; 32]>,
-    pub pkce_verifier: Option<Sealed>,
-}
+/// Session as stored, version 2 (current): every secret sealed, the id left to the row key.
+/// (`Debug` shows sealed fields only as key id and length.)
+pub(crate) type StoredSession = SessionRecord<Sealed, ()>;
 
 /// Session as stored by schema 1 (no OAuth state binding yet).
 #[derive(Serialize, Deserialize)]
@@ -446,6 +433,7 @@ pub(crate) struct StoredSessionV1 {
 impl From<StoredSessionV1> for StoredSession {
     fn from(v: StoredSessionV1) -> Self {
         session_from!(StoredSession {
+            session_id: (),
             access_token: v.access_token.clone(),
             refresh_token: v.refresh_token.clone(),
             state_hash: None,
@@ -489,6 +477,7 @@ impl StoredSession {
             })
         };
         session_from!(StoredSession {
+            session_id: (),
             access_token: seal("access_token", &s.access_token),
             refresh_token: seal("refresh_token", &s.refresh_token),
             state_hash: s.state_hash,
@@ -913,6 +902,7 @@ mod tests {
                 proptest::option::of(any::<[u8; 32]>()), sealed()),
         ) -> StoredSession {
             StoredSession {
+                session_id: (),
                 app_id: ids.0,
                 user_id: ids.1,
                 open_id: ids.2,
@@ -962,6 +952,51 @@ mod tests {
             prop_assert!(back.pkce_verifier.is_none());
             prop_assert_eq!(back.access_token, s.access_token);
         }
+    }
+
+    proptest! {
+        /// The stored form encodes no session id (it is the row key) and keeps the schema-1
+        /// field order: its body is a version-1 body followed by the two fields version 2
+        /// added. The caller's form, sealed and opened again, is the same session.
+        #[test]
+        fn the_stored_form_is_the_version_1_layout_plus_the_oauth_binding(s in stored()) {
+            let v1 = session_from!(StoredSessionV1 {
+                access_token: s.access_token.clone(),
+                refresh_token: s.refresh_token.clone(),
+            } from s);
+            let mut want = encode(SESSION_VERSION, &v1);
+            want.extend(bincode::serde::encode_to_vec(s.state_hash, bincode_cfg()).unwrap());
+            want.extend(bincode::serde::encode_to_vec(&s.pkce_verifier, bincode_cfg()).unwrap());
+            prop_assert_eq!(s.encode(), want);
+        }
+    }
+
+    #[test]
+    fn a_session_sealed_and_opened_is_the_same_session() {
+        use secrecy::ExposeSecret;
+        let ring = Keyring::new(crate::storage::envelope::Key::generate().0, Vec::new());
+        let mut a = AuthSession::new_pending("app", "u", vec!["s".into()], 10, 5);
+        a.access_token = Some("at".into());
+        a.refresh_token = Some("rt".into());
+        a.pkce_verifier = Some("pv".into());
+        a.state_hash = Some([7; 32]);
+        let stored = StoredSession::seal(&a, &ring);
+        let back = StoredSession::decode(&stored.encode())
+            .unwrap()
+            .open(a.session_id, &ring)
+            .unwrap();
+        assert_eq!(back.session_id, a.session_id);
+        assert_eq!(back.app_id, "app");
+        assert_eq!(back.expires_at, 15);
+        assert_eq!(back.state_hash, Some([7; 32]));
+        let secret = |v: &Option<SecretString>| v.as_ref().map(|s| s.expose_secret().to_owned());
+        assert_eq!(secret(&back.access_token).as_deref(), Some("at"));
+        assert_eq!(secret(&back.refresh_token).as_deref(), Some("rt"));
+        assert_eq!(secret(&back.pkce_verifier).as_deref(), Some("pv"));
+        // Opened under another id, the sealed fields do not open.
+        assert!(StoredSession::seal(&a, &ring)
+            .open(SessionId(a.session_id.0 ^ 1), &ring)
+            .is_err());
     }
 
     #[test]

@@ -79,6 +79,19 @@ impl Store {
         })
     }
 
+    /// The stored session `id` as of the caller's write transaction.
+    fn stored_session_in(
+        &self,
+        t: &SessionTables<'_>,
+        id: SessionId,
+    ) -> Result<Option<StoredSession>> {
+        t.sessions
+            .get(id.0)
+            .map_err(|e| self.err(e))?
+            .map(|v| StoredSession::decode(v.value()))
+            .transpose()
+    }
+
     /// Writes a stored session and its index entries, replacing the previous version.
     pub(crate) fn write_stored_session(
         &self,
@@ -87,12 +100,7 @@ impl Store {
         new: &StoredSession,
     ) -> Result<()> {
         let retention = self.retention_ms();
-        let old = t
-            .sessions
-            .get(id.0)
-            .map_err(|e| self.err(e))?
-            .map(|v| StoredSession::decode(v.value()))
-            .transpose()?;
+        let old = self.stored_session_in(t, id)?;
         if let Some(old) = &old {
             let (due, _) = deadline_of(old, retention);
             t.deadlines.remove((due, id.0)).map_err(|e| self.err(e))?;
@@ -149,12 +157,7 @@ impl Store {
         let txn = self.begin_write()?;
         let lost = {
             let mut t = self.open_session_tables(&txn)?;
-            let current = t
-                .sessions
-                .get(id.0)
-                .map_err(|e| self.err(e))?
-                .map(|v| StoredSession::decode(v.value()))
-                .transpose()?;
+            let current = self.stored_session_in(&t, id)?;
             match current {
                 None => Some(PendingUpdate::Missing),
                 Some(cur)

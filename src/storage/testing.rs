@@ -8,8 +8,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableTable};
 
-use super::envelope::{Keyring, Place};
-use super::records::{encode, session_from, StoredSessionV1, SESSIONS_TABLE};
+use super::envelope::Keyring;
+use super::records::{encode, session_from, StoredSession, StoredSessionV1};
 use super::tables::{META, SESSIONS, SESSIONS_BY_USER, TOKENS};
 use super::{
     key_check_place, AuthSession, Result, SessionId, Store, KEY_CHECK, KEY_CHECK_PLAINTEXT,
@@ -82,23 +82,12 @@ pub fn write_schema_v1(path: &Path, ring: &Keyring, sessions: &[AuthSession]) ->
             .open_table(SESSIONS_BY_USER)
             .map_err(|e| err(e.into()))?;
         for s in sessions {
-            let row = s.session_id.to_bytes();
-            let seal = |field: &str, v: &Option<secrecy::SecretString>| {
-                v.as_ref().map(|t| {
-                    ring.seal_str(
-                        t,
-                        &Place {
-                            table: SESSIONS_TABLE,
-                            row: &row,
-                            field,
-                        },
-                    )
-                })
-            };
+            // Sealed as the current version seals, then cut down to what version 1 held.
+            let current = StoredSession::seal(s, ring);
             let v1 = session_from!(StoredSessionV1 {
-                access_token: seal("access_token", &s.access_token),
-                refresh_token: seal("refresh_token", &s.refresh_token),
-            } from s);
+                access_token: current.access_token.clone(),
+                refresh_token: current.refresh_token.clone(),
+            } from current);
             t.insert(s.session_id.0, encode(1, &v1).as_slice())
                 .map_err(|e| err(e.into()))?;
             idx.insert((s.app_id.as_str(), s.user_id.as_str(), s.session_id.0), ())
