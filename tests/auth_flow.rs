@@ -1703,3 +1703,50 @@ async fn a_lost_refresh_that_cannot_be_checked_fails_closed() {
     ));
     assert_eq!(refresh_and_probe_calls(&h).await, vec![OAUTH_TOKEN_PATH]);
 }
+
+/// `GET /api/v1/users/{id}/token?request=true` for a user without a token sends the Authorize
+/// card and says so (202, the session); asked again, it points at the card already waiting; the
+/// per-user rate limit still applies; without `request=true` it only answers 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_call_with_request_true_sends_the_card_when_there_is_no_token() {
+    let _s = SERIAL.lock().await;
+    let h = harness_with(AuthOptions {
+        rate_limit: 2,
+        ..options()
+    })
+    .await;
+    h.mount_send_card("om_1", 1).await;
+    let base = serve(&h).await;
+    let http = reqwest::Client::new();
+    let get = |q: &str| {
+        http.get(format!("{base}/api/v1/users/{ALICE}/token{q}"))
+            .bearer_auth(ADMIN)
+            .send()
+    };
+    let r = get("").await.unwrap();
+    assert_eq!(r.status(), 404, "without request=true nothing is sent");
+    assert_eq!(h.sent_cards().await.len(), 0);
+
+    let r = get("?request=true").await.unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no_token", "{v}");
+    assert_eq!(v["authorization_requested"], true, "{v}");
+    assert_eq!(v["reused"], false, "{v}");
+    let sid = v["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(h.sent_cards().await.len(), 1, "the card was sent");
+    let id: lark_service::storage::SessionId = sid.parse().unwrap();
+    let s = h.store.get_session(id).unwrap().unwrap();
+    assert_eq!(s.card_message_id.as_deref(), Some("om_1"));
+    assert!(v.get("access_token").is_none());
+
+    // Asked again: the same pending session, no second card.
+    let v: Value = get("?request=true").await.unwrap().json().await.unwrap();
+    assert_eq!(v["reused"], true, "{v}");
+    assert_eq!(v["session_id"], sid.as_str());
+    assert_eq!(h.sent_cards().await.len(), 1, "no second card");
+    // The per-user rate limit (2) holds for this path too.
+    let r = get("?request=true").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+}

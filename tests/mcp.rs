@@ -280,7 +280,8 @@ async fn mcp_tools_against_the_sandbox() {
     let e = err(&client, "get_user", json!({"id": "ou_nobody"})).await;
     assert_eq!(e["code"], 41050, "{e}");
 
-    // as_user before authorizing: a clear tool error.
+    // as_user before authorizing: the Authorize card is sent, and the tool error says so.
+    let before = sandbox.messages_for("ou_sandbox_carol").len();
     let e = err(
         &client,
         "get_user",
@@ -289,24 +290,44 @@ async fn mcp_tools_against_the_sandbox() {
     .await;
     let msg = e["error"].as_str().unwrap();
     assert!(
-        msg.starts_with("user has not authorized: session none"),
+        msg.starts_with("user has not authorized: an Authorize card was sent to them (session "),
         "{msg}"
     );
-
-    // request_user_authorization sends a card; authorization_status says pending.
-    let before = sandbox.messages_for("ou_sandbox_carol").len();
-    let r = ok(
-        &client,
-        "request_user_authorization",
-        json!({"id": "ou_sandbox_carol", "scopes": ["contact:user.base:readonly"]}),
-    )
-    .await;
-    let session = r["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(e["authorization_requested"], true, "{e}");
+    let session = e["session_id"].as_str().unwrap().to_owned();
     assert_eq!(session.len(), 32);
-    assert_eq!(r["reused"], false);
     let cards = sandbox.messages_for("ou_sandbox_carol");
     assert_eq!(cards.len(), before + 1);
     assert_eq!(cards.last().unwrap().msg_type, "interactive");
+
+    // request_user_authorization (same, default scopes) finds that card waiting;
+    // authorization_status says pending.
+    let r = ok(
+        &client,
+        "request_user_authorization",
+        json!({"id": "ou_sandbox_carol"}),
+    )
+    .await;
+    assert_eq!(r["session_id"], session.as_str());
+    assert_eq!(r["reused"], true);
+    assert_eq!(
+        sandbox.messages_for("ou_sandbox_carol").len(),
+        before + 1,
+        "no second card"
+    );
+    // For another user, with other scopes, it sends a new card.
+    let before_bob = sandbox.messages_for("ou_sandbox_bob").len();
+    let r = ok(
+        &client,
+        "request_user_authorization",
+        json!({"id": "ou_sandbox_bob", "scopes": ["contact:user.base:readonly"]}),
+    )
+    .await;
+    assert_eq!(r["reused"], false, "{r}");
+    assert_eq!(r["session_id"].as_str().unwrap().len(), 32);
+    let bob = sandbox.messages_for("ou_sandbox_bob");
+    assert_eq!(bob.len(), before_bob + 1);
+    assert_eq!(bob.last().unwrap().msg_type, "interactive");
     let st = ok(
         &client,
         "authorization_status",
@@ -317,7 +338,7 @@ async fn mcp_tools_against_the_sandbox() {
     assert_eq!(st["user_id"], "ou_sandbox_carol");
     let dump = st.to_string();
     assert!(!dump.contains("token\":\""), "no secrets: {dump}");
-    // The pending session is named when the user is not yet authorized.
+    // The pending session is named when the user is not yet authorized; no new card.
     let e = err(
         &client,
         "get_user",
@@ -327,10 +348,11 @@ async fn mcp_tools_against_the_sandbox() {
     let msg = e["error"].as_str().unwrap();
     assert!(
         msg.starts_with(&format!(
-            "user has not authorized: session {session} (pending)"
+            "user has not authorized: an Authorize card is already waiting for them (session {session}, pending)"
         )),
         "{msg}"
     );
+    assert_eq!(sandbox.messages_for("ou_sandbox_carol").len(), before + 1);
     // The user approves; then the session is completed and as_user reads their own profile.
     let authorize = find_string(&cards.last().unwrap().content, &|s| {
         s.contains("/open-apis/authen/v1/authorize?")

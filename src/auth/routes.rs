@@ -87,8 +87,8 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
         Ok(r) => r,
         Err((field, message)) => return bad_field(field, message),
     };
-    match svc.request(req).await {
-        Ok(o) => (
+    request_answer(svc.request(req).await, |o| {
+        (
             if o.reused {
                 StatusCode::OK
             } else {
@@ -100,7 +100,18 @@ pub(super) async fn http_request(State(svc): State<AuthService>, body: Bytes) ->
                 "state": "pending",
             })),
         )
-            .into_response(),
+            .into_response()
+    })
+}
+
+/// The answer to an authorization request: `sent` for the outcome, the refusals as the
+/// request API gives them.
+fn request_answer(
+    outcome: Result<super::RequestOutcome, AuthError>,
+    sent: impl FnOnce(super::RequestOutcome) -> Response,
+) -> Response {
+    match outcome {
+        Ok(o) => sent(o),
         Err(AuthError::RateLimited { retry_after }) => {
             let secs = ceil_secs(retry_after);
             retry_later(
@@ -170,6 +181,10 @@ pub(super) async fn http_session(
 #[derive(serde::Deserialize)]
 pub(super) struct TokenQuery {
     id_type: Option<String>,
+    /// `true`: when the user has no valid token, send the Authorize card (with the default
+    /// scopes) and say so, instead of only answering that there is none.
+    #[serde(default)]
+    request: bool,
 }
 
 /// The user a `/api/v1/users/{id}/…` path names: `id_type` says which id, else an `ou_`
@@ -193,7 +208,38 @@ pub(super) async fn http_token(
     Query(q): Query<TokenQuery>,
 ) -> Result<Response, BadField> {
     let user = path_user(id, q.id_type.as_deref())?;
-    Ok(match svc.access_token(user).await {
+    let found = svc.access_token(user.clone()).await;
+    if q.request {
+        let reason = match &found {
+            Err(TokenError::NotFound) => Some("no_token"),
+            Err(TokenError::NeedsReauth { .. }) => Some("needs_reauthorization"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            let req = super::AuthRequest {
+                user,
+                scopes: svc.inner.opts.default_scopes.clone(),
+            };
+            return Ok(request_answer(svc.request(req).await, |o| {
+                (
+                    StatusCode::ACCEPTED,
+                    Json(json!({
+                        "error": reason,
+                        "authorization_requested": true,
+                        "message": if o.reused {
+                            "the user has no valid token; an Authorize card is already waiting for them"
+                        } else {
+                            "the user has no valid token; an Authorize card was sent to them"
+                        },
+                        "session_id": o.session_id.to_string(),
+                        "reused": o.reused,
+                    })),
+                )
+                    .into_response()
+            }));
+        }
+    }
+    Ok(match found {
         Ok(t) => (
             StatusCode::OK,
             Json(json!({

@@ -508,41 +508,44 @@ impl McpServer {
     }
 
     /// "user has not authorized: session …", naming the user's latest session and its state.
+    /// The tool error for a user without a valid token. When there is none (or it is no longer
+    /// accepted), the Authorize card is sent with the default scopes (or the one already
+    /// waiting is named), and the error says which.
     async fn not_authorized(&self, user: &UserRef, e: TokenError) -> Failure {
-        let latest = {
-            let app = self.lark.app_id().to_owned();
-            let id = user.id().to_owned();
-            self.store
-                .run(move |s| s.sessions_for_user(&app, &id))
-                .await
-                .ok()
-                .and_then(|v| v.last().map(|s| s.session_id))
-        };
-        let latest = match latest {
-            Some(id) => self
-                .store
-                .run(move |s| s.get_session_summary(id))
-                .await
-                .ok()
-                .flatten(),
-            None => None,
-        };
         match e {
             TokenError::NotFound | TokenError::NeedsReauth { .. } => {
-                let session = match &latest {
-                    Some(s) => format!("{} ({})", s.session_id, s.state),
-                    None => "none".to_owned(),
-                };
                 let why = if matches!(e, TokenError::NeedsReauth { .. }) {
-                    "; the user must authorize again"
+                    "; their earlier authorization is no longer accepted"
                 } else {
                     ""
                 };
-                Failure(json!({
-                    "error": format!("user has not authorized: session {session}{why}; call request_user_authorization"),
-                    "session_id": latest.as_ref().map(|s| s.session_id.clone()),
-                    "state": latest.as_ref().map(|s| s.state),
-                }))
+                let req = AuthRequest {
+                    user: user.clone(),
+                    scopes: self.auth.options().default_scopes.clone(),
+                };
+                match self.auth.request(req).await {
+                    Ok(o) => {
+                        let sent = if o.reused {
+                            "an Authorize card is already waiting for them"
+                        } else {
+                            "an Authorize card was sent to them"
+                        };
+                        Failure(json!({
+                            "error": format!("user has not authorized{why}: {sent} (session {}, pending); try again once they approve", o.session_id),
+                            "session_id": o.session_id.to_string(),
+                            "state": "pending",
+                            "authorization_requested": true,
+                        }))
+                    }
+                    Err(AuthError::RateLimited { retry_after }) => Failure(json!({
+                        "error": format!("user has not authorized{why}; no new Authorize card: too many requests for this user, retry in {} s", retry_after.as_secs().max(1)),
+                        "authorization_requested": false,
+                    })),
+                    Err(e) => Failure(json!({
+                        "error": format!("user has not authorized{why}; sending the Authorize card failed: {e}"),
+                        "authorization_requested": false,
+                    })),
+                }
             }
             TokenError::Refresh(e) => Failure::lark("refreshing the user token", &e),
             e @ (TokenError::RefreshInDoubt { .. } | TokenError::Interrupted(_)) => {
