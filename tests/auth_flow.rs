@@ -1571,14 +1571,25 @@ async fn mount_refresh_lost(h: &H, times: Option<u64>) {
 }
 
 /// The paths of the token endpoint and user info calls, in the order they were made.
+/// The refresh requests and the probes: user-info reads with the old access token (a
+/// successful refresh also reads user info with the new token, to update the user's record;
+/// that is not a probe).
 async fn refresh_and_probe_calls(h: &H) -> Vec<String> {
+    let probe = format!("Bearer {ACCESS_1}");
     h.server
         .received_requests()
         .await
         .unwrap()
         .into_iter()
+        .filter(|r| {
+            let p = r.url.path();
+            p == OAUTH_TOKEN_PATH
+                || (p == USER_INFO_PATH
+                    && r.headers
+                        .get("authorization")
+                        .is_some_and(|v| v.as_bytes() == probe.as_bytes()))
+        })
         .map(|r| r.url.path().to_owned())
-        .filter(|p| p == OAUTH_TOKEN_PATH || p == USER_INFO_PATH)
         .collect()
 }
 
@@ -1749,4 +1760,100 @@ async fn a_token_call_with_request_true_sends_the_card_when_there_is_no_token() 
     let r = get("?request=true").await.unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
+}
+
+/// A refresh also brings the user's record up to date from user info read with the new token
+/// (as the Python deployment did); a user info that names someone else changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_also_updates_the_users_info() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE);
+    h.store
+        .put_user(&lark_service::storage::UserInfo {
+            app_id: APP_ID.into(),
+            open_id: ALICE.into(),
+            user_id: Some("u_alice".into()),
+            union_id: None,
+            name: Some("Alice Old".into()),
+            email: None,
+            avatar_url: None,
+            updated_at: 1,
+        })
+        .unwrap();
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body(ACCESS_2, REFRESH_2)))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_2}").as_str(),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "code": 0, "msg": "success",
+            "data": {"open_id": ALICE, "union_id": "on_alice", "name": "Alice Renamed",
+                     "email": "alice.new@example.com", "avatar_url": "https://a.example/new.png"}
+        })))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let svc = h.svc.clone().with_tasks(tracker.clone());
+    svc.refresh_due_tokens().await.unwrap();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .unwrap();
+    let u = h.store.get_user(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(u.name.as_deref(), Some("Alice Renamed"));
+    assert_eq!(u.email.as_deref(), Some("alice.new@example.com"));
+    assert_eq!(u.avatar_url.as_deref(), Some("https://a.example/new.png"));
+    assert_eq!(u.union_id.as_deref(), Some("on_alice"));
+    assert_eq!(
+        u.user_id.as_deref(),
+        Some("u_alice"),
+        "what user info lacks is kept"
+    );
+    assert_eq!(u.updated_at, h.now());
+    let tok = h.store.get_token(APP_ID, ALICE).unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), ACCESS_2);
+}
+
+/// A user info after a refresh that names another user leaves the record as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_leaves_the_user_record_when_user_info_names_someone_else() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    put_due_token(&h, ALICE);
+    Mock::given(method("POST"))
+        .and(path(OAUTH_TOKEN_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(token_body(ACCESS_2, REFRESH_2)))
+        .mount(&h.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(USER_INFO_PATH))
+        .and(header(
+            "authorization",
+            format!("Bearer {ACCESS_2}").as_str(),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "code": 0, "msg": "success",
+            "data": {"open_id": "ou_mallory", "name": "Mallory"}
+        })))
+        .expect(1)
+        .mount(&h.server)
+        .await;
+    let tracker = tokio_util::task::TaskTracker::new();
+    let svc = h.svc.clone().with_tasks(tracker.clone());
+    svc.refresh_due_tokens().await.unwrap();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .unwrap();
+    assert!(h.store.get_user(APP_ID, ALICE).unwrap().is_none());
+    assert!(h.store.get_user(APP_ID, "ou_mallory").unwrap().is_none());
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng as _;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::error::{AuthError, TokenError};
 use super::flow::AuthService;
@@ -35,7 +35,7 @@ use super::request::{AuthRequest, UserRef};
 use super::time::ms;
 use crate::lark::OAuthErrorKind;
 use crate::metrics::{self, AppOutcomeLabel};
-use crate::storage::UserToken;
+use crate::storage::{UserInfo, UserToken};
 use crate::workers::WorkerFn;
 
 /// After a refresh failed for a transient reason, the next attempt waits this long.
@@ -150,6 +150,7 @@ impl AuthService {
                 let n2 = new.clone();
                 self.store().run(move |s| s.put_token(&n2)).await?;
                 self.count_refresh("success");
+                self.update_user_after_refresh(&new);
                 Ok(new)
             }
             Err(e)
@@ -228,6 +229,58 @@ impl AuthService {
                 }))
             }
         }
+    }
+
+    /// After a refresh, the user's record is brought up to date from user info read with the new
+    /// token (name, email, avatar), as the Python deployment did. In the background on the
+    /// service's tracker, so the refresh answers at once; a failure only logs, and a user info
+    /// that names another user changes nothing.
+    fn update_user_after_refresh(&self, token: &UserToken) {
+        let Some(open_id) = token.open_id.clone() else {
+            return;
+        };
+        let me = self.clone();
+        let access = token.access_token.clone();
+        let app_id = token.app_id.clone();
+        self.tasks.spawn(async move {
+            let info = match me.lark().user_info(&access).await {
+                Ok(info) if info.open_id == open_id => info,
+                Ok(_) => {
+                    warn!("User info after a refresh names another user; the user record is left as it was.");
+                    return;
+                }
+                Err(e) => {
+                    debug!(error = %e, "Reading user info after a refresh failed; the user record is left as it was.");
+                    return;
+                }
+            };
+            let now = me.now();
+            let result = me
+                .store()
+                .run(move |s| {
+                    let old = s.get_user(&app_id, &open_id)?;
+                    let keep = |new: Option<String>, old: Option<String>| new.or(old);
+                    let (old_user, old_union, old_name, old_email, old_avatar) = match old {
+                        Some(o) => (o.user_id, o.union_id, o.name, o.email, o.avatar_url),
+                        None => (None, None, None, None, None),
+                    };
+                    let user = UserInfo {
+                        app_id,
+                        user_id: keep(info.user_id, old_user),
+                        union_id: keep(info.union_id, old_union),
+                        name: keep(info.name, old_name),
+                        email: keep(info.email.or(info.enterprise_email), old_email),
+                        avatar_url: keep(info.avatar_url, old_avatar),
+                        open_id,
+                        updated_at: now,
+                    };
+                    s.put_user(&user)
+                })
+                .await;
+            if let Err(e) = result {
+                warn!(error = %e, "Storing the user record after a refresh failed.");
+            }
+        });
     }
 
     /// Marks the token dead (and, if configured, sends a new card). Returns the error to give.
