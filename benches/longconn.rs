@@ -1,7 +1,9 @@
 //! Long-connection benchmark: lark-service against the official Python and Node SDK clients.
 //!
-//! One sandbox in this process serves three clients in turn, each a separate OS process on the
-//! same machine: lark-service (this build's release binary, `serve`, configured from the
+//! One sandbox in this process serves four clients in turn, each a separate OS process on the
+//! same machine: the ceiling — a minimal client that only decodes frames, reassembles
+//! fragments and ACKs (no store, no de-duplication, no handler; this bench executable started
+//! again with `LONGCONN_BENCH_RAW_CLIENT`, built from the service's own codec) —, lark-service (this build's release binary, `serve`, configured from the
 //! environment, a temporary store, its durable de-duplication on), the official Python client
 //! (`lark_oapi.ws.Client`, `bench/sdk/python_client.py`) and the official Node client
 //! (`WSClient`, `bench/sdk/node/client.js`), the SDKs with a no-op handler. For each, the sandbox
@@ -112,6 +114,10 @@ impl Measured {
 }
 
 fn main() {
+    if let Ok(base) = std::env::var("LONGCONN_BENCH_RAW_CLIENT") {
+        raw_client(&base);
+        return;
+    }
     let n = env_or("LONGCONN_BENCH_EVENTS", 20_000).max(1);
     let warmup = env_or("LONGCONN_BENCH_WARMUP", 500);
     let rounds = env_or("LONGCONN_BENCH_ROUNDS", 3).max(1);
@@ -138,6 +144,7 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
 
     let mut clients = [
+        raw_ceiling_client(&base),
         lark_service_client(&base, work.path()),
         python_client(&base),
         node_client(&base),
@@ -218,8 +225,24 @@ fn main() {
             by_round(&|m| cores_of(m, m.machine_cpu.saturating_sub(m.cpu + m.bench_cpu))),
         );
     }
-    for (short, b) in ["Python", "Node"].iter().zip(&summaries[1..]) {
+    // Every client against the ceiling (the raw decode-and-ACK client, row 1); the target for
+    // lark-service is events/s >= 0.85x and ACK p99 <= 1.5x of it.
+    for (spec, b) in clients.iter().zip(&summaries).skip(1) {
         match (&summaries[0], b) {
+            (Some(raw), Some(b)) => println!(
+                "- {} / ceiling: events/s = {:.2}×, ACK p99 = {:.2}× ({} vs {}), CPU = {:.2}×",
+                spec.name,
+                b.rate / raw.rate,
+                b.p99.as_secs_f64() / raw.p99.as_secs_f64().max(1e-9),
+                ms(b.p99),
+                ms(raw.p99),
+                b.cpu.as_secs_f64() / raw.cpu.as_secs_f64().max(1e-9),
+            ),
+            _ => println!("- {} / ceiling: no ratio (a row above did not run)", spec.name),
+        }
+    }
+    for (short, b) in ["Python", "Node"].iter().zip(&summaries[2..]) {
+        match (&summaries[1], b) {
             (Some(a), Some(b)) => println!(
                 "- lark-service / {short} events/s = {:.1}×, p99 = {:.2}× ({} vs {}), CPU = {:.2}×, peak RSS = {:.2}×",
                 a.rate / b.rate,
@@ -266,6 +289,69 @@ fn sdk_command(program: impl AsRef<std::ffi::OsStr>, base: &str) -> Command {
 
 /// This build's service, started as in production: `serve`, configuration from the
 /// environment, a new store each round (durable de-duplication of event ids on).
+/// The ceiling row: this executable again, as the raw client.
+fn raw_ceiling_client(base: &str) -> ClientSpec {
+    let base = base.to_owned();
+    let launch = move |_round: usize| {
+        let mut c = Command::new(std::env::current_exe().unwrap());
+        c.env_clear().env("LONGCONN_BENCH_RAW_CLIENT", &base);
+        c
+    };
+    ClientSpec {
+        name: "raw decode-and-ACK client (ceiling)".into(),
+        launch: Ok(Box::new(launch)),
+    }
+}
+
+/// The raw client: discovery, then for each binary frame decode, reassemble and ACK at once —
+/// what every client must do at the least, with the service's own codec and nothing else.
+fn raw_client(base: &str) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use lark_service::longconn::protocol::{build_ack, AckResponse, Frame, FrameKind};
+    use lark_service::longconn::reassembly::{Pushed, ReassemblyLimits, Reassembler};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let discovery: serde_json::Value = reqwest::Client::new()
+            .post(format!("{base}/callback/ws/endpoint"))
+            .json(&json!({"AppID": APP_ID, "AppSecret": APP_SECRET}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let url = discovery["data"]["URL"].as_str().unwrap().to_owned();
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        // Nagle off, as lark-service does: an ACK goes out when written.
+        if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_mut() {
+            tcp.set_nodelay(true).unwrap();
+        }
+        let mut reassembler = Reassembler::new(ReassemblyLimits::default());
+        while let Some(msg) = ws.next().await {
+            let bytes = match msg {
+                Ok(Message::Binary(b)) => b,
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            let frame = Frame::decode_strict(&bytes).unwrap();
+            if frame.kind() != FrameKind::Event {
+                continue;
+            }
+            if let Pushed::Complete(_payload) =
+                reassembler.push_frame(&frame, std::time::Instant::now()).unwrap()
+            {
+                let ack = build_ack(&frame, Duration::ZERO, &AckResponse::Ok);
+                ws.send(Message::Binary(ack.to_bytes().into())).await.unwrap();
+            }
+        }
+    });
+}
+
 fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
     let (base, work) = (base.to_owned(), work.to_owned());
     let launch = move |round: usize| {
