@@ -238,7 +238,10 @@ fn main() {
                 ms(raw.p99),
                 b.cpu.as_secs_f64() / raw.cpu.as_secs_f64().max(1e-9),
             ),
-            _ => println!("- {} / ceiling: no ratio (a row above did not run)", spec.name),
+            _ => println!(
+                "- {} / ceiling: no ratio (a row above did not run)",
+                spec.name
+            ),
         }
     }
     for (short, b) in ["Python", "Node"].iter().zip(&summaries[2..]) {
@@ -308,7 +311,7 @@ fn raw_ceiling_client(base: &str) -> ClientSpec {
 fn raw_client(base: &str) {
     use futures_util::{SinkExt as _, StreamExt as _};
     use lark_service::longconn::protocol::{build_ack, AckResponse, Frame, FrameKind};
-    use lark_service::longconn::reassembly::{Pushed, ReassemblyLimits, Reassembler};
+    use lark_service::longconn::reassembly::{Pushed, Reassembler, ReassemblyLimits};
     use tokio_tungstenite::tungstenite::Message;
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -326,7 +329,9 @@ fn raw_client(base: &str) {
             .await
             .unwrap();
         let url = discovery["data"]["URL"].as_str().unwrap().to_owned();
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
         // Nagle off, as lark-service does: an ACK goes out when written.
         if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_mut() {
             tcp.set_nodelay(true).unwrap();
@@ -342,11 +347,14 @@ fn raw_client(base: &str) {
             if frame.kind() != FrameKind::Event {
                 continue;
             }
-            if let Pushed::Complete(_payload) =
-                reassembler.push_frame(&frame, std::time::Instant::now()).unwrap()
+            if let Pushed::Complete(_payload) = reassembler
+                .push_frame(&frame, std::time::Instant::now())
+                .unwrap()
             {
                 let ack = build_ack(&frame, Duration::ZERO, &AckResponse::Ok);
-                ws.send(Message::Binary(ack.to_bytes().into())).await.unwrap();
+                ws.send(Message::Binary(ack.to_bytes().into()))
+                    .await
+                    .unwrap();
             }
         }
     });
