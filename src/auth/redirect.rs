@@ -11,8 +11,9 @@ use super::flow::{AuthService, Run};
 use super::render::{error_page, page_html};
 use super::request::state_hash;
 use super::state::{ExchangeError, Identity, Input, Page, Phase};
+use super::sync::user_record;
 use crate::lark::{self, OAuthErrorKind};
-use crate::storage::{AuthSession, FailureReason, UserInfo};
+use crate::storage::{AuthSession, FailureReason};
 
 /// Who completed the flow, compared with the user the session was asked for.
 ///
@@ -177,19 +178,11 @@ impl AuthService {
         let Some(info) = &run.info else {
             return;
         };
-        let user = UserInfo {
-            app_id: run.session.app_id.clone(),
-            open_id: info.open_id.clone(),
-            user_id: info.user_id.clone().or_else(|| {
-                (run.session.open_id.as_deref() != Some(&run.session.user_id))
-                    .then(|| run.session.user_id.clone())
-            }),
-            union_id: info.union_id.clone(),
-            name: info.name.clone(),
-            email: info.email.clone().or_else(|| info.enterprise_email.clone()),
-            avatar_url: info.avatar_url.clone(),
-            updated_at: now,
-        };
+        let mut user = user_record(run.session.app_id.clone(), info, None, now);
+        // The card went to a user_id when the session's user is not its open_id.
+        if user.user_id.is_none() && run.session.open_id.as_deref() != Some(&run.session.user_id) {
+            user.user_id = Some(run.session.user_id.clone());
+        }
         if let Err(e) = self.store().run(move |s| s.put_user(&user)).await {
             warn!(error = %e, "Storing the user record failed.");
         }

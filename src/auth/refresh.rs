@@ -32,10 +32,11 @@ use tracing::{debug, info, warn};
 use super::error::{AuthError, TokenError};
 use super::flow::AuthService;
 use super::request::{AuthRequest, UserRef};
+use super::sync::user_record;
 use super::time::ms;
 use crate::lark::OAuthErrorKind;
 use crate::metrics::{self, AppOutcomeLabel};
-use crate::storage::{UserInfo, UserToken};
+use crate::storage::UserToken;
 use crate::workers::WorkerFn;
 
 /// After a refresh failed for a transient reason, the next attempt waits this long.
@@ -259,22 +260,7 @@ impl AuthService {
                 .store()
                 .run(move |s| {
                     let old = s.get_user(&app_id, &open_id)?;
-                    let keep = |new: Option<String>, old: Option<String>| new.or(old);
-                    let (old_user, old_union, old_name, old_email, old_avatar) = match old {
-                        Some(o) => (o.user_id, o.union_id, o.name, o.email, o.avatar_url),
-                        None => (None, None, None, None, None),
-                    };
-                    let user = UserInfo {
-                        app_id,
-                        user_id: keep(info.user_id, old_user),
-                        union_id: keep(info.union_id, old_union),
-                        name: keep(info.name, old_name),
-                        email: keep(info.email.or(info.enterprise_email), old_email),
-                        avatar_url: keep(info.avatar_url, old_avatar),
-                        open_id,
-                        updated_at: now,
-                    };
-                    s.put_user(&user)
+                    s.put_user(&user_record(app_id, &info, old, now))
                 })
                 .await;
             if let Err(e) = result {

@@ -7,7 +7,36 @@ use tracing::{info, warn};
 use super::error::AuthError;
 use super::flow::AuthService;
 use crate::lark::UserIdType;
+use crate::storage::UserInfo;
 use crate::workers::WorkerFn;
+
+/// The user's record from user info read with their own token (at completion, after a
+/// refresh); what `info` lacks is kept from `old`.
+pub(super) fn user_record(
+    app_id: String,
+    info: &crate::lark::UserInfo,
+    old: Option<UserInfo>,
+    now: u64,
+) -> UserInfo {
+    let (user_id, union_id, name, email, avatar_url) = match old {
+        Some(o) => (o.user_id, o.union_id, o.name, o.email, o.avatar_url),
+        None => (None, None, None, None, None),
+    };
+    UserInfo {
+        app_id,
+        open_id: info.open_id.clone(),
+        user_id: info.user_id.clone().or(user_id),
+        union_id: info.union_id.clone().or(union_id),
+        name: info.name.clone().or(name),
+        email: info
+            .email
+            .clone()
+            .or_else(|| info.enterprise_email.clone())
+            .or(email),
+        avatar_url: info.avatar_url.clone().or(avatar_url),
+        updated_at: now,
+    }
+}
 
 /// What a user-info sync did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
