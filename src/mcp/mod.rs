@@ -272,26 +272,30 @@ fn outgoing(p: &SendMessageParams) -> Result<Outgoing, Failure> {
         (Some(t), None) => text(t),
         (None, None) => Err(Failure::invalid("text", "must not be empty")),
         (None, Some(c)) => match p.msg_type.as_deref().unwrap_or("text") {
-            "text" => match c {
-                Value::String(s) => match serde_json::from_str::<Value>(s) {
-                    Ok(Value::Object(o)) => match o.get("text") {
+            "text" => {
+                // The JSON `{"text": …}` (an object, or its text), else the text itself.
+                let parsed;
+                let json = match c {
+                    Value::String(s) => match serde_json::from_str::<Value>(s) {
+                        Ok(v @ Value::Object(_)) => {
+                            parsed = v;
+                            &parsed
+                        }
+                        _ => return text(s),
+                    },
+                    v => v,
+                };
+                match json {
+                    Value::Object(o) => match o.get("text") {
                         Some(Value::String(t)) => text(t),
                         _ => Err(Failure::invalid(
                             "content",
                             "a text message's JSON has a \"text\" string",
                         )),
                     },
-                    _ => text(s),
-                },
-                Value::Object(o) => match o.get("text") {
-                    Some(Value::String(t)) => text(t),
-                    _ => Err(Failure::invalid(
-                        "content",
-                        "a text message's JSON has a \"text\" string",
-                    )),
-                },
-                _ => Err(Failure::invalid("content", "the text, or {\"text\": …}")),
-            },
+                    _ => Err(Failure::invalid("content", "the text, or {\"text\": …}")),
+                }
+            }
             "post" => Ok(Outgoing::Post(object("content", c)?)),
             "interactive" => Ok(Outgoing::Card(object("content", c)?)),
             _ => Err(Failure::invalid("msg_type", "text, post or interactive")),
