@@ -9,6 +9,8 @@ use lark_service::config::{Config, LoadOptions};
 use lark_service::daemon::{run_with_reloads, Listeners};
 use lark_service::sandbox::{Sandbox, APP_ID, APP_SECRET};
 use serde_json::Value;
+
+pub mod pg;
 use tokio::net::TcpListener;
 
 pub const ADMIN: &str = "e2e-admin-token-0123456789abcdef0123";

@@ -1,0 +1,196 @@
+//! A throw-away PostgreSQL server for tests (`apt-get install postgresql`). Without `initdb`
+//! a test that needs one fails: it never passes silently.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A throw-away PostgreSQL cluster in a temp dir, on a free port.
+pub struct Pg {
+    pub bin: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+    pub as_nobody: bool,
+    /// Serve TLS with `server.crt` / `server.key` in the data directory.
+    pub ssl: bool,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn find_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    found.sort();
+    if let Some(b) = found.pop() {
+        return b;
+    }
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+    {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !p.is_empty() {
+            return Path::new(&p).parent().unwrap().to_owned();
+        }
+    }
+    panic!(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin \
+         or on PATH: install them with `apt-get install -y postgresql` (CI does, in .ci/run)"
+    );
+}
+
+impl Pg {
+    pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A cluster that serves TLS with this certificate and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Self {
+        let bin = find_bin();
+        let dir = tempfile::tempdir().unwrap();
+        let as_nobody = unsafe_is_root();
+        let data = dir.path().join("data");
+        if as_nobody {
+            // initdb refuses to run as root: the cluster belongs to `nobody`.
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self {
+            bin,
+            data,
+            port,
+            as_nobody,
+            ssl: tls.is_some(),
+            _dir: dir,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, text, mode) in [("server.crt", cert, 0o644), ("server.key", key, 0o600)] {
+                let p = pg.data.join(name);
+                std::fs::write(&p, text).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+                if pg.as_nobody {
+                    std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+                }
+            }
+        }
+        pg.start_server();
+        pg
+    }
+
+    pub fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let out = if self.as_nobody {
+            Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(&exe)
+                .args(args)
+                .current_dir("/")
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn start_server(&self) {
+        let mut opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.data.to_str().unwrap()
+        );
+        if self.ssl {
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
+        let log = self.data.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    pub fn stop_immediate(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let args = ["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"];
+        let _ = if self.as_nobody {
+            Command::new("runuser")
+                .args(["-u", "nobody", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // No libc call needed: /proc/self/status tells the effective uid.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
