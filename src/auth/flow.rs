@@ -84,6 +84,8 @@ pub struct AuthService {
     /// [`AuthService::finish_refreshes`]), the refresh worker's per-token tasks and card
     /// re-sends. Owned by whoever waits for them at shutdown ([`AuthService::with_tasks`]).
     pub(super) tasks: TaskTracker,
+    /// The device flow: on or off, and the signal that stops its polls.
+    pub(super) device: super::device::DeviceCtl,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -152,6 +154,7 @@ impl AuthService {
                 tenant: tokio::sync::OnceCell::new(),
             }),
             tasks: TaskTracker::new(),
+            device: super::device::DeviceCtl::default(),
         }
     }
 

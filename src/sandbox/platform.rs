@@ -466,7 +466,7 @@ pub(crate) fn decide(
     Ok(to.to_string())
 }
 
-fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
+pub(crate) fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         Json(json!({"code": code, "error": error, "error_description": desc})),
@@ -474,7 +474,7 @@ fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
         .into_response()
 }
 
-fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
+pub(crate) fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
     let access = s.next_id("eyJsandbox.access.");
     let ttl = s.opts.user_token_ttl;
     let mut g = s.lock();
@@ -601,6 +601,7 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
                 None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
             }
         }
+        Some(crate::lark::oauth::DEVICE_CODE_GRANT) => super::device::grant(s, b),
         Some(_) => oauth_error(20036, "unsupported_grant_type", "unsupported grant_type"),
         None => oauth_error(20001, "invalid_request", "grant_type is required"),
     }
