@@ -556,7 +556,13 @@ fn card_with(sandbox: &Sandbox, open_id: &str, url: &str) -> String {
     sandbox
         .messages_for(open_id)
         .into_iter()
-        .find(|m| m.history.first().unwrap_or(&m.content).to_string().contains(url))
+        .find(|m| {
+            m.history
+                .first()
+                .unwrap_or(&m.content)
+                .to_string()
+                .contains(url)
+        })
         .map(|m| m.content.to_string())
         .unwrap()
 }
@@ -574,7 +580,10 @@ async fn until_session_state(svc: &Service, id: &str, state: &str) -> Value {
         if s["state"] == state {
             return s;
         }
-        assert!(Instant::now() < deadline, "session never became {state}: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "session never became {state}: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -585,7 +594,9 @@ async fn request_device(svc: &Service, sandbox: &Sandbox, open_id: &str) -> (Str
         .await;
     assert_eq!(code, 201, "{body}");
     let id = body["session_id"].as_str().unwrap().to_owned();
-    let url = device_card_urls(sandbox, open_id).pop().expect("a device card");
+    let url = device_card_urls(sandbox, open_id)
+        .pop()
+        .expect("a device card");
     (id, url)
 }
 
@@ -643,7 +654,9 @@ async fn device_flow_alice_approves_in_the_browser() {
     let (_, body) = svc.get(&format!("/api/v1/users/{ALICE}/token")).await;
     let t: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
-        sandbox.token_owner(t["access_token"].as_str().unwrap()).as_deref(),
+        sandbox
+            .token_owner(t["access_token"].as_str().unwrap())
+            .as_deref(),
         Some(ALICE)
     );
     let url = device_card_urls(&sandbox, ALICE).pop().unwrap();
@@ -654,7 +667,11 @@ async fn device_flow_alice_approves_in_the_browser() {
     let (polls, too_fast) = sandbox.device_polls();
     assert!(polls >= 2, "a slow_down, then the grant: {polls}");
     assert_eq!(too_fast, 0, "a poll came sooner than the interval");
-    assert_eq!(sandbox.hits("authorize"), 0, "the OAuth authorize page was never used");
+    assert_eq!(
+        sandbox.hits("authorize"),
+        0,
+        "the OAuth authorize page was never used"
+    );
     svc.stop().await;
 }
 
@@ -671,13 +688,18 @@ async fn device_flow_alice_rejects_in_the_browser() {
         .steps("device-reject", async {
             browser.c().goto(&url).await.unwrap();
             browser.click("//button[@value='reject']").await;
-            browser.until_source("the answer", |s| s.contains("id=\"done\"")).await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
         })
         .await;
     browser.quit().await;
     let s = until_session_state(&svc, &id, "rejected").await;
     assert_eq!(s["failure_reason"], "user_rejected");
-    assert_eq!(svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 404);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
     svc.wait_for_within(STEP, || async {
         card_with(&sandbox, ALICE, &url).contains("Authorization declined")
     })
@@ -706,7 +728,9 @@ async fn device_flow_expires_when_nobody_answers() {
         .steps("device-expiry", async {
             browser.c().goto(&url).await.unwrap();
             browser
-                .until_source("the verification page", |s| s.contains("Authorize a device?"))
+                .until_source("the verification page", |s| {
+                    s.contains("Authorize a device?")
+                })
                 .await;
             let s = until_session_state(&svc, &id, "expired").await;
             assert_eq!(s["failure_reason"], "session_expired");
@@ -717,7 +741,10 @@ async fn device_flow_expires_when_nobody_answers() {
         })
         .await;
     browser.quit().await;
-    assert_eq!(svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 404);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
     svc.wait_for_within(STEP, || async {
         card_with(&sandbox, ALICE, &url).contains("Authorization request expired")
     })
@@ -739,17 +766,24 @@ async fn device_flow_approval_by_another_user_stores_nothing() {
         .steps("device-owner", async {
             browser.c().goto(&url).await.unwrap();
             browser
-                .click(&format!("//select[@name='sandbox_user']/option[@value='{BOB}']"))
+                .click(&format!(
+                    "//select[@name='sandbox_user']/option[@value='{BOB}']"
+                ))
                 .await;
             browser.click("//button[@value='approve']").await;
-            browser.until_source("the answer", |s| s.contains("id=\"done\"")).await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
         })
         .await;
     browser.quit().await;
     let s = until_session_state(&svc, &id, "failed").await;
     assert_eq!(s["failure_reason"], "state_mismatch", "{s}");
     assert_eq!(s["has_tokens"], false, "{s}");
-    assert_eq!(svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 404);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
     assert_eq!(svc.get(&format!("/api/v1/users/{BOB}/token")).await.0, 404);
     svc.wait_for_within(STEP, || async {
         card_with(&sandbox, ALICE, &url).contains("Authorization failed")
@@ -780,7 +814,9 @@ async fn device_flow_without_a_refresh_token_asks_again_before_expiry() {
         .steps("device-no-refresh", async {
             browser.c().goto(&url).await.unwrap();
             browser.click("//button[@value='approve']").await;
-            browser.until_source("the answer", |s| s.contains("id=\"done\"")).await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
         })
         .await;
     browser.quit().await;
@@ -794,13 +830,18 @@ async fn device_flow_without_a_refresh_token_asks_again_before_expiry() {
     let expires_at = t["expires_at"].as_u64().expect("expires_at");
     assert_eq!(sandbox.token_owner(&first).as_deref(), Some(ALICE));
     // A new card arrives while the token is still valid and still served.
-    svc.wait_for_within(STEP, || async { device_card_urls(&sandbox, ALICE).len() == 2 })
-        .await;
+    svc.wait_for_within(STEP, || async {
+        device_card_urls(&sandbox, ALICE).len() == 2
+    })
+    .await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    assert!(now < u128::from(expires_at), "the new card came after the token expired");
+    assert!(
+        now < u128::from(expires_at),
+        "the new card came after the token expired"
+    );
     let (code, body) = svc.get(&format!("/api/v1/users/{ALICE}/token")).await;
     assert_eq!(code, 200, "{body}");
     let t: Value = serde_json::from_str(&body).unwrap();

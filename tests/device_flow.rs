@@ -50,7 +50,11 @@ async fn the_openapi_path_is_used_when_the_accounts_path_is_missing() {
         .post("/api/v1/auth/requests", json!({"open_id": ALICE}))
         .await;
     assert_eq!(code, 201, "{body}");
-    assert_eq!(sandbox.hits("device_authorization"), 2, "the 404, then the fallback");
+    assert_eq!(
+        sandbox.hits("device_authorization"),
+        2,
+        "the 404, then the fallback"
+    );
     let id = body["session_id"].as_str().unwrap().to_owned();
     sandbox
         .decide_device(&user_code(&sandbox, ALICE), ALICE, true)
@@ -59,7 +63,10 @@ async fn the_openapi_path_is_used_when_the_accounts_path_is_missing() {
         session(&svc, &id).await["state"] == "completed"
     })
     .await;
-    assert_eq!(svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 200);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        200
+    );
     svc.stop().await;
 }
 
@@ -100,7 +107,10 @@ async fn a_restart_expires_device_sessions_in_flight() {
         session(&svc, &id).await["state"] == "expired"
     })
     .await;
-    assert_eq!(session(&svc, &id).await["failure_reason"], "session_expired");
+    assert_eq!(
+        session(&svc, &id).await["failure_reason"],
+        "session_expired"
+    );
     svc.wait_for_within(Duration::from_secs(10), || async {
         sandbox.messages_for(ALICE)[0]
             .content
@@ -112,6 +122,9 @@ async fn a_restart_expires_device_sessions_in_flight() {
     sandbox.decide_device(&code, ALICE, true).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sandbox.device_polls().0, polls);
-    assert_eq!(svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 404);
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
     svc.stop().await;
 }

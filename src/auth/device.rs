@@ -22,7 +22,6 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::error::AuthError;
@@ -39,13 +38,6 @@ use crate::storage::{AuthSession, FailureReason, SessionId, SessionState, UserTo
 pub(super) const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 /// The shortest interval honoured, whatever the platform says.
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How the service is told to run the device flow and to stop polling.
-#[derive(Clone, Debug, Default)]
-pub(super) struct DeviceCtl {
-    pub(super) enabled: bool,
-    pub(super) stop: CancellationToken,
-}
 
 /// When to poll next: every `interval` after the last poll; each `slow_down` adds 5 s to
 /// the interval for the rest of the session. Times are unix ms from the service's clock.

@@ -76,6 +76,14 @@ pub(super) struct Inner {
     pub(super) tenant: tokio::sync::OnceCell<String>,
 }
 
+/// Whether requests use the device flow, and the signal that stops its polls (see
+/// `device.rs`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct DeviceCtl {
+    pub(super) enabled: bool,
+    pub(super) stop: tokio_util::sync::CancellationToken,
+}
+
 /// The authorization service. Cheap to clone.
 #[derive(Clone)]
 pub struct AuthService {
@@ -85,7 +93,7 @@ pub struct AuthService {
     /// re-sends. Owned by whoever waits for them at shutdown ([`AuthService::with_tasks`]).
     pub(super) tasks: TaskTracker,
     /// The device flow: on or off, and the signal that stops its polls.
-    pub(super) device: super::device::DeviceCtl,
+    pub(super) device: DeviceCtl,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -154,7 +162,7 @@ impl AuthService {
                 tenant: tokio::sync::OnceCell::new(),
             }),
             tasks: TaskTracker::new(),
-            device: super::device::DeviceCtl::default(),
+            device: DeviceCtl::default(),
         }
     }
 

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,66 +15,8 @@ use axum::{Form, Json, Router};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::platform::{find_user, hit, issue_user_tokens, oauth_error};
+use super::platform::{find_user, hit, oauth_error};
 use super::{Shared, APP_ID, APP_SECRET};
-
-/// How the sandbox's device grant behaves ([`super::Sandbox::set_device`]).
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceSettings {
-    /// `expires_in` of new device codes.
-    pub expires_in: Duration,
-    /// `interval` of new device codes.
-    pub interval: Duration,
-    /// Grant tokens without a refresh token, even with `offline_access`.
-    pub no_refresh_token: bool,
-    /// The accounts path answers 404 (only the OpenAPI path works).
-    pub primary_path_missing: bool,
-    /// Answer this many polls `slow_down` (then as usual), to see the client honour it.
-    pub slow_down_next: u32,
-}
-
-impl Default for DeviceSettings {
-    fn default() -> Self {
-        Self {
-            expires_in: Duration::from_secs(600),
-            interval: Duration::from_secs(5),
-            no_refresh_token: false,
-            primary_path_missing: false,
-            slow_down_next: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Decision {
-    Pending,
-    Approved(String),
-    Denied,
-}
-
-/// One device code.
-#[derive(Debug)]
-pub(crate) struct DeviceCode {
-    scope: String,
-    issued: Instant,
-    expires_in: Duration,
-    interval: Duration,
-    last_poll: Option<Instant>,
-    decision: Decision,
-    used: bool,
-}
-
-/// Device grant state.
-#[derive(Debug, Default)]
-pub(crate) struct Devices {
-    pub settings: DeviceSettings,
-    codes: HashMap<String, DeviceCode>,
-    by_user_code: HashMap<String, String>,
-    /// Polls that came sooner than the interval in force.
-    pub too_fast: u64,
-    /// Polls answered.
-    pub polls: u64,
-}
 
 pub(crate) fn router(s: Arc<Shared>) -> Router {
     Router::new()
@@ -139,23 +80,7 @@ fn issue(s: &Shared, scope: &str) -> Response {
     let device_code = s.next_id("sbxdevice");
     let user_code = format!("{:08X}", rand::random::<u32>());
     let base = s.base_url();
-    let mut g = s.lock();
-    let settings = g.devices.settings;
-    g.devices
-        .by_user_code
-        .insert(user_code.clone(), device_code.clone());
-    g.devices.codes.insert(
-        device_code.clone(),
-        DeviceCode {
-            scope: scope.to_owned(),
-            issued: Instant::now(),
-            expires_in: settings.expires_in,
-            interval: settings.interval,
-            last_poll: None,
-            decision: Decision::Pending,
-            used: false,
-        },
-    );
+    let settings = s.lock().devices.issue(&device_code, &user_code, scope);
     Json(json!({
         "device_code": device_code,
         "user_code": user_code,
@@ -178,31 +103,25 @@ fn esc(s: &str) -> String {
 async fn page(State(s): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Response {
     let code = q.get("user_code").cloned().unwrap_or_default();
     let g = s.lock();
-    let Some(dc) = g
-        .devices
-        .by_user_code
-        .get(&code)
-        .and_then(|d| g.devices.codes.get(d))
-    else {
+    let Some(scope) = g.devices.scope_of(&code) else {
         return (
             StatusCode::NOT_FOUND,
             Html("<h1>Unknown code</h1>".to_owned()),
         )
             .into_response();
     };
-    let scope = dc.scope.clone();
     let users = g.users.clone();
     drop(g);
-    let options: String = users
-        .iter()
-        .map(|u| {
-            format!(
-                "<option value=\"{}\">{}</option>",
-                esc(&u.open_id),
-                esc(&u.name)
-            )
-        })
-        .collect();
+    let options = users.iter().fold(String::new(), |mut out, u| {
+        use std::fmt::Write as _;
+        let _ = write!(
+            out,
+            "<option value=\"{}\">{}</option>",
+            esc(&u.open_id),
+            esc(&u.name)
+        );
+        out
+    });
     Html(format!(
         "<!doctype html><html><head><meta charset=utf-8><title>Sandbox · Device authorization</title>{css}</head><body>\
          <div class=card><h1>Authorize a device?</h1><p>Code <b id=user-code>{code}</b>: the app <b>{APP_ID}</b> asks for <code>{scope}</code></p>\
@@ -244,88 +163,5 @@ pub(crate) fn decide(
     approve: bool,
 ) -> Result<(), String> {
     let user = find_user(s, open_id).ok_or_else(|| format!("no sandbox user {open_id}"))?;
-    let mut g = s.lock();
-    let device = g
-        .devices
-        .by_user_code
-        .get(user_code)
-        .cloned()
-        .ok_or_else(|| "unknown code".to_owned())?;
-    let dc = g
-        .devices
-        .codes
-        .get_mut(&device)
-        .ok_or_else(|| "unknown code".to_owned())?;
-    if dc.issued.elapsed() >= dc.expires_in {
-        return Err("the code has expired".to_owned());
-    }
-    if dc.decision != Decision::Pending {
-        return Err("the code was already answered".to_owned());
-    }
-    dc.decision = if approve {
-        Decision::Approved(user.open_id)
-    } else {
-        Decision::Denied
-    };
-    Ok(())
-}
-
-/// The token endpoint's answer to `grant_type=urn:ietf:params:oauth:grant-type:device_code`.
-pub(crate) fn grant(s: &Shared, b: &Value) -> Response {
-    let code = b["device_code"].as_str().unwrap_or_default().to_owned();
-    let (open_id, scope, no_refresh) = {
-        let mut g = s.lock();
-        g.devices.polls += 1;
-        let force_slow = g.devices.settings.slow_down_next > 0;
-        if force_slow {
-            g.devices.settings.slow_down_next -= 1;
-        }
-        let no_refresh = g.devices.settings.no_refresh_token;
-        let mut too_fast = false;
-        let Some(dc) = g.devices.codes.get_mut(&code) else {
-            return oauth_error(20003, "invalid_grant", "device code not found");
-        };
-        if dc.used {
-            return oauth_error(20065, "invalid_grant", "device code already used");
-        }
-        if dc.issued.elapsed() >= dc.expires_in {
-            return oauth_error(20004, "expired_token", "the device code has expired");
-        }
-        let now = Instant::now();
-        if let Some(last) = dc.last_poll {
-            too_fast = now.duration_since(last) < dc.interval;
-        }
-        dc.last_poll = Some(now);
-        if too_fast || force_slow {
-            dc.interval += Duration::from_secs(5);
-        }
-        let answer = match (&dc.decision, too_fast || force_slow) {
-            (_, true) => Err(("slow_down", "poll less often")),
-            (Decision::Pending, false) => {
-                Err(("authorization_pending", "the user has not answered"))
-            }
-            (Decision::Denied, false) => Err(("access_denied", "the user declined")),
-            (Decision::Approved(o), false) => {
-                dc.used = true;
-                Ok((o.clone(), dc.scope.clone()))
-            }
-        };
-        if too_fast {
-            g.devices.too_fast += 1;
-        }
-        match answer {
-            Err((error, desc)) => return oauth_error(0, error, desc),
-            Ok((o, sc)) => (o, sc, no_refresh),
-        }
-    };
-    let scope = if no_refresh {
-        scope
-            .split_whitespace()
-            .filter(|x| *x != "offline_access")
-            .collect::<Vec<_>>()
-            .join(" ")
-    } else {
-        scope
-    };
-    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+    s.lock().devices.decide(user_code, &user.open_id, approve)
 }

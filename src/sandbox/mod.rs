@@ -14,6 +14,7 @@
 mod apaas;
 mod assets;
 mod device;
+mod device_codes;
 mod page;
 mod platform;
 mod tls;
@@ -28,7 +29,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use device::DeviceSettings;
+pub use device_codes::DeviceSettings;
 pub use platform::SandboxUser;
 
 /// The sandbox app's id.
@@ -192,7 +193,7 @@ pub(crate) struct Inner {
     /// open_id → the last session the page's "Ask … to authorize" started for that user.
     pub page_sessions: HashMap<String, String>,
     /// The device authorization grant.
-    pub devices: device::Devices,
+    pub devices: device_codes::Devices,
 }
 
 pub(crate) struct Shared {

@@ -474,7 +474,7 @@ pub(crate) fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
         .into_response()
 }
 
-pub(crate) fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
+fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
     let access = s.next_id("eyJsandbox.access.");
     let ttl = s.opts.user_token_ttl;
     let mut g = s.lock();
@@ -601,7 +601,18 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
                 None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
             }
         }
-        Some(crate::lark::oauth::DEVICE_CODE_GRANT) => super::device::grant(s, b),
+        Some(crate::lark::oauth::DEVICE_CODE_GRANT) => {
+            let polled = s
+                .lock()
+                .devices
+                .poll(b["device_code"].as_str().unwrap_or_default());
+            match polled {
+                Ok((open_id, scope)) => {
+                    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+                }
+                Err((code, error, desc)) => oauth_error(code, error, desc),
+            }
+        }
         Some(_) => oauth_error(20036, "unsupported_grant_type", "unsupported grant_type"),
         None => oauth_error(20001, "invalid_request", "grant_type is required"),
     }
