@@ -30,6 +30,19 @@ fn user_code(sandbox: &Sandbox, open_id: &str) -> String {
         .collect()
 }
 
+/// The value of the `auth_method="device"` series of `family` (with `extra` labels after it).
+async fn device_metric(svc: &Service, family: &str, extra: &str) -> f64 {
+    let text = svc.scrape().await;
+    let series = format!(
+        "{family}{{app_id=\"{}\",auth_method=\"device\"{extra}}} ",
+        lark_service::sandbox::APP_ID
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.split_whitespace().next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
 async fn session(svc: &Service, id: &str) -> Value {
     let (code, body) = svc.get(&format!("/api/v1/auth/sessions/{id}")).await;
     assert_eq!(code, 200, "{body}");
@@ -67,6 +80,9 @@ async fn the_openapi_path_is_used_when_the_accounts_path_is_missing() {
         svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
         200
     );
+    // Counted as the device flow, not as the redirect flow.
+    assert!(device_metric(&svc, "lark_service_auth_session_total", "").await >= 1.0);
+    assert!(device_metric(&svc, "lark_service_auth_success_total", "").await >= 1.0);
     svc.stop().await;
 }
 
@@ -110,6 +126,15 @@ async fn a_restart_expires_device_sessions_in_flight() {
     assert_eq!(
         session(&svc, &id).await["failure_reason"],
         "session_expired"
+    );
+    assert!(
+        device_metric(
+            &svc,
+            "lark_service_auth_failure_total",
+            ",reason=\"session_expired\""
+        )
+        .await
+            >= 1.0
     );
     svc.wait_for_within(Duration::from_secs(10), || async {
         sandbox.messages_for(ALICE)[0]

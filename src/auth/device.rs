@@ -127,7 +127,7 @@ impl AuthService {
             Ok(g) => g,
             Err(e) => {
                 warn!(error = %e, "Starting a device authorization failed.");
-                self.count_failure(FailureReason::UnknownError);
+                self.count_failure_of(FailureReason::UnknownError, true);
                 return Err(AuthError::Lark(e));
             }
         };
@@ -161,7 +161,7 @@ impl AuthService {
                 let m = metrics::get();
                 m.auth_requests.inc();
                 m.auth_session
-                    .get_or_create(&metrics::AuthLabel::card(&self.inner.app_id))
+                    .get_or_create(&metrics::AuthLabel::flow(&self.inner.app_id, true))
                     .inc();
                 info!(session = %session.session_id, interval_s = grant.interval.as_secs(), "Device authorization card sent; polling.");
                 self.spawn_device_poll(session.session_id, grant);
@@ -181,7 +181,7 @@ impl AuthService {
                 self.store()
                     .run(move |s| s.update_if_pending(None, &failed, None))
                     .await?;
-                self.count_failure(FailureReason::UnknownError);
+                self.count_failure_of(FailureReason::UnknownError, true);
                 Err(AuthError::Lark(e))
             }
         }
