@@ -21,8 +21,11 @@ pub struct AppLabel {
 }
 
 /// The `auth_method` of the card-initiated flow: an Authorize card, then the OAuth redirect
-/// (the Python deployment's name for it). The device flow will add `device`.
+/// (the Python deployment's name for it).
 pub const AUTH_METHOD_WEBSOCKET_CARD: &str = "websocket_card";
+/// The `auth_method` of the card-driven device flow: an Authorize card, then the device
+/// authorization grant (`auth.flow = "device"`).
+pub const AUTH_METHOD_DEVICE: &str = "device";
 
 /// `{app_id, auth_method}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,6 +43,19 @@ impl AuthLabel {
         Self {
             app_id: app_id.to_owned(),
             auth_method: AUTH_METHOD_WEBSOCKET_CARD,
+        }
+    }
+
+    /// The card-driven device flow of `app_id` (`device` true), else [`Self::card`].
+    #[must_use]
+    pub fn flow(app_id: &str, device: bool) -> Self {
+        Self {
+            app_id: app_id.to_owned(),
+            auth_method: if device {
+                AUTH_METHOD_DEVICE
+            } else {
+                AUTH_METHOD_WEBSOCKET_CARD
+            },
         }
     }
 }
@@ -62,6 +78,16 @@ impl AuthFailureLabel {
         Self {
             app_id: app_id.to_owned(),
             auth_method: AUTH_METHOD_WEBSOCKET_CARD,
+            reason,
+        }
+    }
+
+    /// A failure of the device flow of `app_id` (`device` true), else [`Self::card`].
+    #[must_use]
+    pub fn flow(app_id: &str, device: bool, reason: &'static str) -> Self {
+        Self {
+            auth_method: AuthLabel::flow(app_id, device).auth_method,
+            app_id: app_id.to_owned(),
             reason,
         }
     }

@@ -489,3 +489,362 @@ async fn trust_ca_makes_chromium_trust_a_generated_ca_and_only_then() {
         "Chromium accepted a certificate from an unknown CA"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The device flow (`auth.flow = "device"`): the card's Authorize button opens the platform's
+// verification page (the sandbox's), the person approves or rejects there, and the service,
+// which nothing reaches, polls the token endpoint.
+
+const BOB: &str = "ou_sandbox_bob";
+
+/// The sandbox (device grant as `settings`, user tokens living `user_token_ttl` s) and the
+/// service beside it in device mode.
+async fn device_sandbox_and_service(
+    settings: lark_service::sandbox::DeviceSettings,
+    user_token_ttl: u64,
+) -> (Sandbox, Service) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = format!("http://{}", admin.local_addr().unwrap());
+    let sandbox = Sandbox::start(SandboxOptions {
+        request_auth_url: Some(format!("{service}/api/v1/auth/requests")),
+        service_url: Some(service.clone()),
+        admin_token: Some(ADMIN.to_owned()),
+        user_token_ttl,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    sandbox.set_device(settings);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = trust_sandbox(dir.path(), &sandbox).expect("the sandbox serves HTTPS");
+    let svc = Service::start_on_both(
+        dir,
+        listener,
+        admin,
+        &sandbox.base_url(),
+        &[("TLS_CA_FILE", &ca), ("AUTH_FLOW", "device")],
+    )
+    .await;
+    (sandbox, svc)
+}
+
+fn quick_device() -> lark_service::sandbox::DeviceSettings {
+    lark_service::sandbox::DeviceSettings {
+        interval: Duration::from_secs(1),
+        ..Default::default()
+    }
+}
+
+/// The verification URLs on the Authorize cards `open_id` got, oldest first.
+fn device_card_urls(sandbox: &Sandbox, open_id: &str) -> Vec<String> {
+    sandbox
+        .messages_for(open_id)
+        .iter()
+        .filter_map(|m| {
+            let first = m.history.first().unwrap_or(&m.content).to_string();
+            let at = first.find("/sandbox/device?user_code=")?;
+            let start = first[..at].rfind("https://")?;
+            let end = at + first[at..].find('"')?;
+            Some(first[start..end].to_owned())
+        })
+        .collect()
+}
+
+/// The current card of the message that carried `url`.
+fn card_with(sandbox: &Sandbox, open_id: &str, url: &str) -> String {
+    sandbox
+        .messages_for(open_id)
+        .into_iter()
+        .find(|m| {
+            m.history
+                .first()
+                .unwrap_or(&m.content)
+                .to_string()
+                .contains(url)
+        })
+        .map(|m| m.content.to_string())
+        .unwrap()
+}
+
+async fn session_of(svc: &Service, id: &str) -> Value {
+    let (code, body) = svc.get(&format!("/api/v1/auth/sessions/{id}")).await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn until_session_state(svc: &Service, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let s = session_of(svc, id).await;
+        if s["state"] == state {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session never became {state}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn request_device(svc: &Service, sandbox: &Sandbox, open_id: &str) -> (String, String) {
+    let (code, body) = svc
+        .post("/api/v1/auth/requests", json!({"open_id": open_id}))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let id = body["session_id"].as_str().unwrap().to_owned();
+    let url = device_card_urls(sandbox, open_id)
+        .pop()
+        .expect("a device card");
+    (id, url)
+}
+
+async fn browser_for(sandbox: &Sandbox) -> (Browser, tempfile::TempDir) {
+    let home = tempfile::tempdir().unwrap();
+    trust_ca(home.path(), &sandbox_ca_pem(sandbox).unwrap()).unwrap();
+    (Browser::start(home.path()).await, home)
+}
+
+/// Approve, end to end from the sandbox page: the card's button opens the verification page
+/// (no redirect to the service), Alice approves, the service's polls pick the tokens up
+/// (honouring a `slow_down`: no poll comes sooner than the interval in force), stores them,
+/// and the card turns into "Authorization complete".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_alice_approves_in_the_browser() {
+    if !browser_tools() {
+        return;
+    }
+    let (sandbox, svc) = device_sandbox_and_service(
+        lark_service::sandbox::DeviceSettings {
+            slow_down_next: 1,
+            ..quick_device()
+        },
+        7200,
+    )
+    .await;
+    let (browser, _home) = browser_for(&sandbox).await;
+    browser
+        .steps("device-approve", async {
+            let c = browser.c();
+            c.goto(&format!("{}/", sandbox.base_url())).await.unwrap();
+            browser
+                .click("//button[normalize-space(.)='Ask Alice (sandbox) to authorize']")
+                .await;
+            browser
+                .click("//div[@class='card'][.//div[@class='title' and .='Authorization required']]//a[normalize-space(.)='Authorize']")
+                .await;
+            browser
+                .until_source("the verification page", |s| s.contains("Authorize a device?"))
+                .await;
+            let at = c.current_url().await.unwrap();
+            assert_eq!(at.path(), "/sandbox/device", "{at}");
+            browser
+                .click(&format!("//select[@name='sandbox_user']/option[@value='{ALICE}']"))
+                .await;
+            browser.click("//button[@value='approve']").await;
+            browser.until_source("the answer", |s| s.contains("id=\"done\"")).await;
+        })
+        .await;
+    browser.quit().await;
+    svc.wait_for_within(STEP, || async {
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0 == 200
+    })
+    .await;
+    let (_, body) = svc.get(&format!("/api/v1/users/{ALICE}/token")).await;
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        sandbox
+            .token_owner(t["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some(ALICE)
+    );
+    let url = device_card_urls(&sandbox, ALICE).pop().unwrap();
+    svc.wait_for_within(STEP, || async {
+        card_with(&sandbox, ALICE, &url).contains("Authorization complete")
+    })
+    .await;
+    let (polls, too_fast) = sandbox.device_polls();
+    assert!(polls >= 2, "a slow_down, then the grant: {polls}");
+    assert_eq!(too_fast, 0, "a poll came sooner than the interval");
+    assert_eq!(
+        sandbox.hits("authorize"),
+        0,
+        "the OAuth authorize page was never used"
+    );
+    svc.stop().await;
+}
+
+/// Reject on the verification page: the session is rejected, no token, the card says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_alice_rejects_in_the_browser() {
+    if !browser_tools() {
+        return;
+    }
+    let (sandbox, svc) = device_sandbox_and_service(quick_device(), 7200).await;
+    let (id, url) = request_device(&svc, &sandbox, ALICE).await;
+    let (browser, _home) = browser_for(&sandbox).await;
+    browser
+        .steps("device-reject", async {
+            browser.c().goto(&url).await.unwrap();
+            browser.click("//button[@value='reject']").await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
+        })
+        .await;
+    browser.quit().await;
+    let s = until_session_state(&svc, &id, "rejected").await;
+    assert_eq!(s["failure_reason"], "user_rejected");
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
+    svc.wait_for_within(STEP, || async {
+        card_with(&sandbox, ALICE, &url).contains("Authorization declined")
+    })
+    .await;
+    svc.stop().await;
+}
+
+/// Nobody answers in time: the device code expires, the session is expired and its card says
+/// so; approving afterwards is refused by the platform and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_expires_when_nobody_answers() {
+    if !browser_tools() {
+        return;
+    }
+    let (sandbox, svc) = device_sandbox_and_service(
+        lark_service::sandbox::DeviceSettings {
+            expires_in: Duration::from_secs(3),
+            ..quick_device()
+        },
+        7200,
+    )
+    .await;
+    let (id, url) = request_device(&svc, &sandbox, ALICE).await;
+    let (browser, _home) = browser_for(&sandbox).await;
+    browser
+        .steps("device-expiry", async {
+            browser.c().goto(&url).await.unwrap();
+            browser
+                .until_source("the verification page", |s| {
+                    s.contains("Authorize a device?")
+                })
+                .await;
+            let s = until_session_state(&svc, &id, "expired").await;
+            assert_eq!(s["failure_reason"], "session_expired");
+            browser.click("//button[@value='approve']").await;
+            browser
+                .until_source("the refusal", |s| s.contains("the code has expired"))
+                .await;
+        })
+        .await;
+    browser.quit().await;
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
+    svc.wait_for_within(STEP, || async {
+        card_with(&sandbox, ALICE, &url).contains("Authorization request expired")
+    })
+    .await;
+    svc.stop().await;
+}
+
+/// The owner check: Alice's card, approved by Bob on the verification page. Fail closed: the
+/// session fails (`state_mismatch`), and neither Alice nor Bob gets a stored token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_approval_by_another_user_stores_nothing() {
+    if !browser_tools() {
+        return;
+    }
+    let (sandbox, svc) = device_sandbox_and_service(quick_device(), 7200).await;
+    let (id, url) = request_device(&svc, &sandbox, ALICE).await;
+    let (browser, _home) = browser_for(&sandbox).await;
+    browser
+        .steps("device-owner", async {
+            browser.c().goto(&url).await.unwrap();
+            browser
+                .click(&format!(
+                    "//select[@name='sandbox_user']/option[@value='{BOB}']"
+                ))
+                .await;
+            browser.click("//button[@value='approve']").await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
+        })
+        .await;
+    browser.quit().await;
+    let s = until_session_state(&svc, &id, "failed").await;
+    assert_eq!(s["failure_reason"], "state_mismatch", "{s}");
+    assert_eq!(s["has_tokens"], false, "{s}");
+    assert_eq!(
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        404
+    );
+    assert_eq!(svc.get(&format!("/api/v1/users/{BOB}/token")).await.0, 404);
+    svc.wait_for_within(STEP, || async {
+        card_with(&sandbox, ALICE, &url).contains("Authorization failed")
+    })
+    .await;
+    svc.stop().await;
+}
+
+/// A device grant without a refresh token (the platform may give none even with
+/// `offline_access`): the token is served, and before it expires Alice gets a new Authorize
+/// card (at `auth.token_refresh_threshold` of its lifetime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_flow_without_a_refresh_token_asks_again_before_expiry() {
+    if !browser_tools() {
+        return;
+    }
+    let (sandbox, svc) = device_sandbox_and_service(
+        lark_service::sandbox::DeviceSettings {
+            no_refresh_token: true,
+            ..quick_device()
+        },
+        15,
+    )
+    .await;
+    let (_, url) = request_device(&svc, &sandbox, ALICE).await;
+    let (browser, _home) = browser_for(&sandbox).await;
+    browser
+        .steps("device-no-refresh", async {
+            browser.c().goto(&url).await.unwrap();
+            browser.click("//button[@value='approve']").await;
+            browser
+                .until_source("the answer", |s| s.contains("id=\"done\""))
+                .await;
+        })
+        .await;
+    browser.quit().await;
+    svc.wait_for_within(STEP, || async {
+        svc.get(&format!("/api/v1/users/{ALICE}/token")).await.0 == 200
+    })
+    .await;
+    let (_, body) = svc.get(&format!("/api/v1/users/{ALICE}/token")).await;
+    let t: Value = serde_json::from_str(&body).unwrap();
+    let first = t["access_token"].as_str().unwrap().to_owned();
+    let expires_at = t["expires_at"].as_u64().expect("expires_at");
+    assert_eq!(sandbox.token_owner(&first).as_deref(), Some(ALICE));
+    // A new card arrives while the token is still valid and still served.
+    svc.wait_for_within(STEP, || async {
+        device_card_urls(&sandbox, ALICE).len() == 2
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert!(
+        now < u128::from(expires_at),
+        "the new card came after the token expired"
+    );
+    let (code, body) = svc.get(&format!("/api/v1/users/{ALICE}/token")).await;
+    assert_eq!(code, 200, "{body}");
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["access_token"].as_str(), Some(first.as_str()));
+    svc.stop().await;
+}

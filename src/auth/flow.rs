@@ -76,6 +76,14 @@ pub(super) struct Inner {
     pub(super) tenant: tokio::sync::OnceCell<String>,
 }
 
+/// Whether requests use the device flow, and the signal that stops its polls (see
+/// `device.rs`).
+#[derive(Clone, Debug, Default)]
+pub(super) struct DeviceCtl {
+    pub(super) enabled: bool,
+    pub(super) stop: tokio_util::sync::CancellationToken,
+}
+
 /// The authorization service. Cheap to clone.
 #[derive(Clone)]
 pub struct AuthService {
@@ -84,6 +92,8 @@ pub struct AuthService {
     /// [`AuthService::finish_refreshes`]), the refresh worker's per-token tasks and card
     /// re-sends. Owned by whoever waits for them at shutdown ([`AuthService::with_tasks`]).
     pub(super) tasks: TaskTracker,
+    /// The device flow: on or off, and the signal that stops its polls.
+    pub(super) device: DeviceCtl,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -105,11 +115,14 @@ pub(super) struct Run {
     pub(super) card_reply: bool,
     pub(super) reply_card: Option<Value>,
     pub(super) page: Option<Page>,
+    /// A device-flow session (counted under `auth_method="device"`).
+    pub(super) device: bool,
 }
 
 impl Run {
     pub(super) fn new(session: AuthSession) -> Self {
         Self {
+            device: Phase::of(&session) == Phase::AwaitingDevice,
             session,
             code: None,
             token: None,
@@ -124,9 +137,18 @@ impl Run {
 impl AuthService {
     /// `auth_failure{app_id, auth_method, reason}` of this app's card flow.
     pub(super) fn count_failure(&self, r: FailureReason) {
+        self.count_failure_of(r, false);
+    }
+
+    /// `auth_failure{app_id, auth_method, reason}` of the card flow, or of the device flow.
+    pub(super) fn count_failure_of(&self, r: FailureReason, device: bool) {
         metrics::get()
             .auth_failure
-            .get_or_create(&AuthFailureLabel::card(&self.inner.app_id, r.as_str()))
+            .get_or_create(&AuthFailureLabel::flow(
+                &self.inner.app_id,
+                device,
+                r.as_str(),
+            ))
             .inc();
     }
 
@@ -152,6 +174,7 @@ impl AuthService {
                 tenant: tokio::sync::OnceCell::new(),
             }),
             tasks: TaskTracker::new(),
+            device: DeviceCtl::default(),
         }
     }
 
@@ -237,7 +260,7 @@ impl AuthService {
                     }
                     PendingUpdate::Missing => {
                         run.page = Some(Page::Failed(FailureReason::StateMismatch));
-                        self.count_failure(FailureReason::StateMismatch);
+                        self.count_failure_of(FailureReason::StateMismatch, run.device);
                         return Ok(());
                     }
                 }
@@ -336,7 +359,7 @@ impl AuthService {
             }
             Effect::CountSuccess => {
                 let m = metrics::get();
-                let label = AuthLabel::card(&self.inner.app_id);
+                let label = AuthLabel::flow(&self.inner.app_id, run.device);
                 m.auth_success.get_or_create(&label).inc();
                 #[allow(clippy::cast_precision_loss)]
                 m.auth_duration
@@ -346,7 +369,7 @@ impl AuthService {
                 Ok(None)
             }
             Effect::CountFailure(r) => {
-                self.count_failure(r);
+                self.count_failure_of(r, run.device);
                 Ok(None)
             }
             Effect::Respond(p) => {

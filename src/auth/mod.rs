@@ -10,6 +10,7 @@
 //! (the HTTP routes). `render` holds the cards and pages users see.
 
 mod click;
+mod device;
 mod error;
 mod expire;
 pub mod flow;

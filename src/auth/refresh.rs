@@ -88,6 +88,7 @@ impl AuthService {
     /// once the workers and the HTTP server have stopped (refreshes started later are still
     /// tracked).
     pub async fn finish_refreshes(&self) {
+        self.stop_device_polls();
         self.tasks.close();
         self.tasks.wait().await;
     }

@@ -164,7 +164,11 @@ impl AuthService {
             .run(move |s| s.sessions_for_user(&app, &k))
             .await?;
         if let Some(s) = existing.iter().rev().find(|s| {
-            Phase::of(s) == Phase::AwaitingRedirect && s.expires_at > now && s.scopes == scopes
+            matches!(
+                Phase::of(s),
+                Phase::AwaitingRedirect | Phase::AwaitingDevice
+            ) && s.expires_at > now
+                && s.scopes == scopes
         }) {
             metrics::get().auth_requests.inc();
             return Ok(RequestOutcome {
@@ -173,6 +177,9 @@ impl AuthService {
             });
         }
 
+        if self.device_flow() {
+            return self.request_device(&req.user, scopes, open_id, now).await;
+        }
         let opts = &self.inner.opts;
         let state = new_state();
         let hash = state_hash(&state);

@@ -21,6 +21,13 @@
 //!   shell re-runs the losing input on the winner's phase, which yields only a response.
 //! - Late results (an exchange result or user info arriving for a terminal session) only answer
 //!   with the page of the phase the session is in.
+//! - **The device flow** ([`Phase::AwaitingDevice`]): the card opens the platform's
+//!   verification page and the shell polls. Its results are inputs like any other: approval
+//!   (with the identity of the approving user, read before the input is fed), denial, expiry
+//!   of the device code, or a poll that failed for good. An approval at or after `expires_at`
+//!   expires the session (validity is judged when the result arrives). Redirect inputs never
+//!   apply to a device session (it has no OAuth state), and device inputs never apply to a
+//!   redirect session.
 //! - **Only a proven identity completes.** Tokens are stored only after the user info of the new
 //!   token showed the card's user ([`Identity::Matches`]); someone else is `state_mismatch`, and
 //!   an identity that cannot be established is `unknown_error`.
@@ -34,6 +41,8 @@ pub enum Phase {
     AwaitingRedirect,
     /// Pending; a redirect with a code used the `state`; the code is being exchanged.
     Exchanging,
+    /// Pending; a device-flow card is out and the service polls the platform.
+    AwaitingDevice,
     /// Tokens obtained.
     Completed,
     /// Nobody finished in time.
@@ -50,14 +59,19 @@ impl Phase {
     /// True for every phase but the two pending ones.
     #[must_use]
     pub fn is_terminal(self) -> bool {
-        !matches!(self, Self::AwaitingRedirect | Self::Exchanging)
+        !matches!(
+            self,
+            Self::AwaitingRedirect | Self::Exchanging | Self::AwaitingDevice
+        )
     }
 
     /// The stored state and failure reason of this phase.
     #[must_use]
     pub fn stored(self) -> (SessionState, Option<FailureReason>) {
         match self {
-            Self::AwaitingRedirect | Self::Exchanging => (SessionState::Pending, None),
+            Self::AwaitingRedirect | Self::Exchanging | Self::AwaitingDevice => {
+                (SessionState::Pending, None)
+            }
             Self::Completed => (SessionState::Completed, None),
             Self::Expired => (SessionState::Expired, Some(FailureReason::SessionExpired)),
             Self::Rejected => (SessionState::Rejected, Some(FailureReason::UserRejected)),
@@ -67,12 +81,15 @@ impl Phase {
     }
 
     /// The phase a stored session is in. A pending session whose state hash is gone has had
-    /// its state used by a redirect: it is exchanging.
+    /// its state used by a redirect: it is exchanging (it keeps its PKCE verifier until it
+    /// ends). A pending session with neither is a device-flow session: it never had an OAuth
+    /// state or a verifier.
     #[must_use]
     pub fn of(s: &AuthSession) -> Self {
         match s.state {
             SessionState::Pending if s.state_hash.is_some() => Self::AwaitingRedirect,
-            SessionState::Pending => Self::Exchanging,
+            SessionState::Pending if s.pkce_verifier.is_some() => Self::Exchanging,
+            SessionState::Pending => Self::AwaitingDevice,
             SessionState::Completed => Self::Completed,
             SessionState::Expired => Self::Expired,
             SessionState::Rejected => Self::Rejected,
@@ -92,7 +109,7 @@ impl Phase {
             Self::Rejected => Page::Rejected,
             Self::Failed(r) => Page::Failed(r),
             // A used or revoked state is no longer valid.
-            Self::AwaitingRedirect | Self::Exchanging | Self::Revoked => {
+            Self::AwaitingRedirect | Self::Exchanging | Self::AwaitingDevice | Self::Revoked => {
                 Page::Failed(FailureReason::StateMismatch)
             }
         }
@@ -163,6 +180,14 @@ pub enum Input {
     Expire,
     /// An operator revoked the session.
     Revoke,
+    /// Device flow: the platform granted tokens; the approving user, compared with the card's.
+    DeviceApproved(Identity),
+    /// Device flow: the user declined on the platform's page (`access_denied`).
+    DeviceDenied,
+    /// Device flow: the device code expired (`expired_token`).
+    DeviceExpired,
+    /// Device flow: polling failed for good (any other error).
+    DeviceFailed,
 }
 
 /// Which final card replaces the authorize card.
@@ -261,6 +286,13 @@ fn is_redirect(i: Input) -> bool {
     )
 }
 
+fn is_device(i: Input) -> bool {
+    matches!(
+        i,
+        Input::DeviceApproved(_) | Input::DeviceDenied | Input::DeviceExpired | Input::DeviceFailed
+    )
+}
+
 /// The transition function. `now` is unix ms.
 #[must_use]
 pub fn transition(flow: Flow, input: Input, now: u64) -> (Flow, Vec<Effect>) {
@@ -280,6 +312,32 @@ pub fn transition(flow: Flow, input: Input, now: u64) -> (Flow, Vec<Effect>) {
             (p, e)
         }
         (_, Input::Revoke) => (P::Revoked, vec![Effect::PatchCard(CardKind::Expired)]),
+
+        // --- The device flow.
+        (P::AwaitingDevice, i) if is_redirect(i) => (P::AwaitingDevice, mismatch()),
+        (P::AwaitingDevice, Input::DeviceApproved(_)) if now >= flow.expires_at => expire(),
+        (P::AwaitingDevice, Input::DeviceApproved(Identity::Matches)) => (
+            P::Completed,
+            vec![
+                Effect::StoreTokens,
+                Effect::PatchCard(CardKind::Authorized),
+                Effect::CountSuccess,
+                Effect::Respond(Page::Authorized),
+            ],
+        ),
+        // Someone else approved with this card's code: nothing is stored.
+        (P::AwaitingDevice, Input::DeviceApproved(Identity::Mismatch)) => {
+            fail(FailureReason::StateMismatch)
+        }
+        (P::AwaitingDevice, Input::DeviceApproved(Identity::Unknown) | Input::DeviceFailed) => {
+            fail(FailureReason::UnknownError)
+        }
+        (P::AwaitingDevice, Input::DeviceDenied) => reject(),
+        (P::AwaitingDevice, Input::DeviceExpired) => expire(),
+        // Redirect-flow results never apply to a device session.
+        (P::AwaitingDevice, _) => (P::AwaitingDevice, vec![]),
+        // Device results never apply to a redirect session.
+        (p @ (P::AwaitingRedirect | P::Exchanging), i) if is_device(i) => (p, vec![]),
 
         // --- Waiting for the redirect: the state is being used now.
         (P::AwaitingRedirect, i) if is_redirect(i) && now >= flow.expires_at => expire(),
@@ -344,7 +402,7 @@ pub fn enter(s: &mut AuthSession, phase: Phase, now: u64) {
     if phase != Phase::AwaitingRedirect {
         s.state_hash = None;
     }
-    if phase.is_terminal() {
+    if phase.is_terminal() || phase == Phase::AwaitingDevice {
         s.pkce_verifier = None;
     }
 }
@@ -442,6 +500,29 @@ mod tests {
             (P::Exchanging, I::CardRejected, 10, P::Rejected, rejected.clone()),
             (P::Exchanging, I::Expire, EXP, P::Expired, expired_sweep.clone()),
             (P::Exchanging, I::Revoke, 10, P::Revoked, vec![E::PatchCard(CardKind::Expired)]),
+            // Device results never apply to a redirect session.
+            (P::AwaitingRedirect, I::DeviceApproved(Identity::Matches), 10, P::AwaitingRedirect, vec![]),
+            (P::AwaitingRedirect, I::DeviceDenied, 10, P::AwaitingRedirect, vec![]),
+            (P::Exchanging, I::DeviceApproved(Identity::Matches), 10, P::Exchanging, vec![]),
+            (P::Exchanging, I::DeviceExpired, 10, P::Exchanging, vec![]),
+            // The device flow.
+            (P::AwaitingDevice, I::DeviceApproved(Identity::Matches), 10, P::Completed, completed.clone()),
+            (P::AwaitingDevice, I::DeviceApproved(Identity::Matches), EXP, P::Expired, expired_page.clone()),
+            (P::AwaitingDevice, I::DeviceApproved(Identity::Mismatch), 10, P::Failed(R::StateMismatch), fail_effects(R::StateMismatch)),
+            (P::AwaitingDevice, I::DeviceApproved(Identity::Unknown), 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
+            (P::AwaitingDevice, I::DeviceFailed, 10, P::Failed(R::UnknownError), fail_effects(R::UnknownError)),
+            (P::AwaitingDevice, I::DeviceDenied, 10, P::Rejected, rejected.clone()),
+            (P::AwaitingDevice, I::DeviceExpired, 10, P::Expired, expired_page.clone()),
+            (P::AwaitingDevice, I::CardRejected, 10, P::Rejected, rejected.clone()),
+            (P::AwaitingDevice, I::Expire, EXP, P::Expired, expired_sweep.clone()),
+            (P::AwaitingDevice, I::Revoke, 10, P::Revoked, vec![E::PatchCard(CardKind::Expired)]),
+            // Redirects cannot name a device session; if one did, it is a mismatch.
+            (P::AwaitingDevice, I::RedirectWithCode, 10, P::AwaitingDevice, mismatch_effects()),
+            (P::AwaitingDevice, I::RedirectDenied, 10, P::AwaitingDevice, mismatch_effects()),
+            // Redirect-flow results change nothing.
+            (P::AwaitingDevice, I::CodeExchanged, 10, P::AwaitingDevice, vec![]),
+            (P::AwaitingDevice, I::UserIdentified(Identity::Matches), 10, P::AwaitingDevice, vec![]),
+            (P::AwaitingDevice, I::ExchangeFailed(ExchangeError::Other), 10, P::AwaitingDevice, vec![]),
         ];
         for (from, input, now, to, effects) in table {
             let (got, eff) = transition(flow(from), input, now);
@@ -469,6 +550,12 @@ mod tests {
             Input::CardRejected,
             Input::Expire,
             Input::Revoke,
+            Input::DeviceApproved(Identity::Matches),
+            Input::DeviceApproved(Identity::Unknown),
+            Input::DeviceApproved(Identity::Mismatch),
+            Input::DeviceDenied,
+            Input::DeviceExpired,
+            Input::DeviceFailed,
         ]
     }
 
@@ -533,6 +620,8 @@ mod tests {
     #[test]
     fn phases_round_trip_through_stored_sessions() {
         let mut s = AuthSession::new_pending("cli_a", "u", vec![], 0, 1_000);
+        assert_eq!(Phase::of(&s), Phase::AwaitingDevice);
+        s.pkce_verifier = Some(SecretString::from("v"));
         s.state_hash = Some([1; 32]);
         assert_eq!(Phase::of(&s), Phase::AwaitingRedirect);
         s.state_hash = None;
@@ -599,7 +688,11 @@ mod tests {
     }
 
     fn all_phases() -> Vec<Phase> {
-        let mut v = vec![Phase::AwaitingRedirect, Phase::Exchanging];
+        let mut v = vec![
+            Phase::AwaitingRedirect,
+            Phase::Exchanging,
+            Phase::AwaitingDevice,
+        ];
         v.extend(terminal_phases());
         v
     }
@@ -623,7 +716,11 @@ mod tests {
                 p == Phase::AwaitingRedirect,
                 "{p:?}"
             );
-            assert_eq!(s.pkce_verifier.is_some(), !p.is_terminal(), "{p:?}");
+            assert_eq!(
+                s.pkce_verifier.is_some(),
+                !p.is_terminal() && p != Phase::AwaitingDevice,
+                "{p:?}"
+            );
         }
     }
 
@@ -654,6 +751,55 @@ mod tests {
                 }
                 f = next;
             }
+        }
+    }
+
+    fn device_session() -> AuthSession {
+        AuthSession::new_pending("cli_a", "u", vec![], 0, EXP)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// A device session: no sequence of inputs stores tokens except an approval by the
+        /// card's user before expiry, none stores twice or leaves a terminal phase, redirect
+        /// inputs never move it, and the stored session follows the machine.
+        #[test]
+        fn device_sessions_complete_only_for_the_cards_user(
+            steps in proptest::collection::vec((input_strategy(), 0u64..2 * EXP), 1..40)
+        ) {
+            let mut s = device_session();
+            let mut f = Flow::of(&s);
+            prop_assert_eq!(f.phase, Phase::AwaitingDevice);
+            let mut stores = 0;
+            let mut outcomes = 0;
+            for (input, now) in steps {
+                let before = f.phase;
+                let (next, eff) = transition(f, input, now);
+                if before == Phase::AwaitingDevice && is_redirect(input) {
+                    prop_assert_eq!(next.phase, Phase::AwaitingDevice);
+                }
+                prop_assert!(next.phase != Phase::AwaitingRedirect && next.phase != Phase::Exchanging);
+                if before.is_terminal() {
+                    prop_assert!(next.phase == before || (before == Phase::Completed && next.phase == Phase::Revoked));
+                    prop_assert!(!eff.iter().any(|e| matches!(e, Effect::StoreTokens | Effect::CountSuccess | Effect::PatchCard(_))));
+                } else if next.phase.is_terminal() {
+                    outcomes += 1;
+                }
+                if eff.contains(&Effect::StoreTokens) {
+                    stores += 1;
+                    prop_assert_eq!(input, Input::DeviceApproved(Identity::Matches));
+                    prop_assert!(now < EXP);
+                    prop_assert_eq!(next.phase, Phase::Completed);
+                }
+                if next.phase != f.phase {
+                    enter(&mut s, next.phase, now);
+                }
+                prop_assert_eq!(Phase::of(&s), next.phase);
+                prop_assert!(s.state_hash.is_none() && s.pkce_verifier.is_none());
+                f = next;
+            }
+            prop_assert!(stores <= 1);
+            prop_assert!(outcomes <= 1);
         }
     }
 }

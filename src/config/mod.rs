@@ -305,8 +305,37 @@ pub struct AuthConfig {
     pub refresh_concurrency: usize,
     /// Send a new card when a refresh token is refused for good.
     pub resend_card_on_reauth: bool,
+    /// How the card's Authorize button authorizes (`auth.flow`).
+    pub flow: AuthFlow,
     /// How the cards look.
     pub card: CardConfig,
+}
+
+/// How a user authorizes (`auth.flow`, env `AUTH_FLOW`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuthFlow {
+    /// The OAuth redirect to `/oauth/callback` (needs a URL users' browsers reach); the
+    /// default.
+    #[default]
+    Redirect,
+    /// The device authorization grant: the user approves on the platform's page and the
+    /// service polls; nothing needs to reach the service.
+    Device,
+    /// Device when neither `http.public_url` nor `auth.redirect_uri` is set, else redirect.
+    Auto,
+}
+
+impl AuthFlow {
+    /// `redirect`, `device` or `auto`; `None` for anything else.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "redirect" => Some(Self::Redirect),
+            "device" => Some(Self::Device),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
 }
 
 /// The language of the cards users get (`card.locale`).
@@ -523,6 +552,12 @@ impl Config {
                 )?)
                 .unwrap_or(4),
                 resend_card_on_reauth: r.boolean("auth.resend_card_on_reauth")?,
+                flow: {
+                    let text = r.plain("auth.flow").unwrap_or_default();
+                    AuthFlow::parse(&text).ok_or_else(|| {
+                        r.invalid("auth.flow", Some(&text), "redirect, device or auto")
+                    })?
+                },
                 card: CardConfig {
                     locale: {
                         let text = r.plain("card.locale").unwrap_or_default();
@@ -687,13 +722,18 @@ impl Config {
     /// operator's machine). Returns the warnings to log: a redirect that is not `https://`
     /// carries the authorization code in clear.
     pub fn require_public_redirect(&self) -> Result<Vec<String>, ConfigError> {
+        if self.device_flow() {
+            // Nothing reaches the service: the device flow polls the platform.
+            return Ok(Vec::new());
+        }
         let effective = match (&self.auth.redirect_uri, &self.public_url) {
             (Some(u), _) => ("auth.redirect_uri", u),
             (None, Some(u)) => ("http.public_url", u),
             (None, None) => {
                 return Err(ConfigError::Missing {
                     key: "http.public_url".to_owned(),
-                    env: "`PUBLIC_URL`, or set `auth.redirect_uri` / `AUTH_REDIRECT_URI`"
+                    env: "`PUBLIC_URL`, or set `auth.redirect_uri` / `AUTH_REDIRECT_URI`, or \
+                          authorize with the device flow (`AUTH_FLOW=device` or `auto`)"
                         .to_owned(),
                     expected: "the https:// URL users' browsers reach this service at (the \
                                OAuth redirect is built from it); required by `serve` unless \
@@ -711,6 +751,17 @@ impl Config {
             ));
         }
         Ok(warnings)
+    }
+
+    /// True when users authorize with the device flow: `auth.flow = "device"`, or `"auto"`
+    /// with neither `http.public_url` nor `auth.redirect_uri` set.
+    #[must_use]
+    pub fn device_flow(&self) -> bool {
+        match self.auth.flow {
+            AuthFlow::Device => true,
+            AuthFlow::Redirect => false,
+            AuthFlow::Auto => self.public_url.is_none() && self.auth.redirect_uri.is_none(),
+        }
     }
 
     /// The effective configuration as TOML-like lines, secrets redacted, each with its source.

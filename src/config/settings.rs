@@ -58,6 +58,7 @@ pub const SETTINGS: &[Setting] = &[
     s!("auth.redirect_uri", ["AUTH_REDIRECT_URI", "OAUTH_REDIRECT_URI"], None, false, "OAuth redirect URI registered with the app (default: http.public_url + /oauth/callback)."),
     s!("auth.default_scopes", ["AUTH_DEFAULT_SCOPES"], Some("offline_access"), false, "Space- or comma-separated scopes requested when a user sends /authorize (offline_access is always added)."),
     s!("auth.refresh_concurrency", ["AUTH_REFRESH_CONCURRENCY"], Some("4"), false, "How many user tokens the refresh worker refreshes at once."),
+    s!("auth.flow", ["AUTH_FLOW"], Some("redirect"), false, "How users authorize: redirect (OAuth redirect to /oauth/callback), device (device authorization grant: the service polls, nothing reaches it) or auto (device when no public URL is set)."),
     s!("auth.resend_card_on_reauth", ["AUTH_RESEND_CARD_ON_REAUTH"], Some("false"), false, "Send a new Authorize card when a user's refresh token is no longer accepted."),
     s!("card.locale", ["CARD_LOCALE"], Some("zh"), false, "Language of the cards users get: zh (简体中文) or en."),
     s!("card.include_description", ["AUTH_CARD_INCLUDE_DESCRIPTION"], Some("true"), false, "The Authorize card's detailed description (what the app asks, the permissions); false: a short one."),

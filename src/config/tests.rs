@@ -468,3 +468,34 @@ fn cards_default_to_chinese_with_the_detailed_description() {
         "{err}"
     );
 }
+
+#[test]
+fn auth_flow_device_needs_no_public_redirect_and_auto_chooses_by_the_public_url() {
+    let base = [
+        ("APP_ID", "cli_x"),
+        ("APP_SECRET", "s"),
+        ("LARK_TOKEN_ENCRYPTION_KEY", KEY),
+    ];
+    let load = |extra: &[(&'static str, &'static str)]| {
+        let mut pairs = base.to_vec();
+        pairs.extend_from_slice(extra);
+        Config::load_with(&opts(None), &env(&pairs))
+    };
+    let c = load(&[]).unwrap();
+    assert_eq!(c.auth.flow, AuthFlow::Redirect);
+    assert!(!c.device_flow());
+    let c = load(&[("AUTH_FLOW", "device")]).unwrap();
+    assert!(c.device_flow());
+    assert!(c.require_public_redirect().unwrap().is_empty());
+    let c = load(&[("AUTH_FLOW", "auto")]).unwrap();
+    assert!(c.device_flow());
+    let c = load(&[
+        ("AUTH_FLOW", "auto"),
+        ("PUBLIC_URL", "https://svc.example.com"),
+    ])
+    .unwrap();
+    assert!(!c.device_flow());
+    let c = load(&[("AUTH_FLOW", "Device")]).unwrap();
+    assert_eq!(c.auth.flow, AuthFlow::Device);
+    assert!(load(&[("AUTH_FLOW", "poll")]).is_err());
+}

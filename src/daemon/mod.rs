@@ -371,7 +371,8 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
     )
     // Refreshes, their worker's per-token tasks and card re-sends are the supervisor's tasks:
     // shutdown waits for them (an in-flight refresh stores its result).
-    .with_tasks(sup.tracker());
+    .with_tasks(sup.tracker())
+    .with_device_flow(cfg.device_flow());
     dispatcher.set_handler(handlers::app_handler(auth.clone()));
     dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
     Ok(App {
@@ -419,6 +420,13 @@ fn start_workers(
         sup.clock(),
     ));
     sup.start(FnWorker::new("token_refresh", app.auth.refresh_worker()));
+    // Device sessions of an earlier run cannot be polled (their codes were not kept).
+    let auth = app.auth.clone();
+    sup.tracker().spawn(async move {
+        if let Err(e) = auth.expire_device_sessions_at_start().await {
+            tracing::warn!(error = %e, "Expiring the device sessions of an earlier run failed.");
+        }
+    });
     sup.start_with_backoff(
         jobs::TenantTokenWorker::new(app.lark.clone()),
         jobs::TENANT_TOKEN_RETRY_CAP,

@@ -28,5 +28,5 @@ pub use client::{
     DEFAULT_TOKEN_REFRESH_SHARE,
 };
 pub use error::{Error, OAuthErrorKind};
-pub use oauth::{AuthCode, AuthorizeParams, Pkce, UserToken};
+pub use oauth::{AuthCode, AuthorizeParams, DeviceGrant, DevicePoll, Pkce, UserToken};
 pub use token::TokenStatus;

@@ -28,6 +28,15 @@ use super::error::{Error, OAuthErrorKind};
 pub const TOKEN_PATH: &str = "/open-apis/authen/v2/oauth/token";
 /// Path of the v2 authorize page on the accounts host.
 pub const AUTHORIZE_PATH: &str = "/open-apis/authen/v1/authorize";
+/// The device authorization endpoint on the accounts host (compat notes §1).
+pub const DEVICE_AUTHORIZATION_PATH: &str = "/oauth/v1/device_authorization";
+/// The other observed device authorization path, on the OpenAPI host (protocol notes §4.7).
+pub const DEVICE_AUTHORIZATION_FALLBACK_PATH: &str =
+    "/open-apis/authen/v2/oauth/device_authorization";
+/// The device code grant type (RFC 8628 §3.4).
+pub const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+/// Seconds between polls when the platform names no `interval` (RFC 8628 §3.2).
+pub const DEVICE_DEFAULT_INTERVAL: u64 = 5;
 /// Scope that makes the platform issue a refresh token.
 pub const OFFLINE_ACCESS: &str = "offline_access";
 
@@ -282,6 +291,165 @@ fn decode_token_response(raw: &RawResponse) -> Result<UserToken, Error> {
     })
 }
 
+/// A device authorization: what the user opens and what the service polls with.
+#[derive(Clone)]
+pub struct DeviceGrant {
+    /// The code the service polls with (secret: whoever holds it gets the token).
+    pub device_code: SecretString,
+    /// The code the user sees.
+    pub user_code: String,
+    /// The verification page.
+    pub verification_uri: String,
+    /// The verification page with the user code in it: what the card's button opens.
+    pub verification_uri_complete: String,
+    /// How long the codes live.
+    pub expires_in: Duration,
+    /// The least time between polls.
+    pub interval: Duration,
+}
+
+impl fmt::Debug for DeviceGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceGrant")
+            .field("device_code", &"[REDACTED]")
+            .field("user_code", &self.user_code)
+            .field("verification_uri", &self.verification_uri)
+            .field("expires_in", &self.expires_in)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One answer of the token endpoint to a device code poll.
+#[derive(Debug)]
+pub enum DevicePoll {
+    /// `authorization_pending`: the user has not answered yet.
+    Pending,
+    /// `slow_down`: poll less often (5 s more, RFC 8628 §3.5).
+    SlowDown,
+    /// `access_denied`: the user declined.
+    Denied,
+    /// `expired_token`: the device code expired.
+    Expired,
+    /// The user approved: the tokens.
+    Granted(UserToken),
+}
+
+async fn send_raw(req: reqwest::RequestBuilder) -> Result<RawResponse, Error> {
+    let response = req.send().await.map_err(Error::transport)?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.bytes().await.map_err(Error::transport)?.to_vec();
+    Ok(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn invalid_response(raw: &RawResponse, description: &str) -> Error {
+    Error::OAuth {
+        kind: OAuthErrorKind::InvalidResponse,
+        code: 0,
+        error: None,
+        description: description.to_owned(),
+        status: Some(raw.status),
+        log_id: raw.header_log_id(),
+    }
+}
+
+/// Decodes the device authorization answer: RFC 8628 fields at the top level or under `data`.
+fn decode_device_grant(raw: &RawResponse) -> Result<DeviceGrant, Error> {
+    let Ok(body) = serde_json::from_slice::<Value>(&raw.body) else {
+        return Err(Error::Http {
+            status: raw.status,
+            log_id: raw.header_log_id(),
+        });
+    };
+    let code = body.get("code").and_then(Value::as_i64).unwrap_or(0);
+    let error = body.get("error").and_then(Value::as_str).map(str::to_owned);
+    if code != 0 || error.is_some() || !raw.is_success() {
+        return Err(Error::OAuth {
+            kind: OAuthErrorKind::classify(code, error.as_deref(), Some(raw.status)),
+            code,
+            error,
+            description: body
+                .get("error_description")
+                .or_else(|| body.get("msg"))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            status: Some(raw.status),
+            log_id: raw.header_log_id(),
+        });
+    }
+    let d = body.get("data").filter(|d| d.is_object()).unwrap_or(&body);
+    let text = |k: &str| {
+        d.get(k)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let (Some(device_code), Some(user_code), Some(verification_uri)) = (
+        text("device_code"),
+        text("user_code"),
+        text("verification_uri"),
+    ) else {
+        return Err(invalid_response(
+            raw,
+            "device authorization lacks device_code, user_code or verification_uri",
+        ));
+    };
+    let complete = text("verification_uri_complete").unwrap_or_else(|| {
+        let sep = if verification_uri.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
+        format!(
+            "{verification_uri}{sep}user_code={}",
+            url::form_urlencoded::byte_serialize(user_code.as_bytes()).collect::<String>()
+        )
+    });
+    let Some(expires_in) = d
+        .get("expires_in")
+        .and_then(Value::as_u64)
+        .filter(|e| *e > 0)
+    else {
+        return Err(invalid_response(
+            raw,
+            "device authorization lacks expires_in",
+        ));
+    };
+    let interval = d
+        .get("interval")
+        .and_then(Value::as_u64)
+        .filter(|i| *i > 0)
+        .unwrap_or(DEVICE_DEFAULT_INTERVAL);
+    Ok(DeviceGrant {
+        device_code: SecretString::from(device_code),
+        user_code,
+        verification_uri,
+        verification_uri_complete: complete,
+        expires_in: Duration::from_secs(expires_in),
+        interval: Duration::from_secs(interval),
+    })
+}
+
+/// Decodes a device code poll: the RFC 8628 §3.5 errors, else a token (or the endpoint's error).
+fn decode_device_poll(raw: &RawResponse) -> Result<DevicePoll, Error> {
+    let error = serde_json::from_slice::<Value>(&raw.body)
+        .ok()
+        .and_then(|b| b.get("error").and_then(Value::as_str).map(str::to_owned));
+    match error.as_deref() {
+        Some("authorization_pending") => Ok(DevicePoll::Pending),
+        Some("slow_down") => Ok(DevicePoll::SlowDown),
+        Some("access_denied") => Ok(DevicePoll::Denied),
+        Some("expired_token") => Ok(DevicePoll::Expired),
+        _ => decode_token_response(raw).map(DevicePoll::Granted),
+    }
+}
+
 impl LarkClient {
     /// The authorize page URL on the accounts host (protocol notes §4.2):
     /// `client_id`, `response_type=code`, `redirect_uri`, `scope`
@@ -363,6 +531,61 @@ impl LarkClient {
         Ok(token)
     }
 
+    /// Starts a device authorization (RFC 8628, compat notes §1): `POST
+    /// {accounts}/oauth/v1/device_authorization` with a form body and the app's credentials as
+    /// HTTP Basic; when that path answers 404, the other observed one,
+    /// `{open}/open-apis/authen/v2/oauth/device_authorization` (JSON body). Not retried: a new
+    /// call only makes a new code.
+    pub async fn device_authorization(&self, scopes: &[&str]) -> Result<DeviceGrant, Error> {
+        let scope = scopes.join(" ");
+        let primary = format!(
+            "{}{DEVICE_AUTHORIZATION_PATH}",
+            self.inner.domain.accounts_base()
+        );
+        let req = self
+            .inner
+            .http
+            .post(primary)
+            .timeout(self.inner.request_timeout)
+            .basic_auth(
+                &self.inner.app_id,
+                Some(self.inner.app_secret.expose_secret()),
+            )
+            .form(&[("client_id", self.inner.app_id.as_str()), ("scope", &scope)]);
+        let raw = send_raw(req).await?;
+        if raw.status != 404 {
+            return decode_device_grant(&raw);
+        }
+        tracing::info!("The device authorization endpoint answered 404; trying the OpenAPI path.");
+        let fallback = format!(
+            "{}{DEVICE_AUTHORIZATION_FALLBACK_PATH}",
+            self.inner.open_base
+        );
+        let req = self
+            .inner
+            .http
+            .post(fallback)
+            .timeout(self.inner.request_timeout)
+            .json(&json!({
+                "client_id": self.inner.app_id,
+                "client_secret": self.inner.app_secret.expose_secret(),
+                "scope": scope,
+            }));
+        decode_device_grant(&send_raw(req).await?)
+    }
+
+    /// Polls the v2 token endpoint once for a device code
+    /// (`grant_type=urn:ietf:params:oauth:grant-type:device_code`). The grant is single use:
+    /// the request is never re-sent blindly.
+    pub async fn poll_device_token(&self, device_code: &SecretString) -> Result<DevicePoll, Error> {
+        let mut body = self.client_credentials(DEVICE_CODE_GRANT);
+        body.insert("device_code".into(), json!(device_code.expose_secret()));
+        let req = ApiRequest::new(Method::POST, TOKEN_PATH.to_owned(), Auth::None)
+            .json(Value::Object(body))
+            .one_time();
+        self.execute(&req, decode_device_poll).await
+    }
+
     fn client_credentials(&self, grant_type: &str) -> Map<String, Value> {
         let mut body = Map::new();
         body.insert("grant_type".into(), json!(grant_type));
@@ -393,6 +616,59 @@ mod tests {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
         assert_ne!(Pkce::generate().verifier.expose_secret(), v);
+    }
+
+    fn raw(status: u16, body: &Value) -> RawResponse {
+        RawResponse {
+            status,
+            headers: reqwest::header::HeaderMap::new(),
+            body: serde_json::to_vec(body).unwrap(),
+        }
+    }
+
+    #[test]
+    fn device_poll_answers_are_read() {
+        for (e, want) in [
+            ("authorization_pending", "Pending"),
+            ("slow_down", "SlowDown"),
+            ("access_denied", "Denied"),
+            ("expired_token", "Expired"),
+        ] {
+            let got = decode_device_poll(&raw(400, &json!({"error": e}))).unwrap();
+            assert_eq!(format!("{got:?}"), want);
+        }
+        let got = decode_device_poll(&raw(
+            200,
+            &json!({"code": 0, "access_token": "t", "expires_in": 60}),
+        ))
+        .unwrap();
+        assert!(matches!(got, DevicePoll::Granted(t) if t.refresh_token.is_none()));
+        assert!(
+            decode_device_poll(&raw(400, &json!({"error": "invalid_grant", "code": 20003})))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn device_grants_are_read_with_defaults() {
+        let g = decode_device_grant(&raw(
+            200,
+            &json!({"device_code": "d", "user_code": "AB-CD", "verification_uri": "https://x/v", "expires_in": 600}),
+        ))
+        .unwrap();
+        assert_eq!(g.verification_uri_complete, "https://x/v?user_code=AB-CD");
+        assert_eq!(g.interval, Duration::from_secs(DEVICE_DEFAULT_INTERVAL));
+        assert!(!format!("{g:?}").contains("\"d\""));
+        let g = decode_device_grant(&raw(
+            200,
+            &json!({"code": 0, "data": {"device_code": "d", "user_code": "u", "verification_uri": "https://x/v",
+                    "verification_uri_complete": "https://x/v?c=u", "expires_in": 60, "interval": 2}}),
+        ))
+        .unwrap();
+        assert_eq!(g.verification_uri_complete, "https://x/v?c=u");
+        assert_eq!(g.interval, Duration::from_secs(2));
+        assert!(decode_device_grant(&raw(200, &json!({"device_code": "d"}))).is_err());
+        assert!(decode_device_grant(&raw(400, &json!({"error": "invalid_client"}))).is_err());
     }
 
     #[test]

@@ -13,6 +13,8 @@
 
 mod apaas;
 mod assets;
+mod device;
+mod device_codes;
 mod page;
 mod platform;
 mod tls;
@@ -27,6 +29,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use device_codes::DeviceSettings;
 pub use platform::SandboxUser;
 
 /// The sandbox app's id.
@@ -189,6 +192,8 @@ pub(crate) struct Inner {
     pub user_tenants: HashMap<String, String>,
     /// open_id → the last session the page's "Ask … to authorize" started for that user.
     pub page_sessions: HashMap<String, String>,
+    /// The device authorization grant.
+    pub devices: device_codes::Devices,
 }
 
 pub(crate) struct Shared {
@@ -311,6 +316,7 @@ impl Sandbox {
         let app = platform::router(shared.clone())
             .merge(apaas::router(shared.clone()))
             .merge(page::router(shared.clone()))
+            .merge(device::router(shared.clone()))
             .merge(ws::router(shared.clone()));
         let c = cancel.clone();
         match tls {
@@ -511,6 +517,30 @@ impl Sandbox {
             .lock()
             .tables
             .insert((workspace.to_owned(), table.to_owned()), rows);
+    }
+
+    /// How the device grant behaves from now on (codes already issued keep theirs).
+    pub fn set_device(&self, settings: DeviceSettings) {
+        self.shared.lock().devices.settings = settings;
+    }
+
+    /// Device code polls answered so far, and how many of them came sooner than the
+    /// interval in force (each answered `slow_down`).
+    #[must_use]
+    pub fn device_polls(&self) -> (u64, u64) {
+        let g = self.shared.lock();
+        (g.devices.polls, g.devices.too_fast)
+    }
+
+    /// Approves (as `open_id`) or rejects the device code the user sees as `user_code`, as
+    /// the verification page does.
+    pub fn decide_device(
+        &self,
+        user_code: &str,
+        open_id: &str,
+        approve: bool,
+    ) -> Result<(), SandboxError> {
+        device::decide(&self.shared, user_code, open_id, approve).map_err(SandboxError::Control)
     }
 
     /// Open long connections.

@@ -466,7 +466,7 @@ pub(crate) fn decide(
     Ok(to.to_string())
 }
 
-fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
+pub(crate) fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
     (
         StatusCode::BAD_REQUEST,
         Json(json!({"code": code, "error": error, "error_description": desc})),
@@ -599,6 +599,18 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
                     Json(issue_user_tokens(s, &open_id, &scope)).into_response()
                 }
                 None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
+            }
+        }
+        Some(crate::lark::oauth::DEVICE_CODE_GRANT) => {
+            let polled = s
+                .lock()
+                .devices
+                .poll(b["device_code"].as_str().unwrap_or_default());
+            match polled {
+                Ok((open_id, scope)) => {
+                    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+                }
+                Err((code, error, desc)) => oauth_error(code, error, desc),
             }
         }
         Some(_) => oauth_error(20036, "unsupported_grant_type", "unsupported grant_type"),

@@ -1,0 +1,391 @@
+//! The device authorization flow (RFC 8628), card-driven: no inbound port needed.
+//!
+//! A request in device mode asks the platform for a device code, sends the Authorize card
+//! whose button opens the platform's verification page (the complete URI, with the user
+//! code), and polls the token endpoint at the platform's interval on the service's task
+//! tracker. Each answer becomes an input of the state machine ([`Phase::AwaitingDevice`]):
+//! `authorization_pending` waits, `slow_down` adds 5 s to the interval for good
+//! ([`PollSchedule`]), `access_denied` rejects, `expired_token` expires; tokens are stored
+//! only after the user info of the new token showed the card's user (the same identity and
+//! tenant checks as the redirect flow), else the session fails and nothing is stored.
+//!
+//! **Restarts.** The device code is kept only in the polling task's memory (never stored):
+//! at start-up, device sessions left pending by an earlier run are expired with a log line
+//! saying why, and their cards say so ([`AuthService::expire_device_sessions_at_start`]);
+//! the user asks again. Polling stops at shutdown ([`AuthService::finish_refreshes`]).
+//!
+//! **No refresh token.** When the grant has no refresh token (it may not, even with
+//! `offline_access`), the token is served until it expires, and the user gets a new card
+//! when the share `auth.token_refresh_threshold` of its lifetime has passed, so they can
+//! authorize again before it runs out.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tracing::{info, warn};
+
+use super::error::AuthError;
+use super::flow::{AuthService, Run};
+use super::render::authorize_card;
+use super::request::{AuthRequest, RequestOutcome, UserRef};
+use super::state::{enter, Input, Phase};
+use super::time::ms;
+use crate::lark::{DeviceGrant, DevicePoll};
+use crate::metrics;
+use crate::storage::{AuthSession, FailureReason, SessionId, SessionState, UserToken};
+
+/// What `slow_down` adds to the interval (RFC 8628 §3.5).
+pub(super) const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
+/// The shortest interval honoured, whatever the platform says.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When to poll next: every `interval` after the last poll; each `slow_down` adds 5 s to
+/// the interval for the rest of the session. Times are unix ms from the service's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct PollSchedule {
+    interval_ms: u64,
+    next_at: u64,
+}
+
+/// An answer to a poll, as the schedule sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PollAnswer {
+    /// `authorization_pending`, or an error worth trying again.
+    Pending,
+    /// `slow_down`.
+    SlowDown,
+}
+
+impl PollSchedule {
+    /// The first poll is one interval after `now` (the user cannot have approved yet).
+    pub(super) fn new(interval: Duration, now: u64) -> Self {
+        let interval_ms = ms(interval.max(MIN_INTERVAL));
+        Self {
+            interval_ms,
+            next_at: now.saturating_add(interval_ms),
+        }
+    }
+
+    /// The interval in force.
+    pub(super) fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    /// When the next poll may go out (unix ms).
+    #[cfg(test)]
+    pub(super) fn next_at(&self) -> u64 {
+        self.next_at
+    }
+
+    /// How long to wait at `now` before the next poll.
+    pub(super) fn wait(&self, now: u64) -> Duration {
+        Duration::from_millis(self.next_at.saturating_sub(now))
+    }
+
+    /// A poll went out at `now` and got `answer`.
+    pub(super) fn polled(&mut self, now: u64, answer: PollAnswer) {
+        if answer == PollAnswer::SlowDown {
+            self.interval_ms = self.interval_ms.saturating_add(ms(SLOW_DOWN_STEP));
+        }
+        self.next_at = now.saturating_add(self.interval_ms);
+    }
+}
+
+impl AuthService {
+    /// The service authorizing with the device flow (`auth.flow`): requests send a card
+    /// that opens the platform's verification page, and the service polls. Set it before
+    /// the service is cloned.
+    #[must_use]
+    pub fn with_device_flow(mut self, on: bool) -> Self {
+        self.device.enabled = on;
+        self
+    }
+
+    /// True when requests use the device flow.
+    #[must_use]
+    pub fn device_flow(&self) -> bool {
+        self.device.enabled
+    }
+
+    /// Stops every device poll (at shutdown). A poll whose answer is being handled finishes.
+    pub(super) fn stop_device_polls(&self) {
+        self.device.stop.cancel();
+    }
+
+    /// [`AuthService::request`] in device mode, once the user is resolved and no pending
+    /// session can be reused: asks the platform for a device code, stores the session, sends
+    /// the card and starts polling.
+    pub(super) async fn request_device(
+        &self,
+        user: &UserRef,
+        scopes: Vec<String>,
+        open_id: String,
+        now: u64,
+    ) -> Result<RequestOutcome, AuthError> {
+        let scope_refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let grant = match self.lark().device_authorization(&scope_refs).await {
+            Ok(g) => g,
+            Err(e) => {
+                warn!(error = %e, "Starting a device authorization failed.");
+                self.count_failure_of(FailureReason::UnknownError, true);
+                return Err(AuthError::Lark(e));
+            }
+        };
+        let opts = &self.inner.opts;
+        let lifetime = opts.session_expiry.min(grant.expires_in);
+        let mut session = AuthSession::new_pending(
+            &self.inner.app_id,
+            user.id(),
+            scopes.clone(),
+            now,
+            ms(lifetime),
+        );
+        session.open_id = Some(open_id);
+        let s2 = session.clone();
+        self.store().run(move |s| s.put_session(&s2)).await?;
+        let sid = session.session_id.to_string();
+        let card = authorize_card(
+            &opts.card,
+            &scopes,
+            lifetime,
+            &grant.verification_uri_complete,
+            &sid,
+        );
+        match self.lark().send_card(&user.receiver(), &card).await {
+            Ok(msg) => {
+                let mut with_card = session.clone();
+                with_card.card_message_id = Some(msg.message_id);
+                self.store()
+                    .run(move |s| s.update_if_pending(None, &with_card, None))
+                    .await?;
+                let m = metrics::get();
+                m.auth_requests.inc();
+                m.auth_session
+                    .get_or_create(&metrics::AuthLabel::flow(&self.inner.app_id, true))
+                    .inc();
+                info!(session = %session.session_id, interval_s = grant.interval.as_secs(), "Device authorization card sent; polling.");
+                self.spawn_device_poll(session.session_id, grant);
+                Ok(RequestOutcome {
+                    session_id: session.session_id,
+                    reused: false,
+                })
+            }
+            Err(e) => {
+                warn!(session = %session.session_id, error = %e, "Sending the authorization card failed.");
+                let mut failed = session.clone();
+                enter(
+                    &mut failed,
+                    Phase::Failed(FailureReason::UnknownError),
+                    self.now(),
+                );
+                self.store()
+                    .run(move |s| s.update_if_pending(None, &failed, None))
+                    .await?;
+                self.count_failure_of(FailureReason::UnknownError, true);
+                Err(AuthError::Lark(e))
+            }
+        }
+    }
+
+    fn spawn_device_poll(&self, id: SessionId, grant: DeviceGrant) {
+        let me = self.clone();
+        let stop = self.device.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {
+                    info!(session = %id, "Device authorization polling stopped at shutdown.");
+                }
+                () = me.poll_device(id, grant.device_code, grant.interval) => {}
+            }
+        });
+    }
+
+    /// Polls until the session ends: the platform's answer, the card's reject button, the
+    /// sweep or a revoke (each poll first re-reads the session).
+    async fn poll_device(&self, id: SessionId, code: SecretString, interval: Duration) {
+        let mut schedule = PollSchedule::new(interval, self.now());
+        loop {
+            tokio::time::sleep(schedule.wait(self.now())).await;
+            let session = match self.store().run(move |s| s.get_session(id)).await {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    warn!(session = %id, error = %e, "Reading a device session failed; polling again later.");
+                    schedule.polled(self.now(), PollAnswer::Pending);
+                    continue;
+                }
+            };
+            if Phase::of(&session) != Phase::AwaitingDevice {
+                return;
+            }
+            let mut run = Run::new(session);
+            let now = self.now();
+            let input = if now >= run.session.expires_at {
+                Input::DeviceExpired
+            } else {
+                match self.lark().poll_device_token(&code).await {
+                    Ok(DevicePoll::Pending) => {
+                        schedule.polled(self.now(), PollAnswer::Pending);
+                        continue;
+                    }
+                    Ok(DevicePoll::SlowDown) => {
+                        schedule.polled(self.now(), PollAnswer::SlowDown);
+                        info!(session = %id, interval_s = schedule.interval().as_secs(), "The platform asked to poll more slowly.");
+                        continue;
+                    }
+                    Ok(DevicePoll::Denied) => Input::DeviceDenied,
+                    Ok(DevicePoll::Expired) => Input::DeviceExpired,
+                    Ok(DevicePoll::Granted(token)) => {
+                        run.token = Some(token);
+                        match self.identify_user(&mut run).await {
+                            Input::UserIdentified(identity) => Input::DeviceApproved(identity),
+                            _ => Input::DeviceFailed,
+                        }
+                    }
+                    Err(e) if e.is_transient() && !e.outcome_unknown() => {
+                        warn!(session = %id, error = %e, "A device poll failed; polling again.");
+                        schedule.polled(self.now(), PollAnswer::Pending);
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(session = %id, error = %e, "Device authorization polling failed; the session fails.");
+                        Input::DeviceFailed
+                    }
+                }
+            };
+            if let Err(e) = self.drive(&mut run, input).await {
+                warn!(session = %id, error = %e, "Finishing a device authorization failed.");
+            }
+            if Phase::of(&run.session) == Phase::Completed {
+                self.after_device_completion(&run.session).await;
+            }
+            return;
+        }
+    }
+
+    /// A device grant without a refresh token: the user is asked again (a new card) once the
+    /// share `auth.token_refresh_threshold` of the token's lifetime has passed, if the token
+    /// is still the one this session stored by then.
+    async fn after_device_completion(&self, session: &AuthSession) {
+        if session.refresh_token.is_some() {
+            return;
+        }
+        let app = session.app_id.clone();
+        let key = session.user_id.clone();
+        let token = match self.store().run(move |s| s.get_token(&app, &key)).await {
+            Ok(Some(t)) if t.session_id == Some(session.session_id) => t,
+            _ => return,
+        };
+        info!(session = %session.session_id, "The device grant carried no refresh token: the token is served until it expires and the user will be asked again before that.");
+        self.spawn_reask(token);
+    }
+
+    fn spawn_reask(&self, token: UserToken) {
+        let me = self.clone();
+        let stop = self.device.stop.clone();
+        self.tasks.spawn(async move {
+            let wait = Duration::from_millis(token.refresh_due_at.saturating_sub(me.now()));
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let app = token.app_id.clone();
+            let key = token.user_id.clone();
+            let current = me.store().run(move |s| s.get_token(&app, &key)).await;
+            let still = matches!(&current, Ok(Some(t)) if t.session_id == token.session_id && t.refresh_token.is_none());
+            if !still {
+                return;
+            }
+            info!("A token without a refresh token nears its expiry; asking the user again.");
+            let req = AuthRequest {
+                user: UserRef::of_stored(&token.user_id, token.open_id.as_deref()),
+                scopes: token.scopes.clone(),
+            };
+            if let Err(e) = me.request(req).await {
+                warn!(error = %e, "Asking the user to authorize again failed.");
+            }
+        });
+    }
+
+    /// At start-up: device sessions an earlier run left pending cannot be polled (their
+    /// device code was never stored), so each is expired now, its card patched, and the user
+    /// may ask again. Returns how many.
+    pub async fn expire_device_sessions_at_start(&self) -> Result<usize, AuthError> {
+        let pending = self
+            .store()
+            .run(|s| s.list_sessions(Some(SessionState::Pending), usize::MAX))
+            .await?;
+        let mut n = 0;
+        for summary in pending {
+            let Ok(id) = summary.session_id.parse::<SessionId>() else {
+                continue;
+            };
+            let Some(session) = self.store().run(move |s| s.get_session(id)).await? else {
+                continue;
+            };
+            if session.app_id != self.inner.app_id || Phase::of(&session) != Phase::AwaitingDevice {
+                continue;
+            }
+            warn!(session = %id, "A device authorization was in flight when the service stopped; its device code is not kept across restarts, so the session is expired (the user can ask again).");
+            let mut run = Run::new(session);
+            self.drive(&mut run, Input::DeviceExpired).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_first_poll_waits_one_interval_and_slow_down_adds_five_seconds() {
+        let mut s = PollSchedule::new(Duration::from_secs(2), 1_000);
+        assert_eq!(s.next_at(), 3_000);
+        assert_eq!(s.wait(1_000), Duration::from_secs(2));
+        assert_eq!(s.wait(5_000), Duration::ZERO);
+        s.polled(3_000, PollAnswer::Pending);
+        assert_eq!(s.next_at(), 5_000);
+        s.polled(5_000, PollAnswer::SlowDown);
+        assert_eq!(s.interval(), Duration::from_secs(7));
+        assert_eq!(s.next_at(), 12_000);
+        s.polled(12_000, PollAnswer::Pending);
+        assert_eq!(
+            s.next_at(),
+            19_000,
+            "slow_down holds for the rest of the session"
+        );
+        // An interval of 0 from the platform is not a busy loop.
+        let s = PollSchedule::new(Duration::ZERO, 0);
+        assert_eq!(s.interval(), MIN_INTERVAL);
+    }
+
+    proptest! {
+        /// Whatever the answers and however late each poll goes out, the next poll is never
+        /// sooner than the platform's interval plus 5 s for every `slow_down` so far, and the
+        /// interval never shrinks.
+        #[test]
+        fn polls_keep_the_interval_and_honour_every_slow_down(
+            base in 0u64..30,
+            steps in proptest::collection::vec((any::<bool>(), 0u64..20_000), 1..50)
+        ) {
+            let mut s = PollSchedule::new(Duration::from_secs(base), 0);
+            let mut slow = 0u64;
+            let mut at = s.next_at();
+            for (slow_down, late) in steps {
+                at = at.max(s.next_at()).saturating_add(late);
+                let before = s.interval();
+                s.polled(at, if slow_down { PollAnswer::SlowDown } else { PollAnswer::Pending });
+                if slow_down {
+                    slow += 1;
+                }
+                prop_assert!(s.interval() >= before);
+                let want = base.max(1) * 1_000 + slow * 5_000;
+                prop_assert_eq!(ms(s.interval()), want);
+                prop_assert_eq!(s.next_at() - at, want);
+            }
+        }
+    }
+}
