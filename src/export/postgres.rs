@@ -519,22 +519,23 @@ pub async fn run_continuous(
 /// Returns the number of sessions imported.
 pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let client = connect(url, net).await?;
-    let cols = client
-        .query(
-            "SELECT column_name::text FROM information_schema.columns
-             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.try_get::<_, String>(0))
-        .collect::<std::result::Result<Vec<String>, _>>()?;
+    let cols = super::python::table_columns(&client).await?;
     if cols.is_empty() {
         return Err(ExportError::Import(
             "no table user_auth_sessions in the current schema".to_owned(),
         ));
     }
-    let rows = client.query(import_sql(&cols).as_str(), &[]).await?;
+    let has = |c: &str| cols.iter().any(|x| x == c);
+    if is_python_table(&cols) {
+        return Err(ExportError::Import(PYTHON_TABLE.to_owned()));
+    }
+    let mut sql = import_sql(&cols);
+    if has("user_access_token") && has("updated_at") {
+        // The Python table migrated in place by the export: its own rows (no `updated_at`)
+        // are `import python`'s; the export's rows are this import's.
+        sql.push_str(" WHERE updated_at IS NOT NULL");
+    }
+    let rows = client.query(sql.as_str(), &[]).await?;
     let mut batch = Vec::with_capacity(BATCH);
     let mut n = 0u64;
     for (i, r) in rows.iter().enumerate() {
@@ -546,6 +547,17 @@ pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     }
     n += flush(store, &mut batch).await?;
     Ok(n)
+}
+
+/// What `import postgres` says of the Python deployment's own table.
+const PYTHON_TABLE: &str = "this is the Python deployment's table (integer id, plaintext \
+    user_access_token, no sealed token columns): use `lark-service import python`";
+
+/// The Python deployment's table, not migrated by this export: it has the plaintext
+/// `user_access_token` and none of the sealed token columns.
+fn is_python_table(cols: &[String]) -> bool {
+    let has = |c: &str| cols.iter().any(|x| x == c);
+    has("user_access_token") && !has("access_token_ct")
 }
 
 /// The import's query over a table that has the columns `present`: every column of
