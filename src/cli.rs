@@ -119,8 +119,8 @@ pub enum ImportCmd {
 /// `import python` options.
 #[derive(Debug, Args)]
 pub struct ImportPythonArgs {
-    /// The Python deployment's database, postgres://… (visible to local users in the process
-    /// list: prefer --postgres-url-file).
+    /// The Python deployment's database, postgres://… without a password (the command line
+    /// is visible to every local user; a URL with a password goes in --postgres-url-file).
     #[arg(long, value_name = "URL", conflicts_with = "postgres_url_file")]
     pub postgres_url: Option<String>,
     /// A file (mode 0600) holding the postgres://… URL.
@@ -418,7 +418,24 @@ fn import_python(opts: &LoadOptions, args: &ImportPythonArgs) -> Result<(), CliE
     use crate::export::{python, python_apps};
     let cfg = Config::load(opts)?;
     let url = match (&args.postgres_url, &args.postgres_url_file) {
-        (Some(u), _) => Some(secrecy::SecretString::from(u.clone())),
+        (Some(u), _) => {
+            // A password on the command line is visible to every local user (issue 16): only
+            // a URL without one is taken here.
+            let has_password = crate::export::postgres::pg_config(u)
+                .map_err(anyhow::Error::from)?
+                .get_password()
+                .is_some();
+            if has_password {
+                return Err(ConfigError::Invalid {
+                    key: "--postgres-url".to_owned(),
+                    origin: crate::config::Source::Flag,
+                    value: None,
+                    expected: "a URL without a password (every local user can read the command line): put it in a file of mode 0600 and give --postgres-url-file".to_owned(),
+                }
+                .into());
+            }
+            Some(secrecy::SecretString::from(u.clone()))
+        }
         (None, Some(p)) => Some(crate::config::read_secret_file("postgres_url", p)?.0),
         (None, None) => None,
     };

@@ -361,16 +361,55 @@ async fn a_bad_row_is_named_and_nothing_is_imported() {
     .await
     .unwrap();
     drop(store);
+    // The URL from a private file works the same.
+    let url_file = dir.path().join("pg-url");
+    std::fs::write(&url_file, &url).unwrap();
+    std::fs::set_permissions(
+        &url_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let out = run_binary(
         dir.path(),
         &[],
-        &["import", "python", "--postgres-url", &url],
+        &[
+            "import",
+            "python",
+            "--postgres-url-file",
+            url_file.to_str().unwrap(),
+        ],
     );
     assert!(
         text(&out.stderr).contains("row id=42 (session_id nope): column session_id"),
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A URL with a password is not taken on the command line (every local user can read it),
+/// and the password is not echoed; neither source given is a usage error.
+#[test]
+fn a_password_never_goes_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_binary(
+        dir.path(),
+        &[],
+        &[
+            "import",
+            "python",
+            "--postgres-url",
+            "postgres://u:pw-on-argv@127.0.0.1:9/db",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--postgres-url-file") && !stderr.contains("pw-on-argv"),
+        "{stderr}"
+    );
+    let out = run_binary(dir.path(), &[], &["import", "python"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--apps-db"));
 }
 
 const FIXTURE: &str = include_str!("fixtures/python/fernet.json");
