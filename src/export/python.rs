@@ -745,7 +745,10 @@ mod tests {
         assert_eq!((t.app_id.as_str(), t.user_id.as_str()), ("cli_a", "alice"));
         assert_eq!(t.access_token.expose_secret(), "new-alice");
         assert_eq!(t.refresh_token.as_ref().map(|_| ()), None);
-        assert_eq!((t.expires_at, t.refresh_due_at), (live as u64, live as u64));
+        assert_eq!(
+            (t.expires_at, t.refresh_due_at),
+            (1_800_000_500_000, 1_800_000_500_000)
+        );
         assert_eq!(
             t.session_id.map(|s| s.to_string()).as_deref(),
             Some("1b4e28ba2fa111d2883f000000000002")
