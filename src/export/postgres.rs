@@ -714,7 +714,7 @@ pub async fn run_continuous(
 /// Returns the number of sessions imported.
 pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let client = connect(url, net).await?;
-    let cols = super::python::table_columns(&client).await?;
+    let cols = table_columns(&client).await?;
     if cols.is_empty() {
         return Err(ExportError::Import(
             "no table user_auth_sessions in the current schema".to_owned(),
@@ -742,6 +742,20 @@ pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     }
     n += flush(store, &mut batch).await?;
     Ok(n)
+}
+
+/// The column names of `user_auth_sessions` in the current schema (empty: no such table).
+pub(super) async fn table_columns(client: &Client) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<String>, _>>()?)
 }
 
 /// What `import postgres` says of the Python deployment's own table.

@@ -547,20 +547,6 @@ pub async fn apply(
     Ok(report)
 }
 
-/// The column names of `user_auth_sessions` in the current schema (empty: no such table).
-pub(super) async fn table_columns(client: &Client) -> Result<Vec<String>> {
-    Ok(client
-        .query(
-            "SELECT column_name::text FROM information_schema.columns
-             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.try_get::<_, String>(0))
-        .collect::<std::result::Result<Vec<String>, _>>()?)
-}
-
 /// The query over the Python table with columns `present`: every column the import reads,
 /// times as UTC unix ms (a naive `timestamp` is taken as UTC, as that service wrote it).
 fn select_sql(present: &[String]) -> String {
@@ -651,7 +637,7 @@ fn read_row(r: &tokio_postgres::Row, n: usize) -> Result<PythonRow> {
 /// a row that cannot be read ([`ExportError::BadColumn`]).
 pub async fn read_rows(url: &str, net: &Net) -> Result<Vec<PythonRow>> {
     let client = super::postgres::connect(url, net).await?;
-    let cols = table_columns(&client).await?;
+    let cols = super::postgres::table_columns(&client).await?;
     if cols.is_empty() {
         return Err(ExportError::Import(
             "no table user_auth_sessions in the current schema".to_owned(),
