@@ -36,7 +36,6 @@
 use std::collections::HashMap;
 
 use secrecy::SecretString;
-use tokio_postgres::Client;
 
 use super::postgres::{ExportError, BATCH};
 use crate::net::Net;
