@@ -228,7 +228,13 @@ async fn migrated_users_get_their_tokens_from_the_service() {
     assert!(stdout.contains("skipped 1 session(s): pending"), "{stdout}");
     assert!(stdout.contains("row id=6 (session_id 1b4e28ba-2fa1-11d2-883f-000000000006)"));
     assert!(
-        stdout.contains("superseded by the user's newer session (row id=2"),
+        stdout.contains(
+            "row id=1 (session_id 1b4e28ba-2fa1-11d2-883f-000000000001), superseded by row id=2 "
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("skipped 1 token(s): superseded by a newer session of the same user"),
         "{stdout}"
     );
     assert!(stdout.contains("the token has expired"), "{stdout}");

@@ -414,10 +414,13 @@ pub fn plan(rows: Vec<PythonRow>, now: u64) -> Result<Plan> {
             (Some(_), false) => {
                 let newer = newest
                     .get(&key)
-                    .map_or(String::new(), |j| checked[*j].row.clone());
-                out.skipped.push(skip_token(format!(
-                    "superseded by the user's newer session ({newer})"
-                )));
+                    .map_or_else(String::new, |j| checked[*j].row.clone());
+                // The newer session goes with the row, so that the reasons group.
+                out.skipped.push(Skipped {
+                    row: format!("{}, superseded by {newer}", c.row),
+                    what: "token",
+                    reason: "superseded by a newer session of the same user".to_owned(),
+                });
             }
             (None, _) => {
                 // Say why there is no token to serve.
