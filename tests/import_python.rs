@@ -269,6 +269,7 @@ async fn migrated_users_get_their_tokens_from_the_service() {
 
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     assert!(sandbox.base_url().starts_with("https://"));
+    let svc_dir = dir.path().to_owned();
     let svc = Service::start_in(dir, &sandbox, &[("AUTH_RESEND_CARD_ON_REAUTH", "true")]).await;
     let token = |user: &'static str| {
         let svc = &svc;
@@ -295,6 +296,19 @@ async fn migrated_users_get_their_tokens_from_the_service() {
     assert!(
         inserted.elapsed() < carol_ttl,
         "the machine was too slow to see Carol's token before it expired"
+    );
+    // While the service runs, the import refuses: the store is locked.
+    let dir_path = svc_dir.clone();
+    let out = run_binary(
+        &dir_path,
+        &[],
+        &["import", "python", "--postgres-url", &url],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("locked"),
+        "{}",
+        text(&out.stderr)
     );
     for user in ["ou_sandbox_bob", "ou_erin", "ou_fay"] {
         let (status, got, body) = token(user).await;

@@ -786,6 +786,12 @@ async fn an_older_export_is_migrated_to_the_superset() {
     )
     .await
     .unwrap();
+    // Connections from now on run in a time zone other than UTC: the change of type must keep
+    // the instants whatever the session's zone.
+    admin
+        .batch_execute("ALTER DATABASE old_export SET timezone TO 'Asia/Shanghai';")
+        .await
+        .unwrap();
     let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
     let all: Vec<AuthSession> = (0..6).map(session).collect();
     store.put_sessions(&all).unwrap();
