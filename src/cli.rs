@@ -109,6 +109,27 @@ pub enum ImportCmd {
         #[arg(long, value_name = "PATH")]
         url_file: Option<PathBuf>,
     },
+    /// Import the Python deployment's data: its PostgreSQL user_auth_sessions table (sessions,
+    /// and each user's current token, sealed under the store's key) and, with --apps-db, read
+    /// its SQLite app store and list the apps found. The service must be stopped. Every row is
+    /// checked before anything is written; a bad row is named and nothing is imported.
+    Python(ImportPythonArgs),
+}
+
+/// `import python` options.
+#[derive(Debug, Args)]
+pub struct ImportPythonArgs {
+    /// The Python deployment's database, postgres://… without a password (the command line
+    /// is visible to every local user; a URL with a password goes in --postgres-url-file).
+    #[arg(long, value_name = "URL", conflicts_with = "postgres_url_file")]
+    pub postgres_url: Option<String>,
+    /// A file (mode 0600) holding the postgres://… URL.
+    #[arg(long, value_name = "PATH")]
+    pub postgres_url_file: Option<PathBuf>,
+    /// The Python deployment's SQLite app store (its LARK_CONFIG_DB_PATH, by default
+    /// data/lark_config.db); app secrets are opened with LARK_CONFIG_ENCRYPTION_KEY.
+    #[arg(long, value_name = "PATH")]
+    pub apps_db: Option<PathBuf>,
 }
 
 /// `backup` options.
@@ -295,6 +316,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Import(ImportCmd::Postgres { url_file }) => {
             pg_export(&opts, url_file.as_deref(), true)
         }
+        Command::Import(ImportCmd::Python(args)) => import_python(&opts, &args),
         Command::Mcp { stdio: _ } => mcp_stdio(&opts),
         Command::Sandbox {
             port,
@@ -388,6 +410,107 @@ fn pg_export(opts: &LoadOptions, url_file: Option<&Path>, import: bool) -> Resul
         "{verb} {n} sessions in {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// `import python`: the apps first (reading only), then the sessions and tokens.
+fn import_python(opts: &LoadOptions, args: &ImportPythonArgs) -> Result<(), CliError> {
+    use crate::export::{python, python_apps};
+    let cfg = Config::load(opts)?;
+    let url = match (&args.postgres_url, &args.postgres_url_file) {
+        (Some(u), _) => {
+            // A password on the command line is visible to every local user (issue 16): only
+            // a URL without one is taken here.
+            let has_password = crate::export::postgres::pg_config(u)
+                .map_err(anyhow::Error::from)?
+                .get_password()
+                .is_some();
+            if has_password {
+                return Err(ConfigError::Invalid {
+                    key: "--postgres-url".to_owned(),
+                    origin: crate::config::Source::Flag,
+                    value: None,
+                    expected: "a URL without a password (every local user can read the command line): put it in a file of mode 0600 and give --postgres-url-file".to_owned(),
+                }
+                .into());
+            }
+            Some(secrecy::SecretString::from(u.clone()))
+        }
+        (None, Some(p)) => Some(crate::config::read_secret_file("postgres_url", p)?.0),
+        (None, None) => None,
+    };
+    if url.is_none() && args.apps_db.is_none() {
+        return Err(anyhow::anyhow!(
+            "import python: give --postgres-url URL (or --postgres-url-file PATH), --apps-db PATH, or both"
+        )
+        .into());
+    }
+    let mut out = std::io::stdout().lock();
+    if let Some(db) = &args.apps_db {
+        let key = cfg.config_encryption_key().ok_or_else(|| {
+            anyhow::anyhow!("--apps-db: set LARK_CONFIG_ENCRYPTION_KEY (the Python deployment's key) to open its app secrets")
+        })?;
+        let apps = python_apps::read_apps(db, &key).map_err(anyhow::Error::from)?;
+        let _ = writeln!(out, "apps in {}: {}", db.display(), apps.len());
+        for a in &apps {
+            let _ = writeln!(
+                out,
+                "  app {} \"{}\" {} (secret opened; not imported yet: this build has no app registry)",
+                a.app_id, a.app_name, a.status
+            );
+        }
+    }
+    let Some(url) = url else { return Ok(()) };
+    let store = open_store(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let net =
+        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let progress = |done: u64, total: u64| {
+        if total > crate::export::postgres::BATCH as u64 {
+            eprintln!("import python: {done}/{total} sessions written");
+        }
+    };
+    let report = rt
+        .block_on(python::import(
+            &store,
+            url.expose_secret(),
+            &net,
+            now_ms(),
+            &progress,
+        ))
+        .map_err(anyhow::Error::from)?;
+    let _ = writeln!(
+        out,
+        "read {} rows; imported {} sessions, {} tokens, {} users in {:.1}s; skipped {}",
+        report.rows,
+        report.sessions,
+        report.tokens,
+        report.users,
+        started.elapsed().as_secs_f64(),
+        report.skipped.len()
+    );
+    // Skipped rows grouped by what and why, with the first rows of each group.
+    let mut groups: Vec<((&str, &str), Vec<&str>)> = Vec::new();
+    for s in &report.skipped {
+        let key = (s.what, s.reason.as_str());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, rows)) => rows.push(&s.row),
+            None => groups.push((key, vec![&s.row])),
+        }
+    }
+    for ((what, reason), rows) in &groups {
+        let _ = writeln!(out, "  skipped {} {what}(s): {reason}", rows.len());
+        for r in rows.iter().take(10) {
+            let _ = writeln!(out, "    {r}");
+        }
+        if rows.len() > 10 {
+            let _ = writeln!(out, "    … and {} more", rows.len() - 10);
+        }
+    }
     Ok(())
 }
 

@@ -483,3 +483,360 @@ async fn export_over_tls_verifies_the_server_certificate_and_honours_sslmode() {
         .get(0);
     assert!(!ssl);
 }
+
+/// The Python deployment's table as its migrations leave it (compat §2), with its indexes.
+const PYTHON_DDL: &str = "
+CREATE TABLE user_auth_sessions (
+    id SERIAL PRIMARY KEY,
+    session_id VARCHAR(64) NOT NULL UNIQUE,
+    app_id VARCHAR(64) NOT NULL,
+    state VARCHAR(128) NOT NULL,
+    auth_method VARCHAR(32) NOT NULL,
+    redirect_uri VARCHAR(512),
+    open_id VARCHAR(64),
+    user_id VARCHAR(64),
+    union_id VARCHAR(64),
+    user_name VARCHAR(128),
+    mobile VARCHAR(32),
+    email VARCHAR(128),
+    user_access_token TEXT,
+    token_expires_at TIMESTAMP WITHOUT TIME ZONE,
+    created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    expires_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    completed_at TIMESTAMP WITHOUT TIME ZONE,
+    message_id VARCHAR(128)
+);
+CREATE INDEX idx_auth_session_state ON user_auth_sessions (state);
+CREATE INDEX idx_auth_session_expires ON user_auth_sessions (expires_at);
+CREATE INDEX idx_auth_session_app_user ON user_auth_sessions (app_id, user_id);
+CREATE INDEX idx_auth_session_token_expires ON user_auth_sessions (token_expires_at)
+    WHERE token_expires_at IS NOT NULL;
+CREATE INDEX idx_auth_session_created ON user_auth_sessions (created_at DESC);
+";
+
+/// Every column of the Python table, which the export's table must keep (a superset).
+const PYTHON_COLUMNS: [&str; 18] = [
+    "id",
+    "session_id",
+    "app_id",
+    "state",
+    "auth_method",
+    "redirect_uri",
+    "open_id",
+    "user_id",
+    "union_id",
+    "user_name",
+    "mobile",
+    "email",
+    "user_access_token",
+    "token_expires_at",
+    "created_at",
+    "expires_at",
+    "completed_at",
+    "message_id",
+];
+
+async fn columns(c: &tokio_postgres::Client) -> Vec<(String, String)> {
+    c.query(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns
+         WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// The guide's query, as operators' reports run it.
+const GUIDE_SQL: &str = "SELECT session_id::text, user_id::text, user_access_token,
+        (extract(epoch from token_expires_at) * 1000)::bigint,
+        (extract(epoch from completed_at) * 1000)::bigint, message_id::text, email::text
+    FROM user_auth_sessions WHERE state = 'completed' AND open_id = $1
+    ORDER BY completed_at DESC";
+
+fn assert_superset(cols: &[(String, String)]) {
+    for want in PYTHON_COLUMNS {
+        assert!(
+            cols.iter().any(|(c, _)| c == want),
+            "no column {want}: {cols:?}"
+        );
+    }
+    for (name, ty) in [
+        ("created_at", "timestamp without time zone"),
+        ("expires_at", "timestamp without time zone"),
+        ("token_expires_at", "timestamp without time zone"),
+        ("completed_at", "timestamp without time zone"),
+        ("access_token_ct", "bytea"),
+        ("refresh_token_ct", "bytea"),
+        ("token_key_id", "text"),
+    ] {
+        assert!(
+            cols.iter().any(|(c, t)| c == name && t == ty),
+            "{name} is not {ty}: {cols:?}"
+        );
+    }
+}
+
+/// Issue 18: the export into a database that holds the Python deployment's table migrates it
+/// in place (one transaction) and the guide's SQL keeps working; a session imported from it
+/// has one row afterwards (the export's, no plaintext).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_into_the_python_table_migrates_it_in_place() {
+    use lark_service::export::python;
+    let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
+    let admin = pg_client(&pg.url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE py_export;")
+        .await
+        .unwrap();
+    let url = pg.url("py_export");
+    let c = pg_client(&url).await;
+    c.batch_execute(PYTHON_DDL).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO user_auth_sessions (session_id, app_id, state, auth_method, open_id, user_id,
+            user_name, mobile, email, user_access_token, token_expires_at, created_at, expires_at,
+            completed_at, message_id) VALUES
+         ('0b9e6a1c-2f3d-4e5f-8a9b-0c1d2e3f4a5b', 'cli_app', 'completed', 'websocket_card',
+            'ou_py', 'u_py', 'Py', '+86 1', 'py@example.com', 'py-plain-token',
+            (now() AT TIME ZONE 'utc') + interval '1 hour', '2024-01-01 00:00:00',
+            '2024-01-01 00:10:00', '2024-01-01 00:01:00', 'om_py'),
+         ('7c9e6679-7425-40de-944b-e07fc1f90ae7', 'cli_app', 'pending', 'oauth',
+            NULL, NULL, NULL, NULL, NULL, NULL, NULL, '2024-01-02 00:00:00',
+            '2024-01-02 00:10:00', NULL, NULL);",
+    )
+    .await
+    .unwrap();
+
+    // The store: the Python sessions imported, and one of this service's own.
+    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let report = python::import(
+        &store,
+        &url,
+        &net(),
+        lark_service::storage::now_ms(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.sessions, report.tokens), (1, 1));
+    let mut own = session(4);
+    own.open_id = Some("ou_own".into());
+    own.card_message_id = Some("om_own".into());
+    own.user_email = Some("own@example.com".into());
+    store.put_session(&own).unwrap();
+
+    // A table that is neither: the export stops, naming why, and changes nothing.
+    admin
+        .batch_execute("CREATE DATABASE other_table;")
+        .await
+        .unwrap();
+    let other = pg_client(&pg.url("other_table")).await;
+    other
+        .batch_execute("CREATE TABLE user_auth_sessions (session_id text, note text);")
+        .await
+        .unwrap();
+    let e = postgres::export_all(&store, &pg.url("other_table"), &net())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, postgres::ExportError::Schema(_)) && e.to_string().contains("no column app_id"),
+        "{e}"
+    );
+    assert_eq!(columns(&other).await.len(), 2, "nothing changed");
+
+    assert_eq!(postgres::export_all(&store, &url, &net()).await.unwrap(), 2);
+    let cols = columns(&c).await;
+    assert_superset(&cols);
+    let idx: Vec<String> = c
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'user_auth_sessions'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        idx.iter().any(|i| i == "idx_auth_session_open_id"),
+        "{idx:?}"
+    );
+
+    // The guide's SQL: one row per completed session, no plaintext.
+    let rows = c.query(GUIDE_SQL, &[&"ou_own"]).await.unwrap();
+    assert_eq!(rows.len(), 0, "pending");
+    let rows = c.query(GUIDE_SQL, &[&"ou_py"]).await.unwrap();
+    assert_eq!(rows.len(), 1, "the Python row was replaced, not duplicated");
+    let r = &rows[0];
+    assert_eq!(r.get::<_, String>(0), "0b9e6a1c2f3d4e5f8a9b0c1d2e3f4a5b");
+    assert_eq!(r.get::<_, String>(1), "u_py");
+    assert_eq!(r.get::<_, Option<String>>(2), None, "never plaintext");
+    assert_eq!(r.get::<_, Option<i64>>(4), Some(1_704_067_260_000));
+    assert_eq!(r.get::<_, Option<String>>(5).as_deref(), Some("om_py"));
+    assert_eq!(
+        r.get::<_, Option<String>>(6).as_deref(),
+        Some("py@example.com")
+    );
+    // The Python deployment's pending row (not imported) stays as it was.
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM user_auth_sessions WHERE user_access_token IS NOT NULL
+                OR session_id = '7c9e6679-7425-40de-944b-e07fc1f90ae7'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+    // New rows get ids from the Python table's sequence.
+    let ids: i64 = c
+        .query_one("SELECT count(DISTINCT id) FROM user_auth_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ids, 3);
+
+    // A completed session of this service's own shows in the guide's SQL.
+    own.state = SessionState::Completed;
+    own.access_token = Some(SecretString::from("u-own-access".to_owned()));
+    own.token_expires_at = Some(own.created_at + 7_200_000);
+    own.updated_at = own.created_at + 60_000;
+    store.put_session(&own).unwrap();
+    assert_eq!(postgres::export_all(&store, &url, &net()).await.unwrap(), 2);
+    let rows = c.query(GUIDE_SQL, &[&"ou_own"]).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, String>(0), own.session_id.to_string());
+    assert_eq!(
+        rows[0].get::<_, Option<i64>>(3),
+        Some(i64::try_from(own.created_at + 7_200_000).unwrap())
+    );
+    assert_eq!(
+        rows[0].get::<_, Option<i64>>(4),
+        Some(i64::try_from(own.updated_at).unwrap())
+    );
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(5).as_deref(),
+        Some("om_own")
+    );
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(6).as_deref(),
+        Some("own@example.com")
+    );
+
+    // `import postgres` takes the export's rows back (not the Python deployment's own).
+    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    assert_eq!(postgres::import_all(&fresh, &url, &net()).await.unwrap(), 2);
+    let got = fresh.get_session(own.session_id).unwrap().unwrap();
+    assert_eq!(got.access_token.unwrap().expose_secret(), "u-own-access");
+    assert_eq!(got.created_at, own.created_at);
+}
+
+/// An export made by an earlier version (migration 1 only, `timestamptz` columns) is migrated
+/// to the superset with its rows and their times intact, and keeps round-tripping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_export_is_migrated_to_the_superset() {
+    let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
+    let admin = pg_client(&pg.url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE old_export;")
+        .await
+        .unwrap();
+    let url = pg.url("old_export");
+    let c = pg_client(&url).await;
+    // As the released version left it (migration 1, recorded), with a row it wrote.
+    c.batch_execute(
+        "SET TIME ZONE 'Asia/Shanghai';
+        CREATE TABLE lark_service_migrations (
+            version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());
+        INSERT INTO lark_service_migrations (version) VALUES (1);
+        CREATE TABLE IF NOT EXISTS user_auth_sessions (
+        session_id text PRIMARY KEY,
+        app_id text NOT NULL,
+        user_id text NOT NULL,
+        open_id text,
+        union_id text,
+        state text NOT NULL,
+        failure_reason text,
+        card_message_id text,
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        access_token_ct bytea,
+        refresh_token_ct bytea,
+        token_key_id text,
+        token_expires_at timestamptz,
+        refresh_token_expires_at timestamptz,
+        scopes text[] NOT NULL DEFAULT '{}',
+        user_name text,
+        user_email text,
+        avatar_url text,
+        exported_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS idx_auth_session_user ON user_auth_sessions (app_id, user_id);
+    CREATE INDEX IF NOT EXISTS idx_auth_session_token_expires ON user_auth_sessions (token_expires_at);
+    CREATE INDEX IF NOT EXISTS idx_auth_session_open_id ON user_auth_sessions (open_id);
+    INSERT INTO user_auth_sessions (session_id, app_id, user_id, open_id, state, created_at,
+        updated_at, expires_at, user_email)
+    VALUES ('000000000000000000000000000000aa', 'cli_app', 'old', 'ou_old', 'completed',
+        'epoch'::timestamptz + 1704067200000 * interval '1 millisecond',
+        'epoch'::timestamptz + 1704067260000 * interval '1 millisecond',
+        'epoch'::timestamptz + 1704067800000 * interval '1 millisecond', 'old@example.com');",
+    )
+    .await
+    .unwrap();
+    // Connections from now on run in a time zone other than UTC: the change of type must keep
+    // the instants whatever the session's zone.
+    admin
+        .batch_execute("ALTER DATABASE old_export SET timezone TO 'Asia/Shanghai';")
+        .await
+        .unwrap();
+    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let all: Vec<AuthSession> = (0..6).map(session).collect();
+    store.put_sessions(&all).unwrap();
+    assert_eq!(postgres::export_all(&store, &url, &net()).await.unwrap(), 6);
+    assert_superset(&columns(&c).await);
+    let versions: Vec<i32> = c
+        .query(
+            "SELECT version FROM lark_service_migrations ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec![1, 2]);
+    // The old row's instants survived the change of type (whatever the session's time zone).
+    let r = c
+        .query_one(
+            "SELECT (extract(epoch from created_at) * 1000)::bigint,
+                    (extract(epoch from expires_at) * 1000)::bigint, id
+             FROM user_auth_sessions WHERE session_id = '000000000000000000000000000000aa'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, i64>(0), r.get::<_, i64>(1)),
+        (1_704_067_200_000, 1_704_067_800_000)
+    );
+    assert!(r.get::<_, i32>(2) > 0);
+    assert_eq!(count(&url).await, 7);
+    // Round trip from the migrated table: the old row and the new ones.
+    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    assert_eq!(postgres::import_all(&fresh, &url, &net()).await.unwrap(), 7);
+    let old: SessionId = "000000000000000000000000000000aa".parse().unwrap();
+    let got = fresh.get_session(old).unwrap().unwrap();
+    assert_eq!(
+        (got.created_at, got.expires_at),
+        (1_704_067_200_000, 1_704_067_800_000)
+    );
+    assert_eq!(got.user_email.as_deref(), Some("old@example.com"));
+    // Migrating again is a no-op.
+    let mut client = pg_client(&url).await;
+    postgres::migrate(&mut client).await.unwrap();
+    assert_eq!(count(&url).await, 7);
+    assert_superset(&columns(&c).await);
+}

@@ -404,6 +404,18 @@ pub struct LoadOptions {
 }
 
 impl Config {
+    /// `config_encryption_key` (`LARK_CONFIG_ENCRYPTION_KEY`), the key of the Python
+    /// deployment's app store, checked at load to be a Fernet key or 64 hex characters.
+    #[must_use]
+    pub fn config_encryption_key(&self) -> Option<SecretString> {
+        match self.resolved.get("config_encryption_key") {
+            Some((Value::Secret(v), _)) => {
+                Some(v.clone()).filter(|v| !v.expose_secret().trim().is_empty())
+            }
+            _ => None,
+        }
+    }
+
     /// Loads from the process environment and files.
     pub fn load(opts: &LoadOptions) -> Result<Self, ConfigError> {
         Self::load_with(opts, &ProcessEnv)
@@ -646,10 +658,12 @@ impl Config {
             |l| tracing_subscriber::EnvFilter::try_new(l).is_ok(),
             "error, warn, info, debug, trace or a tracing filter",
         )?;
-        for (key, v) in [
-            ("config_encryption_key", r.secret("config_encryption_key")),
-            ("token_encryption_key", cfg.token_key.clone()),
-        ] {
+        // The Python deployment's key: a Fernet key (44 characters) or 64 hex characters.
+        if let Some(v) = r.secret("config_encryption_key") {
+            fernet::FernetKey::parse(v.expose_secret())
+                .map_err(|e| r.invalid("config_encryption_key", None, &e.to_string()))?;
+        }
+        for (key, v) in [("token_encryption_key", cfg.token_key.clone())] {
             if let Some(v) = v {
                 Key::from_hex(&v).map_err(|e| r.invalid(key, None, &e.to_string()))?;
             }

@@ -499,3 +499,29 @@ fn auth_flow_device_needs_no_public_redirect_and_auto_chooses_by_the_public_url(
     assert_eq!(c.auth.flow, AuthFlow::Device);
     assert!(load(&[("AUTH_FLOW", "poll")]).is_err());
 }
+
+#[test]
+fn the_config_encryption_key_is_a_fernet_key_or_64_hex() {
+    for key in ["TjPs3IL7VF48WI8azL55oGtewjKXD_ILCUIgOEOAMvo=", KEY] {
+        let c =
+            Config::load_with(&opts(None), &env(&[("LARK_CONFIG_ENCRYPTION_KEY", key)])).unwrap();
+        assert_eq!(
+            c.config_encryption_key()
+                .map(|k| k.expose_secret().to_owned())
+                .as_deref(),
+            Some(key)
+        );
+    }
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[("LARK_CONFIG_ENCRYPTION_KEY", "not-a-key")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("LARK_CONFIG_ENCRYPTION_KEY") && !e.contains("not-a-key"),
+        "{e}"
+    );
+    let c = Config::load_with(&opts(None), &env(&[])).unwrap();
+    assert!(c.config_encryption_key().is_none());
+}

@@ -59,6 +59,9 @@ pub enum ExportError {
     /// The URL or the TLS setup cannot be used (never contains the URL's password).
     #[error("postgresql: {0}")]
     Connect(String),
+    /// The database holds a table the export cannot take over (nothing was changed).
+    #[error("postgresql: {0}")]
+    Schema(String),
 }
 
 type Result<T> = std::result::Result<T, ExportError>;
@@ -73,6 +76,9 @@ enum Kind {
     Text,
     /// `timestamptz`: bound as unix ms, read back as unix ms.
     Time,
+    /// `timestamp` (no time zone; UTC, as the Python deployment's table has it), since
+    /// migration 2: bound as unix ms, read back as unix ms.
+    NaiveTime,
     /// `bytea`.
     Bytes,
     /// `text[]`: read back as text (the Python service's table may hold JSON or words).
@@ -139,13 +145,13 @@ const COLUMNS: &[Column] = &[
     col("card_message_id", "text", Kind::Text, |r| {
         Box::new(r.card_message_id.clone())
     }),
-    col("created_at", "timestamptz NOT NULL", Kind::Time, |r| {
+    col("created_at", "timestamptz NOT NULL", Kind::NaiveTime, |r| {
         Box::new(ms(r.created_at))
     }),
     col("updated_at", "timestamptz NOT NULL", Kind::Time, |r| {
         Box::new(ms(r.updated_at))
     }),
-    col("expires_at", "timestamptz NOT NULL", Kind::Time, |r| {
+    col("expires_at", "timestamptz NOT NULL", Kind::NaiveTime, |r| {
         Box::new(ms(r.expires_at))
     }),
     col("access_token_ct", "bytea", Kind::Bytes, |r| {
@@ -157,7 +163,7 @@ const COLUMNS: &[Column] = &[
     col("token_key_id", "text", Kind::Text, |r| {
         Box::new(token_key_id(r))
     }),
-    col("token_expires_at", "timestamptz", Kind::Time, |r| {
+    col("token_expires_at", "timestamptz", Kind::NaiveTime, |r| {
         Box::new(r.token_expires_at.map(ms))
     }),
     col("refresh_token_expires_at", "timestamptz", Kind::Time, |r| {
@@ -198,9 +204,131 @@ fn create_table_sql() -> String {
     )
 }
 
+/// Migration 2: the table becomes a superset of the Python deployment's `user_auth_sessions`
+/// (so its guide's SQL and operators' reports keep working), whichever of the two it was.
+///
+/// - This export's older table gains the Python columns: `id` (serial), `auth_method`,
+///   `redirect_uri`, `mobile`, `email`, `user_access_token` (always NULL: plaintext is never
+///   exported), `completed_at`, `message_id`; its `created_at`, `expires_at` and
+///   `token_expires_at` become `timestamp` (UTC) like the Python table's.
+/// - The Python table gains this export's columns (nullable: its own rows have no value), its
+///   `varchar(n)` columns become `text` (no rewrite; this service's ids may be longer), the
+///   columns this export may leave NULL lose `NOT NULL`, `id` gets a default if it has none,
+///   and `session_id` a unique index if it has none (the upsert's conflict target).
+/// - Both get the guide's indexes, `idx_auth_session_open_id` included.
+///
+/// It runs in the migration transaction: all of it or nothing.
+const MIGRATION_2: &str = r"
+ALTER TABLE user_auth_sessions
+    ADD COLUMN IF NOT EXISTS user_id text,
+    ADD COLUMN IF NOT EXISTS failure_reason text,
+    ADD COLUMN IF NOT EXISTS card_message_id text,
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz,
+    ADD COLUMN IF NOT EXISTS access_token_ct bytea,
+    ADD COLUMN IF NOT EXISTS refresh_token_ct bytea,
+    ADD COLUMN IF NOT EXISTS token_key_id text,
+    ADD COLUMN IF NOT EXISTS refresh_token_expires_at timestamptz,
+    ADD COLUMN IF NOT EXISTS scopes text[] DEFAULT '{}',
+    ADD COLUMN IF NOT EXISTS user_name text,
+    ADD COLUMN IF NOT EXISTS user_email text,
+    ADD COLUMN IF NOT EXISTS avatar_url text,
+    ADD COLUMN IF NOT EXISTS exported_at timestamptz DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS auth_method text,
+    ADD COLUMN IF NOT EXISTS redirect_uri text,
+    ADD COLUMN IF NOT EXISTS mobile text,
+    ADD COLUMN IF NOT EXISTS email text,
+    ADD COLUMN IF NOT EXISTS user_access_token text,
+    ADD COLUMN IF NOT EXISTS token_expires_at timestamp,
+    ADD COLUMN IF NOT EXISTS completed_at timestamp,
+    ADD COLUMN IF NOT EXISTS message_id text;
+DO $$
+DECLARE
+    c record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
+            AND table_name = 'user_auth_sessions' AND column_name = 'id') THEN
+        ALTER TABLE user_auth_sessions ADD COLUMN id serial;
+    END IF;
+    IF (SELECT column_default FROM information_schema.columns WHERE table_schema = current_schema()
+            AND table_name = 'user_auth_sessions' AND column_name = 'id') IS NULL THEN
+        CREATE SEQUENCE IF NOT EXISTS user_auth_sessions_id_seq OWNED BY user_auth_sessions.id;
+        PERFORM setval('user_auth_sessions_id_seq',
+            COALESCE((SELECT max(id) FROM user_auth_sessions), 0) + 1, false);
+        ALTER TABLE user_auth_sessions ALTER COLUMN id SET DEFAULT nextval('user_auth_sessions_id_seq');
+    END IF;
+    FOR c IN SELECT column_name, data_type, is_nullable FROM information_schema.columns
+            WHERE table_schema = current_schema() AND table_name = 'user_auth_sessions' LOOP
+        IF c.data_type = 'character varying' THEN
+            EXECUTE format('ALTER TABLE user_auth_sessions ALTER COLUMN %I TYPE text', c.column_name);
+        END IF;
+        IF c.data_type = 'timestamp with time zone'
+                AND c.column_name IN ('created_at', 'expires_at', 'token_expires_at', 'completed_at') THEN
+            EXECUTE format('ALTER TABLE user_auth_sessions ALTER COLUMN %I TYPE timestamp USING %I AT TIME ZONE ''UTC''',
+                c.column_name, c.column_name);
+        END IF;
+        IF c.is_nullable = 'NO' AND c.column_name NOT IN
+                ('id', 'session_id', 'app_id', 'user_id', 'state', 'created_at', 'updated_at', 'expires_at', 'scopes', 'exported_at') THEN
+            EXECUTE format('ALTER TABLE user_auth_sessions ALTER COLUMN %I DROP NOT NULL', c.column_name);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
+            ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indrelid = 'user_auth_sessions'::regclass AND i.indisunique
+            AND i.indnatts = 1 AND a.attname = 'session_id') THEN
+        CREATE UNIQUE INDEX idx_auth_session_session_id ON user_auth_sessions (session_id);
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS idx_auth_session_open_id ON user_auth_sessions (open_id);
+CREATE INDEX IF NOT EXISTS idx_auth_session_state ON user_auth_sessions (state);
+CREATE INDEX IF NOT EXISTS idx_auth_session_expires ON user_auth_sessions (expires_at);
+CREATE INDEX IF NOT EXISTS idx_auth_session_created ON user_auth_sessions (created_at DESC);
+";
+
 /// Embedded migrations, applied in order, each once.
 fn migrations() -> Vec<(i32, String)> {
-    vec![(1, create_table_sql())]
+    vec![(1, create_table_sql()), (2, MIGRATION_2.to_owned())]
+}
+
+/// The columns a table named `user_auth_sessions` must have for the export to take it over (it
+/// is this export's or the Python deployment's); any other table is left alone.
+const TAKEN_OVER_NEEDS: [&str; 3] = ["session_id", "app_id", "state"];
+
+/// Stops before migrating a `user_auth_sessions` that is neither this export's table nor the
+/// Python deployment's.
+async fn check_existing_table(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
+    let cols: Vec<String> = tx
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<std::result::Result<_, _>>()?;
+    if cols.is_empty() {
+        return Ok(());
+    }
+    let ours_or_python = cols
+        .iter()
+        .any(|c| c == "access_token_ct" || c == "user_access_token");
+    let missing = TAKEN_OVER_NEEDS
+        .iter()
+        .find(|n| !cols.iter().any(|c| c == *n));
+    match (ours_or_python, missing) {
+        (true, None) => Ok(()),
+        (_, Some(m)) => Err(ExportError::Schema(format!(
+            "a table user_auth_sessions exists that is neither this service's export nor the \
+             Python deployment's (it has no column {m}); nothing was changed: export into another \
+             database or schema, or rename that table"
+        ))),
+        (false, None) => Err(ExportError::Schema(
+            "a table user_auth_sessions exists that is neither this service's export nor the \
+             Python deployment's (no access_token_ct or user_access_token column); nothing was \
+             changed: export into another database or schema, or rename that table"
+                .to_owned(),
+        )),
+    }
 }
 
 /// Connects (TLS per the URL's `sslmode`, verified with `net`'s trust) and drives the
@@ -248,6 +376,16 @@ pub async fn migrate(client: &mut Client) -> Result<()> {
             version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
+    let applied = tx
+        .query_opt(
+            "SELECT 1 FROM lark_service_migrations WHERE version = 2",
+            &[],
+        )
+        .await?
+        .is_some();
+    if !applied {
+        check_existing_table(&tx).await?;
+    }
     for (version, sql) in migrations() {
         let done = tx
             .query_opt(
@@ -280,20 +418,64 @@ fn upsert_sql() -> String {
         .zip(COLUMNS)
         .map(|(i, c)| match c.kind {
             Kind::Time => format!("'epoch'::timestamptz + ${i}::bigint * interval '1 millisecond'"),
+            Kind::NaiveTime => {
+                format!("'epoch'::timestamp + ${i}::bigint * interval '1 millisecond'")
+            }
             Kind::Text | Kind::Bytes | Kind::Scopes => format!("${i}"),
         })
         .collect();
-    let updates: Vec<String> = COLUMNS
+    let mut updates: Vec<String> = COLUMNS
         .iter()
         .filter(|c| c.name != "session_id")
         .map(|c| format!("{0} = EXCLUDED.{0}", c.name))
         .collect();
+    // The Python deployment's columns (migration 2), from the same parameters.
+    let param = |name: &str| {
+        (1..)
+            .zip(COLUMNS)
+            .find(|(_, c)| c.name == name)
+            .map_or_else(|| "NULL".to_owned(), |(i, _)| format!("${i}"))
+    };
+    let python = [
+        ("email", param("user_email")),
+        ("message_id", param("card_message_id")),
+        (
+            "completed_at",
+            format!(
+                "CASE WHEN {}::text = 'completed' THEN 'epoch'::timestamp + {}::bigint * interval '1 millisecond' END",
+                param("state"),
+                param("updated_at")
+            ),
+        ),
+        // Never plaintext.
+        ("user_access_token", "NULL".to_owned()),
+    ];
+    let mut names = names;
+    let mut values = values;
+    for (name, value) in python {
+        names.push(name);
+        values.push(value);
+        updates.push(format!("{name} = EXCLUDED.{name}"));
+    }
     format!(
         "INSERT INTO user_auth_sessions ({}, exported_at) VALUES ({}, now()) \
          ON CONFLICT (session_id) DO UPDATE SET {}, exported_at = now()",
         names.join(", "),
         values.join(", "),
         updates.join(", ")
+    )
+}
+
+/// A session id as the Python deployment wrote its ids (`8-4-4-4-12`).
+fn dashed_uuid(id: SessionId) -> String {
+    let h = id.to_string();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
     )
 }
 
@@ -318,6 +500,19 @@ pub async fn write_batch(
             tx.execute(upsert, &refs).await
         });
     }
+    // The Python deployment's row of a session (its id written as a dashed UUID, imported by
+    // `import python`) is replaced by this export's: one row per session, no plaintext left.
+    let dashed: Vec<String> = rows
+        .iter()
+        .map(|r| r.session_id)
+        .chain(deleted.iter().copied())
+        .map(dashed_uuid)
+        .collect();
+    tx.execute(
+        "DELETE FROM user_auth_sessions WHERE session_id = ANY($1)",
+        &[&dashed],
+    )
+    .await?;
     // Pipelined: the statements go out together.
     futures_util::future::try_join_all(futs).await?;
     if !deleted.is_empty() {
@@ -519,22 +714,23 @@ pub async fn run_continuous(
 /// Returns the number of sessions imported.
 pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     let client = connect(url, net).await?;
-    let cols = client
-        .query(
-            "SELECT column_name::text FROM information_schema.columns
-             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| r.try_get::<_, String>(0))
-        .collect::<std::result::Result<Vec<String>, _>>()?;
+    let cols = table_columns(&client).await?;
     if cols.is_empty() {
         return Err(ExportError::Import(
             "no table user_auth_sessions in the current schema".to_owned(),
         ));
     }
-    let rows = client.query(import_sql(&cols).as_str(), &[]).await?;
+    let has = |c: &str| cols.iter().any(|x| x == c);
+    if is_python_table(&cols) {
+        return Err(ExportError::Import(PYTHON_TABLE.to_owned()));
+    }
+    let mut sql = import_sql(&cols);
+    if has("user_access_token") && has("updated_at") {
+        // The Python table migrated in place by the export: its own rows (no `updated_at`)
+        // are `import python`'s; the export's rows are this import's.
+        sql.push_str(" WHERE updated_at IS NOT NULL");
+    }
+    let rows = client.query(sql.as_str(), &[]).await?;
     let mut batch = Vec::with_capacity(BATCH);
     let mut n = 0u64;
     for (i, r) in rows.iter().enumerate() {
@@ -548,6 +744,31 @@ pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
     Ok(n)
 }
 
+/// The column names of `user_auth_sessions` in the current schema (empty: no such table).
+pub(super) async fn table_columns(client: &Client) -> Result<Vec<String>> {
+    Ok(client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_name = 'user_auth_sessions' AND table_schema = current_schema()",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, String>(0))
+        .collect::<std::result::Result<Vec<String>, _>>()?)
+}
+
+/// What `import postgres` says of the Python deployment's own table.
+const PYTHON_TABLE: &str = "this is the Python deployment's table (integer id, plaintext \
+    user_access_token, no sealed token columns): use `lark-service import python`";
+
+/// The Python deployment's table, not migrated by this export: it has the plaintext
+/// `user_access_token` and none of the sealed token columns.
+fn is_python_table(cols: &[String]) -> bool {
+    let has = |c: &str| cols.iter().any(|x| x == c);
+    has("user_access_token") && !has("access_token_ct")
+}
+
 /// The import's query over a table that has the columns `present`: every column of
 /// [`COLUMNS`] and the plaintext token columns, each under its own name, `NULL` when absent.
 fn import_sql(present: &[String]) -> String {
@@ -556,10 +777,13 @@ fn import_sql(present: &[String]) -> String {
         .iter()
         .map(|c| {
             let expr = match (has(c.name), c.kind) {
-                (false, Kind::Time) => "NULL::bigint".to_owned(),
+                (false, Kind::Time | Kind::NaiveTime) => "NULL::bigint".to_owned(),
                 (false, Kind::Bytes) => "NULL::bytea".to_owned(),
                 (false, Kind::Text | Kind::Scopes) => "NULL::text".to_owned(),
-                (true, Kind::Time) => format!("(extract(epoch from {}) * 1000)::bigint", c.name),
+                // A naive `timestamp`'s epoch is taken as UTC, as it was written.
+                (true, Kind::Time | Kind::NaiveTime) => {
+                    format!("(extract(epoch from {}) * 1000)::bigint", c.name)
+                }
                 (true, Kind::Bytes) => c.name.to_owned(),
                 // text[] here; the Python table may hold a JSON or space-separated text.
                 (true, Kind::Text | Kind::Scopes) => format!("{}::text", c.name),
