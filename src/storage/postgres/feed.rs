@@ -15,8 +15,7 @@ use crate::storage::envelope::{Place, Sealed};
 use crate::storage::records::{session_from, StoredSession, SESSIONS_TABLE};
 use crate::storage::traits::ChangeFeed;
 use crate::storage::{
-    ChangeKind, Error, ExportRow, ExportToken, ImportToken, Result, SessionId,
-    EXPORT_CURSOR_PREFIX,
+    ChangeKind, Error, ExportRow, ExportToken, ImportToken, Result, SessionId, EXPORT_CURSOR_PREFIX,
 };
 
 pub(crate) const KIND_UPSERT: i16 = 1;
@@ -31,7 +30,8 @@ async fn meta(tx: &Transaction<'_>, key: &str) -> Result<Option<i64>> {
         .query_opt("SELECT value FROM ls_meta WHERE key = $1", &[&key])
         .await
         .map_err(|e| pg_err(&e))?;
-    row.map(|r| r.try_get(0).map_err(|e| pg_err(&e))).transpose()
+    row.map(|r| r.try_get(0).map_err(|e| pg_err(&e)))
+        .transpose()
 }
 
 /// At open: notes a gap in the feed (as the redb store does) when it was off and is now on.

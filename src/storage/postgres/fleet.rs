@@ -44,18 +44,16 @@ impl SeenEvents for PgStore {
                 bad.len()
             )));
         }
-        let mut distinct: Vec<String> = Vec::with_capacity(ids.len());
-        let mut once = HashSet::new();
-        for id in ids {
-            if once.insert(*id) {
-                distinct.push((*id).to_owned());
-            }
-        }
+        // Inserted in one order by every instance (sorted, then `ORDER BY`): two batches
+        // sharing ids wait on each other's rows in the same order, so they cannot deadlock.
+        let mut distinct: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
         let fresh: HashSet<String> = self.with(async |c| {
             let rows = c
                 .query(
                     "INSERT INTO ls_seen_events (id, forget_at)
-                     SELECT u.id, $2 FROM unnest($1::text[]) AS u(id)
+                     SELECT u.id, $2 FROM unnest($1::text[]) AS u(id) ORDER BY u.id COLLATE \"C\"
                      ON CONFLICT (id) DO NOTHING RETURNING id",
                     &[&distinct, &db_time(forget_at)],
                 )
@@ -139,7 +137,8 @@ impl Leases for PgStore {
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
-            row.map(|r| r.try_get(0).map_err(|e| pg_err(&e))).transpose()
+            row.map(|r| r.try_get(0).map_err(|e| pg_err(&e)))
+                .transpose()
         })
     }
 }

@@ -124,7 +124,10 @@ impl Conn<'_> {
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let inner = &self.store.inner;
-        let mut pool = inner.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pool = inner
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match self.client.take() {
             Some(c) if !c.is_closed() => pool.idle.push(c),
             _ => pool.open = pool.open.saturating_sub(1),
@@ -159,10 +162,15 @@ pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
 /// A PostgreSQL error as a store error: a lost or refused connection is `Unavailable` (worth a
 /// retry), anything else an engine error. The text never holds a parameter's value.
 pub(crate) fn pg_err(e: &tokio_postgres::Error) -> Error {
-    if e.is_closed() || e.code().is_none() {
-        Error::Unavailable(e.to_string())
-    } else {
-        Error::Engine(format!("postgresql: {e}"))
+    match e.as_db_error() {
+        // The server's message and code only: its `detail` may quote a row's values.
+        Some(db) => Error::Engine(format!(
+            "postgresql: {} ({})",
+            db.message(),
+            db.code().code()
+        )),
+        None if e.is_closed() || e.code().is_none() => Error::Unavailable(e.to_string()),
+        None => Error::Engine(format!("postgresql: {e}")),
     }
 }
 
@@ -275,7 +283,10 @@ impl PgStore {
     /// A client from the pool, connecting a new one while under `max_connections`.
     pub(crate) fn conn(&self) -> Result<Conn<'_>> {
         let inner = &self.inner;
-        let mut pool = inner.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut pool = inner
+            .pool
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if let Some(c) = pool.idle.pop() {
                 if c.is_closed() {
@@ -292,8 +303,10 @@ impl PgStore {
                 drop(pool);
                 let made = self.connect();
                 if made.is_err() {
-                    let mut pool =
-                        inner.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut pool = inner
+                        .pool
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     pool.open = pool.open.saturating_sub(1);
                     drop(pool);
                     inner.freed.notify_one();
@@ -326,10 +339,7 @@ impl PgStore {
     }
 
     /// Runs `f` with a pooled client on this thread.
-    pub(crate) fn with<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut Client) -> Result<T>,
-    ) -> Result<T> {
+    pub(crate) fn with<T>(&self, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
         let mut conn = self.conn()?;
         let client = conn.client()?;
         block_on(f(client))

@@ -202,9 +202,8 @@ pub(crate) fn stored_session(row: &Row) -> Result<(SessionId, StoredSession)> {
             })
         })
         .transpose()?;
-    let sealed = |c: &str, k: &str| -> Result<Option<Sealed>> {
-        sealed_from(t, get(row, c)?, get(row, k)?)
-    };
+    let sealed =
+        |c: &str, k: &str| -> Result<Option<Sealed>> { sealed_from(t, get(row, c)?, get(row, k)?) };
     let plain = PlainSession {
         app_id: get(row, "app_id")?,
         user_id: get(row, "user_id")?,
@@ -318,15 +317,11 @@ impl TokenParams {
 /// A token row (every column of [`TOKEN_COLUMNS`]) as its stored (sealed) form.
 pub(crate) fn stored_token(row: &Row) -> Result<StoredToken> {
     let t = TOKENS_TABLE;
-    let access = sealed_from(
-        t,
-        get(row, "access_token")?,
-        get(row, "access_token_key")?,
-    )?
-    .ok_or_else(|| Error::Decode {
-        table: t,
-        detail: "no access token".to_owned(),
-    })?;
+    let access = sealed_from(t, get(row, "access_token")?, get(row, "access_token_key")?)?
+        .ok_or_else(|| Error::Decode {
+            table: t,
+            detail: "no access token".to_owned(),
+        })?;
     Ok(StoredToken {
         open_id: get(row, "open_id")?,
         access_token: access,

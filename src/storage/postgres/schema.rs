@@ -5,6 +5,12 @@
 //! version run in the opening transaction; a version above [`SCHEMA_VERSION`] is refused with
 //! `Error::NewerDatabaseSchema` before anything is touched. Every table is prefixed `ls_`, apart
 //! from the export's `user_auth_sessions`, which this store never touches.
+//!
+//! Per-state session counts: statement-level triggers on `ls_sessions` append signed deltas
+//! (`ls_session_count_deltas`) in the writing transaction, and the sweep folds them into
+//! `ls_session_counts`. Appending never waits on another writer (a single counter row per state
+//! would serialize every session write of the fleet and could deadlock two multi-row writes),
+//! and a count reads six rows plus the deltas since the last sweep, never the sessions.
 
 use tokio_postgres::Transaction;
 
@@ -64,31 +70,39 @@ CREATE INDEX ls_sessions_pending_expiry ON ls_sessions (expires_at) WHERE state 
 CREATE INDEX ls_sessions_terminal_age ON ls_sessions (updated_at) WHERE state <> 'pending';
 CREATE TABLE ls_session_counts (
     state text PRIMARY KEY,
-    n bigint NOT NULL CHECK (n >= 0)
+    n bigint NOT NULL
 );
-CREATE FUNCTION ls_count_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE TABLE ls_session_count_deltas (
+    id bigserial PRIMARY KEY,
+    state text NOT NULL,
+    delta bigint NOT NULL
+);
+CREATE FUNCTION ls_count_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE ls_session_counts SET n = n + 1 WHERE state = NEW.state;
-    RETURN NULL;
-END $$;
-CREATE FUNCTION ls_count_delete() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE ls_session_counts SET n = n - 1 WHERE state = OLD.state;
-    RETURN NULL;
-END $$;
-CREATE FUNCTION ls_count_update() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE ls_session_counts SET n = n - 1 WHERE state = OLD.state;
-    UPDATE ls_session_counts SET n = n + 1 WHERE state = NEW.state;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, count(*) FROM new_rows GROUP BY state;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, -count(*) FROM old_rows GROUP BY state;
+    ELSE
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, sum(d) FROM (
+                SELECT state, 1 AS d FROM new_rows
+                UNION ALL SELECT state, -1 AS d FROM old_rows) AS x
+            GROUP BY state HAVING sum(d) <> 0;
+    END IF;
     RETURN NULL;
 END $$;
 CREATE TRIGGER ls_sessions_count_insert AFTER INSERT ON ls_sessions
-    FOR EACH ROW EXECUTE FUNCTION ls_count_insert();
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
 CREATE TRIGGER ls_sessions_count_delete AFTER DELETE ON ls_sessions
-    FOR EACH ROW EXECUTE FUNCTION ls_count_delete();
-CREATE TRIGGER ls_sessions_count_update AFTER UPDATE OF state ON ls_sessions
-    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
-    EXECUTE FUNCTION ls_count_update();
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
+CREATE TRIGGER ls_sessions_count_update AFTER UPDATE ON ls_sessions
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
 CREATE TABLE ls_tokens (
     app_id text NOT NULL,
     user_id text NOT NULL,

@@ -90,16 +90,48 @@ fn summary(row: &tokio_postgres::Row) -> Result<SessionSummary> {
     })
 }
 
+impl PgStore {
+    /// Folds the per-state count deltas into the counts, if no other instance is doing it.
+    fn fold_count_deltas(&self) -> Result<()> {
+        self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let got: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COUNT_FOLD_LOCK])
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| pg_err(&e))?;
+            if got {
+                tx.execute(
+                    "WITH d AS (DELETE FROM ls_session_count_deltas RETURNING state, delta),
+                          s AS (SELECT state, sum(delta)::bigint AS n FROM d GROUP BY state)
+                     UPDATE ls_session_counts AS c SET n = c.n + s.n FROM s
+                     WHERE c.state = s.state",
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            }
+            tx.commit().await.map_err(|e| pg_err(&e))
+        })
+    }
+}
+
+/// The advisory lock key of folding the count deltas.
+const COUNT_FOLD_LOCK: i64 = 0x6c73_5f63_6f75_6e74; // "ls_count"
+
 impl SessionStore for PgStore {
     fn put_session(&self, s: &AuthSession) -> Result<()> {
         self.put_sessions(std::slice::from_ref(s))
     }
 
     fn put_sessions(&self, sessions: &[AuthSession]) -> Result<()> {
-        let rows = sessions
+        let mut rows = sessions
             .iter()
             .map(|s| self.sealed_params(s))
             .collect::<Result<Vec<_>>>()?;
+        // Rows locked in id order by every writer: two instances writing overlapping batches
+        // cannot deadlock. A stable sort keeps the last of one id last (it wins, as in order).
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
         self.with(async |c| {
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             self.upsert(&tx, &rows).await?;
@@ -253,16 +285,24 @@ impl SessionStore for PgStore {
     }
 
     fn count_sessions_by_state(&self) -> Result<Vec<(SessionState, u64)>> {
-        // Six rows kept by triggers in every writing transaction: no session is read.
+        // Six rows plus the deltas appended since the last sweep folded them: no session is
+        // read (see `schema`).
         self.with(async |c| {
             let rows = c
-                .query("SELECT state, n FROM ls_session_counts", &[])
+                .query(
+                    "SELECT state, sum(n)::bigint FROM (
+                        SELECT state, n FROM ls_session_counts
+                        UNION ALL SELECT state, delta FROM ls_session_count_deltas) AS x
+                     GROUP BY state",
+                    &[],
+                )
                 .await
                 .map_err(|e| pg_err(&e))?;
             let mut out: Vec<(SessionState, u64)> =
                 SessionState::ALL.iter().map(|s| (*s, 0)).collect();
             for r in rows {
-                let state: SessionState = r.try_get::<_, String>(0).map_err(|e| pg_err(&e))?.parse()?;
+                let state: SessionState =
+                    r.try_get::<_, String>(0).map_err(|e| pg_err(&e))?.parse()?;
                 let n: i64 = r.try_get(1).map_err(|e| pg_err(&e))?;
                 if let Some(slot) = out.iter_mut().find(|(s, _)| *s == state) {
                     slot.1 = u64::try_from(n).unwrap_or(0);
@@ -283,7 +323,12 @@ impl SessionStore for PgStore {
                 .await
                 .map_err(|e| pg_err(&e))?;
             rows.iter()
-                .map(|r| id_from(SESSIONS_TABLE, &r.try_get::<_, Vec<u8>>(0).map_err(|e| pg_err(&e))?))
+                .map(|r| {
+                    id_from(
+                        SESSIONS_TABLE,
+                        &r.try_get::<_, Vec<u8>>(0).map_err(|e| pg_err(&e))?,
+                    )
+                })
                 .collect()
         })
     }
@@ -362,6 +407,7 @@ impl SessionStore for PgStore {
             }
         }
         report.events_forgotten = self.forget_events(now_db, batch)?;
+        self.fold_count_deltas()?;
         report.changes_pruned = self.prune_feed()?;
         Ok(report)
     }

@@ -110,7 +110,8 @@ impl TokenStore for PgStore {
     }
 }
 
-const USER_COLUMNS: &str = "app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at";
+const USER_COLUMNS: &str =
+    "app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at";
 
 impl UserStore for PgStore {
     fn put_user(&self, u: &UserInfo) -> Result<()> {
@@ -145,7 +146,9 @@ impl UserStore for PgStore {
         self.with(async |c| {
             let row = c
                 .query_opt(
-                    &format!("SELECT {USER_COLUMNS} FROM ls_users WHERE app_id = $1 AND open_id = $2"),
+                    &format!(
+                        "SELECT {USER_COLUMNS} FROM ls_users WHERE app_id = $1 AND open_id = $2"
+                    ),
                     &[&app_id, &open_id],
                 )
                 .await
@@ -158,7 +161,9 @@ impl UserStore for PgStore {
         self.with(async |c| {
             let rows = c
                 .query(
-                    &format!("SELECT {USER_COLUMNS} FROM ls_users WHERE app_id = $1 ORDER BY open_id"),
+                    &format!(
+                        "SELECT {USER_COLUMNS} FROM ls_users WHERE app_id = $1 ORDER BY open_id"
+                    ),
                     &[&app_id],
                 )
                 .await

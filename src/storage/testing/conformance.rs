@@ -812,7 +812,11 @@ fn fleet_one_pending_transition_wins<B: Backend + Sync>(a: &B, b: &B) -> Result<
                 SessionState::Rejected
             };
             t.updated_at = T0 + 1 + i as u64;
-            let tok = token(&format!("race{round}"), T0 + 100 + i as u64, Some(s.session_id));
+            let tok = token(
+                &format!("race{round}"),
+                T0 + 100 + i as u64,
+                Some(s.session_id),
+            );
             h.update_if_pending(s.state_hash, &t, Some(&tok))
         })?;
         let winners: Vec<usize> = outcomes
@@ -824,7 +828,11 @@ fn fleet_one_pending_transition_wins<B: Backend + Sync>(a: &B, b: &B) -> Result<
         assert_eq!(winners.len(), 1, "exactly one racer wins, got {winners:?}");
         let w = winners[0];
         let stored = current(b, s.session_id)?;
-        assert_eq!(stored.updated_at, T0 + 1 + w as u64, "the winner's write stays");
+        assert_eq!(
+            stored.updated_at,
+            T0 + 1 + w as u64,
+            "the winner's write stays"
+        );
         for (i, o) in outcomes.iter().enumerate() {
             if i != w {
                 assert!(
@@ -875,7 +883,9 @@ fn fleet_one_lease_holder<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
     for round in 0..5u64 {
         let name = format!("singleton-{round}");
         let now = T0 + round * 10_000;
-        let got = race(a, b, |h, i| h.try_acquire_lease(&name, &format!("node-{i}"), 1000, now))?;
+        let got = race(a, b, |h, i| {
+            h.try_acquire_lease(&name, &format!("node-{i}"), 1000, now)
+        })?;
         let holders: Vec<usize> = (0..got.len()).filter(|i| got[*i]).collect();
         assert_eq!(holders.len(), 1, "one holder, got {holders:?}");
         let holder = format!("node-{}", holders[0]);
@@ -894,8 +904,14 @@ fn fleet_one_lease_holder<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
         let thief = format!("node-{}", thieves[0]);
         assert_eq!(b.lease_holder(&name, later + 1)?, Some(thief.clone()));
         let (old, new) = if holders[0] < RACERS { (a, b) } else { (b, a) };
-        assert!(!old.renew_lease(&name, &holder, 1000, later + 1)?, "the old holder lost it");
-        assert!(new.renew_lease(&name, &thief, 1000, later + 1)? || a.renew_lease(&name, &thief, 1000, later + 1)?);
+        assert!(
+            !old.renew_lease(&name, &holder, 1000, later + 1)?,
+            "the old holder lost it"
+        );
+        assert!(
+            new.renew_lease(&name, &thief, 1000, later + 1)?
+                || a.renew_lease(&name, &thief, 1000, later + 1)?
+        );
     }
     Ok(())
 }
@@ -915,8 +931,14 @@ fn fleet_concurrent_sweeps_count_each_expiry_once<B: Backend + Sync>(a: &B, b: &
     assert_eq!(expired.len(), total, "no expiry is counted twice");
     let mut want: Vec<SessionId> = sessions.iter().map(|s| s.session_id).collect();
     want.sort();
-    assert_eq!(expired, want, "every due session is expired by one of the sweeps");
+    assert_eq!(
+        expired, want,
+        "every due session is expired by one of the sweeps"
+    );
     let counts = b.count_sessions_by_state()?;
-    assert!(counts.contains(&(SessionState::Expired, 240)) && counts.contains(&(SessionState::Pending, 0)));
+    assert!(
+        counts.contains(&(SessionState::Expired, 240))
+            && counts.contains(&(SessionState::Pending, 0))
+    );
     Ok(())
 }
