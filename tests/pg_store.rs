@@ -300,3 +300,35 @@ fn an_outage_is_a_transient_error_and_the_pool_recovers() {
     }
     assert!(ok, "the store answers again once the database is back");
 }
+
+/// The methods the service calls beyond the traits answer as the redb store's do.
+#[test]
+fn service_methods_beyond_the_traits() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    assert_eq!(store.store_key_id().unwrap(), store.active_key_id());
+    let summary = store.get_session_summary(sess.session_id).unwrap().unwrap();
+    assert_eq!(
+        (summary.session_id, summary.state, summary.has_tokens),
+        (sess.session_id.to_string(), "pending", true)
+    );
+    assert_eq!(store.count_active_tokens().unwrap(), 1);
+    let mut t = store.get_token("cli_app", "u1").unwrap().unwrap();
+    t.needs_reauth = true;
+    store.put_token(&t).unwrap();
+    assert_eq!(store.count_active_tokens().unwrap(), 0);
+    let counts = store.counts().unwrap();
+    assert_eq!((counts.sessions, counts.tokens), (1, 1));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = sess.session_id;
+    let got = rt
+        .block_on(store.run(move |s| s.get_session(id)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.session_id, id);
+}

@@ -26,6 +26,7 @@
 //! The runtime is shut down in the background when the last handle is dropped, which is safe
 //! in any context.
 
+mod admin;
 mod feed;
 mod fleet;
 mod rows;

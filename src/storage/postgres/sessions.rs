@@ -72,7 +72,7 @@ impl PgStore {
     }
 }
 
-fn summary(row: &tokio_postgres::Row) -> Result<SessionSummary> {
+pub(crate) fn summary(row: &tokio_postgres::Row) -> Result<SessionSummary> {
     let (id, s) = stored_session(row)?;
     Ok(SessionSummary {
         session_id: id.to_string(),
@@ -173,9 +173,8 @@ impl SessionStore for PgStore {
             // The same columns as the upsert, but only over a pending row with the expected
             // hash: the row lock orders racers, and a loser re-checks against the winner.
             let sql = format!(
-                "UPDATE ls_sessions AS t SET ({}) = ({SESSION_VALUES})
-                 WHERE t.id = $1 AND t.state = 'pending' AND t.state_hash IS NOT DISTINCT FROM $25",
-                SESSION_COLUMNS
+                "UPDATE ls_sessions AS t SET ({SESSION_COLUMNS}) = ({SESSION_VALUES})
+                 WHERE t.id = $1 AND t.state = 'pending' AND t.state_hash IS NOT DISTINCT FROM $25"
             );
             let params = p.params();
             let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
