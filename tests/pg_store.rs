@@ -332,3 +332,24 @@ fn service_methods_beyond_the_traits() {
         .unwrap();
     assert_eq!(got.session_id, id);
 }
+
+/// Until the service serves from PostgreSQL, asking for it stops the service at start instead
+/// of quietly serving from a local file (which would split a fleet).
+#[test]
+fn the_service_refuses_the_postgres_backend_it_does_not_serve_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
+        .args(["serve", "--sandbox"])
+        .current_dir(dir.path())
+        .env("STORAGE_BACKEND", "postgres")
+        .env("STORAGE_POSTGRES_URL", "postgres://u@127.0.0.1:1/db")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("storage.backend = \"postgres\""), "{err}");
+    assert!(
+        !dir.path().join("data/lark-service.redb").exists(),
+        "no local store was opened"
+    );
+}
