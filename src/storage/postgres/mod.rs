@@ -27,6 +27,7 @@
 //! in any context.
 
 mod admin;
+mod copy;
 mod feed;
 mod fleet;
 mod rows;
@@ -46,6 +47,7 @@ use super::{Error, Result};
 use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
+pub use copy::CopyReport;
 pub use schema::SCHEMA_VERSION;
 
 /// Tunables of the PostgreSQL store.
