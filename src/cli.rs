@@ -56,6 +56,10 @@ pub enum Command {
     /// Import sessions from an external database into the store (the service must be stopped).
     #[command(subcommand)]
     Import(ImportCmd),
+    /// Copy the store into another backend: `--from redb --to postgres` copies every session,
+    /// token, user and seen event id (still sealed) into an empty PostgreSQL store, prints the
+    /// counts and checks them. The service must be stopped (a live store is refused).
+    Migrate(MigrateArgs),
     /// Serve the MCP tools (send messages and cards, users, aPaaS records, authorization) to
     /// one client over standard input/output. Opens the store, so the service must be stopped.
     Mcp {
@@ -144,6 +148,30 @@ pub struct BackupArgs {
     /// Encrypt with the passphrase in this file instead. Default: backup.passphrase.
     #[arg(long, value_name = "FILE", conflicts_with = "recipients")]
     pub passphrase_file: Option<PathBuf>,
+}
+
+/// A store backend, for `migrate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendName {
+    /// The embedded redb file (storage.path).
+    Redb,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+/// `migrate` options.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The store to copy from.
+    #[arg(long, value_enum)]
+    pub from: BackendName,
+    /// The store to copy into.
+    #[arg(long, value_enum)]
+    pub to: BackendName,
+    /// A file (mode 0600) holding the target's postgres://… URL; default: the configured
+    /// storage.postgres_url (or POSTGRES_* parts) with storage.backend = "postgres".
+    #[arg(long, value_name = "PATH")]
+    pub url_file: Option<PathBuf>,
 }
 
 /// `restore` options.
@@ -317,6 +345,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             pg_export(&opts, url_file.as_deref(), true)
         }
         Command::Import(ImportCmd::Python(args)) => import_python(&opts, &args),
+        Command::Migrate(args) => migrate(&opts, &args),
         Command::Mcp { stdio: _ } => mcp_stdio(&opts),
         Command::Sandbox {
             port,
@@ -511,6 +540,55 @@ fn import_python(opts: &LoadOptions, args: &ImportPythonArgs) -> Result<(), CliE
             let _ = writeln!(out, "    … and {} more", rows.len() - 10);
         }
     }
+    Ok(())
+}
+
+fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
+    if (args.from, args.to) != (BackendName::Redb, BackendName::Postgres) {
+        return Err(anyhow::anyhow!(
+            "only --from redb --to postgres is supported (PostgreSQL back to redb is not built yet)"
+        )
+        .into());
+    }
+    let cfg = Config::load(opts)?;
+    let url = match (&args.url_file, &cfg.storage_backend) {
+        (Some(p), _) => crate::config::read_secret_file("storage.postgres_url", p)?.0,
+        (None, crate::config::StorageBackend::Postgres { url }) => url.clone(),
+        (None, crate::config::StorageBackend::Redb) => {
+            return Err(anyhow::anyhow!(
+                "no PostgreSQL URL: give --url-file PATH, or set storage.backend = \"postgres\" with storage.postgres_url (STORAGE_POSTGRES_URL) or POSTGRES_HOST…"
+            )
+            .into())
+        }
+    };
+    // Opening the redb store takes its lock: a store the service still holds is refused here.
+    let store = open_store(&cfg)?;
+    let net =
+        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let pg = crate::storage::postgres::PgStore::open(
+        secrecy::ExposeSecret::expose_secret(&url),
+        &net,
+        cfg.keyring()?,
+        crate::storage::postgres::PgOptions {
+            terminal_retention: cfg.session_retention,
+            change_feed: cfg.export_postgres_url.is_some(),
+            ..crate::storage::postgres::PgOptions::default()
+        },
+    )?;
+    let started = Instant::now();
+    let report = pg.copy_from_redb(&store, &mut |what, n| {
+        eprintln!("migrate: {n} {what} copied");
+    })?;
+    let c = report.target;
+    println!(
+        "migrated {} sessions, {} tokens, {} users, {} seen event ids from {} to PostgreSQL in {:.1}s; counts verified",
+        c.sessions,
+        c.tokens,
+        c.users,
+        c.seen_events,
+        cfg.storage_path.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use lark_service::storage::testing::conformance::{checks, run_all};
+use lark_service::storage::testing::conformance::{checks, fleet_checks, run_all, run_fleet};
 use lark_service::storage::{
     AuthSession, Backend, Key, Keyring, SessionStore, Store, StoreOptions, TokenStore, UserToken,
 };
@@ -40,6 +40,25 @@ fn redb_file_passes_the_conformance_suite() {
         dirs.borrow_mut().push(dir);
         store
     });
+}
+
+/// The fleet checks on redb: one file cannot be opened twice, so the second handle is a clone
+/// of the first (the races go through redb's one-writer transactions).
+#[test]
+fn redb_clones_pass_the_fleet_checks() {
+    for (name, check) in fleet_checks::<Store>() {
+        eprintln!("fleet check {name}");
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("s.redb"), ring(), StoreOptions::default()).unwrap();
+        if let Err(e) = check(&a, &a.clone()) {
+            panic!("fleet check {name} failed: {e}");
+        }
+    }
+    run_fleet(|| {
+        let a = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+        (a.clone(), a)
+    })
+    .unwrap();
 }
 
 #[test]

@@ -188,6 +188,8 @@ pub struct Config {
     pub export_postgres_url: Option<SecretString>,
     /// The store file.
     pub storage_path: PathBuf,
+    /// Which store backs the service (`storage.backend`).
+    pub storage_backend: StorageBackend,
     /// Retention of finished sessions.
     pub session_retention: Duration,
     /// Sweep interval.
@@ -491,6 +493,7 @@ impl Config {
             mcp_token: r.secret("mcp_token"),
             export_postgres_url: r.secret("export.postgres_url"),
             storage_path: PathBuf::from(r.plain("storage.path").unwrap_or_default()),
+            storage_backend: storage_backend(&r)?,
             session_retention: r.secs("storage.session_retention_seconds", 1, 10 * 365 * 86400)?,
             sweep_interval: r.secs("storage.sweep_interval_seconds", 1, 86400)?,
             backup: BackupConfig {
@@ -1027,6 +1030,76 @@ fn http_listen(r: &Reader<'_>) -> Result<SocketAddr, ConfigError> {
         None => listen.port(),
     };
     Ok(SocketAddr::new(ip, port))
+}
+
+/// Which store backs the service.
+#[derive(Clone, Debug)]
+pub enum StorageBackend {
+    /// The embedded redb file at `storage.path` (one VM).
+    Redb,
+    /// A PostgreSQL database shared by the instances of a fleet.
+    Postgres {
+        /// The connection URL (may hold a password: a secret).
+        url: SecretString,
+    },
+}
+
+impl StorageBackend {
+    /// `redb` or `postgres`.
+    #[must_use]
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Redb => "redb",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+/// `storage.backend` and, for `postgres`, its URL: `storage.postgres_url`, or one built from the
+/// `POSTGRES_*` parts (user and password percent-encoded). `postgres` without a URL or a host
+/// is refused.
+fn storage_backend(r: &Reader<'_>) -> Result<StorageBackend, ConfigError> {
+    let backend = r.plain("storage.backend").unwrap_or_default();
+    match backend.trim() {
+        "redb" => Ok(StorageBackend::Redb),
+        "postgres" | "postgresql" => {
+            if let Some(url) = r.secret("storage.postgres_url") {
+                return Ok(StorageBackend::Postgres { url });
+            }
+            let host = r
+                .plain("storage.postgres_host")
+                .filter(|h| !h.trim().is_empty())
+                .ok_or_else(|| {
+                    r.invalid(
+                        "storage.postgres_url",
+                        None,
+                        "a postgres://… URL, or POSTGRES_HOST (with POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD), when storage.backend is postgres",
+                    )
+                })?;
+            let port = r.int("storage.postgres_port", 1, 65535, "a port number")?;
+            let db = r.plain("storage.postgres_db").unwrap_or_default();
+            let user = r.plain("storage.postgres_user").unwrap_or_default();
+            let mut url =
+                url::Url::parse(&format!("postgres://{}:{port}/", host.trim())).map_err(|_| {
+                    r.invalid(
+                        "storage.postgres_host",
+                        Some(&host),
+                        "a host name or address",
+                    )
+                })?;
+            url.set_path(&db);
+            url.set_username(&user)
+                .map_err(|()| r.invalid("storage.postgres_user", Some(&user), "a user name"))?;
+            if let Some(pw) = r.secret("storage.postgres_password") {
+                url.set_password(Some(pw.expose_secret()))
+                    .map_err(|()| r.invalid("storage.postgres_password", None, "a password"))?;
+            }
+            Ok(StorageBackend::Postgres {
+                url: SecretString::from(String::from(url)),
+            })
+        }
+        _ => Err(r.invalid("storage.backend", Some(&backend), "redb or postgres")),
+    }
 }
 
 struct Reader<'a> {

@@ -525,3 +525,79 @@ fn the_config_encryption_key_is_a_fernet_key_or_64_hex() {
     let c = Config::load_with(&opts(None), &env(&[])).unwrap();
     assert!(c.config_encryption_key().is_none());
 }
+
+#[test]
+fn storage_backend_defaults_to_redb_and_reads_postgres_urls() {
+    let c = Config::load_with(&opts(None), &env(&[])).unwrap();
+    assert!(matches!(c.storage_backend, StorageBackend::Redb));
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("STORAGE_BACKEND", "postgres"),
+            (
+                "STORAGE_POSTGRES_URL",
+                "postgres://svc:pw@db.internal/ls?sslmode=require",
+            ),
+        ]),
+    )
+    .unwrap();
+    match &c.storage_backend {
+        StorageBackend::Postgres { url } => assert_eq!(
+            url.expose_secret(),
+            "postgres://svc:pw@db.internal/ls?sslmode=require"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // From the parts, user and password percent-encoded.
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("STORAGE_BACKEND", "postgres"),
+            ("POSTGRES_HOST", "10.0.0.5"),
+            ("POSTGRES_PORT", "6432"),
+            ("POSTGRES_DB", "tokens"),
+            ("POSTGRES_USER", "lark svc"),
+            ("POSTGRES_PASSWORD", "p@ss:w/rd"),
+        ]),
+    )
+    .unwrap();
+    match &c.storage_backend {
+        StorageBackend::Postgres { url } => {
+            assert_eq!(
+                url.expose_secret(),
+                "postgres://lark%20svc:p%40ss%3Aw%2Frd@10.0.0.5:6432/tokens"
+            );
+            // The URL is what the PostgreSQL client reads back to the same parts.
+            let cfg: tokio_postgres::Config = url.expose_secret().parse().unwrap();
+            assert_eq!(cfg.get_user(), Some("lark svc"));
+            assert_eq!(cfg.get_password(), Some(b"p@ss:w/rd".as_slice()));
+            assert_eq!(cfg.get_dbname(), Some("tokens"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn storage_backend_postgres_without_a_url_or_host_is_refused() {
+    let e = Config::load_with(&opts(None), &env(&[("STORAGE_BACKEND", "postgres")])).unwrap_err();
+    assert!(e.to_string().contains("storage.postgres_url"), "{e}");
+    let e = Config::load_with(&opts(None), &env(&[("STORAGE_BACKEND", "mysql")])).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("STORAGE_BACKEND") && text.contains("redb or postgres"),
+        "{text}"
+    );
+    // A password given with the parts never shows in an error.
+    let e = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("STORAGE_BACKEND", "postgres"),
+            ("POSTGRES_HOST", "db"),
+            ("POSTGRES_PORT", "99999"),
+            ("POSTGRES_PASSWORD", "hunter2-secret"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(!e.to_string().contains("hunter2-secret"));
+    assert!(e.to_string().contains("POSTGRES_PORT"), "{e}");
+}

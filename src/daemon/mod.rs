@@ -253,6 +253,13 @@ pub async fn run_with_reloads(
 
 /// Opens the store (off the async threads) and sets the store gauges.
 async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
+    // Fail closed: the PostgreSQL store exists (`storage::postgres`) but the service is not yet
+    // generic over the backend; serving from a local file instead would split the fleet.
+    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
+        return Err(DaemonError::Store(crate::storage::Error::Invalid(
+            "storage.backend = \"postgres\" is not served by this build yet; unset STORAGE_BACKEND (redb)".to_owned(),
+        )));
+    }
     let ring = cfg.keyring()?;
     let path = cfg.storage_path.clone();
     let opts = store_options(cfg);

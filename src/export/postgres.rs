@@ -334,36 +334,22 @@ async fn check_existing_table(tx: &tokio_postgres::Transaction<'_>) -> Result<()
 /// Connects (TLS per the URL's `sslmode`, verified with `net`'s trust) and drives the
 /// connection on a task.
 pub async fn connect(url: &str, net: &Net) -> Result<Client> {
-    let cfg = pg_config(url)?;
-    let tls = net
-        .postgres_tls()
-        .map_err(|e| ExportError::Connect(e.to_string()))?;
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "the server".to_owned(),
-    };
-    let (client, conn) = cfg.connect(tls).await.map_err(|e| {
-        match crate::net::tls::untrusted_certificate(&e, &host) {
-            Some(msg) => ExportError::Connect(msg),
-            None => ExportError::Pg(e),
-        }
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "postgresql connection ended");
-        }
-    });
-    Ok(client)
+    crate::net::postgres::connect_pg(url, net)
+        .await
+        .map_err(pg_connect_error)
+}
+
+fn pg_connect_error(e: crate::net::postgres::PgConnectError) -> ExportError {
+    match e {
+        crate::net::postgres::PgConnectError::Setup(msg) => ExportError::Connect(msg),
+        crate::net::postgres::PgConnectError::Pg(e) => ExportError::Pg(e),
+    }
 }
 
 /// Parses a `postgres://` URL or key-value string, mapping libpq's `sslmode=verify-ca` /
 /// `verify-full` to `require` (rustls always verifies the chain and the host name).
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config> {
-    let text = url
-        .replace("sslmode=verify-full", "sslmode=require")
-        .replace("sslmode=verify-ca", "sslmode=require");
-    text.parse::<tokio_postgres::Config>()
-        .map_err(|e| ExportError::Connect(format!("the connection URL cannot be used: {e}")))
+    crate::net::postgres::pg_config(url).map_err(pg_connect_error)
 }
 
 /// Applies the embedded migrations not yet applied (under an advisory lock).

@@ -6,6 +6,7 @@
 //! path the tests take (the sandbox over TLS) is the one production takes.
 
 mod dial;
+pub mod postgres;
 pub mod proxy;
 pub mod tls;
 

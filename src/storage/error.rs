@@ -81,6 +81,17 @@ pub enum Error {
     /// Any other engine error.
     #[error("store engine error: {0}")]
     Engine(String),
+    /// The PostgreSQL store's database holds a schema newer than this build knows.
+    #[error("the PostgreSQL store has schema version {found}, newer than this build supports ({supported}); upgrade lark-service")]
+    NewerDatabaseSchema {
+        /// Version found in the database.
+        found: i32,
+        /// Newest version this build knows.
+        supported: i32,
+    },
+    /// The PostgreSQL store's database cannot be reached (retry later); never names a password.
+    #[error("the PostgreSQL store is unreachable: {0}")]
+    Unavailable(String),
     /// A blocking task died.
     #[error("store worker failed: {0}")]
     Join(String),
@@ -95,7 +106,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Locked { .. } | Self::DiskFull { .. } | Self::Io { .. }
+            Self::Locked { .. } | Self::DiskFull { .. } | Self::Io { .. } | Self::Unavailable(_)
         )
     }
 

@@ -16,6 +16,7 @@ mod events;
 mod keys;
 mod leases;
 mod migrate;
+pub mod postgres;
 mod records;
 mod sessions;
 mod sweep;

@@ -730,3 +730,215 @@ fn lease_expiry_and_steal<B: Backend>(b: &B) -> Result<()> {
     assert_eq!(b.lease_holder("export", T0 + 1001)?, Some("node-b".into()));
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fleet checks: two handles on the same data (two instances on one database; for a backend
+// that cannot open its data twice, two clones of one handle), raced from threads.
+
+/// A named check of a contract between two handles on the same data.
+pub type FleetCheck<B> = (&'static str, fn(&B, &B) -> Result<()>);
+
+/// Every fleet check, by name.
+#[must_use]
+pub fn fleet_checks<B: Backend + Sync>() -> Vec<FleetCheck<B>> {
+    vec![
+        (
+            "fleet_one_pending_transition_wins",
+            fleet_one_pending_transition_wins::<B>,
+        ),
+        (
+            "fleet_each_event_is_new_once",
+            fleet_each_event_is_new_once::<B>,
+        ),
+        ("fleet_one_lease_holder", fleet_one_lease_holder::<B>),
+        (
+            "fleet_concurrent_sweeps_count_each_expiry_once",
+            fleet_concurrent_sweeps_count_each_expiry_once::<B>,
+        ),
+    ]
+}
+
+/// Runs every fleet check, each on a fresh pair of handles from `make`.
+pub fn run_fleet<B: Backend + Sync>(make: impl Fn() -> (B, B)) -> Result<()> {
+    for (name, check) in fleet_checks::<B>() {
+        let (a, b) = make();
+        check(&a, &b).map_err(|e| crate::storage::Error::Invalid(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Racers per handle in the fleet checks.
+const RACERS: usize = 4;
+
+/// Runs `f(handle, racer)` on `RACERS` threads per handle, released together; the results in
+/// racer order (the first handle's racers first).
+fn race<B: Backend + Sync, T: Send>(
+    a: &B,
+    b: &B,
+    f: impl Fn(&B, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let gate = std::sync::Barrier::new(2 * RACERS);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2 * RACERS)
+            .map(|i| {
+                let (gate, f) = (&gate, &f);
+                let h = if i < RACERS { a } else { b };
+                scope.spawn(move || {
+                    gate.wait();
+                    f(h, i)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::storage::Error::Invalid("a racer panicked".into()))
+                })
+            })
+            .collect()
+    })
+}
+
+fn fleet_one_pending_transition_wins<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
+    for round in 0..5u64 {
+        let s = session(&format!("race{round}"), T0);
+        a.put_session(&s)?;
+        let outcomes = race(a, b, |h, i| {
+            let mut t = s.clone();
+            t.state = if i % 2 == 0 {
+                SessionState::Completed
+            } else {
+                SessionState::Rejected
+            };
+            t.updated_at = T0 + 1 + i as u64;
+            let tok = token(
+                &format!("race{round}"),
+                T0 + 100 + i as u64,
+                Some(s.session_id),
+            );
+            h.update_if_pending(s.state_hash, &t, Some(&tok))
+        })?;
+        let winners: Vec<usize> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, PendingUpdate::Written))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(winners.len(), 1, "exactly one racer wins, got {winners:?}");
+        let w = winners[0];
+        let stored = current(b, s.session_id)?;
+        assert_eq!(
+            stored.updated_at,
+            T0 + 1 + w as u64,
+            "the winner's write stays"
+        );
+        for (i, o) in outcomes.iter().enumerate() {
+            if i != w {
+                assert!(
+                    matches!(o, PendingUpdate::Lost(l) if l.updated_at == T0 + 1 + w as u64),
+                    "loser {i} sees the winner {w}, got {o:?}"
+                );
+            }
+        }
+        let tok = a.get_token(APP, &format!("race{round}"))?;
+        assert_eq!(
+            tok.map(|t| t.refresh_due_at),
+            Some(T0 + 100 + w as u64),
+            "only the winner's token is written"
+        );
+    }
+    Ok(())
+}
+
+fn fleet_each_event_is_new_once<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
+    let ids: Vec<String> = (0..300).map(|i| format!("ev-{i}")).collect();
+    let results = race(a, b, |h, racer| {
+        // Each racer marks every id, in its own order and batch size.
+        let mut order: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let n = order.len();
+        order.rotate_left(racer * 37 % n);
+        if racer % 2 == 1 {
+            order.reverse();
+        }
+        let mut fresh = Vec::new();
+        for chunk in order.chunks(5 + racer * 3) {
+            for (id, new) in chunk.iter().zip(h.mark_events_seen(chunk, T0 + 1000)?) {
+                if new {
+                    fresh.push((*id).to_owned());
+                }
+            }
+        }
+        Ok(fresh)
+    })?;
+    let mut all: Vec<String> = results.into_iter().flatten().collect();
+    all.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(all, want, "every id is new exactly once across the handles");
+    Ok(())
+}
+
+fn fleet_one_lease_holder<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
+    for round in 0..5u64 {
+        let name = format!("singleton-{round}");
+        let now = T0 + round * 10_000;
+        let got = race(a, b, |h, i| {
+            h.try_acquire_lease(&name, &format!("node-{i}"), 1000, now)
+        })?;
+        let holders: Vec<usize> = (0..got.len()).filter(|i| got[*i]).collect();
+        assert_eq!(holders.len(), 1, "one holder, got {holders:?}");
+        let holder = format!("node-{}", holders[0]);
+        assert_eq!(a.lease_holder(&name, now + 1)?, Some(holder.clone()));
+        assert_eq!(b.lease_holder(&name, now + 1)?, Some(holder.clone()));
+        // After expiry, a racer on either handle steals it; again only one.
+        let later = now + 1000;
+        let stolen = race(a, b, |h, i| {
+            if format!("node-{i}") == holder {
+                return Ok(false);
+            }
+            h.try_acquire_lease(&name, &format!("node-{i}"), 1000, later)
+        })?;
+        let thieves: Vec<usize> = (0..stolen.len()).filter(|i| stolen[*i]).collect();
+        assert_eq!(thieves.len(), 1, "one thief, got {thieves:?}");
+        let thief = format!("node-{}", thieves[0]);
+        assert_eq!(b.lease_holder(&name, later + 1)?, Some(thief.clone()));
+        let on = |racer: usize| if racer < RACERS { a } else { b };
+        assert!(
+            !on(holders[0]).renew_lease(&name, &holder, 1000, later + 1)?,
+            "the old holder lost it"
+        );
+        assert!(
+            on(thieves[0]).renew_lease(&name, &thief, 1000, later + 1)?,
+            "the thief renews through its own handle"
+        );
+    }
+    Ok(())
+}
+
+fn fleet_concurrent_sweeps_count_each_expiry_once<B: Backend + Sync>(a: &B, b: &B) -> Result<()> {
+    let sessions: Vec<AuthSession> = (0..240).map(|i| session(&format!("sw{i}"), T0)).collect();
+    a.put_sessions(&sessions)?;
+    let now = T0 + 600_000;
+    let reports = race(a, b, |h, i| h.sweep(now, 3 + i))?;
+    let mut expired: Vec<SessionId> = reports
+        .iter()
+        .flat_map(|r| r.expired.iter().map(|(id, _)| *id))
+        .collect();
+    let total = expired.len();
+    expired.sort();
+    expired.dedup();
+    assert_eq!(expired.len(), total, "no expiry is counted twice");
+    let mut want: Vec<SessionId> = sessions.iter().map(|s| s.session_id).collect();
+    want.sort();
+    assert_eq!(
+        expired, want,
+        "every due session is expired by one of the sweeps"
+    );
+    let counts = b.count_sessions_by_state()?;
+    assert!(
+        counts.contains(&(SessionState::Expired, 240))
+            && counts.contains(&(SessionState::Pending, 0))
+    );
+    Ok(())
+}

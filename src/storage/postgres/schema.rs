@@ -1,0 +1,229 @@
+//! The embedded, versioned schema of the PostgreSQL store.
+//!
+//! `lark_service_schema` holds the one version number. At open, under a transaction-scoped
+//! advisory lock (so instances starting together migrate once), the steps above the stored
+//! version run in the opening transaction; a version above [`SCHEMA_VERSION`] is refused with
+//! `Error::NewerDatabaseSchema` before anything is touched. Every table is prefixed `ls_`, apart
+//! from the export's `user_auth_sessions`, which this store never touches.
+//!
+//! Per-state session counts: statement-level triggers on `ls_sessions` append signed deltas
+//! (`ls_session_count_deltas`) in the writing transaction, and the sweep folds them into
+//! `ls_session_counts`. Appending never waits on another writer (a single counter row per state
+//! would serialize every session write of the fleet and could deadlock two multi-row writes),
+//! and a count reads six rows plus the deltas since the last sweep, never the sessions.
+
+use tokio_postgres::Transaction;
+
+use super::pg_err;
+use crate::storage::{Error, Result, SessionState};
+
+/// The newest schema this build knows.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// The advisory lock key taken while checking and migrating the schema.
+const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
+
+/// Schema version 1.
+const V1: &str = r"
+CREATE TABLE ls_key_check (
+    id integer PRIMARY KEY CHECK (id = 1),
+    key_id bigint NOT NULL,
+    sealed bytea NOT NULL
+);
+CREATE TABLE ls_meta (
+    key text PRIMARY KEY,
+    value bigint NOT NULL
+);
+INSERT INTO ls_meta (key, value) VALUES ('last_change_seq', 0);
+CREATE TABLE ls_sessions (
+    id bytea PRIMARY KEY CHECK (length(id) = 16),
+    app_id text NOT NULL,
+    user_id text NOT NULL,
+    open_id text,
+    union_id text,
+    state text NOT NULL,
+    failure_reason text,
+    card_message_id text,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    expires_at bigint NOT NULL,
+    access_token bytea,
+    access_token_key bigint,
+    refresh_token bytea,
+    refresh_token_key bigint,
+    token_expires_at bigint,
+    refresh_token_expires_at bigint,
+    scopes text[] NOT NULL,
+    user_name text,
+    user_email text,
+    avatar_url text,
+    state_hash bytea,
+    pkce_verifier bytea,
+    pkce_verifier_key bigint
+);
+CREATE INDEX ls_sessions_by_user ON ls_sessions (app_id, user_id, created_at);
+CREATE INDEX ls_sessions_by_created ON ls_sessions (created_at DESC);
+CREATE INDEX ls_sessions_by_state_created ON ls_sessions (state, created_at DESC);
+CREATE INDEX ls_sessions_oauth_state ON ls_sessions (state_hash)
+    WHERE state = 'pending' AND state_hash IS NOT NULL;
+CREATE INDEX ls_sessions_pending_expiry ON ls_sessions (expires_at) WHERE state = 'pending';
+CREATE INDEX ls_sessions_terminal_age ON ls_sessions (updated_at) WHERE state <> 'pending';
+CREATE TABLE ls_session_counts (
+    state text PRIMARY KEY,
+    n bigint NOT NULL
+);
+CREATE TABLE ls_session_count_deltas (
+    id bigserial PRIMARY KEY,
+    state text NOT NULL,
+    delta bigint NOT NULL
+);
+CREATE FUNCTION ls_count_sessions() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, count(*) FROM new_rows GROUP BY state;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, -count(*) FROM old_rows GROUP BY state;
+    ELSE
+        INSERT INTO ls_session_count_deltas (state, delta)
+            SELECT state, sum(d) FROM (
+                SELECT state, 1 AS d FROM new_rows
+                UNION ALL SELECT state, -1 AS d FROM old_rows) AS x
+            GROUP BY state HAVING sum(d) <> 0;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER ls_sessions_count_insert AFTER INSERT ON ls_sessions
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
+CREATE TRIGGER ls_sessions_count_delete AFTER DELETE ON ls_sessions
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
+CREATE TRIGGER ls_sessions_count_update AFTER UPDATE ON ls_sessions
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION ls_count_sessions();
+CREATE TABLE ls_tokens (
+    app_id text NOT NULL,
+    user_id text NOT NULL,
+    open_id text,
+    access_token bytea NOT NULL,
+    access_token_key bigint NOT NULL,
+    refresh_token bytea,
+    refresh_token_key bigint,
+    expires_at bigint NOT NULL,
+    refresh_expires_at bigint,
+    refresh_due_at bigint NOT NULL,
+    scopes text[] NOT NULL,
+    obtained_at bigint NOT NULL,
+    session_id bytea,
+    needs_reauth boolean NOT NULL,
+    refresh_in_doubt_since bigint,
+    PRIMARY KEY (app_id, user_id)
+);
+CREATE INDEX ls_tokens_refresh_due ON ls_tokens (refresh_due_at, app_id, user_id)
+    WHERE refresh_token IS NOT NULL AND NOT needs_reauth;
+CREATE TABLE ls_users (
+    app_id text NOT NULL,
+    open_id text NOT NULL,
+    user_id text,
+    union_id text,
+    name text,
+    email text,
+    avatar_url text,
+    updated_at bigint NOT NULL,
+    PRIMARY KEY (app_id, open_id)
+);
+CREATE TABLE ls_seen_events (
+    id text PRIMARY KEY,
+    forget_at bigint NOT NULL
+);
+CREATE INDEX ls_seen_events_forget ON ls_seen_events (forget_at);
+CREATE TABLE ls_changes (
+    seq bigint PRIMARY KEY,
+    kind smallint NOT NULL,
+    session_id bytea NOT NULL
+);
+CREATE TABLE ls_cursors (
+    name text PRIMARY KEY,
+    value bigint NOT NULL
+);
+CREATE TABLE ls_leases (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    expires_at bigint NOT NULL
+);
+";
+
+/// The steps, in order: `(version reached, SQL)`.
+fn steps() -> Vec<(i32, String)> {
+    let counts: Vec<String> = SessionState::ALL
+        .iter()
+        .map(|s| format!("('{}', 0)", s.as_str()))
+        .collect();
+    vec![(
+        1,
+        format!(
+            "{V1}\nINSERT INTO ls_session_counts (state, n) VALUES {};",
+            counts.join(", ")
+        ),
+    )]
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] inside `tx` (refusing a newer one) and returns the
+/// stored key check `(key_id, nonce || ct)`, `None` for a new database.
+pub(crate) async fn migrate(tx: &Transaction<'_>) -> Result<Option<(i64, Vec<u8>)>> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| pg_err(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS lark_service_schema (
+            id integer PRIMARY KEY CHECK (id = 1),
+            version integer NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .map_err(|e| pg_err(&e))?;
+    let found: i32 = match tx
+        .query_opt("SELECT version FROM lark_service_schema WHERE id = 1", &[])
+        .await
+        .map_err(|e| pg_err(&e))?
+    {
+        Some(row) => row.try_get(0).map_err(|e| pg_err(&e))?,
+        None => 0,
+    };
+    if found > SCHEMA_VERSION {
+        return Err(Error::NewerDatabaseSchema {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in steps() {
+        if version > found {
+            tx.batch_execute(&sql).await.map_err(|e| pg_err(&e))?;
+        }
+    }
+    if found < SCHEMA_VERSION {
+        tx.execute(
+            "INSERT INTO lark_service_schema (id, version) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, updated_at = now()",
+            &[&SCHEMA_VERSION],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    }
+    let check = tx
+        .query_opt("SELECT key_id, sealed FROM ls_key_check WHERE id = 1", &[])
+        .await
+        .map_err(|e| pg_err(&e))?;
+    match check {
+        Some(row) => Ok(Some((
+            row.try_get(0).map_err(|e| pg_err(&e))?,
+            row.try_get(1).map_err(|e| pg_err(&e))?,
+        ))),
+        None if found == 0 => Ok(None),
+        None => Err(Error::Engine(
+            "the PostgreSQL store's key check row is missing; restore the database".to_owned(),
+        )),
+    }
+}

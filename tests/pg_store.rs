@@ -1,0 +1,355 @@
+//! The PostgreSQL backend (`storage::postgres::PgStore`) on a real, throw-away PostgreSQL:
+//! the store-trait conformance suite unchanged (each check in a fresh database), the fleet
+//! checks with two instances on one database, what only a database can show (no plaintext in
+//! any column), and the schema versioning.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::pg::Pg;
+use lark_service::net::{Net, NetOptions};
+use lark_service::storage::postgres::{PgOptions, PgStore, SCHEMA_VERSION};
+use lark_service::storage::testing::conformance::{checks, fleet_checks};
+use lark_service::storage::{
+    AuthSession, Error, Key, Keyring, SeenEvents, SessionStore, TokenStore, UserToken,
+};
+use secrecy::SecretString;
+
+fn ring() -> Keyring {
+    Keyring::new(Key::from_bytes(&[9; 32]), vec![])
+}
+
+fn net() -> Net {
+    Net::new(&NetOptions::default()).unwrap()
+}
+
+struct Server {
+    pg: Pg,
+    next: AtomicUsize,
+}
+
+impl Server {
+    fn start() -> Self {
+        Self {
+            pg: Pg::start(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// A new, empty database; its URL.
+    fn fresh_db(&self) -> String {
+        let name = format!("t{}", self.next.fetch_add(1, Ordering::SeqCst));
+        let port = self.pg.port.to_string();
+        self.pg.run(
+            "createdb",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", &name],
+        );
+        self.pg.url(&name)
+    }
+
+    fn open(&self, url: &str) -> PgStore {
+        PgStore::open(url, &net(), ring(), PgOptions::default()).unwrap()
+    }
+}
+
+#[test]
+fn postgres_passes_the_conformance_suite() {
+    let server = Server::start();
+    for (name, check) in checks::<PgStore>() {
+        eprintln!("conformance check {name}");
+        let store = server.open(&server.fresh_db());
+        if let Err(e) = check(&store) {
+            panic!("conformance check {name} failed: {e}");
+        }
+    }
+}
+
+#[test]
+fn two_postgres_instances_pass_the_fleet_checks() {
+    let server = Server::start();
+    for (name, check) in fleet_checks::<PgStore>() {
+        eprintln!("fleet check {name}");
+        let url = server.fresh_db();
+        // Two stores, two pools, two runtimes: two instances of the service.
+        let (a, b) = (server.open(&url), server.open(&url));
+        if let Err(e) = check(&a, &b) {
+            panic!("fleet check {name} failed: {e}");
+        }
+    }
+}
+
+/// Runs SQL statements on `url` with a client of its own; every column of every row as text.
+fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = lark_service::net::postgres::connect_pg(url, &net())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for m in c.simple_query(query).await.unwrap() {
+            if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                out.push((0..r.len()).map(|i| r.get(i).map(str::to_owned)).collect());
+            }
+        }
+        out
+    })
+}
+
+const SECRETS: [&str; 5] = [
+    "access-PLAINTEXT-4f1c9a",
+    "refresh-PLAINTEXT-77be02",
+    "pkce-PLAINTEXT-c0ffee",
+    "token-access-PLAINTEXT-ab12",
+    "token-refresh-PLAINTEXT-cd34",
+];
+
+fn write_secrets(store: &PgStore) -> AuthSession {
+    let mut sess = AuthSession::new_pending("cli_app", "u1", vec![], 1, 1000);
+    sess.access_token = Some(SecretString::from(SECRETS[0].to_owned()));
+    sess.refresh_token = Some(SecretString::from(SECRETS[1].to_owned()));
+    sess.pkce_verifier = Some(SecretString::from(SECRETS[2].to_owned()));
+    store.put_session(&sess).unwrap();
+    store
+        .put_token(&UserToken {
+            app_id: "cli_app".into(),
+            user_id: "u1".into(),
+            open_id: None,
+            access_token: SecretString::from(SECRETS[3].to_owned()),
+            refresh_token: Some(SecretString::from(SECRETS[4].to_owned())),
+            expires_at: 10,
+            refresh_expires_at: None,
+            refresh_due_at: 5,
+            scopes: vec![],
+            obtained_at: 1,
+            session_id: Some(sess.session_id),
+            needs_reauth: false,
+            refresh_in_doubt_since: None,
+        })
+        .unwrap();
+    sess
+}
+
+/// Sealed at rest: after writing secrets through the traits, no table of the database holds
+/// any of them, neither as text nor as bytes (a `bytea` column reads back as hex).
+#[test]
+fn postgres_holds_no_plaintext_secret() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    let tables = sql(
+        &url,
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+    );
+    assert!(
+        tables.len() >= 10,
+        "the schema's tables are listed: {tables:?}"
+    );
+    let mut scanned = 0;
+    for t in tables {
+        let name = t[0].clone().unwrap();
+        for row in sql(&url, &format!("SELECT t::text FROM \"{name}\" AS t")) {
+            let text = row[0].clone().unwrap_or_default();
+            scanned += text.len();
+            for s in SECRETS {
+                assert!(!text.contains(s), "{s} in clear in table {name}");
+                assert!(
+                    !text.contains(&hex::encode(s)),
+                    "{s} in clear (as bytes) in table {name}"
+                );
+            }
+        }
+    }
+    assert!(scanned > 0);
+    // The scan can see a secret: the sealed columns really hold what was written.
+    let got = store.get_session(sess.session_id).unwrap().unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(got.pkce_verifier.unwrap().expose_secret(), SECRETS[2]);
+    let tok = store.get_token("cli_app", "u1").unwrap().unwrap();
+    assert_eq!(tok.access_token.expose_secret(), SECRETS[3]);
+    // A known plaintext written where it may be (a user id) is found by the same scan.
+    let rows = sql(&url, "SELECT t::text FROM ls_sessions AS t");
+    assert!(rows
+        .iter()
+        .any(|r| r[0].as_deref().unwrap_or("").contains("cli_app")));
+}
+
+#[test]
+fn a_newer_schema_is_refused_and_left_alone() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    drop(server.open(&url));
+    assert_eq!(
+        sql(&url, "SELECT version FROM lark_service_schema")[0][0].as_deref(),
+        Some(SCHEMA_VERSION.to_string().as_str())
+    );
+    let newer = SCHEMA_VERSION + 1;
+    sql(
+        &url,
+        &format!("UPDATE lark_service_schema SET version = {newer}"),
+    );
+    match PgStore::open(&url, &net(), ring(), PgOptions::default()) {
+        Err(Error::NewerDatabaseSchema { found, supported }) => {
+            assert_eq!((found, supported), (newer, SCHEMA_VERSION));
+        }
+        other => panic!("a newer schema must be refused, got {other:?}"),
+    }
+    assert_eq!(
+        sql(&url, "SELECT version FROM lark_service_schema")[0][0].as_deref(),
+        Some(newer.to_string().as_str()),
+        "the refused database is not touched"
+    );
+}
+
+#[test]
+fn a_wrong_key_is_refused() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    drop(server.open(&url));
+    let other = Keyring::new(Key::from_bytes(&[3; 32]), vec![]);
+    match PgStore::open(&url, &net(), other, PgOptions::default()) {
+        Err(Error::WrongKey { .. }) => {}
+        other => panic!("another key must be refused, got {other:?}"),
+    }
+    // The previous key among the configured ones opens it.
+    let rotated = Keyring::new(Key::from_bytes(&[3; 32]), vec![Key::from_bytes(&[9; 32])]);
+    PgStore::open(&url, &net(), rotated, PgOptions::default()).unwrap();
+}
+
+/// Instances starting together on a new database: the schema is created once, both open.
+#[test]
+fn concurrent_opens_migrate_once() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let stores: Vec<PgStore> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| server.open(&url))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for st in &stores {
+        assert_eq!(st.schema_version().unwrap(), SCHEMA_VERSION);
+    }
+    assert_eq!(
+        sql(&url, "SELECT count(*) FROM lark_service_schema")[0][0].as_deref(),
+        Some("1")
+    );
+}
+
+/// The calls are synchronous: from `spawn_blocking` inside a multi-threaded tokio runtime (how
+/// the service calls the store) and from a current-thread runtime's blocking pool they work,
+/// and dropping the last handle inside an async task does not panic.
+#[test]
+fn callable_from_spawn_blocking_and_droppable_in_async_code() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    for flavor in ["multi", "current"] {
+        let rt = if flavor == "multi" {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        .unwrap();
+        let url = url.clone();
+        rt.block_on(async move {
+            let store = tokio::task::spawn_blocking(move || {
+                PgStore::open(&url, &net(), ring(), PgOptions::default()).unwrap()
+            })
+            .await
+            .unwrap();
+            let s2 = store.clone();
+            let fresh = tokio::task::spawn_blocking(move || {
+                s2.mark_events_seen(&["from-blocking"], u64::MAX / 2)
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(fresh, vec![flavor == "multi"]);
+            // The last handle dropped in async code.
+            tokio::spawn(async move { drop(store) }).await.unwrap();
+        });
+    }
+}
+
+/// A database that goes away is a transient, typed error, never a panic, and the pool
+/// reconnects when it is back.
+#[test]
+fn an_outage_is_a_transient_error_and_the_pool_recovers() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    assert!(!store.event_seen("x").unwrap());
+    server.pg.stop_immediate();
+    let e = store.event_seen("x").unwrap_err();
+    assert!(e.is_transient(), "{e:?}");
+    server.pg.start_server();
+    let mut ok = false;
+    for _ in 0..3 {
+        if store.event_seen("x").is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "the store answers again once the database is back");
+}
+
+/// The methods the service calls beyond the traits answer as the redb store's do.
+#[test]
+fn service_methods_beyond_the_traits() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    assert_eq!(store.store_key_id().unwrap(), store.active_key_id());
+    let summary = store.get_session_summary(sess.session_id).unwrap().unwrap();
+    assert_eq!(
+        (summary.session_id, summary.state, summary.has_tokens),
+        (sess.session_id.to_string(), "pending", true)
+    );
+    assert_eq!(store.count_active_tokens().unwrap(), 1);
+    let mut t = store.get_token("cli_app", "u1").unwrap().unwrap();
+    t.needs_reauth = true;
+    store.put_token(&t).unwrap();
+    assert_eq!(store.count_active_tokens().unwrap(), 0);
+    let counts = store.counts().unwrap();
+    assert_eq!((counts.sessions, counts.tokens), (1, 1));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = sess.session_id;
+    let got = rt
+        .block_on(store.run(move |s| s.get_session(id)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.session_id, id);
+}
+
+/// Until the service serves from PostgreSQL, asking for it stops the service at start instead
+/// of quietly serving from a local file (which would split a fleet).
+#[test]
+fn the_service_refuses_the_postgres_backend_it_does_not_serve_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
+        .args(["serve", "--sandbox"])
+        .current_dir(dir.path())
+        .env("STORAGE_BACKEND", "postgres")
+        .env("STORAGE_POSTGRES_URL", "postgres://u@127.0.0.1:1/db")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("storage.backend = \"postgres\""), "{err}");
+    assert!(
+        !dir.path().join("data/lark-service.redb").exists(),
+        "no local store was opened"
+    );
+}
