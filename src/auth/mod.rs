@@ -13,6 +13,7 @@ mod click;
 mod error;
 mod expire;
 pub mod flow;
+mod hooks;
 mod options;
 mod redirect;
 mod refresh;
