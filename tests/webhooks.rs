@@ -641,3 +641,94 @@ async fn no_event_is_lost_across_a_restart_of_the_binary() {
     );
     server.abort();
 }
+
+/// The expiry reminder: a grant near its hard expiry (here a grant lifetime of 8 s and a lead
+/// of 7 s, so it is due a second after authorizing) gets one new Authorize card and
+/// `token.expiring`; neither comes again, not even after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_grant_gets_one_reminder_card_and_event() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let (ca, acceptor) = receiver_tls();
+    let receiver = Receiver::default();
+    let port = free_port();
+    let server = serve_receiver(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        acceptor,
+        receiver.clone(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cas = trust_both(dir.path(), &sandbox, &ca);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let settings = [
+        ("TLS_CA_FILE", cas.as_str()),
+        ("WEBSOCKET_ENABLED", "false"),
+        ("WEBHOOKS_URLS", url.as_str()),
+        ("WEBHOOKS_SECRET", SECRET),
+        ("WEBHOOKS_GRANT_LIFETIME_SECONDS", "8"),
+        ("WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS", "7"),
+    ];
+    let svc = Service::start_in(dir, &sandbox, &settings).await;
+    let admin = format!("http://{}", svc.admin);
+    let http = reqwest::Client::new();
+    authorize(&http, &admin, &sandbox, "ou_sandbox_alice", true).await;
+    assert_eq!(sandbox.messages_for("ou_sandbox_alice").len(), 1);
+    eventually("the reminder card", Duration::from_secs(20), || {
+        sandbox.messages_for("ou_sandbox_alice").len() == 2
+    })
+    .await;
+    let reminder = sandbox.messages_for("ou_sandbox_alice")[1].content.clone();
+    assert!(
+        find_string(&reminder, &|s| s.contains("/open-apis/authen/v1/authorize?")).is_some(),
+        "the reminder is an Authorize card: {reminder}"
+    );
+    eventually("token.expiring delivered", Duration::from_secs(20), || {
+        receiver
+            .accepted()
+            .values()
+            .any(|g| g[0].json()["type"] == "token.expiring")
+    })
+    .await;
+    let accepted = receiver.accepted();
+    let completed = accepted
+        .values()
+        .map(|g| g[0].json())
+        .find(|v| v["type"] == "authorization.completed")
+        .unwrap();
+    let expiring = accepted
+        .values()
+        .map(|g| g[0].json())
+        .find(|v| v["type"] == "token.expiring")
+        .unwrap();
+    assert_eq!(expiring["user_id"], "ou_sandbox_alice");
+    assert_eq!(expiring["session_id"], completed["session_id"]);
+    let at = |v: &Value, k: &str| {
+        chrono::DateTime::parse_from_rfc3339(v[k].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    // The grant ends its lifetime (8 s) after the authorization.
+    let lifetime = at(&expiring, "expires_at") - at(&completed, "time");
+    assert!((7_000..=9_000).contains(&lifetime), "{lifetime} ms");
+
+    // Several reminder runs (one a second) later: still one reminder.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sandbox.messages_for("ou_sandbox_alice").len(), 2);
+    // And after a restart.
+    let dir = svc.stop_keep_dir().await;
+    let svc = Service::start_in(dir, &sandbox, &settings).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        sandbox.messages_for("ou_sandbox_alice").len(),
+        2,
+        "the reminder was recorded: a restart does not send it again"
+    );
+    let expiring_events = receiver
+        .accepted()
+        .values()
+        .filter(|g| g[0].json()["type"] == "token.expiring")
+        .count();
+    assert_eq!(expiring_events, 1);
+    svc.stop().await;
+    server.abort();
+}
