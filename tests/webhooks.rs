@@ -679,7 +679,9 @@ async fn expiring_grant_gets_one_reminder_card_and_event() {
     .await;
     let reminder = sandbox.messages_for("ou_sandbox_alice")[1].content.clone();
     assert!(
-        find_string(&reminder, &|s| s.contains("/open-apis/authen/v1/authorize?")).is_some(),
+        find_string(&reminder, &|s| s
+            .contains("/open-apis/authen/v1/authorize?"))
+        .is_some(),
         "the reminder is an Authorize card: {reminder}"
     );
     eventually("token.expiring delivered", Duration::from_secs(20), || {
@@ -729,6 +731,92 @@ async fn expiring_grant_gets_one_reminder_card_and_event() {
         .filter(|g| g[0].json()["type"] == "token.expiring")
         .count();
     assert_eq!(expiring_events, 1);
+    svc.stop().await;
+    server.abort();
+}
+
+/// The platform refuses a refresh token for good (20037, the 365-day cap reached early):
+/// `token.needs_reauth` is delivered, with the user and the session, and no token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_refresh_sends_token_needs_reauth() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        // Due for refresh 1.6 s after it is issued.
+        user_token_ttl: 2,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let (ca, acceptor) = receiver_tls();
+    let receiver = Receiver::default();
+    let port = free_port();
+    let server = serve_receiver(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        acceptor,
+        receiver.clone(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cas = trust_both(dir.path(), &sandbox, &ca);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let svc = Service::start_in(
+        dir,
+        &sandbox,
+        &[
+            ("TLS_CA_FILE", cas.as_str()),
+            ("WEBSOCKET_ENABLED", "false"),
+            ("WEBHOOKS_URLS", url.as_str()),
+            ("WEBHOOKS_SECRET", SECRET),
+        ],
+    )
+    .await;
+    let admin = format!("http://{}", svc.admin);
+    let http = reqwest::Client::new();
+    authorize(&http, &admin, &sandbox, "ou_sandbox_alice", true).await;
+    let access = access_token(&http, &admin, "ou_sandbox_alice").await;
+    sandbox.fail_next_code("oauth_token", 20037, 10);
+    eventually(
+        "token.needs_reauth delivered",
+        Duration::from_secs(30),
+        || {
+            receiver
+                .accepted()
+                .values()
+                .any(|g| g[0].json()["type"] == "token.needs_reauth")
+        },
+    )
+    .await;
+    let all: Vec<Value> = receiver.accepted().values().map(|g| g[0].json()).collect();
+    let completed = all
+        .iter()
+        .find(|v| v["type"] == "authorization.completed")
+        .unwrap();
+    let reauth = all
+        .iter()
+        .find(|v| v["type"] == "token.needs_reauth")
+        .unwrap();
+    assert_eq!(reauth["user_id"], "ou_sandbox_alice");
+    assert_eq!(reauth["open_id"], "ou_sandbox_alice");
+    assert_eq!(reauth["session_id"], completed["session_id"]);
+    let r = http
+        .get(format!("{admin}/api/v1/users/ou_sandbox_alice/token"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        409,
+        "the token API agrees: reauthorization needed"
+    );
+    check_deliveries(
+        &receiver.all(),
+        &[
+            SECRET.to_owned(),
+            APP_SECRET.to_owned(),
+            ADMIN.to_owned(),
+            access,
+        ],
+    );
     svc.stop().await;
     server.abort();
 }
