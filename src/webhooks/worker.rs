@@ -237,7 +237,7 @@ impl Worker for WebhookWorker {
             sent += 1;
         }
         if sent > 0 {
-            let (live, dead) = self.store.clone().run(|s| s.outbox_counts()).await?;
+            let (live, dead) = self.store.clone().run(Store::outbox_counts).await?;
             self.set_gauges(live, dead);
             if live == 0 {
                 info!(sent, "Webhook outbox drained.");
