@@ -647,6 +647,8 @@ async fn no_event_is_lost_across_a_restart_of_the_binary() {
 /// `token.expiring`; neither comes again, not even after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiring_grant_gets_one_reminder_card_and_event() {
+    // In-process: its deliveries move the process-wide counters another test compares.
+    let _serial = common::METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     let (ca, acceptor) = receiver_tls();
     let receiver = Receiver::default();
@@ -739,6 +741,8 @@ async fn expiring_grant_gets_one_reminder_card_and_event() {
 /// `token.needs_reauth` is delivered, with the user and the session, and no token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_refresh_sends_token_needs_reauth() {
+    // In-process: its deliveries move the process-wide counters another test compares.
+    let _serial = common::METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions {
         // Due for refresh 1.6 s after it is issued.
         user_token_ttl: 2,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 use url::Url;
 
 use super::sign::{sign, EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER};
@@ -127,17 +127,50 @@ impl WebhookWorker {
     }
 
     /// Delivers one due entry to the URLs still owed it; stores the outcome.
+    ///
+    /// `down` holds the URLs that failed earlier in this unit, with the time their entry
+    /// waits until: they are not tried again in this unit (one slow or dead receiver costs one
+    /// timeout per unit, not one per entry, and does not hold up the others); an entry owed
+    /// only to such URLs waits as long, without counting an attempt.
     async fn deliver(
         &self,
         mut entry: OutboxEntry,
         must_exit: &CancellationToken,
+        down: &mut Vec<(Url, u64)>,
     ) -> Result<(), BoxError> {
-        let owed: Vec<&Url> = self
+        let all_owed: Vec<&Url> = self
             .opts
             .urls
             .iter()
             .filter(|u| !entry.delivered_to.iter().any(|d| d == u.as_str()))
             .collect();
+        let owed: Vec<&Url> = all_owed
+            .iter()
+            .copied()
+            .filter(|u| !down.iter().any(|(d, _)| d == *u))
+            .collect();
+        if owed.is_empty() {
+            let until = down
+                .iter()
+                .filter(|(d, _)| all_owed.contains(&d))
+                .map(|(_, t)| *t)
+                .max()
+                .unwrap_or_else(|| self.clock.now_ms());
+            if all_owed.is_empty() {
+                let seq = entry.seq;
+                self.store
+                    .clone()
+                    .run(move |s| s.outbox_delivered(seq))
+                    .await?;
+            } else if until > entry.next_attempt_at {
+                entry.next_attempt_at = until;
+                self.store
+                    .clone()
+                    .run(move |s| s.outbox_reschedule(&entry))
+                    .await?;
+            }
+            return Ok(());
+        }
         let sends = join_all(owed.iter().map(|u| self.send(u, &entry)));
         let results = tokio::select! {
             r = sends => r,
@@ -146,6 +179,7 @@ impl WebhookWorker {
         };
         let m = metrics::get();
         let mut failure = None;
+        let mut failed_urls = Vec::new();
         for (url, r) in owed.iter().zip(results) {
             let (outcome, err) = match r {
                 Sent::Ok => {
@@ -167,6 +201,7 @@ impl WebhookWorker {
                     "Webhook delivery failed; it will be retried."
                 );
                 failure = Some(format!("{}: {e}", url.host_str().unwrap_or("")));
+                failed_urls.push((*url).clone());
             }
         }
         let store = self.store.clone();
@@ -192,6 +227,7 @@ impl WebhookWorker {
             let wait = self.opts.backoff.delay(entry.attempts);
             let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
             entry.next_attempt_at = self.clock.now_ms().saturating_add(wait_ms);
+            down.extend(failed_urls.into_iter().map(|u| (u, entry.next_attempt_at)));
             store.run(move |s| s.outbox_reschedule(&entry)).await?;
         }
         Ok(())
@@ -225,6 +261,7 @@ impl Worker for WebhookWorker {
         let now = self.clock.now_ms();
         let mut sent = 0usize;
         let mut soonest = u64::MAX;
+        let mut down = Vec::new();
         for entry in entries {
             if must_exit.is_cancelled() {
                 return Ok(WorkerState::Done);
@@ -233,18 +270,107 @@ impl Worker for WebhookWorker {
                 soonest = soonest.min(entry.next_attempt_at);
                 continue;
             }
-            self.deliver(entry, must_exit).await?;
+            self.deliver(entry, must_exit, &mut down).await?;
             sent += 1;
         }
         if sent > 0 {
             let (live, dead) = self.store.clone().run(Store::outbox_counts).await?;
             self.set_gauges(live, dead);
             if live == 0 {
-                info!(sent, "Webhook outbox drained.");
+                debug!(sent, "Webhook outbox drained.");
             }
             return Ok(WorkerState::Busy);
         }
         let until_due = Duration::from_millis(soonest.saturating_sub(now));
         Ok(WorkerState::Throttled(until_due.min(POLL)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::net::NetOptions;
+    use crate::storage::{Key, Keyring, OutboxEvent, StoreOptions};
+    use crate::workers::ManualClock;
+
+    fn event(id: &str) -> OutboxEvent {
+        OutboxEvent {
+            event_id: id.to_owned(),
+            kind: "token.revoked".to_owned(),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    /// A receiver nobody listens on: the first due entry tries it and counts an attempt; the
+    /// others in the same unit do not try it again and wait as long, without an attempt. Once
+    /// out of attempts an entry is dead.
+    #[tokio::test]
+    async fn a_down_receiver_is_tried_once_per_unit_and_entries_end_dead() {
+        let store = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[3; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let mut w = WebhookWorker::new(
+            store.clone(),
+            &Net::new(&NetOptions::default()).unwrap(),
+            WebhookWorkerOptions {
+                urls: vec![Url::parse(&format!("http://127.0.0.1:{port}/hook")).unwrap()],
+                secret: SecretString::from("s".repeat(32)),
+                timeout: Duration::from_secs(2),
+                max_attempts: 2,
+                backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+            },
+            clock.clone(),
+        )
+        .unwrap();
+        store
+            .outbox_append(&[event("a"), event("b"), event("c")], 1_000_000)
+            .unwrap();
+        let cancel = CancellationToken::new();
+        assert_eq!(w.work(&cancel).await.unwrap(), WorkerState::Busy);
+        let got = store.outbox_pending(10).unwrap();
+        let attempts: Vec<u32> = got.iter().map(|e| e.attempts).collect();
+        assert_eq!(
+            attempts,
+            [1, 0, 0],
+            "only the first entry tried the down URL"
+        );
+        assert!(
+            got.iter().all(|e| e.next_attempt_at == 1_001_000),
+            "all wait the first retry's backoff: {got:?}"
+        );
+        assert!(got[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("127.0.0.1")));
+        // Nothing is due: the worker waits (at most its poll interval).
+        assert!(matches!(
+            w.work(&cancel).await.unwrap(),
+            WorkerState::Throttled(_)
+        ));
+        clock.advance(Duration::from_secs(1));
+        w.work(&cancel).await.unwrap();
+        assert_eq!(
+            store.outbox_dead(10).unwrap().len(),
+            1,
+            "the first entry is out of attempts"
+        );
+        let live = store.outbox_pending(10).unwrap();
+        assert_eq!(
+            live.iter().map(|e| e.attempts).collect::<Vec<_>>(),
+            [1, 0],
+            "the next one tried once"
+        );
+        assert_eq!(store.outbox_counts().unwrap(), (2, 1));
     }
 }
