@@ -824,3 +824,60 @@ async fn refused_refresh_sends_token_needs_reauth() {
     svc.stop().await;
     server.abort();
 }
+
+/// A card nobody answers: the sweep expires the session and `authorization.failed` with
+/// `session_expired` is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_session_sends_authorization_failed() {
+    // In-process: its deliveries move the process-wide counters another test compares.
+    let _serial = common::METRICS_SERIAL.lock().await;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let (ca, acceptor) = receiver_tls();
+    let receiver = Receiver::default();
+    let port = free_port();
+    let server = serve_receiver(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        acceptor,
+        receiver.clone(),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cas = trust_both(dir.path(), &sandbox, &ca);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let svc = Service::start_in(
+        dir,
+        &sandbox,
+        &[
+            ("TLS_CA_FILE", cas.as_str()),
+            ("WEBSOCKET_ENABLED", "false"),
+            ("WEBHOOKS_URLS", url.as_str()),
+            ("WEBHOOKS_SECRET", SECRET),
+            ("AUTH_SESSION_EXPIRY_SECONDS", "10"),
+            ("SWEEP_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let (status, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_carol"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let session = body["session_id"].as_str().unwrap().to_owned();
+    eventually(
+        "authorization.failed delivered",
+        Duration::from_secs(30),
+        || !receiver.accepted().is_empty(),
+    )
+    .await;
+    let all: Vec<Value> = receiver.accepted().values().map(|g| g[0].json()).collect();
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["type"], "authorization.failed");
+    assert_eq!(all[0]["reason"], "session_expired");
+    assert_eq!(all[0]["user_id"], "ou_sandbox_carol");
+    assert_eq!(all[0]["session_id"], session.as_str());
+    check_deliveries(&receiver.all(), &[SECRET.to_owned(), APP_SECRET.to_owned()]);
+    svc.stop().await;
+    server.abort();
+}
