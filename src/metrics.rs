@@ -281,6 +281,9 @@ fn register_webhook_metrics(m: &Metrics, r: &mut Registry) {
             .webhook_deliveries
             .get_or_create(&OutcomeLabel { outcome });
     }
+    for worker in ["webhooks", "expiry_reminders"] {
+        let _ = m.worker_restarts.get_or_create(&WorkerLabel { worker });
+    }
 }
 
 impl Metrics {
