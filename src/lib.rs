@@ -23,4 +23,5 @@ pub mod sandbox;
 pub mod schedule;
 pub mod storage;
 pub mod telemetry;
+pub mod webhooks;
 pub mod workers;

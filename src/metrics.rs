@@ -273,6 +273,43 @@ pub struct Metrics {
     pub export_errors: Counter,
     /// Changes not yet exported (last change seq minus the export cursor).
     pub export_lag: Gauge,
+    /// Webhook deliveries (one event to one URL) by outcome: success, retry (5xx, timeout,
+    /// connection error: tried again later), rejected (another 4xx/3xx answer: tried again
+    /// later too), dead (an event out of attempts).
+    pub webhook_deliveries: Family<OutcomeLabel, Counter>,
+    /// Webhook events not yet delivered to every URL.
+    pub webhook_outbox_pending: Gauge,
+    /// Webhook events kept as dead (out of attempts).
+    pub webhook_outbox_dead: Gauge,
+}
+
+/// The outcomes of `webhook_deliveries`.
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["success", "retry", "rejected", "dead"];
+
+fn register_webhook_metrics(m: &Metrics, r: &mut Registry) {
+    r.register(
+        "webhook_deliveries",
+        "Webhook deliveries (one event to one URL), by outcome",
+        m.webhook_deliveries.clone(),
+    );
+    r.register(
+        "webhook_outbox_pending",
+        "Webhook events not yet delivered to every URL",
+        m.webhook_outbox_pending.clone(),
+    );
+    r.register(
+        "webhook_outbox_dead",
+        "Webhook events kept as dead after their last attempt",
+        m.webhook_outbox_dead.clone(),
+    );
+    for outcome in WEBHOOK_OUTCOMES {
+        let _ = m
+            .webhook_deliveries
+            .get_or_create(&OutcomeLabel { outcome });
+    }
+    for worker in ["webhooks", "expiry_reminders"] {
+        let _ = m.worker_restarts.get_or_create(&WorkerLabel { worker });
+    }
 }
 
 impl Metrics {
@@ -317,6 +354,9 @@ impl Metrics {
             export_rows: Counter::default(),
             export_errors: Counter::default(),
             export_lag: Gauge::default(),
+            webhook_deliveries: Family::default(),
+            webhook_outbox_pending: Gauge::default(),
+            webhook_outbox_dead: Gauge::default(),
         };
         {
             let mut r = m
@@ -505,6 +545,7 @@ impl Metrics {
                 "Session changes not yet exported to PostgreSQL",
                 m.export_lag.clone(),
             );
+            register_webhook_metrics(&m, &mut r);
         }
         m.zero_known_labels();
         m

@@ -11,6 +11,8 @@ impl AuthService {
     /// After a sweep: the expired sessions' cards become "expired" and each counts as
     /// `auth_failure{reason="session_expired"}`. Pass `SweepReport::expired`.
     pub async fn on_sweep_expired(&self, expired: Vec<(SessionId, Option<String>)>) {
+        let ids: Vec<SessionId> = expired.iter().map(|(id, _)| *id).collect();
+        self.expired_events(&ids).await;
         for (id, card_message_id) in expired {
             let flow = Flow {
                 phase: Phase::AwaitingRedirect,

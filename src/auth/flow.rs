@@ -74,6 +74,8 @@ pub(super) struct Inner {
     pub(super) request_locks: KeyedLocks,
     /// The app's own `tenant_key`, once read (see [`AuthService::app_tenant`]).
     pub(super) tenant: tokio::sync::OnceCell<String>,
+    /// Whether the changes append webhook events to the outbox (webhooks configured).
+    pub(super) webhook_events: std::sync::atomic::AtomicBool,
 }
 
 /// Whether requests use the device flow, and the signal that stops its polls (see
@@ -172,6 +174,7 @@ impl AuthService {
                 token_locks: KeyedLocks::default(),
                 request_locks: KeyedLocks::default(),
                 tenant: tokio::sync::OnceCell::new(),
+                webhook_events: std::sync::atomic::AtomicBool::new(false),
             }),
             tasks: TaskTracker::new(),
             device: DeviceCtl::default(),
@@ -246,8 +249,11 @@ impl AuthService {
                     None => None,
                 };
                 let u2 = updated.clone();
+                let events = self.transition_events(&updated, token.is_some());
                 let outcome = store
-                    .run(move |s| s.update_if_pending(expect, &u2, token.as_ref()))
+                    .run(move |s| {
+                        s.update_if_pending_with_events(expect, &u2, token.as_ref(), &events)
+                    })
                     .await?;
                 drop(guard);
                 match outcome {

@@ -14,6 +14,7 @@ mod device;
 mod error;
 mod expire;
 pub mod flow;
+mod hooks;
 mod options;
 mod redirect;
 mod refresh;

@@ -275,7 +275,13 @@ impl AuthService {
         let session = tok.session_id;
         tok.needs_reauth = true;
         let t2 = tok.clone();
-        if let Err(e) = self.store().run(move |s| s.put_token(&t2)).await {
+        let now = self.now();
+        let events = self.needs_reauth_events(&tok, now);
+        if let Err(e) = self
+            .store()
+            .run(move |s| s.put_token_with_events(&t2, &events, now))
+            .await
+        {
             return TokenError::Store(e);
         }
         if self.inner.opts.resend_card_on_reauth {

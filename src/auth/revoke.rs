@@ -37,9 +37,12 @@ impl AuthService {
         };
         let _guard = self.inner.token_locks.lock(&summary.user_id).await;
         let now = self.now();
+        let me = self.clone();
         self.store()
             .run(move |s| {
-                s.revoke_session(id, now)?;
+                s.revoke_session_with_events(id, now, |r| {
+                    me.revoked_events(&r.user_id, r.open_id.as_deref(), Some(id), now)
+                })?;
                 s.get_session_summary(id)
             })
             .await
@@ -58,16 +61,27 @@ impl AuthService {
         let app = self.inner.app_id.clone();
         let now = self.now();
         let k = key.clone();
+        let me = self.clone();
         let revoked = self
             .store()
             .run(move |s| {
                 let Some(tok) = s.get_token(&app, &k)? else {
                     return Ok(None);
                 };
-                if let Some(id) = tok.session_id {
-                    s.revoke_session(id, now)?;
+                let events = me.revoked_events(&k, tok.open_id.as_deref(), tok.session_id, now);
+                // With a session, the event goes with the session's revocation (which deletes
+                // the token it produced); without one, with the token's deletion.
+                let revoked_session = match tok.session_id {
+                    Some(id) => s
+                        .revoke_session_with_events(id, now, |_| events.clone())?
+                        .is_some(),
+                    None => false,
+                };
+                if revoked_session {
+                    s.delete_token(&app, &k)?;
+                } else {
+                    s.delete_token_with_events(&app, &k, &events, now)?;
                 }
-                s.delete_token(&app, &k)?;
                 Ok(Some(Revoked {
                     user_id: k,
                     session_id: tok.session_id,

@@ -218,6 +218,8 @@ pub struct Config {
     pub public_url: Option<Url>,
     /// Trust and proxy for outgoing connections.
     pub network: NetworkConfig,
+    /// Outgoing webhooks and expiry reminders.
+    pub webhooks: WebhooksConfig,
     resolved: BTreeMap<&'static str, (Value, Source)>,
 }
 
@@ -653,6 +655,7 @@ impl Config {
                 proxy: r.secret("network.proxy"),
                 no_proxy: r.plain("network.no_proxy").filter(|s| !s.trim().is_empty()),
             },
+            webhooks: webhooks_config(&r)?,
             resolved: resolved.clone(),
         };
         r.check(
@@ -1100,6 +1103,83 @@ fn storage_backend(r: &Reader<'_>) -> Result<StorageBackend, ConfigError> {
         }
         _ => Err(r.invalid("storage.backend", Some(&backend), "redb or postgres")),
     }
+}
+
+/// Outgoing webhooks (`[webhooks]`), see `crate::webhooks`.
+#[derive(Debug, Clone)]
+pub struct WebhooksConfig {
+    /// Receivers; empty: no webhooks (no event is recorded).
+    pub urls: Vec<Url>,
+    /// The signing secret (required with `urls`).
+    pub secret: Option<SecretString>,
+    /// Longest one delivery may take.
+    pub timeout: Duration,
+    /// Delivery rounds before an event is kept as dead.
+    pub max_attempts: u32,
+    /// Lead time of the expiry reminder; zero: none.
+    pub reminder_lead: Duration,
+    /// How long a grant lasts at the platform.
+    pub grant_lifetime: Duration,
+}
+
+impl WebhooksConfig {
+    /// True when events are recorded and delivered.
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
+    }
+}
+
+/// The shortest webhook secret accepted.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 32;
+
+fn webhooks_config(r: &Reader<'_>) -> Result<WebhooksConfig, ConfigError> {
+    let mut urls = Vec::new();
+    if let Some(list) = r.plain("webhooks.urls") {
+        for item in list.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+            let u = Url::parse(item)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .ok_or_else(|| {
+                    r.invalid("webhooks.urls", Some(item), "comma-separated http(s) URLs")
+                })?;
+            urls.push(u);
+        }
+    }
+    let secret = r.secret("webhooks.secret");
+    if !urls.is_empty() {
+        match &secret {
+            None => {
+                return Err(r.invalid(
+                    "webhooks.secret",
+                    None,
+                    "a secret of at least 32 bytes (webhooks.urls is set; events are never sent unsigned)",
+                ))
+            }
+            Some(s) if s.expose_secret().trim().len() < MIN_WEBHOOK_SECRET_BYTES => {
+                return Err(r.invalid(
+                    "webhooks.secret",
+                    None,
+                    "a secret of at least 32 bytes (openssl rand -hex 32)",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(WebhooksConfig {
+        urls,
+        secret,
+        timeout: r.secs("webhooks.timeout_seconds", 1, 600)?,
+        max_attempts: u32::try_from(r.int(
+            "webhooks.max_attempts",
+            1,
+            1000,
+            "a whole number from 1 to 1000",
+        )?)
+        .unwrap_or(12),
+        reminder_lead: r.secs("webhooks.expiry_reminder_lead_seconds", 0, 365 * 86400)?,
+        grant_lifetime: r.secs("webhooks.grant_lifetime_seconds", 1, 10 * 365 * 86400)?,
+    })
 }
 
 struct Reader<'a> {

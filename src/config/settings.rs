@@ -93,6 +93,12 @@ pub const SETTINGS: &[Setting] = &[
     s!("mcp.client_requests_per_minute", ["MCP_CLIENT_REQUESTS_PER_MINUTE"], Some("600"), false, "Requests per minute to /mcp from one client (one bearer token from one address, however many MCP sessions it opens)."),
     s!("mcp.global_requests_per_minute", ["MCP_GLOBAL_REQUESTS_PER_MINUTE"], Some("3000"), false, "Requests per minute to /mcp from all clients together."),
     s!("admin.listen", ["ADMIN_LISTEN"], Some("127.0.0.1:8081"), false, "Address of the admin listener: the admin API (tokens, sessions, revoke, backups, workers, GET /) and /mcp. Keep it private."),
+    s!("webhooks.urls", ["WEBHOOKS_URLS"], None, false, "Comma-separated http(s) URLs that get every webhook event (authorization.completed, authorization.failed, token.needs_reauth, token.revoked, token.expiring); unset: no webhooks."),
+    s!("webhooks.secret", ["WEBHOOKS_SECRET"], None, true, "Shared secret (at least 32 bytes) the webhook bodies are signed with (HMAC-SHA256, header X-Lark-Service-Signature); required when webhooks.urls is set."),
+    s!("webhooks.timeout_seconds", ["WEBHOOKS_TIMEOUT_SECONDS"], Some("10"), false, "How long one webhook delivery may take before it counts as failed and is retried."),
+    s!("webhooks.max_attempts", ["WEBHOOKS_MAX_ATTEMPTS"], Some("12"), false, "Delivery rounds of one event before it is kept as dead (visible in /workers and the metrics)."),
+    s!("webhooks.expiry_reminder_lead_seconds", ["WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS"], Some("604800"), false, "How long before a grant's hard expiry (365 days after the user authorized) the user gets a reminder card and token.expiring is sent; 0: no reminders."),
+    s!("webhooks.grant_lifetime_seconds", ["WEBHOOKS_GRANT_LIFETIME_SECONDS"], Some("31536000"), false, "How long the platform keeps a user's grant before the user must authorize again (365 days, error 20037)."),
 ];
 
 /// Looks a setting up by its TOML key.

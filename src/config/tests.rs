@@ -601,3 +601,43 @@ fn storage_backend_postgres_without_a_url_or_host_is_refused() {
     assert!(!e.to_string().contains("hunter2-secret"));
     assert!(e.to_string().contains("POSTGRES_PORT"), "{e}");
 }
+
+/// Webhooks: off by default; URLs need a secret of at least 32 bytes (never sent unsigned),
+/// which may come from a file; a URL that is not http(s) is refused by name.
+#[test]
+fn webhooks_need_a_long_enough_secret() {
+    let c = Config::load_with(&opts(None), &env(&[])).unwrap();
+    assert!(!c.webhooks.enabled());
+    assert_eq!(c.webhooks.max_attempts, 12);
+    assert_eq!(c.webhooks.reminder_lead, Duration::from_secs(7 * 86400));
+    assert_eq!(c.webhooks.grant_lifetime, Duration::from_secs(365 * 86400));
+    let url = (
+        "WEBHOOKS_URLS",
+        "https://a.example/hook, https://b.example/h",
+    );
+    let e = Config::load_with(&opts(None), &env(&[url])).unwrap_err();
+    assert!(
+        e.to_string().contains("WEBHOOKS_SECRET") || e.to_string().contains("webhooks.secret"),
+        "{e}"
+    );
+    let short = Config::load_with(&opts(None), &env(&[url, ("WEBHOOKS_SECRET", "short")]));
+    let e = short.unwrap_err().to_string();
+    assert!(!e.contains("short"), "the secret is never printed: {e}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "whsec", &"k".repeat(40), 0o600);
+    let c = Config::load_with(
+        &opts(None),
+        &env(&[url, ("WEBHOOKS_SECRET_FILE", file.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert_eq!(c.webhooks.urls.len(), 2);
+    assert_eq!(c.webhooks.secret.unwrap().expose_secret(), "k".repeat(40));
+    let bad = Config::load_with(
+        &opts(None),
+        &env(&[
+            ("WEBHOOKS_URLS", "ftp://x"),
+            ("WEBHOOKS_SECRET", &"k".repeat(40)),
+        ]),
+    );
+    assert!(bad.unwrap_err().to_string().contains("WEBHOOKS_URLS"));
+}

@@ -292,6 +292,7 @@ async fn serve_until(
     let http_addr = local_addr(&listeners.http, "HTTP")?;
     let admin_addr = local_addr(&listeners.admin, "admin")?;
     start_rotation(sup, &store).await?;
+    start_webhooks(cfg, sup, &store, &app)?;
     let conn = start_workers(cfg, sup, &store, &app, backup, reloads);
     let ready = Arc::new(AtomicBool::new(false));
     // Stopping the listeners is the first step of shutdown; the supervisor's cancellation
@@ -407,6 +408,61 @@ async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonErr
             Err(e) => error!(error = %e, "Key rotation failed; records under previous keys stay readable."),
         }
     });
+    Ok(())
+}
+
+/// With webhook URLs: changes append their events to the outbox from now on, and the delivery
+/// worker (`webhooks`) drains it. The expiry reminder (`expiry_reminders`) runs whenever its
+/// lead time is set, with or without URLs: the reminder card is the point, the event a bonus.
+fn start_webhooks(
+    cfg: &Config,
+    sup: &Supervisor,
+    store: &Store,
+    app: &App,
+) -> Result<(), DaemonError> {
+    let w = &cfg.webhooks;
+    if let (true, Some(secret)) = (w.enabled(), w.secret.clone()) {
+        app.auth.enable_webhook_events();
+        let worker = crate::webhooks::WebhookWorker::new(
+            store.clone(),
+            &app.net,
+            crate::webhooks::WebhookWorkerOptions {
+                urls: w.urls.clone(),
+                secret,
+                timeout: w.timeout,
+                max_attempts: w.max_attempts,
+                backoff: crate::backoff::Backoff::new(
+                    Duration::from_secs(1),
+                    Duration::from_secs(600),
+                ),
+            },
+            sup.clock(),
+        )
+        .map_err(|e| DaemonError::Network(format!("webhook HTTP client: {e}")))?;
+        info!(
+            receivers = w.urls.len(),
+            "Webhook events are recorded and delivered."
+        );
+        sup.start(worker);
+    }
+    if !w.reminder_lead.is_zero() && !app.app_id.is_empty() {
+        let auth = app.auth.clone();
+        let (lead, lifetime) = (w.reminder_lead, w.grant_lifetime);
+        // Looked at often enough for the lead time: an eighth of it, 1 s to 10 min.
+        let every = (lead / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        sup.start(FnWorker::new(
+            "expiry_reminders",
+            Box::new(move || {
+                let auth = auth.clone();
+                Box::pin(async move {
+                    auth.remind_expiring(lead, lifetime)
+                        .await
+                        .map(|_| every)
+                        .map_err(|e| e.to_string())
+                })
+            }),
+        ));
+    }
     Ok(())
 }
 

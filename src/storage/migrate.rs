@@ -8,6 +8,9 @@
 //! Schema 5 adds the (empty) `leases` table.
 //! Schema 6 adds `session_counts`, counted once from the records (the only time opening a store
 //! decodes every session).
+//! Schema 7 adds the (empty) `outbox`, `outbox_dead` and `grants` tables; `grants` is
+//! seeded from the tokens: the creation time of the session that produced each, else the token's
+//! `obtained_at` (the earliest time known, so a reminder comes early rather than late).
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -18,6 +21,7 @@ use super::tables::{
     SESSIONS, SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
     USERS,
 };
+use super::tables::{GRANTS, OUTBOX, OUTBOX_DEAD};
 use super::tokens::refreshable;
 use super::{Error, Result, Store};
 
@@ -38,6 +42,15 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(CHANGES).map_err(e)?;
     txn.open_table(LEASES).map_err(e)?;
     txn.open_table(SESSION_COUNTS).map_err(e)?;
+    create_outbox_tables(store, txn)
+}
+
+/// Schema 7: the webhook outbox and the reminders sent (empty when created).
+fn create_outbox_tables(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let e = |e| store.err(e);
+    txn.open_table(OUTBOX).map_err(e)?;
+    txn.open_table(OUTBOX_DEAD).map_err(e)?;
+    txn.open_table(GRANTS).map_err(e)?;
     Ok(())
 }
 
@@ -55,6 +68,9 @@ pub(crate) fn migrate(store: &Store, txn: &WriteTransaction, from: u32) -> Resul
     }
     if from < 6 {
         store.rebuild_counts_in(txn)?;
+    }
+    if from < 7 {
+        v6_to_v7(store, txn)?;
     }
     if from == 0 {
         return Err(Error::Corrupt {
@@ -131,4 +147,25 @@ fn v3_to_v4(store: &Store, txn: &WriteTransaction) -> Result<()> {
         }
     }
     super::changes::set_last_seq_in(store, txn, seq)
+}
+
+fn v6_to_v7(store: &Store, txn: &WriteTransaction) -> Result<()> {
+    let tokens = txn.open_table(TOKENS).map_err(|e| store.err(e))?;
+    let sessions = txn.open_table(SESSIONS).map_err(|e| store.err(e))?;
+    let mut grants = txn.open_table(GRANTS).map_err(|e| store.err(e))?;
+    for row in tokens.iter().map_err(|e| store.err(e))? {
+        let (k, v) = row.map_err(|e| store.err(e))?;
+        let t = StoredToken::decode(v.value())?;
+        let mut granted_at = t.obtained_at;
+        if let Some(id) = t.session_id {
+            if let Some(sv) = sessions.get(id.0).map_err(|e| store.err(e))? {
+                granted_at = granted_at.min(StoredSession::decode(sv.value())?.created_at);
+            }
+        }
+        let (app, user) = k.value();
+        grants
+            .insert((app, user), (granted_at, 0))
+            .map_err(|e| store.err(e))?;
+    }
+    Ok(())
 }

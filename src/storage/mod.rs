@@ -17,6 +17,7 @@ mod keys;
 mod leases;
 mod migrate;
 pub mod postgres;
+mod outbox;
 mod records;
 mod sessions;
 mod sweep;
@@ -38,12 +39,15 @@ pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use events::{valid_event_key, MAX_EVENT_KEY_BYTES};
 pub use keys::{KeyStatus, RotationReport};
+pub use outbox::{ExpiringGrant, OutboxEntry, OutboxEvent};
 pub use records::{
     AuthSession, FailureReason, SessionId, SessionRecord, SessionState, UserInfo, UserToken,
 };
 pub use sessions::{PendingUpdate, SessionSummary};
 pub use sweep::SweepReport;
-pub use traits::{Backend, ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
+pub use traits::{
+    Backend, ChangeFeed, Leases, Outbox, SeenEvents, SessionStore, TokenStore, UserStore,
+};
 
 use envelope::{Place, Sealed};
 use tables::{META, SCHEMA_VERSION};

@@ -8,7 +8,7 @@ use super::tables::{
     CHANGES, CHANGE_UPSERT, DEADLINE_EXPIRE, DEADLINE_PURGE, META, OAUTH_STATES, SESSIONS,
     SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
 };
-use super::{AuthSession, Error, Result, SessionId, SessionState, Store, UserToken};
+use super::{AuthSession, Error, OutboxEvent, Result, SessionId, SessionState, Store, UserToken};
 
 /// When a stored session next needs the sweep, and for what.
 pub(crate) fn deadline_of(s: &StoredSession, retention_ms: u64) -> (u64, u8) {
@@ -151,6 +151,18 @@ impl Store {
         s: &AuthSession,
         token: Option<&UserToken>,
     ) -> Result<PendingUpdate> {
+        self.update_if_pending_with_events(expect_hash, s, token, &[])
+    }
+
+    /// [`Store::update_if_pending`] that also appends `events` to the webhook outbox in the
+    /// same transaction (at the session's `updated_at`): only when the transition is written.
+    pub fn update_if_pending_with_events(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+        events: &[OutboxEvent],
+    ) -> Result<PendingUpdate> {
         validate_ids(&s.app_id, &s.user_id)?;
         let id = s.session_id;
         let stored = StoredSession::seal(s, self.ring());
@@ -169,6 +181,7 @@ impl Store {
                     self.write_stored_session(&mut t, id, &stored)?;
                     if let Some(token) = token {
                         self.write_token_in(&txn, token)?;
+                        self.record_grant_in(&txn, &token.app_id, &token.user_id, s.updated_at)?;
                     }
                     None
                 }
@@ -178,6 +191,7 @@ impl Store {
             txn.abort().map_err(|e| self.err(e))?;
             return Ok(outcome);
         }
+        self.append_outbox_in(&txn, events, s.updated_at)?;
         self.commit(txn)?;
         Ok(PendingUpdate::Written)
     }
@@ -235,6 +249,7 @@ impl Store {
             let mut t = self.open_session_tables(&txn)?;
             self.write_stored_session(&mut t, s.session_id, &stored)?;
             self.write_token_in(&txn, token)?;
+            self.record_grant_in(&txn, &token.app_id, &token.user_id, s.updated_at)?;
         }
         self.commit(txn)
     }
@@ -310,6 +325,17 @@ impl Store {
     /// Revokes a session: it becomes `revoked` and, if it produced the user's current token,
     /// that token is deleted. Returns the updated session, or `None` if it does not exist.
     pub fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>> {
+        self.revoke_session_with_events(id, now, |_| Vec::new())
+    }
+
+    /// [`Store::revoke_session`] that also appends the events `events_for` makes of the
+    /// revoked session (no secrets left in it) to the webhook outbox, in the same transaction.
+    pub fn revoke_session_with_events(
+        &self,
+        id: SessionId,
+        now: u64,
+        events_for: impl FnOnce(&SessionSummary) -> Vec<OutboxEvent>,
+    ) -> Result<Option<AuthSession>> {
         let txn = self.begin_write()?;
         let updated = {
             let mut t = self.open_session_tables(&txn)?;
@@ -341,8 +367,11 @@ impl Store {
                 due.remove((tok.refresh_due_at, key.0, key.1))
                     .map_err(|e| self.err(e))?;
             }
-            s
+            let events = events_for(&SessionSummary::from_stored(id, &s));
+            (s, events)
         };
+        let (updated, events) = updated;
+        self.append_outbox_in(&txn, &events, now)?;
         self.commit(txn)?;
         updated.open(id, self.ring()).map(Some)
     }

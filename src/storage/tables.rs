@@ -8,8 +8,9 @@
 use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
-/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`.
-pub const SCHEMA_VERSION: u32 = 6;
+/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added
+/// `outbox`, `outbox_dead` and `grants`.
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -61,6 +62,19 @@ pub const CHANGES: TableDefinition<'_, u64, [u8; 17]> = TableDefinition::new("ch
 
 /// Named leases: name → version byte and the bincode of (holder, expires at unix ms).
 pub const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
+
+/// Outgoing webhook events still to deliver: seq → version byte and the bincode of the entry
+/// (see `outbox.rs`). Appended in the transaction of the change that causes the event.
+pub const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox");
+
+/// Webhook events that ran out of delivery attempts, same form as [`OUTBOX`].
+pub const OUTBOX_DEAD: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox_dead");
+
+/// (app_id, user_id) → (unix ms the user last authorized, unix ms a reminder of that grant's
+/// hard expiry was sent or 0): written with the completion that stores a new grant's token
+/// (which clears the reminder), so the hard expiry (365 days after authorizing) survives
+/// refreshes and session purges.
+pub const GRANTS: TableDefinition<'_, (&str, &str), (u64, u64)> = TableDefinition::new("grants");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;

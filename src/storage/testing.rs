@@ -3,6 +3,7 @@
 //! backend of the store traits must pass.
 
 pub mod conformance;
+pub mod outbox_conformance;
 
 use std::path::Path;
 

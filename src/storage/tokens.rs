@@ -5,7 +5,7 @@ use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use super::records::{encode, StoredToken, USER_VERSION};
 use super::sessions::validate_ids;
 use super::tables::{TOKENS, TOKEN_REFRESH_DUE, USERS};
-use super::{Result, Store, UserInfo, UserToken};
+use super::{OutboxEvent, Result, Store, UserInfo, UserToken};
 
 impl Store {
     /// Writes a token inside an open transaction, keeping the refresh-due index in step.
@@ -41,6 +41,38 @@ impl Store {
         self.commit(txn)
     }
 
+    /// [`Store::put_token`] that also appends `events` to the webhook outbox (at `now`) in the
+    /// same durable transaction.
+    pub fn put_token_with_events(
+        &self,
+        token: &UserToken,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<()> {
+        let txn = self.begin_write()?;
+        self.write_token_in(&txn, token)?;
+        self.append_outbox_in(&txn, events, now)?;
+        self.commit(txn)
+    }
+
+    /// [`Store::delete_token`] that also appends `events` (at `now`) when there was a token,
+    /// in the same durable transaction.
+    pub fn delete_token_with_events(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool> {
+        let txn = self.begin_write()?;
+        let existed = self.delete_token_in(&txn, app_id, user_id)?;
+        if existed {
+            self.append_outbox_in(&txn, events, now)?;
+        }
+        self.commit(txn)?;
+        Ok(existed)
+    }
+
     /// Reads a user's current token.
     pub fn get_token(&self, app_id: &str, user_id: &str) -> Result<Option<UserToken>> {
         let txn = self.begin_read()?;
@@ -56,6 +88,12 @@ impl Store {
     /// Deletes a user's token; true if there was one.
     pub fn delete_token(&self, app_id: &str, user_id: &str) -> Result<bool> {
         let txn = self.begin_write()?;
+        let existed = self.delete_token_in(&txn, app_id, user_id)?;
+        self.commit(txn)?;
+        Ok(existed)
+    }
+
+    fn delete_token_in(&self, txn: &WriteTransaction, app_id: &str, user_id: &str) -> Result<bool> {
         let existed = {
             let mut t = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
             let old = t
@@ -70,7 +108,6 @@ impl Store {
             }
             old.is_some()
         };
-        self.commit(txn)?;
         Ok(existed)
     }
 

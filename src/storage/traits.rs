@@ -25,6 +25,7 @@ use super::{
     AuthSession, ChangeKind, ExportRow, ImportToken, PendingUpdate, Result, SessionId,
     SessionState, SessionSummary, Store, SweepReport, UserInfo, UserToken,
 };
+use super::{ExpiringGrant, OutboxEntry, OutboxEvent};
 
 /// Auth sessions and their OAuth states (the authorization flow, the HTTP API, the sweep).
 pub trait SessionStore {
@@ -190,6 +191,94 @@ pub trait Leases {
     fn lease_holder(&self, name: &str, now: u64) -> Result<Option<String>>;
 }
 
+/// The outgoing-webhook outbox and the users' grants (the webhook worker, the reminders).
+///
+/// Events are appended by the store's `_with_events` writes in the transaction of the change
+/// that causes them (or by [`Outbox::outbox_append`] alone). An entry stays live until it is
+/// delivered (deleted) or buried (moved to the dead entries); both survive a restart.
+pub trait Outbox {
+    /// Appends `events` (at `now`, due at once) in one atomic, durable transaction, each under
+    /// a sequence number above every earlier one (never reused, even after a delete). Refuses
+    /// the whole batch if an event id or kind is empty or over 128 bytes.
+    fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
+
+    /// Up to `limit` live entries in sequence order.
+    fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
+
+    /// Up to `limit` dead entries in sequence order.
+    fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
+
+    /// Deletes live entry `seq`; true if it was live. Durable on return.
+    fn outbox_delivered(&self, seq: u64) -> Result<bool>;
+
+    /// Stores the progress fields of live entry `entry.seq` (attempts, next attempt, receivers
+    /// done, last error; the event itself is never changed). False if it is not live.
+    fn outbox_reschedule(&self, entry: &OutboxEntry) -> Result<bool>;
+
+    /// Moves live entry `entry.seq`, with its final progress, to the dead entries, atomically.
+    /// False if it is not live.
+    fn outbox_bury(&self, entry: &OutboxEntry) -> Result<bool>;
+
+    /// (live, dead) entry counts, without reading the entries.
+    fn outbox_counts(&self) -> Result<(u64, u64)>;
+
+    /// [`SessionStore::update_if_pending`] that appends `events` (at the session's
+    /// `updated_at`) in the same transaction, only when the transition is written.
+    fn update_if_pending_with_events(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+        events: &[OutboxEvent],
+    ) -> Result<PendingUpdate>;
+
+    /// [`SessionStore::revoke_session`] that appends the events `events_for` makes of the
+    /// revoked session (no secrets in it) in the same transaction; nothing without a session.
+    fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
+        &self,
+        id: SessionId,
+        now: u64,
+        events_for: F,
+    ) -> Result<Option<AuthSession>>;
+
+    /// [`TokenStore::put_token`] that appends `events` (at `now`) in the same transaction.
+    fn put_token_with_events(
+        &self,
+        token: &UserToken,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<()>;
+
+    /// [`TokenStore::delete_token`] that appends `events` (at `now`) in the same transaction,
+    /// only when there was a token.
+    fn delete_token_with_events(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool>;
+
+    /// `(granted_at, reminded_at or 0)` of a user's current grant. A completion that stores a
+    /// token records a new grant at the session's `updated_at` and clears its reminder.
+    fn grant_of(&self, app_id: &str, user_id: &str) -> Result<Option<(u64, u64)>>;
+
+    /// Users with a refreshable token whose grant was made at or before `granted_before` and
+    /// who were not reminded of it yet, at most `limit`.
+    fn grants_to_remind(&self, granted_before: u64, limit: usize) -> Result<Vec<ExpiringGrant>>;
+
+    /// Records the reminder of the grant made at `granted_at` and appends `events`, in one
+    /// durable transaction; false and nothing written if the current grant is another one.
+    fn mark_reminded(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        granted_at: u64,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool>;
+}
+
 /// Everything a backend of the service provides: what the conformance suite checks.
 pub trait Backend:
     SessionStore + TokenStore + UserStore + SeenEvents + ChangeFeed + Leases
@@ -333,5 +422,79 @@ impl Leases for Store {
     }
     fn lease_holder(&self, name: &str, now: u64) -> Result<Option<String>> {
         Store::lease_holder(self, name, now)
+    }
+}
+
+impl Outbox for Store {
+    fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()> {
+        Store::outbox_append(self, events, now)
+    }
+    fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
+        Store::outbox_pending(self, limit)
+    }
+    fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
+        Store::outbox_dead(self, limit)
+    }
+    fn outbox_delivered(&self, seq: u64) -> Result<bool> {
+        Store::outbox_delivered(self, seq)
+    }
+    fn outbox_reschedule(&self, entry: &OutboxEntry) -> Result<bool> {
+        Store::outbox_reschedule(self, entry)
+    }
+    fn outbox_bury(&self, entry: &OutboxEntry) -> Result<bool> {
+        Store::outbox_bury(self, entry)
+    }
+    fn outbox_counts(&self) -> Result<(u64, u64)> {
+        Store::outbox_counts(self)
+    }
+    fn update_if_pending_with_events(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+        events: &[OutboxEvent],
+    ) -> Result<PendingUpdate> {
+        Store::update_if_pending_with_events(self, expect_hash, s, token, events)
+    }
+    fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
+        &self,
+        id: SessionId,
+        now: u64,
+        events_for: F,
+    ) -> Result<Option<AuthSession>> {
+        Store::revoke_session_with_events(self, id, now, events_for)
+    }
+    fn put_token_with_events(
+        &self,
+        token: &UserToken,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<()> {
+        Store::put_token_with_events(self, token, events, now)
+    }
+    fn delete_token_with_events(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool> {
+        Store::delete_token_with_events(self, app_id, user_id, events, now)
+    }
+    fn grant_of(&self, app_id: &str, user_id: &str) -> Result<Option<(u64, u64)>> {
+        Store::grant_of(self, app_id, user_id)
+    }
+    fn grants_to_remind(&self, granted_before: u64, limit: usize) -> Result<Vec<ExpiringGrant>> {
+        Store::grants_to_remind(self, granted_before, limit)
+    }
+    fn mark_reminded(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        granted_at: u64,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool> {
+        Store::mark_reminded(self, app_id, user_id, granted_at, events, now)
     }
 }
