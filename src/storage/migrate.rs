@@ -8,6 +8,7 @@
 //! Schema 5 adds the (empty) `leases` table.
 //! Schema 6 adds `session_counts`, counted once from the records (the only time opening a store
 //! decodes every session).
+//! Schema 7 adds the (empty) `apps` registry table, created with the others.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -38,6 +39,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(CHANGES).map_err(e)?;
     txn.open_table(LEASES).map_err(e)?;
     txn.open_table(SESSION_COUNTS).map_err(e)?;
+    txn.open_table(super::tables::APPS).map_err(e)?;
     Ok(())
 }
 

@@ -8,8 +8,8 @@
 use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
-/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`.
-pub const SCHEMA_VERSION: u32 = 6;
+/// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added `apps`.
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -61,6 +61,10 @@ pub const CHANGES: TableDefinition<'_, u64, [u8; 17]> = TableDefinition::new("ch
 
 /// Named leases: name → version byte and the bincode of (holder, expires at unix ms).
 pub const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
+
+/// The app registry: app id → version byte and the bincode of the app's record, its secret
+/// sealed (see `apps.rs`).
+pub const APPS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("apps");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;
