@@ -161,8 +161,11 @@ impl Store {
                 row,
                 secret: sealed,
             };
-            t.insert(rec.row.app_id.as_str(), encode(APP_VERSION, &rec).as_slice())
-                .map_err(|e| self.err(e))?;
+            t.insert(
+                rec.row.app_id.as_str(),
+                encode(APP_VERSION, &rec).as_slice(),
+            )
+            .map_err(|e| self.err(e))?;
         }
         self.commit(txn)
     }
@@ -346,15 +349,28 @@ mod tests {
         let cfg = Keyring::new(Key::from_bytes(&[9u8; 32]), vec![]);
         s.insert_app(&row("cli_a", "a"), &"secret-a".to_owned().into(), None)
             .unwrap();
-        s.insert_app(&row("cli_b", "b"), &"secret-b".to_owned().into(), Some(&cfg))
-            .unwrap();
-        assert_eq!(s.get_app("cli_b").unwrap().unwrap().secret_key, SecretKey::Config);
+        s.insert_app(
+            &row("cli_b", "b"),
+            &"secret-b".to_owned().into(),
+            Some(&cfg),
+        )
+        .unwrap();
         assert_eq!(
-            s.app_secret("cli_a", None).unwrap().unwrap().expose_secret(),
+            s.get_app("cli_b").unwrap().unwrap().secret_key,
+            SecretKey::Config
+        );
+        assert_eq!(
+            s.app_secret("cli_a", None)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
             "secret-a"
         );
         assert_eq!(
-            s.app_secret("cli_b", Some(&cfg)).unwrap().unwrap().expose_secret(),
+            s.app_secret("cli_b", Some(&cfg))
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
             "secret-b"
         );
         assert!(matches!(
@@ -393,15 +409,29 @@ mod tests {
             )
             .unwrap()
             .unwrap();
-        assert_eq!((r.app_id.as_str(), r.status), ("cli_b", AppStatus::Inactive));
         assert_eq!(
-            s.app_secret("cli_b", None).unwrap().unwrap().expose_secret(),
+            (r.app_id.as_str(), r.status),
+            ("cli_b", AppStatus::Inactive)
+        );
+        assert_eq!(
+            s.app_secret("cli_b", None)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
             "y"
         );
-        assert!(s.update_app("cli_none", |_| {}, None, None).unwrap().is_none());
+        assert!(s
+            .update_app("cli_none", |_| {}, None, None)
+            .unwrap()
+            .is_none());
         assert!(s.remove_app("cli_a").unwrap());
         assert!(!s.remove_app("cli_a").unwrap());
-        let ids: Vec<_> = s.list_apps().unwrap().into_iter().map(|r| r.app_id).collect();
+        let ids: Vec<_> = s
+            .list_apps()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.app_id)
+            .collect();
         assert_eq!(ids, ["cli_b"]);
     }
 }
