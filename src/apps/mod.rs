@@ -10,14 +10,15 @@
 //! authorization flow) per active app. [`Registry::default_app`] picks the app a request that
 //! names none is for: the only active app, or a refusal when there are several (fail closed).
 
+pub mod routes;
+
 use std::sync::Arc;
 
 use secrecy::SecretString;
 use serde::Serialize;
 
-use crate::storage::{self, now_ms, AppRow, AppStatus, Keyring, SecretKey, Store};
-
-pub use crate::storage::AppStatus as Status;
+pub use crate::storage::AppStatus;
+use crate::storage::{self, now_ms, AppRow, Keyring, SecretKey, Store};
 
 /// Why a registry operation was refused.
 #[derive(Debug, thiserror::Error)]

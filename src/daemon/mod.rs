@@ -316,6 +316,7 @@ struct App {
     domain: crate::lark::Domain,
     app_id: String,
     app_secret: SecretString,
+    registry: crate::apps::Registry,
 }
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
@@ -382,6 +383,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
         domain,
         app_id,
         app_secret,
+        registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
     })
 }
 
@@ -521,8 +523,12 @@ fn start_listeners(
     let throttle = Arc::new(crate::http::bearer::Throttle::default());
     let guard =
         crate::http::bearer::BearerGuard::new(cfg.admin_token.clone(), "admin", throttle.clone());
-    let admin =
-        crate::http::admin_router(state, guard.clone()).merge(app.auth.clone().admin_router(guard));
+    let admin = crate::http::admin_router(state, guard.clone())
+        .merge(crate::apps::routes::admin_router(
+            app.registry.clone(),
+            guard.clone(),
+        ))
+        .merge(app.auth.clone().admin_router(guard));
     let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
         let server = crate::mcp::McpServer::new(app.lark.clone(), app.auth.clone(), store.clone());
