@@ -14,6 +14,7 @@
 mod error;
 mod handlers;
 mod jobs;
+mod runtimes;
 mod sandbox;
 
 use std::future::Future;
@@ -286,6 +287,7 @@ async fn serve_until(
     let admin_addr = local_addr(&listeners.admin, "admin")?;
     start_rotation(sup, &store).await?;
     let conn = start_workers(cfg, sup, &store, &app, backup, reloads);
+    let switch = start_runtimes(cfg, sup, &store, &app);
     let ready = Arc::new(AtomicBool::new(false));
     // Stopping the listeners is the first step of shutdown; the supervisor's cancellation
     // stops them too.
@@ -295,6 +297,7 @@ async fn serve_until(
         sup,
         &store,
         &app,
+        &switch,
         conn.as_ref().map(|c| c.state()),
         listeners,
         &ready,
@@ -303,8 +306,40 @@ async fn serve_until(
     announce_ready(&ready, &store, http_addr, admin_addr, metrics_addr, started);
 
     shutdown.await;
-    stop_in_order(sup, &app, &ready, &stop_accepting).await;
+    stop_in_order(sup, &app, &switch, &ready, &stop_accepting).await;
     Ok(())
+}
+
+/// The runtimes of every active app: the primary (the configuration's app, whose long
+/// connection `start_workers` runs) and, through the reconciler, every active app of the registry.
+fn start_runtimes(cfg: &Config, sup: &Supervisor, store: &Store, app: &App) -> runtimes::AppSwitch {
+    let switch = runtimes::AppSwitch::default();
+    // The runtimes' own routes sit behind the switch's admin check; this inner check passes
+    // the same token.
+    let guard = crate::http::bearer::BearerGuard::new(
+        cfg.admin_token.clone(),
+        "admin",
+        Arc::new(crate::http::bearer::Throttle::default()),
+    );
+    if !app.app_id.is_empty() {
+        switch.insert(
+            app.app_id.clone(),
+            runtimes::Runtime::primary(&app.auth, app.dispatcher.clone(), guard.clone()),
+        );
+    }
+    let reconciler = runtimes::Reconciler {
+        ws: cfg.websocket.clone(),
+        auth_opts: crate::auth::AuthOptions::from_config(cfg),
+        sup: sup.clone(),
+        store: store.clone(),
+        net: app.net.clone(),
+        domain: app.domain.clone(),
+        registry: app.registry.clone(),
+        switch: switch.clone(),
+        guard,
+    };
+    sup.spawn(reconciler.run());
+    switch
 }
 
 /// The clients and services the workers and listeners share.
@@ -480,6 +515,7 @@ fn start_listeners(
     sup: &Supervisor,
     store: &Store,
     app: &App,
+    switch: &runtimes::AppSwitch,
     conn_state: Option<tokio::sync::watch::Receiver<crate::longconn::ConnState>>,
     listeners: Listeners,
     ready: &Arc<AtomicBool>,
@@ -499,7 +535,7 @@ fn start_listeners(
     };
     // Public: what Feishu and users' browsers reach.
     let mut public =
-        crate::http::public_router(state.clone()).merge(app.auth.clone().public_router());
+        crate::http::public_router(state.clone()).merge(switch.public_router(store.clone()));
     if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_none() {
         warn!("HTTP callbacks are not served: no encrypt_key (LARK_ENCRYPT_KEY) is set, and without it a callback cannot be authenticated (a verification token alone proves nothing).");
     }
@@ -528,7 +564,7 @@ fn start_listeners(
             app.registry.clone(),
             guard.clone(),
         ))
-        .merge(app.auth.clone().admin_router(guard));
+        .merge(switch.admin_router(guard));
     let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
         let server = crate::mcp::McpServer::new(app.lark.clone(), app.auth.clone(), store.clone());
@@ -595,6 +631,7 @@ fn announce_ready(
 async fn stop_in_order(
     sup: &Supervisor,
     app: &App,
+    switch: &runtimes::AppSwitch,
     ready: &AtomicBool,
     stop_accepting: &CancellationToken,
 ) {
@@ -604,6 +641,7 @@ async fn stop_in_order(
     stop_accepting.cancel();
     sup.drain(SHUTDOWN_GRACE, app.auth.finish_refreshes()).await;
     app.dispatcher.close().await;
+    switch.close_others().await;
     sup.join_writers().await;
 }
 #[cfg(test)]
