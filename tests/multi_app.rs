@@ -8,7 +8,13 @@ mod common;
 
 use common::*;
 use lark_service::sandbox::{Sandbox, SandboxOptions, SentMessage, APP2_ID, APP2_SECRET, APP_ID};
+use rmcp::model::{CallToolRequestParams, ClientConfig};
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::ServiceExt;
 use serde_json::{json, Value};
+
+const MCP_TOKEN: &str = "multi-app-mcp-token-0123456789abcdef";
 
 fn cards_from(sandbox: &Sandbox, open_id: &str, app: &str) -> Vec<SentMessage> {
     sandbox
@@ -50,7 +56,7 @@ async fn two_apps_each_with_its_connection_events_cards_and_tokens_never_cross()
     let _serial = METRICS_SERIAL.lock().await;
     let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
     // App A comes from the configuration (APP_ID / APP_SECRET).
-    let svc = Service::start(&sandbox, &[]).await;
+    let svc = Service::start(&sandbox, &[("LARK_SERVICE_MCP_TOKEN", MCP_TOKEN)]).await;
     svc.wait_for(|| async { sandbox.connections_of(APP_ID) == 1 })
         .await;
     assert_eq!(sandbox.connections_of(APP2_ID), 0);
@@ -188,6 +194,44 @@ async fn two_apps_each_with_its_connection_events_cards_and_tokens_never_cross()
         .await;
     assert_eq!(code, 404);
 
+    // MCP: `/mcp?app_id=B` is app B's server; its messages go out as B. Without app_id, with
+    // two apps active, /mcp is refused.
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let r = svc
+        .client
+        .post(format!("http://{}/mcp", svc.admin))
+        .header("accept", "application/json, text/event-stream")
+        .bearer_auth(MCP_TOKEN)
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert!(r.text().await.unwrap().contains("app_id_required"));
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(format!(
+            "http://{}/mcp?app_id={APP2_ID}",
+            svc.admin
+        ))
+        .auth_header(MCP_TOKEN),
+    );
+    let client = ClientConfig::default().serve(transport).await.unwrap();
+    let Value::Object(args) =
+        json!({"receive_id": "ou_sandbox_carol", "receive_id_type": "open_id", "text": "from B"})
+    else {
+        unreachable!()
+    };
+    let r = client
+        .call_tool(CallToolRequestParams::new("send_message".to_owned()).with_arguments(args))
+        .await
+        .unwrap();
+    assert_ne!(r.is_error, Some(true), "{r:?}");
+    let from_b = cards_from(&sandbox, "ou_sandbox_carol", APP2_ID);
+    assert_eq!(from_b.len(), 1, "{from_b:?}");
+    assert_eq!(from_b[0].content["text"], "from B");
+    let _ = client.cancel().await;
+
     // The metrics carry B's app_id.
     let text = svc.scrape().await;
     assert!(
@@ -239,6 +283,10 @@ async fn two_apps_each_with_its_connection_events_cards_and_tokens_never_cross()
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(cards_from(&sandbox, "ou_sandbox_carol", APP_ID).len(), 1);
-    assert!(cards_from(&sandbox, "ou_sandbox_carol", APP2_ID).is_empty());
+    assert_eq!(
+        cards_from(&sandbox, "ou_sandbox_carol", APP2_ID).len(),
+        1,
+        "only the MCP message of before"
+    );
     svc.stop().await;
 }

@@ -287,17 +287,26 @@ async fn serve_until(
     let admin_addr = local_addr(&listeners.admin, "admin")?;
     start_rotation(sup, &store).await?;
     let conn = start_workers(cfg, sup, &store, &app, backup, reloads);
-    let switch = start_runtimes(cfg, sup, &store, &app);
     let ready = Arc::new(AtomicBool::new(false));
     // Stopping the listeners is the first step of shutdown; the supervisor's cancellation
     // stops them too.
     let stop_accepting = sup.cancellation().child_token();
+    // One throttle of failed bearer attempts per peer, for the admin API and /mcp.
+    let throttle = Arc::new(crate::http::bearer::Throttle::default());
+    let mcp = cfg.mcp_token.clone().map(|token| runtimes::McpSetup {
+        token,
+        limits: cfg.mcp_limits,
+        throttle: throttle.clone(),
+        shutdown: stop_accepting.child_token(),
+    });
+    let switch = start_runtimes(cfg, sup, &store, &app, mcp);
     let metrics_addr = start_listeners(
         cfg,
         sup,
         &store,
         &app,
         &switch,
+        throttle,
         conn.as_ref().map(|c| c.state()),
         listeners,
         &ready,
@@ -312,7 +321,13 @@ async fn serve_until(
 
 /// The runtimes of every active app: the primary (the configuration's app, whose long
 /// connection `start_workers` runs) and, through the reconciler, every active app of the registry.
-fn start_runtimes(cfg: &Config, sup: &Supervisor, store: &Store, app: &App) -> runtimes::AppSwitch {
+fn start_runtimes(
+    cfg: &Config,
+    sup: &Supervisor,
+    store: &Store,
+    app: &App,
+    mcp: Option<runtimes::McpSetup>,
+) -> runtimes::AppSwitch {
     let switch = runtimes::AppSwitch::default();
     // The runtimes' own routes sit behind the switch's admin check; this inner check passes
     // the same token.
@@ -324,7 +339,14 @@ fn start_runtimes(cfg: &Config, sup: &Supervisor, store: &Store, app: &App) -> r
     if !app.app_id.is_empty() {
         switch.insert(
             app.app_id.clone(),
-            runtimes::Runtime::primary(&app.auth, app.dispatcher.clone(), guard.clone()),
+            runtimes::Runtime::primary(
+                &app.lark,
+                &app.auth,
+                store,
+                app.dispatcher.clone(),
+                guard.clone(),
+                mcp.as_ref(),
+            ),
         );
     }
     let reconciler = runtimes::Reconciler {
@@ -337,6 +359,7 @@ fn start_runtimes(cfg: &Config, sup: &Supervisor, store: &Store, app: &App) -> r
         registry: app.registry.clone(),
         switch: switch.clone(),
         guard,
+        mcp,
     };
     sup.spawn(reconciler.run());
     switch
@@ -516,6 +539,7 @@ fn start_listeners(
     store: &Store,
     app: &App,
     switch: &runtimes::AppSwitch,
+    throttle: Arc<crate::http::bearer::Throttle>,
     conn_state: Option<tokio::sync::watch::Receiver<crate::longconn::ConnState>>,
     listeners: Listeners,
     ready: &Arc<AtomicBool>,
@@ -556,7 +580,6 @@ fn start_listeners(
     let public = crate::http::serve::with_request_timeout(public, limits.request_timeout);
     // Admin: the admin API behind the admin token, and /mcp behind the MCP token; one
     // throttle of failed bearer attempts per peer for both.
-    let throttle = Arc::new(crate::http::bearer::Throttle::default());
     let guard =
         crate::http::bearer::BearerGuard::new(cfg.admin_token.clone(), "admin", throttle.clone());
     let admin = crate::http::admin_router(state, guard.clone())
@@ -567,14 +590,13 @@ fn start_listeners(
         .merge(switch.admin_router(guard));
     let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
-        let server = crate::mcp::McpServer::new(app.lark.clone(), app.auth.clone(), store.clone());
         // No request timeout: MCP responses stream (SSE) for as long as the client listens.
-        admin = admin.merge(crate::mcp::router(
-            server,
-            crate::http::bearer::BearerGuard::new(Some(token), "mcp", throttle),
-            stop.child_token(),
-            cfg.mcp_limits,
-        ));
+        // Each app has its own MCP server; `/mcp?app_id=` picks it.
+        admin = admin.merge(switch.mcp_router(crate::http::bearer::BearerGuard::new(
+            Some(token),
+            "mcp",
+            throttle,
+        )));
     }
     sup.spawn(crate::http::serve::serve(
         listeners.http,

@@ -11,7 +11,9 @@
 //! [`AppSwitch`], which hands each request to the runtime of the app it is for: the `app_id`
 //! it names (query parameter, or field of a JSON body), else the only active app. With several
 //! active apps and none named, it refuses (fail closed). The OAuth redirect finds its app from
-//! the session its `state` belongs to.
+//! the session its `state` belongs to. `/mcp` takes the app as the endpoint's query parameter
+//! (`/mcp?app_id=cli_…`): an MCP client is configured with one URL per app, and each app has
+//! its own MCP server (tools, sessions) over its client and flow.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -46,18 +48,58 @@ pub(super) struct Runtime {
     pub stop: Option<CancellationToken>,
     admin: Router,
     public: Router,
+    mcp: Option<Router>,
+}
+
+/// What each app's `/mcp` is built with (when `mcp_token` is set).
+#[derive(Clone)]
+pub(super) struct McpSetup {
+    pub token: SecretString,
+    pub limits: crate::config::McpLimits,
+    /// The one throttle of failed bearer attempts (admin and MCP).
+    pub throttle: Arc<crate::http::bearer::Throttle>,
+    /// Cancelled when the listeners stop (closes the primary app's open MCP streams).
+    pub shutdown: CancellationToken,
+}
+
+impl McpSetup {
+    /// The app's `/mcp`; its streams end when `end` is cancelled.
+    fn router(
+        &self,
+        lark: &crate::lark::LarkClient,
+        auth: &crate::auth::AuthService,
+        store: &Store,
+        end: CancellationToken,
+    ) -> Router {
+        let server = crate::mcp::McpServer::new(lark.clone(), auth.clone(), store.clone());
+        crate::mcp::router(
+            server,
+            crate::http::bearer::BearerGuard::new(
+                Some(self.token.clone()),
+                "mcp",
+                self.throttle.clone(),
+            ),
+            end,
+            self.limits,
+        )
+    }
 }
 
 impl Runtime {
     /// The primary runtime: the boot sequence's clients for the configuration's app.
     pub fn primary(
+        lark: &crate::lark::LarkClient,
         auth: &crate::auth::AuthService,
+        store: &Store,
         dispatcher: crate::events::Dispatcher,
         guard: crate::http::bearer::BearerGuard,
+        mcp: Option<&McpSetup>,
     ) -> Self {
         Self {
             admin: auth.clone().admin_router(guard),
             public: auth.clone().public_router(),
+            // Its streams end when the listeners stop.
+            mcp: mcp.map(|m| m.router(lark, auth, store, m.shutdown.child_token())),
             dispatcher,
             stop: None,
         }
@@ -120,19 +162,27 @@ impl AppSwitch {
         read(&self.runtimes).keys().cloned().collect()
     }
 
-    fn pick(&self, named: Option<&str>, public: bool) -> Result<Router, AppsError> {
+    fn pick(&self, named: Option<&str>, which: Surface) -> Result<Router, AppsError> {
         let g = read(&self.runtimes);
         let ids: Vec<String> = g.keys().cloned().collect();
         let id = crate::apps::pick(&ids, named)?;
         g.get(id)
-            .map(|r| {
-                if public {
-                    r.public.clone()
-                } else {
-                    r.admin.clone()
-                }
+            .and_then(|r| match which {
+                Surface::Public => Some(r.public.clone()),
+                Surface::Admin => Some(r.admin.clone()),
+                Surface::Mcp => r.mcp.clone(),
             })
             .ok_or_else(|| AppsError::NotActive(id.to_owned()))
+    }
+
+    /// `/mcp` (behind `guard`, the MCP bearer check), handed to the MCP server of the app the
+    /// `app_id` query parameter names (or the only active app).
+    pub fn mcp_router(&self, guard: crate::http::bearer::BearerGuard) -> Router {
+        let routes = Router::new()
+            .route("/mcp", any(dispatch_mcp))
+            .route("/mcp/{*rest}", any(dispatch_mcp))
+            .with_state(self.clone());
+        guard.protect(routes)
     }
 
     /// The authorization admin routes (`/api/v1/auth/…`, `/api/v1/sessions/…/revoke`,
@@ -190,7 +240,25 @@ async fn dispatch_admin(State(sw): State<AppSwitch>, req: Request) -> Response {
     } else {
         req
     };
-    match sw.pick(named.as_deref(), false) {
+    match sw.pick(named.as_deref(), Surface::Admin) {
+        Ok(router) => match router.oneshot(fresh(req)).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        },
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Surface {
+    Public,
+    Admin,
+    Mcp,
+}
+
+async fn dispatch_mcp(State(sw): State<AppSwitch>, req: Request) -> Response {
+    let named = query_param(&req, "app_id");
+    match sw.pick(named.as_deref(), Surface::Mcp) {
         Ok(router) => match router.oneshot(fresh(req)).await {
             Ok(r) => r,
             Err(never) => match never {},
@@ -220,10 +288,10 @@ async fn dispatch_callback(
         None => None,
     };
     let router = match app {
-        Some(a) => sw.pick(Some(&a), true),
+        Some(a) => sw.pick(Some(&a), Surface::Public),
         None => {
             let first = sw.ids().into_iter().next();
-            sw.pick(first.as_deref(), true)
+            sw.pick(first.as_deref(), Surface::Public)
         }
     };
     match router {
@@ -248,6 +316,7 @@ pub(super) fn start_runtime(
     app_id: &str,
     app_secret: SecretString,
     guard: crate::http::bearer::BearerGuard,
+    mcp: Option<&McpSetup>,
 ) -> Result<Runtime, DaemonError> {
     let m = crate::metrics::get();
     let label = crate::metrics::AppLabel {
@@ -323,6 +392,9 @@ pub(super) fn start_runtime(
     }
     Ok(Runtime {
         admin: auth.clone().admin_router(guard),
+        // Its streams end when the app stops being active, or at shutdown (a child of the
+        // supervisor's cancellation).
+        mcp: mcp.map(|m| m.router(&lark, &auth, store, stop.child_token())),
         public: auth.public_router(),
         dispatcher,
         stop: Some(stop),
@@ -340,6 +412,7 @@ pub(super) struct Reconciler {
     pub registry: Registry,
     pub switch: AppSwitch,
     pub guard: crate::http::bearer::BearerGuard,
+    pub mcp: Option<McpSetup>,
 }
 
 impl Reconciler {
@@ -365,6 +438,7 @@ impl Reconciler {
                 &a.app_id,
                 a.app_secret.clone(),
                 self.guard.clone(),
+                self.mcp.as_ref(),
             ) {
                 Ok(rt) => {
                     info!(app_id = %a.app_id, "App is active: its long connection starts.");
