@@ -290,3 +290,58 @@ async fn two_apps_each_with_its_connection_events_cards_and_tokens_never_cross()
     );
     svc.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_card_of_app_b_is_updated_by_app_b() {
+    let _serial = METRICS_SERIAL.lock().await;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(
+        &sandbox,
+        &[
+            ("AUTH_SESSION_EXPIRY_SECONDS", "10"),
+            ("SWEEP_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let (code, b) = svc
+        .post(
+            "/api/v1/apps",
+            json!({"app_id": APP2_ID, "app_name": "second", "app_secret": APP2_SECRET}),
+        )
+        .await;
+    assert_eq!(code, 201, "{b}");
+    svc.wait_for(|| async { sandbox.connections_of(APP2_ID) == 1 })
+        .await;
+    let (code, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice", "app_id": APP2_ID}),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let session = body["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(cards_from(&sandbox, "ou_sandbox_alice", APP2_ID).len(), 1);
+    // The sweep expires it; B's client (the sandbox lets only the sending app update a
+    // message) turns the card into its expired form.
+    svc.wait_for_within(std::time::Duration::from_secs(30), || async {
+        cards_from(&sandbox, "ou_sandbox_alice", APP2_ID)[0]
+            .history
+            .len()
+            == 1
+    })
+    .await;
+    let (_, s) = svc
+        .get(&format!("/api/v1/auth/sessions/{session}?app_id={APP2_ID}"))
+        .await;
+    assert!(s.contains("\"state\":\"expired\""), "{s}");
+    let text = svc.scrape().await;
+    assert!(
+        metric(
+            &text,
+            "lark_service_auth_session_expired_total",
+            &format!("app_id=\"{APP2_ID}\"")
+        ) >= 1.0,
+        "the expiry is counted under app B"
+    );
+    svc.stop().await;
+}

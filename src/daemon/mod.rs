@@ -286,7 +286,8 @@ async fn serve_until(
     let http_addr = local_addr(&listeners.http, "HTTP")?;
     let admin_addr = local_addr(&listeners.admin, "admin")?;
     start_rotation(sup, &store).await?;
-    let conn = start_workers(cfg, sup, &store, &app, backup, reloads);
+    let switch = runtimes::AppSwitch::default();
+    let conn = start_workers(cfg, sup, &store, &app, &switch, backup, reloads);
     let ready = Arc::new(AtomicBool::new(false));
     // Stopping the listeners is the first step of shutdown; the supervisor's cancellation
     // stops them too.
@@ -299,7 +300,7 @@ async fn serve_until(
         throttle: throttle.clone(),
         shutdown: stop_accepting.child_token(),
     });
-    let switch = start_runtimes(cfg, sup, &store, &app, mcp);
+    start_runtimes(cfg, sup, &store, &app, &switch, mcp);
     let metrics_addr = start_listeners(
         cfg,
         sup,
@@ -326,9 +327,9 @@ fn start_runtimes(
     sup: &Supervisor,
     store: &Store,
     app: &App,
+    switch: &runtimes::AppSwitch,
     mcp: Option<runtimes::McpSetup>,
-) -> runtimes::AppSwitch {
-    let switch = runtimes::AppSwitch::default();
+) {
     // The runtimes' own routes sit behind the switch's admin check; this inner check passes
     // the same token.
     let guard = crate::http::bearer::BearerGuard::new(
@@ -362,7 +363,6 @@ fn start_runtimes(
         mcp,
     };
     sup.spawn(reconciler.run());
-    switch
 }
 
 /// The clients and services the workers and listeners share.
@@ -468,16 +468,21 @@ fn start_workers(
     sup: &Supervisor,
     store: &Store,
     app: &App,
+    switch: &runtimes::AppSwitch,
     backup: Option<jobs::BackupWorker>,
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
-    sup.start(jobs::SweepWorker::new(
-        store.clone(),
-        app.app_id.clone(),
-        Some(app.auth.clone()),
-        cfg.sweep_interval,
-        sup.clock(),
-    ));
+    let others = switch.clone();
+    sup.start(
+        jobs::SweepWorker::new(
+            store.clone(),
+            app.app_id.clone(),
+            Some(app.auth.clone()),
+            cfg.sweep_interval,
+            sup.clock(),
+        )
+        .with_other_apps(Arc::new(move |id: &str| others.auth_of(id))),
+    );
     sup.start(FnWorker::new("token_refresh", app.auth.refresh_worker()));
     sup.start_with_backoff(
         jobs::TenantTokenWorker::new(app.lark.clone()),

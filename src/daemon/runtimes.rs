@@ -43,6 +43,7 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 /// One app's running parts.
 pub(super) struct Runtime {
+    auth: crate::auth::AuthService,
     dispatcher: crate::events::Dispatcher,
     /// Cancelled when the app stops being active (`None`: the primary, which never stops).
     pub stop: Option<CancellationToken>,
@@ -100,6 +101,7 @@ impl Runtime {
             public: auth.clone().public_router(),
             // Its streams end when the listeners stop.
             mcp: mcp.map(|m| m.router(lark, auth, store, m.shutdown.child_token())),
+            auth: auth.clone(),
             dispatcher,
             stop: None,
         }
@@ -155,6 +157,11 @@ impl AppSwitch {
     /// Adds a runtime (replacing none: the caller checks).
     pub fn insert(&self, app_id: String, rt: Runtime) {
         write(&self.runtimes).insert(app_id, rt);
+    }
+
+    /// The authorization flow of running app `app_id`.
+    pub fn auth_of(&self, app_id: &str) -> Option<crate::auth::AuthService> {
+        read(&self.runtimes).get(app_id).map(|r| r.auth.clone())
     }
 
     /// The ids of the running apps.
@@ -395,7 +402,8 @@ pub(super) fn start_runtime(
         // Its streams end when the app stops being active, or at shutdown (a child of the
         // supervisor's cancellation).
         mcp: mcp.map(|m| m.router(&lark, &auth, store, stop.child_token())),
-        public: auth.public_router(),
+        public: auth.clone().public_router(),
+        auth,
         dispatcher,
         stop: Some(stop),
     })

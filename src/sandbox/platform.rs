@@ -864,6 +864,20 @@ async fn patch_message(
     if let Err(r) = tenant_call(&s, &h, "im") {
         return r.into_response();
     }
+    // A bot updates only the messages its own app sent.
+    let app = tenant_app(&s, &h);
+    let other_app = s
+        .lock()
+        .messages
+        .iter()
+        .any(|m| m.message_id == id && m.app_id != app);
+    if other_app {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 230027, "msg": "sandbox: the message was sent by another app"})),
+        )
+            .into_response();
+    }
     let content: Value = b["content"]
         .as_str()
         .and_then(|c| serde_json::from_str(c).ok())
