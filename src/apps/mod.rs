@@ -159,6 +159,9 @@ pub struct ActiveApp {
     pub source: Source,
 }
 
+/// Active apps that cannot be served, each with why.
+pub type Refused = Vec<(String, AppsError)>;
+
 /// The registry over a store, with the configuration's app and the config encryption key.
 #[derive(Clone, Debug)]
 pub struct Registry {
@@ -410,6 +413,21 @@ impl Registry {
     /// # Errors
     /// The store's, or a secret that does not open.
     pub fn active(&self) -> Result<Vec<ActiveApp>, AppsError> {
+        let (ok, refused) = self.active_each()?;
+        match refused.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(ok),
+        }
+    }
+
+    /// Like [`Self::active`], but an app whose secret does not open is set apart with its
+    /// error instead of failing the whole list: the service serves the others and refuses
+    /// only that one (fail closed for it).
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn active_each(&self) -> Result<(Vec<ActiveApp>, Refused), AppsError> {
+        let mut refused = Vec::new();
         let mut out: Vec<ActiveApp> = self
             .config_app
             .iter()
@@ -423,17 +441,17 @@ impl Registry {
             if r.status != AppStatus::Active || out.iter().any(|a| a.app_id == r.app_id) {
                 continue;
             }
-            let secret = self
-                .store
-                .app_secret(&r.app_id, self.key())?
-                .ok_or_else(|| AppsError::NotFound(r.app_id.clone()))?;
-            out.push(ActiveApp {
-                app_id: r.app_id,
-                app_secret: secret,
-                source: Source::Store,
-            });
+            match self.store.app_secret(&r.app_id, self.key()) {
+                Ok(Some(secret)) => out.push(ActiveApp {
+                    app_id: r.app_id,
+                    app_secret: secret,
+                    source: Source::Store,
+                }),
+                Ok(None) => refused.push((r.app_id.clone(), AppsError::NotFound(r.app_id))),
+                Err(e) => refused.push((r.app_id, AppsError::Store(e))),
+            }
         }
-        Ok(out)
+        Ok((out, refused))
     }
 }
 
@@ -536,6 +554,30 @@ mod tests {
         ));
         let active: Vec<_> = r.active().unwrap().into_iter().map(|a| a.app_id).collect();
         assert_eq!(active, ["cli_cfg", "cli_b"]);
+    }
+
+    #[test]
+    fn an_app_whose_secret_does_not_open_is_refused_alone() {
+        let store = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[3u8; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let with_key = Registry::new(
+            store.clone(),
+            Some(Keyring::new(Key::from_bytes(&[4u8; 32]), vec![])),
+            None,
+        );
+        with_key.add(new_app("cli_sealed")).unwrap();
+        let without = Registry::new(store, None, None);
+        without.add(new_app("cli_plain")).unwrap();
+        let (ok, refused) = without.active_each().unwrap();
+        let ok: Vec<_> = ok.into_iter().map(|a| a.app_id).collect();
+        assert_eq!(ok, ["cli_plain"]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, "cli_sealed");
+        assert!(without.active().is_err());
+        assert_eq!(with_key.active().unwrap().len(), 2);
     }
 
     #[test]

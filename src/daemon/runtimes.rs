@@ -428,9 +428,12 @@ impl Reconciler {
     /// active. The primary is never stopped.
     pub async fn reconcile(&self) -> Result<(), AppsError> {
         let reg = self.registry.clone();
-        let active = tokio::task::spawn_blocking(move || reg.active())
+        let (active, refused) = tokio::task::spawn_blocking(move || reg.active_each())
             .await
             .map_err(|e| AppsError::Store(crate::storage::Error::Join(e.to_string())))??;
+        for (app_id, e) in &refused {
+            error!(app_id = %app_id, error = %e, "App is active but cannot be served: its secret does not open (LARK_CONFIG_ENCRYPTION_KEY?).");
+        }
         let running = self.switch.ids();
         for a in &active {
             if running.contains(&a.app_id) {
