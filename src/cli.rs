@@ -36,6 +36,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve(ServeArgs),
+    /// The apps this service serves (secrets are sealed in the store and never printed).
+    /// While the service runs, the command goes through its admin API (admin_token).
+    #[command(subcommand)]
+    App(AppCmd),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -215,6 +219,94 @@ impl From<&ServeArgs> for crate::daemon::ServeOptions {
     }
 }
 
+/// `app` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AppCmd {
+    /// Add an active app.
+    Add {
+        /// The platform's app id (cli_…).
+        #[arg(long)]
+        app_id: String,
+        /// A unique name.
+        #[arg(long)]
+        app_name: String,
+        /// The app secret (visible to local users in the process list: prefer --app-secret-file).
+        #[arg(
+            long,
+            conflicts_with = "app_secret_file",
+            required_unless_present = "app_secret_file"
+        )]
+        app_secret: Option<String>,
+        /// A file holding the app secret.
+        #[arg(long, value_name = "PATH")]
+        app_secret_file: Option<PathBuf>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+        /// Permissions, as JSON.
+        #[arg(long)]
+        permissions: Option<String>,
+    },
+    /// List apps (without --status: all but deleted ones).
+    List {
+        /// active, inactive or deleted.
+        #[arg(long)]
+        status: Option<String>,
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one app.
+    Show {
+        /// The app id.
+        app_id: String,
+        /// JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an app's name, secret, description or permissions.
+    Update {
+        /// The app id.
+        app_id: String,
+        /// New name.
+        #[arg(long)]
+        app_name: Option<String>,
+        /// New secret (prefer --app-secret-file).
+        #[arg(long, conflicts_with = "app_secret_file")]
+        app_secret: Option<String>,
+        /// A file holding the new secret.
+        #[arg(long, value_name = "PATH")]
+        app_secret_file: Option<PathBuf>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// New permissions, as JSON.
+        #[arg(long)]
+        permissions: Option<String>,
+    },
+    /// Delete an app: soft (status deleted) unless --hard (the row is removed).
+    Delete {
+        /// The app id.
+        app_id: String,
+        /// Delete even though users' tokens of this app are stored.
+        #[arg(long)]
+        force: bool,
+        /// Remove the row instead of marking it deleted.
+        #[arg(long)]
+        hard: bool,
+    },
+    /// Mark an app active: the service opens its long connection.
+    Enable {
+        /// The app id.
+        app_id: String,
+    },
+    /// Mark an app inactive: the service drops its long connection.
+    Disable {
+        /// The app id.
+        app_id: String,
+    },
+}
+
 /// `config` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCmd {
@@ -329,6 +421,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Serve(args) => Ok(crate::daemon::serve(&opts, (&args).into())?),
+        Command::App(cmd) => app(&opts, cmd),
         Command::Config(ConfigCmd::Check { list }) => config_check(&opts, list),
         Command::Config(ConfigCmd::Example) => {
             print!("{}", crate::config::settings::example_toml());
@@ -987,4 +1080,271 @@ fn mcp_stdio(opts: &LoadOptions) -> Result<(), CliError> {
         crate::mcp::serve_stdio(crate::mcp::McpServer::new(lark, auth, store)).await?;
         Ok::<(), CliError>(())
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// `app`: the registry, in the store directly or, while the service holds it, through its
+// admin API (as `backup` does), so an operator can add or disable an app without stopping the
+// service, as the Python CLI allowed.
+
+/// One `app` command, in the form both paths take.
+enum AppOp {
+    Add(serde_json::Value),
+    List(Option<String>),
+    Show(String),
+    Update(String, serde_json::Value),
+    Delete {
+        app_id: String,
+        force: bool,
+        hard: bool,
+    },
+    Status(String, bool),
+}
+
+fn read_secret(inline: Option<String>, file: Option<&Path>) -> Result<Option<String>, CliError> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("reading the app secret from {}: {e}", f.display()))?;
+        let s = s.trim().to_owned();
+        if s.is_empty() {
+            return Err(anyhow::anyhow!("{} holds no app secret", f.display()).into());
+        }
+        return Ok(Some(s));
+    }
+    Ok(inline)
+}
+
+fn app(opts: &LoadOptions, cmd: AppCmd) -> Result<(), CliError> {
+    let cfg = Config::load(opts)?;
+    let (op, json_out) = match cmd {
+        AppCmd::Add {
+            app_id,
+            app_name,
+            app_secret,
+            app_secret_file,
+            description,
+            permissions,
+        } => {
+            let secret = read_secret(app_secret, app_secret_file.as_deref())?
+                .ok_or_else(|| anyhow::anyhow!("give --app-secret-file or --app-secret"))?;
+            (
+                AppOp::Add(serde_json::json!({
+                    "app_id": app_id, "app_name": app_name, "app_secret": secret,
+                    "description": description, "permissions": permissions,
+                    "created_by": std::env::var("USER").ok(),
+                })),
+                false,
+            )
+        }
+        AppCmd::List { status, json } => (AppOp::List(status), json),
+        AppCmd::Show { app_id, json } => (AppOp::Show(app_id), json),
+        AppCmd::Update {
+            app_id,
+            app_name,
+            app_secret,
+            app_secret_file,
+            description,
+            permissions,
+        } => {
+            let secret = read_secret(app_secret, app_secret_file.as_deref())?;
+            (
+                AppOp::Update(
+                    app_id,
+                    serde_json::json!({
+                        "app_name": app_name, "app_secret": secret,
+                        "description": description, "permissions": permissions,
+                    }),
+                ),
+                false,
+            )
+        }
+        AppCmd::Delete {
+            app_id,
+            force,
+            hard,
+        } => (
+            AppOp::Delete {
+                app_id,
+                force,
+                hard,
+            },
+            false,
+        ),
+        AppCmd::Enable { app_id } => (AppOp::Status(app_id, true), false),
+        AppCmd::Disable { app_id } => (AppOp::Status(app_id, false), false),
+    };
+    let result = match open_store(&cfg) {
+        Ok(store) => app_local(&cfg, store, &op)?,
+        Err(CliError::Store(storage::Error::Locked { pid, .. })) => {
+            app_through_service(&cfg, &op, pid)?
+        }
+        Err(e) => return Err(e),
+    };
+    print_app_result(&op, &result, json_out);
+    Ok(())
+}
+
+fn str_field(v: &serde_json::Value, k: &str) -> Option<String> {
+    v[k].as_str().map(str::to_owned)
+}
+
+fn app_local(cfg: &Config, store: Store, op: &AppOp) -> Result<serde_json::Value, CliError> {
+    use crate::apps::{AppChange, AppStatus, NewApp, Registry};
+    let reg = Registry::from_config(store, cfg)?;
+    let r: Result<serde_json::Value, crate::apps::AppsError> = match op {
+        AppOp::Add(b) => reg
+            .add(NewApp {
+                app_id: str_field(b, "app_id").unwrap_or_default(),
+                app_name: str_field(b, "app_name").unwrap_or_default(),
+                app_secret: secrecy::SecretString::from(str_field(b, "app_secret").unwrap_or_default()),
+                description: str_field(b, "description"),
+                permissions: str_field(b, "permissions"),
+                created_by: str_field(b, "created_by"),
+            })
+            .map(|v| json_of(&v)),
+        AppOp::List(status) => {
+            let status = status
+                .as_deref()
+                .map(str::parse::<AppStatus>)
+                .transpose()?;
+            reg.list(status).map(|v| json_of(&v))
+        }
+        AppOp::Show(id) => reg.show(id).map(|v| json_of(&v)),
+        AppOp::Update(id, b) => reg
+            .update(
+                id,
+                AppChange {
+                    app_name: str_field(b, "app_name"),
+                    app_secret: str_field(b, "app_secret").map(secrecy::SecretString::from),
+                    description: str_field(b, "description"),
+                    permissions: str_field(b, "permissions"),
+                },
+            )
+            .map(|v| json_of(&v)),
+        AppOp::Delete { app_id, force, hard } => reg.delete(app_id, *force, *hard).map(|tokens| {
+            serde_json::json!({ "app_id": app_id, "deleted": if *hard { "hard" } else { "soft" }, "tokens": tokens })
+        }),
+        AppOp::Status(id, on) => reg
+            .set_status(id, if *on { AppStatus::Active } else { AppStatus::Inactive })
+            .map(|v| json_of(&v)),
+    };
+    r.map_err(|e| CliError::Other(anyhow::anyhow!("{e}")))
+}
+
+fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+fn app_through_service(
+    cfg: &Config,
+    op: &AppOp,
+    pid: Option<u32>,
+) -> Result<serde_json::Value, CliError> {
+    let holder = pid.map_or_else(|| "another process".to_owned(), |p| format!("pid {p}"));
+    let Some(token) = cfg.admin_token.clone() else {
+        return Err(anyhow::anyhow!("the store is held by {holder} (the running service?); set admin_token so `app` can go through the service's admin API, or stop the service").into());
+    };
+    let base = format!("http://{}/api/v1/apps", cfg.admin_listen);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let v = rt.block_on(async {
+        // The service on loopback: never through a proxy.
+        let c = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| anyhow::anyhow!("HTTP client: {e}"))?;
+        let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        let req = match op {
+            AppOp::Add(b) => c.post(&base).json(b),
+            AppOp::List(status) => match status {
+                Some(s) => c.get(format!("{base}?status={}", enc(s))),
+                None => c.get(&base),
+            },
+            AppOp::Show(id) => c.get(format!("{base}/{}", enc(id))),
+            AppOp::Update(id, b) => c.patch(format!("{base}/{}", enc(id))).json(b),
+            AppOp::Delete {
+                app_id,
+                force,
+                hard,
+            } => c.delete(format!("{base}/{}?force={force}&hard={hard}", enc(app_id))),
+            AppOp::Status(id, on) => c.post(format!(
+                "{base}/{}/{}",
+                enc(id),
+                if *on { "enable" } else { "disable" }
+            )),
+        };
+        let r = req
+            .bearer_auth(token.expose_secret())
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("asking the service at {base}: {e}"))?;
+        let status = r.status();
+        let v: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the service's answer ({status}): {e}"))?;
+        if !status.is_success() {
+            anyhow::bail!(
+                "{}",
+                v["message"]
+                    .as_str()
+                    .unwrap_or("the service refused, giving no reason")
+            );
+        }
+        Ok(v)
+    })?;
+    Ok(v)
+}
+
+fn print_app_result(op: &AppOp, v: &serde_json::Value, json: bool) {
+    if json {
+        println!("{v}");
+        return;
+    }
+    let line = |a: &serde_json::Value| {
+        format!(
+            "{:<24} {:<24} {:<9} {:<7} {}",
+            a["app_id"].as_str().unwrap_or_default(),
+            a["app_name"].as_str().unwrap_or_default(),
+            a["status"].as_str().unwrap_or_default(),
+            a["source"].as_str().unwrap_or_default(),
+            a["description"].as_str().unwrap_or_default()
+        )
+    };
+    match op {
+        AppOp::List(_) => {
+            println!(
+                "{:<24} {:<24} {:<9} {:<7} DESCRIPTION",
+                "APP_ID", "NAME", "STATUS", "SOURCE"
+            );
+            for a in v.as_array().into_iter().flatten() {
+                println!("{}", line(a));
+            }
+        }
+        AppOp::Show(_) => {
+            if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    match val {
+                        serde_json::Value::String(s) => println!("{k}: {s}"),
+                        serde_json::Value::Null => println!("{k}: -"),
+                        other => println!("{k}: {other}"),
+                    }
+                }
+            }
+        }
+        AppOp::Delete { .. } => println!(
+            "app {} deleted ({}); it had {} stored user token(s)",
+            v["app_id"].as_str().unwrap_or_default(),
+            v["deleted"].as_str().unwrap_or_default(),
+            v["tokens"]
+        ),
+        AppOp::Add(_) => println!(
+            "app {} added (active; secret sealed with {})",
+            v["app_id"].as_str().unwrap_or_default(),
+            v["secret_sealed_with"].as_str().unwrap_or_default()
+        ),
+        AppOp::Update(..) | AppOp::Status(..) => println!("{}", line(v)),
+    }
 }

@@ -1,6 +1,7 @@
 //! lark-service: holds a Feishu/Lark app's long connection and its users' authorization, with
 //! an embedded encrypted store. The binary is a thin shell over this library.
 
+pub mod apps;
 pub mod auth;
 pub mod backoff;
 pub mod backup;

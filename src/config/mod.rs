@@ -664,15 +664,14 @@ impl Config {
             |l| tracing_subscriber::EnvFilter::try_new(l).is_ok(),
             "error, warn, info, debug, trace or a tracing filter",
         )?;
+        if let Some(v) = cfg.token_key.clone() {
+            Key::from_hex(&v)
+                .map_err(|e| r.invalid("token_encryption_key", None, &e.to_string()))?;
+        }
         // The Python deployment's key: a Fernet key (44 characters) or 64 hex characters.
         if let Some(v) = r.secret("config_encryption_key") {
             fernet::FernetKey::parse(v.expose_secret())
                 .map_err(|e| r.invalid("config_encryption_key", None, &e.to_string()))?;
-        }
-        for (key, v) in [("token_encryption_key", cfg.token_key.clone())] {
-            if let Some(v) = v {
-                Key::from_hex(&v).map_err(|e| r.invalid(key, None, &e.to_string()))?;
-            }
         }
         for (key, v) in [
             ("admin_token", &cfg.admin_token),
@@ -723,6 +722,23 @@ impl Config {
             .map(parse)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Keyring::new(parse(active)?, prev))
+    }
+
+    /// The key ring app secrets in the store are sealed under: `LARK_CONFIG_ENCRYPTION_KEY`
+    /// (a 44-character Fernet key or 64 hex characters), or `None` when it is unset (the store's
+    /// own token key ring seals them then).
+    pub fn config_keyring(&self) -> Result<Option<Keyring>, ConfigError> {
+        let Some((Value::Secret(v), origin)) = self.resolved.get("config_encryption_key") else {
+            return Ok(None);
+        };
+        let key =
+            fernet::FernetKey::parse(v.expose_secret()).map_err(|e| ConfigError::Invalid {
+                key: "config_encryption_key".to_owned(),
+                origin: origin.clone(),
+                value: None,
+                expected: e.to_string(),
+            })?;
+        Ok(Some(Keyring::new(Key::from_bytes(&key.to_bytes()), vec![])))
     }
 
     /// Checks that everything `serve` needs is present.

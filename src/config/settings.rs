@@ -31,7 +31,7 @@ pub const SETTINGS: &[Setting] = &[
     s!("domain", ["LARK_DOMAIN", "FEISHU_API_BASE_URL"], Some("feishu"), false, "feishu, lark, or a base URL (the sandbox or a proxy)."),
     s!("token_encryption_key", ["LARK_TOKEN_ENCRYPTION_KEY"], None, true, "64 hex characters (32 bytes): seals tokens at rest."),
     s!("token_encryption_previous_keys", ["LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS"], None, true, "Comma-separated older token keys, still accepted for reading until rotation completes."),
-    s!("config_encryption_key", ["LARK_CONFIG_ENCRYPTION_KEY"], None, true, "The Python deployment's app-store key (a 44-character Fernet key or 64 hex characters): `import python --apps-db` opens its app secrets with it. The store seals everything with the token key."),
+    s!("config_encryption_key", ["LARK_CONFIG_ENCRYPTION_KEY"], None, true, "Seals app secrets in the store (`lark-service app`) and opens the Python deployment's app store (`import python --apps-db`): a 44-character Fernet key as the Python deployment holds it, or 64 hex characters; unset: the token key seals app secrets."),
     s!("encrypt_key", ["LARK_ENCRYPT_KEY"], None, true, "The app's event Encrypt Key, for HTTP callbacks."),
     s!("verification_token", ["LARK_VERIFICATION_TOKEN"], None, true, "The app's Verification Token, for HTTP callbacks."),
     s!("admin_token", ["LARK_SERVICE_ADMIN_TOKEN", "ADMIN_TOKEN"], None, true, "Bearer token for the admin API (at least 32 bytes)."),

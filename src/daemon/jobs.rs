@@ -20,7 +20,12 @@ pub struct SweepWorker {
     auth: Option<crate::auth::AuthService>,
     every: Duration,
     clock: SharedClock,
+    /// The flows of the other running apps, by app id (several apps in one service).
+    others: Option<OtherApps>,
 }
+
+/// Finds the authorization flow of a running app by its id.
+pub type OtherApps = Arc<dyn Fn(&str) -> Option<crate::auth::AuthService> + Send + Sync>;
 
 impl SweepWorker {
     /// Sweeps `store` (telling `auth` about the sessions that expired, counted for `app_id`)
@@ -38,7 +43,41 @@ impl SweepWorker {
             auth,
             every,
             clock,
+            others: None,
         }
+    }
+
+    /// With several apps: each expired session goes to the flow of its own app (found with
+    /// `others`), which updates its card with that app's client and counts it under its
+    /// `app_id`; a session whose app is not running is expired without a card update.
+    #[must_use]
+    pub fn with_other_apps(mut self, others: OtherApps) -> Self {
+        self.others = Some(others);
+        self
+    }
+
+    /// Splits expired sessions by app: this worker's app's, and the others' by app id.
+    async fn split_by_app(
+        &self,
+        expired: Vec<(crate::storage::SessionId, Option<String>)>,
+    ) -> Result<
+        std::collections::BTreeMap<String, Vec<(crate::storage::SessionId, Option<String>)>>,
+        crate::storage::Error,
+    > {
+        self.store
+            .run(move |s| {
+                let mut by_app: std::collections::BTreeMap<String, Vec<_>> =
+                    std::collections::BTreeMap::new();
+                for (id, card) in expired {
+                    let app = s
+                        .get_session_summary(id)?
+                        .map(|x| x.app_id)
+                        .unwrap_or_default();
+                    by_app.entry(app).or_default().push((id, card));
+                }
+                Ok(by_app)
+            })
+            .await
     }
 }
 
@@ -58,7 +97,7 @@ impl Worker for SweepWorker {
         m.sweep_removed
             .get_or_create(&kind("expired"))
             .inc_by(r.expired.len() as u64);
-        if !self.app_id.is_empty() {
+        if self.others.is_none() && !self.app_id.is_empty() {
             m.auth_session_expired
                 .get_or_create(&crate::metrics::AppLabel {
                     app_id: self.app_id.clone(),
@@ -73,7 +112,25 @@ impl Worker for SweepWorker {
             .inc_by(r.events_forgotten);
         m.sweep_last_success
             .set(i64::try_from(self.clock.now_ms() / 1000).unwrap_or(0));
-        if let Some(auth) = &self.auth {
+        if let Some(others) = &self.others {
+            for (app, expired) in self.split_by_app(r.expired.clone()).await? {
+                if !app.is_empty() {
+                    m.auth_session_expired
+                        .get_or_create(&crate::metrics::AppLabel {
+                            app_id: app.clone(),
+                        })
+                        .inc_by(expired.len() as u64);
+                }
+                let auth = if app == self.app_id {
+                    self.auth.clone()
+                } else {
+                    others(&app)
+                };
+                if let Some(auth) = auth {
+                    auth.on_sweep_expired(expired).await;
+                }
+            }
+        } else if let Some(auth) = &self.auth {
             auth.on_sweep_expired(r.expired.clone()).await;
         }
         let store = self.store.clone();

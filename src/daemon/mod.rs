@@ -14,6 +14,7 @@
 mod error;
 mod handlers;
 mod jobs;
+mod runtimes;
 mod sandbox;
 
 use std::future::Future;
@@ -293,16 +294,28 @@ async fn serve_until(
     let admin_addr = local_addr(&listeners.admin, "admin")?;
     start_rotation(sup, &store).await?;
     start_webhooks(cfg, sup, &store, &app)?;
-    let conn = start_workers(cfg, sup, &store, &app, backup, reloads);
+    let switch = runtimes::AppSwitch::default();
+    let conn = start_workers(cfg, sup, &store, &app, &switch, backup, reloads);
     let ready = Arc::new(AtomicBool::new(false));
     // Stopping the listeners is the first step of shutdown; the supervisor's cancellation
     // stops them too.
     let stop_accepting = sup.cancellation().child_token();
+    // One throttle of failed bearer attempts per peer, for the admin API and /mcp.
+    let throttle = Arc::new(crate::http::bearer::Throttle::default());
+    let mcp = cfg.mcp_token.clone().map(|token| runtimes::McpSetup {
+        token,
+        limits: cfg.mcp_limits,
+        throttle: throttle.clone(),
+        shutdown: stop_accepting.child_token(),
+    });
+    start_runtimes(cfg, sup, &store, &app, &switch, mcp);
     let metrics_addr = start_listeners(
         cfg,
         sup,
         &store,
         &app,
+        &switch,
+        throttle,
         conn.as_ref().map(|c| c.state()),
         listeners,
         &ready,
@@ -311,8 +324,53 @@ async fn serve_until(
     announce_ready(&ready, &store, http_addr, admin_addr, metrics_addr, started);
 
     shutdown.await;
-    stop_in_order(sup, &app, &ready, &stop_accepting).await;
+    stop_in_order(sup, &app, &switch, &ready, &stop_accepting).await;
     Ok(())
+}
+
+/// The runtimes of every active app: the primary (the configuration's app, whose long
+/// connection `start_workers` runs) and, through the reconciler, every active app of the registry.
+fn start_runtimes(
+    cfg: &Config,
+    sup: &Supervisor,
+    store: &Store,
+    app: &App,
+    switch: &runtimes::AppSwitch,
+    mcp: Option<runtimes::McpSetup>,
+) {
+    // The runtimes' own routes sit behind the switch's admin check; this inner check passes
+    // the same token.
+    let guard = crate::http::bearer::BearerGuard::new(
+        cfg.admin_token.clone(),
+        "admin",
+        Arc::new(crate::http::bearer::Throttle::default()),
+    );
+    if !app.app_id.is_empty() {
+        switch.insert(
+            app.app_id.clone(),
+            runtimes::Runtime::primary(
+                &app.lark,
+                &app.auth,
+                store,
+                app.dispatcher.clone(),
+                guard.clone(),
+                mcp.as_ref(),
+            ),
+        );
+    }
+    let reconciler = runtimes::Reconciler {
+        ws: cfg.websocket.clone(),
+        auth: runtimes::AuthSetup::from_config(cfg),
+        sup: sup.clone(),
+        store: store.clone(),
+        net: app.net.clone(),
+        domain: app.domain.clone(),
+        registry: app.registry.clone(),
+        switch: switch.clone(),
+        guard,
+        mcp,
+    };
+    sup.spawn(reconciler.run());
 }
 
 /// The clients and services the workers and listeners share.
@@ -324,6 +382,7 @@ struct App {
     domain: crate::lark::Domain,
     app_id: String,
     app_secret: SecretString,
+    registry: crate::apps::Registry,
 }
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
@@ -372,15 +431,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
         },
         sup,
     );
-    let auth = crate::auth::AuthService::new(
-        lark.clone(),
-        store.clone(),
-        crate::auth::AuthOptions::from_config(cfg),
-    )
-    // Refreshes, their worker's per-token tasks and card re-sends are the supervisor's tasks:
-    // shutdown waits for them (an in-flight refresh stores its result).
-    .with_tasks(sup.tracker())
-    .with_device_flow(cfg.device_flow());
+    let auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
     dispatcher.set_handler(handlers::app_handler(auth.clone()));
     dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
     Ok(App {
@@ -391,6 +442,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
         domain,
         app_id,
         app_secret,
+        registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
     })
 }
 
@@ -422,7 +474,7 @@ fn start_webhooks(
 ) -> Result<(), DaemonError> {
     let w = &cfg.webhooks;
     if let (true, Some(secret)) = (w.enabled(), w.secret.clone()) {
-        app.auth.enable_webhook_events();
+        // The flows (this app's and the registry's) append events: `AuthSetup::service`.
         let worker = crate::webhooks::WebhookWorker::new(
             store.clone(),
             &app.net,
@@ -448,8 +500,7 @@ fn start_webhooks(
     if !w.reminder_lead.is_zero() && !app.app_id.is_empty() {
         let auth = app.auth.clone();
         let (lead, lifetime) = (w.reminder_lead, w.grant_lifetime);
-        // Looked at often enough for the lead time: an eighth of it, 1 s to 10 min.
-        let every = (lead / 8).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let every = runtimes::reminder_period(lead);
         sup.start(FnWorker::new(
             "expiry_reminders",
             Box::new(move || {
@@ -472,16 +523,21 @@ fn start_workers(
     sup: &Supervisor,
     store: &Store,
     app: &App,
+    switch: &runtimes::AppSwitch,
     backup: Option<jobs::BackupWorker>,
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
-    sup.start(jobs::SweepWorker::new(
-        store.clone(),
-        app.app_id.clone(),
-        Some(app.auth.clone()),
-        cfg.sweep_interval,
-        sup.clock(),
-    ));
+    let others = switch.clone();
+    sup.start(
+        jobs::SweepWorker::new(
+            store.clone(),
+            app.app_id.clone(),
+            Some(app.auth.clone()),
+            cfg.sweep_interval,
+            sup.clock(),
+        )
+        .with_other_apps(Arc::new(move |id: &str| others.auth_of(id))),
+    );
     sup.start(FnWorker::new("token_refresh", app.auth.refresh_worker()));
     // Device sessions of an earlier run cannot be polled (their codes were not kept).
     let auth = app.auth.clone();
@@ -549,6 +605,8 @@ fn start_listeners(
     sup: &Supervisor,
     store: &Store,
     app: &App,
+    switch: &runtimes::AppSwitch,
+    throttle: Arc<crate::http::bearer::Throttle>,
     conn_state: Option<tokio::sync::watch::Receiver<crate::longconn::ConnState>>,
     listeners: Listeners,
     ready: &Arc<AtomicBool>,
@@ -568,7 +626,7 @@ fn start_listeners(
     };
     // Public: what Feishu and users' browsers reach.
     let mut public =
-        crate::http::public_router(state.clone()).merge(app.auth.clone().public_router());
+        crate::http::public_router(state.clone()).merge(switch.public_router(store.clone()));
     if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_none() {
         warn!("HTTP callbacks are not served: no encrypt_key (LARK_ENCRYPT_KEY) is set, and without it a callback cannot be authenticated (a verification token alone proves nothing).");
     }
@@ -589,21 +647,23 @@ fn start_listeners(
     let public = crate::http::serve::with_request_timeout(public, limits.request_timeout);
     // Admin: the admin API behind the admin token, and /mcp behind the MCP token; one
     // throttle of failed bearer attempts per peer for both.
-    let throttle = Arc::new(crate::http::bearer::Throttle::default());
     let guard =
         crate::http::bearer::BearerGuard::new(cfg.admin_token.clone(), "admin", throttle.clone());
-    let admin =
-        crate::http::admin_router(state, guard.clone()).merge(app.auth.clone().admin_router(guard));
+    let admin = crate::http::admin_router(state, guard.clone())
+        .merge(crate::apps::routes::admin_router(
+            app.registry.clone(),
+            guard.clone(),
+        ))
+        .merge(switch.admin_router(guard));
     let mut admin = crate::http::serve::with_request_timeout(admin, limits.request_timeout);
     if let Some(token) = cfg.mcp_token.clone() {
-        let server = crate::mcp::McpServer::new(app.lark.clone(), app.auth.clone(), store.clone());
         // No request timeout: MCP responses stream (SSE) for as long as the client listens.
-        admin = admin.merge(crate::mcp::router(
-            server,
-            crate::http::bearer::BearerGuard::new(Some(token), "mcp", throttle),
-            stop.child_token(),
-            cfg.mcp_limits,
-        ));
+        // Each app has its own MCP server; `/mcp?app_id=` picks it.
+        admin = admin.merge(switch.mcp_router(crate::http::bearer::BearerGuard::new(
+            Some(token),
+            "mcp",
+            throttle,
+        )));
     }
     sup.spawn(crate::http::serve::serve(
         listeners.http,
@@ -660,6 +720,7 @@ fn announce_ready(
 async fn stop_in_order(
     sup: &Supervisor,
     app: &App,
+    switch: &runtimes::AppSwitch,
     ready: &AtomicBool,
     stop_accepting: &CancellationToken,
 ) {
@@ -669,6 +730,7 @@ async fn stop_in_order(
     stop_accepting.cancel();
     sup.drain(SHUTDOWN_GRACE, app.auth.finish_refreshes()).await;
     app.dispatcher.close().await;
+    switch.close_others().await;
     sup.join_writers().await;
 }
 #[cfg(test)]

@@ -16,7 +16,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::platform::{find_user, hit, oauth_error};
-use super::{Shared, APP_ID, APP_SECRET};
+use super::{Shared, APP_ID};
 
 pub(crate) fn router(s: Arc<Shared>) -> Router {
     Router::new()
@@ -29,19 +29,20 @@ pub(crate) fn router(s: Arc<Shared>) -> Router {
         .with_state(s)
 }
 
-fn basic_ok(h: &HeaderMap) -> bool {
-    let Some(v) = h
+/// The app whose credentials came as HTTP Basic, if they are a sandbox app's.
+fn basic_app(h: &HeaderMap) -> Option<&'static str> {
+    let creds = h
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-    else {
-        return false;
-    };
-    base64::engine::general_purpose::STANDARD
-        .decode(v.trim())
-        .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .is_some_and(|creds| creds == format!("{APP_ID}:{APP_SECRET}"))
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())?;
+    let (id, secret) = creds.split_once(':')?;
+    super::known_app(id, Some(secret))
 }
 
 async fn authorize_primary(
@@ -55,32 +56,35 @@ async fn authorize_primary(
     if s.lock().devices.settings.primary_path_missing {
         return StatusCode::NOT_FOUND.into_response();
     }
-    if !basic_ok(&h) {
+    let Some(app) = basic_app(&h) else {
         return oauth_error(20002, "invalid_client", "client credentials invalid");
-    }
+    };
     let scope = f
         .iter()
         .find(|(k, _)| k == "scope")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    issue(&s, &scope)
+    issue(&s, app, &scope)
 }
 
 async fn authorize_fallback(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Response {
     if let Some(r) = hit(&s, "device_authorization") {
         return r;
     }
-    if b["client_id"].as_str() != Some(APP_ID) || b["client_secret"].as_str() != Some(APP_SECRET) {
+    let app = b["client_secret"].as_str().and_then(|secret| {
+        super::known_app(b["client_id"].as_str().unwrap_or_default(), Some(secret))
+    });
+    let Some(app) = app else {
         return oauth_error(20002, "invalid_client", "client credentials invalid");
-    }
-    issue(&s, b["scope"].as_str().unwrap_or_default())
+    };
+    issue(&s, app, b["scope"].as_str().unwrap_or_default())
 }
 
-fn issue(s: &Shared, scope: &str) -> Response {
+fn issue(s: &Shared, app: &'static str, scope: &str) -> Response {
     let device_code = s.next_id("sbxdevice");
     let user_code = format!("{:08X}", rand::random::<u32>());
     let base = s.base_url();
-    let settings = s.lock().devices.issue(&device_code, &user_code, scope);
+    let settings = s.lock().devices.issue(app, &device_code, &user_code, scope);
     Json(json!({
         "device_code": device_code,
         "user_code": user_code,

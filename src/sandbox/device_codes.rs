@@ -42,6 +42,8 @@ enum Decision {
 /// One device code.
 #[derive(Debug)]
 struct DeviceCode {
+    /// The app the code was issued to: only it may redeem the code.
+    app: &'static str,
     scope: String,
     issued: Instant,
     expires_in: Duration,
@@ -67,6 +69,7 @@ impl Devices {
     /// Records a new device code; returns the settings it was issued with.
     pub(crate) fn issue(
         &mut self,
+        app: &'static str,
         device_code: &str,
         user_code: &str,
         scope: &str,
@@ -77,6 +80,7 @@ impl Devices {
         self.codes.insert(
             device_code.to_owned(),
             DeviceCode {
+                app,
                 scope: scope.to_owned(),
                 issued: Instant::now(),
                 expires_in: settings.expires_in,
@@ -123,10 +127,12 @@ impl Devices {
         Ok(())
     }
 
-    /// One poll of the token endpoint with `device_code`: the approving user and the scope to
-    /// grant, or the error (`code`, `error`, description) to answer.
+    /// One poll of the token endpoint by `app` with `device_code`: the approving user and the
+    /// scope to grant, or the error (`code`, `error`, description) to answer. A code issued to
+    /// another app is unknown to this one.
     pub(crate) fn poll(
         &mut self,
+        app: &'static str,
         device_code: &str,
     ) -> Result<(String, String), (i64, &'static str, &'static str)> {
         self.polls += 1;
@@ -135,7 +141,7 @@ impl Devices {
             self.settings.slow_down_next -= 1;
         }
         let no_refresh = self.settings.no_refresh_token;
-        let Some(dc) = self.codes.get_mut(device_code) else {
+        let Some(dc) = self.codes.get_mut(device_code).filter(|dc| dc.app == app) else {
             return Err((20003, "invalid_grant", "device code not found"));
         };
         if dc.used {

@@ -36,6 +36,18 @@ pub use platform::SandboxUser;
 pub const APP_ID: &str = "cli_a0000000000000aa";
 /// The sandbox app's secret.
 pub const APP_SECRET: &str = "sandbox-app-secret";
+/// A second app the sandbox knows (several apps in one service): its id.
+pub const APP2_ID: &str = "cli_a0000000000000bb";
+/// The second app's secret.
+pub const APP2_SECRET: &str = "sandbox-app-secret-b";
+
+/// The app `(id, secret)` names, when it is one the sandbox knows.
+pub(crate) fn known_app(id: &str, secret: Option<&str>) -> Option<&'static str> {
+    [(APP_ID, APP_SECRET), (APP2_ID, APP2_SECRET)]
+        .into_iter()
+        .find(|(i, s)| *i == id && secret.is_none_or(|x| x == *s))
+        .map(|(i, _)| i)
+}
 
 /// How the sandbox behaves.
 #[derive(Debug, Clone)]
@@ -96,6 +108,8 @@ pub struct SentMessage {
     pub content: Value,
     /// Earlier contents, oldest first (each PATCH or callback update pushes one).
     pub history: Vec<Value>,
+    /// The app that sent it (by its tenant token).
+    pub app_id: String,
 }
 
 /// An ACK the client sent for a pushed event.
@@ -141,6 +155,8 @@ pub(crate) struct Pending {
     pub deliveries: u32,
     /// For card actions: the message whose card a callback response replaces.
     pub card_message: Option<String>,
+    /// The app whose long connections it goes to.
+    pub app: &'static str,
 }
 
 #[derive(Default)]
@@ -169,6 +185,12 @@ pub(crate) struct Inner {
     pub send_uuids: HashMap<String, String>,
     /// Discovery tickets not yet used for a handshake.
     pub tickets: HashSet<String>,
+    /// The app each discovery ticket was issued to.
+    pub ticket_apps: HashMap<String, &'static str>,
+    /// The app each tenant token, user access token and refresh token was issued to.
+    pub token_apps: HashMap<String, &'static str>,
+    /// The current tenant token of apps other than [`APP_ID`].
+    pub other_tenants: HashMap<&'static str, (String, std::time::Instant)>,
     pub messages: Vec<SentMessage>,
     pub pending: HashMap<String, Pending>,
     /// Frame message_id → deliveries so far (kept after the ACK).
@@ -199,6 +221,8 @@ pub(crate) struct Inner {
 pub(crate) struct Shared {
     pub inner: Mutex<Inner>,
     pub clients: Mutex<Vec<mpsc::UnboundedSender<ws::Out>>>,
+    /// The long connections of apps other than [`APP_ID`] (whose are `clients`).
+    pub other_clients: Mutex<HashMap<&'static str, Vec<mpsc::UnboundedSender<ws::Out>>>>,
     pub opts: SandboxOptions,
     pub addr: SocketAddr,
     pub http: reqwest::Client,
@@ -307,6 +331,7 @@ impl Sandbox {
                 ..Inner::default()
             }),
             clients: Mutex::new(Vec::new()),
+            other_clients: Mutex::new(HashMap::new()),
             opts,
             addr,
             http: reqwest::Client::new(),
@@ -423,6 +448,30 @@ impl Sandbox {
     #[must_use]
     pub fn event_id_of(&self, message_id: &str) -> Option<String> {
         self.shared.lock().event_ids.get(message_id).cloned()
+    }
+
+    /// Pushes an event over the long connections of app `app_id` ([`APP_ID`] or [`APP2_ID`]).
+    pub fn push_event_to(
+        &self,
+        app_id: &str,
+        event_type: &str,
+        event: Value,
+    ) -> Result<String, SandboxError> {
+        let app = known_app(app_id, None)
+            .ok_or_else(|| SandboxError::Control(format!("no sandbox app {app_id}")))?;
+        ws::push_to(&self.shared, app, event_type, event)
+    }
+
+    /// Open long connections of app `app_id`.
+    #[must_use]
+    pub fn connections_of(&self, app_id: &str) -> usize {
+        ws::live_clients_of(&self.shared, app_id)
+    }
+
+    /// The app a user access token was issued to.
+    #[must_use]
+    pub fn token_app(&self, access_token: &str) -> Option<&'static str> {
+        self.shared.lock().token_apps.get(access_token).copied()
     }
 
     /// The user clicks a callback button on a message: sends `card.action.trigger`.

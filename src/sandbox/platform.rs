@@ -13,7 +13,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{Failure, SandboxError, SentMessage, Shared, APP_ID, APP_SECRET};
+use super::{Failure, SandboxError, SentMessage, Shared, APP_ID};
 
 /// Lifetime of tenant/app tokens (seconds).
 const TENANT_TTL: u64 = 7200;
@@ -77,6 +77,8 @@ pub(crate) struct CodeGrant {
     pub scope: String,
     pub issued: Instant,
     pub used: bool,
+    /// The app (`client_id`) the code was issued to.
+    pub app: &'static str,
 }
 
 pub(crate) fn router(s: Arc<Shared>) -> Router {
@@ -187,8 +189,38 @@ fn failure_response(failure: Failure, oauth: bool) -> Response {
     }
 }
 
-fn creds_ok(body: &Value, id_key: &str, secret_key: &str) -> bool {
-    body[id_key].as_str() == Some(APP_ID) && body[secret_key].as_str() == Some(APP_SECRET)
+/// The app whose id and secret `body` carries, when the sandbox knows that pair.
+fn creds_app(body: &Value, id_key: &str, secret_key: &str) -> Option<&'static str> {
+    super::known_app(
+        body[id_key].as_str().unwrap_or_default(),
+        Some(body[secret_key].as_str().unwrap_or_default()),
+    )
+}
+
+/// The app a tenant token (as presented in `h`) was issued to.
+pub(crate) fn tenant_app(s: &Shared, h: &HeaderMap) -> &'static str {
+    bearer(h)
+        .and_then(|t| s.lock().token_apps.get(&t).copied())
+        .unwrap_or(APP_ID)
+}
+
+/// The current tenant token of `app` and its remaining seconds (see [`issue_tenant`]).
+fn issue_tenant_for(s: &Shared, app: &'static str) -> (String, u64) {
+    if app == APP_ID {
+        return issue_tenant(s);
+    }
+    let fresh = s.next_id("t-sandbox-");
+    let mut g = s.lock();
+    if let Some((t, issued)) = g.other_tenants.get(app) {
+        let left = TENANT_TTL.saturating_sub(issued.elapsed().as_secs());
+        if left >= TENANT_RENEW_WITHIN && g.tenant_tokens.contains(t) {
+            return (t.clone(), left);
+        }
+    }
+    g.other_tenants.insert(app, (fresh.clone(), Instant::now()));
+    g.tenant_tokens.push(fresh.clone());
+    g.token_apps.insert(fresh.clone(), app);
+    (fresh, TENANT_TTL)
 }
 
 /// The current tenant token and its remaining seconds; a new one when < 30 min remain (§4.1).
@@ -210,10 +242,10 @@ async fn tenant_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> 
     if let Some(r) = hit(&s, "tenant_token") {
         return r;
     }
-    if !creds_ok(&body, "app_id", "app_secret") {
+    let Some(app) = creds_app(&body, "app_id", "app_secret") else {
         return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
-    }
-    let (t, expire) = issue_tenant(&s);
+    };
+    let (t, expire) = issue_tenant_for(&s, app);
     Json(json!({"code": 0, "msg": "ok", "tenant_access_token": t, "expire": expire}))
         .into_response()
 }
@@ -222,11 +254,11 @@ async fn app_token(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     if let Some(r) = hit(&s, "app_token") {
         return r;
     }
-    if !creds_ok(&body, "app_id", "app_secret") {
+    let Some(app) = creds_app(&body, "app_id", "app_secret") else {
         return Json(json!({"code": 10014, "msg": "app secret invalid"})).into_response();
-    }
-    // The app token is accepted wherever the tenant token is (one bot identity here).
-    let (t, expire) = issue_tenant(&s);
+    };
+    // The app token is accepted wherever the tenant token is (one bot identity per app here).
+    let (t, expire) = issue_tenant_for(&s, app);
     Json(json!({"code": 0, "msg": "ok", "app_access_token": t, "tenant_access_token": t, "expire": expire})).into_response()
 }
 
@@ -237,13 +269,17 @@ async fn discovery(State(s): State<Arc<Shared>>, Json(body): Json<Value>) -> Res
     if let Some(code) = s.lock().discovery_error {
         return Json(json!({"code": code, "msg": "sandbox discovery error"})).into_response();
     }
-    if !creds_ok(&body, "AppID", "AppSecret") {
+    let Some(app) = creds_app(&body, "AppID", "AppSecret") else {
         return Json(json!({"code": 514, "msg": "auth failed: app secret invalid"}))
             .into_response();
-    }
+    };
     let device = s.next_id("sbx-");
     let ticket = s.next_id("tk");
-    s.lock().tickets.insert(ticket.clone());
+    {
+        let mut g = s.lock();
+        g.tickets.insert(ticket.clone());
+        g.ticket_apps.insert(ticket.clone(), app);
+    }
     let url = format!(
         "{}/ws?fpid=1&aid=1&device_id={device}&access_key={}&service_id=42&ticket={ticket}",
         s.ws_base(),
@@ -313,7 +349,7 @@ async fn authorize_page(
     if let Some(r) = hit(&s, "authorize") {
         return r;
     }
-    if get("client_id").as_deref() != Some(APP_ID) {
+    if super::known_app(get("client_id").as_deref().unwrap_or_default(), None).is_none() {
         return (
             StatusCode::BAD_REQUEST,
             Html("<h1>Unknown app</h1><p>client_id is not the sandbox app.</p>".to_owned()),
@@ -410,11 +446,11 @@ pub(crate) fn decide(
             .find(|(a, _)| a == k)
             .map(|(_, v)| v.into_owned())
     };
-    if get("client_id").as_deref() != Some(APP_ID) {
+    let Some(app) = super::known_app(get("client_id").as_deref().unwrap_or_default(), None) else {
         return Err(SandboxError::Control(
-            "client_id is not the sandbox app".to_owned(),
+            "client_id is not a sandbox app".to_owned(),
         ));
-    }
+    };
     let redirect =
         get("redirect_uri").ok_or_else(|| SandboxError::Control("no redirect_uri".to_owned()))?;
     if get("response_type").as_deref() != Some("code") {
@@ -453,6 +489,7 @@ pub(crate) fn decide(
                     scope: get("scope").unwrap_or_default(),
                     issued: Instant::now(),
                     used: false,
+                    app,
                 },
             );
             qp.append_pair("code", &code);
@@ -474,10 +511,11 @@ pub(crate) fn oauth_error(code: i64, error: &str, desc: &str) -> Response {
         .into_response()
 }
 
-fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
+fn issue_user_tokens(s: &Shared, app: &'static str, open_id: &str, scope: &str) -> Value {
     let access = s.next_id("eyJsandbox.access.");
     let ttl = s.opts.user_token_ttl;
     let mut g = s.lock();
+    g.token_apps.insert(access.clone(), app);
     g.access.insert(
         access.clone(),
         (
@@ -489,6 +527,7 @@ fn issue_user_tokens(s: &Shared, open_id: &str, scope: &str) -> Value {
     if scope.split_whitespace().any(|x| x == "offline_access") {
         drop(g);
         let refresh = s.next_id("eyJsandbox.refresh.");
+        s.lock().token_apps.insert(refresh.clone(), app);
         s.lock().refresh.insert(
             refresh.clone(),
             (open_id.to_owned(), scope.to_owned(), access.clone()),
@@ -513,12 +552,12 @@ async fn oauth_token(State(s): State<Arc<Shared>>, Json(b): Json<Value>) -> Resp
 }
 
 fn oauth_grant(s: &Shared, b: &Value) -> Response {
-    if b["client_id"].as_str() != Some(APP_ID) {
+    if super::known_app(b["client_id"].as_str().unwrap_or_default(), None).is_none() {
         return oauth_error(20048, "invalid_client", "app does not exist");
     }
-    if b["client_secret"].as_str() != Some(APP_SECRET) {
+    let Some(app) = creds_app(b, "client_id", "client_secret") else {
         return oauth_error(20002, "invalid_client", "client secret invalid");
-    }
+    };
     match b["grant_type"].as_str() {
         Some("authorization_code") => {
             let code = b["code"].as_str().unwrap_or_default().to_owned();
@@ -537,6 +576,10 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
                     }
                     Some(c) if c.issued.elapsed() > CODE_TTL => {
                         return oauth_error(20004, "invalid_grant", "authorization code expired")
+                    }
+                    // A code is redeemed only by the app it was issued to.
+                    Some(c) if c.app != app => {
+                        return oauth_error(20003, "invalid_grant", "authorization code not found")
                     }
                     Some(c) => {
                         // Single use, whether or not the exchange below succeeds.
@@ -570,12 +613,15 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
                     return oauth_error(20049, "invalid_grant", "PKCE verification failed");
                 }
             }
-            Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+            Json(issue_user_tokens(s, app, &open_id, &scope)).into_response()
         }
         Some("refresh_token") => {
             let Some(rt) = b["refresh_token"].as_str().map(str::to_owned) else {
                 return oauth_error(20001, "invalid_request", "refresh_token is required");
             };
+            if s.lock().token_apps.get(&rt).is_some_and(|a| *a != app) {
+                return oauth_error(20026, "invalid_grant", "refresh token invalid");
+            }
             let owner = {
                 let mut g = s.lock();
                 let owner = g.refresh.remove(&rt);
@@ -596,7 +642,7 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
             };
             match owner {
                 Some((open_id, scope, _)) => {
-                    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+                    Json(issue_user_tokens(s, app, &open_id, &scope)).into_response()
                 }
                 None => oauth_error(20026, "invalid_grant", "refresh token invalid"),
             }
@@ -605,10 +651,10 @@ fn oauth_grant(s: &Shared, b: &Value) -> Response {
             let polled = s
                 .lock()
                 .devices
-                .poll(b["device_code"].as_str().unwrap_or_default());
+                .poll(app, b["device_code"].as_str().unwrap_or_default());
             match polled {
                 Ok((open_id, scope)) => {
-                    Json(issue_user_tokens(s, &open_id, &scope)).into_response()
+                    Json(issue_user_tokens(s, app, &open_id, &scope)).into_response()
                 }
                 Err((code, error, desc)) => oauth_error(code, error, desc),
             }
@@ -803,6 +849,7 @@ async fn send_message(
         msg_type: b["msg_type"].as_str().unwrap_or_default().to_owned(),
         content,
         history: vec![],
+        app_id: tenant_app(&s, &h).to_owned(),
     };
     s.lock().messages.push(msg);
     Json(json!({"code": 0, "msg": "success", "data": {"message_id": message_id, "chat_id": "oc_sandbox", "msg_type": b["msg_type"]}})).into_response()
@@ -828,6 +875,20 @@ async fn patch_message(
 ) -> Response {
     if let Err(r) = tenant_call(&s, &h, "im") {
         return r.into_response();
+    }
+    // A bot updates only the messages its own app sent.
+    let app = tenant_app(&s, &h);
+    let other_app = s
+        .lock()
+        .messages
+        .iter()
+        .any(|m| m.message_id == id && m.app_id != app);
+    if other_app {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"code": 230027, "msg": "sandbox: the message was sent by another app"})),
+        )
+            .into_response();
     }
     let content: Value = b["content"]
         .as_str()

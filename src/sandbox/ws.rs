@@ -57,6 +57,9 @@ async fn upgrade(
         return rejection(403, "missing credentials", None);
     }
     // The ticket from discovery is single-use.
+    let app = get("ticket")
+        .and_then(|t| s.lock().ticket_apps.remove(t))
+        .unwrap_or(APP_ID);
     if !get("ticket").is_some_and(|t| s.lock().tickets.remove(t)) {
         return rejection(
             CODE_AUTH_FAILED,
@@ -71,7 +74,7 @@ async fn upgrade(
             Some(CODE_EXCEED_CONN_LIMIT),
         );
     }
-    ws.on_upgrade(move |socket| serve(s, socket))
+    ws.on_upgrade(move |socket| serve(s, socket, app))
 }
 
 /// A refused upgrade with the `Handshake-*` headers (§2.3).
@@ -107,17 +110,27 @@ fn live_clients(s: &Shared) -> usize {
     c.len()
 }
 
-async fn serve(s: Arc<Shared>, mut socket: WebSocket) {
+async fn serve(s: Arc<Shared>, mut socket: WebSocket, app: &'static str) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    s.clients
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(tx);
-    // Anything still waiting for an ACK goes to the new connection too.
+    if app == APP_ID {
+        s.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(tx);
+    } else {
+        s.other_clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(app)
+            .or_default()
+            .push(tx);
+    }
+    // Anything of this app still waiting for an ACK goes to the new connection too.
     let waiting: Vec<Vec<u8>> = s
         .lock()
         .pending
         .values()
+        .filter(|p| p.app == app)
         .flat_map(|p| p.frames.clone())
         .collect();
     for f in waiting {
@@ -206,14 +219,43 @@ pub(crate) fn broadcast(s: &Shared, out: Out) {
     c.retain(|tx| tx.send(out.clone()).is_ok());
 }
 
-/// Sends a message's frames to one connected client, chosen at random (cluster mode, §2.1).
-/// With no client connected nothing is sent; the redelivery timer or the next connection
-/// picks the message up.
-fn deliver(s: &Shared, frames: &[Vec<u8>]) {
+/// Open long connections of `app`.
+pub(crate) fn live_clients_of(s: &Shared, app: &str) -> usize {
+    if app == APP_ID {
+        return live_clients(s);
+    }
+    let mut all = s
+        .other_clients
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    all.get_mut(app).map_or(0, |c| {
+        c.retain(|tx| !tx.is_closed());
+        c.len()
+    })
+}
+
+/// Sends a message's frames to one connected client of `app`, chosen at random (cluster
+/// mode, §2.1). With no client connected nothing is sent; the redelivery timer or the next
+/// connection picks the message up.
+fn deliver(s: &Shared, app: &'static str, frames: &[Vec<u8>]) {
+    if app != APP_ID {
+        let mut all = s
+            .other_clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = all.get_mut(app) {
+            deliver_one(c, frames);
+        }
+        return;
+    }
     let mut c = s
         .clients
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    deliver_one(&mut c, frames);
+}
+
+fn deliver_one(c: &mut Vec<mpsc::UnboundedSender<Out>>, frames: &[Vec<u8>]) {
     c.retain(|tx| !tx.is_closed());
     while !c.is_empty() {
         let i = rand::random_range(0..c.len());
@@ -263,6 +305,7 @@ fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<V
 
 fn push(
     s: &Shared,
+    app: &'static str,
     event_type: &str,
     event: Value,
     opts: PushOpts,
@@ -274,7 +317,7 @@ fn push(
     let envelope = json!({
         "schema": "2.0",
         "header": {"event_id": event_id, "event_type": event_type, "create_time": create_time,
-                   "token": "sandbox-verification-token", "app_id": APP_ID, "tenant_key": "sandbox"},
+                   "token": "sandbox-verification-token", "app_id": app, "tenant_key": "sandbox"},
         "event": event,
     });
     let payload =
@@ -291,6 +334,7 @@ fn push(
                 pushed_at: Instant::now(),
                 deliveries: 1,
                 card_message,
+                app,
             },
         );
         g.deliveries.insert(message_id.clone(), 1);
@@ -302,7 +346,7 @@ fn push(
     }
     let copies = if opts.duplicate { 2 } else { 1 };
     for _ in 0..copies {
-        deliver(s, &order);
+        deliver(s, app, &order);
     }
     Ok(message_id)
 }
@@ -313,7 +357,16 @@ pub(crate) fn push_event(
     event: Value,
     opts: PushOpts,
 ) -> Result<String, SandboxError> {
-    push(s, event_type, event, opts, None, None)
+    push(s, APP_ID, event_type, event, opts, None, None)
+}
+
+pub(crate) fn push_to(
+    s: &Shared,
+    app: &'static str,
+    event_type: &str,
+    event: Value,
+) -> Result<String, SandboxError> {
+    push(s, app, event_type, event, PushOpts::default(), None, None)
 }
 
 pub(crate) fn push_event_as(
@@ -323,7 +376,7 @@ pub(crate) fn push_event_as(
     event: Value,
     opts: PushOpts,
 ) -> Result<String, SandboxError> {
-    push(s, event_type, event, opts, None, Some(event_id))
+    push(s, APP_ID, event_type, event, opts, None, Some(event_id))
 }
 
 pub(crate) fn click(
@@ -339,16 +392,17 @@ pub(crate) fn click(
         .find(|u| u.open_id == operator_open_id)
         .cloned()
         .ok_or_else(|| SandboxError::Control(format!("no sandbox user {operator_open_id}")))?;
-    if !s
+    let Some(app) = s
         .lock()
         .messages
         .iter()
-        .any(|m| m.message_id == open_message_id)
-    {
+        .find(|m| m.message_id == open_message_id)
+        .map(|m| super::known_app(&m.app_id, None).unwrap_or(APP_ID))
+    else {
         return Err(SandboxError::Control(format!(
             "no message {open_message_id}"
         )));
-    }
+    };
     let token = s.next_id("c-sandbox-");
     s.lock().card_tokens.insert(
         token.clone(),
@@ -365,8 +419,10 @@ pub(crate) fn click(
         "host": "im_message",
         "context": {"open_message_id": open_message_id, "open_chat_id": "oc_sandbox"},
     });
+    // The click goes to the long connection of the app that sent the card.
     push(
         s,
+        app,
         "card.action.trigger",
         event,
         PushOpts::default(),
@@ -390,7 +446,7 @@ pub(crate) async fn redeliver_loop(s: Arc<Shared>, cancel: CancellationToken) {
 /// Re-sends unacknowledged events: those due (`redeliver_after` since their last push), or
 /// all of them with `force`.
 pub(crate) fn redeliver(s: &Shared, force: bool) {
-    let due: Vec<Vec<Vec<u8>>> = {
+    let due: Vec<(&'static str, Vec<Vec<u8>>)> = {
         let mut g = s.lock();
         let after = s.opts.redeliver_after;
         let mut ids = Vec::new();
@@ -401,7 +457,7 @@ pub(crate) fn redeliver(s: &Shared, force: bool) {
                 p.deliveries += 1;
                 tracing::debug!(message_id = %id, event_type = %p.event_type, deliveries = p.deliveries, "sandbox: redelivering");
                 ids.push((id.clone(), p.deliveries));
-                out.push(p.frames.clone());
+                out.push((p.app, p.frames.clone()));
             }
         }
         for (id, n) in ids {
@@ -409,7 +465,7 @@ pub(crate) fn redeliver(s: &Shared, force: bool) {
         }
         out
     };
-    for frames in due {
-        deliver(s, &frames);
+    for (app, frames) in due {
+        deliver(s, app, &frames);
     }
 }

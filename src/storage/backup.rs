@@ -207,6 +207,7 @@ macro_rules! for_each_table {
         $f($($arg,)* CHANGES)?;
         $f($($arg,)* LEASES)?;
         $f($($arg,)* SESSION_COUNTS)?;
+        $f($($arg,)* super::tables::APPS)?;
     }};
 }
 
@@ -509,6 +510,7 @@ fn restore_into(
             "changes" => l.rows(CHANGES, count)?,
             "leases" => l.rows(LEASES, count)?,
             "session_counts" => l.rows(SESSION_COUNTS, count)?,
+            "apps" => l.rows(super::tables::APPS, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

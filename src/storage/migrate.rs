@@ -11,6 +11,7 @@
 //! Schema 7 adds the (empty) `outbox`, `outbox_dead` and `grants` tables; `grants` is
 //! seeded from the tokens: the creation time of the session that produced each, else the token's
 //! `obtained_at` (the earliest time known, so a reminder comes early rather than late).
+//! Schema 8 adds the (empty) `apps` registry table, created with the others.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -42,6 +43,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(CHANGES).map_err(e)?;
     txn.open_table(LEASES).map_err(e)?;
     txn.open_table(SESSION_COUNTS).map_err(e)?;
+    txn.open_table(super::tables::APPS).map_err(e)?;
     create_outbox_tables(store, txn)
 }
 

@@ -7,6 +7,7 @@
 //! Secrets are sealed by `envelope` before they reach a table; see `records` for the stored
 //! forms and `tables` for the schema.
 
+mod apps;
 mod backup;
 mod changes;
 mod counts;
@@ -16,8 +17,8 @@ mod events;
 mod keys;
 mod leases;
 mod migrate;
-pub mod postgres;
 mod outbox;
+pub mod postgres;
 mod records;
 mod sessions;
 mod sweep;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+pub use apps::{AppRow, AppStatus, SecretKey};
 pub use backup::{restore_snapshot, Progress, SnapshotHeader};
 pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken, EXPORT_CURSOR_PREFIX};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};

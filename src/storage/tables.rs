@@ -9,8 +9,8 @@ use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
 /// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added
-/// `outbox`, `outbox_dead` and `grants`.
-pub const SCHEMA_VERSION: u32 = 7;
+/// `outbox`, `outbox_dead` and `grants`; 8 added `apps`.
+pub const SCHEMA_VERSION: u32 = 8;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -75,6 +75,10 @@ pub const OUTBOX_DEAD: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("o
 /// (which clears the reminder), so the hard expiry (365 days after authorizing) survives
 /// refreshes and session purges.
 pub const GRANTS: TableDefinition<'_, (&str, &str), (u64, u64)> = TableDefinition::new("grants");
+
+/// The app registry: app id → version byte and the bincode of the app's record, its secret
+/// sealed (see `apps.rs`).
+pub const APPS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("apps");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;
