@@ -573,14 +573,52 @@ fn import_python(opts: &LoadOptions, args: &ImportPythonArgs) -> Result<(), CliE
             anyhow::anyhow!("--apps-db: set LARK_CONFIG_ENCRYPTION_KEY (the Python deployment's key) to open its app secrets")
         })?;
         let apps = python_apps::read_apps(db, &key).map_err(anyhow::Error::from)?;
-        let _ = writeln!(out, "apps in {}: {}", db.display(), apps.len());
-        for a in &apps {
-            let _ = writeln!(
-                out,
-                "  app {} \"{}\" {} (secret opened; not imported yet: this build has no app registry)",
-                a.app_id, a.app_name, a.status
-            );
+        // Read whole and checked before anything is written: a bad row imports nothing.
+        let mut planned = Vec::with_capacity(apps.len());
+        for a in apps {
+            let status = a.status.parse::<crate::apps::AppStatus>().map_err(|e| {
+                anyhow::anyhow!("{}: app {}: column status: {e}", db.display(), a.app_id)
+            })?;
+            planned.push(crate::apps::ImportedApp {
+                app: crate::apps::NewApp {
+                    app_id: a.app_id,
+                    app_name: a.app_name,
+                    app_secret: a.app_secret,
+                    description: a.description,
+                    permissions: a.permissions.map(|p| p.to_string()),
+                    created_by: Some("import python".to_owned()),
+                },
+                status,
+                created_at: a.created_at,
+                updated_at: a.updated_at,
+            });
         }
+        let store = open_store(&cfg)?;
+        let reg = crate::apps::Registry::from_config(store, &cfg)?;
+        let _ = writeln!(out, "apps in {}: {}", db.display(), planned.len());
+        let (mut imported, mut kept) = (0, 0);
+        for a in planned {
+            let (id, name) = (a.app.app_id.clone(), a.app.app_name.clone());
+            let status = a.status;
+            match reg.import(a).map_err(anyhow::Error::from)? {
+                Some(_) => {
+                    imported += 1;
+                    let _ = writeln!(
+                        out,
+                        "  app {id} \"{name}\" {}: imported (secret sealed)",
+                        status.as_str()
+                    );
+                }
+                None => {
+                    kept += 1;
+                    let _ = writeln!(
+                        out,
+                        "  app {id} \"{name}\": skipped (already in the registry or the configuration's app)"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out, "apps: {imported} imported, {kept} skipped");
     }
     let Some(url) = url else { return Ok(()) };
     let store = open_store(&cfg)?;

@@ -530,6 +530,47 @@ fn the_python_app_store_is_read_and_its_secrets_opened() {
     assert!(stdout.contains("app cli_one \"One\" active"), "{stdout}");
     assert!(stdout.contains("app cli_two \"Two\" inactive"), "{stdout}");
     assert!(!stdout.contains(&plain(0)) && !stdout.contains("our-own-secret"));
+    assert!(stdout.contains("apps: 3 imported, 0 skipped"), "{stdout}");
+    // They are in the registry with their status and times, their secrets sealed.
+    let out = run_binary(
+        dir.path(),
+        &[("LARK_CONFIG_ENCRYPTION_KEY", key)],
+        &["app", "list", "--status", "inactive", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["app_id"], "cli_two");
+    assert_eq!(listed[0]["status"], "inactive");
+    let out = run_binary(
+        dir.path(),
+        &[("LARK_CONFIG_ENCRYPTION_KEY", key)],
+        &["app", "show", "cli_one", "--json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let one: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(one["status"], "active");
+    assert_eq!(one["created_at"], 1_740_816_000_123_u64);
+    let file = std::fs::read(dir.path().join("s.redb")).unwrap();
+    for secret in [plain(0), plain(2), "our-own-secret".to_owned()] {
+        assert!(
+            !file.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "an app secret is in the store file in clear"
+        );
+    }
+    // Again: nothing changes.
+    let out = run_binary(
+        dir.path(),
+        &[("LARK_CONFIG_ENCRYPTION_KEY", key)],
+        &["import", "python", "--apps-db", db.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("apps: 0 imported, 3 skipped"),
+        "{}",
+        text(&out.stdout)
+    );
     // Without the key it says what to set.
     let out = run_binary(
         dir.path(),

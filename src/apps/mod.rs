@@ -135,6 +135,20 @@ pub struct NewApp {
     pub created_by: Option<String>,
 }
 
+/// An app brought from another store (`import python --apps-db`): as `app add`, plus the
+/// status and times it had there.
+#[derive(Debug, Clone)]
+pub struct ImportedApp {
+    /// The app.
+    pub app: NewApp,
+    /// Its status there.
+    pub status: AppStatus,
+    /// Created there (unix ms).
+    pub created_at: Option<u64>,
+    /// Last changed there (unix ms).
+    pub updated_at: Option<u64>,
+}
+
 /// `app update`: each field given replaces the stored one.
 #[derive(Debug, Clone, Default)]
 pub struct AppChange {
@@ -328,6 +342,45 @@ impl Registry {
         self.store.insert_app(&row, &app.app_secret, self.key())?;
         self.touched();
         self.show(&app.app_id)
+    }
+
+    /// Imports an app kept elsewhere (the Python deployment's app store), with its status and
+    /// times as they were there. An app id already in the registry, or the configuration's,
+    /// is left as it is: `Ok(None)`. Its secret is sealed as `add` seals it.
+    ///
+    /// # Errors
+    /// A bad app id or permissions, an empty secret, a name another app has, or the store's.
+    pub fn import(&self, app: ImportedApp) -> Result<Option<AppView>, AppsError> {
+        check_app_id(&app.app.app_id)?;
+        if self.refuse_config_app(&app.app.app_id).is_err()
+            || self.store.get_app(&app.app.app_id)?.is_some()
+        {
+            return Ok(None);
+        }
+        check_permissions(app.app.permissions.as_deref())?;
+        if secrecy::ExposeSecret::expose_secret(&app.app.app_secret).is_empty() {
+            return Err(AppsError::Invalid(format!(
+                "app {}: the app secret is empty",
+                app.app.app_id
+            )));
+        }
+        let now = now_ms();
+        let created_at = app.created_at.unwrap_or(now);
+        let row = AppRow {
+            app_id: app.app.app_id.clone(),
+            app_name: app.app.app_name,
+            description: app.app.description,
+            status: app.status,
+            permissions: app.app.permissions,
+            created_at,
+            updated_at: app.updated_at.unwrap_or(created_at),
+            created_by: app.app.created_by,
+            secret_key: SecretKey::Store,
+        };
+        self.store
+            .insert_app(&row, &app.app.app_secret, self.key())?;
+        self.touched();
+        self.show(&app.app.app_id).map(Some)
     }
 
     /// Changes the fields given.
