@@ -479,6 +479,10 @@ impl Dispatcher {
     /// or still in `recent`, and every id recorded before the process started is in it, so it
     /// answers as a fresh read transaction would, without opening one per event.
     fn seen_before(&self, id: &str) -> crate::storage::Result<bool> {
+        if self.inner.seen_tx.is_closed() {
+            // After close: hold no snapshot (the store is about to be let go of).
+            return self.inner.store.event_seen(id);
+        }
         let commits = self.inner.commits.load(Ordering::Acquire);
         let snapshot = {
             let mut cached = self
@@ -534,12 +538,6 @@ impl Dispatcher {
     /// after a restart: at-least-once). Call once the handlers are done (shutdown).
     pub async fn close(&self) {
         let _ = self.inner.seen_tx.send(SeenMsg::Close).await;
-        // The snapshot holds a read transaction: let go of it with the store.
-        *self
-            .inner
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let writer = self
             .inner
             .writer
@@ -551,6 +549,13 @@ impl Dispatcher {
                 warn!(error = %e, "The seen-id writer failed.");
             }
         }
+        // The snapshot holds a read transaction: let go of it with the store. (The writer has
+        // stopped, so no lookup takes another one: see `seen_before`.)
+        *self
+            .inner
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// Waits until every id recorded so far is committed (tests, shutdown).
