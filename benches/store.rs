@@ -113,13 +113,33 @@ fn main() {
     ));
     drop(store);
 
-    // 4. TTL sweep of N pending sessions that are all due, and backup of the same store.
-    for total in [100_000u64, 1_000_000] {
+    // 4. TTL sweep of N pending sessions that are all due, and backup of the same store; the
+    // sweep once with the change feed on (an exporter is configured: every expiry is appended)
+    // and once with it off (the service's default without an exporter).
+    for (total, feed) in [
+        (100_000u64, true),
+        (100_000, false),
+        (1_000_000, true),
+        (1_000_000, false),
+    ] {
         if total > max {
             continue;
         }
-        let path = dir.path().join(format!("sweep{total}.redb"));
-        let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
+        let path = dir.path().join(format!("sweep{total}-{feed}.redb"));
+        let store = Store::open(
+            &path,
+            ring(),
+            StoreOptions {
+                change_feed: feed,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let label = if feed {
+            "change feed on"
+        } else {
+            "no change feed"
+        };
         let t = Instant::now();
         let mut i = 0;
         while i < total {
@@ -131,39 +151,47 @@ fn main() {
         }
         let fill = t.elapsed();
         let size = std::fs::metadata(&path).unwrap().len();
-        let out = dir.path().join(format!("b{total}.age"));
-        let id = age::x25519::Identity::generate();
-        let prot = Protection::recipients(&[id.to_public().to_string()]).unwrap();
-        let t = Instant::now();
-        write_backup(&store, &out, &prot, &mut |_, _| {}).unwrap();
-        let bk = t.elapsed();
-        let bsize = std::fs::metadata(&out).unwrap().len();
+        let backup = feed.then(|| {
+            let out = dir.path().join(format!("b{total}.age"));
+            let id = age::x25519::Identity::generate();
+            let prot = Protection::recipients(&[id.to_public().to_string()]).unwrap();
+            let t = Instant::now();
+            write_backup(&store, &out, &prot, &mut |_, _| {}).unwrap();
+            let bk = t.elapsed();
+            let bsize = std::fs::metadata(&out).unwrap().len();
+            std::fs::remove_file(&out).unwrap();
+            (bk, bsize)
+        });
         let t = Instant::now();
         let rep = store.sweep(now + 600_001, 50_000).unwrap();
         let sw = t.elapsed();
         assert_eq!(rep.expired.len() as u64, total);
         rows.push((
-            format!("fill {total} sessions (batched)"),
+            format!("fill {total} sessions (batched, {label})"),
             rate(total, fill),
             format!("store {:.0} MiB", size as f64 / 1048576.0),
         ));
+        if let Some((bk, bsize)) = backup {
+            rows.push((
+                format!("backup {total} sessions (age)"),
+                format!("{:.2} s", bk.as_secs_f64()),
+                format!("{:.0} MiB", bsize as f64 / 1048576.0),
+            ));
+        }
         rows.push((
-            format!("backup {total} sessions (age)"),
-            format!("{:.2} s", bk.as_secs_f64()),
-            format!("{:.0} MiB", bsize as f64 / 1048576.0),
-        ));
-        rows.push((
-            format!("TTL sweep, {total} due"),
+            format!("TTL sweep, {total} due ({label})"),
             format!("{:.2} s", sw.as_secs_f64()),
             rate(total, sw),
         ));
         let t = Instant::now();
         let rep = store.sweep(now + 600_002, 50_000).unwrap();
         rows.push((
-            format!("TTL sweep, {total} stored, 0 due"),
+            format!("TTL sweep, {total} stored, 0 due ({label})"),
             format!("{:.4} s", t.elapsed().as_secs_f64()),
             format!("{} expired", rep.expired.len()),
         ));
+        drop(store);
+        std::fs::remove_file(&path).unwrap();
     }
 
     println!("\n| store benchmark | result | note |\n|---|---|---|");

@@ -1,8 +1,12 @@
 //! The connection task: discovery, dial, ping/pong, read loop, ACKs, reconnect.
 //!
-//! This is the I/O shell around the pure cores (`protocol`, `reassembly`, `reconnect`). Each
-//! event frame is handed to the [`Dispatcher`] on its own task; ACKs come back through a
-//! bounded channel, so a slow handler never holds the read loop or other ACKs.
+//! This is the I/O shell around the pure cores (`protocol`, `reassembly`, `reconnect`). The
+//! read loop takes the frames already received (up to [`READ_BURST`]) one after the other,
+//! hands each complete event to the [`Dispatcher`] and polls it once: an event answered then
+//! (a fast handler, a duplicate) costs no task, channel or thread hop, and the ACKs of the
+//! burst go out in one write. An event that must wait (a slow handler) continues on its own
+//! task on the supervisor's tracker and sends its ACK back through a bounded channel, so a
+//! slow handler never holds the read loop or other ACKs.
 //!
 //! The task never stops for good on its own: an outage longer than the retry limit is
 //! reported as [`ConnState::Degraded`] while redialing goes on at the capped backoff, and
@@ -36,6 +40,9 @@ use crate::metrics;
 const ACK_BATCH: usize = 64;
 /// ACKs waiting for the session loop; a full queue makes handlers wait (back-pressure).
 const ACK_QUEUE: usize = 1024;
+/// Messages already received that are read and handled in one go before the ACKs they
+/// produced are written (in one write). Bounds how long the first of them waits for its ACK.
+const READ_BURST: usize = 32;
 
 /// Settings of the long connection.
 #[derive(Clone)]
@@ -442,142 +449,247 @@ impl LongConn {
     ) -> SessionEnd {
         let (mut sink, mut stream) = socket.split();
         let (ack_tx, mut ack_rx) = mpsc::channel::<(Frame, Instant)>(ACK_QUEUE);
-        let mut reasm = Reassembler::new(self.cfg.reassembly);
-        let mut last_heard = Instant::now();
-        let mut next_ping = Instant::now();
-        let m = metrics::get();
-        let kind_label = |k| metrics::KindLabel { kind: k };
+        let mut s = Session {
+            reasm: Reassembler::new(self.cfg.reassembly),
+            last_heard: Instant::now(),
+            next_ping: Instant::now(),
+            ready: Vec::with_capacity(READ_BURST),
+            ack_tx,
+            frames: FrameCounters::new(),
+        };
+        let ack_duration = metrics::get().event_ack_duration.clone();
         info!("Long connection established.");
         loop {
             // Liveness: nothing heard for two ping intervals (plus slack) means a dead link.
-            let dead_at = last_heard + server.ping_interval * 2 + Duration::from_secs(5);
+            let dead_at = s.last_heard + server.ping_interval * 2 + Duration::from_secs(5);
             tokio::select! {
                 () = cancel.cancelled() => {
                     let _ = sink.send(Message::Close(None)).await;
                     return SessionEnd::Cancelled;
                 }
-                () = tokio::time::sleep_until(next_ping) => {
+                () = tokio::time::sleep_until(s.next_ping) => {
                     let ping = ping_frame(params.service_id).to_bytes();
                     if let Err(e) = sink.send(Message::Binary(ping.into())).await {
                         return SessionEnd::Dropped(format!("sending ping: {e}"));
                     }
-                    next_ping = Instant::now() + server.ping_interval;
+                    s.next_ping = Instant::now() + server.ping_interval;
                 }
                 () = tokio::time::sleep_until(dead_at) => {
                     return SessionEnd::Dropped("no pong or frame within two ping intervals".to_owned());
                 }
                 Some(first) = ack_rx.recv() => {
-                    // Every ACK ready now goes out in one write (feed each, flush once).
-                    let mut next = Some(first);
-                    let mut batched = 0;
-                    while let Some((ack, received)) = next.take() {
-                        if let Err(e) = sink.feed(Message::Binary(ack.to_bytes().into())).await {
-                            return SessionEnd::Dropped(format!("sending ACK: {e}"));
-                        }
-                        m.event_ack_duration.observe(received.elapsed().as_secs_f64());
-                        batched += 1;
-                        if batched < ACK_BATCH {
-                            next = ack_rx.try_recv().ok();
-                        }
+                    // ACKs of events handled on their own task: every one ready now goes out
+                    // in one write.
+                    s.ready.push(first);
+                    while s.ready.len() < ACK_BATCH {
+                        let Ok(next) = ack_rx.try_recv() else { break };
+                        s.ready.push(next);
                     }
-                    if let Err(e) = sink.flush().await {
+                    if let Err(e) = write_acks(&mut sink, &mut s.ready, &ack_duration).await {
                         return SessionEnd::Dropped(format!("sending ACK: {e}"));
                     }
                 }
                 msg = stream.next() => {
-                    let Some(msg) = msg else { return SessionEnd::Dropped("server closed the stream".to_owned()) };
-                    let msg = match msg {
-                        Ok(m) => m,
-                        Err(e) => return SessionEnd::Dropped(format!("read: {e}")),
-                    };
-                    last_heard = Instant::now();
-                    #[cfg(feature = "fault-injection")]
-                    #[allow(clippy::panic, reason = "the test-only fault is a panic on purpose")]
-                    if fault::take(&self.cfg.base_url) {
-                        panic!("injected fault: the connection task panics");
+                    // This message, then those already received (up to a burst), each handled
+                    // at once; the ACKs they produced go out together in one write.
+                    let mut next = Some(msg);
+                    let mut read = 0;
+                    let mut end = None;
+                    while let Some(msg) = next.take() {
+                        read += 1;
+                        if let Err(e) = self.on_message(msg, &mut s, server) {
+                            end = Some(e);
+                            break;
+                        }
+                        if read < READ_BURST {
+                            next = futures_util::FutureExt::now_or_never(stream.next());
+                        }
                     }
-                    let bytes = match msg {
-                        Message::Binary(b) => b,
-                        Message::Close(_) => return SessionEnd::Dropped("server sent close".to_owned()),
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-                        Message::Text(_) => { debug!("Ignoring a text message."); continue; }
-                    };
-                    let frame = match Frame::decode_strict(&bytes) {
-                        Ok(f) => f,
-                        Err(e) => {
-                            m.ws_frames_received.get_or_create(&kind_label("other")).inc();
-                            warn!(error = %e, "Ignoring an undecodable frame.");
-                            continue;
-                        }
-                    };
-                    match frame.kind() {
-                        FrameKind::Pong => {
-                            m.ws_frames_received.get_or_create(&kind_label("pong")).inc();
-                            if let Ok(patch) = super::protocol::parse_pong_config(frame.payload_bytes()) {
-                                if !patch.is_empty() {
-                                    server.apply(&patch);
-                                    next_ping = next_ping.min(Instant::now() + server.ping_interval);
-                                }
-                            }
-                        }
-                        FrameKind::Ping => { m.ws_frames_received.get_or_create(&kind_label("ping")).inc(); }
-                        FrameKind::Card => {
-                            m.ws_frames_received.get_or_create(&kind_label("card")).inc();
-                            debug!("Ignoring a legacy card frame (the SDKs do not ACK it).");
-                        }
-                        FrameKind::Unknown => { m.ws_frames_received.get_or_create(&kind_label("other")).inc(); }
-                        FrameKind::Event => {
-                            m.ws_frames_received.get_or_create(&kind_label("event")).inc();
-                            let received = Instant::now();
-                            match reasm.push_frame(&frame, std::time::Instant::now()) {
-                                Ok(Pushed::Complete(payload)) => {
-                                    self.spawn_dispatch(frame, payload, received, ack_tx.clone());
-                                }
-                                Ok(Pushed::Pending { .. } | Pushed::Duplicate) => {}
-                                Err(e) => warn!(error = %e, "Dropping a bad fragment."),
-                            }
-                            for id in reasm.expire(std::time::Instant::now()) {
-                                warn!(message_id = %id, "Dropped an incomplete fragmented message.");
-                            }
-                        }
+                    if let Err(e) = write_acks(&mut sink, &mut s.ready, &ack_duration).await {
+                        return SessionEnd::Dropped(format!("sending ACK: {e}"));
+                    }
+                    if let Some(end) = end {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    fn spawn_dispatch(
+    /// Handles one message read from the socket; `Err` ends the session.
+    fn on_message(
         &self,
-        frame: Frame,
-        payload: Vec<u8>,
-        received: Instant,
-        acks: mpsc::Sender<(Frame, Instant)>,
-    ) {
-        let dispatcher = self.dispatcher.clone();
-        // On the supervisor's tracker (through the dispatcher): shutdown waits for it.
-        self.dispatcher.spawn(async move {
-            let started = Instant::now();
-            let response = match parse_event_payload(&payload) {
-                Ok(cb) => match dispatcher.dispatch(cb, EventSource::WebSocket).await {
-                    Outcome::Handled(HandlerReply::Respond(v)) => {
-                        AckResponse::OkWithData(serde_json::to_vec(&v).unwrap_or_default())
+        msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+        s: &mut Session,
+        server: &mut ClientConfig,
+    ) -> Result<(), SessionEnd> {
+        let Some(msg) = msg else {
+            return Err(SessionEnd::Dropped("server closed the stream".to_owned()));
+        };
+        let msg = msg.map_err(|e| SessionEnd::Dropped(format!("read: {e}")))?;
+        s.last_heard = Instant::now();
+        #[cfg(feature = "fault-injection")]
+        #[allow(clippy::panic, reason = "the test-only fault is a panic on purpose")]
+        if fault::take(&self.cfg.base_url) {
+            panic!("injected fault: the connection task panics");
+        }
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(_) => return Err(SessionEnd::Dropped("server sent close".to_owned())),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(()),
+            Message::Text(_) => {
+                debug!("Ignoring a text message.");
+                return Ok(());
+            }
+        };
+        let mut frame = match Frame::decode_strict(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                s.frames.other.inc();
+                warn!(error = %e, "Ignoring an undecodable frame.");
+                return Ok(());
+            }
+        };
+        match frame.kind() {
+            FrameKind::Pong => {
+                s.frames.pong.inc();
+                if let Ok(patch) = super::protocol::parse_pong_config(frame.payload_bytes()) {
+                    if !patch.is_empty() {
+                        server.apply(&patch);
+                        s.next_ping = s.next_ping.min(Instant::now() + server.ping_interval);
                     }
-                    Outcome::Handled(HandlerReply::Done)
-                    | Outcome::Duplicate
-                    | Outcome::Accepted => AckResponse::Ok,
-                    Outcome::Failed => AckResponse::Failed,
-                },
-                Err(e) => {
-                    // A payload we cannot read will not improve on redelivery: ACK it.
-                    warn!(error = %e, "Unreadable event payload acknowledged and dropped.");
-                    AckResponse::Ok
                 }
-            };
-            let ack = build_ack(&frame, started.elapsed(), &response);
-            // The session may have ended: then the platform redelivers the event.
-            let _ = acks.send((ack, received)).await;
-        });
+            }
+            FrameKind::Ping => {
+                s.frames.ping.inc();
+            }
+            FrameKind::Card => {
+                s.frames.card.inc();
+                debug!("Ignoring a legacy card frame (the SDKs do not ACK it).");
+            }
+            FrameKind::Unknown => {
+                s.frames.other.inc();
+            }
+            FrameKind::Event => {
+                s.frames.event.inc();
+                let received = Instant::now();
+                match s.reasm.take_frame(&mut frame, std::time::Instant::now()) {
+                    Ok(Pushed::Complete(payload)) => {
+                        // The ACK echoes the frame's headers, not its payload.
+                        frame.payload = None;
+                        self.dispatch(frame, payload, received, s);
+                    }
+                    Ok(Pushed::Pending { .. } | Pushed::Duplicate) => {}
+                    Err(e) => warn!(error = %e, "Dropping a bad fragment."),
+                }
+                for id in s.reasm.expire(std::time::Instant::now()) {
+                    warn!(message_id = %id, "Dropped an incomplete fragmented message.");
+                }
+            }
+        }
+        Ok(())
     }
+
+    /// Hands a complete event to the dispatcher. Most are answered on the first poll (a fast
+    /// handler, a duplicate): their ACK joins the session's ready ACKs, with no task, channel or
+    /// thread hop. One that must wait (a slow handler, a full seen-id queue) continues on its
+    /// own task on the supervisor's tracker and sends its ACK through the channel.
+    fn dispatch(&self, frame: Frame, payload: Vec<u8>, received: Instant, s: &mut Session) {
+        let mut answer = Box::pin(answer(self.dispatcher.clone(), frame, payload));
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            futures_util::FutureExt::now_or_never(answer.as_mut())
+        }));
+        match polled {
+            Ok(Some(ack)) => s.ready.push((ack, received)),
+            Ok(None) => {
+                let acks = s.ack_tx.clone();
+                // On the supervisor's tracker (through the dispatcher): shutdown waits for it.
+                self.dispatcher.spawn(async move {
+                    let ack = answer.await;
+                    // The session may have ended: then the platform redelivers the event.
+                    let _ = acks.send((ack, received)).await;
+                });
+            }
+            // Not acknowledged: the platform redelivers it.
+            Err(_) => warn!("Dispatching an event panicked; it is not acknowledged."),
+        }
+    }
+}
+
+/// A connected session's state, owned by its loop.
+struct Session {
+    reasm: Reassembler,
+    last_heard: Instant,
+    next_ping: Instant,
+    /// ACKs ready to be written, with when their event was received.
+    ready: Vec<(Frame, Instant)>,
+    /// Where events handled on their own task send their ACK.
+    ack_tx: mpsc::Sender<(Frame, Instant)>,
+    frames: FrameCounters,
+}
+
+/// `ws_frames_received{kind}`, each label's counter looked up once per connection.
+struct FrameCounters {
+    event: metrics::CounterHandle,
+    pong: metrics::CounterHandle,
+    ping: metrics::CounterHandle,
+    card: metrics::CounterHandle,
+    other: metrics::CounterHandle,
+}
+
+impl FrameCounters {
+    fn new() -> Self {
+        let f = &metrics::get().ws_frames_received;
+        let get = |kind| f.get_or_create(&metrics::KindLabel { kind }).clone();
+        Self {
+            event: get("event"),
+            pong: get("pong"),
+            ping: get("ping"),
+            card: get("card"),
+            other: get("other"),
+        }
+    }
+}
+
+/// The ACK of one event: dispatches it and answers with the outcome.
+async fn answer(dispatcher: Dispatcher, frame: Frame, payload: Vec<u8>) -> Frame {
+    let started = Instant::now();
+    let response = match parse_event_payload(&payload) {
+        Ok(cb) => match dispatcher.dispatch(cb, EventSource::WebSocket).await {
+            Outcome::Handled(HandlerReply::Respond(v)) => {
+                AckResponse::OkWithData(serde_json::to_vec(&v).unwrap_or_default())
+            }
+            Outcome::Handled(HandlerReply::Done) | Outcome::Duplicate | Outcome::Accepted => {
+                AckResponse::Ok
+            }
+            Outcome::Failed => AckResponse::Failed,
+        },
+        Err(e) => {
+            // A payload we cannot read will not improve on redelivery: ACK it.
+            warn!(error = %e, "Unreadable event payload acknowledged and dropped.");
+            AckResponse::Ok
+        }
+    };
+    build_ack(&frame, started.elapsed(), &response)
+}
+
+/// Writes the ready ACKs in one write (feed each, flush once) and empties `ready`.
+async fn write_acks<S>(
+    sink: &mut S,
+    ready: &mut Vec<(Frame, Instant)>,
+    ack_duration: &metrics::HistogramHandle,
+) -> Result<(), S::Error>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    if ready.is_empty() {
+        return Ok(());
+    }
+    for (ack, received) in ready.drain(..) {
+        sink.feed(Message::Binary(ack.to_bytes().into())).await?;
+        ack_duration.observe(received.elapsed().as_secs_f64());
+    }
+    sink.flush().await
 }
 
 /// Shares a connection's state with HTTP handlers.

@@ -155,6 +155,21 @@ impl Reassembler {
         )
     }
 
+    /// Like [`Reassembler::push_frame`], but an unsplit message's payload is taken out of
+    /// `frame` rather than copied (the common case on the hot path); a fragment is buffered
+    /// as by `push_frame`, and `frame` keeps its payload then.
+    pub fn take_frame(
+        &mut self,
+        frame: &mut Frame,
+        now: Instant,
+    ) -> Result<Pushed, ReassemblyError> {
+        let h = DataHeaders::from_frame(frame)?;
+        if h.sum == 1 && h.seq == 0 && self.limits.max_fragments >= 1 {
+            return Ok(Pushed::Complete(frame.payload.take().unwrap_or_default()));
+        }
+        self.push_frame(frame, now)
+    }
+
     /// Accepts fragment `seq` of `sum` of message `message_id`. Buffers whose TTL has passed
     /// by `now` are dropped first (call [`Reassembler::expire`] beforehand to learn which).
     pub fn push(
@@ -568,6 +583,44 @@ mod tests {
             r.push_frame(&frame("x", b""), t),
             Err(ReassemblyError::Headers(DataHeaderError::NotANumber("seq")))
         ));
+    }
+
+    #[test]
+    fn take_frame_moves_an_unsplit_payload_and_buffers_fragments_like_push_frame() {
+        let frame = |headers: &[(&str, &str)], payload: &[u8]| Frame {
+            method: METHOD_DATA,
+            headers: headers.iter().map(|(k, v)| Header::new(*k, *v)).collect(),
+            payload: Some(payload.to_vec()),
+            ..Frame::default()
+        };
+        let mut r = Reassembler::default();
+        let t = Instant::now();
+        // Unsplit (no sum/seq, or sum=1): the payload leaves the frame, nothing is buffered.
+        for headers in [&[("type", "event")][..], &[("sum", "1"), ("seq", "0")][..]] {
+            let mut f = frame(headers, b"whole");
+            assert_eq!(
+                r.take_frame(&mut f, t),
+                Ok(Pushed::Complete(b"whole".to_vec()))
+            );
+            assert_eq!(f.payload, None);
+            assert_eq!(r.pending_messages(), 0);
+        }
+        // Fragments: buffered and joined as push_frame does; each frame keeps its payload.
+        let mut second = frame(&[("message_id", "m1"), ("sum", "2"), ("seq", "1")], b"lo");
+        assert!(matches!(
+            r.take_frame(&mut second, t),
+            Ok(Pushed::Pending { .. })
+        ));
+        assert_eq!(second.payload.as_deref(), Some(&b"lo"[..]));
+        let mut first = frame(&[("message_id", "m1"), ("sum", "2"), ("seq", "0")], b"hel");
+        assert_eq!(
+            r.take_frame(&mut first, t),
+            Ok(Pushed::Complete(b"hello".to_vec()))
+        );
+        // Bad headers are refused as by push_frame, and the payload stays.
+        let mut bad = frame(&[("sum", "1"), ("seq", "1")], b"x");
+        assert!(r.take_frame(&mut bad, t).is_err());
+        assert!(bad.payload.is_some());
     }
 
     mod props {

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use device_codes::DeviceSettings;
 pub use platform::SandboxUser;
+pub use ws::PreparedEvent;
 
 /// The sandbox app's id.
 pub const APP_ID: &str = "cli_a0000000000000aa";
@@ -150,7 +151,9 @@ pub struct PushOpts {
 
 pub(crate) struct Pending {
     pub event_type: String,
-    pub frames: Vec<Vec<u8>>,
+    /// Encoded once at push; a redelivery or a new connection sends the same bytes (shared,
+    /// not copied).
+    pub frames: Vec<axum::body::Bytes>,
     pub pushed_at: std::time::Instant,
     pub deliveries: u32,
     /// For card actions: the message whose card a callback response replaces.
@@ -230,6 +233,8 @@ pub(crate) struct Shared {
     pub holds: tokio::sync::watch::Sender<HashSet<&'static str>>,
     /// The CA of the sandbox's certificate (PEM), when it serves TLS.
     pub ca_pem: Option<String>,
+    /// Notified whenever an ACK is recorded (see [`Sandbox::wait_unacked_below`]).
+    pub acked: std::sync::Condvar,
 }
 
 impl Shared {
@@ -326,6 +331,7 @@ impl Sandbox {
         let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
         let shared = Arc::new(Shared {
             ca_pem,
+            acked: std::sync::Condvar::new(),
             inner: Mutex::new(Inner {
                 users: platform::default_users(opts.extra_users),
                 ..Inner::default()
@@ -429,6 +435,31 @@ impl Sandbox {
         opts: PushOpts,
     ) -> Result<String, SandboxError> {
         ws::push_event(&self.shared, event_type, event, opts)
+    }
+
+    /// Pushes an event whose body was serialized once ([`PreparedEvent`]): the same frames as
+    /// [`Sandbox::push_event`] with that body, without building JSON per push (benchmarks).
+    /// Returns the frame `message_id`.
+    pub fn push_prepared(
+        &self,
+        event_type: &str,
+        event: &PreparedEvent,
+        opts: PushOpts,
+    ) -> Result<String, SandboxError> {
+        ws::push_prepared(&self.shared, event_type, event, opts)
+    }
+
+    /// Waits until fewer than `n` pushed events are unacknowledged, or `timeout` passes;
+    /// returns how many are unacknowledged then. Woken by each ACK (no polling).
+    #[must_use]
+    pub fn wait_unacked_below(&self, n: usize, timeout: Duration) -> usize {
+        let g = self.shared.lock();
+        let (g, _) = self
+            .shared
+            .acked
+            .wait_timeout_while(g, timeout, |g| g.pending.len() >= n)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.pending.len()
     }
 
     /// Pushes an event with a given `event_id`: the platform delivering an event it already
@@ -611,14 +642,14 @@ impl Sandbox {
 
     /// Sends these bytes as one binary message on every long connection.
     pub fn send_raw(&self, bytes: Vec<u8>) {
-        ws::broadcast(&self.shared, ws::Out::Bytes(bytes));
+        ws::broadcast(&self.shared, ws::Out::Bytes(bytes.into()));
     }
 
     /// Sends bytes that are not a frame on every long connection.
     pub fn send_garbage_frame(&self) {
         ws::broadcast(
             &self.shared,
-            ws::Out::Bytes(vec![0xff, 0x01, 0x02, 0x8f, 0x00]),
+            ws::Out::Bytes(vec![0xff, 0x01, 0x02, 0x8f, 0x00].into()),
         );
     }
 

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
@@ -35,7 +36,7 @@ use crate::longconn::protocol::{Frame, FrameKind, Header, METHOD_CONTROL, METHOD
 #[derive(Debug, Clone)]
 pub(crate) enum Out {
     /// Send these bytes as a binary message.
-    Bytes(Vec<u8>),
+    Bytes(Bytes),
     /// Drop the connection without a close frame.
     Drop,
 }
@@ -126,7 +127,7 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket, app: &'static str) {
             .push(tx);
     }
     // Anything of this app still waiting for an ACK goes to the new connection too.
-    let waiting: Vec<Vec<u8>> = s
+    let waiting: Vec<Bytes> = s
         .lock()
         .pending
         .values()
@@ -134,16 +135,40 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket, app: &'static str) {
         .flat_map(|p| p.frames.clone())
         .collect();
     for f in waiting {
-        if socket.send(Message::Binary(f.into())).await.is_err() {
+        if socket.send(Message::Binary(f)).await.is_err() {
             return;
         }
     }
     loop {
         tokio::select! {
-            out = rx.recv() => match out {
-                Some(Out::Bytes(b)) => { if socket.send(Message::Binary(b.into())).await.is_err() { return; } }
-                Some(Out::Drop) | None => return,
-            },
+            out = rx.recv() => {
+                // This message and every one queued behind it, in one write.
+                let Some(first) = out else { return };
+                let mut next = Some(first);
+                let mut dropped = false;
+                while let Some(out) = next.take() {
+                    match out {
+                        Out::Bytes(b) => {
+                            if futures_util::SinkExt::feed(&mut socket, Message::Binary(b)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Out::Drop => {
+                            dropped = true;
+                            break;
+                        }
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if dropped {
+                    // What was queued before the drop still goes out, as when sent one by one.
+                    let _ = futures_util::SinkExt::flush(&mut socket).await;
+                    return;
+                }
+                if futures_util::SinkExt::flush(&mut socket).await.is_err() {
+                    return;
+                }
+            }
             msg = socket.recv() => {
                 let Some(Ok(msg)) = msg else { return };
                 let Message::Binary(bytes) = msg else { continue };
@@ -175,34 +200,63 @@ async fn serve(s: Arc<Shared>, mut socket: WebSocket, app: &'static str) {
     }
 }
 
+/// An ACK's JSON payload, read without building a tree (the common case: `{"code":200}`).
+#[derive(serde::Deserialize)]
+struct AckBody {
+    #[serde(default)]
+    code: Option<i64>,
+    #[serde(default)]
+    data: Option<String>,
+}
+
+/// `code` and decoded `data` of an ACK payload; `code` 0 when it is missing or not an integer.
+fn read_ack_payload(payload: &[u8]) -> (i64, Option<Value>) {
+    let decode = |d: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(d)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    };
+    if let Ok(body) = serde_json::from_slice::<AckBody>(payload) {
+        return (
+            body.code.unwrap_or(0),
+            body.data.as_deref().and_then(decode),
+        );
+    }
+    // Not the usual shape (a `code` that is not an integer, `data` that is not a string…):
+    // read what can be read, as a tree.
+    let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+    (
+        v["code"].as_i64().unwrap_or(0),
+        v["data"].as_str().and_then(decode),
+    )
+}
+
 fn record_ack(s: &Shared, frame: &Frame) {
     let message_id = frame.header("message_id").unwrap_or_default().to_owned();
-    let payload: Value = serde_json::from_slice(frame.payload_bytes()).unwrap_or(Value::Null);
     let now = Instant::now();
-    let data = payload["data"]
-        .as_str()
-        .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-    let code = payload["code"].as_i64().unwrap_or(0);
+    let (code, data) = read_ack_payload(frame.payload_bytes());
     let card_message = {
         let mut g = s.lock();
         let since_push = g
             .pending
             .get(&message_id)
             .map(|p| now.saturating_duration_since(p.pushed_at));
+        let card_message = if code == 200 {
+            g.pending.remove(&message_id).and_then(|p| p.card_message)
+        } else {
+            None
+        };
         g.acks.push(AckRecord {
-            message_id: message_id.clone(),
+            message_id,
             code,
             data: data.clone(),
             biz_rt: frame.header("biz_rt").map(str::to_owned),
             since_push,
         });
-        if code == 200 {
-            g.pending.remove(&message_id).and_then(|p| p.card_message)
-        } else {
-            None
-        }
+        card_message
     };
+    s.acked.notify_all();
     // A card callback answered with a card: the user's client shows it.
     if let (Some(open_message_id), Some(d)) = (card_message, data) {
         if d["card"]["type"] == "raw" {
@@ -237,7 +291,7 @@ pub(crate) fn live_clients_of(s: &Shared, app: &str) -> usize {
 /// Sends a message's frames to one connected client of `app`, chosen at random (cluster
 /// mode, §2.1). With no client connected nothing is sent; the redelivery timer or the next
 /// connection picks the message up.
-fn deliver(s: &Shared, app: &'static str, frames: &[Vec<u8>]) {
+fn deliver(s: &Shared, app: &'static str, frames: &[Bytes]) {
     if app != APP_ID {
         let mut all = s
             .other_clients
@@ -255,7 +309,7 @@ fn deliver(s: &Shared, app: &'static str, frames: &[Vec<u8>]) {
     deliver_one(&mut c, frames);
 }
 
-fn deliver_one(c: &mut Vec<mpsc::UnboundedSender<Out>>, frames: &[Vec<u8>]) {
+fn deliver_one(c: &mut Vec<mpsc::UnboundedSender<Out>>, frames: &[Bytes]) {
     c.retain(|tx| !tx.is_closed());
     while !c.is_empty() {
         let i = rand::random_range(0..c.len());
@@ -269,7 +323,7 @@ fn deliver_one(c: &mut Vec<mpsc::UnboundedSender<Out>>, frames: &[Vec<u8>]) {
     }
 }
 
-fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<Vec<u8>> {
+fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<Bytes> {
     let parts = parts.max(1) as usize;
     let chunk = payload.len().div_ceil(parts).max(1);
     let pieces: Vec<&[u8]> = if payload.is_empty() {
@@ -299,29 +353,66 @@ fn frames_for(s: &Shared, message_id: &str, payload: &[u8], parts: u32) -> Vec<V
                 ..Frame::default()
             }
             .to_bytes()
+            .into()
         })
         .collect()
+}
+
+/// An event body (the envelope's `event` object) serialized once, to be pushed many times with
+/// [`Sandbox::push_prepared`](super::Sandbox::push_prepared).
+#[derive(Debug, Clone)]
+pub struct PreparedEvent {
+    json: Vec<u8>,
+}
+
+impl PreparedEvent {
+    /// Serializes `event` once.
+    pub fn new(event: &Value) -> Result<Self, SandboxError> {
+        serde_json::to_vec(event)
+            .map(|json| Self { json })
+            .map_err(|e| SandboxError::Control(e.to_string()))
+    }
+}
+
+/// Appends `v` as a JSON string.
+fn json_str(out: &mut Vec<u8>, v: &str) -> Result<(), SandboxError> {
+    serde_json::to_writer(out, v).map_err(|e| SandboxError::Control(e.to_string()))
+}
+
+/// The v2 envelope around an already serialized `event` object, written straight into bytes:
+/// `{"schema":"2.0","header":{…},"event":…}`.
+fn envelope(
+    app: &str,
+    event_id: &str,
+    event_type: &str,
+    event: &[u8],
+) -> Result<Vec<u8>, SandboxError> {
+    let mut out = Vec::with_capacity(event.len() + 256);
+    out.extend_from_slice(br#"{"schema":"2.0","header":{"event_id":"#);
+    json_str(&mut out, event_id)?;
+    out.extend_from_slice(br#","event_type":"#);
+    json_str(&mut out, event_type)?;
+    out.extend_from_slice(br#","create_time":""#);
+    out.extend_from_slice(crate::storage::now_ms().to_string().as_bytes());
+    out.extend_from_slice(br#"","token":"sandbox-verification-token","app_id":"#);
+    json_str(&mut out, app)?;
+    out.extend_from_slice(br#","tenant_key":"sandbox"},"event":"#);
+    out.extend_from_slice(event);
+    out.push(b'}');
+    Ok(out)
 }
 
 fn push(
     s: &Shared,
     app: &'static str,
     event_type: &str,
-    event: Value,
+    event: &[u8],
     opts: PushOpts,
     card_message: Option<String>,
     event_id: Option<&str>,
 ) -> Result<String, SandboxError> {
     let event_id = event_id.map_or_else(|| s.next_id("ev_sandbox_"), str::to_owned);
-    let create_time = crate::storage::now_ms().to_string();
-    let envelope = json!({
-        "schema": "2.0",
-        "header": {"event_id": event_id, "event_type": event_type, "create_time": create_time,
-                   "token": "sandbox-verification-token", "app_id": app, "tenant_key": "sandbox"},
-        "event": event,
-    });
-    let payload =
-        serde_json::to_vec(&envelope).map_err(|e| SandboxError::Control(e.to_string()))?;
+    let payload = envelope(app, &event_id, event_type, event)?;
     let message_id = s.next_id("msg_");
     let frames = frames_for(s, &message_id, &payload, opts.fragments);
     {
@@ -351,13 +442,34 @@ fn push(
     Ok(message_id)
 }
 
+fn serialized(event: &Value) -> Result<Vec<u8>, SandboxError> {
+    serde_json::to_vec(event).map_err(|e| SandboxError::Control(e.to_string()))
+}
+
+pub(crate) fn push_prepared(
+    s: &Shared,
+    event_type: &str,
+    event: &PreparedEvent,
+    opts: PushOpts,
+) -> Result<String, SandboxError> {
+    push(s, APP_ID, event_type, &event.json, opts, None, None)
+}
+
 pub(crate) fn push_event(
     s: &Shared,
     event_type: &str,
     event: Value,
     opts: PushOpts,
 ) -> Result<String, SandboxError> {
-    push(s, APP_ID, event_type, event, opts, None, None)
+    push(
+        s,
+        APP_ID,
+        event_type,
+        &serialized(&event)?,
+        opts,
+        None,
+        None,
+    )
 }
 
 pub(crate) fn push_to(
@@ -366,7 +478,15 @@ pub(crate) fn push_to(
     event_type: &str,
     event: Value,
 ) -> Result<String, SandboxError> {
-    push(s, app, event_type, event, PushOpts::default(), None, None)
+    push(
+        s,
+        app,
+        event_type,
+        &serialized(&event)?,
+        PushOpts::default(),
+        None,
+        None,
+    )
 }
 
 pub(crate) fn push_event_as(
@@ -376,7 +496,15 @@ pub(crate) fn push_event_as(
     event: Value,
     opts: PushOpts,
 ) -> Result<String, SandboxError> {
-    push(s, APP_ID, event_type, event, opts, None, Some(event_id))
+    push(
+        s,
+        APP_ID,
+        event_type,
+        &serialized(&event)?,
+        opts,
+        None,
+        Some(event_id),
+    )
 }
 
 pub(crate) fn click(
@@ -424,7 +552,7 @@ pub(crate) fn click(
         s,
         app,
         "card.action.trigger",
-        event,
+        &serialized(&event)?,
         PushOpts::default(),
         Some(open_message_id.to_owned()),
         None,
@@ -446,7 +574,7 @@ pub(crate) async fn redeliver_loop(s: Arc<Shared>, cancel: CancellationToken) {
 /// Re-sends unacknowledged events: those due (`redeliver_after` since their last push), or
 /// all of them with `force`.
 pub(crate) fn redeliver(s: &Shared, force: bool) {
-    let due: Vec<(&'static str, Vec<Vec<u8>>)> = {
+    let due: Vec<(&'static str, Vec<Bytes>)> = {
         let mut g = s.lock();
         let after = s.opts.redeliver_after;
         let mut ids = Vec::new();
@@ -467,5 +595,62 @@ pub(crate) fn redeliver(s: &Shared, force: bool) {
     };
     for (app, frames) in due {
         deliver(s, app, &frames);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::APP2_ID;
+
+    #[test]
+    fn the_envelope_written_as_bytes_is_the_v2_envelope() {
+        let event = json!({"message": {"text": "quote \" and \\ and 中文"}, "n": 1});
+        let bytes = envelope(
+            APP_ID,
+            "ev_1",
+            "im.message.receive_v1",
+            &serialized(&event).unwrap(),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["schema"], "2.0");
+        assert_eq!(v["header"]["event_id"], "ev_1");
+        assert_eq!(v["header"]["event_type"], "im.message.receive_v1");
+        assert_eq!(v["header"]["app_id"], APP_ID);
+        assert_eq!(v["header"]["tenant_key"], "sandbox");
+        assert_eq!(v["header"]["token"], "sandbox-verification-token");
+        assert!(v["header"]["create_time"]
+            .as_str()
+            .is_some_and(|t| t.parse::<u64>().is_ok()));
+        assert_eq!(v["event"], event);
+        // A prepared body gives the same envelope.
+        let prepared = PreparedEvent::new(&event).unwrap();
+        let again: Value =
+            serde_json::from_slice(&envelope(APP2_ID, "ev_1", "t", &prepared.json).unwrap())
+                .unwrap();
+        assert_eq!(again["event"], event);
+        assert_eq!(again["header"]["app_id"], APP2_ID);
+    }
+
+    #[test]
+    fn ack_payloads_are_read_in_every_shape() {
+        assert_eq!(read_ack_payload(br#"{"code":200}"#), (200, None));
+        assert_eq!(read_ack_payload(br#"{"code":500}"#), (500, None));
+        let data =
+            base64::engine::general_purpose::STANDARD.encode(br#"{"toast":{"type":"info"}}"#);
+        assert_eq!(
+            read_ack_payload(format!(r#"{{"code":200,"data":"{data}"}}"#).as_bytes()),
+            (200, Some(json!({"toast": {"type": "info"}})))
+        );
+        // Not the usual shape: what can be read is read, the rest is 0 / none.
+        assert_eq!(read_ack_payload(br#"{"code":"200"}"#), (0, None));
+        assert_eq!(
+            read_ack_payload(format!(r#"{{"code":"x","data":"{data}"}}"#).as_bytes()),
+            (0, Some(json!({"toast": {"type": "info"}})))
+        );
+        assert_eq!(read_ack_payload(br#"{"code":200,"data":7}"#), (200, None));
+        assert_eq!(read_ack_payload(b"not json"), (0, None));
+        assert_eq!(read_ack_payload(b""), (0, None));
     }
 }

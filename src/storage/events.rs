@@ -1,7 +1,5 @@
 //! Seen event ids, for de-duplicating redelivered events across restarts.
 
-use redb::ReadableTable;
-
 use super::tables::{SEEN_EVENTS, SEEN_EVENTS_EXPIRY};
 use super::{Error, Result, Store};
 
@@ -25,14 +23,23 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             let mut fresh = Vec::with_capacity(ids.len());
             for id in ids {
-                let is_new = seen.get(*id).map_err(|e| self.err(e))?.is_none();
-                if is_new {
-                    seen.insert(*id, forget_at).map_err(|e| self.err(e))?;
-                    expiry
-                        .insert((forget_at, *id), ())
-                        .map_err(|e| self.err(e))?;
+                // One descent for a new id (the usual case): insert, and look at what was there.
+                let before = seen
+                    .insert(*id, forget_at)
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value());
+                match before {
+                    None => {
+                        expiry
+                            .insert((forget_at, *id), ())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    // Seen already: the first record stands (its expiry entry matches it).
+                    Some(at) => {
+                        seen.insert(*id, at).map_err(|e| self.err(e))?;
+                    }
                 }
-                fresh.push(is_new);
+                fresh.push(before.is_none());
             }
             fresh
         };
@@ -40,11 +47,43 @@ impl Store {
         Ok(fresh)
     }
 
+    /// A snapshot of the seen ids as committed now, for many lookups without a transaction
+    /// each (see [`SeenSnapshot`]).
+    pub fn seen_snapshot(&self) -> Result<SeenSnapshot> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(SEEN_EVENTS).map_err(|e| self.err(e))?;
+        Ok(SeenSnapshot {
+            table,
+            store: self.clone(),
+        })
+    }
+
     /// True if the event id has been recorded and not yet forgotten.
     pub fn event_seen(&self, id: &str) -> Result<bool> {
         let txn = self.begin_read()?;
         let seen = txn.open_table(SEEN_EVENTS).map_err(|e| self.err(e))?;
         Ok(seen.get(id).map_err(|e| self.err(e))?.is_some())
+    }
+}
+
+/// The seen ids as they were when [`Store::seen_snapshot`] was called: a lookup here answers
+/// as [`Store::event_seen`] did then, and misses what was committed since. Its holder replaces
+/// it after each commit it must see. While it is held, the store keeps the pages it reads.
+pub struct SeenSnapshot {
+    table: redb::ReadOnlyTable<&'static str, u64>,
+    store: Store,
+}
+
+impl std::fmt::Debug for SeenSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeenSnapshot").finish_non_exhaustive()
+    }
+}
+
+impl SeenSnapshot {
+    /// True if the event id was recorded (and not forgotten) when the snapshot was taken.
+    pub fn contains(&self, id: &str) -> Result<bool> {
+        Ok(self.table.get(id).map_err(|e| self.store.err(e))?.is_some())
     }
 }
 

@@ -39,7 +39,7 @@ pub use backup::{restore_snapshot, Progress, SnapshotHeader};
 pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken, EXPORT_CURSOR_PREFIX};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
-pub use events::{valid_event_key, MAX_EVENT_KEY_BYTES};
+pub use events::{valid_event_key, SeenSnapshot, MAX_EVENT_KEY_BYTES};
 pub use keys::{KeyStatus, RotationReport};
 pub use outbox::{ExpiringGrant, OutboxEntry, OutboxEvent};
 pub use records::{
