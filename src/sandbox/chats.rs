@@ -23,7 +23,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::platform::{bearer, hit, tenant_ok, unauthorized, user_token_owner};
+use super::platform::{bearer, hit, tenant_ok, unauthorized, user_token_owner, Refusal};
 use super::{SandboxUser, Shared};
 
 /// Largest `page_size`.
@@ -153,20 +153,22 @@ impl Caller {
 /// Counts the hit (which may inject a failure), then reads the token: a user access token
 /// this sandbox issued names its user; anything else must be a live tenant token (else
 /// 99991663, which makes the client fetch a new one).
-fn caller(s: &Shared, h: &HeaderMap) -> Result<Caller, Response> {
+fn caller(s: &Shared, h: &HeaderMap) -> Result<Caller, Refusal> {
     if let Some(r) = hit(s, "chats") {
-        return Err(r);
+        return Err(r.into());
     }
     let Some(tok) = bearer(h) else {
-        return Err(unauthorized());
+        return Err(unauthorized().into());
     };
     if s.lock().access.contains_key(&tok) {
-        return user_token_owner(s, &tok).map(Caller::User).map_err(|r| *r);
+        return user_token_owner(s, &tok)
+            .map(Caller::User)
+            .map_err(|r| Refusal::from(*r));
     }
     if tenant_ok(s, h) {
         Ok(Caller::Bot)
     } else {
-        Err(unauthorized())
+        Err(unauthorized().into())
     }
 }
 
@@ -180,16 +182,13 @@ fn refuse(code: i64, msg: &str) -> Response {
 
 /// Reads `page_size` and `page_token` and cuts `all` into the page they ask for:
 /// `(items, next page_token or "", has_more)`.
-fn page<T: Clone>(q: &[(String, String)], all: &[T]) -> Result<(Vec<T>, String, bool), Response> {
+fn page<T: Clone>(q: &[(String, String)], all: &[T]) -> Result<(Vec<T>, String, bool), Refusal> {
     let get = |k: &str| q.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
     let size = match get("page_size").map(str::parse::<usize>) {
         None => DEFAULT_PAGE_SIZE,
         Some(Ok(n)) if (1..=MAX_PAGE_SIZE).contains(&n) => n,
         Some(_) => {
-            return Err(refuse(
-                CODE_PARAM_INVALID,
-                "page_size must be between 1 and 100",
-            ))
+            return Err(refuse(CODE_PARAM_INVALID, "page_size must be between 1 and 100").into())
         }
     };
     let start = match get("page_token").filter(|t| !t.is_empty()) {
@@ -199,7 +198,7 @@ fn page<T: Clone>(q: &[(String, String)], all: &[T]) -> Result<(Vec<T>, String, 
             .and_then(|n| n.parse::<usize>().ok())
         {
             Some(n) if n <= all.len() => n,
-            _ => return Err(refuse(CODE_PARAM_INVALID, "page_token is invalid")),
+            _ => return Err(refuse(CODE_PARAM_INVALID, "page_token is invalid").into()),
         },
     };
     let items: Vec<T> = all.iter().skip(start).take(size).cloned().collect();
@@ -220,7 +219,7 @@ async fn list_chats(
 ) -> Response {
     let who = match caller(&s, &h) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let users = s.lock().users.clone();
     let mine: Vec<SandboxChat> = seeded(&users)
@@ -229,7 +228,7 @@ async fn list_chats(
         .collect();
     let (items, page_token, has_more) = match page(&q, &mine) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let items: Vec<Value> = items
         .iter()
@@ -261,7 +260,7 @@ async fn list_members(
 ) -> Response {
     let who = match caller(&s, &h) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let id_type = q
         .iter()
@@ -290,7 +289,7 @@ async fn list_members(
         .collect();
     let (items, page_token, has_more) = match page(&q, &members) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let items: Vec<Value> = items
         .iter()
@@ -315,5 +314,70 @@ impl super::Sandbox {
     #[must_use]
     pub fn chats(&self) -> Vec<SandboxChat> {
         seeded(&self.shared.lock().users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn pages_follow_their_tokens_to_the_end() {
+        let all: Vec<u32> = (0..5).collect();
+        let (a, t, more) = page(&q(&[("page_size", "2")]), &all).ok().unwrap();
+        assert_eq!((a, more), (vec![0, 1], true));
+        let (b, t, more) = page(&q(&[("page_size", "2"), ("page_token", &t)]), &all)
+            .ok()
+            .unwrap();
+        assert_eq!((b, more), (vec![2, 3], true));
+        let (c, t, more) = page(&q(&[("page_size", "2"), ("page_token", &t)]), &all)
+            .ok()
+            .unwrap();
+        assert_eq!((c, more, t.as_str()), (vec![4], false, ""));
+        let (d, _, more) = page(&q(&[]), &all).ok().unwrap();
+        assert_eq!((d.len(), more), (5, false), "default size 20");
+    }
+
+    #[test]
+    fn bad_page_parameters_are_refused() {
+        let all: Vec<u32> = (0..3).collect();
+        for bad in [
+            q(&[("page_size", "0")]),
+            q(&[("page_size", "101")]),
+            q(&[("page_size", "x")]),
+            q(&[("page_token", "nope")]),
+            q(&[("page_token", "sbx-chat-page-4")]),
+        ] {
+            assert!(page(&bad, &all).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_bot_is_not_in_the_private_chat_and_members_are_users() {
+        let users = crate::sandbox::platform::default_users(1);
+        let chats = seeded(&users);
+        let private = chats
+            .iter()
+            .find(|c| c.chat_id == "oc_sandbox_private")
+            .unwrap();
+        assert!(!private.bot_member);
+        assert!(!Caller::Bot.is_in(private));
+        assert!(Caller::User("ou_sandbox_alice".into()).is_in(private));
+        let general = &chats[0];
+        assert_eq!(general.members.len(), 4, "every user, extras too");
+        for c in &chats {
+            for m in &c.members {
+                assert!(users.iter().any(|u| &u.open_id == m), "{m}");
+            }
+        }
     }
 }
