@@ -35,6 +35,8 @@ const TOOLS: &[&str] = &[
     "revoke_user_token",
     "get_user_info",
     "health_check",
+    "get_chat_list",
+    "get_chat_members",
 ];
 
 struct Service {
@@ -785,8 +787,244 @@ async fn the_earlier_deployments_tool_names_work() {
     svc.stop().await;
 }
 
+/// `get_chat_list` and `get_chat_members` (the earlier MCP deployment's tools) read the
+/// sandbox's seeded chats through the client: pages follow `page_token`, an unknown chat or
+/// one the bot is not in is a tool error with the platform's code, and `as_user` reads with
+/// the user's own token (after the Authorize card when they have none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_tools_list_chats_and_members() {
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let svc = Service::start(&sandbox).await;
+    let client = svc.connect().await;
+    let seeded = sandbox.chats();
+    let bots: Vec<&str> = seeded
+        .iter()
+        .filter(|c| c.bot_member)
+        .map(|c| c.chat_id.as_str())
+        .collect();
+    assert_eq!(bots.len(), 4, "{seeded:?}");
+
+    // The bot's chats, three per page: two pages, in order, the second the last.
+    let hits = sandbox.hits("chats");
+    let p1 = ok(&client, "get_chat_list", json!({"page_size": 3})).await;
+    assert_eq!(p1["source"], "bot", "{p1}");
+    assert_eq!(p1["has_more"], true, "{p1}");
+    let token = p1["page_token"].as_str().expect("a next page token");
+    assert!(!token.is_empty());
+    let p2 = ok(
+        &client,
+        "get_chat_list",
+        json!({"page_size": 3, "page_token": token}),
+    )
+    .await;
+    assert_eq!(p2["has_more"], false, "{p2}");
+    assert_eq!(p2["page_token"], Value::Null, "{p2}");
+    assert_eq!(sandbox.hits("chats"), hits + 2, "one request per page");
+    let ids = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["chat_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (a, b) = (ids(&p1), ids(&p2));
+    assert_eq!((a.len(), b.len()), (3, 1), "{p1} {p2}");
+    assert_eq!([a, b].concat(), bots, "every chat the bot is in, once");
+    let partners = p2["items"][0].clone();
+    assert_eq!(partners["chat_id"], "oc_sandbox_partners", "{p2}");
+    assert_eq!(partners["name"], "Partners");
+    assert_eq!(partners["external"], true);
+    assert_eq!(partners["owner_id"], "ou_sandbox_alice");
+    assert_eq!(partners["chat_status"], "normal");
+    assert_eq!(partners["tenant_key"], "sandbox");
+    // Without page_size: one page holds them all.
+    let all = ok(&client, "get_chat_list", json!({})).await;
+    assert_eq!(ids(&all), bots, "{all}");
+    assert_eq!(all["has_more"], false);
+
+    // A failing platform answer is retried as every other call is.
+    sandbox.fail_next("chats", 503, 1);
+    let again = ok(&client, "get_chat_list", json!({})).await;
+    assert_eq!(ids(&again), bots, "{again}");
+
+    // Members of a chat, by open_id (default) and by user_id.
+    let m = ok(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_eng"}),
+    )
+    .await;
+    assert_eq!(m["member_total"], 2, "{m}");
+    assert_eq!(m["chat_id"], "oc_sandbox_eng");
+    let members: Vec<&str> = m["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["member_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["ou_sandbox_alice", "ou_sandbox_bob"], "{m}");
+    assert_eq!(m["items"][1]["name"], "Bob (sandbox)");
+    assert_eq!(m["items"][1]["member_id_type"], "open_id");
+    let m = ok(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_ops", "member_id_type": "user_id"}),
+    )
+    .await;
+    assert_eq!(m["items"][0]["member_id"], "sandbox_bob", "{m}");
+    assert_eq!(m["items"][1]["member_id"], "sandbox_carol", "{m}");
+    // Members page too.
+    let m1 = ok(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_general", "page_size": 2}),
+    )
+    .await;
+    assert_eq!(m1["member_total"], 3, "{m1}");
+    assert_eq!(m1["items"].as_array().unwrap().len(), 2);
+    assert_eq!(m1["has_more"], true);
+    let m2 = ok(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_general", "page_size": 2, "page_token": m1["page_token"]}),
+    )
+    .await;
+    assert_eq!(m2["has_more"], false, "{m2}");
+    assert_eq!(m2["items"][0]["member_id"], "ou_sandbox_carol", "{m2}");
+
+    // An unknown chat, and a chat the bot is not in: tool errors with the platform's code.
+    let e = err(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_no_such_chat"}),
+    )
+    .await;
+    assert_eq!(e["code"], lark_service::sandbox::CODE_CHAT_NOT_FOUND, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("get_chat_members failed"),
+        "{e}"
+    );
+    let e = err(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_private"}),
+    )
+    .await;
+    assert_eq!(e["code"], lark_service::sandbox::CODE_NOT_IN_CHAT, "{e}");
+    // Bad arguments name the field, before any call.
+    let before = sandbox.hits("chats");
+    for (tool, args, field) in [
+        ("get_chat_list", json!({"page_size": 0}), "page_size"),
+        ("get_chat_list", json!({"page_size": 101}), "page_size"),
+        ("get_chat_list", json!({"page_token": ""}), "page_token"),
+        ("get_chat_list", json!({"as_user": ""}), "as_user"),
+        (
+            "get_chat_list",
+            json!({"as_user": "ou_sandbox_alice", "as_user_id_type": "email"}),
+            "as_user_id_type",
+        ),
+        ("get_chat_members", json!({"chat_id": ""}), "chat_id"),
+        ("get_chat_members", json!({"chat_id": ".."}), "chat_id"),
+        (
+            "get_chat_members",
+            json!({"chat_id": "oc_sandbox_eng", "member_id_type": "email"}),
+            "member_id_type",
+        ),
+    ] {
+        let e = err(&client, tool, args.clone()).await;
+        assert_eq!(e["field"], field, "{tool} {args}: {e}");
+    }
+    assert_eq!(sandbox.hits("chats"), before, "no call for bad arguments");
+
+    // as_user before Alice authorized: the Authorize card is sent and the tool says so.
+    let cards = sandbox.messages_for("ou_sandbox_alice").len();
+    let e = err(
+        &client,
+        "get_chat_list",
+        json!({"as_user": "ou_sandbox_alice"}),
+    )
+    .await;
+    assert_eq!(e["authorization_requested"], true, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("user has not authorized: an Authorize card was sent to them"),
+        "{e}"
+    );
+    assert_eq!(
+        sandbox.hits("chats"),
+        before,
+        "no chat call without a token"
+    );
+    let sent = sandbox.messages_for("ou_sandbox_alice");
+    assert_eq!(sent.len(), cards + 1);
+    let authorize = find_string(&sent.last().unwrap().content, &|s| {
+        s.contains("/open-apis/authen/v1/authorize?")
+    })
+    .expect("the card carries the authorize URL")
+    .to_owned();
+    let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    assert_eq!(
+        reqwest::get(&redirect).await.unwrap().status().as_u16(),
+        200
+    );
+
+    // With her token: her chats, among them one the bot is not in, and not Operations.
+    let mine = ok(
+        &client,
+        "get_chat_list",
+        json!({"as_user": "ou_sandbox_alice"}),
+    )
+    .await;
+    assert_eq!(mine["source"], "user_token", "{mine}");
+    let alice: Vec<&str> = seeded
+        .iter()
+        .filter(|c| c.members.iter().any(|m| m == "ou_sandbox_alice"))
+        .map(|c| c.chat_id.as_str())
+        .collect();
+    assert_eq!(ids(&mine), alice, "{mine}");
+    assert!(ids(&mine).contains(&"oc_sandbox_private".to_owned()));
+    assert!(!ids(&mine).contains(&"oc_sandbox_ops".to_owned()));
+    // By user_id too, and the members of the chat only she (not the bot) can read.
+    let mine2 = ok(
+        &client,
+        "get_chat_list",
+        json!({"as_user": "sandbox_alice", "as_user_id_type": "user_id"}),
+    )
+    .await;
+    assert_eq!(ids(&mine2), alice, "{mine2}");
+    let m = ok(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_private", "as_user": "ou_sandbox_alice"}),
+    )
+    .await;
+    assert_eq!(m["source"], "user_token", "{m}");
+    assert_eq!(m["member_total"], 2, "{m}");
+    assert_eq!(m["items"][1]["member_id"], "ou_sandbox_carol", "{m}");
+    // She is not in Operations: as her, that is the platform's "not in the chat".
+    let e = err(
+        &client,
+        "get_chat_members",
+        json!({"chat_id": "oc_sandbox_ops", "as_user": "ou_sandbox_alice"}),
+    )
+    .await;
+    assert_eq!(e["code"], lark_service::sandbox::CODE_NOT_IN_CHAT, "{e}");
+    assert!(
+        !mine.to_string().contains("eyJsandbox"),
+        "no tokens: {mine}"
+    );
+    svc.stop().await;
+}
+
 /// The official Python MCP SDK (PyPI `mcp`, run from `LARK_MCP_PYTHON`, which `.ci/run` sets
-/// up) initializes, lists the tools, calls one and ends its session without a warning.
+/// up) initializes, lists the tools, calls `get_user` and the chat tools (paging, an unknown
+/// chat) and ends its session without a warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_python_mcp_sdk_client_works_end_to_end() {
     let Some(python) = std::env::var_os("LARK_MCP_PYTHON") else {
@@ -833,6 +1071,32 @@ async fn the_python_mcp_sdk_client_works_end_to_end() {
     assert_eq!(v["get_user_error"], false, "{v}");
     assert!(
         v["get_user"].to_string().contains("ou_sandbox_alice"),
+        "{v}"
+    );
+    // The chat tools: two pages of one chat each, that chat's members, an unknown chat.
+    for t in ["get_chat_list", "get_chat_members"] {
+        assert!(tools.contains(&t), "{t} missing from {tools:?}");
+    }
+    assert_eq!(v["chat_list_error"], false, "{v}");
+    let first = &v["chat_list"][0];
+    assert_eq!(first["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(first["items"][0]["chat_id"], "oc_sandbox_general", "{v}");
+    assert_eq!(first["has_more"], true, "{v}");
+    assert_eq!(v["chat_list_2_error"], false, "{v}");
+    assert_eq!(
+        v["chat_list_2"][0]["items"][0]["chat_id"], "oc_sandbox_eng",
+        "the second page follows the first: {v}"
+    );
+    assert_eq!(v["chat_members_error"], false, "{v}");
+    assert_eq!(v["chat_members"][0]["member_total"], 3, "{v}");
+    assert_eq!(
+        v["chat_members"][0]["items"][0]["member_id"], "ou_sandbox_alice",
+        "{v}"
+    );
+    assert_eq!(v["unknown_chat_error"], true, "{v}");
+    assert_eq!(
+        v["unknown_chat"][0]["code"],
+        lark_service::sandbox::CODE_CHAT_NOT_FOUND,
         "{v}"
     );
     assert_eq!(v["warnings"], json!([]), "the SDK logged warnings: {v}");

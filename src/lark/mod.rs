@@ -9,7 +9,7 @@
 //!
 //! Layout: `client` (configuration, HTTP, retries), `token` (tenant/app
 //! token cache), `error`, `oauth`, `card` (authorize card builders), and
-//! `api::{authen, contact, im, apaas}`.
+//! `api::{authen, contact, im, chats, apaas}`.
 
 pub mod api;
 pub mod card;
@@ -20,6 +20,7 @@ mod token;
 
 pub use api::apaas::{RecordPage, RecordQuery, TablePage, TableQuery};
 pub use api::authen::UserInfo;
+pub use api::chats::{Chat, ChatMember, ChatMemberPage, ChatPage, PageRequest, MAX_CHAT_PAGE_SIZE};
 pub use api::contact::{ContactAvatar, ContactUser, ContactUserStatus, UserIdType};
 pub use api::im::{ReceiveIdType, Receiver, SentMessage};
 pub use card::{AuthorizeCard, CardAction};

@@ -2,9 +2,9 @@
 //! built on the official Rust SDK `rmcp`.
 //!
 //! [`McpServer`] is the `rmcp` server handler; its tools send messages and cards, look users
-//! up, read and write aPaaS records, and start / inspect card authorization. It is served
-//! over streamable HTTP at `/mcp` by [`router`] (behind a bearer token, checked before any
-//! MCP handling) and over stdio by `lark-service mcp --stdio`.
+//! up, list group chats and their members, read and write aPaaS records, and start / inspect
+//! card authorization. It is served over streamable HTTP at `/mcp` by [`router`] (behind a
+//! bearer token, checked before any MCP handling) and over stdio by `lark-service mcp --stdio`.
 //!
 //! Every failure a tool meets is returned as a tool error (`isError: true`) whose text is a
 //! JSON object with `error` and, for platform errors, the Lark `code` and `log_id`. Inputs are
@@ -24,12 +24,15 @@ use rmcp::model::{CallToolResult, ContentBlock};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler};
+use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, AuthRequest, AuthService, TokenError, UserRef};
-use crate::lark::{self, LarkClient, ReceiveIdType, Receiver, RecordQuery, UserIdType};
+use crate::lark::{
+    self, LarkClient, PageRequest, ReceiveIdType, Receiver, RecordQuery, UserIdType,
+};
 use crate::storage::{SessionId, Store};
 
 /// Longest id (receive id, user id, namespace, object, record id) a tool accepts, in chars.
@@ -417,6 +420,164 @@ pub struct AuthorizationStatusParams {
     pub session_id: String,
 }
 
+/// `get_chat_list` arguments (the earlier MCP deployment's tool).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct GetChatListParams {
+    /// Chats per page (1 to 100; the platform's default, 20, when not given).
+    #[serde(default)]
+    pub page_size: Option<u32>,
+    /// `page_token` of the previous page (none for the first page).
+    #[serde(default)]
+    pub page_token: Option<String>,
+    /// List the chats this user is in, with their authorized token (their open_id, or their
+    /// user_id with `as_user_id_type`), instead of the chats the bot is in.
+    #[serde(default)]
+    pub as_user: Option<String>,
+    /// Kind of `as_user`: open_id (default) or user_id.
+    #[serde(default = "default_open_id")]
+    pub as_user_id_type: String,
+}
+
+/// `get_chat_members` arguments (the earlier MCP deployment's tool).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct GetChatMembersParams {
+    /// The chat's id (`oc_…`).
+    pub chat_id: String,
+    /// Kind of the member ids returned: open_id (default), user_id or union_id.
+    #[serde(default = "default_open_id")]
+    pub member_id_type: String,
+    /// Members per page (1 to 100; the platform's default, 20, when not given).
+    #[serde(default)]
+    pub page_size: Option<u32>,
+    /// `page_token` of the previous page (none for the first page).
+    #[serde(default)]
+    pub page_token: Option<String>,
+    /// Read the members as this user, with their authorized token (their open_id, or their
+    /// user_id with `as_user_id_type`); they must be in the chat. Without it, as the bot.
+    #[serde(default)]
+    pub as_user: Option<String>,
+    /// Kind of `as_user`: open_id (default) or user_id.
+    #[serde(default = "default_open_id")]
+    pub as_user_id_type: String,
+}
+
+/// Reads a chat tool's `page_size` and `page_token`.
+fn chat_page(page_size: Option<u32>, page_token: Option<String>) -> Result<PageRequest, Failure> {
+    if let Some(n) = page_size {
+        if n == 0 || n > lark::MAX_CHAT_PAGE_SIZE {
+            return Err(Failure::invalid(
+                "page_size",
+                format!("between 1 and {}", lark::MAX_CHAT_PAGE_SIZE),
+            ));
+        }
+    }
+    if let Some(t) = &page_token {
+        check_id("page_token", t)?;
+    }
+    Ok(PageRequest {
+        page_size,
+        page_token,
+    })
+}
+
+fn member_id_type(v: &str) -> Result<UserIdType, Failure> {
+    match v {
+        "open_id" => Ok(UserIdType::OpenId),
+        "user_id" => Ok(UserIdType::UserId),
+        "union_id" => Ok(UserIdType::UnionId),
+        _ => Err(Failure::invalid(
+            "member_id_type",
+            "one of open_id, user_id, union_id",
+        )),
+    }
+}
+
+fn chat_json(c: &lark::Chat) -> Value {
+    json!({
+        "chat_id": c.chat_id,
+        "name": c.name,
+        "description": c.description,
+        "owner_id": c.owner_id,
+        "owner_id_type": c.owner_id_type,
+        "external": c.external,
+        "tenant_key": c.tenant_key,
+        "chat_status": c.chat_status,
+        "avatar": c.avatar,
+    })
+}
+
+fn member_json(m: &lark::ChatMember) -> Value {
+    json!({
+        "member_id_type": m.member_id_type,
+        "member_id": m.member_id,
+        "name": m.name,
+        "tenant_key": m.tenant_key,
+    })
+}
+
+impl McpServer {
+    /// With `as_user`, that user's access token (or the tool error that sends them the
+    /// Authorize card); without, `None`: the call is made as the bot.
+    async fn acting_user(
+        &self,
+        as_user: Option<&str>,
+        id_type: &str,
+    ) -> Result<Option<SecretString>, Failure> {
+        let Some(id) = as_user else {
+            return Ok(None);
+        };
+        check_id("as_user", id)?;
+        let user = user_ref("as_user_id_type", id_type, id)?;
+        match self.auth.user_token(user.clone()).await {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => Err(self.not_authorized(&user, e).await),
+        }
+    }
+
+    async fn do_get_chat_list(&self, p: GetChatListParams) -> Result<Value, Failure> {
+        let page = chat_page(p.page_size, p.page_token)?;
+        let token = self
+            .acting_user(p.as_user.as_deref(), &p.as_user_id_type)
+            .await?;
+        let got = self
+            .lark
+            .chats(&page, token.as_ref())
+            .await
+            .map_err(|e| Failure::lark("get_chat_list", &e))?;
+        Ok(json!({
+            "source": if token.is_some() { "user_token" } else { "bot" },
+            "items": got.items.iter().map(chat_json).collect::<Vec<_>>(),
+            "page_token": got.page_token,
+            "has_more": got.has_more,
+        }))
+    }
+
+    async fn do_get_chat_members(&self, p: GetChatMembersParams) -> Result<Value, Failure> {
+        check_id("chat_id", &p.chat_id)?;
+        let id_type = member_id_type(&p.member_id_type)?;
+        let page = chat_page(p.page_size, p.page_token)?;
+        let token = self
+            .acting_user(p.as_user.as_deref(), &p.as_user_id_type)
+            .await?;
+        let got = self
+            .lark
+            .chat_members(&p.chat_id, id_type, &page, token.as_ref())
+            .await
+            .map_err(|e| match e {
+                lark::Error::Config(reason) => Failure::invalid("chat_id", reason),
+                e => Failure::lark("get_chat_members", &e),
+            })?;
+        Ok(json!({
+            "source": if token.is_some() { "user_token" } else { "bot" },
+            "chat_id": p.chat_id,
+            "items": got.items.iter().map(member_json).collect::<Vec<_>>(),
+            "member_total": got.member_total,
+            "page_token": got.page_token,
+            "has_more": got.has_more,
+        }))
+    }
+}
+
 impl McpServer {
     /// A server over the service's client, authorization service and store.
     #[must_use]
@@ -613,6 +774,25 @@ impl McpServer {
             })
             .await,
         )
+    }
+
+    /// The chats the bot (or, with `as_user`, a user) is in.
+    #[tool(
+        description = "List the group chats the bot is in (or, with as_user, the chats that user is in, with their authorized token): one page of items (chat_id, name, description, owner_id, external, tenant_key, chat_status) with page_token and has_more. The earlier MCP deployment's tool."
+    )]
+    pub async fn get_chat_list(&self, Parameters(p): Parameters<GetChatListParams>) -> ToolResult {
+        finish(self.do_get_chat_list(p).await)
+    }
+
+    /// One page of a chat's members.
+    #[tool(
+        description = "List a group chat's members (member_id_type open_id, user_id or union_id): one page of items (member_id, name, tenant_key) with member_total, page_token and has_more. Read as the bot, or with as_user as that user; the reader must be in the chat. The earlier MCP deployment's tool."
+    )]
+    pub async fn get_chat_members(
+        &self,
+        Parameters(p): Parameters<GetChatMembersParams>,
+    ) -> ToolResult {
+        finish(self.do_get_chat_members(p).await)
     }
 
     /// Whether the service can serve: its store answers and it knows its app.
@@ -883,7 +1063,7 @@ impl McpServer {
 #[tool_handler(
     router = self.tool_router,
     name = "lark-service",
-    instructions = "Feishu/Lark tools of lark-service: send messages and cards as the bot, look users up, read and write aPaaS records, and ask users to authorize the app."
+    instructions = "Feishu/Lark tools of lark-service: send messages and cards as the bot, look users up, list group chats and their members, read and write aPaaS records, and ask users to authorize the app."
 )]
 impl ServerHandler for McpServer {}
 

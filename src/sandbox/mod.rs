@@ -6,6 +6,7 @@
 //! that pushes events (fragmented on request) and redelivers unacknowledged ones, the OAuth
 //! authorize page with a user who approves or rejects, the v2 token endpoint with PKCE and
 //! rotating refresh tokens, user info, contact lookup, IM send/patch and delayed card update,
+//! seeded group chats and their members,
 //! and a small in-memory aPaaS store (object records, workspace table records).
 //! A small HTML page at `/` shows each sandbox user's messages and lets a person click.
 //!
@@ -13,6 +14,7 @@
 
 mod apaas;
 mod assets;
+mod chats;
 mod device;
 mod device_codes;
 mod page;
@@ -29,6 +31,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use chats::{SandboxChat, CODE_CHAT_NOT_FOUND, CODE_NOT_IN_CHAT};
 pub use device_codes::DeviceSettings;
 pub use platform::SandboxUser;
 pub use ws::PreparedEvent;
@@ -346,6 +349,7 @@ impl Sandbox {
         let cancel = CancellationToken::new();
         let app = platform::router(shared.clone())
             .merge(apaas::router(shared.clone()))
+            .merge(chats::router(shared.clone()))
             .merge(page::router(shared.clone()))
             .merge(device::router(shared.clone()))
             .merge(ws::router(shared.clone()));
