@@ -130,6 +130,48 @@ pub enum ImportToken {
     Plain(SecretString),
 }
 
+impl ImportToken {
+    /// The token of session `id`'s column `field` (`access_token` or `refresh_token`): a
+    /// plaintext one as is, a sealed one opened with `ring` (the same sealing every backend
+    /// uses, bound to the session's row and field).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad key id or a value too short to be sealed,
+    /// [`Error::Decrypt`] when no key of `ring` opens it.
+    pub fn open(self, ring: &super::Keyring, id: SessionId, field: &str) -> Result<SecretString> {
+        let sealed = match self {
+            Self::Plain(s) => return Ok(s),
+            Self::Sealed(t) => t,
+        };
+        let bad = |detail: String| Error::Invalid(format!("session {id} {field}: {detail}"));
+        let key_id = u32::from_str_radix(&sealed.key_id, 16)
+            .map_err(|_| bad(format!("bad key id {:?}", sealed.key_id)))?;
+        if sealed.bytes.len() < 24 + 16 {
+            return Err(bad("sealed value too short".to_owned()));
+        }
+        let mut nonce = [0u8; 24];
+        nonce.copy_from_slice(&sealed.bytes[..24]);
+        let s = Sealed {
+            key_id: KeyId(key_id),
+            nonce,
+            ct: sealed.bytes[24..].to_vec(),
+        };
+        let row = id.to_bytes();
+        ring.open_str(
+            &s,
+            &Place {
+                table: SESSIONS_TABLE,
+                row: &row,
+                field,
+            },
+        )
+        .map_err(|e| Error::Decrypt {
+            table: SESSIONS_TABLE,
+            detail: format!("session {id} field {field}: {e}"),
+        })
+    }
+}
+
 /// One session as exported: every column of the record, tokens still sealed. The OAuth
 /// binding of a pending session stays in the store: `state_hash` and `pkce_verifier` are
 /// always `None` here.
@@ -356,37 +398,7 @@ impl Store {
         field: &str,
         token: ImportToken,
     ) -> Result<SecretString> {
-        let sealed = match token {
-            ImportToken::Plain(s) => return Ok(s),
-            ImportToken::Sealed(t) => t,
-        };
-        let bad = |detail: String| Error::Invalid(format!("session {id} {field}: {detail}"));
-        let key_id = u32::from_str_radix(&sealed.key_id, 16)
-            .map_err(|_| bad(format!("bad key id {:?}", sealed.key_id)))?;
-        if sealed.bytes.len() < 24 + 16 {
-            return Err(bad("sealed value too short".to_owned()));
-        }
-        let mut nonce = [0u8; 24];
-        nonce.copy_from_slice(&sealed.bytes[..24]);
-        let s = Sealed {
-            key_id: KeyId(key_id),
-            nonce,
-            ct: sealed.bytes[24..].to_vec(),
-        };
-        let row = id.to_bytes();
-        self.ring()
-            .open_str(
-                &s,
-                &Place {
-                    table: SESSIONS_TABLE,
-                    row: &row,
-                    field,
-                },
-            )
-            .map_err(|e| Error::Decrypt {
-                table: SESSIONS_TABLE,
-                detail: format!("session {id} field {field}: {e}"),
-            })
+        token.open(self.ring(), id, field)
     }
 }
 

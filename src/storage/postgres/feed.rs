@@ -9,13 +9,13 @@
 use secrecy::SecretString;
 use tokio_postgres::Transaction;
 
-use super::rows::{id_bytes, id_from, sealed_from, stored_session, SESSION_COLUMNS};
+use super::rows::{id_bytes, id_from, stored_session, SESSION_COLUMNS};
 use super::{db_time, pg_err, sealed_bytes, PgStore};
-use crate::storage::envelope::{Place, Sealed};
-use crate::storage::records::{session_from, StoredSession, SESSIONS_TABLE};
+use crate::storage::envelope::Sealed;
+use crate::storage::records::{session_from, StoredSession};
 use crate::storage::traits::ChangeFeed;
 use crate::storage::{
-    ChangeKind, Error, ExportRow, ExportToken, ImportToken, Result, SessionId, EXPORT_CURSOR_PREFIX,
+    ChangeKind, ExportRow, ExportToken, ImportToken, Result, SessionId, EXPORT_CURSOR_PREFIX,
 };
 
 pub(crate) const KIND_UPSERT: i16 = 1;
@@ -274,31 +274,6 @@ impl ChangeFeed for PgStore {
         field: &str,
         token: ImportToken,
     ) -> Result<SecretString> {
-        let t = match token {
-            ImportToken::Plain(s) => return Ok(s),
-            ImportToken::Sealed(t) => t,
-        };
-        let bad = |detail: String| Error::Invalid(format!("session {id} {field}: {detail}"));
-        let key_id = u32::from_str_radix(&t.key_id, 16)
-            .map_err(|_| bad(format!("bad key id {:?}", t.key_id)))?;
-        if t.bytes.len() < 24 + 16 {
-            return Err(bad("sealed value too short".to_owned()));
-        }
-        let sealed = sealed_from(SESSIONS_TABLE, Some(t.bytes), Some(i64::from(key_id)))?
-            .ok_or_else(|| bad("empty".to_owned()))?;
-        let row = id.to_bytes();
-        self.ring()
-            .open_str(
-                &sealed,
-                &Place {
-                    table: SESSIONS_TABLE,
-                    row: &row,
-                    field,
-                },
-            )
-            .map_err(|e| Error::Decrypt {
-                table: SESSIONS_TABLE,
-                detail: format!("session {id} field {field}: {e}"),
-            })
+        token.open(self.ring(), id, field)
     }
 }
