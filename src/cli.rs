@@ -1088,6 +1088,12 @@ fn mcp_stdio(opts: &LoadOptions) -> Result<(), CliError> {
     let cfg = Config::load(opts)?;
     crate::telemetry::init(&cfg.log);
     cfg.require_serve()?;
+    if cfg.app_id.is_none() {
+        return Err(anyhow::anyhow!(
+            "mcp --stdio serves the configuration's app: set APP_ID and APP_SECRET (the app registry's apps are served over /mcp?app_id= by `serve`)"
+        )
+        .into());
+    }
     let store = open_store(&cfg)?;
     let domain: crate::lark::Domain = cfg
         .domain

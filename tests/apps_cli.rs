@@ -349,3 +349,58 @@ fn while_the_service_runs_app_commands_go_through_its_admin_api() {
     );
     assert!(!file_contains(&d.join("s.redb"), SECRET_B));
 }
+
+/// Without the configuration's app, `serve` serves the registry's apps; with neither, it
+/// refuses to start (exit 64) and says how to add one, rather than run with nothing to serve.
+/// An app that is only inactive does not count.
+#[test]
+fn serve_without_any_app_refuses_and_says_how_to_add_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let serve = |d: &Path| {
+        let mut c = cmd(d);
+        c.env_remove("APP_ID").env_remove("APP_SECRET").args([
+            "serve",
+            "--set",
+            "http.listen=127.0.0.1:0",
+            "--set",
+            "metrics.port=0",
+            "--set",
+            "admin.listen=127.0.0.1:0",
+        ]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = c.spawn().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!text(&out).contains(SECRET_B), "{}", text(&out));
+        out
+    };
+    let out = serve(d);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("no app to serve") && text(&out).contains("lark-service app add"),
+        "{}",
+        text(&out)
+    );
+    // An inactive registry app is not something to serve either.
+    let mut add = cmd(d);
+    add.env_remove("APP_ID").env_remove("APP_SECRET");
+    ok(
+        &mut add,
+        &[
+            "app",
+            "add",
+            "--app-id",
+            "cli_b",
+            "--app-name",
+            "b",
+            "--app-secret",
+            SECRET_B,
+        ],
+    );
+    let mut disable = cmd(d);
+    disable.env_remove("APP_ID").env_remove("APP_SECRET");
+    ok(&mut disable, &["app", "disable", "cli_b"]);
+    let out = serve(d);
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("no app to serve"), "{}", text(&out));
+}

@@ -345,3 +345,58 @@ async fn an_expired_card_of_app_b_is_updated_by_app_b() {
     );
     svc.stop().await;
 }
+
+/// With no app in the configuration (no APP_ID / APP_SECRET, as after `import python` of the
+/// Python deployment's app store), the service serves the registry's active app: its long
+/// connection opens, it is the default for requests naming none, and an authorization
+/// completes under it. Nothing is started for an app the configuration does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_alone_is_enough_to_serve() {
+    let _serial = METRICS_SERIAL.lock().await;
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_store(dir.path());
+        let reg = lark_service::apps::Registry::new(store, None, None);
+        reg.add(lark_service::apps::NewApp {
+            app_id: APP2_ID.to_owned(),
+            app_name: "from the registry".to_owned(),
+            app_secret: secrecy::SecretString::from(APP2_SECRET.to_owned()),
+            description: None,
+            permissions: None,
+            created_by: None,
+        })
+        .unwrap();
+    }
+    let svc = Service::start_in(dir, &sandbox, &[("APP_ID", ""), ("APP_SECRET", "")]).await;
+    svc.wait_for(|| async { sandbox.connections_of(APP2_ID) == 1 })
+        .await;
+    assert_eq!(sandbox.connections_of(APP_ID), 0);
+
+    // The only active app is the default.
+    let (code, body) = svc
+        .post(
+            "/api/v1/auth/requests",
+            json!({"open_id": "ou_sandbox_alice"}),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let cards = cards_from(&sandbox, "ou_sandbox_alice", APP2_ID);
+    assert_eq!(cards.len(), 1);
+    approve_in_browser(&svc, &sandbox, &cards[0], "ou_sandbox_alice").await;
+    let (code, body) = svc.get("/api/v1/users/ou_sandbox_alice/token").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = svc
+        .get(&format!(
+            "/api/v1/users/ou_sandbox_alice/token?app_id={APP2_ID}"
+        ))
+        .await;
+    assert_eq!(code, 200, "{body}");
+    // No worker for a configuration app that does not exist (no failing tenant-token fetch
+    // for an empty app id, no second long connection).
+    let (code, workers) = svc.get("/workers").await;
+    assert_eq!(code, 200, "{workers}");
+    assert!(!workers.contains("tenant_token"), "{workers}");
+    assert_eq!(sandbox.connections_of(APP_ID), 0);
+    assert!(sandbox.messages().iter().all(|m| m.app_id == APP2_ID));
+}

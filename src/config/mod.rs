@@ -743,11 +743,13 @@ impl Config {
 
     /// Checks that everything `serve` needs is present.
     pub fn require_serve(&self) -> Result<(), ConfigError> {
-        if self.app_id.is_none() {
-            return Err(missing("app_id"));
-        }
-        if self.app_secret.is_none() {
-            return Err(missing("app_secret"));
+        // The configuration's app is whole or absent: without it the service serves the app
+        // registry's active apps (`lark-service app add`), and refuses at start if there are
+        // none.
+        match (&self.app_id, &self.app_secret) {
+            (Some(_), None) => return Err(missing("app_secret")),
+            (None, Some(_)) => return Err(missing("app_id")),
+            _ => {}
         }
         self.keyring().map(drop)
     }

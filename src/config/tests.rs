@@ -274,6 +274,18 @@ fn serve_requires_credentials_and_a_key() {
         "{e}"
     );
     assert!(e.to_string().contains("APP_SECRET"), "{e}");
+    let c = Config::load_with(&opts(None), &env(&[("APP_SECRET", "s")])).unwrap();
+    let e = c.require_serve().unwrap_err();
+    assert!(
+        matches!(&e, ConfigError::Missing { key, .. } if key == "app_id"),
+        "{e}"
+    );
+    // No app in the configuration: the registry's apps are served (the daemon refuses to
+    // start when there are none); the key is still required.
+    let c = Config::load_with(&opts(None), &env(&[])).unwrap();
+    assert!(c.require_serve().is_err());
+    let c = Config::load_with(&opts(None), &env(&[("LARK_TOKEN_ENCRYPTION_KEY", KEY)])).unwrap();
+    c.require_serve().unwrap();
 }
 
 #[test]

@@ -83,6 +83,12 @@ pub enum DaemonError {
     /// A backup schedule without a directory.
     #[error("backup.schedule is set but backup.dir is not")]
     BackupDir,
+    /// Neither the configuration nor the app registry names an app to serve.
+    #[error("no app to serve: set APP_ID and APP_SECRET (LARK_APP_ID / LARK_APP_SECRET), or add one with `lark-service app add` (see `lark-service app list`){refused}")]
+    NoApp {
+        /// Registry apps that are active but cannot be served, and why.
+        refused: String,
+    },
 }
 
 impl DaemonError {
@@ -91,7 +97,7 @@ impl DaemonError {
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Config(_) => EX_USAGE,
+            Self::Config(_) | Self::NoApp { .. } => EX_USAGE,
             Self::Store(e) => store_exit_code(e),
             _ => 1,
         }

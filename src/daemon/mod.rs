@@ -281,6 +281,7 @@ async fn serve_until(
 ) -> Result<(), DaemonError> {
     let app = build_clients(cfg, sup, &store)?;
     // Checked before anything starts, so a failure leaves nothing running.
+    require_an_app(&app).await?;
     let backup = match cfg.backup.schedule.as_deref() {
         Some(schedule) => Some(jobs::BackupWorker::new(
             store.clone(),
@@ -345,14 +346,14 @@ fn start_runtimes(
         "admin",
         Arc::new(crate::http::bearer::Throttle::default()),
     );
-    if !app.app_id.is_empty() {
+    if let Some(p) = &app.primary {
         switch.insert(
             app.app_id.clone(),
             runtimes::Runtime::primary(
-                &app.lark,
-                &app.auth,
+                &p.lark,
+                &p.auth,
                 store,
-                app.dispatcher.clone(),
+                p.dispatcher.clone(),
                 guard.clone(),
                 mcp.as_ref(),
             ),
@@ -376,13 +377,20 @@ fn start_runtimes(
 /// The clients and services the workers and listeners share.
 struct App {
     net: crate::net::Net,
-    lark: crate::lark::LarkClient,
-    auth: crate::auth::AuthService,
-    dispatcher: crate::events::Dispatcher,
+    /// The configuration's app (`APP_ID` / `APP_SECRET`), when it has one; the registry's
+    /// apps run as `runtimes`.
+    primary: Option<Primary>,
     domain: crate::lark::Domain,
     app_id: String,
     app_secret: SecretString,
     registry: crate::apps::Registry,
+}
+
+/// The configuration's app: its OpenAPI client, flow and event dispatcher.
+struct Primary {
+    lark: crate::lark::LarkClient,
+    auth: crate::auth::AuthService,
+    dispatcher: crate::events::Dispatcher,
 }
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
@@ -418,32 +426,73 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
             "Trusting extra CA certificates besides the built-in roots."
         );
     }
-    let mut lark_cfg =
-        crate::lark::LarkConfig::new(domain.clone(), app_id.clone(), app_secret.clone());
-    lark_cfg.net = Some(net.clone());
-    let lark = crate::lark::LarkClient::new(lark_cfg)
-        .map_err(|e| DaemonError::LarkClient(e.to_string()))?;
-    let dispatcher = crate::events::Dispatcher::new(
-        store.clone(),
-        crate::events::DispatchConfig {
-            max_concurrent_handlers: cfg.websocket.max_concurrent_handlers,
-            ..crate::events::DispatchConfig::default()
-        },
-        sup,
-    );
-    let auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
-    dispatcher.set_handler(handlers::app_handler(auth.clone()));
-    dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
+    let primary = if app_id.is_empty() {
+        None
+    } else {
+        let mut lark_cfg =
+            crate::lark::LarkConfig::new(domain.clone(), app_id.clone(), app_secret.clone());
+        lark_cfg.net = Some(net.clone());
+        let lark = crate::lark::LarkClient::new(lark_cfg)
+            .map_err(|e| DaemonError::LarkClient(e.to_string()))?;
+        let dispatcher = crate::events::Dispatcher::new(
+            store.clone(),
+            crate::events::DispatchConfig {
+                max_concurrent_handlers: cfg.websocket.max_concurrent_handlers,
+                ..crate::events::DispatchConfig::default()
+            },
+            sup,
+        );
+        let auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
+        dispatcher.set_handler(handlers::app_handler(auth.clone()));
+        dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
+        Some(Primary {
+            lark,
+            auth,
+            dispatcher,
+        })
+    };
     Ok(App {
         net,
-        lark,
-        auth,
-        dispatcher,
+        primary,
         domain,
         app_id,
         app_secret,
         registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
     })
+}
+
+/// Without the configuration's app (`APP_ID` / `APP_SECRET`), the service serves the
+/// registry's active apps; with neither there is nothing to serve, and it says how to add one
+/// rather than run idle.
+async fn require_an_app(app: &App) -> Result<(), DaemonError> {
+    if app.primary.is_some() {
+        return Ok(());
+    }
+    let reg = app.registry.clone();
+    let (active, refused) = tokio::task::spawn_blocking(move || reg.active_each())
+        .await?
+        .map_err(|e| DaemonError::NoApp {
+            refused: format!(" (the app registry could not be read: {e})"),
+        })?;
+    if active.is_empty() {
+        let refused = refused
+            .iter()
+            .map(|(id, e)| format!("{id}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(DaemonError::NoApp {
+            refused: if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" (active but not served: {refused})")
+            },
+        });
+    }
+    info!(
+        apps = active.len(),
+        "No app in the configuration: serving the app registry's active apps."
+    );
+    Ok(())
 }
 
 /// Re-seals the store under the active key in the background, when records are sealed under
@@ -497,8 +546,8 @@ fn start_webhooks(
         );
         sup.start(worker);
     }
-    if !w.reminder_lead.is_zero() && !app.app_id.is_empty() {
-        let auth = app.auth.clone();
+    if let (false, Some(p)) = (w.reminder_lead.is_zero(), &app.primary) {
+        let auth = p.auth.clone();
         let (lead, lifetime) = (w.reminder_lead, w.grant_lifetime);
         let every = runtimes::reminder_period(lead);
         sup.start(FnWorker::new(
@@ -532,24 +581,29 @@ fn start_workers(
         jobs::SweepWorker::new(
             store.clone(),
             app.app_id.clone(),
-            Some(app.auth.clone()),
+            app.primary.as_ref().map(|p| p.auth.clone()),
             cfg.sweep_interval,
             sup.clock(),
         )
         .with_other_apps(Arc::new(move |id: &str| others.auth_of(id))),
     );
-    sup.start(FnWorker::new("token_refresh", app.auth.refresh_worker()));
-    // Device sessions of an earlier run cannot be polled (their codes were not kept).
-    let auth = app.auth.clone();
-    sup.tracker().spawn(async move {
-        if let Err(e) = auth.expire_device_sessions_at_start().await {
-            tracing::warn!(error = %e, "Expiring the device sessions of an earlier run failed.");
-        }
-    });
-    sup.start_with_backoff(
-        jobs::TenantTokenWorker::new(app.lark.clone()),
-        jobs::TENANT_TOKEN_RETRY_CAP,
-    );
+    // The configuration's app, when there is one (the registry's apps have their own, see
+    // `runtimes::start_runtime`).
+    let primary = app.primary.as_ref();
+    if let Some(p) = primary {
+        sup.start(FnWorker::new("token_refresh", p.auth.refresh_worker()));
+        // Device sessions of an earlier run cannot be polled (their codes were not kept).
+        let auth = p.auth.clone();
+        sup.tracker().spawn(async move {
+            if let Err(e) = auth.expire_device_sessions_at_start().await {
+                tracing::warn!(error = %e, "Expiring the device sessions of an earlier run failed.");
+            }
+        });
+        sup.start_with_backoff(
+            jobs::TenantTokenWorker::new(p.lark.clone()),
+            jobs::TENANT_TOKEN_RETRY_CAP,
+        );
+    }
     if let Some(url) = cfg.export_postgres_url.clone() {
         sup.start(FnWorker::new(
             "export_postgres",
@@ -561,10 +615,10 @@ fn start_workers(
             ),
         ));
     }
-    if let Some(w) = app.auth.user_info_sync_worker() {
+    if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker()) {
         sup.start(FnWorker::new("user_sync", w));
     }
-    let conn = cfg.websocket.enabled.then(|| {
+    let conn = primary.filter(|_| cfg.websocket.enabled).map(|p| {
         let conn = Arc::new(crate::longconn::LongConn::new(
             crate::longconn::LongConnConfig {
                 base_url: app.domain.open_base(),
@@ -581,7 +635,7 @@ fn start_workers(
                 net: app.net.clone(),
                 credential_retry: cfg.websocket.credential_retry,
             },
-            app.dispatcher.clone(),
+            p.dispatcher.clone(),
         ));
         sup.start(jobs::LongConnectionWorker::new(conn.clone()));
         conn
@@ -619,10 +673,12 @@ fn start_listeners(
         admin_token: cfg.admin_token.clone(),
         backup: Arc::new(cfg.backup.clone()),
         workers: sup.workers(),
-        lark: Some(app.lark.clone()),
+        lark: app.primary.as_ref().map(|p| p.lark.clone()),
         conn_state,
         // Unsigned callbacks could be forged: only signed ones count as an event path.
-        http_callbacks: cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some(),
+        http_callbacks: cfg.websocket.fallback_to_http
+            && cfg.encrypt_key.is_some()
+            && app.primary.is_some(),
     };
     // Public: what Feishu and users' browsers reach.
     let mut public =
@@ -630,7 +686,14 @@ fn start_listeners(
     if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_none() {
         warn!("HTTP callbacks are not served: no encrypt_key (LARK_ENCRYPT_KEY) is set, and without it a callback cannot be authenticated (a verification token alone proves nothing).");
     }
-    if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some() {
+    if cfg.websocket.fallback_to_http && cfg.encrypt_key.is_some() && app.primary.is_none() {
+        warn!("HTTP callbacks are served for the configuration's app only, and there is none (APP_ID): the registry's apps receive events over their long connections.");
+    }
+    if let (true, Some(_), Some(p)) = (
+        cfg.websocket.fallback_to_http,
+        &cfg.encrypt_key,
+        &app.primary,
+    ) {
         let expose = |s: &Option<SecretString>| {
             s.as_ref()
                 .map(|v| secrecy::ExposeSecret::expose_secret(v).to_owned())
@@ -639,10 +702,7 @@ fn start_listeners(
             expose(&cfg.verification_token).as_deref(),
             expose(&cfg.encrypt_key).as_deref(),
         );
-        public = public.merge(crate::http::callbacks::router(
-            cb_cfg,
-            app.dispatcher.clone(),
-        ));
+        public = public.merge(crate::http::callbacks::router(cb_cfg, p.dispatcher.clone()));
     }
     let public = crate::http::serve::with_request_timeout(public, limits.request_timeout);
     // Admin: the admin API behind the admin token, and /mcp behind the MCP token; one
@@ -728,8 +788,16 @@ async fn stop_in_order(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     ready.store(false, Ordering::SeqCst);
     stop_accepting.cancel();
-    sup.drain(SHUTDOWN_GRACE, app.auth.finish_refreshes()).await;
-    app.dispatcher.close().await;
+    let auth = app.primary.as_ref().map(|p| p.auth.clone());
+    sup.drain(SHUTDOWN_GRACE, async move {
+        if let Some(auth) = auth {
+            auth.finish_refreshes().await;
+        }
+    })
+    .await;
+    if let Some(p) = &app.primary {
+        p.dispatcher.close().await;
+    }
     switch.close_others().await;
     sup.join_writers().await;
 }
