@@ -280,6 +280,52 @@ impl Store {
             })
     }
 
+    /// The key ids of the app secrets sealed under the store's key ring (those a rotation
+    /// re-seals; secrets under the config key are not the token key's business).
+    pub(super) fn store_sealed_app_keys(&self) -> Result<Vec<super::envelope::KeyId>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(APPS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(|e| self.err(e))? {
+            let (_, v) = r.map_err(|e| self.err(e))?;
+            let rec = decode_app(v.value())?;
+            if rec.row.secret_key == SecretKey::Store {
+                out.push(rec.secret.key_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Re-seals under the active key the app secrets sealed under an older key of the store's
+    /// key ring, in one transaction (apps are few).
+    pub(super) fn rotate_apps(&self, report: &mut super::keys::RotationReport) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(APPS).map_err(|e| self.err(e))?;
+            let rows: Vec<(String, Vec<u8>)> = t
+                .iter()
+                .map_err(|e| self.err(e))?
+                .map(|r| {
+                    r.map(|(k, v)| (k.value().to_owned(), v.value().to_vec()))
+                        .map_err(|e| self.err(e))
+                })
+                .collect::<Result<_>>()?;
+            for (app_id, bytes) in rows {
+                let mut rec = decode_app(&bytes)?;
+                report.scanned += 1;
+                if rec.row.secret_key != SecretKey::Store {
+                    continue;
+                }
+                if self.reseal(APPS_TABLE, app_id.as_bytes(), SECRET_FIELD, &mut rec.secret)? {
+                    t.insert(app_id.as_str(), encode(APP_VERSION, &rec).as_slice())
+                        .map_err(|e| self.err(e))?;
+                    report.resealed += 1;
+                }
+            }
+        }
+        self.commit(txn)
+    }
+
     /// How many user tokens the store holds for `app_id`.
     pub fn app_token_count(&self, app_id: &str) -> Result<u64> {
         let txn = self.begin_read()?;
@@ -341,6 +387,60 @@ mod tests {
             created_by: None,
             secret_key: SecretKey::Store,
         }
+    }
+
+    /// A key rotation re-seals app secrets under the token key (so the old key can go), and
+    /// leaves those under the config key alone.
+    #[test]
+    fn a_key_rotation_reseals_app_secrets_under_the_store_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let old = || Key::from_bytes(&[1u8; 32]);
+        let new = || Key::from_bytes(&[2u8; 32]);
+        let cfg = Keyring::new(Key::from_bytes(&[9u8; 32]), vec![]);
+        {
+            let s =
+                Store::open(&path, Keyring::new(old(), vec![]), StoreOptions::default()).unwrap();
+            s.insert_app(&row("cli_a", "a"), &"secret-a".to_owned().into(), None)
+                .unwrap();
+            s.insert_app(
+                &row("cli_c", "c"),
+                &"secret-c".to_owned().into(),
+                Some(&cfg),
+            )
+            .unwrap();
+        }
+        {
+            let s = Store::open(
+                &path,
+                Keyring::new(new(), vec![old()]),
+                StoreOptions::default(),
+            )
+            .unwrap();
+            let before = s.key_status().unwrap();
+            assert!(before.rotation_pending);
+            assert_eq!(before.sealed_fields_by_key.values().sum::<u64>(), 1);
+            let report = s.rotate_keys(10, &mut |_, _| {}).unwrap();
+            assert_eq!(report.resealed, 1);
+            let after = s.key_status().unwrap();
+            assert!(!after.rotation_pending, "{after:?}");
+        }
+        // The old key is gone: the secret still opens under the new one alone.
+        let s = Store::open(&path, Keyring::new(new(), vec![]), StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.app_secret("cli_a", None)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            "secret-a"
+        );
+        assert_eq!(
+            s.app_secret("cli_c", Some(&cfg))
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            "secret-c"
+        );
     }
 
     #[test]

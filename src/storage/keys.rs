@@ -59,6 +59,9 @@ impl Store {
             }
         }
         drop(txn);
+        for k in self.store_sealed_app_keys()? {
+            *by_key.entry(k).or_default() += 1;
+        }
         let active = self.active_key_id();
         let store_key = self.store_key_id()?;
         Ok(KeyStatus {
@@ -89,7 +92,13 @@ impl Store {
             let txn = self.begin_read()?;
             let s = txn.open_table(SESSIONS).map_err(|e| self.err(e))?.len();
             let t = txn.open_table(TOKENS).map_err(|e| self.err(e))?.len();
-            s.map_err(|e| self.err(e))? + t.map_err(|e| self.err(e))?
+            let a = txn
+                .open_table(super::tables::APPS)
+                .map_err(|e| self.err(e))?
+                .len();
+            s.map_err(|e| self.err(e))?
+                + t.map_err(|e| self.err(e))?
+                + a.map_err(|e| self.err(e))?
         };
         let mut report = RotationReport::default();
         let mut cursor: Option<u128> = None;
@@ -110,6 +119,8 @@ impl Store {
             }
             cursor = next;
         }
+        self.rotate_apps(&mut report)?;
+        progress(report.scanned, total);
         // Last: the key check, so an interrupted rotation still reads as pending.
         let txn = self.begin_write()?;
         {
@@ -122,7 +133,13 @@ impl Store {
         Ok(report)
     }
 
-    fn reseal(&self, table: &'static str, row: &[u8], field: &str, s: &mut Sealed) -> Result<bool> {
+    pub(super) fn reseal(
+        &self,
+        table: &'static str,
+        row: &[u8],
+        field: &str,
+        s: &mut Sealed,
+    ) -> Result<bool> {
         if s.key_id == self.active_key_id() {
             return Ok(false);
         }
