@@ -84,11 +84,28 @@ impl Rows {
         self.index.push((id, start, self.buf.len()));
     }
 
+    /// Empties it, keeping its memory for the next batch.
+    fn clear(&mut self) {
+        self.index.clear();
+        self.buf.clear();
+    }
+
     fn iter(&self) -> impl Iterator<Item = (u128, &[u8])> + '_ {
         self.index
             .iter()
             .map(|&(id, start, end)| (id, &self.buf[start..end]))
     }
+}
+
+/// Buffers a sweep's batches reuse: a batch of 50 000 sessions holds tens of MiB of records,
+/// and allocating that afresh for each batch costs more than the work on it (the allocator
+/// hands such sizes back to the kernel on free, and every page faults in zeroed again).
+#[derive(Default)]
+struct Buffers {
+    /// The records a batch took out of `sessions`.
+    taken: Rows,
+    /// The records that go back.
+    keep: Rows,
 }
 
 /// The entries of `todo` (sorted by id) grouped by session: (id, its entries).
@@ -227,6 +244,7 @@ impl Store {
         let batch = batch.max(1);
         let window = window.max(batch);
         let mut report = SweepReport::default();
+        let mut buffers = Buffers::default();
         loop {
             let mut due = self.due_sessions(now, window)?;
             due.sort_unstable();
@@ -238,7 +256,7 @@ impl Store {
                 while end < rest.len() && rest[end].id == rest[end - 1].id {
                     end += 1;
                 }
-                self.sweep_sessions_batch(now, &rest[..end], &mut report)?;
+                self.sweep_sessions_batch(now, &rest[..end], &mut report, &mut buffers)?;
                 rest = &rest[end..];
             }
             // A full window may have left more; entries the batches re-indexed to a time that
@@ -273,7 +291,13 @@ impl Store {
     /// Expires or purges the sessions of `due` (sorted by id) in one transaction. An entry that
     /// is no longer in the index (its session was written since the window was read) is left
     /// alone: the session's current entry says what it needs.
-    fn sweep_sessions_batch(&self, now: u64, due: &[Due], report: &mut SweepReport) -> Result<()> {
+    fn sweep_sessions_batch(
+        &self,
+        now: u64,
+        due: &[Due],
+        report: &mut SweepReport,
+        buffers: &mut Buffers,
+    ) -> Result<()> {
         let txn = self.begin_write()?;
         {
             let mut t = self.open_session_tables(&txn)?;
@@ -285,9 +309,10 @@ impl Store {
                 // They are (nearly) all the sessions in their id range, as when many fall due
                 // together: take them out in one scan and put back what stays as one run,
                 // packed into full leaves.
-                let (taken, alone) = self.take_sessions(&mut t.sessions, &todo)?;
+                let Buffers { taken, keep } = buffers;
+                let alone = self.take_sessions(&mut t.sessions, &todo, taken)?;
                 let mut taken = taken.iter().peekable();
-                let mut keep = Rows::default();
+                keep.clear();
                 for (id, ats) in by_session(&todo) {
                     let Some((_, raw)) = taken.next_if(|(rid, _)| *rid == id) else {
                         fx.report.repaired += ats.len() as u64;
@@ -299,7 +324,7 @@ impl Store {
                         Fate::Delete => {}
                     }
                 }
-                self.put_sorted_sessions(&mut t.sessions, &keep, alone)?;
+                self.put_sorted_sessions(&mut t.sessions, keep, alone)?;
             } else {
                 // Scattered among others: change each in place (one descent each).
                 for (id, ats) in by_session(&todo) {
@@ -413,16 +438,17 @@ impl Store {
     }
 
     /// Takes the records of `todo` (sorted by id) out of `sessions` in one scan over their id
-    /// range; a missing one is simply not returned. Also says whether the range held nothing
+    /// range, into `out` (emptied first); a missing one is simply not returned. Also says whether the range held nothing
     /// else (then the records that stay go back as one run).
     fn take_sessions(
         &self,
         table: &mut Table<'_, u128, &'static [u8]>,
         todo: &[(u128, u64)],
-    ) -> Result<(Rows, bool)> {
-        let mut out = Rows::default();
+        out: &mut Rows,
+    ) -> Result<bool> {
+        out.clear();
         let (Some(first), Some(last)) = (todo.first(), todo.last()) else {
-            return Ok((out, true));
+            return Ok(true);
         };
         let mut alone = true;
         let mut next = 0;
@@ -440,7 +466,7 @@ impl Store {
             let (k, v) = row.map_err(|e| self.err(e))?;
             out.push(k.value(), v.value());
         }
-        Ok((out, alone))
+        Ok(alone)
     }
 
     /// Puts records (sorted by id, none of them in the table) into `sessions`. A run that
@@ -890,7 +916,9 @@ mod tests {
         store.put_session(&moved).unwrap();
         store.put_session(&same).unwrap();
         let mut report = SweepReport::default();
-        store.sweep_sessions_batch(now, &due, &mut report).unwrap();
+        store
+            .sweep_sessions_batch(now, &due, &mut report, &mut Buffers::default())
+            .unwrap();
         assert_eq!(
             report.expired,
             vec![(same.session_id, Some("om_new".into()))]
