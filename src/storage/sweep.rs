@@ -42,6 +42,14 @@ use super::{Error, Result, SessionId, SessionState, Store};
 /// (and the more its deadline entries spread over the index, which is much smaller).
 const SWEEP_WINDOW: usize = 1 << 20;
 
+/// Bytes a swept session is taken to add to a transaction's copied pages before any batch has
+/// measured it: about a session record with an access and a refresh token, and its index entries.
+const SESSION_BYTES_GUESS: usize = 1024;
+
+/// Bytes a swept session adds to a transaction besides its record: its deadline entries (out
+/// and in), and its share of the branch pages and partly filled leaves.
+const SESSION_OVERHEAD_BYTES: usize = 128;
+
 /// What one sweep did.
 #[derive(Clone, Debug, Default)]
 pub struct SweepReport {
@@ -106,6 +114,14 @@ struct Buffers {
     taken: Rows,
     /// The records that go back.
     keep: Rows,
+}
+
+impl Buffers {
+    /// Record bytes per session of the last batch that took its sessions in one scan.
+    fn bytes_per_session(&self) -> Option<usize> {
+        let n = self.taken.index.len();
+        (n > 0).then(|| self.taken.buf.len() / n)
+    }
 }
 
 /// The entries of `todo` (sorted by id) grouped by session: (id, its entries).
@@ -229,8 +245,10 @@ impl Store {
     }
 
     /// Runs the sweep at `now`, committing every `batch` sessions so no transaction grows
-    /// large (the write buffer is half the cache: a batch whose copied pages fit in it writes
-    /// each page once).
+    /// large, and sooner if a batch's copied pages would not fit in the write buffer (half the
+    /// cache): a transaction whose pages fit in it writes each page once, at commit; one that
+    /// overflows it writes pages early and reads back those it changes again. The fit is
+    /// measured as the sweep goes, from the records it takes.
     pub fn sweep(&self, now: u64, batch: usize) -> Result<SweepReport> {
         self.sweep_with_window(now, batch, SWEEP_WINDOW)
     }
@@ -245,6 +263,7 @@ impl Store {
         let window = window.max(batch);
         let mut report = SweepReport::default();
         let mut buffers = Buffers::default();
+        let mut per_txn = batch.min(self.sessions_per_txn(SESSION_BYTES_GUESS));
         loop {
             let mut due = self.due_sessions(now, window)?;
             due.sort_unstable();
@@ -252,12 +271,15 @@ impl Store {
             while !rest.is_empty() {
                 // A session's entries (there is more than one only if the index needs repair)
                 // stay in one batch.
-                let mut end = batch.min(rest.len());
+                let mut end = per_txn.min(rest.len());
                 while end < rest.len() && rest[end].id == rest[end - 1].id {
                     end += 1;
                 }
                 self.sweep_sessions_batch(now, &rest[..end], &mut report, &mut buffers)?;
                 rest = &rest[end..];
+                if let Some(bytes) = buffers.bytes_per_session() {
+                    per_txn = batch.min(self.sessions_per_txn(bytes));
+                }
             }
             // A full window may have left more; entries the batches re-indexed to a time that
             // is still due (a zero retention) are taken by the next pass too.
@@ -268,6 +290,13 @@ impl Store {
         while self.sweep_events_batch(now, batch, &mut report)? {}
         report.changes_pruned = self.prune_feed()?;
         Ok(report)
+    }
+
+    /// How many sessions of `bytes` each one transaction can change with its copied pages in
+    /// the write buffer (half the cache), keeping a quarter of it for the pages around them.
+    fn sessions_per_txn(&self, bytes: usize) -> usize {
+        let room = self.inner.opts.cache_size / 2 / 4 * 3;
+        (room / bytes.saturating_add(SESSION_OVERHEAD_BYTES)).max(1)
     }
 
     /// Up to `limit` session deadline entries due at `now`, in deadline order.
