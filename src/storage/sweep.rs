@@ -927,6 +927,57 @@ mod tests {
         }
     }
 
+    /// With a write buffer that holds a few dozen sessions, a sweep asked for one large batch
+    /// cuts it into transactions that fit (sizing them from the records it took) and leaves
+    /// the store as the one-at-a-time sweep does.
+    #[test]
+    fn a_batch_larger_than_the_write_buffer_is_cut_and_sweeps_the_same() {
+        let specs: Vec<Spec> = (0..600u128)
+            .map(|i| Spec {
+                clustered: false,
+                id: i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                state: usize::from(i % 3 == 0), // pending, or completed (purged)
+                expires_at: 100,
+                updated_at: 50,
+                user: u8::try_from(i % 4).unwrap(),
+                secrets: true,
+                card: i % 2 == 0,
+                stale_at: vec![],
+                missing: false,
+                v1: false,
+            })
+            .collect();
+        let built = build(&specs, 10);
+        let small = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[3; 32]), vec![]),
+            StoreOptions {
+                terminal_retention: Duration::from_millis(10),
+                cache_size: 64 * 1024,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let slow = store(10);
+        copy_store(&built, &small);
+        copy_store(&built, &slow);
+        let per_txn = small.sessions_per_txn(SESSION_BYTES_GUESS);
+        assert!(
+            per_txn < specs.len() / 4,
+            "{per_txn} sessions per transaction"
+        );
+        let got = sorted(small.sweep(1_000, 10_000).unwrap());
+        let want = sorted(reference_sweep(&slow, 1_000));
+        assert_eq!(got.expired.len(), 400);
+        assert_eq!(got.purged, 200);
+        assert_eq!(got.expired, want.expired);
+        assert_eq!((got.purged, got.repaired), (want.purged, want.repaired));
+        assert_eq!(dump(&small), dump(&slow));
+        assert_eq!(
+            small.count_sessions_by_state().unwrap(),
+            slow.count_sessions_by_state().unwrap()
+        );
+    }
+
     /// A session written between reading the window and its batch is judged by what it is
     /// then: one whose deadline moved is left alone, one rewritten with the same deadline is
     /// still expired.
