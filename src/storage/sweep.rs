@@ -42,6 +42,14 @@ use super::{Error, Result, SessionId, SessionState, Store};
 /// (and the more its deadline entries spread over the index, which is much smaller).
 const SWEEP_WINDOW: usize = 1 << 20;
 
+/// Bytes a swept session is taken to add to a transaction's copied pages before any batch has
+/// measured it: about a session record with an access and a refresh token, and its index entries.
+const SESSION_BYTES_GUESS: usize = 1024;
+
+/// Bytes a swept session adds to a transaction besides its record: its deadline entries (out
+/// and in), and its share of the branch pages and partly filled leaves.
+const SESSION_OVERHEAD_BYTES: usize = 128;
+
 /// What one sweep did.
 #[derive(Clone, Debug, Default)]
 pub struct SweepReport {
@@ -84,10 +92,35 @@ impl Rows {
         self.index.push((id, start, self.buf.len()));
     }
 
+    /// Empties it, keeping its memory for the next batch.
+    fn clear(&mut self) {
+        self.index.clear();
+        self.buf.clear();
+    }
+
     fn iter(&self) -> impl Iterator<Item = (u128, &[u8])> + '_ {
         self.index
             .iter()
             .map(|&(id, start, end)| (id, &self.buf[start..end]))
+    }
+}
+
+/// Buffers a sweep's batches reuse: a batch of 50 000 sessions holds tens of MiB of records,
+/// and allocating that afresh for each batch costs more than the work on it (the allocator
+/// hands such sizes back to the kernel on free, and every page faults in zeroed again).
+#[derive(Default)]
+struct Buffers {
+    /// The records a batch took out of `sessions`.
+    taken: Rows,
+    /// The records that go back.
+    keep: Rows,
+}
+
+impl Buffers {
+    /// Record bytes per session of the last batch that took its sessions in one scan.
+    fn bytes_per_session(&self) -> Option<usize> {
+        let n = self.taken.index.len();
+        (n > 0).then(|| self.taken.buf.len() / n)
     }
 }
 
@@ -212,8 +245,10 @@ impl Store {
     }
 
     /// Runs the sweep at `now`, committing every `batch` sessions so no transaction grows
-    /// large (the write buffer is half the cache: a batch whose copied pages fit in it writes
-    /// each page once).
+    /// large, and sooner if a batch's copied pages would not fit in the write buffer (half the
+    /// cache): a transaction whose pages fit in it writes each page once, at commit; one that
+    /// overflows it writes pages early and reads back those it changes again. The fit is
+    /// measured as the sweep goes, from the records it takes.
     pub fn sweep(&self, now: u64, batch: usize) -> Result<SweepReport> {
         self.sweep_with_window(now, batch, SWEEP_WINDOW)
     }
@@ -227,6 +262,8 @@ impl Store {
         let batch = batch.max(1);
         let window = window.max(batch);
         let mut report = SweepReport::default();
+        let mut buffers = Buffers::default();
+        let mut per_txn = batch.min(self.sessions_per_txn(SESSION_BYTES_GUESS));
         loop {
             let mut due = self.due_sessions(now, window)?;
             due.sort_unstable();
@@ -234,12 +271,15 @@ impl Store {
             while !rest.is_empty() {
                 // A session's entries (there is more than one only if the index needs repair)
                 // stay in one batch.
-                let mut end = batch.min(rest.len());
+                let mut end = per_txn.min(rest.len());
                 while end < rest.len() && rest[end].id == rest[end - 1].id {
                     end += 1;
                 }
-                self.sweep_sessions_batch(now, &rest[..end], &mut report)?;
+                self.sweep_sessions_batch(now, &rest[..end], &mut report, &mut buffers)?;
                 rest = &rest[end..];
+                if let Some(bytes) = buffers.bytes_per_session() {
+                    per_txn = batch.min(self.sessions_per_txn(bytes));
+                }
             }
             // A full window may have left more; entries the batches re-indexed to a time that
             // is still due (a zero retention) are taken by the next pass too.
@@ -250,6 +290,13 @@ impl Store {
         while self.sweep_events_batch(now, batch, &mut report)? {}
         report.changes_pruned = self.prune_feed()?;
         Ok(report)
+    }
+
+    /// How many sessions of `bytes` each one transaction can change with its copied pages in
+    /// the write buffer (half the cache), keeping a quarter of it for the pages around them.
+    fn sessions_per_txn(&self, bytes: usize) -> usize {
+        let room = self.inner.opts.cache_size / 2 / 4 * 3;
+        (room / bytes.saturating_add(SESSION_OVERHEAD_BYTES)).max(1)
     }
 
     /// Up to `limit` session deadline entries due at `now`, in deadline order.
@@ -273,7 +320,13 @@ impl Store {
     /// Expires or purges the sessions of `due` (sorted by id) in one transaction. An entry that
     /// is no longer in the index (its session was written since the window was read) is left
     /// alone: the session's current entry says what it needs.
-    fn sweep_sessions_batch(&self, now: u64, due: &[Due], report: &mut SweepReport) -> Result<()> {
+    fn sweep_sessions_batch(
+        &self,
+        now: u64,
+        due: &[Due],
+        report: &mut SweepReport,
+        buffers: &mut Buffers,
+    ) -> Result<()> {
         let txn = self.begin_write()?;
         {
             let mut t = self.open_session_tables(&txn)?;
@@ -285,9 +338,10 @@ impl Store {
                 // They are (nearly) all the sessions in their id range, as when many fall due
                 // together: take them out in one scan and put back what stays as one run,
                 // packed into full leaves.
-                let (taken, alone) = self.take_sessions(&mut t.sessions, &todo)?;
+                let Buffers { taken, keep } = buffers;
+                let alone = self.take_sessions(&mut t.sessions, &todo, taken)?;
                 let mut taken = taken.iter().peekable();
-                let mut keep = Rows::default();
+                keep.clear();
                 for (id, ats) in by_session(&todo) {
                     let Some((_, raw)) = taken.next_if(|(rid, _)| *rid == id) else {
                         fx.report.repaired += ats.len() as u64;
@@ -299,7 +353,7 @@ impl Store {
                         Fate::Delete => {}
                     }
                 }
-                self.put_sorted_sessions(&mut t.sessions, &keep, alone)?;
+                self.put_sorted_sessions(&mut t.sessions, keep, alone)?;
             } else {
                 // Scattered among others: change each in place (one descent each).
                 for (id, ats) in by_session(&todo) {
@@ -413,16 +467,17 @@ impl Store {
     }
 
     /// Takes the records of `todo` (sorted by id) out of `sessions` in one scan over their id
-    /// range; a missing one is simply not returned. Also says whether the range held nothing
+    /// range, into `out` (emptied first); a missing one is simply not returned. Also says whether the range held nothing
     /// else (then the records that stay go back as one run).
     fn take_sessions(
         &self,
         table: &mut Table<'_, u128, &'static [u8]>,
         todo: &[(u128, u64)],
-    ) -> Result<(Rows, bool)> {
-        let mut out = Rows::default();
+        out: &mut Rows,
+    ) -> Result<bool> {
+        out.clear();
         let (Some(first), Some(last)) = (todo.first(), todo.last()) else {
-            return Ok((out, true));
+            return Ok(true);
         };
         let mut alone = true;
         let mut next = 0;
@@ -440,7 +495,7 @@ impl Store {
             let (k, v) = row.map_err(|e| self.err(e))?;
             out.push(k.value(), v.value());
         }
-        Ok((out, alone))
+        Ok(alone)
     }
 
     /// Puts records (sorted by id, none of them in the table) into `sessions`. A run that
@@ -872,6 +927,57 @@ mod tests {
         }
     }
 
+    /// With a write buffer that holds a few dozen sessions, a sweep asked for one large batch
+    /// cuts it into transactions that fit (sizing them from the records it took) and leaves
+    /// the store as the one-at-a-time sweep does.
+    #[test]
+    fn a_batch_larger_than_the_write_buffer_is_cut_and_sweeps_the_same() {
+        let specs: Vec<Spec> = (0..600u128)
+            .map(|i| Spec {
+                clustered: false,
+                id: i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835),
+                state: usize::from(i % 3 == 0), // pending, or completed (purged)
+                expires_at: 100,
+                updated_at: 50,
+                user: u8::try_from(i % 4).unwrap(),
+                secrets: true,
+                card: i % 2 == 0,
+                stale_at: vec![],
+                missing: false,
+                v1: false,
+            })
+            .collect();
+        let built = build(&specs, 10);
+        let small = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[3; 32]), vec![]),
+            StoreOptions {
+                terminal_retention: Duration::from_millis(10),
+                cache_size: 64 * 1024,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let slow = store(10);
+        copy_store(&built, &small);
+        copy_store(&built, &slow);
+        let per_txn = small.sessions_per_txn(SESSION_BYTES_GUESS);
+        assert!(
+            per_txn < specs.len() / 4,
+            "{per_txn} sessions per transaction"
+        );
+        let got = sorted(small.sweep(1_000, 10_000).unwrap());
+        let want = sorted(reference_sweep(&slow, 1_000));
+        assert_eq!(got.expired.len(), 400);
+        assert_eq!(got.purged, 200);
+        assert_eq!(got.expired, want.expired);
+        assert_eq!((got.purged, got.repaired), (want.purged, want.repaired));
+        assert_eq!(dump(&small), dump(&slow));
+        assert_eq!(
+            small.count_sessions_by_state().unwrap(),
+            slow.count_sessions_by_state().unwrap()
+        );
+    }
+
     /// A session written between reading the window and its batch is judged by what it is
     /// then: one whose deadline moved is left alone, one rewritten with the same deadline is
     /// still expired.
@@ -890,7 +996,9 @@ mod tests {
         store.put_session(&moved).unwrap();
         store.put_session(&same).unwrap();
         let mut report = SweepReport::default();
-        store.sweep_sessions_batch(now, &due, &mut report).unwrap();
+        store
+            .sweep_sessions_batch(now, &due, &mut report, &mut Buffers::default())
+            .unwrap();
         assert_eq!(
             report.expired,
             vec![(same.session_id, Some("om_new".into()))]
