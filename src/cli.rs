@@ -707,7 +707,10 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
         },
     )?;
     let started = Instant::now();
-    let report = pg.copy_from_redb(&store, &mut |what, n| {
+    let redb = store
+        .as_redb()
+        .ok_or_else(|| storage::Error::Invalid("migrate copies from a redb store".to_owned()))?;
+    let report = pg.copy_from_redb(redb, &mut |what, n| {
         eprintln!("migrate: {n} {what} copied");
     })?;
     let c = report.target;
@@ -723,10 +726,10 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn open_store(cfg: &Config) -> Result<Store, CliError> {
+fn open_store(cfg: &Config) -> Result<storage::Db, CliError> {
     refuse_root_on_foreign_store(&cfg.storage_path)?;
     let ring = cfg.keyring()?;
-    Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?)
+    Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?.into())
 }
 
 /// The effective user id, from `/proc/self/status` (no `unsafe` call needed).
@@ -939,7 +942,8 @@ fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let mut progress = crate::backup::progress_line("backup");
-    let h = crate::backup::write_backup(&store, &args.out, &prot, &mut progress)?;
+    let h =
+        crate::backup::write_backup(store.redb_for("backups")?, &args.out, &prot, &mut progress)?;
     println!(
         "wrote {} in {:.1}s: {} records, {} sessions, {} tokens (schema {}, token key {}), {} bytes",
         args.out.display(),
@@ -1226,7 +1230,7 @@ fn str_field(v: &serde_json::Value, k: &str) -> Option<String> {
     v[k].as_str().map(str::to_owned)
 }
 
-fn app_local(cfg: &Config, store: Store, op: &AppOp) -> Result<serde_json::Value, CliError> {
+fn app_local(cfg: &Config, store: storage::Db, op: &AppOp) -> Result<serde_json::Value, CliError> {
     use crate::apps::{AppChange, AppStatus, NewApp, Registry};
     let reg = Registry::from_config(store, cfg)?;
     let r: Result<serde_json::Value, crate::apps::AppsError> = match op {

@@ -33,7 +33,7 @@ use super::time::ms;
 use crate::lark::{self, LarkClient};
 use crate::metrics::{self, AuthFailureLabel, AuthLabel};
 use crate::ratelimit::RateLimiter;
-use crate::storage::{now_ms, AuthSession, FailureReason, PendingUpdate, Store, UserToken};
+use crate::storage::{now_ms, AuthSession, Db, FailureReason, PendingUpdate, UserToken};
 
 pub use super::render::page_html;
 
@@ -64,7 +64,7 @@ impl KeyedLocks {
 
 pub(super) struct Inner {
     pub(super) lark: LarkClient,
-    pub(super) store: Store,
+    pub(super) store: Db,
     pub(super) opts: AuthOptions,
     pub(super) clock: Clock,
     pub(super) app_id: String,
@@ -156,13 +156,20 @@ impl AuthService {
 
     /// A service on the wall clock.
     #[must_use]
-    pub fn new(lark: LarkClient, store: Store, opts: AuthOptions) -> Self {
+    pub fn new(lark: LarkClient, store: impl Into<Db>, opts: AuthOptions) -> Self {
+        let store: Db = store.into();
         Self::with_clock(lark, store, opts, Arc::new(now_ms))
     }
 
     /// A service on `clock` (unix ms).
     #[must_use]
-    pub fn with_clock(lark: LarkClient, store: Store, opts: AuthOptions, clock: Clock) -> Self {
+    pub fn with_clock(
+        lark: LarkClient,
+        store: impl Into<Db>,
+        opts: AuthOptions,
+        clock: Clock,
+    ) -> Self {
+        let store: Db = store.into();
         Self {
             inner: Arc::new(Inner {
                 app_id: lark.app_id().to_owned(),
@@ -206,7 +213,7 @@ impl AuthService {
         (self.inner.clock)()
     }
 
-    pub(super) fn store(&self) -> &Store {
+    pub(super) fn store(&self) -> &Db {
         &self.inner.store
     }
 

@@ -34,7 +34,7 @@ pub use jobs::Reloads;
 pub use sandbox::{sandbox_defaults, SandboxFiles};
 
 use crate::config::{Config, LoadOptions};
-use crate::storage::{Store, StoreOptions};
+use crate::storage::{Db, StoreOptions};
 use crate::workers::{FnWorker, Supervisor};
 
 /// How long shutdown waits for in-flight work.
@@ -253,7 +253,7 @@ pub async fn run_with_reloads(
 }
 
 /// Opens the store (off the async threads) and sets the store gauges.
-async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
+async fn open_store(cfg: &Config) -> Result<Db, DaemonError> {
     // Fail closed: the PostgreSQL store exists (`storage::postgres`) but the service is not yet
     // generic over the backend; serving from a local file instead would split the fleet.
     if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
@@ -264,7 +264,10 @@ async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
     let ring = cfg.keyring()?;
     let path = cfg.storage_path.clone();
     let opts = store_options(cfg);
-    let store = tokio::task::spawn_blocking(move || Store::open(&path, ring, opts)).await??;
+    let store: Db =
+        tokio::task::spawn_blocking(move || crate::storage::Store::open(&path, ring, opts))
+            .await??
+            .into();
     crate::metrics::refresh_store_gauges(&store, cfg.app_id.as_deref().unwrap_or_default());
     Ok(store)
 }
@@ -273,7 +276,7 @@ async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
 async fn serve_until(
     cfg: &Config,
     sup: &Supervisor,
-    store: Store,
+    store: Db,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     reloads: Reloads,
@@ -333,7 +336,7 @@ async fn serve_until(
 fn start_runtimes(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     mcp: Option<runtimes::McpSetup>,
@@ -387,7 +390,7 @@ struct App {
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
 /// authorization flow.
-fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, DaemonError> {
+fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, DaemonError> {
     let app_id = cfg.app_id.clone().unwrap_or_default();
     let app_secret = cfg
         .app_secret
@@ -448,8 +451,8 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
 
 /// Re-seals the store under the active key in the background, when records are sealed under
 /// older keys.
-async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonError> {
-    if !store.run(super::storage::Store::rotation_pending).await? {
+async fn start_rotation(sup: &Supervisor, store: &Db) -> Result<(), DaemonError> {
+    if !store.run(crate::storage::Db::rotation_pending).await? {
         return Ok(());
     }
     let s = store.clone();
@@ -469,7 +472,7 @@ async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonErr
 fn start_webhooks(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
 ) -> Result<(), DaemonError> {
     let w = &cfg.webhooks;
@@ -521,7 +524,7 @@ fn start_webhooks(
 fn start_workers(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     backup: Option<jobs::BackupWorker>,
@@ -603,7 +606,7 @@ fn start_workers(
 fn start_listeners(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     throttle: Arc<crate::http::bearer::Throttle>,
@@ -691,7 +694,7 @@ fn start_listeners(
 /// Marks the service ready (readiness probe, systemd) and says where it serves.
 fn announce_ready(
     ready: &AtomicBool,
-    store: &Store,
+    store: &Db,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -703,7 +706,7 @@ fn announce_ready(
         http = %http_addr,
         admin = %admin_addr,
         metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        store = %store.path().display(),
+        store = %store.path().map_or_else(|| store.backend_name().to_owned(), |p| p.display().to_string()),
         key = %store.active_key_id(),
         startup_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "Service ready."
