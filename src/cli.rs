@@ -1215,6 +1215,14 @@ fn app(opts: &LoadOptions, cmd: AppCmd) -> Result<(), CliError> {
         AppCmd::Enable { app_id } => (AppOp::Status(app_id, true), false),
         AppCmd::Disable { app_id } => (AppOp::Status(app_id, false), false),
     };
+    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
+        // The registry is kept in redb only: writing it beside a PostgreSQL fleet would serve
+        // nothing. Fail closed.
+        return Err(storage::not_on_postgres(
+            "the app registry (only the configuration's app is served)",
+        )
+        .into());
+    }
     let result = match open_store(&cfg) {
         Ok(store) => app_local(&cfg, store, &op)?,
         Err(CliError::Store(storage::Error::Locked { pid, .. })) => {

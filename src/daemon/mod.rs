@@ -12,6 +12,7 @@
 //! production, see [`Reloads`]).
 
 mod error;
+mod fleet;
 mod handlers;
 mod jobs;
 mod runtimes;
@@ -254,12 +255,11 @@ pub async fn run_with_reloads(
 
 /// Opens the store (off the async threads) and sets the store gauges.
 async fn open_store(cfg: &Config) -> Result<Db, DaemonError> {
-    // Fail closed: the PostgreSQL store exists (`storage::postgres`) but the service is not yet
-    // generic over the backend; serving from a local file instead would split the fleet.
-    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
-        return Err(DaemonError::Store(crate::storage::Error::Invalid(
-            "storage.backend = \"postgres\" is not served by this build yet; unset STORAGE_BACKEND (redb)".to_owned(),
-        )));
+    // PostgreSQL: the fleet's shared store (never a local file beside it).
+    if let crate::config::StorageBackend::Postgres { url } = &cfg.storage_backend {
+        let store = fleet::open_postgres(cfg, url).await?;
+        crate::metrics::refresh_store_gauges(&store, cfg.app_id.as_deref().unwrap_or_default());
+        return Ok(store);
     }
     let ring = cfg.keyring()?;
     let path = cfg.storage_path.clone();

@@ -139,8 +139,6 @@ redb_only! {
     fn grants_to_remind(&self, granted_before: u64, limit: usize) -> Result<Vec<ExpiringGrant>>;
     fn mark_reminded(&self, app_id: &str, user_id: &str, granted_at: u64, events: &[OutboxEvent], now: u64) -> Result<bool>;
     fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
-    fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
-    fn list_apps(&self) -> Result<Vec<AppRow>>;
     fn remove_app(&self, app_id: &str) -> Result<bool>;
     fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
     fn app_token_count(&self, app_id: &str) -> Result<u64>;
@@ -312,6 +310,23 @@ impl Db {
                 no_events(events)?;
                 p.delete_token(app_id, user_id)
             }
+        }
+    }
+
+    /// A registry app. The registry is kept in redb only: on PostgreSQL it is empty (only the
+    /// configuration's app is served) and every write to it is refused.
+    pub fn get_app(&self, app_id: &str) -> Result<Option<AppRow>> {
+        match self {
+            Self::Redb(s) => s.get_app(app_id),
+            Self::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// The registry's apps; empty on PostgreSQL (see [`Db::get_app`]).
+    pub fn list_apps(&self) -> Result<Vec<AppRow>> {
+        match self {
+            Self::Redb(s) => s.list_apps(),
+            Self::Postgres(_) => Ok(Vec::new()),
         }
     }
 
