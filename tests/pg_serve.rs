@@ -1,0 +1,205 @@
+//! The service served from PostgreSQL (`storage.backend = "postgres"`): the real binary, two
+//! instances on one throw-away PostgreSQL, the sandbox over TLS. What a fleet must show: a flow
+//! started on one instance completes on the other, a token is served by every instance, each
+//! single-use refresh token is presented once, and the singleton workers run on one instance.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::Pg;
+use common::{find_string, free_port, trust_sandbox, ADMIN, KEY};
+use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use serde_json::{json, Value};
+
+/// One instance of the real binary serving from `pg_url`.
+struct Instance {
+    child: Child,
+    http_port: u16,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Instance {
+    /// Starts an instance; every instance of a test is given the same public redirect URI
+    /// (`redirect`, what a load balancer in front of the fleet would be).
+    async fn start(
+        sandbox: &Sandbox,
+        pg_url: &str,
+        http_port: u16,
+        redirect: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = trust_sandbox(dir.path(), sandbox).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "").unwrap();
+        let admin_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lark-service"));
+        cmd.current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("APP_ID", APP_ID)
+            .env("APP_SECRET", APP_SECRET)
+            .env("LARK_DOMAIN", sandbox.base_url())
+            .env("TLS_CA_FILE", &ca)
+            .env("WEBSOCKET_ENABLED", "false")
+            .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
+            .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
+            .env("CARD_LOCALE", "en")
+            .env("STORAGE_BACKEND", "postgres")
+            .env("STORAGE_POSTGRES_URL", pg_url)
+            .env("WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS", "0")
+            // A local file must never be opened beside the shared store.
+            .env("STORAGE_PATH", dir.path().join("must-not-exist.redb"))
+            .env("HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("AUTH_REDIRECT_URI", redirect);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--set", "metrics.port=0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().map(|l| l.unwrap()).unwrap_or_default();
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            first
+        })
+        .await
+        .unwrap();
+        assert!(
+            ready.starts_with(&format!("lark-service ready: http://127.0.0.1:{http_port}/")),
+            "{ready}"
+        );
+        assert!(!dir.path().join("must-not-exist.redb").exists());
+        Self {
+            child,
+            http_port,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn token(&self, open_id: &str) -> (u16, Value) {
+        self.get(&format!("/api/v1/users/{open_id}/token")).await
+    }
+
+    /// Asks for `open_id`'s authorization; returns the authorize URL of the card sent.
+    async fn request(&self, sandbox: &Sandbox, open_id: &str) -> String {
+        let before = sandbox.messages_for(open_id).len();
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/auth/requests", self.admin))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "open_id": open_id }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let cards = sandbox.messages_for(open_id);
+        assert_eq!(cards.len(), before + 1, "one card sent");
+        find_string(&cards[before].content, &|s| {
+            s.contains("/open-apis/authen/v1/authorize?")
+        })
+        .unwrap()
+        .to_owned()
+    }
+
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "instance exited with {st}");
+    }
+}
+
+/// The redirect the sandbox made for the instance on `from` port, sent to the one on `to`.
+fn land_on(redirect: &str, from: u16, to: u16) -> String {
+    let moved = redirect.replacen(&format!(":{from}/"), &format!(":{to}/"), 1);
+    assert_ne!(moved, redirect);
+    moved
+}
+
+async fn sandbox(user_token_ttl: u64) -> Sandbox {
+    let s = Sandbox::start(SandboxOptions {
+        user_token_ttl,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(s.base_url().starts_with("https://"));
+    s
+}
+
+/// One instance completes an authorization (request → card → redirect) and serves the token;
+/// a second instance on the same database serves the same token; and an authorization asked
+/// on A whose redirect lands on B completes there (the OAuth state is a database row, not a
+/// process's memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_started_on_one_instance_completes_on_the_other() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &[]).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &[]).await;
+    let http = reqwest::Client::new();
+
+    // Alice: asked, approved and redirected on A.
+    let authorize = a.request(&sandbox, "ou_sandbox_alice").await;
+    let to_a = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    assert_eq!(http.get(&to_a).send().await.unwrap().status(), 200);
+    let (sa, ta) = a.token("ou_sandbox_alice").await;
+    assert_eq!(sa, 200, "{ta}");
+    let (sb, tb) = b.token("ou_sandbox_alice").await;
+    assert_eq!(sb, 200, "B serves A's token: {tb}");
+    assert_eq!(ta["access_token"], tb["access_token"]);
+    assert_eq!(
+        sandbox
+            .token_owner(ta["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some("ou_sandbox_alice")
+    );
+
+    // Bob: asked on A, the redirect lands on B.
+    assert_eq!(b.token("ou_sandbox_bob").await.0, 404);
+    let authorize = a.request(&sandbox, "ou_sandbox_bob").await;
+    let to_a = sandbox.approve(&authorize, "ou_sandbox_bob").unwrap();
+    let r = http.get(land_on(&to_a, pa, pb)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (sa, ta) = a.token("ou_sandbox_bob").await;
+    let (sb, tb) = b.token("ou_sandbox_bob").await;
+    assert_eq!((sa, sb), (200, 200), "{ta} {tb}");
+    assert_eq!(ta["access_token"], tb["access_token"]);
+    // The same redirect again (a replayed code and state) is refused by either instance.
+    let again = http.get(&to_a).send().await.unwrap();
+    assert_ne!(again.status(), 200);
+    assert_eq!(sandbox.hits("oauth_token"), 2, "one code exchange per user");
+
+    a.stop();
+    b.stop();
+}
