@@ -203,3 +203,110 @@ async fn a_flow_started_on_one_instance_completes_on_the_other() {
     a.stop();
     b.stop();
 }
+
+async fn authorize(sandbox: &Sandbox, on: &Instance, open_id: &str) {
+    let authorize = on.request(sandbox, open_id).await;
+    let redirect = sandbox.approve(&authorize, open_id).unwrap();
+    let r = reqwest::get(&redirect).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// With tokens that live two seconds, both instances refresh (their refresh workers, and the
+/// token requests that land on each at once): every single-use refresh token is presented
+/// exactly once across the fleet (the sandbox counts reuses), and the token served is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refresh_token_is_presented_once_across_two_instances() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(2).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &[]).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &[]).await;
+    let users = ["ou_sandbox_alice", "ou_sandbox_bob", "ou_sandbox_carol"];
+    for u in users {
+        authorize(&sandbox, &a, u).await;
+    }
+    let codes = sandbox.hits("oauth_token");
+    assert_eq!(codes, users.len() as u64);
+
+    // Eight seconds of both instances asked for every token at the same moments.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for u in users {
+            let (ra, rb) = tokio::join!(a.token(u), b.token(u));
+            assert_eq!((ra.0, rb.0), (200, 200), "{} {}", ra.1, rb.1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refreshes = sandbox.hits("oauth_token") - codes;
+    // Each token is due 1.6 s after it is issued: eight seconds make several rounds each.
+    assert!(
+        refreshes >= 2 * users.len() as u64,
+        "too few refreshes to show anything: {refreshes}"
+    );
+    assert_eq!(sandbox.refresh_token_reuses(), 0, "a refresh token was presented twice");
+    for u in users {
+        let (s, t) = b.token(u).await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            sandbox
+                .token_owner(t["access_token"].as_str().unwrap())
+                .as_deref(),
+            Some(u),
+            "the token served is live and {u}'s"
+        );
+    }
+    a.stop();
+    b.stop();
+}
+
+fn role(workers: &Value, name: &str) -> Option<String> {
+    workers[name]["status"]
+        .as_str()
+        .map(|s| s.split(';').next().unwrap_or_default().to_owned())
+}
+
+/// The TTL sweep runs on one instance only: `/workers` shows one leader and one follower;
+/// when the leader is killed (`kill -9`: no chance to let its lease go), the lease lapses and
+/// the follower becomes the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_runs_on_one_instance_and_passes_on_when_it_dies() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let fast = [("SWEEP_INTERVAL_SECONDS", "1")];
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &fast).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &fast).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (ra, rb) = loop {
+        let (wa, wb) = (a.get("/workers").await.1, b.get("/workers").await.1);
+        let (ra, rb) = (role(&wa, "ttl_sweep"), role(&wb, "ttl_sweep"));
+        if ra.is_some() && rb.is_some() {
+            break (ra.unwrap(), rb.unwrap());
+        }
+        assert!(Instant::now() < deadline, "no sweep status: {wa} {wb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut roles = [ra.clone(), rb];
+    roles.sort();
+    assert_eq!(roles, ["follower".to_owned(), "leader".to_owned()]);
+    let (mut leader, follower) = if ra == "leader" { (a, b) } else { (b, a) };
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+
+    // The lease (10 s: three 1 s units, at least 10 s) lapses; the follower takes it.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let w = follower.get("/workers").await.1;
+        if role(&w, "ttl_sweep").as_deref() == Some("leader") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never passed on: {w}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    follower.stop();
+}

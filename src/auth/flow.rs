@@ -96,6 +96,9 @@ pub struct AuthService {
     pub(super) tasks: TaskTracker,
     /// The device flow: on or off, and the signal that stops its polls.
     pub(super) device: DeviceCtl,
+    /// This instance's lease holder id when it serves in a fleet (a shared PostgreSQL store):
+    /// each refresh then runs under the user's refresh lease ([`AuthService::in_fleet`]).
+    pub(super) fleet_holder: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -185,7 +188,18 @@ impl AuthService {
             }),
             tasks: TaskTracker::new(),
             device: DeviceCtl::default(),
+            fleet_holder: None,
         }
+    }
+
+    /// The service as one instance of a fleet sharing its store, known to the others as
+    /// `holder`: a user's token is refreshed only under the lease `refresh/{app_id}/{user}`,
+    /// so each single-use refresh token is presented by one instance. Set it before the
+    /// service is cloned.
+    #[must_use]
+    pub fn in_fleet(mut self, holder: &str) -> Self {
+        self.fleet_holder = Some(Arc::from(holder));
+        self
     }
 
     /// The service with its tasks spawned on `tasks` (by default a tracker of its own), so

@@ -386,6 +386,8 @@ struct App {
     app_id: String,
     app_secret: SecretString,
     registry: crate::apps::Registry,
+    /// This instance's lease holder id when it serves from a shared PostgreSQL store.
+    fleet_holder: Option<String>,
 }
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
@@ -434,7 +436,12 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, Daem
         },
         sup,
     );
-    let auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
+    let fleet_holder = store.is_postgres().then(fleet::holder_id);
+    let mut auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
+    if let Some(h) = &fleet_holder {
+        info!(holder = %h, "One instance of a fleet: singleton workers and token refreshes run under leases.");
+        auth = auth.in_fleet(h);
+    }
     dispatcher.set_handler(handlers::app_handler(auth.clone()));
     dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
     Ok(App {
@@ -446,7 +453,30 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, Daem
         app_id,
         app_secret,
         registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
+        fleet_holder,
     })
+}
+
+/// Starts a worker only one instance of a fleet may run (`fleet::Leased`); alone (redb), as
+/// it is.
+fn start_singleton<W: crate::workers::Worker>(
+    sup: &Supervisor,
+    store: &Db,
+    app: &App,
+    worker: W,
+    every: Duration,
+) {
+    match &app.fleet_holder {
+        Some(h) => sup.start(fleet::Leased::new(
+            worker,
+            store.clone(),
+            h,
+            fleet::Leased::<W>::ttl_for(every),
+            every,
+            sup.clock(),
+        )),
+        None => sup.start(worker),
+    }
 }
 
 /// Re-seals the store under the active key in the background, when records are sealed under
@@ -531,7 +561,10 @@ fn start_workers(
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
     let others = switch.clone();
-    sup.start(
+    start_singleton(
+        sup,
+        store,
+        app,
         jobs::SweepWorker::new(
             store.clone(),
             app.app_id.clone(),
@@ -540,6 +573,7 @@ fn start_workers(
             sup.clock(),
         )
         .with_other_apps(Arc::new(move |id: &str| others.auth_of(id))),
+        cfg.sweep_interval,
     );
     sup.start(FnWorker::new("token_refresh", app.auth.refresh_worker()));
     // Device sessions of an earlier run cannot be polled (their codes were not kept).
@@ -554,15 +588,17 @@ fn start_workers(
         jobs::TENANT_TOKEN_RETRY_CAP,
     );
     if let Some(url) = cfg.export_postgres_url.clone() {
-        sup.start(FnWorker::new(
-            "export_postgres",
-            crate::export::postgres::worker(
-                store.clone(),
-                url,
-                app.net.clone(),
-                Duration::from_secs(1),
+        let every = Duration::from_secs(1);
+        start_singleton(
+            sup,
+            store,
+            app,
+            FnWorker::new(
+                "export_postgres",
+                crate::export::postgres::worker(store.clone(), url, app.net.clone(), every),
             ),
-        ));
+            every,
+        );
     }
     if let Some(w) = app.auth.user_info_sync_worker() {
         sup.start(FnWorker::new("user_sync", w));
