@@ -19,7 +19,6 @@ use serde_json::{json, Value};
 /// One instance of the real binary serving from `pg_url`.
 struct Instance {
     child: Child,
-    http_port: u16,
     admin: String,
     _dir: tempfile::TempDir,
 }
@@ -81,13 +80,14 @@ impl Instance {
         .await
         .unwrap();
         assert!(
-            ready.starts_with(&format!("lark-service ready: http://127.0.0.1:{http_port}/")),
+            ready.starts_with(&format!(
+                "lark-service ready: http://127.0.0.1:{http_port}/"
+            )),
             "{ready}"
         );
         assert!(!dir.path().join("must-not-exist.redb").exists());
         Self {
             child,
-            http_port,
             admin: format!("http://127.0.0.1:{admin_port}"),
             _dir: dir,
         }
@@ -133,6 +133,16 @@ impl Instance {
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         let st = self.child.wait().unwrap();
         assert!(st.success(), "instance exited with {st}");
+    }
+}
+
+impl Drop for Instance {
+    /// A failed test leaves no instance behind (`stop` has reaped it already: a no-op then).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -245,7 +255,11 @@ async fn each_refresh_token_is_presented_once_across_two_instances() {
         refreshes >= 2 * users.len() as u64,
         "too few refreshes to show anything: {refreshes}"
     );
-    assert_eq!(sandbox.refresh_token_reuses(), 0, "a refresh token was presented twice");
+    assert_eq!(
+        sandbox.refresh_token_reuses(),
+        0,
+        "a refresh token was presented twice"
+    );
     for u in users {
         let (s, t) = b.token(u).await;
         assert_eq!(s, 200);
@@ -285,8 +299,8 @@ async fn the_sweep_runs_on_one_instance_and_passes_on_when_it_dies() {
     let (ra, rb) = loop {
         let (wa, wb) = (a.get("/workers").await.1, b.get("/workers").await.1);
         let (ra, rb) = (role(&wa, "ttl_sweep"), role(&wb, "ttl_sweep"));
-        if ra.is_some() && rb.is_some() {
-            break (ra.unwrap(), rb.unwrap());
+        if let (Some(ra), Some(rb)) = (ra, rb) {
+            break (ra, rb);
         }
         assert!(Instant::now() < deadline, "no sweep status: {wa} {wb}");
         tokio::time::sleep(Duration::from_millis(200)).await;

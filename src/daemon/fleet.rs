@@ -141,13 +141,13 @@ impl<W: Worker> Leased<W> {
         let store = self.store.clone();
         async move {
             store
-            .run(move |s| {
-                if leader && s.renew_lease(&name, &holder, ttl, now)? {
-                    return Ok(true);
-                }
-                s.try_acquire_lease(&name, &holder, ttl, now)
-            })
-            .await
+                .run(move |s| {
+                    if leader && s.renew_lease(&name, &holder, ttl, now)? {
+                        return Ok(true);
+                    }
+                    s.try_acquire_lease(&name, &holder, ttl, now)
+                })
+                .await
         }
     }
 }
@@ -180,7 +180,10 @@ impl<W: Worker> Worker for Leased<W> {
         let state = self.inner.work(must_exit).await?;
         if must_exit.is_cancelled() {
             let (name, holder) = (self.lease.clone(), self.holder.clone());
-            let _ = self.store.run(move |s| s.release_lease(&name, &holder)).await;
+            let _ = self
+                .store
+                .run(move |s| s.release_lease(&name, &holder))
+                .await;
             self.leader = false;
         }
         // A leader never waits past its lease: it renews before it lapses.
