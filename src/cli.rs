@@ -707,7 +707,10 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
         },
     )?;
     let started = Instant::now();
-    let report = pg.copy_from_redb(&store, &mut |what, n| {
+    let redb = store
+        .as_redb()
+        .ok_or_else(|| storage::Error::Invalid("migrate copies from a redb store".to_owned()))?;
+    let report = pg.copy_from_redb(redb, &mut |what, n| {
         eprintln!("migrate: {n} {what} copied");
     })?;
     let c = report.target;
@@ -723,10 +726,10 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn open_store(cfg: &Config) -> Result<Store, CliError> {
+fn open_store(cfg: &Config) -> Result<storage::Db, CliError> {
     refuse_root_on_foreign_store(&cfg.storage_path)?;
     let ring = cfg.keyring()?;
-    Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?)
+    Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?.into())
 }
 
 /// The effective user id, from `/proc/self/status` (no `unsafe` call needed).
@@ -939,7 +942,8 @@ fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let mut progress = crate::backup::progress_line("backup");
-    let h = crate::backup::write_backup(&store, &args.out, &prot, &mut progress)?;
+    let h =
+        crate::backup::write_backup(store.redb_for("backups")?, &args.out, &prot, &mut progress)?;
     println!(
         "wrote {} in {:.1}s: {} records, {} sessions, {} tokens (schema {}, token key {}), {} bytes",
         args.out.display(),
@@ -1217,6 +1221,14 @@ fn app(opts: &LoadOptions, cmd: AppCmd) -> Result<(), CliError> {
         AppCmd::Enable { app_id } => (AppOp::Status(app_id, true), false),
         AppCmd::Disable { app_id } => (AppOp::Status(app_id, false), false),
     };
+    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
+        // The registry is kept in redb only: writing it beside a PostgreSQL fleet would serve
+        // nothing. Fail closed.
+        return Err(storage::not_on_postgres(
+            "the app registry (only the configuration's app is served)",
+        )
+        .into());
+    }
     let result = match open_store(&cfg) {
         Ok(store) => app_local(&cfg, store, &op)?,
         Err(CliError::Store(storage::Error::Locked { pid, .. })) => {
@@ -1232,7 +1244,7 @@ fn str_field(v: &serde_json::Value, k: &str) -> Option<String> {
     v[k].as_str().map(str::to_owned)
 }
 
-fn app_local(cfg: &Config, store: Store, op: &AppOp) -> Result<serde_json::Value, CliError> {
+fn app_local(cfg: &Config, store: storage::Db, op: &AppOp) -> Result<serde_json::Value, CliError> {
     use crate::apps::{AppChange, AppStatus, NewApp, Registry};
     let reg = Registry::from_config(store, cfg)?;
     let r: Result<serde_json::Value, crate::apps::AppsError> = match op {

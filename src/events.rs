@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::callbacks::Callback;
-use crate::storage::{now_ms, SeenSnapshot, Store};
+use crate::storage::{now_ms, Db, SeenSnapshot};
 use crate::workers::Supervisor;
 
 /// Where an event came from.
@@ -154,7 +154,7 @@ impl std::fmt::Debug for Dispatcher {
 pub type LateFailureHook = Arc<dyn Fn(Option<String>, String) -> BoxFuture<()> + Send + Sync>;
 
 struct Inner {
-    store: Store,
+    store: Db,
     cfg: DispatchConfig,
     handler: std::sync::RwLock<Option<Handler>>,
     late_failure: std::sync::RwLock<Option<LateFailureHook>>,
@@ -246,7 +246,8 @@ impl Dispatcher {
     /// A dispatcher over `store`, its tasks owned by `sup`. Starts the seen-id writer (one of
     /// `sup`'s writers); it stops at [`Dispatcher::close`] or when the last clone is dropped.
     #[must_use]
-    pub fn new(store: Store, cfg: DispatchConfig, sup: &Supervisor) -> Self {
+    pub fn new(store: impl Into<Db>, cfg: DispatchConfig, sup: &Supervisor) -> Self {
+        let store: Db = store.into();
         let (seen_tx, seen_rx) = mpsc::channel(SEEN_QUEUE);
         let handlers = Arc::new(Semaphore::new(
             cfg.max_concurrent_handlers.clamp(1, Semaphore::MAX_PERMITS),
@@ -479,8 +480,9 @@ impl Dispatcher {
     /// or still in `recent`, and every id recorded before the process started is in it, so it
     /// answers as a fresh read transaction would, without opening one per event.
     fn seen_before(&self, id: &str) -> crate::storage::Result<bool> {
-        if self.inner.seen_tx.is_closed() {
-            // After close: hold no snapshot (the store is about to be let go of).
+        if self.inner.seen_tx.is_closed() || self.inner.store.is_postgres() {
+            // After close: hold no snapshot (the store is about to be let go of). On
+            // PostgreSQL the database is asked: other instances write to it too.
             return self.inner.store.event_seen(id);
         }
         let commits = self.inner.commits.load(Ordering::Acquire);
@@ -499,7 +501,10 @@ impl Dispatcher {
                 _ => {
                     // Drop the old one first (its read transaction) before opening the next.
                     *cached = None;
-                    let s = Arc::new(self.inner.store.seen_snapshot()?);
+                    let Some(s) = self.inner.store.seen_snapshot()? else {
+                        return self.inner.store.event_seen(id);
+                    };
+                    let s = Arc::new(s);
                     *cached = Some((commits, Instant::now(), s.clone()));
                     s
                 }
@@ -592,7 +597,7 @@ fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
 
 /// Records `ids` as seen in one transaction. An id the store would refuse is skipped (and
 /// logged by length only), so one bad id never costs the others their record.
-fn commit_seen(store: &Store, ids: &[String], forget_at: u64) {
+fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
     let refs: Vec<&str> = ids
         .iter()
         .map(String::as_str)
@@ -614,7 +619,7 @@ fn commit_seen(store: &Store, ids: &[String], forget_at: u64) {
 }
 
 /// The writer thread: drains whatever ids are queued and commits them in one transaction.
-fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64, commits: &AtomicU64) {
+fn seen_writer(store: &Db, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64, commits: &AtomicU64) {
     let mut open = true;
     while open {
         let Some(first) = rx.blocking_recv() else {
@@ -660,6 +665,7 @@ fn seen_writer(store: &Store, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64, comm
 mod tests {
     use super::*;
     use crate::callbacks::parse_event_payload;
+    use crate::storage::Store;
 
     #[test]
     fn one_bad_id_never_spoils_a_group_commit() {
@@ -674,7 +680,7 @@ mod tests {
             String::new(),
             "ev-good-2".to_owned(),
         ];
-        commit_seen(&store, &ids, now_ms() + 60_000);
+        commit_seen(&store.clone().into(), &ids, now_ms() + 60_000);
         assert!(store.event_seen("ev-good-1").unwrap());
         assert!(store.event_seen("ev-good-2").unwrap());
     }

@@ -673,7 +673,7 @@ pub fn get() -> &'static Metrics {
 /// active tokens of `app_id` — the configured app; none if empty — and the file size). Cheap on
 /// any store size: the per-state counts are kept by the store as it writes (no session is
 /// read), and the active tokens are the length of the refresh-due index.
-pub fn refresh_store_gauges(store: &crate::storage::Store, app_id: &str) {
+pub fn refresh_store_gauges(store: &crate::storage::Db, app_id: &str) {
     let m = get();
     let app = (!app_id.is_empty()).then(|| AppLabel {
         app_id: app_id.to_owned(),
@@ -698,7 +698,8 @@ pub fn refresh_store_gauges(store: &crate::storage::Store, app_id: &str) {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
-    if let Ok(meta) = std::fs::metadata(store.path()) {
+    // PostgreSQL has no store file: the gauge is left at zero there.
+    if let Some(Ok(meta)) = store.path().map(std::fs::metadata) {
         m.store_size_bytes
             .set(i64::try_from(meta.len()).unwrap_or(i64::MAX));
     }
@@ -914,10 +915,10 @@ mod tests {
         let app = AppLabel {
             app_id: "cli_gauges".into(),
         };
-        refresh_store_gauges(&store, "");
+        refresh_store_gauges(&store.clone().into(), "");
         let text = get().encode();
         assert!(!text.contains("app_id=\"\""), "{text}");
-        refresh_store_gauges(&store, "cli_gauges");
+        refresh_store_gauges(&store.clone().into(), "cli_gauges");
         let m = get();
         assert_eq!(m.auth_session_active.get_or_create(&app).get(), 2);
         assert_eq!(m.token_active_count.get_or_create(&app).get(), 1);

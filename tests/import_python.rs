@@ -205,7 +205,7 @@ async fn migrated_users_get_their_tokens_from_the_service() {
         lark_service::storage::StoreOptions::default(),
     )
     .unwrap();
-    let e = postgres::import_all(&scratch, &url, &net())
+    let e = postgres::import_all(&scratch.into(), &url, &net())
         .await
         .unwrap_err();
     assert!(

@@ -11,7 +11,7 @@ use common::pg::Pg;
 
 use lark_service::export::postgres;
 use lark_service::storage::{
-    AuthSession, Key, Keyring, SessionId, SessionState, Store, StoreOptions,
+    AuthSession, Db, Key, Keyring, SessionId, SessionState, Store, StoreOptions,
 };
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
@@ -65,7 +65,7 @@ async fn count(url: &str) -> i64 {
     }
 }
 
-async fn check_matches_store(store: &Store, url: &str, want: usize) {
+async fn check_matches_store(store: &Db, url: &str, want: usize) {
     let c = pg_client(url).await;
     let row = c
         .query_one(
@@ -150,7 +150,7 @@ async fn check_matches_store(store: &Store, url: &str, want: usize) {
 async fn continuous_export_survives_a_postgres_crash_exactly_once() {
     let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
     let url = pg.url("postgres");
-    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let store = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let all: Vec<AuthSession> = (0..10_000).map(session).collect();
     for chunk in all[..6_000].chunks(1_000) {
         store.put_sessions(chunk).unwrap();
@@ -221,7 +221,7 @@ async fn continuous_export_survives_a_postgres_crash_exactly_once() {
 async fn one_shot_export_and_import_round_trip() {
     let pg = tokio::task::spawn_blocking(Pg::start).await.unwrap();
     let url = pg.url("postgres");
-    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let store = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let all: Vec<AuthSession> = (0..1_234).map(session).collect();
     store.put_sessions(&all).unwrap();
     assert_eq!(
@@ -239,7 +239,7 @@ async fn one_shot_export_and_import_round_trip() {
     );
     check_matches_store(&store, &url, 1_234).await;
 
-    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let fresh = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     assert_eq!(
         postgres::import_all(&fresh, &url, &net()).await.unwrap(),
         1_234
@@ -292,7 +292,7 @@ async fn one_shot_export_and_import_round_trip() {
     )
     .await
     .unwrap();
-    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let fresh = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     assert_eq!(
         postgres::import_all(&fresh, &py_url, &net()).await.unwrap(),
         1
@@ -322,16 +322,16 @@ async fn an_exporter_after_a_feed_gap_copies_everything_and_bad_rows_are_named()
     };
     let all: Vec<AuthSession> = (0..30).map(session).collect();
     {
-        let store = Store::open(&path, ring(), opts(true)).unwrap();
+        let store = Db::from(Store::open(&path, ring(), opts(true)).unwrap());
         store.put_sessions(&all[..10]).unwrap();
     }
     {
-        let store = Store::open(&path, ring(), opts(false)).unwrap();
+        let store = Db::from(Store::open(&path, ring(), opts(false)).unwrap());
         store.put_sessions(&all[10..25]).unwrap();
         store.sweep(0, 100).unwrap();
         assert!(store.changes_after(0, 100).unwrap().is_empty());
     }
-    let store = Store::open(&path, ring(), opts(true)).unwrap();
+    let store = Db::from(Store::open(&path, ring(), opts(true)).unwrap());
     store.put_sessions(&all[25..]).unwrap();
     let mut client = pg_client(&url).await;
     postgres::migrate(&mut client).await.unwrap();
@@ -374,7 +374,7 @@ async fn an_exporter_after_a_feed_gap_copies_everything_and_bad_rows_are_named()
     )
     .await
     .unwrap();
-    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let fresh = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let err = postgres::import_all(&fresh, &bad_url, &net())
         .await
         .unwrap_err();
@@ -461,7 +461,7 @@ async fn export_over_tls_verifies_the_server_certificate_and_honours_sslmode() {
     assert!(postgres::connect(&url("prefer"), &net()).await.is_err());
 
     // A whole export over TLS.
-    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let store = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let all: Vec<AuthSession> = (0..50).map(session).collect();
     store.put_sessions(&all).unwrap();
     assert_eq!(
@@ -610,7 +610,7 @@ async fn export_into_the_python_table_migrates_it_in_place() {
     .unwrap();
 
     // The store: the Python sessions imported, and one of this service's own.
-    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let store = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let report = python::import(
         &store,
         &url,
@@ -726,7 +726,7 @@ async fn export_into_the_python_table_migrates_it_in_place() {
     );
 
     // `import postgres` takes the export's rows back (not the Python deployment's own).
-    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let fresh = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     assert_eq!(postgres::import_all(&fresh, &url, &net()).await.unwrap(), 2);
     let got = fresh.get_session(own.session_id).unwrap().unwrap();
     assert_eq!(got.access_token.unwrap().expose_secret(), "u-own-access");
@@ -792,7 +792,7 @@ async fn an_older_export_is_migrated_to_the_superset() {
         .batch_execute("ALTER DATABASE old_export SET timezone TO 'Asia/Shanghai';")
         .await
         .unwrap();
-    let store = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let store = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     let all: Vec<AuthSession> = (0..6).map(session).collect();
     store.put_sessions(&all).unwrap();
     assert_eq!(postgres::export_all(&store, &url, &net()).await.unwrap(), 6);
@@ -825,7 +825,7 @@ async fn an_older_export_is_migrated_to_the_superset() {
     assert!(r.get::<_, i32>(2) > 0);
     assert_eq!(count(&url).await, 7);
     // Round trip from the migrated table: the old row and the new ones.
-    let fresh = Store::open_in_memory(ring(), StoreOptions::default()).unwrap();
+    let fresh = Db::from(Store::open_in_memory(ring(), StoreOptions::default()).unwrap());
     assert_eq!(postgres::import_all(&fresh, &url, &net()).await.unwrap(), 7);
     let old: SessionId = "000000000000000000000000000000aa".parse().unwrap();
     let got = fresh.get_session(old).unwrap().unwrap();

@@ -333,21 +333,68 @@ fn service_methods_beyond_the_traits() {
     assert_eq!(got.session_id, id);
 }
 
-/// Until the service serves from PostgreSQL, asking for it stops the service at start instead
-/// of quietly serving from a local file (which would split a fleet).
+/// The service serves from PostgreSQL when asked; a database it cannot reach stops it at start
+/// (fail closed) with a message that names PostgreSQL and not the password, instead of quietly
+/// serving from a local file (which would split a fleet).
 #[test]
-fn the_service_refuses_the_postgres_backend_it_does_not_serve_yet() {
+fn the_service_refuses_to_start_on_a_postgres_store_it_cannot_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
+        .args(["serve", "--sandbox"])
+        .current_dir(dir.path())
+        .env("STORAGE_BACKEND", "postgres")
+        .env(
+            "STORAGE_POSTGRES_URL",
+            "postgres://u:pw-sentinel-5150@127.0.0.1:1/db",
+        )
+        .env("WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "unreachable is transient: {err}"
+    );
+    assert!(err.contains("PostgreSQL store is unreachable"), "{err}");
+    assert!(
+        !err.contains("pw-sentinel-5150"),
+        "the password leaked: {err}"
+    );
+    assert!(
+        !dir.path().join("data/lark-service.redb").exists(),
+        "no local store was opened"
+    );
+}
+
+/// What the PostgreSQL store does not serve yet is refused at start, each setting named, not
+/// silently skipped: backups, webhooks and the expiry reminders (on by default).
+#[test]
+fn the_service_refuses_redb_only_features_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
         .args(["serve", "--sandbox"])
         .current_dir(dir.path())
         .env("STORAGE_BACKEND", "postgres")
         .env("STORAGE_POSTGRES_URL", "postgres://u@127.0.0.1:1/db")
+        .env("BACKUP_SCHEDULE", "0 2 * * *")
+        .env("BACKUP_DIR", dir.path().join("bk"))
+        .env("WEBHOOKS_URLS", "https://hooks.example.com/x")
+        .env("WEBHOOKS_SECRET", "0123456789abcdef0123456789abcdef")
+        .env("AUTH_FLOW", "device")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("storage.backend = \"postgres\""), "{err}");
+    for setting in [
+        "backup.schedule",
+        "webhooks.urls",
+        "webhooks.expiry_reminder_lead_seconds",
+        "auth.flow = device",
+    ] {
+        assert!(err.contains(setting), "{setting} not named: {err}");
+    }
     assert!(
         !dir.path().join("data/lark-service.redb").exists(),
         "no local store was opened"

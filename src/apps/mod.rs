@@ -18,7 +18,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 pub use crate::storage::AppStatus;
-use crate::storage::{self, now_ms, AppRow, Keyring, SecretKey, Store};
+use crate::storage::{self, now_ms, AppRow, Db, Keyring, SecretKey};
 
 /// Why a registry operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,7 @@ pub type Refused = Vec<(String, AppsError)>;
 /// The registry over a store, with the configuration's app and the config encryption key.
 #[derive(Clone, Debug)]
 pub struct Registry {
-    store: Store,
+    store: Db,
     config_key: Option<Arc<Keyring>>,
     config_app: Option<(String, SecretString)>,
     changed: Arc<tokio::sync::Notify>,
@@ -210,10 +210,11 @@ impl Registry {
     /// does); `config_app` is the configuration's `APP_ID` / `APP_SECRET`, when both are set.
     #[must_use]
     pub fn new(
-        store: Store,
+        store: impl Into<Db>,
         config_key: Option<Keyring>,
         config_app: Option<(String, SecretString)>,
     ) -> Self {
+        let store: Db = store.into();
         Self {
             store,
             config_key: config_key.map(Arc::new),
@@ -227,9 +228,10 @@ impl Registry {
     /// # Errors
     /// A config encryption key that does not parse.
     pub fn from_config(
-        store: Store,
+        store: impl Into<Db>,
         cfg: &crate::config::Config,
     ) -> Result<Self, crate::config::ConfigError> {
+        let store: Db = store.into();
         let app = match (&cfg.app_id, &cfg.app_secret) {
             (Some(id), Some(s)) if !id.is_empty() => Some((id.clone(), s.clone())),
             _ => None,
@@ -239,7 +241,7 @@ impl Registry {
 
     /// The store it reads and writes.
     #[must_use]
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &Db {
         &self.store
     }
 
@@ -531,6 +533,7 @@ pub fn pick<'a>(active: &'a [String], named: Option<&str>) -> Result<&'a str, Ap
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Store;
     use crate::storage::{Key, StoreOptions};
 
     fn registry(config_app: bool) -> Registry {

@@ -33,7 +33,7 @@ use super::time::ms;
 use crate::lark::{self, LarkClient};
 use crate::metrics::{self, AuthFailureLabel, AuthLabel};
 use crate::ratelimit::RateLimiter;
-use crate::storage::{now_ms, AuthSession, FailureReason, PendingUpdate, Store, UserToken};
+use crate::storage::{now_ms, AuthSession, Db, FailureReason, PendingUpdate, UserToken};
 
 pub use super::render::page_html;
 
@@ -64,7 +64,7 @@ impl KeyedLocks {
 
 pub(super) struct Inner {
     pub(super) lark: LarkClient,
-    pub(super) store: Store,
+    pub(super) store: Db,
     pub(super) opts: AuthOptions,
     pub(super) clock: Clock,
     pub(super) app_id: String,
@@ -96,6 +96,9 @@ pub struct AuthService {
     pub(super) tasks: TaskTracker,
     /// The device flow: on or off, and the signal that stops its polls.
     pub(super) device: DeviceCtl,
+    /// This instance's lease holder id when it serves in a fleet (a shared PostgreSQL store):
+    /// each refresh then runs under the user's refresh lease ([`AuthService::in_fleet`]).
+    pub(super) fleet_holder: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AuthService {
@@ -156,13 +159,20 @@ impl AuthService {
 
     /// A service on the wall clock.
     #[must_use]
-    pub fn new(lark: LarkClient, store: Store, opts: AuthOptions) -> Self {
+    pub fn new(lark: LarkClient, store: impl Into<Db>, opts: AuthOptions) -> Self {
+        let store: Db = store.into();
         Self::with_clock(lark, store, opts, Arc::new(now_ms))
     }
 
     /// A service on `clock` (unix ms).
     #[must_use]
-    pub fn with_clock(lark: LarkClient, store: Store, opts: AuthOptions, clock: Clock) -> Self {
+    pub fn with_clock(
+        lark: LarkClient,
+        store: impl Into<Db>,
+        opts: AuthOptions,
+        clock: Clock,
+    ) -> Self {
+        let store: Db = store.into();
         Self {
             inner: Arc::new(Inner {
                 app_id: lark.app_id().to_owned(),
@@ -178,7 +188,18 @@ impl AuthService {
             }),
             tasks: TaskTracker::new(),
             device: DeviceCtl::default(),
+            fleet_holder: None,
         }
+    }
+
+    /// The service as one instance of a fleet sharing its store, known to the others as
+    /// `holder`: a user's token is refreshed only under the lease `refresh/{app_id}/{user}`,
+    /// so each single-use refresh token is presented by one instance. Set it before the
+    /// service is cloned.
+    #[must_use]
+    pub fn in_fleet(mut self, holder: &str) -> Self {
+        self.fleet_holder = Some(Arc::from(holder));
+        self
     }
 
     /// The service with its tasks spawned on `tasks` (by default a tracker of its own), so
@@ -206,7 +227,7 @@ impl AuthService {
         (self.inner.clock)()
     }
 
-    pub(super) fn store(&self) -> &Store {
+    pub(super) fn store(&self) -> &Db {
         &self.inner.store
     }
 

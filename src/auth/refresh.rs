@@ -49,6 +49,12 @@ pub const REFRESH_PROBE_AFTER: Duration = Duration::from_secs(120);
 pub(super) const REFRESH_BATCH: usize = 512;
 /// Longest wait of the refresh worker between two looks at the due index.
 pub(super) const REFRESH_IDLE: Duration = Duration::from_secs(10);
+/// How long a user's refresh lease is held at most: well beyond the refresh request's timeout
+/// (`lark::DEFAULT_REQUEST_TIMEOUT`, 15 s) and its retries, so a lease never lapses while its
+/// holder's refresh is still in flight; a crashed holder's lease passes on after it.
+pub const REFRESH_LEASE_TTL: Duration = Duration::from_secs(120);
+/// How often an instance looks again at a refresh lease another instance holds.
+const REFRESH_LEASE_POLL: Duration = Duration::from_millis(100);
 
 impl AuthService {
     /// `token_refresh{app_id, outcome}` ([`metrics::REFRESH_OUTCOMES`]).
@@ -73,7 +79,10 @@ impl AuthService {
         let me = self.clone();
         let key = key.to_owned();
         let task = self.tasks.spawn(async move {
-            let r = me.refresh_locked(&key).await;
+            let r = match me.fleet_holder.clone() {
+                Some(holder) => me.refresh_leased(&key, &holder).await,
+                None => me.refresh_locked(&key).await,
+            };
             drop(guard);
             r
         });
@@ -91,6 +100,40 @@ impl AuthService {
         self.stop_device_polls();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// In a fleet: takes the user's refresh lease (waiting while another instance holds it,
+    /// at most [`REFRESH_LEASE_TTL`]), then re-reads the token and refreshes it if it is still
+    /// due ([`Self::refresh_locked`] reads it afresh: another instance may have refreshed it
+    /// meanwhile), and lets the lease go once the outcome is stored. Fail closed: without the
+    /// lease, the refresh token is not presented.
+    async fn refresh_leased(&self, key: &str, holder: &Arc<str>) -> Result<UserToken, TokenError> {
+        let name = format!("refresh/{}/{key}", self.inner.app_id);
+        let ttl = ms(REFRESH_LEASE_TTL);
+        let give_up = tokio::time::Instant::now() + REFRESH_LEASE_TTL + REFRESH_LEASE_POLL;
+        loop {
+            let (n, h, now) = (name.clone(), holder.clone(), self.now());
+            if self
+                .store()
+                .run(move |s| s.try_acquire_lease(&n, &h, ttl, now))
+                .await?
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(TokenError::Interrupted(format!(
+                    "the refresh lease {name} stayed with another instance"
+                )));
+            }
+            tokio::time::sleep(REFRESH_LEASE_POLL).await;
+        }
+        let r = self.refresh_locked(key).await;
+        let (n, h) = (name.clone(), holder.clone());
+        if let Err(e) = self.store().run(move |s| s.release_lease(&n, &h)).await {
+            // It lapses by itself after its TTL.
+            warn!(error = %e, lease = %name, "Letting a refresh lease go failed.");
+        }
+        r
     }
 
     pub(super) async fn refresh_locked(&self, key: &str) -> Result<UserToken, TokenError> {

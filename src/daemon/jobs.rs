@@ -9,12 +9,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, LoadOptions};
-use crate::storage::Store;
+use crate::storage::Db;
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
 /// Removes expired sessions, purges old ones and forgets old event ids, every `every`.
 pub struct SweepWorker {
-    store: Store,
+    store: Db,
     /// The configured app: the label of the expiry count and the store gauges (none if empty).
     app_id: String,
     auth: Option<crate::auth::AuthService>,
@@ -31,12 +31,13 @@ impl SweepWorker {
     /// Sweeps `store` (telling `auth` about the sessions that expired, counted for `app_id`)
     /// every `every`.
     pub fn new(
-        store: Store,
+        store: impl Into<Db>,
         app_id: String,
         auth: Option<crate::auth::AuthService>,
         every: Duration,
         clock: SharedClock,
     ) -> Self {
+        let store: Db = store.into();
         Self {
             store,
             app_id,
@@ -251,7 +252,7 @@ pub enum BackupJobError {
 /// shutdown cuts short), then takes the backup; a failed one is not retried before the next
 /// time.
 pub struct BackupWorker {
-    store: Store,
+    store: Db,
     cfg: crate::config::BackupConfig,
     schedule: crate::schedule::Schedule,
     dir: std::path::PathBuf,
@@ -262,11 +263,12 @@ impl BackupWorker {
     /// Backups of `store` as `cfg` says; fails when the schedule does not parse or no
     /// directory is set.
     pub fn new(
-        store: Store,
+        store: impl Into<Db>,
         cfg: crate::config::BackupConfig,
         schedule: &str,
         clock: SharedClock,
     ) -> Result<Self, super::DaemonError> {
+        let store: Db = store.into();
         let schedule = crate::schedule::Schedule::parse(schedule)?;
         let dir = cfg.dir.clone().ok_or(super::DaemonError::BackupDir)?;
         Ok(Self {
@@ -490,6 +492,7 @@ impl Worker for WatchdogWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Store;
     use crate::workers::ManualClock;
 
     fn store() -> Store {

@@ -12,6 +12,7 @@
 //! production, see [`Reloads`]).
 
 mod error;
+mod fleet;
 mod handlers;
 mod jobs;
 mod runtimes;
@@ -34,7 +35,7 @@ pub use jobs::Reloads;
 pub use sandbox::{sandbox_defaults, SandboxFiles};
 
 use crate::config::{Config, LoadOptions};
-use crate::storage::{Store, StoreOptions};
+use crate::storage::{Db, StoreOptions};
 use crate::workers::{FnWorker, Supervisor};
 
 /// How long shutdown waits for in-flight work.
@@ -253,18 +254,20 @@ pub async fn run_with_reloads(
 }
 
 /// Opens the store (off the async threads) and sets the store gauges.
-async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
-    // Fail closed: the PostgreSQL store exists (`storage::postgres`) but the service is not yet
-    // generic over the backend; serving from a local file instead would split the fleet.
-    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
-        return Err(DaemonError::Store(crate::storage::Error::Invalid(
-            "storage.backend = \"postgres\" is not served by this build yet; unset STORAGE_BACKEND (redb)".to_owned(),
-        )));
+async fn open_store(cfg: &Config) -> Result<Db, DaemonError> {
+    // PostgreSQL: the fleet's shared store (never a local file beside it).
+    if let crate::config::StorageBackend::Postgres { url } = &cfg.storage_backend {
+        let store = fleet::open_postgres(cfg, url).await?;
+        crate::metrics::refresh_store_gauges(&store, cfg.app_id.as_deref().unwrap_or_default());
+        return Ok(store);
     }
     let ring = cfg.keyring()?;
     let path = cfg.storage_path.clone();
     let opts = store_options(cfg);
-    let store = tokio::task::spawn_blocking(move || Store::open(&path, ring, opts)).await??;
+    let store: Db =
+        tokio::task::spawn_blocking(move || crate::storage::Store::open(&path, ring, opts))
+            .await??
+            .into();
     crate::metrics::refresh_store_gauges(&store, cfg.app_id.as_deref().unwrap_or_default());
     Ok(store)
 }
@@ -273,7 +276,7 @@ async fn open_store(cfg: &Config) -> Result<Store, DaemonError> {
 async fn serve_until(
     cfg: &Config,
     sup: &Supervisor,
-    store: Store,
+    store: Db,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     reloads: Reloads,
@@ -334,7 +337,7 @@ async fn serve_until(
 fn start_runtimes(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     mcp: Option<runtimes::McpSetup>,
@@ -384,6 +387,8 @@ struct App {
     app_id: String,
     app_secret: SecretString,
     registry: crate::apps::Registry,
+    /// This instance's lease holder id when it serves from a shared PostgreSQL store.
+    fleet_holder: Option<String>,
 }
 
 /// The configuration's app: its OpenAPI client, flow and event dispatcher.
@@ -395,7 +400,7 @@ struct Primary {
 
 /// Builds the network settings, the OpenAPI client, the event dispatcher and the
 /// authorization flow.
-fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, DaemonError> {
+fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, DaemonError> {
     let app_id = cfg.app_id.clone().unwrap_or_default();
     let app_secret = cfg
         .app_secret
@@ -426,6 +431,10 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
             "Trusting extra CA certificates besides the built-in roots."
         );
     }
+    let fleet_holder = store.is_postgres().then(fleet::holder_id);
+    if let Some(h) = &fleet_holder {
+        info!(holder = %h, "One instance of a fleet: singleton workers and token refreshes run under leases.");
+    }
     let primary = if app_id.is_empty() {
         None
     } else {
@@ -442,7 +451,11 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
             },
             sup,
         );
-        let auth = runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
+        let mut auth =
+            runtimes::AuthSetup::from_config(cfg).service(lark.clone(), store.clone(), sup);
+        if let Some(h) = &fleet_holder {
+            auth = auth.in_fleet(h);
+        }
         dispatcher.set_handler(handlers::app_handler(auth.clone()));
         dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
         Some(Primary {
@@ -458,6 +471,7 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Store) -> Result<App, D
         app_id,
         app_secret,
         registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
+        fleet_holder,
     })
 }
 
@@ -495,10 +509,32 @@ async fn require_an_app(app: &App) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Starts a worker only one instance of a fleet may run (`fleet::Leased`); alone (redb), as
+/// it is.
+fn start_singleton<W: crate::workers::Worker>(
+    sup: &Supervisor,
+    store: &Db,
+    app: &App,
+    worker: W,
+    every: Duration,
+) {
+    match &app.fleet_holder {
+        Some(h) => sup.start(fleet::Leased::new(
+            worker,
+            store.clone(),
+            h,
+            fleet::Leased::<W>::ttl_for(every),
+            every,
+            sup.clock(),
+        )),
+        None => sup.start(worker),
+    }
+}
+
 /// Re-seals the store under the active key in the background, when records are sealed under
 /// older keys.
-async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonError> {
-    if !store.run(super::storage::Store::rotation_pending).await? {
+async fn start_rotation(sup: &Supervisor, store: &Db) -> Result<(), DaemonError> {
+    if !store.run(crate::storage::Db::rotation_pending).await? {
         return Ok(());
     }
     let s = store.clone();
@@ -518,7 +554,7 @@ async fn start_rotation(sup: &Supervisor, store: &Store) -> Result<(), DaemonErr
 fn start_webhooks(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
 ) -> Result<(), DaemonError> {
     let w = &cfg.webhooks;
@@ -570,14 +606,17 @@ fn start_webhooks(
 fn start_workers(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     backup: Option<jobs::BackupWorker>,
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
     let others = switch.clone();
-    sup.start(
+    start_singleton(
+        sup,
+        store,
+        app,
         jobs::SweepWorker::new(
             store.clone(),
             app.app_id.clone(),
@@ -586,6 +625,7 @@ fn start_workers(
             sup.clock(),
         )
         .with_other_apps(Arc::new(move |id: &str| others.auth_of(id))),
+        cfg.sweep_interval,
     );
     // The configuration's app, when there is one (the registry's apps have their own, see
     // `runtimes::start_runtime`).
@@ -605,15 +645,17 @@ fn start_workers(
         );
     }
     if let Some(url) = cfg.export_postgres_url.clone() {
-        sup.start(FnWorker::new(
-            "export_postgres",
-            crate::export::postgres::worker(
-                store.clone(),
-                url,
-                app.net.clone(),
-                Duration::from_secs(1),
+        let every = Duration::from_secs(1);
+        start_singleton(
+            sup,
+            store,
+            app,
+            FnWorker::new(
+                "export_postgres",
+                crate::export::postgres::worker(store.clone(), url, app.net.clone(), every),
             ),
-        ));
+            every,
+        );
     }
     if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker()) {
         sup.start(FnWorker::new("user_sync", w));
@@ -657,7 +699,7 @@ fn start_workers(
 fn start_listeners(
     cfg: &Config,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     app: &App,
     switch: &runtimes::AppSwitch,
     throttle: Arc<crate::http::bearer::Throttle>,
@@ -751,7 +793,7 @@ fn start_listeners(
 /// Marks the service ready (readiness probe, systemd) and says where it serves.
 fn announce_ready(
     ready: &AtomicBool,
-    store: &Store,
+    store: &Db,
     http_addr: SocketAddr,
     admin_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -763,7 +805,7 @@ fn announce_ready(
         http = %http_addr,
         admin = %admin_addr,
         metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        store = %store.path().display(),
+        store = %store.path().map_or_else(|| store.backend_name().to_owned(), |p| p.display().to_string()),
         key = %store.active_key_id(),
         startup_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "Service ready."

@@ -33,7 +33,7 @@ use tracing::{error, info, warn};
 use super::{handlers, DaemonError};
 use crate::apps::{AppsError, Registry};
 use crate::config::WebsocketConfig;
-use crate::storage::Store;
+use crate::storage::Db;
 use crate::workers::Supervisor;
 
 /// The largest JSON body read to find an `app_id` in it.
@@ -69,7 +69,7 @@ impl McpSetup {
         &self,
         lark: &crate::lark::LarkClient,
         auth: &crate::auth::AuthService,
-        store: &Store,
+        store: &Db,
         end: CancellationToken,
     ) -> Router {
         let server = crate::mcp::McpServer::new(lark.clone(), auth.clone(), store.clone());
@@ -91,7 +91,7 @@ impl Runtime {
     pub fn primary(
         lark: &crate::lark::LarkClient,
         auth: &crate::auth::AuthService,
-        store: &Store,
+        store: &Db,
         dispatcher: crate::events::Dispatcher,
         guard: crate::http::bearer::BearerGuard,
         mcp: Option<&McpSetup>,
@@ -206,7 +206,7 @@ impl AppSwitch {
 
     /// The public OAuth redirect, handed to the runtime of the app whose session its `state`
     /// names.
-    pub fn public_router(&self, store: Store) -> Router {
+    pub fn public_router(&self, store: Db) -> Router {
         Router::new()
             .route(crate::auth::CALLBACK_PATH, any(dispatch_callback))
             .with_state((self.clone(), store))
@@ -274,10 +274,7 @@ async fn dispatch_mcp(State(sw): State<AppSwitch>, req: Request) -> Response {
     }
 }
 
-async fn dispatch_callback(
-    State((sw, store)): State<(AppSwitch, Store)>,
-    req: Request,
-) -> Response {
+async fn dispatch_callback(State((sw, store)): State<(AppSwitch, Db)>, req: Request) -> Response {
     // The session the state belongs to names its app; an unknown state goes to any runtime,
     // which answers it as unknown.
     let app = match query_param(&req, "state") {
@@ -338,7 +335,7 @@ impl AuthSetup {
     pub fn service(
         &self,
         lark: crate::lark::LarkClient,
-        store: Store,
+        store: Db,
         sup: &Supervisor,
     ) -> crate::auth::AuthService {
         let auth = crate::auth::AuthService::new(lark, store, self.opts.clone())
@@ -366,7 +363,7 @@ pub(super) fn start_runtime(
     ws: &WebsocketConfig,
     setup: &AuthSetup,
     sup: &Supervisor,
-    store: &Store,
+    store: &Db,
     net: &crate::net::Net,
     domain: &crate::lark::Domain,
     app_id: &str,
@@ -488,7 +485,7 @@ pub(super) struct Reconciler {
     pub ws: WebsocketConfig,
     pub auth: AuthSetup,
     pub sup: Supervisor,
-    pub store: Store,
+    pub store: Db,
     pub net: crate::net::Net,
     pub domain: crate::lark::Domain,
     pub registry: Registry,

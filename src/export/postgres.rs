@@ -25,7 +25,7 @@ use crate::net::Net;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage::{
-    ChangeKind, ExportRow, ExportToken, FailureReason, ImportToken, SessionId, SessionState, Store,
+    ChangeKind, Db, ExportRow, ExportToken, FailureReason, ImportToken, SessionId, SessionState,
 };
 
 /// The store cursor of the continuous export.
@@ -516,7 +516,7 @@ pub async fn write_batch(
 /// One-shot export of every session; then the cursor is set to the last change seq seen
 /// before the copy began (so a continuous export resumes without missing anything).
 /// Returns the number of rows written.
-pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
+pub async fn export_all(store: &Db, url: &str, net: &Net) -> Result<u64> {
     let mut client = connect(url, net).await?;
     migrate(&mut client).await?;
     copy_all(store, &mut client).await
@@ -524,10 +524,8 @@ pub async fn export_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
 
 /// Copies every session, then moves the cursor to the last change seq seen before the copy
 /// began (never back). Returns the number of rows written.
-async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
-    let start_seq = store
-        .run(super::super::storage::Store::last_change_seq)
-        .await?;
+async fn copy_all(store: &Db, client: &mut Client) -> Result<u64> {
+    let start_seq = store.run(crate::storage::Db::last_change_seq).await?;
     let mut after = None;
     let mut n = 0u64;
     loop {
@@ -548,10 +546,10 @@ async fn copy_all(store: &Store, client: &mut Client) -> Result<u64> {
 
 /// One batch of the continuous export: reads changes after the cursor, writes them, stores the
 /// cursor. Returns how many changes it handled (0: caught up).
-pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<usize> {
+pub async fn export_changes_once(store: &Db, client: &mut Client) -> Result<usize> {
     let cursor = store.run(|s| s.cursor(CURSOR)).await?.unwrap_or(0);
     let complete_from = store
-        .run(super::super::storage::Store::change_feed_complete_from)
+        .run(crate::storage::Db::change_feed_complete_from)
         .await?;
     if cursor < complete_from {
         // The feed was off for a while (no exporter configured): what changed then is not in
@@ -561,9 +559,7 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
     }
     let changes = store.run(move |s| s.changes_after(cursor, BATCH)).await?;
     let Some(&(last_seq, _, _)) = changes.last() else {
-        let last = store
-            .run(super::super::storage::Store::last_change_seq)
-            .await?;
+        let last = store.run(crate::storage::Db::last_change_seq).await?;
         crate::metrics::get()
             .export_lag
             .set(i64::try_from(last.saturating_sub(cursor)).unwrap_or(i64::MAX));
@@ -598,9 +594,7 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
     store.run(move |s| s.set_cursor(CURSOR, last_seq)).await?;
     let m = crate::metrics::get();
     m.export_rows.inc_by((present.len() + deleted.len()) as u64);
-    let last = store
-        .run(super::super::storage::Store::last_change_seq)
-        .await?;
+    let last = store.run(crate::storage::Db::last_change_seq).await?;
     m.export_lag
         .set(i64::try_from(last.saturating_sub(last_seq)).unwrap_or(i64::MAX));
     Ok(changes.len())
@@ -609,7 +603,7 @@ pub async fn export_changes_once(store: &Store, client: &mut Client) -> Result<u
 /// One step of the continuous export: (re)connects and migrates if needed, then exports one
 /// batch. On error the connection is dropped (the next step reconnects) and the error counted.
 pub async fn step(
-    store: &Store,
+    store: &Db,
     url: &SecretString,
     net: &Net,
     client: &mut Option<Client>,
@@ -637,12 +631,7 @@ pub async fn step(
 /// The continuous export as a supervised worker (`crate::workers`): each run exports one batch;
 /// a failed run (PostgreSQL down) makes the supervisor back off and retry. `idle` is the poll
 /// interval once caught up.
-pub fn worker(
-    store: Store,
-    url: SecretString,
-    net: Net,
-    idle: Duration,
-) -> crate::workers::WorkerFn {
+pub fn worker(store: Db, url: SecretString, net: Net, idle: Duration) -> crate::workers::WorkerFn {
     let state = std::sync::Arc::new(tokio::sync::Mutex::new(None::<Client>));
     Box::new(move || {
         let (store, url, net, state) = (store.clone(), url.clone(), net.clone(), state.clone());
@@ -660,7 +649,7 @@ pub fn worker(
 /// The continuous export until `cancel`, with its own capped exponential backoff
 /// (`backoff` … 60 s) while PostgreSQL is unreachable (the daemon uses [`worker`] instead).
 pub async fn run_continuous(
-    store: Store,
+    store: Db,
     url: SecretString,
     net: Net,
     idle: Duration,
@@ -698,7 +687,7 @@ pub async fn run_continuous(
 /// export's shape) are opened with the store's key ring and re-sealed under its active key;
 /// plaintext `access_token` / `refresh_token` columns (the Python service's shape) are sealed.
 /// Returns the number of sessions imported.
-pub async fn import_all(store: &Store, url: &str, net: &Net) -> Result<u64> {
+pub async fn import_all(store: &Db, url: &str, net: &Net) -> Result<u64> {
     let client = connect(url, net).await?;
     let cols = table_columns(&client).await?;
     if cols.is_empty() {
@@ -866,7 +855,7 @@ impl ImportFields {
     }
 }
 
-async fn flush(store: &Store, batch: &mut Vec<crate::storage::AuthSession>) -> Result<u64> {
+async fn flush(store: &Db, batch: &mut Vec<crate::storage::AuthSession>) -> Result<u64> {
     let b = std::mem::take(batch);
     let n = b.len() as u64;
     if n > 0 {
@@ -899,7 +888,7 @@ fn required(v: Option<String>, row: &str, column: &'static str) -> Result<String
 
 /// The session of one imported row: a pure conversion (no PostgreSQL), apart from opening
 /// sealed token columns with the store's keys.
-fn import_session(store: &Store, f: ImportFields) -> Result<crate::storage::AuthSession> {
+fn import_session(store: &Db, f: ImportFields) -> Result<crate::storage::AuthSession> {
     let raw_id = required(f.session_id, &f.row, "session_id")?;
     let id: SessionId = raw_id
         .replace('-', "")
@@ -973,6 +962,7 @@ fn import_session(store: &Store, f: ImportFields) -> Result<crate::storage::Auth
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::Store;
     use crate::storage::{Key, Keyring, StoreOptions};
 
     /// The table as migration 1 created it in every released version: generating it from
@@ -1091,12 +1081,13 @@ mod tests {
         }
     }
 
-    fn store() -> Store {
+    fn store() -> Db {
         Store::open_in_memory(
             Keyring::new(Key::from_bytes(&[2; 32]), vec![]),
             StoreOptions::default(),
         )
         .unwrap()
+        .into()
     }
 
     fn fields() -> ImportFields {

@@ -39,7 +39,7 @@ use secrecy::SecretString;
 
 use super::postgres::{ExportError, BATCH};
 use crate::net::Net;
-use crate::storage::{AuthSession, SessionId, SessionState, Store, UserInfo, UserToken};
+use crate::storage::{AuthSession, Db, SessionId, SessionState, UserInfo, UserToken};
 
 type Result<T> = std::result::Result<T, ExportError>;
 
@@ -447,11 +447,7 @@ pub fn plan(rows: Vec<PythonRow>, now: u64) -> Result<Plan> {
 ///
 /// # Errors
 /// The store's.
-pub async fn apply(
-    store: &Store,
-    plan: Plan,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<Report> {
+pub async fn apply(store: &Db, plan: Plan, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Report> {
     let mut report = Report {
         rows: plan.rows,
         skipped: plan.skipped,
@@ -662,7 +658,7 @@ pub async fn read_rows(url: &str, net: &Net) -> Result<Vec<PythonRow>> {
 /// # Errors
 /// See [`read_rows`], [`plan`] and [`apply`]; on a read or check error nothing is written.
 pub async fn import(
-    store: &Store,
+    store: &Db,
     url: &str,
     net: &Net,
     now: u64,

@@ -19,13 +19,13 @@ use axum::Router;
 use secrecy::SecretString;
 
 use crate::config::BackupConfig;
-use crate::storage::{now_ms, Store};
+use crate::storage::{now_ms, Db};
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone, Debug)]
 pub struct AppState {
     /// The store.
-    pub store: Store,
+    pub store: Db,
     /// Set once start-up finished; cleared when shutdown begins.
     pub ready: Arc<AtomicBool>,
     /// Bearer token of the admin API; `None` disables it.
@@ -99,7 +99,7 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
             "the service is not serving yet or any more",
         );
     }
-    if let Err(e) = s.store.run(super::storage::Store::schema_version).await {
+    if let Err(e) = s.store.run(crate::storage::Db::schema_version).await {
         return not_ready("store", &e.to_string());
     }
     if let Some(lark) = &s.lark {
@@ -133,7 +133,7 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
 
 /// `GET /` on the admin listener (behind the admin bearer): version and store counts.
 async fn status(State(s): State<AppState>) -> impl IntoResponse {
-    match s.store.run(super::storage::Store::counts).await {
+    match s.store.run(crate::storage::Db::counts).await {
         Ok(c) => (
             StatusCode::OK,
             Json(serde_json::json!({
@@ -213,7 +213,7 @@ static BACKUP_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Backups are serialized and never share a name (a counter follows the time when two fall in
 /// the same millisecond).
 pub fn take_backup_now(
-    store: &Store,
+    store: &Db,
     dir: &std::path::Path,
     prot: &crate::backup::Protection,
     keep: usize,
@@ -226,7 +226,7 @@ pub fn take_backup_now(
         source,
     })?;
     let path = crate::backup::rotation::unused_name(dir, now_ms());
-    let h = crate::backup::write_backup(store, &path, prot, &mut |_, _| {})?;
+    let h = crate::backup::write_backup(store.redb_for("backups")?, &path, prot, &mut |_, _| {})?;
     let pruned = crate::backup::rotation::prune(dir, keep).map_err(|source| {
         crate::backup::BackupError::Io {
             path: dir.to_owned(),

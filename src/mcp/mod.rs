@@ -33,7 +33,7 @@ use crate::auth::{AuthError, AuthRequest, AuthService, TokenError, UserRef};
 use crate::lark::{
     self, LarkClient, PageRequest, ReceiveIdType, Receiver, RecordQuery, UserIdType,
 };
-use crate::storage::{SessionId, Store};
+use crate::storage::{Db, SessionId};
 
 /// Longest id (receive id, user id, namespace, object, record id) a tool accepts, in chars.
 pub const MAX_ID_CHARS: usize = 256;
@@ -47,7 +47,7 @@ const MAX_SELECT: usize = 200;
 pub struct McpServer {
     lark: LarkClient,
     auth: AuthService,
-    store: Store,
+    store: Db,
     tool_router: ToolRouter<Self>,
 }
 
@@ -581,7 +581,8 @@ impl McpServer {
 impl McpServer {
     /// A server over the service's client, authorization service and store.
     #[must_use]
-    pub fn new(lark: LarkClient, auth: AuthService, store: Store) -> Self {
+    pub fn new(lark: LarkClient, auth: AuthService, store: impl Into<Db>) -> Self {
+        let store: Db = store.into();
         Self {
             lark,
             auth,
@@ -804,7 +805,7 @@ impl McpServer {
             async {
                 let schema = self
                     .store
-                    .run(Store::schema_version)
+                    .run(Db::schema_version)
                     .await
                     .map_err(|e| Failure::other(format!("store: {e}")))?;
                 Ok(json!({

@@ -25,7 +25,7 @@ use super::sign::{sign, EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER};
 use crate::backoff::Backoff;
 use crate::metrics::{self, OutcomeLabel};
 use crate::net::Net;
-use crate::storage::{OutboxEntry, Store};
+use crate::storage::{Db, OutboxEntry};
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
 /// How often the outbox is looked at when nothing is due sooner.
@@ -51,7 +51,7 @@ pub struct WebhookWorkerOptions {
 
 /// The delivery worker (`webhooks` in `/workers`).
 pub struct WebhookWorker {
-    store: Store,
+    store: Db,
     http: reqwest::Client,
     opts: WebhookWorkerOptions,
     clock: SharedClock,
@@ -70,11 +70,12 @@ enum Sent {
 impl WebhookWorker {
     /// A worker on `store`, sending through `net`'s trust and proxy.
     pub fn new(
-        store: Store,
+        store: impl Into<Db>,
         net: &Net,
         opts: WebhookWorkerOptions,
         clock: SharedClock,
     ) -> Result<Self, reqwest::Error> {
+        let store: Db = store.into();
         let http = net
             .http_client_builder()
             .user_agent(concat!("lark-service/", env!("CARGO_PKG_VERSION")))
@@ -274,7 +275,7 @@ impl Worker for WebhookWorker {
             sent += 1;
         }
         if sent > 0 {
-            let (live, dead) = self.store.clone().run(Store::outbox_counts).await?;
+            let (live, dead) = self.store.clone().run(Db::outbox_counts).await?;
             self.set_gauges(live, dead);
             if live == 0 {
                 debug!(sent, "Webhook outbox drained.");
@@ -293,6 +294,7 @@ mod tests {
 
     use super::*;
     use crate::net::NetOptions;
+    use crate::storage::Store;
     use crate::storage::{Key, Keyring, OutboxEvent, StoreOptions};
     use crate::workers::ManualClock;
 

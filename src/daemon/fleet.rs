@@ -1,0 +1,203 @@
+//! Serving from PostgreSQL: opening the shared store, refusing at start what only the redb
+//! store has, and this instance's name among the fleet's (its lease holder id).
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::error::DaemonError;
+use crate::config::Config;
+use crate::storage::postgres::{PgOptions, PgStore};
+use crate::storage::{Db, Error};
+use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
+
+/// What is configured that the PostgreSQL store does not serve in this build, each with what
+/// to do instead. Empty when the configuration can be served.
+#[must_use]
+pub fn redb_only_features(cfg: &Config) -> Vec<&'static str> {
+    let mut off = Vec::new();
+    if cfg.backup.schedule.is_some() {
+        off.push(
+            "backup.schedule (BACKUP_SCHEDULE): back the database up with PostgreSQL's own tools \
+             (pg_dump, base backups) and unset it",
+        );
+    }
+    if cfg.webhooks.enabled() {
+        off.push(
+            "webhooks.urls (WEBHOOKS_URLS): the webhook outbox is kept in redb only; unset it",
+        );
+    }
+    if cfg.device_flow() {
+        off.push(
+            "auth.flow = device (AUTH_FLOW, or auto without a public URL): device codes are kept \
+             by the instance that asked for them, and a restarting instance would expire the \
+             others' device sessions; use the redirect flow (set PUBLIC_URL) on PostgreSQL",
+        );
+    }
+    if !cfg.webhooks.reminder_lead.is_zero() {
+        off.push(
+            "webhooks.expiry_reminder_lead_seconds (WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS): the \
+             grants it reads are kept in redb only; set it to 0",
+        );
+    }
+    off
+}
+
+/// Opens the PostgreSQL store at `url` (off the async threads), after refusing a configuration
+/// it cannot serve: fail closed, at start, naming every setting, rather than a feature that
+/// silently does nothing on a fleet.
+///
+/// # Errors
+/// A redb-only feature configured, a bad key, an unreachable or newer database.
+pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, DaemonError> {
+    let off = redb_only_features(cfg);
+    if !off.is_empty() {
+        return Err(DaemonError::Store(Error::Invalid(format!(
+            "storage.backend = \"postgres\" does not serve these yet: {}",
+            off.join("; ")
+        ))));
+    }
+    let ring = cfg.keyring()?;
+    let net = crate::net::Net::new(&cfg.network.net_options())
+        .map_err(|e| DaemonError::Network(e.to_string()))?;
+    let url = url.expose_secret().to_owned();
+    let opts = PgOptions {
+        terminal_retention: cfg.session_retention,
+        change_feed: cfg.export_postgres_url.is_some(),
+        ..PgOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || PgStore::open(&url, &net, ring, opts))
+        .await
+        .map_err(|e| Error::Join(e.to_string()))??;
+    info!(
+        key = %store.active_key_id(),
+        "Serving from PostgreSQL (storage.backend = \"postgres\"); backups, webhooks, the app registry and key rotation are redb only."
+    );
+    Ok(store.into())
+}
+
+/// This instance's name among the fleet's, as the leases record it: host name, process id and
+/// a random part (two processes of one host, or a pid reused after a restart, differ).
+#[must_use]
+pub fn holder_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    format!(
+        "{host}/{}/{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// A singleton worker of the fleet: its unit runs only on the instance holding the lease
+/// named after it (the leader); the others (followers) look again every `every`. The lease
+/// lasts a few units (`ttl`), is renewed before each unit, and passes to a follower when its
+/// leader stops renewing it (a crash, a partition). `/workers` shows `leader` or `follower`.
+pub struct Leased<W> {
+    inner: W,
+    store: Db,
+    holder: String,
+    lease: String,
+    ttl: Duration,
+    every: Duration,
+    clock: SharedClock,
+    leader: bool,
+}
+
+impl<W: Worker> Leased<W> {
+    /// `inner` under the lease `worker/{name}`, held `ttl` at a time by `holder`; followers
+    /// try again every `every`.
+    pub fn new(
+        inner: W,
+        store: Db,
+        holder: &str,
+        ttl: Duration,
+        every: Duration,
+        clock: SharedClock,
+    ) -> Self {
+        let lease = format!("worker/{}", inner.name());
+        Self {
+            inner,
+            store,
+            holder: holder.to_owned(),
+            lease,
+            ttl,
+            every,
+            clock,
+            leader: false,
+        }
+    }
+
+    /// The TTL of a singleton worker's lease running every `every`: three units, at least 10 s.
+    #[must_use]
+    pub fn ttl_for(every: Duration) -> Duration {
+        every.saturating_mul(3).max(Duration::from_secs(10))
+    }
+
+    /// Renews (as leader) or takes the lease; true if this instance holds it on return.
+    fn hold(&self) -> impl std::future::Future<Output = Result<bool, Error>> + Send + 'static {
+        let (name, holder) = (self.lease.clone(), self.holder.clone());
+        let ttl = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let now = self.clock.now_ms();
+        let leader = self.leader;
+        let store = self.store.clone();
+        async move {
+            store
+                .run(move |s| {
+                    if leader && s.renew_lease(&name, &holder, ttl, now)? {
+                        return Ok(true);
+                    }
+                    s.try_acquire_lease(&name, &holder, ttl, now)
+                })
+                .await
+        }
+    }
+}
+
+impl<W: Worker> Worker for Leased<W> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn status(&self) -> Option<String> {
+        let role = if self.leader { "leader" } else { "follower" };
+        Some(match self.inner.status() {
+            Some(s) if self.leader => format!("{role}; {s}"),
+            _ => role.to_owned(),
+        })
+    }
+
+    async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        // Fail closed: a store that cannot say who leads makes this instance a follower.
+        let held = self.hold().await;
+        let was = self.leader;
+        self.leader = matches!(held, Ok(true));
+        if self.leader != was {
+            info!(worker = self.inner.name(), holder = %self.holder, leader = self.leader, "Singleton worker role changed.");
+        }
+        held?;
+        if !self.leader {
+            return Ok(WorkerState::Throttled(self.every.min(self.ttl)));
+        }
+        let state = self.inner.work(must_exit).await?;
+        if must_exit.is_cancelled() {
+            let (name, holder) = (self.lease.clone(), self.holder.clone());
+            let _ = self
+                .store
+                .run(move |s| s.release_lease(&name, &holder))
+                .await;
+            self.leader = false;
+        }
+        // A leader never waits past its lease: it renews before it lapses.
+        Ok(match state {
+            WorkerState::Throttled(d) => WorkerState::Throttled(d.min(self.ttl / 3)),
+            WorkerState::Idle => WorkerState::Throttled(self.ttl / 3),
+            other => other,
+        })
+    }
+}

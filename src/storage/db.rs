@@ -1,0 +1,346 @@
+//! [`Db`]: the store the service holds, either the embedded redb file ([`Store`]) or the
+//! shared PostgreSQL database ([`PgStore`]). Cheap to clone (both are handles).
+//!
+//! Every call the service makes is delegated to the backend as it is. What only the redb store
+//! has (backups, key rotation, the webhook outbox, the app registry, the seen-id snapshot) is
+//! refused on PostgreSQL with [`Error::Invalid`] naming the feature, never silently skipped;
+//! the daemon refuses to start with such a feature configured (`daemon::open_store`), so the
+//! refusals here are a second fence.
+
+use std::path::Path;
+
+use secrecy::SecretString;
+
+use super::postgres::PgStore;
+use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
+use super::{
+    AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
+    KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
+    SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store, StoreCounts,
+    SweepReport, UserInfo, UserToken,
+};
+
+/// The store the service serves from.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// One redb file on this machine (one instance).
+    Redb(Store),
+    /// One PostgreSQL database shared by a fleet of instances.
+    Postgres(PgStore),
+}
+
+impl From<Store> for Db {
+    fn from(s: Store) -> Self {
+        Self::Redb(s)
+    }
+}
+
+impl From<PgStore> for Db {
+    fn from(s: PgStore) -> Self {
+        Self::Postgres(s)
+    }
+}
+
+/// The refusal of a redb-only feature on PostgreSQL.
+#[must_use]
+pub fn not_on_postgres(feature: &str) -> Error {
+    Error::Invalid(format!(
+        "{feature} is not available with storage.backend = \"postgres\" (redb only in this build)"
+    ))
+}
+
+macro_rules! both {
+    ($( fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Db {
+            $(
+                #[doc = concat!("`", stringify!($name), "` of the backend.")]
+                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Self::Redb(s) => s.$name($($arg),*),
+                        Self::Postgres(p) => p.$name($($arg),*),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! redb_only {
+    ($( fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Db {
+            $(
+                #[doc = concat!("`", stringify!($name), "` of the redb store; refused on PostgreSQL.")]
+                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Self::Redb(s) => s.$name($($arg),*),
+                        Self::Postgres(_) => Err(not_on_postgres(stringify!($name))),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+both! {
+    fn put_session(&self, s: &AuthSession) -> Result<()>;
+    fn put_sessions(&self, sessions: &[AuthSession]) -> Result<()>;
+    fn get_session(&self, id: SessionId) -> Result<Option<AuthSession>>;
+    fn session_by_state_hash(&self, hash: &[u8; 32]) -> Result<Option<AuthSession>>;
+    fn update_if_pending(&self, expect_hash: Option<[u8; 32]>, s: &AuthSession, token: Option<&UserToken>) -> Result<PendingUpdate>;
+    fn complete_session(&self, s: &AuthSession, token: &UserToken) -> Result<()>;
+    fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>>;
+    fn sessions_for_user(&self, app_id: &str, user_id: &str) -> Result<Vec<AuthSession>>;
+    fn list_sessions(&self, state: Option<SessionState>, limit: usize) -> Result<Vec<SessionSummary>>;
+    fn count_sessions_by_state(&self) -> Result<Vec<(SessionState, u64)>>;
+    fn pending_expired(&self, now: u64) -> Result<Vec<SessionId>>;
+    fn sweep(&self, now: u64, batch: usize) -> Result<SweepReport>;
+    fn put_token(&self, token: &UserToken) -> Result<()>;
+    fn get_token(&self, app_id: &str, user_id: &str) -> Result<Option<UserToken>>;
+    fn delete_token(&self, app_id: &str, user_id: &str) -> Result<bool>;
+    fn tokens_due(&self, now: u64, limit: usize) -> Result<Vec<(String, String, u64)>>;
+    fn put_user(&self, user: &UserInfo) -> Result<()>;
+    fn get_user(&self, app_id: &str, open_id: &str) -> Result<Option<UserInfo>>;
+    fn list_users(&self, app_id: &str) -> Result<Vec<UserInfo>>;
+    fn mark_events_seen(&self, ids: &[&str], forget_at: u64) -> Result<Vec<bool>>;
+    fn event_seen(&self, id: &str) -> Result<bool>;
+    fn changes_after(&self, seq: u64, limit: usize) -> Result<Vec<(u64, ChangeKind, SessionId)>>;
+    fn last_change_seq(&self) -> Result<u64>;
+    fn prune_changes(&self, upto: u64) -> Result<u64>;
+    fn change_feed_complete_from(&self) -> Result<u64>;
+    fn cursor(&self, name: &str) -> Result<Option<u64>>;
+    fn set_cursor(&self, name: &str, value: u64) -> Result<()>;
+    fn export_rows(&self, ids: &[SessionId]) -> Result<Vec<Option<ExportRow>>>;
+    fn export_rows_after(&self, after: Option<SessionId>, limit: usize) -> Result<Vec<ExportRow>>;
+    fn open_imported_token(&self, id: SessionId, field: &str, token: ImportToken) -> Result<SecretString>;
+    fn try_acquire_lease(&self, name: &str, holder: &str, ttl_ms: u64, now: u64) -> Result<bool>;
+    fn renew_lease(&self, name: &str, holder: &str, ttl_ms: u64, now: u64) -> Result<bool>;
+    fn release_lease(&self, name: &str, holder: &str) -> Result<bool>;
+    fn lease_holder(&self, name: &str, now: u64) -> Result<Option<String>>;
+    fn store_key_id(&self) -> Result<KeyId>;
+    fn get_session_summary(&self, id: SessionId) -> Result<Option<SessionSummary>>;
+    fn count_active_tokens(&self) -> Result<u64>;
+    fn counts(&self) -> Result<StoreCounts>;
+    fn slowest_export_cursor(&self) -> Result<Option<u64>>;
+    fn prune_feed(&self) -> Result<u64>;
+}
+
+redb_only! {
+    fn key_status(&self) -> Result<KeyStatus>;
+    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
+    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
+    fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
+    fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
+    fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
+    fn outbox_delivered(&self, seq: u64) -> Result<bool>;
+    fn outbox_reschedule(&self, entry: &OutboxEntry) -> Result<bool>;
+    fn outbox_bury(&self, entry: &OutboxEntry) -> Result<bool>;
+    fn outbox_counts(&self) -> Result<(u64, u64)>;
+    fn grant_of(&self, app_id: &str, user_id: &str) -> Result<Option<(u64, u64)>>;
+    fn grants_to_remind(&self, granted_before: u64, limit: usize) -> Result<Vec<ExpiringGrant>>;
+    fn mark_reminded(&self, app_id: &str, user_id: &str, granted_at: u64, events: &[OutboxEvent], now: u64) -> Result<bool>;
+    fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
+    fn remove_app(&self, app_id: &str) -> Result<bool>;
+    fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
+    fn app_token_count(&self, app_id: &str) -> Result<u64>;
+}
+
+/// With no event to append, the PostgreSQL store writes as the plain call; with events it
+/// refuses before writing anything (the outbox is redb only).
+fn no_events(events: &[OutboxEvent]) -> Result<()> {
+    if events.is_empty() {
+        Ok(())
+    } else {
+        Err(not_on_postgres("the webhook outbox"))
+    }
+}
+
+impl Db {
+    /// Runs blocking store work off the async executor.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Db) -> Result<T> + Send + 'static,
+    {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+
+    /// The export row of one session.
+    pub fn export_row(&self, id: SessionId) -> Result<Option<ExportRow>> {
+        Ok(self.export_rows(&[id])?.into_iter().next().flatten())
+    }
+
+    /// The redb store, if this is one.
+    #[must_use]
+    pub fn as_redb(&self) -> Option<&Store> {
+        match self {
+            Self::Redb(s) => Some(s),
+            Self::Postgres(_) => None,
+        }
+    }
+
+    /// The redb store for `feature`, refused on PostgreSQL (backups are the database's tools').
+    pub fn redb_for(&self, feature: &str) -> Result<&Store> {
+        self.as_redb().ok_or_else(|| not_on_postgres(feature))
+    }
+
+    /// True on PostgreSQL (a fleet may share the database).
+    #[must_use]
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+
+    /// The backend's name, for logs and `/`.
+    #[must_use]
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Self::Redb(_) => "redb",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The store file (redb only; PostgreSQL has none).
+    #[must_use]
+    pub fn path(&self) -> Option<&Path> {
+        self.as_redb().map(Store::path)
+    }
+
+    /// The id new secrets are sealed under.
+    #[must_use]
+    pub fn active_key_id(&self) -> KeyId {
+        match self {
+            Self::Redb(s) => s.active_key_id(),
+            Self::Postgres(p) => p.active_key_id(),
+        }
+    }
+
+    /// The schema version of the store.
+    pub fn schema_version(&self) -> Result<u32> {
+        match self {
+            Self::Redb(s) => s.schema_version(),
+            Self::Postgres(p) => {
+                let v = p.schema_version()?;
+                u32::try_from(v).map_err(|_| Error::Engine(format!("schema version {v}")))
+            }
+        }
+    }
+
+    /// Whether a key rotation is due. PostgreSQL serves with the active key and the previous
+    /// ones and does not rotate in this build: never due there (`rotate_keys` is refused).
+    pub fn rotation_pending(&self) -> Result<bool> {
+        match self {
+            Self::Redb(s) => s.rotation_pending(),
+            Self::Postgres(_) => Ok(false),
+        }
+    }
+
+    /// The dispatcher's fast seen-id lookup: a read snapshot of the redb table. `None` on
+    /// PostgreSQL, where the database's insert-wins dedup is the cross-instance truth.
+    pub fn seen_snapshot(&self) -> Result<Option<SeenSnapshot>> {
+        match self {
+            Self::Redb(s) => s.seen_snapshot().map(Some),
+            Self::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// `update_if_pending` with webhook events in the same transaction.
+    pub fn update_if_pending_with_events(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+        events: &[OutboxEvent],
+    ) -> Result<PendingUpdate> {
+        match self {
+            Self::Redb(st) => st.update_if_pending_with_events(expect_hash, s, token, events),
+            Self::Postgres(p) => {
+                no_events(events)?;
+                p.update_if_pending(expect_hash, s, token)
+            }
+        }
+    }
+
+    /// `revoke_session` with webhook events in the same transaction.
+    pub fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
+        &self,
+        id: SessionId,
+        now: u64,
+        events_for: F,
+    ) -> Result<Option<AuthSession>> {
+        match self {
+            Self::Redb(st) => st.revoke_session_with_events(id, now, events_for),
+            Self::Postgres(p) => {
+                if let Some(summary) = p.get_session_summary(id)? {
+                    no_events(&events_for(&summary))?;
+                }
+                p.revoke_session(id, now)
+            }
+        }
+    }
+
+    /// `put_token` with webhook events in the same transaction.
+    pub fn put_token_with_events(
+        &self,
+        token: &UserToken,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<()> {
+        match self {
+            Self::Redb(s) => s.put_token_with_events(token, events, now),
+            Self::Postgres(p) => {
+                no_events(events)?;
+                p.put_token(token)
+            }
+        }
+    }
+
+    /// `delete_token` with webhook events in the same transaction.
+    pub fn delete_token_with_events(
+        &self,
+        app_id: &str,
+        user_id: &str,
+        events: &[OutboxEvent],
+        now: u64,
+    ) -> Result<bool> {
+        match self {
+            Self::Redb(s) => s.delete_token_with_events(app_id, user_id, events, now),
+            Self::Postgres(p) => {
+                no_events(events)?;
+                p.delete_token(app_id, user_id)
+            }
+        }
+    }
+
+    /// A registry app. The registry is kept in redb only: on PostgreSQL it is empty (only the
+    /// configuration's app is served) and every write to it is refused.
+    pub fn get_app(&self, app_id: &str) -> Result<Option<AppRow>> {
+        match self {
+            Self::Redb(s) => s.get_app(app_id),
+            Self::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// The registry's apps; empty on PostgreSQL (see [`Db::get_app`]).
+    pub fn list_apps(&self) -> Result<Vec<AppRow>> {
+        match self {
+            Self::Redb(s) => s.list_apps(),
+            Self::Postgres(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// `update_app` of the redb store; refused on PostgreSQL.
+    pub fn update_app(
+        &self,
+        app_id: &str,
+        change: impl FnOnce(&mut AppRow),
+        new_secret: Option<&SecretString>,
+        config_key: Option<&Keyring>,
+    ) -> Result<Option<AppRow>> {
+        match self {
+            Self::Redb(s) => s.update_app(app_id, change, new_secret, config_key),
+            Self::Postgres(_) => Err(not_on_postgres("update_app")),
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The service served from PostgreSQL (`storage.backend = "postgres"`): the real binary, two
+//! instances on one throw-away PostgreSQL, the sandbox over TLS. What a fleet must show: a flow
+//! started on one instance completes on the other, a token is served by every instance, each
+//! single-use refresh token is presented once, and the singleton workers run on one instance.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::Pg;
+use common::{find_string, free_port, trust_sandbox, ADMIN, KEY};
+use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use serde_json::{json, Value};
+
+/// One instance of the real binary serving from `pg_url`.
+struct Instance {
+    child: Child,
+    admin: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Instance {
+    /// Starts an instance; every instance of a test is given the same public redirect URI
+    /// (`redirect`, what a load balancer in front of the fleet would be).
+    async fn start(
+        sandbox: &Sandbox,
+        pg_url: &str,
+        http_port: u16,
+        redirect: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = trust_sandbox(dir.path(), sandbox).unwrap();
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "").unwrap();
+        let admin_port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lark-service"));
+        cmd.current_dir(dir.path())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("APP_ID", APP_ID)
+            .env("APP_SECRET", APP_SECRET)
+            .env("LARK_DOMAIN", sandbox.base_url())
+            .env("TLS_CA_FILE", &ca)
+            .env("WEBSOCKET_ENABLED", "false")
+            .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
+            .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
+            .env("CARD_LOCALE", "en")
+            .env("STORAGE_BACKEND", "postgres")
+            .env("STORAGE_POSTGRES_URL", pg_url)
+            .env("WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS", "0")
+            // A local file must never be opened beside the shared store.
+            .env("STORAGE_PATH", dir.path().join("must-not-exist.redb"))
+            .env("HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
+            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("AUTH_REDIRECT_URI", redirect);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .arg("--config")
+            .arg(&config)
+            .args(["serve", "--set", "metrics.port=0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().map(|l| l.unwrap()).unwrap_or_default();
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            first
+        })
+        .await
+        .unwrap();
+        assert!(
+            ready.starts_with(&format!(
+                "lark-service ready: http://127.0.0.1:{http_port}/"
+            )),
+            "{ready}"
+        );
+        assert!(!dir.path().join("must-not-exist.redb").exists());
+        Self {
+            child,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            _dir: dir,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn token(&self, open_id: &str) -> (u16, Value) {
+        self.get(&format!("/api/v1/users/{open_id}/token")).await
+    }
+
+    /// Asks for `open_id`'s authorization; returns the authorize URL of the card sent.
+    async fn request(&self, sandbox: &Sandbox, open_id: &str) -> String {
+        let before = sandbox.messages_for(open_id).len();
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/v1/auth/requests", self.admin))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "open_id": open_id }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let cards = sandbox.messages_for(open_id);
+        assert_eq!(cards.len(), before + 1, "one card sent");
+        find_string(&cards[before].content, &|s| {
+            s.contains("/open-apis/authen/v1/authorize?")
+        })
+        .unwrap()
+        .to_owned()
+    }
+
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "instance exited with {st}");
+    }
+}
+
+impl Drop for Instance {
+    /// A failed test leaves no instance behind (`stop` has reaped it already: a no-op then).
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The redirect the sandbox made for the instance on `from` port, sent to the one on `to`.
+fn land_on(redirect: &str, from: u16, to: u16) -> String {
+    let moved = redirect.replacen(&format!(":{from}/"), &format!(":{to}/"), 1);
+    assert_ne!(moved, redirect);
+    moved
+}
+
+async fn sandbox(user_token_ttl: u64) -> Sandbox {
+    let s = Sandbox::start(SandboxOptions {
+        user_token_ttl,
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(s.base_url().starts_with("https://"));
+    s
+}
+
+/// One instance completes an authorization (request → card → redirect) and serves the token;
+/// a second instance on the same database serves the same token; and an authorization asked
+/// on A whose redirect lands on B completes there (the OAuth state is a database row, not a
+/// process's memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_started_on_one_instance_completes_on_the_other() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &[]).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &[]).await;
+    let http = reqwest::Client::new();
+
+    // Alice: asked, approved and redirected on A.
+    let authorize = a.request(&sandbox, "ou_sandbox_alice").await;
+    let to_a = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
+    assert_eq!(http.get(&to_a).send().await.unwrap().status(), 200);
+    let (sa, ta) = a.token("ou_sandbox_alice").await;
+    assert_eq!(sa, 200, "{ta}");
+    let (sb, tb) = b.token("ou_sandbox_alice").await;
+    assert_eq!(sb, 200, "B serves A's token: {tb}");
+    assert_eq!(ta["access_token"], tb["access_token"]);
+    assert_eq!(
+        sandbox
+            .token_owner(ta["access_token"].as_str().unwrap())
+            .as_deref(),
+        Some("ou_sandbox_alice")
+    );
+
+    // Bob: asked on A, the redirect lands on B.
+    assert_eq!(b.token("ou_sandbox_bob").await.0, 404);
+    let authorize = a.request(&sandbox, "ou_sandbox_bob").await;
+    let to_a = sandbox.approve(&authorize, "ou_sandbox_bob").unwrap();
+    let r = http.get(land_on(&to_a, pa, pb)).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (sa, ta) = a.token("ou_sandbox_bob").await;
+    let (sb, tb) = b.token("ou_sandbox_bob").await;
+    assert_eq!((sa, sb), (200, 200), "{ta} {tb}");
+    assert_eq!(ta["access_token"], tb["access_token"]);
+    // The same redirect again (a replayed code and state) is refused by either instance.
+    let again = http.get(&to_a).send().await.unwrap();
+    assert_ne!(again.status(), 200);
+    assert_eq!(sandbox.hits("oauth_token"), 2, "one code exchange per user");
+
+    a.stop();
+    b.stop();
+}
+
+async fn authorize(sandbox: &Sandbox, on: &Instance, open_id: &str) {
+    let authorize = on.request(sandbox, open_id).await;
+    let redirect = sandbox.approve(&authorize, open_id).unwrap();
+    let r = reqwest::get(&redirect).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// With tokens that live two seconds, both instances refresh (their refresh workers, and the
+/// token requests that land on each at once): every single-use refresh token is presented
+/// exactly once across the fleet (the sandbox counts reuses), and the token served is live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_refresh_token_is_presented_once_across_two_instances() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(2).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &[]).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &[]).await;
+    let users = ["ou_sandbox_alice", "ou_sandbox_bob", "ou_sandbox_carol"];
+    for u in users {
+        authorize(&sandbox, &a, u).await;
+    }
+    let codes = sandbox.hits("oauth_token");
+    assert_eq!(codes, users.len() as u64);
+
+    // Eight seconds of both instances asked for every token at the same moments.
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        for u in users {
+            let (ra, rb) = tokio::join!(a.token(u), b.token(u));
+            assert_eq!((ra.0, rb.0), (200, 200), "{} {}", ra.1, rb.1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let refreshes = sandbox.hits("oauth_token") - codes;
+    // Each token is due 1.6 s after it is issued: eight seconds make several rounds each.
+    assert!(
+        refreshes >= 2 * users.len() as u64,
+        "too few refreshes to show anything: {refreshes}"
+    );
+    assert_eq!(
+        sandbox.refresh_token_reuses(),
+        0,
+        "a refresh token was presented twice"
+    );
+    for u in users {
+        let (s, t) = b.token(u).await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            sandbox
+                .token_owner(t["access_token"].as_str().unwrap())
+                .as_deref(),
+            Some(u),
+            "the token served is live and {u}'s"
+        );
+    }
+    a.stop();
+    b.stop();
+}
+
+fn role(workers: &Value, name: &str) -> Option<String> {
+    workers[name]["status"]
+        .as_str()
+        .map(|s| s.split(';').next().unwrap_or_default().to_owned())
+}
+
+/// The TTL sweep runs on one instance only: `/workers` shows one leader and one follower;
+/// when the leader is killed (`kill -9`: no chance to let its lease go), the lease lapses and
+/// the follower becomes the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_runs_on_one_instance_and_passes_on_when_it_dies() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let fast = [("SWEEP_INTERVAL_SECONDS", "1")];
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &fast).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &fast).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (ra, rb) = loop {
+        let (wa, wb) = (a.get("/workers").await.1, b.get("/workers").await.1);
+        let (ra, rb) = (role(&wa, "ttl_sweep"), role(&wb, "ttl_sweep"));
+        if let (Some(ra), Some(rb)) = (ra, rb) {
+            break (ra, rb);
+        }
+        assert!(Instant::now() < deadline, "no sweep status: {wa} {wb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut roles = [ra.clone(), rb];
+    roles.sort();
+    assert_eq!(roles, ["follower".to_owned(), "leader".to_owned()]);
+    let (mut leader, follower) = if ra == "leader" { (a, b) } else { (b, a) };
+    leader.child.kill().unwrap();
+    leader.child.wait().unwrap();
+
+    // The lease (10 s: three 1 s units, at least 10 s) lapses; the follower takes it.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let w = follower.get("/workers").await.1;
+        if role(&w, "ttl_sweep").as_deref() == Some("leader") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease never passed on: {w}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    follower.stop();
+}
