@@ -10,43 +10,12 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::pg::Pg;
+use common::pg::{Pg, PYTHON_DDL};
 use common::{open_store, Service, KEY};
 use lark_service::config::fernet::FernetKey;
 use lark_service::export::{postgres, python_apps};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID};
 use secrecy::{ExposeSecret, SecretString};
-
-/// The table as the Python deployment's migrations leave it (head revision `dfd31b9964f6`),
-/// with its indexes.
-const PYTHON_DDL: &str = "
-CREATE TABLE user_auth_sessions (
-    id SERIAL PRIMARY KEY,
-    session_id VARCHAR(64) NOT NULL UNIQUE,
-    app_id VARCHAR(64) NOT NULL,
-    state VARCHAR(128) NOT NULL,
-    auth_method VARCHAR(32) NOT NULL,
-    redirect_uri VARCHAR(512),
-    open_id VARCHAR(64),
-    user_id VARCHAR(64),
-    union_id VARCHAR(64),
-    user_name VARCHAR(128),
-    mobile VARCHAR(32),
-    email VARCHAR(128),
-    user_access_token TEXT,
-    token_expires_at TIMESTAMP WITHOUT TIME ZONE,
-    created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    expires_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    completed_at TIMESTAMP WITHOUT TIME ZONE,
-    message_id VARCHAR(128)
-);
-CREATE INDEX idx_auth_session_state ON user_auth_sessions (state);
-CREATE INDEX idx_auth_session_expires ON user_auth_sessions (expires_at);
-CREATE INDEX idx_auth_session_app_user ON user_auth_sessions (app_id, user_id);
-CREATE INDEX idx_auth_session_token_expires ON user_auth_sessions (token_expires_at)
-    WHERE token_expires_at IS NOT NULL;
-CREATE INDEX idx_auth_session_created ON user_auth_sessions (created_at DESC);
-";
 
 /// A row of the Python table; times are SQL expressions (naive UTC, as that service wrote).
 #[allow(clippy::too_many_arguments)]

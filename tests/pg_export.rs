@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::pg::Pg;
+use common::pg::{Pg, PYTHON_DDL};
 
 use lark_service::export::postgres;
 use lark_service::storage::{
@@ -483,36 +483,6 @@ async fn export_over_tls_verifies_the_server_certificate_and_honours_sslmode() {
         .get(0);
     assert!(!ssl);
 }
-
-/// The Python deployment's table as its migrations leave it (compat §2), with its indexes.
-const PYTHON_DDL: &str = "
-CREATE TABLE user_auth_sessions (
-    id SERIAL PRIMARY KEY,
-    session_id VARCHAR(64) NOT NULL UNIQUE,
-    app_id VARCHAR(64) NOT NULL,
-    state VARCHAR(128) NOT NULL,
-    auth_method VARCHAR(32) NOT NULL,
-    redirect_uri VARCHAR(512),
-    open_id VARCHAR(64),
-    user_id VARCHAR(64),
-    union_id VARCHAR(64),
-    user_name VARCHAR(128),
-    mobile VARCHAR(32),
-    email VARCHAR(128),
-    user_access_token TEXT,
-    token_expires_at TIMESTAMP WITHOUT TIME ZONE,
-    created_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    expires_at TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    completed_at TIMESTAMP WITHOUT TIME ZONE,
-    message_id VARCHAR(128)
-);
-CREATE INDEX idx_auth_session_state ON user_auth_sessions (state);
-CREATE INDEX idx_auth_session_expires ON user_auth_sessions (expires_at);
-CREATE INDEX idx_auth_session_app_user ON user_auth_sessions (app_id, user_id);
-CREATE INDEX idx_auth_session_token_expires ON user_auth_sessions (token_expires_at)
-    WHERE token_expires_at IS NOT NULL;
-CREATE INDEX idx_auth_session_created ON user_auth_sessions (created_at DESC);
-";
 
 /// Every column of the Python table, which the export's table must keep (a superset).
 const PYTHON_COLUMNS: [&str; 18] = [
