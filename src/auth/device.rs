@@ -28,7 +28,7 @@ use super::error::AuthError;
 use super::flow::{AuthService, Run};
 use super::render::authorize_card;
 use super::request::{AuthRequest, RequestOutcome, UserRef};
-use super::state::{enter, Input, Phase};
+use super::state::{Input, Phase};
 use super::time::ms;
 use crate::lark::{DeviceGrant, DevicePoll};
 use crate::metrics;
@@ -170,20 +170,7 @@ impl AuthService {
                     reused: false,
                 })
             }
-            Err(e) => {
-                warn!(session = %session.session_id, error = %e, "Sending the authorization card failed.");
-                let mut failed = session.clone();
-                enter(
-                    &mut failed,
-                    Phase::Failed(FailureReason::UnknownError),
-                    self.now(),
-                );
-                self.store()
-                    .run(move |s| s.update_if_pending(None, &failed, None))
-                    .await?;
-                self.count_failure_of(FailureReason::UnknownError, true);
-                Err(AuthError::Lark(e))
-            }
+            Err(e) => self.card_not_sent(&session, None, true, e).await,
         }
     }
 

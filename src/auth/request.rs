@@ -131,6 +131,30 @@ pub(super) fn normalize_scopes(scopes: &[String]) -> Result<Vec<String>, AuthErr
 }
 
 impl AuthService {
+    /// The card of a new session could not be sent: the session fails (`unknown_error`, of
+    /// the card or the device flow), written only if still pending with `expect_hash`, and the
+    /// platform's error is returned.
+    pub(super) async fn card_not_sent(
+        &self,
+        session: &AuthSession,
+        expect_hash: Option<[u8; 32]>,
+        device: bool,
+        e: lark::Error,
+    ) -> Result<RequestOutcome, AuthError> {
+        warn!(session = %session.session_id, error = %e, "Sending the authorization card failed.");
+        let mut failed = session.clone();
+        enter(
+            &mut failed,
+            Phase::Failed(FailureReason::UnknownError),
+            self.now(),
+        );
+        self.store()
+            .run(move |s| s.update_if_pending(expect_hash, &failed, None))
+            .await?;
+        self.count_failure_of(FailureReason::UnknownError, device);
+        Err(AuthError::Lark(e))
+    }
+
     /// Sliding-window rate limit per user: `Err(retry_after)` when over.
     pub(super) fn check_rate(&self, key: &str, now: u64) -> Result<(), Duration> {
         let limit = usize::try_from(self.inner.opts.rate_limit).unwrap_or(usize::MAX);
@@ -229,20 +253,7 @@ impl AuthService {
                     reused: false,
                 })
             }
-            Err(e) => {
-                warn!(session = %session.session_id, error = %e, "Sending the authorization card failed.");
-                let mut failed = session.clone();
-                enter(
-                    &mut failed,
-                    Phase::Failed(FailureReason::UnknownError),
-                    self.now(),
-                );
-                self.store()
-                    .run(move |s| s.update_if_pending(Some(hash), &failed, None))
-                    .await?;
-                self.count_failure(FailureReason::UnknownError);
-                Err(AuthError::Lark(e))
-            }
+            Err(e) => self.card_not_sent(&session, Some(hash), false, e).await,
         }
     }
 
