@@ -81,6 +81,87 @@ fn two_postgres_instances_pass_the_fleet_checks() {
     }
 }
 
+/// The event dispatcher's fleet-wide claim (`Db::claim_event`) between two instances on one
+/// database: of claims for one id exactly one wins, a claim held elsewhere says until when, a
+/// record outlasts any claim, a released or lapsed claim is free again.
+#[test]
+fn event_claims_decide_between_two_instances() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let now = lark_service::storage::now_ms();
+    let claim = now + 30_000;
+    let record = now + 86_400_000;
+
+    assert_eq!(a.claim_event("ev1", claim, now).unwrap(), EventClaim::Won);
+    assert_eq!(
+        b.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::Held(claim)
+    );
+    // Handled: the claim becomes a record, seen by the other instance.
+    a.settle_events(&["ev1"], record).unwrap();
+    assert_eq!(
+        b.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::Held(record)
+    );
+    assert!(b.event_seen("ev1").unwrap());
+    // An id recorded without a claim (settle is an upsert) is a record too.
+    b.settle_events(&["ev0"], record).unwrap();
+    assert_eq!(
+        a.claim_event("ev0", claim, now).unwrap(),
+        EventClaim::Held(record)
+    );
+
+    // A failed handler lets its claim go: the other instance takes it.
+    assert_eq!(a.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
+    a.release_events(&["ev2"]).unwrap();
+    assert_eq!(b.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
+
+    // A claimer that died: its claim lapses and the other instance takes it.
+    assert_eq!(
+        a.claim_event("ev3", now + 1_000, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        b.claim_event("ev3", now + 31_000, now + 999).unwrap(),
+        EventClaim::Held(now + 1_000)
+    );
+    assert_eq!(
+        b.claim_event("ev3", now + 31_000, now + 1_000).unwrap(),
+        EventClaim::Won
+    );
+
+    // Many claims at once, from both instances: one wins.
+    let won = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let st = if i % 2 == 0 { &a } else { &b };
+                sc.spawn(move || st.claim_event("ev4", claim, now).unwrap())
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|c| *c == EventClaim::Won)
+            .count()
+    });
+    assert_eq!(won, 1, "exactly one claim wins");
+
+    // redb is one process: its memory decides, the store does not claim.
+    let dir = tempfile::tempdir().unwrap();
+    let r: Db = lark_service::storage::Store::open(
+        &dir.path().join("s.redb"),
+        ring(),
+        lark_service::storage::StoreOptions::default(),
+    )
+    .unwrap()
+    .into();
+    assert_eq!(
+        r.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::NotShared
+    );
+}
+
 /// Runs SQL statements on `url` with a client of its own; every column of every row as text.
 fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
     let rt = tokio::runtime::Builder::new_current_thread()
