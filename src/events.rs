@@ -18,6 +18,12 @@
 //!   is done and its ids are queued for the writer, not once they are committed.
 //! - The store is asked about an id not in memory through a snapshot taken after the writer's
 //!   last commit ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event.
+//! - On PostgreSQL (a fleet shares the store) an id not in memory is claimed in the database
+//!   before the handler runs: the insert that commits first wins, so of instances given the
+//!   same event at once one handles it. An instance that finds the id claimed by a handler
+//!   still running elsewhere answers "failed" (the platform redelivers, and the redelivery
+//!   finds the id recorded); a failed handler lets its claim go; the writer turns claims into
+//!   records; a dead claimer's claim lapses after [`CLAIM_TTL`] (or 4 ACK deadlines).
 //!
 //! Every task the dispatcher starts belongs to the [`Supervisor`] it is built with: slow
 //! handlers run on its tracker (drained at shutdown), and the writer is one of its writers,
