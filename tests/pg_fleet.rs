@@ -234,6 +234,50 @@ async fn run_batch(
         .await;
 }
 
+/// Rows of a query on the fleet's database (`psql`), one line each, columns `|`-separated.
+fn psql(pg: &Pg, query: &str) -> Vec<String> {
+    let out = std::process::Command::new(pg.bin.join("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-d", "postgres", "-At", "-c", query])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A user whose token a killed instance was refreshing (it held the user's refresh lease):
+/// the survivors serve the stored token while it is valid, then answer 503 `refresh_in_doubt`
+/// until the lease lapses and the doubt is settled (`needs_reauthorization`, 409, when the old
+/// token can no longer tell): never a spent refresh token presented again, never a dead token.
+async fn in_doubt_answer(sandbox: &Sandbox, on: &Instance, user: &str) -> u16 {
+    let (s, t) = on.token(user).await;
+    match s {
+        200 => {
+            let tok = t["access_token"].as_str().unwrap();
+            assert_eq!(sandbox.live_token_owner(tok).as_deref(), Some(user), "{t}");
+        }
+        503 => assert_eq!(t["error"], "refresh_in_doubt", "{t}"),
+        409 => assert_eq!(t["error"], "needs_reauthorization", "{t}"),
+        _ => panic!("{user} on {}: {s} {t}", on.admin),
+    }
+    s
+}
+
 /// Sum of a metric over `/metrics` texts.
 fn total(scrapes: &[String], name: &str, filter: &str) -> f64 {
     scrapes.iter().map(|s| metric(s, name, filter)).sum()
@@ -330,18 +374,39 @@ async fn three_instances_serve_one_app_and_lose_nothing_when_one_is_killed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let mut killed = instances.remove(leader);
+    let sweep_holder = psql(
+        &pg,
+        "SELECT holder FROM ls_leases WHERE name = 'worker/ttl_sweep'",
+    );
     scrapes.push(killed.scrape().await);
     killed.kill9();
     let killed_at = Instant::now();
+    // The refreshes it had in flight: its refresh leases (a finished refresh lets its go).
+    let dead = sweep_holder.first().unwrap().replace('\'', "''");
+    let held = psql(
+        &pg,
+        &format!("SELECT name FROM ls_leases WHERE holder = '{dead}' AND name LIKE 'refresh/%'"),
+    );
+    let in_doubt: HashSet<String> = before_kill
+        .iter()
+        .filter(|u| held.iter().any(|n| n.ends_with(&u["ou_".len()..])))
+        .cloned()
+        .collect();
+    assert_eq!(in_doubt.len(), held.len(), "{held:?}");
     wait_until("the dead connection to go", Duration::from_secs(30), || {
         sandbox.connections_of(APP_ID) == 2
     })
     .await;
 
-    // Nothing it committed is lost: every token stored before is served by the survivors.
+    // Nothing it committed is lost: every token stored before is served by the survivors
+    // (those it was refreshing at the kill as `in_doubt_answer` says).
     for user in &before_kill {
         for on in &instances {
-            served_live(&sandbox, on, user).await;
+            if in_doubt.contains(user) {
+                in_doubt_answer(&sandbox, on, user).await;
+            } else {
+                served_live(&sandbox, on, user).await;
+            }
         }
     }
 
@@ -386,9 +451,14 @@ async fn three_instances_serve_one_app_and_lose_nothing_when_one_is_killed() {
     }
 
     // Every token from every live instance, live and the user's own.
+    let mut in_doubt_answers = Vec::new();
     for user in &completed {
         for on in &instances {
-            served_live(&sandbox, on, user).await;
+            if in_doubt.contains(user) {
+                in_doubt_answers.push(in_doubt_answer(&sandbox, on, user).await);
+            } else {
+                served_live(&sandbox, on, user).await;
+            }
         }
     }
     for user in &rejected {
@@ -473,13 +543,14 @@ async fn three_instances_serve_one_app_and_lose_nothing_when_one_is_killed() {
     eprintln!(
         "pg_fleet: {} completed, {} rejected, {} frames ({} duplicates, {elsewhere} answered \
          redeliver), {refreshes} refreshes, {} oauth_token hits, {} token reads retried after 503, \
-         {:.1} s",
+         {} refreshes in flight at the kill (answers {in_doubt_answers:?}), {:.1} s",
         completed.len(),
         rejected.len(),
         frames.len(),
         rec.duplicates.load(Ordering::Relaxed),
         sandbox.hits("oauth_token"),
         RETRIED_503.load(Ordering::Relaxed),
+        in_doubt.len(),
         started.elapsed().as_secs_f64()
     );
     for i in instances {
