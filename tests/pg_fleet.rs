@@ -378,21 +378,40 @@ async fn three_instances_serve_one_app_and_lose_nothing_when_one_is_killed() {
         &pg,
         "SELECT holder FROM ls_leases WHERE name = 'worker/ttl_sweep'",
     );
+    let dead = sweep_holder.first().unwrap().replace('\'', "''");
+    let held_by_dead = || {
+        psql(
+            &pg,
+            &format!(
+                "SELECT name FROM ls_leases WHERE holder = '{dead}' AND name LIKE 'refresh/%'"
+            ),
+        )
+    };
     scrapes.push(killed.scrape().await);
+    // Killed in the middle of a refresh: the platform carries each refresh out but holds its
+    // answer, until the instance to be killed holds a refresh lease (its refresh token spent,
+    // the new one on its way to a process about to die).
+    sandbox.hold("oauth_token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held_by_dead().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no refresh in flight on the leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     killed.kill9();
+    sandbox.release("oauth_token");
     let killed_at = Instant::now();
     // The refreshes it had in flight: its refresh leases (a finished refresh lets its go).
-    let dead = sweep_holder.first().unwrap().replace('\'', "''");
-    let held = psql(
-        &pg,
-        &format!("SELECT name FROM ls_leases WHERE holder = '{dead}' AND name LIKE 'refresh/%'"),
-    );
+    let held = held_by_dead();
     let in_doubt: HashSet<String> = before_kill
         .iter()
         .filter(|u| held.iter().any(|n| n.ends_with(&u["ou_".len()..])))
         .cloned()
         .collect();
     assert_eq!(in_doubt.len(), held.len(), "{held:?}");
+    assert!(!in_doubt.is_empty());
     wait_until("the dead connection to go", Duration::from_secs(30), || {
         sandbox.connections_of(APP_ID) == 2
     })
