@@ -18,6 +18,12 @@
 //!   is done and its ids are queued for the writer, not once they are committed.
 //! - The store is asked about an id not in memory through a snapshot taken after the writer's
 //!   last commit ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event.
+//! - On PostgreSQL (a fleet shares the store) an id not in memory is claimed in the database
+//!   before the handler runs: the insert that commits first wins, so of instances given the
+//!   same event at once one handles it. An instance that finds the id claimed by a handler
+//!   still running elsewhere answers "failed" (the platform redelivers, and the redelivery
+//!   finds the id recorded); a failed handler lets its claim go; the writer turns claims into
+//!   records; a dead claimer's claim lapses after [`CLAIM_TTL`] (or 4 ACK deadlines).
 //!
 //! Every task the dispatcher starts belongs to the [`Supervisor`] it is built with: slow
 //! handlers run on its tracker (drained at shutdown), and the writer is one of its writers,
@@ -35,7 +41,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use crate::callbacks::Callback;
-use crate::storage::{now_ms, Db, SeenSnapshot};
+use crate::storage::{now_ms, Db, EventClaim, SeenSnapshot};
 use crate::workers::Supervisor;
 
 /// Where an event came from.
@@ -121,6 +127,24 @@ const GROUP_COMMIT_LINGER: Duration = Duration::from_millis(2);
 /// Prefix of the de-duplication key made from a message's `message_id` (event ids never
 /// start with it).
 const MESSAGE_KEY_PREFIX: &str = "msg:";
+
+/// The least time a claim in a shared store holds an event id (see `Dispatcher::claim_ttl`).
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+
+/// What [`Dispatcher::claim`] decided about an id.
+enum Claim {
+    /// This dispatcher handles it.
+    Mine,
+    /// Handled before, or in flight here: a duplicate.
+    Seen,
+    /// In flight on another instance of the fleet: answered as failed, so the platform
+    /// redelivers it and the redelivery finds it handled (or, if that instance died, free).
+    Elsewhere,
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Default for DispatchConfig {
     /// 2.5 s ACK deadline; seen ids kept 24 h (the platform's redelivery ladder spans about
@@ -328,17 +352,34 @@ impl Dispatcher {
             let keys: Vec<String> = std::iter::once(event_id.clone())
                 .chain(message_key)
                 .collect();
-            if !self.claim(&keys[0]) {
-                m.events_deduplicated.inc();
-                debug!("Duplicate event ignored.");
-                return Outcome::Duplicate;
+            match self.claim(&keys[0]) {
+                Claim::Mine => {}
+                Claim::Seen => {
+                    m.events_deduplicated.inc();
+                    debug!("Duplicate event ignored.");
+                    return Outcome::Duplicate;
+                }
+                Claim::Elsewhere => {
+                    m.events_claimed_elsewhere.inc();
+                    debug!("Another instance is handling this event; asking the platform to redeliver.");
+                    return Outcome::Failed;
+                }
             }
             if let Some(k) = keys.get(1) {
-                if !self.claim(k) {
-                    self.release(&keys[..1]);
-                    m.events_deduplicated.inc();
-                    debug!("Redelivered message ignored (same message_id, new event_id).");
-                    return Outcome::Duplicate;
+                match self.claim(k) {
+                    Claim::Mine => {}
+                    Claim::Seen => {
+                        self.release(&keys[..1]);
+                        m.events_deduplicated.inc();
+                        debug!("Redelivered message ignored (same message_id, new event_id).");
+                        return Outcome::Duplicate;
+                    }
+                    Claim::Elsewhere => {
+                        self.release(&keys[..1]);
+                        m.events_claimed_elsewhere.inc();
+                        debug!("Another instance is handling this message; asking the platform to redeliver.");
+                        return Outcome::Failed;
+                    }
                 }
             }
             let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
@@ -450,8 +491,10 @@ impl Dispatcher {
         }
     }
 
-    /// True if `id` was neither seen nor in flight; marks it in flight.
-    fn claim(&self, id: &str) -> bool {
+    /// Whether this dispatcher handles `id`: neither seen nor in flight here, and (on
+    /// PostgreSQL) claimed in the database before any other instance of the fleet; marks it in
+    /// flight.
+    fn claim(&self, id: &str) -> Claim {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
         if !self
             .inner
@@ -460,19 +503,56 @@ impl Dispatcher {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id, cap, max_bytes)
         {
-            return false;
+            return Claim::Seen;
+        }
+        let now = now_ms();
+        let claim_until = now.saturating_add(duration_ms(self.claim_ttl()));
+        match self.inner.store.claim_event(id, claim_until, now) {
+            Ok(EventClaim::Won) => return Claim::Mine,
+            // A record (handled: kept for `seen_ttl`, far longer than any claim).
+            Ok(EventClaim::Held(t)) if t > claim_until => return Claim::Seen,
+            Ok(EventClaim::Held(_)) => {
+                // In flight on another instance, or let go meanwhile: this instance does not
+                // handle it now, and the platform's redelivery finds it handled, or free.
+                self.forget_recent(id);
+                return Claim::Elsewhere;
+            }
+            Ok(EventClaim::NotShared) => {}
+            Err(e) => {
+                // The store cannot answer: handle it (at-least-once) rather than drop it.
+                warn!(error = %e, "Claiming the event id failed; handling the event.");
+                return Claim::Mine;
+            }
         }
         // A read of one key in a hot B-tree (redb readers never wait for the writer): cheaper
         // inline than a hop to the blocking pool, which cost more than the lookup itself.
         match self.seen_before(id) {
-            Ok(false) => true,
-            Ok(true) => false,
+            Ok(false) => Claim::Mine,
+            Ok(true) => Claim::Seen,
             Err(e) => {
                 // The store cannot answer: handle it (at-least-once) rather than drop it.
                 warn!(error = %e, "Seen-id lookup failed; handling the event.");
-                true
+                Claim::Mine
             }
         }
+    }
+
+    /// How long a claim in a shared store keeps other instances off an event: past the ACK
+    /// deadline (every live handler is answered by then, and the platform redelivers only what
+    /// was not acknowledged), and long enough for a slow handler to finish; a claimer that
+    /// died lets its events be handled elsewhere once this passes.
+    fn claim_ttl(&self) -> Duration {
+        CLAIM_TTL
+            .max(self.inner.cfg.ack_deadline.saturating_mul(4))
+            .min(self.inner.cfg.seen_ttl)
+    }
+
+    fn forget_recent(&self, id: &str) {
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     /// Whether the store holds `id`, through a snapshot taken after the writer's last commit
@@ -513,20 +593,40 @@ impl Dispatcher {
         snapshot.contains(id)
     }
 
+    /// Lets ids this dispatcher claimed go (their handler failed or never ran), here and in a
+    /// shared store, so a redelivery is handled wherever it lands.
     fn release(&self, ids: &[String]) {
-        let mut recent = self
-            .inner
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for id in ids {
-            recent.remove(id);
+        {
+            let mut recent = self
+                .inner
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in ids {
+                recent.remove(id);
+            }
+        }
+        if self.inner.store.is_postgres() {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            if let Err(e) = self.inner.store.release_events(&refs) {
+                // The claim lapses on its own (`claim_ttl`); until then redeliveries wait.
+                warn!(error = %e, "Letting claimed event ids go failed.");
+            }
         }
     }
 
     async fn record_seen(&self, ids: Vec<String>) {
         for id in ids {
-            let _ = self.inner.seen_tx.send(SeenMsg::Id(id)).await;
+            if let Err(mpsc::error::SendError(SeenMsg::Id(id))) =
+                self.inner.seen_tx.send(SeenMsg::Id(id)).await
+            {
+                // The writer is closed (shutdown). On a shared store a claim must still become
+                // a record, or it lapses and another instance handles the event again.
+                if self.inner.store.is_postgres() {
+                    let ttl = duration_ms(self.inner.cfg.seen_ttl);
+                    commit_seen(&self.inner.store, &[id], now_ms().saturating_add(ttl));
+                }
+            }
         }
     }
 
@@ -613,7 +713,8 @@ fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
     if refs.is_empty() {
         return;
     }
-    if let Err(e) = store.mark_events_seen(&refs, forget_at) {
+    // `settle_events`: on PostgreSQL the dispatcher's claims become records.
+    if let Err(e) = store.settle_events(&refs, forget_at) {
         warn!(error = %e, count = refs.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
     }
 }

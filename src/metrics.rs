@@ -224,6 +224,8 @@ pub struct Metrics {
     pub events_received: Family<SourceLabel, Counter>,
     /// Events dropped as duplicates.
     pub events_deduplicated: Counter,
+    /// Events another instance of the fleet was handling: answered "redeliver".
+    pub events_claimed_elsewhere: Counter,
     /// Event receipt → ACK sent.
     pub event_ack_duration: Histogram,
     /// Authorization requests accepted (card sent or reused).
@@ -333,6 +335,7 @@ impl Metrics {
             ws_frames_received: Family::default(),
             events_received: Family::default(),
             events_deduplicated: Counter::default(),
+            events_claimed_elsewhere: Counter::default(),
             event_ack_duration: latency(),
             auth_requests: Counter::default(),
             auth_rate_limited: Counter::default(),
@@ -423,6 +426,11 @@ impl Metrics {
                 "events_deduplicated",
                 "Events dropped because their event id was already seen",
                 m.events_deduplicated.clone(),
+            );
+            r.register(
+                "events_claimed_elsewhere",
+                "Events another instance of the fleet was handling (shared store), answered as failed so the platform redelivers them",
+                m.events_claimed_elsewhere.clone(),
             );
             r.register(
                 "event_ack_duration_seconds",
@@ -777,6 +785,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_websocket_frames_received_total",
     "lark_service_events_received_total",
     "lark_service_events_deduplicated_total",
+    "lark_service_events_claimed_elsewhere_total",
     "lark_service_event_ack_duration_seconds",
     "lark_service_auth_requests_total",
     "lark_service_auth_rate_limited_total",

@@ -81,6 +81,87 @@ fn two_postgres_instances_pass_the_fleet_checks() {
     }
 }
 
+/// The event dispatcher's fleet-wide claim (`Db::claim_event`) between two instances on one
+/// database: of claims for one id exactly one wins, a claim held elsewhere says until when, a
+/// record outlasts any claim, a released or lapsed claim is free again.
+#[test]
+fn event_claims_decide_between_two_instances() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let now = lark_service::storage::now_ms();
+    let claim = now + 30_000;
+    let record = now + 86_400_000;
+
+    assert_eq!(a.claim_event("ev1", claim, now).unwrap(), EventClaim::Won);
+    assert_eq!(
+        b.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::Held(claim)
+    );
+    // Handled: the claim becomes a record, seen by the other instance.
+    a.settle_events(&["ev1"], record).unwrap();
+    assert_eq!(
+        b.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::Held(record)
+    );
+    assert!(b.event_seen("ev1").unwrap());
+    // An id recorded without a claim (settle is an upsert) is a record too.
+    b.settle_events(&["ev0"], record).unwrap();
+    assert_eq!(
+        a.claim_event("ev0", claim, now).unwrap(),
+        EventClaim::Held(record)
+    );
+
+    // A failed handler lets its claim go: the other instance takes it.
+    assert_eq!(a.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
+    a.release_events(&["ev2"]).unwrap();
+    assert_eq!(b.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
+
+    // A claimer that died: its claim lapses and the other instance takes it.
+    assert_eq!(
+        a.claim_event("ev3", now + 1_000, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        b.claim_event("ev3", now + 31_000, now + 999).unwrap(),
+        EventClaim::Held(now + 1_000)
+    );
+    assert_eq!(
+        b.claim_event("ev3", now + 31_000, now + 1_000).unwrap(),
+        EventClaim::Won
+    );
+
+    // Many claims at once, from both instances: one wins.
+    let won = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let st = if i % 2 == 0 { &a } else { &b };
+                sc.spawn(move || st.claim_event("ev4", claim, now).unwrap())
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|c| *c == EventClaim::Won)
+            .count()
+    });
+    assert_eq!(won, 1, "exactly one claim wins");
+
+    // redb is one process: its memory decides, the store does not claim.
+    let dir = tempfile::tempdir().unwrap();
+    let r: Db = lark_service::storage::Store::open(
+        &dir.path().join("s.redb"),
+        ring(),
+        lark_service::storage::StoreOptions::default(),
+    )
+    .unwrap()
+    .into();
+    assert_eq!(
+        r.claim_event("ev1", claim, now).unwrap(),
+        EventClaim::NotShared
+    );
+}
+
 /// Runs SQL statements on `url` with a client of its own; every column of every row as text.
 fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -399,4 +480,123 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         !dir.path().join("data/lark-service.redb").exists(),
         "no local store was opened"
     );
+}
+
+/// Two event dispatchers (two instances) on one database given the same event: while one
+/// handles it the other answers "failed" (the platform redelivers) and never runs its handler;
+/// once handled, it is a duplicate everywhere; a failed handler lets the event go to the other;
+/// given at once to both, one handler runs.
+#[test]
+fn two_dispatchers_on_one_database_handle_an_event_once() {
+    use lark_service::callbacks::parse_event_payload;
+    use lark_service::events::{
+        DispatchConfig, Dispatcher, EventSource, Handler, HandlerReply, Outcome,
+    };
+    use lark_service::storage::Db;
+    use lark_service::workers::Supervisor;
+    use std::sync::Arc;
+
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let event = |id: &str| {
+        let body = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": id, "event_type": "im.message.receive_v1", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+            "event": {}
+        });
+        parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+    };
+    // A handler that counts its calls, fails the ids in `fail`, and waits for `gate` first.
+    let handler = |calls: Arc<AtomicUsize>,
+                   gate: Arc<tokio::sync::Semaphore>,
+                   fail: &'static [&'static str]|
+     -> Handler {
+        Arc::new(move |cb| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let gate = gate.clone();
+            let id = match &cb {
+                lark_service::callbacks::Callback::Event(e) => e.event_id.clone(),
+                _ => String::new(),
+            };
+            Box::pin(async move {
+                let _pass = gate.acquire().await.unwrap();
+                if fail.contains(&id.as_str()) {
+                    Err("boom".into())
+                } else {
+                    Ok(HandlerReply::Done)
+                }
+            })
+        })
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cfg = DispatchConfig {
+            ack_deadline: std::time::Duration::from_millis(300),
+            ..DispatchConfig::default()
+        };
+        let (sa, sb) = (Supervisor::default(), Supervisor::default());
+        let (da, db) = (
+            Dispatcher::new(a.clone(), cfg.clone(), &sa),
+            Dispatcher::new(b.clone(), cfg, &sb),
+        );
+        let (ca, cb) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gate_a = Arc::new(tokio::sync::Semaphore::new(0));
+        let open = Arc::new(tokio::sync::Semaphore::new(1_000));
+        da.set_handler(handler(ca.clone(), gate_a.clone(), &["e2"]));
+        db.set_handler(handler(cb.clone(), open.clone(), &[]));
+        let ws = EventSource::WebSocket;
+
+        // A is still handling e1 past its ACK deadline: B does not handle it, asks again.
+        assert_eq!(da.dispatch(event("e1"), ws).await, Outcome::Accepted);
+        assert_eq!(db.dispatch(event("e1"), ws).await, Outcome::Failed);
+        assert_eq!(cb.load(Ordering::SeqCst), 0, "B never ran its handler");
+        // A finishes: e1 is recorded, a duplicate for B.
+        gate_a.add_permits(1_000);
+        // (Recorded: held far beyond any claim, by the seen-id TTL.)
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = lark_service::storage::now_ms();
+            let claim = now + 60_000;
+            match b.claim_event("e1", claim, now).unwrap() {
+                lark_service::storage::EventClaim::Held(t) if t > claim => break,
+                lark_service::storage::EventClaim::Held(_) => {}
+                other => panic!("e1 free while A handles it: {other:?}"),
+            }
+            assert!(std::time::Instant::now() < until, "e1 never recorded");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(db.dispatch(event("e1"), ws).await, Outcome::Duplicate);
+        assert_eq!(da.dispatch(event("e1"), ws).await, Outcome::Duplicate);
+        assert_eq!(ca.load(Ordering::SeqCst), 1);
+        assert_eq!(cb.load(Ordering::SeqCst), 0);
+
+        // A's handler fails on e2: the event is let go, and B handles the redelivery.
+        assert_eq!(da.dispatch(event("e2"), ws).await, Outcome::Failed);
+        assert_eq!(
+            db.dispatch(event("e2"), ws).await,
+            Outcome::Handled(HandlerReply::Done)
+        );
+        db.flush().await;
+        assert_eq!(da.dispatch(event("e2"), ws).await, Outcome::Duplicate);
+
+        // Both given e3 at once: one handler runs.
+        let before = ca.load(Ordering::SeqCst) + cb.load(Ordering::SeqCst);
+        let (ra, rb) = tokio::join!(da.dispatch(event("e3"), ws), db.dispatch(event("e3"), ws));
+        let handled = [&ra, &rb]
+            .iter()
+            .filter(|o| matches!(o, Outcome::Handled(_)))
+            .count();
+        assert_eq!(handled, 1, "{ra:?} {rb:?}");
+        assert_eq!(
+            ca.load(Ordering::SeqCst) + cb.load(Ordering::SeqCst),
+            before + 1
+        );
+        da.close().await;
+        db.close().await;
+    });
 }

@@ -55,6 +55,10 @@ pub(super) const REFRESH_IDLE: Duration = Duration::from_secs(10);
 pub const REFRESH_LEASE_TTL: Duration = Duration::from_secs(120);
 /// How often an instance looks again at a refresh lease another instance holds.
 const REFRESH_LEASE_POLL: Duration = Duration::from_millis(100);
+/// How long a caller waits for another instance's refresh of an expired token before it is
+/// answered "in doubt" (`503` + `Retry-After`): well inside the HTTP request timeout, so a
+/// holder that died never makes readers hang until its lease lapses.
+const REFRESH_LEASE_WAIT: Duration = Duration::from_secs(3);
 
 impl AuthService {
     /// `token_refresh{app_id, outcome}` ([`metrics::REFRESH_OUTCOMES`]).
@@ -102,15 +106,17 @@ impl AuthService {
         self.tasks.wait().await;
     }
 
-    /// In a fleet: takes the user's refresh lease (waiting while another instance holds it,
-    /// at most [`REFRESH_LEASE_TTL`]), then re-reads the token and refreshes it if it is still
-    /// due ([`Self::refresh_locked`] reads it afresh: another instance may have refreshed it
-    /// meanwhile), and lets the lease go once the outcome is stored. Fail closed: without the
-    /// lease, the refresh token is not presented.
+    /// In a fleet: takes the user's refresh lease, then re-reads the token and refreshes it if
+    /// it is still due ([`Self::refresh_locked`] reads it afresh: another instance may have
+    /// refreshed it meanwhile), and lets the lease go once the outcome is stored. Fail closed:
+    /// without the lease, the refresh token is not presented. While another instance holds
+    /// the lease (refreshing, or dead while refreshing until the lease lapses), the stored
+    /// token is served as long as it is valid; an expired one is waited for at most
+    /// [`REFRESH_LEASE_WAIT`], then answered "in doubt".
     async fn refresh_leased(&self, key: &str, holder: &Arc<str>) -> Result<UserToken, TokenError> {
         let name = format!("refresh/{}/{key}", self.inner.app_id);
         let ttl = ms(REFRESH_LEASE_TTL);
-        let give_up = tokio::time::Instant::now() + REFRESH_LEASE_TTL + REFRESH_LEASE_POLL;
+        let give_up = tokio::time::Instant::now() + REFRESH_LEASE_WAIT;
         loop {
             let (n, h, now) = (name.clone(), holder.clone(), self.now());
             if self
@@ -120,10 +126,20 @@ impl AuthService {
             {
                 break;
             }
+            let tok = self.load_token(key).await?.ok_or(TokenError::NotFound)?;
+            if tok.needs_reauth {
+                return Err(TokenError::NeedsReauth {
+                    session: tok.session_id,
+                });
+            }
+            if self.now() < tok.expires_at {
+                return Ok(tok);
+            }
             if tokio::time::Instant::now() >= give_up {
-                return Err(TokenError::Interrupted(format!(
-                    "the refresh lease {name} stayed with another instance"
-                )));
+                debug!(lease = %name, "Another instance holds the refresh lease of an expired token.");
+                return Err(TokenError::RefreshInDoubt {
+                    retry_after: REFRESH_LEASE_WAIT,
+                });
             }
             tokio::time::sleep(REFRESH_LEASE_POLL).await;
         }
@@ -169,6 +185,16 @@ impl AuthService {
             return Err(self.needs_reauth(tok).await);
         }
         let sent_at = self.now();
+        if self.fleet_holder.is_some() {
+            // In a fleet the refresh is in doubt from before the refresh token can reach the
+            // platform until its outcome is stored: if this instance dies in between, the
+            // doubt is on record and whoever takes the lapsed lease settles it (module
+            // documentation) instead of presenting a token that may be spent.
+            let mut intent = tok.clone();
+            intent.refresh_in_doubt_since = Some(sent_at);
+            intent.refresh_due_at = sent_at.saturating_add(ms(REFRESH_PROBE_AFTER));
+            self.store().run(move |s| s.put_token(&intent)).await?;
+        }
         match self.lark().refresh_user_token(&refresh).await {
             Ok(t) => {
                 let now = self.now();

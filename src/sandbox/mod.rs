@@ -557,6 +557,13 @@ impl Sandbox {
             .map(|(o, _)| o.clone())
     }
 
+    /// The open_id a user access token was issued to, while the token is live (issued and
+    /// neither expired nor past its grace after a refresh superseded it).
+    #[must_use]
+    pub fn live_token_owner(&self, access_token: &str) -> Option<String> {
+        platform::user_token_owner(&self.shared, access_token).ok()
+    }
+
     /// How often each endpoint group was hit: `tenant_token`, `app_token`, `ws_endpoint`,
     /// `ws_connect`, `ws_ping`, `authorize`, `oauth_token`, `user_info`, `contact`, `im`, `card_update`,
     /// `apaas`.

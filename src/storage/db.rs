@@ -20,6 +20,18 @@ use super::{
     SweepReport, UserInfo, UserToken,
 };
 
+/// What [`Db::claim_event`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventClaim {
+    /// This instance holds the claim: it handles the event.
+    Won,
+    /// Another claim (a handler in flight) or a record (handled) holds the id until this
+    /// time (unix ms; `0`: a claim let go meanwhile).
+    Held(u64),
+    /// The store is not shared (redb): the dispatcher's own memory decides.
+    NotShared,
+}
+
 /// The store the service serves from.
 #[derive(Clone, Debug)]
 pub enum Db {
@@ -242,6 +254,36 @@ impl Db {
         match self {
             Self::Redb(s) => s.seen_snapshot().map(Some),
             Self::Postgres(_) => Ok(None),
+        }
+    }
+
+    /// The fleet-wide claim of an event id (PostgreSQL) until `until`: `Won` when this
+    /// instance holds it now, `Held(t)` when another claim or record holds it until `t`;
+    /// `NotShared` on redb, where one process is the only reader and its memory decides.
+    pub fn claim_event(&self, id: &str, until: u64, now: u64) -> Result<EventClaim> {
+        match self {
+            Self::Redb(_) => Ok(EventClaim::NotShared),
+            Self::Postgres(p) => Ok(match p.claim_event(id, until, now)? {
+                None => EventClaim::Won,
+                Some(t) => EventClaim::Held(t),
+            }),
+        }
+    }
+
+    /// Records ids (claimed with [`Db::claim_event`] or not) as seen until `forget_at`, as
+    /// `mark_events_seen` does, a claim becoming a record.
+    pub fn settle_events(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+        match self {
+            Self::Redb(s) => s.mark_events_seen(ids, forget_at).map(|_| ()),
+            Self::Postgres(p) => p.settle_events(ids, forget_at),
+        }
+    }
+
+    /// Lets ids claimed with [`Db::claim_event`] go (PostgreSQL; a no-op on redb).
+    pub fn release_events(&self, ids: &[&str]) -> Result<()> {
+        match self {
+            Self::Redb(_) => Ok(()),
+            Self::Postgres(p) => p.release_events(ids),
         }
     }
 

@@ -38,7 +38,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 pub use apps::{AppRow, AppStatus, SecretKey};
 pub use backup::{restore_snapshot, Progress, SnapshotHeader};
 pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken, EXPORT_CURSOR_PREFIX};
-pub use db::{not_on_postgres, Db};
+pub use db::{not_on_postgres, Db, EventClaim};
 pub use envelope::{Key, KeyId, KeyParseError, Keyring};
 pub use error::{Error, Result};
 pub use events::{valid_event_key, SeenSnapshot, MAX_EVENT_KEY_BYTES};

@@ -10,6 +10,7 @@ use lark_service::daemon::{run_with_reloads, Listeners};
 use lark_service::sandbox::{Sandbox, APP_ID, APP_SECRET};
 use serde_json::Value;
 
+pub mod fleet;
 pub mod pg;
 use tokio::net::TcpListener;
 

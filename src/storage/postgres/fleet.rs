@@ -36,6 +36,87 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// Claims event id `id` for this instance until `until` (unix ms). `Ok(None)`: claimed
+    /// (it was free at `now`: never seen, or its claim or record lapsed); `Ok(Some(t))`:
+    /// another handler holds or handled it, until `t` (`0` when the row went meanwhile, a
+    /// released claim). The insert that commits first wins, so of instances given the same
+    /// event at once exactly one handles it.
+    pub(crate) fn claim_event(&self, id: &str, until: u64, now: u64) -> Result<Option<u64>> {
+        if !valid_event_key(id) {
+            return Err(Error::Invalid(format!(
+                "event id of {} bytes cannot be claimed",
+                id.len()
+            )));
+        }
+        self.with(async |c| {
+            let row = c
+                .query_opt(
+                    "INSERT INTO ls_seen_events AS e (id, forget_at) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET forget_at = EXCLUDED.forget_at
+                        WHERE e.forget_at <= $3
+                     RETURNING id",
+                    &[&id, &db_time(until), &db_time(now)],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            if row.is_some() {
+                return Ok(None);
+            }
+            let held = c
+                .query_opt("SELECT forget_at FROM ls_seen_events WHERE id = $1", &[&id])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let t = match held {
+                Some(r) => r.try_get::<_, i64>(0).map_err(|e| pg_err(&e))?,
+                None => 0,
+            };
+            Ok(Some(u64::try_from(t).unwrap_or(0)))
+        })
+    }
+
+    /// Records ids (their handlers succeeded) as seen until `forget_at`, claimed or not: a
+    /// claim becomes a record, an id already recorded keeps the later time.
+    pub(crate) fn settle_events(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+        if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
+            return Err(Error::Invalid(format!(
+                "event id of {} bytes cannot be recorded",
+                bad.len()
+            )));
+        }
+        // One order for every instance (as in `mark_events_seen`): no deadlock.
+        let mut ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO ls_seen_events AS e (id, forget_at)
+                 SELECT u.id, $2 FROM unnest($1::text[]) AS u(id) ORDER BY u.id COLLATE \"C\"
+                 ON CONFLICT (id) DO UPDATE SET forget_at = GREATEST(e.forget_at, EXCLUDED.forget_at)",
+                &[&ids, &db_time(forget_at)],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            Ok(())
+        })
+    }
+
+    /// Lets claimed ids go (their handler failed or never ran): a redelivery, on whichever
+    /// instance it lands, is handled.
+    pub(crate) fn release_events(&self, ids: &[&str]) -> Result<()> {
+        let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
+        self.with(async |c| {
+            c.execute(
+                "DELETE FROM ls_seen_events WHERE id = ANY($1::text[])",
+                &[&ids],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            Ok(())
+        })
+    }
+}
+
 impl SeenEvents for PgStore {
     fn mark_events_seen(&self, ids: &[&str], forget_at: u64) -> Result<Vec<bool>> {
         if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
