@@ -19,8 +19,8 @@ use lark_service::net::{Net, NetOptions};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID};
 use lark_service::storage::postgres::{PgOptions, PgStore};
 use lark_service::storage::{
-    AuthSession, Key, Keyring, Leases, SeenEvents, SessionState, SessionStore, Store,
-    StoreOptions, TokenStore, UserInfo, UserStore, UserToken,
+    AuthSession, Key, Keyring, Leases, SeenEvents, SessionState, SessionStore, Store, StoreOptions,
+    TokenStore, UserInfo, UserStore, UserToken,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -222,7 +222,11 @@ fn run(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.arg("--config").arg(&config).args(args).output().unwrap()
+    cmd.arg("--config")
+        .arg(&config)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn url_file(dir: &Path, url: &str) -> String {
@@ -348,7 +352,14 @@ fn contents(store: &Store) -> (Vec<String>, Vec<String>, Vec<String>) {
         .list_sessions(None, usize::MAX)
         .unwrap()
         .iter()
-        .map(|r| session_view(&store.get_session(r.session_id.parse().unwrap()).unwrap().unwrap()))
+        .map(|r| {
+            session_view(
+                &store
+                    .get_session(r.session_id.parse().unwrap())
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
         .collect();
     sessions.sort();
     let users = store.list_users(APP_ID).unwrap();
@@ -393,8 +404,9 @@ async fn round_trip_redb_postgres_redb_and_the_service_serves_the_copy() {
         started.elapsed()
     );
     assert!(
-        stdout.contains("migrated 1500 sessions, 500 tokens, 500 users, 1500 seen event ids from PostgreSQL to")
-            && stdout.contains("counts verified"),
+        stdout.contains(
+            "migrated 1500 sessions, 500 tokens, 500 users, 1500 seen event ids from PostgreSQL to"
+        ) && stdout.contains("counts verified"),
         "{stdout}"
     );
     // A progress line every batch of 500 rows.
@@ -424,7 +436,9 @@ async fn round_trip_redb_postgres_redb_and_the_service_serves_the_copy() {
         let mut hash = [9u8; 32];
         hash[..8].copy_from_slice(&2u64.to_be_bytes());
         assert_eq!(
-            back.session_by_state_hash(&hash).unwrap().map(|s| s.user_id),
+            back.session_by_state_hash(&hash)
+                .unwrap()
+                .map(|s| s.user_id),
             Some("u2".to_owned())
         );
         assert_eq!(back.tokens_due(u64::MAX / 2, 10_000).unwrap().len(), 500);
@@ -497,12 +511,7 @@ fn migrate_back_refuses_a_live_fleet_and_a_target_that_holds_data() {
         .unwrap());
     // Lapsed long ago: a dead instance.
     assert!(store
-        .try_acquire_lease(
-            "refresh/x/y",
-            "host-2/1/dead",
-            1_000,
-            now() - 3_600_000
-        )
+        .try_acquire_lease("refresh/x/y", "host-2/1/dead", 1_000, now() - 3_600_000)
         .unwrap());
 
     let dir = tempfile::tempdir().unwrap();
@@ -514,7 +523,10 @@ fn migrate_back_refuses_a_live_fleet_and_a_target_that_holds_data() {
         err.contains("still serve") && err.contains("host-1/4242/live"),
         "{err}"
     );
-    assert!(!err.contains("host-2/1/dead"), "a lapsed lease is no instance: {err}");
+    assert!(
+        !err.contains("host-2/1/dead"),
+        "a lapsed lease is no instance: {err}"
+    );
     assert!(!target.exists(), "the refused run left a file behind");
 
     store
@@ -532,7 +544,11 @@ fn migrate_back_refuses_a_live_fleet_and_a_target_that_holds_data() {
     assert!(err.contains("not empty"), "{err}");
     {
         let kept = Store::open(&target, shared_ring(), StoreOptions::default()).unwrap();
-        assert_eq!(kept.counts().unwrap().sessions, 1, "the existing file was changed");
+        assert_eq!(
+            kept.counts().unwrap().sessions,
+            1,
+            "the existing file was changed"
+        );
     }
 
     // A target held by a running service: refused by its lock.
@@ -616,12 +632,20 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
         assert!(stdout.contains(&s.session_id.to_string()), "{stdout}");
     }
     let out = run(dir.path(), &env, &["sessions", "list", "--json"]);
-    assert_eq!(text(&out.stdout).lines().count(), 3, "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
     let id = sessions[1].session_id.to_string();
     let out = run(dir.path(), &env, &["sessions", "show", &id]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(stdout.contains(&id) && stdout.contains("\"pb\""), "{stdout}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("\"pb\""),
+        "{stdout}"
+    );
     assert!(!stdout.contains("pkce-pb"), "a secret printed: {stdout}");
 
     let out = run(dir.path(), &env, &["keys", "status"]);
@@ -651,7 +675,12 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
         ),
         (&["keys", "rotate"], "not rotated on PostgreSQL"),
         (
-            &["export", "postgres", "--url-file", &url_file(dir.path(), &url)],
+            &[
+                "export",
+                "postgres",
+                "--url-file",
+                &url_file(dir.path(), &url),
+            ],
             "local redb store",
         ),
     ];

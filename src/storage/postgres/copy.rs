@@ -214,7 +214,12 @@ impl PgStore {
                 StoredSession::decode(v.value())?,
             ))
         });
-        pump("sessions", rows, &mut |b| sink(Batch::Sessions(b)), progress)?;
+        pump(
+            "sessions",
+            rows,
+            &mut |b| sink(Batch::Sessions(b)),
+            progress,
+        )?;
         let t = txn.open_table(TOKENS).map_err(|e| src.err(e))?;
         let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (k, v) = row.map_err(|e| src.err(e))?;
@@ -233,7 +238,12 @@ impl PgStore {
             let (k, v) = row.map_err(|e| src.err(e))?;
             Ok((k.value().to_owned(), v.value()))
         });
-        pump("seen events", rows, &mut |b| sink(Batch::Events(b)), progress)?;
+        pump(
+            "seen events",
+            rows,
+            &mut |b| sink(Batch::Events(b)),
+            progress,
+        )?;
         drop(txn);
         let target = self.counts()?;
         check_counts(&source, &target, "redb", "PostgreSQL")?;
@@ -285,18 +295,19 @@ impl PgStore {
             &mut |b| write_redb_sessions(dst, &b),
             progress,
         )?;
-        let rows = Pages::new(
-            &tx,
-            &format!("SELECT {TOKEN_COLUMNS} FROM ls_tokens"),
-        )?
-        .map(|r| {
+        let rows = Pages::new(&tx, &format!("SELECT {TOKEN_COLUMNS} FROM ls_tokens"))?.map(|r| {
             r.and_then(|row| {
                 let app: String = row.try_get("app_id").map_err(|e| pg_err(&e))?;
                 let usr: String = row.try_get("user_id").map_err(|e| pg_err(&e))?;
                 Ok((app, usr, stored_token(&row)?))
             })
         });
-        pump("tokens", rows, &mut |b| write_redb_tokens(dst, &b), progress)?;
+        pump(
+            "tokens",
+            rows,
+            &mut |b| write_redb_tokens(dst, &b),
+            progress,
+        )?;
         let rows = Pages::new(
             &tx,
             "SELECT app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at \
@@ -489,8 +500,8 @@ fn sample_opens(redb: &Store, pg: &PgStore) -> Result<()> {
         let what = format!("the token of {app}/{usr}");
         let missing = || Error::Invalid(format!("{what} is missing after the copy"));
         let a = redb.get_token(&app, &usr)?.ok_or_else(missing)?;
-        let b = crate::storage::traits::TokenStore::get_token(pg, &app, &usr)?
-            .ok_or_else(missing)?;
+        let b =
+            crate::storage::traits::TokenStore::get_token(pg, &app, &usr)?.ok_or_else(missing)?;
         same_secrets(&what, Some(&a.access_token), Some(&b.access_token))?;
         same_secrets(&what, a.refresh_token.as_ref(), b.refresh_token.as_ref())?;
     }
@@ -555,9 +566,7 @@ fn write_redb_events(dst: &Store, rows: &[(String, u64)]) -> Result<u64> {
     let txn = dst.begin_write()?;
     {
         let mut seen = txn.open_table(SEEN_EVENTS).map_err(|e| dst.err(e))?;
-        let mut expiry = txn
-            .open_table(SEEN_EVENTS_EXPIRY)
-            .map_err(|e| dst.err(e))?;
+        let mut expiry = txn.open_table(SEEN_EVENTS_EXPIRY).map_err(|e| dst.err(e))?;
         for (id, at) in rows {
             seen.insert(id.as_str(), *at).map_err(|e| dst.err(e))?;
             expiry
