@@ -577,3 +577,66 @@ fn write_redb_events(dst: &Store, rows: &[(String, u64)]) -> Result<u64> {
     dst.commit(txn)?;
     Ok(rows.len() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every row arrives once, in order, in batches of at most [`BATCH`]; the progress is the
+    /// running total after each batch and ends at the total (also for an empty source).
+    #[test]
+    fn pump_moves_every_row_in_batches_and_reports_running_totals() {
+        for n in [0usize, 1, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 7] {
+            let mut got = Vec::new();
+            let mut sizes = Vec::new();
+            let mut seen = Vec::new();
+            let total = pump(
+                "rows",
+                (0..n).map(Ok),
+                &mut |b: Vec<usize>| {
+                    sizes.push(b.len());
+                    got.extend(b.iter().copied());
+                    Ok(b.len() as u64)
+                },
+                &mut |what, k| seen.push((what, k)),
+            )
+            .unwrap();
+            assert_eq!(total, n as u64);
+            assert_eq!(got, (0..n).collect::<Vec<_>>());
+            assert!(sizes.iter().all(|s| (1..=BATCH).contains(s)), "{sizes:?}");
+            assert_eq!(sizes.len(), n.div_ceil(BATCH));
+            assert_eq!(seen.last(), Some(&("rows", n as u64)));
+            assert!(seen
+                .windows(2)
+                .all(|w| w[0].1 < w[1].1 || w[1].1 == n as u64));
+        }
+    }
+
+    /// A bad source row stops the copy: nothing after it is written, the error comes back.
+    #[test]
+    fn pump_stops_at_the_first_bad_row() {
+        let mut written = 0usize;
+        let rows = (0..BATCH + 10).map(|i| {
+            if i == BATCH + 3 {
+                Err(Error::Invalid("bad row".to_owned()))
+            } else {
+                Ok(i)
+            }
+        });
+        let r = pump(
+            "rows",
+            rows,
+            &mut |b: Vec<usize>| {
+                written += b.len();
+                Ok(b.len() as u64)
+            },
+            &mut |_, _| {},
+        );
+        assert!(matches!(r, Err(Error::Invalid(m)) if m == "bad row"));
+        assert_eq!(
+            written, BATCH,
+            "only the batch before the bad row was written"
+        );
+    }
+}
