@@ -659,6 +659,26 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
         "{stdout}"
     );
 
+    // Revoke and the sweep go to the database too.
+    let id = sessions[2].session_id.to_string();
+    let out = run(dir.path(), &env, &["sessions", "revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        store
+            .get_session(sessions[2].session_id)
+            .unwrap()
+            .unwrap()
+            .state,
+        SessionState::Revoked
+    );
+    let out = run(dir.path(), &env, &["sessions", "sweep"]);
+    assert!(
+        out.status.success() && text(&out.stdout).contains("sweep: 0 sessions expired"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
     let pass = dir.path().join("pass");
     std::fs::write(&pass, "a passphrase long enough to be accepted").unwrap();
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
