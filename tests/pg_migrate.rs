@@ -583,6 +583,32 @@ fn migrate_back_refuses_a_live_fleet_and_a_target_that_holds_data() {
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
 }
 
+/// Into an empty database a fleet already serves from: refused (its writes would mix with the
+/// copy), nothing written.
+#[test]
+fn migrate_into_a_database_a_fleet_serves_from_is_refused() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let target = pg_store(&url);
+    assert!(target
+        .try_acquire_lease("worker/export_postgres", "host-3/77/live", 60_000, now())
+        .unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let store = Store::open(&path, shared_ring(), StoreOptions::default()).unwrap();
+        store.put_session(&one_session("f")).unwrap();
+    }
+    let out = migrate_dir(dir.path(), &path, &url, "redb", "postgres");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("still serve") && err.contains("host-3/77/live"),
+        "{err}"
+    );
+    assert_eq!(target.counts().unwrap().sessions, 0, "something was copied");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The store commands with storage.backend = "postgres".
 

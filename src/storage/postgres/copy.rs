@@ -11,8 +11,9 @@
 //! The source is read as one consistent snapshot: one redb read transaction, or one
 //! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
 //! portals. The caller holds the redb store it opened, so a store the service still holds is
-//! already refused by its lock; a PostgreSQL store some instance still serves from is refused
-//! by [`PgStore::live_instances`], before and after the copy. The target must be empty (so
+//! already refused by its lock; a PostgreSQL store some instance still serves from (in either
+//! direction) is refused by [`PgStore::live_instances`], before the copy and, when copying
+//! back, after it. The target must be empty (so
 //! that the counts compared at the end mean something) and is written in batches of
 //! [`BATCH`] rows, each one transaction, through one loop ([`pump`]) in both directions. The
 //! per-state counts follow (triggers on PostgreSQL, the kept counts on redb) and are compared,
@@ -203,6 +204,8 @@ impl PgStore {
                 "migrate only into a new database",
             ));
         }
+        // A fleet serving from the empty database would write beside the copy.
+        self.refuse_live("refusing to copy")?;
         let source = src.counts()?;
         let txn = src.db().begin_read().map_err(|e| src.err(e))?;
         let sink = |b: Batch| self.write_batch(b);
