@@ -62,7 +62,9 @@ pub enum Command {
     Import(ImportCmd),
     /// Copy the store into another backend: `--from redb --to postgres` copies every session,
     /// token, user and seen event id (still sealed) into an empty PostgreSQL store, prints the
-    /// counts and checks them. The service must be stopped (a live store is refused).
+    /// counts and checks them; `--from postgres --to redb` copies them back into a new (or
+    /// empty) redb file at storage.path. The service must be stopped (a live store, or a fleet
+    /// still holding leases on the database, is refused).
     Migrate(MigrateArgs),
     /// Serve the MCP tools (send messages and cards, users, aPaaS records, authorization) to
     /// one client over standard input/output. Opens the store, so the service must be stopped.
@@ -172,8 +174,9 @@ pub struct MigrateArgs {
     /// The store to copy into.
     #[arg(long, value_enum)]
     pub to: BackendName,
-    /// A file (mode 0600) holding the target's postgres://… URL; default: the configured
-    /// storage.postgres_url (or POSTGRES_* parts) with storage.backend = "postgres".
+    /// A file (mode 0600) holding the PostgreSQL database's postgres://… URL (the target, or
+    /// with --from postgres the source); default: the configured storage.postgres_url (or
+    /// POSTGRES_* parts) with storage.backend = "postgres".
     #[arg(long, value_name = "PATH")]
     pub url_file: Option<PathBuf>,
 }
@@ -675,12 +678,16 @@ fn import_python(opts: &LoadOptions, args: &ImportPythonArgs) -> Result<(), CliE
 }
 
 fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
-    if (args.from, args.to) != (BackendName::Redb, BackendName::Postgres) {
-        return Err(anyhow::anyhow!(
-            "only --from redb --to postgres is supported (PostgreSQL back to redb is not built yet)"
-        )
-        .into());
-    }
+    let back = match (args.from, args.to) {
+        (BackendName::Redb, BackendName::Postgres) => false,
+        (BackendName::Postgres, BackendName::Redb) => true,
+        _ => {
+            return Err(storage::Error::Invalid(
+                "migrate copies between the two backends: --from redb --to postgres, or --from postgres --to redb".to_owned(),
+            )
+            .into())
+        }
+    };
     let cfg = Config::load(opts)?;
     let url = match (&args.url_file, &cfg.storage_backend) {
         (Some(p), _) => crate::config::read_secret_file("storage.postgres_url", p)?.0,
@@ -692,20 +699,12 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
             .into())
         }
     };
+    if back {
+        return migrate_back(&cfg, &url);
+    }
     // Opening the redb store takes its lock: a store the service still holds is refused here.
-    let store = open_store(&cfg)?;
-    let net =
-        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let pg = crate::storage::postgres::PgStore::open(
-        secrecy::ExposeSecret::expose_secret(&url),
-        &net,
-        cfg.keyring()?,
-        crate::storage::postgres::PgOptions {
-            terminal_retention: cfg.session_retention,
-            change_feed: cfg.export_postgres_url.is_some(),
-            ..crate::storage::postgres::PgOptions::default()
-        },
-    )?;
+    let store = open_redb(&cfg)?;
+    let pg = open_pg(&cfg, &url)?;
     let started = Instant::now();
     let redb = store
         .as_redb()
@@ -726,7 +725,104 @@ fn migrate(opts: &LoadOptions, args: &MigrateArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `migrate --from postgres --to redb`: copies the PostgreSQL store at `url` into the redb file
+/// at storage.path, which must be new or empty. A file this run created is removed again when
+/// the copy fails or is refused, so no half copy is left to be served.
+fn migrate_back(cfg: &Config, url: &secrecy::SecretString) -> Result<(), CliError> {
+    let pg = open_pg(cfg, url)?;
+    let path = cfg.storage_path.clone();
+    let existed = path.exists();
+    // Opening the redb store takes its lock: a file a service still holds is refused here.
+    let store = open_redb(cfg)?;
+    let redb = store
+        .as_redb()
+        .ok_or_else(|| storage::Error::Invalid("migrate copies into a redb store".to_owned()))?;
+    let started = Instant::now();
+    let copied = pg.copy_into_redb(redb, &mut |what, n| {
+        eprintln!("migrate: {n} {what} copied");
+    });
+    let report = match copied {
+        Ok(r) => r,
+        Err(e) => {
+            drop(store);
+            if !existed && std::fs::remove_file(&path).is_ok() {
+                eprintln!(
+                    "migrate: removed {}, which this run had created",
+                    path.display()
+                );
+            }
+            return Err(e.into());
+        }
+    };
+    let c = report.target;
+    println!(
+        "migrated {} sessions, {} tokens, {} users, {} seen event ids from PostgreSQL to {} in {:.1}s; counts verified",
+        c.sessions,
+        c.tokens,
+        c.users,
+        c.seen_events,
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The PostgreSQL store at `url`, opened as the service opens it (schema applied, key checked).
+fn open_pg(
+    cfg: &Config,
+    url: &secrecy::SecretString,
+) -> Result<crate::storage::postgres::PgStore, CliError> {
+    let net =
+        crate::net::Net::new(&cfg.network.net_options()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(crate::storage::postgres::PgStore::open(
+        secrecy::ExposeSecret::expose_secret(url),
+        &net,
+        cfg.keyring()?,
+        crate::storage::postgres::PgOptions {
+            terminal_retention: cfg.session_retention,
+            change_feed: cfg.export_postgres_url.is_some(),
+            ..crate::storage::postgres::PgOptions::default()
+        },
+    )?)
+}
+
+/// The configured store, either backend: for the commands that work on both (`sessions`,
+/// `keys status`).
+fn open_db(cfg: &Config) -> Result<storage::Db, CliError> {
+    match &cfg.storage_backend {
+        crate::config::StorageBackend::Postgres { url } => Ok(open_pg(cfg, url)?.into()),
+        crate::config::StorageBackend::Redb => open_store(cfg),
+    }
+}
+
+/// Refuses `what` when the configured store is PostgreSQL, saying what to do `instead`
+/// (exit 64, before anything is opened).
+fn refuse_on_postgres(cfg: &Config, what: &str, instead: &str) -> Result<(), CliError> {
+    match cfg.storage_backend {
+        crate::config::StorageBackend::Postgres { .. } => Err(storage::Error::Invalid(format!(
+            "{what} is not available with storage.backend = \"postgres\": {instead}"
+        ))
+        .into()),
+        crate::config::StorageBackend::Redb => Ok(()),
+    }
+}
+
+/// The configured redb store. Refused when storage.backend = "postgres": a command that works
+/// on the redb file only must not open a local file the fleet does not serve from.
 fn open_store(cfg: &Config) -> Result<storage::Db, CliError> {
+    refuse_on_postgres(
+        cfg,
+        "this command",
+        &format!(
+            "it works on the local redb store ({}) only in this build",
+            cfg.storage_path.display()
+        ),
+    )?;
+    open_redb(cfg)
+}
+
+/// The redb file at storage.path, whatever the configured backend (for `migrate`).
+fn open_redb(cfg: &Config) -> Result<storage::Db, CliError> {
     refuse_root_on_foreign_store(&cfg.storage_path)?;
     let ring = cfg.keyring()?;
     Ok(Store::open(&cfg.storage_path, ring, store_options(cfg))?.into())
@@ -777,7 +873,7 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
         }
         KeysCmd::Status => {
             let cfg = Config::load(opts)?;
-            let store = open_store(&cfg)?;
+            let store = open_db(&cfg)?;
             let st = store.key_status()?;
             let _ = writeln!(out, "active key id:      {}", st.active);
             let _ = writeln!(out, "store key-check id: {}", st.store_key);
@@ -787,7 +883,9 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
             let _ = writeln!(
                 out,
                 "rotation pending:   {}",
-                if st.rotation_pending {
+                if st.rotation_pending && store.is_postgres() {
+                    "yes (keys are not rotated on PostgreSQL in this build: keep the older keys in LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS)"
+                } else if st.rotation_pending {
                     "yes (run `lark-service keys rotate`)"
                 } else {
                     "no"
@@ -796,6 +894,11 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
         }
         KeysCmd::Rotate { batch } => {
             let cfg = Config::load(opts)?;
+            refuse_on_postgres(
+                &cfg,
+                "keys rotate",
+                "keys are not rotated on PostgreSQL in this build; the service opens what is sealed under the active key and LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS, so keep the older keys there (`keys status` shows which key ids are in use)",
+            )?;
             let store = open_store(&cfg)?;
             let started = Instant::now();
             let mut last = Instant::now();
@@ -827,7 +930,9 @@ fn fmt_ms(ms: u64) -> String {
 
 fn sessions(opts: &LoadOptions, cmd: SessionsCmd) -> Result<(), CliError> {
     let cfg = Config::load(opts)?;
-    let store = open_store(&cfg)?;
+    // Either backend: on PostgreSQL revoke is a conditional update and the sweep takes its
+    // rows with SKIP LOCKED, so both are safe beside a running fleet.
+    let store = open_db(&cfg)?;
     let mut out = std::io::stdout().lock();
     match cmd {
         SessionsCmd::List { state, limit, json } => {
@@ -932,6 +1037,11 @@ fn backup_protection(
 
 fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
     let cfg = Config::load(opts)?;
+    refuse_on_postgres(
+        &cfg,
+        "backup",
+        "back the database up with its own tools, e.g. `pg_dump --format=custom --table='ls_*' --table=lark_service_schema --file=lark-service.dump DBNAME` (the tokens in it stay sealed: keep the token key apart from the dump)",
+    )?;
     let prot = backup_protection(&cfg, &args.recipients, args.passphrase_file.as_deref())?;
     let started = Instant::now();
     let store = match open_store(&cfg) {
@@ -1020,6 +1130,11 @@ fn backup_through_service(
 fn restore(opts: &LoadOptions, args: &RestoreArgs) -> Result<(), CliError> {
     use crate::backup::Protection;
     let cfg = Config::load(opts)?;
+    refuse_on_postgres(
+        &cfg,
+        "restore",
+        "a backup holds a redb store: restore it with storage.backend = \"redb\", then copy it into an empty database with `lark-service migrate --from redb --to postgres`; a pg_dump is restored with pg_restore",
+    )?;
     let prot = match (&args.identity, &args.passphrase_file) {
         (Some(i), _) => Protection::identity_file(i)?,
         (None, Some(p)) => Protection::passphrase_file(p)?,

@@ -132,12 +132,12 @@ both! {
     fn get_session_summary(&self, id: SessionId) -> Result<Option<SessionSummary>>;
     fn count_active_tokens(&self) -> Result<u64>;
     fn counts(&self) -> Result<StoreCounts>;
+    fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
 }
 
 redb_only! {
-    fn key_status(&self) -> Result<KeyStatus>;
     fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
     fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;

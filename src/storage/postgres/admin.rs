@@ -6,7 +6,7 @@ use super::rows::{id_bytes, SESSION_COLUMNS};
 use super::sessions::summary;
 use super::{pg_err, PgStore};
 use crate::storage::envelope::KeyId;
-use crate::storage::{Error, Result, SessionId, SessionSummary};
+use crate::storage::{Error, KeyStatus, Result, SessionId, SessionSummary};
 
 impl PgStore {
     /// Runs blocking store work off the async executor (as `Store::run`).
@@ -71,6 +71,51 @@ impl PgStore {
                 .map_err(|e| pg_err(&e))?;
             let n: i64 = row.try_get(0).map_err(|e| pg_err(&e))?;
             Ok(u64::try_from(n).unwrap_or(0))
+        })
+    }
+
+    /// Which key ids seal what (as `Store::key_status`): the sealed columns of sessions and
+    /// tokens counted per key id, read from the key id columns without opening anything. No
+    /// app registry here. Keys are not rotated on PostgreSQL in this build, so a pending
+    /// rotation only says that older keys are still needed.
+    pub fn key_status(&self) -> Result<KeyStatus> {
+        let rows = self.with(async |c| {
+            c.query(
+                "SELECT k, count(*) FROM (
+                    SELECT access_token_key AS k FROM ls_sessions WHERE access_token IS NOT NULL
+                    UNION ALL SELECT refresh_token_key FROM ls_sessions WHERE refresh_token IS NOT NULL
+                    UNION ALL SELECT pkce_verifier_key FROM ls_sessions WHERE pkce_verifier IS NOT NULL
+                    UNION ALL SELECT access_token_key FROM ls_tokens
+                    UNION ALL SELECT refresh_token_key FROM ls_tokens WHERE refresh_token IS NOT NULL
+                 ) s GROUP BY k ORDER BY k",
+                &[],
+            )
+            .await
+            .map_err(|e| pg_err(&e))
+        })?;
+        let mut by_key = std::collections::BTreeMap::new();
+        for r in &rows {
+            let k: Option<i64> = r.try_get(0).map_err(|e| pg_err(&e))?;
+            let n: i64 = r.try_get(1).map_err(|e| pg_err(&e))?;
+            let k = k
+                .and_then(|k| u32::try_from(k).ok())
+                .map(KeyId)
+                .ok_or_else(|| Error::Decode {
+                    table: "sessions",
+                    detail: format!("sealed column without a valid key id ({k:?})"),
+                })?;
+            by_key.insert(k, u64::try_from(n).unwrap_or(0));
+        }
+        let active = self.active_key_id();
+        let store_key = self.store_key_id()?;
+        Ok(KeyStatus {
+            active: active.to_string(),
+            store_key: store_key.to_string(),
+            rotation_pending: store_key != active || by_key.keys().any(|k| *k != active),
+            sealed_fields_by_key: by_key
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect(),
         })
     }
 }

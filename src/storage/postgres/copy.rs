@@ -1,37 +1,60 @@
-//! Copying a redb store into an empty PostgreSQL store (`lark-service migrate`).
+//! Copying a store between the backends (`lark-service migrate`): a redb store into an empty
+//! PostgreSQL store ([`PgStore::copy_from_redb`]) and back ([`PgStore::copy_into_redb`]).
 //!
 //! Sessions, tokens, users and seen event ids move as they are stored: the sealed values are
 //! bound to the same associated data in both stores (table, row, field, key id), so they are
 //! copied without being opened or sealed again, and the copy never holds a secret in clear.
-//! The redb store is read in one read transaction (a consistent snapshot); the caller opened
-//! it, so a store the service still holds is already refused by its lock. The target must be
-//! empty (so that the counts compared at the end mean something) and is written in batches,
-//! each one transaction; the per-state counts follow through the triggers, and every session
-//! is in the target's change feed.
+//! Leases are not copied (they belong to the running instances of one store), nor cursors, the
+//! change feed or (on redb) the outbox, grants and the app registry, which PostgreSQL does not
+//! hold.
+//!
+//! The source is read as one consistent snapshot: one redb read transaction, or one
+//! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
+//! portals. The caller holds the redb store it opened, so a store the service still holds is
+//! already refused by its lock; a PostgreSQL store some instance still serves from (in either
+//! direction) is refused by [`PgStore::live_instances`], before the copy and, when copying
+//! back, after it. The target must be empty (so
+//! that the counts compared at the end mean something) and is written in batches of
+//! [`BATCH`] rows, each one transaction, through one loop ([`pump`]) in both directions. The
+//! per-state counts follow (triggers on PostgreSQL, the kept counts on redb) and are compared,
+//! and a sample of sessions and tokens is opened on both sides and compared.
 
 use redb::{ReadableDatabase, ReadableTable};
+use secrecy::ExposeSecret;
+use tokio_postgres::{Row, Transaction};
 
 use super::feed::{append_changes, KIND_UPSERT};
-use super::rows::{SessionParams, TokenParams, SESSION_COLUMNS, SESSION_VALUES, TOKEN_COLUMNS};
-use super::{db_time, pg_err, PgStore};
-use crate::storage::records::{StoredSession, StoredToken};
-use crate::storage::tables::{SEEN_EVENTS, SESSIONS, TOKENS, USERS};
+use super::rows::{
+    stored_session, stored_token, user, SessionParams, TokenParams, SESSION_COLUMNS,
+    SESSION_VALUES, TOKEN_COLUMNS,
+};
+use super::{api_time, block_on, db_time, pg_err, PgStore};
+use crate::storage::records::{encode, StoredSession, StoredToken, USER_VERSION};
+use crate::storage::sessions::validate_ids;
+use crate::storage::tables::{
+    SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, TOKENS, TOKEN_REFRESH_DUE, USERS,
+};
+use crate::storage::tokens::refreshable;
 use crate::storage::traits::SessionStore;
 use crate::storage::{Error, Result, SessionId, Store, StoreCounts, UserInfo};
 
-/// Rows per target transaction.
+/// Rows per target transaction (and per page read from PostgreSQL).
 const BATCH: usize = 500;
+
+/// How many sessions and tokens are opened on both sides after a copy.
+const SAMPLE: usize = 16;
 
 /// What a copy did: the source's counts and the target's after the copy (equal, or the copy
 /// fails).
 #[derive(Clone, Debug)]
 pub struct CopyReport {
-    /// Rows in the redb store.
+    /// Rows in the store copied from.
     pub source: StoreCounts,
-    /// Rows in the PostgreSQL store after the copy.
+    /// Rows in the store copied into, after the copy.
     pub target: StoreCounts,
 }
 
+/// A batch of rows for the PostgreSQL target.
 enum Batch {
     Sessions(Vec<SessionParams>),
     Tokens(Vec<TokenParams>),
@@ -39,7 +62,133 @@ enum Batch {
     Events(Vec<(String, u64)>),
 }
 
+/// Moves every row of `source` into `sink`, [`BATCH`] rows per call, and reports the running
+/// total after each batch as `progress(what, rows)`. Returns the rows written. The one copy loop
+/// of both directions.
+fn pump<T>(
+    what: &'static str,
+    source: impl Iterator<Item = Result<T>>,
+    sink: &mut dyn FnMut(Vec<T>) -> Result<u64>,
+    progress: &mut dyn FnMut(&'static str, u64),
+) -> Result<u64> {
+    let mut n = 0u64;
+    let mut batch = Vec::with_capacity(BATCH);
+    for row in source {
+        batch.push(row?);
+        if batch.len() == BATCH {
+            n += sink(std::mem::take(&mut batch))?;
+            progress(what, n);
+        }
+    }
+    if !batch.is_empty() {
+        n += sink(batch)?;
+    }
+    progress(what, n);
+    Ok(n)
+}
+
+/// The rows of one query in a PostgreSQL transaction, fetched [`BATCH`] at a time through a
+/// portal (the whole result is never held at once).
+struct Pages<'t, 'c> {
+    tx: &'t Transaction<'c>,
+    portal: tokio_postgres::Portal,
+    buf: std::vec::IntoIter<Row>,
+    done: bool,
+}
+
+impl<'t, 'c> Pages<'t, 'c> {
+    fn new(tx: &'t Transaction<'c>, query: &str) -> Result<Self> {
+        let portal = block_on(tx.bind(query, &[])).map_err(|e| pg_err(&e))?;
+        Ok(Self {
+            tx,
+            portal,
+            buf: Vec::new().into_iter(),
+            done: false,
+        })
+    }
+}
+
+impl Iterator for Pages<'_, '_> {
+    type Item = Result<Row>;
+
+    fn next(&mut self) -> Option<Result<Row>> {
+        loop {
+            if let Some(r) = self.buf.next() {
+                return Some(Ok(r));
+            }
+            if self.done {
+                return None;
+            }
+            let page = i32::try_from(BATCH).unwrap_or(i32::MAX);
+            match block_on(self.tx.query_portal(&self.portal, page)) {
+                Ok(rows) => {
+                    self.done = rows.len() < BATCH;
+                    self.buf = rows.into_iter();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(pg_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+fn not_empty(what: &str, c: &StoreCounts, advice: &str) -> Error {
+    Error::Invalid(format!(
+        "the {what} store is not empty ({} sessions, {} tokens, {} users, {} seen events); {advice}",
+        c.sessions, c.tokens, c.users, c.seen_events
+    ))
+}
+
+/// Compares the decrypted secrets of a sample read from both stores: the same key ring must
+/// open the copied ciphertext to the same plaintext.
+fn same_secrets(
+    what: &str,
+    a: Option<&secrecy::SecretString>,
+    b: Option<&secrecy::SecretString>,
+) -> Result<()> {
+    if a.map(ExposeSecret::expose_secret) == b.map(ExposeSecret::expose_secret) {
+        Ok(())
+    } else {
+        // Never the values themselves: only which record differs.
+        Err(Error::Invalid(format!(
+            "the copy of {what} does not open to the source's secret"
+        )))
+    }
+}
+
 impl PgStore {
+    /// The instances that still hold a lease on this database (unexpired rows of
+    /// `ls_leases`), by holder name: a fleet that is serving. Empty when none.
+    pub fn live_instances(&self, now: u64) -> Result<Vec<String>> {
+        self.with(async |c| {
+            let rows = c
+                .query(
+                    "SELECT DISTINCT holder FROM ls_leases WHERE expires_at > $1 ORDER BY holder",
+                    &[&db_time(now)],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            rows.iter()
+                .map(|r| r.try_get::<_, String>(0).map_err(|e| pg_err(&e)))
+                .collect()
+        })
+    }
+
+    /// Refuses while an instance serves from this database.
+    fn refuse_live(&self, when: &str) -> Result<()> {
+        let live = self.live_instances(crate::storage::now_ms())?;
+        if live.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{when}: {} instance(s) still serve from this PostgreSQL database ({}); stop every instance of the fleet (and let their leases lapse) first",
+            live.len(),
+            live.join(", ")
+        )))
+    }
+
     /// Copies every session, token, user and seen event id of `src` into this store, which
     /// must be empty, and checks the counts. See the module notes.
     pub fn copy_from_redb(
@@ -49,99 +198,152 @@ impl PgStore {
     ) -> Result<CopyReport> {
         let before = self.counts()?;
         if before != StoreCounts::default() {
-            return Err(Error::Invalid(format!(
-                "the PostgreSQL store is not empty ({} sessions, {} tokens, {} users, {} seen events); migrate only into a new database",
-                before.sessions, before.tokens, before.users, before.seen_events
-            )));
+            return Err(not_empty(
+                "PostgreSQL",
+                &before,
+                "migrate only into a new database",
+            ));
         }
+        // A fleet serving from the empty database would write beside the copy.
+        self.refuse_live("refusing to copy")?;
         let source = src.counts()?;
         let txn = src.db().begin_read().map_err(|e| src.err(e))?;
-        let mut n = 0u64;
-        let mut batch = Vec::with_capacity(BATCH);
-        for row in txn
-            .open_table(SESSIONS)
-            .map_err(|e| src.err(e))?
-            .iter()
-            .map_err(|e| src.err(e))?
-        {
+        let sink = |b: Batch| self.write_batch(b);
+        let t = txn.open_table(SESSIONS).map_err(|e| src.err(e))?;
+        let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (k, v) = row.map_err(|e| src.err(e))?;
-            let stored = StoredSession::decode(v.value())?;
-            batch.push(SessionParams::new(SessionId(k.value()), stored));
-            if batch.len() == BATCH {
-                n += self.write_batch(Batch::Sessions(std::mem::take(&mut batch)))?;
-                progress("sessions", n);
-            }
-        }
-        n += self.write_batch(Batch::Sessions(batch))?;
-        progress("sessions", n);
-        let mut n = 0u64;
-        let mut batch = Vec::with_capacity(BATCH);
-        for row in txn
-            .open_table(TOKENS)
-            .map_err(|e| src.err(e))?
-            .iter()
-            .map_err(|e| src.err(e))?
-        {
+            Ok(SessionParams::new(
+                SessionId(k.value()),
+                StoredSession::decode(v.value())?,
+            ))
+        });
+        pump(
+            "sessions",
+            rows,
+            &mut |b| sink(Batch::Sessions(b)),
+            progress,
+        )?;
+        let t = txn.open_table(TOKENS).map_err(|e| src.err(e))?;
+        let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (k, v) = row.map_err(|e| src.err(e))?;
             let (app, user) = k.value();
-            batch.push(TokenParams::new(app, user, StoredToken::decode(v.value())?));
-            if batch.len() == BATCH {
-                n += self.write_batch(Batch::Tokens(std::mem::take(&mut batch)))?;
-                progress("tokens", n);
-            }
-        }
-        n += self.write_batch(Batch::Tokens(batch))?;
-        progress("tokens", n);
-        let mut n = 0u64;
-        let mut batch = Vec::with_capacity(BATCH);
-        for row in txn
-            .open_table(USERS)
-            .map_err(|e| src.err(e))?
-            .iter()
-            .map_err(|e| src.err(e))?
-        {
+            Ok(TokenParams::new(app, user, StoredToken::decode(v.value())?))
+        });
+        pump("tokens", rows, &mut |b| sink(Batch::Tokens(b)), progress)?;
+        let t = txn.open_table(USERS).map_err(|e| src.err(e))?;
+        let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (_, v) = row.map_err(|e| src.err(e))?;
-            batch.push(UserInfo::decode_stored(v.value())?);
-            if batch.len() == BATCH {
-                n += self.write_batch(Batch::Users(std::mem::take(&mut batch)))?;
-                progress("users", n);
-            }
-        }
-        n += self.write_batch(Batch::Users(batch))?;
-        progress("users", n);
-        let mut n = 0u64;
-        let mut batch = Vec::with_capacity(BATCH);
-        for row in txn
-            .open_table(SEEN_EVENTS)
-            .map_err(|e| src.err(e))?
-            .iter()
-            .map_err(|e| src.err(e))?
-        {
+            UserInfo::decode_stored(v.value())
+        });
+        pump("users", rows, &mut |b| sink(Batch::Users(b)), progress)?;
+        let t = txn.open_table(SEEN_EVENTS).map_err(|e| src.err(e))?;
+        let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (k, v) = row.map_err(|e| src.err(e))?;
-            batch.push((k.value().to_owned(), v.value()));
-            if batch.len() == BATCH {
-                n += self.write_batch(Batch::Events(std::mem::take(&mut batch)))?;
-                progress("seen events", n);
-            }
-        }
-        n += self.write_batch(Batch::Events(batch))?;
-        progress("seen events", n);
+            Ok((k.value().to_owned(), v.value()))
+        });
+        pump(
+            "seen events",
+            rows,
+            &mut |b| sink(Batch::Events(b)),
+            progress,
+        )?;
+        drop(txn);
         let target = self.counts()?;
-        if target != source {
-            return Err(Error::Invalid(format!(
-                "the copy does not match its source: redb {source:?}, PostgreSQL {target:?}"
-            )));
-        }
+        check_counts(&source, &target, "redb", "PostgreSQL")?;
         // The per-state counts came through the triggers: they must equal the source's.
-        let (want, got) = (
-            src.count_sessions_by_state()?,
-            self.count_sessions_by_state()?,
-        );
-        if want != got {
-            return Err(Error::Invalid(format!(
-                "per-state counts differ after the copy: redb {want:?}, PostgreSQL {got:?}"
-            )));
+        check_states(
+            &src.count_sessions_by_state()?,
+            &self.count_sessions_by_state()?,
+            "redb",
+            "PostgreSQL",
+        )?;
+        sample_opens(src, self)?;
+        Ok(CopyReport { source, target })
+    }
+
+    /// Copies every session, token, user and seen event id of this store into `dst`, a redb
+    /// store that must be empty, and checks the counts. Refused while an instance still holds
+    /// a lease here. See the module notes.
+    pub fn copy_into_redb(
+        &self,
+        dst: &Store,
+        progress: &mut dyn FnMut(&'static str, u64),
+    ) -> Result<CopyReport> {
+        let before = dst.counts()?;
+        if before != StoreCounts::default() {
+            return Err(not_empty(
+                "redb",
+                &before,
+                "migrate only into a new file (move the existing one away first)",
+            ));
         }
+        self.refuse_live("refusing to copy")?;
+        let mut conn = self.conn()?;
+        let client = conn.client()?;
+        let tx = block_on(
+            client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )
+        .map_err(|e| pg_err(&e))?;
+        // Counted in the snapshot that is copied.
+        let source = block_on(snapshot_counts(&tx))?;
+        let rows = Pages::new(&tx, &format!("SELECT {SESSION_COLUMNS} FROM ls_sessions"))?
+            .map(|r| r.and_then(|row| stored_session(&row)));
+        pump(
+            "sessions",
+            rows,
+            &mut |b| write_redb_sessions(dst, &b),
+            progress,
+        )?;
+        let rows = Pages::new(&tx, &format!("SELECT {TOKEN_COLUMNS} FROM ls_tokens"))?.map(|r| {
+            r.and_then(|row| {
+                let app: String = row.try_get("app_id").map_err(|e| pg_err(&e))?;
+                let usr: String = row.try_get("user_id").map_err(|e| pg_err(&e))?;
+                Ok((app, usr, stored_token(&row)?))
+            })
+        });
+        pump(
+            "tokens",
+            rows,
+            &mut |b| write_redb_tokens(dst, &b),
+            progress,
+        )?;
+        let rows = Pages::new(
+            &tx,
+            "SELECT app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at \
+             FROM ls_users",
+        )?
+        .map(|r| r.and_then(|row| user(&row)));
+        pump("users", rows, &mut |b| write_redb_users(dst, &b), progress)?;
+        let rows = Pages::new(&tx, "SELECT id, forget_at FROM ls_seen_events")?.map(|r| {
+            r.and_then(|row| {
+                let id: String = row.try_get(0).map_err(|e| pg_err(&e))?;
+                let at: i64 = row.try_get(1).map_err(|e| pg_err(&e))?;
+                Ok((id, api_time(at, "seen_events")?))
+            })
+        });
+        pump(
+            "seen events",
+            rows,
+            &mut |b| write_redb_events(dst, &b),
+            progress,
+        )?;
+        block_on(tx.commit()).map_err(|e| pg_err(&e))?;
+        drop(conn);
+        let target = dst.counts()?;
+        check_counts(&source, &target, "PostgreSQL", "redb")?;
+        check_states(
+            &self.count_sessions_by_state()?,
+            &dst.count_sessions_by_state()?,
+            "PostgreSQL",
+            "redb",
+        )?;
+        sample_opens(dst, self)?;
+        // An instance that started during the copy may have written after the snapshot.
+        self.refuse_live("an instance started during the copy; the redb file may miss its writes")?;
         Ok(CopyReport { source, target })
     }
 
@@ -218,5 +420,226 @@ impl PgStore {
             tx.commit().await.map_err(|e| pg_err(&e))?;
             Ok(n as u64)
         })
+    }
+}
+
+/// The four counts inside the snapshot transaction.
+async fn snapshot_counts(tx: &Transaction<'_>) -> Result<StoreCounts> {
+    let row = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM ls_sessions), (SELECT count(*) FROM ls_tokens),
+                    (SELECT count(*) FROM ls_users), (SELECT count(*) FROM ls_seen_events)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let n = |i: usize| -> Result<u64> {
+        let v: i64 = row.try_get(i).map_err(|e| pg_err(&e))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    };
+    Ok(StoreCounts {
+        sessions: n(0)?,
+        tokens: n(1)?,
+        users: n(2)?,
+        seen_events: n(3)?,
+    })
+}
+
+fn check_counts(source: &StoreCounts, target: &StoreCounts, from: &str, to: &str) -> Result<()> {
+    if source == target {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "the copy does not match its source: {from} {source:?}, {to} {target:?}"
+        )))
+    }
+}
+
+fn check_states<T: PartialEq + std::fmt::Debug>(
+    source: &T,
+    target: &T,
+    from: &str,
+    to: &str,
+) -> Result<()> {
+    if source == target {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "per-state counts differ after the copy: {from} {source:?}, {to} {target:?}"
+        )))
+    }
+}
+
+/// Opens the first [`SAMPLE`] sessions and tokens of the redb store and the same records of
+/// the PostgreSQL store with the one key ring: each must open on both sides, to the same
+/// secrets.
+fn sample_opens(redb: &Store, pg: &PgStore) -> Result<()> {
+    let (ids, keys) = {
+        let txn = redb.db().begin_read().map_err(|e| redb.err(e))?;
+        let sessions = txn.open_table(SESSIONS).map_err(|e| redb.err(e))?;
+        let mut ids = Vec::with_capacity(SAMPLE);
+        for row in sessions.iter().map_err(|e| redb.err(e))?.take(SAMPLE) {
+            ids.push(SessionId(row.map_err(|e| redb.err(e))?.0.value()));
+        }
+        let tokens = txn.open_table(TOKENS).map_err(|e| redb.err(e))?;
+        let mut keys = Vec::with_capacity(SAMPLE);
+        for row in tokens.iter().map_err(|e| redb.err(e))?.take(SAMPLE) {
+            let (k, _) = row.map_err(|e| redb.err(e))?;
+            let (app, usr) = k.value();
+            keys.push((app.to_owned(), usr.to_owned()));
+        }
+        (ids, keys)
+    };
+    for id in ids {
+        let missing = || Error::Invalid(format!("session {id} is missing after the copy"));
+        let a = redb.get_session(id)?.ok_or_else(missing)?;
+        let b = SessionStore::get_session(pg, id)?.ok_or_else(missing)?;
+        let what = format!("session {id}");
+        same_secrets(&what, a.access_token.as_ref(), b.access_token.as_ref())?;
+        same_secrets(&what, a.refresh_token.as_ref(), b.refresh_token.as_ref())?;
+        same_secrets(&what, a.pkce_verifier.as_ref(), b.pkce_verifier.as_ref())?;
+    }
+    for (app, usr) in keys {
+        let what = format!("the token of {app}/{usr}");
+        let missing = || Error::Invalid(format!("{what} is missing after the copy"));
+        let a = redb.get_token(&app, &usr)?.ok_or_else(missing)?;
+        let b =
+            crate::storage::traits::TokenStore::get_token(pg, &app, &usr)?.ok_or_else(missing)?;
+        same_secrets(&what, Some(&a.access_token), Some(&b.access_token))?;
+        same_secrets(&what, a.refresh_token.as_ref(), b.refresh_token.as_ref())?;
+    }
+    Ok(())
+}
+
+/// Writes sessions as they are stored, with their index entries and counts, in one durable
+/// transaction.
+fn write_redb_sessions(dst: &Store, rows: &[(SessionId, StoredSession)]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut t = dst.open_session_tables(&txn)?;
+        for (id, s) in rows {
+            validate_ids(&s.app_id, &s.user_id)?;
+            dst.write_stored_session(&mut t, *id, s)?;
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+/// Writes tokens as they are stored, with the refresh-due index, in one durable transaction.
+fn write_redb_tokens(dst: &Store, rows: &[(String, String, StoredToken)]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut tokens = txn.open_table(TOKENS).map_err(|e| dst.err(e))?;
+        let mut due = txn.open_table(TOKEN_REFRESH_DUE).map_err(|e| dst.err(e))?;
+        for (app, usr, t) in rows {
+            validate_ids(app, usr)?;
+            let key = (app.as_str(), usr.as_str());
+            tokens
+                .insert(key, t.encode().as_slice())
+                .map_err(|e| dst.err(e))?;
+            if refreshable(t) {
+                due.insert((t.refresh_due_at, key.0, key.1), ())
+                    .map_err(|e| dst.err(e))?;
+            }
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+fn write_redb_users(dst: &Store, rows: &[UserInfo]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut t = txn.open_table(USERS).map_err(|e| dst.err(e))?;
+        for u in rows {
+            validate_ids(&u.app_id, &u.open_id)?;
+            t.insert(
+                (u.app_id.as_str(), u.open_id.as_str()),
+                encode(USER_VERSION, u).as_slice(),
+            )
+            .map_err(|e| dst.err(e))?;
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+fn write_redb_events(dst: &Store, rows: &[(String, u64)]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut seen = txn.open_table(SEEN_EVENTS).map_err(|e| dst.err(e))?;
+        let mut expiry = txn.open_table(SEEN_EVENTS_EXPIRY).map_err(|e| dst.err(e))?;
+        for (id, at) in rows {
+            seen.insert(id.as_str(), *at).map_err(|e| dst.err(e))?;
+            expiry
+                .insert((*at, id.as_str()), ())
+                .map_err(|e| dst.err(e))?;
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every row arrives once, in order, in batches of at most [`BATCH`]; the progress is the
+    /// running total after each batch and ends at the total (also for an empty source).
+    #[test]
+    fn pump_moves_every_row_in_batches_and_reports_running_totals() {
+        for n in [0usize, 1, BATCH - 1, BATCH, BATCH + 1, 3 * BATCH + 7] {
+            let mut got = Vec::new();
+            let mut sizes = Vec::new();
+            let mut seen = Vec::new();
+            let total = pump(
+                "rows",
+                (0..n).map(Ok),
+                &mut |b: Vec<usize>| {
+                    sizes.push(b.len());
+                    got.extend(b.iter().copied());
+                    Ok(b.len() as u64)
+                },
+                &mut |what, k| seen.push((what, k)),
+            )
+            .unwrap();
+            assert_eq!(total, n as u64);
+            assert_eq!(got, (0..n).collect::<Vec<_>>());
+            assert!(sizes.iter().all(|s| (1..=BATCH).contains(s)), "{sizes:?}");
+            assert_eq!(sizes.len(), n.div_ceil(BATCH));
+            assert_eq!(seen.last(), Some(&("rows", n as u64)));
+            assert!(seen
+                .windows(2)
+                .all(|w| w[0].1 < w[1].1 || w[1].1 == n as u64));
+        }
+    }
+
+    /// A bad source row stops the copy: nothing after it is written, the error comes back.
+    #[test]
+    fn pump_stops_at_the_first_bad_row() {
+        let mut written = 0usize;
+        let rows = (0..BATCH + 10).map(|i| {
+            if i == BATCH + 3 {
+                Err(Error::Invalid("bad row".to_owned()))
+            } else {
+                Ok(i)
+            }
+        });
+        let r = pump(
+            "rows",
+            rows,
+            &mut |b: Vec<usize>| {
+                written += b.len();
+                Ok(b.len() as u64)
+            },
+            &mut |_, _| {},
+        );
+        assert!(matches!(r, Err(Error::Invalid(m)) if m == "bad row"));
+        assert_eq!(
+            written, BATCH,
+            "only the batch before the bad row was written"
+        );
     }
 }
