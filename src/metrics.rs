@@ -287,10 +287,26 @@ pub struct Metrics {
     pub webhook_outbox_pending: Gauge,
     /// Webhook events kept as dead (out of attempts).
     pub webhook_outbox_dead: Gauge,
+    /// On PostgreSQL: instances of the fleet whose heartbeat is live, this one included, as
+    /// of this instance's last heartbeat (0 on redb).
+    pub fleet_instances_live: Gauge,
 }
 
 /// The outcomes of `webhook_deliveries`.
 pub const WEBHOOK_OUTCOMES: [&str; 4] = ["success", "retry", "rejected", "dead"];
+
+fn register_fleet_metrics(m: &Metrics, r: &mut Registry) {
+    r.register(
+        "fleet_instances_live",
+        "Instances of the fleet with a live heartbeat (PostgreSQL backend; 0 on redb)",
+        m.fleet_instances_live.clone(),
+    );
+    let _ = m
+        .worker_restarts
+        .get_or_create(&WorkerLabel {
+            worker: "fleet_heartbeat",
+        });
+}
 
 fn register_webhook_metrics(m: &Metrics, r: &mut Registry) {
     r.register(
@@ -363,6 +379,7 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             webhook_outbox_pending: Gauge::default(),
             webhook_outbox_dead: Gauge::default(),
+            fleet_instances_live: Gauge::default(),
         };
         {
             let mut r = m
@@ -552,6 +569,7 @@ impl Metrics {
                 m.export_lag.clone(),
             );
             register_webhook_metrics(&m, &mut r);
+            register_fleet_metrics(&m, &mut r);
         }
         m.zero_known_labels();
         m
@@ -802,6 +820,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_export_rows_total",
     "lark_service_export_errors_total",
     "lark_service_export_lag",
+    "lark_service_fleet_instances_live",
 ];
 
 #[cfg(test)]

@@ -400,3 +400,45 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         "no local store was opened"
     );
 }
+
+/// The fleet's heartbeat table: each instance upserts its own row, the live count is every row
+/// seen within the window (the caller included), a clean stop deletes the row, and a row not
+/// seen for a day is deleted by anyone's next beat.
+#[test]
+fn heartbeats_count_the_live_instances_of_the_fleet() {
+    use lark_service::storage::postgres::{InstanceRow, FORGET_AFTER_MS};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (server.open(&url), server.open(&url));
+    let row = |holder: &str, seen: u64| InstanceRow {
+        holder: holder.to_owned(),
+        host: "host".to_owned(),
+        pid: 42,
+        version: "1.2.3".to_owned(),
+        started_at: 1_000,
+        last_seen: seen,
+    };
+    let day = FORGET_AFTER_MS;
+    let window = 15_000;
+    let t = 10 * day;
+    assert_eq!(a.heartbeat(&row("a", t), window).unwrap(), 1);
+    assert_eq!(b.heartbeat(&row("b", t + 1_000), window).unwrap(), 2);
+    // A beat again is an update, not a second row.
+    assert_eq!(a.heartbeat(&row("a", t + 2_000), window).unwrap(), 2);
+    let live = b.live_instances(t + 2_000, window).unwrap();
+    assert_eq!(live, vec![row("a", t + 2_000), row("b", t + 1_000)]);
+    // b stops beating: once its beat is older than the window it no longer counts.
+    assert_eq!(a.heartbeat(&row("a", t + 16_500), window).unwrap(), 1);
+    assert_eq!(a.live_instances(t + 16_500, window).unwrap().len(), 1);
+    // b is still listed in the table (a crashed instance stays visible for a day)...
+    assert_eq!(a.live_instances(t + 16_500, day).unwrap().len(), 2);
+    // ...and is deleted by the first beat after that.
+    assert_eq!(a.heartbeat(&row("a", t + 2_000 + day), window).unwrap(), 1);
+    assert_eq!(a.live_instances(t + 2_000 + day, 10 * day).unwrap().len(), 1);
+    // A clean stop deletes the row at once.
+    assert_eq!(b.heartbeat(&row("b", t + 3_000 + day), window).unwrap(), 2);
+    assert!(b.forget_instance("b").unwrap());
+    assert!(!b.forget_instance("b").unwrap());
+    assert_eq!(a.heartbeat(&row("a", t + 4_000 + day), window).unwrap(), 1);
+}
+

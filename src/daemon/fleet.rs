@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::error::DaemonError;
 use crate::config::Config;
-use crate::storage::postgres::{PgOptions, PgStore};
+use crate::http::fleet::FleetHealth;
+use crate::storage::postgres::{InstanceRow, PgOptions, PgStore};
 use crate::storage::{Db, Error};
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
@@ -199,5 +200,120 @@ impl<W: Worker> Worker for Leased<W> {
             WorkerState::Idle => WorkerState::Throttled(self.ttl / 3),
             other => other,
         })
+    }
+}
+
+/// How often each instance writes its heartbeat row.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// An instance is live while its heartbeat is younger than this many intervals.
+pub const LIVE_INTERVALS: u32 = 3;
+
+/// This instance's heartbeat in the fleet's table (`ls_instances`): upserted every `every`,
+/// deleted at a clean stop. Each beat also counts the live instances (seen within
+/// [`LIVE_INTERVALS`] intervals), for `/readyz`, the `lark_service_fleet_instances_live` gauge
+/// and `/workers`.
+pub struct Heartbeat {
+    store: PgStore,
+    me: InstanceRow,
+    every: Duration,
+    clock: SharedClock,
+    health: FleetHealth,
+    live: Option<u64>,
+}
+
+impl Heartbeat {
+    /// The heartbeat of `holder` on `store`, every `every`, reported to `health`.
+    #[must_use]
+    pub fn new(
+        store: PgStore,
+        holder: &str,
+        every: Duration,
+        clock: SharedClock,
+        health: FleetHealth,
+    ) -> Self {
+        let host = holder.split('/').next().unwrap_or_default().to_owned();
+        let now = clock.now_ms();
+        Self {
+            store,
+            me: InstanceRow {
+                holder: holder.to_owned(),
+                host,
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at: now,
+                last_seen: now,
+            },
+            every,
+            clock,
+            health,
+            live: None,
+        }
+    }
+
+    /// The window within which an instance counts as live.
+    #[must_use]
+    pub fn live_window(every: Duration) -> Duration {
+        every.saturating_mul(LIVE_INTERVALS)
+    }
+
+    async fn beat(&mut self) -> Result<u64, Error> {
+        let mut me = self.me.clone();
+        me.last_seen = self.clock.now_ms();
+        let within = u64::try_from(Self::live_window(self.every).as_millis()).unwrap_or(u64::MAX);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.heartbeat(&me, within))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+
+    async fn leave(&self) {
+        let (store, holder) = (self.store.clone(), self.me.holder.clone());
+        let gone = tokio::task::spawn_blocking(move || store.forget_instance(&holder));
+        // Bounded: a store that does not answer must not hold the shutdown.
+        match tokio::time::timeout(Duration::from_secs(2), gone).await {
+            Ok(Ok(Ok(_))) => info!(holder = %self.me.holder, "Left the fleet (heartbeat row deleted)."),
+            _ => warn!(holder = %self.me.holder, "Could not delete this instance's heartbeat row; it ages out."),
+        }
+    }
+}
+
+impl Worker for Heartbeat {
+    fn name(&self) -> &'static str {
+        "fleet_heartbeat"
+    }
+
+    fn status(&self) -> Option<String> {
+        self.live.map(|n| format!("instances_live={n}"))
+    }
+
+    async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        if must_exit.is_cancelled() {
+            self.leave().await;
+            return Ok(WorkerState::Done);
+        }
+        let beat = self.beat().await;
+        match &beat {
+            Ok(n) => {
+                self.live = Some(*n);
+                self.health.beat_ok(*n);
+                crate::metrics::get()
+                    .fleet_instances_live
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                self.live = None;
+                self.health.beat_failed(e.to_string());
+            }
+        }
+        beat?;
+        // The wait is here, not in the supervisor's, so a stop deletes the row at once.
+        tokio::select! {
+            () = must_exit.cancelled() => {
+                self.leave().await;
+                Ok(WorkerState::Done)
+            }
+            () = tokio::time::sleep(self.every) => Ok(WorkerState::Busy),
+        }
     }
 }

@@ -389,6 +389,8 @@ struct App {
     registry: crate::apps::Registry,
     /// This instance's lease holder id when it serves from a shared PostgreSQL store.
     fleet_holder: Option<String>,
+    /// Its heartbeat's last outcome, for readiness (PostgreSQL only).
+    fleet_health: Option<crate::http::fleet::FleetHealth>,
 }
 
 /// The configuration's app: its OpenAPI client, flow and event dispatcher.
@@ -471,6 +473,11 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, Daem
         app_id,
         app_secret,
         registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
+        fleet_health: fleet_holder.as_ref().map(|_| {
+            crate::http::fleet::FleetHealth::new(fleet::Heartbeat::live_window(
+                fleet::HEARTBEAT_EVERY,
+            ))
+        }),
         fleet_holder,
     })
 }
@@ -528,6 +535,25 @@ fn start_singleton<W: crate::workers::Worker>(
             sup.clock(),
         )),
         None => sup.start(worker),
+    }
+}
+
+/// On PostgreSQL: this instance's heartbeat row (`fleet::Heartbeat`), retried at its interval
+/// when it cannot be written.
+fn start_heartbeat(sup: &Supervisor, store: &Db, app: &App) {
+    if let (Db::Postgres(pg), Some(h), Some(health)) =
+        (store, &app.fleet_holder, &app.fleet_health)
+    {
+        sup.start_with_backoff(
+            fleet::Heartbeat::new(
+                pg.clone(),
+                h,
+                fleet::HEARTBEAT_EVERY,
+                sup.clock(),
+                health.clone(),
+            ),
+            fleet::HEARTBEAT_EVERY,
+        );
     }
 }
 
@@ -612,6 +638,7 @@ fn start_workers(
     backup: Option<jobs::BackupWorker>,
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
+    start_heartbeat(sup, store, app);
     let others = switch.clone();
     start_singleton(
         sup,
@@ -721,6 +748,7 @@ fn start_listeners(
         http_callbacks: cfg.websocket.fallback_to_http
             && cfg.encrypt_key.is_some()
             && app.primary.is_some(),
+        fleet: app.fleet_health.clone(),
     };
     // Public: what Feishu and users' browsers reach.
     let mut public =

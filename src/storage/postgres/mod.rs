@@ -30,6 +30,7 @@ mod admin;
 mod copy;
 mod feed;
 mod fleet;
+mod instances;
 mod rows;
 mod schema;
 mod sessions;
@@ -48,6 +49,7 @@ use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
 pub use copy::CopyReport;
+pub use instances::{InstanceRow, FORGET_AFTER_MS};
 pub use schema::SCHEMA_VERSION;
 
 /// Tunables of the PostgreSQL store.

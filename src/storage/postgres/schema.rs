@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -155,19 +155,36 @@ CREATE TABLE ls_leases (
 );
 ";
 
+/// Schema version 2 (additive): the fleet's instances, each upserting its own row as its
+/// heartbeat (`instances`).
+const V2: &str = r"
+CREATE TABLE ls_instances (
+    holder text PRIMARY KEY,
+    host text NOT NULL,
+    pid bigint NOT NULL,
+    version text NOT NULL,
+    started_at bigint NOT NULL,
+    last_seen bigint NOT NULL
+);
+CREATE INDEX ls_instances_last_seen ON ls_instances (last_seen);
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
         .iter()
         .map(|s| format!("('{}', 0)", s.as_str()))
         .collect();
-    vec![(
-        1,
-        format!(
-            "{V1}\nINSERT INTO ls_session_counts (state, n) VALUES {};",
-            counts.join(", ")
+    vec![
+        (
+            1,
+            format!(
+                "{V1}\nINSERT INTO ls_session_counts (state, n) VALUES {};",
+                counts.join(", ")
+            ),
         ),
-    )]
+        (2, V2.to_owned()),
+    ]
 }
 
 /// Brings the schema to [`SCHEMA_VERSION`] inside `tx` (refusing a newer one) and returns the
