@@ -442,3 +442,57 @@ fn heartbeats_count_the_live_instances_of_the_fleet() {
     assert_eq!(a.heartbeat(&row("a", t + 4_000 + day), window).unwrap(), 1);
 }
 
+/// The per-user rate limit counted in the database: two instances (two stores, two pools)
+/// hammering one key at once admit exactly the limit together, never more; no span of one
+/// window ever holds more than the limit (the previous window counts); keys are separate.
+#[test]
+fn two_instances_never_admit_more_than_the_limit_together() {
+    use std::time::Duration;
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (server.open(&url), server.open(&url));
+    let window = Duration::from_secs(60);
+    let w = 60_000;
+    let t0 = 1_000 * w + 30_000; // the middle of a window
+    let admitted = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let store = if i % 2 == 0 { &a } else { &b };
+            let admitted = &admitted;
+            s.spawn(move || {
+                for j in 0..10 {
+                    if store
+                        .rate_acquire("auth/ou_hot", 5, window, t0 + j)
+                        .unwrap()
+                        .is_none()
+                    {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::SeqCst), 5, "80 attempts, limit 5");
+    // Refused: the wait runs to where the window's events leave the count (this window full:
+    // two boundaries on).
+    let wait = b.rate_acquire("auth/ou_hot", 5, window, t0 + 100).unwrap();
+    assert_eq!(wait, Some(Duration::from_millis(w + w / 2 - 100)));
+    // Another key is counted apart.
+    assert_eq!(a.rate_acquire("auth/ou_cold", 5, window, t0).unwrap(), None);
+    // The next window still sees the previous one's 5: a span of one window never holds 6.
+    assert!(a.rate_acquire("auth/ou_hot", 5, window, t0 + w).unwrap().is_some());
+    // Two windows on, the burst has left the count.
+    for i in 0..5 {
+        assert_eq!(
+            a.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + i).unwrap(),
+            None,
+            "attempt {i}"
+        );
+    }
+    assert!(b.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + 9).unwrap().is_some());
+    // The sweep forgets counters whose windows no longer matter.
+    use lark_service::storage::SessionStore as _;
+    a.sweep(t0 + 10 * w, 100).unwrap();
+    let left = sql(&url, "SELECT count(*) FROM ls_rate_counts");
+    assert_eq!(left, vec![vec![Some("0".to_owned())]]);
+}

@@ -31,6 +31,7 @@ mod copy;
 mod feed;
 mod fleet;
 mod instances;
+mod ratelimit;
 mod rows;
 mod schema;
 mod sessions;

@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -169,6 +169,19 @@ CREATE TABLE ls_instances (
 CREATE INDEX ls_instances_last_seen ON ls_instances (last_seen);
 ";
 
+/// Schema version 3 (additive): rate-limit counters per key and fixed window, shared by the
+/// fleet (`ratelimit`).
+const V3: &str = r"
+CREATE TABLE ls_rate_counts (
+    key text NOT NULL,
+    window_start bigint NOT NULL,
+    count bigint NOT NULL,
+    forget_at bigint NOT NULL,
+    PRIMARY KEY (key, window_start)
+);
+CREATE INDEX ls_rate_counts_forget ON ls_rate_counts (forget_at);
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
@@ -184,6 +197,7 @@ fn steps() -> Vec<(i32, String)> {
             ),
         ),
         (2, V2.to_owned()),
+        (3, V3.to_owned()),
     ]
 }
 
