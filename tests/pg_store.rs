@@ -496,3 +496,39 @@ fn two_instances_never_admit_more_than_the_limit_together() {
     let left = sql(&url, "SELECT count(*) FROM ls_rate_counts");
     assert_eq!(left, vec![vec![Some("0".to_owned())]]);
 }
+
+/// The user sync in a fleet: at each scheduled time exactly one instance runs it (the one
+/// taking the lease; the last leader keeps it), an instance whose clock lags does not run the
+/// same time again, and when the leader is gone a follower runs the first time after its
+/// lease lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scheduled_user_sync_runs_on_one_instance() {
+    use lark_service::daemon::{scheduled_gate, SCHEDULED_LEASE_TTL};
+    use lark_service::storage::Db;
+    use lark_service::workers::{ManualClock, SharedClock};
+    use std::sync::Arc;
+    // Blocking calls on a worker thread of this test's own runtime: safe (see PgStore).
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (Db::from(server.open(&url)), Db::from(server.open(&url)));
+    let day: u64 = 24 * 3600 * 1000;
+    let clock = Arc::new(ManualClock::at(100 * day));
+    let shared: SharedClock = clock.clone();
+    let gate_a = scheduled_gate(a, "host-a/1/aa", "user_sync", shared.clone());
+    let gate_b = scheduled_gate(b, "host-b/2/bb", "user_sync", shared.clone());
+    let fire = 100 * day;
+    let (ra, rb) = tokio::join!(gate_a(fire), gate_b(fire));
+    assert!(ra ^ rb, "exactly one instance runs the sync at {fire}: {ra} {rb}");
+    let (leader, follower) = if ra { (&gate_a, &gate_b) } else { (&gate_b, &gate_a) };
+    // A follower whose clock lags wakes a little later: still not its turn.
+    clock.advance(std::time::Duration::from_secs(5));
+    assert!(!follower(fire).await);
+    // The next day the leader runs it again, the follower does not.
+    clock.advance(std::time::Duration::from_millis(day));
+    assert!(leader(fire + day).await);
+    assert!(!follower(fire + day).await);
+    // The leader is gone: the next day its lease has lapsed and the follower runs it.
+    clock.advance(std::time::Duration::from_millis(day));
+    assert!(SCHEDULED_LEASE_TTL.as_millis() < u128::from(day));
+    assert!(follower(fire + 2 * day).await);
+}

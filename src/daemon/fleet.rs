@@ -317,3 +317,47 @@ impl Worker for Heartbeat {
         }
     }
 }
+
+/// How long the instance that runs a scheduled singleton (the user sync) holds its lease: long
+/// enough to cover the fleet's clock skew, so a late instance does not run the same scheduled
+/// time again; short enough that a follower takes over at the next time when the leader died.
+pub const SCHEDULED_LEASE_TTL: Duration = Duration::from_secs(600);
+
+/// The gate of a scheduled singleton worker `name`: at each scheduled time, the instance that
+/// takes (or, as the last one to run it, renews) the lease `worker/{name}` runs it; the others
+/// skip that time. A store that cannot say skips too (fail closed: a missed sync is retried at
+/// the next time, a doubled one cannot be undone). The lease is kept, not released, so an
+/// instance whose clock lags cannot run the same time again.
+pub fn scheduled_gate(
+    store: Db,
+    holder: &str,
+    name: &'static str,
+    clock: SharedClock,
+) -> crate::auth::SyncGate {
+    let holder: std::sync::Arc<str> = std::sync::Arc::from(holder);
+    std::sync::Arc::new(move |fire: u64| {
+        let (store, holder, now) = (store.clone(), holder.clone(), clock.now_ms());
+        Box::pin(async move {
+            let lease = format!("worker/{name}");
+            let ttl = u64::try_from(SCHEDULED_LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+            let h = holder.clone();
+            let got = store
+                .run(move |s| s.try_acquire_lease(&lease, &h, ttl, now))
+                .await;
+            match got {
+                Ok(true) => {
+                    info!(worker = name, holder = %holder, fire, "Running the scheduled singleton here (leader).");
+                    true
+                }
+                Ok(false) => {
+                    info!(worker = name, fire, "Another instance runs this scheduled time (follower).");
+                    false
+                }
+                Err(e) => {
+                    warn!(worker = name, fire, error = %e, "Cannot tell which instance runs this scheduled time; skipping it.");
+                    false
+                }
+            }
+        })
+    })
+}

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use error::{store_exit_code, DaemonError};
+pub use fleet::{scheduled_gate, SCHEDULED_LEASE_TTL};
 pub use jobs::Reloads;
 pub use sandbox::{sandbox_defaults, SandboxFiles};
 
@@ -684,7 +685,12 @@ fn start_workers(
             every,
         );
     }
-    if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker()) {
+    // In a fleet, each scheduled sync runs on one instance: the one taking its lease.
+    let sync_gate = app
+        .fleet_holder
+        .as_ref()
+        .map(|h| fleet::scheduled_gate(store.clone(), h, "user_sync", sup.clock()));
+    if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker_gated(sync_gate)) {
         sup.start(FnWorker::new("user_sync", w));
     }
     let conn = primary.filter(|_| cfg.websocket.enabled).map(|p| {
