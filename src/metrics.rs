@@ -290,6 +290,8 @@ pub struct Metrics {
     /// On PostgreSQL: instances of the fleet whose heartbeat is live, this one included, as
     /// of this instance's last heartbeat (0 on redb).
     pub fleet_instances_live: Gauge,
+    /// PostgreSQL transactions run again after a serialization failure or a deadlock.
+    pub store_retries: Counter,
 }
 
 /// The outcomes of `webhook_deliveries`.
@@ -300,6 +302,11 @@ fn register_fleet_metrics(m: &Metrics, r: &mut Registry) {
         "fleet_instances_live",
         "Instances of the fleet with a live heartbeat (PostgreSQL backend; 0 on redb)",
         m.fleet_instances_live.clone(),
+    );
+    r.register(
+        "store_retries",
+        "PostgreSQL transactions run again after a serialization failure or deadlock",
+        m.store_retries.clone(),
     );
     let _ = m
         .worker_restarts
@@ -380,6 +387,7 @@ impl Metrics {
             webhook_outbox_pending: Gauge::default(),
             webhook_outbox_dead: Gauge::default(),
             fleet_instances_live: Gauge::default(),
+            store_retries: Counter::default(),
         };
         {
             let mut r = m
@@ -679,6 +687,9 @@ impl Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics::new();
     crate::storage::set_commit_observer(|secs| get().store_commit_duration.observe(secs));
+    crate::storage::postgres::set_retry_observer(|| {
+        get().store_retries.inc();
+    });
     m
 });
 
@@ -821,6 +832,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_export_errors_total",
     "lark_service_export_lag",
     "lark_service_fleet_instances_live",
+    "lark_service_store_retries_total",
 ];
 
 #[cfg(test)]

@@ -532,3 +532,80 @@ async fn each_scheduled_user_sync_runs_on_one_instance() {
     assert!(SCHEDULED_LEASE_TTL.as_millis() < u128::from(day));
     assert!(follower(fire + 2 * day).await);
 }
+
+/// Two transactions locking the same rows in opposite order deadlock; PostgreSQL aborts one
+/// (`40P01`). When it is the store's, the store runs the whole transaction again, and the
+/// write succeeds: the caller never sees the deadlock.
+#[test]
+fn a_deadlocked_transaction_is_run_again_and_succeeds() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let s1 = AuthSession::new_pending("cli_dl", "u1", vec![], 0, 100);
+    let s2 = AuthSession::new_pending("cli_dl", "u2", vec![], 0, 100);
+    store.put_sessions(&[s1.clone(), s2.clone()]).unwrap();
+    // The store locks a batch's rows in id order: `first`, then `second`.
+    let order = sql(
+        &url,
+        "SELECT user_id FROM ls_sessions WHERE app_id = 'cli_dl' ORDER BY id",
+    );
+    let (first, second) = (order[0][0].clone().unwrap(), order[1][0].clone().unwrap());
+    let before = store.retried();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let other_url = url.clone();
+    // The other transaction: takes `second`, waits until the store's holds `first` and waits
+    // for `second`, then takes `first`. Its own deadlock_timeout is long, so the deadlock check
+    // runs in the store's backend first and aborts the store's transaction.
+    let other = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = lark_service::net::postgres::connect_pg(&other_url, &net())
+                .await
+                .unwrap();
+            c.batch_execute("BEGIN; SET LOCAL deadlock_timeout = '30s'")
+                .await
+                .unwrap();
+            let lock = "SELECT 1 FROM ls_sessions WHERE app_id = 'cli_dl' AND user_id = $1 FOR UPDATE";
+            c.execute(lock, &[&second]).await.unwrap();
+            locked_tx.send(()).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let waiting: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the store never waited");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Deadlock: this waits for `first` until PostgreSQL aborts the store's transaction.
+            c.execute(lock, &[&first]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            c.batch_execute("COMMIT").await.unwrap();
+        });
+    });
+    locked_rx.recv().unwrap();
+    let (mut w1, mut w2) = (s1.clone(), s2.clone());
+    w1.card_message_id = Some("om_after_retry_1".into());
+    w2.card_message_id = Some("om_after_retry_2".into());
+    store.put_sessions(&[w1.clone(), w2.clone()]).unwrap();
+    other.join().unwrap();
+    assert!(
+        store.retried() > before,
+        "the store's transaction was the deadlock's victim and was run again"
+    );
+    for w in [w1, w2] {
+        let got = store.get_session(w.session_id).unwrap().unwrap();
+        assert_eq!(got.card_message_id, w.card_message_id);
+    }
+}
