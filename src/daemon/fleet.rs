@@ -220,6 +220,8 @@ pub struct Heartbeat {
     clock: SharedClock,
     health: FleetHealth,
     live: Option<u64>,
+    /// A first beat was tried (later units wait an interval first).
+    beaten: bool,
 }
 
 impl Heartbeat {
@@ -248,6 +250,7 @@ impl Heartbeat {
             clock,
             health,
             live: None,
+            beaten: false,
         }
     }
 
@@ -288,10 +291,20 @@ impl Worker for Heartbeat {
     }
 
     async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        // Each unit waits, then beats (the first beats at once): the wait is here, not in the
+        // supervisor's, so a stop deletes the row at once, and `/workers` shows each beat's
+        // count as soon as it is written.
+        if self.beaten {
+            tokio::select! {
+                () = must_exit.cancelled() => {}
+                () = tokio::time::sleep(self.every) => {}
+            }
+        }
         if must_exit.is_cancelled() {
             self.leave().await;
             return Ok(WorkerState::Done);
         }
+        self.beaten = true;
         let beat = self.beat().await;
         match &beat {
             Ok(n) => {
@@ -307,14 +320,7 @@ impl Worker for Heartbeat {
             }
         }
         beat?;
-        // The wait is here, not in the supervisor's, so a stop deletes the row at once.
-        tokio::select! {
-            () = must_exit.cancelled() => {
-                self.leave().await;
-                Ok(WorkerState::Done)
-            }
-            () = tokio::time::sleep(self.every) => Ok(WorkerState::Busy),
-        }
+        Ok(WorkerState::Busy)
     }
 }
 
