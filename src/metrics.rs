@@ -308,11 +308,9 @@ fn register_fleet_metrics(m: &Metrics, r: &mut Registry) {
         "PostgreSQL transactions run again after a serialization failure or deadlock",
         m.store_retries.clone(),
     );
-    let _ = m
-        .worker_restarts
-        .get_or_create(&WorkerLabel {
-            worker: "fleet_heartbeat",
-        });
+    let _ = m.worker_restarts.get_or_create(&WorkerLabel {
+        worker: "fleet_heartbeat",
+    });
 }
 
 fn register_webhook_metrics(m: &Metrics, r: &mut Registry) {

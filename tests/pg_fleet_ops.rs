@@ -208,7 +208,10 @@ async fn two_instances_share_heartbeats_and_the_rate_limit() {
         "{body}"
     );
     assert_eq!(heartbeat_rows(&url).await.len(), 2);
-    assert_eq!(a.gauge("lark_service_fleet_instances_live").await, Some(2.0));
+    assert_eq!(
+        a.gauge("lark_service_fleet_instances_live").await,
+        Some(2.0)
+    );
     let (_, _, workers) = a.get("/workers").await;
     assert_eq!(
         workers["fleet_heartbeat"]["status"], "instances_live=2",
@@ -219,7 +222,11 @@ async fn two_instances_share_heartbeats_and_the_rate_limit() {
     assert_eq!(a.ask("ou_sandbox_alice").await, 201);
     assert_eq!(b.ask("ou_sandbox_alice").await, 200, "reused, and counted");
     assert_eq!(a.ask("ou_sandbox_alice").await, 429, "the fleet's third");
-    assert_eq!(b.ask("ou_sandbox_bob").await, 201, "another user is counted apart");
+    assert_eq!(
+        b.ask("ou_sandbox_bob").await,
+        201,
+        "another user is counted apart"
+    );
 
     // A clean stop: B's row is gone when it has exited; A counts one at its next beat.
     b.stop();
@@ -228,7 +235,10 @@ async fn two_instances_share_heartbeats_and_the_rate_limit() {
         .readyz_until(|s, b| s == 200 && b.contains("instances_live=1"))
         .await;
     assert!(body.contains("instances_live=1"), "{status} {body}");
-    assert_eq!(a.gauge("lark_service_fleet_instances_live").await, Some(1.0));
+    assert_eq!(
+        a.gauge("lark_service_fleet_instances_live").await,
+        Some(1.0)
+    );
     a.stop();
     assert!(heartbeat_rows(&url).await.is_empty());
 }
@@ -275,7 +285,11 @@ async fn while_postgres_is_down_token_reads_answer_503_and_recover_after() {
     let (status, reason) = a.readyz().await;
     assert_eq!(status, 503);
     assert!(reason.starts_with("not ready: store"), "{reason}");
-    assert_eq!(a.ask("ou_sandbox_bob").await, 503, "a new request is refused too");
+    assert_eq!(
+        a.ask("ou_sandbox_bob").await,
+        503,
+        "a new request is refused too"
+    );
 
     pg.start_server();
     let until = Instant::now() + Duration::from_secs(20);

@@ -434,7 +434,10 @@ fn heartbeats_count_the_live_instances_of_the_fleet() {
     assert_eq!(a.live_instances(t + 16_500, day).unwrap().len(), 2);
     // ...and is deleted by the first beat after that.
     assert_eq!(a.heartbeat(&row("a", t + 2_000 + day), window).unwrap(), 1);
-    assert_eq!(a.live_instances(t + 2_000 + day, 10 * day).unwrap().len(), 1);
+    assert_eq!(
+        a.live_instances(t + 2_000 + day, 10 * day).unwrap().len(),
+        1
+    );
     // A clean stop deletes the row at once.
     assert_eq!(b.heartbeat(&row("b", t + 3_000 + day), window).unwrap(), 2);
     assert!(b.forget_instance("b").unwrap());
@@ -480,16 +483,23 @@ fn two_instances_never_admit_more_than_the_limit_together() {
     // Another key is counted apart.
     assert_eq!(a.rate_acquire("auth/ou_cold", 5, window, t0).unwrap(), None);
     // The next window still sees the previous one's 5: a span of one window never holds 6.
-    assert!(a.rate_acquire("auth/ou_hot", 5, window, t0 + w).unwrap().is_some());
+    assert!(a
+        .rate_acquire("auth/ou_hot", 5, window, t0 + w)
+        .unwrap()
+        .is_some());
     // Two windows on, the burst has left the count.
     for i in 0..5 {
         assert_eq!(
-            a.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + i).unwrap(),
+            a.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + i)
+                .unwrap(),
             None,
             "attempt {i}"
         );
     }
-    assert!(b.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + 9).unwrap().is_some());
+    assert!(b
+        .rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + 9)
+        .unwrap()
+        .is_some());
     // The sweep forgets counters whose windows no longer matter.
     use lark_service::storage::SessionStore as _;
     a.sweep(t0 + 10 * w, 100).unwrap();
@@ -518,8 +528,15 @@ async fn each_scheduled_user_sync_runs_on_one_instance() {
     let gate_b = scheduled_gate(b, "host-b/2/bb", "user_sync", shared.clone());
     let fire = 100 * day;
     let (ra, rb) = tokio::join!(gate_a(fire), gate_b(fire));
-    assert!(ra ^ rb, "exactly one instance runs the sync at {fire}: {ra} {rb}");
-    let (leader, follower) = if ra { (&gate_a, &gate_b) } else { (&gate_b, &gate_a) };
+    assert!(
+        ra ^ rb,
+        "exactly one instance runs the sync at {fire}: {ra} {rb}"
+    );
+    let (leader, follower) = if ra {
+        (&gate_a, &gate_b)
+    } else {
+        (&gate_b, &gate_a)
+    };
     // A follower whose clock lags wakes a little later: still not its turn.
     clock.advance(std::time::Duration::from_secs(5));
     assert!(!follower(fire).await);
@@ -568,7 +585,8 @@ fn a_deadlocked_transaction_is_run_again_and_succeeds() {
             c.batch_execute("BEGIN; SET LOCAL deadlock_timeout = '30s'")
                 .await
                 .unwrap();
-            let lock = "SELECT 1 FROM ls_sessions WHERE app_id = 'cli_dl' AND user_id = $1 FOR UPDATE";
+            let lock =
+                "SELECT 1 FROM ls_sessions WHERE app_id = 'cli_dl' AND user_id = $1 FOR UPDATE";
             c.execute(lock, &[&second]).await.unwrap();
             locked_tx.send(()).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -585,7 +603,10 @@ fn a_deadlocked_transaction_is_run_again_and_succeeds() {
                 if waiting > 0 {
                     break;
                 }
-                assert!(std::time::Instant::now() < deadline, "the store never waited");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the store never waited"
+                );
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             // Deadlock: this waits for `first` until PostgreSQL aborts the store's transaction.

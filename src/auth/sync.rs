@@ -12,9 +12,7 @@ use crate::workers::WorkerFn;
 
 /// Asked at each scheduled sync time (unix ms): true if this instance runs that sync.
 pub type SyncGate = std::sync::Arc<
-    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
-        + Send
-        + Sync,
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync,
 >;
 
 /// The user's record from user info read with their own token (at completion, after a

@@ -275,8 +275,12 @@ impl Heartbeat {
         let gone = tokio::task::spawn_blocking(move || store.forget_instance(&holder));
         // Bounded: a store that does not answer must not hold the shutdown.
         match tokio::time::timeout(Duration::from_secs(2), gone).await {
-            Ok(Ok(Ok(_))) => info!(holder = %self.me.holder, "Left the fleet (heartbeat row deleted)."),
-            _ => warn!(holder = %self.me.holder, "Could not delete this instance's heartbeat row; it ages out."),
+            Ok(Ok(Ok(_))) => {
+                info!(holder = %self.me.holder, "Left the fleet (heartbeat row deleted).");
+            }
+            _ => {
+                warn!(holder = %self.me.holder, "Could not delete this instance's heartbeat row; it ages out.");
+            }
         }
     }
 }
@@ -356,7 +360,10 @@ pub fn scheduled_gate(
                     true
                 }
                 Ok(false) => {
-                    info!(worker = name, fire, "Another instance runs this scheduled time (follower).");
+                    info!(
+                        worker = name,
+                        fire, "Another instance runs this scheduled time (follower)."
+                    );
                     false
                 }
                 Err(e) => {

@@ -542,8 +542,7 @@ fn start_singleton<W: crate::workers::Worker>(
 /// On PostgreSQL: this instance's heartbeat row (`fleet::Heartbeat`), retried at its interval
 /// when it cannot be written.
 fn start_heartbeat(sup: &Supervisor, store: &Db, app: &App) {
-    if let (Db::Postgres(pg), Some(h), Some(health)) =
-        (store, &app.fleet_holder, &app.fleet_health)
+    if let (Db::Postgres(pg), Some(h), Some(health)) = (store, &app.fleet_holder, &app.fleet_health)
     {
         sup.start_with_backoff(
             fleet::Heartbeat::new(

@@ -124,9 +124,10 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
     }
     let ws = s.conn_state.as_ref().map(|rx| rx.borrow().clone());
     match ws {
-        Some(crate::longconn::ConnState::Up) => {
-            (StatusCode::OK, format!("ready: long connection up{fleet}\n"))
-        }
+        Some(crate::longconn::ConnState::Up) => (
+            StatusCode::OK,
+            format!("ready: long connection up{fleet}\n"),
+        ),
         _ if s.http_callbacks => (
             StatusCode::OK,
             format!("ready: serving signed HTTP callbacks{fleet}\n"),

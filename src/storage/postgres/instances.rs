@@ -96,10 +96,7 @@ impl PgStore {
                             r.try_get(4).map_err(|e| pg_err(&e))?,
                             "ls_instances",
                         )?,
-                        last_seen: api_time(
-                            r.try_get(5).map_err(|e| pg_err(&e))?,
-                            "ls_instances",
-                        )?,
+                        last_seen: api_time(r.try_get(5).map_err(|e| pg_err(&e))?, "ls_instances")?,
                     })
                 })
                 .collect()

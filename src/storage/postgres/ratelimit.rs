@@ -51,7 +51,13 @@ impl PgStore {
                         RETURNING 1)
                      SELECT (SELECT count FROM up),
                         (SELECT count FROM ls_rate_counts WHERE key = $1 AND window_start = $3)",
-                    &[&key, &db_time(prev), &db_time(cur), &limit, &db_time(forget_at)],
+                    &[
+                        &key,
+                        &db_time(prev),
+                        &db_time(cur),
+                        &limit,
+                        &db_time(forget_at),
+                    ],
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
