@@ -630,3 +630,42 @@ fn a_deadlocked_transaction_is_run_again_and_succeeds() {
         assert_eq!(got.card_message_id, w.card_message_id);
     }
 }
+
+/// A database at schema 1 (as the first PostgreSQL release left it) is brought to the current
+/// schema in place at open: the fleet's tables are added, nothing already stored is touched.
+#[test]
+fn a_schema_1_database_is_migrated_in_place() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    drop(store);
+    // What schema 1 had: none of the tables versions 2 and 3 add.
+    sql(
+        &url,
+        "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
+         UPDATE lark_service_schema SET version = 1",
+    );
+    let store = server.open(&url);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 3);
+    let got = store.get_session(sess.session_id).unwrap().unwrap();
+    assert_eq!(got.user_id, sess.user_id);
+    assert!(store.get_token("cli_app", "u1").unwrap().is_some());
+    use lark_service::storage::postgres::InstanceRow;
+    let me = InstanceRow {
+        holder: "h".into(),
+        host: "host".into(),
+        pid: 1,
+        version: "v".into(),
+        started_at: 1,
+        last_seen: 2,
+    };
+    assert_eq!(store.heartbeat(&me, 1_000).unwrap(), 1);
+    assert_eq!(
+        store
+            .rate_acquire("k", 1, std::time::Duration::from_secs(60), 5)
+            .unwrap(),
+        None
+    );
+}
