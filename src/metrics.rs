@@ -289,10 +289,31 @@ pub struct Metrics {
     pub webhook_outbox_pending: Gauge,
     /// Webhook events kept as dead (out of attempts).
     pub webhook_outbox_dead: Gauge,
+    /// On PostgreSQL: instances of the fleet whose heartbeat is live, this one included, as
+    /// of this instance's last heartbeat (0 on redb).
+    pub fleet_instances_live: Gauge,
+    /// PostgreSQL transactions run again after a serialization failure or a deadlock.
+    pub store_retries: Counter,
 }
 
 /// The outcomes of `webhook_deliveries`.
 pub const WEBHOOK_OUTCOMES: [&str; 4] = ["success", "retry", "rejected", "dead"];
+
+fn register_fleet_metrics(m: &Metrics, r: &mut Registry) {
+    r.register(
+        "fleet_instances_live",
+        "Instances of the fleet with a live heartbeat (PostgreSQL backend; 0 on redb)",
+        m.fleet_instances_live.clone(),
+    );
+    r.register(
+        "store_retries",
+        "PostgreSQL transactions run again after a serialization failure or deadlock",
+        m.store_retries.clone(),
+    );
+    let _ = m.worker_restarts.get_or_create(&WorkerLabel {
+        worker: "fleet_heartbeat",
+    });
+}
 
 fn register_webhook_metrics(m: &Metrics, r: &mut Registry) {
     r.register(
@@ -366,6 +387,8 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             webhook_outbox_pending: Gauge::default(),
             webhook_outbox_dead: Gauge::default(),
+            fleet_instances_live: Gauge::default(),
+            store_retries: Counter::default(),
         };
         {
             let mut r = m
@@ -560,6 +583,7 @@ impl Metrics {
                 m.export_lag.clone(),
             );
             register_webhook_metrics(&m, &mut r);
+            register_fleet_metrics(&m, &mut r);
         }
         m.zero_known_labels();
         m
@@ -669,6 +693,9 @@ impl Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics::new();
     crate::storage::set_commit_observer(|secs| get().store_commit_duration.observe(secs));
+    crate::storage::postgres::set_retry_observer(|| {
+        get().store_retries.inc();
+    });
     m
 });
 
@@ -811,6 +838,8 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_export_rows_total",
     "lark_service_export_errors_total",
     "lark_service_export_lag",
+    "lark_service_fleet_instances_live",
+    "lark_service_store_retries_total",
 ];
 
 #[cfg(test)]

@@ -600,3 +600,272 @@ fn two_dispatchers_on_one_database_handle_an_event_once() {
         db.close().await;
     });
 }
+
+/// The fleet's heartbeat table: each instance upserts its own row, the live count is every row
+/// seen within the window (the caller included), a clean stop deletes the row, and a row not
+/// seen for a day is deleted by anyone's next beat.
+#[test]
+fn heartbeats_count_the_live_instances_of_the_fleet() {
+    use lark_service::storage::postgres::{InstanceRow, FORGET_AFTER_MS};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (server.open(&url), server.open(&url));
+    let row = |holder: &str, seen: u64| InstanceRow {
+        holder: holder.to_owned(),
+        host: "host".to_owned(),
+        pid: 42,
+        version: "1.2.3".to_owned(),
+        started_at: 1_000,
+        last_seen: seen,
+    };
+    let day = FORGET_AFTER_MS;
+    let window = 15_000;
+    let t = 10 * day;
+    assert_eq!(a.heartbeat(&row("a", t), window).unwrap(), 1);
+    assert_eq!(b.heartbeat(&row("b", t + 1_000), window).unwrap(), 2);
+    // A beat again is an update, not a second row.
+    assert_eq!(a.heartbeat(&row("a", t + 2_000), window).unwrap(), 2);
+    let live = b.live_instances(t + 2_000, window).unwrap();
+    assert_eq!(live, vec![row("a", t + 2_000), row("b", t + 1_000)]);
+    // b stops beating: once its beat is older than the window it no longer counts.
+    assert_eq!(a.heartbeat(&row("a", t + 16_500), window).unwrap(), 1);
+    assert_eq!(a.live_instances(t + 16_500, window).unwrap().len(), 1);
+    // b is still listed in the table (a crashed instance stays visible for a day)...
+    assert_eq!(a.live_instances(t + 16_500, day).unwrap().len(), 2);
+    // ...and is deleted by the first beat after that.
+    assert_eq!(a.heartbeat(&row("a", t + 2_000 + day), window).unwrap(), 1);
+    assert_eq!(
+        a.live_instances(t + 2_000 + day, 10 * day).unwrap().len(),
+        1
+    );
+    // A clean stop deletes the row at once.
+    assert_eq!(b.heartbeat(&row("b", t + 3_000 + day), window).unwrap(), 2);
+    assert!(b.forget_instance("b").unwrap());
+    assert!(!b.forget_instance("b").unwrap());
+    assert_eq!(a.heartbeat(&row("a", t + 4_000 + day), window).unwrap(), 1);
+}
+
+/// The per-user rate limit counted in the database: two instances (two stores, two pools)
+/// hammering one key at once admit exactly the limit together, never more; no span of one
+/// window ever holds more than the limit (the previous window counts); keys are separate.
+#[test]
+fn two_instances_never_admit_more_than_the_limit_together() {
+    use std::time::Duration;
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (server.open(&url), server.open(&url));
+    let window = Duration::from_secs(60);
+    let w = 60_000;
+    let t0 = 1_000 * w + 30_000; // the middle of a window
+    let admitted = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let store = if i % 2 == 0 { &a } else { &b };
+            let admitted = &admitted;
+            s.spawn(move || {
+                for j in 0..10 {
+                    if store
+                        .rate_acquire("auth/ou_hot", 5, window, t0 + j)
+                        .unwrap()
+                        .is_none()
+                    {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(admitted.load(Ordering::SeqCst), 5, "80 attempts, limit 5");
+    // Refused: the wait runs to where the window's events leave the count (this window full:
+    // two boundaries on).
+    let wait = b.rate_acquire("auth/ou_hot", 5, window, t0 + 100).unwrap();
+    assert_eq!(wait, Some(Duration::from_millis(w + w / 2 - 100)));
+    // Another key is counted apart.
+    assert_eq!(a.rate_acquire("auth/ou_cold", 5, window, t0).unwrap(), None);
+    // The next window still sees the previous one's 5: a span of one window never holds 6.
+    assert!(a
+        .rate_acquire("auth/ou_hot", 5, window, t0 + w)
+        .unwrap()
+        .is_some());
+    // Two windows on, the burst has left the count.
+    for i in 0..5 {
+        assert_eq!(
+            a.rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + i)
+                .unwrap(),
+            None,
+            "attempt {i}"
+        );
+    }
+    assert!(b
+        .rate_acquire("auth/ou_hot", 5, window, t0 + 2 * w + 9)
+        .unwrap()
+        .is_some());
+    // The sweep forgets counters whose windows no longer matter.
+    use lark_service::storage::SessionStore as _;
+    a.sweep(t0 + 10 * w, 100).unwrap();
+    let left = sql(&url, "SELECT count(*) FROM ls_rate_counts");
+    assert_eq!(left, vec![vec![Some("0".to_owned())]]);
+}
+
+/// The user sync in a fleet: at each scheduled time exactly one instance runs it (the one
+/// taking the lease; the last leader keeps it), an instance whose clock lags does not run the
+/// same time again, and when the leader is gone a follower runs the first time after its
+/// lease lapsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_scheduled_user_sync_runs_on_one_instance() {
+    use lark_service::daemon::{scheduled_gate, SCHEDULED_LEASE_TTL};
+    use lark_service::storage::Db;
+    use lark_service::workers::{ManualClock, SharedClock};
+    use std::sync::Arc;
+    // Blocking calls on a worker thread of this test's own runtime: safe (see PgStore).
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b) = (Db::from(server.open(&url)), Db::from(server.open(&url)));
+    let day: u64 = 24 * 3600 * 1000;
+    let clock = Arc::new(ManualClock::at(100 * day));
+    let shared: SharedClock = clock.clone();
+    let gate_a = scheduled_gate(a, "host-a/1/aa", "user_sync", shared.clone());
+    let gate_b = scheduled_gate(b, "host-b/2/bb", "user_sync", shared.clone());
+    let fire = 100 * day;
+    let (ra, rb) = tokio::join!(gate_a(fire), gate_b(fire));
+    assert!(
+        ra ^ rb,
+        "exactly one instance runs the sync at {fire}: {ra} {rb}"
+    );
+    let (leader, follower) = if ra {
+        (&gate_a, &gate_b)
+    } else {
+        (&gate_b, &gate_a)
+    };
+    // A follower whose clock lags wakes a little later: still not its turn.
+    clock.advance(std::time::Duration::from_secs(5));
+    assert!(!follower(fire).await);
+    // The next day the leader runs it again, the follower does not.
+    clock.advance(std::time::Duration::from_millis(day));
+    assert!(leader(fire + day).await);
+    assert!(!follower(fire + day).await);
+    // The leader is gone: the next day its lease has lapsed and the follower runs it.
+    clock.advance(std::time::Duration::from_millis(day));
+    assert!(SCHEDULED_LEASE_TTL.as_millis() < u128::from(day));
+    assert!(follower(fire + 2 * day).await);
+}
+
+/// Two transactions locking the same rows in opposite order deadlock; PostgreSQL aborts one
+/// (`40P01`). When it is the store's, the store runs the whole transaction again, and the
+/// write succeeds: the caller never sees the deadlock.
+#[test]
+fn a_deadlocked_transaction_is_run_again_and_succeeds() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let s1 = AuthSession::new_pending("cli_dl", "u1", vec![], 0, 100);
+    let s2 = AuthSession::new_pending("cli_dl", "u2", vec![], 0, 100);
+    store.put_sessions(&[s1.clone(), s2.clone()]).unwrap();
+    // The store locks a batch's rows in id order: `first`, then `second`.
+    let order = sql(
+        &url,
+        "SELECT user_id FROM ls_sessions WHERE app_id = 'cli_dl' ORDER BY id",
+    );
+    let (first, second) = (order[0][0].clone().unwrap(), order[1][0].clone().unwrap());
+    let before = store.retried();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let other_url = url.clone();
+    // The other transaction: takes `second`, waits until the store's holds `first` and waits
+    // for `second`, then takes `first`. Its own deadlock_timeout is long, so the deadlock check
+    // runs in the store's backend first and aborts the store's transaction.
+    let other = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = lark_service::net::postgres::connect_pg(&other_url, &net())
+                .await
+                .unwrap();
+            c.batch_execute("BEGIN; SET LOCAL deadlock_timeout = '30s'")
+                .await
+                .unwrap();
+            let lock =
+                "SELECT 1 FROM ls_sessions WHERE app_id = 'cli_dl' AND user_id = $1 FOR UPDATE";
+            c.execute(lock, &[&second]).await.unwrap();
+            locked_tx.send(()).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let waiting: i64 = c
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                if waiting > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the store never waited"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // Deadlock: this waits for `first` until PostgreSQL aborts the store's transaction.
+            c.execute(lock, &[&first]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            c.batch_execute("COMMIT").await.unwrap();
+        });
+    });
+    locked_rx.recv().unwrap();
+    let (mut w1, mut w2) = (s1.clone(), s2.clone());
+    w1.card_message_id = Some("om_after_retry_1".into());
+    w2.card_message_id = Some("om_after_retry_2".into());
+    store.put_sessions(&[w1.clone(), w2.clone()]).unwrap();
+    other.join().unwrap();
+    assert!(
+        store.retried() > before,
+        "the store's transaction was the deadlock's victim and was run again"
+    );
+    for w in [w1, w2] {
+        let got = store.get_session(w.session_id).unwrap().unwrap();
+        assert_eq!(got.card_message_id, w.card_message_id);
+    }
+}
+
+/// A database at schema 1 (as the first PostgreSQL release left it) is brought to the current
+/// schema in place at open: the fleet's tables are added, nothing already stored is touched.
+#[test]
+fn a_schema_1_database_is_migrated_in_place() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    drop(store);
+    // What schema 1 had: none of the tables versions 2 and 3 add.
+    sql(
+        &url,
+        "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
+         UPDATE lark_service_schema SET version = 1",
+    );
+    let store = server.open(&url);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 3);
+    let got = store.get_session(sess.session_id).unwrap().unwrap();
+    assert_eq!(got.user_id, sess.user_id);
+    assert!(store.get_token("cli_app", "u1").unwrap().is_some());
+    use lark_service::storage::postgres::InstanceRow;
+    let me = InstanceRow {
+        holder: "h".into(),
+        host: "host".into(),
+        pid: 1,
+        version: "v".into(),
+        started_at: 1,
+        last_seen: 2,
+    };
+    assert_eq!(store.heartbeat(&me, 1_000).unwrap(), 1);
+    assert_eq!(
+        store
+            .rate_acquire("k", 1, std::time::Duration::from_secs(60), 5)
+            .unwrap(),
+        None
+    );
+}

@@ -35,4 +35,4 @@ pub use render::{page_html, CardStyle, Locale};
 pub use request::{state_hash, AuthRequest, RequestOutcome, UserRef, OFFLINE_ACCESS};
 pub use revoke::Revoked;
 pub use serve::AccessToken;
-pub use sync::SyncReport;
+pub use sync::{SyncGate, SyncReport};

@@ -163,6 +163,29 @@ impl AuthService {
             .acquire(&key.to_owned(), limit, Duration::from_millis(now))
     }
 
+    /// The per-user rate limit as the store backs it: on PostgreSQL counted in the database,
+    /// shared by every instance of the fleet (`Ok(Err(retry_after))` when over); on redb in
+    /// this process ([`Self::check_rate`]). A store that cannot count refuses (fail closed).
+    async fn check_rate_shared(
+        &self,
+        key: &str,
+        now: u64,
+    ) -> Result<Result<(), Duration>, AuthError> {
+        let crate::storage::Db::Postgres(pg) = self.store() else {
+            return Ok(self.check_rate(key, now));
+        };
+        let (pg, limit, window) = (
+            pg.clone(),
+            self.inner.opts.rate_limit,
+            self.inner.opts.rate_limit_window,
+        );
+        let key = format!("auth_request/{}/{key}", self.inner.app_id);
+        let wait = tokio::task::spawn_blocking(move || pg.rate_acquire(&key, limit, window, now))
+            .await
+            .map_err(|e| crate::storage::Error::Join(e.to_string()))??;
+        Ok(wait.map_or(Ok(()), Err))
+    }
+
     /// Asks a user to authorize: sends the Authorize card, or reuses the user's pending
     /// session for the same scopes. Refused with [`AuthError::RateLimited`] beyond
     /// `auth.request_rate_limit` requests per user per window (reused ones count too).
@@ -175,7 +198,7 @@ impl AuthService {
         let scopes = normalize_scopes(&req.scopes)?;
         let key = req.user.id().to_owned();
         let now = self.now();
-        if let Err(retry_after) = self.check_rate(&key, now) {
+        if let Err(retry_after) = self.check_rate_shared(&key, now).await? {
             metrics::get().auth_rate_limited.inc();
             return Err(AuthError::RateLimited { retry_after });
         }

@@ -26,6 +26,23 @@ pub(super) fn api_error(status: StatusCode, code: &str, message: impl Into<Strin
 }
 
 /// `500 store_error`.
+/// How long a client is asked to wait when the store cannot be reached.
+const STORE_RETRY_AFTER_SECS: u64 = 5;
+
+/// A store error as an answer: a store that cannot be reached now (PostgreSQL down, a lost
+/// connection) is 503 `store_unavailable` with `Retry-After` (nothing was decided; ask again);
+/// any other store error is 500 `store_error`.
+fn store_failure(transient: bool, shown: &dyn std::fmt::Display) -> Response {
+    if transient {
+        return retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": "store_unavailable", "message": shown.to_string() }),
+            STORE_RETRY_AFTER_SECS,
+        );
+    }
+    store_error(shown)
+}
+
 pub(super) fn store_error(e: &dyn std::fmt::Display) -> Response {
     api_error(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -133,7 +150,9 @@ fn request_answer(
         Err(e @ AuthError::Lark(_)) => {
             api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
         }
-        Err(e @ AuthError::Store(_)) => store_error(&e),
+        Err(e @ AuthError::Store(_)) => {
+            store_failure(matches!(&e, AuthError::Store(s) if s.is_transient()), &e)
+        }
     }
 }
 
@@ -278,7 +297,9 @@ pub(super) async fn http_token(
         Err(e @ (TokenError::Refresh(_) | TokenError::Interrupted(_))) => {
             api_error(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string())
         }
-        Err(e @ TokenError::Store(_)) => store_error(&e),
+        Err(e @ TokenError::Store(_)) => {
+            store_failure(matches!(&e, TokenError::Store(s) if s.is_transient()), &e)
+        }
     })
 }
 

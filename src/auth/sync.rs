@@ -10,6 +10,11 @@ use crate::lark::UserIdType;
 use crate::storage::UserInfo;
 use crate::workers::WorkerFn;
 
+/// Asked at each scheduled sync time (unix ms): true if this instance runs that sync.
+pub type SyncGate = std::sync::Arc<
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send + Sync,
+>;
+
 /// The user's record from user info read with their own token (at completion, after a
 /// refresh); what `info` lacks is kept from `old`.
 pub(super) fn user_record(
@@ -101,16 +106,28 @@ impl AuthService {
     /// `USER_INFO_SYNC_ENABLED` is off.
     #[must_use]
     pub fn user_info_sync_worker(&self) -> Option<WorkerFn> {
+        self.user_info_sync_worker_gated(None)
+    }
+
+    /// [`Self::user_info_sync_worker`], asking `gate` at each scheduled time (unix ms) whether
+    /// this instance runs that sync: in a fleet only the instance that takes the sync's lease
+    /// does (`daemon::fleet`).
+    pub fn user_info_sync_worker_gated(&self, gate: Option<SyncGate>) -> Option<WorkerFn> {
         let sched = self.inner.opts.user_info_sync.clone()?;
         let me = self.clone();
         Some(Box::new(move || {
-            let (me, sched) = (me.clone(), sched.clone());
+            let (me, sched, gate) = (me.clone(), sched.clone(), gate.clone());
             Box::pin(async move {
                 let now = me.now();
                 let next = sched
                     .next_after(now)
                     .ok_or("the user info sync schedule never fires")?;
                 tokio::time::sleep(Duration::from_millis(next.saturating_sub(now))).await;
+                if let Some(gate) = gate {
+                    if !gate(next).await {
+                        return Ok(Duration::ZERO);
+                    }
+                }
                 me.sync_user_info().await.map_err(|e| e.to_string())?;
                 Ok(Duration::ZERO)
             })

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::error::DaemonError;
 use crate::config::Config;
-use crate::storage::postgres::{PgOptions, PgStore};
+use crate::http::fleet::FleetHealth;
+use crate::storage::postgres::{InstanceRow, PgOptions, PgStore};
 use crate::storage::{Db, Error};
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
@@ -200,4 +201,176 @@ impl<W: Worker> Worker for Leased<W> {
             other => other,
         })
     }
+}
+
+/// How often each instance writes its heartbeat row.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// An instance is live while its heartbeat is younger than this many intervals.
+pub const LIVE_INTERVALS: u32 = 3;
+
+/// This instance's heartbeat in the fleet's table (`ls_instances`): upserted every `every`,
+/// deleted at a clean stop. Each beat also counts the live instances (seen within
+/// [`LIVE_INTERVALS`] intervals), for `/readyz`, the `lark_service_fleet_instances_live` gauge
+/// and `/workers`.
+pub struct Heartbeat {
+    store: PgStore,
+    me: InstanceRow,
+    every: Duration,
+    clock: SharedClock,
+    health: FleetHealth,
+    live: Option<u64>,
+    /// A first beat was tried (later units wait an interval first).
+    beaten: bool,
+}
+
+impl Heartbeat {
+    /// The heartbeat of `holder` on `store`, every `every`, reported to `health`.
+    #[must_use]
+    pub fn new(
+        store: PgStore,
+        holder: &str,
+        every: Duration,
+        clock: SharedClock,
+        health: FleetHealth,
+    ) -> Self {
+        let host = holder.split('/').next().unwrap_or_default().to_owned();
+        let now = clock.now_ms();
+        Self {
+            store,
+            me: InstanceRow {
+                holder: holder.to_owned(),
+                host,
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at: now,
+                last_seen: now,
+            },
+            every,
+            clock,
+            health,
+            live: None,
+            beaten: false,
+        }
+    }
+
+    /// The window within which an instance counts as live.
+    #[must_use]
+    pub fn live_window(every: Duration) -> Duration {
+        every.saturating_mul(LIVE_INTERVALS)
+    }
+
+    async fn beat(&mut self) -> Result<u64, Error> {
+        let mut me = self.me.clone();
+        me.last_seen = self.clock.now_ms();
+        let within = u64::try_from(Self::live_window(self.every).as_millis()).unwrap_or(u64::MAX);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.heartbeat(&me, within))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+
+    async fn leave(&self) {
+        let (store, holder) = (self.store.clone(), self.me.holder.clone());
+        let gone = tokio::task::spawn_blocking(move || store.forget_instance(&holder));
+        // Bounded: a store that does not answer must not hold the shutdown.
+        match tokio::time::timeout(Duration::from_secs(2), gone).await {
+            Ok(Ok(Ok(_))) => {
+                info!(holder = %self.me.holder, "Left the fleet (heartbeat row deleted).");
+            }
+            _ => {
+                warn!(holder = %self.me.holder, "Could not delete this instance's heartbeat row; it ages out.");
+            }
+        }
+    }
+}
+
+impl Worker for Heartbeat {
+    fn name(&self) -> &'static str {
+        "fleet_heartbeat"
+    }
+
+    fn status(&self) -> Option<String> {
+        self.live.map(|n| format!("instances_live={n}"))
+    }
+
+    async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        // Each unit waits, then beats (the first beats at once): the wait is here, not in the
+        // supervisor's, so a stop deletes the row at once, and `/workers` shows each beat's
+        // count as soon as it is written.
+        if self.beaten {
+            tokio::select! {
+                () = must_exit.cancelled() => {}
+                () = tokio::time::sleep(self.every) => {}
+            }
+        }
+        if must_exit.is_cancelled() {
+            self.leave().await;
+            return Ok(WorkerState::Done);
+        }
+        self.beaten = true;
+        let beat = self.beat().await;
+        match &beat {
+            Ok(n) => {
+                self.live = Some(*n);
+                self.health.beat_ok(*n);
+                crate::metrics::get()
+                    .fleet_instances_live
+                    .set(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            Err(e) => {
+                self.live = None;
+                self.health.beat_failed(e.to_string());
+            }
+        }
+        beat?;
+        Ok(WorkerState::Busy)
+    }
+}
+
+/// How long the instance that runs a scheduled singleton (the user sync) holds its lease: long
+/// enough to cover the fleet's clock skew, so a late instance does not run the same scheduled
+/// time again; short enough that a follower takes over at the next time when the leader died.
+pub const SCHEDULED_LEASE_TTL: Duration = Duration::from_secs(600);
+
+/// The gate of a scheduled singleton worker `name`: at each scheduled time, the instance that
+/// takes (or, as the last one to run it, renews) the lease `worker/{name}` runs it; the others
+/// skip that time. A store that cannot say skips too (fail closed: a missed sync is retried at
+/// the next time, a doubled one cannot be undone). The lease is kept, not released, so an
+/// instance whose clock lags cannot run the same time again.
+pub fn scheduled_gate(
+    store: Db,
+    holder: &str,
+    name: &'static str,
+    clock: SharedClock,
+) -> crate::auth::SyncGate {
+    let holder: std::sync::Arc<str> = std::sync::Arc::from(holder);
+    std::sync::Arc::new(move |fire: u64| {
+        let (store, holder, now) = (store.clone(), holder.clone(), clock.now_ms());
+        Box::pin(async move {
+            let lease = format!("worker/{name}");
+            let ttl = u64::try_from(SCHEDULED_LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
+            let h = holder.clone();
+            let got = store
+                .run(move |s| s.try_acquire_lease(&lease, &h, ttl, now))
+                .await;
+            match got {
+                Ok(true) => {
+                    info!(worker = name, holder = %holder, fire, "Running the scheduled singleton here (leader).");
+                    true
+                }
+                Ok(false) => {
+                    info!(
+                        worker = name,
+                        fire, "Another instance runs this scheduled time (follower)."
+                    );
+                    false
+                }
+                Err(e) => {
+                    warn!(worker = name, fire, error = %e, "Cannot tell which instance runs this scheduled time; skipping it.");
+                    false
+                }
+            }
+        })
+    })
 }

@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use error::{store_exit_code, DaemonError};
+pub use fleet::{scheduled_gate, SCHEDULED_LEASE_TTL};
 pub use jobs::Reloads;
 pub use sandbox::{sandbox_defaults, SandboxFiles};
 
@@ -389,6 +390,8 @@ struct App {
     registry: crate::apps::Registry,
     /// This instance's lease holder id when it serves from a shared PostgreSQL store.
     fleet_holder: Option<String>,
+    /// Its heartbeat's last outcome, for readiness (PostgreSQL only).
+    fleet_health: Option<crate::http::fleet::FleetHealth>,
 }
 
 /// The configuration's app: its OpenAPI client, flow and event dispatcher.
@@ -471,6 +474,11 @@ fn build_clients(cfg: &Config, sup: &Supervisor, store: &Db) -> Result<App, Daem
         app_id,
         app_secret,
         registry: crate::apps::Registry::from_config(store.clone(), cfg)?,
+        fleet_health: fleet_holder.as_ref().map(|_| {
+            crate::http::fleet::FleetHealth::new(fleet::Heartbeat::live_window(
+                fleet::HEARTBEAT_EVERY,
+            ))
+        }),
         fleet_holder,
     })
 }
@@ -528,6 +536,24 @@ fn start_singleton<W: crate::workers::Worker>(
             sup.clock(),
         )),
         None => sup.start(worker),
+    }
+}
+
+/// On PostgreSQL: this instance's heartbeat row (`fleet::Heartbeat`), retried at its interval
+/// when it cannot be written.
+fn start_heartbeat(sup: &Supervisor, store: &Db, app: &App) {
+    if let (Db::Postgres(pg), Some(h), Some(health)) = (store, &app.fleet_holder, &app.fleet_health)
+    {
+        sup.start_with_backoff(
+            fleet::Heartbeat::new(
+                pg.clone(),
+                h,
+                fleet::HEARTBEAT_EVERY,
+                sup.clock(),
+                health.clone(),
+            ),
+            fleet::HEARTBEAT_EVERY,
+        );
     }
 }
 
@@ -612,6 +638,7 @@ fn start_workers(
     backup: Option<jobs::BackupWorker>,
     reloads: Reloads,
 ) -> Option<Arc<crate::longconn::LongConn>> {
+    start_heartbeat(sup, store, app);
     let others = switch.clone();
     start_singleton(
         sup,
@@ -657,7 +684,12 @@ fn start_workers(
             every,
         );
     }
-    if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker()) {
+    // In a fleet, each scheduled sync runs on one instance: the one taking its lease.
+    let sync_gate = app
+        .fleet_holder
+        .as_ref()
+        .map(|h| fleet::scheduled_gate(store.clone(), h, "user_sync", sup.clock()));
+    if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker_gated(sync_gate)) {
         sup.start(FnWorker::new("user_sync", w));
     }
     let conn = primary.filter(|_| cfg.websocket.enabled).map(|p| {
@@ -721,6 +753,7 @@ fn start_listeners(
         http_callbacks: cfg.websocket.fallback_to_http
             && cfg.encrypt_key.is_some()
             && app.primary.is_some(),
+        fleet: app.fleet_health.clone(),
     };
     // Public: what Feishu and users' browsers reach.
     let mut public =

@@ -6,6 +6,7 @@
 
 pub mod bearer;
 pub mod callbacks;
+pub mod fleet;
 pub mod serve;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +42,9 @@ pub struct AppState {
     /// Signed HTTP callbacks are served (callbacks on and an encrypt key set): events can
     /// arrive while the long connection is down.
     pub http_callbacks: bool,
+    /// On PostgreSQL: this instance's heartbeat in the fleet's table (readiness requires a
+    /// fresh one and reports `instances_live`).
+    pub fleet: Option<fleet::FleetHealth>,
 }
 
 /// `status` with the JSON `body` and `Retry-After: secs`: every "retry later" answer of the
@@ -102,6 +106,13 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
     if let Err(e) = s.store.run(crate::storage::Db::schema_version).await {
         return not_ready("store", &e.to_string());
     }
+    // In a fleet, an instance whose heartbeat is not written is invisible to the others and
+    // to the operator: not ready until it is (fail closed).
+    let fleet = match s.fleet.as_ref().map(fleet::FleetHealth::live) {
+        None => String::new(),
+        Some(Ok(n)) => format!("; instances_live={n}"),
+        Some(Err(e)) => return not_ready("heartbeat", &e),
+    };
     if let Some(lark) = &s.lark {
         match lark.tenant_token_status() {
             crate::lark::TokenStatus::Valid => {}
@@ -113,12 +124,13 @@ async fn readyz(State(s): State<AppState>, headers: HeaderMap) -> impl IntoRespo
     }
     let ws = s.conn_state.as_ref().map(|rx| rx.borrow().clone());
     match ws {
-        Some(crate::longconn::ConnState::Up) => {
-            (StatusCode::OK, "ready: long connection up\n".to_owned())
-        }
+        Some(crate::longconn::ConnState::Up) => (
+            StatusCode::OK,
+            format!("ready: long connection up{fleet}\n"),
+        ),
         _ if s.http_callbacks => (
             StatusCode::OK,
-            "ready: serving signed HTTP callbacks\n".to_owned(),
+            format!("ready: serving signed HTTP callbacks{fleet}\n"),
         ),
         Some(state) => not_ready(
             &format!("long connection {}", state.word()),

@@ -12,7 +12,7 @@
 //! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
 //! portals. The caller holds the redb store it opened, so a store the service still holds is
 //! already refused by its lock; a PostgreSQL store some instance still serves from (in either
-//! direction) is refused by [`PgStore::live_instances`], before the copy and, when copying
+//! direction) is refused by [`PgStore::serving_holders`], before the copy and, when copying
 //! back, after it. The target must be empty (so
 //! that the counts compared at the end mean something) and is written in batches of
 //! [`BATCH`] rows, each one transaction, through one loop ([`pump`]) in both directions. The
@@ -158,15 +158,24 @@ fn same_secrets(
     }
 }
 
+/// How recent a heartbeat keeps an instance live: three of its 5 s intervals
+/// (`daemon::fleet::HEARTBEAT_EVERY`, `LIVE_INTERVALS`).
+const HEARTBEAT_LIVE_MS: u64 = 15_000;
+
 impl PgStore {
-    /// The instances that still hold a lease on this database (unexpired rows of
-    /// `ls_leases`), by holder name: a fleet that is serving. Empty when none.
-    pub fn live_instances(&self, now: u64) -> Result<Vec<String>> {
+    /// The instances serving from this database, by holder name: those whose heartbeat is
+    /// live (`ls_instances`, seen within three of its 5 s intervals) and those still holding
+    /// a lease (`ls_leases`: an instance whose heartbeat row a clean stop deleted, or an
+    /// older build without heartbeats, may still be finishing a leased unit). Empty when none.
+    pub fn serving_holders(&self, now: u64) -> Result<Vec<String>> {
+        let beat_since = db_time(now.saturating_sub(HEARTBEAT_LIVE_MS));
         self.with(async |c| {
             let rows = c
                 .query(
-                    "SELECT DISTINCT holder FROM ls_leases WHERE expires_at > $1 ORDER BY holder",
-                    &[&db_time(now)],
+                    "SELECT holder FROM ls_leases WHERE expires_at > $1
+                     UNION SELECT holder FROM ls_instances WHERE last_seen >= $2
+                     ORDER BY holder",
+                    &[&db_time(now), &beat_since],
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
@@ -178,7 +187,7 @@ impl PgStore {
 
     /// Refuses while an instance serves from this database.
     fn refuse_live(&self, when: &str) -> Result<()> {
-        let live = self.live_instances(crate::storage::now_ms())?;
+        let live = self.serving_holders(crate::storage::now_ms())?;
         if live.is_empty() {
             return Ok(());
         }

@@ -30,12 +30,15 @@ mod admin;
 mod copy;
 mod feed;
 mod fleet;
+mod instances;
+mod ratelimit;
 mod rows;
 mod schema;
 mod sessions;
 mod tokens;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -48,6 +51,7 @@ use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
 pub use copy::CopyReport;
+pub use instances::{InstanceRow, FORGET_AFTER_MS};
 pub use schema::SCHEMA_VERSION;
 
 /// Tunables of the PostgreSQL store.
@@ -93,6 +97,8 @@ struct Inner {
     rt: Option<tokio::runtime::Runtime>,
     pool: Mutex<PoolState>,
     freed: Condvar,
+    /// Units run again after a serialization failure or deadlock.
+    retries: AtomicU64,
 }
 
 #[derive(Default)]
@@ -177,6 +183,39 @@ pub(crate) fn pg_err(e: &tokio_postgres::Error) -> Error {
     }
 }
 
+/// SQLSTATEs after which PostgreSQL has rolled the transaction back and running it again may
+/// succeed: `serialization_failure` and `deadlock_detected`.
+const RETRYABLE_CODES: [&str; 2] = ["40001", "40P01"];
+
+/// A unit is run at most this many times (the first run and three retries).
+pub const MAX_ATTEMPTS: u32 = 4;
+
+/// Whether `e` (made by [`pg_err`], whose engine errors end with `(SQLSTATE)`) is one of
+/// [`RETRYABLE_CODES`].
+fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Engine(msg) => RETRYABLE_CODES
+            .iter()
+            .any(|code| msg.ends_with(&format!("({code})"))),
+        _ => false,
+    }
+}
+
+/// The pause before retry `attempt` (1-based): 10-40 ms times the attempt, at random, so two
+/// transactions that collided do not collide again in step.
+fn retry_pause(attempt: u32) -> Duration {
+    let base = 10 * u64::from(attempt);
+    Duration::from_millis(base + rand::random::<u64>() % (3 * base + 1))
+}
+
+static RETRY_OBSERVER: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers the function told of every retried unit (the metrics registry's counter), once
+/// per process.
+pub fn set_retry_observer(f: fn()) {
+    let _ = RETRY_OBSERVER.set(f);
+}
+
 fn connect_err(e: PgConnectError) -> Error {
     match e {
         PgConnectError::Setup(msg) => Error::Unavailable(msg),
@@ -235,6 +274,7 @@ impl PgStore {
                 rt: Some(rt),
                 pool: Mutex::new(PoolState::default()),
                 freed: Condvar::new(),
+                retries: AtomicU64::new(0),
             }),
         };
         store.init()?;
@@ -341,11 +381,38 @@ impl PgStore {
             .map_err(connect_err)
     }
 
-    /// Runs `f` with a pooled client on this thread.
-    pub(crate) fn with<T>(&self, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
-        let mut conn = self.conn()?;
-        let client = conn.client()?;
-        block_on(f(client))
+    /// Runs `f` with a pooled client on this thread, again (at most [`MAX_ATTEMPTS`] in all,
+    /// after a short random pause) when PostgreSQL aborted it for a serialization failure or a
+    /// deadlock (`40001`, `40P01`). That is safe because every `f` here is one whole unit:
+    /// a single statement, or one transaction it begins and commits itself, and PostgreSQL has
+    /// rolled that unit back when it answers either code. Nothing else is retried (a lost
+    /// connection may have committed: its caller decides).
+    pub(crate) fn with<T>(&self, mut f: impl AsyncFnMut(&mut Client) -> Result<T>) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            let mut conn = self.conn()?;
+            let client = conn.client()?;
+            match block_on(f(client)) {
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    drop(conn);
+                    let pause = retry_pause(attempt);
+                    self.inner.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(observe) = RETRY_OBSERVER.get() {
+                        observe();
+                    }
+                    tracing::warn!(attempt, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), error = %e, "PostgreSQL aborted a transaction (serialization failure or deadlock); running it again.");
+                    std::thread::sleep(pause);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Units run again after a serialization failure or deadlock, since this handle opened.
+    #[must_use]
+    pub fn retried(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
     }
 
     pub(crate) fn ring(&self) -> &Keyring {
@@ -393,5 +460,24 @@ impl PgStore {
                 seen_events: n(3)?,
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_serialization_failures_and_deadlocks_are_retried() {
+        let e = |code: &str| Error::Engine(format!("postgresql: some message ({code})"));
+        assert!(retryable(&e("40001")));
+        assert!(retryable(&e("40P01")));
+        assert!(!retryable(&e("23505")));
+        assert!(!retryable(&Error::Unavailable("closed (40001)".into())));
+        for attempt in 1..MAX_ATTEMPTS {
+            let p = retry_pause(attempt).as_millis();
+            let base = 10 * u128::from(attempt);
+            assert!((base..=4 * base).contains(&p), "{p}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -155,19 +155,50 @@ CREATE TABLE ls_leases (
 );
 ";
 
+/// Schema version 2 (additive): the fleet's instances, each upserting its own row as its
+/// heartbeat (`instances`).
+const V2: &str = r"
+CREATE TABLE ls_instances (
+    holder text PRIMARY KEY,
+    host text NOT NULL,
+    pid bigint NOT NULL,
+    version text NOT NULL,
+    started_at bigint NOT NULL,
+    last_seen bigint NOT NULL
+);
+CREATE INDEX ls_instances_last_seen ON ls_instances (last_seen);
+";
+
+/// Schema version 3 (additive): rate-limit counters per key and fixed window, shared by the
+/// fleet (`ratelimit`).
+const V3: &str = r"
+CREATE TABLE ls_rate_counts (
+    key text NOT NULL,
+    window_start bigint NOT NULL,
+    count bigint NOT NULL,
+    forget_at bigint NOT NULL,
+    PRIMARY KEY (key, window_start)
+);
+CREATE INDEX ls_rate_counts_forget ON ls_rate_counts (forget_at);
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
         .iter()
         .map(|s| format!("('{}', 0)", s.as_str()))
         .collect();
-    vec![(
-        1,
-        format!(
-            "{V1}\nINSERT INTO ls_session_counts (state, n) VALUES {};",
-            counts.join(", ")
+    vec![
+        (
+            1,
+            format!(
+                "{V1}\nINSERT INTO ls_session_counts (state, n) VALUES {};",
+                counts.join(", ")
+            ),
         ),
-    )]
+        (2, V2.to_owned()),
+        (3, V3.to_owned()),
+    ]
 }
 
 /// Brings the schema to [`SCHEMA_VERSION`] inside `tx` (refusing a newer one) and returns the

@@ -406,6 +406,7 @@ impl SessionStore for PgStore {
             }
         }
         report.events_forgotten = self.forget_events(now_db, batch)?;
+        self.forget_rate_counts(now_db, batch)?;
         self.fold_count_deltas()?;
         report.changes_pruned = self.prune_feed()?;
         Ok(report)
