@@ -47,7 +47,7 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
 const ADMIN: &str = "fleet-bench-admin-token-0123456789abcdef";
-const KEY: &str = "f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7f1ee7";
+const KEY: &str = "f1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1e";
 const EVENT_TYPE: &str = "bench.event_v1";
 /// Events pushed and not yet acknowledged, at most (as in `benches/longconn.rs`).
 const WINDOW: usize = 64;
@@ -310,7 +310,8 @@ fn print_report(rows: &[Row], auths: usize, events: usize, warmup: usize, load: 
                  whole machine {:.2}",
                 row.name,
                 busy(k.service_cpu),
-                k.pg_cpu.map_or("–".to_owned(), |c| format!("{:.2}", busy(c))),
+                k.pg_cpu
+                    .map_or("–".to_owned(), |c| format!("{:.2}", busy(c))),
                 busy(k.bench_cpu),
                 busy(
                     k.machine_cpu
@@ -444,7 +445,9 @@ impl Instance {
             _dir: dir,
         };
         let ready = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
-        if !ready.starts_with(&format!("lark-service ready: http://127.0.0.1:{http_port}/")) {
+        if !ready.starts_with(&format!(
+            "lark-service ready: http://127.0.0.1:{http_port}/"
+        )) {
             instance.kill();
             return Err(format!(
                 "an instance did not start ({ready:?}); its log ends: {}",
@@ -572,7 +575,9 @@ fn run_row(
     let (mut lat, failures) = rt.block_on(authorize_all(&sandbox, &targets, 0, auths));
     let elapsed = started.elapsed();
     let service_cpu = sum(&cpu_of(&pids)).saturating_sub(sum(&cpu_before));
-    let pg_cpu_auth = postmaster.zip(pg_before).map(|(p, b)| pg_cpu(p).saturating_sub(b));
+    let pg_cpu_auth = postmaster
+        .zip(pg_before)
+        .map(|(p, b)| pg_cpu(p).saturating_sub(b));
     lat.sort();
     let auth = Auths {
         ok: lat.len(),
@@ -665,7 +670,11 @@ async fn authorize(
 ) -> Result<(), String> {
     let n = targets.len();
     let user = format!("ou_sandbox_user{k:04}");
-    let (ask, land, read) = (&targets[k % n], &targets[(k + 1) % n], &targets[(k + 2) % n]);
+    let (ask, land, read) = (
+        &targets[k % n],
+        &targets[(k + 1) % n],
+        &targets[(k + 2) % n],
+    );
     let r = http
         .post(format!("{}/api/v1/auth/requests", ask.0))
         .bearer_auth(ADMIN)
@@ -901,7 +910,11 @@ fn stat_fields(pid: u32) -> Vec<String> {
 /// children it has waited for.
 fn cpu_time(pid: u32, children: bool) -> Duration {
     let fields = stat_fields(pid);
-    let which: &[usize] = if children { &[11, 12, 13, 14] } else { &[11, 12] };
+    let which: &[usize] = if children {
+        &[11, 12, 13, 14]
+    } else {
+        &[11, 12]
+    };
     let ticks: u64 = which
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
