@@ -232,7 +232,7 @@ fn print_report(rows: &[Row], auths: usize, events: usize, warmup: usize, load: 
             wrong = true;
         }
         let auth_rate = a.ok as f64 / a.elapsed.as_secs_f64();
-        let pg_cpu = |c: Option<Duration>| c.map_or("–".to_owned(), |c| secs(c));
+        let pg_cpu = |c: Option<Duration>| c.map_or("–".to_owned(), secs);
         let mut note = Vec::new();
         match &d.acks {
             Ok(k) => {
