@@ -227,6 +227,10 @@ impl CardAction {
 
 /// What a callback request turned out to be.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are the common variant: boxing them would allocate once more per event"
+)]
 pub enum Callback {
     /// `url_verification`: answer 200 `{"challenge": …}` (see [`challenge_response`]).
     UrlVerification {
