@@ -228,32 +228,98 @@ enum SeenMsg {
     Close,
 }
 
-/// Ids seen or in flight, bounded in count and in bytes, oldest evicted first.
-#[derive(Default)]
+/// Ids seen or in flight, bounded in count and in bytes, oldest evicted first. Each id is
+/// held as a 128-bit digest (see [`IdDigest`]), so an entry is a fixed 16 bytes whatever the
+/// id's length, and neither a claim nor an eviction allocates.
 struct Recent {
-    set: HashSet<String>,
-    order: VecDeque<String>,
-    /// Estimated bytes held by `set` and `order` (see [`Recent::cost`]).
+    set: HashSet<u128, DigestBuild>,
+    order: VecDeque<u128>,
+    /// Estimated bytes held by `set` and `order` (see [`Recent::COST`]).
     bytes: usize,
+    digest: IdDigest,
+}
+
+impl Default for Recent {
+    fn default() -> Self {
+        Self {
+            set: HashSet::with_hasher(DigestBuild),
+            order: VecDeque::new(),
+            bytes: 0,
+            digest: IdDigest::new(),
+        }
+    }
+}
+
+/// A 128-bit digest of an id: two SipHash-1-3 runs under this process's two random keys
+/// (std's `RandomState`). Two ids share a digest with probability about 2^-128 per pair, and
+/// the keys are unknown outside the process, so nobody can make them collide on purpose: a
+/// collision would answer a new event as a duplicate, so this must not be guessable.
+struct IdDigest {
+    lo: std::collections::hash_map::RandomState,
+    hi: std::collections::hash_map::RandomState,
+}
+
+impl IdDigest {
+    fn new() -> Self {
+        Self {
+            lo: std::collections::hash_map::RandomState::new(),
+            hi: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    fn of(&self, id: &str) -> u128 {
+        use std::hash::BuildHasher;
+        (u128::from(self.hi.hash_one(id)) << 64) | u128::from(self.lo.hash_one(id))
+    }
+}
+
+/// The set's hasher: a digest is already uniformly spread, so its low 64 bits are the hash.
+#[derive(Clone, Copy, Default)]
+struct DigestBuild;
+
+impl std::hash::BuildHasher for DigestBuild {
+    type Hasher = DigestHasher;
+    fn build_hasher(&self) -> DigestHasher {
+        DigestHasher(0)
+    }
+}
+
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `u128` keys (they call `write_u128`); kept correct for any other input.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        // Truncation on purpose: the low half of a uniform digest.
+        #[allow(clippy::cast_possible_truncation)]
+        let low = n as u64;
+        self.0 = low;
+    }
 }
 
 impl Recent {
-    /// What one id costs: its bytes twice (set and queue) plus the two `String` headers and
-    /// the hash table's slot.
-    fn cost(id: &str) -> usize {
-        2 * id.len() + 2 * std::mem::size_of::<String>() + 16
-    }
+    /// What one id costs: its digest twice (set and queue) plus the hash table's slot
+    /// overhead, whatever the id's length.
+    const COST: usize = 2 * std::mem::size_of::<u128>() + 16;
 
     fn insert(&mut self, id: &str, cap: usize, max_bytes: usize) -> bool {
-        if self.set.contains(id) {
+        let d = self.digest.of(id);
+        if !self.set.insert(d) {
             return false;
         }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
-        self.bytes += Self::cost(id);
+        self.order.push_back(d);
+        self.bytes += Self::COST;
         while self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1) {
             if let Some(old) = self.order.pop_front() {
-                self.bytes = self.bytes.saturating_sub(Self::cost(&old));
+                self.bytes = self.bytes.saturating_sub(Self::COST);
                 self.set.remove(&old);
             }
         }
@@ -261,8 +327,14 @@ impl Recent {
     }
 
     fn remove(&mut self, id: &str) {
-        self.set.remove(id);
+        let d = self.digest.of(id);
+        self.set.remove(&d);
         // The order queue may keep a stale entry; it only bounds memory.
+    }
+
+    #[cfg(test)]
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(&self.digest.of(id))
     }
 }
 
@@ -329,11 +401,7 @@ impl Dispatcher {
             EventSource::Http => self.inner.received_http.inc(),
         };
         let sender = match &cb {
-            Callback::Event(e) => e
-                .json
-                .pointer("/event/sender/sender_id/open_id")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned),
+            Callback::Event(e) => e.sender_open_id.clone(),
             Callback::CardAction(c) => c.operator_id().map(str::to_owned),
             Callback::UrlVerification { .. } => None,
         };
@@ -688,9 +756,8 @@ fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
     if e.event_type != "im.message.receive_v1" {
         return None;
     }
-    e.json
-        .pointer("/event/message/message_id")
-        .and_then(serde_json::Value::as_str)
+    e.message_id
+        .as_deref()
         .filter(|id| !id.is_empty())
         .map(|id| format!("{MESSAGE_KEY_PREFIX}{id}"))
 }
@@ -795,7 +862,9 @@ mod tests {
             assert!(r.insert(&id, 1_000_000, max_bytes));
             assert!(r.bytes <= max_bytes, "{} bytes after {i}", r.bytes);
         }
-        assert!(r.set.len() < 100 && r.order.len() == r.set.len());
+        // Each id is a fixed-size digest: the byte bound decides how many are kept.
+        assert!(r.set.len() <= max_bytes / Recent::COST && r.order.len() == r.set.len());
+        assert!(r.set.len() < 1_000);
         // The newest ids are the ones kept.
         assert!(!r.insert(&format!("{:0>120}", 999), 1_000_000, max_bytes));
         assert!(r.insert(&format!("{:0>120}", 0), 1_000_000, max_bytes));
@@ -805,6 +874,33 @@ mod tests {
             r.insert(&i.to_string(), 10, usize::MAX);
         }
         assert_eq!(r.set.len(), 10);
+    }
+
+    #[test]
+    fn recent_ids_are_held_as_digests_and_still_tell_ids_apart() {
+        let mut r = Recent::default();
+        // A long id costs what a short one does.
+        assert!(r.insert(&"y".repeat(512), usize::MAX, usize::MAX));
+        assert!(r.insert("e", usize::MAX, usize::MAX));
+        assert_eq!(r.bytes, 2 * Recent::COST);
+        // Ids that differ in one byte, or are prefixes of each other, are different ids.
+        for i in 0..20_000 {
+            assert!(
+                r.insert(&format!("ev_{i}"), usize::MAX, usize::MAX),
+                "ev_{i}"
+            );
+        }
+        assert!(r.insert("ev_", usize::MAX, usize::MAX));
+        for i in 0..20_000 {
+            assert!(!r.insert(&format!("ev_{i}"), usize::MAX, usize::MAX));
+        }
+        // Releasing one id frees that id only.
+        r.remove("ev_7");
+        assert!(!r.contains("ev_7"));
+        assert!(r.contains("ev_70") && r.contains("ev_8"));
+        assert!(r.insert("ev_7", usize::MAX, usize::MAX));
+        // Another dispatcher (another process) digests under other keys.
+        assert_ne!(Recent::default().digest.of("ev_1"), r.digest.of("ev_1"));
     }
     use crate::storage::{Key, Keyring, StoreOptions};
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -16,6 +16,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::decrypt::{DecryptError, EventCipher};
+use super::head::{self, take_str, Head};
 use super::verify::{self, SignatureHeaders, VerifyError, DEFAULT_TIMESTAMP_WINDOW};
 
 /// Default maximum request body size: 1 MiB.
@@ -90,7 +91,11 @@ pub enum Schema {
 }
 
 /// A parsed event (or schema 2.0 callback). `Debug` omits the body.
-#[derive(Clone, PartialEq)]
+///
+/// From the long connection only the envelope's fields below are read at first (no
+/// `serde_json::Value` tree is built); the whole payload is parsed on the first call of
+/// [`EventEnvelope::json`] or [`EventEnvelope::event`], by a handler that needs it.
+#[derive(Clone)]
 pub struct EventEnvelope {
     /// Which envelope shape it came in.
     pub schema: Schema,
@@ -106,8 +111,29 @@ pub struct EventEnvelope {
     pub app_id: Option<String>,
     /// `header.tenant_key` (v2) or `event.tenant_key` (v1).
     pub tenant_key: Option<String>,
-    /// The whole plaintext envelope.
-    pub json: Value,
+    /// `event.message.message_id`, when the key is there (then always a valid id: an
+    /// envelope with any other value there is refused).
+    pub message_id: Option<String>,
+    /// `event.sender.sender_id.open_id`, when it is a string.
+    pub sender_open_id: Option<String>,
+    /// The payload's bytes, parsed on demand into `json` (empty when `json` came parsed).
+    raw: std::sync::Arc<[u8]>,
+    json: std::sync::OnceLock<Value>,
+}
+
+impl PartialEq for EventEnvelope {
+    fn eq(&self, other: &Self) -> bool {
+        self.schema == other.schema
+            && self.event_id == other.event_id
+            && self.event_type == other.event_type
+            && self.create_time == other.create_time
+            && self.token == other.token
+            && self.app_id == other.app_id
+            && self.tenant_key == other.tenant_key
+            && self.message_id == other.message_id
+            && self.sender_open_id == other.sender_open_id
+            && self.json() == other.json()
+    }
 }
 
 impl std::fmt::Debug for EventEnvelope {
@@ -124,9 +150,21 @@ impl std::fmt::Debug for EventEnvelope {
 }
 
 impl EventEnvelope {
+    /// The whole plaintext envelope, parsed on the first call. The bytes were checked when
+    /// the envelope was read (by the same parser: see `callbacks::head`), so this parse
+    /// cannot fail; if it ever did, the answer is `Null`, which no handler reads as a command.
+    pub fn json(&self) -> &Value {
+        self.json.get_or_init(|| {
+            serde_json::from_slice::<Value>(&self.raw).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "An event read before no longer parses; its body is ignored.");
+                Value::Null
+            })
+        })
+    }
+
     /// The `event` object.
     pub fn event(&self) -> Option<&Value> {
-        self.json.get("event")
+        self.json().get("event")
     }
 }
 
@@ -161,7 +199,7 @@ impl CardAction {
     }
 
     fn from_envelope(envelope: EventEnvelope) -> Self {
-        let ev = envelope.json.get("event");
+        let ev = envelope.json().get("event");
         let s = |ptr: &str| {
             ev.and_then(|e| e.pointer(ptr))
                 .and_then(Value::as_str)
@@ -189,6 +227,10 @@ impl CardAction {
 
 /// What a callback request turned out to be.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are the common variant: boxing them would allocate once more per event"
+)]
 pub enum Callback {
     /// `url_verification`: answer 200 `{"challenge": …}` (see [`challenge_response`]).
     UrlVerification {
@@ -368,11 +410,114 @@ fn unsigned_challenge(raw: &[u8], cipher: &EventCipher, token: Option<&str>) -> 
 /// Parses a long-connection payload: the same plaintext envelope as HTTP mode, without
 /// encryption or authentication (§2.7). A `url_verification` here is [`BodyError::Unsupported`].
 pub fn parse_event_payload(json: &[u8]) -> Result<Callback, BodyError> {
-    let v = parse_object(json)?;
-    if is_url_verification(&v) {
+    parse_event_bytes(json.into())
+}
+
+/// [`parse_event_payload`] of a payload the caller gives away (no copy of its bytes). Reads
+/// the envelope's fields without building a `Value` tree; accepts and refuses exactly what
+/// the full parse does (see `callbacks::head`).
+pub fn parse_event_bytes(json: std::sync::Arc<[u8]>) -> Result<Callback, BodyError> {
+    let mut h = Head::read(&json).ok_or(BodyError::InvalidJson)?;
+    if !h.schema.present() && h.kind.as_str() == Some("url_verification") {
         return Err(BodyError::Unsupported);
     }
-    classify(v)
+    let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    let mut event = match std::mem::take(&mut h.event) {
+        head::Nested::Object(e) => Some(e),
+        _ => None,
+    };
+    let envelope = if h.schema.present() {
+        if !h.header.present() {
+            return Err(BodyError::MissingField("header"));
+        }
+        let mut hd = match std::mem::take(&mut h.header) {
+            head::Nested::Object(hd) => hd,
+            _ => head::Header::default(),
+        };
+        let event_id =
+            nonempty(take_str(&mut hd.event_id)).ok_or(BodyError::MissingField("event_id"))?;
+        let event_type =
+            nonempty(take_str(&mut hd.event_type)).ok_or(BodyError::MissingField("event_type"))?;
+        EventEnvelope {
+            schema: Schema::V2,
+            event_id,
+            event_type,
+            create_time: take_str(&mut hd.create_time),
+            token: take_str(&mut hd.token),
+            app_id: take_str(&mut hd.app_id),
+            tenant_key: take_str(&mut hd.tenant_key),
+            message_id: None,
+            sender_open_id: None,
+            raw: std::sync::Arc::from(&[][..]),
+            json: std::sync::OnceLock::new(),
+        }
+    } else if h.uuid.present() {
+        let event_id = nonempty(take_str(&mut h.uuid)).ok_or(BodyError::MissingField("uuid"))?;
+        let ev = event.as_mut();
+        let event_type = nonempty(ev.and_then(|e| take_str(&mut e.kind)))
+            .ok_or(BodyError::MissingField("event.type"))?;
+        EventEnvelope {
+            schema: Schema::V1,
+            event_id,
+            event_type,
+            create_time: take_str(&mut h.ts),
+            token: take_str(&mut h.token),
+            app_id: event.as_mut().and_then(|e| take_str(&mut e.app_id)),
+            tenant_key: event.as_mut().and_then(|e| take_str(&mut e.tenant_key)),
+            message_id: None,
+            sender_open_id: None,
+            raw: std::sync::Arc::from(&[][..]),
+            json: std::sync::OnceLock::new(),
+        }
+    } else {
+        return Err(BodyError::Unsupported);
+    };
+    let (message_id, sender_open_id) = match event.as_mut() {
+        Some(e) => (
+            match &mut e.message {
+                head::Nested::Object(m) => match std::mem::take(&mut m.message_id) {
+                    head::Field::Absent => None,
+                    head::Field::Str(id) => Some(Some(id)),
+                    head::Field::Other => Some(None),
+                },
+                _ => None,
+            },
+            e.sender
+                .get()
+                .and_then(|s| s.sender_id.get())
+                .and_then(|id| id.open_id.as_str())
+                .map(str::to_owned),
+        ),
+        None => (None, None),
+    };
+    let mut envelope = envelope;
+    envelope.sender_open_id = sender_open_id;
+    envelope.raw = json;
+    finish(envelope, message_id)
+}
+
+/// The checks and the card-action split shared by both parses. `message_id`: `None` when
+/// `event.message.message_id` is not there, `Some(None)` when it is there but not a string.
+fn finish(
+    mut envelope: EventEnvelope,
+    message_id: Option<Option<String>>,
+) -> Result<Callback, BodyError> {
+    if !valid_id(&envelope.event_id) {
+        return Err(BodyError::InvalidId("event_id"));
+    }
+    if let Some(message_id) = message_id {
+        if !message_id.as_deref().is_some_and(valid_id) {
+            return Err(BodyError::InvalidId("message_id"));
+        }
+        envelope.message_id = message_id;
+    }
+    if envelope.schema == Schema::V2 && envelope.event_type == CARD_ACTION_TRIGGER {
+        Ok(Callback::CardAction(Box::new(CardAction::from_envelope(
+            envelope,
+        ))))
+    } else {
+        Ok(Callback::Event(envelope))
+    }
 }
 
 fn parse_object(bytes: &[u8]) -> Result<Value, BodyError> {
@@ -396,7 +541,7 @@ fn is_url_verification(v: &Value) -> bool {
 
 /// Classifies a plaintext envelope: `schema` present → v2, else `uuid` present → v1.
 fn classify(v: Value) -> Result<Callback, BodyError> {
-    let envelope = if v.get("schema").is_some() {
+    let mut envelope = if v.get("schema").is_some() {
         let header = v.get("header").ok_or(BodyError::MissingField("header"))?;
         let field = |name: &'static str| {
             header
@@ -414,7 +559,10 @@ fn classify(v: Value) -> Result<Callback, BodyError> {
             token: owned_at(header, "/token"),
             app_id: owned_at(header, "/app_id"),
             tenant_key: owned_at(header, "/tenant_key"),
-            json: v,
+            message_id: None,
+            sender_open_id: None,
+            raw: std::sync::Arc::from(&[][..]),
+            json: std::sync::OnceLock::from(v),
         }
     } else if v.get("uuid").is_some() {
         let event_id = owned_at(&v, "/uuid")
@@ -431,26 +579,24 @@ fn classify(v: Value) -> Result<Callback, BodyError> {
             token: owned_at(&v, "/token"),
             app_id: owned_at(&v, "/event/app_id"),
             tenant_key: owned_at(&v, "/event/tenant_key"),
-            json: v,
+            message_id: None,
+            sender_open_id: None,
+            raw: std::sync::Arc::from(&[][..]),
+            json: std::sync::OnceLock::from(v),
         }
     } else {
         return Err(BodyError::Unsupported);
     };
-    if !valid_id(&envelope.event_id) {
-        return Err(BodyError::InvalidId("event_id"));
-    }
-    if let Some(message_id) = envelope.json.pointer("/event/message/message_id") {
-        if !message_id.as_str().is_some_and(valid_id) {
-            return Err(BodyError::InvalidId("message_id"));
-        }
-    }
-    if envelope.schema == Schema::V2 && envelope.event_type == CARD_ACTION_TRIGGER {
-        Ok(Callback::CardAction(Box::new(CardAction::from_envelope(
-            envelope,
-        ))))
-    } else {
-        Ok(Callback::Event(envelope))
-    }
+    let message_id = envelope
+        .json()
+        .pointer("/event/message/message_id")
+        .map(|v| v.as_str().map(str::to_owned));
+    envelope.sender_open_id = envelope
+        .json()
+        .pointer("/event/sender/sender_id/open_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    finish(envelope, message_id)
 }
 
 #[cfg(test)]
@@ -458,6 +604,137 @@ mod tests {
     use super::*;
     use crate::callbacks::verify::signature_hex;
     use std::time::UNIX_EPOCH;
+
+    /// The long connection's parse before this change: the whole payload as a `Value` tree,
+    /// then the same classification as HTTP mode. The header-only parse must agree with it on
+    /// every input: the same callback (fields and body) or the same error.
+    fn full_parse(json: &[u8]) -> Result<Callback, BodyError> {
+        let v = parse_object(json)?;
+        if is_url_verification(&v) {
+            return Err(BodyError::Unsupported);
+        }
+        classify(v)
+    }
+
+    fn agree(input: &[u8]) {
+        let want = full_parse(input);
+        let got = parse_event_payload(input);
+        assert_eq!(got, want, "input: {}", String::from_utf8_lossy(input));
+        if let (Ok(Callback::Event(g)), Ok(Callback::Event(w))) = (&got, &want) {
+            assert_eq!(g.json(), w.json());
+            assert_eq!(
+                g.sender_open_id.as_deref(),
+                w.json()
+                    .pointer("/event/sender/sender_id/open_id")
+                    .and_then(Value::as_str)
+            );
+        }
+    }
+
+    #[test]
+    fn the_header_only_parse_accepts_and_refuses_what_the_full_parse_does() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let cases: Vec<String> = vec![
+            // Valid, both shapes, with and without the fields read early.
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"im.message.receive_v1","create_time":"1","token":"t","app_id":"cli_a","tenant_key":"tk"},"event":{"sender":{"sender_id":{"open_id":"ou_1"}},"message":{"message_id":"om_1","content":"{\"text\":\"hi\"}"}}}"#.into(),
+            r#"{"uuid":"u1","ts":"1.0","token":"t","type":"event_callback","event":{"type":"message","app_id":"cli_a","tenant_key":"tk"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"c1","event_type":"card.action.trigger"},"event":{"operator":{"open_id":"ou_1"},"action":{"value":"{\"k\":1}","tag":"button"},"token":"ct"}}"#.into(),
+            // A key given twice: the last value counts (at the top and inside).
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"header":{"event_id":"e2","event_type":"b"},"event":{}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_id":"e3","event_type":"a"},"event":{"message":{"message_id":"om_1"},"message":{"message_id":"bad id"}}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"header":5}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"event":{"message":{"message_id":"om_1"}},"event":[1]}"#.into(),
+            // Escaped keys and values.
+            r#"{"schema":"2.0","\u0068eader":{"event_\u0069d":"e\u0031","event_type":"a"},"event":{"sender":{"sender_id":{"open_id":"ou_\u00e9"}}}}"#.into(),
+            // Wrong types where strings are expected, null schema, empty strings.
+            r#"{"schema":null,"header":{"event_id":"e1","event_type":"a"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":1,"event_type":"a"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"","event_type":"a"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":["a"]}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"event":{"message":{"message_id":null}}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"event":{"message":{"message_id":""}}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"event":{"message":"om_1"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e 1","event_type":"a"}}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"event":{"sender":{"sender_id":{"open_id":7}}}}"#.into(),
+            r#"{"schema":"2.0"}"#.into(),
+            r#"{"uuid":"","event":{"type":"x"}}"#.into(),
+            r#"{"uuid":"u1","event":{"type":""}}"#.into(),
+            r#"{"uuid":"u1","event":"x"}"#.into(),
+            r#"{"type":"url_verification","challenge":"c","token":"t"}"#.into(),
+            r#"{"schema":"2.0","type":"url_verification","header":{"event_id":"e1","event_type":"a"}}"#.into(),
+            r#"{"event":{}}"#.into(),
+            // Not JSON objects, or not JSON at all.
+            "[]".into(),
+            "\"x\"".into(),
+            "null".into(),
+            String::new(),
+            "{".into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"}} x"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},}"#.into(),
+            // What only a full check refuses, in a part nobody reads: nesting past the limit,
+            // a lone surrogate, a bad escape, a number out of range, a control character.
+            format!(r#"{{"schema":"2.0","header":{{"event_id":"e1","event_type":"a"}},"x":{}}}"#, deep(127)),
+            format!(r#"{{"schema":"2.0","header":{{"event_id":"e1","event_type":"a"}},"x":{}}}"#, deep(200)),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"x":"\ud800"}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"x":"\q"}"#.into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"x":1e999}"#.into(),
+            "{\"schema\":\"2.0\",\"header\":{\"event_id\":\"e1\",\"event_type\":\"a\"},\"x\":\"\u{1}\"}".into(),
+            r#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"x":{"\ud800":1}}"#.into(),
+        ];
+        for c in &cases {
+            agree(c.as_bytes());
+        }
+        // Invalid UTF-8 inside a string nobody reads.
+        let mut bytes =
+            br#"{"schema":"2.0","header":{"event_id":"e1","event_type":"a"},"x":"#.to_vec();
+        bytes.extend_from_slice(b"\"\xff\xfe\"}");
+        agree(&bytes);
+        // The nesting limit holds in the parts that are read too.
+        agree(format!(r#"{{"schema":"2.0","header":{{"event_id":"e1","event_type":"a"}},"event":{{"message":{}}}}}"#, deep(200)).as_bytes());
+    }
+
+    #[test]
+    fn the_header_only_parse_agrees_with_the_full_parse_on_the_fuzz_corpus_and_its_mutations() {
+        use rand::{Rng, SeedableRng};
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/callback_body");
+        let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(inputs.len() >= 50, "corpus missing: {}", dir.display());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        let base = inputs.clone();
+        for _ in 0..20_000 {
+            let mut b = base[rng.random_range(0..base.len())].clone();
+            for _ in 0..rng.random_range(1..=3) {
+                if b.is_empty() {
+                    break;
+                }
+                let i = rng.random_range(0..b.len());
+                match rng.random_range(0..4) {
+                    0 => b[i] ^= 1 << rng.random_range(0..8),
+                    1 => b.truncate(i),
+                    2 => b.insert(i, b"{}[]\",:\\"[rng.random_range(0..8)]),
+                    _ => {
+                        b.remove(i);
+                    }
+                }
+            }
+            inputs.push(b);
+        }
+        let mut accepted = 0;
+        for input in &inputs {
+            agree(input);
+            accepted += usize::from(full_parse(input).is_ok());
+        }
+        // The corpus holds valid envelopes too, so both outcomes were compared.
+        assert!(
+            accepted > 0 && accepted < inputs.len(),
+            "{accepted} of {}",
+            inputs.len()
+        );
+    }
 
     const KEY: &str = "test-encrypt-key";
     const TOKEN: &str = "xxxxxx";

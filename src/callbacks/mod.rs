@@ -10,11 +10,13 @@
 
 pub mod body;
 pub mod decrypt;
+mod head;
 pub mod verify;
 
 pub use body::{
-    challenge_response, parse_callback, parse_event_payload, BodyError, Callback, CallbackConfig,
-    CardAction, EventEnvelope, Schema, CARD_ACTION_TRIGGER, DEFAULT_MAX_BODY_BYTES,
+    challenge_response, parse_callback, parse_event_bytes, parse_event_payload, BodyError,
+    Callback, CallbackConfig, CardAction, EventEnvelope, Schema, CARD_ACTION_TRIGGER,
+    DEFAULT_MAX_BODY_BYTES,
 };
 pub use decrypt::{DecryptError, EventCipher};
 pub use verify::{

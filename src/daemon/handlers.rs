@@ -47,7 +47,7 @@ pub(super) fn app_handler(auth: crate::auth::AuthService) -> crate::events::Hand
                     }
                 }
                 crate::callbacks::Callback::Event(e) if e.event_type == "im.message.receive_v1" => {
-                    match auth.message_command(&e.json).await {
+                    match auth.message_command(e.json()).await {
                         Ok(_) => Ok(crate::events::HandlerReply::Done),
                         // A redelivery would be refused the same way: acknowledge it.
                         Err(

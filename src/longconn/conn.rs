@@ -32,7 +32,7 @@ use super::reconnect::{
     classify_handshake, parse_discovery_response, Decision, DiscoveryRequest, FailureClass,
     Reconnect, ReconnectPolicy, DISCOVERY_PATH,
 };
-use crate::callbacks::parse_event_payload;
+use crate::callbacks::parse_event_bytes;
 use crate::events::{Dispatcher, EventSource, HandlerReply, Outcome};
 use crate::metrics;
 
@@ -654,7 +654,7 @@ impl FrameCounters {
 /// The ACK of one event: dispatches it and answers with the outcome.
 async fn answer(dispatcher: Dispatcher, frame: Frame, payload: Vec<u8>) -> Frame {
     let started = Instant::now();
-    let response = match parse_event_payload(&payload) {
+    let response = match parse_event_bytes(payload.into()) {
         Ok(cb) => match dispatcher.dispatch(cb, EventSource::WebSocket).await {
             Outcome::Handled(HandlerReply::Respond(v)) => {
                 AckResponse::OkWithData(serde_json::to_vec(&v).unwrap_or_default())
