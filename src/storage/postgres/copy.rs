@@ -15,7 +15,7 @@ use super::feed::{append_changes, KIND_UPSERT};
 use super::rows::{SessionParams, TokenParams, SESSION_COLUMNS, SESSION_VALUES, TOKEN_COLUMNS};
 use super::{db_time, pg_err, PgStore};
 use crate::storage::records::{StoredSession, StoredToken};
-use crate::storage::tables::{SEEN_EVENTS, SESSIONS, TOKENS, USERS};
+use crate::storage::tables::{SEEN_EVENTS, SESSIONS, SESSIONS_EXPIRED, TOKENS, USERS};
 use crate::storage::traits::SessionStore;
 use crate::storage::{Error, Result, SessionId, Store, StoreCounts, UserInfo};
 
@@ -58,6 +58,7 @@ impl PgStore {
         let txn = src.db().begin_read().map_err(|e| src.err(e))?;
         let mut n = 0u64;
         let mut batch = Vec::with_capacity(BATCH);
+        let expired = txn.open_table(SESSIONS_EXPIRED).map_err(|e| src.err(e))?;
         for row in txn
             .open_table(SESSIONS)
             .map_err(|e| src.err(e))?
@@ -65,7 +66,8 @@ impl PgStore {
             .map_err(|e| src.err(e))?
         {
             let (k, v) = row.map_err(|e| src.err(e))?;
-            let stored = StoredSession::decode(v.value())?;
+            let at = expired.get(k.value()).map_err(|e| src.err(e))?;
+            let stored = StoredSession::decode(v.value())?.overlay(at.map(|a| a.value()));
             batch.push(SessionParams::new(SessionId(k.value()), stored));
             if batch.len() == BATCH {
                 n += self.write_batch(Batch::Sessions(std::mem::take(&mut batch)))?;
