@@ -208,6 +208,7 @@ macro_rules! for_each_table {
         $f($($arg,)* LEASES)?;
         $f($($arg,)* SESSION_COUNTS)?;
         $f($($arg,)* super::tables::APPS)?;
+        $f($($arg,)* super::tables::SESSIONS_EXPIRED)?;
     }};
 }
 
@@ -511,6 +512,7 @@ fn restore_into(
             "leases" => l.rows(LEASES, count)?,
             "session_counts" => l.rows(SESSION_COUNTS, count)?,
             "apps" => l.rows(super::tables::APPS, count)?,
+            "sessions_expired" => l.rows(super::tables::SESSIONS_EXPIRED, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

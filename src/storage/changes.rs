@@ -15,7 +15,7 @@ use secrecy::SecretString;
 use super::envelope::{KeyId, Place, Sealed};
 use super::records::{session_from, SessionRecord, StoredSession, SESSIONS_TABLE};
 use super::sessions::SessionTables;
-use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS};
+use super::tables::{CHANGES, CHANGE_DELETE, CURSORS, META, SESSIONS, SESSIONS_EXPIRED};
 use super::{Error, Result, SessionId, Store};
 
 /// `meta` key of the last change sequence number (u64 BE).
@@ -353,14 +353,15 @@ impl Store {
     pub fn export_rows(&self, ids: &[SessionId]) -> Result<Vec<Option<ExportRow>>> {
         let txn = self.begin_read()?;
         let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let expired = txn.open_table(SESSIONS_EXPIRED).map_err(|e| self.err(e))?;
         ids.iter()
             .map(|id| {
-                t.get(id.0)
-                    .map_err(|e| self.err(e))?
-                    .map(|v| {
-                        StoredSession::decode(v.value()).map(|s| ExportRow::from_stored(*id, &s))
-                    })
-                    .transpose()
+                let Some(v) = t.get(id.0).map_err(|e| self.err(e))? else {
+                    return Ok(None);
+                };
+                let at = expired.get(id.0).map_err(|e| self.err(e))?;
+                let s = StoredSession::decode(v.value())?.overlay(at.map(|a| a.value()));
+                Ok(Some(ExportRow::from_stored(*id, &s)))
             })
             .collect()
     }
@@ -373,6 +374,7 @@ impl Store {
     ) -> Result<Vec<ExportRow>> {
         let txn = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let expired = txn.open_table(SESSIONS_EXPIRED).map_err(|e| self.err(e))?;
         let range = match after {
             Some(a) if a.0 == u128::MAX => return Ok(Vec::new()),
             Some(a) => t.range(a.0 + 1..),
@@ -382,9 +384,10 @@ impl Store {
         let mut out = Vec::new();
         for row in range.take(limit) {
             let (k, v) = row.map_err(|e| self.err(e))?;
+            let at = expired.get(k.value()).map_err(|e| self.err(e))?;
             out.push(ExportRow::from_stored(
                 SessionId(k.value()),
-                &StoredSession::decode(v.value())?,
+                &StoredSession::decode(v.value())?.overlay(at.map(|a| a.value())),
             ));
         }
         Ok(out)

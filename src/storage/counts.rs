@@ -5,7 +5,7 @@
 use redb::{ReadableTable, Table};
 
 use super::records::StoredSession;
-use super::tables::{SESSIONS, SESSION_COUNTS};
+use super::tables::{SESSIONS, SESSIONS_EXPIRED, SESSION_COUNTS};
 use super::{Result, SessionState, Store};
 
 /// The key of a state in `session_counts`: its place in [`SessionState::ALL`].
@@ -88,10 +88,12 @@ impl Store {
     /// kept counts against it).
     pub(crate) fn recount_in(&self, txn: &redb::WriteTransaction) -> Result<[u64; 6]> {
         let sessions = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let expired = txn.open_table(SESSIONS_EXPIRED).map_err(|e| self.err(e))?;
         let mut counts = [0u64; 6];
         for row in sessions.iter().map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            let s = StoredSession::decode(v.value())?;
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let at = expired.get(k.value()).map_err(|e| self.err(e))?;
+            let s = StoredSession::decode(v.value())?.overlay(at.map(|a| a.value()));
             counts[usize::from(state_key(s.state))] += 1;
         }
         Ok(counts)

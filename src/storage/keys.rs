@@ -45,9 +45,14 @@ impl Store {
         let txn = self.begin_read()?;
         let mut by_key: BTreeMap<KeyId, u64> = BTreeMap::new();
         let sessions = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let expired = txn
+            .open_table(super::tables::SESSIONS_EXPIRED)
+            .map_err(|e| self.err(e))?;
         for row in sessions.iter().map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            for (_, s) in StoredSession::decode(v.value())?.sealed_fields() {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let at = expired.get(k.value()).map_err(|e| self.err(e))?;
+            let mut s = StoredSession::decode(v.value())?.overlay(at.map(|a| a.value()));
+            for (_, s) in s.sealed_fields() {
                 *by_key.entry(s.key_id).or_default() += 1;
             }
         }
@@ -173,7 +178,14 @@ impl Store {
                 })
                 .collect::<Result<_>>()?;
             for (id, bytes) in &rows {
-                let mut s = StoredSession::decode(bytes)?;
+                // A session the sweep marked expired is re-sealed as it reads (without its
+                // PKCE verifier), and its record then says so itself.
+                let at = t
+                    .expired
+                    .get(*id)
+                    .map_err(|e| self.err(e))?
+                    .map(|a| a.value());
+                let mut s = StoredSession::decode(bytes)?.overlay(at);
                 let row = id.to_be_bytes();
                 let mut changed = false;
                 for (field, sealed) in s.sealed_fields() {
@@ -184,6 +196,9 @@ impl Store {
                     t.sessions
                         .insert(*id, s.encode().as_slice())
                         .map_err(|e| self.err(e))?;
+                    if at.is_some() {
+                        t.expired.remove(*id).map_err(|e| self.err(e))?;
+                    }
                     // The sealed columns changed (new key id): exporters re-export the row.
                     self.append_change(&mut t, super::tables::CHANGE_UPSERT, SessionId(*id))?;
                     report.resealed += 1;

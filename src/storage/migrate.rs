@@ -12,6 +12,8 @@
 //! seeded from the tokens: the creation time of the session that produced each, else the token's
 //! `obtained_at` (the earliest time known, so a reminder comes early rather than late).
 //! Schema 8 adds the (empty) `apps` registry table, created with the others.
+//! Schema 9 adds the (empty) `sessions_expired` table (the sweep's expiry marks), created with
+//! the others: no session of an older file is marked.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -44,6 +46,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(LEASES).map_err(e)?;
     txn.open_table(SESSION_COUNTS).map_err(e)?;
     txn.open_table(super::tables::APPS).map_err(e)?;
+    txn.open_table(super::tables::SESSIONS_EXPIRED).map_err(e)?;
     create_outbox_tables(store, txn)
 }
 

@@ -6,7 +6,8 @@ use super::counts::CountDelta;
 use super::records::{StoredSession, StoredToken};
 use super::tables::{
     CHANGES, CHANGE_UPSERT, DEADLINE_EXPIRE, DEADLINE_PURGE, META, OAUTH_STATES, SESSIONS,
-    SESSIONS_BY_USER, SESSION_COUNTS, SESSION_DEADLINES, TOKENS, TOKEN_REFRESH_DUE,
+    SESSIONS_BY_USER, SESSIONS_EXPIRED, SESSION_COUNTS, SESSION_DEADLINES, TOKENS,
+    TOKEN_REFRESH_DUE,
 };
 use super::{AuthSession, Error, OutboxEvent, Result, SessionId, SessionState, Store, UserToken};
 
@@ -43,6 +44,8 @@ pub(crate) struct SessionTables<'t> {
     pub changes: Table<'t, u64, [u8; 17]>,
     pub meta: Table<'t, &'static str, &'static [u8]>,
     pub counts: Table<'t, u8, u64>,
+    /// Sessions the sweep expired without rewriting their record (see [`SESSIONS_EXPIRED`]).
+    pub expired: Table<'t, u128, u64>,
     /// The last change seq, read on first use in this transaction.
     pub last_seq: Option<u64>,
 }
@@ -75,21 +78,44 @@ impl Store {
             changes: txn.open_table(CHANGES).map_err(|e| self.err(e))?,
             meta: txn.open_table(META).map_err(|e| self.err(e))?,
             counts: txn.open_table(SESSION_COUNTS).map_err(|e| self.err(e))?,
+            expired: txn.open_table(SESSIONS_EXPIRED).map_err(|e| self.err(e))?,
             last_seq: None,
         })
     }
 
-    /// The stored session `id` as of the caller's write transaction.
+    /// The stored session `id` as of the caller's write transaction, as readers see it (a
+    /// session the sweep marked expired is expired).
     fn stored_session_in(
         &self,
         t: &SessionTables<'_>,
         id: SessionId,
     ) -> Result<Option<StoredSession>> {
-        t.sessions
-            .get(id.0)
-            .map_err(|e| self.err(e))?
-            .map(|v| StoredSession::decode(v.value()))
-            .transpose()
+        let Some(v) = t.sessions.get(id.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let s = StoredSession::decode(v.value())?;
+        Ok(Some(s.overlay(
+            expired_at(&t.expired, id.0).map_err(|e| self.err(e))?,
+        )))
+    }
+
+    /// Opens `sessions` and `sessions_expired` of a read transaction.
+    fn session_reader(&self, txn: &redb::ReadTransaction) -> Result<SessionReader> {
+        Ok(SessionReader {
+            sessions: txn.open_table(SESSIONS).map_err(|e| self.err(e))?,
+            expired: txn.open_table(SESSIONS_EXPIRED).map_err(|e| self.err(e))?,
+        })
+    }
+
+    /// Session `id` from `r` as readers see it.
+    fn read_stored(&self, r: &SessionReader, id: u128) -> Result<Option<StoredSession>> {
+        let Some(v) = r.sessions.get(id).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let s = StoredSession::decode(v.value())?;
+        Ok(Some(s.overlay(
+            expired_at(&r.expired, id).map_err(|e| self.err(e))?,
+        )))
     }
 
     /// Writes a stored session and its index entries, replacing the previous version.
@@ -119,6 +145,10 @@ impl Store {
                     .remove((old.app_id.as_str(), old.user_id.as_str(), id.0))
                     .map_err(|e| self.err(e))?;
             }
+        }
+        if old.is_some() {
+            // The new record says what the session is now.
+            t.expired.remove(id.0).map_err(|e| self.err(e))?;
         }
         let mut delta = CountDelta::default();
         delta.moved(old.as_ref().map(|o| o.state), new.state);
@@ -203,11 +233,10 @@ impl Store {
         let Some(id) = idx.get(hash).map_err(|e| self.err(e))?.map(|v| v.value()) else {
             return Ok(None);
         };
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-        let Some(v) = t.get(id).map_err(|e| self.err(e))? else {
+        let r = self.session_reader(&txn)?;
+        let Some(s) = self.read_stored(&r, id)? else {
             return Ok(None);
         };
-        let s = StoredSession::decode(v.value())?;
         if state_index_of(&s) != Some(*hash) {
             return Ok(None);
         }
@@ -257,33 +286,27 @@ impl Store {
     /// Reads one session.
     pub fn get_session(&self, id: SessionId) -> Result<Option<AuthSession>> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-        let Some(v) = t.get(id.0).map_err(|e| self.err(e))? else {
+        let r = self.session_reader(&txn)?;
+        let Some(s) = self.read_stored(&r, id.0)? else {
             return Ok(None);
         };
-        StoredSession::decode(v.value())?
-            .open(id, self.ring())
-            .map(Some)
+        s.open(id, self.ring()).map(Some)
     }
 
     /// Reads one session's summary without opening any secret.
     pub fn get_session_summary(&self, id: SessionId) -> Result<Option<SessionSummary>> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
-        let Some(v) = t.get(id.0).map_err(|e| self.err(e))? else {
-            return Ok(None);
-        };
-        Ok(Some(SessionSummary::from_stored(
-            id,
-            &StoredSession::decode(v.value())?,
-        )))
+        let r = self.session_reader(&txn)?;
+        Ok(self
+            .read_stored(&r, id.0)?
+            .map(|s| SessionSummary::from_stored(id, &s)))
     }
 
     /// The sessions of one user, oldest first.
     pub fn sessions_for_user(&self, app_id: &str, user_id: &str) -> Result<Vec<AuthSession>> {
         let txn = self.begin_read()?;
         let idx = txn.open_table(SESSIONS_BY_USER).map_err(|e| self.err(e))?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let r = self.session_reader(&txn)?;
         let mut out = Vec::new();
         for row in idx
             .range((app_id, user_id, 0u128)..=(app_id, user_id, u128::MAX))
@@ -291,8 +314,8 @@ impl Store {
         {
             let (k, _) = row.map_err(|e| self.err(e))?;
             let id = SessionId(k.value().2);
-            if let Some(v) = t.get(id.0).map_err(|e| self.err(e))? {
-                out.push(StoredSession::decode(v.value())?.open(id, self.ring())?);
+            if let Some(s) = self.read_stored(&r, id.0)? {
+                out.push(s.open(id, self.ring())?);
             }
         }
         out.sort_by_key(|s| s.created_at);
@@ -307,11 +330,12 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<SessionSummary>> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.err(e))?;
+        let r = self.session_reader(&txn)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(|e| self.err(e))? {
+        for row in r.sessions.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let s = StoredSession::decode(v.value())?;
+            let s = StoredSession::decode(v.value())?
+                .overlay(expired_at(&r.expired, k.value()).map_err(|e| self.err(e))?);
             if state.is_some_and(|want| want != s.state) {
                 continue;
             }
@@ -339,13 +363,7 @@ impl Store {
         let txn = self.begin_write()?;
         let updated = {
             let mut t = self.open_session_tables(&txn)?;
-            let Some(mut s) = t
-                .sessions
-                .get(id.0)
-                .map_err(|e| self.err(e))?
-                .map(|v| StoredSession::decode(v.value()))
-                .transpose()?
-            else {
+            let Some(mut s) = self.stored_session_in(&t, id)? else {
                 return Ok(None);
             };
             s.state = SessionState::Revoked;
@@ -375,6 +393,20 @@ impl Store {
         self.commit(txn)?;
         updated.open(id, self.ring()).map(Some)
     }
+}
+
+/// `sessions` and `sessions_expired` of one read transaction.
+struct SessionReader {
+    sessions: redb::ReadOnlyTable<u128, &'static [u8]>,
+    expired: redb::ReadOnlyTable<u128, u64>,
+}
+
+/// The `sessions_expired` entry of session `id` (see [`SESSIONS_EXPIRED`]).
+pub(crate) fn expired_at(
+    t: &impl ReadableTable<u128, u64>,
+    id: u128,
+) -> std::result::Result<Option<u64>, redb::StorageError> {
+    Ok(t.get(id)?.map(|v| v.value()))
 }
 
 /// A session without secrets, for listings.

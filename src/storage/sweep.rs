@@ -12,13 +12,16 @@
 //!   consecutive ids. A batch changes one slice of `sessions`, so a leaf of that big table is
 //!   copied once per sweep, not once per batch that happens to hold one of its sessions.
 //! - In a batch, each table is changed in its own key order: the deadline entries are removed
-//!   in one scan, the batch's sessions are taken out of `sessions` in one scan over their id
-//!   range and the ones that stay are put back as one sorted run (packed into full leaves),
-//!   and the new deadline entries and change-feed entries go in as runs through a cursor.
-//! - Expiring a session copies its record with the status fields rewritten and the PKCE
-//!   verifier dropped; nothing else is decoded, and no sealed field is opened or sealed again
-//!   (their associated data is table, row key, field and key id, which the sweep never changes).
-//!   The by-user entry of an expired session is not touched: it does not change.
+//!   in one scan, purged records are deleted in one scan over their id range, and the marks,
+//!   new deadline entries and change-feed entries go in as runs through a cursor.
+//! - Expiring a session does not rewrite its record (about a KiB, sealed tokens included, a
+//!   whole `sessions` leaf per few sessions): it adds the session to `sessions_expired` (id →
+//!   expiry time, 24 bytes), and every reader sees a pending record with such a mark as expired
+//!   at that time (`StoredSession::overlay`), as if the record had been rewritten: state
+//!   `expired`, reason `session_expired`, `updated_at` the sweep's time, no PKCE verifier. The
+//!   record is only read, in one scan of the batch's id range; nothing else is decoded and no
+//!   sealed field is opened. The mark goes when the record is next written (any write replaces
+//!   what the session is) or purged. The by-user entry of an expired session is not touched.
 //!
 //! Each batch is one write transaction: a crash keeps whole batches or nothing of them, and the
 //! next sweep carries on from the index.
@@ -29,7 +32,7 @@ use redb::{ReadableTable, ReadableTableMetadata, Table};
 
 use super::counts::CountDelta;
 use super::records::{SessionPeek, StoredSession, SESSIONS_TABLE};
-use super::sessions::deadline_for;
+use super::sessions::{deadline_for, expired_at};
 use super::tables::{
     CHANGE_DELETE, CHANGE_UPSERT, DEADLINE_EXPIRE, SEEN_EVENTS, SEEN_EVENTS_EXPIRY,
     SESSION_DEADLINES,
@@ -74,53 +77,19 @@ struct Due {
     pos: usize,
 }
 
-/// Session records of one batch, sorted by id, their bytes back to back in one buffer.
+/// What a sweep's batches measured, to size the next transaction.
 #[derive(Default)]
-struct Rows {
-    index: Vec<(u128, usize, usize)>,
-    buf: Vec<u8>,
+struct Measured {
+    /// Sessions the last batch judged, and the record bytes it deleted (the only records a
+    /// batch writes: an expiry leaves its record as it is).
+    sessions: usize,
+    deleted_bytes: usize,
 }
 
-impl Rows {
-    fn push(&mut self, id: u128, bytes: &[u8]) {
-        self.push_with(id, |buf| buf.extend_from_slice(bytes));
-    }
-
-    fn push_with(&mut self, id: u128, write: impl FnOnce(&mut Vec<u8>)) {
-        let start = self.buf.len();
-        write(&mut self.buf);
-        self.index.push((id, start, self.buf.len()));
-    }
-
-    /// Empties it, keeping its memory for the next batch.
-    fn clear(&mut self) {
-        self.index.clear();
-        self.buf.clear();
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u128, &[u8])> + '_ {
-        self.index
-            .iter()
-            .map(|&(id, start, end)| (id, &self.buf[start..end]))
-    }
-}
-
-/// Buffers a sweep's batches reuse: a batch of 50 000 sessions holds tens of MiB of records,
-/// and allocating that afresh for each batch costs more than the work on it (the allocator
-/// hands such sizes back to the kernel on free, and every page faults in zeroed again).
-#[derive(Default)]
-struct Buffers {
-    /// The records a batch took out of `sessions`.
-    taken: Rows,
-    /// The records that go back.
-    keep: Rows,
-}
-
-impl Buffers {
-    /// Record bytes per session of the last batch that took its sessions in one scan.
+impl Measured {
+    /// Record bytes a batch deleted per session it judged, once a batch has run.
     fn bytes_per_session(&self) -> Option<usize> {
-        let n = self.taken.index.len();
-        (n > 0).then(|| self.taken.buf.len() / n)
+        (self.sessions > 0).then(|| self.deleted_bytes / self.sessions)
     }
 }
 
@@ -132,27 +101,27 @@ fn by_session(todo: &[(u128, u64)]) -> impl Iterator<Item = (u128, &[(u128, u64)
 
 /// What becomes of one session's record.
 enum Fate {
-    /// Stays as it is.
+    /// Stays as it is (an expired session gets its mark in `sessions_expired` instead).
     Keep,
-    /// Replaced by [`Effects::scratch`].
-    Rewrite,
     /// Deleted.
     Delete,
 }
 
-/// What one batch does besides changing `sessions`, gathered so that each table is changed in
+/// What one batch does besides reading `sessions`, gathered so that each table is changed in
 /// its own key order afterwards.
 struct Effects<'r> {
     now: u64,
     retention: u64,
     report: &'r mut SweepReport,
     new_deadlines: Vec<((u64, u128), u8)>,
+    /// Sessions expired by this batch: their marks (id, expiry time), in id order.
+    new_marks: Vec<(u128, u64)>,
+    /// Marks of the sessions this batch deletes.
+    marks_gone: Vec<u128>,
     by_user_gone: Vec<(String, String, u128)>,
     states_gone: Vec<([u8; 32], u128)>,
     changes: Vec<(u8, SessionId)>,
     counts: CountDelta,
-    /// The new record of the last [`Fate::Rewrite`].
-    scratch: Vec<u8>,
 }
 
 impl<'r> Effects<'r> {
@@ -162,19 +131,28 @@ impl<'r> Effects<'r> {
             retention,
             report,
             new_deadlines: Vec::with_capacity(capacity),
+            new_marks: Vec::with_capacity(capacity),
+            marks_gone: Vec::new(),
             by_user_gone: Vec::new(),
             states_gone: Vec::new(),
             changes: Vec::with_capacity(capacity),
             counts: CountDelta::default(),
-            scratch: Vec::new(),
         }
     }
 
     /// Decides what becomes of session `id`, whose deadline entries (`(id, due time)`) the
-    /// batch took, from its stored bytes, and notes the index and change-feed entries that go with
-    /// it. An entry that does not match the record is stale (the record moved on, or retention
-    /// changed) and counts as repaired.
-    fn decide(&mut self, id: u128, entries: &[(u128, u64)], raw: &[u8]) -> Result<Fate> {
+    /// batch took, from its stored bytes and its mark in `sessions_expired` (`marked`: the
+    /// time an earlier sweep expired it), and notes the index, mark and change-feed entries
+    /// that go with it. The session is judged as readers see it: a pending record with a mark
+    /// is expired at the mark's time. An entry that does not match the session is stale (it
+    /// moved on, or retention changed) and counts as repaired.
+    fn decide(
+        &mut self,
+        id: u128,
+        entries: &[(u128, u64)],
+        raw: &[u8],
+        marked: Option<u64>,
+    ) -> Result<Fate> {
         // A record of an older version is read as the current version.
         let upgraded;
         let s = match SessionPeek::new(raw)? {
@@ -187,15 +165,19 @@ impl<'r> Effects<'r> {
                 })?
             }
         };
-        let (want_at, want_kind) =
-            deadline_for(s.state, s.updated_at, s.expires_at, self.retention);
+        let (state, updated_at) = match marked {
+            Some(at) if s.state == SessionState::Pending => (SessionState::Expired, at),
+            _ => (s.state, s.updated_at),
+        };
+        let (want_at, want_kind) = deadline_for(state, updated_at, s.expires_at, self.retention);
         let stale = entries.iter().filter(|e| e.1 != want_at).count() as u64;
         self.report.repaired += stale;
         if stale == entries.len() as u64 {
-            // Only stale entries: the record keeps its deadline, which goes back in the index.
+            // Only stale entries: the session keeps its deadline, which goes back in the index.
             self.new_deadlines.push(((want_at, id), want_kind));
             Ok(Fate::Keep)
-        } else if s.state == SessionState::Pending {
+        } else if state == SessionState::Pending {
+            // Expired by a mark: the record (sealed fields and all) is not rewritten.
             if let Some(h) = s.state_hash {
                 self.states_gone.push((h, id));
             }
@@ -206,20 +188,22 @@ impl<'r> Effects<'r> {
                 self.retention,
             );
             self.new_deadlines.push(((next_at, id), next_kind));
+            self.new_marks.push((id, self.now));
             self.changes.push((CHANGE_UPSERT, SessionId(id)));
             self.counts
                 .moved(Some(SessionState::Pending), SessionState::Expired);
             self.report
                 .expired
                 .push((SessionId(id), s.card_message_id.map(str::to_owned)));
-            self.scratch.clear();
-            s.expire_into(self.now, &mut self.scratch);
-            Ok(Fate::Rewrite)
+            Ok(Fate::Keep)
         } else {
+            if marked.is_some() {
+                self.marks_gone.push(id);
+            }
             self.by_user_gone
                 .push((s.app_id.to_owned(), s.user_id.to_owned(), id));
             self.changes.push((CHANGE_DELETE, SessionId(id)));
-            self.counts.remove(s.state);
+            self.counts.remove(state);
             self.report.purged += 1;
             Ok(Fate::Delete)
         }
@@ -248,7 +232,8 @@ impl Store {
     /// large, and sooner if a batch's copied pages would not fit in the write buffer (half the
     /// cache): a transaction whose pages fit in it writes each page once, at commit; one that
     /// overflows it writes pages early and reads back those it changes again. The fit is
-    /// measured as the sweep goes, from the records it takes.
+    /// measured as the sweep goes, from the records it deletes (an expiry writes only index
+    /// entries and its mark).
     pub fn sweep(&self, now: u64, batch: usize) -> Result<SweepReport> {
         self.sweep_with_window(now, batch, SWEEP_WINDOW)
     }
@@ -262,7 +247,6 @@ impl Store {
         let batch = batch.max(1);
         let window = window.max(batch);
         let mut report = SweepReport::default();
-        let mut buffers = Buffers::default();
         let mut per_txn = batch.min(self.sessions_per_txn(SESSION_BYTES_GUESS));
         loop {
             let mut due = self.due_sessions(now, window)?;
@@ -275,9 +259,9 @@ impl Store {
                 while end < rest.len() && rest[end].id == rest[end - 1].id {
                     end += 1;
                 }
-                self.sweep_sessions_batch(now, &rest[..end], &mut report, &mut buffers)?;
+                let measured = self.sweep_sessions_batch(now, &rest[..end], &mut report)?;
                 rest = &rest[end..];
-                if let Some(bytes) = buffers.bytes_per_session() {
+                if let Some(bytes) = measured.bytes_per_session() {
                     per_txn = batch.min(self.sessions_per_txn(bytes));
                 }
             }
@@ -319,62 +303,81 @@ impl Store {
 
     /// Expires or purges the sessions of `due` (sorted by id) in one transaction. An entry that
     /// is no longer in the index (its session was written since the window was read) is left
-    /// alone: the session's current entry says what it needs.
+    /// alone: the session's current entry says what it needs. An expiry leaves the record as
+    /// it is and marks the session in `sessions_expired`; a purge deletes record and mark.
     fn sweep_sessions_batch(
         &self,
         now: u64,
         due: &[Due],
         report: &mut SweepReport,
-        buffers: &mut Buffers,
-    ) -> Result<()> {
+    ) -> Result<Measured> {
         let txn = self.begin_write()?;
+        let mut measured = Measured::default();
         {
             let mut t = self.open_session_tables(&txn)?;
             // 1. Take the entries out of the deadline index: (id, due time) of those still there.
             let todo = self.take_deadlines(&mut t.deadlines, due)?;
-            // 2. The sessions.
+            measured.sessions = todo.len();
+            // 2. Judge the sessions from their records, which are only read.
             let mut fx = Effects::new(now, self.retention_ms(), todo.len(), report);
-            if self.dense(&t.sessions, &todo)? {
+            let mut gone: Vec<u128> = Vec::new();
+            if let (true, Some(first), Some(last)) = (
+                self.dense(&t.sessions, &todo)?,
+                todo.first().map(|e| e.0),
+                todo.last().map(|e| e.0),
+            ) {
                 // They are (nearly) all the sessions in their id range, as when many fall due
-                // together: take them out in one scan and put back what stays as one run,
-                // packed into full leaves.
-                let Buffers { taken, keep } = buffers;
-                let alone = self.take_sessions(&mut t.sessions, &todo, taken)?;
-                let mut taken = taken.iter().peekable();
-                keep.clear();
-                for (id, ats) in by_session(&todo) {
-                    let Some((_, raw)) = taken.next_if(|(rid, _)| *rid == id) else {
+                // together: read the range and its marks in one scan each.
+                let marks: Vec<(u128, u64)> = t
+                    .expired
+                    .range(first..=last)
+                    .map_err(|e| self.err(e))?
+                    .map(|r| {
+                        r.map(|(k, v)| (k.value(), v.value()))
+                            .map_err(|e| self.err(e))
+                    })
+                    .collect::<Result<_>>()?;
+                let mut marks = marks.into_iter().peekable();
+                let mut groups = by_session(&todo).peekable();
+                for row in t.sessions.range(first..=last).map_err(|e| self.err(e))? {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    let id = k.value();
+                    while let Some((_, ats)) = groups.next_if(|(gid, _)| *gid < id) {
                         fx.report.repaired += ats.len() as u64;
+                    }
+                    let Some((_, ats)) = groups.next_if(|(gid, _)| *gid == id) else {
                         continue;
                     };
-                    match fx.decide(id, ats, raw)? {
-                        Fate::Keep => keep.push(id, raw),
-                        Fate::Rewrite => keep.push(id, &fx.scratch),
-                        Fate::Delete => {}
+                    while marks.next_if(|m| m.0 < id).is_some() {}
+                    let marked = marks.next_if(|m| m.0 == id).map(|m| m.1);
+                    if let Fate::Delete = fx.decide(id, ats, v.value(), marked)? {
+                        measured.deleted_bytes += v.value().len();
+                        gone.push(id);
                     }
                 }
-                self.put_sorted_sessions(&mut t.sessions, keep, alone)?;
+                for (_, ats) in groups {
+                    fx.report.repaired += ats.len() as u64;
+                }
             } else {
-                // Scattered among others: change each in place (one descent each).
+                // Scattered among others: one descent each.
                 for (id, ats) in by_session(&todo) {
-                    let Some(mut guard) = t.sessions.get_mut(id).map_err(|e| self.err(e))? else {
+                    let Some(v) = t.sessions.get(id).map_err(|e| self.err(e))? else {
                         fx.report.repaired += ats.len() as u64;
                         continue;
                     };
-                    let fate = fx.decide(id, ats, guard.value())?;
-                    match fate {
-                        Fate::Keep => {}
-                        Fate::Rewrite => guard
-                            .insert(fx.scratch.as_slice())
-                            .map_err(|e| self.err(e))?,
-                        Fate::Delete => {
-                            drop(guard);
-                            t.sessions.remove(id).map_err(|e| self.err(e))?;
-                        }
+                    let marked = expired_at(&t.expired, id).map_err(|e| self.err(e))?;
+                    if let Fate::Delete = fx.decide(id, ats, v.value(), marked)? {
+                        measured.deleted_bytes += v.value().len();
+                        gone.push(id);
                     }
                 }
             }
-            // 3. The other indexes, each in its key order.
+            // 3. Every table in its key order.
+            self.delete_sessions(&mut t.sessions, &gone)?;
+            for id in &fx.marks_gone {
+                t.expired.remove(id).map_err(|e| self.err(e))?;
+            }
+            insert_runs(&mut t.expired, &fx.new_marks).map_err(|e| self.err(e))?;
             fx.states_gone.sort_unstable();
             for (h, id) in &fx.states_gone {
                 let points_here = t
@@ -397,7 +400,41 @@ impl Store {
             self.append_changes(&mut t, &fx.changes)?;
             self.apply_counts(&mut t.counts, &fx.counts)?;
         }
-        self.commit(txn)
+        self.commit(txn)?;
+        Ok(measured)
+    }
+
+    /// Deletes the records `ids` (sorted, all present) from `sessions`: in one scan over their
+    /// id range when they are most of it, else one by one.
+    fn delete_sessions(
+        &self,
+        table: &mut Table<'_, u128, &'static [u8]>,
+        ids: &[u128],
+    ) -> Result<()> {
+        let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+            return Ok(());
+        };
+        let ids_len = ids.len() as u64;
+        let stored = table.len().map_err(|e| self.err(e))?;
+        #[allow(clippy::cast_precision_loss)]
+        let in_range = stored as f64 * ((last - first) as f64 / 2f64.powi(128));
+        #[allow(clippy::cast_precision_loss)]
+        if ids_len > 64 && in_range <= 1.25 * ids_len as f64 {
+            let mut next = 0;
+            table
+                .retain_in(first..=last, |id, _| {
+                    while ids.get(next).is_some_and(|&g| g < id) {
+                        next += 1;
+                    }
+                    ids.get(next) != Some(&id)
+                })
+                .map_err(|e| self.err(e))?;
+        } else {
+            for id in ids {
+                table.remove(id).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
     }
 
     /// True if the sessions of `todo` (sorted by id) are about all that `sessions` holds in
@@ -464,57 +501,6 @@ impl Store {
             .filter(|(_, there)| *there)
             .map(|(d, _)| (d.id, d.at))
             .collect())
-    }
-
-    /// Takes the records of `todo` (sorted by id) out of `sessions` in one scan over their id
-    /// range, into `out` (emptied first); a missing one is simply not returned. Also says whether the range held nothing
-    /// else (then the records that stay go back as one run).
-    fn take_sessions(
-        &self,
-        table: &mut Table<'_, u128, &'static [u8]>,
-        todo: &[(u128, u64)],
-        out: &mut Rows,
-    ) -> Result<bool> {
-        out.clear();
-        let (Some(first), Some(last)) = (todo.first(), todo.last()) else {
-            return Ok(true);
-        };
-        let mut alone = true;
-        let mut next = 0;
-        let taken = table
-            .extract_from_if(first.0..=last.0, |id, _| {
-                while todo.get(next).is_some_and(|t| t.0 < id) {
-                    next += 1;
-                }
-                let take = todo.get(next).is_some_and(|t| t.0 == id);
-                alone &= take;
-                take
-            })
-            .map_err(|e| self.err(e))?;
-        for row in taken {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            out.push(k.value(), v.value());
-        }
-        Ok(alone)
-    }
-
-    /// Puts records (sorted by id, none of them in the table) into `sessions`. A run that
-    /// falls into one gap goes through one cursor, which packs it into full leaves.
-    fn put_sorted_sessions(
-        &self,
-        table: &mut Table<'_, u128, &'static [u8]>,
-        rows: &Rows,
-        one_gap: bool,
-    ) -> Result<()> {
-        if !one_gap {
-            // Others are interleaved: a run would break at each of them.
-            for (id, bytes) in rows.iter() {
-                table.insert(id, bytes).map_err(|e| self.err(e))?;
-            }
-            return Ok(());
-        }
-        let rows: Vec<(u128, &[u8])> = rows.iter().collect();
-        insert_runs(table, &rows).map_err(|e| self.err(e))
     }
 
     /// One batch of due seen-event ids; true if more may remain.
@@ -595,8 +581,10 @@ mod tests {
     use super::*;
     use crate::storage::records::{encode, session_from, StoredSessionV1};
     use crate::storage::sessions::deadline_of;
-    use crate::storage::tables::{CHANGES, META, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER};
-    use crate::storage::{AuthSession, FailureReason, Key, Keyring, StoreOptions};
+    use crate::storage::tables::{
+        CHANGES, META, OAUTH_STATES, SESSIONS, SESSIONS_BY_USER, SESSIONS_EXPIRED,
+    };
+    use crate::storage::{AuthSession, FailureReason, Key, Keyring, PendingUpdate, StoreOptions};
 
     fn store(retention_ms: u64) -> Store {
         Store::open_in_memory(
@@ -669,10 +657,15 @@ mod tests {
     }
 
     /// Every table the sweep touches, as plain values (the change feed as a sorted list: the
-    /// order of changes inside one sweep is not part of its contract, their seqs are).
+    /// order of changes inside one sweep is not part of its contract, their seqs are). The
+    /// sessions are as readers see them: a record with a mark in `sessions_expired` is the
+    /// record expired at the mark's time, encoded as a record the sweep had rewritten would be
+    /// (the one-at-a-time sweep leaves no marks).
     #[derive(Debug, PartialEq, Eq)]
     struct Dump {
         sessions: Vec<(u128, Vec<u8>)>,
+        /// Marks of sessions that are gone (there should be none).
+        marks: Vec<u128>,
         by_user: Vec<(String, String, u128)>,
         deadlines: Vec<((u64, u128), u8)>,
         states: Vec<([u8; 32], u128)>,
@@ -687,6 +680,7 @@ mod tests {
         let deadlines = txn.open_table(SESSION_DEADLINES).unwrap();
         let states = txn.open_table(OAUTH_STATES).unwrap();
         let changes = txn.open_table(CHANGES).unwrap();
+        let marks = txn.open_table(SESSIONS_EXPIRED).unwrap();
         let mut feed: Vec<(u8, u128)> = changes
             .iter()
             .unwrap()
@@ -702,8 +696,22 @@ mod tests {
                 .unwrap()
                 .map(|r| {
                     let (k, v) = r.unwrap();
-                    (k.value(), v.value().to_vec())
+                    let mark = marks.get(k.value()).unwrap().map(|m| m.value());
+                    let bytes = match mark {
+                        Some(at) => StoredSession::decode(v.value())
+                            .unwrap()
+                            .overlay(Some(at))
+                            .encode(),
+                        None => v.value().to_vec(),
+                    };
+                    (k.value(), bytes)
                 })
+                .collect(),
+            marks: marks
+                .iter()
+                .unwrap()
+                .map(|r| r.unwrap().0.value())
+                .filter(|id| sessions.get(id).unwrap().is_none())
                 .collect(),
             by_user: by_user
                 .iter()
@@ -996,9 +1004,7 @@ mod tests {
         store.put_session(&moved).unwrap();
         store.put_session(&same).unwrap();
         let mut report = SweepReport::default();
-        store
-            .sweep_sessions_batch(now, &due, &mut report, &mut Buffers::default())
-            .unwrap();
+        store.sweep_sessions_batch(now, &due, &mut report).unwrap();
         assert_eq!(
             report.expired,
             vec![(same.session_id, Some("om_new".into()))]
@@ -1013,5 +1019,99 @@ mod tests {
         let s = store.get_session(same.session_id).unwrap().unwrap();
         assert_eq!(s.state, SessionState::Expired);
         assert_eq!(s.failure_reason, Some(FailureReason::SessionExpired));
+    }
+
+    /// The sweep leaves an expired session's record as it was and marks it; every reader
+    /// sees it expired all the same (fail closed: never pending), a late completion loses to
+    /// the expiry (first wins), a later write replaces the mark, and the purge after retention
+    /// removes record and mark.
+    #[test]
+    fn every_reader_sees_a_marked_session_as_expired() {
+        let store = store(1000);
+        let mut s = AuthSession::new_pending("cli_app", "u1", vec![], 0, 100);
+        s.state_hash = Some([9; 32]);
+        s.pkce_verifier = Some(SecretString::from("verifier".to_owned()));
+        s.card_message_id = Some("om_1".into());
+        let mut r = AuthSession::new_pending("cli_app", "u2", vec![], 0, 100);
+        r.state_hash = Some([8; 32]);
+        store.put_sessions(&[s.clone(), r.clone()]).unwrap();
+        let report = sorted(store.sweep(500, 10).unwrap());
+        let mut want = vec![
+            (s.session_id, Some("om_1".to_owned())),
+            (r.session_id, None),
+        ];
+        want.sort();
+        assert_eq!(report.expired, want);
+        let raw = |id: SessionId| {
+            let txn = store.begin_read().unwrap();
+            let rec = txn
+                .open_table(SESSIONS)
+                .unwrap()
+                .get(id.0)
+                .unwrap()
+                .map(|v| StoredSession::decode(v.value()).unwrap().state);
+            let mark = txn
+                .open_table(SESSIONS_EXPIRED)
+                .unwrap()
+                .get(id.0)
+                .unwrap()
+                .map(|v| v.value());
+            (rec, mark)
+        };
+        // Not rewritten: the record still says pending, the mark says expired at 500.
+        assert_eq!(raw(s.session_id), (Some(SessionState::Pending), Some(500)));
+        let got = store.get_session(s.session_id).unwrap().unwrap();
+        assert_eq!(got.state, SessionState::Expired);
+        assert_eq!(got.failure_reason, Some(FailureReason::SessionExpired));
+        assert_eq!(got.updated_at, 500);
+        assert!(got.pkce_verifier.is_none());
+        let sum = store.get_session_summary(s.session_id).unwrap().unwrap();
+        assert_eq!(sum.state, "expired");
+        let mine = store.sessions_for_user("cli_app", "u1").unwrap();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].state, SessionState::Expired);
+        assert!(store
+            .list_sessions(Some(SessionState::Pending), 10)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            store
+                .list_sessions(Some(SessionState::Expired), 10)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(store.session_by_state_hash(&[9; 32]).unwrap().is_none());
+        let row = store.export_row(s.session_id).unwrap().unwrap();
+        assert_eq!(row.state, SessionState::Expired);
+        let after = store.export_rows_after(None, 10).unwrap();
+        assert!(after.iter().all(|x| x.state == SessionState::Expired));
+        let counts = store.count_sessions_by_state().unwrap();
+        assert!(counts.contains(&(SessionState::Expired, 2)));
+        assert!(counts.contains(&(SessionState::Pending, 0)));
+        let txn = store.begin_write().unwrap();
+        let recount = store.recount_in(&txn).unwrap();
+        txn.abort().unwrap();
+        let kept: Vec<u64> = counts.iter().map(|c| c.1).collect();
+        assert_eq!(recount.to_vec(), kept);
+        // A late completion of the expired session loses, and sees it expired.
+        let mut late = s.clone();
+        late.state = SessionState::Completed;
+        late.updated_at = 600;
+        match store.update_if_pending(Some([9; 32]), &late, None).unwrap() {
+            PendingUpdate::Lost(cur) => assert_eq!(cur.state, SessionState::Expired),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(raw(s.session_id), (Some(SessionState::Pending), Some(500)));
+        // A revoke writes the record: the mark goes, the record says revoked.
+        store.revoke_session(r.session_id, 700).unwrap().unwrap();
+        assert_eq!(raw(r.session_id), (Some(SessionState::Revoked), None));
+        // After retention, the purge removes the expired session's record and mark.
+        let purge = store.sweep(1_500, 10).unwrap();
+        assert_eq!(purge.purged, 1);
+        assert_eq!(raw(s.session_id), (None, None));
+        assert!(store.get_session(s.session_id).unwrap().is_none());
+        assert_eq!(store.sweep(1_700, 10).unwrap().purged, 1);
+        assert_eq!(raw(r.session_id), (None, None));
     }
 }

@@ -9,8 +9,8 @@ use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
 /// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added
-/// `outbox`, `outbox_dead` and `grants`; 8 added `apps`.
-pub const SCHEMA_VERSION: u32 = 8;
+/// `outbox`, `outbox_dead` and `grants`; 8 added `apps`; 9 added `sessions_expired`.
+pub const SCHEMA_VERSION: u32 = 9;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -26,6 +26,14 @@ pub const SESSIONS_BY_USER: TableDefinition<'_, (&str, &str, u128), ()> =
 /// Every session has exactly one entry, so a sweep reads only what is due.
 pub const SESSION_DEADLINES: TableDefinition<'_, (u64, u128), u8> =
     TableDefinition::new("session_deadlines");
+
+/// Session id → unix ms the sweep expired it, for pending sessions the sweep expired without
+/// rewriting their record (an expiry then writes a few bytes, not the whole sealed record). A
+/// record with an entry here is read as expired at that time, whatever it says
+/// (`records::StoredSession::overlay`); the entry goes when the record is next written or
+/// purged. Written in the sweep's batch transaction with the other effects of the expiry.
+pub const SESSIONS_EXPIRED: TableDefinition<'_, u128, u64> =
+    TableDefinition::new("sessions_expired");
 
 /// SHA-256 of an OAuth `state` → session id, for the pending sessions whose state is still
 /// unused. Written and deleted in the same transaction as the session (see `sessions.rs`).

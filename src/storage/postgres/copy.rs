@@ -32,7 +32,7 @@ use super::{api_time, block_on, db_time, pg_err, PgStore};
 use crate::storage::records::{encode, StoredSession, StoredToken, USER_VERSION};
 use crate::storage::sessions::validate_ids;
 use crate::storage::tables::{
-    SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_EXPIRED, TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use crate::storage::tokens::refreshable;
 use crate::storage::traits::SessionStore;
@@ -219,11 +219,15 @@ impl PgStore {
         let txn = src.db().begin_read().map_err(|e| src.err(e))?;
         let sink = |b: Batch| self.write_batch(b);
         let t = txn.open_table(SESSIONS).map_err(|e| src.err(e))?;
+        // A session the sweep expired is a pending record with a mark beside it: copied as
+        // every reader sees it (expired).
+        let expired = txn.open_table(SESSIONS_EXPIRED).map_err(|e| src.err(e))?;
         let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
             let (k, v) = row.map_err(|e| src.err(e))?;
+            let at = expired.get(k.value()).map_err(|e| src.err(e))?;
             Ok(SessionParams::new(
                 SessionId(k.value()),
-                StoredSession::decode(v.value())?,
+                StoredSession::decode(v.value())?.overlay(at.map(|a| a.value())),
             ))
         });
         pump(
