@@ -209,6 +209,9 @@ macro_rules! for_each_table {
         $f($($arg,)* SESSION_COUNTS)?;
         $f($($arg,)* super::tables::APPS)?;
         $f($($arg,)* super::tables::SESSIONS_EXPIRED)?;
+        $f($($arg,)* super::tables::OUTBOX)?;
+        $f($($arg,)* super::tables::OUTBOX_DEAD)?;
+        $f($($arg,)* super::tables::GRANTS)?;
     }};
 }
 
@@ -513,6 +516,9 @@ fn restore_into(
             "session_counts" => l.rows(SESSION_COUNTS, count)?,
             "apps" => l.rows(super::tables::APPS, count)?,
             "sessions_expired" => l.rows(super::tables::SESSIONS_EXPIRED, count)?,
+            "outbox" => l.rows(super::tables::OUTBOX, count)?,
+            "outbox_dead" => l.rows(super::tables::OUTBOX_DEAD, count)?,
+            "grants" => l.rows(super::tables::GRANTS, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }
@@ -572,6 +578,7 @@ fn restore_into(
 mod tests {
     use super::*;
     use crate::storage::{AuthSession, Key};
+    use redb::ReadableDatabase;
 
     fn store(key: u8) -> Store {
         let s = Store::open_in_memory(
@@ -619,6 +626,29 @@ mod tests {
             })
             .map(|n| bytes.len() - n - 4 - 32)
             .unwrap()
+    }
+
+    /// Every table the store has is in a backup and comes back from it: a table added to the
+    /// store but not to the backup's list would be lost silently by a restore (the webhook
+    /// outbox and the grants once were).
+    #[test]
+    fn a_backup_holds_every_table_of_the_store() {
+        let s = store(3);
+        let names: std::collections::BTreeSet<String> = s
+            .db()
+            .begin_read()
+            .unwrap()
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        assert!(
+            names.contains("outbox") && names.contains("grants"),
+            "{names:?}"
+        );
+        let header = restore(&snapshot(&s), 3).unwrap();
+        let backed: std::collections::BTreeSet<String> = header.counts.keys().cloned().collect();
+        assert_eq!(backed, names, "tables of the store vs tables of its backup");
     }
 
     #[test]
