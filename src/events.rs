@@ -420,7 +420,10 @@ impl Dispatcher {
             let keys: Vec<String> = std::iter::once(event_id.clone())
                 .chain(message_key)
                 .collect();
-            match self.claim(&keys[0]) {
+            // One claim time for every key: a release deletes only the claims made with it.
+            let now = now_ms();
+            let until = now.saturating_add(duration_ms(self.claim_ttl()));
+            match self.claim(&keys[0], until, now).await {
                 Claim::Mine => {}
                 Claim::Seen => {
                     m.events_deduplicated.inc();
@@ -434,16 +437,16 @@ impl Dispatcher {
                 }
             }
             if let Some(k) = keys.get(1) {
-                match self.claim(k) {
+                match self.claim(k, until, now).await {
                     Claim::Mine => {}
                     Claim::Seen => {
-                        self.release(&keys[..1]);
+                        self.release(&keys[..1], until);
                         m.events_deduplicated.inc();
                         debug!("Redelivered message ignored (same message_id, new event_id).");
                         return Outcome::Duplicate;
                     }
                     Claim::Elsewhere => {
-                        self.release(&keys[..1]);
+                        self.release(&keys[..1], until);
                         m.events_claimed_elsewhere.inc();
                         debug!("Another instance is handling this message; asking the platform to redeliver.");
                         return Outcome::Failed;
@@ -451,7 +454,7 @@ impl Dispatcher {
                 }
             }
             let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
-                self.release(&keys);
+                self.release(&keys, until);
                 m.events_overloaded.inc();
                 warn!(
                     limit = self.inner.cfg.max_concurrent_handlers,
@@ -467,7 +470,7 @@ impl Dispatcher {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
             let Some(handler) = handler else {
-                self.release(&keys);
+                self.release(&keys, until);
                 warn!("No handler installed yet; asking the platform to redeliver.");
                 return Outcome::Failed;
             };
@@ -485,7 +488,7 @@ impl Dispatcher {
                     match &r {
                         Ok(_) => me.record_seen(ids).await,
                         Err(e) => {
-                            me.release(&ids);
+                            me.release(&ids, until);
                             crate::metrics::get().event_handler_failures.inc();
                             warn!(error = %e, "Event handler failed.");
                             if late.load(std::sync::atomic::Ordering::SeqCst) {
@@ -509,7 +512,7 @@ impl Dispatcher {
                 }
                 Ok(Some(Err(_))) => return Outcome::Failed,
                 Err(_) => {
-                    self.release(&keys);
+                    self.release(&keys, until);
                     warn!("Event handler panicked.");
                     return Outcome::Failed;
                 }
@@ -523,7 +526,7 @@ impl Dispatcher {
                 }
                 Ok(Ok(Err(_))) => Outcome::Failed,
                 Ok(Err(join)) => {
-                    self.release(&keys);
+                    self.release(&keys, until);
                     warn!(error = %join, "Event handler panicked.");
                     Outcome::Failed
                 }
@@ -561,8 +564,9 @@ impl Dispatcher {
 
     /// Whether this dispatcher handles `id`: neither seen nor in flight here, and (on
     /// PostgreSQL) claimed in the database before any other instance of the fleet; marks it in
-    /// flight.
-    fn claim(&self, id: &str) -> Claim {
+    /// flight. The claim in the database (until `claim_until`, as of `now`) goes through the
+    /// store's claim batcher and is awaited; on redb nothing is awaited (ready on first poll).
+    async fn claim(&self, id: &str, claim_until: u64, now: u64) -> Claim {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
         if !self
             .inner
@@ -573,9 +577,12 @@ impl Dispatcher {
         {
             return Claim::Seen;
         }
-        let now = now_ms();
-        let claim_until = now.saturating_add(duration_ms(self.claim_ttl()));
-        match self.inner.store.claim_event(id, claim_until, now) {
+        match self
+            .inner
+            .store
+            .claim_event_batched(id, claim_until, now)
+            .await
+        {
             Ok(EventClaim::Won) => return Claim::Mine,
             // A record (handled: kept for `seen_ttl`, far longer than any claim).
             Ok(EventClaim::Held(t)) if t > claim_until => return Claim::Seen,
@@ -662,8 +669,9 @@ impl Dispatcher {
     }
 
     /// Lets ids this dispatcher claimed go (their handler failed or never ran), here and in a
-    /// shared store, so a redelivery is handled wherever it lands.
-    fn release(&self, ids: &[String]) {
+    /// shared store (only the claims made until `until`: not one another holder took since),
+    /// so a redelivery is handled wherever it lands.
+    fn release(&self, ids: &[String], until: u64) {
         {
             let mut recent = self
                 .inner
@@ -676,7 +684,7 @@ impl Dispatcher {
         }
         if self.inner.store.is_postgres() {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            if let Err(e) = self.inner.store.release_events(&refs) {
+            if let Err(e) = self.inner.store.release_events(&refs, until) {
                 // The claim lapses on its own (`claim_ttl`); until then redeliveries wait.
                 warn!(error = %e, "Letting claimed event ids go failed.");
             }

@@ -115,7 +115,7 @@ fn event_claims_decide_between_two_instances() {
 
     // A failed handler lets its claim go: the other instance takes it.
     assert_eq!(a.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
-    a.release_events(&["ev2"]).unwrap();
+    a.release_events(&["ev2"], claim).unwrap();
     assert_eq!(b.claim_event("ev2", claim, now).unwrap(), EventClaim::Won);
 
     // A claimer that died: its claim lapses and the other instance takes it.
@@ -867,5 +867,202 @@ fn a_schema_1_database_is_migrated_in_place() {
             .rate_acquire("k", 1, std::time::Duration::from_secs(60), 5)
             .unwrap(),
         None
+    );
+}
+
+/// The state [`batched_claims_decide_as_single_claims_did`] starts from: two records, a
+/// lapsed claim, a live claim.
+fn claims_setup(db: &lark_service::storage::Db, now: u64) {
+    use lark_service::storage::EventClaim;
+    db.settle_events(&["rec-0", "rec-1"], now + 86_400_000)
+        .unwrap();
+    assert_eq!(
+        db.claim_event("lapsed", now + 5, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        db.claim_event("live", now + 20_000, now).unwrap(),
+        EventClaim::Won
+    );
+}
+
+/// The claim batcher decides as the claim it replaced: one batch (new, recorded, lapsed,
+/// live ids, each asked twice with different untils) answers exactly what the same claims
+/// made one by one answer; and many claims through two stores' batchers at once (every id
+/// asked four times, duplicates inside batches and across the stores) let exactly one claim
+/// per id win, every other asker told the winner's until (or the record's).
+#[test]
+fn batched_claims_decide_as_single_claims_did() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let now = lark_service::storage::now_ms();
+    let asks: Vec<(&str, u64)> = vec![
+        ("new", now + 30_000),
+        ("rec-0", now + 30_000),
+        ("new", now + 40_000),
+        ("lapsed", now + 50_000),
+        ("live", now + 30_000),
+        ("lapsed", now + 60_000),
+        ("rec-1", now + 30_000),
+        ("live", now + 35_000),
+        ("new-2", now + 30_000),
+    ];
+    let at = now + 10;
+
+    let one_by_one: Vec<Option<u64>> = {
+        let url = server.fresh_db();
+        let db: Db = server.open(&url).into();
+        claims_setup(&db, now);
+        asks.iter()
+            .map(
+                |(id, until)| match db.claim_event(id, *until, at).unwrap() {
+                    EventClaim::Won => None,
+                    EventClaim::Held(t) => Some(t),
+                    EventClaim::NotShared => panic!("PostgreSQL is shared"),
+                },
+            )
+            .collect()
+    };
+    let url = server.fresh_db();
+    let pa = server.open(&url);
+    let (a, b): (Db, Db) = (pa.clone().into(), server.open(&url).into());
+    claims_setup(&a, now);
+    let batched = pa.claim_batch(&asks, at).unwrap();
+    let record = now + 86_400_000;
+    assert_eq!(
+        one_by_one,
+        vec![
+            None,
+            Some(record),
+            Some(now + 30_000),
+            None,
+            Some(now + 20_000),
+            Some(now + 50_000),
+            Some(record),
+            Some(now + 20_000),
+            None
+        ]
+    );
+    assert_eq!(batched, one_by_one);
+    // What the batch wrote is what the single claim then finds.
+    for (id, held) in [
+        ("new", now + 30_000),
+        ("lapsed", now + 50_000),
+        ("new-2", now + 30_000),
+    ] {
+        assert_eq!(
+            b.claim_event(id, now + 90_000, at).unwrap(),
+            EventClaim::Held(held),
+            "{id}"
+        );
+    }
+
+    // Through the batchers of both stores, all at once.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ids: Vec<String> = (0..300).map(|i| format!("c{i}")).collect();
+    b.settle_events(&["c7", "c77", "c177"], record).unwrap();
+    let answers = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for round in 0..4u64 {
+            for (k, id) in ids.iter().enumerate() {
+                let st = if (k as u64 + round).is_multiple_of(2) {
+                    a.clone()
+                } else {
+                    b.clone()
+                };
+                let (id, until) = (id.clone(), now + 30_000 + round);
+                tasks.spawn(async move {
+                    let got = st.claim_event_batched(&id, until, now).await.unwrap();
+                    (id, until, got)
+                });
+            }
+        }
+        tasks.join_all().await
+    });
+    assert_eq!(answers.len(), 4 * ids.len());
+    for id in &ids {
+        let mine: Vec<_> = answers.iter().filter(|(i, _, _)| i == id).collect();
+        let won: Vec<u64> = mine
+            .iter()
+            .filter(|(_, _, c)| *c == EventClaim::Won)
+            .map(|(_, u, _)| *u)
+            .collect();
+        let holder = if ["c7", "c77", "c177"].contains(&id.as_str()) {
+            assert!(won.is_empty(), "{id}: a recorded id was claimed");
+            record
+        } else {
+            assert_eq!(won.len(), 1, "{id}: {mine:?}");
+            won[0]
+        };
+        for (_, _, c) in mine.iter().filter(|(_, _, c)| *c != EventClaim::Won) {
+            assert_eq!(*c, EventClaim::Held(holder), "{id}: {mine:?}");
+        }
+        // The unbatched claim agrees.
+        assert_eq!(
+            a.claim_event(id, now + 90_000, now).unwrap(),
+            EventClaim::Held(holder),
+            "{id}"
+        );
+    }
+
+    // On redb nothing is queued: the answer is ready on the first poll.
+    let dir = tempfile::tempdir().unwrap();
+    let r: Db = lark_service::storage::Store::open(
+        &dir.path().join("s.redb"),
+        ring(),
+        lark_service::storage::StoreOptions::default(),
+    )
+    .unwrap()
+    .into();
+    assert_eq!(
+        futures_util::FutureExt::now_or_never(r.claim_event_batched("x", now + 30_000, now))
+            .map(Result::unwrap),
+        Some(EventClaim::NotShared)
+    );
+}
+
+/// A release lets go of this instance's claim only: a handler that fails after its claim
+/// lapsed and was taken again by another instance leaves that claim (the other instance is
+/// handling the event), and a release after the claim became a record leaves the record.
+#[test]
+fn a_release_leaves_a_claim_taken_again_since() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let now = lark_service::storage::now_ms();
+    let record = now + 86_400_000;
+
+    assert_eq!(
+        a.claim_event("x", now + 1_000, now).unwrap(),
+        EventClaim::Won
+    );
+    // A's claim lapses and B takes the event.
+    assert_eq!(
+        b.claim_event("x", now + 31_000, now + 1_000).unwrap(),
+        EventClaim::Won
+    );
+    // A's handler fails late: B's claim stays.
+    a.release_events(&["x"], now + 1_000).unwrap();
+    assert_eq!(
+        a.claim_event("x", now + 32_000, now + 1_001).unwrap(),
+        EventClaim::Held(now + 31_000)
+    );
+    // B's own release lets it go.
+    b.release_events(&["x"], now + 31_000).unwrap();
+    assert_eq!(
+        a.claim_event("x", now + 32_000, now + 1_001).unwrap(),
+        EventClaim::Won
+    );
+    // Handled: a release (with the claim's until) after the record leaves the record.
+    a.settle_events(&["x"], record).unwrap();
+    a.release_events(&["x"], now + 32_000).unwrap();
+    assert_eq!(
+        b.claim_event("x", now + 40_000, now + 2_000).unwrap(),
+        EventClaim::Held(record)
     );
 }

@@ -279,11 +279,29 @@ impl Db {
         }
     }
 
-    /// Lets ids claimed with [`Db::claim_event`] go (PostgreSQL; a no-op on redb).
-    pub fn release_events(&self, ids: &[&str]) -> Result<()> {
+    /// The claim of [`Db::claim_event`] without blocking: on PostgreSQL queued for the store's
+    /// claim batcher (one statement for many claims) and awaited; on redb `NotShared` at once
+    /// (the returned future is ready on its first poll).
+    pub async fn claim_event_batched(&self, id: &str, until: u64, now: u64) -> Result<EventClaim> {
+        let reply = match self {
+            Self::Redb(_) => return Ok(EventClaim::NotShared),
+            Self::Postgres(p) => p.queue_claim(id, until, now),
+        };
+        let answer = reply
+            .await
+            .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))??;
+        Ok(match answer {
+            None => EventClaim::Won,
+            Some(t) => EventClaim::Held(t),
+        })
+    }
+
+    /// Lets ids claimed with [`Db::claim_event`] until `until` go (PostgreSQL; a no-op on
+    /// redb). A claim of them made since by another holder (a lapsed claim taken again) stays.
+    pub fn release_events(&self, ids: &[&str], until: u64) -> Result<()> {
         match self {
             Self::Redb(_) => Ok(()),
-            Self::Postgres(p) => p.release_events(ids),
+            Self::Postgres(p) => p.release_events(ids, until),
         }
     }
 

@@ -27,6 +27,7 @@
 //! in any context.
 
 mod admin;
+mod claims;
 mod copy;
 mod feed;
 mod fleet;
@@ -50,6 +51,7 @@ use super::{Error, Result};
 use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
+pub use claims::ClaimReply;
 pub use copy::CopyReport;
 pub use instances::{InstanceRow, FORGET_AFTER_MS};
 pub use schema::SCHEMA_VERSION;
@@ -99,6 +101,8 @@ struct Inner {
     freed: Condvar,
     /// Units run again after a serialization failure or deadlock.
     retries: AtomicU64,
+    /// The claim batcher's queue (`claims`), once the first claim started it.
+    claims: Mutex<Option<std::sync::mpsc::Sender<claims::Request>>>,
 }
 
 #[derive(Default)]
@@ -275,6 +279,7 @@ impl PgStore {
                 pool: Mutex::new(PoolState::default()),
                 freed: Condvar::new(),
                 retries: AtomicU64::new(0),
+                claims: Mutex::new(None),
             }),
         };
         store.init()?;
@@ -407,6 +412,21 @@ impl PgStore {
                 other => return other,
             }
         }
+    }
+
+    /// The claim batcher's queue, starting the batcher on first use.
+    fn claim_queue(&self) -> Result<std::sync::mpsc::Sender<claims::Request>> {
+        let mut q = self
+            .inner
+            .claims
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tx) = &*q {
+            return Ok(tx.clone());
+        }
+        let tx = claims::start(&self.inner)?;
+        *q = Some(tx.clone());
+        Ok(tx)
     }
 
     /// Units run again after a serialization failure or deadlock, since this handle opened.
