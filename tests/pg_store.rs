@@ -713,7 +713,7 @@ fn two_instances_never_admit_more_than_the_limit_together() {
 /// lease lapsed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_scheduled_user_sync_runs_on_one_instance() {
-    use lark_service::daemon::{scheduled_gate, SCHEDULED_LEASE_TTL};
+    use lark_service::daemon::{scheduled_gate, GateRole, SCHEDULED_LEASE_TTL};
     use lark_service::storage::Db;
     use lark_service::workers::{ManualClock, SharedClock};
     use std::sync::Arc;
@@ -724,19 +724,37 @@ async fn each_scheduled_user_sync_runs_on_one_instance() {
     let day: u64 = 24 * 3600 * 1000;
     let clock = Arc::new(ManualClock::at(100 * day));
     let shared: SharedClock = clock.clone();
-    let gate_a = scheduled_gate(a, "host-a/1/aa", "user_sync", shared.clone());
-    let gate_b = scheduled_gate(b, "host-b/2/bb", "user_sync", shared.clone());
+    let (role_a, role_b) = (GateRole::default(), GateRole::default());
+    let gate_a = scheduled_gate(
+        a,
+        "host-a/1/aa",
+        "user_sync",
+        shared.clone(),
+        role_a.clone(),
+    );
+    let gate_b = scheduled_gate(
+        b,
+        "host-b/2/bb",
+        "user_sync",
+        shared.clone(),
+        role_b.clone(),
+    );
+    assert_eq!((role_a.status(), role_b.status()), (None, None));
     let fire = 100 * day;
     let (ra, rb) = tokio::join!(gate_a(fire), gate_b(fire));
     assert!(
         ra ^ rb,
         "exactly one instance runs the sync at {fire}: {ra} {rb}"
     );
-    let (leader, follower) = if ra {
-        (&gate_a, &gate_b)
+    let (leader, follower, follower_role) = if ra {
+        (&gate_a, &gate_b, &role_b)
     } else {
-        (&gate_b, &gate_a)
+        (&gate_b, &gate_a, &role_a)
     };
+    // What `/workers` shows for each instance's user sync.
+    let mut roles = [role_a.status(), role_b.status()];
+    roles.sort();
+    assert_eq!(roles, [Some("follower"), Some("leader")]);
     // A follower whose clock lags wakes a little later: still not its turn.
     clock.advance(std::time::Duration::from_secs(5));
     assert!(!follower(fire).await);
@@ -748,6 +766,7 @@ async fn each_scheduled_user_sync_runs_on_one_instance() {
     clock.advance(std::time::Duration::from_millis(day));
     assert!(SCHEDULED_LEASE_TTL.as_millis() < u128::from(day));
     assert!(follower(fire + 2 * day).await);
+    assert_eq!(follower_role.status(), Some("leader"));
 }
 
 /// Two transactions locking the same rows in opposite order deadlock; PostgreSQL aborts one

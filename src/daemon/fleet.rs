@@ -338,15 +338,18 @@ pub const SCHEDULED_LEASE_TTL: Duration = Duration::from_secs(600);
 /// skip that time. A store that cannot say skips too (fail closed: a missed sync is retried at
 /// the next time, a doubled one cannot be undone). The lease is kept, not released, so an
 /// instance whose clock lags cannot run the same time again.
+/// What the gate decided at the last scheduled time is kept in `role` (for `/workers`).
 pub fn scheduled_gate(
     store: Db,
     holder: &str,
     name: &'static str,
     clock: SharedClock,
+    role: GateRole,
 ) -> crate::auth::SyncGate {
     let holder: std::sync::Arc<str> = std::sync::Arc::from(holder);
     std::sync::Arc::new(move |fire: u64| {
         let (store, holder, now) = (store.clone(), holder.clone(), clock.now_ms());
+        let role = role.clone();
         Box::pin(async move {
             let lease = format!("worker/{name}");
             let ttl = u64::try_from(SCHEDULED_LEASE_TTL.as_millis()).unwrap_or(u64::MAX);
@@ -357,6 +360,7 @@ pub fn scheduled_gate(
             match got {
                 Ok(true) => {
                     info!(worker = name, holder = %holder, fire, "Running the scheduled singleton here (leader).");
+                    role.set(true);
                     true
                 }
                 Ok(false) => {
@@ -364,13 +368,71 @@ pub fn scheduled_gate(
                         worker = name,
                         fire, "Another instance runs this scheduled time (follower)."
                     );
+                    role.set(false);
                     false
                 }
                 Err(e) => {
                     warn!(worker = name, fire, error = %e, "Cannot tell which instance runs this scheduled time; skipping it.");
+                    role.set(false);
                     false
                 }
             }
         })
     })
+}
+
+/// What a scheduled singleton's gate decided at its last scheduled time on this instance:
+/// `leader` (ran it here) or `follower` (another instance did, or none could be told); nothing
+/// before the first scheduled time. Shared by the gate and the worker's `/workers` status.
+#[derive(Clone, Debug, Default)]
+pub struct GateRole(std::sync::Arc<std::sync::Mutex<Option<bool>>>);
+
+impl GateRole {
+    fn set(&self, leader: bool) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(leader);
+    }
+
+    /// `leader`, `follower`, or `None` before the first scheduled time.
+    #[must_use]
+    pub fn status(&self) -> Option<&'static str> {
+        let leader = *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        leader.map(|l| if l { "leader" } else { "follower" })
+    }
+}
+
+/// A scheduled singleton worker with its gate's role on `/workers` (as [`Leased`] shows its own).
+pub struct WithRole<W> {
+    inner: W,
+    role: GateRole,
+}
+
+impl<W: Worker> WithRole<W> {
+    /// `inner`, whose status is prefixed with what `role` says.
+    pub fn new(inner: W, role: GateRole) -> Self {
+        Self { inner, role }
+    }
+}
+
+impl<W: Worker> Worker for WithRole<W> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn status(&self) -> Option<String> {
+        match (self.role.status(), self.inner.status()) {
+            (Some(r), Some(s)) => Some(format!("{r}; {s}")),
+            (Some(r), None) => Some(r.to_owned()),
+            (None, s) => s,
+        }
+    }
+
+    async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        self.inner.work(must_exit).await
+    }
 }

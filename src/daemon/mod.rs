@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use error::{store_exit_code, DaemonError};
-pub use fleet::{scheduled_gate, SCHEDULED_LEASE_TTL};
+pub use fleet::{scheduled_gate, GateRole, SCHEDULED_LEASE_TTL};
 pub use jobs::Reloads;
 pub use sandbox::{sandbox_defaults, SandboxFiles};
 
@@ -685,12 +685,13 @@ fn start_workers(
         );
     }
     // In a fleet, each scheduled sync runs on one instance: the one taking its lease.
+    let role = fleet::GateRole::default();
     let sync_gate = app
         .fleet_holder
         .as_ref()
-        .map(|h| fleet::scheduled_gate(store.clone(), h, "user_sync", sup.clock()));
+        .map(|h| fleet::scheduled_gate(store.clone(), h, "user_sync", sup.clock(), role.clone()));
     if let Some(w) = primary.and_then(|p| p.auth.user_info_sync_worker_gated(sync_gate)) {
-        sup.start(FnWorker::new("user_sync", w));
+        sup.start(fleet::WithRole::new(FnWorker::new("user_sync", w), role));
     }
     let conn = primary.filter(|_| cfg.websocket.enabled).map(|p| {
         let conn = Arc::new(crate::longconn::LongConn::new(
