@@ -112,7 +112,10 @@ fn schema_6_file_gets_grants_seeded() {
     }
     set_schema_version(&path, 6).unwrap();
     let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 8);
+    assert_eq!(
+        store.schema_version().unwrap(),
+        lark_service::storage::tables::SCHEMA_VERSION
+    );
     assert_eq!(store.grant_of("cli_m", "u1").unwrap(), Some((1_000, 0)));
     assert_eq!(store.grant_of("cli_m", "u2").unwrap(), Some((3_000, 0)));
 }
