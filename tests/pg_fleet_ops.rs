@@ -8,91 +8,45 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::fleet::Instance;
 use common::pg::Pg;
-use common::{find_string, free_port, trust_sandbox, ADMIN, KEY};
-use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use common::{find_string, free_port, ADMIN};
+use lark_service::sandbox::{Sandbox, SandboxOptions};
 use serde_json::{json, Value};
 
-/// One instance of the real binary serving from `pg_url`, events over signed HTTP callbacks
-/// (so readiness does not wait for a long connection).
-struct Instance {
-    child: Child,
-    http: String,
-    admin: String,
-    metrics: String,
-    _dir: tempfile::TempDir,
+/// One instance of the real binary serving from `pg_url` (`common::fleet`), events over signed
+/// HTTP callbacks (so readiness does not wait for a long connection), its own redirect URI.
+async fn start(sandbox: &Sandbox, pg_url: &str, extra: &[(&str, &str)]) -> Instance {
+    let http_port = free_port();
+    let redirect = format!("http://127.0.0.1:{http_port}/oauth/callback");
+    let mut env = vec![
+        ("WEBSOCKET_FALLBACK_TO_HTTP", "true"),
+        ("LARK_ENCRYPT_KEY", "fleet-ops-encrypt-key"),
+    ];
+    env.extend_from_slice(extra);
+    Instance::start(sandbox, pg_url, http_port, &redirect, &env).await
 }
 
-impl Instance {
-    async fn start(sandbox: &Sandbox, pg_url: &str, extra: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = trust_sandbox(dir.path(), sandbox).unwrap();
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, "").unwrap();
-        let (http_port, admin_port, metrics_port) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lark-service"));
-        cmd.current_dir(dir.path())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("APP_ID", APP_ID)
-            .env("APP_SECRET", APP_SECRET)
-            .env("LARK_DOMAIN", sandbox.base_url())
-            .env("TLS_CA_FILE", &ca)
-            .env("WEBSOCKET_ENABLED", "false")
-            .env("WEBSOCKET_FALLBACK_TO_HTTP", "true")
-            .env("LARK_ENCRYPT_KEY", "fleet-ops-encrypt-key")
-            .env("LARK_TOKEN_ENCRYPTION_KEY", KEY)
-            .env("LARK_SERVICE_ADMIN_TOKEN", ADMIN)
-            .env("CARD_LOCALE", "en")
-            .env("STORAGE_BACKEND", "postgres")
-            .env("STORAGE_POSTGRES_URL", pg_url)
-            .env("WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS", "0")
-            .env("STORAGE_PATH", dir.path().join("must-not-exist.redb"))
-            .env("HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
-            .env("ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("PROMETHEUS_PORT", metrics_port.to_string())
-            .env(
-                "AUTH_REDIRECT_URI",
-                format!("http://127.0.0.1:{http_port}/oauth/callback"),
-            );
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .arg("--config")
-            .arg(&config)
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next().map(|l| l.unwrap()).unwrap_or_default();
-            std::thread::spawn(move || for _ in lines {});
-            first
-        })
-        .await
-        .unwrap();
-        assert!(ready.starts_with("lark-service ready: "), "{ready}");
-        Self {
-            child,
-            http: format!("http://127.0.0.1:{http_port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
-            _dir: dir,
-        }
-    }
-
+/// What these tests ask an instance beyond `common::fleet::Instance`.
+trait Ops {
     /// `/readyz` as the admin sees it (with the detail): status and body.
+    async fn readyz(&self) -> (u16, String);
+    /// Polls `/readyz` until `pred` holds (20 s at most); the last answer.
+    async fn readyz_until(&self, pred: impl Fn(u16, &str) -> bool) -> (u16, String);
+    /// A GET on the admin listener: status, `Retry-After` and body.
+    async fn get_with_retry_after(&self, path: &str) -> (u16, Option<String>, Value);
+    /// Asks for `open_id`'s authorization: the status.
+    async fn ask(&self, open_id: &str) -> u16;
+    /// The value of an unlabelled metric family.
+    async fn gauge(&self, family: &str) -> Option<f64>;
+}
+
+impl Ops for Instance {
     async fn readyz(&self) -> (u16, String) {
         let r = reqwest::Client::new()
-            .get(format!("{}/readyz", self.http))
+            .get(format!("http://127.0.0.1:{}/readyz", self.http_port))
             .bearer_auth(ADMIN)
             .send()
             .await
@@ -100,7 +54,6 @@ impl Instance {
         (r.status().as_u16(), r.text().await.unwrap())
     }
 
-    /// Polls `/readyz` until `pred` holds (20 s at most); the last answer.
     async fn readyz_until(&self, pred: impl Fn(u16, &str) -> bool) -> (u16, String) {
         let until = Instant::now() + Duration::from_secs(20);
         loop {
@@ -112,7 +65,7 @@ impl Instance {
         }
     }
 
-    async fn get(&self, path: &str) -> (u16, Option<String>, Value) {
+    async fn get_with_retry_after(&self, path: &str) -> (u16, Option<String>, Value) {
         let r = reqwest::Client::new()
             .get(format!("{}{path}", self.admin))
             .bearer_auth(ADMIN)
@@ -128,43 +81,17 @@ impl Instance {
     }
 
     async fn ask(&self, open_id: &str) -> u16 {
-        reqwest::Client::new()
-            .post(format!("{}/api/v1/auth/requests", self.admin))
-            .bearer_auth(ADMIN)
-            .json(&json!({ "open_id": open_id }))
-            .send()
+        self.post("/api/v1/auth/requests", json!({ "open_id": open_id }))
             .await
-            .unwrap()
-            .status()
-            .as_u16()
+            .0
     }
 
     async fn gauge(&self, family: &str) -> Option<f64> {
-        let text = reqwest::get(&self.metrics)
+        self.scrape()
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{family} ")))
             .map(|v| v.trim().parse().unwrap())
-    }
-
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let st = self.child.wait().unwrap();
-        assert!(st.success(), "instance exited with {st}");
-    }
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -196,8 +123,8 @@ async fn two_instances_share_heartbeats_and_the_rate_limit() {
     let url = pg.url("postgres");
     let sandbox = sandbox().await;
     let limit = [("AUTH_REQUEST_RATE_LIMIT", "2")];
-    let a = Instance::start(&sandbox, &url, &limit).await;
-    let b = Instance::start(&sandbox, &url, &limit).await;
+    let a = start(&sandbox, &url, &limit).await;
+    let b = start(&sandbox, &url, &limit).await;
 
     let (status, body) = a
         .readyz_until(|s, b| s == 200 && b.contains("instances_live=2"))
@@ -212,7 +139,7 @@ async fn two_instances_share_heartbeats_and_the_rate_limit() {
         a.gauge("lark_service_fleet_instances_live").await,
         Some(2.0)
     );
-    let (_, _, workers) = a.get("/workers").await;
+    let (_, _, workers) = a.get_with_retry_after("/workers").await;
     assert_eq!(
         workers["fleet_heartbeat"]["status"], "instances_live=2",
         "{workers}"
@@ -252,7 +179,7 @@ async fn while_postgres_is_down_token_reads_answer_503_and_recover_after() {
     let pg = Pg::start();
     let url = pg.url("postgres");
     let sandbox = sandbox().await;
-    let a = Instance::start(&sandbox, &url, &[]).await;
+    let a = start(&sandbox, &url, &[]).await;
     let before = a.readyz_until(|s, _| s == 200).await;
     assert_eq!(before.0, 200, "{}", before.1);
 
@@ -273,11 +200,15 @@ async fn while_postgres_is_down_token_reads_answer_503_and_recover_after() {
     .to_owned();
     let redirect = sandbox.approve(&authorize, "ou_sandbox_alice").unwrap();
     assert_eq!(reqwest::get(&redirect).await.unwrap().status(), 200);
-    let (status, _, token) = a.get("/api/v1/users/ou_sandbox_alice/token").await;
+    let (status, _, token) = a
+        .get_with_retry_after("/api/v1/users/ou_sandbox_alice/token")
+        .await;
     assert_eq!(status, 200, "{token}");
 
     pg.stop_immediate();
-    let (status, retry_after, body) = a.get("/api/v1/users/ou_sandbox_alice/token").await;
+    let (status, retry_after, body) = a
+        .get_with_retry_after("/api/v1/users/ou_sandbox_alice/token")
+        .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "store_unavailable", "{body}");
     assert_eq!(retry_after.as_deref(), Some("5"));
@@ -294,7 +225,9 @@ async fn while_postgres_is_down_token_reads_answer_503_and_recover_after() {
     pg.start_server();
     let until = Instant::now() + Duration::from_secs(20);
     let again = loop {
-        let got = a.get("/api/v1/users/ou_sandbox_alice/token").await;
+        let got = a
+            .get_with_retry_after("/api/v1/users/ou_sandbox_alice/token")
+            .await;
         if got.0 == 200 || Instant::now() > until {
             break got;
         }
