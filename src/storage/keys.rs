@@ -30,6 +30,22 @@ pub struct KeyStatus {
     pub rotation_pending: bool,
 }
 
+impl KeyStatus {
+    /// The status of a store whose key check is sealed under `store_key`, holding
+    /// `by_key` sealed fields per key, with `active` configured (either backend).
+    pub(crate) fn new(active: KeyId, store_key: KeyId, by_key: BTreeMap<KeyId, u64>) -> Self {
+        Self {
+            active: active.to_string(),
+            store_key: store_key.to_string(),
+            rotation_pending: store_key != active || by_key.keys().any(|k| *k != active),
+            sealed_fields_by_key: by_key
+                .into_iter()
+                .map(|(k, n)| (k.to_string(), n))
+                .collect(),
+        }
+    }
+}
+
 /// What a rotation did.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct RotationReport {
@@ -67,17 +83,11 @@ impl Store {
         for k in self.store_sealed_app_keys()? {
             *by_key.entry(k).or_default() += 1;
         }
-        let active = self.active_key_id();
-        let store_key = self.store_key_id()?;
-        Ok(KeyStatus {
-            active: active.to_string(),
-            store_key: store_key.to_string(),
-            rotation_pending: store_key != active || by_key.keys().any(|k| *k != active),
-            sealed_fields_by_key: by_key
-                .into_iter()
-                .map(|(k, n)| (k.to_string(), n))
-                .collect(),
-        })
+        Ok(KeyStatus::new(
+            self.active_key_id(),
+            self.store_key_id()?,
+            by_key,
+        ))
     }
 
     /// True if the key check is not under the active key (a rotation is pending).

@@ -106,16 +106,10 @@ impl PgStore {
                 })?;
             by_key.insert(k, u64::try_from(n).unwrap_or(0));
         }
-        let active = self.active_key_id();
-        let store_key = self.store_key_id()?;
-        Ok(KeyStatus {
-            active: active.to_string(),
-            store_key: store_key.to_string(),
-            rotation_pending: store_key != active || by_key.keys().any(|k| *k != active),
-            sealed_fields_by_key: by_key
-                .into_iter()
-                .map(|(k, n)| (k.to_string(), n))
-                .collect(),
-        })
+        Ok(KeyStatus::new(
+            self.active_key_id(),
+            self.store_key_id()?,
+            by_key,
+        ))
     }
 }

@@ -28,7 +28,7 @@ use super::rows::{
     stored_session, stored_token, user, SessionParams, TokenParams, SESSION_COLUMNS,
     SESSION_VALUES, TOKEN_COLUMNS,
 };
-use super::{api_time, block_on, db_time, pg_err, PgStore};
+use super::{api_time, block_on, db_time, pg_err, row_counts, PgStore};
 use crate::storage::records::{encode, StoredSession, StoredToken, USER_VERSION};
 use crate::storage::sessions::validate_ids;
 use crate::storage::tables::{
@@ -302,7 +302,7 @@ impl PgStore {
         )
         .map_err(|e| pg_err(&e))?;
         // Counted in the snapshot that is copied.
-        let source = block_on(snapshot_counts(&tx))?;
+        let source = block_on(row_counts(&tx))?;
         let rows = Pages::new(&tx, &format!("SELECT {SESSION_COLUMNS} FROM ls_sessions"))?
             .map(|r| r.and_then(|row| stored_session(&row)));
         pump(
@@ -434,28 +434,6 @@ impl PgStore {
             Ok(n as u64)
         })
     }
-}
-
-/// The four counts inside the snapshot transaction.
-async fn snapshot_counts(tx: &Transaction<'_>) -> Result<StoreCounts> {
-    let row = tx
-        .query_one(
-            "SELECT (SELECT count(*) FROM ls_sessions), (SELECT count(*) FROM ls_tokens),
-                    (SELECT count(*) FROM ls_users), (SELECT count(*) FROM ls_seen_events)",
-            &[],
-        )
-        .await
-        .map_err(|e| pg_err(&e))?;
-    let n = |i: usize| -> Result<u64> {
-        let v: i64 = row.try_get(i).map_err(|e| pg_err(&e))?;
-        Ok(u64::try_from(v).unwrap_or(0))
-    };
-    Ok(StoreCounts {
-        sessions: n(0)?,
-        tokens: n(1)?,
-        users: n(2)?,
-        seen_events: n(3)?,
-    })
 }
 
 fn check_counts(source: &StoreCounts, target: &StoreCounts, from: &str, to: &str) -> Result<()> {

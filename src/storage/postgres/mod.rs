@@ -460,27 +460,32 @@ impl PgStore {
 
     /// Row counts of the main tables (sessions, tokens, users, seen events).
     pub fn counts(&self) -> Result<super::StoreCounts> {
-        self.with(async |c| {
-            let row = c
-                .query_one(
-                    "SELECT (SELECT count(*) FROM ls_sessions), (SELECT count(*) FROM ls_tokens),
-                            (SELECT count(*) FROM ls_users), (SELECT count(*) FROM ls_seen_events)",
-                    &[],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            let n = |i: usize| -> Result<u64> {
-                let v: i64 = row.try_get(i).map_err(|e| pg_err(&e))?;
-                Ok(u64::try_from(v).unwrap_or(0))
-            };
-            Ok(super::StoreCounts {
-                sessions: n(0)?,
-                tokens: n(1)?,
-                users: n(2)?,
-                seen_events: n(3)?,
-            })
-        })
+        self.with(async |c| row_counts(&*c).await)
     }
+}
+
+/// Row counts of the main tables as `c` sees them (a client, or a transaction's snapshot).
+pub(crate) async fn row_counts(
+    c: &impl tokio_postgres::GenericClient,
+) -> Result<super::StoreCounts> {
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM ls_sessions), (SELECT count(*) FROM ls_tokens),
+                    (SELECT count(*) FROM ls_users), (SELECT count(*) FROM ls_seen_events)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let n = |i: usize| -> Result<u64> {
+        let v: i64 = row.try_get(i).map_err(|e| pg_err(&e))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    };
+    Ok(super::StoreCounts {
+        sessions: n(0)?,
+        tokens: n(1)?,
+        users: n(2)?,
+        seen_events: n(3)?,
+    })
 }
 
 #[cfg(test)]
