@@ -1056,6 +1056,24 @@ async fn a_pending_session_for_the_same_scopes_is_reused() {
     assert_eq!(sessions_created(), created);
 }
 
+/// A pending session whose card was never recorded as sent (its instance died between storing
+/// it and sending the card) is not reused: the user would wait for a card that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_session_without_a_card_is_not_reused() {
+    let _s = SERIAL.lock().await;
+    let h = harness().await;
+    h.mount_send_card("om_1", 2).await;
+    let a = h.request_alice().await;
+    let mut cardless = h.store.get_session(a.session_id).unwrap().unwrap();
+    cardless.card_message_id = None;
+    h.store.put_session(&cardless).unwrap();
+    h.advance(1_000);
+    let b = h.request_alice().await;
+    assert!(!b.reused, "a session with no card sent was reused");
+    assert_ne!(a.session_id, b.session_id);
+    assert_eq!(h.sent_cards().await.len(), 2, "a card for the new session");
+}
+
 fn put_due_token(h: &H, user: &str) {
     let now = h.now();
     h.store

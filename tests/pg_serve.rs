@@ -75,6 +75,64 @@ async fn a_flow_started_on_one_instance_completes_on_the_other() {
     b.stop();
 }
 
+/// Two instances asked at once to authorize the same user send one card between them: the
+/// request on B waits while A's request for that user is sending its card (held by the
+/// sandbox), then reuses A's session. Each instance's own lock could not see the other's
+/// request: without the fleet's request lease, B finds no session with a card and sends a
+/// second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_asked_at_once_send_one_card() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let (pa, pb) = (free_port(), free_port());
+    let redirect = format!("http://127.0.0.1:{pa}/oauth/callback");
+    let a = Instance::start(&sandbox, &url, pa, &redirect, &[]).await;
+    let b = Instance::start(&sandbox, &url, pb, &redirect, &[]).await;
+    let user = "ou_sandbox_alice";
+    let body = serde_json::json!({ "open_id": user });
+
+    sandbox.hold("im");
+    let (ra, rb) = tokio::join!(a.post("/api/v1/auth/requests", body.clone()), async {
+        // B is asked once A's card is on its way (held by the sandbox).
+        let until = Instant::now() + Duration::from_secs(20);
+        while sandbox.held("im") == 0 {
+            assert!(Instant::now() < until, "A never sent its card");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (rb, ()) = tokio::join!(b.post("/api/v1/auth/requests", body.clone()), async {
+            // B waits for A: no second card while A's is held.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(
+                sandbox.held("im"),
+                1,
+                "B sent a card while A was sending one"
+            );
+            sandbox.release("im");
+        });
+        rb
+    });
+    assert_eq!(ra.0, 201, "{}", ra.1);
+    assert_eq!(rb.0, 200, "B reuses A's session: {}", rb.1);
+    assert_eq!(rb.1["reused"], true);
+    assert_eq!(ra.1["session_id"], rb.1["session_id"]);
+    assert_eq!(sandbox.messages_for(user).len(), 1, "one card");
+
+    // And the other way round, at the same moment: still one card, one session.
+    let bob = serde_json::json!({ "open_id": "ou_sandbox_bob" });
+    let (ra, rb) = tokio::join!(
+        a.post("/api/v1/auth/requests", bob.clone()),
+        b.post("/api/v1/auth/requests", bob)
+    );
+    let mut statuses = [ra.0, rb.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 201], "{} {}", ra.1, rb.1);
+    assert_eq!(ra.1["session_id"], rb.1["session_id"]);
+    assert_eq!(sandbox.messages_for("ou_sandbox_bob").len(), 1, "one card");
+    a.stop();
+    b.stop();
+}
+
 async fn authorize(sandbox: &Sandbox, on: &Instance, open_id: &str) {
     let authorize = on.request(sandbox, open_id).await;
     let redirect = sandbox.approve(&authorize, open_id).unwrap();

@@ -33,6 +33,13 @@ pub enum AuthError {
         /// Why it could not be resolved.
         reason: String,
     },
+    /// Another instance of the fleet is handling a request for the same user (sending its
+    /// card) and did not finish in time: nothing was sent; ask again.
+    #[error("another request for this user is in progress; retry in {} s", ceil_secs(*retry_after))]
+    Busy {
+        /// When to ask again.
+        retry_after: Duration,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] storage::Error),

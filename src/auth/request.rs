@@ -23,6 +23,14 @@ use crate::storage::{AuthSession, FailureReason, SessionId};
 pub const OFFLINE_ACCESS: &str = lark::oauth::OFFLINE_ACCESS;
 /// Most scopes one request may name (the authorize page's limit).
 pub(super) const MAX_SCOPES: usize = 50;
+/// How long a user's request lease is held at most in a fleet: beyond a card send's timeout
+/// and retries, so it never lapses while its holder is still sending.
+const REQUEST_LEASE_TTL: Duration = Duration::from_secs(45);
+/// How often an instance looks again at a request lease another instance holds.
+const REQUEST_LEASE_POLL: Duration = Duration::from_millis(50);
+/// How long a request waits for another instance's request for the same user before it is
+/// answered busy (`503` + `Retry-After`).
+const REQUEST_LEASE_WAIT: Duration = Duration::from_secs(20);
 
 /// A user, by the kind of id the caller has.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -204,6 +212,65 @@ impl AuthService {
         }
         let open_id = self.resolve_open_id(&req.user).await?;
         let _guard = self.inner.request_locks.lock(&key).await;
+        let Some(holder) = self.fleet_holder.clone() else {
+            return self
+                .request_locked(&req.user, key, scopes, open_id, now)
+                .await;
+        };
+        // In a fleet the user's requests are serialized across instances too (the lock above
+        // is this process's): without it two instances asked at once would each find no
+        // pending session and each send a card.
+        let name = format!("request/{}/{key}", self.inner.app_id);
+        self.acquire_request_lease(&name, &holder).await?;
+        let outcome = self
+            .request_locked(&req.user, key, scopes, open_id, self.now())
+            .await;
+        let (n, h) = (name.clone(), holder);
+        if let Err(e) = self.store().run(move |s| s.release_lease(&n, &h)).await {
+            // It lapses by itself after its TTL.
+            warn!(error = %e, lease = %name, "Letting a request lease go failed.");
+        }
+        outcome
+    }
+
+    /// Takes the lease `name` for this request, waiting while another instance holds it (its
+    /// request for the same user is sending a card) at most [`REQUEST_LEASE_WAIT`]; then
+    /// [`AuthError::Busy`]. A holder that died lets it go after [`REQUEST_LEASE_TTL`].
+    async fn acquire_request_lease(
+        &self,
+        name: &str,
+        holder: &std::sync::Arc<str>,
+    ) -> Result<(), AuthError> {
+        let give_up = tokio::time::Instant::now() + REQUEST_LEASE_WAIT;
+        let ttl = ms(REQUEST_LEASE_TTL);
+        loop {
+            let (n, h, now) = (name.to_owned(), holder.clone(), self.now());
+            if self
+                .store()
+                .run(move |s| s.try_acquire_lease(&n, &h, ttl, now))
+                .await?
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(AuthError::Busy {
+                    retry_after: REQUEST_LEASE_POLL.saturating_mul(20),
+                });
+            }
+            tokio::time::sleep(REQUEST_LEASE_POLL).await;
+        }
+    }
+
+    /// [`Self::request`] once the user is resolved and holds the user's request lock (and, in
+    /// a fleet, the user's request lease).
+    async fn request_locked(
+        &self,
+        user: &UserRef,
+        key: String,
+        scopes: Vec<String>,
+        open_id: String,
+        now: u64,
+    ) -> Result<RequestOutcome, AuthError> {
         let app = self.inner.app_id.clone();
         let k = key.clone();
         let existing = self
@@ -211,11 +278,14 @@ impl AuthService {
             .run(move |s| s.sessions_for_user(&app, &k))
             .await?;
         if let Some(s) = existing.iter().rev().find(|s| {
+            // A session whose card was never recorded as sent (its instance died between
+            // storing it and sending the card) is not reused: the user has no card to click.
             matches!(
                 Phase::of(s),
                 Phase::AwaitingRedirect | Phase::AwaitingDevice
             ) && s.expires_at > now
                 && s.scopes == scopes
+                && s.card_message_id.is_some()
         }) {
             metrics::get().auth_requests.inc();
             return Ok(RequestOutcome {
@@ -225,7 +295,7 @@ impl AuthService {
         }
 
         if self.device_flow() {
-            return self.request_device(&req.user, scopes, open_id, now).await;
+            return self.request_device(user, scopes, open_id, now).await;
         }
         let opts = &self.inner.opts;
         let state = new_state();
@@ -255,7 +325,7 @@ impl AuthService {
             })?;
             let sid = session.session_id.to_string();
             let card = authorize_card(&opts.card, &scopes, opts.session_expiry, url.as_str(), &sid);
-            self.lark().send_card(&req.user.receiver(), &card).await
+            self.lark().send_card(&user.receiver(), &card).await
         }
         .await;
         match sent {

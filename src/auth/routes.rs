@@ -150,6 +150,11 @@ fn request_answer(
         Err(e @ AuthError::Lark(_)) => {
             api_error(StatusCode::BAD_GATEWAY, "lark_error", e.to_string())
         }
+        Err(e @ AuthError::Busy { retry_after }) => retry_later(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "error": "request_in_progress", "message": e.to_string() }),
+            ceil_secs(retry_after),
+        ),
         Err(e @ AuthError::Store(_)) => {
             store_failure(matches!(&e, AuthError::Store(s) if s.is_transient()), &e)
         }
