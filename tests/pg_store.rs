@@ -607,6 +607,7 @@ fn two_dispatchers_on_one_database_handle_an_event_once() {
 #[test]
 fn heartbeats_count_the_live_instances_of_the_fleet() {
     use lark_service::storage::postgres::{InstanceRow, FORGET_AFTER_MS};
+    use lark_service::storage::Leases as _;
     let server = Server::start();
     let url = server.fresh_db();
     let (a, b) = (server.open(&url), server.open(&url));
@@ -621,6 +622,12 @@ fn heartbeats_count_the_live_instances_of_the_fleet() {
     let day = FORGET_AFTER_MS;
     let window = 15_000;
     let t = 10 * day;
+    // A lease whose holder died without letting it go (a user's refresh lease), and one that
+    // is kept (a singleton worker's, renewed).
+    assert!(b
+        .try_acquire_lease("refresh/app/ou_dead", "dead", 1_000, t)
+        .unwrap());
+    assert!(b.try_acquire_lease("worker/sweep", "b", 10_000, t).unwrap());
     assert_eq!(a.heartbeat(&row("a", t), window).unwrap(), 1);
     assert_eq!(b.heartbeat(&row("b", t + 1_000), window).unwrap(), 2);
     // A beat again is an update, not a second row.
@@ -632,8 +639,15 @@ fn heartbeats_count_the_live_instances_of_the_fleet() {
     assert_eq!(a.live_instances(t + 16_500, window).unwrap().len(), 1);
     // b is still listed in the table (a crashed instance stays visible for a day)...
     assert_eq!(a.live_instances(t + 16_500, day).unwrap().len(), 2);
-    // ...and is deleted by the first beat after that.
+    // ...and is deleted by the first beat after that, with the leases that lapsed a day ago.
+    // (The kept one was taken again meanwhile.)
+    assert!(a
+        .try_acquire_lease("worker/sweep", "b", 10_000, t + 1_000 + day)
+        .unwrap());
+    let leases = || sql(&url, "SELECT name FROM ls_leases ORDER BY name");
+    assert_eq!(leases().len(), 2);
     assert_eq!(a.heartbeat(&row("a", t + 2_000 + day), window).unwrap(), 1);
+    assert_eq!(leases(), vec![vec![Some("worker/sweep".to_owned())]]);
     assert_eq!(
         a.live_instances(t + 2_000 + day, 10 * day).unwrap().len(),
         1

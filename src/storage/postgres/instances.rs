@@ -33,7 +33,9 @@ pub struct InstanceRow {
 impl PgStore {
     /// Upserts this instance's heartbeat row (`me.last_seen` is the beat's time) and returns
     /// how many instances are live at `me.last_seen`, this one included: those seen within
-    /// `live_within_ms`. One statement; it also deletes rows not seen for [`FORGET_AFTER_MS`].
+    /// `live_within_ms`. One statement; it also deletes rows not seen for [`FORGET_AFTER_MS`],
+    /// and leases that lapsed that long ago (a lease is deleted by its holder when it lets it
+    /// go; one whose holder died, say a user's refresh or request lease, would stay forever).
     pub fn heartbeat(&self, me: &InstanceRow, live_within_ms: u64) -> Result<u64> {
         let now = me.last_seen;
         let live_since = db_time(now.saturating_sub(live_within_ms));
@@ -52,6 +54,9 @@ impl PgStore {
                         RETURNING 1),
                      gone AS (
                         DELETE FROM ls_instances WHERE last_seen < $8 AND holder <> $1
+                        RETURNING 1),
+                     lapsed AS (
+                        DELETE FROM ls_leases WHERE expires_at < $8
                         RETURNING 1)
                      SELECT count(*) FROM ls_instances WHERE last_seen >= $7 AND holder <> $1",
                     &[
