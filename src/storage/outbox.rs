@@ -78,7 +78,7 @@ fn decode_entry(seq: u64, bytes: &[u8]) -> Result<OutboxEntry> {
     }
 }
 
-fn validate_event(e: &OutboxEvent) -> Result<()> {
+pub(crate) fn validate_event(e: &OutboxEvent) -> Result<()> {
     for (name, v) in [("event id", &e.event_id), ("event kind", &e.kind)] {
         if v.is_empty() || v.len() > MAX_ID_BYTES {
             return Err(Error::Invalid(format!(
