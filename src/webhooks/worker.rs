@@ -56,6 +56,8 @@ pub struct WebhookWorker {
     opts: WebhookWorkerOptions,
     clock: SharedClock,
     status: Option<String>,
+    /// No new entry is started after this long in one unit (`None`: the whole batch).
+    unit_budget: Option<Duration>,
 }
 
 /// The result of one delivery of one entry to one URL.
@@ -89,7 +91,25 @@ impl WebhookWorker {
             opts,
             clock,
             status: None,
+            unit_budget: None,
         })
+    }
+
+    /// Ends a unit once `budget` has passed (the entry in flight is finished first), so a
+    /// unit lasts at most `budget` plus one delivery's timeout. Under the fleet lease the
+    /// lease is renewed between units, and a unit must end well within the lease.
+    #[must_use]
+    pub fn with_unit_budget(mut self, budget: Duration) -> Self {
+        self.unit_budget = Some(budget);
+        self
+    }
+
+    /// The TTL of the fleet lease (`worker/webhooks`) for deliveries that may each take
+    /// `timeout`: four of them, at least 10 s; the unit budget is a quarter of it, so a unit
+    /// (budget plus one delivery) ends within half the lease.
+    #[must_use]
+    pub fn lease_ttl(timeout: Duration) -> Duration {
+        timeout.saturating_mul(4).max(Duration::from_secs(10))
     }
 
     async fn send(&self, url: &Url, entry: &OutboxEntry) -> Sent {
@@ -263,9 +283,13 @@ impl Worker for WebhookWorker {
         let mut sent = 0usize;
         let mut soonest = u64::MAX;
         let mut down = Vec::new();
+        let started = std::time::Instant::now();
         for entry in entries {
             if must_exit.is_cancelled() {
                 return Ok(WorkerState::Done);
+            }
+            if self.unit_budget.is_some_and(|b| started.elapsed() >= b) {
+                break;
             }
             if entry.next_attempt_at > now {
                 soonest = soonest.min(entry.next_attempt_at);
