@@ -330,6 +330,17 @@ async fn leader_of(instances: &[&Instance], name: &str) -> usize {
     }
 }
 
+/// The deliveries an instance made that its receiver answered 2xx (its `/metrics`).
+async fn successes(inst: &Instance) -> u64 {
+    inst.scrape()
+        .await
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("lark_service_webhook_deliveries_total{outcome=\"success\"} ")
+        })
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
 fn check_signed(got: &[Got]) {
     for g in got {
         assert_eq!(
@@ -379,7 +390,19 @@ async fn a_fleet_delivers_each_event_once_and_a_killed_deliverer_loses_nothing()
     }
     check_signed(&fleet.receiver.all());
     assert_eq!(fleet.outbox_rows(), (0, 0), "delivered entries are deleted");
+    let sent = [successes(&a).await, successes(&b).await];
+    assert_eq!(
+        sent.iter().sum::<u64>(),
+        expected.len() as u64,
+        "one delivery per event in all: {sent:?}"
+    );
+    assert_eq!(
+        sent.iter().filter(|n| **n > 0).count(),
+        1,
+        "one instance delivered: {sent:?}"
+    );
     let leader = leader_of(&both, "webhooks").await;
+    assert_eq!(sent[1 - leader], 0, "the follower delivered nothing: {sent:?}");
 
     // The deliverer is killed while a delivery is in flight.
     fleet.receiver.held.store(true, Ordering::SeqCst);
@@ -395,6 +418,10 @@ async fn a_fleet_delivers_each_event_once_and_a_killed_deliverer_loses_nothing()
         *waiting.lock().unwrap() > 0
     })
     .await;
+    // One instance sends, one entry at a time: a second request in flight would be the other
+    // instance (or the same entry twice). The delivery timeout (2 s) has not passed yet.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(*waiting.lock().unwrap(), 1, "one delivery in flight");
     let (mut a, mut b) = (a, b);
     let survivor = if leader == 0 {
         a.kill9();
