@@ -335,9 +335,7 @@ async fn successes(inst: &Instance) -> u64 {
     inst.scrape()
         .await
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("lark_service_webhook_deliveries_total{outcome=\"success\"} ")
-        })
+        .find_map(|l| l.strip_prefix("lark_service_webhook_deliveries_total{outcome=\"success\"} "))
         .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 
@@ -402,7 +400,11 @@ async fn a_fleet_delivers_each_event_once_and_a_killed_deliverer_loses_nothing()
         "one instance delivered: {sent:?}"
     );
     let leader = leader_of(&both, "webhooks").await;
-    assert_eq!(sent[1 - leader], 0, "the follower delivered nothing: {sent:?}");
+    assert_eq!(
+        sent[1 - leader],
+        0,
+        "the follower delivered nothing: {sent:?}"
+    );
 
     // The deliverer is killed while a delivery is in flight.
     fleet.receiver.held.store(true, Ordering::SeqCst);

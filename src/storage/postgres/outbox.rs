@@ -31,10 +31,10 @@ use crate::storage::{
     SessionSummary, UserToken,
 };
 
-const ENTRY_COLUMNS: &str =
+pub(crate) const ENTRY_COLUMNS: &str =
     "seq, event_id, kind, body, created_at, attempts, next_attempt_at, delivered_to, last_error";
 
-fn entry(row: &Row) -> Result<OutboxEntry> {
+pub(crate) fn entry(row: &Row) -> Result<OutboxEntry> {
     let e = |e: tokio_postgres::Error| pg_err(&e);
     let seq: i64 = row.try_get(0).map_err(e)?;
     let attempts: i32 = row.try_get(5).map_err(e)?;
