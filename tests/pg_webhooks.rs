@@ -336,7 +336,7 @@ async fn successes(inst: &Instance) -> u64 {
         .await
         .lines()
         .find_map(|l| l.strip_prefix("lark_service_webhook_deliveries_total{outcome=\"success\"} "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+        .map_or(0, |v| v.trim().parse::<u64>().unwrap())
 }
 
 fn check_signed(got: &[Got]) {
