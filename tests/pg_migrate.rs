@@ -742,3 +742,93 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
         "a local store was created beside PostgreSQL"
     );
 }
+
+/// The webhook outbox (live and dead entries) and the grants (with their reminder marks) go
+/// redb → PostgreSQL → redb with `migrate`, as they were; the sequence goes on above the
+/// source's on each side (a new event gets a number never handed out before).
+#[test]
+fn migrate_copies_the_webhook_outbox_and_the_grants_both_ways() {
+    use lark_service::storage::{OutboxEvent, StoreOptions, UserToken};
+    let ev = |id: &str| OutboxEvent {
+        event_id: id.to_owned(),
+        kind: "token.revoked".to_owned(),
+        body: format!("{{\"event_id\":\"{id}\"}}").into_bytes(),
+    };
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let url = pg.url("postgres");
+    let t0 = now();
+    let (live, dead) = {
+        let store = Store::open(&path, shared_ring(), StoreOptions::default()).unwrap();
+        for (i, user) in ["u-a", "u-b"].iter().enumerate() {
+            let mut s = one_session(user);
+            s.state = lark_service::storage::SessionState::Completed;
+            s.updated_at = t0 + i as u64;
+            store
+                .complete_session(
+                    &s,
+                    &UserToken {
+                        app_id: APP_ID.into(),
+                        user_id: (*user).into(),
+                        open_id: Some(format!("ou_{user}")),
+                        access_token: secret(format!("at-{user}")),
+                        refresh_token: Some(secret(format!("rt-{user}"))),
+                        expires_at: t0 + 7_200_000,
+                        refresh_expires_at: None,
+                        refresh_due_at: t0 + 5_000_000,
+                        scopes: vec![],
+                        obtained_at: t0,
+                        session_id: Some(s.session_id),
+                        needs_reauth: false,
+                        refresh_in_doubt_since: None,
+                    },
+                )
+                .unwrap();
+        }
+        assert!(store
+            .mark_reminded(APP_ID, "u-a", t0, &[ev("reminded")], t0 + 5)
+            .unwrap());
+        store
+            .outbox_append(&[ev("e1"), ev("e2"), ev("e3")], t0)
+            .unwrap();
+        let all = store.outbox_pending(10).unwrap();
+        let mut d = all[1].clone();
+        d.attempts = 12;
+        d.last_error = Some("HTTP 503".into());
+        assert!(store.outbox_bury(&d).unwrap());
+        // The newest entry is delivered: its number must not come back.
+        assert!(store.outbox_delivered(all[3].seq).unwrap());
+        (
+            store.outbox_pending(10).unwrap(),
+            store.outbox_dead(10).unwrap(),
+        )
+    };
+    assert_eq!((live.len(), dead.len()), (2, 1));
+    let top = live.iter().chain(&dead).map(|e| e.seq).max().unwrap() + 1;
+
+    let out = migrate_dir(dir.path(), &path, &url, "redb", "postgres");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let p = pg_store(&url);
+    assert_eq!(p.outbox_pending(10).unwrap(), live);
+    assert_eq!(p.outbox_dead(10).unwrap(), dead);
+    assert_eq!(p.grant_of(APP_ID, "u-a").unwrap(), Some((t0, t0 + 5)));
+    assert_eq!(p.grant_of(APP_ID, "u-b").unwrap(), Some((t0 + 1, 0)));
+    assert_eq!(p.grants_to_remind(u64::MAX, 10).unwrap().len(), 1);
+    p.outbox_append(&[ev("on-pg")], t0 + 9).unwrap();
+    let on_pg = p.outbox_pending(10).unwrap();
+    let new_seq = on_pg.last().unwrap().seq;
+    assert!(new_seq > top, "{new_seq} not above {top}");
+    drop(p);
+
+    let back = dir.path().join("back.redb");
+    let out = migrate_dir(dir.path(), &back, &url, "postgres", "redb");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r = Store::open(&back, shared_ring(), StoreOptions::default()).unwrap();
+    assert_eq!(r.outbox_pending(10).unwrap(), on_pg);
+    assert_eq!(r.outbox_dead(10).unwrap(), dead);
+    assert_eq!(r.grant_of(APP_ID, "u-a").unwrap(), Some((t0, t0 + 5)));
+    assert_eq!(r.grant_of(APP_ID, "u-b").unwrap(), Some((t0 + 1, 0)));
+    r.outbox_append(&[ev("on-redb")], t0 + 10).unwrap();
+    assert!(r.outbox_pending(10).unwrap().last().unwrap().seq > new_seq);
+}

@@ -67,6 +67,22 @@ fn postgres_passes_the_conformance_suite() {
     }
 }
 
+/// The webhook outbox and the grants (`storage::testing::outbox_conformance`), the same checks
+/// the redb store passes, each in a fresh database.
+#[test]
+fn postgres_passes_the_outbox_conformance_suite() {
+    let server = Server::start();
+    let all = lark_service::storage::testing::outbox_conformance::checks::<PgStore>();
+    assert!(all.len() >= 9);
+    for (name, check) in all {
+        eprintln!("outbox conformance check {name}");
+        let store = server.open(&server.fresh_db());
+        if let Err(e) = check(&store) {
+            panic!("outbox conformance check {name} failed: {e}");
+        }
+    }
+}
+
 #[test]
 fn two_postgres_instances_pass_the_fleet_checks() {
     let server = Server::start();
@@ -450,7 +466,8 @@ fn the_service_refuses_to_start_on_a_postgres_store_it_cannot_reach() {
 }
 
 /// What the PostgreSQL store does not serve yet is refused at start, each setting named, not
-/// silently skipped: backups, webhooks and the expiry reminders (on by default).
+/// silently skipped: scheduled backups and the device flow; webhooks and the expiry reminders
+/// (on by default) are served and not named.
 #[test]
 fn the_service_refuses_redb_only_features_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
@@ -468,13 +485,12 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    for setting in [
-        "backup.schedule",
-        "webhooks.urls",
-        "webhooks.expiry_reminder_lead_seconds",
-        "auth.flow = device",
-    ] {
+    for setting in ["backup.schedule", "auth.flow = device"] {
         assert!(err.contains(setting), "{setting} not named: {err}");
+    }
+    // Webhooks and the expiry reminders are served on PostgreSQL (issue 19): not refused.
+    for setting in ["webhooks.urls", "webhooks.expiry_reminder_lead_seconds"] {
+        assert!(!err.contains(setting), "{setting} refused: {err}");
     }
     assert!(
         !dir.path().join("data/lark-service.redb").exists(),
@@ -873,15 +889,25 @@ fn a_schema_1_database_is_migrated_in_place() {
     let store = server.open(&url);
     let sess = write_secrets(&store);
     drop(store);
-    // What schema 1 had: none of the tables versions 2 and 3 add.
+    // What schema 1 had: none of the tables versions 2 to 4 add.
     sql(
         &url,
         "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
+         DROP TABLE ls_outbox; DROP TABLE ls_outbox_dead; DROP TABLE ls_grants;
+         DROP SEQUENCE ls_outbox_seq;
          UPDATE lark_service_schema SET version = 1",
     );
     let store = server.open(&url);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    // Every table a later step adds is there again and works.
+    assert_eq!(
+        sql(
+            &url,
+            "SELECT count(*) FROM information_schema.tables WHERE table_name IN
+             ('ls_instances', 'ls_rate_counts', 'ls_outbox', 'ls_outbox_dead', 'ls_grants')"
+        ),
+        [[Some("5".to_owned())]]
+    );
     let got = store.get_session(sess.session_id).unwrap().unwrap();
     assert_eq!(got.user_id, sess.user_id);
     assert!(store.get_token("cli_app", "u1").unwrap().is_some());
@@ -901,6 +927,59 @@ fn a_schema_1_database_is_migrated_in_place() {
             .unwrap(),
         None
     );
+}
+
+/// A database at schema 3 (before the webhook outbox) is brought to the current schema in
+/// place: the outbox works, and every stored token gets its grant as redb's migration seeds
+/// it (the earlier of the token's `obtained_at` and its session's creation, not reminded).
+#[test]
+fn a_schema_3_database_gets_the_outbox_and_its_grants_seeded() {
+    use lark_service::storage::OutboxEvent;
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let sess = write_secrets(&store);
+    let mut orphan = store.get_token("cli_app", "u1").unwrap().unwrap();
+    orphan.user_id = "u2".into();
+    orphan.session_id = None;
+    orphan.obtained_at = 4_242;
+    store.put_token(&orphan).unwrap();
+    let mut later = orphan.clone();
+    later.user_id = "u3".into();
+    later.session_id = Some(sess.session_id);
+    later.obtained_at = sess.created_at + 9_999;
+    store.put_token(&later).unwrap();
+    drop(store);
+    sql(
+        &url,
+        "DROP TABLE ls_outbox; DROP TABLE ls_outbox_dead; DROP TABLE ls_grants;
+         DROP SEQUENCE ls_outbox_seq;
+         UPDATE lark_service_schema SET version = 3",
+    );
+    let store = server.open(&url);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let t1 = store.get_token("cli_app", "u1").unwrap().unwrap();
+    assert_eq!(
+        store.grant_of("cli_app", "u1").unwrap(),
+        Some((t1.obtained_at.min(sess.created_at), 0))
+    );
+    assert_eq!(store.grant_of("cli_app", "u2").unwrap(), Some((4_242, 0)));
+    assert_eq!(
+        store.grant_of("cli_app", "u3").unwrap(),
+        Some((sess.created_at, 0)),
+        "the session's creation, earlier than the token"
+    );
+    store
+        .outbox_append(
+            &[OutboxEvent {
+                event_id: "ev-after-migration".into(),
+                kind: "token.revoked".into(),
+                body: b"{}".to_vec(),
+            }],
+            7,
+        )
+        .unwrap();
+    assert_eq!(store.outbox_counts().unwrap(), (1, 0));
 }
 
 /// The state [`batched_claims_decide_as_single_claims_did`] starts from: two records, a

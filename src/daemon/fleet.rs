@@ -25,22 +25,11 @@ pub fn redb_only_features(cfg: &Config) -> Vec<&'static str> {
              (pg_dump, base backups) and unset it",
         );
     }
-    if cfg.webhooks.enabled() {
-        off.push(
-            "webhooks.urls (WEBHOOKS_URLS): the webhook outbox is kept in redb only; unset it",
-        );
-    }
     if cfg.device_flow() {
         off.push(
             "auth.flow = device (AUTH_FLOW, or auto without a public URL): device codes are kept \
              by the instance that asked for them, and a restarting instance would expire the \
              others' device sessions; use the redirect flow (set PUBLIC_URL) on PostgreSQL",
-        );
-    }
-    if !cfg.webhooks.reminder_lead.is_zero() {
-        off.push(
-            "webhooks.expiry_reminder_lead_seconds (WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS): the \
-             grants it reads are kept in redb only; set it to 0",
         );
     }
     off
@@ -74,7 +63,7 @@ pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, Daemo
         .map_err(|e| Error::Join(e.to_string()))??;
     info!(
         key = %store.active_key_id(),
-        "Serving from PostgreSQL (storage.backend = \"postgres\"); backups, webhooks, the app registry and key rotation are redb only."
+        "Serving from PostgreSQL (storage.backend = \"postgres\"); backups, the app registry and key rotation are redb only."
     );
     Ok(store.into())
 }

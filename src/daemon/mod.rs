@@ -606,24 +606,45 @@ fn start_webhooks(
             receivers = w.urls.len(),
             "Webhook events are recorded and delivered."
         );
-        sup.start(worker);
+        match &app.fleet_holder {
+            // A fleet: one instance at a time delivers (the lease `worker/webhooks`).
+            Some(h) => {
+                let ttl = crate::webhooks::WebhookWorker::lease_ttl(w.timeout);
+                sup.start(fleet::Leased::new(
+                    worker.with_unit_budget(ttl / 4),
+                    store.clone(),
+                    h,
+                    ttl,
+                    crate::webhooks::worker::POLL,
+                    sup.clock(),
+                ));
+            }
+            None => sup.start(worker),
+        }
     }
     if let (false, Some(p)) = (w.reminder_lead.is_zero(), &app.primary) {
         let auth = p.auth.clone();
         let (lead, lifetime) = (w.reminder_lead, w.grant_lifetime);
         let every = runtimes::reminder_period(lead);
-        sup.start(FnWorker::new(
-            "expiry_reminders",
-            Box::new(move || {
-                let auth = auth.clone();
-                Box::pin(async move {
-                    auth.remind_expiring(lead, lifetime)
-                        .await
-                        .map(|_| every)
-                        .map_err(|e| e.to_string())
-                })
-            }),
-        ));
+        // One instance of a fleet reminds (the lease `worker/expiry_reminders`).
+        start_singleton(
+            sup,
+            store,
+            app,
+            FnWorker::new(
+                "expiry_reminders",
+                Box::new(move || {
+                    let auth = auth.clone();
+                    Box::pin(async move {
+                        auth.remind_expiring(lead, lifetime)
+                            .await
+                            .map(|_| every)
+                            .map_err(|e| e.to_string())
+                    })
+                }),
+            ),
+            every,
+        );
     }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! [`Db`]: the store the service holds, either the embedded redb file ([`Store`]) or the
 //! shared PostgreSQL database ([`PgStore`]). Cheap to clone (both are handles).
 //!
-//! Every call the service makes is delegated to the backend as it is. What only the redb store
-//! has (backups, key rotation, the webhook outbox, the app registry, the seen-id snapshot) is
+//! Every call the service makes is delegated to the backend as it is (the webhook outbox and
+//! the grants too). What only the redb store has (backups, key rotation, the app registry, the
+//! seen-id snapshot) is
 //! refused on PostgreSQL with [`Error::Invalid`] naming the feature, never silently skipped;
 //! the daemon refuses to start with such a feature configured (`daemon::open_store`), so the
 //! refusals here are a second fence.
@@ -135,11 +136,6 @@ both! {
     fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
-}
-
-redb_only! {
-    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
-    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
     fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
     fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
@@ -150,20 +146,18 @@ redb_only! {
     fn grant_of(&self, app_id: &str, user_id: &str) -> Result<Option<(u64, u64)>>;
     fn grants_to_remind(&self, granted_before: u64, limit: usize) -> Result<Vec<ExpiringGrant>>;
     fn mark_reminded(&self, app_id: &str, user_id: &str, granted_at: u64, events: &[OutboxEvent], now: u64) -> Result<bool>;
+    fn put_token_with_events(&self, token: &UserToken, events: &[OutboxEvent], now: u64) -> Result<()>;
+    fn delete_token_with_events(&self, app_id: &str, user_id: &str, events: &[OutboxEvent], now: u64) -> Result<bool>;
+    fn update_if_pending_with_events(&self, expect_hash: Option<[u8; 32]>, s: &AuthSession, token: Option<&UserToken>, events: &[OutboxEvent]) -> Result<PendingUpdate>;
+}
+
+redb_only! {
+    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
+    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
     fn remove_app(&self, app_id: &str) -> Result<bool>;
     fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
     fn app_token_count(&self, app_id: &str) -> Result<u64>;
-}
-
-/// With no event to append, the PostgreSQL store writes as the plain call; with events it
-/// refuses before writing anything (the outbox is redb only).
-fn no_events(events: &[OutboxEvent]) -> Result<()> {
-    if events.is_empty() {
-        Ok(())
-    } else {
-        Err(not_on_postgres("the webhook outbox"))
-    }
 }
 
 impl Db {
@@ -305,23 +299,6 @@ impl Db {
         }
     }
 
-    /// `update_if_pending` with webhook events in the same transaction.
-    pub fn update_if_pending_with_events(
-        &self,
-        expect_hash: Option<[u8; 32]>,
-        s: &AuthSession,
-        token: Option<&UserToken>,
-        events: &[OutboxEvent],
-    ) -> Result<PendingUpdate> {
-        match self {
-            Self::Redb(st) => st.update_if_pending_with_events(expect_hash, s, token, events),
-            Self::Postgres(p) => {
-                no_events(events)?;
-                p.update_if_pending(expect_hash, s, token)
-            }
-        }
-    }
-
     /// `revoke_session` with webhook events in the same transaction.
     pub fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
         &self,
@@ -331,45 +308,7 @@ impl Db {
     ) -> Result<Option<AuthSession>> {
         match self {
             Self::Redb(st) => st.revoke_session_with_events(id, now, events_for),
-            Self::Postgres(p) => {
-                if let Some(summary) = p.get_session_summary(id)? {
-                    no_events(&events_for(&summary))?;
-                }
-                p.revoke_session(id, now)
-            }
-        }
-    }
-
-    /// `put_token` with webhook events in the same transaction.
-    pub fn put_token_with_events(
-        &self,
-        token: &UserToken,
-        events: &[OutboxEvent],
-        now: u64,
-    ) -> Result<()> {
-        match self {
-            Self::Redb(s) => s.put_token_with_events(token, events, now),
-            Self::Postgres(p) => {
-                no_events(events)?;
-                p.put_token(token)
-            }
-        }
-    }
-
-    /// `delete_token` with webhook events in the same transaction.
-    pub fn delete_token_with_events(
-        &self,
-        app_id: &str,
-        user_id: &str,
-        events: &[OutboxEvent],
-        now: u64,
-    ) -> Result<bool> {
-        match self {
-            Self::Redb(s) => s.delete_token_with_events(app_id, user_id, events, now),
-            Self::Postgres(p) => {
-                no_events(events)?;
-                p.delete_token(app_id, user_id)
-            }
+            Self::Postgres(p) => p.revoke_session_with_events(id, now, events_for),
         }
     }
 

@@ -24,7 +24,7 @@ use super::{Error, Result, SessionId, Store};
 const OUTBOX_TABLE: &str = "outbox";
 const OUTBOX_VERSION: u8 = 1;
 /// `meta` key of the last outbox sequence number handed out.
-const OUTBOX_SEQ: &str = "outbox_seq";
+pub(crate) const OUTBOX_SEQ: &str = "outbox_seq";
 /// Longest event id and kind accepted.
 const MAX_ID_BYTES: usize = 128;
 
@@ -64,7 +64,7 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
 }
 
-fn decode_entry(seq: u64, bytes: &[u8]) -> Result<OutboxEntry> {
+pub(crate) fn decode_entry(seq: u64, bytes: &[u8]) -> Result<OutboxEntry> {
     match bytes.split_first() {
         Some((&OUTBOX_VERSION, rest)) => {
             let mut e: OutboxEntry = decode(OUTBOX_TABLE, rest)?;
@@ -78,7 +78,12 @@ fn decode_entry(seq: u64, bytes: &[u8]) -> Result<OutboxEntry> {
     }
 }
 
-fn validate_event(e: &OutboxEvent) -> Result<()> {
+/// The stored bytes of an entry (the copy between the backends writes them).
+pub(crate) fn encode_entry(e: &OutboxEntry) -> Vec<u8> {
+    encode(OUTBOX_VERSION, e)
+}
+
+pub(crate) fn validate_event(e: &OutboxEvent) -> Result<()> {
     for (name, v) in [("event id", &e.event_id), ("event kind", &e.kind)] {
         if v.is_empty() || v.len() > MAX_ID_BYTES {
             return Err(Error::Invalid(format!(

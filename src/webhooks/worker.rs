@@ -56,6 +56,8 @@ pub struct WebhookWorker {
     opts: WebhookWorkerOptions,
     clock: SharedClock,
     status: Option<String>,
+    /// No new entry is started after this long in one unit (`None`: the whole batch).
+    unit_budget: Option<Duration>,
 }
 
 /// The result of one delivery of one entry to one URL.
@@ -89,7 +91,25 @@ impl WebhookWorker {
             opts,
             clock,
             status: None,
+            unit_budget: None,
         })
+    }
+
+    /// Ends a unit once `budget` has passed (the entry in flight is finished first; one entry
+    /// is always sent), so a unit lasts at most `budget` plus one delivery's timeout. Under the fleet lease the
+    /// lease is renewed between units, and a unit must end well within the lease.
+    #[must_use]
+    pub fn with_unit_budget(mut self, budget: Duration) -> Self {
+        self.unit_budget = Some(budget);
+        self
+    }
+
+    /// The TTL of the fleet lease (`worker/webhooks`) for deliveries that may each take
+    /// `timeout`: four of them, at least 10 s; the unit budget is a quarter of it, so a unit
+    /// (budget plus one delivery) ends within half the lease.
+    #[must_use]
+    pub fn lease_ttl(timeout: Duration) -> Duration {
+        timeout.saturating_mul(4).max(Duration::from_secs(10))
     }
 
     async fn send(&self, url: &Url, entry: &OutboxEntry) -> Sent {
@@ -263,9 +283,14 @@ impl Worker for WebhookWorker {
         let mut sent = 0usize;
         let mut soonest = u64::MAX;
         let mut down = Vec::new();
+        let started = std::time::Instant::now();
         for entry in entries {
             if must_exit.is_cancelled() {
                 return Ok(WorkerState::Done);
+            }
+            // At least one entry per unit, so a unit always makes progress.
+            if sent > 0 && self.unit_budget.is_some_and(|b| started.elapsed() >= b) {
+                break;
             }
             if entry.next_attempt_at > now {
                 soonest = soonest.min(entry.next_attempt_at);
@@ -374,5 +399,52 @@ mod tests {
             "the next one tried once"
         );
         assert_eq!(store.outbox_counts().unwrap(), (2, 1));
+    }
+
+    /// With a unit budget, a unit stops starting entries once the budget has passed (the one
+    /// in flight is finished): a budget of zero delivers one entry per unit, in order.
+    #[tokio::test]
+    async fn a_unit_budget_ends_the_unit_between_entries() {
+        let store = Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[4; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(|| async { axum::http::StatusCode::OK }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let clock = Arc::new(ManualClock::at(1_000_000));
+        let opts = WebhookWorkerOptions {
+            urls: vec![Url::parse(&format!("http://127.0.0.1:{port}/hook")).unwrap()],
+            secret: SecretString::from("s".repeat(32)),
+            timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+        };
+        let net = Net::new(&NetOptions::default()).unwrap();
+        let mut w = WebhookWorker::new(store.clone(), &net, opts, clock.clone())
+            .unwrap()
+            .with_unit_budget(Duration::ZERO);
+        store
+            .outbox_append(&[event("a"), event("b"), event("c")], 1_000_000)
+            .unwrap();
+        let cancel = CancellationToken::new();
+        for left in [2u64, 1, 0] {
+            assert_eq!(w.work(&cancel).await.unwrap(), WorkerState::Busy);
+            assert_eq!(
+                store.outbox_counts().unwrap(),
+                (left, 0),
+                "one entry per unit"
+            );
+        }
+        assert!(WebhookWorker::lease_ttl(Duration::from_secs(10)) >= Duration::from_secs(40));
+        assert_eq!(
+            WebhookWorker::lease_ttl(Duration::from_secs(1)),
+            Duration::from_secs(10)
+        );
     }
 }

@@ -4,9 +4,11 @@
 //! Sessions, tokens, users and seen event ids move as they are stored: the sealed values are
 //! bound to the same associated data in both stores (table, row, field, key id), so they are
 //! copied without being opened or sealed again, and the copy never holds a secret in clear.
-//! Leases are not copied (they belong to the running instances of one store), nor cursors, the
-//! change feed or (on redb) the outbox, grants and the app registry, which PostgreSQL does not
-//! hold.
+//! The webhook outbox (live and dead entries, as they are: their bodies are not secret) and the
+//! users' grants (with their reminder marks, so nobody is reminded twice) are copied too, and
+//! the outbox's sequence goes on above the source's. Leases are not copied (they belong to the
+//! running instances of one store), nor cursors, the change feed or the app registry, which
+//! PostgreSQL does not hold.
 //!
 //! The source is read as one consistent snapshot: one redb read transaction, or one
 //! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
@@ -29,14 +31,16 @@ use super::rows::{
     SESSION_VALUES, TOKEN_COLUMNS,
 };
 use super::{api_time, block_on, db_time, pg_err, row_counts, PgStore};
+use crate::storage::outbox::{decode_entry, encode_entry, OUTBOX_SEQ};
 use crate::storage::records::{encode, StoredSession, StoredToken, USER_VERSION};
 use crate::storage::sessions::validate_ids;
 use crate::storage::tables::{
-    SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_EXPIRED, TOKENS, TOKEN_REFRESH_DUE, USERS,
+    GRANTS, META, OUTBOX, OUTBOX_DEAD, SEEN_EVENTS, SEEN_EVENTS_EXPIRY, SESSIONS, SESSIONS_EXPIRED,
+    TOKENS, TOKEN_REFRESH_DUE, USERS,
 };
 use crate::storage::tokens::refreshable;
 use crate::storage::traits::SessionStore;
-use crate::storage::{Error, Result, SessionId, Store, StoreCounts, UserInfo};
+use crate::storage::{Error, OutboxEntry, Result, SessionId, Store, StoreCounts, UserInfo};
 
 /// Rows per target transaction (and per page read from PostgreSQL).
 const BATCH: usize = 500;
@@ -60,7 +64,15 @@ enum Batch {
     Tokens(Vec<TokenParams>),
     Users(Vec<UserInfo>),
     Events(Vec<(String, u64)>),
+    Grants(Vec<Grant>),
+    Outbox(bool, Vec<OutboxEntry>),
 }
+
+/// A grant row: app, user, granted at, reminded at (0: not yet).
+type Grant = (String, String, u64, u64);
+
+/// (grants, live outbox entries, dead outbox entries) of a store: compared after a copy.
+type OutboxCounts = (u64, u64, u64);
 
 /// Moves every row of `source` into `sink`, [`BATCH`] rows per call, and reports the running
 /// total after each batch as `progress(what, rows)`. Returns the rows written. The one copy loop
@@ -260,9 +272,40 @@ impl PgStore {
             &mut |b| sink(Batch::Events(b)),
             progress,
         )?;
+        let t = txn.open_table(GRANTS).map_err(|e| src.err(e))?;
+        let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
+            let (k, v) = row.map_err(|e| src.err(e))?;
+            let ((app, usr), (at, reminded)) = (k.value(), v.value());
+            Ok((app.to_owned(), usr.to_owned(), at, reminded))
+        });
+        pump("grants", rows, &mut |b| sink(Batch::Grants(b)), progress)?;
+        for (dead, table, what) in [
+            (false, OUTBOX, "webhook events"),
+            (true, OUTBOX_DEAD, "dead webhook events"),
+        ] {
+            let t = txn.open_table(table).map_err(|e| src.err(e))?;
+            let rows = t.iter().map_err(|e| src.err(e))?.map(|row| {
+                let (k, v) = row.map_err(|e| src.err(e))?;
+                decode_entry(k.value(), v.value())
+            });
+            pump(what, rows, &mut |b| sink(Batch::Outbox(dead, b)), progress)?;
+        }
+        let meta = txn.open_table(META).map_err(|e| src.err(e))?;
+        let last_seq = meta
+            .get(OUTBOX_SEQ)
+            .map_err(|e| src.err(e))?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_be_bytes);
+        self.continue_outbox_seq(last_seq)?;
         drop(txn);
         let target = self.counts()?;
         check_counts(&source, &target, "redb", "PostgreSQL")?;
+        check_outbox(
+            &redb_outbox_counts(src)?,
+            &self.outbox_counts_all()?,
+            "redb",
+            "PostgreSQL",
+        )?;
         // The per-state counts came through the triggers: they must equal the source's.
         check_states(
             &src.count_sessions_by_state()?,
@@ -344,10 +387,61 @@ impl PgStore {
             &mut |b| write_redb_events(dst, &b),
             progress,
         )?;
+        let rows = Pages::new(
+            &tx,
+            "SELECT app_id, user_id, granted_at, reminded_at FROM ls_grants",
+        )?
+        .map(|r| {
+            r.and_then(|row| {
+                let e = |e: tokio_postgres::Error| pg_err(&e);
+                Ok((
+                    row.try_get(0).map_err(e)?,
+                    row.try_get(1).map_err(e)?,
+                    api_time(row.try_get(2).map_err(e)?, "grants")?,
+                    api_time(row.try_get(3).map_err(e)?, "grants")?,
+                ))
+            })
+        });
+        pump(
+            "grants",
+            rows,
+            &mut |b| write_redb_grants(dst, &b),
+            progress,
+        )?;
+        for (dead, table, what) in [
+            (false, "ls_outbox", "webhook events"),
+            (true, "ls_outbox_dead", "dead webhook events"),
+        ] {
+            let rows = Pages::new(
+                &tx,
+                &format!("SELECT {} FROM {table}", super::outbox::ENTRY_COLUMNS),
+            )?
+            .map(|r| r.and_then(|row| super::outbox::entry(&row)));
+            pump(
+                what,
+                rows,
+                &mut |b| write_redb_outbox(dst, dead, &b),
+                progress,
+            )?;
+        }
+        let source_outbox = block_on(outbox_counts_in(&tx))?;
+        let last_seq: i64 = block_on(tx.query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ls_outbox_seq",
+            &[],
+        ))
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| pg_err(&e))?;
+        set_redb_outbox_seq(dst, api_time(last_seq, "outbox")?)?;
         block_on(tx.commit()).map_err(|e| pg_err(&e))?;
         drop(conn);
         let target = dst.counts()?;
         check_counts(&source, &target, "PostgreSQL", "redb")?;
+        check_outbox(
+            &source_outbox,
+            &redb_outbox_counts(dst)?,
+            "PostgreSQL",
+            "redb",
+        )?;
         check_states(
             &self.count_sessions_by_state()?,
             &dst.count_sessions_by_state()?,
@@ -429,11 +523,153 @@ impl PgStore {
                     .map_err(|e| pg_err(&e))?;
                     rows.len()
                 }
+                Batch::Grants(rows) => {
+                    for (app, usr, at, reminded) in rows {
+                        tx.execute(
+                            "INSERT INTO ls_grants (app_id, user_id, granted_at, reminded_at)
+                             VALUES ($1, $2, $3, $4)",
+                            &[app, usr, &db_time(*at), &db_time(*reminded)],
+                        )
+                        .await
+                        .map_err(|e| pg_err(&e))?;
+                    }
+                    rows.len()
+                }
+                Batch::Outbox(dead, rows) => {
+                    let table = if *dead { "ls_outbox_dead" } else { "ls_outbox" };
+                    for e in rows {
+                        tx.execute(
+                            &format!(
+                                "INSERT INTO {table} ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                super::outbox::ENTRY_COLUMNS
+                            ),
+                            &[
+                                &db_time(e.seq),
+                                &e.event_id,
+                                &e.kind,
+                                &e.body,
+                                &db_time(e.created_at),
+                                &i32::try_from(e.attempts).unwrap_or(i32::MAX),
+                                &db_time(e.next_attempt_at),
+                                &e.delivered_to,
+                                &e.last_error,
+                            ],
+                        )
+                        .await
+                        .map_err(|e| pg_err(&e))?;
+                    }
+                    rows.len()
+                }
             };
             tx.commit().await.map_err(|e| pg_err(&e))?;
             Ok(n as u64)
         })
     }
+
+    /// Sets the outbox sequence so the next entry gets a number above `last` and above every
+    /// copied entry's (a sequence number is never handed out twice).
+    fn continue_outbox_seq(&self, last: u64) -> Result<()> {
+        let last = db_time(last);
+        self.with(async |c| {
+            c.query(
+                "SELECT setval('ls_outbox_seq', t.top) FROM (SELECT GREATEST($1::bigint,
+                    COALESCE((SELECT max(seq) FROM ls_outbox), 0),
+                    COALESCE((SELECT max(seq) FROM ls_outbox_dead), 0)) AS top) AS t
+                 WHERE t.top > 0",
+                &[&last],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            Ok(())
+        })
+    }
+
+    fn outbox_counts_all(&self) -> Result<OutboxCounts> {
+        self.with(async |c| outbox_counts_in(&*c).await)
+    }
+}
+
+async fn outbox_counts_in(c: &impl tokio_postgres::GenericClient) -> Result<OutboxCounts> {
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM ls_grants), (SELECT count(*) FROM ls_outbox),
+                    (SELECT count(*) FROM ls_outbox_dead)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let n = |i: usize| -> Result<u64> {
+        let v: i64 = row.try_get(i).map_err(|e| pg_err(&e))?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    };
+    Ok((n(0)?, n(1)?, n(2)?))
+}
+
+fn redb_outbox_counts(s: &Store) -> Result<OutboxCounts> {
+    let txn = s.db().begin_read().map_err(|e| s.err(e))?;
+    let grants = txn.open_table(GRANTS).map_err(|e| s.err(e))?;
+    let n = redb::ReadableTableMetadata::len(&grants).map_err(|e| s.err(e))?;
+    let (live, dead) = s.outbox_counts()?;
+    Ok((n, live, dead))
+}
+
+fn check_outbox(source: &OutboxCounts, target: &OutboxCounts, from: &str, to: &str) -> Result<()> {
+    if source == target {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "the copy of the grants and the webhook outbox (grants, live, dead) does not match \
+             its source: {from} {source:?}, {to} {target:?}"
+        )))
+    }
+}
+
+fn write_redb_grants(dst: &Store, rows: &[Grant]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut t = txn.open_table(GRANTS).map_err(|e| dst.err(e))?;
+        for (app, usr, at, reminded) in rows {
+            validate_ids(app, usr)?;
+            t.insert((app.as_str(), usr.as_str()), (*at, *reminded))
+                .map_err(|e| dst.err(e))?;
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+fn write_redb_outbox(dst: &Store, dead: bool, rows: &[OutboxEntry]) -> Result<u64> {
+    let txn = dst.begin_write()?;
+    {
+        let mut t = txn
+            .open_table(if dead { OUTBOX_DEAD } else { OUTBOX })
+            .map_err(|e| dst.err(e))?;
+        for e in rows {
+            t.insert(e.seq, encode_entry(e).as_slice())
+                .map_err(|e| dst.err(e))?;
+        }
+    }
+    dst.commit(txn)?;
+    Ok(rows.len() as u64)
+}
+
+/// The redb store's last handed-out outbox number: at least `last` and every copied entry's.
+fn set_redb_outbox_seq(dst: &Store, last: u64) -> Result<()> {
+    let txn = dst.begin_write()?;
+    {
+        let live = txn.open_table(OUTBOX).map_err(|e| dst.err(e))?;
+        let dead = txn.open_table(OUTBOX_DEAD).map_err(|e| dst.err(e))?;
+        let mut top = last;
+        for t in [&live, &dead] {
+            if let Some((k, _)) = t.last().map_err(|e| dst.err(e))? {
+                top = top.max(k.value());
+            }
+        }
+        let mut meta = txn.open_table(META).map_err(|e| dst.err(e))?;
+        meta.insert(OUTBOX_SEQ, top.to_be_bytes().as_slice())
+            .map_err(|e| dst.err(e))?;
+    }
+    dst.commit(txn)
 }
 
 fn check_counts(source: &StoreCounts, target: &StoreCounts, from: &str, to: &str) -> Result<()> {

@@ -32,6 +32,7 @@ mod copy;
 mod feed;
 mod fleet;
 mod instances;
+mod outbox;
 mod ratelimit;
 mod rows;
 mod schema;

@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -182,6 +182,37 @@ CREATE TABLE ls_rate_counts (
 CREATE INDEX ls_rate_counts_forget ON ls_rate_counts (forget_at);
 ";
 
+/// Schema version 4 (additive): the webhook outbox (`ls_outbox`, its sequence
+/// `ls_outbox_seq`, never reused), its dead entries (`ls_outbox_dead`) and the users' grants
+/// (`ls_grants`), as the redb store keeps them (`outbox`). The grants of the tokens already
+/// stored are seeded as redb's schema 7 seeded them: the earlier of the token's `obtained_at`
+/// and its session's creation, not reminded yet.
+const V4: &str = r"
+CREATE SEQUENCE ls_outbox_seq AS bigint MINVALUE 1;
+CREATE TABLE ls_outbox (
+    seq bigint PRIMARY KEY,
+    event_id text NOT NULL,
+    kind text NOT NULL,
+    body bytea NOT NULL,
+    created_at bigint NOT NULL,
+    attempts integer NOT NULL,
+    next_attempt_at bigint NOT NULL,
+    delivered_to text[] NOT NULL,
+    last_error text
+);
+CREATE TABLE ls_outbox_dead (LIKE ls_outbox INCLUDING ALL);
+CREATE TABLE ls_grants (
+    app_id text NOT NULL,
+    user_id text NOT NULL,
+    granted_at bigint NOT NULL,
+    reminded_at bigint NOT NULL,
+    PRIMARY KEY (app_id, user_id)
+);
+INSERT INTO ls_grants (app_id, user_id, granted_at, reminded_at)
+    SELECT t.app_id, t.user_id, LEAST(t.obtained_at, COALESCE(s.created_at, t.obtained_at)), 0
+    FROM ls_tokens AS t LEFT JOIN ls_sessions AS s ON s.id = t.session_id;
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
@@ -198,6 +229,7 @@ fn steps() -> Vec<(i32, String)> {
         ),
         (2, V2.to_owned()),
         (3, V3.to_owned()),
+        (4, V4.to_owned()),
     ]
 }
 

@@ -11,18 +11,20 @@
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::feed::{append_changes, KIND_DELETE, KIND_UPSERT};
+use super::outbox::{append_in, record_grant_in};
 use super::rows::{
     id_bytes, id_from, stored_session, SessionParams, SESSION_COLUMNS, SESSION_UPDATE_SET,
     SESSION_VALUES,
 };
 use super::tokens::write_token;
 use super::{db_time, pg_err, PgStore};
+use crate::storage::outbox::validate_event;
 use crate::storage::records::{StoredSession, SESSIONS_TABLE};
 use crate::storage::sessions::validate_ids;
 use crate::storage::traits::SessionStore;
 use crate::storage::{
-    AuthSession, FailureReason, PendingUpdate, Result, SessionId, SessionState, SessionSummary,
-    SweepReport, UserToken,
+    AuthSession, FailureReason, OutboxEvent, PendingUpdate, Result, SessionId, SessionState,
+    SessionSummary, SweepReport, UserToken,
 };
 
 impl PgStore {
@@ -116,6 +118,114 @@ impl PgStore {
     }
 }
 
+impl PgStore {
+    /// `update_if_pending` that also appends `events` (at the session's `updated_at`) in the
+    /// same transaction, only when the transition is written; a token written with it records
+    /// the user's new grant.
+    pub fn update_if_pending_with_events(
+        &self,
+        expect_hash: Option<[u8; 32]>,
+        s: &AuthSession,
+        token: Option<&UserToken>,
+        events: &[OutboxEvent],
+    ) -> Result<PendingUpdate> {
+        for e in events {
+            validate_event(e)?;
+        }
+        let p = self.sealed_params(s)?;
+        let expect = expect_hash.map(|h| h.to_vec());
+        self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            // The same columns as the upsert, but only over a pending row with the expected
+            // hash: the row lock orders racers, and a loser re-checks against the winner.
+            let sql = format!(
+                "UPDATE ls_sessions AS t SET ({SESSION_COLUMNS}) = ({SESSION_VALUES})
+                 WHERE t.id = $1 AND t.state = 'pending' AND t.state_hash IS NOT DISTINCT FROM $25"
+            );
+            let params = p.params();
+            let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
+            all.push(&expect);
+            let n = tx.execute(&sql, &all).await.map_err(|e| pg_err(&e))?;
+            if n == 0 {
+                tx.rollback().await.map_err(|e| pg_err(&e))?;
+                return Ok(match self.session_in(&*c, s.session_id).await? {
+                    None => PendingUpdate::Missing,
+                    Some(cur) => PendingUpdate::Lost(Box::new(cur)),
+                });
+            }
+            if let Some(token) = token {
+                write_token(self, &tx, token).await?;
+                record_grant_in(&tx, &token.app_id, &token.user_id, s.updated_at).await?;
+            }
+            append_changes(
+                &tx,
+                self.change_feed_on(),
+                &[(KIND_UPSERT, id_bytes(s.session_id))],
+            )
+            .await?;
+            append_in(&tx, events, s.updated_at).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(PendingUpdate::Written)
+        })
+    }
+
+    /// `revoke_session` that also appends the events `events_for` makes of the revoked session
+    /// (no secrets left in it) in the same transaction; nothing without a session.
+    /// `events_for` is called once: a transaction run again after a serialization failure
+    /// appends the same events.
+    pub fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
+        &self,
+        id: SessionId,
+        now: u64,
+        events_for: F,
+    ) -> Result<Option<AuthSession>> {
+        let key = id_bytes(id);
+        let mut make = Some(events_for);
+        let mut made: Option<Vec<OutboxEvent>> = None;
+        self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "UPDATE ls_sessions SET state = 'revoked', updated_at = $2,
+                            access_token = NULL, access_token_key = NULL,
+                            refresh_token = NULL, refresh_token_key = NULL,
+                            pkce_verifier = NULL, pkce_verifier_key = NULL
+                         WHERE id = $1 RETURNING {SESSION_COLUMNS}"
+                    ),
+                    &[&key, &db_time(now)],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let revoked = self.open_row(&row)?;
+            tx.execute(
+                "DELETE FROM ls_tokens WHERE app_id = $1 AND user_id = $2 AND session_id = $3",
+                &[&revoked.app_id, &revoked.user_id, &key],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            append_changes(&tx, self.change_feed_on(), &[(KIND_UPSERT, key.clone())]).await?;
+            let events = match &made {
+                Some(e) => e.clone(),
+                None => {
+                    let e = match make.take() {
+                        Some(f) => f(&summary(&row)?),
+                        None => Vec::new(),
+                    };
+                    made = Some(e.clone());
+                    e
+                }
+            };
+            append_in(&tx, &events, now).await?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(Some(revoked))
+        })
+    }
+}
+
 /// The advisory lock key of folding the count deltas.
 const COUNT_FOLD_LOCK: i64 = 0x6c73_5f63_6f75_6e74; // "ls_count"
 
@@ -166,39 +276,7 @@ impl SessionStore for PgStore {
         s: &AuthSession,
         token: Option<&UserToken>,
     ) -> Result<PendingUpdate> {
-        let p = self.sealed_params(s)?;
-        let expect = expect_hash.map(|h| h.to_vec());
-        self.with(async |c| {
-            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
-            // The same columns as the upsert, but only over a pending row with the expected
-            // hash: the row lock orders racers, and a loser re-checks against the winner.
-            let sql = format!(
-                "UPDATE ls_sessions AS t SET ({SESSION_COLUMNS}) = ({SESSION_VALUES})
-                 WHERE t.id = $1 AND t.state = 'pending' AND t.state_hash IS NOT DISTINCT FROM $25"
-            );
-            let params = p.params();
-            let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
-            all.push(&expect);
-            let n = tx.execute(&sql, &all).await.map_err(|e| pg_err(&e))?;
-            if n == 0 {
-                tx.rollback().await.map_err(|e| pg_err(&e))?;
-                return Ok(match self.session_in(&*c, s.session_id).await? {
-                    None => PendingUpdate::Missing,
-                    Some(cur) => PendingUpdate::Lost(Box::new(cur)),
-                });
-            }
-            if let Some(token) = token {
-                write_token(self, &tx, token).await?;
-            }
-            append_changes(
-                &tx,
-                self.change_feed_on(),
-                &[(KIND_UPSERT, id_bytes(s.session_id))],
-            )
-            .await?;
-            tx.commit().await.map_err(|e| pg_err(&e))?;
-            Ok(PendingUpdate::Written)
-        })
+        self.update_if_pending_with_events(expect_hash, s, token, &[])
     }
 
     fn complete_session(&self, s: &AuthSession, token: &UserToken) -> Result<()> {
@@ -207,41 +285,13 @@ impl SessionStore for PgStore {
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             self.upsert(&tx, std::slice::from_ref(&p)).await?;
             write_token(self, &tx, token).await?;
+            record_grant_in(&tx, &token.app_id, &token.user_id, s.updated_at).await?;
             tx.commit().await.map_err(|e| pg_err(&e))
         })
     }
 
     fn revoke_session(&self, id: SessionId, now: u64) -> Result<Option<AuthSession>> {
-        let key = id_bytes(id);
-        self.with(async |c| {
-            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE ls_sessions SET state = 'revoked', updated_at = $2,
-                            access_token = NULL, access_token_key = NULL,
-                            refresh_token = NULL, refresh_token_key = NULL,
-                            pkce_verifier = NULL, pkce_verifier_key = NULL
-                         WHERE id = $1 RETURNING {SESSION_COLUMNS}"
-                    ),
-                    &[&key, &db_time(now)],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            let Some(row) = row else {
-                return Ok(None);
-            };
-            let revoked = self.open_row(&row)?;
-            tx.execute(
-                "DELETE FROM ls_tokens WHERE app_id = $1 AND user_id = $2 AND session_id = $3",
-                &[&revoked.app_id, &revoked.user_id, &key],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
-            append_changes(&tx, self.change_feed_on(), &[(KIND_UPSERT, key.clone())]).await?;
-            tx.commit().await.map_err(|e| pg_err(&e))?;
-            Ok(Some(revoked))
-        })
+        self.revoke_session_with_events(id, now, |_| Vec::new())
     }
 
     fn sessions_for_user(&self, app_id: &str, user_id: &str) -> Result<Vec<AuthSession>> {
