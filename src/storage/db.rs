@@ -1,8 +1,9 @@
 //! [`Db`]: the store the service holds, either the embedded redb file ([`Store`]) or the
 //! shared PostgreSQL database ([`PgStore`]). Cheap to clone (both are handles).
 //!
-//! Every call the service makes is delegated to the backend as it is. What only the redb store
-//! has (backups, key rotation, the webhook outbox, the app registry, the seen-id snapshot) is
+//! Every call the service makes is delegated to the backend as it is (backups and key rotation
+//! included: each backend has its own). What only the redb store has (the webhook outbox, the
+//! app registry, the seen-id snapshot) is
 //! refused on PostgreSQL with [`Error::Invalid`] naming the feature, never silently skipped;
 //! the daemon refuses to start with such a feature configured (`daemon::open_store`), so the
 //! refusals here are a second fence.
@@ -135,11 +136,11 @@ both! {
     fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
+    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
+    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
 }
 
 redb_only! {
-    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
-    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
     fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
     fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
@@ -239,12 +240,12 @@ impl Db {
         }
     }
 
-    /// Whether a key rotation is due. PostgreSQL serves with the active key and the previous
-    /// ones and does not rotate in this build: never due there (`rotate_keys` is refused).
+    /// Whether a key rotation is due: on redb, the key check is not under the active key; on
+    /// PostgreSQL, the key check or any sealed column is not.
     pub fn rotation_pending(&self) -> Result<bool> {
         match self {
             Self::Redb(s) => s.rotation_pending(),
-            Self::Postgres(_) => Ok(false),
+            Self::Postgres(p) => p.rotation_pending(),
         }
     }
 
