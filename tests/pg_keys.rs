@@ -473,3 +473,181 @@ fn a_backup_of_postgres_restores_to_redb_with_the_same_sessions_and_tokens() {
     assert_eq!(report.source, report.target);
     assert_eq!(report.target.sessions, 151);
 }
+
+/// Backups in `dir` (the scheduled ones' names).
+fn backups_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    lark_service::backup::rotation::list(dir).unwrap_or_default()
+}
+
+/// Three real instances of the binary on one database whose rows are under the old key: A holds
+/// the old key alone; B and C hold the new one (active) and the old one, and back up every
+/// minute. While A is live, the fleet's rotation waits (B's or C's `/workers` says why) and
+/// nothing is re-sealed; once A stopped, one instance rotates everything to the new key. Each
+/// scheduled backup is taken by one of B and C, and restores to a store with the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rotates_once_every_instance_holds_the_key_and_backs_up_on_one_instance() {
+    use common::fleet::{role, Instance};
+    use common::free_port;
+    use lark_service::sandbox::{Sandbox, SandboxOptions};
+    use std::time::{Duration, Instant};
+
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    fill(&url, 40, 30);
+    let watcher = open(&url, new_ring());
+    let before = sealed_by_key(&watcher);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let sandbox = Sandbox::start(SandboxOptions::default()).await.unwrap();
+    let (old_hex, new_hex) = (hex::encode(OLD), hex::encode(NEW));
+    let start = |extra: Vec<(&'static str, String)>| {
+        let (sandbox, url) = (&sandbox, url.clone());
+        async move {
+            let http_port = free_port();
+            let redirect = format!("http://127.0.0.1:{http_port}/oauth/callback");
+            let mut env: Vec<(&str, &str)> = vec![
+                ("WEBSOCKET_FALLBACK_TO_HTTP", "true"),
+                ("LARK_ENCRYPT_KEY", "pg-keys-encrypt-key"),
+            ];
+            env.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+            Instance::start(sandbox, &url, http_port, &redirect, &env).await
+        }
+    };
+    let a = start(vec![("LARK_TOKEN_ENCRYPTION_KEY", old_hex.clone())]).await;
+    // A's heartbeat is on record before the others start.
+    let t0 = Instant::now();
+    while watcher.live_instances(now(), 15_000).unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no heartbeat of A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (dir_b, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_new = |dir: &std::path::Path| {
+        vec![
+            ("LARK_TOKEN_ENCRYPTION_KEY", new_hex.clone()),
+            ("LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS", old_hex.clone()),
+            ("BACKUP_SCHEDULE", "* * * * *".to_owned()),
+            ("BACKUP_DIR", dir.display().to_string()),
+            (
+                "BACKUP_PASSPHRASE",
+                "the fleet's backup passphrase".to_owned(),
+            ),
+        ]
+    };
+    let b = start(with_new(dir_b.path())).await;
+    let c = start(with_new(dir_c.path())).await;
+
+    // The rotation waits for A, and says so on the instance running it.
+    let t0 = Instant::now();
+    loop {
+        let (_, wb) = b.get("/workers").await;
+        let (_, wc) = c.get("/workers").await;
+        let says = |w: &serde_json::Value| {
+            w["key_rotation"]["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (sb, sc) = (says(&wb), says(&wc));
+        if sb.contains("waiting") || sc.contains("waiting") {
+            let s = if sb.contains("waiting") { sb } else { sc };
+            assert!(s.contains("lacks the key"), "{s}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the rotation does not say it waits: {sb:?} {sc:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(sealed_by_key(&watcher), before, "re-sealed while A is live");
+    assert!(watcher.rotation_pending().unwrap());
+
+    // A leaves: one of B and C rotates everything.
+    a.stop();
+    let t0 = Instant::now();
+    while watcher.rotation_pending().unwrap() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(45),
+            "no rotation: {:?}",
+            watcher.key_status().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let st = watcher.key_status().unwrap();
+    assert_eq!(st.store_key, key_id(&NEW).to_string());
+    assert_eq!(
+        sealed_by_key(&watcher)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>(),
+        vec![key_id(&NEW).to_string()]
+    );
+    let after = open(&url, new_only());
+    assert!(after.get_token("cli_keys", "t7").unwrap().is_some());
+
+    // The next scheduled minute (one may have passed during the rotation): one backup, by one
+    // of B and C.
+    let earlier = backups_in(dir_b.path()).len() + backups_in(dir_c.path()).len();
+    let new_files = || {
+        let fresh = |d: &std::path::Path| -> Vec<std::path::PathBuf> {
+            backups_in(d)
+                .into_iter()
+                .filter(|p| {
+                    p.metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t > std::time::SystemTime::now() - Duration::from_secs(30))
+                })
+                .collect()
+        };
+        (fresh(dir_b.path()), fresh(dir_c.path()))
+    };
+    let t0 = Instant::now();
+    loop {
+        if backups_in(dir_b.path()).len() + backups_in(dir_c.path()).len() > earlier {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(75),
+            "no scheduled backup"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        backups_in(dir_b.path()).len() + backups_in(dir_c.path()).len(),
+        earlier + 1,
+        "two instances backed up the same scheduled time"
+    );
+    let (in_b, in_c) = new_files();
+    assert_eq!(in_b.len() + in_c.len(), 1, "{in_b:?} {in_c:?}");
+    let (_, wb) = b.get("/workers").await;
+    let (_, wc) = c.get("/workers").await;
+    let mut roles = [role(&wb, "backup"), role(&wc, "backup")];
+    roles.sort();
+    assert_eq!(
+        roles,
+        [Some("follower".to_owned()), Some("leader".to_owned())],
+        "{wb} {wc}"
+    );
+    let file = in_b.into_iter().chain(in_c).next().unwrap();
+    let restored = dir_b.path().join("restored.redb");
+    let prot = Protection::Passphrase(secret("the fleet's backup passphrase".into()));
+    restore_backup(
+        &file,
+        &prot,
+        &restored,
+        new_only(),
+        StoreOptions::default(),
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let redb = Store::open(&restored, new_only(), StoreOptions::default()).unwrap();
+    assert_eq!(redb.counts().unwrap().tokens, 30);
+    for i in 0..30 {
+        let user = format!("t{i}");
+        let t = redb.get_token("cli_keys", &user).unwrap().unwrap();
+        assert_eq!(t.access_token.expose_secret(), format!("acc-{user}-0"));
+    }
+    b.stop();
+    c.stop();
+}
