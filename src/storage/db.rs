@@ -194,7 +194,7 @@ impl Db {
         }
     }
 
-    /// The redb store for `feature`, refused on PostgreSQL (backups are the database's tools').
+    /// The redb store for `feature`, refused on PostgreSQL.
     pub fn redb_for(&self, feature: &str) -> Result<&Store> {
         self.as_redb().ok_or_else(|| not_on_postgres(feature))
     }

@@ -83,8 +83,11 @@ fn reseal(
     Ok(Some(ring.seal(&plain, &place)))
 }
 
-/// A re-sealed column, or the column as it was: `(bytes, key id)`.
-fn column(new: Option<Sealed>, old: Option<&Sealed>) -> (Option<Vec<u8>>, Option<i64>) {
+/// A sealed column's values: `(nonce || ct, key id)`, both `NULL` for no value.
+type Column = (Option<Vec<u8>>, Option<i64>);
+
+/// A re-sealed column, or the column as it was.
+fn column(new: Option<Sealed>, old: Option<&Sealed>) -> Column {
     match new.as_ref().or(old) {
         Some(s) => (Some(sealed_bytes(s)), Some(i64::from(s.key_id.0))),
         None => (None, None),
@@ -221,16 +224,19 @@ impl PgStore {
                 .await
                 .map_err(|e| pg_err(&e))?;
             let mut changes = Vec::with_capacity(rows.len());
-            let mut last = None;
+            let mut cols: [Vec<Column>; 3] = Default::default();
+            let mut ids = Vec::with_capacity(rows.len());
             for r in &rows {
                 let id: Vec<u8> = r.try_get(0).map_err(|e| pg_err(&e))?;
                 let row = id_from(SESSIONS_TABLE, &id)?.to_bytes();
-                let mut cols = Vec::with_capacity(3);
-                for (i, field) in [
+                for (n, (i, field)) in [
                     (1, "access_token"),
                     (3, "refresh_token"),
                     (5, "pkce_verifier"),
-                ] {
+                ]
+                .into_iter()
+                .enumerate()
+                {
                     let old = sealed_from(
                         SESSIONS_TABLE,
                         r.try_get(i).map_err(|e| pg_err(&e))?,
@@ -240,22 +246,25 @@ impl PgStore {
                         Some(s) => reseal(ring, SESSIONS_TABLE, &row, field, s)?,
                         None => None,
                     };
-                    cols.push(column(new, old.as_ref()));
+                    cols[n].push(column(new, old.as_ref()));
                 }
-                tx.execute(
-                    "UPDATE ls_sessions SET access_token = $2, access_token_key = $3,
-                        refresh_token = $4, refresh_token_key = $5,
-                        pkce_verifier = $6, pkce_verifier_key = $7
-                     WHERE id = $1",
-                    &[
-                        &id, &cols[0].0, &cols[0].1, &cols[1].0, &cols[1].1, &cols[2].0, &cols[2].1,
-                    ],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
                 changes.push((KIND_UPSERT, id.clone()));
-                last = Some(id);
+                ids.push(id);
             }
+            let [a, r, p] = cols.map(|c| c.into_iter().unzip::<_, _, Vec<_>, Vec<_>>());
+            // One statement for the batch.
+            tx.execute(
+                "UPDATE ls_sessions AS s SET access_token = u.a, access_token_key = u.ak,
+                    refresh_token = u.r, refresh_token_key = u.rk,
+                    pkce_verifier = u.p, pkce_verifier_key = u.pk
+                 FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bytea[], $5::bigint[],
+                             $6::bytea[], $7::bigint[]) AS u(id, a, ak, r, rk, p, pk)
+                 WHERE s.id = u.id",
+                &[&ids, &a.0, &a.1, &r.0, &r.1, &p.0, &p.1],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            let last = ids.last().cloned();
             // The sealed columns changed (new key ids): exporters re-export the rows.
             append_changes(&tx, feed, &changes).await?;
             tx.commit().await.map_err(|e| pg_err(&e))?;
@@ -291,13 +300,16 @@ impl PgStore {
                 )
                 .await
                 .map_err(|e| pg_err(&e))?;
-            let mut last = None;
+            let mut cols: [Vec<Column>; 2] = Default::default();
+            let (mut apps, mut users) = (Vec::with_capacity(rows.len()), Vec::new());
             for r in &rows {
                 let app: String = r.try_get(0).map_err(|e| pg_err(&e))?;
                 let user: String = r.try_get(1).map_err(|e| pg_err(&e))?;
                 let row = token_row(&app, &user);
-                let mut cols = Vec::with_capacity(2);
-                for (i, field) in [(2, "access_token"), (4, "refresh_token")] {
+                for (n, (i, field)) in [(2, "access_token"), (4, "refresh_token")]
+                    .into_iter()
+                    .enumerate()
+                {
                     let old = sealed_from(
                         TOKENS_TABLE,
                         r.try_get(i).map_err(|e| pg_err(&e))?,
@@ -307,18 +319,24 @@ impl PgStore {
                         Some(s) => reseal(ring, TOKENS_TABLE, &row, field, s)?,
                         None => None,
                     };
-                    cols.push(column(new, old.as_ref()));
+                    cols[n].push(column(new, old.as_ref()));
                 }
-                tx.execute(
-                    "UPDATE ls_tokens SET access_token = $3, access_token_key = $4,
-                        refresh_token = $5, refresh_token_key = $6
-                     WHERE app_id = $1 AND user_id = $2",
-                    &[&app, &user, &cols[0].0, &cols[0].1, &cols[1].0, &cols[1].1],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-                last = Some((app, user));
+                apps.push(app);
+                users.push(user);
             }
+            let [a, r] = cols.map(|c| c.into_iter().unzip::<_, _, Vec<_>, Vec<_>>());
+            // One statement for the batch.
+            tx.execute(
+                "UPDATE ls_tokens AS t SET access_token = u.a, access_token_key = u.ak,
+                    refresh_token = u.r, refresh_token_key = u.rk
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bigint[], $5::bytea[],
+                             $6::bigint[]) AS u(app_id, user_id, a, ak, r, rk)
+                 WHERE t.app_id = u.app_id AND t.user_id = u.user_id",
+                &[&apps, &users, &a.0, &a.1, &r.0, &r.1],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            let last = apps.last().cloned().zip(users.last().cloned());
             tx.commit().await.map_err(|e| pg_err(&e))?;
             Ok((last, rows.len() as u64))
         })?;
