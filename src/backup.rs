@@ -147,6 +147,36 @@ pub fn write_backup(
     prot: &Protection,
     progress: storage::Progress<'_>,
 ) -> Result<SnapshotHeader, BackupError> {
+    write_encrypted(out, prot, &mut |w| store.write_snapshot(w, progress))
+}
+
+/// [`write_backup`] of either backend: the redb file's snapshot, or the PostgreSQL database's
+/// in the same format (its scratch copy in a private directory beside `out`).
+pub fn write_backup_db(
+    store: &storage::Db,
+    out: &Path,
+    prot: &Protection,
+    progress: storage::Progress<'_>,
+) -> Result<SnapshotHeader, BackupError> {
+    match store {
+        storage::Db::Redb(s) => write_backup(s, out, prot, progress),
+        storage::Db::Postgres(p) => {
+            let dir = out
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            write_encrypted(out, prot, &mut |w| p.write_snapshot_in(dir, w, progress))
+        }
+    }
+}
+
+type Snapshot<'a> = dyn FnMut(&mut dyn Write) -> storage::Result<SnapshotHeader> + 'a;
+
+fn write_encrypted(
+    out: &Path,
+    prot: &Protection,
+    snapshot: &mut Snapshot<'_>,
+) -> Result<SnapshotHeader, BackupError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(".partial");
@@ -163,7 +193,7 @@ pub fn write_backup(
             .encryptor()?
             .wrap_output(std::io::BufWriter::new(file))
             .map_err(ioe(&tmp))?;
-        let header = store.write_snapshot(&mut w, progress)?;
+        let header = snapshot(&mut w)?;
         let buf = w.finish().map_err(ioe(&tmp))?;
         let file = buf.into_inner().map_err(|e| ioe(&tmp)(e.into_error()))?;
         file.sync_all().map_err(ioe(&tmp))?;

@@ -883,9 +883,7 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
             let _ = writeln!(
                 out,
                 "rotation pending:   {}",
-                if st.rotation_pending && store.is_postgres() {
-                    "yes (keys are not rotated on PostgreSQL in this build: keep the older keys in LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS)"
-                } else if st.rotation_pending {
+                if st.rotation_pending {
                     "yes (run `lark-service keys rotate`)"
                 } else {
                     "no"
@@ -894,12 +892,8 @@ fn keys(opts: &LoadOptions, cmd: KeysCmd) -> Result<(), CliError> {
         }
         KeysCmd::Rotate { batch } => {
             let cfg = Config::load(opts)?;
-            refuse_on_postgres(
-                &cfg,
-                "keys rotate",
-                "keys are not rotated on PostgreSQL in this build; the service opens what is sealed under the active key and LARK_TOKEN_ENCRYPTION_PREVIOUS_KEYS, so keep the older keys there (`keys status` shows which key ids are in use)",
-            )?;
-            let store = open_store(&cfg)?;
+            // On PostgreSQL, online: refused while a live instance lacks the active key.
+            let store = open_db(&cfg)?;
             let started = Instant::now();
             let mut last = Instant::now();
             let report = store.rotate_keys(batch, &mut |done, total| {
@@ -1037,14 +1031,11 @@ fn backup_protection(
 
 fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
     let cfg = Config::load(opts)?;
-    refuse_on_postgres(
-        &cfg,
-        "backup",
-        "back the database up with its own tools, e.g. `pg_dump --format=custom --table='ls_*' --table=lark_service_schema --file=lark-service.dump DBNAME` (the tokens in it stay sealed: keep the token key apart from the dump)",
-    )?;
     let prot = backup_protection(&cfg, &args.recipients, args.passphrase_file.as_deref())?;
     let started = Instant::now();
-    let store = match open_store(&cfg) {
+    // On PostgreSQL, a snapshot of the database in the same format (online; `pg_dump` stays
+    // the database-level backup).
+    let store = match open_db(&cfg) {
         Ok(s) => s,
         Err(CliError::Store(storage::Error::Locked { pid, .. })) => {
             return backup_through_service(&cfg, args, pid);
@@ -1052,8 +1043,7 @@ fn backup(opts: &LoadOptions, args: &BackupArgs) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let mut progress = crate::backup::progress_line("backup");
-    let h =
-        crate::backup::write_backup(store.redb_for("backups")?, &args.out, &prot, &mut progress)?;
+    let h = crate::backup::write_backup_db(&store, &args.out, &prot, &mut progress)?;
     println!(
         "wrote {} in {:.1}s: {} records, {} sessions, {} tokens (schema {}, token key {}), {} bytes",
         args.out.display(),

@@ -2,8 +2,8 @@
 //! throw-away PostgreSQL: everything arrives (sessions with their OAuth binding, tokens, users,
 //! seen ids), still sealed and readable with the same key; counts printed and verified; a live
 //! store, a live fleet and a non-empty target are refused. Also the store commands with
-//! `storage.backend = "postgres"`: `sessions` and `keys status` read the database, `backup`,
-//! `restore`, `keys rotate` and the redb-only commands refuse with exit 64 and say what to do.
+//! `storage.backend = "postgres"`: `sessions`, `keys` and `backup` work on the database,
+//! `restore` and the redb-only commands refuse with exit 64 and say what to do.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
@@ -612,9 +612,9 @@ fn migrate_into_a_database_a_fleet_serves_from_is_refused() {
 // ---------------------------------------------------------------------------------------------
 // The store commands with storage.backend = "postgres".
 
-/// `sessions list/show` and `keys status` read the PostgreSQL store (never a local file);
-/// `backup`, `restore`, `keys rotate` and the commands that only work on a redb file refuse
-/// with exit 64 and say what to do instead. No local store file is ever created.
+/// `sessions list/show`, `keys status`, `keys rotate` and `backup` work on the PostgreSQL store
+/// (never a local file); `restore` and the commands that only work on a redb file refuse with
+/// exit 64 and say what to do instead. No local store file is ever created.
 #[test]
 fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
     let pg = Pg::start();
@@ -710,16 +710,11 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
     let pass = pass.display().to_string();
     let backup = dir.path().join("b.age").display().to_string();
-    let refusals: [(&[&str], &str); 4] = [
-        (
-            &["backup", "--out", &backup, "--passphrase-file", &pass],
-            "pg_dump",
-        ),
+    let refusals: [(&[&str], &str); 2] = [
         (
             &["restore", "--from", &backup, "--passphrase-file", &pass],
             "pg_restore",
         ),
-        (&["keys", "rotate"], "not rotated on PostgreSQL"),
         (
             &[
                 "export",
@@ -737,6 +732,27 @@ fn store_commands_on_postgres_read_the_database_or_refuse_with_what_to_do() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
     assert!(!Path::new(&backup).exists(), "a backup file was written");
+    // `backup` and `keys rotate` work on the database (`tests/pg_keys.rs` checks what they
+    // write): a backup file, a rotation with nothing to re-seal.
+    let out = run(
+        dir.path(),
+        &env,
+        &["backup", "--out", &backup, "--passphrase-file", &pass],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("3 sessions, 1 tokens"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(Path::new(&backup).exists(), "no backup file");
+    let out = run(dir.path(), &env, &["keys", "rotate"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("0 re-sealed"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(
         !local.exists() && !dir.path().join("data").exists(),
         "a local store was created beside PostgreSQL"

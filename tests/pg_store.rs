@@ -466,8 +466,8 @@ fn the_service_refuses_to_start_on_a_postgres_store_it_cannot_reach() {
 }
 
 /// What the PostgreSQL store does not serve yet is refused at start, each setting named, not
-/// silently skipped: scheduled backups and the device flow; webhooks and the expiry reminders
-/// (on by default) are served and not named.
+/// silently skipped: the device flow. Webhooks, the expiry reminders (on by default) and
+/// scheduled backups are served and not named.
 #[test]
 fn the_service_refuses_redb_only_features_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
@@ -485,11 +485,16 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    for setting in ["backup.schedule", "auth.flow = device"] {
+    for setting in ["auth.flow = device"] {
         assert!(err.contains(setting), "{setting} not named: {err}");
     }
-    // Webhooks and the expiry reminders are served on PostgreSQL (issue 19): not refused.
-    for setting in ["webhooks.urls", "webhooks.expiry_reminder_lead_seconds"] {
+    // Webhooks, the expiry reminders and scheduled backups are served on PostgreSQL (issue
+    // 19): not refused.
+    for setting in [
+        "webhooks.urls",
+        "webhooks.expiry_reminder_lead_seconds",
+        "backup.schedule",
+    ] {
         assert!(!err.contains(setting), "{setting} refused: {err}");
     }
     assert!(
@@ -907,6 +912,14 @@ fn a_schema_1_database_is_migrated_in_place() {
              ('ls_instances', 'ls_rate_counts', 'ls_outbox', 'ls_outbox_dead', 'ls_grants')"
         ),
         [[Some("5".to_owned())]]
+    );
+    assert_eq!(
+        sql(
+            &url,
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name = 'ls_instances' AND column_name IN ('key_ids', 'active_key')"
+        ),
+        [[Some("2".to_owned())]]
     );
     let got = store.get_session(sess.session_id).unwrap().unwrap();
     assert_eq!(got.user_id, sess.user_id);

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::error::DaemonError;
 use crate::config::Config;
 use crate::http::fleet::FleetHealth;
-use crate::storage::postgres::{InstanceRow, PgOptions, PgStore};
+use crate::storage::postgres::{InstanceRow, PgOptions, PgStore, RotationCursor, RotationStep};
 use crate::storage::{Db, Error};
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
@@ -19,12 +19,6 @@ use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 #[must_use]
 pub fn redb_only_features(cfg: &Config) -> Vec<&'static str> {
     let mut off = Vec::new();
-    if cfg.backup.schedule.is_some() {
-        off.push(
-            "backup.schedule (BACKUP_SCHEDULE): back the database up with PostgreSQL's own tools \
-             (pg_dump, base backups) and unset it",
-        );
-    }
     if cfg.device_flow() {
         off.push(
             "auth.flow = device (AUTH_FLOW, or auto without a public URL): device codes are kept \
@@ -63,7 +57,7 @@ pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, Daemo
         .map_err(|e| Error::Join(e.to_string()))??;
     info!(
         key = %store.active_key_id(),
-        "Serving from PostgreSQL (storage.backend = \"postgres\"); backups, the app registry and key rotation are redb only."
+        "Serving from PostgreSQL (storage.backend = \"postgres\"); the app registry and the device flow are redb only."
     );
     Ok(store.into())
 }
@@ -423,5 +417,87 @@ impl<W: Worker> Worker for WithRole<W> {
 
     async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
         self.inner.work(must_exit).await
+    }
+}
+
+/// Online key rotation of the PostgreSQL store, run by one instance of the fleet (under
+/// [`Leased`], lease `worker/key_rotation`). Each unit re-seals at most
+/// [`KeyRotation::UNIT_BATCHES`] batches (each one short transaction), so the lease is renewed
+/// between units and another instance continues (from the rows themselves) if this one dies.
+/// While a live instance lacks the active key, the rotation waits (`/workers` says why).
+pub struct KeyRotation {
+    store: PgStore,
+    cursor: Option<RotationCursor>,
+    waiting: Option<String>,
+}
+
+impl KeyRotation {
+    /// How often followers look at the lease, and the pause after a refusal.
+    pub const EVERY: Duration = Duration::from_secs(5);
+    /// Rows per transaction.
+    pub const BATCH: usize = 500;
+    /// Batches per unit.
+    pub const UNIT_BATCHES: usize = 20;
+
+    /// The rotation of `store` to its active key.
+    #[must_use]
+    pub fn new(store: PgStore) -> Self {
+        Self {
+            store,
+            cursor: Some(RotationCursor::default()),
+            waiting: None,
+        }
+    }
+}
+
+impl Worker for KeyRotation {
+    fn name(&self) -> &'static str {
+        "key_rotation"
+    }
+
+    fn status(&self) -> Option<String> {
+        match (&self.waiting, &self.cursor) {
+            (Some(w), _) => Some(format!("waiting: {w}")),
+            (None, Some(c)) => Some(format!("resealed={}", c.report.resealed)),
+            (None, None) => None,
+        }
+    }
+
+    async fn work(&mut self, _must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
+        let store = self.store.clone();
+        let mut cur = self.cursor.take().unwrap_or_default();
+        let (cur, step) = tokio::task::spawn_blocking(move || {
+            let mut step = Ok(RotationStep::More);
+            for _ in 0..Self::UNIT_BATCHES {
+                step = store.rotation_batch(&mut cur, Self::BATCH);
+                if !matches!(step, Ok(RotationStep::More)) {
+                    break;
+                }
+            }
+            (cur, step)
+        })
+        .await
+        .map_err(|e| Error::Join(e.to_string()))?;
+        let resealed = cur.report.resealed;
+        self.cursor = Some(cur);
+        match step {
+            Ok(RotationStep::More) => {
+                self.waiting = None;
+                info!(resealed, "Key rotation in progress.");
+                Ok(WorkerState::Busy)
+            }
+            Ok(RotationStep::Done) => {
+                self.waiting = None;
+                info!(resealed, key = %self.store.active_key_id(), "Key rotation complete; previous keys are no longer needed.");
+                Ok(WorkerState::Done)
+            }
+            // Refused (an instance lacks the key): wait for the fleet, fail closed.
+            Err(Error::Invalid(why)) => {
+                warn!(reason = %why, "Key rotation waits.");
+                self.waiting = Some(why);
+                Ok(WorkerState::Throttled(Self::EVERY))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }

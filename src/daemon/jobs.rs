@@ -257,6 +257,8 @@ pub struct BackupWorker {
     schedule: crate::schedule::Schedule,
     dir: std::path::PathBuf,
     clock: SharedClock,
+    /// In a fleet: asked at each scheduled time whether this instance takes that backup.
+    gate: Option<crate::auth::SyncGate>,
 }
 
 impl BackupWorker {
@@ -277,7 +279,16 @@ impl BackupWorker {
             schedule,
             dir,
             clock,
+            gate: None,
         })
+    }
+
+    /// Asks `gate` at each scheduled time whether this instance takes that backup (a fleet on
+    /// PostgreSQL: one instance per time, `daemon::fleet::scheduled_gate`); the others skip it.
+    #[must_use]
+    pub fn with_gate(mut self, gate: crate::auth::SyncGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// How long until the next scheduled backup.
@@ -310,9 +321,19 @@ impl Worker for BackupWorker {
 
     async fn work(&mut self, must_exit: &CancellationToken) -> Result<WorkerState, BoxError> {
         let wait = self.until_next()?;
+        let fire = self
+            .clock
+            .now_ms()
+            .saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         tokio::select! {
             () = must_exit.cancelled() => return Ok(WorkerState::Done),
             () = tokio::time::sleep(wait) => {}
+        }
+        if let Some(gate) = &self.gate {
+            if !gate(fire).await {
+                // Another instance takes this one (or none could be told: skipped, fail closed).
+                return Ok(WorkerState::Busy);
+            }
         }
         let prot = self.protection()?;
         let (store, dir, keep) = (self.store.clone(), self.dir.clone(), self.cfg.keep);

@@ -297,7 +297,7 @@ async fn serve_until(
     };
     let http_addr = local_addr(&listeners.http, "HTTP")?;
     let admin_addr = local_addr(&listeners.admin, "admin")?;
-    start_rotation(sup, &store).await?;
+    start_rotation(sup, &store, &app).await?;
     start_webhooks(cfg, sup, &store, &app)?;
     let switch = runtimes::AppSwitch::default();
     let conn = start_workers(cfg, sup, &store, &app, &switch, backup, reloads);
@@ -557,10 +557,31 @@ fn start_heartbeat(sup: &Supervisor, store: &Db, app: &App) {
     }
 }
 
+/// The scheduled backups: alone (redb), each time; in a fleet, each scheduled time on the one
+/// instance that takes the lease `worker/backup` (`fleet::scheduled_gate`), `/workers` showing
+/// `leader` or `follower`.
+fn start_backups(sup: &Supervisor, store: &Db, app: &App, w: jobs::BackupWorker) {
+    match &app.fleet_holder {
+        Some(h) => {
+            let role = fleet::GateRole::default();
+            let gate = fleet::scheduled_gate(store.clone(), h, "backup", sup.clock(), role.clone());
+            sup.start(fleet::WithRole::new(w.with_gate(gate), role));
+        }
+        None => sup.start(w),
+    }
+}
+
 /// Re-seals the store under the active key in the background, when records are sealed under
-/// older keys.
-async fn start_rotation(sup: &Supervisor, store: &Db) -> Result<(), DaemonError> {
+/// older keys. On PostgreSQL, one instance of the fleet does it, under the lease
+/// `worker/key_rotation` (`fleet::KeyRotation`), once every live instance holds the key.
+async fn start_rotation(sup: &Supervisor, store: &Db, app: &App) -> Result<(), DaemonError> {
     if !store.run(crate::storage::Db::rotation_pending).await? {
+        return Ok(());
+    }
+    if let (Db::Postgres(pg), true) = (store, app.fleet_holder.is_some()) {
+        info!(key = %pg.active_key_id(), "Records are sealed under older keys: one instance of the fleet rotates them to the active key.");
+        let every = fleet::KeyRotation::EVERY;
+        start_singleton(sup, store, app, fleet::KeyRotation::new(pg.clone()), every);
         return Ok(());
     }
     let s = store.clone();
@@ -740,7 +761,7 @@ fn start_workers(
         sup.start(w);
     }
     if let Some(w) = backup {
-        sup.start(w);
+        start_backups(sup, store, app, w);
     }
     if let Some(w) = jobs::WatchdogWorker::new() {
         sup.start(w);

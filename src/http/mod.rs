@@ -238,7 +238,7 @@ pub fn take_backup_now(
         source,
     })?;
     let path = crate::backup::rotation::unused_name(dir, now_ms());
-    let h = crate::backup::write_backup(store.redb_for("backups")?, &path, prot, &mut |_, _| {})?;
+    let h = crate::backup::write_backup_db(store, &path, prot, &mut |_, _| {})?;
     let pruned = crate::backup::rotation::prune(dir, keep).map_err(|source| {
         crate::backup::BackupError::Io {
             path: dir.to_owned(),

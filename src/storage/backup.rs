@@ -237,6 +237,17 @@ impl Store {
         out: &mut dyn Write,
         progress: Progress<'_>,
     ) -> Result<SnapshotHeader> {
+        self.write_snapshot_sealed_by(out, progress, &self.inner.ring)
+    }
+
+    /// [`Store::write_snapshot`] with the MAC sealed under `mac`'s active key: the PostgreSQL
+    /// backup writes its scratch copy this way, with the database's keys.
+    pub(crate) fn write_snapshot_sealed_by(
+        &self,
+        out: &mut dyn Write,
+        progress: Progress<'_>,
+        mac: &Keyring,
+    ) -> Result<SnapshotHeader> {
         let txn = self.begin_read()?;
         let mut counts = BTreeMap::new();
         for_each_table!(count_table, self, &txn, &mut counts);
@@ -272,7 +283,7 @@ impl Store {
         let digest = d.w.hash.clone().finalize();
         d.w.inner.write_all(&digest).map_err(wio)?;
         let mac = bincode::serde::encode_to_vec(
-            self.inner.ring.seal(&digest, &MAC_PLACE),
+            mac.seal(&digest, &MAC_PLACE),
             bincode::config::standard(),
         )
         .map_err(|e| Error::Invalid(format!("encoding the backup MAC: {e}")))?;

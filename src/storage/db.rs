@@ -1,9 +1,9 @@
 //! [`Db`]: the store the service holds, either the embedded redb file ([`Store`]) or the
 //! shared PostgreSQL database ([`PgStore`]). Cheap to clone (both are handles).
 //!
-//! Every call the service makes is delegated to the backend as it is (the webhook outbox and
-//! the grants too). What only the redb store has (backups, key rotation, the app registry, the
-//! seen-id snapshot) is
+//! Every call the service makes is delegated to the backend as it is (the webhook outbox, the
+//! grants, backups and key rotation too: each backend has its own). What only the redb store
+//! has (the app registry, the seen-id snapshot) is
 //! refused on PostgreSQL with [`Error::Invalid`] naming the feature, never silently skipped;
 //! the daemon refuses to start with such a feature configured (`daemon::open_store`), so the
 //! refusals here are a second fence.
@@ -136,6 +136,8 @@ both! {
     fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
+    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
+    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
     fn outbox_pending(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
     fn outbox_dead(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
@@ -152,8 +154,6 @@ both! {
 }
 
 redb_only! {
-    fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
-    fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
     fn remove_app(&self, app_id: &str) -> Result<bool>;
     fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
@@ -187,7 +187,7 @@ impl Db {
         }
     }
 
-    /// The redb store for `feature`, refused on PostgreSQL (backups are the database's tools').
+    /// The redb store for `feature`, refused on PostgreSQL.
     pub fn redb_for(&self, feature: &str) -> Result<&Store> {
         self.as_redb().ok_or_else(|| not_on_postgres(feature))
     }
@@ -233,12 +233,12 @@ impl Db {
         }
     }
 
-    /// Whether a key rotation is due. PostgreSQL serves with the active key and the previous
-    /// ones and does not rotate in this build: never due there (`rotate_keys` is refused).
+    /// Whether a key rotation is due: on redb, the key check is not under the active key; on
+    /// PostgreSQL, the key check or any sealed column is not.
     pub fn rotation_pending(&self) -> Result<bool> {
         match self {
             Self::Redb(s) => s.rotation_pending(),
-            Self::Postgres(_) => Ok(false),
+            Self::Postgres(p) => p.rotation_pending(),
         }
     }
 

@@ -148,6 +148,18 @@ impl Store {
         Ok(report)
     }
 
+    /// Replaces the key check with `sealed`: a copy of another store's key check, made by the
+    /// same keys (the PostgreSQL backup's scratch store takes the database's).
+    pub(crate) fn put_key_check(&self, sealed: &Sealed) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            meta.insert(KEY_CHECK, super::records::encode(1, sealed).as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        self.commit(txn)
+    }
+
     pub(super) fn reseal(
         &self,
         table: &'static str,

@@ -76,8 +76,8 @@ impl PgStore {
 
     /// Which key ids seal what (as `Store::key_status`): the sealed columns of sessions and
     /// tokens counted per key id, read from the key id columns without opening anything. No
-    /// app registry here. Keys are not rotated on PostgreSQL in this build, so a pending
-    /// rotation only says that older keys are still needed.
+    /// app registry here. A rotation is pending while the key check or any sealed column is not
+    /// under the active key (`keys::PgStore::rotate_keys`).
     pub fn key_status(&self) -> Result<KeyStatus> {
         let rows = self.with(async |c| {
             c.query(

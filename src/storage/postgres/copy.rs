@@ -172,7 +172,7 @@ fn same_secrets(
 
 /// How recent a heartbeat keeps an instance live: three of its 5 s intervals
 /// (`daemon::fleet::HEARTBEAT_EVERY`, `LIVE_INTERVALS`).
-const HEARTBEAT_LIVE_MS: u64 = 15_000;
+pub(crate) const HEARTBEAT_LIVE_MS: u64 = 15_000;
 
 impl PgStore {
     /// The instances serving from this database, by holder name: those whose heartbeat is
@@ -346,102 +346,12 @@ impl PgStore {
         .map_err(|e| pg_err(&e))?;
         // Counted in the snapshot that is copied.
         let source = block_on(row_counts(&tx))?;
-        let rows = Pages::new(&tx, &format!("SELECT {SESSION_COLUMNS} FROM ls_sessions"))?
-            .map(|r| r.and_then(|row| stored_session(&row)));
-        pump(
-            "sessions",
-            rows,
-            &mut |b| write_redb_sessions(dst, &b),
-            progress,
-        )?;
-        let rows = Pages::new(&tx, &format!("SELECT {TOKEN_COLUMNS} FROM ls_tokens"))?.map(|r| {
-            r.and_then(|row| {
-                let app: String = row.try_get("app_id").map_err(|e| pg_err(&e))?;
-                let usr: String = row.try_get("user_id").map_err(|e| pg_err(&e))?;
-                Ok((app, usr, stored_token(&row)?))
-            })
-        });
-        pump(
-            "tokens",
-            rows,
-            &mut |b| write_redb_tokens(dst, &b),
-            progress,
-        )?;
-        let rows = Pages::new(
-            &tx,
-            "SELECT app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at \
-             FROM ls_users",
-        )?
-        .map(|r| r.and_then(|row| user(&row)));
-        pump("users", rows, &mut |b| write_redb_users(dst, &b), progress)?;
-        let rows = Pages::new(&tx, "SELECT id, forget_at FROM ls_seen_events")?.map(|r| {
-            r.and_then(|row| {
-                let id: String = row.try_get(0).map_err(|e| pg_err(&e))?;
-                let at: i64 = row.try_get(1).map_err(|e| pg_err(&e))?;
-                Ok((id, api_time(at, "seen_events")?))
-            })
-        });
-        pump(
-            "seen events",
-            rows,
-            &mut |b| write_redb_events(dst, &b),
-            progress,
-        )?;
-        let rows = Pages::new(
-            &tx,
-            "SELECT app_id, user_id, granted_at, reminded_at FROM ls_grants",
-        )?
-        .map(|r| {
-            r.and_then(|row| {
-                let e = |e: tokio_postgres::Error| pg_err(&e);
-                Ok((
-                    row.try_get(0).map_err(e)?,
-                    row.try_get(1).map_err(e)?,
-                    api_time(row.try_get(2).map_err(e)?, "grants")?,
-                    api_time(row.try_get(3).map_err(e)?, "grants")?,
-                ))
-            })
-        });
-        pump(
-            "grants",
-            rows,
-            &mut |b| write_redb_grants(dst, &b),
-            progress,
-        )?;
-        for (dead, table, what) in [
-            (false, "ls_outbox", "webhook events"),
-            (true, "ls_outbox_dead", "dead webhook events"),
-        ] {
-            let rows = Pages::new(
-                &tx,
-                &format!("SELECT {} FROM {table}", super::outbox::ENTRY_COLUMNS),
-            )?
-            .map(|r| r.and_then(|row| super::outbox::entry(&row)));
-            pump(
-                what,
-                rows,
-                &mut |b| write_redb_outbox(dst, dead, &b),
-                progress,
-            )?;
-        }
-        let source_outbox = block_on(outbox_counts_in(&tx))?;
-        let last_seq: i64 = block_on(tx.query_one(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ls_outbox_seq",
-            &[],
-        ))
-        .and_then(|r| r.try_get(0))
-        .map_err(|e| pg_err(&e))?;
-        set_redb_outbox_seq(dst, api_time(last_seq, "outbox")?)?;
+        copy_snapshot(&tx, dst, progress)?;
         block_on(tx.commit()).map_err(|e| pg_err(&e))?;
         drop(conn);
         let target = dst.counts()?;
         check_counts(&source, &target, "PostgreSQL", "redb")?;
-        check_outbox(
-            &source_outbox,
-            &redb_outbox_counts(dst)?,
-            "PostgreSQL",
-            "redb",
-        )?;
+        // (copy_snapshot compared the grants and the webhook outbox.)
         check_states(
             &self.count_sessions_by_state()?,
             &dst.count_sessions_by_state()?,
@@ -672,7 +582,110 @@ fn set_redb_outbox_seq(dst: &Store, last: u64) -> Result<()> {
     dst.commit(txn)
 }
 
-fn check_counts(source: &StoreCounts, target: &StoreCounts, from: &str, to: &str) -> Result<()> {
+/// Copies every session, token, user, seen event id, grant and webhook outbox entry (live and
+/// dead, and the outbox sequence) that `tx` (a snapshot) sees into `dst`
+/// as they are stored (sealed values never opened), in batches of [`BATCH`] rows: the copy
+/// back to redb and the PostgreSQL backup (`backup`).
+pub(crate) fn copy_snapshot(
+    tx: &Transaction<'_>,
+    dst: &Store,
+    progress: &mut dyn FnMut(&'static str, u64),
+) -> Result<()> {
+    let rows = Pages::new(tx, &format!("SELECT {SESSION_COLUMNS} FROM ls_sessions"))?
+        .map(|r| r.and_then(|row| stored_session(&row)));
+    pump(
+        "sessions",
+        rows,
+        &mut |b| write_redb_sessions(dst, &b),
+        progress,
+    )?;
+    let rows = Pages::new(tx, &format!("SELECT {TOKEN_COLUMNS} FROM ls_tokens"))?.map(|r| {
+        r.and_then(|row| {
+            let app: String = row.try_get("app_id").map_err(|e| pg_err(&e))?;
+            let usr: String = row.try_get("user_id").map_err(|e| pg_err(&e))?;
+            Ok((app, usr, stored_token(&row)?))
+        })
+    });
+    pump(
+        "tokens",
+        rows,
+        &mut |b| write_redb_tokens(dst, &b),
+        progress,
+    )?;
+    let rows = Pages::new(
+        tx,
+        "SELECT app_id, open_id, user_id, union_id, name, email, avatar_url, updated_at \
+             FROM ls_users",
+    )?
+    .map(|r| r.and_then(|row| user(&row)));
+    pump("users", rows, &mut |b| write_redb_users(dst, &b), progress)?;
+    let rows = Pages::new(tx, "SELECT id, forget_at FROM ls_seen_events")?.map(|r| {
+        r.and_then(|row| {
+            let id: String = row.try_get(0).map_err(|e| pg_err(&e))?;
+            let at: i64 = row.try_get(1).map_err(|e| pg_err(&e))?;
+            Ok((id, api_time(at, "seen_events")?))
+        })
+    });
+    pump(
+        "seen events",
+        rows,
+        &mut |b| write_redb_events(dst, &b),
+        progress,
+    )?;
+    let rows = Pages::new(
+        tx,
+        "SELECT app_id, user_id, granted_at, reminded_at FROM ls_grants",
+    )?
+    .map(|r| {
+        r.and_then(|row| {
+            let e = |e: tokio_postgres::Error| pg_err(&e);
+            Ok((
+                row.try_get(0).map_err(e)?,
+                row.try_get(1).map_err(e)?,
+                api_time(row.try_get(2).map_err(e)?, "grants")?,
+                api_time(row.try_get(3).map_err(e)?, "grants")?,
+            ))
+        })
+    });
+    pump(
+        "grants",
+        rows,
+        &mut |b| write_redb_grants(dst, &b),
+        progress,
+    )?;
+    for (dead, table, what) in [
+        (false, "ls_outbox", "webhook events"),
+        (true, "ls_outbox_dead", "dead webhook events"),
+    ] {
+        let rows = Pages::new(
+            tx,
+            &format!("SELECT {} FROM {table}", super::outbox::ENTRY_COLUMNS),
+        )?
+        .map(|r| r.and_then(|row| super::outbox::entry(&row)));
+        pump(
+            what,
+            rows,
+            &mut |b| write_redb_outbox(dst, dead, &b),
+            progress,
+        )?;
+    }
+    let source_outbox = block_on(outbox_counts_in(tx))?;
+    let last_seq: i64 = block_on(tx.query_one(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM ls_outbox_seq",
+        &[],
+    ))
+    .and_then(|r| r.try_get(0))
+    .map_err(|e| pg_err(&e))?;
+    set_redb_outbox_seq(dst, api_time(last_seq, "outbox")?)?;
+    check_outbox(&source_outbox, &redb_outbox_counts(dst)?, "PostgreSQL", "redb")
+}
+
+pub(crate) fn check_counts(
+    source: &StoreCounts,
+    target: &StoreCounts,
+    from: &str,
+    to: &str,
+) -> Result<()> {
     if source == target {
         Ok(())
     } else {

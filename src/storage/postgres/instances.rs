@@ -40,6 +40,10 @@ impl PgStore {
         let now = me.last_seen;
         let live_since = db_time(now.saturating_sub(live_within_ms));
         let forget_before = db_time(now.saturating_sub(FORGET_AFTER_MS));
+        // The keys this instance holds (schema 7), so a rotation can tell whether every live
+        // instance opens what it seals.
+        let key_ids: Vec<i64> = self.ring().ids().iter().map(|k| i64::from(k.0)).collect();
+        let active = i64::from(self.active_key_id().0);
         self.with(async |c| {
             // The main query reads the snapshot from before the CTEs' writes: it counts the
             // other live instances, and this one is added.
@@ -47,10 +51,12 @@ impl PgStore {
                 .query_one(
                     "WITH up AS (
                         INSERT INTO ls_instances AS i
-                            (holder, host, pid, version, started_at, last_seen)
-                        VALUES ($1, $2, $3, $4, $5, $6)
+                            (holder, host, pid, version, started_at, last_seen, key_ids,
+                             active_key)
+                        VALUES ($1, $2, $3, $4, $5, $6, $9, $10)
                         ON CONFLICT (holder) DO UPDATE SET last_seen = EXCLUDED.last_seen,
-                            host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version
+                            host = EXCLUDED.host, pid = EXCLUDED.pid, version = EXCLUDED.version,
+                            key_ids = EXCLUDED.key_ids, active_key = EXCLUDED.active_key
                         RETURNING 1),
                      gone AS (
                         DELETE FROM ls_instances WHERE last_seen < $8 AND holder <> $1
@@ -68,6 +74,8 @@ impl PgStore {
                         &db_time(now),
                         &live_since,
                         &forget_before,
+                        &key_ids,
+                        &active,
                     ],
                 )
                 .await
@@ -116,6 +124,45 @@ impl PgStore {
                 .await
                 .map_err(|e| pg_err(&e))?;
             Ok(n == 1)
+        })
+    }
+
+    /// The live instances (seen within `live_within_ms` of `now`) that would not serve what is
+    /// sealed under `key`: those whose heartbeat does not list it among their keys, or whose
+    /// active key is another (they would keep sealing new secrets under that one), or that say
+    /// nothing (an older build). Each as `holder (why)`; empty when every live instance is
+    /// ready for `key`.
+    pub fn instances_not_ready_for(
+        &self,
+        key: crate::storage::KeyId,
+        now: u64,
+        live_within_ms: u64,
+    ) -> Result<Vec<String>> {
+        let since = db_time(now.saturating_sub(live_within_ms));
+        let key = i64::from(key.0);
+        self.with(async |c| {
+            let rows = c
+                .query(
+                    "SELECT holder, CASE
+                         WHEN key_ids IS NULL THEN 'its build does not report its keys'
+                         WHEN NOT ($2 = ANY (key_ids)) THEN 'lacks the key'
+                         ELSE 'seals under another active key' END
+                     FROM ls_instances
+                     WHERE last_seen >= $1
+                       AND (key_ids IS NULL OR NOT ($2 = ANY (key_ids))
+                            OR active_key IS DISTINCT FROM $2)
+                     ORDER BY holder",
+                    &[&since, &key],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            rows.iter()
+                .map(|r| {
+                    let holder: String = r.try_get(0).map_err(|e| pg_err(&e))?;
+                    let why: String = r.try_get(1).map_err(|e| pg_err(&e))?;
+                    Ok(format!("{holder} ({why})"))
+                })
+                .collect()
         })
     }
 }

@@ -27,11 +27,13 @@
 //! in any context.
 
 mod admin;
+mod backup;
 mod claims;
 mod copy;
 mod feed;
 mod fleet;
 mod instances;
+mod keys;
 mod outbox;
 mod ratelimit;
 mod rows;
@@ -55,6 +57,7 @@ use crate::net::Net;
 pub use claims::ClaimReply;
 pub use copy::CopyReport;
 pub use instances::{InstanceRow, FORGET_AFTER_MS};
+pub use keys::{RotationCursor, RotationStep};
 pub use schema::SCHEMA_VERSION;
 
 /// Tunables of the PostgreSQL store.

@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 7;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -213,6 +213,15 @@ INSERT INTO ls_grants (app_id, user_id, granted_at, reminded_at)
     FROM ls_tokens AS t LEFT JOIN ls_sessions AS s ON s.id = t.session_id;
 ";
 
+/// Schema version 7 (additive): the key ids each instance holds, written by its heartbeat, so
+/// a key rotation can refuse while a live instance could not open what it seals
+/// (`keys::PgStore::rotate_keys`). `NULL`: an instance of an older build (it says nothing, so
+/// a rotation refuses).
+const V7: &str = r"
+ALTER TABLE ls_instances ADD COLUMN key_ids bigint[];
+ALTER TABLE ls_instances ADD COLUMN active_key bigint;
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
@@ -230,6 +239,7 @@ fn steps() -> Vec<(i32, String)> {
         (2, V2.to_owned()),
         (3, V3.to_owned()),
         (4, V4.to_owned()),
+        (7, V7.to_owned()),
     ]
 }
 
