@@ -74,7 +74,7 @@ pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, Daemo
         .map_err(|e| Error::Join(e.to_string()))??;
     info!(
         key = %store.active_key_id(),
-        "Serving from PostgreSQL (storage.backend = \"postgres\"); backups, webhooks, the app registry and key rotation are redb only."
+        "Serving from PostgreSQL (storage.backend = \"postgres\"); the app registry is the fleet's (each instance follows its changes); backups, webhooks and key rotation are redb only."
     );
     Ok(store.into())
 }

@@ -14,7 +14,7 @@ use super::records::{decode, encode};
 use super::tables::{APPS, TOKENS};
 use super::{Error, Result, Store};
 
-const APPS_TABLE: &str = "apps";
+pub(crate) const APPS_TABLE: &str = "apps";
 const APP_VERSION: u8 = 1;
 const SECRET_FIELD: &str = "app_secret";
 
@@ -103,7 +103,8 @@ fn decode_app(bytes: &[u8]) -> Result<StoredApp> {
     }
 }
 
-fn place(app_id: &str) -> Place<'_> {
+/// Where an app's secret is sealed (the same on both backends, so a copy moves it sealed).
+pub(crate) fn place(app_id: &str) -> Place<'_> {
     Place {
         table: APPS_TABLE,
         row: app_id.as_bytes(),
@@ -111,7 +112,7 @@ fn place(app_id: &str) -> Place<'_> {
     }
 }
 
-fn validate(app_id: &str, app_name: &str) -> Result<()> {
+pub(crate) fn validate(app_id: &str, app_name: &str) -> Result<()> {
     super::sessions::validate_key_parts([("app id", app_id), ("app name", app_name)])
 }
 

@@ -27,6 +27,7 @@
 //! in any context.
 
 mod admin;
+mod apps;
 mod claims;
 mod copy;
 mod feed;
@@ -51,6 +52,7 @@ use super::{Error, Result};
 use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
+pub use apps::{SealedApp, CAS_ATTEMPTS};
 pub use claims::ClaimReply;
 pub use copy::CopyReport;
 pub use instances::{InstanceRow, FORGET_AFTER_MS};

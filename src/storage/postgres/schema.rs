@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 5;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -182,6 +182,32 @@ CREATE TABLE ls_rate_counts (
 CREATE INDEX ls_rate_counts_forget ON ls_rate_counts (forget_at);
 ";
 
+/// Schema version 5 (additive): the app registry (`apps`), each app's secret sealed as the
+/// redb store seals it, a `version` per row for compare-and-set edits, and one registry
+/// version bumped by every write, which every instance polls to pick up the fleet's changes.
+const V5: &str = r"
+CREATE TABLE ls_apps (
+    app_id text PRIMARY KEY,
+    app_name text NOT NULL,
+    description text,
+    status text NOT NULL CHECK (status IN ('active', 'inactive', 'deleted')),
+    permissions text,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    created_by text,
+    secret_sealed_with text NOT NULL CHECK (secret_sealed_with IN ('store', 'config')),
+    secret bytea NOT NULL,
+    secret_key bigint NOT NULL,
+    version bigint NOT NULL
+);
+CREATE UNIQUE INDEX ls_apps_name ON ls_apps (app_name);
+CREATE TABLE ls_apps_version (
+    id integer PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL
+);
+INSERT INTO ls_apps_version (id, version) VALUES (1, 0);
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
@@ -198,6 +224,7 @@ fn steps() -> Vec<(i32, String)> {
         ),
         (2, V2.to_owned()),
         (3, V3.to_owned()),
+        (5, V5.to_owned()),
     ]
 }
 
