@@ -851,7 +851,8 @@ fn a_deadlocked_transaction_is_run_again_and_succeeds() {
 }
 
 /// A database at schema 1 (as the first PostgreSQL release left it) is brought to the current
-/// schema in place at open: the fleet's tables are added, nothing already stored is touched.
+/// schema in place at open: the fleet's tables and the app registry are added, nothing already
+/// stored is touched.
 #[test]
 fn a_schema_1_database_is_migrated_in_place() {
     let server = Server::start();
@@ -863,11 +864,14 @@ fn a_schema_1_database_is_migrated_in_place() {
     sql(
         &url,
         "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
+         DROP TABLE ls_apps; DROP TABLE ls_apps_version;
          UPDATE lark_service_schema SET version = 1",
     );
     let store = server.open(&url);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    // The app registry (schema 5) is there, empty.
+    assert!(store.list_apps().unwrap().is_empty());
+    assert_eq!(store.apps_version().unwrap(), 0);
     let got = store.get_session(sess.session_id).unwrap().unwrap();
     assert_eq!(got.user_id, sess.user_id);
     assert!(store.get_token("cli_app", "u1").unwrap().is_some());

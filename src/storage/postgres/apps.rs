@@ -272,29 +272,7 @@ impl PgStore {
 
     /// Every app with its sealed secret, by app id (what a copy moves; never opened here).
     pub fn sealed_apps(&self) -> Result<Vec<SealedApp>> {
-        self.with(async |c| {
-            let rows = c
-                .query(
-                    &format!(
-                        "SELECT {COLUMNS}, secret, secret_key FROM ls_apps ORDER BY app_id"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            rows.iter()
-                .map(|r| {
-                    let (row, _) = app_row(r)?;
-                    let secret = sealed_from(
-                        APPS_TABLE,
-                        Some(r.try_get(10).map_err(|e| pg_err(&e))?),
-                        Some(r.try_get(11).map_err(|e| pg_err(&e))?),
-                    )?
-                    .ok_or_else(|| decode_err("no secret".to_owned()))?;
-                    Ok(SealedApp { row, secret })
-                })
-                .collect()
-        })
+        self.with(async |c| sealed_apps_in(&*c).await)
     }
 
     /// Removes an app's row (hard delete). True if it was there.
@@ -391,4 +369,29 @@ impl PgStore {
             Ok(u64::try_from(v).unwrap_or(0))
         })
     }
+}
+
+/// Every app with its sealed secret as `c` sees them (a client, or a copy's snapshot).
+pub(crate) async fn sealed_apps_in(
+    c: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<SealedApp>> {
+    let rows = c
+        .query(
+            &format!("SELECT {COLUMNS}, secret, secret_key FROM ls_apps ORDER BY app_id"),
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    rows.iter()
+        .map(|r| {
+            let (row, _) = app_row(r)?;
+            let secret = sealed_from(
+                APPS_TABLE,
+                Some(r.try_get(10).map_err(|e| pg_err(&e))?),
+                Some(r.try_get(11).map_err(|e| pg_err(&e))?),
+            )?
+            .ok_or_else(|| decode_err("no secret".to_owned()))?;
+            Ok(SealedApp { row, secret })
+        })
+        .collect()
 }

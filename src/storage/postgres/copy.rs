@@ -4,9 +4,10 @@
 //! Sessions, tokens, users and seen event ids move as they are stored: the sealed values are
 //! bound to the same associated data in both stores (table, row, field, key id), so they are
 //! copied without being opened or sealed again, and the copy never holds a secret in clear.
-//! Leases are not copied (they belong to the running instances of one store), nor cursors, the
-//! change feed or (on redb) the outbox, grants and the app registry, which PostgreSQL does not
-//! hold.
+//! The app registry moves too, each app's secret sealed as it was (both backends seal it under
+//! the same associated data), after the rows; its rows are compared on both sides. Leases are
+//! not copied (they belong to the running instances of one store), nor cursors, the change
+//! feed or (on redb) the outbox and grants, which PostgreSQL does not hold.
 //!
 //! The source is read as one consistent snapshot: one redb read transaction, or one
 //! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
@@ -36,7 +37,7 @@ use crate::storage::tables::{
 };
 use crate::storage::tokens::refreshable;
 use crate::storage::traits::SessionStore;
-use crate::storage::{Error, Result, SessionId, Store, StoreCounts, UserInfo};
+use crate::storage::{AppRow, Error, Result, SessionId, Store, StoreCounts, UserInfo};
 
 /// Rows per target transaction (and per page read from PostgreSQL).
 const BATCH: usize = 500;
@@ -213,6 +214,12 @@ impl PgStore {
                 "migrate only into a new database",
             ));
         }
+        if !self.list_apps()?.is_empty() {
+            return Err(Error::Invalid(
+                "the PostgreSQL database already holds apps; migrate only into a new database"
+                    .to_owned(),
+            ));
+        }
         // A fleet serving from the empty database would write beside the copy.
         self.refuse_live("refusing to copy")?;
         let source = src.counts()?;
@@ -261,6 +268,15 @@ impl PgStore {
             progress,
         )?;
         drop(txn);
+        let apps = src.sealed_apps()?;
+        for (row, secret) in &apps {
+            self.insert_sealed_app(&super::SealedApp {
+                row: row.clone(),
+                secret: secret.clone(),
+            })?;
+        }
+        progress("apps", apps.len() as u64);
+        same_apps(&src.list_apps()?, &self.list_apps()?, "redb", "PostgreSQL")?;
         let target = self.counts()?;
         check_counts(&source, &target, "redb", "PostgreSQL")?;
         // The per-state counts came through the triggers: they must equal the source's.
@@ -288,6 +304,12 @@ impl PgStore {
                 "redb",
                 &before,
                 "migrate only into a new file (move the existing one away first)",
+            ));
+        }
+        if !dst.list_apps()?.is_empty() {
+            return Err(Error::Invalid(
+                "the redb file already holds apps; migrate only into a new file (move the existing one away first)"
+                    .to_owned(),
             ));
         }
         self.refuse_live("refusing to copy")?;
@@ -344,8 +366,16 @@ impl PgStore {
             &mut |b| write_redb_events(dst, &b),
             progress,
         )?;
+        let apps: Vec<_> = block_on(super::apps::sealed_apps_in(&tx))?
+            .into_iter()
+            .map(|a| (a.row, a.secret))
+            .collect();
+        let n = dst.insert_sealed_apps(&apps)?;
+        progress("apps", n);
+        let source_apps: Vec<_> = apps.into_iter().map(|(row, _)| row).collect();
         block_on(tx.commit()).map_err(|e| pg_err(&e))?;
         drop(conn);
+        same_apps(&source_apps, &dst.list_apps()?, "PostgreSQL", "redb")?;
         let target = dst.counts()?;
         check_counts(&source, &target, "PostgreSQL", "redb")?;
         check_states(
@@ -433,6 +463,25 @@ impl PgStore {
             tx.commit().await.map_err(|e| pg_err(&e))?;
             Ok(n as u64)
         })
+    }
+}
+
+/// The app rows of both sides, compared in app id order (PostgreSQL's collation may order
+/// them differently from redb's bytes).
+fn same_apps(source: &[AppRow], target: &[AppRow], from: &str, to: &str) -> Result<()> {
+    let sorted = |v: &[AppRow]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.app_id.cmp(&b.app_id));
+        v
+    };
+    if sorted(source) == sorted(target) {
+        Ok(())
+    } else {
+        Err(Error::Engine(format!(
+            "the copy's apps differ: {} in {from}, {} in {to}",
+            source.len(),
+            target.len()
+        )))
     }
 }
 
