@@ -465,8 +465,8 @@ fn app_cli(pg_url: &str, args: &[&str]) -> std::process::Output {
 /// Two real instances on one database, long connections on, the cluster sandbox over TLS: an
 /// app added through A's admin API gets a long connection from A and from B, and a user of it
 /// authorizes with the request on A and the redirect landing on B; disabled with the `app`
-/// command against the database, both connections close; enabled again, both reopen; deleted
-/// through B's admin API, both close again.
+/// command against the database, both connections close; enabled again, both reopen; its
+/// secret edited (wrong, then right), both restart; deleted through B's admin API, both close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_follows_the_registry_changes_made_anywhere() {
     let pg = Pg::start();
@@ -552,6 +552,20 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
         sandbox.connections_of(APP2_ID) == 2
     })
     .await;
+    // Edited: a secret the platform refuses makes both instances drop their connection (each
+    // restarts the app's runtime with the new secret); the right one brings both back.
+    let out = app_cli(&url, &["update", APP2_ID, "--app-secret", "not-the-secret"]);
+    assert!(out.status.success());
+    wait_until("both connections closed after the secret edit", within, || {
+        sandbox.connections_of(APP2_ID) == 0
+    })
+    .await;
+    let out = app_cli(&url, &["update", APP2_ID, "--app-secret", APP2_SECRET]);
+    assert!(out.status.success());
+    wait_until("both connections back with the right secret", within, || {
+        sandbox.connections_of(APP2_ID) == 2
+    })
+    .await;
 
     // Deleted through B's admin API (it has a token: forced): both close.
     let r = reqwest::Client::new()
@@ -576,7 +590,7 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
             "lark_service_app_registry_reloads_total",
             "",
         );
-        assert!(reloads >= 3.0, "{reloads}");
+        assert!(reloads >= 5.0, "{reloads}");
     }
     a.stop();
     b.stop();
