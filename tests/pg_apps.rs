@@ -256,7 +256,11 @@ fn postgres_holds_no_plaintext_app_secret() {
     assert!(dump.contains("cli_a") && dump.contains("alpha"), "{dump}");
     for s in [SECRET_A, SECRET_B] {
         assert!(!dump.contains(s), "plaintext secret in ls_apps");
-        let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+        let hex = s.bytes().fold(String::new(), |mut h, b| {
+            use std::fmt::Write as _;
+            write!(h, "{b:02x}").unwrap();
+            h
+        });
         assert!(!dump.contains(&hex), "plaintext secret bytes in ls_apps");
     }
     assert!(store.app_secret("cli_b", None).is_err());
@@ -517,10 +521,16 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
         .into_iter()
         .find(|m| m.app_id == APP2_ID)
         .expect("a card sent as the added app");
-    let to_a = sandbox.approve(authorize_url(&card.content), alice).unwrap();
+    let to_a = sandbox
+        .approve(authorize_url(&card.content), alice)
+        .unwrap();
     let page = reqwest::get(land_on(&to_a, pa, pb)).await.unwrap();
     assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("Authorization complete"));
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("Authorization complete"));
     let path = format!("/api/v1/users/{alice}/token?app_id={APP2_ID}");
     let (sb, tb) = b.get(&path).await;
     assert_eq!(sb, 200, "{tb}");
@@ -539,9 +549,11 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_until("both connections of the disabled app closed", within, || {
-        sandbox.connections_of(APP2_ID) == 0
-    })
+    wait_until(
+        "both connections of the disabled app closed",
+        within,
+        || sandbox.connections_of(APP2_ID) == 0,
+    )
     .await;
     assert_eq!(sandbox.connections_of(APP_ID), 2);
     let out = app_cli(&url, &["list", "--status", "inactive", "--json"]);
@@ -556,15 +568,19 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
     // restarts the app's runtime with the new secret); the right one brings both back.
     let out = app_cli(&url, &["update", APP2_ID, "--app-secret", "not-the-secret"]);
     assert!(out.status.success());
-    wait_until("both connections closed after the secret edit", within, || {
-        sandbox.connections_of(APP2_ID) == 0
-    })
+    wait_until(
+        "both connections closed after the secret edit",
+        within,
+        || sandbox.connections_of(APP2_ID) == 0,
+    )
     .await;
     let out = app_cli(&url, &["update", APP2_ID, "--app-secret", APP2_SECRET]);
     assert!(out.status.success());
-    wait_until("both connections back with the right secret", within, || {
-        sandbox.connections_of(APP2_ID) == 2
-    })
+    wait_until(
+        "both connections back with the right secret",
+        within,
+        || sandbox.connections_of(APP2_ID) == 2,
+    )
     .await;
 
     // Deleted through B's admin API (it has a token: forced): both close.

@@ -596,12 +596,20 @@ impl Reconciler {
     }
 
     /// The registry's version in the shared store (`None` on redb, or when it cannot be read
-    /// now: the next poll tries again, and running apps are kept as they are meanwhile).
-    async fn registry_version(&self) -> Option<u64> {
-        match self.store.run(|db| db.apps_version()).await {
-            Ok(v) => v,
+    /// now: the next poll tries again, and running apps are kept as they are meanwhile). Warns
+    /// once when reading starts failing (not every poll of an outage) and says when it recovers.
+    async fn registry_version(&self, failing: &mut bool) -> Option<u64> {
+        match self.store.run(Db::apps_version).await {
+            Ok(v) => {
+                if std::mem::take(failing) {
+                    info!("The app registry's version can be read again.");
+                }
+                v
+            }
             Err(e) => {
-                warn!(error = %e, "Cannot read the app registry's version; running apps are kept as they are.");
+                if !std::mem::replace(failing, true) {
+                    warn!(error = %e, "Cannot read the app registry's version; running apps are kept as they are until it can.");
+                }
                 None
             }
         }
@@ -622,9 +630,10 @@ impl Reconciler {
         let cancel = self.sup.cancellation();
         // Whether this pass follows a change (not the first pass nor the periodic one).
         let mut after_change = false;
+        let mut failing = false;
         loop {
             // Read before the pass, so a write made during it is seen by the next poll.
-            let seen = self.registry_version().await;
+            let seen = self.registry_version(&mut failing).await;
             match self.reconcile().await {
                 Ok(()) if after_change => {
                     crate::metrics::get().app_registry_reloads.inc();
@@ -654,9 +663,12 @@ impl Reconciler {
                     break;
                 }
                 if self.store.is_postgres() {
-                    let now = self.registry_version().await;
+                    let now = self.registry_version(&mut failing).await;
                     if now.is_some() && now != seen {
-                        info!(version = now.unwrap_or(0), "The app registry changed in the shared store; reconciling.");
+                        info!(
+                            version = now.unwrap_or(0),
+                            "The app registry changed in the shared store; reconciling."
+                        );
                         after_change = true;
                         break;
                     }
