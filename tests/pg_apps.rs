@@ -549,12 +549,13 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_until(
+    let took = wait_until(
         "both connections of the disabled app closed",
         within,
         || sandbox.connections_of(APP2_ID) == 0,
     )
     .await;
+    eprintln!("app disabled by the app command: both connections closed in {took:?}");
     assert_eq!(sandbox.connections_of(APP_ID), 2);
     let out = app_cli(&url, &["list", "--status", "inactive", "--json"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(APP2_ID));
@@ -594,10 +595,11 @@ async fn a_fleet_follows_the_registry_changes_made_anywhere() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    wait_until("both connections of the deleted app closed", within, || {
+    let took = wait_until("both connections of the deleted app closed", within, || {
         sandbox.connections_of(APP2_ID) == 0
     })
     .await;
+    eprintln!("app deleted through B: both connections closed in {took:?}");
     assert_eq!(sandbox.connections_of(APP_ID), 2);
     // Each instance reloaded on changes it did not make itself.
     for i in [&a, &b] {
