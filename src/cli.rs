@@ -787,7 +787,7 @@ fn open_pg(
 }
 
 /// The configured store, either backend: for the commands that work on both (`sessions`,
-/// `keys status`).
+/// `keys status`, `app`).
 fn open_db(cfg: &Config) -> Result<storage::Db, CliError> {
     match &cfg.storage_backend {
         crate::config::StorageBackend::Postgres { url } => Ok(open_pg(cfg, url)?.into()),
@@ -1326,15 +1326,9 @@ fn app(opts: &LoadOptions, cmd: AppCmd) -> Result<(), CliError> {
         AppCmd::Enable { app_id } => (AppOp::Status(app_id, true), false),
         AppCmd::Disable { app_id } => (AppOp::Status(app_id, false), false),
     };
-    if let crate::config::StorageBackend::Postgres { .. } = cfg.storage_backend {
-        // The registry is kept in redb only: writing it beside a PostgreSQL fleet would serve
-        // nothing. Fail closed.
-        return Err(storage::not_on_postgres(
-            "the app registry (only the configuration's app is served)",
-        )
-        .into());
-    }
-    let result = match open_store(&cfg) {
+    // On PostgreSQL the registry is the fleet's table: written directly (never locked by a
+    // running instance), and every instance picks the change up within a few seconds.
+    let result = match open_db(&cfg) {
         Ok(store) => app_local(&cfg, store, &op)?,
         Err(CliError::Store(storage::Error::Locked { pid, .. })) => {
             app_through_service(&cfg, &op, pid)?

@@ -294,6 +294,9 @@ pub struct Metrics {
     pub fleet_instances_live: Gauge,
     /// PostgreSQL transactions run again after a serialization failure or a deadlock.
     pub store_retries: Counter,
+    /// Times the running apps were brought in line with the app registry after it changed
+    /// (through this instance, or on PostgreSQL through any instance or the `app` command).
+    pub app_registry_reloads: Counter,
 }
 
 /// The outcomes of `webhook_deliveries`.
@@ -309,6 +312,11 @@ fn register_fleet_metrics(m: &Metrics, r: &mut Registry) {
         "store_retries",
         "PostgreSQL transactions run again after a serialization failure or deadlock",
         m.store_retries.clone(),
+    );
+    r.register(
+        "app_registry_reloads",
+        "Times the running apps were reconciled with the app registry after it changed",
+        m.app_registry_reloads.clone(),
     );
     let _ = m.worker_restarts.get_or_create(&WorkerLabel {
         worker: "fleet_heartbeat",
@@ -389,6 +397,7 @@ impl Metrics {
             webhook_outbox_dead: Gauge::default(),
             fleet_instances_live: Gauge::default(),
             store_retries: Counter::default(),
+            app_registry_reloads: Counter::default(),
         };
         {
             let mut r = m
@@ -840,6 +849,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_export_lag",
     "lark_service_fleet_instances_live",
     "lark_service_store_retries_total",
+    "lark_service_app_registry_reloads_total",
 ];
 
 #[cfg(test)]

@@ -885,8 +885,36 @@ fn a_deadlocked_transaction_is_run_again_and_succeeds() {
     }
 }
 
+/// Every schema step after the first has its undo in `common::pg::UNDO_STEPS` (the tests of
+/// older databases build them with it), and undoing them all leaves a database the current
+/// build migrates again.
+#[test]
+fn every_schema_step_can_be_undone_for_the_migration_tests() {
+    assert_eq!(
+        common::pg::UNDO_STEPS.first().map(|(v, _)| *v),
+        Some(SCHEMA_VERSION),
+        "the newest schema step has no undo in tests/common/pg.rs"
+    );
+    let server = Server::start();
+    let url = server.fresh_db();
+    drop(server.open(&url));
+    sql(&url, &common::pg::back_to_schema(1));
+    let left = sql(
+        &url,
+        "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'ls\\_%'",
+    );
+    let store = server.open(&url);
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let after = sql(
+        &url,
+        "SELECT count(*) FROM information_schema.tables WHERE table_name LIKE 'ls\\_%'",
+    );
+    assert_ne!(left, after, "undoing the steps dropped nothing");
+}
+
 /// A database at schema 1 (as the first PostgreSQL release left it) is brought to the current
-/// schema in place at open: the fleet's tables are added, nothing already stored is touched.
+/// schema in place at open: the fleet's tables and the app registry are added, nothing already
+/// stored is touched.
 #[test]
 fn a_schema_1_database_is_migrated_in_place() {
     let server = Server::start();
@@ -894,14 +922,8 @@ fn a_schema_1_database_is_migrated_in_place() {
     let store = server.open(&url);
     let sess = write_secrets(&store);
     drop(store);
-    // What schema 1 had: none of the tables versions 2 to 4 add.
-    sql(
-        &url,
-        "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
-         DROP TABLE ls_outbox; DROP TABLE ls_outbox_dead; DROP TABLE ls_grants;
-         DROP SEQUENCE ls_outbox_seq;
-         UPDATE lark_service_schema SET version = 1",
-    );
+    // What schema 1 had: nothing a later step adds.
+    sql(&url, &common::pg::back_to_schema(1));
     let store = server.open(&url);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     // Every table a later step adds is there again and works.
@@ -921,6 +943,9 @@ fn a_schema_1_database_is_migrated_in_place() {
         ),
         [[Some("2".to_owned())]]
     );
+    // The app registry (schema 5) is there, empty.
+    assert!(store.list_apps().unwrap().is_empty());
+    assert_eq!(store.apps_version().unwrap(), 0);
     let got = store.get_session(sess.session_id).unwrap().unwrap();
     assert_eq!(got.user_id, sess.user_id);
     assert!(store.get_token("cli_app", "u1").unwrap().is_some());
@@ -963,12 +988,7 @@ fn a_schema_3_database_gets_the_outbox_and_its_grants_seeded() {
     later.obtained_at = sess.created_at + 9_999;
     store.put_token(&later).unwrap();
     drop(store);
-    sql(
-        &url,
-        "DROP TABLE ls_outbox; DROP TABLE ls_outbox_dead; DROP TABLE ls_grants;
-         DROP SEQUENCE ls_outbox_seq;
-         UPDATE lark_service_schema SET version = 3",
-    );
+    sql(&url, &common::pg::back_to_schema(3));
     let store = server.open(&url);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
     let t1 = store.get_token("cli_app", "u1").unwrap().unwrap();

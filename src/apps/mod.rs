@@ -400,15 +400,17 @@ impl Registry {
         } = change;
         let row = self.store.update_app(
             app_id,
-            move |r| {
-                if let Some(n) = app_name {
-                    r.app_name = n;
+            // Applied again to a newer row when another instance edited the app meanwhile
+            // (PostgreSQL's compare-and-set): it only sets what was given.
+            |r| {
+                if let Some(n) = &app_name {
+                    r.app_name.clone_from(n);
                 }
-                if let Some(d) = description {
-                    r.description = Some(d);
+                if let Some(d) = &description {
+                    r.description = Some(d.clone());
                 }
-                if let Some(p) = permissions {
-                    r.permissions = Some(p);
+                if let Some(p) = &permissions {
+                    r.permissions = Some(p.clone());
                 }
             },
             app_secret.as_ref(),

@@ -57,7 +57,7 @@ pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, Daemo
         .map_err(|e| Error::Join(e.to_string()))??;
     info!(
         key = %store.active_key_id(),
-        "Serving from PostgreSQL (storage.backend = \"postgres\"); the app registry and the device flow are redb only."
+        "Serving from PostgreSQL (storage.backend = \"postgres\"); the app registry is the fleet's (each instance follows its changes); the device flow is redb only."
     );
     Ok(store.into())
 }

@@ -25,7 +25,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 use tracing::{error, info, warn};
@@ -40,6 +40,9 @@ use crate::workers::Supervisor;
 const MAX_PEEK_BODY: usize = 1 << 20;
 /// How often the reconciler looks at the registry even when nothing woke it.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// On PostgreSQL, how often each instance reads the registry's version (one row) to pick up
+/// what other instances or the `app` command changed.
+const REGISTRY_POLL: Duration = Duration::from_secs(2);
 
 /// One app's running parts.
 pub(super) struct Runtime {
@@ -47,6 +50,9 @@ pub(super) struct Runtime {
     dispatcher: crate::events::Dispatcher,
     /// Cancelled when the app stops being active (`None`: the primary, which never stops).
     pub stop: Option<CancellationToken>,
+    /// The secret it runs with (`None`: the primary's, from the configuration): a registry
+    /// edit that changes it restarts the runtime.
+    secret: Option<SecretString>,
     admin: Router,
     public: Router,
     mcp: Option<Router>,
@@ -104,6 +110,7 @@ impl Runtime {
             auth: auth.clone(),
             dispatcher,
             stop: None,
+            secret: None,
         }
     }
 }
@@ -384,6 +391,7 @@ pub(super) fn start_runtime(
     lark_cfg.net = Some(net.clone());
     let lark = crate::lark::LarkClient::new(lark_cfg)
         .map_err(|e| DaemonError::LarkClient(e.to_string()))?;
+    let secret_kept = app_secret.clone();
     let dispatcher = crate::events::Dispatcher::new(
         store.clone(),
         crate::events::DispatchConfig {
@@ -477,6 +485,7 @@ pub(super) fn start_runtime(
         auth,
         dispatcher,
         stop: Some(stop),
+        secret: Some(secret_kept),
     })
 }
 
@@ -505,6 +514,30 @@ impl Reconciler {
         for (app_id, e) in &refused {
             error!(app_id = %app_id, error = %e, "App is active but cannot be served: its secret does not open (LARK_CONFIG_ENCRYPTION_KEY?).");
         }
+        // An app whose secret was changed (here or, on PostgreSQL, elsewhere) runs again with
+        // the new one: its old runtime stops first.
+        let stale: Vec<Runtime> = {
+            let mut g = write(&self.switch.runtimes);
+            let ids: Vec<String> = g
+                .iter()
+                .filter(|(id, r)| {
+                    r.secret.as_ref().is_some_and(|old| {
+                        active.iter().any(|a| {
+                            &a.app_id == *id && a.app_secret.expose_secret() != old.expose_secret()
+                        })
+                    })
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter()
+                .filter_map(|id| g.remove(id).map(|r| (id.clone(), r)))
+                .map(|(id, r)| {
+                    info!(app_id = %id, "App's secret changed: its long connection restarts.");
+                    r
+                })
+                .collect()
+        };
+        self.stop_runtimes(stale);
         let running = self.switch.ids();
         for a in &active {
             if running.contains(&a.app_id) {
@@ -544,6 +577,11 @@ impl Reconciler {
                 })
                 .collect()
         };
+        self.stop_runtimes(gone);
+        Ok(())
+    }
+
+    fn stop_runtimes(&self, gone: Vec<Runtime>) {
         for r in gone {
             if let Some(s) = &r.stop {
                 s.cancel();
@@ -555,22 +593,86 @@ impl Reconciler {
                 dispatcher.close().await;
             });
         }
-        Ok(())
+    }
+
+    /// The registry's version in the shared store (`None` on redb, or when it cannot be read
+    /// now: the next poll tries again, and running apps are kept as they are meanwhile). Warns
+    /// once when reading starts failing (not every poll of an outage) and says when it recovers.
+    async fn registry_version(&self, failing: &mut bool) -> Option<u64> {
+        match self.store.run(Db::apps_version).await {
+            Ok(v) => {
+                if std::mem::take(failing) {
+                    info!("The app registry's version can be read again.");
+                }
+                v
+            }
+            Err(e) => {
+                if !std::mem::replace(failing, true) {
+                    warn!(error = %e, "Cannot read the app registry's version; running apps are kept as they are until it can.");
+                }
+                None
+            }
+        }
     }
 
     /// Reconciles now, then whenever the registry changes (and every [`RECONCILE_EVERY`]),
     /// until shutdown.
+    ///
+    /// On PostgreSQL the registry is the fleet's: every [`REGISTRY_POLL`] this instance reads
+    /// the registry's version (one row, bumped by every write from any instance or the `app`
+    /// command) and reconciles when it moved, so each instance opens and closes its own long
+    /// connection of an app within a few seconds of the change. A poll rather than
+    /// LISTEN/NOTIFY: it needs no dedicated connection and no reconnect logic, a missed
+    /// notification cannot exist, and one indexed single-row read per instance every 2 s costs
+    /// nothing next to the rest of the fleet's traffic.
     pub async fn run(self) {
         let changed = self.registry.changed();
         let cancel = self.sup.cancellation();
+        // Whether this pass follows a change (not the first pass nor the periodic one).
+        let mut after_change = false;
+        let mut failing = false;
         loop {
-            if let Err(e) = self.reconcile().await {
-                error!(error = %e, "Cannot read the app registry; running apps are kept as they are.");
+            // Read before the pass, so a write made during it is seen by the next poll.
+            let seen = self.registry_version(&mut failing).await;
+            match self.reconcile().await {
+                Ok(()) if after_change => {
+                    crate::metrics::get().app_registry_reloads.inc();
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    error!(error = %e, "Cannot read the app registry; running apps are kept as they are.");
+                }
             }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = changed.notified() => {}
-                () = tokio::time::sleep(RECONCILE_EVERY) => {}
+            after_change = false;
+            let since = tokio::time::Instant::now();
+            loop {
+                let poll = if self.store.is_postgres() {
+                    REGISTRY_POLL
+                } else {
+                    RECONCILE_EVERY
+                };
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = changed.notified() => {
+                        after_change = true;
+                        break;
+                    }
+                    () = tokio::time::sleep(poll) => {}
+                }
+                if since.elapsed() >= RECONCILE_EVERY {
+                    break;
+                }
+                if self.store.is_postgres() {
+                    let now = self.registry_version(&mut failing).await;
+                    if now.is_some() && now != seen {
+                        info!(
+                            version = now.unwrap_or(0),
+                            "The app registry changed in the shared store; reconciling."
+                        );
+                        after_change = true;
+                        break;
+                    }
+                }
             }
         }
     }

@@ -14,7 +14,7 @@ use super::records::{decode, encode};
 use super::tables::{APPS, TOKENS};
 use super::{Error, Result, Store};
 
-const APPS_TABLE: &str = "apps";
+pub(crate) const APPS_TABLE: &str = "apps";
 const APP_VERSION: u8 = 1;
 const SECRET_FIELD: &str = "app_secret";
 
@@ -103,7 +103,8 @@ fn decode_app(bytes: &[u8]) -> Result<StoredApp> {
     }
 }
 
-fn place(app_id: &str) -> Place<'_> {
+/// Where an app's secret is sealed (the same on both backends, so a copy moves it sealed).
+pub(crate) fn place(app_id: &str) -> Place<'_> {
     Place {
         table: APPS_TABLE,
         row: app_id.as_bytes(),
@@ -111,7 +112,7 @@ fn place(app_id: &str) -> Place<'_> {
     }
 }
 
-fn validate(app_id: &str, app_name: &str) -> Result<()> {
+pub(crate) fn validate(app_id: &str, app_name: &str) -> Result<()> {
     super::sessions::validate_key_parts([("app id", app_id), ("app name", app_name)])
 }
 
@@ -324,6 +325,47 @@ impl Store {
             }
         }
         self.commit(txn)
+    }
+
+    /// Every app with its sealed secret, by app id (what a copy to PostgreSQL moves, never
+    /// opened).
+    pub(crate) fn sealed_apps(&self) -> Result<Vec<(AppRow, Sealed)>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(APPS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in t.iter().map_err(|e| self.err(e))? {
+            let (_, v) = r.map_err(|e| self.err(e))?;
+            let rec = decode_app(v.value())?;
+            out.push((rec.row, rec.secret));
+        }
+        Ok(out)
+    }
+
+    /// Adds apps whose secrets are already sealed (a copy from PostgreSQL), in one
+    /// transaction; refuses an app id or name already there. Returns how many.
+    pub(crate) fn insert_sealed_apps(&self, apps: &[(AppRow, Sealed)]) -> Result<u64> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(APPS).map_err(|e| self.err(e))?;
+            for (row, secret) in apps {
+                validate(&row.app_id, &row.app_name)?;
+                if t.get(row.app_id.as_str())
+                    .map_err(|e| self.err(e))?
+                    .is_some()
+                {
+                    return Err(Error::Invalid(format!("app {} already exists", row.app_id)));
+                }
+                check_name_free(self, &t, &row.app_id, &row.app_name)?;
+                let rec = StoredApp {
+                    row: row.clone(),
+                    secret: secret.clone(),
+                };
+                t.insert(row.app_id.as_str(), encode(APP_VERSION, &rec).as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        self.commit(txn)?;
+        Ok(apps.len() as u64)
     }
 
     /// How many user tokens the store holds for `app_id`.

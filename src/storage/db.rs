@@ -1,9 +1,9 @@
 //! [`Db`]: the store the service holds, either the embedded redb file ([`Store`]) or the
 //! shared PostgreSQL database ([`PgStore`]). Cheap to clone (both are handles).
 //!
-//! Every call the service makes is delegated to the backend as it is (the webhook outbox, the
-//! grants, backups and key rotation too: each backend has its own). What only the redb store
-//! has (the app registry, the seen-id snapshot) is
+//! Every call the service makes is delegated to the backend as it is: each backend has its
+//! own webhook outbox, grants, backups, key rotation and app registry. What only the redb store
+//! has (the seen-id snapshot) is
 //! refused on PostgreSQL with [`Error::Invalid`] naming the feature, never silently skipped;
 //! the daemon refuses to start with such a feature configured (`daemon::open_store`), so the
 //! refusals here are a second fence.
@@ -78,22 +78,6 @@ macro_rules! both {
     };
 }
 
-macro_rules! redb_only {
-    ($( fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
-        impl Db {
-            $(
-                #[doc = concat!("`", stringify!($name), "` of the redb store; refused on PostgreSQL.")]
-                pub fn $name(&self $(, $arg: $ty)*) -> $ret {
-                    match self {
-                        Self::Redb(s) => s.$name($($arg),*),
-                        Self::Postgres(_) => Err(not_on_postgres(stringify!($name))),
-                    }
-                }
-            )*
-        }
-    };
-}
-
 both! {
     fn put_session(&self, s: &AuthSession) -> Result<()>;
     fn put_sessions(&self, sessions: &[AuthSession]) -> Result<()>;
@@ -136,6 +120,12 @@ both! {
     fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
+    fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
+    fn remove_app(&self, app_id: &str) -> Result<bool>;
+    fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
+    fn app_token_count(&self, app_id: &str) -> Result<u64>;
+    fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
+    fn list_apps(&self) -> Result<Vec<AppRow>>;
     fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
     fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;
@@ -151,13 +141,6 @@ both! {
     fn put_token_with_events(&self, token: &UserToken, events: &[OutboxEvent], now: u64) -> Result<()>;
     fn delete_token_with_events(&self, app_id: &str, user_id: &str, events: &[OutboxEvent], now: u64) -> Result<bool>;
     fn update_if_pending_with_events(&self, expect_hash: Option<[u8; 32]>, s: &AuthSession, token: Option<&UserToken>, events: &[OutboxEvent]) -> Result<PendingUpdate>;
-}
-
-redb_only! {
-    fn insert_app(&self, row: &AppRow, secret: &SecretString, config_key: Option<&Keyring>) -> Result<()>;
-    fn remove_app(&self, app_id: &str) -> Result<bool>;
-    fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
-    fn app_token_count(&self, app_id: &str) -> Result<u64>;
 }
 
 impl Db {
@@ -312,34 +295,30 @@ impl Db {
         }
     }
 
-    /// A registry app. The registry is kept in redb only: on PostgreSQL it is empty (only the
-    /// configuration's app is served) and every write to it is refused.
-    pub fn get_app(&self, app_id: &str) -> Result<Option<AppRow>> {
-        match self {
-            Self::Redb(s) => s.get_app(app_id),
-            Self::Postgres(_) => Ok(None),
-        }
-    }
-
-    /// The registry's apps; empty on PostgreSQL (see [`Db::get_app`]).
-    pub fn list_apps(&self) -> Result<Vec<AppRow>> {
-        match self {
-            Self::Redb(s) => s.list_apps(),
-            Self::Postgres(_) => Ok(Vec::new()),
-        }
-    }
-
-    /// `update_app` of the redb store; refused on PostgreSQL.
+    /// Changes a registry app: `change` edits its row (the app id stays), `new_secret`
+    /// replaces its secret. On PostgreSQL `change` may run more than once: it is applied again
+    /// to the newer row when another instance wrote in between (compare-and-set, no lost
+    /// update), so it must only set fields from what it was given.
     pub fn update_app(
         &self,
         app_id: &str,
-        change: impl FnOnce(&mut AppRow),
+        change: impl Fn(&mut AppRow),
         new_secret: Option<&SecretString>,
         config_key: Option<&Keyring>,
     ) -> Result<Option<AppRow>> {
         match self {
             Self::Redb(s) => s.update_app(app_id, change, new_secret, config_key),
-            Self::Postgres(_) => Err(not_on_postgres("update_app")),
+            Self::Postgres(p) => p.update_app(app_id, &change, new_secret, config_key),
+        }
+    }
+
+    /// The registry's version on PostgreSQL, bumped by every write to it from any instance
+    /// (what each instance polls to follow the fleet's changes); `None` on redb, where one
+    /// process holds the store and its own writes wake its reconciler.
+    pub fn apps_version(&self) -> Result<Option<u64>> {
+        match self {
+            Self::Redb(_) => Ok(None),
+            Self::Postgres(p) => p.apps_version().map(Some),
         }
     }
 }

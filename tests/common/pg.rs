@@ -225,3 +225,35 @@ CREATE INDEX idx_auth_session_token_expires ON user_auth_sessions (token_expires
     WHERE token_expires_at IS NOT NULL;
 CREATE INDEX idx_auth_session_created ON user_auth_sessions (created_at DESC);
 ";
+
+/// What each schema step of the PostgreSQL store added, undone: `(step, SQL)`, newest first.
+/// A new step adds its line here (the `newest_step_is_undone` check in `pg_store` fails until
+/// it does).
+pub const UNDO_STEPS: &[(i32, &str)] = &[
+    (
+        7,
+        "ALTER TABLE ls_instances DROP COLUMN key_ids, DROP COLUMN active_key;",
+    ),
+    (5, "DROP TABLE ls_apps; DROP TABLE ls_apps_version;"),
+    (
+        4,
+        "DROP TABLE ls_outbox; DROP TABLE ls_outbox_dead; DROP TABLE ls_grants;
+         DROP SEQUENCE ls_outbox_seq;",
+    ),
+    (3, "DROP TABLE ls_rate_counts;"),
+    (2, "DROP TABLE ls_instances;"),
+];
+
+/// SQL that takes a database at this build's schema back to `version`, as an older release
+/// left it: every later step undone, newest first, and the version number set.
+pub fn back_to_schema(version: i32) -> String {
+    let mut sql: String = UNDO_STEPS
+        .iter()
+        .filter(|(step, _)| *step > version)
+        .map(|(_, undo)| format!("{undo}\n"))
+        .collect();
+    sql.push_str(&format!(
+        "UPDATE lark_service_schema SET version = {version};"
+    ));
+    sql
+}

@@ -4,11 +4,12 @@
 //! Sessions, tokens, users and seen event ids move as they are stored: the sealed values are
 //! bound to the same associated data in both stores (table, row, field, key id), so they are
 //! copied without being opened or sealed again, and the copy never holds a secret in clear.
-//! The webhook outbox (live and dead entries, as they are: their bodies are not secret) and the
-//! users' grants (with their reminder marks, so nobody is reminded twice) are copied too, and
-//! the outbox's sequence goes on above the source's. Leases are not copied (they belong to the
-//! running instances of one store), nor cursors, the change feed or the app registry, which
-//! PostgreSQL does not hold.
+//! The webhook outbox (live and dead entries, as they are: their bodies are not secret), the
+//! users' grants (with their reminder marks, so nobody is reminded twice) and the app registry
+//! (each app's secret sealed as it was: both backends seal it under the same associated data;
+//! its rows compared on both sides) are copied too, and the outbox's sequence goes on above the
+//! source's. Leases are not copied (they belong to the running instances of one store), nor
+//! cursors or the change feed.
 //!
 //! The source is read as one consistent snapshot: one redb read transaction, or one
 //! `REPEATABLE READ, READ ONLY` PostgreSQL transaction whose rows are fetched in pages through
@@ -40,7 +41,7 @@ use crate::storage::tables::{
 };
 use crate::storage::tokens::refreshable;
 use crate::storage::traits::SessionStore;
-use crate::storage::{Error, OutboxEntry, Result, SessionId, Store, StoreCounts, UserInfo};
+use crate::storage::{AppRow, Error, OutboxEntry, Result, SessionId, Store, StoreCounts, UserInfo};
 
 /// Rows per target transaction (and per page read from PostgreSQL).
 const BATCH: usize = 500;
@@ -225,6 +226,12 @@ impl PgStore {
                 "migrate only into a new database",
             ));
         }
+        if !self.list_apps()?.is_empty() {
+            return Err(Error::Invalid(
+                "the PostgreSQL database already holds apps; migrate only into a new database"
+                    .to_owned(),
+            ));
+        }
         // A fleet serving from the empty database would write beside the copy.
         self.refuse_live("refusing to copy")?;
         let source = src.counts()?;
@@ -298,6 +305,15 @@ impl PgStore {
             .map_or(0, u64::from_be_bytes);
         self.continue_outbox_seq(last_seq)?;
         drop(txn);
+        let apps = src.sealed_apps()?;
+        for (row, secret) in &apps {
+            self.insert_sealed_app(&super::SealedApp {
+                row: row.clone(),
+                secret: secret.clone(),
+            })?;
+        }
+        progress("apps", apps.len() as u64);
+        same_apps(&src.list_apps()?, &self.list_apps()?, "redb", "PostgreSQL")?;
         let target = self.counts()?;
         check_counts(&source, &target, "redb", "PostgreSQL")?;
         check_outbox(
@@ -331,6 +347,12 @@ impl PgStore {
                 "redb",
                 &before,
                 "migrate only into a new file (move the existing one away first)",
+            ));
+        }
+        if !dst.list_apps()?.is_empty() {
+            return Err(Error::Invalid(
+                "the redb file already holds apps; migrate only into a new file (move the existing one away first)"
+                    .to_owned(),
             ));
         }
         self.refuse_live("refusing to copy")?;
@@ -534,6 +556,25 @@ fn check_outbox(source: &OutboxCounts, target: &OutboxCounts, from: &str, to: &s
     }
 }
 
+/// The app rows of both sides, compared in app id order (PostgreSQL's collation may order
+/// them differently from redb's bytes).
+fn same_apps(source: &[AppRow], target: &[AppRow], from: &str, to: &str) -> Result<()> {
+    let sorted = |v: &[AppRow]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.app_id.cmp(&b.app_id));
+        v
+    };
+    if sorted(source) == sorted(target) {
+        Ok(())
+    } else {
+        Err(Error::Engine(format!(
+            "the copy's apps differ: {} in {from}, {} in {to}",
+            source.len(),
+            target.len()
+        )))
+    }
+}
+
 fn write_redb_grants(dst: &Store, rows: &[Grant]) -> Result<u64> {
     let txn = dst.begin_write()?;
     {
@@ -582,8 +623,8 @@ fn set_redb_outbox_seq(dst: &Store, last: u64) -> Result<()> {
     dst.commit(txn)
 }
 
-/// Copies every session, token, user, seen event id, grant and webhook outbox entry (live and
-/// dead, and the outbox sequence) that `tx` (a snapshot) sees into `dst`
+/// Copies every session, token, user, seen event id, grant, webhook outbox entry (live and
+/// dead, and the outbox sequence) and registry app that `tx` (a snapshot) sees into `dst`
 /// as they are stored (sealed values never opened), in batches of [`BATCH`] rows: the copy
 /// back to redb and the PostgreSQL backup (`backup`).
 pub(crate) fn copy_snapshot(
@@ -677,7 +718,15 @@ pub(crate) fn copy_snapshot(
     .and_then(|r| r.try_get(0))
     .map_err(|e| pg_err(&e))?;
     set_redb_outbox_seq(dst, api_time(last_seq, "outbox")?)?;
-    check_outbox(&source_outbox, &redb_outbox_counts(dst)?, "PostgreSQL", "redb")
+    check_outbox(&source_outbox, &redb_outbox_counts(dst)?, "PostgreSQL", "redb")?;
+    let apps: Vec<_> = block_on(super::apps::sealed_apps_in(tx))?
+        .into_iter()
+        .map(|a| (a.row, a.secret))
+        .collect();
+    let n = dst.insert_sealed_apps(&apps)?;
+    progress("apps", n);
+    let source_apps: Vec<_> = apps.into_iter().map(|(row, _)| row).collect();
+    same_apps(&source_apps, &dst.list_apps()?, "PostgreSQL", "redb")
 }
 
 pub(crate) fn check_counts(

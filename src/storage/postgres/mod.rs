@@ -27,6 +27,7 @@
 //! in any context.
 
 mod admin;
+mod apps;
 mod backup;
 mod claims;
 mod copy;
@@ -54,6 +55,7 @@ use super::{Error, Result};
 use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
+pub use apps::{SealedApp, CAS_ATTEMPTS};
 pub use claims::ClaimReply;
 pub use copy::CopyReport;
 pub use instances::{InstanceRow, FORGET_AFTER_MS};

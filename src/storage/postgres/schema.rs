@@ -213,6 +213,32 @@ INSERT INTO ls_grants (app_id, user_id, granted_at, reminded_at)
     FROM ls_tokens AS t LEFT JOIN ls_sessions AS s ON s.id = t.session_id;
 ";
 
+/// Schema version 5 (additive): the app registry (`apps`), each app's secret sealed as the
+/// redb store seals it, a `version` per row for compare-and-set edits, and one registry
+/// version bumped by every write, which every instance polls to pick up the fleet's changes.
+const V5: &str = r"
+CREATE TABLE ls_apps (
+    app_id text PRIMARY KEY,
+    app_name text NOT NULL,
+    description text,
+    status text NOT NULL CHECK (status IN ('active', 'inactive', 'deleted')),
+    permissions text,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    created_by text,
+    secret_sealed_with text NOT NULL CHECK (secret_sealed_with IN ('store', 'config')),
+    secret bytea NOT NULL,
+    secret_key bigint NOT NULL,
+    version bigint NOT NULL
+);
+CREATE UNIQUE INDEX ls_apps_name ON ls_apps (app_name);
+CREATE TABLE ls_apps_version (
+    id integer PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL
+);
+INSERT INTO ls_apps_version (id, version) VALUES (1, 0);
+";
+
 /// Schema version 7 (additive): the key ids each instance holds, written by its heartbeat, so
 /// a key rotation can refuse while a live instance could not open what it seals
 /// (`keys::PgStore::rotate_keys`). `NULL`: an instance of an older build (it says nothing, so
@@ -239,6 +265,7 @@ fn steps() -> Vec<(i32, String)> {
         (2, V2.to_owned()),
         (3, V3.to_owned()),
         (4, V4.to_owned()),
+        (5, V5.to_owned()),
         (7, V7.to_owned()),
     ]
 }
