@@ -415,8 +415,8 @@ fn a_database_without_the_registry_gets_it_in_place() {
             .await
             .unwrap();
         c.batch_execute(&common::pg::back_to_schema(3))
-        .await
-        .unwrap();
+            .await
+            .unwrap();
     });
     let store = server.open(&url);
     assert_eq!(

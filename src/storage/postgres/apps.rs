@@ -3,11 +3,12 @@
 //! the caller passes one, else under the store's ring; same associated data), so the database
 //! never sees a plaintext secret and a copy between the backends moves it sealed.
 //!
-//! Edits are compare-and-set: each row has a `version`; an edit reads the row, applies the
-//! change, and writes `WHERE version = $read`; when another instance wrote in between, it reads
-//! again and applies the change to the new row (no lost update), at most [`CAS_ATTEMPTS`]
-//! times. Every write also bumps the one registry version (`ls_apps_version`) in its
-//! transaction: what every instance of the fleet polls to pick up changes made elsewhere.
+//! An edit reads its row `FOR UPDATE`, applies the change and writes it back with the row's
+//! `version` bumped, in one transaction: two instances editing one app wait for each other and
+//! lose neither edit. (A first version compared and set the version without the lock, reading
+//! again when it lost; two writers hammering one app made one of them lose 16 times in a row.)
+//! Every write also bumps the one registry version (`ls_apps_version`) in its transaction: what
+//! every instance of the fleet polls to pick up changes made elsewhere.
 
 use secrecy::SecretString;
 
@@ -15,9 +16,6 @@ use super::{api_time, db_time, pg_err, rows::sealed_from, sealed_bytes, PgStore}
 use crate::storage::apps::{place, validate, APPS_TABLE};
 use crate::storage::envelope::{Keyring, Sealed};
 use crate::storage::{now_ms, AppRow, AppStatus, Error, Result, SecretKey};
-
-/// How many times an edit reads again after losing its compare-and-set to another writer.
-pub const CAS_ATTEMPTS: u32 = 16;
 
 const COLUMNS: &str = "app_id, app_name, description, status, permissions, created_at, \
                        updated_at, created_by, secret_sealed_with, version";
@@ -176,10 +174,11 @@ impl PgStore {
         })
     }
 
-    /// Changes an app (as the redb store's `update_app`), compare-and-set on the row's
-    /// version: `change` is applied to the row as read, and again to a newer row when another
-    /// writer got in between, so two instances editing one app lose neither edit. Returns the
-    /// new row, or `None` if there is no such app.
+    /// Changes an app (as the redb store's `update_app`) in one transaction that reads the
+    /// row `FOR UPDATE`, applies `change` to it and writes it back with its version bumped:
+    /// two instances editing one app wait for each other and lose neither edit (a transaction
+    /// PostgreSQL aborts for a deadlock runs again, `change` applied to the row as it is then).
+    /// Returns the new row, or `None` if there is no such app.
     pub fn update_app(
         &self,
         app_id: &str,
@@ -188,10 +187,22 @@ impl PgStore {
         config_key: Option<&Keyring>,
     ) -> Result<Option<AppRow>> {
         let sealed = new_secret.map(|s| self.seal_app_secret(app_id, s, config_key));
-        for _ in 0..CAS_ATTEMPTS {
-            let Some((mut row, version)) = self.app_versioned(app_id)? else {
+        let secret = sealed.as_ref().map(|(s, _)| sealed_bytes(s));
+        let secret_key = sealed.as_ref().map(|(s, _)| i64::from(s.key_id.0));
+        let mut name = None;
+        self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let Some(r) = tx
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM ls_apps WHERE app_id = $1 FOR UPDATE"),
+                    &[&app_id],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?
+            else {
                 return Ok(None);
             };
+            let (mut row, _) = app_row(&r)?;
             change(&mut row);
             row.app_id = app_id.to_owned();
             validate(app_id, &row.app_name)?;
@@ -199,56 +210,41 @@ impl PgStore {
                 row.secret_key = *key;
             }
             row.updated_at = now_ms().max(row.updated_at);
-            let secret = sealed.as_ref().map(|(s, _)| sealed_bytes(s));
-            let secret_key = sealed.as_ref().map(|(s, _)| i64::from(s.key_id.0));
-            let won = self
-                .with(async |c| {
-                    let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
-                    let n = tx
-                        .execute(
-                            "UPDATE ls_apps SET app_name = $3, description = $4, status = $5,
-                                permissions = $6, updated_at = $7, created_by = $8,
-                                secret_sealed_with = $9,
-                                secret = COALESCE($10, secret),
-                                secret_key = COALESCE($11, secret_key),
-                                version = version + 1
-                             WHERE app_id = $1 AND version = $2",
-                            &[
-                                &app_id,
-                                &version,
-                                &row.app_name,
-                                &row.description,
-                                &row.status.as_str(),
-                                &row.permissions,
-                                &db_time(row.updated_at),
-                                &row.created_by,
-                                &key_name(row.secret_key),
-                                &secret,
-                                &secret_key,
-                            ],
-                        )
-                        .await
-                        .map_err(|e| pg_err(&e))?;
-                    if n == 1 {
-                        tx.execute(BUMP, &[]).await.map_err(|e| pg_err(&e))?;
-                    }
-                    tx.commit().await.map_err(|e| pg_err(&e))?;
-                    Ok(n == 1)
-                })
-                .map_err(|e| match e {
-                    Error::Engine(m) if m.ends_with("(23505)") => Error::Invalid(format!(
-                        "app name {:?} is already used by another app",
-                        row.app_name
-                    )),
-                    other => other,
-                })?;
-            if won {
-                return Ok(Some(row));
-            }
-        }
-        Err(Error::Unavailable(format!(
-            "app {app_id} was changed by others {CAS_ATTEMPTS} times while this edit was made; try again"
-        )))
+            name = Some(row.app_name.clone());
+            tx.execute(
+                "UPDATE ls_apps SET app_name = $2, description = $3, status = $4,
+                    permissions = $5, updated_at = $6, created_by = $7,
+                    secret_sealed_with = $8,
+                    secret = COALESCE($9, secret),
+                    secret_key = COALESCE($10, secret_key),
+                    version = version + 1
+                 WHERE app_id = $1",
+                &[
+                    &app_id,
+                    &row.app_name,
+                    &row.description,
+                    &row.status.as_str(),
+                    &row.permissions,
+                    &db_time(row.updated_at),
+                    &row.created_by,
+                    &key_name(row.secret_key),
+                    &secret,
+                    &secret_key,
+                ],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            tx.execute(BUMP, &[]).await.map_err(|e| pg_err(&e))?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(Some(row))
+        })
+        .map_err(|e| match e {
+            Error::Engine(m) if m.ends_with("(23505)") => Error::Invalid(format!(
+                "app name {:?} is already used by another app",
+                name.unwrap_or_default()
+            )),
+            other => other,
+        })
     }
 
     /// One app, without its secret.

@@ -718,7 +718,12 @@ pub(crate) fn copy_snapshot(
     .and_then(|r| r.try_get(0))
     .map_err(|e| pg_err(&e))?;
     set_redb_outbox_seq(dst, api_time(last_seq, "outbox")?)?;
-    check_outbox(&source_outbox, &redb_outbox_counts(dst)?, "PostgreSQL", "redb")?;
+    check_outbox(
+        &source_outbox,
+        &redb_outbox_counts(dst)?,
+        "PostgreSQL",
+        "redb",
+    )?;
     let apps: Vec<_> = block_on(super::apps::sealed_apps_in(tx))?
         .into_iter()
         .map(|a| (a.row, a.secret))

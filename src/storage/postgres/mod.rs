@@ -55,7 +55,7 @@ use super::{Error, Result};
 use crate::net::postgres::{connect_pg, PgConnectError};
 use crate::net::Net;
 
-pub use apps::{SealedApp, CAS_ATTEMPTS};
+pub use apps::SealedApp;
 pub use claims::ClaimReply;
 pub use copy::CopyReport;
 pub use instances::{InstanceRow, FORGET_AFTER_MS};
