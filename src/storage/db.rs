@@ -14,7 +14,7 @@ use secrecy::SecretString;
 use super::postgres::PgStore;
 use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
 use super::{
-    AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
+    AppRow, AuthSession, ChangeKind, DevicePoll, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
     KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
     SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store, StoreCounts,
     SweepReport, UserInfo, UserToken,
@@ -135,6 +135,10 @@ both! {
     fn key_status(&self) -> Result<KeyStatus>;
     fn slowest_export_cursor(&self) -> Result<Option<u64>>;
     fn prune_feed(&self) -> Result<u64>;
+    fn put_device_poll(&self, p: &DevicePoll) -> Result<()>;
+    fn get_device_poll(&self, id: SessionId) -> Result<Option<DevicePoll>>;
+    fn delete_device_poll(&self, id: SessionId) -> Result<bool>;
+    fn device_polls_of(&self, app_id: &str, limit: usize) -> Result<Vec<SessionId>>;
 }
 
 redb_only! {

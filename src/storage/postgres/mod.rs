@@ -29,6 +29,7 @@
 mod admin;
 mod claims;
 mod copy;
+mod device;
 mod feed;
 mod fleet;
 mod instances;

@@ -18,7 +18,7 @@ use super::pg_err;
 use crate::storage::{Error, Result, SessionState};
 
 /// The newest schema this build knows.
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// The advisory lock key taken while checking and migrating the schema.
 const MIGRATION_LOCK: i64 = 0x6c73_5f73_6368_656d; // "ls_schem"
@@ -182,6 +182,21 @@ CREATE TABLE ls_rate_counts (
 CREATE INDEX ls_rate_counts_forget ON ls_rate_counts (forget_at);
 ";
 
+/// Schema version 6 (additive): device polls, so that a device session is polled after a
+/// restart and by another instance when the one polling it dies (`device`): the device code
+/// sealed (nonce || ciphertext, key id), the interval in force, the code's expiry.
+const V6: &str = r"
+CREATE TABLE ls_device_polls (
+    session_id bytea PRIMARY KEY CHECK (length(session_id) = 16),
+    app_id text NOT NULL,
+    device_code bytea NOT NULL,
+    device_code_key bigint NOT NULL,
+    interval_ms bigint NOT NULL,
+    expires_at bigint NOT NULL
+);
+CREATE INDEX ls_device_polls_by_app ON ls_device_polls (app_id, session_id);
+";
+
 /// The steps, in order: `(version reached, SQL)`.
 fn steps() -> Vec<(i32, String)> {
     let counts: Vec<String> = SessionState::ALL
@@ -198,6 +213,7 @@ fn steps() -> Vec<(i32, String)> {
         ),
         (2, V2.to_owned()),
         (3, V3.to_owned()),
+        (6, V6.to_owned()),
     ]
 }
 
