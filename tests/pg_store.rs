@@ -182,12 +182,13 @@ fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
     })
 }
 
-const SECRETS: [&str; 5] = [
+const SECRETS: [&str; 6] = [
     "access-PLAINTEXT-4f1c9a",
     "refresh-PLAINTEXT-77be02",
     "pkce-PLAINTEXT-c0ffee",
     "token-access-PLAINTEXT-ab12",
     "token-refresh-PLAINTEXT-cd34",
+    "device-code-PLAINTEXT-9e7d",
 ];
 
 fn write_secrets(store: &PgStore) -> AuthSession {
@@ -211,6 +212,15 @@ fn write_secrets(store: &PgStore) -> AuthSession {
             session_id: Some(sess.session_id),
             needs_reauth: false,
             refresh_in_doubt_since: None,
+        })
+        .unwrap();
+    store
+        .put_device_poll(&lark_service::storage::DevicePoll {
+            session_id: sess.session_id,
+            app_id: "cli_app".into(),
+            device_code: SecretString::from(SECRETS[5].to_owned()),
+            interval_ms: 5_000,
+            expires_at: 1_000,
         })
         .unwrap();
     sess
@@ -254,6 +264,9 @@ fn postgres_holds_no_plaintext_secret() {
     assert_eq!(got.pkce_verifier.unwrap().expose_secret(), SECRETS[2]);
     let tok = store.get_token("cli_app", "u1").unwrap().unwrap();
     assert_eq!(tok.access_token.expose_secret(), SECRETS[3]);
+    let poll = store.get_device_poll(sess.session_id).unwrap().unwrap();
+    assert_eq!(poll.device_code.expose_secret(), SECRETS[5]);
+    assert_eq!((poll.interval_ms, poll.expires_at), (5_000, 1_000));
     // A known plaintext written where it may be (a user id) is found by the same scan.
     let rows = sql(&url, "SELECT t::text FROM ls_sessions AS t");
     assert!(rows
@@ -450,7 +463,8 @@ fn the_service_refuses_to_start_on_a_postgres_store_it_cannot_reach() {
 }
 
 /// What the PostgreSQL store does not serve yet is refused at start, each setting named, not
-/// silently skipped: backups, webhooks and the expiry reminders (on by default).
+/// silently skipped: backups, webhooks and the expiry reminders (on by default); the device
+/// flow is served.
 #[test]
 fn the_service_refuses_redb_only_features_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
@@ -472,10 +486,11 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         "backup.schedule",
         "webhooks.urls",
         "webhooks.expiry_reminder_lead_seconds",
-        "auth.flow = device",
     ] {
         assert!(err.contains(setting), "{setting} not named: {err}");
     }
+    // The device flow is served on PostgreSQL (device polls are stored and leased).
+    assert!(!err.contains("auth.flow"), "the device flow refused: {err}");
     assert!(
         !dir.path().join("data/lark-service.redb").exists(),
         "no local store was opened"
@@ -859,15 +874,14 @@ fn a_schema_1_database_is_migrated_in_place() {
     let store = server.open(&url);
     let sess = write_secrets(&store);
     drop(store);
-    // What schema 1 had: none of the tables versions 2 and 3 add.
+    // What schema 1 had: none of the tables versions 2, 3 and 6 add.
     sql(
         &url,
-        "DROP TABLE ls_instances; DROP TABLE ls_rate_counts;
+        "DROP TABLE ls_instances; DROP TABLE ls_rate_counts; DROP TABLE ls_device_polls;
          UPDATE lark_service_schema SET version = 1",
     );
     let store = server.open(&url);
     assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
     let got = store.get_session(sess.session_id).unwrap().unwrap();
     assert_eq!(got.user_id, sess.user_id);
     assert!(store.get_token("cli_app", "u1").unwrap().is_some());
@@ -886,6 +900,19 @@ fn a_schema_1_database_is_migrated_in_place() {
             .rate_acquire("k", 1, std::time::Duration::from_secs(60), 5)
             .unwrap(),
         None
+    );
+    // Version 6's device polls.
+    let poll = lark_service::storage::DevicePoll {
+        session_id: sess.session_id,
+        app_id: "cli_app".into(),
+        device_code: secrecy::SecretString::from("dc-migrated".to_owned()),
+        interval_ms: 5_000,
+        expires_at: 9_000,
+    };
+    store.put_device_poll(&poll).unwrap();
+    assert_eq!(
+        store.device_polls_of("cli_app", 10).unwrap(),
+        vec![sess.session_id]
     );
 }
 

@@ -30,13 +30,6 @@ pub fn redb_only_features(cfg: &Config) -> Vec<&'static str> {
             "webhooks.urls (WEBHOOKS_URLS): the webhook outbox is kept in redb only; unset it",
         );
     }
-    if cfg.device_flow() {
-        off.push(
-            "auth.flow = device (AUTH_FLOW, or auto without a public URL): device codes are kept \
-             by the instance that asked for them, and a restarting instance would expire the \
-             others' device sessions; use the redirect flow (set PUBLIC_URL) on PostgreSQL",
-        );
-    }
     if !cfg.webhooks.reminder_lead.is_zero() {
         off.push(
             "webhooks.expiry_reminder_lead_seconds (WEBHOOKS_EXPIRY_REMINDER_LEAD_SECONDS): the \

@@ -157,3 +157,86 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use super::*;
+    use crate::storage::{Key, StoreOptions};
+
+    fn store() -> Store {
+        Store::open_in_memory(
+            Keyring::new(Key::from_bytes(&[7u8; 32]), vec![]),
+            StoreOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn poll(app: &str, code: &str) -> DevicePoll {
+        DevicePoll {
+            session_id: SessionId::random(),
+            app_id: app.into(),
+            device_code: SecretString::from(code.to_owned()),
+            interval_ms: 5_000,
+            expires_at: 600_000,
+        }
+    }
+
+    /// A device poll round-trips with its code opened, is listed under its app only, keeps the
+    /// last interval written, and is gone once deleted (deleting twice says so).
+    #[test]
+    fn device_polls_round_trip_by_app_and_delete() {
+        let s = store();
+        let a = poll("cli_a", "dc-PLAINTEXT-a");
+        let b = poll("cli_b", "dc-PLAINTEXT-b");
+        s.put_device_poll(&a).unwrap();
+        s.put_device_poll(&b).unwrap();
+        let got = s.get_device_poll(a.session_id).unwrap().unwrap();
+        assert_eq!(got.device_code.expose_secret(), "dc-PLAINTEXT-a");
+        assert_eq!((got.app_id.as_str(), got.expires_at), ("cli_a", 600_000));
+        assert_eq!(s.device_polls_of("cli_a", 10).unwrap(), vec![a.session_id]);
+        assert_eq!(s.device_polls_of("cli_b", 10).unwrap(), vec![b.session_id]);
+        assert_eq!(s.device_polls_of("cli_a", 0).unwrap(), vec![]);
+        let mut slower = a.clone();
+        slower.interval_ms = 10_000;
+        s.put_device_poll(&slower).unwrap();
+        assert_eq!(
+            s.get_device_poll(a.session_id)
+                .unwrap()
+                .unwrap()
+                .interval_ms,
+            10_000
+        );
+        assert!(s.delete_device_poll(a.session_id).unwrap());
+        assert!(!s.delete_device_poll(a.session_id).unwrap());
+        assert!(s.get_device_poll(a.session_id).unwrap().is_none());
+        assert_eq!(s.device_polls_of("cli_a", 10).unwrap(), vec![]);
+    }
+
+    /// The code is sealed: the stored bytes do not hold it, and a sealed code moved to another
+    /// session's row does not open (it is bound to its row).
+    #[test]
+    fn device_codes_are_sealed_and_bound_to_their_row() {
+        let s = store();
+        let a = poll("cli_a", "dc-PLAINTEXT-sealed");
+        s.put_device_poll(&a).unwrap();
+        let txn = s.begin_read().unwrap();
+        let t = txn.open_table(DEVICE_POLLS).unwrap();
+        let raw = t.get(a.session_id.0).unwrap().unwrap().value().to_vec();
+        assert!(!raw
+            .windows(b"dc-PLAINTEXT-sealed".len())
+            .any(|w| w == b"dc-PLAINTEXT-sealed"));
+        let stored = decode_poll(&raw).unwrap();
+        assert!(stored.open(SessionId(a.session_id.0 ^ 1), s.ring()).is_err());
+        let stored = decode_poll(&raw).unwrap();
+        assert_eq!(
+            stored
+                .open(a.session_id, s.ring())
+                .unwrap()
+                .device_code
+                .expose_secret(),
+            "dc-PLAINTEXT-sealed"
+        );
+    }
+}
