@@ -302,7 +302,10 @@ async fn the_real_binary_resumes_device_polls_after_sigterm_and_kill9() {
     let id = body["session_id"].as_str().unwrap().to_owned();
     let code = user_code(&sandbox, ALICE);
     let polls = || sandbox.device_code_polls(&code).unwrap().polls;
-    wait_until("polling", Duration::from_secs(15), || async { polls() >= 2 }).await;
+    wait_until("polling", Duration::from_secs(15), || async {
+        polls() >= 2
+    })
+    .await;
 
     // SIGTERM mid-poll: nothing polls while it is down; the next start resumes at once.
     bin.term();
@@ -316,7 +319,10 @@ async fn the_real_binary_resumes_device_polls_after_sigterm_and_kill9() {
     })
     .await;
     let after_term = started.elapsed();
-    assert_eq!(bin.get(&format!("/api/v1/auth/sessions/{id}")).await.1["state"], "pending");
+    assert_eq!(
+        bin.get(&format!("/api/v1/auth/sessions/{id}")).await.1["state"],
+        "pending"
+    );
 
     // kill -9 mid-poll: the next start resumes once the dead run's lease lapses.
     wait_until("polling again", Duration::from_secs(10), || async {
@@ -338,11 +344,16 @@ async fn the_real_binary_resumes_device_polls_after_sigterm_and_kill9() {
         bin.get(&format!("/api/v1/auth/sessions/{id}")).await.1["state"] == "completed"
     })
     .await;
-    assert_eq!(bin.get(&format!("/api/v1/users/{ALICE}/token")).await.0, 200);
+    assert_eq!(
+        bin.get(&format!("/api/v1/users/{ALICE}/token")).await.0,
+        200
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let seen = sandbox.device_code_polls(&code).unwrap();
     assert_eq!(seen.too_fast, 0, "{seen:?}");
     assert_eq!(seen.after_redeemed, 0, "{seen:?}");
-    eprintln!("resumed {after_term:?} after a SIGTERM restart, {after_kill:?} after a kill -9 restart");
+    eprintln!(
+        "resumed {after_term:?} after a SIGTERM restart, {after_kill:?} after a kill -9 restart"
+    );
     bin.term();
 }

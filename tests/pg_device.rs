@@ -97,9 +97,11 @@ async fn a_killed_instances_device_polls_are_taken_over_and_complete_once() {
         sandbox.decide_device(code, &open_id(i), true).unwrap();
     }
     for (id, _) in sessions.iter().take(EARLY) {
-        wait_until("A completes the early ones", Duration::from_secs(20), || async {
-            state(&a, id).await == "completed"
-        })
+        wait_until(
+            "A completes the early ones",
+            Duration::from_secs(20),
+            || async { state(&a, id).await == "completed" },
+        )
         .await;
     }
     // B polled nothing so far: it has completed nothing, though its takeover looked every 2 s.
@@ -134,9 +136,11 @@ async fn a_killed_instances_device_polls_are_taken_over_and_complete_once() {
         sandbox.decide_device(code, &open_id(i), true).unwrap();
     }
     for (id, _) in &sessions {
-        wait_until("every session completed", Duration::from_secs(30), || async {
-            state(&b, id).await == "completed"
-        })
+        wait_until(
+            "every session completed",
+            Duration::from_secs(30),
+            || async { state(&b, id).await == "completed" },
+        )
         .await;
     }
     for i in 0..USERS {

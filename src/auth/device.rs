@@ -9,10 +9,17 @@
 //! only after the user info of the new token showed the card's user (the same identity and
 //! tenant checks as the redirect flow), else the session fails and nothing is stored.
 //!
-//! **Restarts.** The device code is kept only in the polling task's memory (never stored):
-//! at start-up, device sessions left pending by an earlier run are expired with a log line
-//! saying why, and their cards say so ([`AuthService::expire_device_sessions_at_start`]);
-//! the user asks again. Polling stops at shutdown ([`AuthService::finish_refreshes`]).
+//! **Restarts and fleets.** The device code is stored (sealed, with the interval in force and
+//! the code's expiry: `storage::DevicePoll`) before the session, under the session's poll
+//! lease `device/{id}`, so the polling survives the process: one instance at a time polls a
+//! session, the holder of its lease, renewed before every poll and at least every
+//! [`POLL_LEASE_RENEW`]; a poller that cannot renew stops (or, when the store cannot say,
+//! waits) without polling. Every [`TAKEOVER_EVERY`] each service takes over its app's stored
+//! polls whose lease is free (a stopped run let it go; a dead one's lapsed after
+//! [`POLL_LEASE_TTL`]) and resumes them ([`AuthService::resume_device_polls`]). At shutdown the
+//! polls stop and their leases are let go ([`AuthService::finish_refreshes`]). Only a pending
+//! device session without a stored code (from an older version) is expired at start
+//! ([`AuthService::expire_device_sessions_at_start`]). Completion stays one compare-and-set.
 //!
 //! **No refresh token.** When the grant has no refresh token (it may not, even with
 //! `offline_access`), the token is served until it expires, and the user gets a new card
@@ -283,8 +290,7 @@ impl AuthService {
     async fn poll_device(&self, poll: StoredPoll) -> PollEnd {
         let id = poll.session_id;
         let mut stored = poll;
-        let mut schedule =
-            PollSchedule::new(Duration::from_millis(stored.interval_ms), self.now());
+        let mut schedule = PollSchedule::new(Duration::from_millis(stored.interval_ms), self.now());
         loop {
             let wait = schedule.wait(self.now());
             tokio::time::sleep(wait.min(POLL_LEASE_RENEW)).await;
@@ -432,7 +438,12 @@ impl AuthService {
             if session.app_id != self.inner.app_id || Phase::of(&session) != Phase::AwaitingDevice {
                 continue;
             }
-            if self.store().run(move |s| s.get_device_poll(id)).await?.is_some() {
+            if self
+                .store()
+                .run(move |s| s.get_device_poll(id))
+                .await?
+                .is_some()
+            {
                 continue;
             }
             warn!(session = %id, "A device authorization of an earlier version was in flight; its device code was not stored, so the session is expired (the user can ask again).");
@@ -451,7 +462,10 @@ impl AuthService {
     pub async fn resume_device_polls(&self) {
         match self.expire_device_sessions_at_start().await {
             Ok(0) => {}
-            Ok(n) => info!(expired = n, "Expired device sessions of an earlier version."),
+            Ok(n) => info!(
+                expired = n,
+                "Expired device sessions of an earlier version."
+            ),
             Err(e) => {
                 warn!(error = %e, "Expiring the device sessions of an earlier version failed.");
             }

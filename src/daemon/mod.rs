@@ -662,7 +662,8 @@ fn start_workers(
         // Device sessions of an earlier run, or of a fleet instance that died, are polled
         // again (their codes are stored); those of an older version, without one, expire.
         let auth = p.auth.clone();
-        sup.tracker().spawn(async move { auth.resume_device_polls().await });
+        sup.tracker()
+            .spawn(async move { auth.resume_device_polls().await });
         sup.start_with_backoff(
             jobs::TenantTokenWorker::new(p.lark.clone()),
             jobs::TENANT_TOKEN_RETRY_CAP,

@@ -400,7 +400,8 @@ pub(super) fn start_runtime(
     // (their codes are stored); those of an older version, without one, expire.
     {
         let auth = auth.clone();
-        sup.tracker().spawn(async move { auth.resume_device_polls().await });
+        sup.tracker()
+            .spawn(async move { auth.resume_device_polls().await });
     }
     // The app's expiry reminders, until the app stops.
     if let Some((lead, lifetime)) = setup.reminders {

@@ -14,10 +14,10 @@ use secrecy::SecretString;
 use super::postgres::PgStore;
 use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
 use super::{
-    AppRow, AuthSession, ChangeKind, DevicePoll, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
-    KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
-    SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store, StoreCounts,
-    SweepReport, UserInfo, UserToken,
+    AppRow, AuthSession, ChangeKind, DevicePoll, Error, ExpiringGrant, ExportRow, ImportToken,
+    KeyId, KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result,
+    RotationReport, SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store,
+    StoreCounts, SweepReport, UserInfo, UserToken,
 };
 
 /// What [`Db::claim_event`] found.

@@ -228,7 +228,9 @@ mod tests {
             .windows(b"dc-PLAINTEXT-sealed".len())
             .any(|w| w == b"dc-PLAINTEXT-sealed"));
         let stored = decode_poll(&raw).unwrap();
-        assert!(stored.open(SessionId(a.session_id.0 ^ 1), s.ring()).is_err());
+        assert!(stored
+            .open(SessionId(a.session_id.0 ^ 1), s.ring())
+            .is_err());
         let stored = decode_poll(&raw).unwrap();
         assert_eq!(
             stored
