@@ -26,6 +26,7 @@
 //! when the share `auth.token_refresh_threshold` of its lifetime has passed, so they can
 //! authorize again before it runs out.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -282,6 +283,32 @@ impl AuthService {
         });
     }
 
+    /// Runs one step of the polling (a poll in flight, the user check, storing the outcome)
+    /// while renewing the lease every [`POLL_LEASE_RENEW`], so that a step slower than the
+    /// lease (a request timeout is longer) does not let another instance poll the same code
+    /// meanwhile. A step is never cut short: a lost lease stops the polling after it.
+    async fn keeping_lease<T>(&self, id: SessionId, step: impl Future<Output = T>) -> T {
+        tokio::pin!(step);
+        let mut held = true;
+        loop {
+            tokio::select! {
+                out = &mut step => return out,
+                () = tokio::time::sleep(POLL_LEASE_RENEW), if held => {
+                    match self.renew_poll_lease(id).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            held = false;
+                            warn!(session = %id, "The device poll lease was lost during a poll; polling stops after it.");
+                        }
+                        Err(e) => {
+                            warn!(session = %id, error = %e, "Renewing a device poll lease during a poll failed.");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Polls until the session ends: the platform's answer, the card's reject button, the
     /// sweep or a revoke (each poll first re-reads the session). Before every poll, and at
     /// least every [`POLL_LEASE_RENEW`] while waiting, the lease is renewed: an instance that
@@ -325,7 +352,10 @@ impl AuthService {
             let input = if now >= run.session.expires_at {
                 Input::DeviceExpired
             } else {
-                match self.lark().poll_device_token(&stored.device_code).await {
+                match self
+                    .keeping_lease(id, self.lark().poll_device_token(&stored.device_code))
+                    .await
+                {
                     Ok(DevicePoll::Pending) => {
                         schedule.polled(self.now(), PollAnswer::Pending);
                         continue;
@@ -345,7 +375,7 @@ impl AuthService {
                     Ok(DevicePoll::Expired) => Input::DeviceExpired,
                     Ok(DevicePoll::Granted(token)) => {
                         run.token = Some(token);
-                        match self.identify_user(&mut run).await {
+                        match self.keeping_lease(id, self.identify_user(&mut run)).await {
                             Input::UserIdentified(identity) => Input::DeviceApproved(identity),
                             _ => Input::DeviceFailed,
                         }
@@ -361,7 +391,7 @@ impl AuthService {
                     }
                 }
             };
-            if let Err(e) = self.drive(&mut run, input).await {
+            if let Err(e) = self.keeping_lease(id, self.drive(&mut run, input)).await {
                 warn!(session = %id, error = %e, "Finishing a device authorization failed.");
             }
             if Phase::of(&run.session) == Phase::Completed {
