@@ -13,11 +13,12 @@ use secrecy::SecretString;
 
 use super::postgres::PgStore;
 use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
+use super::DevicePoll;
 use super::{
-    AppRow, AuthSession, ChangeKind, DevicePoll, Error, ExpiringGrant, ExportRow, ImportToken,
-    KeyId, KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result,
-    RotationReport, SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store,
-    StoreCounts, SweepReport, UserInfo, UserToken,
+    AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
+    KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
+    SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store, StoreCounts,
+    SweepReport, UserInfo, UserToken,
 };
 
 /// What [`Db::claim_event`] found.
