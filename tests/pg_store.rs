@@ -198,12 +198,13 @@ fn sql(url: &str, query: &str) -> Vec<Vec<Option<String>>> {
     })
 }
 
-const SECRETS: [&str; 5] = [
+const SECRETS: [&str; 6] = [
     "access-PLAINTEXT-4f1c9a",
     "refresh-PLAINTEXT-77be02",
     "pkce-PLAINTEXT-c0ffee",
     "token-access-PLAINTEXT-ab12",
     "token-refresh-PLAINTEXT-cd34",
+    "device-code-PLAINTEXT-9e7d",
 ];
 
 fn write_secrets(store: &PgStore) -> AuthSession {
@@ -227,6 +228,15 @@ fn write_secrets(store: &PgStore) -> AuthSession {
             session_id: Some(sess.session_id),
             needs_reauth: false,
             refresh_in_doubt_since: None,
+        })
+        .unwrap();
+    store
+        .put_device_poll(&lark_service::storage::DevicePoll {
+            session_id: sess.session_id,
+            app_id: "cli_app".into(),
+            device_code: SecretString::from(SECRETS[5].to_owned()),
+            interval_ms: 5_000,
+            expires_at: 1_000,
         })
         .unwrap();
     sess
@@ -270,6 +280,9 @@ fn postgres_holds_no_plaintext_secret() {
     assert_eq!(got.pkce_verifier.unwrap().expose_secret(), SECRETS[2]);
     let tok = store.get_token("cli_app", "u1").unwrap().unwrap();
     assert_eq!(tok.access_token.expose_secret(), SECRETS[3]);
+    let poll = store.get_device_poll(sess.session_id).unwrap().unwrap();
+    assert_eq!(poll.device_code.expose_secret(), SECRETS[5]);
+    assert_eq!((poll.interval_ms, poll.expires_at), (5_000, 1_000));
     // A known plaintext written where it may be (a user id) is found by the same scan.
     let rows = sql(&url, "SELECT t::text FROM ls_sessions AS t");
     assert!(rows
@@ -465,11 +478,11 @@ fn the_service_refuses_to_start_on_a_postgres_store_it_cannot_reach() {
     );
 }
 
-/// What the PostgreSQL store does not serve yet is refused at start, each setting named, not
-/// silently skipped: the device flow. Webhooks, the expiry reminders (on by default) and
-/// scheduled backups are served and not named.
+/// Every feature is served on PostgreSQL: with backups, webhooks, the expiry reminders (on by
+/// default) and the device flow all configured, the service refuses none of them at start; it
+/// stops only because the database cannot be reached (and never opens a local store instead).
 #[test]
-fn the_service_refuses_redb_only_features_on_postgres() {
+fn the_service_refuses_no_feature_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lark-service"))
         .args(["serve", "--sandbox"])
@@ -485,15 +498,12 @@ fn the_service_refuses_redb_only_features_on_postgres() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    for setting in ["auth.flow = device"] {
-        assert!(err.contains(setting), "{setting} not named: {err}");
-    }
-    // Webhooks, the expiry reminders and scheduled backups are served on PostgreSQL (issue
-    // 19): not refused.
+    assert!(!err.contains("does not serve"), "{err}");
     for setting in [
+        "backup.schedule",
         "webhooks.urls",
         "webhooks.expiry_reminder_lead_seconds",
-        "backup.schedule",
+        "auth.flow",
     ] {
         assert!(!err.contains(setting), "{setting} refused: {err}");
     }
@@ -964,6 +974,19 @@ fn a_schema_1_database_is_migrated_in_place() {
             .rate_acquire("k", 1, std::time::Duration::from_secs(60), 5)
             .unwrap(),
         None
+    );
+    // Version 6's device polls.
+    let poll = lark_service::storage::DevicePoll {
+        session_id: sess.session_id,
+        app_id: "cli_app".into(),
+        device_code: secrecy::SecretString::from("dc-migrated".to_owned()),
+        interval_ms: 5_000,
+        expires_at: 9_000,
+    };
+    store.put_device_poll(&poll).unwrap();
+    assert_eq!(
+        store.device_polls_of("cli_app", 10).unwrap(),
+        vec![sess.session_id]
     );
 }
 

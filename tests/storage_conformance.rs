@@ -84,7 +84,9 @@ fn redb_file_holds_no_plaintext_secret() {
         "pkce-PLAINTEXT-c0ffee",
         "token-access-PLAINTEXT-ab12",
         "token-refresh-PLAINTEXT-cd34",
+        "device-code-PLAINTEXT-9e7d",
     ];
+    let device_session = lark_service::storage::SessionId::random();
     {
         let store = Store::open(&path, ring(), StoreOptions::default()).unwrap();
         let s = &store;
@@ -113,6 +115,14 @@ fn redb_file_holds_no_plaintext_secret() {
                 },
             )
             .unwrap();
+            s.put_device_poll(&lark_service::storage::DevicePoll {
+                session_id: device_session,
+                app_id: "cli_app".into(),
+                device_code: SecretString::from(secrets[5].to_owned()),
+                interval_ms: 5_000,
+                expires_at: 600_000,
+            })
+            .unwrap();
         }
     }
     let bytes = std::fs::read(&path).unwrap();
@@ -127,4 +137,14 @@ fn redb_file_holds_no_plaintext_secret() {
     assert!(TokenStore::get_token(&store, "cli_app", "u1")
         .unwrap()
         .is_some());
+    use secrecy::ExposeSecret;
+    assert_eq!(
+        store
+            .get_device_poll(device_session)
+            .unwrap()
+            .unwrap()
+            .device_code
+            .expose_secret(),
+        secrets[5]
+    );
 }

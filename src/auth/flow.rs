@@ -78,12 +78,54 @@ pub(super) struct Inner {
     pub(super) webhook_events: std::sync::atomic::AtomicBool,
 }
 
-/// Whether requests use the device flow, and the signal that stops its polls (see
-/// `device.rs`).
-#[derive(Clone, Debug, Default)]
+/// Whether requests use the device flow, the signal that stops its polls, this process's name
+/// on their leases (when not in a fleet) and the sessions it polls (see `device.rs`).
+#[derive(Clone, Debug)]
 pub(super) struct DeviceCtl {
     pub(super) enabled: bool,
     pub(super) stop: tokio_util::sync::CancellationToken,
+    pub(super) holder: Arc<str>,
+    polling: Arc<std::sync::Mutex<std::collections::HashSet<crate::storage::SessionId>>>,
+}
+
+impl Default for DeviceCtl {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            stop: tokio_util::sync::CancellationToken::new(),
+            holder: Arc::from(format!(
+                "local-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            )),
+            polling: Arc::default(),
+        }
+    }
+}
+
+impl DeviceCtl {
+    fn polling(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<crate::storage::SessionId>> {
+        self.polling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that this process polls session `id`; false if it already does.
+    pub(super) fn mark_polling(&self, id: crate::storage::SessionId) -> bool {
+        self.polling().insert(id)
+    }
+
+    /// This process no longer polls session `id`.
+    pub(super) fn unmark_polling(&self, id: crate::storage::SessionId) {
+        self.polling().remove(&id);
+    }
+
+    /// True while this process polls session `id`.
+    pub(super) fn is_polling(&self, id: crate::storage::SessionId) -> bool {
+        self.polling().contains(&id)
+    }
 }
 
 /// The authorization service. Cheap to clone.

@@ -14,35 +14,13 @@ use crate::storage::postgres::{InstanceRow, PgOptions, PgStore, RotationCursor, 
 use crate::storage::{Db, Error};
 use crate::workers::{BoxError, SharedClock, Worker, WorkerState};
 
-/// What is configured that the PostgreSQL store does not serve in this build, each with what
-/// to do instead. Empty when the configuration can be served.
-#[must_use]
-pub fn redb_only_features(cfg: &Config) -> Vec<&'static str> {
-    let mut off = Vec::new();
-    if cfg.device_flow() {
-        off.push(
-            "auth.flow = device (AUTH_FLOW, or auto without a public URL): device codes are kept \
-             by the instance that asked for them, and a restarting instance would expire the \
-             others' device sessions; use the redirect flow (set PUBLIC_URL) on PostgreSQL",
-        );
-    }
-    off
-}
-
-/// Opens the PostgreSQL store at `url` (off the async threads), after refusing a configuration
-/// it cannot serve: fail closed, at start, naming every setting, rather than a feature that
-/// silently does nothing on a fleet.
+/// Opens the PostgreSQL store at `url` (off the async threads). Every feature of the service
+/// is served on PostgreSQL (webhooks, reminders, backups, key rotation, the app registry, the
+/// device flow), each shared by the fleet (README "Choosing a backend").
 ///
 /// # Errors
-/// A redb-only feature configured, a bad key, an unreachable or newer database.
+/// A bad key, an unreachable or newer database.
 pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, DaemonError> {
-    let off = redb_only_features(cfg);
-    if !off.is_empty() {
-        return Err(DaemonError::Store(Error::Invalid(format!(
-            "storage.backend = \"postgres\" does not serve these yet: {}",
-            off.join("; ")
-        ))));
-    }
     let ring = cfg.keyring()?;
     let net = crate::net::Net::new(&cfg.network.net_options())
         .map_err(|e| DaemonError::Network(e.to_string()))?;
@@ -57,7 +35,7 @@ pub async fn open_postgres(cfg: &Config, url: &SecretString) -> Result<Db, Daemo
         .map_err(|e| Error::Join(e.to_string()))??;
     info!(
         key = %store.active_key_id(),
-        "Serving from PostgreSQL (storage.backend = \"postgres\"); the app registry is the fleet's (each instance follows its changes); the device flow is redb only."
+        "Serving from PostgreSQL (storage.backend = \"postgres\"), shared by the fleet."
     );
     Ok(store.into())
 }

@@ -701,13 +701,11 @@ fn start_workers(
     let primary = app.primary.as_ref();
     if let Some(p) = primary {
         sup.start(FnWorker::new("token_refresh", p.auth.refresh_worker()));
-        // Device sessions of an earlier run cannot be polled (their codes were not kept).
+        // Device sessions of an earlier run, or of a fleet instance that died, are polled
+        // again (their codes are stored); those of an older version, without one, expire.
         let auth = p.auth.clone();
-        sup.tracker().spawn(async move {
-            if let Err(e) = auth.expire_device_sessions_at_start().await {
-                tracing::warn!(error = %e, "Expiring the device sessions of an earlier run failed.");
-            }
-        });
+        sup.tracker()
+            .spawn(async move { auth.resume_device_polls().await });
         sup.start_with_backoff(
             jobs::TenantTokenWorker::new(p.lark.clone()),
             jobs::TENANT_TOKEN_RETRY_CAP,

@@ -404,14 +404,12 @@ pub(super) fn start_runtime(
     dispatcher.set_handler(handlers::app_handler(auth.clone()));
     dispatcher.set_late_failure_hook(handlers::late_failure_notice(lark.clone()));
     let stop = sup.cancellation().child_token();
-    // Device sessions of an earlier run cannot be polled (their codes were not kept).
+    // Device sessions of an earlier run, or of a fleet instance that died, are polled again
+    // (their codes are stored); those of an older version, without one, expire.
     {
         let auth = auth.clone();
-        sup.tracker().spawn(async move {
-            if let Err(e) = auth.expire_device_sessions_at_start().await {
-                warn!(error = %e, "Expiring the device sessions of an earlier run failed.");
-            }
-        });
+        sup.tracker()
+            .spawn(async move { auth.resume_device_polls().await });
     }
     // The app's expiry reminders, until the app stops.
     if let Some((lead, lifetime)) = setup.reminders {

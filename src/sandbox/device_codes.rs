@@ -51,6 +51,21 @@ struct DeviceCode {
     last_poll: Option<Instant>,
     decision: Decision,
     used: bool,
+    /// What this code saw ([`Devices::code_polls`]).
+    seen: CodePolls,
+}
+
+/// What the token endpoint saw of one device code: how many polls, how many came sooner than
+/// the interval in force (two pollers of one code show here), how many came after the code was
+/// redeemed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CodePolls {
+    /// Polls with this code.
+    pub polls: u64,
+    /// Polls sooner than the interval in force.
+    pub too_fast: u64,
+    /// Polls after the code was redeemed (each answered "already used").
+    pub after_redeemed: u64,
 }
 
 /// Device grant state.
@@ -88,6 +103,7 @@ impl Devices {
                 last_poll: None,
                 decision: Decision::Pending,
                 used: false,
+                seen: CodePolls::default(),
             },
         );
         settings
@@ -99,6 +115,14 @@ impl Devices {
             .get(user_code)
             .and_then(|d| self.codes.get(d))
             .map(|c| c.scope.clone())
+    }
+
+    /// What the token endpoint saw of the code the user sees as `user_code`.
+    pub(crate) fn code_polls(&self, user_code: &str) -> Option<CodePolls> {
+        self.by_user_code
+            .get(user_code)
+            .and_then(|d| self.codes.get(d))
+            .map(|c| c.seen)
     }
 
     /// Approves (as `open_id`) or rejects the code the user sees as `user_code`.
@@ -144,7 +168,9 @@ impl Devices {
         let Some(dc) = self.codes.get_mut(device_code).filter(|dc| dc.app == app) else {
             return Err((20003, "invalid_grant", "device code not found"));
         };
+        dc.seen.polls += 1;
         if dc.used {
+            dc.seen.after_redeemed += 1;
             return Err((20065, "invalid_grant", "device code already used"));
         }
         if dc.issued.elapsed() >= dc.expires_in {
@@ -157,6 +183,7 @@ impl Devices {
         dc.last_poll = Some(now);
         if too_fast {
             self.too_fast += 1;
+            dc.seen.too_fast += 1;
         }
         if too_fast || force_slow {
             dc.interval += Duration::from_secs(5);

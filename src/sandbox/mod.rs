@@ -32,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use chats::{SandboxChat, CODE_CHAT_NOT_FOUND, CODE_NOT_IN_CHAT};
-pub use device_codes::DeviceSettings;
+pub use device_codes::{CodePolls, DeviceSettings};
 pub use platform::SandboxUser;
 pub use ws::PreparedEvent;
 
@@ -621,6 +621,13 @@ impl Sandbox {
     pub fn device_polls(&self) -> (u64, u64) {
         let g = self.shared.lock();
         (g.devices.polls, g.devices.too_fast)
+    }
+
+    /// What the token endpoint saw of the device code the user sees as `user_code` (polls,
+    /// polls sooner than its interval, polls after it was redeemed), `None` for an unknown code.
+    #[must_use]
+    pub fn device_code_polls(&self, user_code: &str) -> Option<CodePolls> {
+        self.shared.lock().devices.code_polls(user_code)
     }
 
     /// Approves (as `open_id`) or rejects the device code the user sees as `user_code`, as

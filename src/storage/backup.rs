@@ -212,6 +212,7 @@ macro_rules! for_each_table {
         $f($($arg,)* super::tables::OUTBOX)?;
         $f($($arg,)* super::tables::OUTBOX_DEAD)?;
         $f($($arg,)* super::tables::GRANTS)?;
+        $f($($arg,)* super::tables::DEVICE_POLLS)?;
     }};
 }
 
@@ -530,6 +531,7 @@ fn restore_into(
             "outbox" => l.rows(super::tables::OUTBOX, count)?,
             "outbox_dead" => l.rows(super::tables::OUTBOX_DEAD, count)?,
             "grants" => l.rows(super::tables::GRANTS, count)?,
+            "device_polls" => l.rows(super::tables::DEVICE_POLLS, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

@@ -14,6 +14,7 @@ use secrecy::SecretString;
 
 use super::postgres::PgStore;
 use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
+use super::DevicePoll;
 use super::{
     AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
     KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
@@ -126,6 +127,10 @@ both! {
     fn app_token_count(&self, app_id: &str) -> Result<u64>;
     fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
     fn list_apps(&self) -> Result<Vec<AppRow>>;
+    fn put_device_poll(&self, p: &DevicePoll) -> Result<()>;
+    fn get_device_poll(&self, id: SessionId) -> Result<Option<DevicePoll>>;
+    fn delete_device_poll(&self, id: SessionId) -> Result<bool>;
+    fn device_polls_of(&self, app_id: &str, limit: usize) -> Result<Vec<SessionId>>;
     fn rotate_keys(&self, batch: usize, progress: &mut dyn FnMut(u64, u64)) -> Result<RotationReport>;
     fn write_snapshot(&self, out: &mut dyn std::io::Write, progress: Progress<'_>) -> Result<SnapshotHeader>;
     fn outbox_append(&self, events: &[OutboxEvent], now: u64) -> Result<()>;

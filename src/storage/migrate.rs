@@ -14,6 +14,8 @@
 //! Schema 8 adds the (empty) `apps` registry table, created with the others.
 //! Schema 9 adds the (empty) `sessions_expired` table (the sweep's expiry marks), created with
 //! the others: no session of an older file is marked.
+//! Schema 10 adds the (empty) `device_polls` table, created with the others: a device session of
+//! an older file has no stored code and is expired at start (`auth::device`).
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -47,6 +49,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(SESSION_COUNTS).map_err(e)?;
     txn.open_table(super::tables::APPS).map_err(e)?;
     txn.open_table(super::tables::SESSIONS_EXPIRED).map_err(e)?;
+    txn.open_table(super::tables::DEVICE_POLLS).map_err(e)?;
     create_outbox_tables(store, txn)
 }
 

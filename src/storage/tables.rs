@@ -9,8 +9,9 @@ use redb::TableDefinition;
 
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
 /// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added
-/// `outbox`, `outbox_dead` and `grants`; 8 added `apps`; 9 added `sessions_expired`.
-pub const SCHEMA_VERSION: u32 = 9;
+/// `outbox`, `outbox_dead` and `grants`; 8 added `apps`; 9 added `sessions_expired`; 10 added
+/// `device_polls`.
+pub const SCHEMA_VERSION: u32 = 10;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -87,6 +88,10 @@ pub const GRANTS: TableDefinition<'_, (&str, &str), (u64, u64)> = TableDefinitio
 /// The app registry: app id → version byte and the bincode of the app's record, its secret
 /// sealed (see `apps.rs`).
 pub const APPS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("apps");
+
+/// Device polls by session id: version byte and the bincode of the device code (sealed), the
+/// interval in force and the code's expiry (see `device.rs`).
+pub const DEVICE_POLLS: TableDefinition<'_, u128, &[u8]> = TableDefinition::new("device_polls");
 
 /// Change kind: the session was written.
 pub const CHANGE_UPSERT: u8 = 1;

@@ -234,6 +234,7 @@ pub const UNDO_STEPS: &[(i32, &str)] = &[
         7,
         "ALTER TABLE ls_instances DROP COLUMN key_ids, DROP COLUMN active_key;",
     ),
+    (6, "DROP TABLE ls_device_polls;"),
     (5, "DROP TABLE ls_apps; DROP TABLE ls_apps_version;"),
     (
         4,

@@ -31,6 +31,7 @@ mod apps;
 mod backup;
 mod claims;
 mod copy;
+mod device;
 mod feed;
 mod fleet;
 mod instances;

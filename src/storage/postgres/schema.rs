@@ -239,6 +239,21 @@ CREATE TABLE ls_apps_version (
 INSERT INTO ls_apps_version (id, version) VALUES (1, 0);
 ";
 
+/// Schema version 6 (additive): device polls, so that a device session is polled after a
+/// restart and by another instance when the one polling it dies (`device`): the device code
+/// sealed (nonce || ciphertext, key id), the interval in force, the code's expiry.
+const V6: &str = r"
+CREATE TABLE ls_device_polls (
+    session_id bytea PRIMARY KEY CHECK (length(session_id) = 16),
+    app_id text NOT NULL,
+    device_code bytea NOT NULL,
+    device_code_key bigint NOT NULL,
+    interval_ms bigint NOT NULL,
+    expires_at bigint NOT NULL
+);
+CREATE INDEX ls_device_polls_by_app ON ls_device_polls (app_id, session_id);
+";
+
 /// Schema version 7 (additive): the key ids each instance holds, written by its heartbeat, so
 /// a key rotation can refuse while a live instance could not open what it seals
 /// (`keys::PgStore::rotate_keys`). `NULL`: an instance of an older build (it says nothing, so
@@ -266,6 +281,7 @@ fn steps() -> Vec<(i32, String)> {
         (3, V3.to_owned()),
         (4, V4.to_owned()),
         (5, V5.to_owned()),
+        (6, V6.to_owned()),
         (7, V7.to_owned()),
     ]
 }
