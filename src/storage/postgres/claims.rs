@@ -105,10 +105,13 @@ struct Line {
     round: Statement,
 }
 
+/// Where one claim's answer goes.
+type ClaimTx = oneshot::Sender<Result<Option<u64>>>;
+
 /// What one batch holds.
 #[derive(Default)]
 struct Batch {
-    claims: Vec<(String, u64, u64, oneshot::Sender<Result<Option<u64>>>)>,
+    claims: Vec<(String, u64, u64, ClaimTx)>,
     settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
 }
 
