@@ -1234,3 +1234,254 @@ fn a_release_leaves_a_claim_taken_again_since() {
         EventClaim::Held(record)
     );
 }
+
+/// Settles and claims in one statement (what the claim batcher sends per batch): the settled
+/// ids are records once it returns (another instance finds them), a settle keeps the later of
+/// two record times, a claim of an id settled in the same batch finds the record, and the
+/// claims beside them decide as claims alone do (new: won; live claim elsewhere: held; lapsed:
+/// won).
+#[test]
+fn settles_ride_with_claims_in_one_statement() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let pa = server.open(&url);
+    let (a, b): (Db, Db) = (pa.clone().into(), server.open(&url).into());
+    let now = lark_service::storage::now_ms();
+    let record = now + 86_400_000;
+    let later = record + 1_000;
+
+    assert_eq!(
+        a.claim_event("mine", now + 30_000, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        b.claim_event("live", now + 20_000, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        b.claim_event("lapsed", now + 5, now).unwrap(),
+        EventClaim::Won
+    );
+    b.settle_events(&["old-rec"], later).unwrap();
+
+    let got = pa
+        .settle_and_claim_batch(
+            &[
+                ("mine", record),
+                ("unclaimed", record),
+                ("old-rec", record),
+                ("mine", record - 7),
+            ],
+            &[
+                ("new", now + 30_000),
+                ("mine", now + 30_000),
+                ("live", now + 30_000),
+                ("lapsed", now + 40_000),
+                ("new", now + 35_000),
+            ],
+            now + 10,
+        )
+        .unwrap();
+    assert_eq!(
+        got,
+        vec![
+            None,
+            Some(record),
+            Some(now + 20_000),
+            None,
+            Some(now + 30_000)
+        ]
+    );
+    // Committed, and seen from the other instance's connections.
+    for (id, held) in [
+        ("mine", record),
+        ("unclaimed", record),
+        ("old-rec", later),
+        ("new", now + 30_000),
+        ("live", now + 20_000),
+        ("lapsed", now + 40_000),
+    ] {
+        assert_eq!(
+            b.claim_event(id, now + 90_000, now + 20).unwrap(),
+            EventClaim::Held(held),
+            "{id}"
+        );
+    }
+    // Only settles, only claims, nothing: each is one statement too.
+    assert_eq!(
+        pa.settle_and_claim_batch(&[("new", record)], &[], now)
+            .unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        b.claim_event("new", now + 90_000, now + 20).unwrap(),
+        EventClaim::Held(record)
+    );
+    assert_eq!(pa.settle_and_claim_batch(&[], &[], now).unwrap(), vec![]);
+    // A bad id spoils nothing it did not touch: refused before anything is sent.
+    let long = "x".repeat(10_000);
+    assert!(matches!(
+        pa.settle_and_claim_batch(&[(&long, record)], &[("other", now + 30_000)], now),
+        Err(Error::Invalid(_))
+    ));
+    assert_eq!(
+        b.claim_event("other", now + 30_000, now + 20).unwrap(),
+        EventClaim::Won
+    );
+}
+
+/// The dispatcher's settles go through the claim batcher, carried by the round trip of the
+/// claims queued meanwhile: while claims stream through the batcher, every settle returns only
+/// once its records are committed (a fresh connection of another instance finds each one the
+/// moment it returns), a settle made from inside a runtime (the writer's fallback after close)
+/// neither panics nor hangs, and every claim is still decided exactly once.
+#[test]
+fn settles_through_the_batcher_are_durable_when_they_return() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let now = lark_service::storage::now_ms();
+    let record = now + 86_400_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // A stream of claims through A's batcher, from a runtime, as the dispatchers make them.
+    let claimer = {
+        let a = a.clone();
+        rt.spawn(async move {
+            let mut won = 0;
+            for round in 0..40 {
+                let mut tasks = tokio::task::JoinSet::new();
+                for k in 0..32 {
+                    let (a, id) = (a.clone(), format!("stream-{round}-{k}"));
+                    tasks.spawn(async move {
+                        a.claim_event_batched(&id, now + 30_000, now).await.unwrap()
+                    });
+                }
+                won += tasks
+                    .join_all()
+                    .await
+                    .into_iter()
+                    .filter(|c| *c == EventClaim::Won)
+                    .count();
+            }
+            won
+        })
+    };
+    // Meanwhile the writer settles what it claimed, group after group.
+    for g in 0..40 {
+        let ids: Vec<String> = (0..8).map(|k| format!("done-{g}-{k}")).collect();
+        for id in &ids {
+            assert_eq!(
+                rt.block_on(a.claim_event_batched(id, now + 30_000, now))
+                    .unwrap(),
+                EventClaim::Won
+            );
+        }
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        a.settle_events(&refs, record).unwrap();
+        for id in &ids {
+            assert_eq!(
+                b.claim_event(id, now + 30_000, now).unwrap(),
+                EventClaim::Held(record),
+                "{id} was not recorded when its settle returned"
+            );
+        }
+    }
+    assert_eq!(rt.block_on(claimer).unwrap(), 40 * 32);
+    // From inside the runtime (the seen-id writer's fallback once it is closed).
+    rt.block_on(async {
+        a.settle_events(&["late"], record).unwrap();
+    });
+    assert_eq!(
+        b.claim_event("late", now + 30_000, now).unwrap(),
+        EventClaim::Held(record)
+    );
+}
+
+/// The claim batcher's own connection lost (PostgreSQL restarted it, or a proxy cut it): the
+/// batch it was running fails as unavailable (it may have committed: the dispatcher decides),
+/// and the next batch opens a new connection and decides as before.
+#[test]
+fn the_claim_batcher_reconnects_after_losing_its_connection() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let db_name = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let now = lark_service::storage::now_ms();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert_eq!(
+        rt.block_on(a.claim_event_batched("before", now + 30_000, now))
+            .unwrap(),
+        EventClaim::Won
+    );
+    // Every other backend of this database goes (the batcher's among them).
+    let port = server.pg.port.to_string();
+    let kill = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{db_name}' AND pid <> pg_backend_pid()"
+    );
+    server.pg.run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-At",
+            "-c",
+            &kill,
+        ],
+    );
+    let mut outcomes = Vec::new();
+    for k in 0..3 {
+        outcomes.push(rt.block_on(a.claim_event_batched(&format!("after-{k}"), now + 30_000, now)));
+    }
+    // At most the first fails (and only as unavailable); then claims are decided again.
+    assert!(
+        matches!(
+            &outcomes[0],
+            Ok(EventClaim::Won) | Err(Error::Unavailable(_))
+        ),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(outcomes[1], Ok(EventClaim::Won)),
+        "{:?}",
+        outcomes[1]
+    );
+    assert!(
+        matches!(outcomes[2], Ok(EventClaim::Won)),
+        "{:?}",
+        outcomes[2]
+    );
+    assert_eq!(
+        b.claim_event("after-2", now + 40_000, now).unwrap(),
+        EventClaim::Held(now + 30_000)
+    );
+    assert_eq!(
+        b.claim_event("before", now + 40_000, now).unwrap(),
+        EventClaim::Held(now + 30_000)
+    );
+}

@@ -1,37 +1,91 @@
-//! The claim batcher: event-id claims ([`PgStore::claim_event`]'s semantics) gathered from
-//! every dispatcher of one store and decided in one statement per batch.
+//! The claim batcher: event-id claims ([`PgStore::claim_event`]'s semantics) and settles
+//! ([`PgStore::settle_events`]) gathered from every dispatcher of one store and decided in one
+//! statement, one round trip and one commit per batch.
 //!
 //! A claim is queued (id, until, now, a one-shot reply) and the caller awaits the reply, so
-//! the async thread that asked never blocks on PostgreSQL. One thread per store (started on
-//! the first claim, named `pg-claims`) takes what is queued, up to [`MAX_BATCH`], and runs
-//! [`PgStore::claim_events`]: one `INSERT … SELECT … FROM unnest(…) ON CONFLICT … RETURNING`
-//! whose `SELECT` also reads the held ids' times, ids in one sorted order (one lock order for
-//! every instance). While a batch is in flight the next one gathers, so claims cost one round
-//! trip per batch, not one per id.
+//! the async thread that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
+//! the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
+//! the batch that carried it has committed: a settle returns once its records are durable, as
+//! before. One thread per store (started on the first claim or settle, named `pg-claims`)
+//! takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and
+//! runs [`ROUND`] on its own connection, where that statement is prepared once: it settles the
+//! ids handled since the last batch and claims the new ones, each set inserted in one sorted
+//! order (one lock order for every instance), and reads the held ids' times. While a batch is
+//! in flight the next one gathers, so claims and settles together cost one round trip and one
+//! commit per batch, not one per id, nor one for the claims and another for the settles.
+//!
+//! The batcher's connection is its own, one beyond the pool's `max_connections` (a batcher
+//! that took its connection from the pool could starve the pool's other users). A lost
+//! connection fails the batch it was running (its askers are told `Unavailable`: it may have
+//! committed) and the next batch opens a new one.
 //!
 //! The thread holds the store weakly: the queue's sender lives in the store, so when the last
 //! handle goes, the queue closes and the thread ends.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Weak};
 
 use tokio::sync::oneshot;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Statement};
 
-use super::{Inner, PgStore};
-use crate::storage::{Error, Result};
+use super::{block_on, db_time, pg_err, retry_pause, retryable, Inner, PgStore, MAX_ATTEMPTS};
+use crate::storage::{valid_event_key, Error, Result};
 
-/// Claims decided in one statement at most.
+/// Claims decided in one statement at most (settles queued meanwhile ride along, whatever
+/// their number: the seen-id writer already bounds its groups).
 pub(crate) const MAX_BATCH: usize = 256;
 
 /// The answer to one queued claim: as [`PgStore::claim_event`]'s.
 pub type ClaimReply = oneshot::Receiver<Result<Option<u64>>>;
 
-pub(super) struct Request {
-    id: String,
-    until: u64,
-    now: u64,
-    reply: oneshot::Sender<Result<Option<u64>>>,
+/// One batch's statement. `$1`, `$2`: the claimed ids (distinct, sorted) and their untils;
+/// `$3`: now; `$4`, `$5`: the settled ids (distinct, sorted, none of them claimed in this
+/// batch) and their times. The settles become records (an upsert keeping the later time);
+/// a claim wins when its id is free at `$3` (never seen, or its claim or record lapsed). The
+/// held ids' times are read by the same statement (its snapshot: an id held by a claim that
+/// committed while it ran is read again after it, see `round`).
+const ROUND: &str = "WITH req AS (
+        SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(id, until)),
+     settled AS (
+        INSERT INTO ls_seen_events AS e (id, forget_at)
+        SELECT id, at FROM unnest($4::text[], $5::bigint[]) AS s(id, at) ORDER BY id COLLATE \"C\"
+        ON CONFLICT (id) DO UPDATE SET forget_at = GREATEST(e.forget_at, EXCLUDED.forget_at)),
+     won AS (
+        INSERT INTO ls_seen_events AS e (id, forget_at)
+        SELECT id, until FROM req ORDER BY id COLLATE \"C\"
+        ON CONFLICT (id) DO UPDATE SET forget_at = EXCLUDED.forget_at
+           WHERE e.forget_at <= $3
+        RETURNING e.id)
+     SELECT r.id, w.id IS NOT NULL, s.forget_at
+     FROM req AS r
+     LEFT JOIN won AS w ON w.id = r.id
+     LEFT JOIN ls_seen_events AS s ON w.id IS NULL AND s.id = r.id";
+
+const ROUND_TYPES: [Type; 5] = [
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+    Type::INT8,
+    Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
+];
+
+pub(super) enum Request {
+    Claim {
+        id: String,
+        until: u64,
+        now: u64,
+        reply: oneshot::Sender<Result<Option<u64>>>,
+    },
+    Settle {
+        ids: Vec<String>,
+        forget_at: u64,
+        /// A std channel: the settler may be a thread inside a runtime (a blocking wait on a
+        /// tokio one-shot would panic there).
+        reply: mpsc::Sender<Result<()>>,
+    },
 }
 
 /// Starts the batcher thread of `inner`; the sender of its queue.
@@ -45,48 +99,190 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<mpsc::Sender<Request>> {
     Ok(tx)
 }
 
+/// The batcher's own connection and its prepared [`ROUND`].
+struct Line {
+    client: Client,
+    round: Statement,
+}
+
+/// Where one claim's answer goes.
+type ClaimTx = oneshot::Sender<Result<Option<u64>>>;
+
+/// What one batch holds.
+#[derive(Default)]
+struct Batch {
+    claims: Vec<(String, u64, u64, ClaimTx)>,
+    settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
+}
+
+impl Batch {
+    fn push(&mut self, r: Request) {
+        match r {
+            Request::Claim {
+                id,
+                until,
+                now,
+                reply,
+            } => self.claims.push((id, until, now, reply)),
+            Request::Settle {
+                ids,
+                forget_at,
+                reply,
+            } => self.settles.push((ids, forget_at, reply)),
+        }
+    }
+}
+
 fn run(store: &Weak<Inner>, rx: &mpsc::Receiver<Request>) {
+    let mut line: Option<Line> = None;
     while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut batch = Batch::default();
+        batch.push(first);
+        while batch.claims.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(r) => batch.push(r),
                 Err(_) => break,
             }
         }
         let answers = match store.upgrade() {
-            Some(inner) => decide(&PgStore { inner }, &batch),
+            Some(inner) => decide(&PgStore { inner }, &mut line, &batch),
             None => Err(Error::Unavailable("the store is closing".to_owned())),
         };
+        if line.as_ref().is_some_and(|l| l.client.is_closed()) {
+            line = None;
+        }
         match answers {
             Ok(answers) => {
-                for (r, a) in batch.into_iter().zip(answers) {
+                for (r, a) in batch.claims.into_iter().zip(answers) {
                     // The caller may have stopped waiting: nothing to tell then.
-                    let _ = r.reply.send(Ok(a));
+                    let _ = r.3.send(Ok(a));
+                }
+                for s in batch.settles {
+                    let _ = s.2.send(Ok(()));
                 }
             }
             Err(e) => {
                 // Each asker gets the error's kind (a lost connection stays `Unavailable`).
-                for r in batch {
-                    let again = match &e {
-                        Error::Unavailable(m) => Error::Unavailable(m.clone()),
-                        Error::Invalid(m) => Error::Invalid(m.clone()),
-                        other => Error::Engine(other.to_string()),
-                    };
-                    let _ = r.reply.send(Err(again));
+                for r in batch.claims {
+                    let _ = r.3.send(Err(again(&e)));
+                }
+                for s in batch.settles {
+                    let _ = s.2.send(Err(again(&e)));
                 }
             }
         }
     }
 }
 
-/// The answers to `batch`, in its order, all decided as of the batch's earliest `now` (a
-/// claim lapsed by then is free for every asker; a later `now` would free a claim some asker
-/// still saw held).
-fn decide(store: &PgStore, batch: &[Request]) -> Result<Vec<Option<u64>>> {
-    let claims: Vec<(&str, u64)> = batch.iter().map(|r| (r.id.as_str(), r.until)).collect();
-    let now = batch.iter().map(|r| r.now).min().unwrap_or(0);
-    store.claim_batch(&claims, now)
+/// A copy of `e` of the same kind, for one more asker.
+fn again(e: &Error) -> Error {
+    match e {
+        Error::Unavailable(m) => Error::Unavailable(m.clone()),
+        Error::Invalid(m) => Error::Invalid(m.clone()),
+        other => Error::Engine(other.to_string()),
+    }
+}
+
+/// The answers to the batch's claims, in its order, all decided as of the batch's earliest
+/// `now` (a claim lapsed by then is free for every asker; a later `now` would free a claim
+/// some asker still saw held), its settles committed with them.
+fn decide(store: &PgStore, line: &mut Option<Line>, batch: &Batch) -> Result<Vec<Option<u64>>> {
+    let claims: Vec<(&str, u64)> = batch.claims.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    let now = batch.claims.iter().map(|r| r.2).min().unwrap_or(0);
+    let settles: Vec<(&str, u64)> = batch
+        .settles
+        .iter()
+        .flat_map(|(ids, at, _)| ids.iter().map(move |id| (id.as_str(), *at)))
+        .collect();
+    store.claim_and_settle(&claims, &settles, now, |claims, settles, now| {
+        let mut attempt = 1;
+        loop {
+            if line.is_none() {
+                let client = store.connect()?;
+                let round = block_on(client.prepare_typed(ROUND, &ROUND_TYPES))
+                    .map_err(|e| pg_err(&e))?;
+                *line = Some(Line { client, round });
+            }
+            let l = line
+                .as_ref()
+                .ok_or_else(|| Error::Unavailable("no connection".to_owned()))?;
+            match block_on(round(&l.client, Some(&l.round), claims, settles, now)) {
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    store.inner.retries.fetch_add(1, Ordering::Relaxed);
+                    if let Some(observe) = super::RETRY_OBSERVER.get() {
+                        observe();
+                    }
+                    tracing::warn!(attempt, error = %e, "PostgreSQL aborted a claim batch (serialization failure or deadlock); running it again.");
+                    std::thread::sleep(retry_pause(attempt));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    })
+}
+
+/// Distinct claims and settles, sorted by id, as [`ROUND`] takes them.
+type Sorted = (Vec<String>, Vec<i64>);
+
+/// Runs [`ROUND`] on `c` (prepared as `stmt`, or sent with its types when `None`): the
+/// claims' answers by id (`None`: won; `Some(t)`: held until `t`, `0` when the row went
+/// meanwhile). An id held by a claim not in the statement's snapshot is read again.
+async fn round(
+    c: &Client,
+    stmt: Option<&Statement>,
+    claims: &Sorted,
+    settles: &Sorted,
+    now: i64,
+) -> Result<HashMap<String, Option<u64>>> {
+    let params: [&(dyn ToSql + Sync); 5] = [&claims.0, &claims.1, &now, &settles.0, &settles.1];
+    let rows = match stmt {
+        Some(s) => c.query(s, &params).await,
+        None => {
+            let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+                params.iter().copied().zip(ROUND_TYPES).collect();
+            c.query_typed(ROUND, &typed).await
+        }
+    }
+    .map_err(|e| pg_err(&e))?;
+    let mut decided: HashMap<String, Option<u64>> = HashMap::with_capacity(rows.len());
+    let mut unseen: Vec<String> = Vec::new();
+    for r in &rows {
+        let id: String = r.try_get(0).map_err(|e| pg_err(&e))?;
+        let won: bool = r.try_get(1).map_err(|e| pg_err(&e))?;
+        let held: Option<i64> = r.try_get(2).map_err(|e| pg_err(&e))?;
+        match (won, held) {
+            (true, _) => {
+                decided.insert(id, None);
+            }
+            (false, Some(t)) => {
+                decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
+            }
+            (false, None) => unseen.push(id),
+        }
+    }
+    if !unseen.is_empty() {
+        let rows = c
+            .query(
+                "SELECT id, forget_at FROM ls_seen_events WHERE id = ANY($1::text[])",
+                &[&unseen],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+        let mut held: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            held.insert(
+                r.try_get(0).map_err(|e| pg_err(&e))?,
+                r.try_get(1).map_err(|e| pg_err(&e))?,
+            );
+        }
+        for id in unseen {
+            // Gone meanwhile (a released claim): `0`, as `claim_event` says.
+            let t = held.get(&id).copied().unwrap_or(0);
+            decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
+        }
+    }
+    Ok(decided)
 }
 
 impl PgStore {
@@ -95,27 +291,94 @@ impl PgStore {
     /// decided for its first asker; a later one finds it held by what the first found, or by
     /// the first's claim when it won (`Some(its until)`): one claim per id wins.
     pub fn claim_batch(&self, claims: &[(&str, u64)], now: u64) -> Result<Vec<Option<u64>>> {
+        self.claim_and_settle(claims, &[], now, |claims, settles, now| {
+            self.with(async |c| round(c, None, claims, settles, now).await)
+        })
+    }
+
+    /// Settles `settles` (id, forget_at) and decides `claims` in one statement, as the batcher
+    /// decides one batch (through the pool, not the batcher's own connection): the claims
+    /// answered as [`PgStore::claim_batch`] answers them, a claim of an id settled here finding
+    /// its record. Returns once both are committed.
+    pub fn settle_and_claim_batch(
+        &self,
+        settles: &[(&str, u64)],
+        claims: &[(&str, u64)],
+        now: u64,
+    ) -> Result<Vec<Option<u64>>> {
+        self.claim_and_settle(claims, settles, now, |claims, settles, now| {
+            self.with(async |c| round(c, None, claims, settles, now).await)
+        })
+    }
+
+    /// `claim_batch` with settles (id, forget_at) carried by the same statement: the settles
+    /// become records (an id settled twice keeps the later time) and a claim of a settled id
+    /// finds it recorded. `exec` runs [`ROUND`] (through the pool, or the batcher's line).
+    fn claim_and_settle(
+        &self,
+        claims: &[(&str, u64)],
+        settles: &[(&str, u64)],
+        now: u64,
+        exec: impl FnOnce(&Sorted, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
+    ) -> Result<Vec<Option<u64>>> {
+        if let Some((bad, _)) = claims
+            .iter()
+            .chain(settles)
+            .find(|(id, _)| !valid_event_key(id))
+        {
+            return Err(Error::Invalid(format!(
+                "event id of {} bytes cannot be claimed or recorded",
+                bad.len()
+            )));
+        }
+        let mut settled: HashMap<&str, u64> = HashMap::with_capacity(settles.len());
+        for (id, at) in settles {
+            let t = settled.entry(id).or_insert(*at);
+            *t = (*t).max(*at);
+        }
         let mut first: HashMap<&str, u64> = HashMap::with_capacity(claims.len());
         let mut distinct: Vec<(&str, u64)> = Vec::with_capacity(claims.len());
         for (id, until) in claims {
-            // The first asker's until is the one claimed with.
+            // The first asker's until is the one claimed with; an id settled by this batch is
+            // not claimed (it is answered with its record's time).
             if let Entry::Vacant(v) = first.entry(id) {
                 v.insert(*until);
-                distinct.push((id, *until));
+                if !settled.contains_key(id) {
+                    distinct.push((id, *until));
+                }
             }
         }
-        let decided: HashMap<&str, Option<u64>> = distinct
-            .iter()
-            .map(|(id, _)| *id)
-            .zip(self.claim_events(&distinct, now)?)
-            .collect();
-        let mut answered: HashSet<&str> = HashSet::with_capacity(distinct.len());
+        // One order for every instance (as in `mark_events_seen`): no deadlock between two
+        // batches sharing ids.
+        distinct.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut settled_sorted: Vec<(&str, u64)> = settled.iter().map(|(k, v)| (*k, *v)).collect();
+        settled_sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let c: Sorted = (
+            distinct.iter().map(|(id, _)| (*id).to_owned()).collect(),
+            distinct.iter().map(|(_, u)| db_time(*u)).collect(),
+        );
+        let s: Sorted = (
+            settled_sorted
+                .iter()
+                .map(|(id, _)| (*id).to_owned())
+                .collect(),
+            settled_sorted.iter().map(|(_, t)| db_time(*t)).collect(),
+        );
+        let decided = if c.0.is_empty() && s.0.is_empty() {
+            HashMap::new()
+        } else {
+            exec(&c, &s, db_time(now))?
+        };
+        let mut answered: HashSet<&str> = HashSet::with_capacity(first.len());
         claims
             .iter()
             .map(|(id, _)| {
-                let d = decided.get(id).copied().ok_or_else(|| {
-                    Error::Engine("a claim of the batch went unanswered".to_owned())
-                })?;
+                let d = match settled.get(id) {
+                    Some(t) => Some(*t),
+                    None => decided.get(*id).copied().ok_or_else(|| {
+                        Error::Engine("a claim of the batch went unanswered".to_owned())
+                    })?,
+                };
                 if answered.insert(id) {
                     return Ok(d);
                 }
@@ -133,24 +396,65 @@ impl PgStore {
     /// [`PgStore::claim_event`] would. An id that cannot be claimed is answered at once.
     pub fn queue_claim(&self, id: &str, until: u64, now: u64) -> ClaimReply {
         let (reply, rx) = oneshot::channel();
-        let req = Request {
+        if !valid_event_key(id) {
+            let _ = reply.send(Err(Error::Invalid(format!(
+                "event id of {} bytes cannot be claimed",
+                id.len()
+            ))));
+            return rx;
+        }
+        let req = Request::Claim {
             id: id.to_owned(),
             until,
             now,
             reply,
         };
-        let queue = match self.claim_queue() {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = req.reply.send(Err(e));
-                return rx;
+        if let Err(e) = self.enqueue(req) {
+            let (req, err) = *e;
+            if let Request::Claim { reply, .. } = req {
+                let _ = reply.send(Err(err));
             }
-        };
-        if let Err(mpsc::SendError(req)) = queue.send(req) {
-            let _ = req.reply.send(Err(Error::Unavailable(
-                "the claim batcher stopped".to_owned(),
-            )));
         }
         rx
+    }
+
+    /// Records `ids` as seen until `forget_at` through the batcher, carried by its next round
+    /// trip (with the claims queued meanwhile); returns once that batch has committed.
+    pub(crate) fn settle_queued(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+        if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
+            return Err(Error::Invalid(format!(
+                "event id of {} bytes cannot be recorded",
+                bad.len()
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = mpsc::channel();
+        let req = Request::Settle {
+            ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+            forget_at,
+            reply,
+        };
+        if let Err(e) = self.enqueue(req) {
+            let (_, err) = *e;
+            return Err(err);
+        }
+        rx.recv()
+            .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
+    }
+
+    /// Sends `req` to the batcher, or gives it back with why not.
+    fn enqueue(&self, req: Request) -> std::result::Result<(), Box<(Request, Error)>> {
+        let queue = match self.claim_queue() {
+            Ok(q) => q,
+            Err(e) => return Err(Box::new((req, e))),
+        };
+        queue.send(req).map_err(|mpsc::SendError(req)| {
+            Box::new((
+                req,
+                Error::Unavailable("the claim batcher stopped".to_owned()),
+            ))
+        })
     }
 }

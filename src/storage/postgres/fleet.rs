@@ -5,9 +5,7 @@
 //! - Leases: one conditional upsert (`ON CONFLICT (name) DO UPDATE … WHERE` the lease is free at
 //!   `now` or already the caller's), so two holders never both get it for the same `now`.
 
-use std::collections::{HashMap, HashSet};
-
-use tokio_postgres::types::Type;
+use std::collections::HashSet;
 
 use super::{db_time, pg_err, PgStore};
 use crate::storage::traits::{Leases, SeenEvents};
@@ -77,133 +75,13 @@ impl PgStore {
         })
     }
 
-    /// Claims many event ids at once, as [`PgStore::claim_event`] claims one, all as of `now`,
-    /// in one statement: the answers in the order of `claims`. The ids must be distinct
-    /// (PostgreSQL refuses to update one row twice in a statement); they are inserted in one
-    /// sorted order, so batches of two instances sharing ids cannot deadlock. The held ids'
-    /// times are read by the same statement; one held by a claim committed while it ran (not
-    /// in its snapshot) is read again after it.
-    pub(crate) fn claim_events(
-        &self,
-        claims: &[(&str, u64)],
-        now: u64,
-    ) -> Result<Vec<Option<u64>>> {
-        if let Some((bad, _)) = claims.iter().find(|(id, _)| !valid_event_key(id)) {
-            return Err(Error::Invalid(format!(
-                "event id of {} bytes cannot be claimed",
-                bad.len()
-            )));
-        }
-        let mut sorted: Vec<(&str, u64)> = claims.to_vec();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        if sorted.windows(2).any(|w| w[0].0 == w[1].0) {
-            return Err(Error::Invalid(
-                "an event id is claimed twice in one batch".to_owned(),
-            ));
-        }
-        let ids: Vec<String> = sorted.iter().map(|(id, _)| (*id).to_owned()).collect();
-        let untils: Vec<i64> = sorted.iter().map(|(_, u)| db_time(*u)).collect();
-        let mut decided: HashMap<String, Option<u64>> = HashMap::with_capacity(ids.len());
-        let mut unseen: Vec<String> = Vec::new();
-        self.with(async |c| {
-            decided.clear();
-            unseen.clear();
-            let rows = c
-                .query_typed(
-                    "WITH req AS (
-                        SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(id, until)),
-                     won AS (
-                        INSERT INTO ls_seen_events AS e (id, forget_at)
-                        SELECT id, until FROM req ORDER BY id COLLATE \"C\"
-                        ON CONFLICT (id) DO UPDATE SET forget_at = EXCLUDED.forget_at
-                           WHERE e.forget_at <= $3
-                        RETURNING e.id)
-                     SELECT r.id, w.id IS NOT NULL, s.forget_at
-                     FROM req AS r
-                     LEFT JOIN won AS w ON w.id = r.id
-                     LEFT JOIN ls_seen_events AS s ON w.id IS NULL AND s.id = r.id",
-                    &[
-                        (&ids, Type::TEXT_ARRAY),
-                        (&untils, Type::INT8_ARRAY),
-                        (&db_time(now), Type::INT8),
-                    ],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            for r in &rows {
-                let id: String = r.try_get(0).map_err(|e| pg_err(&e))?;
-                let won: bool = r.try_get(1).map_err(|e| pg_err(&e))?;
-                let held: Option<i64> = r.try_get(2).map_err(|e| pg_err(&e))?;
-                match (won, held) {
-                    (true, _) => {
-                        decided.insert(id, None);
-                    }
-                    (false, Some(t)) => {
-                        decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
-                    }
-                    (false, None) => unseen.push(id),
-                }
-            }
-            Ok(())
-        })?;
-        if !unseen.is_empty() {
-            let held: HashMap<String, i64> = self.with(async |c| {
-                let rows = c
-                    .query(
-                        "SELECT id, forget_at FROM ls_seen_events WHERE id = ANY($1::text[])",
-                        &[&unseen],
-                    )
-                    .await
-                    .map_err(|e| pg_err(&e))?;
-                rows.iter()
-                    .map(|r| {
-                        Ok((
-                            r.try_get(0).map_err(|e| pg_err(&e))?,
-                            r.try_get(1).map_err(|e| pg_err(&e))?,
-                        ))
-                    })
-                    .collect()
-            })?;
-            for id in unseen {
-                // Gone meanwhile (a released claim): `0`, as `claim_event` says.
-                let t = held.get(&id).copied().unwrap_or(0);
-                decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
-            }
-        }
-        claims
-            .iter()
-            .map(|(id, _)| {
-                decided.get(*id).copied().ok_or_else(|| {
-                    Error::Engine("the claim statement left an id unanswered".to_owned())
-                })
-            })
-            .collect()
-    }
-
     /// Records ids (their handlers succeeded) as seen until `forget_at`, claimed or not: a
-    /// claim becomes a record, an id already recorded keeps the later time.
+    /// claim becomes a record, an id already recorded keeps the later time. Returns once the
+    /// records are committed.
     pub(crate) fn settle_events(&self, ids: &[&str], forget_at: u64) -> Result<()> {
-        if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
-            return Err(Error::Invalid(format!(
-                "event id of {} bytes cannot be recorded",
-                bad.len()
-            )));
-        }
-        // One order for every instance (as in `mark_events_seen`): no deadlock.
-        let mut ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        self.with(async |c| {
-            c.execute(
-                "INSERT INTO ls_seen_events AS e (id, forget_at)
-                 SELECT u.id, $2 FROM unnest($1::text[]) AS u(id) ORDER BY u.id COLLATE \"C\"
-                 ON CONFLICT (id) DO UPDATE SET forget_at = GREATEST(e.forget_at, EXCLUDED.forget_at)",
-                &[&ids, &db_time(forget_at)],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
-            Ok(())
-        })
+        // Carried by the claim batcher's next round trip: one commit for the claims and the
+        // settles of a batch (`claims`).
+        self.settle_queued(ids, forget_at)
     }
 
     /// Lets ids this instance claimed until `until` go (their handler failed or never ran): a
