@@ -835,6 +835,23 @@ mod tests {
     }
 
     #[test]
+    fn the_received_frame_becomes_its_ack_with_the_python_ack_bytes() {
+        // The long connection's path: the frame it read (payload and all) is turned into its
+        // own ACK. The event's payload must not survive, and the bytes are the Python SDK's.
+        let mut py = Frame::decode_strict(&unhex(PY_ACK)).unwrap();
+        py.payload = Some(br#"{"code":200}"#.to_vec());
+        let ack = into_ack(event_frame(), Duration::from_millis(1), &AckResponse::Ok);
+        assert_eq!(ack.to_bytes(), py.to_bytes());
+        // A frame that already had a biz_rt keeps one, with the new value.
+        let mut f = event_frame();
+        f.headers.push(Header::new("biz_rt", "99"));
+        let ack = into_ack(f, Duration::from_millis(7), &AckResponse::Failed);
+        assert_eq!(ack.headers.iter().filter(|h| h.key == "biz_rt").count(), 1);
+        assert_eq!(ack.header("biz_rt"), Some("7"));
+        assert_eq!(ack.payload_bytes(), br#"{"code":500}"#);
+    }
+
+    #[test]
     fn zero_required_fields_are_encoded() {
         // A proto3-style encoder would emit nothing for an all-zero frame.
         let bytes = Frame::default().to_bytes();
