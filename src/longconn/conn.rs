@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::protocol::{
-    build_ack, ping_frame, AckResponse, ClientConfig, ConnParams, Frame, FrameKind,
+    into_ack, ping_frame, AckResponse, ClientConfig, ConnParams, Frame, FrameKind,
 };
 use super::reassembly::{Pushed, Reassembler, ReassemblyLimits};
 use super::reconnect::{
@@ -670,7 +670,7 @@ async fn answer(dispatcher: Dispatcher, frame: Frame, payload: Vec<u8>) -> Frame
             AckResponse::Ok
         }
     };
-    build_ack(&frame, started.elapsed(), &response)
+    into_ack(frame, started.elapsed(), &response)
 }
 
 /// Writes the ready ACKs in one write (feed each, flush once) and empties `ready`.
