@@ -759,3 +759,29 @@ fn the_pid_file_never_follows_a_symlink() {
     );
     drop(store);
 }
+
+/// A new store is created aside and renamed into place once initialized: what a kill during
+/// the creation leaves (an empty file at the path, a half-made file aside) never stops the
+/// next start, and a finished creation leaves nothing aside. A file with data that is not a
+/// store is still refused (never replaced).
+#[test]
+fn a_store_killed_while_being_created_opens_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let aside = dir.path().join("s.redb.creating");
+    // What a kill right after the file was created left (before this build).
+    std::fs::write(&path, b"").unwrap();
+    std::fs::write(&aside, b"half a header").unwrap();
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    assert!(!aside.exists(), "the creation's file is left aside");
+    let s = lark_service::storage::AuthSession::new_pending("cli_a", "u1", vec![], 1, 1_000);
+    store.put_session(&s).unwrap();
+    drop(store);
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    assert!(store.get_session(s.session_id).unwrap().is_some());
+    drop(store);
+    let other = dir.path().join("other.redb");
+    std::fs::write(&other, b"not a store at all").unwrap();
+    assert!(Store::open(&other, ring(1), StoreOptions::default()).is_err());
+    assert_eq!(std::fs::read(&other).unwrap(), b"not a store at all");
+}

@@ -396,10 +396,24 @@ async fn deliveries_are_signed_retried_after_5xx_and_carry_no_secret() {
         "each event was taken once"
     );
 
-    // The outbox is empty once everything is delivered: `/workers` and the gauge say so.
-    let workers = svc.get("/workers").await.1;
-    assert!(workers.contains("0 pending, 0 dead"), "{workers}");
-    let after = svc.scrape().await;
+    // The outbox is empty once everything is delivered: `/workers` and the gauge say so, once
+    // the worker has had the receiver's answer (the receiver counts the event as taken before
+    // the worker has read its 200 and updated both).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let workers = svc.get("/workers").await.1;
+        let after = svc.scrape().await;
+        if workers.contains("0 pending, 0 dead")
+            && metric(&after, "lark_service_webhook_outbox_pending", "") == 0.0
+        {
+            break after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the outbox never showed empty: {workers}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let d = |name: &str, f: &str| metric(&after, name, f) - metric(&before, name, f);
     assert_eq!(
         d("lark_service_webhook_deliveries_total", "outcome=\"retry\""),

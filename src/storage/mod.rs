@@ -173,6 +173,30 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Where a new store at `path` is created before it is renamed into place.
+fn creating_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
+    name.push(".creating");
+    path.with_file_name(name)
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_parent(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`, checking the schema and the key.
     pub fn open(path: &Path, ring: Keyring, opts: StoreOptions) -> Result<Self> {
@@ -182,15 +206,25 @@ impl Store {
                 source,
             })?;
         }
-        let existed = path.exists();
+        // A zero-length file is what a process killed while creating the store (before this
+        // build created it aside) left: nothing was ever committed to it.
+        let existed = std::fs::metadata(path).is_ok_and(|m| m.len() > 0);
+        // A new store is created and initialized under another name and renamed into place
+        // once its tables and key check are committed, so a kill during the creation never
+        // leaves a file at `path` that cannot be opened again.
+        let creating = creating_path(path);
+        let at = if existed { path } else { creating.as_path() };
+        if !existed {
+            let _ = std::fs::remove_file(&creating);
+        }
         let db = Database::builder()
             .set_cache_size(opts.cache_size)
-            .create(path)
-            .map_err(|e| Error::engine(path, e))?;
+            .create(at)
+            .map_err(|e| Error::engine(at, e))?;
         if !existed {
             // The file holds only sealed secrets, but nobody else needs to read it.
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+            let _ = std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600));
         }
         let pid_file = write_pid_file(&pid_path(path));
         let store = Self {
@@ -203,6 +237,13 @@ impl Store {
             }),
         };
         store.init()?;
+        if !existed {
+            std::fs::rename(&creating, path).map_err(|source| Error::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            sync_parent(path)?;
+        }
         Ok(store)
     }
 
