@@ -248,11 +248,11 @@ pub const UNDO_STEPS: &[(i32, &str)] = &[
 /// SQL that takes a database at this build's schema back to `version`, as an older release
 /// left it: every later step undone, newest first, and the version number set.
 pub fn back_to_schema(version: i32) -> String {
-    let mut sql: String = UNDO_STEPS
-        .iter()
-        .filter(|(step, _)| *step > version)
-        .map(|(_, undo)| format!("{undo}\n"))
-        .collect();
+    let mut sql = String::new();
+    for (_, undo) in UNDO_STEPS.iter().filter(|(step, _)| *step > version) {
+        sql.push_str(undo);
+        sql.push('\n');
+    }
     sql.push_str(&format!(
         "UPDATE lark_service_schema SET version = {version};"
     ));
