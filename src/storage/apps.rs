@@ -116,6 +116,20 @@ pub(crate) fn validate(app_id: &str, app_name: &str) -> Result<()> {
     super::sessions::validate_key_parts([("app id", app_id), ("app name", app_name)])
 }
 
+/// An app's secret sealed under `config_key` when given, else under the store's `ring`, bound
+/// to the app's row (the same on both backends, so a copy moves it sealed).
+pub(crate) fn seal_app_secret(
+    ring: &Keyring,
+    app_id: &str,
+    secret: &SecretString,
+    config_key: Option<&Keyring>,
+) -> (Sealed, SecretKey) {
+    match config_key {
+        Some(k) => (k.seal_str(secret, &place(app_id)), SecretKey::Config),
+        None => (ring.seal_str(secret, &place(app_id)), SecretKey::Store),
+    }
+}
+
 impl Store {
     fn seal_app_secret(
         &self,
@@ -123,13 +137,7 @@ impl Store {
         secret: &SecretString,
         config_key: Option<&Keyring>,
     ) -> (Sealed, SecretKey) {
-        match config_key {
-            Some(k) => (k.seal_str(secret, &place(app_id)), SecretKey::Config),
-            None => (
-                self.ring().seal_str(secret, &place(app_id)),
-                SecretKey::Store,
-            ),
-        }
+        seal_app_secret(self.ring(), app_id, secret, config_key)
     }
 
     /// Adds an app. Refuses an app id that exists (in any status) or an app name another app

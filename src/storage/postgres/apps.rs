@@ -83,13 +83,7 @@ impl PgStore {
         secret: &SecretString,
         config_key: Option<&Keyring>,
     ) -> (Sealed, SecretKey) {
-        match config_key {
-            Some(k) => (k.seal_str(secret, &place(app_id)), SecretKey::Config),
-            None => (
-                self.ring().seal_str(secret, &place(app_id)),
-                SecretKey::Store,
-            ),
-        }
+        crate::storage::apps::seal_app_secret(self.ring(), app_id, secret, config_key)
     }
 
     /// Adds an app (as the redb store's `insert_app`): refuses an app id that exists (in any
