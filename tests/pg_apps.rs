@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::fleet::{authorize_url, land_on, Instance};
@@ -35,25 +34,15 @@ fn net() -> Net {
 
 struct Server {
     pg: Pg,
-    next: AtomicUsize,
 }
 
 impl Server {
     fn start() -> Self {
-        Self {
-            pg: Pg::start(),
-            next: AtomicUsize::new(0),
-        }
+        Self { pg: Pg::start() }
     }
 
     fn fresh_db(&self) -> String {
-        let name = format!("a{}", self.next.fetch_add(1, Ordering::SeqCst));
-        let port = self.pg.port.to_string();
-        self.pg.run(
-            "createdb",
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", &name],
-        );
-        self.pg.url(&name)
+        self.pg.fresh_db()
     }
 
     fn open(&self, url: &str) -> PgStore {

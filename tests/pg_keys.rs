@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::pg::Pg;
@@ -54,25 +54,15 @@ fn now() -> u64 {
 
 struct Server {
     pg: Pg,
-    next: AtomicUsize,
 }
 
 impl Server {
     fn start() -> Self {
-        Self {
-            pg: Pg::start(),
-            next: AtomicUsize::new(0),
-        }
+        Self { pg: Pg::start() }
     }
 
     fn fresh_db(&self) -> String {
-        let name = format!("k{}", self.next.fetch_add(1, Ordering::SeqCst));
-        let port = self.pg.port.to_string();
-        self.pg.run(
-            "createdb",
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", &name],
-        );
-        self.pg.url(&name)
+        self.pg.fresh_db()
     }
 }
 

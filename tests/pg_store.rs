@@ -28,26 +28,16 @@ fn net() -> Net {
 
 struct Server {
     pg: Pg,
-    next: AtomicUsize,
 }
 
 impl Server {
     fn start() -> Self {
-        Self {
-            pg: Pg::start(),
-            next: AtomicUsize::new(0),
-        }
+        Self { pg: Pg::start() }
     }
 
     /// A new, empty database; its URL.
     fn fresh_db(&self) -> String {
-        let name = format!("t{}", self.next.fetch_add(1, Ordering::SeqCst));
-        let port = self.pg.port.to_string();
-        self.pg.run(
-            "createdb",
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", &name],
-        );
-        self.pg.url(&name)
+        self.pg.fresh_db()
     }
 
     fn open(&self, url: &str) -> PgStore {

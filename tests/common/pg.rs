@@ -258,3 +258,19 @@ pub fn back_to_schema(version: i32) -> String {
     ));
     sql
 }
+
+impl Pg {
+    /// A new, empty database on this cluster (a name no earlier call of this process used);
+    /// its URL.
+    pub fn fresh_db(&self) -> String {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("t{n}");
+        let port = self.port.to_string();
+        self.run(
+            "createdb",
+            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", &name],
+        );
+        self.url(&name)
+    }
+}
