@@ -16,8 +16,13 @@
 //!   batch (one fsync for many events; the writer lets a batch gather for
 //!   [`GROUP_COMMIT_LINGER`]) and never delays the answer: the ACK goes out once the handler
 //!   is done and its ids are queued for the writer, not once they are committed.
+//! - On redb the writer appends each batch to the store's seen-id log (a few pages at the log's
+//!   growing edge per commit, where a write into the id-keyed table costs about a page per id:
+//!   the ids are random) and moves the log into the id-keyed table every [`MERGE_EVERY`] ids or
+//!   [`MERGE_AFTER`]. An id logged but not yet moved is *pinned* in memory: the bounded set of
+//!   recent ids never evicts it, so a lookup never has to read the log.
 //! - The store is asked about an id not in memory through a snapshot taken after the writer's
-//!   last commit ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event.
+//!   last move ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event.
 //! - On PostgreSQL (a fleet shares the store) an id not in memory is claimed in the database
 //!   before the handler runs: the insert that commits first wins, so of instances given the
 //!   same event at once one handles it. An instance that finds the id claimed by a handler
@@ -124,6 +129,17 @@ const SEEN_SNAPSHOT_MAX_AGE: Duration = Duration::from_millis(20);
 /// durable at most this much later (the ACK never waits for it).
 const GROUP_COMMIT_LINGER: Duration = Duration::from_millis(2);
 
+/// The redb writer moves its seen-id log into the id-keyed table once this many ids are
+/// logged (or [`MERGE_AFTER`] after the first): the more ids one move takes, the more of them
+/// share each page it writes. (Fewer when the dispatcher keeps fewer ids in memory: a quarter
+/// of `memory_ids`, at least 64.)
+const MERGE_EVERY: usize = 16_384;
+
+/// …or once the oldest id not yet moved was logged this long ago (checked when the writer
+/// commits: on an idle connection the log waits for the next event, or for close; a crash
+/// leaves it to the next start, which moves it).
+const MERGE_AFTER: Duration = Duration::from_secs(1);
+
 /// Prefix of the de-duplication key made from a message's `message_id` (event ids never
 /// start with it).
 const MESSAGE_KEY_PREFIX: &str = "msg:";
@@ -182,7 +198,8 @@ struct Inner {
     cfg: DispatchConfig,
     handler: std::sync::RwLock<Option<Handler>>,
     late_failure: std::sync::RwLock<Option<LateFailureHook>>,
-    recent: Mutex<Recent>,
+    /// Shared with the writer, which unpins ids once they are moved out of the store's log.
+    recent: Arc<Mutex<Recent>>,
     seen_tx: mpsc::Sender<SeenMsg>,
     handlers: Arc<Semaphore>,
     /// Where slow handlers (and the long connection's dispatches) run.
@@ -230,9 +247,13 @@ enum SeenMsg {
 
 /// Ids seen or in flight, bounded in count and in bytes, oldest evicted first. Each id is
 /// held as a 128-bit digest (see [`IdDigest`]), so an entry is a fixed 16 bytes whatever the
-/// id's length, and neither a claim nor an eviction allocates.
+/// id's length, and neither a claim nor an eviction allocates. A *pinned* id (in the store's
+/// seen-id log, not yet in its id-keyed table, which is all a lookup reads) is never evicted:
+/// it stays until the writer has moved it and unpins it. Pins are bounded by the writer's
+/// queue and its move interval (tens of thousands of ids at most), beyond the set's bounds.
 struct Recent {
     set: HashSet<u128, DigestBuild>,
+    pinned: HashSet<u128, DigestBuild>,
     order: VecDeque<u128>,
     /// Estimated bytes held by `set` and `order` (see [`Recent::COST`]).
     bytes: usize,
@@ -243,6 +264,7 @@ impl Default for Recent {
     fn default() -> Self {
         Self {
             set: HashSet::with_hasher(DigestBuild),
+            pinned: HashSet::with_hasher(DigestBuild),
             order: VecDeque::new(),
             bytes: 0,
             digest: IdDigest::new(),
@@ -317,13 +339,43 @@ impl Recent {
         }
         self.order.push_back(d);
         self.bytes += Self::COST;
-        while self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1) {
-            if let Some(old) = self.order.pop_front() {
-                self.bytes = self.bytes.saturating_sub(Self::COST);
-                self.set.remove(&old);
-            }
-        }
+        self.evict(cap, max_bytes);
         true
+    }
+
+    /// Evicts the oldest ids beyond the bounds, passing over pinned ones (moved to the back).
+    fn evict(&mut self, cap: usize, max_bytes: usize) {
+        let mut turns = self.order.len();
+        while turns > 0 && (self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1))
+        {
+            turns -= 1;
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if self.pinned.contains(&old) {
+                self.order.push_back(old);
+                continue;
+            }
+            self.bytes = self.bytes.saturating_sub(Self::COST);
+            self.set.remove(&old);
+        }
+    }
+
+    /// Holds `id` (adding it if it was evicted meanwhile) until [`Recent::unpin`].
+    fn pin(&mut self, id: &str, cap: usize, max_bytes: usize) {
+        let d = self.digest.of(id);
+        self.pinned.insert(d);
+        if self.set.insert(d) {
+            self.order.push_back(d);
+            self.bytes += Self::COST;
+            self.evict(cap, max_bytes);
+        }
+    }
+
+    /// Lets `id` be evicted again.
+    fn unpin(&mut self, id: &str) {
+        let d = self.digest.of(id);
+        self.pinned.remove(&d);
     }
 
     fn remove(&mut self, id: &str) {
@@ -351,17 +403,22 @@ impl Dispatcher {
         let ttl_ms = u64::try_from(cfg.seen_ttl.as_millis()).unwrap_or(u64::MAX);
         let writer_store = store.clone();
         let commits = Arc::new(AtomicU64::new(0));
-        let writer_commits = commits.clone();
-        let writer = sup.spawn_writer(move || {
-            seen_writer(&writer_store, seen_rx, ttl_ms, &writer_commits);
-        });
+        let recent = Arc::new(Mutex::new(Recent::default()));
+        let w = SeenWriter {
+            store: writer_store,
+            ttl_ms,
+            commits: commits.clone(),
+            recent: recent.clone(),
+            merge_at: (cfg.memory_ids / 4).clamp(64, MERGE_EVERY),
+        };
+        let writer = sup.spawn_writer(move || w.run(seen_rx));
         Self {
             inner: Arc::new(Inner {
                 store,
                 cfg,
                 handler: std::sync::RwLock::new(None),
                 late_failure: std::sync::RwLock::new(None),
-                recent: Mutex::new(Recent::default()),
+                recent,
                 seen_tx,
                 handlers,
                 tasks: sup.tracker(),
@@ -692,6 +749,19 @@ impl Dispatcher {
     }
 
     async fn record_seen(&self, ids: Vec<String>) {
+        if !self.inner.store.is_postgres() {
+            // Kept in memory until the writer has moved them into the store's id-keyed table
+            // (see `Recent`): lookups read only that table.
+            let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
+            let mut recent = self
+                .inner
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in &ids {
+                recent.pin(id, cap, max_bytes);
+            }
+        }
         for id in ids {
             if let Err(mpsc::error::SendError(SeenMsg::Id(id))) =
                 self.inner.seen_tx.send(SeenMsg::Id(id)).await
@@ -770,9 +840,9 @@ fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
         .map(|id| format!("{MESSAGE_KEY_PREFIX}{id}"))
 }
 
-/// Records `ids` as seen in one transaction. An id the store would refuse is skipped (and
-/// logged by length only), so one bad id never costs the others their record.
-fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
+/// The ids of `ids` the store can key; those it cannot are logged (by count only) and left
+/// out, so one bad id never costs the others their record.
+fn keyable(ids: &[String]) -> Vec<&str> {
     let refs: Vec<&str> = ids
         .iter()
         .map(String::as_str)
@@ -785,6 +855,12 @@ fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
             crate::storage::MAX_EVENT_KEY_BYTES
         );
     }
+    refs
+}
+
+/// Records `ids` as seen in one transaction (an id the store would refuse is skipped).
+fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
+    let refs = keyable(ids);
     if refs.is_empty() {
         return;
     }
@@ -794,45 +870,146 @@ fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
     }
 }
 
-/// The writer thread: drains whatever ids are queued and commits them in one transaction.
-fn seen_writer(store: &Db, mut rx: mpsc::Receiver<SeenMsg>, ttl_ms: u64, commits: &AtomicU64) {
-    let mut open = true;
-    while open {
-        let Some(first) = rx.blocking_recv() else {
-            break;
+/// The writer thread's state.
+struct SeenWriter {
+    store: Db,
+    ttl_ms: u64,
+    /// Bumped after each commit a lookup must see (see `Dispatcher::seen_before`).
+    commits: Arc<AtomicU64>,
+    recent: Arc<Mutex<Recent>>,
+    /// Logged ids that make the writer move the log (see [`MERGE_EVERY`]).
+    merge_at: usize,
+}
+
+/// Ids in the store's seen-id log that the writer has not moved yet (redb).
+#[derive(Default)]
+struct Logged {
+    ids: Vec<String>,
+    since: Option<Instant>,
+}
+
+impl SeenWriter {
+    /// Drains whatever ids are queued and commits them in one transaction, until closed.
+    fn run(&self, mut rx: mpsc::Receiver<SeenMsg>) {
+        let mut logged = Logged::default();
+        let mut open = true;
+        while open {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut ids = Vec::new();
+            let mut flushes = Vec::new();
+            if matches!(first, SeenMsg::Id(_)) {
+                // Let a group gather: under load many more ids arrive in this time, and one
+                // commit for all of them costs far less CPU than one each. No answer waits for
+                // the commit; a flush or close is not held back.
+                std::thread::sleep(GROUP_COMMIT_LINGER);
+            }
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
+                match m {
+                    SeenMsg::Id(id) => ids.push(id),
+                    SeenMsg::Flush(tx) => flushes.push(tx),
+                    SeenMsg::Close => open = false,
+                }
+                if open && ids.len() < 4096 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !ids.is_empty() {
+                self.commit(ids, &mut logged);
+            }
+            let due = logged.ids.len() >= self.merge_at
+                || logged.since.is_some_and(|t| t.elapsed() >= MERGE_AFTER);
+            if !open || due {
+                self.merge(&mut logged);
+            }
+            for tx in flushes {
+                let _ = tx.send(());
+            }
+        }
+        // Every sender gone without a close: move what is logged all the same.
+        self.merge(&mut logged);
+    }
+
+    /// One group commit: on redb appended to the store's seen-id log (the ids stay pinned in
+    /// memory until moved), on PostgreSQL recorded (claims become records).
+    fn commit(&self, ids: Vec<String>, logged: &mut Logged) {
+        let started = Instant::now();
+        let count = ids.len();
+        let forget_at = now_ms().saturating_add(self.ttl_ms);
+        match &self.store {
+            Db::Redb(store) => {
+                let refs = keyable(&ids);
+                let r = if refs.is_empty() {
+                    Ok(())
+                } else {
+                    store.log_events_seen(&refs, forget_at)
+                };
+                drop(refs);
+                match r {
+                    Ok(()) => {
+                        logged.since.get_or_insert(started);
+                        logged.ids.extend(ids);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, count = ids.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
+                        self.unpin(&ids);
+                    }
+                }
+            }
+            Db::Postgres(_) => {
+                commit_seen(&self.store, &ids, forget_at);
+                // Lookups from now on take a new snapshot, which sees this commit.
+                self.commits.fetch_add(1, Ordering::Release);
+            }
+        }
+        debug!(
+            count,
+            commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "Seen ids committed."
+        );
+    }
+
+    /// Moves the store's seen-id log into its id-keyed table, then lets the moved ids be
+    /// evicted from memory: a lookup that misses them there takes a snapshot that has them.
+    /// On failure they stay logged and pinned, and the next commit tries again.
+    fn merge(&self, logged: &mut Logged) {
+        let Db::Redb(store) = &self.store else {
+            return;
         };
-        let mut ids = Vec::new();
-        let mut flushes = Vec::new();
-        if matches!(first, SeenMsg::Id(_)) {
-            // Let a group gather: under load many more ids arrive in this time, and one commit
-            // for all of them costs far less CPU than one each. No answer waits for the commit;
-            // a flush or close is not held back.
-            std::thread::sleep(GROUP_COMMIT_LINGER);
+        if logged.ids.is_empty() {
+            return;
         }
-        let mut next = Some(first);
-        while let Some(m) = next.take() {
-            match m {
-                SeenMsg::Id(id) => ids.push(id),
-                SeenMsg::Flush(tx) => flushes.push(tx),
-                SeenMsg::Close => open = false,
+        let started = Instant::now();
+        match store.merge_seen_log() {
+            Ok(moved) => {
+                self.commits.fetch_add(1, Ordering::Release);
+                self.unpin(&logged.ids);
+                debug!(
+                    moved,
+                    merge_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    "Seen-id log moved."
+                );
+                logged.ids.clear();
+                logged.since = None;
             }
-            if open && ids.len() < 4096 {
-                next = rx.try_recv().ok();
+            Err(e) => {
+                warn!(error = %e, count = logged.ids.len(), "Moving the seen-id log failed; will try again.");
             }
         }
-        if !ids.is_empty() {
-            let started = Instant::now();
-            commit_seen(store, &ids, now_ms().saturating_add(ttl_ms));
-            // Lookups from now on take a new snapshot, which sees this commit.
-            commits.fetch_add(1, Ordering::Release);
-            debug!(
-                count = ids.len(),
-                commit_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                "Seen ids committed."
-            );
-        }
-        for tx in flushes {
-            let _ = tx.send(());
+    }
+
+    /// Unpins `ids` in chunks, so a dispatch never waits long for the lock.
+    fn unpin(&self, ids: &[String]) {
+        for chunk in ids.chunks(512) {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for id in chunk {
+                recent.unpin(id);
+            }
         }
     }
 }
@@ -1049,6 +1226,66 @@ mod tests {
             );
         }
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn pinned_ids_are_never_evicted_until_unpinned() {
+        let mut r = Recent::default();
+        for i in 0..4 {
+            assert!(r.insert(&format!("a{i}"), 4, usize::MAX));
+        }
+        r.pin("a0", 4, usize::MAX);
+        r.pin("late", 4, usize::MAX); // evicted meanwhile (or never claimed): added, pinned
+        for i in 0..20 {
+            assert!(r.insert(&format!("b{i}"), 4, usize::MAX));
+        }
+        assert!(r.contains("a0") && r.contains("late"));
+        assert!(!r.contains("a1") && !r.contains("b0"));
+        r.unpin("a0");
+        r.unpin("late");
+        for i in 20..30 {
+            r.insert(&format!("b{i}"), 4, usize::MAX);
+        }
+        assert!(!r.contains("a0") && !r.contains("late"));
+        assert_eq!(r.set.len(), 4);
+    }
+
+    /// Handled ids sit in the store's seen-id log, where a snapshot lookup does not see them,
+    /// until the writer moves them: meanwhile the memory must answer for them even when far
+    /// more ids than it keeps have come since.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logged_ids_are_duplicates_before_they_are_moved_whatever_came_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_at(&dir.path().join("s.redb"));
+        let cfg = DispatchConfig {
+            memory_ids: 8,
+            ..DispatchConfig::default()
+        };
+        let d = Dispatcher::new(store.clone(), cfg, &Supervisor::default());
+        let calls = Arc::new(AtomicU32::new(0));
+        d.set_handler(counting(calls.clone(), 0));
+        for i in 0..20 {
+            let out = d.dispatch(event(&format!("ev{i}")), EventSource::WebSocket);
+            assert_eq!(out.await, Outcome::Handled(HandlerReply::Done));
+        }
+        d.flush().await;
+        // Logged (durable), not moved: 20 ids are fewer than a move takes (64 here).
+        let logged = store.seen_log_len().unwrap();
+        // More new ids than the memory keeps (8), fewer than make a move (64 in all): without
+        // pins the first 20 are evicted and found nowhere a lookup reads.
+        for i in 0..30 {
+            let out = d.dispatch(event(&format!("other{i}")), EventSource::WebSocket);
+            assert_eq!(out.await, Outcome::Handled(HandlerReply::Done));
+        }
+        for i in 0..20 {
+            let out = d.dispatch(event(&format!("ev{i}")), EventSource::WebSocket);
+            assert_eq!(out.await, Outcome::Duplicate, "ev{i} (logged: {logged})");
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 50);
+        d.close().await;
+        assert_eq!(store.seen_log_len().unwrap(), 0, "close moves the log");
+        let snap = store.seen_snapshot().unwrap();
+        assert!(snap.contains("ev0").unwrap() && snap.contains("other29").unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

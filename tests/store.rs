@@ -785,3 +785,56 @@ fn a_store_killed_while_being_created_opens_again() {
     assert!(Store::open(&other, ring(1), StoreOptions::default()).is_err());
     assert_eq!(std::fs::read(&other).unwrap(), b"not a store at all");
 }
+
+/// The dispatcher's seen-id log: logged ids count as seen at once, move into `seen_events`
+/// with their first record standing, and a log a crash left behind is moved when the store is
+/// next opened (so a restarted process's snapshot lookups find every id).
+#[test]
+fn seen_log_moves_into_seen_events_and_a_crash_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let now = storage::now_ms();
+    {
+        let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+        store.mark_events_seen(&["ev-old"], now + 1_000).unwrap();
+        store
+            .log_events_seen(&["ev-a", "ev-old", "ev-b"], now + 5_000)
+            .unwrap();
+        store.log_events_seen(&["ev-a", "ev-c"], now + 9_000).unwrap();
+        assert_eq!(store.seen_log_len().unwrap(), 5);
+        for id in ["ev-a", "ev-b", "ev-c", "ev-old"] {
+            assert!(store.event_seen(id).unwrap(), "{id} logged but not seen");
+        }
+        assert!(!store.event_seen("ev-z").unwrap());
+        // A snapshot reads only `seen_events`: the log is not in it yet.
+        let snap = store.seen_snapshot().unwrap();
+        assert!(!snap.contains("ev-a").unwrap() && snap.contains("ev-old").unwrap());
+        drop(snap);
+        assert!(store.log_events_seen(&["ev-d", ""], now).is_err());
+        assert_eq!(store.seen_log_len().unwrap(), 5, "a refused batch logs nothing");
+        assert_eq!(store.merge_seen_log().unwrap(), 5);
+        assert_eq!(store.merge_seen_log().unwrap(), 0);
+        assert_eq!(store.seen_log_len().unwrap(), 0);
+        let snap = store.seen_snapshot().unwrap();
+        for id in ["ev-a", "ev-b", "ev-c", "ev-old"] {
+            assert!(snap.contains(id).unwrap(), "{id} not moved");
+        }
+        drop(snap);
+        assert_eq!(store.counts().unwrap().seen_events, 4);
+        // Each id keeps its first record: ev-old its own, ev-a the first log entry's.
+        let r = store.sweep(now + 1_000, 100).unwrap();
+        assert_eq!(r.events_forgotten, 1);
+        assert!(!store.event_seen("ev-old").unwrap());
+        let r = store.sweep(now + 5_000, 100).unwrap();
+        assert_eq!(r.events_forgotten, 2, "ev-a and ev-b are forgotten at their first record");
+        assert!(store.event_seen("ev-c").unwrap());
+        // Logged, then the process dies before moving the log.
+        store.log_events_seen(&["ev-e", "ev-f"], now + 9_000).unwrap();
+    }
+    let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+    assert_eq!(store.seen_log_len().unwrap(), 0, "opening moves the log");
+    let snap = store.seen_snapshot().unwrap();
+    for id in ["ev-c", "ev-e", "ev-f"] {
+        assert!(snap.contains(id).unwrap(), "{id} lost by the restart");
+    }
+}

@@ -213,6 +213,7 @@ macro_rules! for_each_table {
         $f($($arg,)* super::tables::OUTBOX_DEAD)?;
         $f($($arg,)* super::tables::GRANTS)?;
         $f($($arg,)* super::tables::DEVICE_POLLS)?;
+        $f($($arg,)* super::tables::SEEN_LOG)?;
     }};
 }
 
@@ -532,6 +533,7 @@ fn restore_into(
             "outbox_dead" => l.rows(super::tables::OUTBOX_DEAD, count)?,
             "grants" => l.rows(super::tables::GRANTS, count)?,
             "device_polls" => l.rows(super::tables::DEVICE_POLLS, count)?,
+            "seen_log" => l.rows(super::tables::SEEN_LOG, count)?,
             other => return Err(bad(format!("unknown table {other}"))),
         }
     }

@@ -16,6 +16,8 @@
 //! the others: no session of an older file is marked.
 //! Schema 10 adds the (empty) `device_polls` table, created with the others: a device session of
 //! an older file has no stored code and is expired at start (`auth::device`).
+//! Schema 11 adds the (empty) `seen_log` table (seen event ids not yet moved into
+//! `seen_events`), created with the others.
 
 use redb::{ReadableTable, WriteTransaction};
 
@@ -50,6 +52,7 @@ pub(crate) fn create_tables(store: &Store, txn: &WriteTransaction) -> Result<()>
     txn.open_table(super::tables::APPS).map_err(e)?;
     txn.open_table(super::tables::SESSIONS_EXPIRED).map_err(e)?;
     txn.open_table(super::tables::DEVICE_POLLS).map_err(e)?;
+    txn.open_table(super::tables::SEEN_LOG).map_err(e)?;
     create_outbox_tables(store, txn)
 }
 

@@ -370,7 +370,14 @@ impl Store {
             }
         }
         changes::note_feed_mode(self, &txn, self.inner.opts.change_feed)?;
-        self.commit(txn)
+        self.commit(txn)?;
+        // Seen event ids the last process logged but did not move into `seen_events` before
+        // it stopped (a crash): moved now, so every lookup of this process finds them there.
+        let moved = self.merge_seen_log()?;
+        if moved > 0 {
+            tracing::info!(ids = moved, "Seen event ids left in the log were merged.");
+        }
+        Ok(())
     }
 
     fn check_key(&self, check: Option<&[u8]>) -> Result<()> {

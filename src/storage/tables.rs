@@ -10,8 +10,8 @@ use redb::TableDefinition;
 /// The schema this build writes. Version 1 had no deadline indexes; 2 added them; 3 added
 /// `oauth_states`; 4 added the `changes` feed; 5 added `leases`; 6 added `session_counts`; 7 added
 /// `outbox`, `outbox_dead` and `grants`; 8 added `apps`; 9 added `sessions_expired`; 10 added
-/// `device_polls`.
-pub const SCHEMA_VERSION: u32 = 10;
+/// `device_polls`; 11 added `seen_log`.
+pub const SCHEMA_VERSION: u32 = 11;
 
 /// Store metadata: `schema_version` (u32 BE), `key_check` (sealed canary), `created_at`.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -60,6 +60,12 @@ pub const SEEN_EVENTS: TableDefinition<'_, &str, u64> = TableDefinition::new("se
 /// (forget-after unix ms, event_id) → (): the seen-event expiry index.
 pub const SEEN_EVENTS_EXPIRY: TableDefinition<'_, (u64, &str), ()> =
     TableDefinition::new("seen_events_expiry");
+
+/// seq → (forget-after unix ms, event_id): seen event ids committed but not yet in
+/// [`SEEN_EVENTS`]. The dispatcher's group commits append here (keys only grow, so a commit
+/// writes the few pages at the right edge instead of one page per id scattered through
+/// `seen_events`) and the log is moved into `seen_events` in large batches (see `events.rs`).
+pub const SEEN_LOG: TableDefinition<'_, u64, (u64, &str)> = TableDefinition::new("seen_log");
 
 /// Named cursors (u64), e.g. export positions.
 pub const CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("cursors");
