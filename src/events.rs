@@ -22,7 +22,10 @@
 //!   [`MERGE_AFTER`]. An id logged but not yet moved is *pinned* in memory: the bounded set of
 //!   recent ids never evicts it, so a lookup never has to read the log.
 //! - The store is asked about an id not in memory through a snapshot taken after the writer's
-//!   last move ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event.
+//!   last move ([`SEEN_SNAPSHOT_MAX_AGE`] at most), not a read transaction per event. On redb
+//!   the dispatcher first loads the store's seen ids into memory (a background thread); once
+//!   they are all there and none has been evicted since, memory alone answers (the store holds
+//!   no id that memory does not), and a new id costs no B-tree lookup.
 //! - On PostgreSQL (a fleet shares the store) an id not in memory is claimed in the database
 //!   before the handler runs: the insert that commits first wins, so of instances given the
 //!   same event at once one handles it. An instance that finds the id claimed by a handler
@@ -205,7 +208,8 @@ struct Inner {
     /// Where slow handlers (and the long connection's dispatches) run.
     tasks: TaskTracker,
     /// The writer, until [`Dispatcher::close`] joins it.
-    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// And the thread loading the store's seen ids (redb), until it is joined there too.
+    writer: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The seen ids as of the writer's last commit, for the lookups in [`Dispatcher::claim`]
     /// (one read transaction per commit instead of one per event), with the commit count and
     /// the time it was taken at.
@@ -254,6 +258,11 @@ enum SeenMsg {
 struct Recent {
     set: HashSet<u128, DigestBuild>,
     pinned: HashSet<u128, DigestBuild>,
+    /// Every id the store held when the dispatcher started has been loaded.
+    loaded: bool,
+    /// An id has left `set` for the bounds (not one released): memory no longer holds every
+    /// id the store holds.
+    evicted: bool,
     order: VecDeque<u128>,
     /// Estimated bytes held by `set` and `order` (see [`Recent::COST`]).
     bytes: usize,
@@ -265,6 +274,8 @@ impl Default for Recent {
         Self {
             set: HashSet::with_hasher(DigestBuild),
             pinned: HashSet::with_hasher(DigestBuild),
+            loaded: false,
+            evicted: false,
             order: VecDeque::new(),
             bytes: 0,
             digest: IdDigest::new(),
@@ -346,7 +357,8 @@ impl Recent {
     /// Evicts the oldest ids beyond the bounds, passing over pinned ones (moved to the back).
     fn evict(&mut self, cap: usize, max_bytes: usize) {
         let mut turns = self.order.len();
-        while turns > 0 && (self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1))
+        while turns > 0
+            && (self.order.len() > cap || (self.bytes > max_bytes && self.order.len() > 1))
         {
             turns -= 1;
             let Some(old) = self.order.pop_front() else {
@@ -357,8 +369,15 @@ impl Recent {
                 continue;
             }
             self.bytes = self.bytes.saturating_sub(Self::COST);
-            self.set.remove(&old);
+            if self.set.remove(&old) {
+                self.evicted = true;
+            }
         }
+    }
+
+    /// Whether memory holds every id the store holds (see [`Dispatcher::claim`]).
+    fn complete(&self) -> bool {
+        self.loaded && !self.evicted
     }
 
     /// Holds `id` (adding it if it was evicted meanwhile) until [`Recent::unpin`].
@@ -411,7 +430,11 @@ impl Dispatcher {
             recent: recent.clone(),
             merge_at: (cfg.memory_ids / 4).clamp(64, MERGE_EVERY),
         };
-        let writer = sup.spawn_writer(move || w.run(seen_rx));
+        let mut writers = vec![sup.spawn_writer(move || w.run(seen_rx))];
+        if let Db::Redb(s) = &store {
+            let (s, recent, cfg) = (s.clone(), recent.clone(), cfg.clone());
+            writers.push(sup.spawn_writer(move || load_seen(&s, &recent, &cfg)));
+        }
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -422,7 +445,7 @@ impl Dispatcher {
                 seen_tx,
                 handlers,
                 tasks: sup.tracker(),
-                writer: Mutex::new(Some(writer)),
+                writer: Mutex::new(writers),
                 seen: Mutex::new(None),
                 commits,
                 received_ws: received(EventSource::WebSocket),
@@ -625,14 +648,20 @@ impl Dispatcher {
     /// store's claim batcher and is awaited; on redb nothing is awaited (ready on first poll).
     async fn claim(&self, id: &str, claim_until: u64, now: u64) -> Claim {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
-        if !self
-            .inner
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, cap, max_bytes)
-        {
-            return Claim::Seen;
+        let complete = {
+            let mut recent = self
+                .inner
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !recent.insert(id, cap, max_bytes) {
+                return Claim::Seen;
+            }
+            recent.complete()
+        };
+        if complete {
+            // Memory holds every id the store holds (redb only: see `load_seen`): new.
+            return Claim::Mine;
         }
         match self
             .inner
@@ -789,13 +818,14 @@ impl Dispatcher {
     /// after a restart: at-least-once). Call once the handlers are done (shutdown).
     pub async fn close(&self) {
         let _ = self.inner.seen_tx.send(SeenMsg::Close).await;
-        let writer = self
-            .inner
-            .writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(w) = writer {
+        let writers = std::mem::take(
+            &mut *self
+                .inner
+                .writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for w in writers {
             if let Err(e) = w.await {
                 warn!(error = %e, "The seen-id writer failed.");
             }
@@ -838,6 +868,52 @@ fn message_key(e: &crate::callbacks::EventEnvelope) -> Option<String> {
         .as_deref()
         .filter(|id| !id.is_empty())
         .map(|id| format!("{MESSAGE_KEY_PREFIX}{id}"))
+}
+
+/// Loads the ids a redb store holds into memory, a chunk per lock, and marks memory complete
+/// when they all fit: from then on a new id is answered from memory alone. Ids recorded
+/// meanwhile are in memory already (claimed, then pinned until moved into the store); the
+/// store has nothing that did not pass through here or through this process. A store with
+/// more ids than memory keeps evicts some while loading, so it never becomes complete and
+/// lookups keep going to the store, as before.
+fn load_seen(store: &crate::storage::Store, recent: &Mutex<Recent>, cfg: &DispatchConfig) {
+    let started = Instant::now();
+    let mut chunk: Vec<String> = Vec::with_capacity(1024);
+    let mut total = 0usize;
+    let put = |chunk: &mut Vec<String>| {
+        let mut r = recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in chunk.drain(..) {
+            r.insert(&id, cfg.memory_ids, cfg.memory_bytes);
+        }
+        r.evicted
+    };
+    let walked = store.seen_snapshot().and_then(|snap| {
+        snap.for_each_id(|id| {
+            chunk.push(id.to_owned());
+            total += 1;
+            // Stop early once memory cannot hold them all: it will never be complete.
+            !(chunk.len() == chunk.capacity() && put(&mut chunk))
+        })
+    });
+    if let Err(e) = walked {
+        warn!(error = %e, "Loading the seen event ids failed; lookups go to the store.");
+        return;
+    }
+    let mut r = recent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for id in chunk.drain(..) {
+        r.insert(&id, cfg.memory_ids, cfg.memory_bytes);
+    }
+    r.loaded = true;
+    debug!(
+        ids = total,
+        complete = r.complete(),
+        load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "Seen event ids loaded."
+    );
 }
 
 /// The ids of `ids` the store can key; those it cannot are logged (by count only) and left
@@ -1248,6 +1324,68 @@ mod tests {
         }
         assert!(!r.contains("a0") && !r.contains("late"));
         assert_eq!(r.set.len(), 4);
+    }
+
+    /// Waits for the dispatcher's load of the store's seen ids; whether memory is complete.
+    async fn loaded(d: &Dispatcher) -> bool {
+        for _ in 0..500 {
+            {
+                let r = d.inner.recent.lock().unwrap();
+                if r.loaded {
+                    return r.complete();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the seen ids were never loaded");
+    }
+
+    /// A restarted dispatcher loads the store's ids and then answers from memory alone; one
+    /// whose store holds more ids than it keeps never does, and still finds every old id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_answers_alone_only_when_it_holds_every_stored_id() {
+        for (memory_ids, complete) in [(1000, true), (50, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store_at(&dir.path().join("s.redb"));
+            let old: Vec<String> = (0..200).map(|i| format!("old{i}")).collect();
+            let refs: Vec<&str> = old.iter().map(String::as_str).collect();
+            store.mark_events_seen(&refs, now_ms() + 60_000).unwrap();
+            let cfg = DispatchConfig {
+                memory_ids,
+                ..DispatchConfig::default()
+            };
+            let d = Dispatcher::new(store.clone(), cfg, &Supervisor::default());
+            let calls = Arc::new(AtomicU32::new(0));
+            d.set_handler(counting(calls.clone(), 0));
+            assert_eq!(loaded(&d).await, complete, "memory_ids {memory_ids}");
+            for id in &old {
+                let out = d.dispatch(event(id), EventSource::WebSocket).await;
+                assert_eq!(out, Outcome::Duplicate, "{id} (memory_ids {memory_ids})");
+            }
+            for i in 0..20 {
+                let out = d.dispatch(event(&format!("new{i}")), EventSource::WebSocket);
+                assert_eq!(out.await, Outcome::Handled(HandlerReply::Done));
+            }
+            assert_eq!(calls.load(Ordering::SeqCst), 20);
+            d.close().await;
+        }
+    }
+
+    #[test]
+    fn memory_is_complete_once_loaded_until_an_id_is_evicted() {
+        let mut r = Recent::default();
+        r.insert("a", 2, usize::MAX);
+        assert!(!r.complete(), "not loaded yet");
+        r.loaded = true;
+        r.insert("b", 2, usize::MAX);
+        r.remove("b"); // released (its handler failed): never in the store
+        assert!(r.complete());
+        r.insert("c", 2, usize::MAX);
+        r.insert("d", 2, usize::MAX);
+        assert!(
+            !r.complete(),
+            "a is evicted: the store may hold it, memory does not"
+        );
     }
 
     /// Handled ids sit in the store's seen-id log, where a snapshot lookup does not see them,

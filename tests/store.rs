@@ -800,7 +800,9 @@ fn seen_log_moves_into_seen_events_and_a_crash_leaves_nothing_behind() {
         store
             .log_events_seen(&["ev-a", "ev-old", "ev-b"], now + 5_000)
             .unwrap();
-        store.log_events_seen(&["ev-a", "ev-c"], now + 9_000).unwrap();
+        store
+            .log_events_seen(&["ev-a", "ev-c"], now + 9_000)
+            .unwrap();
         assert_eq!(store.seen_log_len().unwrap(), 5);
         for id in ["ev-a", "ev-b", "ev-c", "ev-old"] {
             assert!(store.event_seen(id).unwrap(), "{id} logged but not seen");
@@ -811,7 +813,11 @@ fn seen_log_moves_into_seen_events_and_a_crash_leaves_nothing_behind() {
         assert!(!snap.contains("ev-a").unwrap() && snap.contains("ev-old").unwrap());
         drop(snap);
         assert!(store.log_events_seen(&["ev-d", ""], now).is_err());
-        assert_eq!(store.seen_log_len().unwrap(), 5, "a refused batch logs nothing");
+        assert_eq!(
+            store.seen_log_len().unwrap(),
+            5,
+            "a refused batch logs nothing"
+        );
         assert_eq!(store.merge_seen_log().unwrap(), 5);
         assert_eq!(store.merge_seen_log().unwrap(), 0);
         assert_eq!(store.seen_log_len().unwrap(), 0);
@@ -826,10 +832,15 @@ fn seen_log_moves_into_seen_events_and_a_crash_leaves_nothing_behind() {
         assert_eq!(r.events_forgotten, 1);
         assert!(!store.event_seen("ev-old").unwrap());
         let r = store.sweep(now + 5_000, 100).unwrap();
-        assert_eq!(r.events_forgotten, 2, "ev-a and ev-b are forgotten at their first record");
+        assert_eq!(
+            r.events_forgotten, 2,
+            "ev-a and ev-b are forgotten at their first record"
+        );
         assert!(store.event_seen("ev-c").unwrap());
         // Logged, then the process dies before moving the log.
-        store.log_events_seen(&["ev-e", "ev-f"], now + 9_000).unwrap();
+        store
+            .log_events_seen(&["ev-e", "ev-f"], now + 9_000)
+            .unwrap();
     }
     let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
     assert_eq!(store.seen_log_len().unwrap(), 0, "opening moves the log");

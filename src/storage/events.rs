@@ -194,6 +194,17 @@ impl SeenSnapshot {
     pub fn contains(&self, id: &str) -> Result<bool> {
         Ok(self.table.get(id).map_err(|e| self.store.err(e))?.is_some())
     }
+
+    /// Calls `f` with each id of the snapshot, in key order, while `f` returns true.
+    pub fn for_each_id(&self, mut f: impl FnMut(&str) -> bool) -> Result<()> {
+        for row in self.table.iter().map_err(|e| self.store.err(e))? {
+            let (k, _) = row.map_err(|e| self.store.err(e))?;
+            if !f(k.value()) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Longest seen-event key the store accepts.
