@@ -957,6 +957,25 @@ struct SeenWriter {
     merge_at: usize,
 }
 
+/// The seen-id writer's nice value (see [`lower_priority`]).
+const WRITER_NICE: i32 = 10;
+
+/// Lowers this thread's scheduling priority to [`WRITER_NICE`] (never raises it). No ACK waits
+/// for the writer, but its work comes in bursts (a move of the log rewrites many pages at
+/// once), and on a machine with few cores a burst at equal priority delays the threads that
+/// read frames and send ACKs. With this, under contention, they go first; the writer's work
+/// waits (its queue holds back handlers only when full). The writer runs until shutdown, so
+/// the pool thread it runs on keeps this priority only for the little work done after it.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if now < WRITER_NICE {
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
+            debug!(error = %e, "Could not lower the seen-id writer's priority.");
+        }
+    }
+}
+
 /// Ids in the store's seen-id log that the writer has not moved yet (redb).
 #[derive(Default)]
 struct Logged {
@@ -967,6 +986,7 @@ struct Logged {
 impl SeenWriter {
     /// Drains whatever ids are queued and commits them in one transaction, until closed.
     fn run(&self, mut rx: mpsc::Receiver<SeenMsg>) {
+        lower_priority();
         let mut logged = Logged::default();
         let mut open = true;
         while open {
@@ -1302,6 +1322,26 @@ mod tests {
             );
         }
         assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_writer_thread_runs_at_a_lower_priority_and_never_raises_it() {
+        let nice = |f: fn()| {
+            std::thread::spawn(move || {
+                f();
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+            })
+            .join()
+            .unwrap()
+        };
+        assert_eq!(nice(|| ()).max(WRITER_NICE), nice(lower_priority));
+        assert!(nice(lower_priority) >= WRITER_NICE);
+        // A thread already nicer than that keeps its value.
+        let nicest = nice(|| {
+            rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19).unwrap();
+            lower_priority();
+        });
+        assert_eq!(nicest, 19);
     }
 
     #[test]
