@@ -1,5 +1,5 @@
 //! Online key rotation on PostgreSQL: every sealed column (sessions' tokens and PKCE
-//! verifiers, users' tokens) not under the active key is opened with the key ring and sealed
+//! verifiers, users' tokens, device codes) not under the active key is opened with the key ring and sealed
 //! again under the active key, then the key check row, last.
 //!
 //! - **Short transactions, serving not blocked.** Each batch is one transaction that takes its
@@ -27,6 +27,7 @@ use super::copy::HEARTBEAT_LIVE_MS as LIVE_MS;
 use super::feed::{append_changes, KIND_UPSERT};
 use super::rows::{id_from, sealed_from};
 use super::{pg_err, sealed_bytes, PgStore};
+use crate::storage::device::{DEVICE_CODE_FIELD, DEVICE_POLLS_TABLE};
 use crate::storage::envelope::{Keyring, Place, Sealed};
 use crate::storage::records::{token_row, SESSIONS_TABLE, TOKENS_TABLE};
 use crate::storage::{Error, KeyId, Result, RotationReport};
@@ -42,6 +43,7 @@ const PASS_PAUSE: Duration = Duration::from_millis(100);
 const SESSIONS_LEFT: &str = "access_token_key <> $1 OR refresh_token_key <> $1 \
      OR pkce_verifier_key <> $1";
 const TOKENS_LEFT: &str = "access_token_key <> $1 OR refresh_token_key <> $1";
+const DEVICE_POLLS_LEFT: &str = "device_code_key <> $1";
 
 /// Where a rotation is (kept by its caller between batches; a new one starts over, which is
 /// safe: only rows still under older keys are taken).
@@ -51,6 +53,8 @@ pub struct RotationCursor {
     sessions_done: bool,
     tokens_after: Option<(String, String)>,
     tokens_done: bool,
+    device_after: Option<Vec<u8>>,
+    device_done: bool,
     passes: u32,
     /// Rows re-sealed so far.
     pub report: RotationReport,
@@ -109,7 +113,8 @@ impl PgStore {
                     &format!(
                         "SELECT (SELECT key_id FROM ls_key_check WHERE id = 1) IS DISTINCT FROM $1
                             OR EXISTS (SELECT 1 FROM ls_sessions WHERE {SESSIONS_LEFT})
-                            OR EXISTS (SELECT 1 FROM ls_tokens WHERE {TOKENS_LEFT})"
+                            OR EXISTS (SELECT 1 FROM ls_tokens WHERE {TOKENS_LEFT})
+                            OR EXISTS (SELECT 1 FROM ls_device_polls WHERE {DEVICE_POLLS_LEFT})"
                     ),
                     &[&active],
                 )
@@ -119,7 +124,7 @@ impl PgStore {
         })
     }
 
-    /// Rows (sessions and tokens) with a sealed column not under the active key.
+    /// Rows (sessions, tokens and device polls) with a sealed column not under the active key.
     pub fn rows_to_reseal(&self) -> Result<u64> {
         let active = key_param(self.active_key_id());
         self.with(async |c| rows_left(c, active).await)
@@ -179,6 +184,13 @@ impl PgStore {
             }
             return Ok(RotationStep::More);
         }
+        if !cur.device_done {
+            match self.reseal_device_polls(cur.device_after.as_deref(), batch, &mut cur.report)? {
+                Some(last) => cur.device_after = Some(last),
+                None => cur.device_done = true,
+            }
+            return Ok(RotationStep::More);
+        }
         if self.finish_rotation()? {
             return Ok(RotationStep::Done);
         }
@@ -193,6 +205,8 @@ impl PgStore {
         cur.sessions_done = false;
         cur.tokens_after = None;
         cur.tokens_done = false;
+        cur.device_after = None;
+        cur.device_done = false;
         std::thread::sleep(PASS_PAUSE);
         Ok(RotationStep::More)
     }
@@ -345,6 +359,68 @@ impl PgStore {
         Ok(last)
     }
 
+    /// Re-seals the device codes of up to `batch` device polls after session `after` (id
+    /// order) in one transaction; the last id taken, `None` when none was left after `after`.
+    /// Device polls are not in the change feed (they are not exported).
+    fn reseal_device_polls(
+        &self,
+        after: Option<&[u8]>,
+        batch: i64,
+        report: &mut RotationReport,
+    ) -> Result<Option<Vec<u8>>> {
+        let ring = self.ring();
+        let active = key_param(ring.active_id());
+        let after = after.map(<[u8]>::to_vec).unwrap_or_default();
+        let (last, n) = self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT session_id, device_code, device_code_key FROM ls_device_polls
+                         WHERE session_id > $2 AND ({DEVICE_POLLS_LEFT})
+                         ORDER BY session_id LIMIT $3 FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[&active, &after, &batch],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let (mut ids, mut codes, mut keys) = (Vec::with_capacity(rows.len()), vec![], vec![]);
+            for r in &rows {
+                let id: Vec<u8> = r.try_get(0).map_err(|e| pg_err(&e))?;
+                let row = id_from(DEVICE_POLLS_TABLE, &id)?.to_bytes();
+                let old = sealed_from(
+                    DEVICE_POLLS_TABLE,
+                    r.try_get(1).map_err(|e| pg_err(&e))?,
+                    r.try_get(2).map_err(|e| pg_err(&e))?,
+                )?
+                .ok_or_else(|| Error::Decode {
+                    table: DEVICE_POLLS_TABLE,
+                    detail: "a device poll without its code".to_owned(),
+                })?;
+                let new = reseal(ring, DEVICE_POLLS_TABLE, &row, DEVICE_CODE_FIELD, &old)?;
+                let (code, key) = column(new, Some(&old));
+                codes.push(code);
+                keys.push(key);
+                ids.push(id);
+            }
+            // One statement for the batch.
+            tx.execute(
+                "UPDATE ls_device_polls AS d SET device_code = u.c, device_code_key = u.k
+                 FROM unnest($1::bytea[], $2::bytea[], $3::bigint[]) AS u(id, c, k)
+                 WHERE d.session_id = u.id",
+                &[&ids, &codes, &keys],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            let last = ids.last().cloned();
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok((last, rows.len() as u64))
+        })?;
+        report.scanned += n;
+        report.resealed += n;
+        Ok(last)
+    }
+
     /// In one transaction: with the key check row locked, if no sealed column is left under
     /// an older key (and every live instance is still ready), the key check is re-sealed under
     /// the active key. False when rows are left.
@@ -374,7 +450,8 @@ async fn rows_left(c: &impl tokio_postgres::GenericClient, active: i64) -> Resul
         .query_one(
             &format!(
                 "SELECT (SELECT count(*) FROM ls_sessions WHERE {SESSIONS_LEFT})
-                      + (SELECT count(*) FROM ls_tokens WHERE {TOKENS_LEFT})"
+                      + (SELECT count(*) FROM ls_tokens WHERE {TOKENS_LEFT})
+                      + (SELECT count(*) FROM ls_device_polls WHERE {DEVICE_POLLS_LEFT})"
             ),
             &[&active],
         )
