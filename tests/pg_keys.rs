@@ -361,6 +361,59 @@ fn a_device_code_under_an_older_key_makes_the_rotation_pending() {
     assert_eq!(got.device_code.expose_secret(), "dc-keys-0");
 }
 
+/// App secrets of the registry sealed under the store's key ring are re-sealed by a rotation
+/// (those under the config key are not the token key's business): they count as pending and in
+/// `keys status`, and after the rotation a store holding only the new key opens them.
+#[test]
+fn a_rotation_reseals_the_registry_app_secrets_under_the_store_key() {
+    use lark_service::apps::{NewApp, Registry};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let config_key = || Keyring::new(Key::from_bytes(&[7; 32]), vec![]);
+    let app = |id: &str, name: &str| NewApp {
+        app_id: id.into(),
+        app_name: name.into(),
+        app_secret: secret(format!("app-secret-{id}")),
+        description: None,
+        permissions: None,
+        created_by: None,
+    };
+    {
+        let old: Db = open(&url, old_ring()).into();
+        Registry::new(old.clone(), None, None)
+            .add(app("cli_store", "by-store"))
+            .unwrap();
+        Registry::new(old, Some(config_key()), None)
+            .add(app("cli_config", "by-config"))
+            .unwrap();
+    }
+    let store = open(&url, new_ring());
+    assert!(store.rotation_pending().unwrap());
+    assert_eq!(store.rows_to_reseal().unwrap(), 1);
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&OLD).to_string(), 1)]);
+    assert_eq!(store.rotate_keys(10, &mut |_, _| {}).unwrap().resealed, 1);
+    assert!(!store.rotation_pending().unwrap());
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&NEW).to_string(), 1)]);
+
+    let after = open(&url, new_only());
+    assert_eq!(
+        after
+            .app_secret("cli_store", None)
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "app-secret-cli_store"
+    );
+    assert_eq!(
+        after
+            .app_secret("cli_config", Some(&config_key()))
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "app-secret-cli_config"
+    );
+}
+
 /// Refused, before anything is re-sealed, while a live instance lacks the new key, seals under
 /// another active key, or does not say (an older build); allowed once that instance is gone.
 #[test]

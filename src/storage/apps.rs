@@ -16,7 +16,8 @@ use super::{Error, Result, Store};
 
 pub(crate) const APPS_TABLE: &str = "apps";
 const APP_VERSION: u8 = 1;
-const SECRET_FIELD: &str = "app_secret";
+/// The field app secrets are bound to (in the associated data).
+pub(crate) const SECRET_FIELD: &str = "app_secret";
 
 /// An app's status, as the Python deployment names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
