@@ -180,6 +180,17 @@ fn registry_conformance(db: &Db) {
         with_key.delete("cli_a", false, false),
         Err(AppsError::HasTokens { tokens: 2, .. })
     ));
+    // Refused: nothing changed (still served), hard or soft.
+    assert!(matches!(
+        with_key.delete("cli_a", false, true),
+        Err(AppsError::HasTokens { tokens: 2, .. })
+    ));
+    assert_eq!(with_key.show("cli_a").unwrap().status, "active");
+    assert_eq!(active_ids(&with_key).len(), 2);
+    assert!(matches!(
+        with_key.delete("cli_none", true, true),
+        Err(AppsError::NotFound(_))
+    ));
     assert_eq!(with_key.delete("cli_a", true, false).unwrap(), 2);
     assert_eq!(with_key.show("cli_a").unwrap().status, "deleted");
     assert!(with_key
@@ -227,6 +238,123 @@ fn the_registry_behaves_the_same_on_redb_and_postgres() {
     // A second handle on the database (another instance) sees the same registry.
     let other: Db = server.open(&url).into();
     assert_eq!(other.list_apps().unwrap(), pg.list_apps().unwrap());
+}
+
+/// A raw connection to the database (another instance's transaction, held open by the test).
+struct Raw {
+    rt: tokio::runtime::Runtime,
+    c: tokio_postgres::Client,
+}
+
+impl Raw {
+    fn connect(url: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = rt
+            .block_on(lark_service::net::postgres::connect_pg(url, &net()))
+            .unwrap();
+        Self { rt, c }
+    }
+
+    fn sql(&self, q: &str) {
+        self.rt.block_on(self.c.batch_execute(q)).unwrap();
+    }
+
+    /// Begins a transaction that stores a token of `app` for `user` and leaves it open.
+    fn begin_token_insert(&self, app: &str, user: &str) {
+        self.sql(&format!(
+            "BEGIN; INSERT INTO ls_tokens (app_id, user_id, access_token, access_token_key,
+                expires_at, refresh_due_at, scopes, obtained_at, needs_reauth)
+             VALUES ('{app}', '{user}', '\\x00', 1, 10, 5, '{{}}', 1, false)"
+        ));
+    }
+}
+
+/// `reg.delete(app, force, hard)` on another thread; its answer comes on the channel.
+fn delete_in_thread(
+    reg: &Registry,
+    app: &'static str,
+    force: bool,
+    hard: bool,
+) -> std::sync::mpsc::Receiver<Result<u64, AppsError>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reg = reg.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(reg.delete(app, force, hard));
+    });
+    rx
+}
+
+/// The token count and the delete are one transaction: a delete while another instance's
+/// transaction is storing a token for the app waits for it, then counts that token (refused
+/// without force; counted with it), and gives up unchanged (503-able, "try again") when the
+/// token write does not finish within its lock timeout. Before, the count ran on its own and
+/// missed the token in flight: the app with a token was deleted without force.
+#[test]
+fn a_delete_waits_for_a_token_being_stored_and_counts_it() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let db: Db = server.open(&url).into();
+    let reg = Registry::new(db.clone(), None, None);
+    reg.add(new_app("cli_a", "alpha", SECRET_A)).unwrap();
+    reg.add(new_app("cli_c", "gamma", SECRET_B)).unwrap();
+    let raw = Raw::connect(&url);
+    let pause = Duration::from_millis(800);
+
+    // Without force: waits for the token being stored, then refuses.
+    raw.begin_token_insert("cli_a", "u_late");
+    let rx = delete_in_thread(&reg, "cli_a", false, false);
+    std::thread::sleep(pause);
+    assert!(
+        rx.try_recv().is_err(),
+        "the delete answered while a token of the app was being stored"
+    );
+    raw.sql("COMMIT");
+    let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(
+        matches!(got, Err(AppsError::HasTokens { tokens: 1, .. })),
+        "{got:?}"
+    );
+    assert_eq!(reg.show("cli_a").unwrap().status, "active");
+
+    // With force (hard): waits, then counts the token stored meanwhile too.
+    raw.begin_token_insert("cli_a", "u_later");
+    let rx = delete_in_thread(&reg, "cli_a", true, true);
+    std::thread::sleep(pause);
+    assert!(rx.try_recv().is_err(), "the forced delete did not wait");
+    raw.sql("COMMIT");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap(),
+        2
+    );
+    assert!(matches!(reg.show("cli_a"), Err(AppsError::NotFound(_))));
+
+    // A token write that does not finish: the delete gives up after its lock timeout and
+    // changes nothing (fail closed), whatever the token write then does.
+    raw.begin_token_insert("cli_c", "u_stuck");
+    let started = Instant::now();
+    let got = delete_in_thread(&reg, "cli_c", false, false)
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        matches!(
+            got,
+            Err(AppsError::Store(lark_service::storage::Error::Unavailable(
+                _
+            )))
+        ),
+        "{got:?}"
+    );
+    assert!(waited >= Duration::from_secs(4), "{waited:?}");
+    raw.sql("ROLLBACK");
+    assert_eq!(reg.show("cli_c").unwrap().status, "active");
+    // With nothing in flight it goes through at once.
+    assert_eq!(reg.delete("cli_c", false, false).unwrap(), 0);
+    assert_eq!(reg.show("cli_c").unwrap().status, "deleted");
 }
 
 /// Sealed at rest: no column of `ls_apps` holds the secret, as text or as bytes; it opens only

@@ -17,8 +17,8 @@ use lark_service::backup::{restore_backup, write_backup_db, Protection};
 use lark_service::net::{Net, NetOptions};
 use lark_service::storage::postgres::{InstanceRow, PgOptions, PgStore, RotationCursor};
 use lark_service::storage::{
-    AuthSession, Db, Error, Key, KeyId, Keyring, SeenEvents, SessionStore, Store, StoreOptions,
-    TokenStore, UserInfo, UserStore, UserToken,
+    AuthSession, Db, DevicePoll, Error, Key, KeyId, Keyring, SeenEvents, SessionId, SessionStore,
+    Store, StoreOptions, TokenStore, UserInfo, UserStore, UserToken,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -273,6 +273,145 @@ fn an_interrupted_rotation_resumes_where_it_stopped() {
     assert!(!st.rotation_pending, "{st:?}");
     // Nothing left: a second run re-seals nothing and stays done.
     assert_eq!(store.rotate_keys(40, &mut |_, _| {}).unwrap().resealed, 0);
+}
+
+fn device_poll(i: usize) -> DevicePoll {
+    DevicePoll {
+        session_id: SessionId::random(),
+        app_id: "cli_keys".into(),
+        device_code: secret(format!("dc-keys-{i}")),
+        interval_ms: 5_000,
+        expires_at: now() + 600_000,
+    }
+}
+
+/// Pending device polls survive a rotation that retires the old key: they count as pending
+/// and in `keys status`, are re-sealed in batches (resumably: read from their key id column),
+/// and a store holding only the new key opens every code.
+#[test]
+fn a_rotation_reseals_the_device_polls() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let polls: Vec<DevicePoll> = (0..7).map(device_poll).collect();
+    {
+        let old = open(&url, old_ring());
+        for p in &polls {
+            old.put_device_poll(p).unwrap();
+        }
+    }
+    let store = open(&url, new_ring());
+    assert!(store.rotation_pending().unwrap());
+    assert_eq!(store.rows_to_reseal().unwrap(), 7);
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&OLD).to_string(), 7)]);
+    // An interrupted pass: two batches of 3 (sessions and tokens are empty, so these are the
+    // device polls), then a new rotation finishes the last one.
+    let mut cur = RotationCursor::default();
+    for _ in 0..4 {
+        store.rotation_batch(&mut cur, 3).unwrap();
+    }
+    assert_eq!(cur.report.resealed, 6);
+    assert_eq!(store.rows_to_reseal().unwrap(), 1);
+    assert!(store.rotation_pending().unwrap());
+    assert_eq!(store.rotate_keys(3, &mut |_, _| {}).unwrap().resealed, 1);
+    assert_eq!(store.rows_to_reseal().unwrap(), 0);
+    assert!(!store.rotation_pending().unwrap());
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&NEW).to_string(), 7)]);
+
+    let after = open(&url, new_only());
+    for p in &polls {
+        let got = after.get_device_poll(p.session_id).unwrap().unwrap();
+        assert_eq!(
+            got.device_code.expose_secret(),
+            p.device_code.expose_secret()
+        );
+        assert_eq!((got.app_id.as_str(), got.interval_ms), ("cli_keys", 5_000));
+    }
+}
+
+/// A device code under an older key while the key check is already under the active one (left
+/// by a rotation of a build that did not re-seal device polls) makes a rotation pending, so the
+/// daemon runs one, and that rotation re-seals it.
+#[test]
+fn a_device_code_under_an_older_key_makes_the_rotation_pending() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    drop(open(&url, new_only()));
+    let p = device_poll(0);
+    {
+        // The old key active, the new one kept for reading (it opens the key check).
+        let old = open(
+            &url,
+            Keyring::new(Key::from_bytes(&OLD), vec![Key::from_bytes(&NEW)]),
+        );
+        old.put_device_poll(&p).unwrap();
+    }
+    let store = open(&url, new_ring());
+    assert_eq!(
+        store.key_status().unwrap().store_key,
+        key_id(&NEW).to_string()
+    );
+    assert!(store.rotation_pending().unwrap());
+    assert!(store.key_status().unwrap().rotation_pending);
+    assert_eq!(store.rotate_keys(10, &mut |_, _| {}).unwrap().resealed, 1);
+    assert!(!store.rotation_pending().unwrap());
+    let got = open(&url, new_only())
+        .get_device_poll(p.session_id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.device_code.expose_secret(), "dc-keys-0");
+}
+
+/// App secrets of the registry sealed under the store's key ring are re-sealed by a rotation
+/// (those under the config key are not the token key's business): they count as pending and in
+/// `keys status`, and after the rotation a store holding only the new key opens them.
+#[test]
+fn a_rotation_reseals_the_registry_app_secrets_under_the_store_key() {
+    use lark_service::apps::{NewApp, Registry};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let config_key = || Keyring::new(Key::from_bytes(&[7; 32]), vec![]);
+    let app = |id: &str, name: &str| NewApp {
+        app_id: id.into(),
+        app_name: name.into(),
+        app_secret: secret(format!("app-secret-{id}")),
+        description: None,
+        permissions: None,
+        created_by: None,
+    };
+    {
+        let old: Db = open(&url, old_ring()).into();
+        Registry::new(old.clone(), None, None)
+            .add(app("cli_store", "by-store"))
+            .unwrap();
+        Registry::new(old, Some(config_key()), None)
+            .add(app("cli_config", "by-config"))
+            .unwrap();
+    }
+    let store = open(&url, new_ring());
+    assert!(store.rotation_pending().unwrap());
+    assert_eq!(store.rows_to_reseal().unwrap(), 1);
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&OLD).to_string(), 1)]);
+    assert_eq!(store.rotate_keys(10, &mut |_, _| {}).unwrap().resealed, 1);
+    assert!(!store.rotation_pending().unwrap());
+    assert_eq!(sealed_by_key(&store), vec![(key_id(&NEW).to_string(), 1)]);
+
+    let after = open(&url, new_only());
+    assert_eq!(
+        after
+            .app_secret("cli_store", None)
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "app-secret-cli_store"
+    );
+    assert_eq!(
+        after
+            .app_secret("cli_config", Some(&config_key()))
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
+        "app-secret-cli_config"
+    );
 }
 
 /// Refused, before anything is re-sealed, while a live instance lacks the new key, seals under

@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use lark_service::storage::{
-    self, AuthSession, Error, FailureReason, Key, Keyring, SessionId, SessionState, Store,
-    StoreOptions, UserInfo, UserToken,
+    self, AuthSession, DevicePoll, Error, FailureReason, Key, Keyring, SessionId, SessionState,
+    Store, StoreOptions, UserInfo, UserToken,
 };
 use proptest::prelude::*;
 use secrecy::{ExposeSecret, SecretString};
@@ -325,6 +325,111 @@ fn rotation_reseals_everything_and_the_old_key_is_no_longer_needed() {
         Store::open(&path, ring(1), StoreOptions::default()).unwrap_err(),
         Error::WrongKey { .. }
     ));
+}
+
+fn device_poll(code: &str) -> DevicePoll {
+    DevicePoll {
+        session_id: SessionId::random(),
+        app_id: "cli_app".into(),
+        device_code: secret(code),
+        interval_ms: 5_000,
+        expires_at: 600_000,
+    }
+}
+
+/// A pending device poll survives a rotation that retires the old key: after it, a store
+/// holding only the new key opens the device code (sealed again, in batches).
+#[test]
+fn rotation_reseals_device_polls_and_the_old_key_is_no_longer_needed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let polls: Vec<DevicePoll> = (0..5)
+        .map(|i| device_poll(&format!("dc-rotate-{i}")))
+        .collect();
+    {
+        let store = Store::open(&path, ring(1), StoreOptions::default()).unwrap();
+        for p in &polls {
+            store.put_device_poll(p).unwrap();
+        }
+    }
+    {
+        let store = Store::open(
+            &path,
+            Keyring::new(key(2), vec![key(1)]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let before = store.key_status().unwrap();
+        assert!(before.rotation_pending);
+        assert_eq!(
+            before.sealed_fields_by_key.get(&key(1).id().to_string()),
+            Some(&5),
+            "{before:?}"
+        );
+        // Batches of 2: the device polls take several write transactions.
+        let report = store.rotate_keys(2, &mut |_, _| {}).unwrap();
+        assert_eq!((report.scanned, report.resealed), (5, 5));
+        let after = store.key_status().unwrap();
+        assert!(!after.rotation_pending, "{after:?}");
+        assert_eq!(
+            after.sealed_fields_by_key.get(&key(2).id().to_string()),
+            Some(&5),
+            "{after:?}"
+        );
+        assert_eq!(store.rotate_keys(2, &mut |_, _| {}).unwrap().resealed, 0);
+    }
+    let store = Store::open(&path, ring(2), StoreOptions::default()).unwrap();
+    for p in &polls {
+        let got = store.get_device_poll(p.session_id).unwrap().unwrap();
+        assert_eq!(
+            got.device_code.expose_secret(),
+            p.device_code.expose_secret()
+        );
+        assert_eq!(
+            (got.app_id.as_str(), got.interval_ms, got.expires_at),
+            ("cli_app", 5_000, 600_000)
+        );
+    }
+}
+
+/// A device code left under an older key while the key check is already under the active one
+/// (a rotation by a build that did not re-seal device polls) makes the rotation pending, and
+/// the next rotation re-seals it.
+#[test]
+fn a_device_code_under_an_older_key_makes_the_rotation_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    // The key check under key 2 ...
+    drop(Store::open(&path, ring(2), StoreOptions::default()).unwrap());
+    // ... and a device code sealed under key 1 (active in that ring, key 2 kept for reading).
+    let p = device_poll("dc-left-behind");
+    {
+        let store = Store::open(
+            &path,
+            Keyring::new(key(1), vec![key(2)]),
+            StoreOptions::default(),
+        )
+        .unwrap();
+        store.put_device_poll(&p).unwrap();
+    }
+    let store = Store::open(
+        &path,
+        Keyring::new(key(2), vec![key(1)]),
+        StoreOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        store.key_status().unwrap().store_key,
+        key(2).id().to_string()
+    );
+    assert!(store.rotation_pending().unwrap());
+    assert!(store.key_status().unwrap().rotation_pending);
+    assert_eq!(store.rotate_keys(16, &mut |_, _| {}).unwrap().resealed, 1);
+    assert!(!store.rotation_pending().unwrap());
+    drop(store);
+    let store = Store::open(&path, ring(2), StoreOptions::default()).unwrap();
+    let got = store.get_device_poll(p.session_id).unwrap().unwrap();
+    assert_eq!(got.device_code.expose_secret(), "dc-left-behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use secrecy::SecretString;
 use serde::Serialize;
 
 pub use crate::storage::AppStatus;
-use crate::storage::{self, now_ms, AppRow, Db, Keyring, SecretKey};
+use crate::storage::{self, now_ms, AppDeletion, AppRow, Db, Keyring, SecretKey};
 
 /// Why a registry operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -437,30 +437,25 @@ impl Registry {
 
     /// Deletes an app: soft (status `deleted`, the row stays) unless `hard` (the row goes).
     /// An app with stored user tokens is refused unless `force`. Returns the number of tokens
-    /// it had.
+    /// it had, counted in the transaction that deletes it.
     ///
     /// # Errors
     /// Not found, the configuration's app, tokens without `force`, or the store's.
     pub fn delete(&self, app_id: &str, force: bool, hard: bool) -> Result<u64, AppsError> {
         self.refuse_config_app(app_id)?;
-        if self.store.get_app(app_id)?.is_none() {
-            return Err(AppsError::NotFound(app_id.to_owned()));
-        }
-        let tokens = self.store.app_token_count(app_id)?;
-        if tokens > 0 && !force {
-            return Err(AppsError::HasTokens {
+        // The count and the delete are one transaction (`delete_app`): a token stored
+        // meanwhile cannot slip past the refusal, nor be left behind uncounted.
+        match self.store.delete_app(app_id, force, hard)? {
+            AppDeletion::NotFound => Err(AppsError::NotFound(app_id.to_owned())),
+            AppDeletion::HasTokens(tokens) => Err(AppsError::HasTokens {
                 app_id: app_id.to_owned(),
                 tokens,
-            });
+            }),
+            AppDeletion::Deleted(tokens) => {
+                self.touched();
+                Ok(tokens)
+            }
         }
-        if hard {
-            self.store.remove_app(app_id)?;
-        } else {
-            self.store
-                .update_app(app_id, |r| r.status = AppStatus::Deleted, None, self.key())?;
-        }
-        self.touched();
-        Ok(tokens)
     }
 
     /// The apps to serve, with their secrets: the configuration's app, then every active app

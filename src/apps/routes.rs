@@ -17,9 +17,22 @@ use serde_json::json;
 
 use super::{AppChange, AppStatus, AppsError, NewApp, Registry};
 
+/// How long a client is asked to wait (`Retry-After`) when the store cannot answer now.
+const STORE_RETRY_AFTER_SECS: &str = "5";
+
 /// The HTTP answer of a refusal.
 #[must_use]
 pub fn error_response(e: &AppsError) -> Response {
+    // The store cannot be reached now, or a delete gave up waiting for token writes in flight:
+    // nothing was changed; ask again.
+    if let AppsError::Store(crate::storage::Error::Unavailable(_)) = e {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, STORE_RETRY_AFTER_SECS)],
+            Json(json!({ "error": "store_unavailable", "message": e.to_string() })),
+        )
+            .into_response();
+    }
     let (status, code) = match e {
         AppsError::NotFound(_) => (StatusCode::NOT_FOUND, "app_not_found"),
         AppsError::FromConfig(_) => (StatusCode::CONFLICT, "app_from_config"),
@@ -166,4 +179,27 @@ pub fn admin_router(reg: Registry, guard: crate::http::bearer::BearerGuard) -> R
         .route("/api/v1/apps/{id}/disable", post(disable))
         .with_state(reg);
     guard.protect(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that cannot answer now (or a delete that gave up waiting) is 503 with
+    /// `Retry-After`; other store errors stay 500.
+    #[test]
+    fn an_unavailable_store_is_503_with_retry_after() {
+        let r = error_response(&AppsError::Store(crate::storage::Error::Unavailable(
+            "busy".into(),
+        )));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers()
+                .get(axum::http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+            Some("5")
+        );
+        let r = error_response(&AppsError::Store(crate::storage::Error::Join("x".into())));
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

@@ -16,7 +16,8 @@ use super::{Error, Result, Store};
 
 pub(crate) const APPS_TABLE: &str = "apps";
 const APP_VERSION: u8 = 1;
-const SECRET_FIELD: &str = "app_secret";
+/// The field app secrets are bound to (in the associated data).
+pub(crate) const SECRET_FIELD: &str = "app_secret";
 
 /// An app's status, as the Python deployment names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +86,18 @@ pub struct AppRow {
     pub created_by: Option<String>,
     /// Which key ring sealed the secret.
     pub secret_key: SecretKey,
+}
+
+/// What deleting an app did (either backend's `delete_app`): the token count and the delete
+/// are one transaction, so no token stored meanwhile is missed by the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppDeletion {
+    /// No such app; nothing changed.
+    NotFound,
+    /// Refused (nothing changed): the app has this many user tokens and `force` was not given.
+    HasTokens(u64),
+    /// Deleted (soft or hard); the app had this many user tokens.
+    Deleted(u64),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -380,16 +393,69 @@ impl Store {
     pub fn app_token_count(&self, app_id: &str) -> Result<u64> {
         let txn = self.begin_read()?;
         let t = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
-        let mut n = 0u64;
-        for r in t.range((app_id, "")..).map_err(|e| self.err(e))? {
-            let (k, _) = r.map_err(|e| self.err(e))?;
-            if k.value().0 != app_id {
-                break;
-            }
-            n = n.saturating_add(1);
-        }
-        Ok(n)
+        count_tokens(self, &t, app_id)
     }
+
+    /// Deletes an app, in one write transaction with the count of its user tokens: an app with
+    /// tokens is refused unless `force`; soft (status `deleted`, the row stays) unless `hard`
+    /// (the row goes). No token can be stored between the count and the delete (redb has one
+    /// writer at a time). Durable on return.
+    pub fn delete_app(&self, app_id: &str, force: bool, hard: bool) -> Result<AppDeletion> {
+        let txn = self.begin_write()?;
+        let outcome = {
+            let mut t = txn.open_table(APPS).map_err(|e| self.err(e))?;
+            let current = t
+                .get(app_id)
+                .map_err(|e| self.err(e))?
+                .map(|v| decode_app(v.value()))
+                .transpose()?;
+            match current {
+                None => AppDeletion::NotFound,
+                Some(mut rec) => {
+                    let tokens = {
+                        let tokens = txn.open_table(TOKENS).map_err(|e| self.err(e))?;
+                        count_tokens(self, &tokens, app_id)?
+                    };
+                    if tokens > 0 && !force {
+                        AppDeletion::HasTokens(tokens)
+                    } else {
+                        if hard {
+                            t.remove(app_id).map_err(|e| self.err(e))?;
+                        } else {
+                            rec.row.status = AppStatus::Deleted;
+                            rec.row.updated_at = super::now_ms().max(rec.row.updated_at);
+                            t.insert(app_id, encode(APP_VERSION, &rec).as_slice())
+                                .map_err(|e| self.err(e))?;
+                        }
+                        AppDeletion::Deleted(tokens)
+                    }
+                }
+            }
+        };
+        if matches!(outcome, AppDeletion::Deleted(_)) {
+            self.commit(txn)?;
+        } else {
+            txn.abort().map_err(|e| self.err(e))?;
+        }
+        Ok(outcome)
+    }
+}
+
+/// The user tokens of `app_id` in `t` (the token table, in a read or a write transaction).
+fn count_tokens(
+    store: &Store,
+    t: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+    app_id: &str,
+) -> Result<u64> {
+    let mut n = 0u64;
+    for r in t.range((app_id, "")..).map_err(|e| store.err(e))? {
+        let (k, _) = r.map_err(|e| store.err(e))?;
+        if k.value().0 != app_id {
+            break;
+        }
+        n = n.saturating_add(1);
+    }
+    Ok(n)
 }
 
 fn check_name_free(

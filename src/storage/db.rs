@@ -16,10 +16,10 @@ use super::postgres::PgStore;
 use super::traits::{ChangeFeed, Leases, SeenEvents, SessionStore, TokenStore, UserStore};
 use super::DevicePoll;
 use super::{
-    AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken, KeyId,
-    KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result, RotationReport,
-    SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store, StoreCounts,
-    SweepReport, UserInfo, UserToken,
+    AppDeletion, AppRow, AuthSession, ChangeKind, Error, ExpiringGrant, ExportRow, ImportToken,
+    KeyId, KeyStatus, Keyring, OutboxEntry, OutboxEvent, PendingUpdate, Progress, Result,
+    RotationReport, SeenSnapshot, SessionId, SessionState, SessionSummary, SnapshotHeader, Store,
+    StoreCounts, SweepReport, UserInfo, UserToken,
 };
 
 /// What [`Db::claim_event`] found.
@@ -125,6 +125,7 @@ both! {
     fn remove_app(&self, app_id: &str) -> Result<bool>;
     fn app_secret(&self, app_id: &str, config_key: Option<&Keyring>) -> Result<Option<SecretString>>;
     fn app_token_count(&self, app_id: &str) -> Result<u64>;
+    fn delete_app(&self, app_id: &str, force: bool, hard: bool) -> Result<AppDeletion>;
     fn get_app(&self, app_id: &str) -> Result<Option<AppRow>>;
     fn list_apps(&self) -> Result<Vec<AppRow>>;
     fn put_device_poll(&self, p: &DevicePoll) -> Result<()>;

@@ -7,11 +7,14 @@
 //! deleted by the next instance that looks at it (`auth::device`). Who polls a row at a time is
 //! decided by a lease (`device/{session id}`, see [`Leases`](super::traits::Leases)), not here.
 
+use std::ops::Bound;
+
 use redb::ReadableTable;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
-use super::envelope::{Keyring, Place, Sealed};
+use super::envelope::{KeyId, Keyring, Place, Sealed};
+use super::keys::RotationReport;
 use super::records::{decode, encode};
 use super::sessions::validate_ids;
 use super::tables::DEVICE_POLLS;
@@ -20,7 +23,8 @@ use super::{Error, Result, SessionId, Store};
 /// The table name sealed device codes are bound to (in the associated data).
 pub(crate) const DEVICE_POLLS_TABLE: &str = "device_polls";
 const DEVICE_POLL_VERSION: u8 = 1;
-const CODE_FIELD: &str = "device_code";
+/// The field sealed device codes are bound to (in the associated data).
+pub(crate) const DEVICE_CODE_FIELD: &str = "device_code";
 
 /// One device session's polling state, as callers see it (the code in clear; `Debug`
 /// redacts it).
@@ -51,7 +55,7 @@ fn place(row: &[u8]) -> Place<'_> {
     Place {
         table: DEVICE_POLLS_TABLE,
         row,
-        field: CODE_FIELD,
+        field: DEVICE_CODE_FIELD,
     }
 }
 
@@ -75,7 +79,7 @@ impl StoredDevicePoll {
             .open_str(&self.device_code, &place(&row))
             .map_err(|e| Error::Decrypt {
                 table: DEVICE_POLLS_TABLE,
-                detail: format!("field {CODE_FIELD}: {e}"),
+                detail: format!("field {DEVICE_CODE_FIELD}: {e}"),
             })?;
         Ok(DevicePoll {
             session_id: id,
@@ -155,6 +159,71 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// Key rotation of the device codes (called by `Store::rotate_keys`, `key_status` and
+/// `rotation_pending`, in `keys`).
+impl Store {
+    /// The key id of every stored device code (no code opened).
+    pub(super) fn device_poll_keys(&self) -> Result<Vec<KeyId>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(DEVICE_POLLS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out.push(decode_poll(v.value())?.device_code.key_id);
+        }
+        Ok(out)
+    }
+
+    /// True if some device code is sealed under a key other than the active one. Device polls
+    /// are few (one per pending device session), so this reads them all.
+    pub(super) fn device_polls_under_older_keys(&self) -> Result<bool> {
+        let active = self.active_key_id();
+        Ok(self.device_poll_keys()?.into_iter().any(|k| k != active))
+    }
+
+    /// Re-seals under the active key the device codes of up to `batch` polls after session
+    /// `after` (id order), in one write transaction; the last id read and how many were read.
+    pub(super) fn rotate_device_polls_batch(
+        &self,
+        after: Option<u128>,
+        batch: usize,
+        report: &mut RotationReport,
+    ) -> Result<(Option<u128>, usize)> {
+        let txn = self.begin_write()?;
+        let (last, n) = {
+            let mut t = txn.open_table(DEVICE_POLLS).map_err(|e| self.err(e))?;
+            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let rows: Vec<(u128, Vec<u8>)> = t
+                .range::<u128>((lower, Bound::Unbounded))
+                .map_err(|e| self.err(e))?
+                .take(batch)
+                .map(|r| {
+                    r.map(|(k, v)| (k.value(), v.value().to_vec()))
+                        .map_err(|e| self.err(e))
+                })
+                .collect::<Result<_>>()?;
+            for (id, bytes) in &rows {
+                let mut stored = decode_poll(bytes)?;
+                let row = SessionId(*id).to_bytes();
+                report.scanned += 1;
+                if self.reseal(
+                    DEVICE_POLLS_TABLE,
+                    &row,
+                    DEVICE_CODE_FIELD,
+                    &mut stored.device_code,
+                )? {
+                    t.insert(*id, encode(DEVICE_POLL_VERSION, &stored).as_slice())
+                        .map_err(|e| self.err(e))?;
+                    report.resealed += 1;
+                }
+            }
+            (rows.last().map(|r| r.0), rows.len())
+        };
+        self.commit(txn)?;
+        Ok((last, n))
     }
 }
 

@@ -83,6 +83,9 @@ impl Store {
         for k in self.store_sealed_app_keys()? {
             *by_key.entry(k).or_default() += 1;
         }
+        for k in self.device_poll_keys()? {
+            *by_key.entry(k).or_default() += 1;
+        }
         Ok(KeyStatus::new(
             self.active_key_id(),
             self.store_key_id()?,
@@ -90,9 +93,12 @@ impl Store {
         ))
     }
 
-    /// True if the key check is not under the active key (a rotation is pending).
+    /// True if the key check or a device code is not under the active key (a rotation is
+    /// pending). A rotation re-seals the key check last, so an unfinished one reads as pending;
+    /// the device codes are read too, because a rotation by an older build finished without
+    /// them (they are few: one per pending device session).
     pub fn rotation_pending(&self) -> Result<bool> {
-        Ok(self.store_key_id()? != self.active_key_id())
+        Ok(self.store_key_id()? != self.active_key_id() || self.device_polls_under_older_keys()?)
     }
 
     /// Re-seals every secret under the active key, `batch` records per transaction, calling
@@ -111,9 +117,14 @@ impl Store {
                 .open_table(super::tables::APPS)
                 .map_err(|e| self.err(e))?
                 .len();
+            let d = txn
+                .open_table(super::tables::DEVICE_POLLS)
+                .map_err(|e| self.err(e))?
+                .len();
             s.map_err(|e| self.err(e))?
                 + t.map_err(|e| self.err(e))?
                 + a.map_err(|e| self.err(e))?
+                + d.map_err(|e| self.err(e))?
         };
         let mut report = RotationReport::default();
         let mut cursor: Option<u128> = None;
@@ -136,6 +147,15 @@ impl Store {
         }
         self.rotate_apps(&mut report)?;
         progress(report.scanned, total);
+        let mut cursor: Option<u128> = None;
+        loop {
+            let (next, n) = self.rotate_device_polls_batch(cursor, batch, &mut report)?;
+            progress(report.scanned, total);
+            if n < batch {
+                break;
+            }
+            cursor = next;
+        }
         // Last: the key check, so an interrupted rotation still reads as pending.
         let txn = self.begin_write()?;
         {

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-pub use apps::{AppRow, AppStatus, SecretKey};
+pub use apps::{AppDeletion, AppRow, AppStatus, SecretKey};
 pub use backup::{restore_snapshot, Progress, SnapshotHeader};
 pub use changes::{ChangeKind, ExportRow, ExportToken, ImportToken, EXPORT_CURSOR_PREFIX};
 pub use db::{not_on_postgres, Db, EventClaim};

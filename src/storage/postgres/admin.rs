@@ -74,10 +74,11 @@ impl PgStore {
         })
     }
 
-    /// Which key ids seal what (as `Store::key_status`): the sealed columns of sessions and
-    /// tokens counted per key id, read from the key id columns without opening anything. No
-    /// app registry here. A rotation is pending while the key check or any sealed column is not
-    /// under the active key (`keys::PgStore::rotate_keys`).
+    /// Which key ids seal what (as `Store::key_status`): the sealed columns of sessions,
+    /// tokens, device polls and the registry's app secrets sealed under the store's key ring
+    /// counted per key id, read from the key id columns without opening anything. A rotation
+    /// is pending while the key check or any sealed column is not under the active key
+    /// (`keys::PgStore::rotate_keys`).
     pub fn key_status(&self) -> Result<KeyStatus> {
         let rows = self.with(async |c| {
             c.query(
@@ -87,6 +88,8 @@ impl PgStore {
                     UNION ALL SELECT pkce_verifier_key FROM ls_sessions WHERE pkce_verifier IS NOT NULL
                     UNION ALL SELECT access_token_key FROM ls_tokens
                     UNION ALL SELECT refresh_token_key FROM ls_tokens WHERE refresh_token IS NOT NULL
+                    UNION ALL SELECT device_code_key FROM ls_device_polls
+                    UNION ALL SELECT secret_key FROM ls_apps WHERE secret_sealed_with = 'store'
                  ) s GROUP BY k ORDER BY k",
                 &[],
             )

@@ -15,7 +15,7 @@ use secrecy::SecretString;
 use super::{api_time, db_time, pg_err, rows::sealed_from, sealed_bytes, PgStore};
 use crate::storage::apps::{place, validate, APPS_TABLE};
 use crate::storage::envelope::{Keyring, Sealed};
-use crate::storage::{now_ms, AppRow, AppStatus, Error, Result, SecretKey};
+use crate::storage::{now_ms, AppDeletion, AppRow, AppStatus, Error, Result, SecretKey};
 
 const COLUMNS: &str = "app_id, app_name, description, status, permissions, created_at, \
                        updated_at, created_by, secret_sealed_with, version";
@@ -75,6 +75,10 @@ fn taken(e: Error, app_id: &str, app_name: &str) -> Error {
 }
 
 const BUMP: &str = "UPDATE ls_apps_version SET version = version + 1 WHERE id = 1";
+
+/// How long a delete waits for the token writes in flight to finish (`lock_timeout`) before
+/// it gives up, unchanged; past it, the caller is told to try again.
+const DELETE_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '5s'";
 
 impl PgStore {
     fn seal_app_secret(
@@ -331,6 +335,75 @@ impl PgStore {
                 table: APPS_TABLE,
                 detail: format!("app {app_id}: {e}"),
             })
+    }
+
+    /// Deletes an app (as the redb store's `delete_app`) in one transaction: the app's row
+    /// locked `FOR UPDATE` (edits and other deletes of it wait), then the token table locked
+    /// in `SHARE` mode, which waits for the token writes in flight to commit and holds back new
+    /// ones (of any app) until this transaction ends; reads and row claims go on. So the count
+    /// is every token the app has, none can be stored between the count and the delete, and an
+    /// app with tokens is refused unless `force`. Soft (status `deleted`) unless `hard`.
+    /// Deletes are rare admin operations and the transaction is a few statements, so the
+    /// pause of token writes is short; when it cannot get the lock within 5 s, nothing changes
+    /// and it answers [`Error::Unavailable`].
+    pub fn delete_app(&self, app_id: &str, force: bool, hard: bool) -> Result<AppDeletion> {
+        let now = db_time(now_ms());
+        self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            tx.execute(DELETE_LOCK_TIMEOUT, &[])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let found = tx
+                .query_opt(
+                    "SELECT 1 FROM ls_apps WHERE app_id = $1 FOR UPDATE",
+                    &[&app_id],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            if found.is_none() {
+                tx.rollback().await.map_err(|e| pg_err(&e))?;
+                return Ok(AppDeletion::NotFound);
+            }
+            tx.execute("LOCK TABLE ls_tokens IN SHARE MODE", &[])
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let r = tx
+                .query_one(
+                    "SELECT count(*) FROM ls_tokens WHERE app_id = $1",
+                    &[&app_id],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let n: i64 = r.try_get(0).map_err(|e| pg_err(&e))?;
+            let tokens = u64::try_from(n).unwrap_or(0);
+            if tokens > 0 && !force {
+                tx.rollback().await.map_err(|e| pg_err(&e))?;
+                return Ok(AppDeletion::HasTokens(tokens));
+            }
+            if hard {
+                tx.execute("DELETE FROM ls_apps WHERE app_id = $1", &[&app_id])
+                    .await
+                    .map_err(|e| pg_err(&e))?;
+            } else {
+                tx.execute(
+                    "UPDATE ls_apps SET status = $2, updated_at = GREATEST(updated_at, $3),
+                        version = version + 1
+                     WHERE app_id = $1",
+                    &[&app_id, &AppStatus::Deleted.as_str(), &now],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            }
+            tx.execute(BUMP, &[]).await.map_err(|e| pg_err(&e))?;
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(AppDeletion::Deleted(tokens))
+        })
+        .map_err(|e| match e {
+            Error::Engine(m) if m.ends_with("(55P03)") => Error::Unavailable(format!(
+                "deleting app {app_id}: token writes in flight did not finish within 5 s; nothing was changed, try again"
+            )),
+            other => other,
+        })
     }
 
     /// How many user tokens the store holds for `app_id`.

@@ -1,5 +1,6 @@
 //! Online key rotation on PostgreSQL: every sealed column (sessions' tokens and PKCE
-//! verifiers, users' tokens) not under the active key is opened with the key ring and sealed
+//! verifiers, users' tokens, device codes, the registry's app secrets sealed under the store's
+//! key ring) not under the active key is opened with the key ring and sealed
 //! again under the active key, then the key check row, last.
 //!
 //! - **Short transactions, serving not blocked.** Each batch is one transaction that takes its
@@ -27,6 +28,8 @@ use super::copy::HEARTBEAT_LIVE_MS as LIVE_MS;
 use super::feed::{append_changes, KIND_UPSERT};
 use super::rows::{id_from, sealed_from};
 use super::{pg_err, sealed_bytes, PgStore};
+use crate::storage::apps::{APPS_TABLE, SECRET_FIELD as APP_SECRET_FIELD};
+use crate::storage::device::{DEVICE_CODE_FIELD, DEVICE_POLLS_TABLE};
 use crate::storage::envelope::{Keyring, Place, Sealed};
 use crate::storage::records::{token_row, SESSIONS_TABLE, TOKENS_TABLE};
 use crate::storage::{Error, KeyId, Result, RotationReport};
@@ -42,6 +45,10 @@ const PASS_PAUSE: Duration = Duration::from_millis(100);
 const SESSIONS_LEFT: &str = "access_token_key <> $1 OR refresh_token_key <> $1 \
      OR pkce_verifier_key <> $1";
 const TOKENS_LEFT: &str = "access_token_key <> $1 OR refresh_token_key <> $1";
+const DEVICE_POLLS_LEFT: &str = "device_code_key <> $1";
+/// Registry apps whose secret is sealed under the store's key ring, not under `$1` (a secret
+/// under the config key is not the token key's business).
+const APPS_LEFT: &str = "secret_sealed_with = 'store' AND secret_key <> $1";
 
 /// Where a rotation is (kept by its caller between batches; a new one starts over, which is
 /// safe: only rows still under older keys are taken).
@@ -51,6 +58,9 @@ pub struct RotationCursor {
     sessions_done: bool,
     tokens_after: Option<(String, String)>,
     tokens_done: bool,
+    device_after: Option<Vec<u8>>,
+    device_done: bool,
+    apps_done: bool,
     passes: u32,
     /// Rows re-sealed so far.
     pub report: RotationReport,
@@ -109,7 +119,9 @@ impl PgStore {
                     &format!(
                         "SELECT (SELECT key_id FROM ls_key_check WHERE id = 1) IS DISTINCT FROM $1
                             OR EXISTS (SELECT 1 FROM ls_sessions WHERE {SESSIONS_LEFT})
-                            OR EXISTS (SELECT 1 FROM ls_tokens WHERE {TOKENS_LEFT})"
+                            OR EXISTS (SELECT 1 FROM ls_tokens WHERE {TOKENS_LEFT})
+                            OR EXISTS (SELECT 1 FROM ls_device_polls WHERE {DEVICE_POLLS_LEFT})
+                            OR EXISTS (SELECT 1 FROM ls_apps WHERE {APPS_LEFT})"
                     ),
                     &[&active],
                 )
@@ -119,7 +131,8 @@ impl PgStore {
         })
     }
 
-    /// Rows (sessions and tokens) with a sealed column not under the active key.
+    /// Rows (sessions, tokens, device polls, registry apps) with a sealed column not under the
+    /// active key.
     pub fn rows_to_reseal(&self) -> Result<u64> {
         let active = key_param(self.active_key_id());
         self.with(async |c| rows_left(c, active).await)
@@ -179,6 +192,18 @@ impl PgStore {
             }
             return Ok(RotationStep::More);
         }
+        if !cur.device_done {
+            match self.reseal_device_polls(cur.device_after.as_deref(), batch, &mut cur.report)? {
+                Some(last) => cur.device_after = Some(last),
+                None => cur.device_done = true,
+            }
+            return Ok(RotationStep::More);
+        }
+        if !cur.apps_done {
+            self.reseal_apps(&mut cur.report)?;
+            cur.apps_done = true;
+            return Ok(RotationStep::More);
+        }
         if self.finish_rotation()? {
             return Ok(RotationStep::Done);
         }
@@ -193,6 +218,9 @@ impl PgStore {
         cur.sessions_done = false;
         cur.tokens_after = None;
         cur.tokens_done = false;
+        cur.device_after = None;
+        cur.device_done = false;
+        cur.apps_done = false;
         std::thread::sleep(PASS_PAUSE);
         Ok(RotationStep::More)
     }
@@ -345,6 +373,114 @@ impl PgStore {
         Ok(last)
     }
 
+    /// Re-seals the device codes of up to `batch` device polls after session `after` (id
+    /// order) in one transaction; the last id taken, `None` when none was left after `after`.
+    /// Device polls are not in the change feed (they are not exported).
+    fn reseal_device_polls(
+        &self,
+        after: Option<&[u8]>,
+        batch: i64,
+        report: &mut RotationReport,
+    ) -> Result<Option<Vec<u8>>> {
+        let ring = self.ring();
+        let active = key_param(ring.active_id());
+        let after = after.map(<[u8]>::to_vec).unwrap_or_default();
+        let (last, n) = self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT session_id, device_code, device_code_key FROM ls_device_polls
+                         WHERE session_id > $2 AND ({DEVICE_POLLS_LEFT})
+                         ORDER BY session_id LIMIT $3 FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[&active, &after, &batch],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            let (mut ids, mut codes, mut keys) = (Vec::with_capacity(rows.len()), vec![], vec![]);
+            for r in &rows {
+                let id: Vec<u8> = r.try_get(0).map_err(|e| pg_err(&e))?;
+                let row = id_from(DEVICE_POLLS_TABLE, &id)?.to_bytes();
+                let old = sealed_from(
+                    DEVICE_POLLS_TABLE,
+                    r.try_get(1).map_err(|e| pg_err(&e))?,
+                    r.try_get(2).map_err(|e| pg_err(&e))?,
+                )?
+                .ok_or_else(|| Error::Decode {
+                    table: DEVICE_POLLS_TABLE,
+                    detail: "a device poll without its code".to_owned(),
+                })?;
+                let new = reseal(ring, DEVICE_POLLS_TABLE, &row, DEVICE_CODE_FIELD, &old)?;
+                let (code, key) = column(new, Some(&old));
+                codes.push(code);
+                keys.push(key);
+                ids.push(id);
+            }
+            // One statement for the batch.
+            tx.execute(
+                "UPDATE ls_device_polls AS d SET device_code = u.c, device_code_key = u.k
+                 FROM unnest($1::bytea[], $2::bytea[], $3::bigint[]) AS u(id, c, k)
+                 WHERE d.session_id = u.id",
+                &[&ids, &codes, &keys],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+            let last = ids.last().cloned();
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok((last, rows.len() as u64))
+        })?;
+        report.scanned += n;
+        report.resealed += n;
+        Ok(last)
+    }
+
+    /// Re-seals the registry's app secrets sealed under an older key of the store's ring, in
+    /// one transaction (apps are few). Only the secret and its key id change: the secret is
+    /// the same, so the registry's version is not bumped (no instance needs to reload).
+    fn reseal_apps(&self, report: &mut RotationReport) -> Result<()> {
+        let ring = self.ring();
+        let active = key_param(ring.active_id());
+        let n = self.with(async |c| {
+            let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT app_id, secret, secret_key FROM ls_apps WHERE {APPS_LEFT}
+                         ORDER BY app_id FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[&active],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            for r in &rows {
+                let app_id: String = r.try_get(0).map_err(|e| pg_err(&e))?;
+                let old = sealed_from(
+                    APPS_TABLE,
+                    r.try_get(1).map_err(|e| pg_err(&e))?,
+                    r.try_get(2).map_err(|e| pg_err(&e))?,
+                )?
+                .ok_or_else(|| Error::Decode {
+                    table: APPS_TABLE,
+                    detail: format!("app {app_id} without its secret"),
+                })?;
+                let new = reseal(ring, APPS_TABLE, app_id.as_bytes(), APP_SECRET_FIELD, &old)?;
+                let (secret, key) = column(new, Some(&old));
+                tx.execute(
+                    "UPDATE ls_apps SET secret = $2, secret_key = $3 WHERE app_id = $1",
+                    &[&app_id, &secret, &key],
+                )
+                .await
+                .map_err(|e| pg_err(&e))?;
+            }
+            tx.commit().await.map_err(|e| pg_err(&e))?;
+            Ok(rows.len() as u64)
+        })?;
+        report.scanned += n;
+        report.resealed += n;
+        Ok(())
+    }
+
     /// In one transaction: with the key check row locked, if no sealed column is left under
     /// an older key (and every live instance is still ready), the key check is re-sealed under
     /// the active key. False when rows are left.
@@ -374,7 +510,9 @@ async fn rows_left(c: &impl tokio_postgres::GenericClient, active: i64) -> Resul
         .query_one(
             &format!(
                 "SELECT (SELECT count(*) FROM ls_sessions WHERE {SESSIONS_LEFT})
-                      + (SELECT count(*) FROM ls_tokens WHERE {TOKENS_LEFT})"
+                      + (SELECT count(*) FROM ls_tokens WHERE {TOKENS_LEFT})
+                      + (SELECT count(*) FROM ls_device_polls WHERE {DEVICE_POLLS_LEFT})
+                      + (SELECT count(*) FROM ls_apps WHERE {APPS_LEFT})"
             ),
             &[&active],
         )
