@@ -35,6 +35,8 @@
 #[allow(dead_code)]
 #[path = "../tests/common/pg.rs"]
 mod pg;
+#[path = "common/push.rs"]
+mod push;
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
@@ -42,22 +44,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lark_service::sandbox::{PreparedEvent, PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use push::{push_all, FRAGMENT_EVERY, WINDOW};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
 const ADMIN: &str = "fleet-bench-admin-token-0123456789abcdef";
 const KEY: &str = "f1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1ef1ee7f1e";
-const EVENT_TYPE: &str = "bench.event_v1";
-/// Events pushed and not yet acknowledged, at most (as in `benches/longconn.rs`).
-const WINDOW: usize = 64;
-/// Every this many events, one is sent in 2 fragments.
-const FRAGMENT_EVERY: usize = 10;
 /// Authorizations in flight at once.
 const CONCURRENCY: usize = 32;
 /// Hang guards, not measurements.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -747,6 +744,11 @@ fn find_authorize_url(v: &Value) -> Option<String> {
     }
 }
 
+/// Every instance still runs (else which one exited, with the end of its log).
+fn all_running(instances: &mut [Instance]) -> Result<(), String> {
+    instances.iter_mut().try_for_each(Instance::exited)
+}
+
 fn measure_acks(
     sandbox: &Sandbox,
     instances: &mut [Instance],
@@ -755,14 +757,14 @@ fn measure_acks(
     n: usize,
     warmup: usize,
 ) -> Result<Acks, String> {
-    push_all(sandbox, instances, warmup, 0).map_err(|e| format!("warm-up: {e}"))?;
+    push_all(sandbox, warmup, 0, || all_running(instances)).map_err(|e| format!("warm-up: {e}"))?;
     let acks_before = sandbox.acks().len();
     let cpu_before = cpu_of(pids);
     let pg_before = postmaster.map(pg_cpu);
     let bench_before = cpu_time(std::process::id(), false);
     let machine_before = machine_busy();
     let started = Instant::now();
-    let ids = push_all(sandbox, instances, n, warmup)?;
+    let ids = push_all(sandbox, n, warmup, || all_running(instances))?;
     let elapsed = started.elapsed();
     let per_instance_cpu: Vec<Duration> = cpu_of(pids)
         .iter()
@@ -809,66 +811,6 @@ fn measure_acks(
         bench_cpu,
         machine_cpu,
     })
-}
-
-/// Pushes `count` events (numbered from `first`) keeping at most [`WINDOW`] unacknowledged, and
-/// returns when all are acknowledged. Returns the frame message ids pushed.
-fn push_all(
-    sandbox: &Sandbox,
-    instances: &mut [Instance],
-    count: usize,
-    first: usize,
-) -> Result<HashSet<String>, String> {
-    // One body for every event, serialized once; each event still differs in its envelope.
-    let body = PreparedEvent::new(&json!({ "pad": "x".repeat(900) })).map_err(|e| e.to_string())?;
-    let mut ids = HashSet::with_capacity(count);
-    let mut pushed = 0;
-    let mut last_unacked = usize::MAX;
-    let mut last_progress = Instant::now();
-    let mut last_check = Instant::now();
-    let mut unacked = sandbox.unacked();
-    loop {
-        while pushed < count && unacked < WINDOW {
-            let i = first + pushed;
-            let opts = PushOpts {
-                fragments: if i.is_multiple_of(FRAGMENT_EVERY) {
-                    2
-                } else {
-                    1
-                },
-                ..PushOpts::default()
-            };
-            let id = sandbox
-                .push_prepared(EVENT_TYPE, &body, opts)
-                .map_err(|e| e.to_string())?;
-            ids.insert(id);
-            pushed += 1;
-            unacked += 1;
-        }
-        if pushed == count && unacked == 0 {
-            return Ok(ids);
-        }
-        if unacked != last_unacked {
-            last_unacked = unacked;
-            last_progress = Instant::now();
-        }
-        if last_check.elapsed() > Duration::from_millis(100) {
-            last_check = Instant::now();
-            for i in instances.iter_mut() {
-                i.exited()?;
-            }
-            if last_progress.elapsed() > STALL_TIMEOUT {
-                let non_200 = sandbox.acks().iter().filter(|a| a.code != 200).count();
-                return Err(format!(
-                    "stopped acknowledging: {unacked} events unacknowledged for {} s \
-                     ({pushed} of {count} pushed; {non_200} ACKs so far with a code other than 200)",
-                    STALL_TIMEOUT.as_secs()
-                ));
-            }
-        }
-        let room_below = if pushed < count { WINDOW } else { 1 };
-        unacked = sandbox.wait_unacked_below(room_below, Duration::from_millis(100));
-    }
 }
 
 /// The postmaster's pid, the first line of `postmaster.pid` in the data directory.

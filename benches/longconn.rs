@@ -32,25 +32,23 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
 
+#[path = "common/push.rs"]
+mod push;
+
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lark_service::sandbox::{PreparedEvent, PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
+use push::{push_all, EVENT_TYPE, FRAGMENT_EVERY, WINDOW};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
-const EVENT_TYPE: &str = "bench.event_v1";
-/// Events pushed and not yet acknowledged, at most.
-const WINDOW: usize = 64;
-/// Every this many events, one is sent in 2 fragments.
-const FRAGMENT_EVERY: usize = 10;
-/// Hang guards, not measurements: a client that takes longer than this to connect, or that
-/// acknowledges nothing for this long, has failed.
+/// A hang guard, not a measurement: a client that takes longer than this to connect has failed
+/// (and one that acknowledges nothing for `push::STALL_TIMEOUT`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -532,14 +530,14 @@ fn measure(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    push_all(sandbox, child, warmup, 0).map_err(|e| format!("warm-up: {e}"))?;
+    push_all(sandbox, warmup, 0, || exited(child)).map_err(|e| format!("warm-up: {e}"))?;
 
     let acks_before = sandbox.acks().len();
     let cpu_before = cpu_time(pid);
     let bench_before = cpu_time(std::process::id());
     let machine_before = machine_busy();
     let started = Instant::now();
-    let ids = push_all(sandbox, child, n, warmup)?;
+    let ids = push_all(sandbox, n, warmup, || exited(child))?;
     let elapsed = started.elapsed();
     let cpu = cpu_time(pid).saturating_sub(cpu_before);
     let bench_cpu = cpu_time(std::process::id()).saturating_sub(bench_before);
@@ -582,66 +580,6 @@ fn measure(
         bench_cpu,
         machine_cpu,
     })
-}
-
-/// Pushes `count` events (numbered from `first`) keeping at most [`WINDOW`] unacknowledged, and
-/// returns when all are acknowledged. Returns the frame message ids pushed.
-fn push_all(
-    sandbox: &Sandbox,
-    child: &mut Child,
-    count: usize,
-    first: usize,
-) -> Result<HashSet<String>, String> {
-    // One body for every event, serialized once: the sandbox spends no time building JSON, and
-    // each event still differs in its envelope (event id, message id).
-    let body = PreparedEvent::new(&json!({ "pad": "x".repeat(900) })).map_err(|e| e.to_string())?;
-    let mut ids = HashSet::with_capacity(count);
-    let mut pushed = 0;
-    let mut last_unacked = usize::MAX;
-    let mut last_progress = Instant::now();
-    let mut last_check = Instant::now();
-    let mut unacked = sandbox.unacked();
-    loop {
-        while pushed < count && unacked < WINDOW {
-            let i = first + pushed;
-            let opts = PushOpts {
-                fragments: if i.is_multiple_of(FRAGMENT_EVERY) {
-                    2
-                } else {
-                    1
-                },
-                ..PushOpts::default()
-            };
-            let id = sandbox
-                .push_prepared(EVENT_TYPE, &body, opts)
-                .map_err(|e| e.to_string())?;
-            ids.insert(id);
-            pushed += 1;
-            unacked += 1;
-        }
-        if pushed == count && unacked == 0 {
-            return Ok(ids);
-        }
-        if unacked != last_unacked {
-            last_unacked = unacked;
-            last_progress = Instant::now();
-        }
-        if last_check.elapsed() > Duration::from_millis(100) {
-            last_check = Instant::now();
-            exited(child)?;
-            if last_progress.elapsed() > STALL_TIMEOUT {
-                let non_200 = sandbox.acks().iter().filter(|a| a.code != 200).count();
-                return Err(format!(
-                    "stopped acknowledging: {unacked} events unacknowledged for {} s \
-                     ({pushed} of {count} pushed; {non_200} ACKs so far with a code other than 200)",
-                    STALL_TIMEOUT.as_secs()
-                ));
-            }
-        }
-        // Woken by the next ACK (no polling): the window is refilled as soon as it has room.
-        let room_below = if pushed < count { WINDOW } else { 1 };
-        unacked = sandbox.wait_unacked_below(room_below, Duration::from_millis(100));
-    }
 }
 
 fn exited(child: &mut Child) -> Result<(), String> {

@@ -2,8 +2,8 @@
 //! rotation while another instance reads and writes (every token readable throughout, all
 //! under the new key after, the key check last), resumed after an interruption, refused while a
 //! live instance lacks the key; a backup restored to redb holds the same sessions and tokens
-//! (opened and compared) and loads back into PostgreSQL; scheduled backups on two real
-//! instances run on one of them.
+//! (opened and compared), grants, outbox entries and apps, and loads back into PostgreSQL;
+//! scheduled backups on two real instances run on one of them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a test fails by panicking
 
@@ -17,8 +17,9 @@ use lark_service::backup::{restore_backup, write_backup_db, Protection};
 use lark_service::net::{Net, NetOptions};
 use lark_service::storage::postgres::{InstanceRow, PgOptions, PgStore, RotationCursor};
 use lark_service::storage::{
-    AuthSession, Db, DevicePoll, Error, Key, KeyId, Keyring, SeenEvents, SessionId, SessionStore,
-    Store, StoreOptions, TokenStore, UserInfo, UserStore, UserToken,
+    AppRow, AppStatus, AuthSession, Db, DevicePoll, Error, ExpiringGrant, Key, KeyId, Keyring,
+    OutboxEntry, OutboxEvent, SecretKey, SeenEvents, SessionId, SessionStore, Store, StoreOptions,
+    TokenStore, UserInfo, UserStore, UserToken,
 };
 use secrecy::{ExposeSecret, SecretString};
 
@@ -490,9 +491,12 @@ fn common_sql(url: &str) -> impl Fn(&str) + '_ {
     }
 }
 
-/// A backup of the PostgreSQL store (secrets under two keys, users, seen ids), restored to a
-/// redb store, holds the same sessions, tokens and users, each opened and compared; the
-/// restored store loads back into an empty database (`migrate --to postgres`'s copy).
+/// A backup of the PostgreSQL store (secrets under two keys, users, seen ids, grants, live and
+/// dead outbox entries, apps), restored to a redb store, holds the same sessions, tokens, users,
+/// grants (with their reminder marks), outbox entries (with their delivery progress) and apps
+/// (rows, and secrets opened), each compared; the backup's progress never passes its total; the
+/// restored store loads back into an empty database (`migrate --to postgres`'s copy) with the
+/// same grants, outbox and apps.
 #[test]
 fn a_backup_of_postgres_restores_to_redb_with_the_same_sessions_and_tokens() {
     let server = Server::start();
@@ -521,13 +525,26 @@ fn a_backup_of_postgres_restores_to_redb_with_the_same_sessions_and_tokens() {
     }
     pg.mark_events_seen(&["ev-1", "ev-2"], now() + 86_400_000)
         .unwrap();
+    let (grants, outbox, apps) = fill_webhooks_and_apps(&pg, &mut sessions);
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pg.backup.age");
     let prot = Protection::Passphrase(secret("a passphrase for the pg backup".into()));
-    let header = write_backup_db(&Db::from(pg.clone()), &out, &prot, &mut |_, _| {}).unwrap();
-    assert_eq!(header.counts["sessions"], 151);
-    assert_eq!(header.counts["tokens"], 60);
+    let mut calls: Vec<(u64, u64)> = Vec::new();
+    let header = write_backup_db(&Db::from(pg.clone()), &out, &prot, &mut |done, total| {
+        calls.push((done, total));
+    })
+    .unwrap();
+    // The copy's progress counts every row it copies against a total that includes them all
+    // (the outbox, the grants and the apps too): it never runs past its total, and ends on it.
+    let copied = 154 + 63 + 5 + 2 + 3 + 4 + 1 + 2;
+    assert!(
+        calls.iter().all(|(done, total)| done <= total),
+        "progress past its total: {calls:?}"
+    );
+    assert!(calls.contains(&(copied, copied)), "{calls:?}");
+    assert_eq!(header.counts["sessions"], 154);
+    assert_eq!(header.counts["tokens"], 63);
     assert_eq!(header.counts["users"], 5);
     assert_eq!(header.counts["seen_events"], 2);
     assert_eq!(header.store_key_id, key_id(&OLD).to_string());
@@ -579,6 +596,7 @@ fn a_backup_of_postgres_restores_to_redb_with_the_same_sessions_and_tokens() {
         pg.list_users("cli_keys").unwrap()
     );
     assert!(redb.event_seen("ev-2").unwrap());
+    same_webhooks_and_apps(&pg, &redb, &grants, &outbox, &apps);
     // The restored store's key check is the database's (under the old key, rotation pending).
     assert_eq!(redb.store_key_id().unwrap(), key_id(&OLD));
     // A ring without the key the backup's MAC was made with is refused.
@@ -600,8 +618,181 @@ fn a_backup_of_postgres_restores_to_redb_with_the_same_sessions_and_tokens() {
     drop(pg);
     let report = back.copy_from_redb(&redb, &mut |_, _| {}).unwrap();
     assert_eq!(report.source, report.target);
-    assert_eq!(report.target.sessions, 151);
+    assert_eq!(report.target.sessions, 154);
+    same_webhooks_and_apps(&back, &redb, &grants, &outbox, &apps);
 }
+
+/// `(user, granted_at, reminded_at)` of the grants written.
+type Grants = Vec<(String, u64, u64)>;
+/// The live and the dead outbox entries.
+type OutboxRows = (Vec<OutboxEntry>, Vec<OutboxEntry>);
+/// The app rows and their secrets (`true`: sealed under [`config_ring`]).
+type Apps = Vec<(AppRow, String, bool)>;
+
+/// The key ring of `LARK_CONFIG_ENCRYPTION_KEY` in these tests.
+fn config_ring() -> Keyring {
+    Keyring::new(Key::from_bytes(&[3; 32]), vec![])
+}
+
+/// Three grants (completed sessions with their tokens, one reminded), outbox entries (live,
+/// one with delivery progress, and dead) and two apps (one secret under the store's key, one
+/// under the config key), written to `pg`; the sessions are added to `sessions`.
+fn fill_webhooks_and_apps(
+    pg: &PgStore,
+    sessions: &mut Vec<AuthSession>,
+) -> (Grants, OutboxRows, Apps) {
+    let t0 = now() - 60_000;
+    let mut grants = Vec::new();
+    for i in 0..3u64 {
+        let user = format!("g{i}");
+        let mut s = session(&user);
+        s.state = lark_service::storage::SessionState::Completed;
+        s.updated_at = t0 + i;
+        let mut tok = token(&user, 1);
+        tok.session_id = Some(s.session_id);
+        pg.complete_session(&s, &tok).unwrap();
+        sessions.push(s);
+        grants.push((user, t0 + i, 0));
+    }
+    let ev = |id: &str| OutboxEvent {
+        event_id: id.to_owned(),
+        kind: "authorization.completed".to_owned(),
+        body: format!("{{\"event_id\":\"{id}\"}}").into_bytes(),
+    };
+    assert!(pg
+        .mark_reminded("cli_keys", "g1", t0 + 1, &[ev("reminded-g1")], t0 + 5)
+        .unwrap());
+    grants[1].2 = t0 + 5;
+    pg.outbox_append(&[ev("ob-1"), ev("ob-2"), ev("ob-3"), ev("ob-4")], t0 + 6)
+        .unwrap();
+    let all = pg.outbox_pending(10).unwrap();
+    assert_eq!(all.len(), 5);
+    let mut retried = all[1].clone();
+    retried.attempts = 3;
+    retried.next_attempt_at = t0 + 90_000;
+    retried.delivered_to = vec!["https://a.example/hook".into()];
+    retried.last_error = Some("HTTP 503".into());
+    assert!(pg.outbox_reschedule(&retried).unwrap());
+    let mut dead = all[2].clone();
+    dead.attempts = 12;
+    dead.last_error = Some("HTTP 500".into());
+    assert!(pg.outbox_bury(&dead).unwrap());
+    let outbox = (pg.outbox_pending(10).unwrap(), pg.outbox_dead(10).unwrap());
+    assert_eq!((outbox.0.len(), outbox.1.len()), (4, 1));
+    assert!(outbox.0.contains(&retried), "{outbox:?}");
+    assert_eq!(outbox.1, [dead]);
+
+    let mut apps = Vec::new();
+    for (i, (status, config)) in [(AppStatus::Active, false), (AppStatus::Inactive, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let row = AppRow {
+            app_id: format!("cli_backup_{i}"),
+            app_name: format!("backup app {i}"),
+            description: config.then(|| "its secret under the config key".to_owned()),
+            status,
+            permissions: Some(format!("{{\"scopes\":[\"contact:read\"],\"n\":{i}}}")),
+            created_at: t0 + 10 + i as u64,
+            updated_at: t0 + 20 + i as u64,
+            created_by: Some(format!("admin{i}")),
+            secret_key: if config {
+                SecretKey::Config
+            } else {
+                SecretKey::Store
+            },
+        };
+        let app_secret = format!("app-secret-{i}-0123456789abcdef");
+        let ring = config_ring();
+        pg.insert_app(&row, &secret(app_secret.clone()), config.then_some(&ring))
+            .unwrap();
+        apps.push((row, app_secret, config));
+    }
+    (grants, outbox, apps)
+}
+
+/// `copy` holds the grants, the outbox entries and the apps written to `pg` (as written, and
+/// as `pg` reads them now), app secrets opened.
+fn same_webhooks_and_apps(
+    pg: &PgStore,
+    copy: &(impl WebhooksAndApps + ?Sized),
+    grants: &Grants,
+    outbox: &OutboxRows,
+    apps: &Apps,
+) {
+    for (user, granted, reminded) in grants {
+        let want = Some((*granted, *reminded));
+        assert_eq!(pg.grant_of("cli_keys", user).unwrap(), want, "{user}");
+        assert_eq!(copy.grant(user), want, "{user}");
+    }
+    let due = pg.grants_to_remind(u64::MAX, 100).unwrap();
+    assert_eq!(due.len(), 2, "g0 and g2 are not reminded yet: {due:?}");
+    assert_eq!(copy.due_grants(), due);
+    assert_eq!(
+        (pg.outbox_pending(10).unwrap(), pg.outbox_dead(10).unwrap()),
+        *outbox
+    );
+    assert_eq!(copy.outbox(), *outbox);
+    let rows: Vec<AppRow> = apps.iter().map(|(row, _, _)| row.clone()).collect();
+    assert_eq!(pg.list_apps().unwrap(), rows);
+    assert_eq!(copy.apps(), rows);
+    for (row, app_secret, config) in apps {
+        let ring = config_ring();
+        let key = config.then_some(&ring);
+        assert_eq!(copy.app_secret(&row.app_id, key), *app_secret);
+        if *config {
+            assert!(
+                copy.app_secret_result(&row.app_id).is_err(),
+                "a secret under the config key is not opened without it"
+            );
+        }
+    }
+}
+
+/// What [`same_webhooks_and_apps`] reads of a copy, on either backend.
+trait WebhooksAndApps {
+    fn grant(&self, user: &str) -> Option<(u64, u64)>;
+    fn due_grants(&self) -> Vec<ExpiringGrant>;
+    fn outbox(&self) -> OutboxRows;
+    fn apps(&self) -> Vec<AppRow>;
+    fn app_secret(&self, app_id: &str, config: Option<&Keyring>) -> String;
+    /// The secret opened without the config key.
+    fn app_secret_result(&self, app_id: &str) -> Result<Option<SecretString>, Error>;
+}
+
+macro_rules! webhooks_and_apps {
+    ($t:ty) => {
+        impl WebhooksAndApps for $t {
+            fn grant(&self, user: &str) -> Option<(u64, u64)> {
+                self.grant_of("cli_keys", user).unwrap()
+            }
+            fn due_grants(&self) -> Vec<ExpiringGrant> {
+                self.grants_to_remind(u64::MAX, 100).unwrap()
+            }
+            fn outbox(&self) -> OutboxRows {
+                (
+                    self.outbox_pending(10).unwrap(),
+                    self.outbox_dead(10).unwrap(),
+                )
+            }
+            fn apps(&self) -> Vec<AppRow> {
+                self.list_apps().unwrap()
+            }
+            fn app_secret(&self, app_id: &str, config: Option<&Keyring>) -> String {
+                <$t>::app_secret(self, app_id, config)
+                    .unwrap()
+                    .unwrap()
+                    .expose_secret()
+                    .to_owned()
+            }
+            fn app_secret_result(&self, app_id: &str) -> Result<Option<SecretString>, Error> {
+                <$t>::app_secret(self, app_id, None)
+            }
+        }
+    };
+}
+webhooks_and_apps!(Store);
+webhooks_and_apps!(PgStore);
 
 /// Backups in `dir` (the scheduled ones' names).
 fn backups_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

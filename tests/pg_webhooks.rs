@@ -13,168 +13,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
 use common::fleet::{land_on, role, Instance};
 use common::pg::Pg;
-use common::{free_port, trust_sandbox, ADMIN};
+use common::receiver::{receiver_tls, serve_receiver, trust_both, Got, Receiver};
+use common::{free_port, ADMIN};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID};
-use lark_service::webhooks::{verify, EVENT_ID_HEADER, SIGNATURE_HEADER};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use lark_service::webhooks::verify;
 
 const SECRET: &str = "whsec-fleet-0123456789abcdef0123456789abcdef";
-
-/// One request the receiver answered.
-#[derive(Clone, Debug)]
-struct Got {
-    signature: String,
-    event_id_header: String,
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-/// The receiver: records every request it answers (200); while `held`, a request waits
-/// (counted in `waiting`) and is answered once released, if its sender is still there.
-#[derive(Clone, Default)]
-struct Receiver {
-    got: Arc<Mutex<Vec<Got>>>,
-    held: Arc<AtomicBool>,
-    waiting: Arc<Mutex<u32>>,
-}
-
-impl Receiver {
-    fn all(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    /// Answered requests per event id.
-    fn by_id(&self) -> BTreeMap<String, Vec<Got>> {
-        let mut m: BTreeMap<String, Vec<Got>> = BTreeMap::new();
-        for g in self.all() {
-            m.entry(g.event_id_header.clone()).or_default().push(g);
-        }
-        m
-    }
-
-    /// `(type, open_id)` of every distinct event answered.
-    fn kinds(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
-            .by_id()
-            .values()
-            .map(|g| {
-                let j = g[0].json();
-                (
-                    j["type"].as_str().unwrap().to_owned(),
-                    j["open_id"].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-async fn hook(
-    State(r): State<Receiver>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> StatusCode {
-    let h = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    if r.held.load(Ordering::SeqCst) {
-        *r.waiting.lock().unwrap() += 1;
-        while r.held.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    r.got.lock().unwrap().push(Got {
-        signature: h(SIGNATURE_HEADER),
-        event_id_header: h(EVENT_ID_HEADER),
-        body: body.to_vec(),
-    });
-    StatusCode::OK
-}
-
-/// A throwaway CA (its PEM) and a TLS acceptor for 127.0.0.1 signed by it.
-fn receiver_tls() -> (String, TlsAcceptor) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf_cert.der().clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (ca_cert.pem(), TlsAcceptor::from(Arc::new(cfg)))
-}
-
-async fn serve_receiver(addr: SocketAddr, acceptor: TlsAcceptor, r: Receiver) {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let app = axum::Router::new().route("/hook", post(hook)).with_state(r);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let app = app.clone();
-                        async move {
-                            use tower::ServiceExt;
-                            app.oneshot(req.map(axum::body::Body::new)).await
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-}
 
 fn now_s() -> u64 {
     std::time::SystemTime::now()
@@ -217,11 +66,7 @@ impl Fleet {
         .unwrap();
         let (ca, acceptor) = receiver_tls();
         let dir = tempfile::tempdir().unwrap();
-        let mut pem =
-            std::fs::read_to_string(trust_sandbox(dir.path(), &sandbox).unwrap()).unwrap();
-        pem.push_str(&ca);
-        let cas = dir.path().join("cas.pem");
-        std::fs::write(&cas, pem).unwrap();
+        let cas = trust_both(dir.path(), &sandbox, &ca);
         let port = free_port();
         let receiver = Receiver::default();
         serve_receiver(
@@ -234,7 +79,7 @@ impl Fleet {
             sandbox,
             receiver,
             pg: Pg::start(),
-            cas: cas.display().to_string(),
+            cas,
             hook: format!("https://127.0.0.1:{port}/hook"),
             redirect_port: free_port(),
             _dir: dir,

@@ -17,171 +17,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use common::{find_string, free_port, metric, open_store, trust_sandbox, Service, ADMIN, KEY};
+use common::receiver::{receiver_tls, serve_receiver, trust_both, Got, Receiver};
+use common::{find_string, free_port, metric, open_store, Service, ADMIN, KEY};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
-use lark_service::webhooks::{verify, EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER};
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use lark_service::webhooks::verify;
 use secrecy::ExposeSecret;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 const SECRET: &str = "whsec-0123456789abcdef0123456789abcdef-test";
-
-/// One request the receiver got.
-#[derive(Clone, Debug)]
-struct Got {
-    /// What the receiver answered.
-    status: u16,
-    signature: String,
-    event_id_header: String,
-    event_type_header: String,
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
-#[derive(Clone, Default)]
-struct Receiver {
-    got: Arc<Mutex<Vec<Got>>>,
-    /// Answer 503 to this many requests first.
-    fail_next: Arc<AtomicU32>,
-}
-
-impl Receiver {
-    fn all(&self) -> Vec<Got> {
-        self.got.lock().unwrap().clone()
-    }
-
-    /// The requests answered 2xx, by event id.
-    fn accepted(&self) -> BTreeMap<String, Vec<Got>> {
-        let mut m: BTreeMap<String, Vec<Got>> = BTreeMap::new();
-        for g in self.all().into_iter().filter(|g| g.status == 200) {
-            m.entry(g.json()["event_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(g);
-        }
-        m
-    }
-}
-
-async fn hook(
-    State(r): State<Receiver>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> StatusCode {
-    let h = |n: &str| {
-        headers
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let fail = r
-        .fail_next
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    let status = if fail {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    r.got.lock().unwrap().push(Got {
-        status: status.as_u16(),
-        signature: h(SIGNATURE_HEADER),
-        event_id_header: h(EVENT_ID_HEADER),
-        event_type_header: h(EVENT_TYPE_HEADER),
-        body: body.to_vec(),
-    });
-    status
-}
-
-/// A throwaway CA and a TLS acceptor for 127.0.0.1 signed by it.
-fn receiver_tls() -> (String, TlsAcceptor) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![leaf_cert.der().clone()], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    (ca_cert.pem(), TlsAcceptor::from(Arc::new(cfg)))
-}
-
-/// Serves the receiver over TLS on `addr` until the returned handle is aborted.
-async fn serve_receiver(
-    addr: SocketAddr,
-    acceptor: TlsAcceptor,
-    r: Receiver,
-) -> tokio::task::JoinHandle<()> {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let app = axum::Router::new().route("/hook", post(hook)).with_state(r);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let app = app.clone();
-                        async move {
-                            use tower::ServiceExt;
-                            app.oneshot(req.map(axum::body::Body::new)).await
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    })
-}
-
-/// Both CAs the service must trust: the sandbox's and the receiver's.
-fn trust_both(dir: &std::path::Path, sandbox: &Sandbox, receiver_ca: &str) -> String {
-    let sandbox_ca = trust_sandbox(dir, sandbox).unwrap();
-    let both = dir.join("cas.pem");
-    let mut pem = std::fs::read_to_string(sandbox_ca).unwrap();
-    pem.push_str(receiver_ca);
-    std::fs::write(&both, pem).unwrap();
-    both.display().to_string()
-}
 
 async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 pub mod fleet;
 pub mod pg;
+pub mod receiver;
 use tokio::net::TcpListener;
 
 pub const ADMIN: &str = "e2e-admin-token-0123456789abcdef0123";

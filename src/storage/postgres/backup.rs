@@ -97,7 +97,11 @@ impl PgStore {
             check.try_get(0).map_err(|e| pg_err(&e))?,
         )?
         .ok_or_else(|| Error::Engine("the key check row is empty".to_owned()))?;
-        let total = source.sessions + source.tokens + source.users + source.seen_events;
+        let total = source.sessions
+            + source.tokens
+            + source.users
+            + source.seen_events
+            + block_on(other_rows(&tx))?;
         let (mut base, mut table, mut in_table) = (0u64, "", 0u64);
         copy_snapshot(&tx, &copy, &mut |what, n| {
             if what != table {
@@ -116,4 +120,19 @@ impl PgStore {
         drop(scratch);
         Ok(header)
     }
+}
+
+/// The rows the copy takes beside those [`row_counts`] counts (grants, live and dead outbox
+/// entries, apps), for the progress total.
+async fn other_rows(c: &impl tokio_postgres::GenericClient) -> Result<u64> {
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM ls_grants) + (SELECT count(*) FROM ls_outbox)
+                    + (SELECT count(*) FROM ls_outbox_dead) + (SELECT count(*) FROM ls_apps)",
+            &[],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let n: i64 = row.try_get(0).map_err(|e| pg_err(&e))?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
