@@ -954,3 +954,45 @@ fn seen_log_moves_into_seen_events_and_a_crash_leaves_nothing_behind() {
         assert!(snap.contains(id).unwrap(), "{id} lost by the restart");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// Moving the seen-id log: whatever was stored before and however ids repeat, every id
+    /// keeps its first time (as `mark_events_seen` would have recorded them in order), and the
+    /// sweep forgets it exactly then.
+    #[test]
+    fn a_moved_log_keeps_each_ids_first_time(
+        stored in proptest::collection::vec((0u16..300, 1u64..50), 0..120),
+        logged in proptest::collection::vec(proptest::collection::vec((0u16..300, 1u64..50), 1..40), 0..6),
+    ) {
+        let store = Store::open_in_memory(ring(1), StoreOptions::default()).unwrap();
+        let mut want = std::collections::BTreeMap::new();
+        let base = 1_000_000u64;
+        for (id, at) in &stored {
+            let id = format!("ev-{id:03}");
+            let fresh = store.mark_events_seen(&[id.as_str()], base + at).unwrap()[0];
+            if fresh {
+                want.insert(id, base + at);
+            }
+        }
+        for batch in &logged {
+            // One time per batch, as the writer logs them: the batch's first entry's.
+            let t = base + batch[0].1;
+            let ids: Vec<String> = batch.iter().map(|(id, _)| format!("ev-{id:03}")).collect();
+            for name in &ids {
+                want.entry(name.clone()).or_insert(t);
+            }
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            store.log_events_seen(&refs, t).unwrap();
+        }
+        store.merge_seen_log().unwrap();
+        prop_assert_eq!(store.counts().unwrap().seen_events, want.len() as u64);
+        for t in 1..=50u64 {
+            store.sweep(base + t, 10_000).unwrap();
+            for (id, at) in &want {
+                prop_assert_eq!(store.event_seen(id).unwrap(), *at > base + t, "{} at {}", id, t);
+            }
+        }
+    }
+}

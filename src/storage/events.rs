@@ -56,9 +56,9 @@ impl Store {
     pub fn merge_seen_log(&self) -> Result<usize> {
         let txn = self.begin_write()?;
         let moved = {
-            let mut log = txn.open_table(SEEN_LOG).map_err(|e| self.err(e))?;
+            let log = txn.open_table(SEEN_LOG).map_err(|e| self.err(e))?;
             let mut rows: Vec<(String, u64)> = log
-                .extract_if(|_, _| true)
+                .iter()
                 .map_err(|e| self.err(e))?
                 .map(|r| {
                     r.map(|(_, v)| {
@@ -69,6 +69,11 @@ impl Store {
                 })
                 .collect::<Result<_>>()?;
             let moved = rows.len();
+            // The log goes whole (its pages freed at once, no row-by-row deletes), and is
+            // made again, empty.
+            drop(log);
+            txn.delete_table(SEEN_LOG).map_err(|e| self.err(e))?;
+            txn.open_table(SEEN_LOG).map_err(|e| self.err(e))?;
             // In key order, so each page of `seen_events` is copied once; the sort is stable
             // and `dedup` keeps the first of equal ids: the earliest record in the log.
             rows.sort_by(|a, b| a.0.cmp(&b.0));
