@@ -903,12 +903,10 @@ fn load_seen(store: &crate::storage::Store, recent: &Mutex<Recent>, cfg: &Dispat
         warn!(error = %e, "Loading the seen event ids failed; lookups go to the store.");
         return;
     }
+    put(&mut chunk);
     let mut r = recent
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    for id in chunk.drain(..) {
-        r.insert(&id, cfg.memory_ids, cfg.memory_bytes);
-    }
     r.loaded = true;
     debug!(
         ids = total,

@@ -106,6 +106,20 @@ struct StoredApp {
     secret: Sealed,
 }
 
+impl Store {
+    /// The stored record of `app_id` in `t` (the apps table, in a read or a write transaction).
+    fn stored_app(
+        &self,
+        t: &impl ReadableTable<&'static str, &'static [u8]>,
+        app_id: &str,
+    ) -> Result<Option<StoredApp>> {
+        t.get(app_id)
+            .map_err(|e| self.err(e))?
+            .map(|v| decode_app(v.value()))
+            .transpose()
+    }
+}
+
 fn decode_app(bytes: &[u8]) -> Result<StoredApp> {
     match bytes.split_first() {
         Some((&APP_VERSION, rest)) => decode(APPS_TABLE, rest),
@@ -205,11 +219,7 @@ impl Store {
         let txn = self.begin_write()?;
         let row = {
             let mut t = txn.open_table(APPS).map_err(|e| self.err(e))?;
-            let current = t
-                .get(app_id)
-                .map_err(|e| self.err(e))?
-                .map(|v| decode_app(v.value()))
-                .transpose()?;
+            let current = self.stored_app(&t, app_id)?;
             let Some(mut rec) = current else {
                 return Ok(None);
             };
@@ -274,12 +284,7 @@ impl Store {
     ) -> Result<Option<SecretString>> {
         let txn = self.begin_read()?;
         let t = txn.open_table(APPS).map_err(|e| self.err(e))?;
-        let Some(rec) = t
-            .get(app_id)
-            .map_err(|e| self.err(e))?
-            .map(|v| decode_app(v.value()))
-            .transpose()?
-        else {
+        let Some(rec) = self.stored_app(&t, app_id)? else {
             return Ok(None);
         };
         let ring = match (rec.row.secret_key, config_key) {
@@ -404,11 +409,7 @@ impl Store {
         let txn = self.begin_write()?;
         let outcome = {
             let mut t = txn.open_table(APPS).map_err(|e| self.err(e))?;
-            let current = t
-                .get(app_id)
-                .map_err(|e| self.err(e))?
-                .map(|v| decode_app(v.value()))
-                .transpose()?;
+            let current = self.stored_app(&t, app_id)?;
             match current {
                 None => AppDeletion::NotFound,
                 Some(mut rec) => {

@@ -7,8 +7,6 @@
 //! deleted by the next instance that looks at it (`auth::device`). Who polls a row at a time is
 //! decided by a lease (`device/{session id}`, see [`Leases`](super::traits::Leases)), not here.
 
-use std::ops::Bound;
-
 use redb::ReadableTable;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -195,16 +193,7 @@ impl Store {
         let txn = self.begin_write()?;
         let (last, n) = {
             let mut t = txn.open_table(DEVICE_POLLS).map_err(|e| self.err(e))?;
-            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-            let rows: Vec<(u128, Vec<u8>)> = t
-                .range::<u128>((lower, Bound::Unbounded))
-                .map_err(|e| self.err(e))?
-                .take(batch)
-                .map(|r| {
-                    r.map(|(k, v)| (k.value(), v.value().to_vec()))
-                        .map_err(|e| self.err(e))
-                })
-                .collect::<Result<_>>()?;
+            let rows = self.rows_after(&t, after, batch)?;
             for (id, bytes) in &rows {
                 let mut stored = decode_poll(bytes)?;
                 let row = SessionId(*id).to_bytes();

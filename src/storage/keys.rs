@@ -56,6 +56,27 @@ pub struct RotationReport {
 }
 
 impl Store {
+    /// Up to `batch` rows of a session-keyed table after the rotation cursor `after`, copied
+    /// out (the session and device-poll rotations read their pages this way).
+    pub(super) fn rows_after(
+        &self,
+        t: &impl ReadableTable<u128, &'static [u8]>,
+        after: Option<u128>,
+        batch: usize,
+    ) -> Result<Vec<(u128, Vec<u8>)>> {
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        t.range::<u128>((lower, Bound::Unbounded))
+            .map_err(|e| self.err(e))?
+            .take(batch)
+            .map(|r| {
+                r.map(|(k, v)| (k.value(), v.value().to_vec()))
+                    .map_err(|e| self.err(e))
+            })
+            .collect()
+    }
+}
+
+impl Store {
     /// Counts sealed fields per key id (reads every record; for the CLI, not a hot path).
     pub fn key_status(&self) -> Result<KeyStatus> {
         let txn = self.begin_read()?;
@@ -208,17 +229,7 @@ impl Store {
         let txn = self.begin_write()?;
         let (last, n) = {
             let mut t = self.open_session_tables(&txn)?;
-            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-            let rows: Vec<(u128, Vec<u8>)> = t
-                .sessions
-                .range::<u128>((lower, Bound::Unbounded))
-                .map_err(|e| self.err(e))?
-                .take(batch)
-                .map(|r| {
-                    r.map(|(k, v)| (k.value(), v.value().to_vec()))
-                        .map_err(|e| self.err(e))
-                })
-                .collect::<Result<_>>()?;
+            let rows = self.rows_after(&t.sessions, after, batch)?;
             for (id, bytes) in &rows {
                 // A session the sweep marked expired is re-sealed as it reads (without its
                 // PKCE verifier), and its record then says so itself.
