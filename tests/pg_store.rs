@@ -1475,3 +1475,46 @@ fn the_claim_batcher_reconnects_after_losing_its_connection() {
         EventClaim::Held(now + 30_000)
     );
 }
+
+/// The claim batcher prepares its statement once, and PostgreSQL soon runs it with a generic
+/// plan, costed without the batch's ids. That plan must find each held id by its key, never by
+/// reading the whole seen-id table: a join planned while the table was small did, and every
+/// batch then cost time in proportion to every id ever seen.
+#[test]
+fn the_claim_batchers_plan_never_reads_the_whole_seen_id_table() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store = server.open(&url);
+    let whole_table = |plan: &str| {
+        plan.lines()
+            .any(|l| l.contains("Seq Scan on ls_seen_events"))
+    };
+    let plan = store.testing_claim_round_plan().unwrap();
+    assert!(!whole_table(&plan), "on an empty table:\n{plan}");
+    let now = lark_service::storage::now_ms();
+    let ids: Vec<String> = (0..20_000).map(|i| format!("ev-{i:05}")).collect();
+    for chunk in ids.chunks(2_000) {
+        let settles: Vec<(&str, u64)> =
+            chunk.iter().map(|id| (id.as_str(), now + 60_000)).collect();
+        store.settle_and_claim_batch(&settles, &[], now).unwrap();
+    }
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+    let port = server.pg.port.to_string();
+    server.pg.run(
+        "psql",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-c",
+            "ANALYZE ls_seen_events",
+        ],
+    );
+    let plan = store.testing_claim_round_plan().unwrap();
+    assert!(!whole_table(&plan), "on 20 000 ids:\n{plan}");
+}
