@@ -6,26 +6,27 @@
 //! the async thread that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
 //! the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
 //! the batch that carried it has committed: a settle returns once its records are durable, as
-//! before. One thread per store (started on the first claim or settle, named `pg-claims`)
-//! takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and
+//! before. Two threads per store (started on the first claim or settle, named `pg-claims`)
+//! take turns at the queue: each takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and
 //! runs [`ROUND`] on its own connection, where that statement is prepared once: it settles the
 //! ids handled since the last batch and claims the new ones, each set inserted in one sorted
-//! order (one lock order for every instance), and reads the held ids' times. While a batch is
-//! in flight the next one gathers, so claims and settles together cost one round trip and one
+//! order (one lock order for every instance), and reads the held ids' times. While one batch
+//! is in flight the other thread gathers the next and sends it behind it on the same
+//! connection (pipelined: PostgreSQL runs them one after the other), so claims and settles together cost one round trip and one
 //! commit per batch, not one per id, nor one for the claims and another for the settles.
 //!
 //! The batcher's connection is its own, one beyond the pool's `max_connections` (a batcher
 //! that took its connection from the pool could starve the pool's other users). A lost
-//! connection fails the batch it was running (its askers are told `Unavailable`: it may have
-//! committed) and the next batch opens a new one.
+//! connection fails the batches it was running (their askers are told `Unavailable`: they may
+//! have committed) and the next batch opens a new one.
 //!
-//! The thread holds the store weakly: the queue's sender lives in the store, so when the last
-//! handle goes, the queue closes and the thread ends.
+//! The threads hold the store weakly: the queue's sender lives in the store, so when the last
+//! handle goes, the queue closes and the threads end.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Weak};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 
 use tokio::sync::oneshot;
 use tokio_postgres::types::{ToSql, Type};
@@ -92,14 +93,25 @@ pub(super) enum Request {
     },
 }
 
-/// Starts the batcher thread of `inner`; the sender of its queue.
+/// Batches in flight at once on the batcher's connection: while PostgreSQL runs one, the next
+/// is already sent (pipelined on the same connection, so still run one after the other there:
+/// no two batches of one instance ever wait on each other's locks). With one, the
+/// connection sat idle while each answer travelled back and the next batch gathered.
+const IN_FLIGHT: usize = 2;
+
+/// Starts the batcher's threads of `inner` (one per batch in flight, sharing the queue and
+/// the connection); the sender of its queue.
 pub(super) fn start(inner: &Arc<Inner>) -> Result<mpsc::Sender<Request>> {
     let (tx, rx) = mpsc::channel();
-    let weak = Arc::downgrade(inner);
-    std::thread::Builder::new()
-        .name("pg-claims".to_owned())
-        .spawn(move || run(&weak, &rx))
-        .map_err(|e| Error::Engine(format!("cannot start the claim batcher: {e}")))?;
+    let rx = Arc::new(Mutex::new(rx));
+    let line: Arc<Mutex<Option<Arc<Line>>>> = Arc::new(Mutex::new(None));
+    for _ in 0..IN_FLIGHT {
+        let (weak, rx, line) = (Arc::downgrade(inner), rx.clone(), line.clone());
+        std::thread::Builder::new()
+            .name("pg-claims".to_owned())
+            .spawn(move || run(&weak, &rx, &line))
+            .map_err(|e| Error::Engine(format!("cannot start the claim batcher: {e}")))?;
+    }
     Ok(tx)
 }
 
@@ -137,24 +149,27 @@ impl Batch {
     }
 }
 
-fn run(store: &Weak<Inner>, rx: &mpsc::Receiver<Request>) {
-    let mut line: Option<Line> = None;
-    while let Ok(first) = rx.recv() {
+/// One batcher thread: takes a batch from the shared queue (holding the queue only while it
+/// gathers, so the other thread gathers the next batch while this one's is in flight) and
+/// decides it on the shared connection.
+fn run(store: &Weak<Inner>, rx: &Mutex<mpsc::Receiver<Request>>, line: &Mutex<Option<Arc<Line>>>) {
+    loop {
         let mut batch = Batch::default();
-        batch.push(first);
-        while batch.claims.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        {
+            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Ok(first) = rx.recv() else { return };
+            batch.push(first);
+            while batch.claims.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
             }
         }
         let answers = match store.upgrade() {
-            Some(inner) => decide(&PgStore { inner }, &mut line, &batch),
+            Some(inner) => decide(&PgStore { inner }, line, &batch),
             None => Err(Error::Unavailable("the store is closing".to_owned())),
         };
-        if line.as_ref().is_some_and(|l| l.client.is_closed()) {
-            line = None;
-        }
         match answers {
             Ok(answers) => {
                 for (r, a) in batch.claims.into_iter().zip(answers) {
@@ -190,7 +205,11 @@ fn again(e: &Error) -> Error {
 /// The answers to the batch's claims, in its order, all decided as of the batch's earliest
 /// `now` (a claim lapsed by then is free for every asker; a later `now` would free a claim
 /// some asker still saw held), its settles committed with them.
-fn decide(store: &PgStore, line: &mut Option<Line>, batch: &Batch) -> Result<Vec<Option<u64>>> {
+fn decide(
+    store: &PgStore,
+    line: &Mutex<Option<Arc<Line>>>,
+    batch: &Batch,
+) -> Result<Vec<Option<u64>>> {
     let claims: Vec<(&str, u64)> = batch.claims.iter().map(|r| (r.0.as_str(), r.1)).collect();
     let now = batch.claims.iter().map(|r| r.2).min().unwrap_or(0);
     let settles: Vec<(&str, u64)> = batch
@@ -201,15 +220,22 @@ fn decide(store: &PgStore, line: &mut Option<Line>, batch: &Batch) -> Result<Vec
     store.claim_and_settle(&claims, &settles, now, |claims, settles, now| {
         let mut attempt = 1;
         loop {
-            if line.is_none() {
-                let client = store.connect()?;
-                let round = block_on(client.prepare_typed(ROUND, &ROUND_TYPES))
-                    .map_err(|e| pg_err(&e))?;
-                *line = Some(Line { client, round });
-            }
-            let l = line
-                .as_ref()
-                .ok_or_else(|| Error::Unavailable("no connection".to_owned()))?;
+            let l = {
+                // A lost connection is replaced by whichever thread finds it closed first.
+                let mut shared = line.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match shared.as_ref() {
+                    Some(l) if !l.client.is_closed() => l.clone(),
+                    _ => {
+                        *shared = None;
+                        let client = store.connect()?;
+                        let round = block_on(client.prepare_typed(ROUND, &ROUND_TYPES))
+                            .map_err(|e| pg_err(&e))?;
+                        let l = Arc::new(Line { client, round });
+                        *shared = Some(l.clone());
+                        l
+                    }
+                }
+            };
             match block_on(round(&l.client, Some(&l.round), claims, settles, now)) {
                 Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
                     store.inner.retries.fetch_add(1, Ordering::Relaxed);
