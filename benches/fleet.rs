@@ -531,14 +531,29 @@ fn run_row(
         .map_or(Store::Redb, |pg| Store::Postgres(pg.url("postgres")));
     let postmaster = server.as_ref().and_then(|pg| postmaster_pid(&pg.data));
 
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    // One public redirect URI for the fleet (what a load balancer in front of it would be);
-    // the bench lands each redirect on the instance of its turn.
-    let redirect = format!("http://127.0.0.1:{}/oauth/callback", ports[0]);
+    // One public redirect URI for the fleet (what a load balancer in front of it would be):
+    // the first instance's; the bench lands each redirect on the instance of its turn.
+    let mut redirect = String::new();
     let mut instances = Vec::with_capacity(n);
-    // One after the other: the first creates the schema.
-    for &port in &ports {
-        instances.push(Instance::start(&sandbox, &store, port, &redirect)?);
+    // One after the other: the first creates the schema. Each port is picked just before its
+    // instance starts, and picked again if it was taken meanwhile (a free port is free only
+    // until some process's outgoing connection gets it as its own local port).
+    for k in 0..n {
+        let mut tries = 1;
+        loop {
+            let port = free_port();
+            if k == 0 {
+                redirect = format!("http://127.0.0.1:{port}/oauth/callback");
+            }
+            match Instance::start(&sandbox, &store, port, &redirect) {
+                Ok(i) => {
+                    instances.push(i);
+                    break;
+                }
+                Err(e) if tries < 3 && e.contains("Address already in use") => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
     let t = Instant::now();
     while sandbox.connections() < n {
