@@ -455,7 +455,10 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Row counts of the main tables: (sessions, tokens, users, seen events).
+    /// Row counts of the main tables: (sessions, tokens, users, seen events). Seen events are
+    /// the ids moved into their table: all of them in a store just opened (opening moves what
+    /// a crash left in the log), not the ones a running dispatcher has logged since its last
+    /// move (`seen_log_len` counts those).
     pub fn counts(&self) -> Result<StoreCounts> {
         let txn = self.begin_read()?;
         Ok(StoreCounts {
