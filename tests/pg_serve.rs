@@ -237,3 +237,122 @@ async fn the_sweep_runs_on_one_instance_and_passes_on_when_it_dies() {
     }
     follower.stop();
 }
+
+/// An event whose claim is still waiting on PostgreSQL when the long connection drops is still
+/// handled: its answer goes on without the session (the platform will redeliver it, as it was
+/// never acknowledged), the handler runs once the claim is decided, and the redelivery is then
+/// a duplicate. Dropping the waiting answer instead would leave its id marked in flight in
+/// memory with no handler ever run, and the redelivery acknowledged as a duplicate: the event
+/// lost. The claim is made to wait by a transaction holding its id's row uncommitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_waiting_on_its_claim_when_the_connection_drops_is_still_handled_once() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    let sandbox = sandbox(7200).await;
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/oauth/callback");
+    let a = Instance::start(
+        &sandbox,
+        &url,
+        port,
+        &redirect,
+        &[("WEBSOCKET_ENABLED", "true")],
+    )
+    .await;
+    let until = |what: &'static str, f: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(30), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("connected", &|| {
+        sandbox.connections_of(sandbox.app_id()) == 1
+    });
+
+    // Another session inserts the event's id and does not commit: a claim of it waits.
+    let (blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute(
+            "BEGIN; INSERT INTO ls_seen_events (id, forget_at) VALUES ('ev_held_claim', 1)",
+        )
+        .await
+        .unwrap();
+    let message = serde_json::json!({
+        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
+        "message": {"message_id": "om_held_claim", "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
+    });
+    let first = sandbox
+        .push_event_as(
+            "ev_held_claim",
+            "im.message.receive_v1",
+            message.clone(),
+            lark_service::sandbox::PushOpts::default(),
+        )
+        .unwrap();
+    // The instance's claim is waiting on that row lock (seen from a third session: one inside
+    // a transaction keeps the first view of pg_stat_activity it took).
+    let (watcher, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let t = Instant::now();
+    loop {
+        let row = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) >= 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no claim waits");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection drops with the answer waiting; the instance dials again.
+    sandbox.close_ws_abruptly();
+    until("reconnected", &|| {
+        sandbox.connections_of(sandbox.app_id()) == 1
+    });
+    assert!(
+        sandbox.acks().iter().all(|a| a.message_id != first),
+        "not acknowledged"
+    );
+    assert!(sandbox.messages_for("ou_sandbox_carol").is_empty());
+
+    // The other session lets go: the claim is this instance's, and the handler runs once.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    until("the card sent", &|| {
+        sandbox.messages_for("ou_sandbox_carol").len() == 1
+    });
+    let im_calls = sandbox.hits("im");
+
+    // The platform redelivers the unacknowledged event: a duplicate, not handled again.
+    let again = sandbox
+        .push_event_as(
+            "ev_held_claim",
+            "im.message.receive_v1",
+            message,
+            lark_service::sandbox::PushOpts::default(),
+        )
+        .unwrap();
+    until("the redelivery acknowledged", &|| {
+        sandbox.acks().iter().any(|a| a.message_id == again)
+    });
+    assert!(sandbox
+        .acks()
+        .iter()
+        .any(|a| a.message_id == again && a.code == 200));
+    assert_eq!(
+        sandbox.hits("im"),
+        im_calls,
+        "the handler did not run again"
+    );
+    assert_eq!(sandbox.messages_for("ou_sandbox_carol").len(), 1);
+    a.stop();
+}

@@ -4,9 +4,13 @@
 //! read loop takes the frames already received (up to [`READ_BURST`]) one after the other,
 //! hands each complete event to the [`Dispatcher`] and polls it once: an event answered then
 //! (a fast handler, a duplicate) costs no task, channel or thread hop, and the ACKs of the
-//! burst go out in one write. An event that must wait (a slow handler) continues on its own
-//! task on the supervisor's tracker and sends its ACK back through a bounded channel, so a
-//! slow handler never holds the read loop or other ACKs.
+//! burst go out in one write. An event that must wait (a claim in a shared store, a slow
+//! handler) joins the session's pending answers, which the session loop polls beside the
+//! socket: when a claim batch's answer wakes a few dozen of them, the loop is woken once and
+//! their ACKs go out in one write (no task, channel or thread hop per event), and a slow
+//! handler never holds the read loop or other ACKs. Answers still pending when the session
+//! ends finish on a task on the supervisor's tracker (their ACKs then have no socket: the
+//! platform redelivers those events).
 //!
 //! The task never stops for good on its own: an outage longer than the retry limit is
 //! reported as [`ConnState::Degraded`] while redialing goes on at the capped backoff, and
@@ -16,9 +20,11 @@
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +44,6 @@ use crate::metrics;
 
 /// At most this many ACKs go out in one write.
 const ACK_BATCH: usize = 64;
-/// ACKs waiting for the session loop; a full queue makes handlers wait (back-pressure).
-const ACK_QUEUE: usize = 1024;
 /// Messages already received that are read and handled in one go before the ACKs they
 /// produced are written (in one write). Bounds how long the first of them waits for its ACK.
 const READ_BURST: usize = 32;
@@ -447,18 +451,41 @@ impl LongConn {
         server: &mut ClientConfig,
         cancel: &CancellationToken,
     ) -> SessionEnd {
-        let (mut sink, mut stream) = socket.split();
-        let (ack_tx, mut ack_rx) = mpsc::channel::<(Frame, Instant)>(ACK_QUEUE);
         let mut s = Session {
             reasm: Reassembler::new(self.cfg.reassembly),
             last_heard: Instant::now(),
             next_ping: Instant::now(),
             ready: Vec::with_capacity(READ_BURST),
-            ack_tx,
+            pending: FuturesUnordered::new(),
             frames: FrameCounters::new(),
         };
-        let ack_duration = metrics::get().event_ack_duration.clone();
         info!("Long connection established.");
+        let end = self
+            .session_loop(socket, &mut s, params, server, cancel)
+            .await;
+        if !s.pending.is_empty() {
+            // Their handlers and records still run to the end (shutdown waits for them); their
+            // ACKs have no socket any more.
+            let mut pending = std::mem::take(&mut s.pending);
+            self.dispatcher
+                .spawn(async move { while pending.next().await.is_some() {} });
+        }
+        end
+    }
+
+    /// The loop of [`Self::session`]: returns when the socket ends or on cancel.
+    async fn session_loop(
+        &self,
+        socket: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        s: &mut Session,
+        params: &ConnParams,
+        server: &mut ClientConfig,
+        cancel: &CancellationToken,
+    ) -> SessionEnd {
+        let (mut sink, mut stream) = socket.split();
+        let ack_duration = metrics::get().event_ack_duration.clone();
         loop {
             // Liveness: nothing heard for two ping intervals (plus slack) means a dead link.
             let dead_at = s.last_heard + server.ping_interval * 2 + Duration::from_secs(5);
@@ -477,13 +504,14 @@ impl LongConn {
                 () = tokio::time::sleep_until(dead_at) => {
                     return SessionEnd::Dropped("no pong or frame within two ping intervals".to_owned());
                 }
-                Some(first) = ack_rx.recv() => {
-                    // ACKs of events handled on their own task: every one ready now goes out
-                    // in one write.
-                    s.ready.push(first);
+                Some(first) = s.pending.next(), if !s.pending.is_empty() => {
+                    // Answers that had to wait: every one ready now goes out in one write.
+                    s.ready.extend(first);
                     while s.ready.len() < ACK_BATCH {
-                        let Ok(next) = ack_rx.try_recv() else { break };
-                        s.ready.push(next);
+                        match futures_util::FutureExt::now_or_never(s.pending.next()) {
+                            Some(Some(next)) => s.ready.extend(next),
+                            _ => break,
+                        }
                     }
                     if let Err(e) = write_acks(&mut sink, &mut s.ready, &ack_duration).await {
                         return SessionEnd::Dropped(format!("sending ACK: {e}"));
@@ -497,7 +525,7 @@ impl LongConn {
                     let mut end = None;
                     while let Some(msg) = next.take() {
                         read += 1;
-                        if let Err(e) = self.on_message(msg, &mut s, server) {
+                        if let Err(e) = self.on_message(msg, s, server) {
                             end = Some(e);
                             break;
                         }
@@ -592,8 +620,8 @@ impl LongConn {
 
     /// Hands a complete event to the dispatcher. Most are answered on the first poll (a fast
     /// handler, a duplicate): their ACK joins the session's ready ACKs, with no task, channel or
-    /// thread hop. One that must wait (a slow handler, a full seen-id queue) continues on its
-    /// own task on the supervisor's tracker and sends its ACK through the channel.
+    /// thread hop. One that must wait (a claim in a shared store, a slow handler) joins the
+    /// session's pending answers.
     fn dispatch(&self, frame: Frame, payload: Vec<u8>, received: Instant, s: &mut Session) {
         let mut answer = Box::pin(answer(self.dispatcher.clone(), frame, payload));
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -601,15 +629,19 @@ impl LongConn {
         }));
         match polled {
             Ok(Some(ack)) => s.ready.push((ack, received)),
-            Ok(None) => {
-                let acks = s.ack_tx.clone();
-                // On the supervisor's tracker (through the dispatcher): shutdown waits for it.
-                self.dispatcher.spawn(async move {
-                    let ack = answer.await;
-                    // The session may have ended: then the platform redelivers the event.
-                    let _ = acks.send((ack, received)).await;
-                });
-            }
+            Ok(None) => s.pending.push(Box::pin(async move {
+                // A panic later on is caught as on the first poll: no ACK, and the session
+                // goes on.
+                match futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(answer))
+                    .await
+                {
+                    Ok(ack) => Some((ack, received)),
+                    Err(_) => {
+                        warn!("Dispatching an event panicked; it is not acknowledged.");
+                        None
+                    }
+                }
+            })),
             // Not acknowledged: the platform redelivers it.
             Err(_) => warn!("Dispatching an event panicked; it is not acknowledged."),
         }
@@ -623,8 +655,8 @@ struct Session {
     next_ping: Instant,
     /// ACKs ready to be written, with when their event was received.
     ready: Vec<(Frame, Instant)>,
-    /// Where events handled on their own task send their ACK.
-    ack_tx: mpsc::Sender<(Frame, Instant)>,
+    /// Answers that had to wait: each yields its ACK (`None`: the dispatch panicked).
+    pending: FuturesUnordered<BoxFuture<'static, Option<(Frame, Instant)>>>,
     frames: FrameCounters,
 }
 
