@@ -37,7 +37,7 @@
 //! handlers run on its tracker (drained at shutdown), and the writer is one of its writers,
 //! which [`Dispatcher::close`] tells to commit what is queued and let go of the store.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -156,11 +156,24 @@ const CLAIM_TTL: Duration = Duration::from_secs(30);
 enum Claim {
     /// This dispatcher handles it.
     Mine,
-    /// Handled before, or in flight here: a duplicate.
+    /// Handled before: a duplicate.
     Seen,
+    /// Still being handled here past the ACK deadline (a delivery again before its first
+    /// has ended): answered as failed, so the platform redelivers it and the redelivery finds
+    /// it handled, or free if the handling failed. Answered as a duplicate instead, a
+    /// handling that then failed would leave the event lost.
+    InFlight,
     /// In flight on another instance of the fleet: answered as failed, so the platform
     /// redelivers it and the redelivery finds it handled (or, if that instance died, free).
     Elsewhere,
+}
+
+/// What memory alone says of a delivery (see [`Recent::claim`]).
+enum Memory {
+    New,
+    /// Being handled here: resolves when that handling ends.
+    InFlight(std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>),
+    Seen,
 }
 
 fn duration_ms(d: Duration) -> u64 {
@@ -260,6 +273,11 @@ enum SeenMsg {
 struct Recent {
     set: HashSet<u128, DigestBuild>,
     pinned: HashSet<u128, DigestBuild>,
+    /// Ids claimed here whose handling has not ended (neither recorded nor let go): a second
+    /// delivery of one is not a duplicate yet (the handling may still fail), and waits for
+    /// the end (told through the `Notify`, made when the first such delivery waits). Never
+    /// evicted; bounded by the handlers running at once.
+    flying: HashMap<u128, Option<Arc<tokio::sync::Notify>>, DigestBuild>,
     /// Every id the store held when the dispatcher started has been loaded.
     loaded: bool,
     /// An id has left `set` for the bounds (not one released): memory no longer holds every
@@ -276,6 +294,7 @@ impl Default for Recent {
         Self {
             set: HashSet::with_hasher(DigestBuild),
             pinned: HashSet::with_hasher(DigestBuild),
+            flying: HashMap::with_hasher(DigestBuild),
             loaded: false,
             evicted: false,
             order: VecDeque::new(),
@@ -347,6 +366,10 @@ impl Recent {
 
     fn insert(&mut self, id: &str, cap: usize, max_bytes: usize) -> bool {
         let d = self.digest.of(id);
+        self.insert_digest(d, cap, max_bytes)
+    }
+
+    fn insert_digest(&mut self, d: u128, cap: usize, max_bytes: usize) -> bool {
         if !self.set.insert(d) {
             return false;
         }
@@ -354,6 +377,37 @@ impl Recent {
         self.bytes += Self::COST;
         self.evict(cap, max_bytes);
         true
+    }
+
+    /// What memory says of a delivery of `id`: new (now held, and in flight until
+    /// [`Recent::landed`] or [`Recent::remove`]), still in flight here, or seen.
+    fn claim(&mut self, id: &str, cap: usize, max_bytes: usize) -> Memory {
+        let d = self.digest.of(id);
+        if let Some(waiters) = self.flying.get_mut(&d) {
+            let n = waiters.get_or_insert_with(Default::default).clone();
+            let mut ended = Box::pin(n.notified_owned());
+            // Enabled under the lock that `landed` and `remove` take: no end goes unseen.
+            ended.as_mut().enable();
+            return Memory::InFlight(ended);
+        }
+        if !self.insert_digest(d, cap, max_bytes) {
+            return Memory::Seen;
+        }
+        self.flying.insert(d, None);
+        Memory::New
+    }
+
+    /// The handling of `id` has ended and it stays seen (recorded, or found recorded).
+    fn landed(&mut self, id: &str) {
+        let d = self.digest.of(id);
+        self.end_flight(d);
+    }
+
+    /// Tells deliveries waiting on `d`'s handling that it has ended.
+    fn end_flight(&mut self, d: u128) {
+        if let Some(Some(waiters)) = self.flying.remove(&d) {
+            waiters.notify_waiters();
+        }
     }
 
     /// Evicts the oldest ids beyond the bounds, passing over pinned ones (moved to the back).
@@ -366,7 +420,7 @@ impl Recent {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            if self.pinned.contains(&old) {
+            if self.pinned.contains(&old) || self.flying.contains_key(&old) {
                 self.order.push_back(old);
                 continue;
             }
@@ -402,6 +456,7 @@ impl Recent {
     fn remove(&mut self, id: &str) {
         let d = self.digest.of(id);
         self.set.remove(&d);
+        self.end_flight(d);
         // The order queue may keep a stale entry; it only bounds memory.
     }
 
@@ -512,6 +567,11 @@ impl Dispatcher {
                     debug!("Duplicate event ignored.");
                     return Outcome::Duplicate;
                 }
+                Claim::InFlight => {
+                    m.events_in_flight.inc();
+                    debug!("This event is still being handled here; asking the platform to redeliver.");
+                    return Outcome::Failed;
+                }
                 Claim::Elsewhere => {
                     m.events_claimed_elsewhere.inc();
                     debug!("Another instance is handling this event; asking the platform to redeliver.");
@@ -526,6 +586,12 @@ impl Dispatcher {
                         m.events_deduplicated.inc();
                         debug!("Redelivered message ignored (same message_id, new event_id).");
                         return Outcome::Duplicate;
+                    }
+                    Claim::InFlight => {
+                        self.release(&keys[..1], until);
+                        m.events_in_flight.inc();
+                        debug!("This message is still being handled here; asking the platform to redeliver.");
+                        return Outcome::Failed;
                     }
                     Claim::Elsewhere => {
                         self.release(&keys[..1], until);
@@ -650,16 +716,26 @@ impl Dispatcher {
     /// store's claim batcher and is awaited; on redb nothing is awaited (ready on first poll).
     async fn claim(&self, id: &str, claim_until: u64, now: u64) -> Claim {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
-        let complete = {
-            let mut recent = self
-                .inner
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !recent.insert(id, cap, max_bytes) {
-                return Claim::Seen;
-            }
-            recent.complete()
+        let mut waited = false;
+        let complete = loop {
+            let ended = {
+                let mut recent = self
+                    .inner
+                    .recent
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match recent.claim(id, cap, max_bytes) {
+                    Memory::New => break recent.complete(),
+                    Memory::Seen => return Claim::Seen,
+                    Memory::InFlight(_) if waited => return Claim::InFlight,
+                    Memory::InFlight(ended) => ended,
+                }
+            };
+            // Delivered again while its first delivery is handled here: wait (within the
+            // ACK deadline) for that to end. Handled: a duplicate; let go: this delivery
+            // claims it afresh; still running: refused, so the platform delivers it again.
+            let _ = tokio::time::timeout(self.inner.cfg.ack_deadline, ended).await;
+            waited = true;
         };
         if complete {
             // Memory holds every id the store holds (redb only: see `load_seen`): new.
@@ -673,7 +749,10 @@ impl Dispatcher {
         {
             Ok(EventClaim::Won) => return Claim::Mine,
             // A record (handled: kept for `seen_ttl`, far longer than any claim).
-            Ok(EventClaim::Held(t)) if t > claim_until => return Claim::Seen,
+            Ok(EventClaim::Held(t)) if t > claim_until => {
+                self.landed(id);
+                return Claim::Seen;
+            }
             Ok(EventClaim::Held(_)) => {
                 // In flight on another instance, or let go meanwhile: this instance does not
                 // handle it now, and the platform's redelivery finds it handled, or free.
@@ -691,7 +770,10 @@ impl Dispatcher {
         // inline than a hop to the blocking pool, which cost more than the lookup itself.
         match self.seen_before(id) {
             Ok(false) => Claim::Mine,
-            Ok(true) => Claim::Seen,
+            Ok(true) => {
+                self.landed(id);
+                Claim::Seen
+            }
             Err(e) => {
                 // The store cannot answer: handle it (at-least-once) rather than drop it.
                 warn!(error = %e, "Seen-id lookup failed; handling the event.");
@@ -708,6 +790,15 @@ impl Dispatcher {
         CLAIM_TTL
             .max(self.inner.cfg.ack_deadline.saturating_mul(4))
             .min(self.inner.cfg.seen_ttl)
+    }
+
+    /// `id` stays seen, and is no longer in flight here.
+    fn landed(&self, id: &str) {
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .landed(id);
     }
 
     fn forget_recent(&self, id: &str) {
@@ -780,17 +871,22 @@ impl Dispatcher {
     }
 
     async fn record_seen(&self, ids: Vec<String>) {
-        if !self.inner.store.is_postgres() {
-            // Kept in memory until the writer has moved them into the store's id-keyed table
-            // (see `Recent`): lookups read only that table.
+        {
             let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
+            let pin = !self.inner.store.is_postgres();
             let mut recent = self
                 .inner
                 .recent
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for id in &ids {
-                recent.pin(id, cap, max_bytes);
+                // Handled: a delivery from now on is a duplicate.
+                recent.landed(id);
+                if pin {
+                    // Kept in memory until the writer has moved it into the store's id-keyed
+                    // table (see `Recent`): lookups read only that table.
+                    recent.pin(id, cap, max_bytes);
+                }
             }
         }
         for id in ids {
@@ -1492,10 +1588,11 @@ mod tests {
             d.dispatch(event("slow"), EventSource::WebSocket).await,
             Outcome::Accepted
         );
-        // While it runs, a redelivery is not handled twice.
+        // While it runs, a redelivery is not handled twice, nor acknowledged as a duplicate
+        // (the handling may still fail): refused, so the platform delivers it again later.
         assert_eq!(
             d.dispatch(event("slow"), EventSource::WebSocket).await,
-            Outcome::Duplicate
+            Outcome::Failed
         );
         release.notify_one();
         for _ in 0..200 {
@@ -1505,6 +1602,114 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(done.load(Ordering::SeqCst), 1);
+        // Once it has been handled, a redelivery is a duplicate.
+        for _ in 0..200 {
+            let landed = {
+                let r = d.inner.recent.lock().unwrap();
+                !r.flying.contains_key(&r.digest.of("slow"))
+            };
+            if landed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            d.dispatch(event("slow"), EventSource::WebSocket).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(done.load(Ordering::SeqCst), 1);
+        d.flush().await;
+    }
+
+    /// Two deliveries of one event at once: the second waits for the first's handling to end
+    /// (within the ACK deadline). Handled: the second is a duplicate. Failed: the second
+    /// handles it. Either way the handler runs once per success, and nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_delivery_at_once_waits_for_the_first_and_follows_its_end() {
+        for fail_first in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = Dispatcher::new(
+                store_at(&dir.path().join("s.redb")),
+                DispatchConfig::default(),
+                &Supervisor::default(),
+            );
+            let calls = Arc::new(AtomicU32::new(0));
+            let c = calls.clone();
+            d.set_handler(Arc::new(move |_cb| {
+                let c = c.clone();
+                Box::pin(async move {
+                    let n = c.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if fail_first && n == 0 {
+                        return Err(HandlerError::from("the first try fails".to_owned()));
+                    }
+                    Ok(HandlerReply::Done)
+                })
+            }));
+            let (a, b) = tokio::join!(
+                d.dispatch(event("twice"), EventSource::WebSocket),
+                d.dispatch(event("twice"), EventSource::WebSocket)
+            );
+            let handled = Outcome::Handled(HandlerReply::Done);
+            if fail_first {
+                assert_eq!((a, b), (Outcome::Failed, handled));
+                assert_eq!(calls.load(Ordering::SeqCst), 2);
+            } else {
+                assert_eq!((a, b), (handled, Outcome::Duplicate));
+                assert_eq!(calls.load(Ordering::SeqCst), 1);
+            }
+            d.flush().await;
+        }
+    }
+
+    /// A redelivery while the first delivery's handler runs is refused (not a duplicate);
+    /// when that handler then fails, the next redelivery is handled: nothing is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivery_while_the_first_is_handled_is_refused_and_a_failure_leaves_it_handleable()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dispatcher::new(
+            store_at(&dir.path().join("s.redb")),
+            DispatchConfig {
+                ack_deadline: Duration::from_millis(100),
+                ..DispatchConfig::default()
+            },
+            &Supervisor::default(),
+        );
+        let release = Arc::new(tokio::sync::Notify::new());
+        let calls = Arc::new(AtomicU32::new(0));
+        let (r, c) = (release.clone(), calls.clone());
+        d.set_handler(Arc::new(move |_cb| {
+            let (r, c) = (r.clone(), c.clone());
+            Box::pin(async move {
+                // The first call waits and fails; later ones succeed at once.
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    r.notified().await;
+                    return Err(HandlerError::from("the first try fails".to_owned()));
+                }
+                Ok(HandlerReply::Done)
+            })
+        }));
+        assert_eq!(
+            d.dispatch(event("flaky"), EventSource::WebSocket).await,
+            Outcome::Accepted
+        );
+        assert_eq!(
+            d.dispatch(event("flaky"), EventSource::WebSocket).await,
+            Outcome::Failed,
+            "in flight: refused, not a duplicate"
+        );
+        release.notify_one();
+        let mut out = Outcome::Failed;
+        for _ in 0..200 {
+            out = d.dispatch(event("flaky"), EventSource::WebSocket).await;
+            if out != Outcome::Failed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(out, Outcome::Handled(HandlerReply::Done));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
         d.flush().await;
     }
 

@@ -226,6 +226,8 @@ pub struct Metrics {
     pub events_deduplicated: Counter,
     /// Events another instance of the fleet was handling: answered "redeliver".
     pub events_claimed_elsewhere: Counter,
+    /// Events delivered again while this instance was still handling their first delivery.
+    pub events_in_flight: Counter,
     /// Event receipt → ACK sent.
     pub event_ack_duration: Histogram,
     /// Authorization requests accepted (card sent or reused).
@@ -365,6 +367,7 @@ impl Metrics {
             events_received: Family::default(),
             events_deduplicated: Counter::default(),
             events_claimed_elsewhere: Counter::default(),
+            events_in_flight: Counter::default(),
             event_ack_duration: latency(),
             auth_requests: Counter::default(),
             auth_rate_limited: Counter::default(),
@@ -463,6 +466,11 @@ impl Metrics {
                 "events_claimed_elsewhere",
                 "Events another instance of the fleet was handling (shared store), answered as failed so the platform redelivers them",
                 m.events_claimed_elsewhere.clone(),
+            );
+            r.register(
+                "events_in_flight",
+                "Events delivered again while their first delivery was still being handled here, answered as failed so the platform redelivers them once that handling has ended",
+                m.events_in_flight.clone(),
             );
             r.register(
                 "event_ack_duration_seconds",
@@ -822,6 +830,7 @@ pub const EXPORTED: &[&str] = &[
     "lark_service_events_received_total",
     "lark_service_events_deduplicated_total",
     "lark_service_events_claimed_elsewhere_total",
+    "lark_service_events_in_flight_total",
     "lark_service_event_ack_duration_seconds",
     "lark_service_auth_requests_total",
     "lark_service_auth_rate_limited_total",
