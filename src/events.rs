@@ -437,8 +437,13 @@ impl Recent {
     }
 
     /// Holds `id` (adding it if it was evicted meanwhile) until [`Recent::unpin`].
+    #[cfg(test)]
     fn pin(&mut self, id: &str, cap: usize, max_bytes: usize) {
         let d = self.digest.of(id);
+        self.pin_digest(d, cap, max_bytes);
+    }
+
+    fn pin_digest(&mut self, d: u128, cap: usize, max_bytes: usize) {
         self.pinned.insert(d);
         if self.set.insert(d) {
             self.order.push_back(d);
@@ -880,12 +885,13 @@ impl Dispatcher {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             for id in &ids {
+                let d = recent.digest.of(id);
                 // Handled: a delivery from now on is a duplicate.
-                recent.landed(id);
+                recent.end_flight(d);
                 if pin {
                     // Kept in memory until the writer has moved it into the store's id-keyed
                     // table (see `Recent`): lookups read only that table.
-                    recent.pin(id, cap, max_bytes);
+                    recent.pin_digest(d, cap, max_bytes);
                 }
             }
         }
