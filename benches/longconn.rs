@@ -24,7 +24,8 @@
 //! - `LONGCONN_BENCH_ONLY`: run only the clients whose row name contains this text (`raw`,
 //!   `lark-service`…);
 //! - `LONGCONN_BENCH_EVENTS` (default 20 000), `LONGCONN_BENCH_WARMUP` (default 500),
-//!   `LONGCONN_BENCH_ROUNDS` (default 5: on 2 shared cores one round of any client can run 20–30 % off its neighbours, and the median of five moves less than that of three).
+//!   `LONGCONN_BENCH_ROUNDS` (default 5: on 2 shared cores one round of any client can run
+//!   20–30 % off its neighbours, and the median of five moves less than that of three).
 //!
 //! A client whose variable is not set gets a "not run" row. A client that does not connect,
 //! exits, ACKs with a code other than 200 or stops ACKing is reported with the tail of its
