@@ -166,6 +166,9 @@ enum Claim {
     /// In flight on another instance of the fleet: answered as failed, so the platform
     /// redelivers it and the redelivery finds it handled (or, if that instance died, free).
     Elsewhere,
+    /// The store could not answer (down, or a lost connection): not known to be new, so
+    /// answered as failed and left to the platform's redelivery, never handled on a guess.
+    Undecided,
 }
 
 /// What memory alone says of a delivery (see [`Recent::claim`]).
@@ -582,6 +585,7 @@ impl Dispatcher {
                     debug!("Another instance is handling this event; asking the platform to redeliver.");
                     return Outcome::Failed;
                 }
+                Claim::Undecided => return Outcome::Failed,
             }
             if let Some(k) = keys.get(1) {
                 match self.claim(k, until, now).await {
@@ -602,6 +606,10 @@ impl Dispatcher {
                         self.release(&keys[..1], until);
                         m.events_claimed_elsewhere.inc();
                         debug!("Another instance is handling this message; asking the platform to redeliver.");
+                        return Outcome::Failed;
+                    }
+                    Claim::Undecided => {
+                        self.release(&keys[..1], until);
                         return Outcome::Failed;
                     }
                 }
@@ -766,9 +774,11 @@ impl Dispatcher {
             }
             Ok(EventClaim::NotShared) => {}
             Err(e) => {
-                // The store cannot answer: handle it (at-least-once) rather than drop it.
-                warn!(error = %e, "Claiming the event id failed; handling the event.");
-                return Claim::Mine;
+                // The store cannot say whether it was handled (or claimed elsewhere): refuse,
+                // and the platform delivers it again (at about 15 s, 5 min, 1 h and 6 h).
+                self.forget_recent(id);
+                warn!(error = %e, "Claiming the event id failed; asking the platform to redeliver.");
+                return Claim::Undecided;
             }
         }
         // A read of one key in a hot B-tree (redb readers never wait for the writer): cheaper
@@ -780,9 +790,10 @@ impl Dispatcher {
                 Claim::Seen
             }
             Err(e) => {
-                // The store cannot answer: handle it (at-least-once) rather than drop it.
-                warn!(error = %e, "Seen-id lookup failed; handling the event.");
-                Claim::Mine
+                // As above: not known to be new, so not handled now.
+                self.forget_recent(id);
+                warn!(error = %e, "Seen-id lookup failed; asking the platform to redeliver.");
+                Claim::Undecided
             }
         }
     }

@@ -1518,3 +1518,53 @@ fn the_claim_batchers_plan_never_reads_the_whole_seen_id_table() {
     let plan = store.testing_claim_round_plan().unwrap();
     assert!(!whole_table(&plan), "on 20 000 ids:\n{plan}");
 }
+
+/// When PostgreSQL cannot answer a claim, the event is not handled on a guess: it is answered
+/// as failed (the platform delivers it again) and its handler does not run; once PostgreSQL is
+/// back, the same event is claimed and handled.
+#[test]
+fn an_event_whose_claim_cannot_be_decided_is_refused_not_handled() {
+    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, HandlerReply, Outcome};
+    use lark_service::storage::Db;
+    use lark_service::workers::Supervisor;
+    let server = Server::start();
+    let url = server.fresh_db();
+    let db: Db = server.open(&url).into();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sup = Supervisor::default();
+    let d = rt.block_on(async { Dispatcher::new(db, DispatchConfig::default(), &sup) });
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    d.set_handler(std::sync::Arc::new(move |_cb| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(HandlerReply::Done) })
+    }));
+    let event = || {
+        let body = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": "ev_undecided", "event_type": "contact.user.updated_v3", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+            "event": {}
+        });
+        lark_service::callbacks::parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+    };
+    server.pg.stop_immediate();
+    let out = rt.block_on(d.dispatch(event(), EventSource::WebSocket));
+    assert_eq!(out, Outcome::Failed);
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "not handled on a guess");
+    server.pg.start_server();
+    let mut out = Outcome::Failed;
+    for _ in 0..100 {
+        out = rt.block_on(d.dispatch(event(), EventSource::WebSocket));
+        if out != Outcome::Failed {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(out, Outcome::Handled(HandlerReply::Done));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    rt.block_on(d.close());
+}
