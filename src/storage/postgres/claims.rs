@@ -3,30 +3,33 @@
 //! statement, one round trip and one commit per batch.
 //!
 //! A claim is queued (id, until, now, a one-shot reply) and the caller awaits the reply, so
-//! the async thread that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
+//! the async task that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
 //! the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
 //! the batch that carried it has committed: a settle returns once its records are durable, as
-//! before. Two threads per store (started on the first claim or settle, named `pg-claims`)
-//! take turns at the queue: each takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and
+//! before. One task per store (started on the first claim or settle, on the store's runtime)
+//! takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and
 //! runs [`ROUND`] on its own connection, where that statement is prepared once: it settles the
 //! ids handled since the last batch and claims the new ones, each set inserted in one sorted
 //! order (one lock order for every instance), and reads the held ids' times. While one batch
-//! is in flight the other thread gathers the next and sends it behind it on the same
-//! connection (pipelined: PostgreSQL runs them one after the other), so claims and settles together cost one round trip and one
-//! commit per batch, not one per id, nor one for the claims and another for the settles.
+//! is in flight the next gathers and is sent behind it on the same connection (pipelined:
+//! PostgreSQL runs them one after the other), so claims and settles together cost one round
+//! trip and one commit per batch, not one per id, nor one for the claims and another for the
+//! settles.
 //!
 //! The batcher's connection is its own, one beyond the pool's `max_connections` (a batcher
 //! that took its connection from the pool could starve the pool's other users). A lost
 //! connection fails the batches it was running (their askers are told `Unavailable`: they may
 //! have committed) and the next batch opens a new one.
 //!
-//! The threads hold the store weakly: the queue's sender lives in the store, so when the last
-//! handle goes, the queue closes and the threads end.
+//! The task holds the store weakly between batches: the queue's sender lives in the store, so
+//! when the last handle goes, the queue closes and the task ends.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, Weak};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use tokio::sync::oneshot;
 use tokio_postgres::types::{ToSql, Type};
@@ -99,19 +102,18 @@ pub(super) enum Request {
 /// connection sat idle while each answer travelled back and the next batch gathered.
 const IN_FLIGHT: usize = 2;
 
-/// Starts the batcher's threads of `inner` (one per batch in flight, sharing the queue and
-/// the connection); the sender of its queue.
-pub(super) fn start(inner: &Arc<Inner>) -> Result<mpsc::Sender<Request>> {
-    let (tx, rx) = mpsc::channel();
-    let rx = Arc::new(Mutex::new(rx));
-    let line: Arc<Mutex<Option<Arc<Line>>>> = Arc::new(Mutex::new(None));
-    for _ in 0..IN_FLIGHT {
-        let (weak, rx, line) = (Arc::downgrade(inner), rx.clone(), line.clone());
-        std::thread::Builder::new()
-            .name("pg-claims".to_owned())
-            .spawn(move || run(&weak, &rx, &line))
-            .map_err(|e| Error::Engine(format!("cannot start the claim batcher: {e}")))?;
-    }
+/// The sending end of the batcher's queue.
+pub(super) type Queue = tokio::sync::mpsc::UnboundedSender<Request>;
+
+/// Starts the batcher of `inner`: a task on the store's runtime, beside the connections' own
+/// tasks (a claim batch's answer wakes no thread of its own); the sender of its queue.
+pub(super) fn start(inner: &Arc<Inner>) -> Result<Queue> {
+    let rt = inner
+        .rt
+        .as_ref()
+        .ok_or_else(|| Error::Unavailable("the store is closing".to_owned()))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    rt.spawn(run(Arc::downgrade(inner), rx));
     Ok(tx)
 }
 
@@ -132,6 +134,30 @@ struct Batch {
 }
 
 impl Batch {
+    /// Tells every asker: each claim its answer (in order), each settle that it committed; or
+    /// each of them the error's kind (a lost connection stays `Unavailable`). An asker that
+    /// stopped waiting is not told.
+    fn answer(self, answers: Result<Vec<Option<u64>>>) {
+        match answers {
+            Ok(answers) => {
+                for (r, a) in self.claims.into_iter().zip(answers) {
+                    let _ = r.3.send(Ok(a));
+                }
+                for s in self.settles {
+                    let _ = s.2.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                for r in self.claims {
+                    let _ = r.3.send(Err(again(&e)));
+                }
+                for s in self.settles {
+                    let _ = s.2.send(Err(again(&e)));
+                }
+            }
+        }
+    }
+
     fn push(&mut self, r: Request) {
         match r {
             Request::Claim {
@@ -149,48 +175,69 @@ impl Batch {
     }
 }
 
-/// One batcher thread: takes a batch from the shared queue (holding the queue only while it
-/// gathers, so the other thread gathers the next batch while this one's is in flight) and
-/// decides it on the shared connection.
-fn run(store: &Weak<Inner>, rx: &Mutex<mpsc::Receiver<Request>>, line: &Mutex<Option<Arc<Line>>>) {
+/// The batcher: takes what is queued as one batch whenever fewer than [`IN_FLIGHT`] are in
+/// flight, and sends it on its connection; each batch answers its askers when it is decided.
+/// Ends when the queue closes (the store's last handle went) and nothing is in flight.
+async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Request>) {
+    let mut line: Option<Arc<Line>> = None;
+    let mut flying = FuturesUnordered::new();
+    let mut open = true;
     loop {
-        let mut batch = Batch::default();
-        {
-            let rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Ok(first) = rx.recv() else { return };
-            batch.push(first);
-            while batch.claims.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
+        tokio::select! {
+            Some(()) = flying.next(), if !flying.is_empty() => {}
+            r = rx.recv(), if open && flying.len() < IN_FLIGHT => {
+                let Some(first) = r else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = Batch::default();
+                batch.push(first);
+                while batch.claims.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
                 }
+                let Some(inner) = store.upgrade() else {
+                    batch.answer(Err(Error::Unavailable("the store is closing".to_owned())));
+                    continue;
+                };
+                let store = PgStore { inner };
+                let l = match current_line(&store, &mut line).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        batch.answer(Err(e));
+                        continue;
+                    }
+                };
+                flying.push(async move {
+                    let answers = decide(&store, &l, &batch).await;
+                    batch.answer(answers);
+                });
             }
-        }
-        let answers = match store.upgrade() {
-            Some(inner) => decide(&PgStore { inner }, line, &batch),
-            None => Err(Error::Unavailable("the store is closing".to_owned())),
-        };
-        match answers {
-            Ok(answers) => {
-                for (r, a) in batch.claims.into_iter().zip(answers) {
-                    // The caller may have stopped waiting: nothing to tell then.
-                    let _ = r.3.send(Ok(a));
-                }
-                for s in batch.settles {
-                    let _ = s.2.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                // Each asker gets the error's kind (a lost connection stays `Unavailable`).
-                for r in batch.claims {
-                    let _ = r.3.send(Err(again(&e)));
-                }
-                for s in batch.settles {
-                    let _ = s.2.send(Err(again(&e)));
-                }
-            }
+            else => return,
         }
     }
+}
+
+/// The batcher's connection: the one it has while that is open, else a new one (connected,
+/// its statement prepared). A lost connection fails the batches it was running; the next
+/// batch comes here and gets a new one.
+async fn current_line(store: &PgStore, line: &mut Option<Arc<Line>>) -> Result<Arc<Line>> {
+    if let Some(l) = line.as_ref().filter(|l| !l.client.is_closed()) {
+        return Ok(l.clone());
+    }
+    *line = None;
+    let client = super::connect_pg(&store.inner.url, &store.inner.net)
+        .await
+        .map_err(super::connect_err)?;
+    let round = client
+        .prepare_typed(ROUND, &ROUND_TYPES)
+        .await
+        .map_err(|e| pg_err(&e))?;
+    let l = Arc::new(Line { client, round });
+    *line = Some(l.clone());
+    Ok(l)
 }
 
 /// A copy of `e` of the same kind, for one more asker.
@@ -205,11 +252,7 @@ fn again(e: &Error) -> Error {
 /// The answers to the batch's claims, in its order, all decided as of the batch's earliest
 /// `now` (a claim lapsed by then is free for every asker; a later `now` would free a claim
 /// some asker still saw held), its settles committed with them.
-fn decide(
-    store: &PgStore,
-    line: &Mutex<Option<Arc<Line>>>,
-    batch: &Batch,
-) -> Result<Vec<Option<u64>>> {
+async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Option<u64>>> {
     let claims: Vec<(&str, u64)> = batch.claims.iter().map(|r| (r.0.as_str(), r.1)).collect();
     let now = batch.claims.iter().map(|r| r.2).min().unwrap_or(0);
     let settles: Vec<(&str, u64)> = batch
@@ -217,39 +260,25 @@ fn decide(
         .iter()
         .flat_map(|(ids, at, _)| ids.iter().map(move |id| (id.as_str(), *at)))
         .collect();
-    store.claim_and_settle(&claims, &settles, now, |claims, settles, now| {
-        let mut attempt = 1;
-        loop {
-            let l = {
-                // A lost connection is replaced by whichever thread finds it closed first.
-                let mut shared = line.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                match shared.as_ref() {
-                    Some(l) if !l.client.is_closed() => l.clone(),
-                    _ => {
-                        *shared = None;
-                        let client = store.connect()?;
-                        let round = block_on(client.prepare_typed(ROUND, &ROUND_TYPES))
-                            .map_err(|e| pg_err(&e))?;
-                        let l = Arc::new(Line { client, round });
-                        *shared = Some(l.clone());
-                        l
+    store
+        .claim_and_settle(&claims, &settles, now, async |claims, settles, now| {
+            let mut attempt = 1;
+            loop {
+                match round(&line.client, Some(&line.round), claims, settles, now).await {
+                    Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                        store.inner.retries.fetch_add(1, Ordering::Relaxed);
+                        if let Some(observe) = super::RETRY_OBSERVER.get() {
+                            observe();
+                        }
+                        tracing::warn!(attempt, error = %e, "PostgreSQL aborted a claim batch (serialization failure or deadlock); running it again.");
+                        tokio::time::sleep(retry_pause(attempt)).await;
+                        attempt += 1;
                     }
+                    other => return other,
                 }
-            };
-            match block_on(round(&l.client, Some(&l.round), claims, settles, now)) {
-                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
-                    store.inner.retries.fetch_add(1, Ordering::Relaxed);
-                    if let Some(observe) = super::RETRY_OBSERVER.get() {
-                        observe();
-                    }
-                    tracing::warn!(attempt, error = %e, "PostgreSQL aborted a claim batch (serialization failure or deadlock); running it again.");
-                    std::thread::sleep(retry_pause(attempt));
-                    attempt += 1;
-                }
-                other => return other,
             }
-        }
-    })
+        })
+        .await
 }
 
 /// Distinct claims and settles, sorted by id, as [`ROUND`] takes them.
@@ -321,9 +350,11 @@ impl PgStore {
     /// decided for its first asker; a later one finds it held by what the first found, or by
     /// the first's claim when it won (`Some(its until)`): one claim per id wins.
     pub fn claim_batch(&self, claims: &[(&str, u64)], now: u64) -> Result<Vec<Option<u64>>> {
-        self.claim_and_settle(claims, &[], now, |claims, settles, now| {
-            self.with(async |c| round(c, None, claims, settles, now).await)
-        })
+        block_on(
+            self.claim_and_settle(claims, &[], now, async |claims, settles, now| {
+                self.with(async |c| round(c, None, claims, settles, now).await)
+            }),
+        )
     }
 
     /// Settles `settles` (id, forget_at) and decides `claims` in one statement, as the batcher
@@ -336,20 +367,22 @@ impl PgStore {
         claims: &[(&str, u64)],
         now: u64,
     ) -> Result<Vec<Option<u64>>> {
-        self.claim_and_settle(claims, settles, now, |claims, settles, now| {
-            self.with(async |c| round(c, None, claims, settles, now).await)
-        })
+        block_on(
+            self.claim_and_settle(claims, settles, now, async |claims, settles, now| {
+                self.with(async |c| round(c, None, claims, settles, now).await)
+            }),
+        )
     }
 
     /// `claim_batch` with settles (id, forget_at) carried by the same statement: the settles
     /// become records (an id settled twice keeps the later time) and a claim of a settled id
     /// finds it recorded. `exec` runs [`ROUND`] (through the pool, or the batcher's line).
-    fn claim_and_settle(
+    async fn claim_and_settle(
         &self,
         claims: &[(&str, u64)],
         settles: &[(&str, u64)],
         now: u64,
-        exec: impl FnOnce(&Sorted, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
+        exec: impl AsyncFnOnce(&Sorted, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
     ) -> Result<Vec<Option<u64>>> {
         if let Some((bad, _)) = claims
             .iter()
@@ -397,7 +430,7 @@ impl PgStore {
         let decided = if c.0.is_empty() && s.0.is_empty() {
             HashMap::new()
         } else {
-            exec(&c, &s, db_time(now))?
+            exec(&c, &s, db_time(now)).await?
         };
         let mut answered: HashSet<&str> = HashSet::with_capacity(first.len());
         claims
@@ -509,11 +542,13 @@ impl PgStore {
             Ok(q) => q,
             Err(e) => return Err(Box::new((req, e))),
         };
-        queue.send(req).map_err(|mpsc::SendError(req)| {
-            Box::new((
-                req,
-                Error::Unavailable("the claim batcher stopped".to_owned()),
-            ))
-        })
+        queue
+            .send(req)
+            .map_err(|tokio::sync::mpsc::error::SendError(req)| {
+                Box::new((
+                    req,
+                    Error::Unavailable("the claim batcher stopped".to_owned()),
+                ))
+            })
     }
 }

@@ -109,7 +109,7 @@ struct Inner {
     /// Units run again after a serialization failure or deadlock.
     retries: AtomicU64,
     /// The claim batcher's queue (`claims`), once the first claim started it.
-    claims: Mutex<Option<std::sync::mpsc::Sender<claims::Request>>>,
+    claims: Mutex<Option<claims::Queue>>,
 }
 
 #[derive(Default)]
@@ -422,7 +422,7 @@ impl PgStore {
     }
 
     /// The claim batcher's queue, starting the batcher on first use.
-    fn claim_queue(&self) -> Result<std::sync::mpsc::Sender<claims::Request>> {
+    fn claim_queue(&self) -> Result<claims::Queue> {
         let mut q = self
             .inner
             .claims
