@@ -568,7 +568,10 @@ impl Dispatcher {
             // One claim time for every key: a release deletes only the claims made with it.
             let now = now_ms();
             let until = now.saturating_add(duration_ms(self.claim_ttl()));
-            match self.claim(&keys[0], until, now).await {
+            // One answer deadline for the whole delivery: waiting on a claim and on the handler
+            // together never holds its ACK past it.
+            let deadline = tokio::time::Instant::now() + self.inner.cfg.ack_deadline;
+            match self.claim(&keys[0], until, now, deadline).await {
                 Claim::Mine => {}
                 Claim::Seen => {
                     m.events_deduplicated.inc();
@@ -588,7 +591,7 @@ impl Dispatcher {
                 Claim::Undecided => return Outcome::Failed,
             }
             if let Some(k) = keys.get(1) {
-                match self.claim(k, until, now).await {
+                match self.claim(k, until, now, deadline).await {
                     Claim::Mine => {}
                     Claim::Seen => {
                         self.release(&keys[..1], until);
@@ -680,7 +683,7 @@ impl Dispatcher {
                 Ok(None) => {}
             }
             let task = self.inner.tasks.spawn(work);
-            match tokio::time::timeout(self.inner.cfg.ack_deadline, task).await {
+            match tokio::time::timeout_at(deadline, task).await {
                 Ok(Ok(Ok(reply))) => {
                     debug!("Event handled.");
                     Outcome::Handled(reply)
@@ -727,7 +730,13 @@ impl Dispatcher {
     /// PostgreSQL) claimed in the database before any other instance of the fleet; marks it in
     /// flight. The claim in the database (until `claim_until`, as of `now`) goes through the
     /// store's claim batcher and is awaited; on redb nothing is awaited (ready on first poll).
-    async fn claim(&self, id: &str, claim_until: u64, now: u64) -> Claim {
+    async fn claim(
+        &self,
+        id: &str,
+        claim_until: u64,
+        now: u64,
+        deadline: tokio::time::Instant,
+    ) -> Claim {
         let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
         let mut waited = false;
         let complete = loop {
@@ -747,19 +756,27 @@ impl Dispatcher {
             // Delivered again while its first delivery is handled here: wait (within the
             // ACK deadline) for that to end. Handled: a duplicate; let go: this delivery
             // claims it afresh; still running: refused, so the platform delivers it again.
-            let _ = tokio::time::timeout(self.inner.cfg.ack_deadline, ended).await;
+            let _ = tokio::time::timeout_at(deadline, ended).await;
             waited = true;
         };
         if complete {
             // Memory holds every id the store holds (redb only: see `load_seen`): new.
             return Claim::Mine;
         }
-        match self
-            .inner
-            .store
-            .claim_event_batched(id, claim_until, now)
-            .await
-        {
+        let claimed = tokio::time::timeout_at(
+            deadline,
+            self.inner.store.claim_event_batched(id, claim_until, now),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Not decided within the answer deadline (a slow or stuck database): refused below,
+            // so the ACK still goes out in time. Were the claim won after all, it lapses
+            // (`claim_ttl`) and a later redelivery is handled.
+            Err(crate::storage::Error::Unavailable(
+                "the claim was not decided within the ACK deadline".to_owned(),
+            ))
+        });
+        match claimed {
             Ok(EventClaim::Won) => return Claim::Mine,
             // A record (handled: kept for `seen_ttl`, far longer than any claim).
             Ok(EventClaim::Held(t)) if t > claim_until => {

@@ -314,21 +314,33 @@ async fn an_event_waiting_on_its_claim_when_the_connection_drops_is_still_handle
         assert!(t.elapsed() < Duration::from_secs(30), "no claim waits");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // The connection drops with the answer waiting; the instance dials again.
+    // The connection drops with the answer waiting. Once the instance has seen the session
+    // end (its status gauge falls to 0), the other session lets go: the claim is this
+    // instance's, and the handler runs once, though no session is left to carry its ACK.
+    // (All of it well within the 2.5 s answer deadline: past it, the claim would be refused.)
     sandbox.close_ws_abruptly();
-    until("reconnected", &|| {
-        sandbox.connections_of(sandbox.app_id()) == 1
-    });
+    let t = Instant::now();
+    loop {
+        let scrape = a.scrape().await;
+        let up = scrape.lines().any(|l| {
+            l.starts_with("lark_service_websocket_connection_status{") && l.ends_with(" 1")
+        });
+        if !up {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the drop not seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         sandbox.acks().iter().all(|a| a.message_id != first),
-        "not acknowledged"
+        "not acknowledged while its claim waits"
     );
-    assert!(sandbox.messages_for("ou_sandbox_carol").is_empty());
-
-    // The other session lets go: the claim is this instance's, and the handler runs once.
     blocker.batch_execute("ROLLBACK").await.unwrap();
     until("the card sent", &|| {
         sandbox.messages_for("ou_sandbox_carol").len() == 1
+    });
+    until("reconnected", &|| {
+        sandbox.connections_of(sandbox.app_id()) == 1
     });
     let im_calls = sandbox.hits("im");
 
@@ -354,5 +366,83 @@ async fn an_event_waiting_on_its_claim_when_the_connection_drops_is_still_handle
         "the handler did not run again"
     );
     assert_eq!(sandbox.messages_for("ou_sandbox_carol").len(), 1);
+    a.stop();
+}
+
+/// A claim PostgreSQL does not decide within the answer deadline (here: its row held by an
+/// uncommitted transaction) does not hold the event's ACK: the event is answered as failed in
+/// time, its handler not run on a guess, and the platform delivers it again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_not_decided_in_time_is_answered_as_failed_in_time() {
+    let pg = Pg::start();
+    let url = pg.url("postgres");
+    // No redelivery during the test: the answer seen is the first delivery's.
+    let sandbox = Sandbox::start(SandboxOptions {
+        redeliver_after: Duration::from_secs(600),
+        ..SandboxOptions::default()
+    })
+    .await
+    .unwrap();
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/oauth/callback");
+    let a = Instance::start(
+        &sandbox,
+        &url,
+        port,
+        &redirect,
+        &[("WEBSOCKET_ENABLED", "true")],
+    )
+    .await;
+    let t = Instant::now();
+    while sandbox.connections_of(sandbox.app_id()) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "not connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute("BEGIN; INSERT INTO ls_seen_events (id, forget_at) VALUES ('ev_stuck', 1)")
+        .await
+        .unwrap();
+    let message = serde_json::json!({
+        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
+        "message": {"message_id": "om_stuck", "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
+    });
+    let pushed = sandbox
+        .push_event_as(
+            "ev_stuck",
+            "im.message.receive_v1",
+            message,
+            lark_service::sandbox::PushOpts::default(),
+        )
+        .unwrap();
+    // Answered while the row is still held: as failed, and nothing handled.
+    let t = Instant::now();
+    let code = loop {
+        if let Some(a) = sandbox.acks().iter().find(|a| a.message_id == pushed) {
+            break a.code;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(code, 200, "answered as failed, for redelivery");
+    assert_eq!(
+        sandbox.deliveries(&pushed),
+        1,
+        "the first delivery's answer"
+    );
+    assert!(sandbox.messages_for("ou_sandbox_carol").is_empty());
+    let held = blocker
+        .query_one(
+            "SELECT count(*) FROM ls_seen_events WHERE id = 'ev_stuck'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(held, 1, "the blocking transaction still holds the row");
+    blocker.batch_execute("ROLLBACK").await.unwrap();
     a.stop();
 }
