@@ -1596,17 +1596,22 @@ mod tests {
         assert!(snap.contains("ev0").unwrap() && snap.contains("other29").unwrap());
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_slow_handler_is_acknowledged_at_the_deadline_and_finishes() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = Dispatcher::new(
+    /// A dispatcher on a new store in `dir` whose answer deadline is `deadline`.
+    fn answering_within(dir: &tempfile::TempDir, deadline: Duration) -> Dispatcher {
+        Dispatcher::new(
             store_at(&dir.path().join("s.redb")),
             DispatchConfig {
-                ack_deadline: Duration::from_millis(100),
+                ack_deadline: deadline,
                 ..DispatchConfig::default()
             },
             &Supervisor::default(),
-        );
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_handler_is_acknowledged_at_the_deadline_and_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = answering_within(&dir, Duration::from_millis(100));
         let release = Arc::new(tokio::sync::Notify::new());
         let done = Arc::new(AtomicU32::new(0));
         let (r, dn) = (release.clone(), done.clone());
@@ -1702,14 +1707,7 @@ mod tests {
     async fn a_redelivery_while_the_first_is_handled_is_refused_and_a_failure_leaves_it_handleable()
     {
         let dir = tempfile::tempdir().unwrap();
-        let d = Dispatcher::new(
-            store_at(&dir.path().join("s.redb")),
-            DispatchConfig {
-                ack_deadline: Duration::from_millis(100),
-                ..DispatchConfig::default()
-            },
-            &Supervisor::default(),
-        );
+        let d = answering_within(&dir, Duration::from_millis(100));
         let release = Arc::new(tokio::sync::Notify::new());
         let calls = Arc::new(AtomicU32::new(0));
         let (r, c) = (release.clone(), calls.clone());

@@ -238,6 +238,45 @@ async fn the_sweep_runs_on_one_instance_and_passes_on_when_it_dies() {
     follower.stop();
 }
 
+/// One instance on `url` with its long connection up, and another session holding the row of
+/// event id `id` uncommitted (so a claim of it waits); an `/authorize` message from Carol.
+async fn instance_with_a_held_id(
+    sandbox: &Sandbox,
+    url: &str,
+    id: &str,
+) -> (Instance, tokio_postgres::Client, serde_json::Value) {
+    let port = free_port();
+    let redirect = format!("http://127.0.0.1:{port}/oauth/callback");
+    let a = Instance::start(
+        sandbox,
+        url,
+        port,
+        &redirect,
+        &[("WEBSOCKET_ENABLED", "true")],
+    )
+    .await;
+    let t = Instant::now();
+    while sandbox.connections_of(sandbox.app_id()) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "not connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (blocker, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO ls_seen_events (id, forget_at) VALUES ('{id}', 1)"
+        ))
+        .await
+        .unwrap();
+    let message = serde_json::json!({
+        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
+        "message": {"message_id": format!("om_{id}"), "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
+    });
+    (a, blocker, message)
+}
+
 /// An event whose claim is still waiting on PostgreSQL when the long connection drops is still
 /// handled: its answer goes on without the session (the platform will redeliver it, as it was
 /// never acknowledged), the handler runs once the claim is decided, and the redelivery is then
@@ -249,16 +288,8 @@ async fn an_event_waiting_on_its_claim_when_the_connection_drops_is_still_handle
     let pg = Pg::start();
     let url = pg.url("postgres");
     let sandbox = sandbox(7200).await;
-    let port = free_port();
-    let redirect = format!("http://127.0.0.1:{port}/oauth/callback");
-    let a = Instance::start(
-        &sandbox,
-        &url,
-        port,
-        &redirect,
-        &[("WEBSOCKET_ENABLED", "true")],
-    )
-    .await;
+    // Another session holds the event id's row uncommitted: a claim of it waits.
+    let (a, blocker, message) = instance_with_a_held_id(&sandbox, &url, "ev_held_claim").await;
     let until = |what: &'static str, f: &dyn Fn() -> bool| {
         let t = Instant::now();
         while !f() {
@@ -266,25 +297,6 @@ async fn an_event_waiting_on_its_claim_when_the_connection_drops_is_still_handle
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    until("connected", &|| {
-        sandbox.connections_of(sandbox.app_id()) == 1
-    });
-
-    // Another session inserts the event's id and does not commit: a claim of it waits.
-    let (blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    blocker
-        .batch_execute(
-            "BEGIN; INSERT INTO ls_seen_events (id, forget_at) VALUES ('ev_held_claim', 1)",
-        )
-        .await
-        .unwrap();
-    let message = serde_json::json!({
-        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
-        "message": {"message_id": "om_held_claim", "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
-    });
     let first = sandbox
         .push_event_as(
             "ev_held_claim",
@@ -383,33 +395,7 @@ async fn a_claim_not_decided_in_time_is_answered_as_failed_in_time() {
     })
     .await
     .unwrap();
-    let port = free_port();
-    let redirect = format!("http://127.0.0.1:{port}/oauth/callback");
-    let a = Instance::start(
-        &sandbox,
-        &url,
-        port,
-        &redirect,
-        &[("WEBSOCKET_ENABLED", "true")],
-    )
-    .await;
-    let t = Instant::now();
-    while sandbox.connections_of(sandbox.app_id()) != 1 {
-        assert!(t.elapsed() < Duration::from_secs(30), "not connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (blocker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    blocker
-        .batch_execute("BEGIN; INSERT INTO ls_seen_events (id, forget_at) VALUES ('ev_stuck', 1)")
-        .await
-        .unwrap();
-    let message = serde_json::json!({
-        "sender": {"sender_id": {"open_id": "ou_sandbox_carol", "user_id": "sandbox_carol", "union_id": "on_sandbox_carol"}, "sender_type": "user", "tenant_key": "sandbox"},
-        "message": {"message_id": "om_stuck", "chat_id": "oc_p2p", "chat_type": "p2p", "message_type": "text", "content": "{\"text\":\"/authorize\"}", "create_time": "1"}
-    });
+    let (a, blocker, message) = instance_with_a_held_id(&sandbox, &url, "ev_stuck").await;
     let pushed = sandbox
         .push_event_as(
             "ev_stuck",

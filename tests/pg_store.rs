@@ -35,6 +35,27 @@ impl Server {
         Self { pg: Pg::start() }
     }
 
+    /// Runs `sql` with `psql` as the superuser on database `db`.
+    fn psql(&self, db: &str, sql: &str) {
+        let port = self.pg.port.to_string();
+        self.pg.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-At",
+                "-c",
+                sql,
+            ],
+        );
+    }
+
     /// A new, empty database; its URL.
     fn fresh_db(&self) -> String {
         self.pg.fresh_db()
@@ -1422,27 +1443,11 @@ fn the_claim_batcher_reconnects_after_losing_its_connection() {
         EventClaim::Won
     );
     // Every other backend of this database goes (the batcher's among them).
-    let port = server.pg.port.to_string();
     let kill = format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
          WHERE datname = '{db_name}' AND pid <> pg_backend_pid()"
     );
-    server.pg.run(
-        "psql",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-At",
-            "-c",
-            &kill,
-        ],
-    );
+    server.psql("postgres", &kill);
     let mut outcomes = Vec::new();
     for k in 0..3 {
         outcomes.push(rt.block_on(a.claim_event_batched(&format!("after-{k}"), now + 30_000, now)));
@@ -1499,22 +1504,7 @@ fn the_claim_batchers_plan_never_reads_the_whole_seen_id_table() {
         store.settle_and_claim_batch(&settles, &[], now).unwrap();
     }
     let db = url.rsplit('/').next().unwrap().split('?').next().unwrap();
-    let port = server.pg.port.to_string();
-    server.pg.run(
-        "psql",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-c",
-            "ANALYZE ls_seen_events",
-        ],
-    );
+    server.psql(db, "ANALYZE ls_seen_events");
     let plan = store.testing_claim_round_plan().unwrap();
     assert!(!whole_table(&plan), "on 20 000 ids:\n{plan}");
 }
