@@ -1667,11 +1667,7 @@ mod tests {
     async fn a_second_delivery_at_once_waits_for_the_first_and_follows_its_end() {
         for fail_first in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            let d = Dispatcher::new(
-                store_at(&dir.path().join("s.redb")),
-                DispatchConfig::default(),
-                &Supervisor::default(),
-            );
+            let d = answering_within(&dir, DispatchConfig::default().ack_deadline);
             let calls = Arc::new(AtomicU32::new(0));
             let c = calls.clone();
             d.set_handler(Arc::new(move |_cb| {
