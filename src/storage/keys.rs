@@ -55,6 +55,22 @@ pub struct RotationReport {
     pub resealed: u64,
 }
 
+/// Runs `step` from the start of a table until a batch comes back short: each call gets the
+/// cursor the previous one returned (the last key it read) and says how many rows it read.
+fn in_batches<C>(
+    batch: usize,
+    mut step: impl FnMut(Option<C>) -> Result<(Option<C>, usize)>,
+) -> Result<()> {
+    let mut after = None;
+    loop {
+        let (last, n) = step(after)?;
+        if n < batch {
+            return Ok(());
+        }
+        after = last;
+    }
+}
+
 impl Store {
     /// Up to `batch` rows of a session-keyed table after the rotation cursor `after`, copied
     /// out (the session and device-poll rotations read their pages this way).
@@ -148,44 +164,25 @@ impl Store {
                 + d.map_err(|e| self.err(e))?
         };
         let mut report = RotationReport::default();
-        let mut cursor: Option<u128> = None;
-        loop {
-            let (next, n) = self.rotate_sessions_batch(cursor, batch, &mut report)?;
+        in_batches(batch, |after: Option<u128>| {
+            let r = self.rotate_sessions_batch(after, batch, &mut report);
             progress(report.scanned, total);
-            if n < batch {
-                break;
-            }
-            cursor = next;
-        }
-        let mut cursor: Option<(String, String)> = None;
-        loop {
-            let (next, n) = self.rotate_tokens_batch(cursor.as_ref(), batch, &mut report)?;
+            r
+        })?;
+        in_batches(batch, |after: Option<(String, String)>| {
+            let r = self.rotate_tokens_batch(after.as_ref(), batch, &mut report);
             progress(report.scanned, total);
-            if n < batch {
-                break;
-            }
-            cursor = next;
-        }
+            r
+        })?;
         self.rotate_apps(&mut report)?;
         progress(report.scanned, total);
-        let mut cursor: Option<u128> = None;
-        loop {
-            let (next, n) = self.rotate_device_polls_batch(cursor, batch, &mut report)?;
+        in_batches(batch, |after: Option<u128>| {
+            let r = self.rotate_device_polls_batch(after, batch, &mut report);
             progress(report.scanned, total);
-            if n < batch {
-                break;
-            }
-            cursor = next;
-        }
+            r
+        })?;
         // Last: the key check, so an interrupted rotation still reads as pending.
-        let txn = self.begin_write()?;
-        {
-            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
-            let sealed = self.ring().seal(KEY_CHECK_PLAINTEXT, &key_check_place());
-            meta.insert(KEY_CHECK, super::records::encode(1, &sealed).as_slice())
-                .map_err(|e| self.err(e))?;
-        }
-        self.commit(txn)?;
+        self.put_key_check(&self.ring().seal(KEY_CHECK_PLAINTEXT, &key_check_place()))?;
         Ok(report)
     }
 
