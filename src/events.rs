@@ -763,9 +763,15 @@ impl Dispatcher {
             // Memory holds every id the store holds (redb only: see `load_seen`): new.
             return Claim::Mine;
         }
+        // Its record's time, were it handled: the claim carries it, so on PostgreSQL the settle
+        // turns the claim into the record in place (the record is kept `seen_ttl` from now, the
+        // claim's time, rather than from the settle's, a handler's run earlier).
+        let keep = now.saturating_add(duration_ms(self.inner.cfg.seen_ttl));
         let claimed = tokio::time::timeout_at(
             deadline,
-            self.inner.store.claim_event_batched(id, claim_until, now),
+            self.inner
+                .store
+                .claim_event_batched(id, claim_until, keep, now),
         )
         .await
         .unwrap_or_else(|_| {

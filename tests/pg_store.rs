@@ -1001,6 +1001,51 @@ fn a_schema_1_database_is_migrated_in_place() {
     );
 }
 
+/// A database at schema 7 (before a claim held its id by `held_until`) keeps what its seen
+/// ids meant: a claim (its row's `forget_at` its end) holds until then and is free after, a
+/// record holds until its time, and its holder's release still lets the claim go.
+#[test]
+fn a_schema_7_databases_claims_and_records_hold_as_before() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    drop(server.open(&url));
+    let now = lark_service::storage::now_ms();
+    let (until, record) = (now + 30_000, now + 86_400_000);
+    sql(&url, &common::pg::back_to_schema(7));
+    sql(
+        &url,
+        &format!(
+            "INSERT INTO ls_seen_events (id, forget_at) VALUES
+             ('claimed', {until}), ('released', {until}), ('recorded', {record})"
+        ),
+    );
+    let pg = server.open(&url);
+    assert_eq!(pg.schema_version().unwrap(), SCHEMA_VERSION);
+    let db: Db = pg.into();
+    assert_eq!(
+        db.claim_event("claimed", now + 40_000, now).unwrap(),
+        EventClaim::Held(until)
+    );
+    assert_eq!(
+        db.claim_event("recorded", now + 40_000, now).unwrap(),
+        EventClaim::Held(record)
+    );
+    db.release_events(&["released"], until).unwrap();
+    assert_eq!(
+        db.claim_event("released", now + 40_000, now).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        db.claim_event("claimed", now + 40_000, until).unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        db.claim_event("recorded", now + 40_000, until).unwrap(),
+        EventClaim::Held(record)
+    );
+}
+
 /// A database at schema 3 (before the webhook outbox) is brought to the current schema in
 /// place: the outbox works, and every stored token gets its grant as redb's migration seeds
 /// it (the earlier of the token's `obtained_at` and its session's creation, not reminded).
@@ -1155,7 +1200,10 @@ fn batched_claims_decide_as_single_claims_did() {
                 };
                 let (id, until) = (id.clone(), now + 30_000 + round);
                 tasks.spawn(async move {
-                    let got = st.claim_event_batched(&id, until, now).await.unwrap();
+                    let got = st
+                        .claim_event_batched(&id, until, now + 86_400_000, now)
+                        .await
+                        .unwrap();
                     (id, until, got)
                 });
             }
@@ -1198,8 +1246,13 @@ fn batched_claims_decide_as_single_claims_did() {
     .unwrap()
     .into();
     assert_eq!(
-        futures_util::FutureExt::now_or_never(r.claim_event_batched("x", now + 30_000, now))
-            .map(Result::unwrap),
+        futures_util::FutureExt::now_or_never(r.claim_event_batched(
+            "x",
+            now + 30_000,
+            now + 86_400_000,
+            now
+        ))
+        .map(Result::unwrap),
         Some(EventClaim::NotShared)
     );
 }
@@ -1243,6 +1296,97 @@ fn a_release_leaves_a_claim_taken_again_since() {
     assert_eq!(
         b.claim_event("x", now + 40_000, now + 2_000).unwrap(),
         EventClaim::Held(record)
+    );
+}
+
+/// A claim queued with its record's time (as the dispatcher queues every claim) becomes that
+/// record when settled, whatever time the settle carries, and in place: PostgreSQL counts
+/// every one of those settles as a HOT update (no index entry written). Until then it is held
+/// until its claim's end only: lapsed, another instance takes it. A release after the record
+/// leaves the record.
+#[test]
+fn a_claim_made_with_its_records_time_becomes_that_record_in_place() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let now = lark_service::storage::now_ms();
+    let (until, keep) = (now + 30_000, now + 86_400_000);
+    let ids: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    for id in &ids {
+        assert_eq!(
+            rt.block_on(a.claim_event_batched(id, until, keep, now))
+                .unwrap(),
+            EventClaim::Won
+        );
+    }
+    // Held by the claim: until its end, not its record's time.
+    assert_eq!(
+        b.claim_event("k0", now + 40_000, now + 1).unwrap(),
+        EventClaim::Held(until)
+    );
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    a.settle_events(&refs, keep + 5_000).unwrap();
+    let updates = || {
+        let got = sql(
+            &url,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+             WHERE relname = 'ls_seen_events'",
+        );
+        let n = |i: usize| got[0][i].as_deref().unwrap().parse::<u64>().unwrap();
+        (n(0), n(1))
+    };
+    // The batcher's connection reports its counts when it goes idle (within about 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (upd, hot) = loop {
+        let (upd, hot) = updates();
+        if upd >= 40 || std::time::Instant::now() > deadline {
+            break (upd, hot);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(
+        (upd, hot),
+        (40, 40),
+        "(updates, HOT updates) of the settles"
+    );
+    for id in &refs {
+        assert_eq!(
+            b.claim_event(id, now + 40_000, now + 2).unwrap(),
+            EventClaim::Held(keep),
+            "{id}"
+        );
+    }
+    a.release_events(&["k1"], until).unwrap();
+    assert_eq!(
+        b.claim_event("k1", now + 40_000, now + 2).unwrap(),
+        EventClaim::Held(keep)
+    );
+    // A claim that lapsed (its record's time far off) is free, and a release with its end
+    // lets go of it.
+    assert_eq!(
+        rt.block_on(a.claim_event_batched("gone", now + 5, keep, now))
+            .unwrap(),
+        EventClaim::Won
+    );
+    assert_eq!(
+        b.claim_event("gone", now + 40_000, now + 10).unwrap(),
+        EventClaim::Won
+    );
+    b.release_events(&["gone"], now + 40_000).unwrap();
+    assert_eq!(
+        rt.block_on(a.claim_event_batched("gone", now + 50_000, keep, now + 20))
+            .unwrap(),
+        EventClaim::Won
+    );
+    a.release_events(&["gone"], now + 50_000).unwrap();
+    assert_eq!(
+        b.claim_event("gone", now + 60_000, now + 30).unwrap(),
+        EventClaim::Won
     );
 }
 
@@ -1371,7 +1515,9 @@ fn settles_through_the_batcher_are_durable_when_they_return() {
                 for k in 0..32 {
                     let (a, id) = (a.clone(), format!("stream-{round}-{k}"));
                     tasks.spawn(async move {
-                        a.claim_event_batched(&id, now + 30_000, now).await.unwrap()
+                        a.claim_event_batched(&id, now + 30_000, now + 86_400_000, now)
+                            .await
+                            .unwrap()
                     });
                 }
                 won += tasks
@@ -1389,7 +1535,7 @@ fn settles_through_the_batcher_are_durable_when_they_return() {
         let ids: Vec<String> = (0..8).map(|k| format!("done-{g}-{k}")).collect();
         for id in &ids {
             assert_eq!(
-                rt.block_on(a.claim_event_batched(id, now + 30_000, now))
+                rt.block_on(a.claim_event_batched(id, now + 30_000, now + 86_400_000, now))
                     .unwrap(),
                 EventClaim::Won
             );
@@ -1438,7 +1584,7 @@ fn the_claim_batcher_reconnects_after_losing_its_connection() {
         .build()
         .unwrap();
     assert_eq!(
-        rt.block_on(a.claim_event_batched("before", now + 30_000, now))
+        rt.block_on(a.claim_event_batched("before", now + 30_000, now + 86_400_000, now))
             .unwrap(),
         EventClaim::Won
     );
@@ -1450,7 +1596,12 @@ fn the_claim_batcher_reconnects_after_losing_its_connection() {
     server.psql("postgres", &kill);
     let mut outcomes = Vec::new();
     for k in 0..3 {
-        outcomes.push(rt.block_on(a.claim_event_batched(&format!("after-{k}"), now + 30_000, now)));
+        outcomes.push(rt.block_on(a.claim_event_batched(
+            &format!("after-{k}"),
+            now + 30_000,
+            now + 86_400_000,
+            now,
+        )));
     }
     // At most the first fails (and only as unavailable); then claims are decided again.
     assert!(

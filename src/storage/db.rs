@@ -264,11 +264,19 @@ impl Db {
 
     /// The claim of [`Db::claim_event`] without blocking: on PostgreSQL queued for the store's
     /// claim batcher (one statement for many claims) and awaited; on redb `NotShared` at once
-    /// (the returned future is ready on its first poll).
-    pub async fn claim_event_batched(&self, id: &str, until: u64, now: u64) -> Result<EventClaim> {
+    /// (the returned future is ready on its first poll). `keep`: the time its record is kept
+    /// until when [`Db::settle_events`] settles it (the settle's own time is not used: the
+    /// claim's row carries `keep` already, so settling it updates that row in place).
+    pub async fn claim_event_batched(
+        &self,
+        id: &str,
+        until: u64,
+        keep: u64,
+        now: u64,
+    ) -> Result<EventClaim> {
         let reply = match self {
             Self::Redb(_) => return Ok(EventClaim::NotShared),
-            Self::Postgres(p) => p.queue_claim(id, until, now),
+            Self::Postgres(p) => p.queue_claim(id, until, keep, now),
         };
         let answer = reply
             .await

@@ -231,6 +231,11 @@ CREATE INDEX idx_auth_session_created ON user_auth_sessions (created_at DESC);
 /// it does).
 pub const UNDO_STEPS: &[(i32, &str)] = &[
     (
+        8,
+        "ALTER TABLE ls_seen_events DROP COLUMN held_until;
+         ALTER TABLE ls_seen_events RESET (fillfactor);",
+    ),
+    (
         7,
         "ALTER TABLE ls_instances DROP COLUMN key_ids, DROP COLUMN active_key;",
     ),

@@ -2,7 +2,8 @@
 //! ([`PgStore::settle_events`]) gathered from every dispatcher of one store and decided in one
 //! statement, one round trip and one commit per batch.
 //!
-//! A claim is queued (id, until, now, a one-shot reply) and the caller awaits the reply, so
+//! A claim is queued (id, until, the record's time, now, a one-shot reply) and the caller
+//! awaits the reply, so
 //! the async task that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
 //! the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
 //! the batch that carried it has committed: a settle returns once its records are durable, as
@@ -45,38 +46,47 @@ pub(crate) const MAX_BATCH: usize = 256;
 /// The answer to one queued claim: as [`PgStore::claim_event`]'s.
 pub type ClaimReply = oneshot::Receiver<Result<Option<u64>>>;
 
-/// One batch's statement. `$1`, `$2`: the claimed ids (distinct, sorted) and their untils;
-/// `$3`: now; `$4`, `$5`: the settled ids (distinct, sorted, none of them claimed in this
-/// batch) and their times. The settles become records (an upsert keeping the later time);
-/// a claim wins when its id is free at `$3` (never seen, or its claim or record lapsed). The
+/// One batch's statement. `$1`, `$2`, `$6`: the claimed ids (distinct, sorted), their untils
+/// and their records' times; `$3`: now; `$4`, `$5`: the settled ids (distinct, sorted, none of
+/// them claimed in this batch) and their times. A claim wins when its id is free at `$3`
+/// (never seen, or its claim or record lapsed): its row is held until `held_until` and carries
+/// its record's time as `forget_at` already. The settles become records (an upsert): a claim
+/// made with its record's time keeps it, so becoming a record changes `held_until` alone, no
+/// indexed column, and PostgreSQL updates the row in place (HOT: no index entry written, where
+/// moving `forget_at` wrote two); any other row keeps the later time. The
 /// held ids' times are read by the same statement (its snapshot: an id held by a claim that
 /// committed while it ran is read again after it, see `round`), one primary-key lookup per
 /// held id: a subquery, not a join, since the batcher's statement is prepared once and its
 /// generic plan, costed when the table was small, joined by scanning the whole table (every
 /// batch read every row: 14 ms a batch at 96 000 rows).
 const ROUND: &str = "WITH req AS (
-        SELECT * FROM unnest($1::text[], $2::bigint[]) AS r(id, until)),
+        SELECT * FROM unnest($1::text[], $2::bigint[], $6::bigint[]) AS r(id, until, keep)),
      settled AS (
         INSERT INTO ls_seen_events AS e (id, forget_at)
         SELECT id, at FROM unnest($4::text[], $5::bigint[]) AS s(id, at) ORDER BY id COLLATE \"C\"
-        ON CONFLICT (id) DO UPDATE SET forget_at = GREATEST(e.forget_at, EXCLUDED.forget_at)),
+        ON CONFLICT (id) DO UPDATE SET held_until = NULL,
+           forget_at = CASE WHEN e.held_until < e.forget_at THEN e.forget_at
+                            ELSE GREATEST(e.forget_at, EXCLUDED.forget_at) END),
      won AS (
-        INSERT INTO ls_seen_events AS e (id, forget_at)
-        SELECT id, until FROM req ORDER BY id COLLATE \"C\"
-        ON CONFLICT (id) DO UPDATE SET forget_at = EXCLUDED.forget_at
-           WHERE e.forget_at <= $3
+        INSERT INTO ls_seen_events AS e (id, forget_at, held_until)
+        SELECT id, keep, until FROM req ORDER BY id COLLATE \"C\"
+        ON CONFLICT (id) DO UPDATE
+           SET forget_at = EXCLUDED.forget_at, held_until = EXCLUDED.held_until
+           WHERE COALESCE(e.held_until, e.forget_at) <= $3
         RETURNING e.id)
      SELECT r.id, w.id IS NOT NULL,
             CASE WHEN w.id IS NULL
-                 THEN (SELECT s.forget_at FROM ls_seen_events AS s WHERE s.id = r.id) END
+                 THEN (SELECT COALESCE(s.held_until, s.forget_at)
+                       FROM ls_seen_events AS s WHERE s.id = r.id) END
      FROM req AS r
      LEFT JOIN won AS w ON w.id = r.id";
 
-const ROUND_TYPES: [Type; 5] = [
+const ROUND_TYPES: [Type; 6] = [
     Type::TEXT_ARRAY,
     Type::INT8_ARRAY,
     Type::INT8,
     Type::TEXT_ARRAY,
+    Type::INT8_ARRAY,
     Type::INT8_ARRAY,
 ];
 
@@ -84,6 +94,8 @@ pub(super) enum Request {
     Claim {
         id: String,
         until: u64,
+        /// The record's time were the claim won and its handler succeeded.
+        keep: u64,
         now: u64,
         reply: oneshot::Sender<Result<Option<u64>>>,
     },
@@ -129,7 +141,8 @@ type ClaimTx = oneshot::Sender<Result<Option<u64>>>;
 /// What one batch holds.
 #[derive(Default)]
 struct Batch {
-    claims: Vec<(String, u64, u64, ClaimTx)>,
+    /// (id, until, the record's time, now, where the answer goes).
+    claims: Vec<(String, u64, u64, u64, ClaimTx)>,
     settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
 }
 
@@ -141,7 +154,7 @@ impl Batch {
         match answers {
             Ok(answers) => {
                 for (r, a) in self.claims.into_iter().zip(answers) {
-                    let _ = r.3.send(Ok(a));
+                    let _ = r.4.send(Ok(a));
                 }
                 for s in self.settles {
                     let _ = s.2.send(Ok(()));
@@ -149,7 +162,7 @@ impl Batch {
             }
             Err(e) => {
                 for r in self.claims {
-                    let _ = r.3.send(Err(again(&e)));
+                    let _ = r.4.send(Err(again(&e)));
                 }
                 for s in self.settles {
                     let _ = s.2.send(Err(again(&e)));
@@ -163,9 +176,10 @@ impl Batch {
             Request::Claim {
                 id,
                 until,
+                keep,
                 now,
                 reply,
-            } => self.claims.push((id, until, now, reply)),
+            } => self.claims.push((id, until, keep, now, reply)),
             Request::Settle {
                 ids,
                 forget_at,
@@ -253,8 +267,12 @@ fn again(e: &Error) -> Error {
 /// `now` (a claim lapsed by then is free for every asker; a later `now` would free a claim
 /// some asker still saw held), its settles committed with them.
 async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Option<u64>>> {
-    let claims: Vec<(&str, u64)> = batch.claims.iter().map(|r| (r.0.as_str(), r.1)).collect();
-    let now = batch.claims.iter().map(|r| r.2).min().unwrap_or(0);
+    let claims: Vec<(&str, u64, u64)> = batch
+        .claims
+        .iter()
+        .map(|r| (r.0.as_str(), r.1, r.2))
+        .collect();
+    let now = batch.claims.iter().map(|r| r.3).min().unwrap_or(0);
     let settles: Vec<(&str, u64)> = batch
         .settles
         .iter()
@@ -281,8 +299,11 @@ async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Optio
         .await
 }
 
-/// Distinct claims and settles, sorted by id, as [`ROUND`] takes them.
+/// Distinct settles, sorted by id, as [`ROUND`] takes them: ids and times.
 type Sorted = (Vec<String>, Vec<i64>);
+
+/// Distinct claims, sorted by id, as [`ROUND`] takes them: ids, untils and records' times.
+type SortedClaims = (Vec<String>, Vec<i64>, Vec<i64>);
 
 /// Runs [`ROUND`] on `c` (prepared as `stmt`, or sent with its types when `None`): the
 /// claims' answers by id (`None`: won; `Some(t)`: held until `t`, `0` when the row went
@@ -290,11 +311,13 @@ type Sorted = (Vec<String>, Vec<i64>);
 async fn round(
     c: &Client,
     stmt: Option<&Statement>,
-    claims: &Sorted,
+    claims: &SortedClaims,
     settles: &Sorted,
     now: i64,
 ) -> Result<HashMap<String, Option<u64>>> {
-    let params: [&(dyn ToSql + Sync); 5] = [&claims.0, &claims.1, &now, &settles.0, &settles.1];
+    let params: [&(dyn ToSql + Sync); 6] = [
+        &claims.0, &claims.1, &now, &settles.0, &settles.1, &claims.2,
+    ];
     let rows = match stmt {
         Some(s) => c.query(s, &params).await,
         None => {
@@ -323,7 +346,8 @@ async fn round(
     if !unseen.is_empty() {
         let rows = c
             .query(
-                "SELECT id, forget_at FROM ls_seen_events WHERE id = ANY($1::text[])",
+                "SELECT id, COALESCE(held_until, forget_at) FROM ls_seen_events
+                 WHERE id = ANY($1::text[])",
                 &[&unseen],
             )
             .await
@@ -344,14 +368,24 @@ async fn round(
     Ok(decided)
 }
 
+/// Claims made without a record's time: their row carries `until` as its `forget_at` too, and
+/// a settle of one sets the settle's time (as `claim_event`'s).
+fn held_as_recorded<'a>(claims: &[(&'a str, u64)]) -> Vec<(&'a str, u64, u64)> {
+    claims
+        .iter()
+        .map(|(id, until)| (*id, *until, *until))
+        .collect()
+}
+
 impl PgStore {
     /// Decides `claims` (id, until) as of `now` in one statement, each answered as
     /// [`PgStore::claim_event`] answers, in the order given. An id asked more than once is
     /// decided for its first asker; a later one finds it held by what the first found, or by
     /// the first's claim when it won (`Some(its until)`): one claim per id wins.
     pub fn claim_batch(&self, claims: &[(&str, u64)], now: u64) -> Result<Vec<Option<u64>>> {
+        let claims = held_as_recorded(claims);
         block_on(
-            self.claim_and_settle(claims, &[], now, async |claims, settles, now| {
+            self.claim_and_settle(&claims, &[], now, async |claims, settles, now| {
                 self.with(async |c| round(c, None, claims, settles, now).await)
             }),
         )
@@ -367,8 +401,9 @@ impl PgStore {
         claims: &[(&str, u64)],
         now: u64,
     ) -> Result<Vec<Option<u64>>> {
+        let claims = held_as_recorded(claims);
         block_on(
-            self.claim_and_settle(claims, settles, now, async |claims, settles, now| {
+            self.claim_and_settle(&claims, settles, now, async |claims, settles, now| {
                 self.with(async |c| round(c, None, claims, settles, now).await)
             }),
         )
@@ -379,15 +414,16 @@ impl PgStore {
     /// finds it recorded. `exec` runs [`ROUND`] (through the pool, or the batcher's line).
     async fn claim_and_settle(
         &self,
-        claims: &[(&str, u64)],
+        claims: &[(&str, u64, u64)],
         settles: &[(&str, u64)],
         now: u64,
-        exec: impl AsyncFnOnce(&Sorted, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
+        exec: impl AsyncFnOnce(&SortedClaims, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
     ) -> Result<Vec<Option<u64>>> {
-        if let Some((bad, _)) = claims
+        if let Some(bad) = claims
             .iter()
-            .chain(settles)
-            .find(|(id, _)| !valid_event_key(id))
+            .map(|c| c.0)
+            .chain(settles.iter().map(|s| s.0))
+            .find(|id| !valid_event_key(id))
         {
             return Err(Error::Invalid(format!(
                 "event id of {} bytes cannot be claimed or recorded",
@@ -400,14 +436,14 @@ impl PgStore {
             *t = (*t).max(*at);
         }
         let mut first: HashMap<&str, u64> = HashMap::with_capacity(claims.len());
-        let mut distinct: Vec<(&str, u64)> = Vec::with_capacity(claims.len());
-        for (id, until) in claims {
+        let mut distinct: Vec<(&str, u64, u64)> = Vec::with_capacity(claims.len());
+        for (id, until, keep) in claims {
             // The first asker's until is the one claimed with; an id settled by this batch is
             // not claimed (it is answered with its record's time).
             if let Entry::Vacant(v) = first.entry(id) {
                 v.insert(*until);
                 if !settled.contains_key(id) {
-                    distinct.push((id, *until));
+                    distinct.push((id, *until, (*keep).max(*until)));
                 }
             }
         }
@@ -416,9 +452,10 @@ impl PgStore {
         distinct.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut settled_sorted: Vec<(&str, u64)> = settled.iter().map(|(k, v)| (*k, *v)).collect();
         settled_sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let c: Sorted = (
-            distinct.iter().map(|(id, _)| (*id).to_owned()).collect(),
-            distinct.iter().map(|(_, u)| db_time(*u)).collect(),
+        let c: SortedClaims = (
+            distinct.iter().map(|c| c.0.to_owned()).collect(),
+            distinct.iter().map(|c| db_time(c.1)).collect(),
+            distinct.iter().map(|c| db_time(c.2)).collect(),
         );
         let s: Sorted = (
             settled_sorted
@@ -435,7 +472,7 @@ impl PgStore {
         let mut answered: HashSet<&str> = HashSet::with_capacity(first.len());
         claims
             .iter()
-            .map(|(id, _)| {
+            .map(|(id, _, _)| {
                 let d = match settled.get(id) {
                     Some(t) => Some(*t),
                     None => decided.get(*id).copied().ok_or_else(|| {
@@ -462,13 +499,14 @@ impl PgStore {
             let tx = c.transaction().await.map_err(|e| pg_err(&e))?;
             tx.batch_execute(&format!(
                 "SET LOCAL plan_cache_mode = force_generic_plan;
-                 PREPARE lark_claim_round(text[], bigint[], bigint, text[], bigint[]) AS {ROUND}"
+                 PREPARE lark_claim_round(text[], bigint[], bigint, text[], bigint[], bigint[])
+                 AS {ROUND}"
             ))
             .await
             .map_err(|e| pg_err(&e))?;
             let rows = tx
                 .query(
-                    "EXPLAIN EXECUTE lark_claim_round('{}', '{}', 0, '{}', '{}')",
+                    "EXPLAIN EXECUTE lark_claim_round('{}', '{}', 0, '{}', '{}', '{}')",
                     &[],
                 )
                 .await
@@ -485,8 +523,11 @@ impl PgStore {
     }
 
     /// Queues a claim of `id` until `until` (as of `now`) for the batcher; the reply says what
-    /// [`PgStore::claim_event`] would. An id that cannot be claimed is answered at once.
-    pub fn queue_claim(&self, id: &str, until: u64, now: u64) -> ClaimReply {
+    /// [`PgStore::claim_event`] would. `keep`: the time its record would be kept until, were
+    /// it settled (the claim's row carries it already, so settling it is an update in place);
+    /// a settle of the id keeps this time rather than its own. An id that cannot be claimed
+    /// is answered at once.
+    pub fn queue_claim(&self, id: &str, until: u64, keep: u64, now: u64) -> ClaimReply {
         let (reply, rx) = oneshot::channel();
         if !valid_event_key(id) {
             let _ = reply.send(Err(Error::Invalid(format!(
@@ -498,6 +539,7 @@ impl PgStore {
         let req = Request::Claim {
             id: id.to_owned(),
             until,
+            keep,
             now,
             reply,
         };

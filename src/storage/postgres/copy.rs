@@ -660,7 +660,13 @@ pub(crate) fn copy_snapshot(
     )?
     .map(|r| r.and_then(|row| user(&row)));
     pump("users", rows, &mut |b| write_redb_users(dst, &b), progress)?;
-    let rows = Pages::new(tx, "SELECT id, forget_at FROM ls_seen_events")?.map(|r| {
+    // A claim is copied as held until its claim's end (as a record of that time), not its
+    // record's: its handler may not have succeeded.
+    let rows = Pages::new(
+        tx,
+        "SELECT id, COALESCE(held_until, forget_at) FROM ls_seen_events",
+    )?
+    .map(|r| {
         r.and_then(|row| {
             let id: String = row.try_get(0).map_err(|e| pg_err(&e))?;
             let at: i64 = row.try_get(1).map_err(|e| pg_err(&e))?;

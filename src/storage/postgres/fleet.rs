@@ -52,9 +52,10 @@ impl PgStore {
         self.with(async |c| {
             let row = c
                 .query_opt(
-                    "INSERT INTO ls_seen_events AS e (id, forget_at) VALUES ($1, $2)
-                     ON CONFLICT (id) DO UPDATE SET forget_at = EXCLUDED.forget_at
-                        WHERE e.forget_at <= $3
+                    "INSERT INTO ls_seen_events AS e (id, forget_at, held_until) VALUES ($1, $2, $2)
+                     ON CONFLICT (id) DO UPDATE
+                        SET forget_at = EXCLUDED.forget_at, held_until = EXCLUDED.held_until
+                        WHERE COALESCE(e.held_until, e.forget_at) <= $3
                      RETURNING id",
                     &[&id, &db_time(until), &db_time(now)],
                 )
@@ -64,7 +65,10 @@ impl PgStore {
                 return Ok(None);
             }
             let held = c
-                .query_opt("SELECT forget_at FROM ls_seen_events WHERE id = $1", &[&id])
+                .query_opt(
+                    "SELECT COALESCE(held_until, forget_at) FROM ls_seen_events WHERE id = $1",
+                    &[&id],
+                )
                 .await
                 .map_err(|e| pg_err(&e))?;
             let t = match held {
@@ -76,8 +80,9 @@ impl PgStore {
     }
 
     /// Records ids (their handlers succeeded) as seen until `forget_at`, claimed or not: a
-    /// claim becomes a record, an id already recorded keeps the later time. Returns once the
-    /// records are committed.
+    /// claim becomes a record (one queued with its record's time keeps that time, see
+    /// [`PgStore::queue_claim`]), an id already recorded keeps the later time. Returns once
+    /// the records are committed.
     pub(crate) fn settle_events(&self, ids: &[&str], forget_at: u64) -> Result<()> {
         // Carried by the claim batcher's next round trip: one commit for the claims and the
         // settles of a batch (`claims`).
@@ -92,7 +97,8 @@ impl PgStore {
         let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
         self.with(async |c| {
             c.execute(
-                "DELETE FROM ls_seen_events WHERE id = ANY($1::text[]) AND forget_at = $2",
+                "DELETE FROM ls_seen_events
+                 WHERE id = ANY($1::text[]) AND COALESCE(held_until, forget_at) = $2",
                 &[&ids, &db_time(until)],
             )
             .await
