@@ -1001,8 +1001,8 @@ fn a_schema_1_database_is_migrated_in_place() {
     );
 }
 
-/// A database at schema 7 (before a claim held its id by `held_until`) keeps what its seen
-/// ids meant: a claim (its row's `forget_at` its end) holds until then and is free after, a
+/// A database at schema 7 (before a claim held its id by `held_until`, and before its ids
+/// compared bytewise) keeps what its seen ids meant: a claim (its row's `forget_at` its end) holds until then and is free after, a
 /// record holds until its time, and its holder's release still lets the claim go.
 #[test]
 fn a_schema_7_databases_claims_and_records_hold_as_before() {
@@ -1022,6 +1022,15 @@ fn a_schema_7_databases_claims_and_records_hold_as_before() {
     );
     let pg = server.open(&url);
     assert_eq!(pg.schema_version().unwrap(), SCHEMA_VERSION);
+    // The ids compare bytewise now.
+    assert_eq!(
+        sql(
+            &url,
+            "SELECT collation_name FROM information_schema.columns
+             WHERE table_name = 'ls_seen_events' AND column_name = 'id'"
+        ),
+        [[Some("C".to_owned())]]
+    );
     let db: Db = pg.into();
     assert_eq!(
         db.claim_event("claimed", now + 40_000, now).unwrap(),

@@ -233,7 +233,8 @@ pub const UNDO_STEPS: &[(i32, &str)] = &[
     (
         8,
         "ALTER TABLE ls_seen_events DROP COLUMN held_until;
-         ALTER TABLE ls_seen_events RESET (fillfactor);",
+         ALTER TABLE ls_seen_events RESET (fillfactor);
+         ALTER TABLE ls_seen_events ALTER COLUMN id TYPE text COLLATE \"default\";",
     ),
     (
         7,
