@@ -171,6 +171,42 @@ enum Claim {
     Undecided,
 }
 
+impl Claim {
+    /// How a delivery is answered when one of its keys (`what`: its event or its message)
+    /// was claimed this way; counted and logged. Never asked of [`Claim::Mine`] (which would
+    /// be answered as failed: the platform delivers again).
+    fn refusal(self, what: &str) -> Outcome {
+        let m = crate::metrics::get();
+        match self {
+            Claim::Mine | Claim::Undecided => Outcome::Failed,
+            Claim::Seen => {
+                m.events_deduplicated.inc();
+                debug!(
+                    key = what,
+                    "Duplicate ignored (this event or message was handled)."
+                );
+                Outcome::Duplicate
+            }
+            Claim::InFlight => {
+                m.events_in_flight.inc();
+                debug!(
+                    key = what,
+                    "Still being handled here; asking the platform to redeliver."
+                );
+                Outcome::Failed
+            }
+            Claim::Elsewhere => {
+                m.events_claimed_elsewhere.inc();
+                debug!(
+                    key = what,
+                    "Another instance is handling it; asking the platform to redeliver."
+                );
+                Outcome::Failed
+            }
+        }
+    }
+}
+
 /// What memory alone says of a delivery (see [`Recent::claim`]).
 enum Memory {
     New,
@@ -571,50 +607,33 @@ impl Dispatcher {
             // One answer deadline for the whole delivery: waiting on a claim and on the handler
             // together never holds its ACK past it.
             let deadline = tokio::time::Instant::now() + self.inner.cfg.ack_deadline;
-            match self.claim(&keys[0], until, now, deadline).await {
-                Claim::Mine => {}
-                Claim::Seen => {
-                    m.events_deduplicated.inc();
-                    debug!("Duplicate event ignored.");
-                    return Outcome::Duplicate;
+            // Both keys at once: on PostgreSQL one batch decides them, not two one after the
+            // other. The event id's answer counts first; a key won beside a refused one is
+            // let go again.
+            let (by_event, by_message) = match keys.get(1) {
+                None => (
+                    self.claim(&keys[0], until, now, deadline).await,
+                    Claim::Mine,
+                ),
+                Some(k) => {
+                    futures_util::future::join(
+                        self.claim(&keys[0], until, now, deadline),
+                        self.claim(k, until, now, deadline),
+                    )
+                    .await
                 }
-                Claim::InFlight => {
-                    m.events_in_flight.inc();
-                    debug!("This event is still being handled here; asking the platform to redeliver.");
-                    return Outcome::Failed;
+            };
+            match (by_event, by_message) {
+                (Claim::Mine, Claim::Mine) => {}
+                (Claim::Mine, refused) => {
+                    self.release(&keys[..1], until);
+                    return refused.refusal("message");
                 }
-                Claim::Elsewhere => {
-                    m.events_claimed_elsewhere.inc();
-                    debug!("Another instance is handling this event; asking the platform to redeliver.");
-                    return Outcome::Failed;
-                }
-                Claim::Undecided => return Outcome::Failed,
-            }
-            if let Some(k) = keys.get(1) {
-                match self.claim(k, until, now, deadline).await {
-                    Claim::Mine => {}
-                    Claim::Seen => {
-                        self.release(&keys[..1], until);
-                        m.events_deduplicated.inc();
-                        debug!("Redelivered message ignored (same message_id, new event_id).");
-                        return Outcome::Duplicate;
+                (refused, by_message) => {
+                    if matches!(by_message, Claim::Mine) && keys.len() > 1 {
+                        self.release(&keys[1..], until);
                     }
-                    Claim::InFlight => {
-                        self.release(&keys[..1], until);
-                        m.events_in_flight.inc();
-                        debug!("This message is still being handled here; asking the platform to redeliver.");
-                        return Outcome::Failed;
-                    }
-                    Claim::Elsewhere => {
-                        self.release(&keys[..1], until);
-                        m.events_claimed_elsewhere.inc();
-                        debug!("Another instance is handling this message; asking the platform to redeliver.");
-                        return Outcome::Failed;
-                    }
-                    Claim::Undecided => {
-                        self.release(&keys[..1], until);
-                        return Outcome::Failed;
-                    }
+                    return refused.refusal("event");
                 }
             }
             let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
@@ -1809,10 +1828,23 @@ mod tests {
                     .await,
                 Outcome::Handled(HandlerReply::Done)
             );
+            // Both keys are claimed at once: a handled event id with a new message is a
+            // duplicate, and its message id, claimed beside it, is let go again (a later event
+            // carrying that message is handled, not kept waiting on a claim nobody holds).
+            assert_eq!(
+                d.dispatch(message("ev-a", "om_4"), EventSource::WebSocket)
+                    .await,
+                Outcome::Duplicate
+            );
+            assert_eq!(
+                d.dispatch(message("ev-d", "om_4"), EventSource::WebSocket)
+                    .await,
+                Outcome::Handled(HandlerReply::Done)
+            );
             d.flush().await;
             d.close().await;
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
         let store = store_at(&path);
         let d = Dispatcher::new(store, DispatchConfig::default(), &Supervisor::default());
         d.set_handler(counting(calls.clone(), 0));
@@ -1821,7 +1853,7 @@ mod tests {
                 .await,
             Outcome::Duplicate
         );
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
