@@ -177,33 +177,27 @@ impl Claim {
     /// be answered as failed: the platform delivers again).
     fn refusal(self, what: &str) -> Outcome {
         let m = crate::metrics::get();
-        match self {
-            Claim::Mine | Claim::Undecided => Outcome::Failed,
-            Claim::Seen => {
-                m.events_deduplicated.inc();
-                debug!(
-                    key = what,
-                    "Duplicate ignored (this event or message was handled)."
-                );
-                Outcome::Duplicate
-            }
-            Claim::InFlight => {
-                m.events_in_flight.inc();
-                debug!(
-                    key = what,
-                    "Still being handled here; asking the platform to redeliver."
-                );
-                Outcome::Failed
-            }
-            Claim::Elsewhere => {
-                m.events_claimed_elsewhere.inc();
-                debug!(
-                    key = what,
-                    "Another instance is handling it; asking the platform to redeliver."
-                );
-                Outcome::Failed
-            }
-        }
+        let (counted, why, outcome) = match self {
+            Claim::Mine | Claim::Undecided => return Outcome::Failed,
+            Claim::Seen => (
+                &m.events_deduplicated,
+                "Duplicate ignored (this event or message was handled).",
+                Outcome::Duplicate,
+            ),
+            Claim::InFlight => (
+                &m.events_in_flight,
+                "Still being handled here; asking the platform to redeliver.",
+                Outcome::Failed,
+            ),
+            Claim::Elsewhere => (
+                &m.events_claimed_elsewhere,
+                "Another instance is handling it; asking the platform to redeliver.",
+                Outcome::Failed,
+            ),
+        };
+        counted.inc();
+        debug!(key = what, "{why}");
+        outcome
     }
 }
 
@@ -611,26 +605,24 @@ impl Dispatcher {
             // other. The event id's answer counts first; a key won beside a refused one is
             // let go again.
             let (by_event, by_message) = match keys.get(1) {
-                None => (
-                    self.claim(&keys[0], until, now, deadline).await,
-                    Claim::Mine,
-                ),
+                None => (self.claim(&keys[0], until, now, deadline).await, None),
                 Some(k) => {
-                    futures_util::future::join(
+                    let (e, m) = futures_util::future::join(
                         self.claim(&keys[0], until, now, deadline),
                         self.claim(k, until, now, deadline),
                     )
-                    .await
+                    .await;
+                    (e, Some(m))
                 }
             };
             match (by_event, by_message) {
-                (Claim::Mine, Claim::Mine) => {}
-                (Claim::Mine, refused) => {
+                (Claim::Mine, None | Some(Claim::Mine)) => {}
+                (Claim::Mine, Some(refused)) => {
                     self.release(&keys[..1], until);
                     return refused.refusal("message");
                 }
                 (refused, by_message) => {
-                    if matches!(by_message, Claim::Mine) && keys.len() > 1 {
+                    if let Some(Claim::Mine) = by_message {
                         self.release(&keys[1..], until);
                     }
                     return refused.refusal("event");
