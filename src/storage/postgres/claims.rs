@@ -3,9 +3,8 @@
 //! statement, one round trip and one commit per batch.
 //!
 //! A claim is queued (id, until, the record's time, now, a one-shot reply) and the caller
-//! awaits the reply, so
-//! the async task that asked never blocks on PostgreSQL. A settle (ids, forget_at) is queued
-//! the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
+//! awaits the reply, so the async task that asked never blocks on PostgreSQL. A settle (ids,
+//! forget_at) is queued the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
 //! the batch that carried it has committed: a settle returns once its records are durable, as
 //! before. One task per store (started on the first claim or settle, on the store's runtime)
 //! takes what is queued, up to [`MAX_BATCH`] claims and every settle queued meanwhile, and

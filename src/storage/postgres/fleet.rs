@@ -49,34 +49,11 @@ impl PgStore {
                 id.len()
             )));
         }
-        self.with(async |c| {
-            let row = c
-                .query_opt(
-                    "INSERT INTO ls_seen_events AS e (id, forget_at, held_until) VALUES ($1, $2, $2)
-                     ON CONFLICT (id) DO UPDATE
-                        SET forget_at = EXCLUDED.forget_at, held_until = EXCLUDED.held_until
-                        WHERE COALESCE(e.held_until, e.forget_at) <= $3
-                     RETURNING id",
-                    &[&id, &db_time(until), &db_time(now)],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            if row.is_some() {
-                return Ok(None);
-            }
-            let held = c
-                .query_opt(
-                    "SELECT COALESCE(held_until, forget_at) FROM ls_seen_events WHERE id = $1",
-                    &[&id],
-                )
-                .await
-                .map_err(|e| pg_err(&e))?;
-            let t = match held {
-                Some(r) => r.try_get::<_, i64>(0).map_err(|e| pg_err(&e))?,
-                None => 0,
-            };
-            Ok(Some(u64::try_from(t).unwrap_or(0)))
-        })
+        // The claim batcher's statement decides it (through the pool): one definition of
+        // when an id is free and what holds it.
+        self.claim_batch(&[(id, until)], now)?
+            .pop()
+            .ok_or_else(|| Error::Engine("the claim went unanswered".to_owned()))
     }
 
     /// Records ids (their handlers succeeded) as seen until `forget_at`, claimed or not: a
