@@ -346,16 +346,9 @@ fn loadavg() -> String {
 /// Why the PostgreSQL rows cannot run here, if they cannot: the server binaries
 /// `tests/common/pg.rs` starts are missing.
 fn postgres_missing() -> Option<String> {
-    let installed = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| e.path().join("bin/initdb").exists())
-        || Command::new("sh")
-            .args(["-c", "command -v initdb"])
-            .output()
-            .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
-    (!installed).then(|| "PostgreSQL not installed (`apt-get install postgresql`)".to_owned())
+    pg::server_bin()
+        .is_none()
+        .then(|| "PostgreSQL not installed (`apt-get install postgresql`)".to_owned())
 }
 
 fn free_port() -> u16 {

@@ -1,18 +1,21 @@
 //! Long-connection benchmark: lark-service against the official Python and Node SDK clients.
 //!
-//! One sandbox in this process serves four clients in turn, each a separate OS process on the
+//! One sandbox in this process serves five clients in turn, each a separate OS process on the
 //! same machine: the ceiling — a minimal client that only decodes frames, reassembles
 //! fragments and ACKs (no store, no de-duplication, no handler; this bench executable started
-//! again with `LONGCONN_BENCH_RAW_CLIENT`, built from the service's own codec) —, lark-service (this build's release binary, `serve`, configured from the
-//! environment, a temporary store, its durable de-duplication on), the official Python client
-//! (`lark_oapi.ws.Client`, `bench/sdk/python_client.py`) and the official Node client
-//! (`WSClient`, `bench/sdk/node/client.js`), the SDKs with a no-op handler. For each, the sandbox
-//! pushes a warm-up, then N events of about 1 KiB (every 10th in 2 fragments) keeping at most
-//! 64 unacknowledged, and records when each ACK arrives. This repeats for a few rounds, each
-//! client in turn and in a fresh process, so that load coming and going on the machine falls on
-//! all of them alike. Printed, as medians over the rounds: events/s, ACK latency p50/p99 as the
-//! sandbox sees it (push to ACK), the client's CPU time over the N events; its peak RSS
-//! (VmHWM); where the machine's CPU went in each round; the ratios.
+//! again with `LONGCONN_BENCH_RAW_CLIENT`, built from the service's own codec) —, lark-service
+//! (this build's release binary, `serve`, configured from the environment, a temporary store,
+//! its durable de-duplication on), lark-service again with PostgreSQL as its store (one
+//! instance; a throw-away server started by this bench, a new database each round), the
+//! official Python client (`lark_oapi.ws.Client`, `bench/sdk/python_client.py`) and the
+//! official Node client (`WSClient`, `bench/sdk/node/client.js`), the SDKs with a no-op
+//! handler. For each, the sandbox pushes a warm-up, then N events of about 1 KiB (every 10th in
+//! 2 fragments) keeping at most 64 unacknowledged, and records when each ACK arrives. This
+//! repeats for a few rounds, each client in turn and in a fresh process, so that load coming
+//! and going on the machine falls on all of them alike. Printed, as medians over the rounds:
+//! events/s, ACK latency p50/p99 as the sandbox sees it (push to ACK), the client's CPU time
+//! over the N events; its peak RSS (VmHWM); where the machine's CPU went in each round
+//! (PostgreSQL's server under "other processes"); the ratios.
 //!
 //! `cargo bench --bench longconn`; `bench/sdk/setup.sh` prints the two variables it needs for
 //! the SDK rows:
@@ -22,17 +25,21 @@
 //! - `LONGCONN_BENCH_SERVICE_BIN`: run this lark-service binary instead of this build's (to
 //!   compare two builds);
 //! - `LONGCONN_BENCH_ONLY`: run only the clients whose row name contains this text (`raw`,
-//!   `lark-service`…);
+//!   `lark-service`, `PostgreSQL`…);
 //! - `LONGCONN_BENCH_EVENTS` (default 20 000), `LONGCONN_BENCH_WARMUP` (default 500),
 //!   `LONGCONN_BENCH_ROUNDS` (default 5: on 2 shared cores one round of any client can run
 //!   20–30 % off its neighbours, and the median of five moves less than that of three).
 //!
-//! A client whose variable is not set gets a "not run" row. A client that does not connect,
+//! A client whose variable is not set gets a "not run" row, as does the PostgreSQL row without
+//! PostgreSQL's server binaries (`apt-get install postgresql`). A client that does not connect,
 //! exits, ACKs with a code other than 200 or stops ACKing is reported with the tail of its
 //! output, the other clients still run, and the bench exits with status 1 at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
 
+#[allow(dead_code)]
+#[path = "../tests/common/pg.rs"]
+mod pg;
 #[path = "common/push.rs"]
 mod push;
 
@@ -146,13 +153,15 @@ fn main() {
     let base = sandbox.base_url();
     let work = tempfile::tempdir().unwrap();
 
+    let only = std::env::var("LONGCONN_BENCH_ONLY").ok();
     let mut clients = [
         raw_ceiling_client(&base),
         lark_service_client(&base, work.path()),
+        lark_service_pg_client(&base, work.path(), only.as_deref()),
         python_client(&base),
         node_client(&base),
     ];
-    if let Ok(only) = std::env::var("LONGCONN_BENCH_ONLY") {
+    if let Some(only) = &only {
         for spec in &mut clients {
             if spec.launch.is_ok() && !spec.name.contains(only.as_str()) {
                 spec.launch = Err(Skip::NotRun(format!("LONGCONN_BENCH_ONLY={only}")));
@@ -254,7 +263,7 @@ fn main() {
             ),
         }
     }
-    for (short, b) in ["Python", "Node"].iter().zip(&summaries[2..]) {
+    for (short, b) in ["Python", "Node"].iter().zip(&summaries[3..]) {
         match (&summaries[1], b) {
             (Some(a), Some(b)) => println!(
                 "- lark-service / {short} events/s = {:.1}×, p99 = {:.2}× ({} vs {}), CPU = {:.2}×, peak RSS = {:.2}×",
@@ -374,30 +383,75 @@ fn lark_service_client(base: &str, work: &Path) -> ClientSpec {
     let (base, work) = (base.to_owned(), work.to_owned());
     let launch = move |round: usize| {
         let dir = work.join(format!("lark-service-{round}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        // Another build of the service (to compare two builds in one run), or this one.
-        let bin = std::env::var_os("LONGCONN_BENCH_SERVICE_BIN").unwrap_or_else(|| BIN.into());
-        let mut c = Command::new(bin);
-        c.current_dir(&dir)
-            .env_clear()
-            .env("APP_ID", APP_ID)
-            .env("APP_SECRET", APP_SECRET)
-            .env("LARK_DOMAIN", &base)
-            .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
-            .env("STORAGE_PATH", dir.join("s.redb"))
-            .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
-            // A real app needs a redirect URI (no OAuth happens in this bench).
-            .env("PUBLIC_URL", "https://lark-service.example")
-            .env("ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
-            .env("PROMETHEUS_PORT", "0")
-            .env("LOG_LEVEL", "warn")
-            .arg("serve");
+        let mut c = service_command(&base, &dir);
+        c.env("STORAGE_PATH", dir.join("s.redb"));
         c
     };
     ClientSpec {
         name: "lark-service (this build, release)".into(),
         launch: Ok(Box::new(launch)),
     }
+}
+
+/// The service again, its durable de-duplication in PostgreSQL (the fleet's store: every
+/// event id claimed in the database before its handler runs, through the claim batcher) rather
+/// than redb: one throw-away server for the bench (Debian's binaries, `tests/common/pg.rs`;
+/// started only when this row runs), a new database each round. PostgreSQL's CPU is counted
+/// under "other processes".
+fn lark_service_pg_client(base: &str, work: &Path, only: Option<&str>) -> ClientSpec {
+    let name = "lark-service on PostgreSQL (this build, release; one instance)".to_owned();
+    if let Some(o) = only.filter(|o| !name.contains(o)) {
+        let why = Skip::NotRun(format!("LONGCONN_BENCH_ONLY={o}"));
+        return ClientSpec {
+            name,
+            launch: Err(why),
+        };
+    }
+    if pg::server_bin().is_none() {
+        let why = Skip::NotRun("PostgreSQL not installed (`apt-get install postgresql`)".into());
+        return ClientSpec {
+            name,
+            launch: Err(why),
+        };
+    }
+    let server = pg::Pg::start();
+    let (base, work) = (base.to_owned(), work.to_owned());
+    let launch = move |round: usize| {
+        let dir = work.join(format!("lark-service-pg-{round}"));
+        let mut c = service_command(&base, &dir);
+        c.env("STORAGE_BACKEND", "postgres")
+            .env("STORAGE_POSTGRES_URL", server.fresh_db())
+            // Never created: the store is PostgreSQL's.
+            .env("STORAGE_PATH", dir.join("must-not-exist.redb"));
+        c
+    };
+    ClientSpec {
+        name,
+        launch: Ok(Box::new(launch)),
+    }
+}
+
+/// This build's service (or `LONGCONN_BENCH_SERVICE_BIN`, to compare two builds in one run),
+/// started as in production: `serve` in `dir` (made here), configured from the environment;
+/// the caller says where its store is.
+fn service_command(base: &str, dir: &Path) -> Command {
+    std::fs::create_dir_all(dir).unwrap();
+    let bin = std::env::var_os("LONGCONN_BENCH_SERVICE_BIN").unwrap_or_else(|| BIN.into());
+    let mut c = Command::new(bin);
+    c.current_dir(dir)
+        .env_clear()
+        .env("APP_ID", APP_ID)
+        .env("APP_SECRET", APP_SECRET)
+        .env("LARK_DOMAIN", base)
+        .env("LARK_TOKEN_ENCRYPTION_KEY", "42".repeat(32))
+        .env("HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        // A real app needs a redirect URI (no OAuth happens in this bench).
+        .env("PUBLIC_URL", "https://lark-service.example")
+        .env("ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("PROMETHEUS_PORT", "0")
+        .env("LOG_LEVEL", "warn")
+        .arg("serve");
+    c
 }
 
 fn python_client(base: &str) -> ClientSpec {

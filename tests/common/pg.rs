@@ -15,7 +15,10 @@ pub struct Pg {
     pub _dir: tempfile::TempDir,
 }
 
-pub fn find_bin() -> PathBuf {
+/// Where PostgreSQL's server binaries (`initdb`, `pg_ctl`) are: the newest
+/// `/usr/lib/postgresql/*/bin` (Debian's layout), else the directory of `initdb` on `PATH`;
+/// `None` when neither has them.
+pub fn server_bin() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -25,21 +28,23 @@ pub fn find_bin() -> PathBuf {
         .collect();
     found.sort();
     if let Some(b) = found.pop() {
-        return b;
+        return Some(b);
     }
-    if let Ok(out) = Command::new("sh")
+    let out = Command::new("sh")
         .args(["-c", "command -v initdb"])
         .output()
-    {
-        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if !p.is_empty() {
-            return Path::new(&p).parent().unwrap().to_owned();
-        }
-    }
-    panic!(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin \
-         or on PATH: install them with `apt-get install -y postgresql` (CI does, in .ci/run)"
-    );
+        .ok()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    (!p.is_empty()).then(|| Path::new(&p).parent().unwrap().to_owned())
+}
+
+pub fn find_bin() -> PathBuf {
+    server_bin().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin \
+             or on PATH: install them with `apt-get install -y postgresql` (CI does, in .ci/run)"
+        )
+    })
 }
 
 impl Pg {
