@@ -618,18 +618,18 @@ impl Dispatcher {
             match (by_event, by_message) {
                 (Claim::Mine, None | Some(Claim::Mine)) => {}
                 (Claim::Mine, Some(refused)) => {
-                    self.release(&keys[..1], until);
+                    self.release(&keys[..1], until, deadline).await;
                     return refused.refusal("message");
                 }
                 (refused, by_message) => {
                     if let Some(Claim::Mine) = by_message {
-                        self.release(&keys[1..], until);
+                        self.release(&keys[1..], until, deadline).await;
                     }
                     return refused.refusal("event");
                 }
             }
             let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
-                self.release(&keys, until);
+                self.release(&keys, until, deadline).await;
                 m.events_overloaded.inc();
                 warn!(
                     limit = self.inner.cfg.max_concurrent_handlers,
@@ -645,7 +645,7 @@ impl Dispatcher {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
             let Some(handler) = handler else {
-                self.release(&keys, until);
+                self.release(&keys, until, deadline).await;
                 warn!("No handler installed yet; asking the platform to redeliver.");
                 return Outcome::Failed;
             };
@@ -663,7 +663,7 @@ impl Dispatcher {
                     match &r {
                         Ok(_) => me.record_seen(ids).await,
                         Err(e) => {
-                            me.release(&ids, until);
+                            me.release(&ids, until, deadline).await;
                             crate::metrics::get().event_handler_failures.inc();
                             warn!(error = %e, "Event handler failed.");
                             if late.load(std::sync::atomic::Ordering::SeqCst) {
@@ -687,7 +687,7 @@ impl Dispatcher {
                 }
                 Ok(Some(Err(_))) => return Outcome::Failed,
                 Err(_) => {
-                    self.release(&keys, until);
+                    self.release(&keys, until, deadline).await;
                     warn!("Event handler panicked.");
                     return Outcome::Failed;
                 }
@@ -701,7 +701,7 @@ impl Dispatcher {
                 }
                 Ok(Ok(Err(_))) => Outcome::Failed,
                 Ok(Err(join)) => {
-                    self.release(&keys, until);
+                    self.release(&keys, until, deadline).await;
                     warn!(error = %join, "Event handler panicked.");
                     Outcome::Failed
                 }
@@ -899,8 +899,10 @@ impl Dispatcher {
 
     /// Lets ids this dispatcher claimed go (their handler failed or never ran), here and in a
     /// shared store (only the claims made until `until`: not one another holder took since),
-    /// so a redelivery is handled wherever it lands.
-    fn release(&self, ids: &[String], until: u64) {
+    /// so a redelivery is handled wherever it lands. Waits for the shared store at most until
+    /// `deadline` (the delivery's answer is not held past it); the release, once asked for,
+    /// is carried out even when nobody waits for it any more.
+    async fn release(&self, ids: &[String], until: u64, deadline: tokio::time::Instant) {
         {
             let mut recent = self
                 .inner
@@ -913,9 +915,17 @@ impl Dispatcher {
         }
         if self.inner.store.is_postgres() {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            if let Err(e) = self.inner.store.release_events(&refs, until) {
-                // The claim lapses on its own (`claim_ttl`); until then redeliveries wait.
-                warn!(error = %e, "Letting claimed event ids go failed.");
+            // Awaited, through the claim batcher: no runtime thread waits on the database.
+            let released = self.inner.store.release_events_queued(&refs, until);
+            match tokio::time::timeout_at(deadline, released).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // The claim lapses on its own (`claim_ttl`); until then redeliveries wait.
+                    warn!(error = %e, "Letting claimed event ids go failed.");
+                }
+                Err(_) => debug!(
+                    "Letting claimed event ids go is still under way at the answer deadline."
+                ),
             }
         }
     }

@@ -1669,6 +1669,133 @@ fn the_claim_batchers_plan_never_reads_the_whole_seen_id_table() {
     assert!(!whole_table(&plan), "on 20 000 ids:\n{plan}");
 }
 
+/// A handler fails, and the dispatcher lets its claim go while another session holds the
+/// claim's row: the release waits on PostgreSQL, and the runtime that ran the dispatcher (one
+/// thread) goes on running its other tasks meanwhile; once the row is free, the release is
+/// done and the event is free to claim.
+#[test]
+fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
+    use lark_service::callbacks::parse_event_payload;
+    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, Handler, Outcome};
+    use lark_service::storage::{Db, EventClaim};
+    use lark_service::workers::Supervisor;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store: Db = server.open(&url).into();
+    let body = serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": "ev-held", "event_type": "im.message.receive_v1", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+        "event": {}
+    });
+    let event = parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap();
+    // The handler waits until the row is locked, then fails.
+    let locked = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = locked.clone();
+    let handler: Handler = Arc::new(move |_cb| {
+        let gate = gate.clone();
+        Box::pin(async move {
+            let _pass = gate.acquire().await.unwrap();
+            Err("boom".into())
+        })
+    });
+    // Ticks while the runtime thread is free.
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ran_while_locked = Arc::new(AtomicBool::new(false));
+
+    // Another session: locks the claim's row once it is there, lets the handler fail, and
+    // keeps the lock until the runtime has ticked on (or 10 s went by).
+    let locker = {
+        let (url, locked, ticks, ran) = (
+            url.clone(),
+            locked.clone(),
+            ticks.clone(),
+            ran_while_locked.clone(),
+        );
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut c = lark_service::net::postgres::connect_pg(&url, &net())
+                    .await
+                    .unwrap();
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                let tx = loop {
+                    let tx = c.transaction().await.unwrap();
+                    let rows = tx
+                        .query(
+                            "SELECT 1 FROM ls_seen_events WHERE id = 'ev-held' FOR UPDATE",
+                            &[],
+                        )
+                        .await
+                        .unwrap();
+                    if !rows.is_empty() {
+                        break tx;
+                    }
+                    drop(tx);
+                    assert!(std::time::Instant::now() < give_up, "the claim never came");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                };
+                locked.add_permits(1);
+                // The release is now waiting on this lock (or about to).
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let from = ticks.load(Ordering::SeqCst);
+                let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while std::time::Instant::now() < until {
+                    if ticks.load(Ordering::SeqCst) >= from + 5 {
+                        ran.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                tx.commit().await.unwrap();
+            });
+        })
+    };
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sup = Supervisor::default();
+        let cfg = DispatchConfig {
+            ack_deadline: std::time::Duration::from_secs(30),
+            ..DispatchConfig::default()
+        };
+        let d = Dispatcher::new(store.clone(), cfg, &sup);
+        d.set_handler(handler);
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let outcome = d.dispatch(event, EventSource::WebSocket).await;
+        assert_eq!(outcome, Outcome::Failed);
+        ticker.abort();
+        d.close().await;
+    });
+    locker.join().unwrap();
+    assert!(
+        ran_while_locked.load(Ordering::SeqCst),
+        "the runtime thread was held while the release waited on PostgreSQL"
+    );
+    // The release went through once the row was free: the event is free to claim.
+    let now = lark_service::storage::now_ms();
+    assert_eq!(
+        store.claim_event("ev-held", now + 60_000, now).unwrap(),
+        EventClaim::Won
+    );
+}
+
 /// When PostgreSQL cannot answer a claim, the event is not handled on a guess: it is answered
 /// as failed (the platform delivers it again) and its handler does not run; once PostgreSQL is
 /// back, the same event is claimed and handled.

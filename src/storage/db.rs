@@ -296,6 +296,19 @@ impl Db {
         }
     }
 
+    /// [`Db::release_events`] through PostgreSQL's claim batcher (its connection, ahead of its
+    /// next batch), awaited rather than waited for: for async callers (the dispatcher), whose
+    /// runtime thread must not wait on the database. A no-op on redb.
+    pub async fn release_events_queued(&self, ids: &[&str], until: u64) -> Result<()> {
+        let reply = match self {
+            Self::Redb(_) => return Ok(()),
+            Self::Postgres(p) => p.queue_release(ids, until),
+        };
+        reply
+            .await
+            .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
+    }
+
     /// `revoke_session` with webhook events in the same transaction.
     pub fn revoke_session_with_events<F: FnOnce(&SessionSummary) -> Vec<OutboxEvent>>(
         &self,

@@ -21,6 +21,11 @@
 //! connection fails the batches it was running (their askers are told `Unavailable`: they may
 //! have committed) and the next batch opens a new one.
 //!
+//! A release ([`PgStore::queue_release`]: claims let go when their handler failed or never
+//! ran) rides the same queue and is sent on the same connection just before its batch's
+//! statement, so the dispatcher awaits it rather than holding a runtime thread on a pooled
+//! connection while PostgreSQL deletes.
+//!
 //! The task holds the store weakly between batches: the queue's sender lives in the store, so
 //! when the last handle goes, the queue closes and the task ends.
 
@@ -105,6 +110,13 @@ pub(super) enum Request {
         /// tokio one-shot would panic there).
         reply: mpsc::Sender<Result<()>>,
     },
+    /// [`PgStore::release_events`], queued: its asker awaits the reply (a handler's task, a
+    /// dispatcher refusing an event), so no runtime thread waits on PostgreSQL for it.
+    Release {
+        ids: Vec<String>,
+        until: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
 }
 
 /// Batches in flight at once on the batcher's connection: while PostgreSQL runs one, the next
@@ -143,6 +155,9 @@ struct Batch {
     /// (id, until, the record's time, now, where the answer goes).
     claims: Vec<(String, u64, u64, u64, ClaimTx)>,
     settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
+    /// (ids, until, where the answer goes): each its own statement, sent before the batch's
+    /// round (a claim of a released id in the same batch finds it free).
+    releases: Vec<(Vec<String>, u64, oneshot::Sender<Result<()>>)>,
 }
 
 impl Batch {
@@ -166,6 +181,9 @@ impl Batch {
                 for s in self.settles {
                     let _ = s.2.send(Err(again(&e)));
                 }
+                for r in self.releases {
+                    let _ = r.2.send(Err(again(&e)));
+                }
             }
         }
     }
@@ -184,6 +202,7 @@ impl Batch {
                 forget_at,
                 reply,
             } => self.settles.push((ids, forget_at, reply)),
+            Request::Release { ids, until, reply } => self.releases.push((ids, until, reply)),
         }
     }
 }
@@ -224,6 +243,12 @@ async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Re
                     }
                 };
                 flying.push(async move {
+                    for (ids, until, reply) in std::mem::take(&mut batch.releases) {
+                        let _ = reply.send(super::fleet::release(&l.client, &ids, until).await);
+                    }
+                    if batch.claims.is_empty() && batch.settles.is_empty() {
+                        return;
+                    }
                     let answers = decide(&store, &l, &batch).await;
                     batch.answer(answers);
                 });
@@ -575,6 +600,28 @@ impl PgStore {
         }
         rx.recv()
             .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
+    }
+
+    /// Queues [`PgStore::release_events`] for the batcher, sent on its connection ahead of its
+    /// next round; the reply says when it is done (or why not).
+    pub fn queue_release(&self, ids: &[&str], until: u64) -> oneshot::Receiver<Result<()>> {
+        let (reply, rx) = oneshot::channel();
+        if ids.is_empty() {
+            let _ = reply.send(Ok(()));
+            return rx;
+        }
+        let req = Request::Release {
+            ids: ids.iter().map(|id| (*id).to_owned()).collect(),
+            until,
+            reply,
+        };
+        if let Err(e) = self.enqueue(req) {
+            let (req, err) = *e;
+            if let Request::Release { reply, .. } = req {
+                let _ = reply.send(Err(err));
+            }
+        }
+        rx
     }
 
     /// Sends `req` to the batcher, or gives it back with why not.

@@ -72,17 +72,20 @@ impl PgStore {
     /// a record, is left to its holder.
     pub(crate) fn release_events(&self, ids: &[&str], until: u64) -> Result<()> {
         let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
-        self.with(async |c| {
-            c.execute(
-                "DELETE FROM ls_seen_events
-                 WHERE id = ANY($1::text[]) AND COALESCE(held_until, forget_at) = $2",
-                &[&ids, &db_time(until)],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
-            Ok(())
-        })
+        self.with(async |c| release(c, &ids, until).await)
     }
+}
+
+/// Deletes the claims of `ids` made until `until` ([`PgStore::release_events`]), on `c`.
+pub(super) async fn release(c: &tokio_postgres::Client, ids: &[String], until: u64) -> Result<()> {
+    c.execute(
+        "DELETE FROM ls_seen_events
+         WHERE id = ANY($1::text[]) AND COALESCE(held_until, forget_at) = $2",
+        &[&ids, &db_time(until)],
+    )
+    .await
+    .map_err(|e| pg_err(&e))?;
+    Ok(())
 }
 
 impl SeenEvents for PgStore {
