@@ -119,6 +119,23 @@ pub(super) enum Request {
     },
 }
 
+impl Request {
+    /// Tells its asker `e`: the batcher did not take it.
+    fn refuse(self, e: Error) {
+        match self {
+            Self::Claim { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Settle { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Self::Release { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
 /// Batches in flight at once on the batcher's connection: while PostgreSQL runs one, the next
 /// is already sent (pipelined on the same connection, so still run one after the other there:
 /// no two batches of one instance ever wait on each other's locks). With one, the
@@ -567,12 +584,7 @@ impl PgStore {
             now,
             reply,
         };
-        if let Err(e) = self.enqueue(req) {
-            let (req, err) = *e;
-            if let Request::Claim { reply, .. } = req {
-                let _ = reply.send(Err(err));
-            }
-        }
+        self.enqueue(req);
         rx
     }
 
@@ -594,10 +606,7 @@ impl PgStore {
             forget_at,
             reply,
         };
-        if let Err(e) = self.enqueue(req) {
-            let (_, err) = *e;
-            return Err(err);
-        }
+        self.enqueue(req);
         rx.recv()
             .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
     }
@@ -615,28 +624,19 @@ impl PgStore {
             until,
             reply,
         };
-        if let Err(e) = self.enqueue(req) {
-            let (req, err) = *e;
-            if let Request::Release { reply, .. } = req {
-                let _ = reply.send(Err(err));
-            }
-        }
+        self.enqueue(req);
         rx
     }
 
-    /// Sends `req` to the batcher, or gives it back with why not.
-    fn enqueue(&self, req: Request) -> std::result::Result<(), Box<(Request, Error)>> {
-        let queue = match self.claim_queue() {
-            Ok(q) => q,
-            Err(e) => return Err(Box::new((req, e))),
-        };
-        queue
-            .send(req)
-            .map_err(|tokio::sync::mpsc::error::SendError(req)| {
-                Box::new((
-                    req,
-                    Error::Unavailable("the claim batcher stopped".to_owned()),
-                ))
-            })
+    /// Sends `req` to the batcher; one it cannot take is answered with why not.
+    fn enqueue(&self, req: Request) {
+        match self.claim_queue() {
+            Ok(queue) => {
+                if let Err(tokio::sync::mpsc::error::SendError(req)) = queue.send(req) {
+                    req.refuse(Error::Unavailable("the claim batcher stopped".to_owned()));
+                }
+            }
+            Err(e) => req.refuse(e),
+        }
     }
 }
