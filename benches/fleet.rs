@@ -33,17 +33,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
 
 #[allow(dead_code)]
+#[path = "common/host.rs"]
+mod host;
+#[allow(dead_code)]
 #[path = "../tests/common/pg.rs"]
 mod pg;
 #[path = "common/push.rs"]
 mod push;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use host::{cpu_time, env_or, free_port, loadavg, machine_busy, ms, pct, stat_fields, tail};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
 use push::{push_all, FRAGMENT_EVERY, WINDOW};
 use serde_json::{json, Value};
@@ -56,13 +60,6 @@ const CONCURRENCY: usize = 32;
 /// Hang guards, not measurements.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Backend {
@@ -332,31 +329,12 @@ fn secs(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64())
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".into(),
-        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
-}
-
 /// Why the PostgreSQL rows cannot run here, if they cannot: the server binaries
 /// `tests/common/pg.rs` starts are missing.
 fn postgres_missing() -> Option<String> {
     pg::server_bin()
         .is_none()
         .then(|| "PostgreSQL not installed (`apt-get install postgresql`)".to_owned())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One instance of the release binary.
@@ -441,7 +419,7 @@ impl Instance {
             instance.kill();
             return Err(format!(
                 "an instance did not start ({ready:?}); its log ends: {}",
-                tail(&instance.log, 5)
+                tail(&instance.log, 5, " ⏎ ")
             ));
         }
         Ok(instance)
@@ -451,7 +429,7 @@ impl Instance {
         match self.child.try_wait() {
             Ok(Some(st)) => Err(format!(
                 "an instance exited ({st}); its log ends: {}",
-                tail(&self.log, 5)
+                tail(&self.log, 5, " ⏎ ")
             )),
             Ok(None) => Ok(()),
             Err(e) => Err(format!("cannot wait for an instance: {e}")),
@@ -611,15 +589,6 @@ fn sum(v: &[Duration]) -> Duration {
 
 fn cpu_of(pids: &[u32]) -> Vec<Duration> {
     pids.iter().map(|&p| cpu_time(p, false)).collect()
-}
-
-// p in [0, 1], so the index is in [0, len - 1].
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or_default()
 }
 
 /// Runs authorizations `first..first + count` (user `ou_sandbox_user{k}`), at most
@@ -845,67 +814,4 @@ fn pg_cpu(postmaster: u32) -> Duration {
         }
     }
     total
-}
-
-/// The fields of /proc/PID/stat after "(comm)": state is index 0, ppid 1, utime 11, stime 12,
-/// cutime 13, cstime 14.
-fn stat_fields(pid: u32) -> Vec<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-/// User + system CPU time of the process (all its threads); with `children`, also that of its
-/// children it has waited for.
-fn cpu_time(pid: u32, children: bool) -> Duration {
-    let fields = stat_fields(pid);
-    let which: &[usize] = if children {
-        &[11, 12, 13, 14]
-    } else {
-        &[11, 12]
-    };
-    let ticks: u64 = which
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-}
-
-/// Busy CPU time of the machine, all cores (user, nice, system, irq, softirq, steal).
-fn machine_busy() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-}
-
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
-/// The last `lines` lines of a file, on one line.
-fn tail(path: &Path, lines: usize) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    let all: Vec<&str> = s.lines().collect();
-    all[all.len().saturating_sub(lines)..].join(" ⏎ ")
 }

@@ -38,17 +38,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
 
 #[allow(dead_code)]
+#[path = "common/host.rs"]
+mod host;
+#[allow(dead_code)]
 #[path = "../tests/common/pg.rs"]
 mod pg;
 #[path = "common/push.rs"]
 mod push;
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use host::{cpu_time, env_or, free_port, loadavg, machine_busy, ms, status_kb, tail};
 use lark_service::sandbox::{Sandbox, SandboxOptions, APP_ID, APP_SECRET};
 use push::{push_all, EVENT_TYPE, FRAGMENT_EVERY, WINDOW};
 use serde_json::json;
@@ -57,13 +60,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
 /// A hang guard, not a measurement: a client that takes longer than this to connect has failed
 /// (and one that acknowledges nothing for `push::STALL_TIMEOUT`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What one client run measured over the N events after the warm-up.
 struct Measured {
@@ -131,10 +127,7 @@ fn main() {
     let n = env_or("LONGCONN_BENCH_EVENTS", 20_000).max(1);
     let warmup = env_or("LONGCONN_BENCH_WARMUP", 500);
     let rounds = env_or("LONGCONN_BENCH_ROUNDS", 5).max(1);
-    let load = std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".into(),
-        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    );
+    let load = loadavg();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -179,7 +172,7 @@ fn main() {
             match run_client(&sandbox, launch(round), &log, n, warmup) {
                 Ok(m) => runs[i].push(m),
                 Err(why) => {
-                    let tail = tail(&log, 20);
+                    let tail = tail(&log, 20, "\n");
                     eprintln!(
                         "longconn: {} FAILED: {why}\n--- its output (last 20 lines) ---\n{tail}\n---",
                         spec.name
@@ -283,18 +276,6 @@ fn main() {
     {
         std::process::exit(1);
     }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The SDK clients' environment: the sandbox and its app, `PATH`, nothing else (no proxy
@@ -588,14 +569,14 @@ fn measure(
     push_all(sandbox, warmup, 0, || exited(child)).map_err(|e| format!("warm-up: {e}"))?;
 
     let acks_before = sandbox.acks().len();
-    let cpu_before = cpu_time(pid);
-    let bench_before = cpu_time(std::process::id());
+    let cpu_before = cpu_time(pid, false);
+    let bench_before = cpu_time(std::process::id(), false);
     let machine_before = machine_busy();
     let started = Instant::now();
     let ids = push_all(sandbox, n, warmup, || exited(child))?;
     let elapsed = started.elapsed();
-    let cpu = cpu_time(pid).saturating_sub(cpu_before);
-    let bench_cpu = cpu_time(std::process::id()).saturating_sub(bench_before);
+    let cpu = cpu_time(pid, false).saturating_sub(cpu_before);
+    let bench_cpu = cpu_time(std::process::id(), false).saturating_sub(bench_before);
     let machine_cpu = machine_busy().saturating_sub(machine_before);
     let peak_rss_kb = status_kb(pid, "VmHWM");
 
@@ -670,67 +651,4 @@ fn stop(child: &mut Child) {
         let _ = child.kill();
     }
     let _ = child.wait();
-}
-
-/// User + system CPU time of the process (all its threads), from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after "(comm)": state is field 3, utime 14, stime 15.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-}
-
-/// Busy CPU time of the machine, all cores (user, nice, system, irq, softirq, steal), from
-/// /proc/stat.
-fn machine_busy() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: u64 = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| matches!(i, 0 | 1 | 2 | 5 | 6 | 7))
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64)
-}
-
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100)
-    })
-}
-
-/// A field of /proc/PID/status in kB.
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The last `lines` lines of a file.
-fn tail(path: &Path, lines: usize) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    let all: Vec<&str> = s.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -8,24 +8,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark stops on the first error
 
+#[allow(dead_code)]
+#[path = "common/host.rs"]
+mod host;
+
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use host::{env_or, free_port, pct, status_kb};
 use lark_service::sandbox::{PushOpts, Sandbox, SandboxOptions, APP_ID, APP_SECRET};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lark-service");
 const ADMIN: &str = "resources-bench-admin-0123456789abcdef";
 const KEY: &str = "5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c5c";
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The sandbox's CA file (the sandbox serves TLS, as the platform does).
 static SANDBOX_CA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
@@ -95,34 +93,8 @@ fn stop(mut child: Child) {
     assert!(status.success(), "the service exited with {status}");
 }
 
-/// A field of /proc/PID/status in kB.
-fn status_kb(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 / 1000.0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-// p in [0, 1], so the index is in [0, len - 1].
-#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or_default()
 }
 
 fn ms(d: Duration) -> String {
