@@ -601,32 +601,8 @@ impl Dispatcher {
             // One answer deadline for the whole delivery: waiting on a claim and on the handler
             // together never holds its ACK past it.
             let deadline = tokio::time::Instant::now() + self.inner.cfg.ack_deadline;
-            // Both keys at once: on PostgreSQL one batch decides them, not two one after the
-            // other. The event id's answer counts first; a key won beside a refused one is
-            // let go again.
-            let (by_event, by_message) = match keys.get(1) {
-                None => (self.claim(&keys[0], until, now, deadline).await, None),
-                Some(k) => {
-                    let (e, m) = futures_util::future::join(
-                        self.claim(&keys[0], until, now, deadline),
-                        self.claim(k, until, now, deadline),
-                    )
-                    .await;
-                    (e, Some(m))
-                }
-            };
-            match (by_event, by_message) {
-                (Claim::Mine, None | Some(Claim::Mine)) => {}
-                (Claim::Mine, Some(refused)) => {
-                    self.release(&keys[..1], until, deadline).await;
-                    return refused.refusal("message");
-                }
-                (refused, by_message) => {
-                    if let Some(Claim::Mine) = by_message {
-                        self.release(&keys[1..], until, deadline).await;
-                    }
-                    return refused.refusal("event");
-                }
+            if let Err(refused) = self.claim(&keys, until, now, deadline).await {
+                return refused;
             }
             let Ok(permit) = self.inner.handlers.clone().try_acquire_owned() else {
                 self.release(&keys, until, deadline).await;
@@ -737,42 +713,48 @@ impl Dispatcher {
         }
     }
 
-    /// Whether this dispatcher handles `id`: neither seen nor in flight here, and (on
-    /// PostgreSQL) claimed in the database before any other instance of the fleet; marks it in
-    /// flight. The claim in the database (until `claim_until`, as of `now`) goes through the
-    /// store's claim batcher and is awaited; on redb nothing is awaited (ready on first poll).
+    /// Whether this dispatcher handles the delivery whose keys are `keys` (its event id, and
+    /// its message's id when it has one): each neither seen nor in flight here, and (on
+    /// PostgreSQL) claimed in the database before any other instance of the fleet; marks them
+    /// in flight. Else how the delivery is answered (the event id's refusal counts first), with
+    /// every key it took let go again. The keys are claimed in the database together (until
+    /// `claim_until`, as of `now`): one statement decides them, so of two instances given the
+    /// same event (or the same message) at once, one takes every key; claimed apart, each could
+    /// take one and both let the event go. The claim goes through the store's claim batcher
+    /// and is awaited; on redb nothing is awaited (ready on first poll).
     async fn claim(
         &self,
-        id: &str,
+        keys: &[String],
         claim_until: u64,
         now: u64,
         deadline: tokio::time::Instant,
-    ) -> Claim {
-        let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
-        let mut waited = false;
-        let complete = loop {
-            let ended = {
-                let mut recent = self
-                    .inner
-                    .recent
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                match recent.claim(id, cap, max_bytes) {
-                    Memory::New => break recent.complete(),
-                    Memory::Seen => return Claim::Seen,
-                    Memory::InFlight(_) if waited => return Claim::InFlight,
-                    Memory::InFlight(ended) => ended,
+    ) -> Result<(), Outcome> {
+        let what = |i: usize| if i == 0 { "event" } else { "message" };
+        let memory =
+            futures_util::future::join_all(keys.iter().map(|k| self.claim_in_memory(k, deadline)))
+                .await;
+        if memory.iter().any(Result::is_err) {
+            // Refused here already: the store is not asked, and the keys taken here go back.
+            let mut refusal = None;
+            for (i, (k, m)) in keys.iter().zip(memory).enumerate() {
+                match m {
+                    Ok(_) => self.forget_recent(k),
+                    Err(c) => {
+                        refusal.get_or_insert((c, what(i)));
+                    }
                 }
-            };
-            // Delivered again while its first delivery is handled here: wait (within the
-            // ACK deadline) for that to end. Handled: a duplicate; let go: this delivery
-            // claims it afresh; still running: refused, so the platform delivers it again.
-            let _ = tokio::time::timeout_at(deadline, ended).await;
-            waited = true;
-        };
-        if complete {
-            // Memory holds every id the store holds (redb only: see `load_seen`): new.
-            return Claim::Mine;
+            }
+            return Err(refusal.map_or(Outcome::Failed, |(c, w)| c.refusal(w)));
+        }
+        // Memory holds every id the store holds (redb only: see `load_seen`): new.
+        let ask: Vec<&str> = keys
+            .iter()
+            .zip(&memory)
+            .filter(|(_, m)| matches!(m, Ok(false)))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if ask.is_empty() {
+            return Ok(());
         }
         // Its record's time, were it handled: the claim carries it, so on PostgreSQL the settle
         // turns the claim into the record in place (the record is kept `seen_ttl` from now, the
@@ -782,7 +764,7 @@ impl Dispatcher {
             deadline,
             self.inner
                 .store
-                .claim_event_batched(id, claim_until, keep, now),
+                .claim_events_batched(&ask, claim_until, keep, now),
         )
         .await
         .unwrap_or_else(|_| {
@@ -793,27 +775,95 @@ impl Dispatcher {
                 "the claim was not decided within the ACK deadline".to_owned(),
             ))
         });
+        let judged: Vec<Claim> = match claimed {
+            Ok(answers) => ask
+                .iter()
+                .zip(answers)
+                .map(|(id, a)| self.judge(id, claim_until, a))
+                .collect(),
+            Err(e) => {
+                // The store cannot say whether it was handled (or claimed elsewhere): refuse,
+                // and the platform delivers it again (at about 15 s, 5 min, 1 h and 6 h).
+                for id in &ask {
+                    self.forget_recent(id);
+                }
+                warn!(error = %e, "Claiming the event id failed; asking the platform to redeliver.");
+                return Err(Outcome::Failed);
+            }
+        };
+        let mut judged = judged.into_iter();
+        let mut refusal = None;
+        let mut won = Vec::new();
+        for (i, (k, m)) in keys.iter().zip(memory).enumerate() {
+            let c = match m {
+                Ok(false) => judged.next().unwrap_or(Claim::Undecided),
+                _ => Claim::Mine,
+            };
+            match c {
+                Claim::Mine => won.push(k.clone()),
+                c => {
+                    refusal.get_or_insert((c, what(i)));
+                }
+            }
+        }
+        let Some((c, w)) = refusal else {
+            return Ok(());
+        };
+        // A key won beside a refused one is let go again.
+        self.release(&won, claim_until, deadline).await;
+        Err(c.refusal(w))
+    }
+
+    /// Memory's part of a claim of `id`: `Ok` when it is new here (marked in flight now;
+    /// `true` when memory holds every stored id, so the store need not be asked), else how
+    /// memory refuses it. A delivery of an id being handled here waits (within `deadline`)
+    /// for that handling to end.
+    async fn claim_in_memory(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, Claim> {
+        let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
+        let mut waited = false;
+        loop {
+            let ended = {
+                let mut recent = self
+                    .inner
+                    .recent
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match recent.claim(id, cap, max_bytes) {
+                    Memory::New => return Ok(recent.complete()),
+                    Memory::Seen => return Err(Claim::Seen),
+                    Memory::InFlight(_) if waited => return Err(Claim::InFlight),
+                    Memory::InFlight(ended) => ended,
+                }
+            };
+            // Delivered again while its first delivery is handled here: wait (within the
+            // ACK deadline) for that to end. Handled: a duplicate; let go: this delivery
+            // claims it afresh; still running: refused, so the platform delivers it again.
+            let _ = tokio::time::timeout_at(deadline, ended).await;
+            waited = true;
+        }
+    }
+
+    /// What the store's answer for `id` (claimed until `claim_until`) means for this
+    /// dispatcher; `id` is in flight here until then.
+    fn judge(&self, id: &str, claim_until: u64, claimed: EventClaim) -> Claim {
         match claimed {
-            Ok(EventClaim::Won) => return Claim::Mine,
+            EventClaim::Won => return Claim::Mine,
             // A record (handled: kept for `seen_ttl`, far longer than any claim).
-            Ok(EventClaim::Held(t)) if t > claim_until => {
+            EventClaim::Held(t) if t > claim_until => {
                 self.landed(id);
                 return Claim::Seen;
             }
-            Ok(EventClaim::Held(_)) => {
+            EventClaim::Held(_) => {
                 // In flight on another instance, or let go meanwhile: this instance does not
                 // handle it now, and the platform's redelivery finds it handled, or free.
                 self.forget_recent(id);
                 return Claim::Elsewhere;
             }
-            Ok(EventClaim::NotShared) => {}
-            Err(e) => {
-                // The store cannot say whether it was handled (or claimed elsewhere): refuse,
-                // and the platform delivers it again (at about 15 s, 5 min, 1 h and 6 h).
-                self.forget_recent(id);
-                warn!(error = %e, "Claiming the event id failed; asking the platform to redeliver.");
-                return Claim::Undecided;
-            }
+            EventClaim::NotShared => {}
         }
         // A read of one key in a hot B-tree (redb readers never wait for the writer): cheaper
         // inline than a hop to the blocking pool, which cost more than the lookup itself.

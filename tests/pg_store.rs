@@ -1669,6 +1669,67 @@ fn the_claim_batchers_plan_never_reads_the_whole_seen_id_table() {
     assert!(!whole_table(&plan), "on 20 000 ids:\n{plan}");
 }
 
+/// Two instances given the same event at once claim its two keys (its event id and its
+/// message's id) together: one statement decides both on each instance, so one instance gets
+/// both and the other neither. Claimed apart (two requests, which the batcher can send in two
+/// statements), each could take one key, and both would let the event go.
+#[test]
+fn keys_claimed_together_go_to_one_instance_whole() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let now = lark_service::storage::now_ms();
+    let (until, keep) = (now + 30_000, now + 86_400_000);
+    let split = rt.block_on(async {
+        let mut split = Vec::new();
+        for round in 0..300 {
+            let keys = [format!("ev-{round}"), format!("msg:om-{round}")];
+            let ids: Vec<&str> = keys.iter().map(String::as_str).collect();
+            // Other claims keep both batchers busy, so that each request meets batches in
+            // flight, as under load.
+            let noise = |db: &Db, side: &str| {
+                let (db, side) = (db.clone(), side.to_owned());
+                tokio::spawn(async move {
+                    for k in 0..3 {
+                        let id = format!("noise-{side}-{round}-{k}");
+                        db.claim_event_batched(&id, until, keep, now).await.unwrap();
+                    }
+                })
+            };
+            let (na, nb) = (noise(&a, "a"), noise(&b, "b"));
+            let (x, y) = tokio::join!(
+                a.claim_events_batched(&ids, until, keep, now),
+                b.claim_events_batched(&ids, until, keep, now)
+            );
+            let (x, y) = (x.unwrap(), y.unwrap());
+            na.await.unwrap();
+            nb.await.unwrap();
+            let won = |v: &[EventClaim]| v.iter().filter(|c| **c == EventClaim::Won).count();
+            assert_eq!(won(&x) + won(&y), 2, "round {round}: {x:?} {y:?}");
+            if won(&x) == 1 {
+                split.push(round);
+            }
+            for c in x.iter().chain(&y) {
+                assert!(
+                    *c == EventClaim::Won || *c == EventClaim::Held(until),
+                    "round {round}: {c:?}"
+                );
+            }
+        }
+        split
+    });
+    assert!(
+        split.is_empty(),
+        "keys split between the instances in rounds {split:?}"
+    );
+}
+
 /// A handler fails, and the dispatcher lets its claim go while another session holds the
 /// claim's row: the release waits on PostgreSQL, and the runtime that ran the dispatcher (one
 /// thread) goes on running its other tasks meanwhile; once the row is free, the release is

@@ -274,17 +274,39 @@ impl Db {
         keep: u64,
         now: u64,
     ) -> Result<EventClaim> {
+        let mut answers = self.claim_events_batched(&[id], until, keep, now).await?;
+        answers
+            .pop()
+            .ok_or_else(|| Error::Engine("a claim went unanswered".to_owned()))
+    }
+
+    /// [`Db::claim_event_batched`] for ids claimed together (an event's id and its message's):
+    /// on PostgreSQL one statement decides them all, so of two instances claiming the same
+    /// ids one wins them all. The answers are in the order of `ids`.
+    pub async fn claim_events_batched(
+        &self,
+        ids: &[&str],
+        until: u64,
+        keep: u64,
+        now: u64,
+    ) -> Result<Vec<EventClaim>> {
         let reply = match self {
-            Self::Redb(_) => return Ok(EventClaim::NotShared),
-            Self::Postgres(p) => p.queue_claim(id, until, keep, now),
+            Self::Redb(_) => return Ok(vec![EventClaim::NotShared; ids.len()]),
+            Self::Postgres(p) => p.queue_claims(ids, until, keep, now),
         };
-        let answer = reply
+        let answers = reply
             .await
             .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))??;
-        Ok(match answer {
-            None => EventClaim::Won,
-            Some(t) => EventClaim::Held(t),
-        })
+        if answers.len() != ids.len() {
+            return Err(Error::Engine("a claim went unanswered".to_owned()));
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| match a {
+                None => EventClaim::Won,
+                Some(t) => EventClaim::Held(t),
+            })
+            .collect())
     }
 
     /// Lets ids claimed with [`Db::claim_event`] until `until` go (PostgreSQL; a no-op on

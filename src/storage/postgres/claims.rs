@@ -2,7 +2,8 @@
 //! ([`PgStore::settle_events`]) gathered from every dispatcher of one store and decided in one
 //! statement, one round trip and one commit per batch.
 //!
-//! A claim is queued (id, until, the record's time, now, a one-shot reply) and the caller
+//! A claim is queued (its ids: an event's id and its message's id go together, so one
+//! statement decides both; until, the record's time, now, a one-shot reply) and the caller
 //! awaits the reply, so the async task that asked never blocks on PostgreSQL. A settle (ids,
 //! forget_at) is queued the same way and its caller (the dispatcher's seen-id writer, a plain thread) waits until
 //! the batch that carried it has committed: a settle returns once its records are durable, as
@@ -47,8 +48,9 @@ use crate::storage::{valid_event_key, Error, Result};
 /// their number: the seen-id writer already bounds its groups).
 pub(crate) const MAX_BATCH: usize = 256;
 
-/// The answer to one queued claim: as [`PgStore::claim_event`]'s.
-pub type ClaimReply = oneshot::Receiver<Result<Option<u64>>>;
+/// The answers to one queued claim of some ids, in their order: each as
+/// [`PgStore::claim_event`]'s.
+pub type ClaimReply = oneshot::Receiver<Result<Vec<Option<u64>>>>;
 
 /// One batch's statement. `$1`, `$2`, `$6`: the claimed ids (distinct, sorted), their untils
 /// and their records' times; `$3`: now; `$4`, `$5`: the settled ids (distinct, sorted, none of
@@ -95,13 +97,14 @@ const ROUND_TYPES: [Type; 6] = [
 ];
 
 pub(super) enum Request {
+    /// Ids claimed together: always in one batch, so one statement decides them all.
     Claim {
-        id: String,
+        ids: Vec<String>,
         until: u64,
         /// The record's time were the claim won and its handler succeeded.
         keep: u64,
         now: u64,
-        reply: oneshot::Sender<Result<Option<u64>>>,
+        reply: oneshot::Sender<Result<Vec<Option<u64>>>>,
     },
     Settle {
         ids: Vec<String>,
@@ -163,14 +166,16 @@ struct Line {
     round: Statement,
 }
 
-/// Where one claim's answer goes.
-type ClaimTx = oneshot::Sender<Result<Option<u64>>>;
+/// Where one claim's answers go.
+type ClaimTx = oneshot::Sender<Result<Vec<Option<u64>>>>;
 
 /// What one batch holds.
 #[derive(Default)]
 struct Batch {
-    /// (id, until, the record's time, now, where the answer goes).
-    claims: Vec<(String, u64, u64, u64, ClaimTx)>,
+    /// (ids, until, the record's time, now, where the answers go).
+    claims: Vec<(Vec<String>, u64, u64, u64, ClaimTx)>,
+    /// The ids of `claims`, all told.
+    claimed: usize,
     settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
     /// (ids, until, where the answer goes): each its own statement, sent before the batch's
     /// round (a claim of a released id in the same batch finds it free).
@@ -184,8 +189,10 @@ impl Batch {
     fn answer(self, answers: Result<Vec<Option<u64>>>) {
         match answers {
             Ok(answers) => {
-                for (r, a) in self.claims.into_iter().zip(answers) {
-                    let _ = r.4.send(Ok(a));
+                let mut answers = answers.into_iter();
+                for r in self.claims {
+                    let mine: Vec<Option<u64>> = answers.by_ref().take(r.0.len()).collect();
+                    let _ = r.4.send(Ok(mine));
                 }
                 for s in self.settles {
                     let _ = s.2.send(Ok(()));
@@ -208,12 +215,15 @@ impl Batch {
     fn push(&mut self, r: Request) {
         match r {
             Request::Claim {
-                id,
+                ids,
                 until,
                 keep,
                 now,
                 reply,
-            } => self.claims.push((id, until, keep, now, reply)),
+            } => {
+                self.claimed += ids.len();
+                self.claims.push((ids, until, keep, now, reply));
+            }
             Request::Settle {
                 ids,
                 forget_at,
@@ -241,7 +251,7 @@ async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Re
                 };
                 let mut batch = Batch::default();
                 batch.push(first);
-                while batch.claims.len() < MAX_BATCH {
+                while batch.claimed < MAX_BATCH {
                     match rx.try_recv() {
                         Ok(r) => batch.push(r),
                         Err(_) => break,
@@ -311,7 +321,7 @@ async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Optio
     let claims: Vec<(&str, u64, u64)> = batch
         .claims
         .iter()
-        .map(|r| (r.0.as_str(), r.1, r.2))
+        .flat_map(|r| r.0.iter().map(move |id| (id.as_str(), r.1, r.2)))
         .collect();
     let now = batch.claims.iter().map(|r| r.3).min().unwrap_or(0);
     let settles: Vec<(&str, u64)> = batch
@@ -563,22 +573,30 @@ impl PgStore {
         })
     }
 
-    /// Queues a claim of `id` until `until` (as of `now`) for the batcher; the reply says what
-    /// [`PgStore::claim_event`] would. `keep`: the time its record would be kept until, were
-    /// it settled (the claim's row carries it already, so settling it is an update in place);
-    /// a settle of the id keeps this time rather than its own. An id that cannot be claimed
-    /// is answered at once.
-    pub fn queue_claim(&self, id: &str, until: u64, keep: u64, now: u64) -> ClaimReply {
+    /// Queues a claim of `ids` until `until` (as of `now`) for the batcher; the reply says, for
+    /// each id in order, what [`PgStore::claim_event`] would. The ids go into one batch, so
+    /// one statement decides them all: of two instances claiming the same ids (an event's id
+    /// and its message's), one wins them all, since the statement takes them in one order and
+    /// the other waits for its rows (claimed in two batches, each could win a part and both
+    /// let the event go). `keep`: the time a record would be kept until, were it settled
+    /// (the claim's row carries it already, so settling it is an update in place); a settle of
+    /// the id keeps this time rather than its own. Ids that cannot be claimed are answered at
+    /// once.
+    pub fn queue_claims(&self, ids: &[&str], until: u64, keep: u64, now: u64) -> ClaimReply {
         let (reply, rx) = oneshot::channel();
-        if !valid_event_key(id) {
+        if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
             let _ = reply.send(Err(Error::Invalid(format!(
                 "event id of {} bytes cannot be claimed",
-                id.len()
+                bad.len()
             ))));
             return rx;
         }
+        if ids.is_empty() {
+            let _ = reply.send(Ok(Vec::new()));
+            return rx;
+        }
         let req = Request::Claim {
-            id: id.to_owned(),
+            ids: ids.iter().map(|id| (*id).to_owned()).collect(),
             until,
             keep,
             now,

@@ -58,7 +58,7 @@ impl PgStore {
 
     /// Records ids (their handlers succeeded) as seen until `forget_at`, claimed or not: a
     /// claim becomes a record (one queued with its record's time keeps that time, see
-    /// [`PgStore::queue_claim`]), an id already recorded keeps the later time. Returns once
+    /// [`PgStore::queue_claims`]), an id already recorded keeps the later time. Returns once
     /// the records are committed.
     pub(crate) fn settle_events(&self, ids: &[&str], forget_at: u64) -> Result<()> {
         // Carried by the claim batcher's next round trip: one commit for the claims and the
