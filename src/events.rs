@@ -393,6 +393,11 @@ impl std::hash::Hasher for DigestHasher {
 }
 
 impl Recent {
+    /// `m` locked; a lock poisoned by a panic elsewhere is taken as it is.
+    fn lock(m: &Mutex<Recent>) -> std::sync::MutexGuard<'_, Recent> {
+        m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// What one id costs: its digest twice (set and queue) plus the hash table's slot
     /// overhead, whatever the id's length.
     const COST: usize = 2 * std::mem::size_of::<u128>() + 16;
@@ -827,11 +832,7 @@ impl Dispatcher {
         let mut waited = false;
         loop {
             let ended = {
-                let mut recent = self
-                    .inner
-                    .recent
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut recent = Recent::lock(&self.inner.recent);
                 match recent.claim(id, cap, max_bytes) {
                     Memory::New => return Ok(recent.complete()),
                     Memory::Seen => return Err(Claim::Seen),
@@ -894,19 +895,11 @@ impl Dispatcher {
 
     /// `id` stays seen, and is no longer in flight here.
     fn landed(&self, id: &str) {
-        self.inner
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .landed(id);
+        Recent::lock(&self.inner.recent).landed(id);
     }
 
     fn forget_recent(&self, id: &str) {
-        self.inner
-            .recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
+        Recent::lock(&self.inner.recent).remove(id);
     }
 
     /// Whether the store holds `id`, through a snapshot taken after the writer's last commit
@@ -954,11 +947,7 @@ impl Dispatcher {
     /// is carried out even when nobody waits for it any more.
     async fn release(&self, ids: &[String], until: u64, deadline: tokio::time::Instant) {
         {
-            let mut recent = self
-                .inner
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut recent = Recent::lock(&self.inner.recent);
             for id in ids {
                 recent.remove(id);
             }
@@ -984,11 +973,7 @@ impl Dispatcher {
         {
             let (cap, max_bytes) = (self.inner.cfg.memory_ids, self.inner.cfg.memory_bytes);
             let pin = !self.inner.store.is_postgres();
-            let mut recent = self
-                .inner
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut recent = Recent::lock(&self.inner.recent);
             for id in &ids {
                 let d = recent.digest.of(id);
                 // Handled: a delivery from now on is a duplicate.
@@ -1090,9 +1075,7 @@ fn load_seen(store: &crate::storage::Store, recent: &Mutex<Recent>, cfg: &Dispat
     let mut chunk: Vec<String> = Vec::with_capacity(1024);
     let mut total = 0usize;
     let put = |chunk: &mut Vec<String>| {
-        let mut r = recent
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = Recent::lock(recent);
         for id in chunk.drain(..) {
             r.insert(&id, cfg.memory_ids, cfg.memory_bytes);
         }
@@ -1111,9 +1094,7 @@ fn load_seen(store: &crate::storage::Store, recent: &Mutex<Recent>, cfg: &Dispat
         return;
     }
     put(&mut chunk);
-    let mut r = recent
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut r = Recent::lock(recent);
     r.loaded = true;
     debug!(
         ids = total,
@@ -1306,10 +1287,7 @@ impl SeenWriter {
     /// Unpins `ids` in chunks, so a dispatch never waits long for the lock.
     fn unpin(&self, ids: &[String]) {
         for chunk in ids.chunks(512) {
-            let mut recent = self
-                .recent
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut recent = Recent::lock(&self.recent);
             for id in chunk {
                 recent.unpin(id);
             }
