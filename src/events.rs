@@ -738,71 +738,39 @@ impl Dispatcher {
         let memory =
             futures_util::future::join_all(keys.iter().map(|k| self.claim_in_memory(k, deadline)))
                 .await;
-        if memory.iter().any(Result::is_err) {
-            // Refused here already: the store is not asked, and the keys taken here go back.
-            let mut refusal = None;
-            for (i, (k, m)) in keys.iter().zip(memory).enumerate() {
-                match m {
-                    Ok(_) => self.forget_recent(k),
-                    Err(c) => {
-                        refusal.get_or_insert((c, what(i)));
-                    }
-                }
-            }
-            return Err(refusal.map_or(Outcome::Failed, |(c, w)| c.refusal(w)));
-        }
-        // Memory holds every id the store holds (redb only: see `load_seen`): new.
-        let ask: Vec<&str> = keys
-            .iter()
-            .zip(&memory)
-            .filter(|(_, m)| matches!(m, Ok(false)))
-            .map(|(k, _)| k.as_str())
-            .collect();
-        if ask.is_empty() {
-            return Ok(());
-        }
-        // Its record's time, were it handled: the claim carries it, so on PostgreSQL the settle
-        // turns the claim into the record in place (the record is kept `seen_ttl` from now, the
-        // claim's time, rather than from the settle's, a handler's run earlier).
-        let keep = now.saturating_add(duration_ms(self.inner.cfg.seen_ttl));
-        let claimed = tokio::time::timeout_at(
-            deadline,
-            self.inner
-                .store
-                .claim_events_batched(&ask, claim_until, keep, now),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            // Not decided within the answer deadline (a slow or stuck database): refused below,
-            // so the ACK still goes out in time. Were the claim won after all, it lapses
-            // (`claim_ttl`) and a later redelivery is handled.
-            Err(crate::storage::Error::Unavailable(
-                "the claim was not decided within the ACK deadline".to_owned(),
-            ))
-        });
-        let judged: Vec<Claim> = match claimed {
-            Ok(answers) => ask
-                .iter()
-                .zip(answers)
-                .map(|(id, a)| self.judge(id, claim_until, a))
-                .collect(),
-            Err(e) => {
-                // The store cannot say whether it was handled (or claimed elsewhere): refuse,
-                // and the platform delivers it again (at about 15 s, 5 min, 1 h and 6 h).
-                for id in &ask {
-                    self.forget_recent(id);
-                }
-                warn!(error = %e, "Claiming the event id failed; asking the platform to redeliver.");
-                return Err(Outcome::Failed);
-            }
+        // A key memory refuses refuses the delivery: the store is not asked, and the keys
+        // taken here go back.
+        let refused_here = memory.iter().any(Result::is_err);
+        // The store is asked about the keys memory cannot answer alone (it holds every stored
+        // id only on redb, once loaded: see `load_seen`).
+        let ask: Vec<&str> = if refused_here {
+            Vec::new()
+        } else {
+            keys.iter()
+                .zip(&memory)
+                .filter(|(_, m)| matches!(m, Ok(false)))
+                .map(|(k, _)| k.as_str())
+                .collect()
         };
-        let mut judged = judged.into_iter();
+        let mut judged = if ask.is_empty() {
+            Vec::new()
+        } else {
+            self.claim_in_store(&ask, claim_until, now, deadline)
+                .await
+                .ok_or(Outcome::Failed)?
+        }
+        .into_iter();
         let mut refusal = None;
         let mut won = Vec::new();
         for (i, (k, m)) in keys.iter().zip(memory).enumerate() {
             let c = match m {
+                Err(c) => c,
+                Ok(_) if refused_here => {
+                    self.forget_recent(k);
+                    continue;
+                }
+                Ok(true) => Claim::Mine,
                 Ok(false) => judged.next().unwrap_or(Claim::Undecided),
-                _ => Claim::Mine,
             };
             match c {
                 Claim::Mine => won.push(k.clone()),
@@ -815,8 +783,59 @@ impl Dispatcher {
             return Ok(());
         };
         // A key won beside a refused one is let go again.
-        self.release(&won, claim_until, deadline).await;
+        if !won.is_empty() {
+            self.release(&won, claim_until, deadline).await;
+        }
         Err(c.refusal(w))
+    }
+
+    /// The store's part of a claim of `ids` (new here, not known to memory): one request, so
+    /// on PostgreSQL one statement decides them all; each id's answer judged. `None` when the
+    /// store cannot say (down, or not within `deadline`): the ids go back, and the delivery
+    /// is refused.
+    async fn claim_in_store(
+        &self,
+        ids: &[&str],
+        claim_until: u64,
+        now: u64,
+        deadline: tokio::time::Instant,
+    ) -> Option<Vec<Claim>> {
+        // Its record's time, were it handled: the claim carries it, so on PostgreSQL the settle
+        // turns the claim into the record in place (the record is kept `seen_ttl` from now, the
+        // claim's time, rather than from the settle's, a handler's run earlier).
+        let keep = now.saturating_add(duration_ms(self.inner.cfg.seen_ttl));
+        let claimed = tokio::time::timeout_at(
+            deadline,
+            self.inner
+                .store
+                .claim_events_batched(ids, claim_until, keep, now),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            // Not decided within the answer deadline (a slow or stuck database): refused, so
+            // the ACK still goes out in time. Were the claim won after all, it lapses
+            // (`claim_ttl`) and a later redelivery is handled.
+            Err(crate::storage::Error::Unavailable(
+                "the claim was not decided within the ACK deadline".to_owned(),
+            ))
+        });
+        match claimed {
+            Ok(answers) => Some(
+                ids.iter()
+                    .zip(answers)
+                    .map(|(id, a)| self.judge(id, claim_until, a))
+                    .collect(),
+            ),
+            Err(e) => {
+                // The store cannot say whether it was handled (or claimed elsewhere): refuse,
+                // and the platform delivers it again (at about 15 s, 5 min, 1 h and 6 h).
+                for id in ids {
+                    self.forget_recent(id);
+                }
+                warn!(error = %e, "Claiming the event id failed; asking the platform to redeliver.");
+                None
+            }
+        }
     }
 
     /// Memory's part of a claim of `id`: `Ok` when it is new here (marked in flight now;
