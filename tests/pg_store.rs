@@ -1641,6 +1641,65 @@ fn the_claim_batcher_reconnects_after_losing_its_connection() {
     );
 }
 
+/// A unit the server ends in the middle (`57P01`: `pg_terminate_backend`, a fast shutdown)
+/// fails as `Unavailable`, not as an engine error, and its connection is never handed to the
+/// next unit: the server's error arrives before the client sees the socket close, and a
+/// pooled connection taken in that gap failed the next unit too.
+#[test]
+fn a_connection_the_server_ended_is_not_handed_to_the_next_unit() {
+    let server = Server::start();
+    let url = server.fresh_db();
+    let store: lark_service::storage::Db = server.open(&url).into();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut locker = rt
+        .block_on(lark_service::net::postgres::connect_pg(&url, &net()))
+        .unwrap();
+    let now = lark_service::storage::now_ms();
+    for round in 0..20 {
+        // Another session holds the seen-id table, so the store's claim waits on PostgreSQL.
+        let tx = rt.block_on(locker.transaction()).unwrap();
+        rt.block_on(tx.batch_execute("LOCK TABLE ls_seen_events IN ACCESS EXCLUSIVE MODE"))
+            .unwrap();
+        let waiting = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                store.claim_event(&format!("held-{round}"), now + 30_000, now)
+            })
+        };
+        let killed = loop {
+            let row = rt
+                .block_on(tx.query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                ))
+                .unwrap();
+            if row.get::<_, i64>(0) > 0 {
+                break true;
+            }
+            if waiting.is_finished() {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        assert!(killed, "round {round}: the claim never waited on the lock");
+        rt.block_on(tx.rollback()).unwrap();
+        let ended = waiting.join().unwrap();
+        assert!(
+            matches!(ended, Err(Error::Unavailable(_))),
+            "round {round}: {ended:?}"
+        );
+        let next = store.claim_event(&format!("next-{round}"), now + 30_000, now);
+        assert!(
+            matches!(next, Ok(lark_service::storage::EventClaim::Won)),
+            "round {round}: {next:?}"
+        );
+    }
+}
+
 /// The claim batcher prepares its statement once, and PostgreSQL soon runs it with a generic
 /// plan, costed without the batch's ids. That plan must find each held id by its key, never by
 /// reading the whole seen-id table: a join planned while the table was small did, and every

@@ -32,7 +32,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -164,6 +164,24 @@ pub(super) fn start(inner: &Arc<Inner>) -> Result<Queue> {
 struct Line {
     client: Client,
     round: Statement,
+    /// Set when a statement on it failed as `Unavailable`: the server said it is ending the
+    /// connection (or the socket went) before the client noticed the close, so the next batch
+    /// connects anew instead of failing on this one too.
+    lost: AtomicBool,
+}
+
+impl Line {
+    fn usable(&self) -> bool {
+        !self.client.is_closed() && !self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Notes `r`'s failure, if it says the connection is gone, and passes `r` on.
+    fn check<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Unavailable(_)) = &r {
+            self.lost.store(true, Ordering::Relaxed);
+        }
+        r
+    }
 }
 
 /// Where one claim's answers go.
@@ -271,12 +289,12 @@ async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Re
                 };
                 flying.push(async move {
                     for (ids, until, reply) in std::mem::take(&mut batch.releases) {
-                        let _ = reply.send(super::fleet::release(&l.client, &ids, until).await);
+                        let _ = reply.send(l.check(super::fleet::release(&l.client, &ids, until).await));
                     }
                     if batch.claims.is_empty() && batch.settles.is_empty() {
                         return;
                     }
-                    let answers = decide(&store, &l, &batch).await;
+                    let answers = l.check(decide(&store, &l, &batch).await);
                     batch.answer(answers);
                 });
             }
@@ -289,7 +307,7 @@ async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Re
 /// its statement prepared). A lost connection fails the batches it was running; the next
 /// batch comes here and gets a new one.
 async fn current_line(store: &PgStore, line: &mut Option<Arc<Line>>) -> Result<Arc<Line>> {
-    if let Some(l) = line.as_ref().filter(|l| !l.client.is_closed()) {
+    if let Some(l) = line.as_ref().filter(|l| l.usable()) {
         return Ok(l.clone());
     }
     *line = None;
@@ -300,7 +318,11 @@ async fn current_line(store: &PgStore, line: &mut Option<Arc<Line>>) -> Result<A
         .prepare_typed(ROUND, &ROUND_TYPES)
         .await
         .map_err(|e| pg_err(&e))?;
-    let l = Arc::new(Line { client, round });
+    let l = Arc::new(Line {
+        client,
+        round,
+        lost: AtomicBool::new(false),
+    });
     *line = Some(l.clone());
     Ok(l)
 }

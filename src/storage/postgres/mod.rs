@@ -139,6 +139,16 @@ impl Conn<'_> {
             .as_mut()
             .ok_or_else(|| Error::Unavailable("no connection".to_owned()))
     }
+
+    /// Keeps the connection out of the pool after `r`, if `r` failed as `Unavailable`: the
+    /// server may have said it is ending the connection before the client saw it close, and
+    /// the next unit must not be handed that connection.
+    fn check<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Unavailable(_)) = &r {
+            self.client = None;
+        }
+        r
+    }
 }
 
 impl Drop for Conn<'_> {
@@ -184,14 +194,27 @@ pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
 pub(crate) fn pg_err(e: &tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         // The server's message and code only: its `detail` may quote a row's values.
-        Some(db) => Error::Engine(format!(
-            "postgresql: {} ({})",
-            db.message(),
-            db.code().code()
-        )),
+        Some(db) => {
+            let code = db.code().code();
+            let msg = format!("postgresql: {} ({code})", db.message());
+            if connection_lost(code) {
+                Error::Unavailable(msg)
+            } else {
+                Error::Engine(msg)
+            }
+        }
         None if e.is_closed() || e.code().is_none() => Error::Unavailable(e.to_string()),
         None => Error::Engine(format!("postgresql: {e}")),
     }
+}
+
+/// Whether the server's SQLSTATE says it is ending this connection or cannot serve one now:
+/// class 08 (connection exception), `admin_shutdown` (57P01, e.g. `pg_terminate_backend` or a
+/// fast shutdown), `crash_shutdown` (57P02) and `cannot_connect_now` (57P03, starting up or in
+/// recovery). Such an error is the same event as a dropped socket, which one reports first is
+/// a race, so both are `Unavailable`.
+fn connection_lost(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 /// SQLSTATEs after which PostgreSQL has rolled the transaction back and running it again may
@@ -404,7 +427,8 @@ impl PgStore {
         loop {
             let mut conn = self.conn()?;
             let client = conn.client()?;
-            match block_on(f(client)) {
+            let r = block_on(f(client));
+            match conn.check(r) {
                 Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
                     drop(conn);
                     let pause = retry_pause(attempt);
@@ -498,6 +522,16 @@ pub(crate) async fn row_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_ending_the_connection_is_unavailable_not_an_engine_error() {
+        for code in ["08000", "08003", "08006", "57P01", "57P02", "57P03"] {
+            assert!(connection_lost(code), "{code}");
+        }
+        for code in ["57014", "55P03", "40001", "23505", "53300", "XX000"] {
+            assert!(!connection_lost(code), "{code}");
+        }
+    }
 
     #[test]
     fn only_serialization_failures_and_deadlocks_are_retried() {
