@@ -1700,6 +1700,68 @@ fn a_connection_the_server_ended_is_not_handed_to_the_next_unit() {
     }
 }
 
+/// A release on the claim batcher's connection that PostgreSQL aborts as a deadlock victim
+/// (`40P01`) is run again, as a unit on a pooled connection is: the release must end done,
+/// and the ids be free, not left held until their claims lapse.
+#[test]
+fn a_release_picked_as_a_deadlock_victim_is_run_again() {
+    use lark_service::storage::{Db, EventClaim};
+    let server = Server::start();
+    let url = server.fresh_db();
+    let pg = server.open(&url);
+    let db: Db = pg.clone().into();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let now = lark_service::storage::now_ms();
+    let until = now + 30_000;
+    let keep = now + 86_400_000;
+    let ids = ["rel-a", "rel-b"];
+    let claimed = rt
+        .block_on(db.claim_events_batched(&ids, until, keep, now))
+        .unwrap();
+    assert_eq!(claimed, vec![EventClaim::Won, EventClaim::Won]);
+
+    let mut locker = rt
+        .block_on(lark_service::net::postgres::connect_pg(&url, &net()))
+        .unwrap();
+    let tx = rt.block_on(locker.transaction()).unwrap();
+    let lock = |id: &str| format!("SELECT 1 FROM ls_seen_events WHERE id = '{id}' FOR UPDATE");
+    rt.block_on(tx.batch_execute(&lock("rel-b"))).unwrap();
+    // The release deletes rel-a, then waits for rel-b.
+    let release = {
+        let db = db.clone();
+        rt.spawn(async move { db.release_events_queued(&ids, until).await })
+    };
+    let waits = "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while rt
+        .block_on(tx.query_one(waits, &[]))
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the release never waited"
+        );
+        rt.block_on(tokio::time::sleep(std::time::Duration::from_millis(5)));
+    }
+    // Now this session waits for rel-a: a deadlock. The release, waiting longer, finds it
+    // first and is rolled back; this session then gets rel-a.
+    rt.block_on(tx.batch_execute(&lock("rel-a"))).unwrap();
+    rt.block_on(tx.rollback()).unwrap();
+    let released = rt.block_on(release).unwrap();
+    assert!(released.is_ok(), "{released:?}");
+    assert!(pg.retried() >= 1, "the release was not run again");
+    let again = rt
+        .block_on(db.claim_events_batched(&ids, until + 1, keep, now))
+        .unwrap();
+    assert_eq!(again, vec![EventClaim::Won, EventClaim::Won]);
+}
+
 /// The claim batcher prepares its statement once, and PostgreSQL soon runs it with a generic
 /// plan, costed without the batch's ids. That plan must find each held id by its key, never by
 /// reading the whole seen-id table: a join planned while the table was small did, and every

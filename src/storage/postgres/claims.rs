@@ -41,7 +41,7 @@ use tokio::sync::oneshot;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use super::{block_on, db_time, pg_err, retry_pause, retryable, Inner, PgStore, MAX_ATTEMPTS};
+use super::{block_on, db_time, pg_err, Inner, PgStore};
 use crate::storage::{valid_event_key, Error, Result};
 
 /// Claims decided in one statement at most (settles queued meanwhile ride along, whatever
@@ -289,7 +289,12 @@ async fn run(store: Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<Re
                 };
                 flying.push(async move {
                     for (ids, until, reply) in std::mem::take(&mut batch.releases) {
-                        let _ = reply.send(l.check(super::fleet::release(&l.client, &ids, until).await));
+                        let released = store
+                            .retrying("a release of claims", || {
+                                super::fleet::release(&l.client, &ids, until)
+                            })
+                            .await;
+                        let _ = reply.send(l.check(released));
                     }
                     if batch.claims.is_empty() && batch.settles.is_empty() {
                         return;
@@ -353,21 +358,11 @@ async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Optio
         .collect();
     store
         .claim_and_settle(&claims, &settles, now, async |claims, settles, now| {
-            let mut attempt = 1;
-            loop {
-                match round(&line.client, Some(&line.round), claims, settles, now).await {
-                    Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
-                        store.inner.retries.fetch_add(1, Ordering::Relaxed);
-                        if let Some(observe) = super::RETRY_OBSERVER.get() {
-                            observe();
-                        }
-                        tracing::warn!(attempt, error = %e, "PostgreSQL aborted a claim batch (serialization failure or deadlock); running it again.");
-                        tokio::time::sleep(retry_pause(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
+            store
+                .retrying("a claim batch", || {
+                    round(&line.client, Some(&line.round), claims, settles, now)
+                })
+                .await
         })
         .await
 }

@@ -431,18 +431,44 @@ impl PgStore {
             match conn.check(r) {
                 Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
                     drop(conn);
-                    let pause = retry_pause(attempt);
-                    self.inner.retries.fetch_add(1, Ordering::Relaxed);
-                    if let Some(observe) = RETRY_OBSERVER.get() {
-                        observe();
-                    }
-                    tracing::warn!(attempt, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), error = %e, "PostgreSQL aborted a transaction (serialization failure or deadlock); running it again.");
-                    std::thread::sleep(pause);
+                    std::thread::sleep(self.retry_noted(attempt, &e, "a transaction"));
                     attempt += 1;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// [`PgStore::with`]'s retry for a unit an async caller runs on a connection of its own
+    /// (the claim batcher's): `f` again, at most [`MAX_ATTEMPTS`] in all, while PostgreSQL
+    /// aborts it for a serialization failure or a deadlock. `what` names the unit in the log.
+    pub(crate) async fn retrying<T, F: Future<Output = Result<T>>>(
+        &self,
+        what: &'static str,
+        mut f: impl FnMut() -> F,
+    ) -> Result<T> {
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                    tokio::time::sleep(self.retry_noted(attempt, &e, what)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Counts and logs the retry of `what` after attempt `attempt` failed with `e`, and
+    /// returns the pause before the next attempt.
+    fn retry_noted(&self, attempt: u32, e: &Error, what: &'static str) -> Duration {
+        let pause = retry_pause(attempt);
+        self.inner.retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(observe) = RETRY_OBSERVER.get() {
+            observe();
+        }
+        tracing::warn!(attempt, unit = what, pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX), error = %e, "PostgreSQL aborted a unit (serialization failure or deadlock); running it again.");
+        pause
     }
 
     /// The claim batcher's queue, starting the batcher on first use.
