@@ -1004,16 +1004,27 @@ impl Dispatcher {
                 }
             }
         }
+        let mut unsent = Vec::new();
         for id in ids {
             if let Err(mpsc::error::SendError(SeenMsg::Id(id))) =
                 self.inner.seen_tx.send(SeenMsg::Id(id)).await
             {
-                // The writer is closed (shutdown). On a shared store a claim must still become
-                // a record, or it lapses and another instance handles the event again.
-                if self.inner.store.is_postgres() {
-                    let ttl = duration_ms(self.inner.cfg.seen_ttl);
-                    commit_seen(&self.inner.store, &[id], now_ms().saturating_add(ttl));
-                }
+                unsent.push(id);
+            }
+        }
+        // The writer is closed (shutdown). On a shared store a claim must still become a
+        // record, or it lapses and another instance handles the event again. Through the
+        // claim batcher, awaited: this task's runtime thread does not wait on PostgreSQL.
+        let refs = keyable(&unsent);
+        if !refs.is_empty() && self.inner.store.is_postgres() {
+            let forget_at = now_ms().saturating_add(duration_ms(self.inner.cfg.seen_ttl));
+            if let Err(e) = self
+                .inner
+                .store
+                .settle_events_queued(&refs, forget_at)
+                .await
+            {
+                unrecorded(&e, refs.len());
             }
         }
     }
@@ -1149,8 +1160,13 @@ fn commit_seen(store: &Db, ids: &[String], forget_at: u64) {
     }
     // `settle_events`: on PostgreSQL the dispatcher's claims become records.
     if let Err(e) = store.settle_events(&refs, forget_at) {
-        warn!(error = %e, count = refs.len(), "Recording seen event ids failed; redeliveries may be handled twice.");
+        unrecorded(&e, refs.len());
     }
+}
+
+/// Logs that `count` handled ids could not be recorded.
+fn unrecorded(e: &crate::storage::Error, count: usize) {
+    warn!(error = %e, count, "Recording seen event ids failed; redeliveries may be handled twice.");
 }
 
 /// The writer thread's state.

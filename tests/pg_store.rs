@@ -1851,15 +1851,24 @@ fn keys_claimed_together_go_to_one_instance_whole() {
     );
 }
 
-/// A handler fails, and the dispatcher lets its claim go while another session holds the
-/// claim's row: the release waits on PostgreSQL, and the runtime that ran the dispatcher (one
-/// thread) goes on running its other tasks meanwhile; once the row is free, the release is
-/// done and the event is free to claim.
-#[test]
-fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
+/// Runs one event (`ev-held`) through a dispatcher on a one-thread runtime while another
+/// session locks the event's row once its claim is there; then the handler ends (`Ok` when
+/// `succeed`, else an error). With `close_first`, the dispatcher's seen-id writer is closed
+/// (as at shutdown) before the handler ends. What the dispatcher then asks of PostgreSQL (a
+/// release, a record) waits on that lock. Returns the outcome, whether the runtime kept
+/// running its other tasks meanwhile, and the store (the lock is gone) with its server.
+fn dispatch_while_the_row_is_locked(
+    succeed: bool,
+    close_first: bool,
+) -> (
+    lark_service::events::Outcome,
+    bool,
+    lark_service::storage::Db,
+    Server,
+) {
     use lark_service::callbacks::parse_event_payload;
-    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, Handler, Outcome};
-    use lark_service::storage::{Db, EventClaim};
+    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, Handler, HandlerReply};
+    use lark_service::storage::Db;
     use lark_service::workers::Supervisor;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -1873,28 +1882,35 @@ fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
         "event": {}
     });
     let event = parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap();
-    // The handler waits until the row is locked, then fails.
+    // The handler waits until the row is locked (and the writer closed, if asked), then ends.
     let locked = Arc::new(tokio::sync::Semaphore::new(0));
     let gate = locked.clone();
     let handler: Handler = Arc::new(move |_cb| {
         let gate = gate.clone();
         Box::pin(async move {
             let _pass = gate.acquire().await.unwrap();
-            Err("boom".into())
+            if succeed {
+                Ok(HandlerReply::Done)
+            } else {
+                Err("boom".into())
+            }
         })
     });
     // Ticks while the runtime thread is free.
     let ticks = Arc::new(AtomicUsize::new(0));
     let ran_while_locked = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicBool::new(!close_first));
 
-    // Another session: locks the claim's row once it is there, lets the handler fail, and
-    // keeps the lock until the runtime has ticked on (or 10 s went by).
+    // Another session: locks the claim's row once it is there, lets the handler end (once
+    // the writer is closed, if asked), and keeps the lock until the runtime has ticked on
+    // (or 10 s went by).
     let locker = {
-        let (url, locked, ticks, ran) = (
+        let (url, locked, ticks, ran, closed) = (
             url.clone(),
             locked.clone(),
             ticks.clone(),
             ran_while_locked.clone(),
+            closed.clone(),
         );
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -1922,8 +1938,15 @@ fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
                     assert!(std::time::Instant::now() < give_up, "the claim never came");
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 };
+                while !closed.load(Ordering::SeqCst) {
+                    assert!(
+                        std::time::Instant::now() < give_up,
+                        "the writer never closed"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
                 locked.add_permits(1);
-                // The release is now waiting on this lock (or about to).
+                // The dispatcher's statement is now waiting on this lock (or about to).
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 let from = ticks.load(Ordering::SeqCst);
                 let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -1943,7 +1966,7 @@ fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let outcome = rt.block_on(async {
         let sup = Supervisor::default();
         let cfg = DispatchConfig {
             ack_deadline: std::time::Duration::from_secs(30),
@@ -1960,14 +1983,40 @@ fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
                 }
             })
         };
-        let outcome = d.dispatch(event, EventSource::WebSocket).await;
-        assert_eq!(outcome, Outcome::Failed);
+        let (outcome, ()) = tokio::join!(d.dispatch(event, EventSource::WebSocket), async {
+            if close_first {
+                d.close().await;
+                closed.store(true, Ordering::SeqCst);
+            }
+        });
         ticker.abort();
-        d.close().await;
+        if !close_first {
+            d.close().await;
+        }
+        outcome
     });
     locker.join().unwrap();
-    assert!(
+    (
+        outcome,
         ran_while_locked.load(Ordering::SeqCst),
+        store,
+        server,
+    )
+}
+
+/// A handler fails, and the dispatcher lets its claim go while another session holds the
+/// claim's row: the release waits on PostgreSQL, and the runtime that ran the dispatcher (one
+/// thread) goes on running its other tasks meanwhile; once the row is free, the release is
+/// done and the event is free to claim.
+#[test]
+fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
+    use lark_service::events::Outcome;
+    use lark_service::storage::EventClaim;
+    let (outcome, ran_while_locked, store, _server) =
+        dispatch_while_the_row_is_locked(false, false);
+    assert_eq!(outcome, Outcome::Failed);
+    assert!(
+        ran_while_locked,
         "the runtime thread was held while the release waited on PostgreSQL"
     );
     // The release went through once the row was free: the event is free to claim.
@@ -1976,6 +2025,28 @@ fn letting_a_claim_go_never_holds_the_dispatchers_runtime_thread() {
         store.claim_event("ev-held", now + 60_000, now).unwrap(),
         EventClaim::Won
     );
+}
+
+/// A handler ends after the seen-id writer closed (shutdown) while another session holds the
+/// claim's row: the claim still becomes a record (or it would lapse and another instance
+/// handle the event again), and recording it waits on PostgreSQL without holding the
+/// dispatcher's runtime thread.
+#[test]
+fn recording_an_event_after_the_writer_closed_never_holds_the_runtime_thread() {
+    use lark_service::events::{HandlerReply, Outcome};
+    use lark_service::storage::EventClaim;
+    let (outcome, ran_while_locked, store, _server) = dispatch_while_the_row_is_locked(true, true);
+    assert_eq!(outcome, Outcome::Handled(HandlerReply::Done));
+    assert!(
+        ran_while_locked,
+        "the runtime thread was held while the record waited on PostgreSQL"
+    );
+    // A record (kept for the seen-id TTL, a day), not a claim (30 s) nor free.
+    let now = lark_service::storage::now_ms();
+    match store.claim_event("ev-held", now + 60_000, now).unwrap() {
+        EventClaim::Held(t) => assert!(t > now + 3_600_000, "held only until {t} (now {now})"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// When PostgreSQL cannot answer a claim, the event is not handled on a guess: it is answered

@@ -318,6 +318,19 @@ impl Db {
         }
     }
 
+    /// [`Db::settle_events`] for async callers: on PostgreSQL through the claim batcher (its
+    /// next round trip) and awaited, so no runtime thread waits on the database; on redb the
+    /// same write as `settle_events`, on this thread.
+    pub async fn settle_events_queued(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+        let reply = match self {
+            Self::Redb(s) => return s.mark_events_seen(ids, forget_at).map(|_| ()),
+            Self::Postgres(p) => p.queue_settle(ids, forget_at),
+        };
+        reply
+            .await
+            .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
+    }
+
     /// [`Db::release_events`] through PostgreSQL's claim batcher (its connection, ahead of its
     /// next batch), awaited rather than waited for: for async callers (the dispatcher), whose
     /// runtime thread must not wait on the database. A no-op on redb.

@@ -33,7 +33,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Weak};
+use std::sync::{Arc, Weak};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
@@ -109,9 +109,9 @@ pub(super) enum Request {
     Settle {
         ids: Vec<String>,
         forget_at: u64,
-        /// A std channel: the settler may be a thread inside a runtime (a blocking wait on a
-        /// tokio one-shot would panic there).
-        reply: mpsc::Sender<Result<()>>,
+        /// Awaited by async settlers; a blocking one waits with the store's own `block_on`,
+        /// which works on any thread (tokio's `blocking_recv` would panic inside a runtime).
+        reply: oneshot::Sender<Result<()>>,
     },
     /// [`PgStore::release_events`], queued: its asker awaits the reply (a handler's task, a
     /// dispatcher refusing an event), so no runtime thread waits on PostgreSQL for it.
@@ -194,7 +194,7 @@ struct Batch {
     claims: Vec<(Vec<String>, u64, u64, u64, ClaimTx)>,
     /// The ids of `claims`, all told.
     claimed: usize,
-    settles: Vec<(Vec<String>, u64, mpsc::Sender<Result<()>>)>,
+    settles: Vec<(Vec<String>, u64, oneshot::Sender<Result<()>>)>,
     /// (ids, until, where the answer goes): each its own statement, sent before the batch's
     /// round (a claim of a released id in the same batch finds it free).
     releases: Vec<(Vec<String>, u64, oneshot::Sender<Result<()>>)>,
@@ -623,26 +623,33 @@ impl PgStore {
         rx
     }
 
-    /// Records `ids` as seen until `forget_at` through the batcher, carried by its next round
-    /// trip (with the claims queued meanwhile); returns once that batch has committed.
-    pub(crate) fn settle_queued(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+    /// Queues `ids` to be recorded as seen until `forget_at` by the batcher's next round trip
+    /// (with the claims queued meanwhile); the reply comes once that batch has committed.
+    pub fn queue_settle(&self, ids: &[&str], forget_at: u64) -> oneshot::Receiver<Result<()>> {
+        let (reply, rx) = oneshot::channel();
         if let Some(bad) = ids.iter().find(|id| !valid_event_key(id)) {
-            return Err(Error::Invalid(format!(
+            let _ = reply.send(Err(Error::Invalid(format!(
                 "event id of {} bytes cannot be recorded",
                 bad.len()
-            )));
+            ))));
+            return rx;
         }
         if ids.is_empty() {
-            return Ok(());
+            let _ = reply.send(Ok(()));
+            return rx;
         }
-        let (reply, rx) = mpsc::channel();
         let req = Request::Settle {
             ids: ids.iter().map(|id| (*id).to_owned()).collect(),
             forget_at,
             reply,
         };
         self.enqueue(req);
-        rx.recv()
+        rx
+    }
+
+    /// [`PgStore::queue_settle`], waited for on this thread.
+    pub(crate) fn settle_queued(&self, ids: &[&str], forget_at: u64) -> Result<()> {
+        block_on(self.queue_settle(ids, forget_at))
             .map_err(|_| Error::Unavailable("the claim batcher stopped".to_owned()))?
     }
 
