@@ -872,13 +872,16 @@ impl Dispatcher {
     fn judge(&self, id: &str, claim_until: u64, claimed: EventClaim) -> Claim {
         match claimed {
             EventClaim::Won => return Claim::Mine,
-            // A record (handled: kept for `seen_ttl`, far longer than any claim).
-            EventClaim::Held(t) if t > claim_until => {
+            // A record (handled). A row of schema 7 reads as a record even when it is a
+            // claim: one held no longer than this delivery's own claim is refused below, as
+            // every held id was before schema 8 told the two apart.
+            EventClaim::Recorded(t) if t > claim_until => {
                 self.landed(id);
                 return Claim::Seen;
             }
-            EventClaim::Held(_) => {
-                // In flight on another instance, or let go meanwhile: this instance does not
+            EventClaim::Held(_) | EventClaim::Recorded(_) => {
+                // In flight on another instance (whatever its claim's length or its clock),
+                // or let go meanwhile, or a record about to lapse: this instance does not
                 // handle it now, and the platform's redelivery finds it handled, or free.
                 self.forget_recent(id);
                 return Claim::Elsewhere;

@@ -130,14 +130,14 @@ fn event_claims_decide_between_two_instances() {
     a.settle_events(&["ev1"], record).unwrap();
     assert_eq!(
         b.claim_event("ev1", claim, now).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
     assert!(b.event_seen("ev1").unwrap());
     // An id recorded without a claim (settle is an upsert) is a record too.
     b.settle_events(&["ev0"], record).unwrap();
     assert_eq!(
         a.claim_event("ev0", claim, now).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
 
     // A failed handler lets its claim go: the other instance takes it.
@@ -605,7 +605,7 @@ fn two_dispatchers_on_one_database_handle_an_event_once() {
             let now = lark_service::storage::now_ms();
             let claim = now + 60_000;
             match b.claim_event("e1", claim, now).unwrap() {
-                lark_service::storage::EventClaim::Held(t) if t > claim => break,
+                lark_service::storage::EventClaim::Recorded(t) if t > claim => break,
                 lark_service::storage::EventClaim::Held(_) => {}
                 other => panic!("e1 free while A handles it: {other:?}"),
             }
@@ -1002,8 +1002,10 @@ fn a_schema_1_database_is_migrated_in_place() {
 }
 
 /// A database at schema 7 (before a claim held its id by `held_until`, and before its ids
-/// compared bytewise) keeps what its seen ids meant: a claim (its row's `forget_at` its end) holds until then and is free after, a
-/// record holds until its time, and its holder's release still lets the claim go.
+/// compared bytewise) keeps what its seen ids meant: a claim (its row's `forget_at` its end)
+/// holds until then and is free after, a record holds until its time, and its holder's
+/// release still lets the claim go. Its rows do not tell a claim from a record, so both read
+/// as records (the dispatcher refuses one held no longer than its own claim, as before).
 #[test]
 fn a_schema_7_databases_claims_and_records_hold_as_before() {
     use lark_service::storage::{Db, EventClaim};
@@ -1034,11 +1036,11 @@ fn a_schema_7_databases_claims_and_records_hold_as_before() {
     let db: Db = pg.into();
     assert_eq!(
         db.claim_event("claimed", now + 40_000, now).unwrap(),
-        EventClaim::Held(until)
+        EventClaim::Recorded(until)
     );
     assert_eq!(
         db.claim_event("recorded", now + 40_000, now).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
     db.release_events(&["released"], until).unwrap();
     assert_eq!(
@@ -1051,7 +1053,7 @@ fn a_schema_7_databases_claims_and_records_hold_as_before() {
     );
     assert_eq!(
         db.claim_event("recorded", now + 40_000, until).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
 }
 
@@ -1142,18 +1144,12 @@ fn batched_claims_decide_as_single_claims_did() {
     ];
     let at = now + 10;
 
-    let one_by_one: Vec<Option<u64>> = {
+    let one_by_one: Vec<EventClaim> = {
         let url = server.fresh_db();
         let db: Db = server.open(&url).into();
         claims_setup(&db, now);
         asks.iter()
-            .map(
-                |(id, until)| match db.claim_event(id, *until, at).unwrap() {
-                    EventClaim::Won => None,
-                    EventClaim::Held(t) => Some(t),
-                    EventClaim::NotShared => panic!("PostgreSQL is shared"),
-                },
-            )
+            .map(|(id, until)| db.claim_event(id, *until, at).unwrap())
             .collect()
     };
     let url = server.fresh_db();
@@ -1165,15 +1161,15 @@ fn batched_claims_decide_as_single_claims_did() {
     assert_eq!(
         one_by_one,
         vec![
-            None,
-            Some(record),
-            Some(now + 30_000),
-            None,
-            Some(now + 20_000),
-            Some(now + 50_000),
-            Some(record),
-            Some(now + 20_000),
-            None
+            EventClaim::Won,
+            EventClaim::Recorded(record),
+            EventClaim::Held(now + 30_000),
+            EventClaim::Won,
+            EventClaim::Held(now + 20_000),
+            EventClaim::Held(now + 50_000),
+            EventClaim::Recorded(record),
+            EventClaim::Held(now + 20_000),
+            EventClaim::Won
         ]
     );
     assert_eq!(batched, one_by_one);
@@ -1229,18 +1225,18 @@ fn batched_claims_decide_as_single_claims_did() {
             .collect();
         let holder = if ["c7", "c77", "c177"].contains(&id.as_str()) {
             assert!(won.is_empty(), "{id}: a recorded id was claimed");
-            record
+            EventClaim::Recorded(record)
         } else {
             assert_eq!(won.len(), 1, "{id}: {mine:?}");
-            won[0]
+            EventClaim::Held(won[0])
         };
         for (_, _, c) in mine.iter().filter(|(_, _, c)| *c != EventClaim::Won) {
-            assert_eq!(*c, EventClaim::Held(holder), "{id}: {mine:?}");
+            assert_eq!(*c, holder, "{id}: {mine:?}");
         }
         // The unbatched claim agrees.
         assert_eq!(
             a.claim_event(id, now + 90_000, now).unwrap(),
-            EventClaim::Held(holder),
+            holder,
             "{id}"
         );
     }
@@ -1304,7 +1300,7 @@ fn a_release_leaves_a_claim_taken_again_since() {
     a.release_events(&["x"], now + 32_000).unwrap();
     assert_eq!(
         b.claim_event("x", now + 40_000, now + 2_000).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
 }
 
@@ -1366,14 +1362,14 @@ fn a_claim_made_with_its_records_time_becomes_that_record_in_place() {
     for id in &refs {
         assert_eq!(
             b.claim_event(id, now + 40_000, now + 2).unwrap(),
-            EventClaim::Held(keep),
+            EventClaim::Recorded(keep),
             "{id}"
         );
     }
     a.release_events(&["k1"], until).unwrap();
     assert_eq!(
         b.claim_event("k1", now + 40_000, now + 2).unwrap(),
-        EventClaim::Held(keep)
+        EventClaim::Recorded(keep)
     );
     // A claim that lapsed (its record's time far off) is free, and a release with its end
     // lets go of it.
@@ -1450,25 +1446,25 @@ fn settles_ride_with_claims_in_one_statement() {
     assert_eq!(
         got,
         vec![
-            None,
-            Some(record),
-            Some(now + 20_000),
-            None,
-            Some(now + 30_000)
+            EventClaim::Won,
+            EventClaim::Recorded(record),
+            EventClaim::Held(now + 20_000),
+            EventClaim::Won,
+            EventClaim::Held(now + 30_000)
         ]
     );
     // Committed, and seen from the other instance's connections.
     for (id, held) in [
-        ("mine", record),
-        ("unclaimed", record),
-        ("old-rec", later),
-        ("new", now + 30_000),
-        ("live", now + 20_000),
-        ("lapsed", now + 40_000),
+        ("mine", EventClaim::Recorded(record)),
+        ("unclaimed", EventClaim::Recorded(record)),
+        ("old-rec", EventClaim::Recorded(later)),
+        ("new", EventClaim::Held(now + 30_000)),
+        ("live", EventClaim::Held(now + 20_000)),
+        ("lapsed", EventClaim::Held(now + 40_000)),
     ] {
         assert_eq!(
             b.claim_event(id, now + 90_000, now + 20).unwrap(),
-            EventClaim::Held(held),
+            held,
             "{id}"
         );
     }
@@ -1480,7 +1476,7 @@ fn settles_ride_with_claims_in_one_statement() {
     );
     assert_eq!(
         b.claim_event("new", now + 90_000, now + 20).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
     assert_eq!(pa.settle_and_claim_batch(&[], &[], now).unwrap(), vec![]);
     // A bad id spoils nothing it did not touch: refused before anything is sent.
@@ -1554,7 +1550,7 @@ fn settles_through_the_batcher_are_durable_when_they_return() {
         for id in &ids {
             assert_eq!(
                 b.claim_event(id, now + 30_000, now).unwrap(),
-                EventClaim::Held(record),
+                EventClaim::Recorded(record),
                 "{id} was not recorded when its settle returned"
             );
         }
@@ -1566,7 +1562,7 @@ fn settles_through_the_batcher_are_durable_when_they_return() {
     });
     assert_eq!(
         b.claim_event("late", now + 30_000, now).unwrap(),
-        EventClaim::Held(record)
+        EventClaim::Recorded(record)
     );
 }
 
@@ -2044,9 +2040,70 @@ fn recording_an_event_after_the_writer_closed_never_holds_the_runtime_thread() {
     // A record (kept for the seen-id TTL, a day), not a claim (30 s) nor free.
     let now = lark_service::storage::now_ms();
     match store.claim_event("ev-held", now + 60_000, now).unwrap() {
-        EventClaim::Held(t) => assert!(t > now + 3_600_000, "held only until {t} (now {now})"),
+        EventClaim::Recorded(t) => {
+            assert!(t > now + 3_600_000, "recorded only until {t} (now {now})");
+        }
         other => panic!("{other:?}"),
     }
+}
+
+/// Another instance's claim longer than this dispatcher's own (its ACK deadline configured
+/// longer, or its clock ahead) is a handler in flight there, not a record: the delivery here is
+/// refused for redelivery and its handler does not run. (Told apart by time, the claim read
+/// as a record, the delivery was answered as a duplicate, and the event was lost if the other
+/// handler then failed.) Once the other instance records the event, it is a duplicate here.
+#[test]
+fn a_longer_claim_elsewhere_is_never_taken_for_a_record() {
+    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, HandlerReply, Outcome};
+    use lark_service::storage::{Db, EventClaim};
+    use lark_service::workers::Supervisor;
+    let server = Server::start();
+    let url = server.fresh_db();
+    let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let now = lark_service::storage::now_ms();
+    // The other instance holds the event for ten minutes, twenty times this one's claim.
+    assert_eq!(
+        b.claim_event("ev_long", now + 600_000, now).unwrap(),
+        EventClaim::Won
+    );
+    let sup = Supervisor::default();
+    let d = rt.block_on(async { Dispatcher::new(a, DispatchConfig::default(), &sup) });
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    d.set_handler(std::sync::Arc::new(move |_cb| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(HandlerReply::Done) })
+    }));
+    let event = || {
+        let body = serde_json::json!({
+            "schema": "2.0",
+            "header": {"event_id": "ev_long", "event_type": "contact.user.updated_v3", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+            "event": {}
+        });
+        lark_service::callbacks::parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+    };
+    assert_eq!(
+        rt.block_on(d.dispatch(event(), EventSource::WebSocket)),
+        Outcome::Failed
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "handled beside a live claim"
+    );
+    // The other handler succeeds: recorded, a duplicate here.
+    b.settle_events(&["ev_long"], now + 86_400_000).unwrap();
+    assert_eq!(
+        rt.block_on(d.dispatch(event(), EventSource::WebSocket)),
+        Outcome::Duplicate
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    rt.block_on(d.close());
 }
 
 /// When PostgreSQL cannot answer a claim, the event is not handled on a guess: it is answered

@@ -27,9 +27,13 @@ use super::{
 pub enum EventClaim {
     /// This instance holds the claim: it handles the event.
     Won,
-    /// Another claim (a handler in flight) or a record (handled) holds the id until this
+    /// Another claim holds the id (its handler is in flight, or its claimer died) until this
     /// time (unix ms; `0`: a claim let go meanwhile).
     Held(u64),
+    /// A record holds the id until this time: its event was handled. A row written before
+    /// PostgreSQL schema 8 does not tell a claim from a record and reads as this; such a
+    /// record whose time is within a claim's length is better treated as a claim.
+    Recorded(u64),
     /// The store is not shared (redb): the dispatcher's own memory decides.
     NotShared,
 }
@@ -241,15 +245,13 @@ impl Db {
     }
 
     /// The fleet-wide claim of an event id (PostgreSQL) until `until`: `Won` when this
-    /// instance holds it now, `Held(t)` when another claim or record holds it until `t`;
-    /// `NotShared` on redb, where one process is the only reader and its memory decides.
+    /// instance holds it now, `Held(t)` when another claim holds it until `t`, `Recorded(t)`
+    /// when a record does; `NotShared` on redb, where one process is the only reader and its
+    /// memory decides.
     pub fn claim_event(&self, id: &str, until: u64, now: u64) -> Result<EventClaim> {
         match self {
             Self::Redb(_) => Ok(EventClaim::NotShared),
-            Self::Postgres(p) => Ok(match p.claim_event(id, until, now)? {
-                None => EventClaim::Won,
-                Some(t) => EventClaim::Held(t),
-            }),
+            Self::Postgres(p) => p.claim_event(id, until, now),
         }
     }
 
@@ -300,13 +302,7 @@ impl Db {
         if answers.len() != ids.len() {
             return Err(Error::Engine("a claim went unanswered".to_owned()));
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| match a {
-                None => EventClaim::Won,
-                Some(t) => EventClaim::Held(t),
-            })
-            .collect())
+        Ok(answers)
     }
 
     /// Lets ids claimed with [`Db::claim_event`] until `until` go (PostgreSQL; a no-op on

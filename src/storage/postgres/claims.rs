@@ -42,7 +42,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
 use super::{block_on, db_time, pg_err, Inner, PgStore};
-use crate::storage::{valid_event_key, Error, Result};
+use crate::storage::{valid_event_key, Error, EventClaim, Result};
 
 /// Claims decided in one statement at most (settles queued meanwhile ride along, whatever
 /// their number: the seen-id writer already bounds its groups).
@@ -50,7 +50,7 @@ pub(crate) const MAX_BATCH: usize = 256;
 
 /// The answers to one queued claim of some ids, in their order: each as
 /// [`PgStore::claim_event`]'s.
-pub type ClaimReply = oneshot::Receiver<Result<Vec<Option<u64>>>>;
+pub type ClaimReply = oneshot::Receiver<Result<Vec<EventClaim>>>;
 
 /// One batch's statement. `$1`, `$2`, `$6`: the claimed ids (distinct, sorted), their untils
 /// and their records' times; `$3`: now; `$4`, `$5`: the settled ids (distinct, sorted, none of
@@ -82,7 +82,7 @@ const ROUND: &str = "WITH req AS (
         RETURNING e.id)
      SELECT r.id, w.id IS NOT NULL,
             CASE WHEN w.id IS NULL
-                 THEN (SELECT COALESCE(s.held_until, s.forget_at)
+                 THEN (SELECT ARRAY[s.held_until, s.forget_at]
                        FROM ls_seen_events AS s WHERE s.id = r.id) END
      FROM req AS r
      LEFT JOIN won AS w ON w.id = r.id";
@@ -104,7 +104,7 @@ pub(super) enum Request {
         /// The record's time were the claim won and its handler succeeded.
         keep: u64,
         now: u64,
-        reply: oneshot::Sender<Result<Vec<Option<u64>>>>,
+        reply: oneshot::Sender<Result<Vec<EventClaim>>>,
     },
     Settle {
         ids: Vec<String>,
@@ -185,7 +185,7 @@ impl Line {
 }
 
 /// Where one claim's answers go.
-type ClaimTx = oneshot::Sender<Result<Vec<Option<u64>>>>;
+type ClaimTx = oneshot::Sender<Result<Vec<EventClaim>>>;
 
 /// What one batch holds.
 #[derive(Default)]
@@ -204,12 +204,12 @@ impl Batch {
     /// Tells every asker: each claim its answer (in order), each settle that it committed; or
     /// each of them the error's kind (a lost connection stays `Unavailable`). An asker that
     /// stopped waiting is not told.
-    fn answer(self, answers: Result<Vec<Option<u64>>>) {
+    fn answer(self, answers: Result<Vec<EventClaim>>) {
         match answers {
             Ok(answers) => {
                 let mut answers = answers.into_iter();
                 for r in self.claims {
-                    let mine: Vec<Option<u64>> = answers.by_ref().take(r.0.len()).collect();
+                    let mine: Vec<EventClaim> = answers.by_ref().take(r.0.len()).collect();
                     let _ = r.4.send(Ok(mine));
                 }
                 for s in self.settles {
@@ -344,7 +344,7 @@ fn again(e: &Error) -> Error {
 /// The answers to the batch's claims, in its order, all decided as of the batch's earliest
 /// `now` (a claim lapsed by then is free for every asker; a later `now` would free a claim
 /// some asker still saw held), its settles committed with them.
-async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<Option<u64>>> {
+async fn decide(store: &PgStore, line: &Line, batch: &Batch) -> Result<Vec<EventClaim>> {
     let claims: Vec<(&str, u64, u64)> = batch
         .claims
         .iter()
@@ -374,15 +374,16 @@ type Sorted = (Vec<String>, Vec<i64>);
 type SortedClaims = (Vec<String>, Vec<i64>, Vec<i64>);
 
 /// Runs [`ROUND`] on `c` (prepared as `stmt`, or sent with its types when `None`): the
-/// claims' answers by id (`None`: won; `Some(t)`: held until `t`, `0` when the row went
-/// meanwhile). An id held by a claim not in the statement's snapshot is read again.
+/// claims' answers by id (`Won`; `Held(t)`: a claim until `t`, `0` when the row went
+/// meanwhile; `Recorded(t)`: a record until `t`). An id held by a claim not in the
+/// statement's snapshot is read again.
 async fn round(
     c: &Client,
     stmt: Option<&Statement>,
     claims: &SortedClaims,
     settles: &Sorted,
     now: i64,
-) -> Result<HashMap<String, Option<u64>>> {
+) -> Result<HashMap<String, EventClaim>> {
     let params: [&(dyn ToSql + Sync); 6] = [
         &claims.0, &claims.1, &now, &settles.0, &settles.1, &claims.2,
     ];
@@ -395,18 +396,22 @@ async fn round(
         }
     }
     .map_err(|e| pg_err(&e))?;
-    let mut decided: HashMap<String, Option<u64>> = HashMap::with_capacity(rows.len());
+    let mut decided: HashMap<String, EventClaim> = HashMap::with_capacity(rows.len());
     let mut unseen: Vec<String> = Vec::new();
     for r in &rows {
         let id: String = r.try_get(0).map_err(|e| pg_err(&e))?;
         let won: bool = r.try_get(1).map_err(|e| pg_err(&e))?;
-        let held: Option<i64> = r.try_get(2).map_err(|e| pg_err(&e))?;
-        match (won, held) {
+        let row: Option<Vec<Option<i64>>> = r.try_get(2).map_err(|e| pg_err(&e))?;
+        match (won, row) {
             (true, _) => {
-                decided.insert(id, None);
+                decided.insert(id, EventClaim::Won);
             }
-            (false, Some(t)) => {
-                decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
+            (false, Some(row)) => {
+                let (held_until, forget_at) = match row[..] {
+                    [held_until, forget_at] => (held_until, forget_at.unwrap_or(0)),
+                    _ => return Err(Error::Engine("a held id's row came back malformed".into())),
+                };
+                decided.insert(id, holder(held_until, forget_at));
             }
             (false, None) => unseen.push(id),
         }
@@ -414,26 +419,40 @@ async fn round(
     if !unseen.is_empty() {
         let rows = c
             .query(
-                "SELECT id, COALESCE(held_until, forget_at) FROM ls_seen_events
+                "SELECT id, held_until, forget_at FROM ls_seen_events
                  WHERE id = ANY($1::text[])",
                 &[&unseen],
             )
             .await
             .map_err(|e| pg_err(&e))?;
-        let mut held: HashMap<String, i64> = HashMap::with_capacity(rows.len());
+        let mut held: HashMap<String, EventClaim> = HashMap::with_capacity(rows.len());
         for r in &rows {
             held.insert(
                 r.try_get(0).map_err(|e| pg_err(&e))?,
-                r.try_get(1).map_err(|e| pg_err(&e))?,
+                holder(
+                    r.try_get(1).map_err(|e| pg_err(&e))?,
+                    r.try_get(2).map_err(|e| pg_err(&e))?,
+                ),
             );
         }
         for id in unseen {
-            // Gone meanwhile (a released claim): `0`, as `claim_event` says.
-            let t = held.get(&id).copied().unwrap_or(0);
-            decided.insert(id, Some(u64::try_from(t).unwrap_or(0)));
+            // Gone meanwhile (a released claim): `Held(0)`, as `claim_event` says.
+            let h = held.get(&id).copied().unwrap_or(EventClaim::Held(0));
+            decided.insert(id, h);
         }
     }
     Ok(decided)
+}
+
+/// What holds an id whose row has `held_until` and `forget_at`: a claim until `held_until`
+/// when it is set; else a record until `forget_at` (a row of schema 7 does not tell a claim
+/// from a record and reads as a record; see [`EventClaim::Recorded`]).
+fn holder(held_until: Option<i64>, forget_at: i64) -> EventClaim {
+    let t = |v: i64| u64::try_from(v).unwrap_or(0);
+    match held_until {
+        Some(h) => EventClaim::Held(t(h)),
+        None => EventClaim::Recorded(t(forget_at)),
+    }
 }
 
 /// Claims made without a record's time: their row carries `until` as its `forget_at` too, and
@@ -449,8 +468,8 @@ impl PgStore {
     /// Decides `claims` (id, until) as of `now` in one statement, each answered as
     /// [`PgStore::claim_event`] answers, in the order given. An id asked more than once is
     /// decided for its first asker; a later one finds it held by what the first found, or by
-    /// the first's claim when it won (`Some(its until)`): one claim per id wins.
-    pub fn claim_batch(&self, claims: &[(&str, u64)], now: u64) -> Result<Vec<Option<u64>>> {
+    /// the first's claim when it won (`Held(its until)`): one claim per id wins.
+    pub fn claim_batch(&self, claims: &[(&str, u64)], now: u64) -> Result<Vec<EventClaim>> {
         let claims = held_as_recorded(claims);
         block_on(
             self.claim_and_settle(&claims, &[], now, async |claims, settles, now| {
@@ -468,7 +487,7 @@ impl PgStore {
         settles: &[(&str, u64)],
         claims: &[(&str, u64)],
         now: u64,
-    ) -> Result<Vec<Option<u64>>> {
+    ) -> Result<Vec<EventClaim>> {
         let claims = held_as_recorded(claims);
         block_on(
             self.claim_and_settle(&claims, settles, now, async |claims, settles, now| {
@@ -485,8 +504,8 @@ impl PgStore {
         claims: &[(&str, u64, u64)],
         settles: &[(&str, u64)],
         now: u64,
-        exec: impl AsyncFnOnce(&SortedClaims, &Sorted, i64) -> Result<HashMap<String, Option<u64>>>,
-    ) -> Result<Vec<Option<u64>>> {
+        exec: impl AsyncFnOnce(&SortedClaims, &Sorted, i64) -> Result<HashMap<String, EventClaim>>,
+    ) -> Result<Vec<EventClaim>> {
         if let Some(bad) = claims
             .iter()
             .map(|c| c.0)
@@ -542,7 +561,7 @@ impl PgStore {
             .iter()
             .map(|(id, _, _)| {
                 let d = match settled.get(id) {
-                    Some(t) => Some(*t),
+                    Some(t) => EventClaim::Recorded(*t),
                     None => decided.get(*id).copied().ok_or_else(|| {
                         Error::Engine("a claim of the batch went unanswered".to_owned())
                     })?,
@@ -550,10 +569,10 @@ impl PgStore {
                 if answered.insert(id) {
                     return Ok(d);
                 }
-                Ok(Some(match d {
-                    None => first.get(id).copied().unwrap_or(0),
-                    Some(t) => t,
-                }))
+                Ok(match d {
+                    EventClaim::Won => EventClaim::Held(first.get(id).copied().unwrap_or(0)),
+                    held => held,
+                })
             })
             .collect()
     }

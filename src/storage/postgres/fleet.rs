@@ -9,7 +9,7 @@ use std::collections::HashSet;
 
 use super::{db_time, pg_err, PgStore};
 use crate::storage::traits::{Leases, SeenEvents};
-use crate::storage::{valid_event_key, Error, Result};
+use crate::storage::{valid_event_key, Error, EventClaim, Result};
 
 impl PgStore {
     /// Forgets seen ids whose time has come, in locked batches (`SKIP LOCKED`: instances
@@ -37,12 +37,12 @@ impl PgStore {
 }
 
 impl PgStore {
-    /// Claims event id `id` for this instance until `until` (unix ms). `Ok(None)`: claimed
-    /// (it was free at `now`: never seen, or its claim or record lapsed); `Ok(Some(t))`:
-    /// another handler holds or handled it, until `t` (`0` when the row went meanwhile, a
-    /// released claim). The insert that commits first wins, so of instances given the same
-    /// event at once exactly one handles it.
-    pub(crate) fn claim_event(&self, id: &str, until: u64, now: u64) -> Result<Option<u64>> {
+    /// Claims event id `id` for this instance until `until` (unix ms). `Won`: claimed (it was
+    /// free at `now`: never seen, or its claim or record lapsed); `Held(t)`: another handler
+    /// holds it until `t` (`0` when the row went meanwhile, a released claim);
+    /// `Recorded(t)`: handled, recorded until `t`. The insert that commits first wins, so of
+    /// instances given the same event at once exactly one handles it.
+    pub(crate) fn claim_event(&self, id: &str, until: u64, now: u64) -> Result<EventClaim> {
         if !valid_event_key(id) {
             return Err(Error::Invalid(format!(
                 "event id of {} bytes cannot be claimed",
