@@ -2047,6 +2047,43 @@ fn recording_an_event_after_the_writer_closed_never_holds_the_runtime_thread() {
     }
 }
 
+/// A dispatcher on `db` (default config) on a two-thread runtime, its handler counting its
+/// calls; the supervisor it runs under is returned to be kept.
+fn counting_dispatcher(
+    db: lark_service::storage::Db,
+) -> (
+    tokio::runtime::Runtime,
+    lark_service::workers::Supervisor,
+    lark_service::events::Dispatcher,
+    std::sync::Arc<AtomicUsize>,
+) {
+    use lark_service::events::{DispatchConfig, Dispatcher, HandlerReply};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sup = lark_service::workers::Supervisor::default();
+    let d = rt.block_on(async { Dispatcher::new(db, DispatchConfig::default(), &sup) });
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    d.set_handler(std::sync::Arc::new(move |_cb| {
+        c.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async { Ok(HandlerReply::Done) })
+    }));
+    (rt, sup, d, calls)
+}
+
+/// An event with id `id` and no message (one de-duplication key).
+fn plain_event(id: &str) -> lark_service::callbacks::Callback {
+    let body = serde_json::json!({
+        "schema": "2.0",
+        "header": {"event_id": id, "event_type": "contact.user.updated_v3", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
+        "event": {}
+    });
+    lark_service::callbacks::parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
+}
+
 /// Another instance's claim longer than this dispatcher's own (its ACK deadline configured
 /// longer, or its clock ahead) is a handler in flight there, not a record: the delivery here is
 /// refused for redelivery and its handler does not run. (Told apart by time, the claim read
@@ -2054,39 +2091,19 @@ fn recording_an_event_after_the_writer_closed_never_holds_the_runtime_thread() {
 /// handler then failed.) Once the other instance records the event, it is a duplicate here.
 #[test]
 fn a_longer_claim_elsewhere_is_never_taken_for_a_record() {
-    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, HandlerReply, Outcome};
+    use lark_service::events::{EventSource, Outcome};
     use lark_service::storage::{Db, EventClaim};
-    use lark_service::workers::Supervisor;
     let server = Server::start();
     let url = server.fresh_db();
     let (a, b): (Db, Db) = (server.open(&url).into(), server.open(&url).into());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let now = lark_service::storage::now_ms();
     // The other instance holds the event for ten minutes, twenty times this one's claim.
     assert_eq!(
         b.claim_event("ev_long", now + 600_000, now).unwrap(),
         EventClaim::Won
     );
-    let sup = Supervisor::default();
-    let d = rt.block_on(async { Dispatcher::new(a, DispatchConfig::default(), &sup) });
-    let calls = std::sync::Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    d.set_handler(std::sync::Arc::new(move |_cb| {
-        c.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(HandlerReply::Done) })
-    }));
-    let event = || {
-        let body = serde_json::json!({
-            "schema": "2.0",
-            "header": {"event_id": "ev_long", "event_type": "contact.user.updated_v3", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
-            "event": {}
-        });
-        lark_service::callbacks::parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
-    };
+    let (rt, _sup, d, calls) = counting_dispatcher(a);
+    let event = || plain_event("ev_long");
     assert_eq!(
         rt.block_on(d.dispatch(event(), EventSource::WebSocket)),
         Outcome::Failed
@@ -2111,33 +2128,13 @@ fn a_longer_claim_elsewhere_is_never_taken_for_a_record() {
 /// back, the same event is claimed and handled.
 #[test]
 fn an_event_whose_claim_cannot_be_decided_is_refused_not_handled() {
-    use lark_service::events::{DispatchConfig, Dispatcher, EventSource, HandlerReply, Outcome};
+    use lark_service::events::{EventSource, HandlerReply, Outcome};
     use lark_service::storage::Db;
-    use lark_service::workers::Supervisor;
     let server = Server::start();
     let url = server.fresh_db();
     let db: Db = server.open(&url).into();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sup = Supervisor::default();
-    let d = rt.block_on(async { Dispatcher::new(db, DispatchConfig::default(), &sup) });
-    let calls = std::sync::Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    d.set_handler(std::sync::Arc::new(move |_cb| {
-        c.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async { Ok(HandlerReply::Done) })
-    }));
-    let event = || {
-        let body = serde_json::json!({
-            "schema": "2.0",
-            "header": {"event_id": "ev_undecided", "event_type": "contact.user.updated_v3", "create_time": "1", "token": "t", "app_id": "cli_x", "tenant_key": "tk"},
-            "event": {}
-        });
-        lark_service::callbacks::parse_event_payload(&serde_json::to_vec(&body).unwrap()).unwrap()
-    };
+    let (rt, _sup, d, calls) = counting_dispatcher(db);
+    let event = || plain_event("ev_undecided");
     server.pg.stop_immediate();
     let out = rt.block_on(d.dispatch(event(), EventSource::WebSocket));
     assert_eq!(out, Outcome::Failed);
