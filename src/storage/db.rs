@@ -354,9 +354,10 @@ impl Db {
     }
 
     /// Changes a registry app: `change` edits its row (the app id stays), `new_secret`
-    /// replaces its secret. On PostgreSQL `change` may run more than once: it is applied again
-    /// to the newer row when another instance wrote in between (compare-and-set, no lost
-    /// update), so it must only set fields from what it was given.
+    /// replaces its secret. On PostgreSQL the row is locked while `change` runs (`FOR UPDATE`:
+    /// another instance's edit of the app waits, so none is lost), and `change` runs again on
+    /// the row read anew when PostgreSQL rolls the transaction back for a deadlock or a
+    /// serialization failure, so it must only set fields from what it was given.
     pub fn update_app(
         &self,
         app_id: &str,
