@@ -1723,6 +1723,10 @@ fn a_release_picked_as_a_deadlock_victim_is_run_again() {
         .block_on(lark_service::net::postgres::connect_pg(&url, &net()))
         .unwrap();
     let tx = rt.block_on(locker.transaction()).unwrap();
+    // Only the release (PostgreSQL's default of 1 s) looks for the deadlock, so it is the
+    // one rolled back however the two processes are scheduled.
+    rt.block_on(tx.batch_execute("SET LOCAL deadlock_timeout = '60s'"))
+        .unwrap();
     let lock = |id: &str| format!("SELECT 1 FROM ls_seen_events WHERE id = '{id}' FOR UPDATE");
     rt.block_on(tx.batch_execute(&lock("rel-b"))).unwrap();
     // The release deletes rel-a, then waits for rel-b.
@@ -1743,10 +1747,10 @@ fn a_release_picked_as_a_deadlock_victim_is_run_again() {
             std::time::Instant::now() < give_up,
             "the release never waited"
         );
-        rt.block_on(tokio::time::sleep(std::time::Duration::from_millis(5)));
+        rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(5)).await });
     }
-    // Now this session waits for rel-a: a deadlock. The release, waiting longer, finds it
-    // first and is rolled back; this session then gets rel-a.
+    // Now this session waits for rel-a: a deadlock. The release finds it and is rolled back;
+    // this session then gets rel-a.
     rt.block_on(tx.batch_execute(&lock("rel-a"))).unwrap();
     rt.block_on(tx.rollback()).unwrap();
     let released = rt.block_on(release).unwrap();
